@@ -1,0 +1,207 @@
+//! The library's front door: load a model folder once, then caption images, answer questions
+//! or run raw prompts. A [`Model`] is `Send + Sync`; each request gets its own executor state.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::cpu::CpuExecutor;
+use crate::backend::Executor;
+use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerateOptions, Sequence, Timings, TokenEvent};
+use crate::image::{ImageProcessor, PixelValues};
+use crate::models::blip2::Blip2;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Checkpoint;
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    /// CUDA when a usable GPU and the CUDA executor are present, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            "auto" => Ok(Device::Auto),
+            _ => Err(Error::InvalidInput(format!("unknown device `{s}` (cpu, cuda or auto)"))),
+        }
+    }
+}
+
+/// What one image's request produced.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub text: String,
+    /// Generated ids, EOS included when produced.
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f64>,
+    pub timings: Timings,
+    pub device: String,
+}
+
+/// A BLIP-2 model folder loaded for inference.
+pub struct Model {
+    pub dir: PathBuf,
+    pub blip2: Blip2,
+    pub tokenizer: Tokenizer,
+    pub image_processor: ImageProcessor,
+    pub generation: GenerationConfig,
+    /// Seconds spent loading (config, memory map, weight table, tokenizer).
+    pub load_seconds: f64,
+    device: Device,
+}
+
+impl Model {
+    /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
+    pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let start = Instant::now();
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile { path: dir.to_path_buf(), hint: " (expected a model folder)".into() });
+        }
+        let ModelConfig::Blip2(cfg) = ModelConfig::load(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open_dir(dir)?;
+        let blip2 = Blip2::load(&cfg, &ckpt)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
+        let expected = cfg.vision_config.image_size;
+        let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
+        if (out.height, out.width) != (Some(expected), Some(expected)) {
+            return Err(Error::config(
+                pre_path,
+                format!("image processor gives {out:?} but the vision model takes {expected}x{expected} images"),
+            ));
+        }
+        let generation = GenerationConfig::load_or_default(&dir.join("generation_config.json"))?;
+        check_device(device)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            blip2,
+            tokenizer,
+            image_processor: ImageProcessor::new(pre),
+            generation,
+            load_seconds: start.elapsed().as_secs_f64(),
+            device,
+        })
+    }
+
+    /// Default generation settings: `max_new_tokens` from generation_config.json, else 20;
+    /// EOS from generation_config.json, else from the text config.
+    pub fn default_options(&self) -> GenerateOptions {
+        let eos = self
+            .generation
+            .eos_token_id
+            .as_ref()
+            .or(self.blip2.cfg.text_config.eos_token_id.as_ref())
+            .map(|e| e.to_vec())
+            .unwrap_or_default();
+        GenerateOptions { max_new_tokens: self.generation.max_new_tokens.unwrap_or(20), eos_token_ids: eos }
+    }
+
+    /// Decoder input ids for a text prompt (`None`: captioning, the tokenizer's BOS only).
+    pub fn input_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
+        let ids = self.tokenizer.encode(prompt.unwrap_or(""))?;
+        Ok(self.blip2.input_ids(&ids))
+    }
+
+    pub fn preprocess(&self, image: &Path) -> Result<PixelValues> {
+        self.image_processor.preprocess_file(image)
+    }
+
+    /// Captions an image file.
+    pub fn caption(&self, image: &Path, opts: &GenerateOptions) -> Result<Output> {
+        self.run(&[self.preprocess(image)?], None, opts, &mut |_| {}).map(|mut v| v.remove(0))
+    }
+
+    /// Answers a question about an image with BLIP-2's `"Question: {q} Answer:"` template.
+    pub fn ask(&self, image: &Path, question: &str, opts: &GenerateOptions) -> Result<Output> {
+        let prompt = question_prompt(question)?;
+        self.run(&[self.preprocess(image)?], Some(&prompt), opts, &mut |_| {}).map(|mut v| v.remove(0))
+    }
+
+    /// Runs preprocessed images as one batch with one raw prompt; `on_token` sees each token
+    /// as it is produced.
+    pub fn run(
+        &self,
+        images: &[PixelValues],
+        prompt: Option<&str>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Vec<Output>> {
+        let input_ids = self.input_ids(prompt)?;
+        let (seqs, timings, device) = self.run_ids(images, &input_ids, opts, on_token)?;
+        seqs.into_iter()
+            .map(|s| {
+                Ok(Output {
+                    text: self.tokenizer.decode_text(&s.tokens)?,
+                    tokens: s.tokens,
+                    logprobs: s.logprobs,
+                    timings: timings.clone(),
+                    device: device.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The core request: pixel values and decoder input ids in, sequences out.
+    pub fn run_ids(
+        &self,
+        images: &[PixelValues],
+        input_ids: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<(Vec<Sequence>, Timings, String)> {
+        let plan = self.blip2.plan(images.len(), input_ids.len(), opts.max_new_tokens, false)?;
+        let mut exec = self.executor(&plan.graph)?;
+        let size = self.blip2.image_size();
+        let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
+        for img in images {
+            if (img.height, img.width) != (size, size) {
+                return Err(Error::InvalidInput(format!(
+                    "pixel values are {}x{}, the vision model takes {size}x{size}",
+                    img.height, img.width
+                )));
+            }
+            pixels.extend_from_slice(&img.data);
+        }
+        let (seqs, timings) = generate(&plan, exec.as_mut(), &pixels, input_ids, opts, on_token)?;
+        Ok((seqs, timings, exec.device_name()))
+    }
+
+    /// An executor for a graph on this model's device.
+    pub fn executor(&self, graph: &crate::graph::Graph) -> Result<Box<dyn Executor>> {
+        match self.device {
+            Device::Cpu | Device::Auto => Ok(Box::new(CpuExecutor::new(Arc::clone(&self.blip2.weights), &graph.buffers))),
+            Device::Cuda => Err(cuda_unavailable()),
+        }
+    }
+}
+
+/// BLIP-2's VQA template.
+pub fn question_prompt(question: &str) -> Result<String> {
+    let q = question.trim();
+    if q.is_empty() {
+        return Err(Error::InvalidInput("the question is empty".into()));
+    }
+    Ok(format!("Question: {q} Answer:"))
+}
+
+fn cuda_unavailable() -> Error {
+    Error::Gpu("the CUDA executor for whole models is not implemented yet; use --device cpu (or auto)".into())
+}
+
+fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda => Err(cuda_unavailable()),
+        Device::Cpu | Device::Auto => Ok(()),
+    }
+}

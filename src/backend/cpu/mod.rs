@@ -1,0 +1,245 @@
+//! The reference executor: every buffer is an f32 `Vec`, allocated once; weights stay fp16.
+
+pub mod ops;
+
+use std::sync::Arc;
+
+use crate::backend::Executor;
+use crate::error::{Error, Result};
+use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, View, WeightTable};
+
+pub struct CpuExecutor {
+    weights: Arc<WeightTable>,
+    descs: Vec<BufferDesc>,
+    bufs: Vec<Vec<f32>>,
+    tokens: Vec<u32>,
+    position: usize,
+}
+
+impl CpuExecutor {
+    /// Allocates every buffer of the graph.
+    pub fn new(weights: Arc<WeightTable>, buffers: &[BufferDesc]) -> Self {
+        let bufs = buffers.iter().map(|d| vec![0f32; d.rows * d.cols]).collect();
+        Self { weights, descs: buffers.to_vec(), bufs, tokens: Vec::new(), position: 0 }
+    }
+
+    fn cols(&self, b: Buf) -> usize {
+        self.descs[b.0].cols
+    }
+
+    /// Contiguous copy of `rows` rows x `width` columns of a view.
+    fn gather(&self, v: View, rows: usize, width: usize) -> Vec<f32> {
+        let stride = self.cols(v.buf);
+        let src = &self.bufs[v.buf.0];
+        if v.col == 0 && width == stride {
+            return src[..rows * width].to_vec();
+        }
+        (0..rows).flat_map(|r| src[r * stride + v.col..][..width].iter().copied()).collect()
+    }
+
+    fn run_op(&mut self, op: &Op) -> Result<()> {
+        let weights = self.weights.clone();
+        let wt = |w| weights.get(w).as_slice();
+        match *op {
+            Op::PatchEmbed { pixels, weight, bias, class, positions, out, batch, image_size, patch } => {
+                let dim = self.cols(out);
+                let per_image = 3 * image_size * image_size;
+                let tokens = (image_size / patch).pow(2) + 1;
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                let (cls, pos) = (wt(class), wt(positions));
+                for b in 0..batch {
+                    let img = &self.bufs[pixels.0][b * per_image..(b + 1) * per_image];
+                    let dst = &mut o[b * tokens * dim..(b + 1) * tokens * dim];
+                    ops::patch_embed(img, image_size, patch, wt(weight), wt(bias), dim, &mut dst[dim..]);
+                    for (i, v) in dst[..dim].iter_mut().enumerate() {
+                        *v = cls[i].to_f32();
+                    }
+                    for (v, p) in dst.iter_mut().zip(pos) {
+                        *v += p.to_f32();
+                    }
+                }
+                self.bufs[out.0] = o;
+            }
+            Op::Linear { x, weight, bias, act, residual, out, rows } => {
+                let w = weights.get(weight);
+                let (n, k) = (w.shape[0], w.shape[1]);
+                let xs = self.gather(x, rows, k);
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                if let Some(r) = residual.filter(|r| *r != out) {
+                    o[..rows * n].copy_from_slice(&self.bufs[r.0][..rows * n]);
+                }
+                ops::linear(&xs, rows, k, w.as_slice(), n, bias.map(wt), act, &mut o, residual.is_some());
+                self.bufs[out.0] = o;
+            }
+            Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
+                let dim = self.cols(out);
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                let res = residual.map(|r| &self.bufs[r.0][..]);
+                ops::layer_norm(&self.bufs[x.0], res, wt(weight), wt(bias), eps, rows, dim, &mut o);
+                self.bufs[out.0] = o;
+            }
+            Op::Attention(ref a) => self.attention(a),
+            Op::KvAppend { k, v, cache_k, cache_v, batch, rows_per_batch, capacity } => {
+                let width = self.cols(cache_k);
+                if self.position + rows_per_batch > capacity {
+                    return Err(Error::InvalidInput(format!(
+                        "KV cache full: {} + {rows_per_batch} tokens exceed its {capacity} positions",
+                        self.position
+                    )));
+                }
+                for (src, cache) in [(k, cache_k), (v, cache_v)] {
+                    let rows = self.gather(src, batch * rows_per_batch, width);
+                    let dst = &mut self.bufs[cache.0];
+                    for b in 0..batch {
+                        let at = (b * capacity + self.position) * width;
+                        dst[at..at + rows_per_batch * width]
+                            .copy_from_slice(&rows[b * rows_per_batch * width..(b + 1) * rows_per_batch * width]);
+                    }
+                }
+            }
+            Op::Embed { table, out } => {
+                let dim = self.cols(out);
+                let t = wt(table);
+                let vocab = t.len() / dim;
+                let o = &mut self.bufs[out.0];
+                for (r, &tok) in self.tokens.iter().enumerate() {
+                    if tok as usize >= vocab {
+                        return Err(Error::InvalidInput(format!("token id {tok} is outside the vocabulary ({vocab})")));
+                    }
+                    for (d, s) in o[r * dim..(r + 1) * dim].iter_mut().zip(&t[tok as usize * dim..]) {
+                        *d = s.to_f32();
+                    }
+                }
+            }
+            Op::ScatterTokens { src, token, out } => {
+                let dim = self.cols(out);
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                let s = &self.bufs[src.0];
+                let mut next = 0;
+                for (r, &tok) in self.tokens.iter().enumerate() {
+                    if tok == token {
+                        if next + dim > s.len() {
+                            self.bufs[out.0] = o;
+                            return Err(Error::InvalidInput(format!(
+                                "the prompt holds more image tokens ({token}) than the image provides"
+                            )));
+                        }
+                        o[r * dim..(r + 1) * dim].copy_from_slice(&s[next..next + dim]);
+                        next += dim;
+                    }
+                }
+                self.bufs[out.0] = o;
+            }
+            Op::AddPositions { table, offset, x, batch, rows_per_batch } => {
+                let dim = self.cols(x);
+                let t = wt(table);
+                let max_pos = t.len() / dim;
+                if self.position + rows_per_batch + offset > max_pos {
+                    return Err(Error::InvalidInput(format!(
+                        "sequence of {} tokens exceeds the model's {} positions",
+                        self.position + rows_per_batch,
+                        max_pos - offset
+                    )));
+                }
+                let o = &mut self.bufs[x.0];
+                for b in 0..batch {
+                    for i in 0..rows_per_batch {
+                        let p = self.position + i + offset;
+                        let row = &mut o[(b * rows_per_batch + i) * dim..][..dim];
+                        for (d, s) in row.iter_mut().zip(&t[p * dim..(p + 1) * dim]) {
+                            *d += s.to_f32();
+                        }
+                    }
+                }
+            }
+            Op::LastRows { x, out, batch, rows_per_batch } => {
+                let dim = self.cols(x);
+                for b in 0..batch {
+                    let src = (b * rows_per_batch + rows_per_batch - 1) * dim;
+                    let row = self.bufs[x.0][src..src + dim].to_vec();
+                    self.bufs[out.0][b * dim..(b + 1) * dim].copy_from_slice(&row);
+                }
+            }
+            Op::Broadcast { table, out, batch } => {
+                let t = wt(table);
+                let o = &mut self.bufs[out.0];
+                for b in 0..batch {
+                    for (d, s) in o[b * t.len()..(b + 1) * t.len()].iter_mut().zip(t) {
+                        *d = s.to_f32();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self, a: &Attention) {
+        let kv_len = match a.kv_len {
+            KvLen::Fixed(n) => n,
+            KvLen::Cache => self.position + a.q_len,
+        };
+        let shape = ops::AttnShape {
+            batch: a.batch,
+            heads: a.heads,
+            head_dim: a.head_dim,
+            q_len: a.q_len,
+            kv_len,
+            q_stride: self.cols(a.q.buf),
+            q_col: a.q.col,
+            kv_stride: self.cols(a.k.buf),
+            k_col: a.k.col,
+            v_col: a.v.col,
+            kv_batch_stride: a.kv_batch_stride,
+            causal_from: a.causal.then_some(self.position),
+            scale: a.scale,
+        };
+        // Models give K and V buffers of one width (a fused qkv, or twin projections/caches).
+        debug_assert_eq!(self.cols(a.k.buf), self.cols(a.v.buf));
+        let mut o = std::mem::take(&mut self.bufs[a.out.0]);
+        ops::attention(&self.bufs[a.q.buf.0], &self.bufs[a.k.buf.0], &self.bufs[a.v.buf.0], &shape, &mut o);
+        self.bufs[a.out.0] = o;
+    }
+}
+
+impl Executor for CpuExecutor {
+    fn set_tokens(&mut self, tokens: &[u32]) {
+        self.tokens = tokens.to_vec();
+    }
+
+    fn set_position(&mut self, position: usize) {
+        self.position = position;
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn write(&mut self, buf: Buf, data: &[f32]) -> Result<()> {
+        let dst = &mut self.bufs[buf.0];
+        if data.len() > dst.len() {
+            return Err(Error::InvalidInput(format!(
+                "{} values do not fit buffer `{}` ({} values)",
+                data.len(),
+                self.descs[buf.0].name,
+                dst.len()
+            )));
+        }
+        dst[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read(&mut self, buf: Buf, rows: usize) -> Result<Vec<f32>> {
+        let n = rows * self.cols(buf);
+        self.bufs[buf.0].get(..n).map(<[f32]>::to_vec).ok_or_else(|| {
+            Error::InvalidInput(format!("buffer `{}` has fewer than {rows} rows", self.descs[buf.0].name))
+        })
+    }
+
+    fn run(&mut self, phase: &Phase) -> Result<()> {
+        phase.ops.iter().try_for_each(|op| self.run_op(op))
+    }
+
+    fn device_name(&self) -> String {
+        "cpu".into()
+    }
+}

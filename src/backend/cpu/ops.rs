@@ -1,0 +1,219 @@
+//! The reference CPU ops: f32 math on fp16 weights, parallel with rayon. Each function is the
+//! definition its CUDA kernel is tested against, so clarity and exactness come before speed.
+
+use gemm::Parallelism;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::graph::Activation;
+
+/// Rows of the weight converted to f32 at a time by [`linear`] (bounds the scratch memory).
+const WEIGHT_BLOCK_ROWS: usize = 512;
+/// Up to this many rows a Linear runs as matrix-vector products (decode), above it as a GEMM.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// `out[r, j] (+)= act(sum_k x[r, k] * w[j, k] + bias[j])` for `rows` rows; `x` is contiguous
+/// `[rows, k]`, `w` is `[n, k]` (PyTorch Linear layout), `out` is `[rows, n]`. With
+/// `accumulate` the result is added to `out` (a fused residual), else it overwrites it.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Option<&[f16]>, act: Activation, out: &mut [f32], accumulate: bool) {
+    assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
+    let epilogue = |r: usize, j: usize, acc: f32, out: &mut [f32]| {
+        let v = act.apply(acc + bias.map_or(0.0, |b| b[j].to_f32()));
+        let o = &mut out[r * n + j];
+        *o = if accumulate { *o + v } else { v };
+    };
+    if rows <= GEMV_MAX_ROWS {
+        // One output column per task: stream each weight row once for all rows of x.
+        let cols: Vec<[f32; GEMV_MAX_ROWS]> = (0..n)
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; k],
+                |wrow, j| {
+                    w[j * k..(j + 1) * k].convert_to_f32_slice(wrow);
+                    let mut acc = [0f32; GEMV_MAX_ROWS];
+                    for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                        *a = dot(&x[r * k..(r + 1) * k], wrow);
+                    }
+                    acc
+                },
+            )
+            .collect();
+        for (j, acc) in cols.iter().enumerate() {
+            for (r, &a) in acc.iter().enumerate().take(rows) {
+                epilogue(r, j, a, out);
+            }
+        }
+        return;
+    }
+    let mut wblock = vec![0f32; WEIGHT_BLOCK_ROWS.min(n) * k];
+    let mut tmp = vec![0f32; rows * WEIGHT_BLOCK_ROWS.min(n)];
+    for j0 in (0..n).step_by(WEIGHT_BLOCK_ROWS) {
+        let nb = WEIGHT_BLOCK_ROWS.min(n - j0);
+        let wb = &mut wblock[..nb * k];
+        wb.par_chunks_mut(k)
+            .zip(w[j0 * k..(j0 + nb) * k].par_chunks(k))
+            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+        let t = &mut tmp[..rows * nb];
+        // SAFETY: dst is rows x nb (row stride nb), lhs is rows x k (row stride k), rhs is the
+        // k x nb transpose of the nb x k block (element (kk, j) at j * k + kk); all three slices
+        // hold exactly those extents, and dst does not alias the inputs.
+        unsafe {
+            gemm::gemm(
+                rows, nb, k,
+                t.as_mut_ptr(), 1, nb as isize, false,
+                x.as_ptr(), 1, k as isize,
+                wb.as_ptr(), k as isize, 1,
+                0.0, 1.0, false, false, false,
+                Parallelism::Rayon(0),
+            );
+        }
+        for r in 0..rows {
+            for jj in 0..nb {
+                epilogue(r, j0 + jj, t[r * nb + jj], out);
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums: vectorises, and rounds no worse than a serial loop.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w + b` with `s = x[r] (+ residual[r])`;
+/// statistics in f64 (biased variance, as torch).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], b: &[f16], eps: f32, rows: usize, dim: usize, out: &mut [f32]) {
+    out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
+        let xr = &x[r * dim..(r + 1) * dim];
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = xr[i] + residual.map_or(0.0, |res| res[r * dim + i]);
+        }
+        let mean = o.iter().map(|&v| f64::from(v)).sum::<f64>() / dim as f64;
+        let var = o.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / dim as f64;
+        let rstd = 1.0 / (var + f64::from(eps)).sqrt();
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = ((f64::from(*v) - mean) * rstd) as f32 * w[i].to_f32() + b[i].to_f32();
+        }
+    });
+}
+
+/// Shapes and strides of one attention call on row-major buffers (see `graph::Attention`).
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub q_len: usize,
+    /// Keys each batch item sees (for causal attention: before masking).
+    pub kv_len: usize,
+    /// Row strides (buffer widths) and first columns of Q, K, V.
+    pub q_stride: usize,
+    pub q_col: usize,
+    pub kv_stride: usize,
+    pub k_col: usize,
+    pub v_col: usize,
+    /// Rows between batch items in K/V.
+    pub kv_batch_stride: usize,
+    /// `Some(position)`: query row i sees keys `0..=position + i`.
+    pub causal_from: Option<usize>,
+    pub scale: f32,
+}
+
+/// Softmax attention; `out` is `[batch * q_len, heads * head_dim]`. Softmax in f32 with the
+/// running max subtracted, like torch's eager path.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32]) {
+    let d = s.head_dim;
+    let width = s.heads * d;
+    let results: Vec<Vec<f32>> = (0..s.batch * s.heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let mut o = vec![0f32; s.q_len * d];
+            let mut scores = vec![0f32; s.kv_len];
+            for i in 0..s.q_len {
+                let qrow = &q[(b * s.q_len + i) * s.q_stride + s.q_col + h * d..][..d];
+                let visible = match s.causal_from {
+                    Some(p) => (p + i + 1).min(s.kv_len),
+                    None => s.kv_len,
+                };
+                let mut max = f32::NEG_INFINITY;
+                for (j, sc) in scores.iter_mut().enumerate().take(visible) {
+                    let krow = &k[(b * s.kv_batch_stride + j) * s.kv_stride + s.k_col + h * d..][..d];
+                    *sc = dot(qrow, krow) * s.scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut().take(visible) {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let orow = &mut o[i * d..(i + 1) * d];
+                for (j, &p) in scores.iter().enumerate().take(visible) {
+                    let vrow = &v[(b * s.kv_batch_stride + j) * s.kv_stride + s.v_col + h * d..][..d];
+                    let p = p / sum;
+                    for (ov, &vv) in orow.iter_mut().zip(vrow) {
+                        *ov += p * vv;
+                    }
+                }
+            }
+            o
+        })
+        .collect();
+    for (bh, o) in results.iter().enumerate() {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        for i in 0..s.q_len {
+            out[(b * s.q_len + i) * width + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
+        }
+    }
+}
+
+/// A `patch x patch`, stride-`patch` Conv2d with bias over one `[3, size, size]` image, as the
+/// GEMM `[P, 3*patch*patch] x [D, 3*patch*patch]ᵀ` (im2col order = PyTorch weight order c, kh, kw).
+pub fn patch_embed(pixels: &[f32], image_size: usize, patch: usize, w: &[f16], bias: &[f16], dim: usize, out: &mut [f32]) {
+    let side = image_size / patch;
+    let kdim = 3 * patch * patch;
+    let mut cols = vec![0f32; side * side * kdim];
+    cols.par_chunks_mut(kdim).enumerate().for_each(|(p, col)| {
+        let (py, px) = (p / side, p % side);
+        for c in 0..3 {
+            for ky in 0..patch {
+                let src = &pixels[c * image_size * image_size + (py * patch + ky) * image_size + px * patch..][..patch];
+                col[c * patch * patch + ky * patch..][..patch].copy_from_slice(src);
+            }
+        }
+    });
+    linear(&cols, side * side, kdim, w, dim, Some(bias), Activation::None, out, false);
+}
+
+/// log_softmax(logits)[token], in f64.
+pub fn log_prob(logits: &[f32], token: usize) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    logits[token] as f64 - lse
+}
+
+/// Index of the largest logit; ties go to the lowest index, as `torch.argmax`.
+pub fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best
+}

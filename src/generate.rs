@@ -1,0 +1,139 @@
+//! Greedy decoding over a built plan: encode the image, prefill the prompt into the KV cache,
+//! then one-token steps until EOS or `max_new_tokens`, streaming each token as it comes.
+
+use std::time::Instant;
+
+use crate::backend::cpu::ops::{argmax, log_prob};
+use crate::backend::Executor;
+use crate::error::{Error, Result};
+use crate::models::blip2::Blip2Plan;
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// Generation stops for a sequence when it produces any of these (the token is kept).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// One generated sequence: new tokens only, EOS included when produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sequence {
+    pub tokens: Vec<u32>,
+    /// Natural-log probability of each token under the model (log-softmax of the raw logits).
+    pub logprobs: Vec<f64>,
+    pub stopped_by_eos: bool,
+}
+
+/// Wall-clock milliseconds of each stage of one request.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    pub vision_ms: f64,
+    pub qformer_ms: f64,
+    pub prefill_ms: f64,
+    /// All decode steps together.
+    pub decode_ms: f64,
+    pub decode_steps: usize,
+    /// Pixels in to first token out.
+    pub first_token_ms: f64,
+    pub total_ms: f64,
+}
+
+/// A token as it is produced, for streaming.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEvent {
+    /// Which image of the batch.
+    pub sequence: usize,
+    pub step: usize,
+    pub token: u32,
+    pub logprob: f64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Runs the plan: `pixels` holds `plan.batch` images, `input_ids` is one decoder input shared by
+/// every image (image tokens, BOS, prompt).
+pub fn generate(
+    plan: &Blip2Plan,
+    exec: &mut dyn Executor,
+    pixels: &[f32],
+    input_ids: &[u32],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(&TokenEvent),
+) -> Result<(Vec<Sequence>, Timings)> {
+    if input_ids.len() != plan.prompt_len {
+        return Err(Error::InvalidInput(format!(
+            "plan built for {} input tokens, got {}",
+            plan.prompt_len,
+            input_ids.len()
+        )));
+    }
+    let batch = plan.batch;
+    let start = Instant::now();
+    let mut t = Timings::default();
+
+    // Image -> query embeddings.
+    exec.write(plan.pixels, pixels)?;
+    let s = Instant::now();
+    exec.run(&plan.vision)?;
+    t.vision_ms = ms(s);
+    let s = Instant::now();
+    exec.run(&plan.qformer)?;
+    t.qformer_ms = ms(s);
+
+    let mut seqs = vec![Sequence::default(); batch];
+    if opts.max_new_tokens == 0 {
+        t.total_ms = ms(start);
+        return Ok((seqs, t));
+    }
+
+    // Prefill the whole input; logits of each item's last row.
+    let s = Instant::now();
+    let tokens: Vec<u32> = (0..batch).flat_map(|_| input_ids.iter().copied()).collect();
+    exec.set_tokens(&tokens);
+    exec.set_position(0);
+    exec.run(&plan.prefill)?;
+    let mut logits = exec.read(plan.prefill_logits, plan.prefill_logit_rows)?;
+    t.prefill_ms = ms(s);
+    let vocab = logits.len() / plan.prefill_logit_rows;
+    // With all prefill logits kept, the last row of item b is at b * prompt_len + prompt_len - 1.
+    let last_row = |b: usize, rows: usize| if rows == batch { b } else { b * plan.prompt_len + plan.prompt_len - 1 };
+    let mut rows = plan.prefill_logit_rows;
+
+    let decode_start = Instant::now();
+    for step in 0..opts.max_new_tokens {
+        let mut next = vec![0u32; batch];
+        for (b, seq) in seqs.iter_mut().enumerate() {
+            let row = &logits[last_row(b, rows) * vocab..][..vocab];
+            if seq.stopped_by_eos {
+                next[b] = *seq.tokens.last().unwrap_or(&0);
+                continue;
+            }
+            let token = argmax(row);
+            let logprob = log_prob(row, token);
+            let token = token as u32;
+            seq.tokens.push(token);
+            seq.logprobs.push(logprob);
+            seq.stopped_by_eos = opts.eos_token_ids.contains(&token);
+            next[b] = token;
+            on_token(&TokenEvent { sequence: b, step, token, logprob });
+        }
+        if step == 0 {
+            t.first_token_ms = ms(start);
+        }
+        if step + 1 == opts.max_new_tokens || seqs.iter().all(|s| s.stopped_by_eos) {
+            break;
+        }
+        // Feed the chosen tokens back: one decode step at position prompt_len + step.
+        exec.set_tokens(&next);
+        exec.set_position(plan.prompt_len + step);
+        exec.run(&plan.decode)?;
+        logits = exec.read(plan.decode_logits, batch)?;
+        rows = batch;
+        t.decode_steps += 1;
+    }
+    t.decode_ms = ms(decode_start);
+    t.total_ms = ms(start);
+    Ok((seqs, t))
+}

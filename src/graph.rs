@@ -1,0 +1,211 @@
+//! The minimal graph: a model is emitted once per phase (vision, Q-Former, prefill, decode step)
+//! as a list of ops over buffers whose shapes are fixed when the graph is built. Executors
+//! (`backend::cpu`, later `backend::cuda`) allocate every buffer once and run the ops; model code
+//! says *what* is computed, executors say *how*.
+//!
+//! Two values change between runs of the same ops and live in the executor, not in the ops:
+//! the token ids of the step and `position`, the number of tokens already in the KV cache.
+
+use crate::weights::Weight;
+
+/// A buffer of the graph: `rows x cols` f32 on the CPU (fp16 on the GPU), row-major.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Buf(pub usize);
+
+/// A weight tensor of the model's [`WeightTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct W(pub usize);
+
+/// Columns `[col, col + width)` of every row of a buffer (e.g. the K part of a fused qkv).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub buf: Buf,
+    pub col: usize,
+}
+
+impl From<Buf> for View {
+    fn from(buf: Buf) -> View {
+        View { buf, col: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu,
+    /// Exact erf GELU: 0.5 x (1 + erf(x / sqrt 2)).
+    Gelu,
+    /// CLIP's x * sigmoid(1.702 x).
+    QuickGelu,
+    Silu,
+}
+
+impl Activation {
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::None => x,
+            Activation::Relu => x.max(0.0),
+            Activation::Gelu => (0.5 * f64::from(x) * (1.0 + libm::erf(f64::from(x) * std::f64::consts::FRAC_1_SQRT_2))) as f32,
+            Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Activation::Silu => x / (1.0 + (-x).exp()),
+        }
+    }
+}
+
+/// How many keys each query row sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvLen {
+    /// A fixed number of keys per batch item (encoder self/cross attention).
+    Fixed(usize),
+    /// The KV cache: `position + q_len` keys, where `position` is the executor's current value.
+    Cache,
+}
+
+/// Multi-head attention over row-major buffers. Batch item `b`, head `h`, row `i` of Q is at
+/// row `b * q_len + i`, columns `q.col + h * head_dim ..`; K/V rows at `b * kv_batch_stride + j`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attention {
+    pub q: View,
+    pub k: View,
+    pub v: View,
+    pub out: Buf,
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub q_len: usize,
+    pub kv_len: KvLen,
+    /// Rows between batch items in K and V (kv length, or the cache capacity).
+    pub kv_batch_stride: usize,
+    /// Query row i (absolute position `position + i`) sees keys `0..=position + i` only.
+    pub causal: bool,
+    pub scale: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// `out[b*P + 0] = cls + pos[0]`, `out[b*P + 1 + p] = conv(pixels[b], patch p) + bias + pos[1+p]`:
+    /// a `patch x patch` stride-`patch` Conv2d on `[B, 3*H*W]` pixels, flattened row-major.
+    PatchEmbed { pixels: Buf, weight: W, bias: W, class: W, positions: W, out: Buf, batch: usize, image_size: usize, patch: usize },
+    /// `out = act(x · Wᵀ + bias) + residual` over `rows` rows; `residual` may be `out` itself.
+    Linear { x: View, weight: W, bias: Option<W>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize },
+    /// `out = LayerNorm(x + residual) * w + b` over `rows` rows.
+    LayerNorm { x: Buf, residual: Option<Buf>, weight: W, bias: W, eps: f32, out: Buf, rows: usize },
+    Attention(Attention),
+    /// `cache[b * capacity + position + i] = src[b * rows_per_batch + i]` for K and V.
+    KvAppend { k: View, v: View, cache_k: Buf, cache_v: Buf, batch: usize, rows_per_batch: usize, capacity: usize },
+    /// `out[r] = table[tokens[r]]` for every token of the step.
+    Embed { table: W, out: Buf },
+    /// Rows whose token is `token` are overwritten, in order, by consecutive values of `src`
+    /// taken as one flat array (transformers' `masked_scatter`).
+    ScatterTokens { src: Buf, token: u32, out: Buf },
+    /// `x[b * rows_per_batch + i] += table[position + i + offset]` (OPT's learned positions).
+    AddPositions { table: W, offset: usize, x: Buf, batch: usize, rows_per_batch: usize },
+    /// `out[b] = x[b * rows_per_batch + rows_per_batch - 1]`: the last row of each batch item.
+    LastRows { x: Buf, out: Buf, batch: usize, rows_per_batch: usize },
+    /// `out[b * n + i] = table[i]`: a parameter (e.g. query tokens) repeated for each batch item.
+    Broadcast { table: W, out: Buf, batch: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct BufferDesc {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The ops of one phase.
+#[derive(Debug, Clone, Default)]
+pub struct Phase {
+    pub ops: Vec<Op>,
+}
+
+/// Buffers shared by every phase of a model instance, and the phases' ops being built.
+#[derive(Debug, Clone, Default)]
+pub struct Graph {
+    pub buffers: Vec<BufferDesc>,
+    pub ops: Vec<Op>,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn buffer(&mut self, name: impl Into<String>, rows: usize, cols: usize) -> Buf {
+        self.buffers.push(BufferDesc { name: name.into(), rows, cols });
+        Buf(self.buffers.len() - 1)
+    }
+
+    pub fn desc(&self, b: Buf) -> &BufferDesc {
+        &self.buffers[b.0]
+    }
+
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Ends the current phase: returns its ops, keeps the buffers for the next phase.
+    pub fn take_phase(&mut self) -> Phase {
+        Phase { ops: std::mem::take(&mut self.ops) }
+    }
+
+    /// `out = act(x · Wᵀ + b) + residual`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(&mut self, x: impl Into<View>, weight: W, bias: Option<W>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize) {
+        self.push(Op::Linear { x: x.into(), weight, bias, act, residual, out, rows });
+    }
+
+    pub fn layer_norm(&mut self, x: Buf, residual: Option<Buf>, norm: &Norm, out: Buf, rows: usize) {
+        self.push(Op::LayerNorm { x, residual, weight: norm.weight, bias: norm.bias, eps: norm.eps, out, rows });
+    }
+}
+
+/// A LayerNorm's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Norm {
+    pub weight: W,
+    pub bias: W,
+    pub eps: f32,
+}
+
+/// A Linear's parameters (PyTorch layout: weight `[out, in]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Linear {
+    pub weight: W,
+    pub bias: Option<W>,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+/// The weights a model's graph refers to, loaded once (fp16, zero-copy where possible).
+#[derive(Debug, Default)]
+pub struct WeightTable {
+    pub names: Vec<String>,
+    pub weights: Vec<Weight>,
+}
+
+impl WeightTable {
+    pub fn add(&mut self, name: impl Into<String>, w: Weight) -> W {
+        self.names.push(name.into());
+        self.weights.push(w);
+        W(self.weights.len() - 1)
+    }
+
+    pub fn get(&self, w: W) -> &Weight {
+        &self.weights[w.0]
+    }
+
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    /// Parameters (elements) in the table.
+    pub fn parameters(&self) -> usize {
+        self.weights.iter().map(|w| w.numel()).sum()
+    }
+}

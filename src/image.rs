@@ -1,0 +1,322 @@
+//! Image decoding and preprocessing, bit-exact with transformers' PIL backend
+//! (`BlipImageProcessorPil`, `CLIPImageProcessorPil`): RGB conversion, Pillow's fixed-point
+//! bicubic resize, center crop, rescale and normalize to float32 CHW pixel values.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{ImageReader, Limits, RgbImage};
+
+use crate::config::PreprocessorConfig;
+use crate::error::{Error, Result};
+
+/// Images with more pixels than this are refused before decoding (Pillow warns at the same
+/// count, 89.5 megapixels, as a possible decompression bomb).
+pub const MAX_PIXELS: u64 = 89_478_485;
+/// Upper bound on what a decoder may allocate for one image.
+const MAX_DECODE_ALLOC: u64 = 1 << 30;
+
+/// Preprocessed image: float32, channels first, `[3, height, width]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelValues {
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+/// Decodes PNG, JPEG, WebP, GIF (first frame) or BMP bytes to 8-bit RGB, the way Pillow's
+/// `convert("RGB")` does: alpha is dropped (transformers 5.17 composites nothing), grey is
+/// replicated, palettes are expanded. `name` is used in error messages.
+pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    let err = |msg: String| Error::Image { path: name.to_string(), msg };
+    if bytes.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    let reader = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| err(format!("cannot read: {e}")))
+    };
+    let probe = reader()?;
+    if probe.format().is_none() {
+        return Err(err("not a recognised image format (PNG, JPEG, WebP, GIF, BMP)".into()));
+    }
+    let (w, h) = probe.into_dimensions().map_err(|e| err(format!("cannot decode: {e}")))?;
+    if w == 0 || h == 0 {
+        return Err(err(format!("image is {w}x{h}: it has no pixels")));
+    }
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(err(format!(
+            "image is {w}x{h} = {} pixels, over the {MAX_PIXELS}-pixel limit (possible decompression bomb)",
+            u64::from(w) * u64::from(h)
+        )));
+    }
+    let mut limited = reader()?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    limited.limits(limits);
+    let decoded = limited.decode().map_err(|e| err(format!("cannot decode: {e}")))?;
+    Ok(decoded.to_rgb8())
+}
+
+/// Reads and decodes an image file.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Image { path: path.display().to_string(), msg: e.to_string() })?;
+    decode_rgb(&bytes, &path.display().to_string())
+}
+
+/// An image processor configured from a checkpoint's preprocessor config.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    cfg: PreprocessorConfig,
+}
+
+impl ImageProcessor {
+    pub fn new(cfg: PreprocessorConfig) -> Self {
+        Self { cfg }
+    }
+
+    pub fn config(&self) -> &PreprocessorConfig {
+        &self.cfg
+    }
+
+    pub fn preprocess_file(&self, path: &Path) -> Result<PixelValues> {
+        Ok(self.preprocess(&load_rgb(path)?))
+    }
+
+    pub fn preprocess_bytes(&self, bytes: &[u8], name: &str) -> Result<PixelValues> {
+        Ok(self.preprocess(&decode_rgb(bytes, name)?))
+    }
+
+    /// resize -> center crop -> rescale -> normalize, each only when the config asks for it.
+    pub fn preprocess(&self, rgb: &RgbImage) -> PixelValues {
+        let cfg = &self.cfg;
+        let resized;
+        let mut img = rgb;
+        if cfg.do_resize {
+            let (h, w) = self.resize_target(img.height() as usize, img.width() as usize);
+            resized = resize_bicubic(img, w, h);
+            img = &resized;
+        }
+        let (h, w) = (img.height() as usize, img.width() as usize);
+        // Channels-first u8 planes; center crop may pad with zeros as transformers does.
+        let (out_h, out_w, planes) = match (&cfg.crop_size, cfg.do_center_crop) {
+            (Some(crop), true) => {
+                let (ch, cw) = (crop.height.unwrap_or(h), crop.width.unwrap_or(w));
+                (ch, cw, center_crop_chw(img, ch, cw))
+            }
+            _ => (h, w, to_chw(img)),
+        };
+        let mut data = Vec::with_capacity(planes.len());
+        let plane = out_h * out_w;
+        for (i, &v) in planes.iter().enumerate() {
+            let c = i / plane;
+            // numpy: float64 multiply then cast to float32; normalize in float32.
+            let mut x = if cfg.do_rescale { (f64::from(v) * cfg.rescale_factor) as f32 } else { f32::from(v) };
+            if cfg.do_normalize {
+                x = (x - cfg.image_mean[c]) / cfg.image_std[c];
+            }
+            data.push(x);
+        }
+        PixelValues { height: out_h, width: out_w, data }
+    }
+
+    /// Output (height, width) of the resize step for an input of (h, w).
+    fn resize_target(&self, h: usize, w: usize) -> (usize, usize) {
+        let s = &self.cfg.size;
+        match (s.height, s.width, s.shortest_edge) {
+            (Some(th), Some(tw), _) => (th, tw),
+            (_, _, Some(edge)) => {
+                // transformers' get_resize_output_image_size(default_to_square=False).
+                let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                let new_long = (edge as f64 * long as f64 / short as f64) as usize;
+                if w <= h {
+                    (new_long, edge)
+                } else {
+                    (edge, new_long)
+                }
+            }
+            // validate() rejects configs without a size; keep the image as it is.
+            _ => (h, w),
+        }
+    }
+}
+
+fn to_chw(img: &RgbImage) -> Vec<u8> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.as_raw();
+    let mut out = vec![0u8; 3 * h * w];
+    for (p, px) in raw.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * h * w + p] = px[c];
+        }
+    }
+    out
+}
+
+/// transformers' `center_crop`: top = (H - ch) // 2 and left = (W - cw) // 2 (floor division);
+/// where the crop reaches outside a smaller image, transformers zero-pads it, so those pixels are 0.
+fn center_crop_chw(img: &RgbImage, ch: usize, cw: usize) -> Vec<u8> {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let top = (h - ch as i64).div_euclid(2);
+    let left = (w - cw as i64).div_euclid(2);
+    let raw = img.as_raw();
+    let mut out = vec![0u8; 3 * ch * cw];
+    for oy in 0..ch {
+        let sy = top + oy as i64;
+        if !(0..h).contains(&sy) {
+            continue;
+        }
+        for ox in 0..cw {
+            let sx = left + ox as i64;
+            if !(0..w).contains(&sx) {
+                continue;
+            }
+            let src = ((sy * w + sx) * 3) as usize;
+            for c in 0..3 {
+                out[c * ch * cw + oy * cw + ox] = raw[src + c];
+            }
+        }
+    }
+    out
+}
+
+// ---- Pillow's resampling (libImaging/Resample.c), 8 bits per channel ------------------------
+
+/// Fixed-point fraction bits of the coefficients (32 - 8 - 2, as in Pillow).
+const PRECISION_BITS: u32 = 22;
+
+/// Pillow's bicubic kernel with a = -0.5 and support 2.
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: first input index, tap count, and fixed-point weights (`ksize` per pixel).
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the full-image box.
+fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    const SUPPORT: f64 = 2.0;
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = SUPPORT * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C casts truncate toward zero; negative values are clamped to 0 right after.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut ww = 0.0;
+        for x in 0..xmax {
+            let w = bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
+            k[x] = w;
+            ww += w;
+        }
+        for x in 0..xmax {
+            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+            let scaled = w * f64::from(1u32 << PRECISION_BITS);
+            weights[xx * ksize + x] = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coeffs { ksize, bounds, weights }
+}
+
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Resizes like Pillow's `Image.resize((w, h), BICUBIC)` on an RGB image: horizontal pass over
+/// only the rows the vertical pass reads, uint8 intermediate, then the vertical pass.
+pub fn resize_bicubic(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let (in_w, in_h) = (src.width() as usize, src.height() as usize);
+    if in_w == out_w && in_h == out_h {
+        return src.clone();
+    }
+    let horiz = precompute_coeffs(in_w, out_w);
+    let vert = precompute_coeffs(in_h, out_h);
+    let half = 1i32 << (PRECISION_BITS - 1);
+
+    // Horizontal pass: rows [first_row, last_row) of the source.
+    let (first_row, last_row, mut row_bounds) = if in_w != out_w {
+        let first = vert.bounds[0].0;
+        let last = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
+        (first, last, vert.bounds.clone())
+    } else {
+        (0, in_h, vert.bounds.clone())
+    };
+    let tmp: Vec<u8> = if in_w != out_w {
+        for b in &mut row_bounds {
+            b.0 -= first_row;
+        }
+        let raw = src.as_raw();
+        let mut tmp = vec![0u8; (last_row - first_row) * out_w * 3];
+        for y in first_row..last_row {
+            let row = &raw[y * in_w * 3..(y + 1) * in_w * 3];
+            let out_row = &mut tmp[(y - first_row) * out_w * 3..(y - first_row + 1) * out_w * 3];
+            for xx in 0..out_w {
+                let (xmin, xmax) = horiz.bounds[xx];
+                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + xmax];
+                let mut ss = [half; 3];
+                for (x, &kw) in k.iter().enumerate() {
+                    let px = &row[(x + xmin) * 3..(x + xmin) * 3 + 3];
+                    for c in 0..3 {
+                        ss[c] = ss[c].wrapping_add(i32::from(px[c]).wrapping_mul(kw));
+                    }
+                }
+                for c in 0..3 {
+                    out_row[xx * 3 + c] = clip8(ss[c]);
+                }
+            }
+        }
+        tmp
+    } else {
+        src.as_raw().clone()
+    };
+    let tmp_w = out_w;
+    if in_h == out_h {
+        return RgbImage::from_raw(out_w as u32, out_h as u32, tmp).expect("buffer sized for the image");
+    }
+
+    // Vertical pass.
+    let mut out = vec![0u8; out_h * out_w * 3];
+    for yy in 0..out_h {
+        let (ymin, ymax) = row_bounds[yy];
+        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + ymax];
+        for xx in 0..out_w {
+            let mut ss = [half; 3];
+            for (y, &kw) in k.iter().enumerate() {
+                let base = ((y + ymin) * tmp_w + xx) * 3;
+                for c in 0..3 {
+                    ss[c] = ss[c].wrapping_add(i32::from(tmp[base + c]).wrapping_mul(kw));
+                }
+            }
+            for c in 0..3 {
+                out[(yy * out_w + xx) * 3 + c] = clip8(ss[c]);
+            }
+        }
+    }
+    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer sized for the image")
+}

@@ -1,0 +1,28 @@
+//! glimpse: vision-language models (BLIP-2 first) from Hugging Face checkpoints, on a reference
+//! CPU executor and on hand-written CUDA kernels.
+//!
+//! ```no_run
+//! let model = glimpse::Model::load("blip2-opt-2.7b", glimpse::Device::Auto)?;
+//! let opts = model.default_options();
+//! let out = model.caption(std::path::Path::new("photo.jpg"), &opts)?;
+//! println!("{}", out.text);
+//! # Ok::<(), glimpse::Error>(())
+//! ```
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod generate;
+pub mod graph;
+pub mod hub;
+pub mod image;
+pub mod info;
+pub mod models;
+pub mod tokenizer;
+pub mod weights;
+
+pub use api::{Device, Model, Output};
+pub use error::{Error, Result};
+pub use generate::{GenerateOptions, Sequence, Timings, TokenEvent};

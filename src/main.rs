@@ -1,0 +1,126 @@
+//! The `glimpse` command line: caption, ask, info, convert.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use glimpse::{Device, GenerateOptions, Model, Output};
+
+#[derive(Parser)]
+#[command(name = "glimpse", version, about = "Fast, faithful vision-language inference (BLIP-2) from Hugging Face checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Model folder, or a hub id (e.g. Salesforce/blip2-opt-2.7b) already in the local HF cache.
+    #[arg(long, short)]
+    model: String,
+    /// cpu, cuda, or auto (CUDA when usable, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// New tokens to generate at most (default: generation_config.json, else 20).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// One JSON object per image per line: image, text, tokens, logprobs, timings, device.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Caption one or more images.
+    Caption {
+        #[command(flatten)]
+        run: RunArgs,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Answer a question about an image ("Question: {q} Answer:").
+    Ask {
+        #[command(flatten)]
+        run: RunArgs,
+        image: PathBuf,
+        question: String,
+    },
+    /// Describe a model folder: family, dimensions, parameters, dtypes, size on disk.
+    Info { model: String },
+    /// Write an fp16 copy of a checkpoint folder, so later loads are zero-copy.
+    Convert { input: PathBuf, output: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
+    let dir = glimpse::hub::resolve_model(&args.model)?;
+    let model = Model::load(&dir, args.device.parse::<Device>()?)?;
+    let mut opts = model.default_options();
+    if let Some(n) = args.max_new_tokens {
+        opts.max_new_tokens = n;
+    }
+    Ok((model, opts))
+}
+
+fn print_output(image: &Path, out: &Output, json: bool) {
+    if json {
+        let line = serde_json::json!({
+            "image": image.display().to_string(),
+            "text": out.text,
+            "tokens": out.tokens,
+            "logprobs": out.logprobs,
+            "timings": out.timings,
+            "device": out.device,
+        });
+        println!("{line}");
+    } else {
+        println!("{}", out.text);
+    }
+}
+
+fn run(command: Command) -> glimpse::Result<ExitCode> {
+    match command {
+        Command::Caption { run, images } => {
+            let (model, opts) = load(&run)?;
+            let mut failed = 0;
+            for image in &images {
+                // One bad image is reported and skipped; the others are still captioned.
+                match model.caption(image, &opts) {
+                    Ok(out) => print_output(image, &out, run.json),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Ask { run, image, question } => {
+            glimpse::api::question_prompt(&question)?;
+            let (model, opts) = load(&run)?;
+            let out = model.ask(&image, &question, &opts)?;
+            print_output(&image, &out, run.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info { model } => {
+            let dir = glimpse::hub::resolve_model(&model)?;
+            println!("{}", glimpse::info::describe(&dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert { input, output } => {
+            let (n, bytes) = glimpse::convert::convert_dir(&input, &output)?;
+            println!("wrote {n} tensors ({:.1} MB) to {}", bytes as f64 / 1e6, output.join("model.safetensors").display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

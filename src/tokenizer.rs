@@ -1,0 +1,144 @@
+//! Text side: the checkpoint's tokenizer (`tokenizer.json`, or GPT-2 style `vocab.json` +
+//! `merges.txt`), encoding with its template (OPT prepends `</s>`), decoding as transformers'
+//! `batch_decode(skip_special_tokens=True)` followed by `.strip()`.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+use crate::error::{Error, Result};
+
+pub struct Tokenizer {
+    inner: HfTokenizer,
+    /// `clean_up_tokenization_spaces` from tokenizer_config.json (transformers 5 default: false).
+    clean_up_spaces: bool,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+/// A token given in tokenizer_config.json either as a string or as an AddedToken object.
+fn token_content(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(m) => m.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads the tokenizer of an HF model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value =
+            if config_path.exists() { crate::config::read_json(&config_path)? } else { Value::Null };
+        let clean_up_spaces = config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
+
+        let json = dir.join("tokenizer.json");
+        let inner = if json.exists() {
+            HfTokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
+        } else {
+            Self::from_vocab_merges(dir, &config)?
+        };
+        Ok(Self { inner, clean_up_spaces })
+    }
+
+    /// GPT-2 style byte-level BPE from `vocab.json` + `merges.txt`, with the special tokens and
+    /// BOS behaviour (`add_bos_token`) of tokenizer_config.json.
+    fn from_vocab_merges(dir: &Path, config: &Value) -> Result<HfTokenizer> {
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        for p in [&vocab, &merges] {
+            if !p.exists() {
+                return Err(Error::MissingFile {
+                    path: dir.join("tokenizer.json"),
+                    hint: format!(" (nor the fallback {})", p.display()),
+                });
+            }
+        }
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", vocab.display())))?;
+        let mut tok = HfTokenizer::new(bpe);
+        tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+        tok.with_decoder(Some(ByteLevel::default()));
+
+        let mut specials: Vec<String> = ["bos_token", "eos_token", "unk_token", "pad_token"]
+            .iter()
+            .filter_map(|k| config.get(*k).and_then(token_content))
+            .collect();
+        if let Some(Value::Object(added)) = config.get("added_tokens_decoder") {
+            specials.extend(added.values().filter_map(token_content));
+        }
+        let added: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+        tok.add_special_tokens(&added);
+
+        let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        if let (true, Some(bos)) = (add_bos, config.get("bos_token").and_then(token_content)) {
+            let id = tok
+                .token_to_id(&bos)
+                .ok_or_else(|| Error::Tokenizer(format!("bos_token `{bos}` is not in {}", vocab.display())))?;
+            let template = TemplateProcessing::builder()
+                .try_single(format!("{bos} $A"))
+                .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
+                .map_err(tok_err)?
+                .special_tokens(vec![(bos.clone(), id)])
+                .build()
+                .map_err(tok_err)?;
+            tok.with_post_processor(Some(template));
+        }
+        Ok(tok)
+    }
+
+    /// Token ids of `text` with the template's special tokens (for OPT: `</s>` first).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes like transformers' `decode(ids, skip_special_tokens)`: byte sequences that are
+    /// not valid UTF-8 become U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let text = self.inner.decode(ids, skip_special_tokens).map_err(tok_err)?;
+        Ok(if self.clean_up_spaces { clean_up_tokenization(&text) } else { text })
+    }
+
+    /// What BLIP-2 callers print: special tokens skipped, then Python's `str.strip()`.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        Ok(py_strip(&self.decode(ids, true)?).to_string())
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Python's `str.strip()` with no argument: `str.isspace` also counts U+001C..U+001F.
+pub fn py_strip(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
+/// transformers' `clean_up_tokenization`: removes spaces before punctuation and contractions.
+fn clean_up_tokenization(s: &str) -> String {
+    const RULES: [(&str, &str); 10] = [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ];
+    RULES.iter().fold(s.to_string(), |acc, (from, to)| acc.replace(from, to))
+}

@@ -1,0 +1,416 @@
+//! Checkpoint tensors: safetensors files memory-mapped with memmap2, a single `model.safetensors`
+//! or a sharded `model.safetensors.index.json`. fp16 tensors are used in place; bf16 and fp32
+//! are converted to fp16 on access. Every error names the file, the tensor and both shapes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Largest header safetensors itself accepts (100 MB); a longer one is corruption or an attack.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Element types that may appear in a safetensors header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F16,
+    BF16,
+    F32,
+    /// A known safetensors dtype glimpse never computes with (e.g. I64 `position_ids`): it may sit
+    /// in a checkpoint, but asking for it is an error.
+    Other { name: &'static str, bytes: usize },
+}
+
+impl Dtype {
+    fn parse(name: &str) -> Option<Dtype> {
+        const OTHERS: [(&str, usize); 13] = [
+            ("BOOL", 1),
+            ("U8", 1),
+            ("I8", 1),
+            ("F8_E5M2", 1),
+            ("F8_E4M3", 1),
+            ("F8_E8M0", 1),
+            ("I16", 2),
+            ("U16", 2),
+            ("I32", 4),
+            ("U32", 4),
+            ("F64", 8),
+            ("I64", 8),
+            ("U64", 8),
+        ];
+        match name {
+            "F16" => Some(Dtype::F16),
+            "BF16" => Some(Dtype::BF16),
+            "F32" => Some(Dtype::F32),
+            _ => OTHERS.iter().find(|(n, _)| *n == name).map(|&(name, bytes)| Dtype::Other { name, bytes }),
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F32 => 4,
+            Dtype::Other { bytes, .. } => bytes,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::F32 => "F32",
+            Dtype::Other { name, .. } => name,
+        }
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    file: usize,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn byte_len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// fp16 data of one tensor: borrowed from the memory map when stored as aligned fp16, else owned.
+#[derive(Clone)]
+enum F16Data {
+    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    Owned(Arc<Vec<f16>>),
+}
+
+/// One fp16 weight tensor with its shape.
+#[derive(Clone)]
+pub struct Weight {
+    pub shape: Vec<usize>,
+    data: F16Data,
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weight").field("shape", &self.shape).field("zero_copy", &self.is_mapped()).finish()
+    }
+}
+
+impl Weight {
+    pub fn from_vec(shape: Vec<usize>, data: Vec<f16>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Weight { shape, data: F16Data::Owned(Arc::new(data)) }
+    }
+
+    pub fn as_slice(&self) -> &[f16] {
+        match &self.data {
+            // The range was checked against the file size when the header was parsed, and
+            // `start` is even, so the cast cannot fail.
+            F16Data::Mapped { map, start, len } => bytemuck::cast_slice(&map[*start..*start + *len]),
+            F16Data::Owned(v) => v,
+        }
+    }
+
+    /// True when the tensor is read in place from the memory map (no copy was made).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, F16Data::Mapped { .. })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct MappedFile {
+    path: PathBuf,
+    map: Arc<Mmap>,
+}
+
+/// The tensors of a checkpoint, possibly spread over several shard files.
+pub struct Checkpoint {
+    files: Vec<MappedFile>,
+    tensors: BTreeMap<String, TensorInfo>,
+    /// What error messages call the checkpoint (the single file or the index).
+    origin: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens the weights of an HF model folder: `model.safetensors`, else the sharded index.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Self::open_file(&single);
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            return Self::open_index(&index);
+        }
+        if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+            return Err(Error::Unsupported(format!(
+                "{}: only pickle weights (pytorch_model.bin) found; glimpse reads safetensors (convert them with transformers' save_pretrained(safe_serialization=True))",
+                dir.display()
+            )));
+        }
+        Err(Error::MissingFile {
+            path: single,
+            hint: " (nor model.safetensors.index.json)".into(),
+        })
+    }
+
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), origin: path.to_path_buf() };
+        let (file, entries) = map_and_parse(path, 0)?;
+        ckpt.files.push(file);
+        ckpt.tensors = entries.into_iter().collect();
+        Ok(ckpt)
+    }
+
+    /// Opens a sharded checkpoint from its `model.safetensors.index.json`.
+    pub fn open_index(index_path: &Path) -> Result<Self> {
+        let index: ShardIndex = crate::config::read_json(index_path)?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), origin: index_path.to_path_buf() };
+        let mut shard_names: Vec<&String> = index.weight_map.values().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        for shard in shard_names {
+            if shard.contains('/') || shard.contains('\\') || shard == ".." {
+                return Err(Error::safetensors(index_path, format!("shard name `{shard}` must be a file name in the model folder")));
+            }
+            let path = dir.join(shard);
+            let file_idx = ckpt.files.len();
+            let (file, entries) = map_and_parse(&path, file_idx)?;
+            ckpt.files.push(file);
+            for (name, info) in entries {
+                if ckpt.tensors.contains_key(&name) {
+                    return Err(Error::safetensors(&path, format!("tensor `{name}` appears in more than one shard")));
+                }
+                ckpt.tensors.insert(name, info);
+            }
+        }
+        for (name, shard) in &index.weight_map {
+            match ckpt.tensors.get(name) {
+                Some(info) if ckpt.files[info.file].path.file_name().map(|f| f.to_string_lossy() == *shard.as_str()) == Some(true) => {}
+                Some(info) => {
+                    return Err(Error::safetensors(
+                        index_path,
+                        format!("index puts `{name}` in {shard}, but it is in {}", ckpt.files[info.file].path.display()),
+                    ))
+                }
+                None => {
+                    return Err(Error::safetensors(index_path, format!("index lists `{name}` in {shard}, but that shard does not hold it")))
+                }
+            }
+        }
+        Ok(ckpt)
+    }
+
+    /// Where the checkpoint came from (a file, or the shard index).
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Path of the file holding `name` (for messages).
+    pub fn path_of(&self, name: &str) -> &Path {
+        self.tensors.get(name).map(|i| self.files[i.file].path.as_path()).unwrap_or(&self.origin)
+    }
+
+    /// Total bytes of tensor data on disk.
+    pub fn data_bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.byte_len()).sum()
+    }
+
+    fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.files[info.file].map[info.start..info.end]
+    }
+
+    fn lookup(&self, name: &str, expected: &[usize]) -> Result<&TensorInfo> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            expected: expected.to_vec(),
+            path: self.origin.clone(),
+        })?;
+        if info.shape != expected {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                path: self.path_of(name).to_path_buf(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok(info)
+    }
+
+    fn unsupported(&self, name: &str, info: &TensorInfo) -> Error {
+        Error::UnsupportedDtype { name: name.into(), path: self.path_of(name).to_path_buf(), dtype: info.dtype.name().into() }
+    }
+
+    /// The fp16 weight `name`, which must have exactly shape `expected`. fp16 data stays in the
+    /// memory map; bf16/fp32 are converted (round to nearest even, as torch's `.half()`).
+    pub fn f16(&self, name: &str, expected: &[usize]) -> Result<Weight> {
+        let info = self.lookup(name, expected)?;
+        let bytes = self.bytes(info);
+        let data = match info.dtype {
+            Dtype::F16 if info.start % 2 == 0 => {
+                F16Data::Mapped { map: self.files[info.file].map.clone(), start: info.start, len: info.byte_len() }
+            }
+            Dtype::F16 => F16Data::Owned(Arc::new(
+                bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect(),
+            )),
+            Dtype::BF16 => F16Data::Owned(Arc::new(
+                bytes.chunks_exact(2).map(|b| f16::from_f32(bf16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
+            )),
+            Dtype::F32 => {
+                let f32s = read_f32_le(bytes);
+                let mut out = vec![f16::ZERO; f32s.len()];
+                out.convert_from_f32_slice(&f32s);
+                F16Data::Owned(Arc::new(out))
+            }
+            Dtype::Other { .. } => return Err(self.unsupported(name, info)),
+        };
+        Ok(Weight { shape: info.shape.clone(), data })
+    }
+
+    /// The tensor `name` widened to f32, with its shape (for goldens and fp32 reference paths).
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            expected: vec![],
+            path: self.origin.clone(),
+        })?;
+        let bytes = self.bytes(info);
+        let data = match info.dtype {
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => read_f32_le(bytes),
+            Dtype::Other { .. } => return Err(self.unsupported(name, info)),
+        };
+        Ok((data, info.shape.clone()))
+    }
+
+    /// Raw little-endian bytes of a tensor, whatever its dtype (for `glimpse convert`).
+    pub fn raw_bytes(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
+        self.tensors.get(name).map(|info| (info, self.bytes(info)))
+    }
+}
+
+fn read_f32_le(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// Maps a safetensors file and validates its header: length, JSON, dtypes, shapes against byte
+/// ranges, ranges inside the data section, no two tensors overlapping.
+fn map_and_parse(path: &Path, file_idx: usize) -> Result<(MappedFile, Vec<(String, TensorInfo)>)> {
+    let bad = |msg: String| Error::safetensors(path, msg);
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if file_len < 8 {
+        return Err(bad(format!(
+            "truncated: the file is {file_len} bytes, shorter than the 8-byte header length that starts every safetensors file"
+        )));
+    }
+    // SAFETY: the map is read-only and private to this process; glimpse never writes through it.
+    // A file truncated by another process while mapped would fault, as with any mmap-based
+    // loader (safetensors, transformers); checkpoints are not expected to change under us.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+    if header_len > file_len - 8 {
+        return Err(bad(format!(
+            "header length {header_len} runs past the end of the file ({file_len} bytes): the file is truncated or not safetensors"
+        )));
+    }
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!("header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")));
+    }
+    let data_start = 8 + header_len as usize;
+    let data_len = file_len as usize - data_start;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[8..data_start])
+        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+
+    let mut entries = Vec::with_capacity(header.len());
+    for (name, value) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: HeaderEntry =
+            serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: bad header entry: {e}")))?;
+        let dtype = Dtype::parse(&entry.dtype)
+            .ok_or_else(|| bad(format!("tensor `{name}`: unknown dtype `{}`", entry.dtype)))?;
+        let [begin, end] = entry.data_offsets;
+        if begin > end || end > data_len {
+            return Err(bad(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] are out of range (the data section is {data_len} bytes)"
+            )));
+        }
+        let numel = entry.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let needed = numel.and_then(|n| n.checked_mul(dtype.size()));
+        if needed != Some(end - begin) {
+            return Err(bad(format!(
+                "tensor `{name}`: shape {:?} of {} needs {} bytes, but data_offsets [{begin}, {end}] span {}",
+                entry.shape,
+                dtype.name(),
+                needed.map_or("too many".to_string(), |n| n.to_string()),
+                end - begin
+            )));
+        }
+        entries.push((
+            name,
+            TensorInfo { dtype, shape: entry.shape, file: file_idx, start: data_start + begin, end: data_start + end },
+        ));
+    }
+    let mut by_start: Vec<&(String, TensorInfo)> = entries.iter().filter(|(_, i)| i.end > i.start).collect();
+    by_start.sort_by_key(|(_, i)| i.start);
+    for pair in by_start.windows(2) {
+        let ((a, ia), (b, ib)) = (pair[0], pair[1]);
+        if ib.start < ia.end {
+            return Err(bad(format!(
+                "tensors `{a}` (bytes {}..{}) and `{b}` (bytes {}..{}) overlap",
+                ia.start - data_start,
+                ia.end - data_start,
+                ib.start - data_start,
+                ib.end - data_start
+            )));
+        }
+    }
+    Ok((MappedFile { path: path.to_path_buf(), map: Arc::new(map) }, entries))
+}
