@@ -248,75 +248,62 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
-/// Resizes like Pillow's `Image.resize((w, h), BICUBIC)` on an RGB image: horizontal pass over
-/// only the rows the vertical pass reads, uint8 intermediate, then the vertical pass.
+/// Resizes like Pillow's `Image.resize((w, h), BICUBIC)` on an RGB image: two separable passes
+/// with a uint8 intermediate. Pillow 13 runs the vertical pass first when the height shrinks
+/// by more than twice as many pixels as the width (python-pillow/Pillow#9549), else the
+/// horizontal one; the order changes the rounding of the intermediate, so it is mirrored here.
 pub fn resize_bicubic(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     let (in_w, in_h) = (src.width() as usize, src.height() as usize);
-    if in_w == out_w && in_h == out_h {
-        return src.clone();
+    let need_h = in_w != out_w;
+    let need_v = in_h != out_h;
+    let vertical_first = out_h < in_h && (in_h - out_h) as i64 > 2 * (in_w as i64 - out_w as i64);
+    let mut pixels = src.as_raw().clone();
+    let (mut w, mut h) = (in_w, in_h);
+    let horizontal = |pixels: &mut Vec<u8>, w: &mut usize, h: usize| {
+        if need_h {
+            *pixels = resample_pass(pixels, *w, h, out_w, true);
+            *w = out_w;
+        }
+    };
+    if vertical_first {
+        pixels = resample_pass(&pixels, w, h, out_h, false);
+        h = out_h;
+        horizontal(&mut pixels, &mut w, h);
+    } else {
+        horizontal(&mut pixels, &mut w, h);
+        if need_v {
+            pixels = resample_pass(&pixels, w, h, out_h, false);
+            h = out_h;
+        }
     }
-    let horiz = precompute_coeffs(in_w, out_w);
-    let vert = precompute_coeffs(in_h, out_h);
+    RgbImage::from_raw(w as u32, h as u32, pixels).expect("buffer sized for the image")
+}
+
+/// One Pillow 8-bit pass over an RGB `w x h` image, along x (`along_x`) or y, to `out` pixels.
+fn resample_pass(src: &[u8], w: usize, h: usize, out: usize, along_x: bool) -> Vec<u8> {
+    let coeffs = precompute_coeffs(if along_x { w } else { h }, out);
+    let (ow, oh) = if along_x { (out, h) } else { (w, out) };
+    // Pixel (x, y) of the source; the pass reads consecutive taps along one axis.
+    let step = if along_x { 3 } else { w * 3 };
     let half = 1i32 << (PRECISION_BITS - 1);
-
-    // Horizontal pass: rows [first_row, last_row) of the source.
-    let (first_row, last_row, mut row_bounds) = if in_w != out_w {
-        let first = vert.bounds[0].0;
-        let last = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
-        (first, last, vert.bounds.clone())
-    } else {
-        (0, in_h, vert.bounds.clone())
-    };
-    let tmp: Vec<u8> = if in_w != out_w {
-        for b in &mut row_bounds {
-            b.0 -= first_row;
-        }
-        let raw = src.as_raw();
-        let mut tmp = vec![0u8; (last_row - first_row) * out_w * 3];
-        for y in first_row..last_row {
-            let row = &raw[y * in_w * 3..(y + 1) * in_w * 3];
-            let out_row = &mut tmp[(y - first_row) * out_w * 3..(y - first_row + 1) * out_w * 3];
-            for xx in 0..out_w {
-                let (xmin, xmax) = horiz.bounds[xx];
-                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + xmax];
-                let mut ss = [half; 3];
-                for (x, &kw) in k.iter().enumerate() {
-                    let px = &row[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                    for c in 0..3 {
-                        ss[c] = ss[c].wrapping_add(i32::from(px[c]).wrapping_mul(kw));
-                    }
-                }
-                for c in 0..3 {
-                    out_row[xx * 3 + c] = clip8(ss[c]);
-                }
-            }
-        }
-        tmp
-    } else {
-        src.as_raw().clone()
-    };
-    let tmp_w = out_w;
-    if in_h == out_h {
-        return RgbImage::from_raw(out_w as u32, out_h as u32, tmp).expect("buffer sized for the image");
-    }
-
-    // Vertical pass.
-    let mut out = vec![0u8; out_h * out_w * 3];
-    for yy in 0..out_h {
-        let (ymin, ymax) = row_bounds[yy];
-        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + ymax];
-        for xx in 0..out_w {
+    let mut dst = vec![0u8; ow * oh * 3];
+    for y in 0..oh {
+        for x in 0..ow {
+            let o = if along_x { x } else { y };
+            let (first, taps) = coeffs.bounds[o];
+            let k = &coeffs.weights[o * coeffs.ksize..o * coeffs.ksize + taps];
+            let base = if along_x { (y * w + first) * 3 } else { (first * w + x) * 3 };
             let mut ss = [half; 3];
-            for (y, &kw) in k.iter().enumerate() {
-                let base = ((y + ymin) * tmp_w + xx) * 3;
+            for (t, &kw) in k.iter().enumerate() {
+                let px = &src[base + t * step..base + t * step + 3];
                 for c in 0..3 {
-                    ss[c] = ss[c].wrapping_add(i32::from(tmp[base + c]).wrapping_mul(kw));
+                    ss[c] = ss[c].wrapping_add(i32::from(px[c]).wrapping_mul(kw));
                 }
             }
             for c in 0..3 {
-                out[(yy * out_w + xx) * 3 + c] = clip8(ss[c]);
+                dst[(y * ow + x) * 3 + c] = clip8(ss[c]);
             }
         }
     }
-    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer sized for the image")
+    dst
 }

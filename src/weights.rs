@@ -161,6 +161,12 @@ struct ShardIndex {
     weight_map: HashMap<String, String>,
 }
 
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("origin", &self.origin).field("tensors", &self.tensors.len()).finish()
+    }
+}
+
 impl Checkpoint {
     /// Opens the weights of an HF model folder: `model.safetensors`, else the sharded index.
     pub fn open_dir(dir: &Path) -> Result<Self> {

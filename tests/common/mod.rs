@@ -1,0 +1,55 @@
+//! Shared helpers of the integration tests: fixture paths, goldens, error metrics.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use glimpse::weights::Checkpoint;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+pub fn image(name: &str) -> PathBuf {
+    fixtures().join("images").join(name)
+}
+
+/// A goldens safetensors file (float32 arrays written by scripts/make_fixtures.py).
+pub fn goldens(file: &str) -> Checkpoint {
+    Checkpoint::open_file(&fixtures().join("goldens").join(file)).expect("goldens file")
+}
+
+pub fn golden_json(file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("goldens").join(file)).expect("goldens json");
+    serde_json::from_str(&text).expect("valid json")
+}
+
+/// (max |a - b|, ||a - b|| / ||b||).
+pub fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let mut max = 0f64;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let d = (f64::from(x) - f64::from(y)).abs();
+        max = max.max(d);
+        num += d * d;
+        den += f64::from(y) * f64::from(y);
+    }
+    (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("float")).collect()
+}
+
+/// A scratch folder removed at drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
