@@ -46,6 +46,9 @@ pub enum Error {
 
     #[error("GPU: {0}")]
     Gpu(String),
+
+    #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::GpuError),
 }
 
 impl Error {

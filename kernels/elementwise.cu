@@ -1,0 +1,148 @@
+// Elementwise / gather / scatter kernels for BLIP-2 (and friends). All fp16 results are computed
+// in fp32 and rounded once, which equals the single fp16 op PyTorch performs for an add.
+//
+// SAFETY preconditions common to all: every index computed from the grid is bounds-checked
+// against the element counts passed in; indices read from device memory (token ids, positions,
+// KV positions) are range-checked on device and out-of-range rows are written as zeros (gathers)
+// or skipped (scatters/appends) instead of being read/written out of bounds. The Rust launchers
+// check that each buffer holds at least the element counts passed here, and that outputs do not
+// overlap inputs (except the documented in-place cases).
+#include "common.cuh"
+
+// OPT embeddings: out[t, :] = tok_emb[ids[t], :] + pos_emb[pos[t] + pos_offset, :]
+// (OPT's learned positions are offset by 2). ids/pos: [T] int32 on device; tok_emb [vocab, D],
+// pos_emb [npos, D], out [T, D]. Grid (T), block 256. Ids outside [0, vocab) give a zero token
+// row, positions outside [0, npos) a zero position row. out must not overlap the tables.
+extern "C" __global__ void opt_embed(const int* __restrict__ ids, const int* __restrict__ pos,
+                                     const __half* __restrict__ tok_emb, const __half* __restrict__ pos_emb,
+                                     __half* __restrict__ out, int T, int D, int vocab, int npos,
+                                     int pos_offset) {
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    const int id = ids[t];
+    const int pp = pos[t] + pos_offset;
+    const bool id_ok = id >= 0 && id < vocab, pos_ok = pp >= 0 && pp < npos;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        const float a = id_ok ? __half2float(tok_emb[(size_t)id * D + i]) : 0.f;
+        const float b = pos_ok ? __half2float(pos_emb[(size_t)pp * D + i]) : 0.f;
+        out[(size_t)t * D + i] = __float2half_rn(a + b);
+    }
+}
+
+// Image-embedding scatter: for each sequence b, the k-th position t with ids[b, t] == image_token
+// gets embeds[b, t, :] = image_embeds[b, k, :] (k = 0, 1, ...; positions beyond n_img image tokens
+// are left untouched). ids [B, S], embeds [B, S, D] (in place), image_embeds [B, n_img, D].
+// Grid (B), block 32 (one warp walks the sequence in order, ballot + popc give each image token
+// its rank; the same warp then copies the rows). image_embeds must not overlap embeds.
+extern "C" __global__ void image_scatter(const int* __restrict__ ids, __half* __restrict__ embeds,
+                                         const __half* __restrict__ image_embeds, int S, int D,
+                                         int n_img, int image_token) {
+    const int b = blockIdx.x, lane = threadIdx.x & 31;
+    int base = 0;  // image tokens seen before this 32-token chunk
+    for (int t0 = 0; t0 < S; t0 += 32) {
+        const int t = t0 + lane;
+        const bool is_img = t < S && ids[(size_t)b * S + t] == image_token;
+        const unsigned mask = __ballot_sync(0xffffffffu, is_img);
+        // Copy the rows of this chunk one after another with the whole warp (coalesced).
+        unsigned rem = mask;
+        while (rem) {
+            const int src_lane = __ffs(rem) - 1;
+            rem &= rem - 1;
+            const int k = base + __popc(mask & ((1u << src_lane) - 1u));
+            if (k >= n_img) break;
+            __half* dst = embeds + ((size_t)b * S + t0 + src_lane) * D;
+            const __half* src = image_embeds + ((size_t)b * n_img + k) * D;
+            for (int i = lane; i < D; i += 32) dst[i] = src[i];
+        }
+        base += __popc(mask);
+    }
+}
+
+// Patch im2col for a kernel = stride = `patch` conv (ViT patch embedding), so the conv becomes
+// GEMM(out = im2col(pixels) · W[D, C*patch*patch]^T + bias):
+//   out[b*P + py*PW + px, c*patch*patch + kh*patch + kw] = pixels[b, c, py*patch + kh, px*patch + kw]
+// which is PyTorch's Conv2d weight flatten order [out, c, kh, kw]; P = PH*PW patches in row-major
+// order (matches flatten(2) of the conv output). pixels [B, C, H, W] fp32 or fp16, out fp16
+// [B*P, C*patch*patch]. PH = H / patch, PW = W / patch (floor, like Conv2d). One thread per output
+// element, grid-stride loop over B*P*C*patch*patch elements.
+template <typename T>
+__device__ __forceinline__ void im2col_body(const T* __restrict__ px, __half* __restrict__ out,
+                                            int B, int C, int H, int W, int patch) {
+    const int PH = H / patch, PW = W / patch, P = PH * PW;
+    const int cols = C * patch * patch;
+    const long long total = (long long)B * P * cols;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int col = (int)(e % cols);
+        const long long row = e / cols;
+        const int p = (int)(row % P), b = (int)(row / P);
+        const int c = col / (patch * patch), kh = (col / patch) % patch, kw = col % patch;
+        const int y = (p / PW) * patch + kh, x = (p % PW) * patch + kw;
+        out[e] = __float2half_rn(to_f32(px[(((size_t)b * C + c) * H + y) * W + x]));
+    }
+}
+extern "C" __global__ void patch_im2col_f32(const float* px, __half* out, int B, int C, int H, int W, int patch) {
+    im2col_body<float>(px, out, B, C, H, W, patch);
+}
+extern "C" __global__ void patch_im2col_f16(const __half* px, __half* out, int B, int C, int H, int W, int patch) {
+    im2col_body<__half>(px, out, B, C, H, W, patch);
+}
+
+// ViT embeddings: out[b, 0, :] = cls[:] + pos[0, :]; out[b, 1 + p, :] = patches[b, p, :] + pos[1 + p, :].
+// patches [B, P, D] (the patch-embedding GEMM output), cls [D], pos [P + 1, D], out [B, P + 1, D].
+// Grid-stride over B*(P+1)*D. out must not overlap the inputs.
+extern "C" __global__ void vit_embed(const __half* __restrict__ patches, const __half* __restrict__ cls,
+                                     const __half* __restrict__ pos, __half* __restrict__ out, int B,
+                                     int P, int D) {
+    const long long total = (long long)B * (P + 1) * D;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(e % D);
+        const long long r = e / D;
+        const int t = (int)(r % (P + 1)), b = (int)(r / (P + 1));
+        const float a = t == 0 ? __half2float(cls[i]) : __half2float(patches[((size_t)b * P + t - 1) * D + i]);
+        out[e] = __float2half_rn(a + __half2float(pos[(size_t)t * D + i]));
+    }
+}
+
+// y[i] = a[i] + b[i], n elements. y may alias a or b exactly (each element is read then written
+// by one thread).
+extern "C" __global__ void add_f16(const __half* a, const __half* b, __half* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = __float2half_rn(__half2float(a[i]) + __half2float(b[i]));
+}
+
+// Casts, n elements, round-to-nearest-even (f32 -> f16 overflow gives +-inf, like PyTorch).
+extern "C" __global__ void cast_f32_f16(const float* __restrict__ x, __half* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = __float2half_rn(x[i]);
+}
+extern "C" __global__ void cast_f16_f32(const __half* __restrict__ x, float* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = __half2float(x[i]);
+}
+
+// KV-cache append for one new token per sequence at the position read from device memory:
+//   k_cache[b, pos[b], :] = k_new[b, :], v_cache[b, pos[b], :] = v_new[b, :]   (row = H*d halves)
+// k_new/v_new rows have stride new_rs (elements; e.g. columns of a fused qkv buffer), caches are
+// [B, max_len, row] contiguous. Sequences with pos[b] outside [0, max_len) are skipped.
+// Grid (B), block 256. Caches must not overlap k_new / v_new.
+extern "C" __global__ void kv_append(const __half* __restrict__ k_new, const __half* __restrict__ v_new,
+                                     long long new_rs, __half* __restrict__ k_cache,
+                                     __half* __restrict__ v_cache, const int* __restrict__ pos,
+                                     int max_len, int row) {
+    const int b = blockIdx.x;
+    const int p = pos[b];
+    if (p < 0 || p >= max_len) return;
+    const size_t dst = ((size_t)b * max_len + p) * row;
+    for (int i = threadIdx.x; i < row; i += blockDim.x) {
+        k_cache[dst + i] = k_new[b * new_rs + i];
+        v_cache[dst + i] = v_new[b * new_rs + i];
+    }
+}
+
+// x[i] += delta for i < n (advance device-resident positions / KV lengths between graph replays).
+extern "C" __global__ void add_i32(int* x, int delta, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += delta;
+}

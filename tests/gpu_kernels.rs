@@ -1,0 +1,590 @@
+//! Every CUDA kernel against a naive CPU reference (f64, computed from the same fp16-rounded
+//! inputs), on fresh random data each run (the seed is printed; set GLIMPSE_TEST_SEED to replay),
+//! at real BLIP-2 shapes and awkward ones. Outputs are poisoned with 0x7E00 (fp16 NaN) before each
+//! launch, so an element the kernel forgot to write fails the test.
+//!
+//! Without a usable GPU each test prints `SKIP <name>: <reason>` and passes.
+//!
+//! Tolerance (fp16 outputs): |got - ref| <= RTOL * |ref| + ATOL * scale, scale = RMS of the
+//! reference (max |v| for attention). A plain fp16 computation of the same thing is off by the
+//! final rounding, <= 2^-11 relative (half an fp16 ulp), plus fp32 accumulation error, which is
+//! ~sqrt(K) * 2^-24 relative to the sum of |terms| and negligible here. Following the
+//! flash-attention rule (<= ~2x the error of a plain fp16 computation) we allow RTOL = 2^-10
+//! relative plus ATOL = 2^-10 of the output scale for outputs near zero, where cancellation
+//! makes any relative bound meaningless. Fused epilogues (bias + act + residual rounded once)
+//! are more accurate than PyTorch's rounding after each op, never less.
+
+use glimpse::backend::cuda::{
+    decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, GemmTile, HeadsView, Residual, SumOut,
+};
+use half::f16;
+
+const POISON: u16 = 0x7E00;
+const RTOL: f64 = 1.0 / 1024.0;
+const ATOL: f64 = 1.0 / 1024.0;
+
+// ---------------------------------------------------------------------------------------------
+// harness
+
+fn device(name: &str) -> Option<CudaDevice> {
+    match CudaDevice::new(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("SKIP {name}: {e}");
+            None
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn new(test: &str) -> Self {
+        let seed = std::env::var("GLIMPSE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        println!("{test}: seed {seed}");
+        Rng(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// uniform in [-a, a)
+    fn uni(&mut self, a: f32) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+    }
+    fn halves(&mut self, n: usize, a: f32) -> Vec<f16> {
+        (0..n).map(|_| f16::from_f32(self.uni(a))).collect()
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn f(v: &[f16]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+fn poisoned(dev: &CudaDevice, n: usize) -> DevSlice<f16> {
+    let s = dev.alloc::<f16>(n).unwrap();
+    dev.fill_u16(&s, POISON).unwrap();
+    s
+}
+
+/// Compares and panics with the worst element. `scale` None = RMS of the reference.
+fn check(what: &str, got: &[f16], want: &[f64], scale: Option<f64>) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len().max(1) as f64).sqrt();
+    let scale = scale.unwrap_or(rms).max(1e-6);
+    let (mut worst, mut wi, mut sq_err) = (0.0f64, 0usize, 0.0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.to_bits() == POISON {
+            panic!("{what}: element {i} was not written (still poison)");
+        }
+        let g = g.to_f64();
+        assert!(g.is_finite(), "{what}: element {i} = {g} not finite (ref {w})");
+        let err = (g - w).abs();
+        sq_err += err * err;
+        let ratio = err / (RTOL * w.abs() + ATOL * scale);
+        if ratio > worst {
+            worst = ratio;
+            wi = i;
+        }
+    }
+    let rel = (sq_err.sqrt()) / (want.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-30));
+    println!("  {what}: ||err||/||ref|| = {rel:.2e}, worst tolerance ratio {worst:.2} at {wi}");
+    assert!(worst <= 1.0, "{what}: element {wi} got {} want {} (ratio {worst:.2})", got[wi].to_f64(), want[wi]);
+}
+
+fn act_ref(a: Activation, x: f64) -> f64 {
+    a.apply(x as f32) as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear (gemm / gemv)
+
+#[allow(clippy::too_many_arguments)]
+fn linear_ref(x: &[f16], w: &[f16], bias: Option<&[f16]>, act: Activation, res: Option<&[f16]>, m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for t in 0..k {
+                s += x[i * k + t].to_f64() * w[j * k + t].to_f64();
+            }
+            if let Some(b) = bias {
+                s += b[j].to_f64();
+            }
+            s = act_ref(act, s);
+            if let Some(r) = res {
+                s += r[i * n + j].to_f64();
+            }
+            y[i * n + j] = s;
+        }
+    }
+    y
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Gemm(GemmTile),
+    Gemv,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Res {
+    No,
+    Add,
+    InPlace,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_linear(dev: &CudaDevice, rng: &mut Rng, kind: Kind, m: usize, n: usize, k: usize, bias: bool, act: Activation, res: Res) {
+    let a = 1.0 / (k as f32).sqrt() * 1.7; // keeps outputs O(1)
+    let x = rng.halves(m * k, 1.0);
+    let w = rng.halves(n * k, a);
+    let b = rng.halves(n, 0.5);
+    let r = rng.halves(m * n, 1.0);
+    let (dx, dw, db) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
+    let dr = dev.upload(&r).unwrap();
+    let y = match res {
+        Res::InPlace => dev.upload(&r).unwrap(),
+        _ => poisoned(dev, m * n),
+    };
+    let residual = match res {
+        Res::No => Residual::None,
+        Res::Add => Residual::Add(&dr),
+        Res::InPlace => Residual::InPlace,
+    };
+    let bias_opt = bias.then_some(&db);
+    match kind {
+        Kind::Gemm(tile) => dev.gemm_with_tile(&dx, &dw, bias_opt, act, residual, &y, m, n, k, tile).unwrap(),
+        Kind::Gemv => dev.gemv(&dx, &dw, bias_opt, act, residual, &y, m, n, k).unwrap(),
+    }
+    let got = dev.download(&y).unwrap();
+    let want = linear_ref(&x, &w, bias.then_some(&b[..]), act, (res != Res::No).then_some(&r[..]), m, n, k);
+    let name = match kind {
+        Kind::Gemm(GemmTile::Large) => "gemm_l",
+        Kind::Gemm(GemmTile::Small) => "gemm_s",
+        Kind::Gemv => "gemv",
+    };
+    check(&format!("{name} m={m} n={n} k={k} bias={bias} act={act:?} res={}", res as u8), &got, &want, None);
+}
+
+#[test]
+fn gemm_matches_reference() {
+    let Some(dev) = device("gemm_matches_reference") else { return };
+    let mut rng = Rng::new("gemm");
+    let acts = [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu];
+    for tile in [GemmTile::Large, GemmTile::Small] {
+        // awkward: rows < warp / tile, N, K not multiples of the tile, K % 8 != 0 (scalar path)
+        for &(m, n, k) in &[(1, 8, 8), (3, 17, 24), (7, 130, 72), (33, 65, 100), (257, 200, 588), (5, 3, 13), (129, 257, 1408)] {
+            for (i, &act) in acts.iter().enumerate() {
+                let res = [Res::No, Res::Add, Res::InPlace][i % 3];
+                run_linear(&dev, &mut rng, Kind::Gemm(tile), m, n, k, i % 2 == 0, act, res);
+            }
+        }
+    }
+    // real shapes: ViT qkv / fc1 / fc2 at 257 tokens, Q-Former, OPT prefill
+    for &(m, n, k, act) in &[
+        (257, 4224, 1408, Activation::None),
+        (257, 6144, 1408, Activation::Gelu),
+        (257, 1408, 6144, Activation::None),
+        (32, 768, 1408, Activation::None),
+        (64, 10240, 2560, Activation::Relu),
+    ] {
+        run_linear(&dev, &mut rng, Kind::Gemm(GemmTile::Large), m, n, k, true, act, Res::No);
+        run_linear(&dev, &mut rng, Kind::Gemm(GemmTile::Small), m, n, k, true, act, Res::Add);
+    }
+}
+
+#[test]
+fn gemv_matches_reference() {
+    let Some(dev) = device("gemv_matches_reference") else { return };
+    let mut rng = Rng::new("gemv");
+    for m in 1..=8 {
+        run_linear(&dev, &mut rng, Kind::Gemv, m, 37, 8, m % 2 == 0, Activation::None, Res::No);
+        run_linear(&dev, &mut rng, Kind::Gemv, m, 1000, 264, true, Activation::Gelu, Res::Add);
+    }
+    for &(n, k, act) in &[(7680, 2560, Activation::None), (10240, 2560, Activation::Relu), (2560, 10240, Activation::None), (2560, 2560, Activation::Silu), (50272, 2560, Activation::None)] {
+        run_linear(&dev, &mut rng, Kind::Gemv, 1, n, k, true, act, Res::InPlace);
+    }
+    run_linear(&dev, &mut rng, Kind::Gemv, 8, 2560, 10240, true, Activation::QuickGelu, Res::Add);
+}
+
+// ---------------------------------------------------------------------------------------------
+// norms
+
+#[test]
+fn norms_match_reference() {
+    let Some(dev) = device("norms_match_reference") else { return };
+    let mut rng = Rng::new("norms");
+    for &dim in &[1408usize, 768, 2560, 176, 128, 160, 1, 33] {
+        for &rows in &[1usize, 7, 257] {
+            let x = rng.halves(rows * dim, 2.0);
+            let r = rng.halves(rows * dim, 2.0);
+            let w = rng.halves(dim, 1.5);
+            let b = rng.halves(dim, 0.5);
+            let eps = 1e-5f32;
+            // s = half(x + r), reference statistics in f64 on s
+            let s: Vec<f16> = x.iter().zip(&r).map(|(a, c)| f16::from_f32(a.to_f32() + c.to_f32())).collect();
+            let (dx, dr, dw, db) = (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
+            // layernorm with residual, sum written in place into x
+            let y = poisoned(&dev, rows * dim);
+            dev.layernorm(&dx, Some(&dr), SumOut::InPlace, &dw, Some(&db), &y, rows, dim, eps).unwrap();
+            let mut want = vec![0.0; rows * dim];
+            let mut want_rms = vec![0.0; rows * dim];
+            for i in 0..rows {
+                let row = &s[i * dim..(i + 1) * dim];
+                let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
+                let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
+                let ms = row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / dim as f64;
+                for j in 0..dim {
+                    want[i * dim + j] = (row[j].to_f64() - mean) / (var + eps as f64).sqrt() * w[j].to_f64() + b[j].to_f64();
+                    let normed = f16::from_f64(row[j].to_f64() / (ms + eps as f64).sqrt());
+                    want_rms[i * dim + j] = normed.to_f64() * w[j].to_f64();
+                }
+            }
+            check(&format!("layernorm rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want, None);
+            let sum_back = dev.download(&dx).unwrap();
+            assert!(sum_back.iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm sum_out (in place) != half(x + r)");
+            // rmsnorm on s (no residual), no sum output
+            let ds = dev.upload(&s).unwrap();
+            let y2 = poisoned(&dev, rows * dim);
+            dev.rmsnorm(&ds, None, SumOut::None, &dw, &y2, rows, dim, eps).unwrap();
+            check(&format!("rmsnorm rows={rows} dim={dim}"), &dev.download(&y2).unwrap(), &want_rms, None);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+
+/// Reference attention on [B, S, H, d] contiguous tensors (f64 softmax).
+#[allow(clippy::too_many_arguments)]
+fn attn_ref(q: &[f16], k: &[f16], v: &[f16], b: usize, h: usize, sq: usize, skv: usize, d: usize, scale: f64, visible: &dyn Fn(usize, usize, usize) -> Option<f64>) -> Vec<f64> {
+    let mut o = vec![0.0; b * sq * h * d];
+    for bb in 0..b {
+        for hh in 0..h {
+            for i in 0..sq {
+                let qi = &q[((bb * sq + i) * h + hh) * d..][..d];
+                let mut s = vec![f64::NEG_INFINITY; skv];
+                for (j, sj) in s.iter_mut().enumerate() {
+                    if let Some(add) = visible(bb, i, j) {
+                        let kj = &k[((bb * skv + j) * h + hh) * d..][..d];
+                        *sj = qi.iter().zip(kj).map(|(a, c)| a.to_f64() * c.to_f64()).sum::<f64>() * scale + add;
+                    }
+                }
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                if mx == f64::NEG_INFINITY {
+                    continue; // fully masked row -> zeros
+                }
+                let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let l: f64 = p.iter().sum();
+                for (j, pj) in p.iter().enumerate() {
+                    let vj = &v[((bb * skv + j) * h + hh) * d..][..d];
+                    for t in 0..d {
+                        o[((bb * sq + i) * h + hh) * d + t] += pj / l * vj[t].to_f64();
+                    }
+                }
+            }
+        }
+    }
+    o
+}
+
+fn view(buf: &DevSlice<f16>, rows: usize, h: usize, d: usize) -> HeadsView<'_> {
+    HeadsView { buf, offset: 0, batch_stride: rows * h * d, row_stride: h * d }
+}
+
+#[test]
+fn attention_matches_reference() {
+    let Some(dev) = device("attention_matches_reference") else { return };
+    let mut rng = Rng::new("attention");
+    // (batch, heads, sq, skv, d, causal offset, masks)
+    let cases: &[(usize, usize, usize, usize, usize, Option<i32>, bool)] = &[
+        (1, 16, 257, 257, 88, None, false),  // EVA ViT
+        (2, 12, 32, 257, 64, None, false),   // Q-Former cross-attention
+        (2, 12, 32, 32, 64, None, true),     // Q-Former self-attention, padding masks
+        (1, 32, 40, 40, 80, Some(0), false), // OPT prefill
+        (2, 4, 7, 19, 80, Some(12), true),   // causal with offset (prefill after 12 cached keys)
+        (1, 3, 1, 257, 128, None, false),    // Sq = 1
+        (3, 2, 5, 33, 128, Some(28), true),
+        (1, 2, 17, 9, 64, Some(-3), false),  // some rows fully masked -> zeros
+    ];
+    for &(b, h, sq, skv, d, causal, masks) in cases {
+        let q = rng.halves(b * sq * h * d, 1.0);
+        let k = rng.halves(b * skv * h * d, 1.0);
+        let v = rng.halves(b * skv * h * d, 1.0);
+        let valid: Vec<i32> = (0..b).map(|_| 1 + rng.below(skv as u64) as i32).collect();
+        let madd: Vec<f32> = (0..b * skv).map(|_| if rng.below(5) == 0 { -1e4 } else { rng.uni(1.0) }).collect();
+        let scale = 1.0 / (d as f64).sqrt();
+        let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
+        let dvalid = dev.upload(&valid).unwrap();
+        let dmask = dev.upload(&madd).unwrap();
+        let o = poisoned(&dev, b * sq * h * d);
+        let mask = AttnMask {
+            causal,
+            kv_valid: masks.then_some(&dvalid),
+            additive: masks.then_some((&dmask, skv)),
+        };
+        dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
+        let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
+            if let Some(off) = causal {
+                if j as i64 > i as i64 + off as i64 {
+                    return None;
+                }
+            }
+            if masks {
+                if j as i32 >= valid[bb] {
+                    return None;
+                }
+                return Some(madd[bb * skv + j] as f64);
+            }
+            Some(0.0)
+        };
+        let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
+        check(&format!("attention b={b} h={h} sq={sq} skv={skv} d={d} causal={causal:?} masks={masks}"), &dev.download(&o).unwrap(), &want, Some(1.0));
+    }
+
+    // fused qkv layout [S, 3*H*d]: q/k/v are column slices with row stride 3*H*d
+    let (s, h, d) = (257usize, 16usize, 88usize);
+    let qkv = rng.halves(s * 3 * h * d, 1.0);
+    let dqkv = dev.upload(&qkv).unwrap();
+    let o = poisoned(&dev, s * h * d);
+    let part = |p: usize| HeadsView { buf: &dqkv, offset: p * h * d, batch_stride: s * 3 * h * d, row_stride: 3 * h * d };
+    dev.attention(part(0), part(1), part(2), view(&o, s, h, d), 1, h, s, s, d, 0.1066, AttnMask::default()).unwrap();
+    let split = |p: usize| -> Vec<f16> { (0..s).flat_map(|r| qkv[r * 3 * h * d + p * h * d..][..h * d].to_vec()).collect() };
+    let want = attn_ref(&split(0), &split(1), &split(2), 1, h, s, s, d, 0.1066, &|_, _, _| Some(0.0));
+    check("attention fused qkv 257x16x88", &dev.download(&o).unwrap(), &want, Some(1.0));
+}
+
+#[test]
+fn decode_attention_matches_reference() {
+    let Some(dev) = device("decode_attention_matches_reference") else { return };
+    let mut rng = Rng::new("decode_attention");
+    for &(b, h, max_len, d) in &[(1usize, 32usize, 2048usize, 80usize), (3, 12, 300, 64), (2, 16, 257, 88), (1, 2, 7, 128)] {
+        let lens: Vec<i32> = (0..b).map(|i| if i == 0 { max_len as i32 } else { 1 + rng.below(max_len as u64) as i32 }).collect();
+        let q = rng.halves(b * h * d, 1.0);
+        let kc = rng.halves(b * max_len * h * d, 1.0);
+        let vc = rng.halves(b * max_len * h * d, 1.0);
+        let (dq, dk, dv, dl) = (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap());
+        let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
+        let o = poisoned(&dev, b * h * d);
+        let scale = 1.0 / (d as f64).sqrt();
+        dev.decode_attention(view(&dq, 1, h, d), view(&dk, max_len, h, d), view(&dv, max_len, h, d), &dl, view(&o, 1, h, d), &ws, b, h, max_len, d, scale as f32, AttnMask::default()).unwrap();
+        let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then_some(0.0));
+        check(&format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}"), &dev.download(&o).unwrap(), &want, Some(1.0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise
+
+#[test]
+fn elementwise_matches_reference() {
+    let Some(dev) = device("elementwise_matches_reference") else { return };
+    let mut rng = Rng::new("elementwise");
+
+    // OPT embedding (+2 position offset), including an out-of-range id -> zero token row
+    let (vocab, npos, dim, t) = (1000usize, 40usize, 96usize, 37usize);
+    let tok = rng.halves(vocab * dim, 1.0);
+    let pe = rng.halves(npos * dim, 1.0);
+    let ids: Vec<i32> = (0..t).map(|i| if i == 5 { vocab as i32 + 3 } else { rng.below(vocab as u64) as i32 }).collect();
+    let pos: Vec<i32> = (0..t as i32).map(|i| i - 1).collect();
+    let out = poisoned(&dev, t * dim);
+    dev.opt_embed(&dev.upload(&ids).unwrap(), &dev.upload(&pos).unwrap(), &dev.upload(&tok).unwrap(), &dev.upload(&pe).unwrap(), &out, t, dim, 2).unwrap();
+    let mut want = vec![0.0; t * dim];
+    for i in 0..t {
+        for j in 0..dim {
+            let a = if (ids[i] as usize) < vocab { tok[ids[i] as usize * dim + j].to_f64() } else { 0.0 };
+            want[i * dim + j] = f16::from_f64(a + pe[(pos[i] + 2) as usize * dim + j].to_f64()).to_f64();
+        }
+    }
+    check("opt_embed", &dev.download(&out).unwrap(), &want, None);
+
+    // image scatter: 32 image tokens per sequence at scattered positions, B = 2
+    let (b, s, d, n_img, img_tok) = (2usize, 70usize, 40usize, 32usize, 50265i32);
+    let mut ids = vec![0i32; b * s];
+    for bb in 0..b {
+        let mut placed = 0;
+        for tt in 0..s {
+            let want_img = placed < n_img && (rng.below(2) == 0 || s - tt <= n_img - placed);
+            ids[bb * s + tt] = if want_img { placed += 1; img_tok } else { rng.below(50000) as i32 };
+        }
+    }
+    let emb = rng.halves(b * s * d, 1.0);
+    let img = rng.halves(b * n_img * d, 1.0);
+    let demb = dev.upload(&emb).unwrap();
+    dev.image_scatter(&dev.upload(&ids).unwrap(), &demb, &dev.upload(&img).unwrap(), b, s, d, n_img, img_tok).unwrap();
+    let mut want = f(&emb);
+    for bb in 0..b {
+        let mut kk = 0;
+        for tt in 0..s {
+            if ids[bb * s + tt] == img_tok {
+                for j in 0..d {
+                    want[(bb * s + tt) * d + j] = img[(bb * n_img + kk) * d + j].to_f64();
+                }
+                kk += 1;
+            }
+        }
+    }
+    check("image_scatter", &dev.download(&demb).unwrap(), &want, None);
+
+    // patch im2col (fp32 and fp16 pixels), 14x14 patches on a non-square image
+    let (bsz, c, hh, ww, p) = (2usize, 3usize, 42usize, 28usize, 14usize);
+    let px: Vec<f32> = (0..bsz * c * hh * ww).map(|_| rng.uni(2.0)).collect();
+    let pxh: Vec<f16> = px.iter().map(|&v| f16::from_f32(v)).collect();
+    let np = (hh / p) * (ww / p);
+    let cols = c * p * p;
+    let mut want = vec![0.0; bsz * np * cols];
+    for bb in 0..bsz {
+        for pi in 0..np {
+            for ch in 0..c {
+                for kh in 0..p {
+                    for kw in 0..p {
+                        let y = (pi / (ww / p)) * p + kh;
+                        let x = (pi % (ww / p)) * p + kw;
+                        want[(bb * np + pi) * cols + ch * p * p + kh * p + kw] =
+                            f16::from_f32(px[((bb * c + ch) * hh + y) * ww + x]).to_f64();
+                    }
+                }
+            }
+        }
+    }
+    let out = poisoned(&dev, bsz * np * cols);
+    dev.patch_im2col(&dev.upload(&px).unwrap(), &out, bsz, c, hh, ww, p).unwrap();
+    check("patch_im2col_f32", &dev.download(&out).unwrap(), &want, None);
+    let out = poisoned(&dev, bsz * np * cols);
+    dev.patch_im2col(&dev.upload(&pxh).unwrap(), &out, bsz, c, hh, ww, p).unwrap();
+    check("patch_im2col_f16", &dev.download(&out).unwrap(), &want, None);
+
+    // ViT embeddings: class + position
+    let (bsz, np, d) = (2usize, 256usize, 88usize);
+    let patches = rng.halves(bsz * np * d, 1.0);
+    let cls = rng.halves(d, 1.0);
+    let pe = rng.halves((np + 1) * d, 1.0);
+    let out = poisoned(&dev, bsz * (np + 1) * d);
+    dev.vit_embed(&dev.upload(&patches).unwrap(), &dev.upload(&cls).unwrap(), &dev.upload(&pe).unwrap(), &out, bsz, np, d).unwrap();
+    let mut want = vec![0.0; bsz * (np + 1) * d];
+    for bb in 0..bsz {
+        for tt in 0..=np {
+            for j in 0..d {
+                let a = if tt == 0 { cls[j].to_f64() } else { patches[(bb * np + tt - 1) * d + j].to_f64() };
+                want[(bb * (np + 1) + tt) * d + j] = f16::from_f64(a + pe[tt * d + j].to_f64()).to_f64();
+            }
+        }
+    }
+    check("vit_embed", &dev.download(&out).unwrap(), &want, None);
+
+    // add (in place) and casts
+    let n = 100_003usize;
+    let a = rng.halves(n, 3.0);
+    let bv = rng.halves(n, 3.0);
+    let da = dev.upload(&a).unwrap();
+    dev.add(&da, &dev.upload(&bv).unwrap(), &da, n).unwrap();
+    let want: Vec<f64> = a.iter().zip(&bv).map(|(x, y)| f16::from_f32(x.to_f32() + y.to_f32()).to_f64()).collect();
+    check("add_f16 in place", &dev.download(&da).unwrap(), &want, None);
+    let xf: Vec<f32> = (0..n).map(|_| rng.uni(70000.0)).collect();
+    let out = poisoned(&dev, n);
+    dev.cast_f32_f16(&dev.upload(&xf).unwrap(), &out, n).unwrap();
+    let got = dev.download(&out).unwrap();
+    assert!(got.iter().zip(&xf).all(|(g, x)| g.to_bits() == f16::from_f32(*x).to_bits()), "cast_f32_f16 not RNE / overflow to inf");
+    let xh = rng.halves(n, 5.0);
+    let outf = dev.alloc::<f32>(n).unwrap();
+    dev.cast_f16_f32(&dev.upload(&xh).unwrap(), &outf, n).unwrap();
+    assert!(dev.download(&outf).unwrap().iter().zip(&xh).all(|(g, x)| *g == x.to_f32()), "cast_f16_f32");
+
+    // KV append at device positions (one sequence out of range -> untouched), rows from a fused
+    // qkv-like buffer with row stride 3*row
+    let (b, max_len, row) = (3usize, 9usize, 2 * 80usize);
+    let newbuf = rng.halves(b * 3 * row, 1.0);
+    let kcache = rng.halves(b * max_len * row, 1.0);
+    let vcache = rng.halves(b * max_len * row, 1.0);
+    let pos = vec![0i32, 8, 9];
+    let (dn, dk, dv, dp) = (dev.upload(&newbuf).unwrap(), dev.upload(&kcache).unwrap(), dev.upload(&vcache).unwrap(), dev.upload(&pos).unwrap());
+    let kn = dn.slice(row, dn.len() - row).unwrap();
+    let vn = dn.slice(2 * row, dn.len() - 2 * row).unwrap();
+    dev.kv_append(&kn, &vn, 3 * row, &dk, &dv, &dp, b, max_len, row).unwrap();
+    let (mut wk, mut wv) = (f(&kcache), f(&vcache));
+    for bb in 0..b {
+        if (pos[bb] as usize) < max_len {
+            for j in 0..row {
+                wk[(bb * max_len + pos[bb] as usize) * row + j] = newbuf[bb * 3 * row + row + j].to_f64();
+                wv[(bb * max_len + pos[bb] as usize) * row + j] = newbuf[bb * 3 * row + 2 * row + j].to_f64();
+            }
+        }
+    }
+    check("kv_append k", &dev.download(&dk).unwrap(), &wk, None);
+    check("kv_append v", &dev.download(&dv).unwrap(), &wv, None);
+    dev.add_i32(&dp, 1, b).unwrap();
+    assert_eq!(dev.download(&dp).unwrap(), vec![1, 9, 10], "add_i32");
+}
+
+// ---------------------------------------------------------------------------------------------
+// sampling
+
+#[test]
+fn argmax_matches_reference() {
+    let Some(dev) = device("argmax_matches_reference") else { return };
+    let mut rng = Rng::new("argmax");
+    for &(rows, vocab) in &[(1usize, 50272usize), (4, 50272), (3, 1), (2, 777), (1, 256_000)] {
+        let mut logits: Vec<f32> = (0..rows * vocab).map(|_| rng.uni(8.0)).collect();
+        // plant ties at the maximum: the lowest index must win
+        for r in 0..rows {
+            let a = rng.below(vocab as u64) as usize;
+            let bidx = rng.below(vocab as u64) as usize;
+            logits[r * vocab + a] = 20.0;
+            logits[r * vocab + bidx] = 20.0;
+        }
+        let lh: Vec<f16> = logits.iter().map(|&x| f16::from_f32(x)).collect();
+        for half_in in [false, true] {
+            let vals: Vec<f64> = if half_in { f(&lh) } else { logits.iter().map(|&x| x as f64).collect() };
+            let idx = dev.alloc::<i32>(rows).unwrap();
+            let lp = dev.alloc::<f32>(rows).unwrap();
+            dev.fill_u32(&idx, 0xFFFF_FFFF).unwrap();
+            if half_in {
+                dev.argmax(&dev.upload(&lh).unwrap(), &idx, &lp, rows, vocab).unwrap();
+            } else {
+                dev.argmax(&dev.upload(&logits).unwrap(), &idx, &lp, rows, vocab).unwrap();
+            }
+            let (gi, gl) = (dev.download(&idx).unwrap(), dev.download(&lp).unwrap());
+            for r in 0..rows {
+                let row = &vals[r * vocab..(r + 1) * vocab];
+                let mut best = 0;
+                for j in 1..vocab {
+                    if row[j] > row[best] {
+                        best = j;
+                    }
+                }
+                let mx = row[best];
+                let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                assert_eq!(gi[r], best as i32, "argmax rows={rows} vocab={vocab} half={half_in} row {r}");
+                // fp32 logsumexp over up to 256k terms: relative error ~1e-6 of |lse|
+                let want = row[best] - lse;
+                assert!((gl[r] as f64 - want).abs() <= 1e-5 * (1.0 + lse.abs()), "logprob {} vs {want}", gl[r]);
+            }
+            println!("  argmax rows={rows} vocab={vocab} half={half_in}: ok");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// launchers reject bad arguments instead of launching
+
+#[test]
+fn launchers_validate_arguments() {
+    let Some(dev) = device("launchers_validate_arguments") else { return };
+    let x = dev.alloc::<f16>(64).unwrap();
+    let w = dev.alloc::<f16>(64).unwrap();
+    let y = dev.alloc::<f16>(64).unwrap();
+    assert!(dev.gemm(&x, &w, None, Activation::None, Residual::None, &y, 8, 8, 9).is_err(), "x too short");
+    assert!(dev.gemm(&x, &w, None, Activation::None, Residual::None, &x, 8, 8, 8).is_err(), "y aliases x");
+    assert!(dev.gemv(&x, &w, None, Activation::None, Residual::None, &y, 9, 1, 8).is_err(), "m > 8");
+    assert!(dev.gemv(&x, &w, None, Activation::None, Residual::None, &y, 1, 4, 12).is_err(), "k % 8");
+    let hv = HeadsView { buf: &x, offset: 0, batch_stride: 64, row_stride: 64 };
+    assert!(dev.attention(hv, hv, hv, HeadsView { buf: &y, ..hv }, 1, 1, 1, 1, 72 + 8, 1.0, AttnMask::default()).is_err(), "d too large for buffer");
+}
