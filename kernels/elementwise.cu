@@ -9,23 +9,32 @@
 // overlap inputs (except the documented in-place cases).
 #include "common.cuh"
 
-// OPT embeddings: out[t, :] = tok_emb[ids[t], :] + pos_emb[pos[t] + pos_offset, :]
-// (OPT's learned positions are offset by 2). ids/pos: [T] int32 on device; tok_emb [vocab, D],
-// pos_emb [npos, D], out [T, D]. Grid (T), block 256. Ids outside [0, vocab) give a zero token
-// row, positions outside [0, npos) a zero position row. out must not overlap the tables.
-extern "C" __global__ void opt_embed(const int* __restrict__ ids, const int* __restrict__ pos,
-                                     const __half* __restrict__ tok_emb, const __half* __restrict__ pos_emb,
-                                     __half* __restrict__ out, int T, int D, int vocab, int npos,
-                                     int pos_offset) {
+// Token embedding gather: out[t, :] = table[ids[t], :]. ids [T] int32 on device, table
+// [vocab, D], out [T, D]. Ids outside [0, vocab) give a zero row (the host validates ids before
+// launching; this only keeps a bad id from reading out of bounds). Grid (T), block 256.
+extern "C" __global__ void embed_rows(const int* __restrict__ ids, const __half* __restrict__ table,
+                                      __half* __restrict__ out, int T, int D, int vocab) {
     const int t = blockIdx.x;
     if (t >= T) return;
     const int id = ids[t];
-    const int pp = pos[t] + pos_offset;
-    const bool id_ok = id >= 0 && id < vocab, pos_ok = pp >= 0 && pp < npos;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        const float a = id_ok ? __half2float(tok_emb[(size_t)id * D + i]) : 0.f;
-        const float b = pos_ok ? __half2float(pos_emb[(size_t)pp * D + i]) : 0.f;
-        out[(size_t)t * D + i] = __float2half_rn(a + b);
+    const bool ok = id >= 0 && id < vocab;
+    for (int i = threadIdx.x; i < D; i += blockDim.x)
+        out[(size_t)t * D + i] = ok ? table[(size_t)id * D + i] : __float2half_rn(0.f);
+}
+
+// Learned positions (OPT): x[b, i, :] += table[pos[b] + i + offset, :] for i < S, with the start
+// position pos[b] read from device memory so a captured decode step can be replayed as the
+// position advances. x [B, S, D] in place, table [npos, D]. Rows whose position falls outside
+// [0, npos) are left unchanged (the host checks positions first). Grid (B*S), block 256.
+extern "C" __global__ void add_positions(__half* __restrict__ x, const __half* __restrict__ table,
+                                         const int* __restrict__ pos, int S, int D, int npos,
+                                         int offset) {
+    const int r = blockIdx.x, b = r / S, i = r % S;
+    const int p = pos[b] + i + offset;
+    if (p < 0 || p >= npos) return;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        const size_t e = (size_t)r * D + j;
+        x[e] = __float2half_rn(__half2float(x[e]) + __half2float(table[(size_t)p * D + j]));
     }
 }
 

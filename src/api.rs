@@ -2,16 +2,15 @@
 //! or run raw prompts. A [`Model`] is `Send + Sync`; each request gets its own executor state.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::cpu::CpuExecutor;
-use crate::backend::Executor;
+use crate::backend::{Backend, Executor};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerateOptions, Sequence, Timings, TokenEvent};
 use crate::image::{ImageProcessor, PixelValues};
-use crate::models::blip2::Blip2;
+use crate::models::blip2::{Blip2, Blip2Plan};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -55,10 +54,16 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     pub image_processor: ImageProcessor,
     pub generation: GenerationConfig,
-    /// Seconds spent loading (config, memory map, weight table, tokenizer).
+    /// Seconds spent loading (config, memory map, weight table, tokenizer, GPU upload).
     pub load_seconds: f64,
-    device: Device,
+    backend: Backend,
+    /// GPU requests run one at a time on the device; the last plan and its executor (buffers,
+    /// recorded decode graph) are kept for the next request of the same shape.
+    gpu: Mutex<Option<(PlanKey, Blip2Plan, Box<dyn Executor>)>>,
 }
+
+/// (batch, decoder input length, max new tokens): what a plan's buffers depend on.
+type PlanKey = (usize, usize, usize);
 
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
@@ -82,7 +87,7 @@ impl Model {
             ));
         }
         let generation = GenerationConfig::load_or_default(&dir.join("generation_config.json"))?;
-        check_device(device)?;
+        let backend = Backend::new(device, &blip2.weights)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             blip2,
@@ -90,7 +95,8 @@ impl Model {
             image_processor: ImageProcessor::new(pre),
             generation,
             load_seconds: start.elapsed().as_secs_f64(),
-            device,
+            backend,
+            gpu: Mutex::new(None),
         })
     }
 
@@ -160,8 +166,6 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
-        let plan = self.blip2.plan(images.len(), input_ids.len(), opts.max_new_tokens, false)?;
-        let mut exec = self.executor(&plan.graph)?;
         let size = self.blip2.image_size();
         let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
         for img in images {
@@ -173,16 +177,29 @@ impl Model {
             }
             pixels.extend_from_slice(&img.data);
         }
-        let (seqs, timings) = generate(&plan, exec.as_mut(), &pixels, input_ids, opts, on_token)?;
+        let key = (images.len(), input_ids.len(), opts.max_new_tokens);
+        if !self.backend.is_cuda() {
+            // CPU requests run in parallel, each with its own buffers.
+            let plan = self.blip2.plan(key.0, key.1, key.2, false)?;
+            let mut exec = self.backend.executor(&self.blip2.weights, &plan.graph)?;
+            let (seqs, timings) = generate(&plan, exec.as_mut(), &pixels, input_ids, opts, on_token)?;
+            return Ok((seqs, timings, exec.device_name()));
+        }
+        let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(|(k, _, _)| *k != key) {
+            *slot = None; // free the old buffers before allocating new ones
+            let plan = self.blip2.plan(key.0, key.1, key.2, false)?;
+            let exec = self.backend.executor(&self.blip2.weights, &plan.graph)?;
+            *slot = Some((key, plan, exec));
+        }
+        let (_, plan, exec) = slot.as_mut().expect("filled above");
+        let (seqs, timings) = generate(plan, exec.as_mut(), &pixels, input_ids, opts, on_token)?;
         Ok((seqs, timings, exec.device_name()))
     }
 
-    /// An executor for a graph on this model's device.
-    pub fn executor(&self, graph: &crate::graph::Graph) -> Result<Box<dyn Executor>> {
-        match self.device {
-            Device::Cpu | Device::Auto => Ok(Box::new(CpuExecutor::new(Arc::clone(&self.blip2.weights), &graph.buffers))),
-            Device::Cuda => Err(cuda_unavailable()),
-        }
+    /// The backend this model runs on ("cpu" or "cuda:<name>").
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
     }
 }
 
@@ -193,15 +210,4 @@ pub fn question_prompt(question: &str) -> Result<String> {
         return Err(Error::InvalidInput("the question is empty".into()));
     }
     Ok(format!("Question: {q} Answer:"))
-}
-
-fn cuda_unavailable() -> Error {
-    Error::Gpu("the CUDA executor for whole models is not implemented yet; use --device cpu (or auto)".into())
-}
-
-fn check_device(device: Device) -> Result<()> {
-    match device {
-        Device::Cuda => Err(cuda_unavailable()),
-        Device::Cpu | Device::Auto => Ok(()),
-    }
 }

@@ -72,7 +72,7 @@ pub fn convert_dir(input: &Path, output: &Path) -> Result<(usize, usize)> {
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
     let mut tensors = Vec::new();
     for name in ckpt.names() {
-        let info = ckpt.info(name).expect("listed");
+        let Some(info) = ckpt.info(name) else { continue };
         let (dtype, to_f16) = match info.dtype {
             Dtype::F16 | Dtype::BF16 | Dtype::F32 => (StDtype::F16, true),
             Dtype::Other { name: dt, .. } => match st_dtype(dt) {

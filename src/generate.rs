@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use crate::backend::cpu::ops::{argmax, log_prob};
 use crate::backend::Executor;
 use crate::error::{Error, Result};
 use crate::models::blip2::Blip2Plan;
@@ -94,25 +93,25 @@ pub fn generate(
     exec.set_tokens(&tokens);
     exec.set_position(0);
     exec.run(&plan.prefill)?;
-    let mut logits = exec.read(plan.prefill_logits, plan.prefill_logit_rows)?;
+    // Greedy choice from each item's last row (the plan keeps only last rows unless it was
+    // built with all prefill logits, for parity tests).
+    let rows = plan.prefill_logit_rows;
+    let mut picks = exec.greedy(plan.prefill_logits, rows)?;
+    if rows != batch {
+        picks = (0..batch).map(|b| picks[b * plan.prompt_len + plan.prompt_len - 1]).collect();
+    }
     t.prefill_ms = ms(s);
-    let vocab = logits.len() / plan.prefill_logit_rows;
-    // With all prefill logits kept, the last row of item b is at b * prompt_len + prompt_len - 1.
-    let last_row = |b: usize, rows: usize| if rows == batch { b } else { b * plan.prompt_len + plan.prompt_len - 1 };
-    let mut rows = plan.prefill_logit_rows;
 
     let decode_start = Instant::now();
     for step in 0..opts.max_new_tokens {
         let mut next = vec![0u32; batch];
         for (b, seq) in seqs.iter_mut().enumerate() {
-            let row = &logits[last_row(b, rows) * vocab..][..vocab];
             if seq.stopped_by_eos {
+                // Finished sequences keep feeding their EOS; their outputs are ignored.
                 next[b] = *seq.tokens.last().unwrap_or(&0);
                 continue;
             }
-            let token = argmax(row);
-            let logprob = log_prob(row, token);
-            let token = token as u32;
+            let (token, logprob) = picks[b];
             seq.tokens.push(token);
             seq.logprobs.push(logprob);
             seq.stopped_by_eos = opts.eos_token_ids.contains(&token);
@@ -129,8 +128,7 @@ pub fn generate(
         exec.set_tokens(&next);
         exec.set_position(plan.prompt_len + step);
         exec.run(&plan.decode)?;
-        logits = exec.read(plan.decode_logits, batch)?;
-        rows = batch;
+        picks = exec.greedy(plan.decode_logits, batch)?;
         t.decode_steps += 1;
     }
     t.decode_ms = ms(decode_start);

@@ -98,7 +98,7 @@ pub enum Op {
     Embed { table: W, out: Buf },
     /// Rows whose token is `token` are overwritten, in order, by consecutive values of `src`
     /// taken as one flat array (transformers' `masked_scatter`).
-    ScatterTokens { src: Buf, token: u32, out: Buf },
+    ScatterTokens { src: Buf, token: u32, out: Buf, batch: usize, rows_per_batch: usize },
     /// `x[b * rows_per_batch + i] += table[position + i + offset]` (OPT's learned positions).
     AddPositions { table: W, offset: usize, x: Buf, batch: usize, rows_per_batch: usize },
     /// `out[b] = x[b * rows_per_batch + rows_per_batch - 1]`: the last row of each batch item.
@@ -117,7 +117,11 @@ pub struct BufferDesc {
 /// The ops of one phase.
 #[derive(Debug, Clone, Default)]
 pub struct Phase {
+    pub name: &'static str,
     pub ops: Vec<Op>,
+    /// The ops read everything that changes between runs (tokens, position) from executor
+    /// state, so an executor may record them once and replay them (a CUDA graph).
+    pub replayable: bool,
 }
 
 /// Buffers shared by every phase of a model instance, and the phases' ops being built.
@@ -146,8 +150,8 @@ impl Graph {
     }
 
     /// Ends the current phase: returns its ops, keeps the buffers for the next phase.
-    pub fn take_phase(&mut self) -> Phase {
-        Phase { ops: std::mem::take(&mut self.ops) }
+    pub fn take_phase(&mut self, name: &'static str) -> Phase {
+        Phase { name, ops: std::mem::take(&mut self.ops), replayable: false }
     }
 
     /// `out = act(x · Wᵀ + b) + residual`.

@@ -141,10 +141,13 @@ struct MappedFile {
     map: Arc<Mmap>,
 }
 
-/// The tensors of a checkpoint, possibly spread over several shard files.
+/// The tensors of a checkpoint, possibly spread over several shard files, or made in memory
+/// (random weights for benchmarks and `glimpse synth`).
 pub struct Checkpoint {
     files: Vec<MappedFile>,
     tensors: BTreeMap<String, TensorInfo>,
+    /// In-memory fp16 tensors (they have no `TensorInfo`).
+    in_memory: BTreeMap<String, Weight>,
     /// What error messages call the checkpoint (the single file or the index).
     origin: PathBuf,
 }
@@ -192,7 +195,7 @@ impl Checkpoint {
 
     /// Opens one safetensors file.
     pub fn open_file(path: &Path) -> Result<Self> {
-        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), origin: path.to_path_buf() };
+        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), in_memory: BTreeMap::new(), origin: path.to_path_buf() };
         let (file, entries) = map_and_parse(path, 0)?;
         ckpt.files.push(file);
         ckpt.tensors = entries.into_iter().collect();
@@ -203,7 +206,12 @@ impl Checkpoint {
     pub fn open_index(index_path: &Path) -> Result<Self> {
         let index: ShardIndex = crate::config::read_json(index_path)?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
-        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), origin: index_path.to_path_buf() };
+        let mut ckpt = Checkpoint {
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+            in_memory: BTreeMap::new(),
+            origin: index_path.to_path_buf(),
+        };
         let mut shard_names: Vec<&String> = index.weight_map.values().collect();
         shard_names.sort();
         shard_names.dedup();
@@ -239,13 +247,28 @@ impl Checkpoint {
         Ok(ckpt)
     }
 
+    /// A checkpoint of fp16 tensors held in memory; `origin` names it in messages.
+    pub fn in_memory(origin: &str, tensors: impl IntoIterator<Item = (String, Weight)>) -> Self {
+        Checkpoint {
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+            in_memory: tensors.into_iter().collect(),
+            origin: PathBuf::from(origin),
+        }
+    }
+
+    /// The in-memory tensors (empty for a checkpoint read from files).
+    pub fn memory_tensors(&self) -> impl Iterator<Item = (&str, &Weight)> {
+        self.in_memory.iter().map(|(n, w)| (n.as_str(), w))
+    }
+
     /// Where the checkpoint came from (a file, or the shard index).
     pub fn origin(&self) -> &Path {
         &self.origin
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(|s| s.as_str())
+        self.tensors.keys().chain(self.in_memory.keys()).map(|s| s.as_str())
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -253,7 +276,7 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.in_memory.contains_key(name)
     }
 
     /// Path of the file holding `name` (for messages).
@@ -294,6 +317,17 @@ impl Checkpoint {
     /// The fp16 weight `name`, which must have exactly shape `expected`. fp16 data stays in the
     /// memory map; bf16/fp32 are converted (round to nearest even, as torch's `.half()`).
     pub fn f16(&self, name: &str, expected: &[usize]) -> Result<Weight> {
+        if let Some(w) = self.in_memory.get(name) {
+            if w.shape != expected {
+                return Err(Error::ShapeMismatch {
+                    name: name.into(),
+                    path: self.origin.clone(),
+                    expected: expected.to_vec(),
+                    found: w.shape.clone(),
+                });
+            }
+            return Ok(w.clone());
+        }
         let info = self.lookup(name, expected)?;
         let bytes = self.bytes(info);
         let data = match info.dtype {
@@ -319,6 +353,9 @@ impl Checkpoint {
 
     /// The tensor `name` widened to f32, with its shape (for goldens and fp32 reference paths).
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        if let Some(w) = self.in_memory.get(name) {
+            return Ok((w.as_slice().iter().map(|v| v.to_f32()).collect(), w.shape.clone()));
+        }
         let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
             expected: vec![],

@@ -389,22 +389,37 @@ fn elementwise_matches_reference() {
     let Some(dev) = device("elementwise_matches_reference") else { return };
     let mut rng = Rng::new("elementwise");
 
-    // OPT embedding (+2 position offset), including an out-of-range id -> zero token row
+    // Token embedding gather, including an out-of-range id -> zero row
     let (vocab, npos, dim, t) = (1000usize, 40usize, 96usize, 37usize);
     let tok = rng.halves(vocab * dim, 1.0);
-    let pe = rng.halves(npos * dim, 1.0);
     let ids: Vec<i32> = (0..t).map(|i| if i == 5 { vocab as i32 + 3 } else { rng.below(vocab as u64) as i32 }).collect();
-    let pos: Vec<i32> = (0..t as i32).map(|i| i - 1).collect();
     let out = poisoned(&dev, t * dim);
-    dev.opt_embed(&dev.upload(&ids).unwrap(), &dev.upload(&pos).unwrap(), &dev.upload(&tok).unwrap(), &dev.upload(&pe).unwrap(), &out, t, dim, 2).unwrap();
+    dev.embed_rows(&dev.upload(&ids).unwrap(), &dev.upload(&tok).unwrap(), &out, t, dim).unwrap();
     let mut want = vec![0.0; t * dim];
     for i in 0..t {
         for j in 0..dim {
-            let a = if (ids[i] as usize) < vocab { tok[ids[i] as usize * dim + j].to_f64() } else { 0.0 };
-            want[i * dim + j] = f16::from_f64(a + pe[(pos[i] + 2) as usize * dim + j].to_f64()).to_f64();
+            want[i * dim + j] = if (ids[i] as usize) < vocab { tok[ids[i] as usize * dim + j].to_f64() } else { 0.0 };
         }
     }
-    check("opt_embed", &dev.download(&out).unwrap(), &want, None);
+    check("embed_rows", &dev.download(&out).unwrap(), &want, None);
+
+    // Learned positions (+2 offset) from device-resident start positions, B = 3, S = 5
+    let (b, s, start) = (3usize, 5usize, [0i32, 7, 30]);
+    let pe = rng.halves(npos * dim, 1.0);
+    let x0 = rng.halves(b * s * dim, 1.0);
+    let x = dev.upload(&x0).unwrap();
+    dev.add_positions(&x, &dev.upload(&pe).unwrap(), &dev.upload(&start).unwrap(), b, s, dim, 2).unwrap();
+    let mut want = vec![0.0; b * s * dim];
+    for bb in 0..b {
+        for i in 0..s {
+            let p = start[bb] as usize + i + 2;
+            for j in 0..dim {
+                let e = (bb * s + i) * dim + j;
+                want[e] = f16::from_f64(x0[e].to_f64() + pe[p * dim + j].to_f64()).to_f64();
+            }
+        }
+    }
+    check("add_positions", &dev.download(&x).unwrap(), &want, None);
 
     // image scatter: 32 image tokens per sequence at scattered positions, B = 2
     let (b, s, d, n_img, img_tok) = (2usize, 70usize, 40usize, 32usize, 50265i32);

@@ -4,8 +4,11 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::error::Result;
-use crate::graph::{Buf, Phase};
+use std::sync::Arc;
+
+use crate::api::Device;
+use crate::error::{Error, Result};
+use crate::graph::{Buf, Graph, Phase, WeightTable};
 
 pub use crate::graph::Activation;
 
@@ -21,6 +24,78 @@ pub trait Executor: Send {
     /// Reads the first `rows` rows of `buf` as f32.
     fn read(&mut self, buf: Buf, rows: usize) -> Result<Vec<f32>>;
     fn run(&mut self, phase: &Phase) -> Result<()>;
+    /// Waits until all submitted work is done (for timing); the CPU executor is synchronous.
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Greedy choice per row of `logits` (`[rows, vocab]`): the argmax (ties to the lowest id,
+    /// as torch) and its log-softmax value. Executors on a device override this so only ids
+    /// and log-probs leave it.
+    fn greedy(&mut self, logits: Buf, rows: usize) -> Result<Vec<(u32, f64)>> {
+        let all = self.read(logits, rows)?;
+        let vocab = all.len() / rows.max(1);
+        Ok(all
+            .chunks(vocab.max(1))
+            .map(|row| {
+                let t = cpu::ops::argmax(row);
+                (t as u32, cpu::ops::log_prob(row, t))
+            })
+            .collect())
+    }
     /// A short name for messages and JSON output ("cpu", "cuda").
     fn device_name(&self) -> String;
+}
+
+/// Where a model's graphs run: the CPU reference, or one GPU with the weights uploaded once.
+#[derive(Clone)]
+pub enum Backend {
+    Cpu,
+    Cuda(Arc<cuda::CudaWeights>),
+}
+
+impl Backend {
+    /// Opens the backend for `device`: `Cuda` fails with the reason when no GPU can be used;
+    /// `Auto` falls back to the CPU (silently: callers report `name()`).
+    pub fn new(device: Device, weights: &WeightTable) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Backend::Cpu),
+            Device::Cuda => Self::cuda(weights),
+            Device::Auto => Ok(Self::cuda(weights).unwrap_or(Backend::Cpu)),
+        }
+    }
+
+    fn cuda(weights: &WeightTable) -> Result<Self> {
+        let dev = Arc::new(cuda::CudaDevice::new(0)?);
+        Ok(Backend::Cuda(Arc::new(cuda::CudaWeights::upload(dev, weights)?)))
+    }
+
+    /// An executor for `graph`, with every buffer allocated.
+    pub fn executor(&self, weights: &Arc<WeightTable>, graph: &Graph) -> Result<Box<dyn Executor>> {
+        Ok(match self {
+            Backend::Cpu => Box::new(cpu::CpuExecutor::new(Arc::clone(weights), &graph.buffers)),
+            Backend::Cuda(w) => Box::new(cuda::CudaExecutor::new(Arc::clone(w), Arc::clone(weights), &graph.buffers)?),
+        })
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Backend::Cuda(_))
+    }
+
+    /// "cpu" or "cuda:<device name>".
+    pub fn name(&self) -> String {
+        match self {
+            Backend::Cpu => "cpu".into(),
+            Backend::Cuda(w) => format!("cuda:{}", w.dev.name()),
+        }
+    }
+}
+
+/// Convenience for benchmarks: a backend for `device` and an executor for `graph` on it.
+pub fn new_executor(device: Device, weights: Arc<WeightTable>, graph: &Graph) -> Result<Box<dyn Executor>> {
+    Backend::new(device, &weights)?.executor(&weights, graph)
+}
+
+/// Why CUDA cannot be used here, or None when it can (without uploading anything).
+pub fn cuda_unavailable_reason() -> Option<Error> {
+    cuda::probe().err().map(Error::from)
 }

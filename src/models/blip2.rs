@@ -87,21 +87,21 @@ impl Blip2 {
 
         // Vision: pixels -> [B*257, Dv].
         let vision_out = self.vision.build(&mut g, pixels, batch);
-        let vision = g.take_phase();
+        let vision = g.take_phase("vision");
 
         // Q-Former + projection: [B*257, Dv] -> [B*32, Dq] -> [B*32, Dt].
         let qformer_out = self.qformer.build(&mut g, vision_out, batch, v.num_positions());
         let image_embeds = g.buffer("image_embeds", batch * self.cfg.num_query_tokens, self.cfg.text_config.hidden_size);
         let p = &self.language_projection;
         g.linear(qformer_out, p.weight, p.bias, Activation::None, None, image_embeds, batch * self.cfg.num_query_tokens);
-        let qformer = g.take_phase();
+        let qformer = g.take_phase("qformer");
 
         // Decoder: prefill over the whole input, then one-token steps over the shared cache.
         let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
         let pre = self.decoder.build(&mut g, &cache, prompt_len, Some((image_embeds, self.cfg.image_token())), all_prefill_logits, "prefill");
-        let prefill = g.take_phase();
+        let prefill = g.take_phase("prefill");
         let dec = self.decoder.build(&mut g, &cache, 1, None, false, "decode");
-        let decode = g.take_phase();
+        let decode = Phase { replayable: true, ..g.take_phase("decode") };
 
         Ok(Blip2Plan {
             graph: g,

@@ -118,7 +118,7 @@ impl OptDecoder {
         // x = project_in(embed_tokens[ids] with image rows replaced) + positions   [B*S, H]
         g.push(Op::Embed { table: self.embed_tokens, out: embeds });
         if let Some((src, token)) = image {
-            g.push(Op::ScatterTokens { src, token, out: embeds });
+            g.push(Op::ScatterTokens { src, token, out: embeds, batch, rows_per_batch: seq });
         }
         if let Some(p) = &self.project_in {
             g.linear(embeds, p.weight, p.bias, Activation::None, None, x, rows);

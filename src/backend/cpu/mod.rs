@@ -111,7 +111,7 @@ impl CpuExecutor {
                     }
                 }
             }
-            Op::ScatterTokens { src, token, out } => {
+            Op::ScatterTokens { src, token, out, .. } => {
                 let dim = self.cols(out);
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
                 let s = &self.bufs[src.0];

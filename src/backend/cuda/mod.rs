@@ -10,8 +10,11 @@
 //! executor, tests, benches).
 
 mod error;
+mod executor;
 mod memory;
 mod ops;
+
+pub use executor::{CudaExecutor, CudaWeights};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -820,47 +820,61 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// OPT embeddings: out[t] = tok_emb[ids[t]] + pos_emb[pos[t] + pos_offset] (OPT: offset 2).
-    #[allow(clippy::too_many_arguments)]
-    pub fn opt_embed(
-        &self,
-        ids: &DevSlice<i32>,
-        pos: &DevSlice<i32>,
-        tok_emb: &DevSlice<f16>,
-        pos_emb: &DevSlice<f16>,
-        out: &DevSlice<f16>,
-        tokens: usize,
-        dim: usize,
-        pos_offset: i32,
-    ) -> GpuResult<()> {
-        const K: &str = "opt_embed";
-        if tokens == 0 || dim == 0 || tok_emb.len() < dim || pos_emb.len() < dim {
-            return Err(bad(K, "empty shape or tables smaller than one row"));
+    /// Token embeddings: out[t] = table[ids[t]] for `tokens` ids (device memory).
+    pub fn embed_rows(&self, ids: &DevSlice<i32>, table: &DevSlice<f16>, out: &DevSlice<f16>, tokens: usize, dim: usize) -> GpuResult<()> {
+        const K: &str = "embed_rows";
+        if tokens == 0 || dim == 0 || table.len() < dim {
+            return Err(bad(K, "empty shape or table smaller than one row"));
         }
         need(K, "ids", ids, tokens)?;
-        need(K, "pos", pos, tokens)?;
         need(K, "out", out, tokens * dim)?;
-        disjoint(K, "out", out, "tok_emb", tok_emb)?;
-        disjoint(K, "out", out, "pos_emb", pos_emb)?;
+        disjoint(K, "out", out, "table", table)?;
         disjoint(K, "out", out, "ids", ids)?;
-        disjoint(K, "out", out, "pos", pos)?;
-        let vocab = to_i32(K, "vocab", tok_emb.len() / dim)?;
-        let npos = to_i32(K, "npos", pos_emb.len() / dim)?;
+        let vocab = to_i32(K, "vocab", table.len() / dim)?;
         let (t, d) = (to_i32(K, "tokens", tokens)?, to_i32(K, "dim", dim)?);
-        let f = self.func("elementwise", "opt_embed")?;
+        let f = self.func("elementwise", K)?;
         let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let (ip, pp, tp, ep, op) = (ids.ptr(), pos.ptr(), tok_emb.ptr(), pos_emb.ptr(), out.ptr());
-        // SAFETY: ids/pos hold >= tokens ints, out >= tokens*dim halves; vocab/npos are the row
-        // counts of the tables so the device-side range checks keep gathers in bounds; out is
-        // disjoint from all inputs; one block per token.
-        unsafe {
-            self.stream()
-                .launch_builder(&f)
-                .arg(&ip).arg(&pp).arg(&tp).arg(&ep).arg(&op)
-                .arg(&t).arg(&d).arg(&vocab).arg(&npos).arg(&pos_offset)
-                .launch(cfg)
+        let (ip, tp, op) = (ids.ptr(), table.ptr(), out.ptr());
+        // SAFETY: ids hold >= tokens ints and out >= tokens*dim halves (checked); vocab is the
+        // table's row count, so the device-side id check keeps the gather inside the table; out
+        // is disjoint from the inputs; one block per token.
+        unsafe { self.stream().launch_builder(&f).arg(&ip).arg(&tp).arg(&op).arg(&t).arg(&d).arg(&vocab).launch(cfg) }
+            .map_err(lerr(K))?;
+        Ok(())
+    }
+
+    /// Learned positions in place: x[b, i] += table[pos[b] + i + offset] for i < seq, with the
+    /// start positions `pos` [batch] in device memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_positions(
+        &self,
+        x: &DevSlice<f16>,
+        table: &DevSlice<f16>,
+        pos: &DevSlice<i32>,
+        batch: usize,
+        seq: usize,
+        dim: usize,
+        offset: i32,
+    ) -> GpuResult<()> {
+        const K: &str = "add_positions";
+        if batch == 0 || seq == 0 || dim == 0 || table.len() < dim {
+            return Err(bad(K, "empty shape or table smaller than one row"));
         }
-        .map_err(lerr(K))?;
+        need(K, "x", x, batch * seq * dim)?;
+        need(K, "pos", pos, batch)?;
+        disjoint(K, "x", x, "table", table)?;
+        disjoint(K, "x", x, "pos", pos)?;
+        let npos = to_i32(K, "npos", table.len() / dim)?;
+        let (s, d) = (to_i32(K, "seq", seq)?, to_i32(K, "dim", dim)?);
+        let rows = to_i32(K, "rows", batch * seq)?;
+        let f = self.func("elementwise", K)?;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (xp, tp, pp) = (x.ptr(), table.ptr(), pos.ptr());
+        // SAFETY: x holds batch*seq*dim halves and pos batch ints (checked); npos is the table's
+        // row count and the kernel skips positions outside it; x is disjoint from the table and
+        // pos; one block per row of x.
+        unsafe { self.stream().launch_builder(&f).arg(&xp).arg(&tp).arg(&pp).arg(&s).arg(&d).arg(&npos).arg(&offset).launch(cfg) }
+            .map_err(lerr(K))?;
         Ok(())
     }
 

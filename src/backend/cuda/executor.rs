@@ -1,0 +1,524 @@
+//! The CUDA executor: runs graph phases with glimpse's kernels over fp16 device buffers.
+//!
+//! - Weights are uploaded once per model ([`CudaWeights`], pinned staging with overlapped
+//!   copies) and shared by every executor of that model.
+//! - Every graph buffer is carved from one arena when the executor is made; scratch space
+//!   (im2col, patch GEMM output, split-KV workspace) is allocated on first use.
+//! - Token ids, start positions and KV lengths live in device memory and are refreshed before
+//!   each run, so a replayable phase (the decode step) is recorded once as a CUDA graph on its
+//!   second run and replayed from then on. `GLIMPSE_CUDA_GRAPH=0` turns recording off.
+//! - Greedy argmax and the chosen token's log-prob are computed on the device: only token ids
+//!   and one float per sequence cross the bus.
+//!
+//! Activations are fp16 throughout (the Q-Former too: transformers keeps it in fp32, glimpse
+//! does not; the GPU parity tests state the tolerance this costs).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys;
+use cudarc::driver::CudaGraph;
+use half::f16;
+
+use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, HeadsView, Residual, SumOut};
+use crate::backend::Executor;
+use crate::error::{Error, Result};
+use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, View, WeightTable};
+
+/// Bytes of each pinned staging buffer used while uploading weights.
+const STAGING_BYTES: usize = 32 << 20;
+
+/// A model's weights on one GPU, uploaded once.
+pub struct CudaWeights {
+    pub dev: Arc<CudaDevice>,
+    weights: Vec<DevSlice<f16>>,
+    /// Seconds spent uploading.
+    pub upload_seconds: f64,
+    pub bytes: usize,
+}
+
+impl CudaWeights {
+    /// Uploads every tensor of `table` (index = `W`) through two pinned staging buffers so the
+    /// host-side copy out of the memory map overlaps the previous chunk's DMA.
+    pub fn upload(dev: Arc<CudaDevice>, table: &WeightTable) -> Result<Self> {
+        let start = Instant::now();
+        let total: usize = table.weights.iter().map(|w| w.numel()).sum();
+        let arena = dev.arena(total * 2 + table.len() * super::ARENA_ALIGN)?;
+        let mut stager = Stager::new(&dev)?;
+        let mut weights = Vec::with_capacity(table.len());
+        for w in &table.weights {
+            let dst = arena.alloc::<f16>(w.numel())?;
+            stager.copy(&dev, w.as_slice(), &dst)?;
+            weights.push(dst);
+        }
+        stager.finish(&dev)?;
+        Ok(Self { dev, weights, upload_seconds: start.elapsed().as_secs_f64(), bytes: total * 2 })
+    }
+}
+
+/// Two page-locked host buffers; chunk i is staged in buffer i % 2 once that buffer's previous
+/// DMA has completed (tracked with an event), then copied to the device asynchronously.
+struct Stager {
+    bufs: [PinnedBuf; 2],
+    events: [Option<cudarc::driver::CudaEvent>; 2],
+    next: usize,
+}
+
+/// Page-locked host memory from cuMemHostAlloc, freed on drop.
+struct PinnedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is owned (freed once in Drop) and only used by the thread holding the Stager.
+unsafe impl Send for PinnedBuf {}
+
+impl PinnedBuf {
+    fn new(dev: &CudaDevice, len: usize) -> Result<Self> {
+        dev.context().bind_to_thread().map_err(GpuError::from)?;
+        // SAFETY: a plain page-locked allocation of `len` bytes; the context is current.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(len, 0) }.map_err(GpuError::from)? as *mut u8;
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from cuMemHostAlloc and is freed exactly once; Stager::finish (or
+        // the synchronize in Stager's Drop) guarantees no DMA still reads it.
+        unsafe {
+            let _ = cudarc::driver::result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+impl Stager {
+    fn new(dev: &CudaDevice) -> Result<Self> {
+        Ok(Self { bufs: [PinnedBuf::new(dev, STAGING_BYTES)?, PinnedBuf::new(dev, STAGING_BYTES)?], events: [None, None], next: 0 })
+    }
+
+    fn copy(&mut self, dev: &CudaDevice, src: &[f16], dst: &DevSlice<f16>) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(src);
+        let per_chunk = STAGING_BYTES;
+        for (i, chunk) in bytes.chunks(per_chunk).enumerate() {
+            let slot = self.next % 2;
+            self.next += 1;
+            if let Some(ev) = self.events[slot].take() {
+                ev.synchronize().map_err(GpuError::from)?;
+            }
+            let pinned = &mut self.bufs[slot];
+            assert!(chunk.len() <= pinned.len, "chunks are at most STAGING_BYTES");
+            // SAFETY: the slot's previous DMA has completed (event synchronised above), so the
+            // host may overwrite it; chunk.len() <= STAGING_BYTES = pinned.len.
+            let staged = unsafe {
+                std::ptr::copy_nonoverlapping(chunk.as_ptr(), pinned.ptr, chunk.len());
+                std::slice::from_raw_parts(pinned.ptr, chunk.len())
+            };
+            let dst_ptr = dst.ptr() + (i * per_chunk) as u64;
+            // SAFETY: the destination range [dst_ptr, dst_ptr + chunk.len()) lies inside `dst`
+            // (same total byte length as `src`); the staged bytes stay untouched until the event
+            // recorded below has completed.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst_ptr, staged, dev.stream().cu_stream()) }
+                .map_err(GpuError::from)?;
+            self.events[slot] = Some(dev.stream().record_event(None).map_err(GpuError::from)?);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, dev: &CudaDevice) -> Result<()> {
+        dev.synchronize()?;
+        self.events = [None, None];
+        Ok(())
+    }
+}
+
+impl Drop for Stager {
+    fn drop(&mut self) {
+        for ev in self.events.iter().flatten() {
+            let _ = ev.synchronize();
+        }
+    }
+}
+
+/// Scratch allocated on first use (never while a CUDA graph is being recorded: the phase runs
+/// once directly before it is recorded).
+#[derive(Default)]
+struct Scratch {
+    im2col: Option<DevSlice<f16>>,
+    patches: Option<DevSlice<f16>>,
+    decode_ws: Option<DevSlice<f32>>,
+}
+
+fn ensure<T: super::DeviceScalar>(dev: &CudaDevice, slot: &mut Option<DevSlice<T>>, len: usize) -> Result<DevSlice<T>> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = Some(dev.alloc::<T>(len)?);
+    }
+    Ok(slot.as_ref().and_then(|s| s.slice(0, len)).expect("allocated above"))
+}
+
+pub struct CudaExecutor {
+    weights: Arc<CudaWeights>,
+    host: Arc<WeightTable>,
+    descs: Vec<BufferDesc>,
+    bufs: Vec<DevSlice<f16>>,
+    /// Token ids of the current run (capacity: the largest buffer's rows).
+    ids: DevSlice<i32>,
+    /// Per sequence: start position of the run, and KV length after it (position + 1 for decode).
+    pos: DevSlice<i32>,
+    kv_len: DevSlice<i32>,
+    argmax_idx: DevSlice<i32>,
+    argmax_logprob: DevSlice<f32>,
+    scratch: Scratch,
+    tokens: Vec<u32>,
+    position: usize,
+    /// Device copies of `tokens` / `position` are stale.
+    dirty: bool,
+    /// Per replayable phase: how often it ran, and its recorded graph.
+    runs: HashMap<&'static str, usize>,
+    graphs: HashMap<&'static str, CudaGraph>,
+    use_graphs: bool,
+}
+
+// SAFETY: CudaGraph is not Sync and holds raw driver handles; an executor is used by one thread
+// at a time (`&mut self` everywhere) and may move between threads, which the driver allows for
+// graph execs as long as calls are not concurrent.
+unsafe impl Send for CudaExecutor {}
+
+impl CudaExecutor {
+    /// Allocates every graph buffer (one arena) plus the small device-resident run state.
+    pub fn new(weights: Arc<CudaWeights>, host: Arc<WeightTable>, buffers: &[BufferDesc]) -> Result<Self> {
+        let dev = weights.dev.clone();
+        let elems: usize = buffers.iter().map(|d| d.rows * d.cols).sum();
+        let arena = dev.arena(elems * 2 + buffers.len() * super::ARENA_ALIGN)?;
+        let bufs = buffers.iter().map(|d| arena.alloc::<f16>((d.rows * d.cols).max(1))).collect::<std::result::Result<Vec<_>, _>>()?;
+        let max_rows = buffers.iter().map(|d| d.rows).max().unwrap_or(1).max(1);
+        Ok(Self {
+            ids: dev.alloc::<i32>(max_rows)?,
+            pos: dev.alloc::<i32>(max_rows)?,
+            kv_len: dev.alloc::<i32>(max_rows)?,
+            argmax_idx: dev.alloc::<i32>(max_rows)?,
+            argmax_logprob: dev.alloc::<f32>(max_rows)?,
+            weights,
+            host,
+            descs: buffers.to_vec(),
+            bufs,
+            scratch: Scratch::default(),
+            tokens: Vec::new(),
+            position: 0,
+            dirty: true,
+            runs: HashMap::new(),
+            graphs: HashMap::new(),
+            use_graphs: std::env::var("GLIMPSE_CUDA_GRAPH").map_or(true, |v| v != "0"),
+        })
+    }
+
+    fn dev(&self) -> &CudaDevice {
+        &self.weights.dev
+    }
+
+    fn w(&self, w: crate::graph::W) -> &DevSlice<f16> {
+        &self.weights.weights[w.0]
+    }
+
+    fn cols(&self, b: Buf) -> usize {
+        self.descs[b.0].cols
+    }
+
+    fn unsupported(&self, what: String) -> Error {
+        Error::Gpu(format!("CUDA executor: {what}"))
+    }
+
+    /// Copies tokens and positions to the device (never during graph recording).
+    fn sync_state(&mut self, batch: usize) -> Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let dev = self.weights.dev.clone();
+        if !self.tokens.is_empty() {
+            let ids: Vec<i32> = self.tokens.iter().map(|&t| t as i32).collect();
+            let dst = self.ids.slice(0, ids.len()).ok_or_else(|| self.unsupported(format!("{} tokens exceed the id buffer", ids.len())))?;
+            dev.copy_to_device(&ids, &dst)?;
+        }
+        let n = batch.min(self.pos.len());
+        let pos = vec![self.position as i32; n];
+        dev.copy_to_device(&pos, &self.pos.slice(0, n).expect("n <= len"))?;
+        let kv = vec![self.position as i32 + 1; n];
+        dev.copy_to_device(&kv, &self.kv_len.slice(0, n).expect("n <= len"))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Host-side checks that depend on the run's tokens and position (the CPU executor makes
+    /// the same ones), done before every run since recorded graphs cannot check anything.
+    fn validate(&self, op: &Op) -> Result<()> {
+        match *op {
+            Op::Embed { table, .. } => {
+                let vocab = self.host.get(table).shape[0];
+                if let Some(t) = self.tokens.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(Error::InvalidInput(format!("token id {t} is outside the vocabulary ({vocab})")));
+                }
+            }
+            Op::AddPositions { table, offset, rows_per_batch, .. } => {
+                let max_pos = self.host.get(table).shape[0];
+                if self.position + rows_per_batch + offset > max_pos {
+                    return Err(Error::InvalidInput(format!(
+                        "sequence of {} tokens exceeds the model's {} positions",
+                        self.position + rows_per_batch,
+                        max_pos - offset
+                    )));
+                }
+            }
+            Op::KvAppend { rows_per_batch, capacity, .. } if self.position + rows_per_batch > capacity => {
+                return Err(Error::InvalidInput(format!(
+                    "KV cache full: {} + {rows_per_batch} tokens exceed its {capacity} positions",
+                    self.position
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn batch_of(phase: &Phase) -> usize {
+        phase
+            .ops
+            .iter()
+            .find_map(|op| match *op {
+                Op::KvAppend { batch, .. } | Op::AddPositions { batch, .. } => Some(batch),
+                Op::Attention(ref a) => Some(a.batch),
+                _ => None,
+            })
+            .unwrap_or(1)
+    }
+
+    fn heads(&self, v: View, batch_rows: usize) -> HeadsView<'_> {
+        let cols = self.cols(v.buf);
+        HeadsView { buf: &self.bufs[v.buf.0], offset: v.col, batch_stride: batch_rows * cols, row_stride: cols }
+    }
+
+    fn launch(&mut self, op: &Op) -> Result<()> {
+        let dev = self.weights.dev.clone();
+        match *op {
+            Op::PatchEmbed { pixels, weight, bias, class, positions, out, batch, image_size, patch } => {
+                let side = image_size / patch;
+                let (p, kdim, dim) = (side * side, 3 * patch * patch, self.cols(out));
+                let cols = ensure(&dev, &mut self.scratch.im2col, batch * p * kdim)?;
+                let patches = ensure(&dev, &mut self.scratch.patches, batch * p * dim)?;
+                dev.patch_im2col(&self.bufs[pixels.0], &cols, batch, 3, image_size, image_size, patch)?;
+                dev.gemm(&cols, self.w(weight), Some(self.w(bias)), crate::graph::Activation::None, Residual::None, &patches, batch * p, dim, kdim)?;
+                dev.vit_embed(&patches, self.w(class), self.w(positions), &self.bufs[out.0], batch, p, dim)?;
+            }
+            Op::Linear { x, weight, bias, act, residual, out, rows } => {
+                let shape = &self.host.get(weight).shape;
+                let (n, k) = (shape[0], shape[1]);
+                if x.col != 0 || self.cols(x.buf) != k {
+                    return Err(self.unsupported(format!("linear input must be a whole [{rows}, {k}] buffer")));
+                }
+                let res = match residual {
+                    None => Residual::None,
+                    Some(r) if r == out => Residual::InPlace,
+                    Some(r) => Residual::Add(&self.bufs[r.0]),
+                };
+                dev.linear(&self.bufs[x.buf.0], self.w(weight), bias.map(|b| self.w(b)), act, res, &self.bufs[out.0], rows, n, k)?;
+            }
+            Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
+                let dim = self.cols(out);
+                let res = residual.map(|r| &self.bufs[r.0]);
+                dev.layernorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), Some(self.w(bias)), &self.bufs[out.0], rows, dim, eps)?;
+            }
+            Op::Attention(ref a) => self.attention(a)?,
+            Op::KvAppend { k, v, cache_k, cache_v, batch, rows_per_batch, capacity } => {
+                let width = self.cols(cache_k);
+                if rows_per_batch == 1 {
+                    let (kn, vn) = (self.bufs[k.buf.0].slice(k.col, self.bufs[k.buf.0].len() - k.col), self.bufs[v.buf.0].slice(v.col, self.bufs[v.buf.0].len() - v.col));
+                    let (kn, vn) = (kn.expect("col inside buffer"), vn.expect("col inside buffer"));
+                    dev.kv_append(&kn, &vn, self.cols(k.buf), &self.bufs[cache_k.0], &self.bufs[cache_v.0], &self.pos, batch, capacity, width)?;
+                } else {
+                    // Prefill: contiguous row blocks per sequence, copied at the host-known position.
+                    for (src, cache) in [(k, cache_k), (v, cache_v)] {
+                        if src.col != 0 || self.cols(src.buf) != width {
+                            return Err(self.unsupported("prefill KV append needs whole K/V buffers".into()));
+                        }
+                        for b in 0..batch {
+                            let from = self.bufs[src.buf.0].slice(b * rows_per_batch * width, rows_per_batch * width);
+                            let to = self.bufs[cache.0].slice((b * capacity + self.position) * width, rows_per_batch * width);
+                            match (from, to) {
+                                (Some(from), Some(to)) => dev.copy_device(&from, &to)?,
+                                _ => return Err(self.unsupported("KV append outside its buffers".into())),
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Embed { table, out } => {
+                dev.embed_rows(&self.ids, self.w(table), &self.bufs[out.0], self.tokens.len(), self.cols(out))?;
+            }
+            Op::ScatterTokens { src, token, out, batch, rows_per_batch } => {
+                let dim = self.cols(out);
+                let per_seq: Vec<usize> =
+                    self.tokens.chunks(rows_per_batch).map(|s| s.iter().filter(|&&t| t == token).count()).collect();
+                let n_img = per_seq.first().copied().unwrap_or(0);
+                if per_seq.iter().any(|&n| n != n_img) || batch * n_img * dim > self.bufs[src.0].len() {
+                    return Err(Error::InvalidInput(format!(
+                        "the prompt holds more image tokens ({token}) than the image provides, or a different number per image"
+                    )));
+                }
+                if n_img > 0 {
+                    dev.image_scatter(&self.ids, &self.bufs[out.0], &self.bufs[src.0], batch, rows_per_batch, dim, n_img, token as i32)?;
+                }
+            }
+            Op::AddPositions { table, offset, x, batch, rows_per_batch } => {
+                dev.add_positions(&self.bufs[x.0], self.w(table), &self.pos, batch, rows_per_batch, self.cols(x), offset as i32)?;
+            }
+            Op::LastRows { x, out, batch, rows_per_batch } => {
+                let dim = self.cols(x);
+                for b in 0..batch {
+                    let from = self.bufs[x.0].slice((b * rows_per_batch + rows_per_batch - 1) * dim, dim);
+                    let to = self.bufs[out.0].slice(b * dim, dim);
+                    match (from, to) {
+                        (Some(from), Some(to)) => dev.copy_device(&from, &to)?,
+                        _ => return Err(self.unsupported("last-row copy outside its buffers".into())),
+                    }
+                }
+            }
+            Op::Broadcast { table, out, batch } => {
+                let t = self.w(table).clone();
+                for b in 0..batch {
+                    let to = self.bufs[out.0].slice(b * t.len(), t.len()).ok_or_else(|| self.unsupported("broadcast outside its buffer".into()))?;
+                    dev.copy_device(&t, &to)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self, a: &Attention) -> Result<()> {
+        let dev = self.weights.dev.clone();
+        let (q, k, v) = (self.heads(a.q, a.q_len), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride));
+        let o = self.heads(View::from(a.out), a.q_len);
+        match a.kv_len {
+            // One new token against the cache: split-KV decode, KV length read on the device.
+            KvLen::Cache if a.q_len == 1 => {
+                let ws_len = decode_workspace_len(a.batch, a.heads, a.head_dim, a.kv_batch_stride);
+                let ws = ensure(&dev, &mut self.scratch.decode_ws, ws_len)?;
+                let (q, k, v, o) = (self.heads(a.q, 1), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride), self.heads(View::from(a.out), 1));
+                dev.decode_attention(q, k, v, &self.kv_len, o, &ws, a.batch, a.heads, a.kv_batch_stride, a.head_dim, a.scale, AttnMask::default())?;
+            }
+            kv => {
+                let skv = match kv {
+                    KvLen::Fixed(n) => n,
+                    KvLen::Cache => self.position + a.q_len,
+                };
+                let mask = AttnMask { causal: a.causal.then_some(self.position as i32), ..AttnMask::default() };
+                dev.attention(q, k, v, o, a.batch, a.heads, a.q_len, skv, a.head_dim, a.scale, mask)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_direct(&mut self, phase: &Phase) -> Result<()> {
+        phase.ops.iter().try_for_each(|op| self.launch(op))
+    }
+
+    /// Records `phase` into a CUDA graph; on any failure recording is turned off for good and
+    /// the phase runs directly.
+    fn record(&mut self, phase: &Phase) -> Result<()> {
+        let stream = self.dev().stream().clone();
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(GpuError::from)?;
+        let launched = self.run_direct(phase);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        match (launched, graph) {
+            (Ok(()), Ok(Some(graph))) => {
+                self.graphs.insert(phase.name, graph);
+                Ok(())
+            }
+            (launched, graph) => {
+                self.use_graphs = false;
+                eprintln!(
+                    "glimpse: CUDA graph recording of `{}` failed ({}); running it launch by launch",
+                    phase.name,
+                    launched.err().map(|e| e.to_string()).or(graph.err().map(|e| format!("{e:?}"))).unwrap_or_else(|| "empty graph".into())
+                );
+                self.run_direct(phase)
+            }
+        }
+    }
+}
+
+impl Executor for CudaExecutor {
+    fn set_tokens(&mut self, tokens: &[u32]) {
+        self.tokens = tokens.to_vec();
+        self.dirty = true;
+    }
+
+    fn set_position(&mut self, position: usize) {
+        self.position = position;
+        self.dirty = true;
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn write(&mut self, buf: Buf, data: &[f32]) -> Result<()> {
+        let dst = self.bufs[buf.0].slice(0, data.len()).ok_or_else(|| {
+            Error::InvalidInput(format!("{} values do not fit buffer `{}`", data.len(), self.descs[buf.0].name))
+        })?;
+        let halves: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+        self.dev().copy_to_device(&halves, &dst)?;
+        Ok(())
+    }
+
+    fn read(&mut self, buf: Buf, rows: usize) -> Result<Vec<f32>> {
+        let n = rows * self.cols(buf);
+        let src = self.bufs[buf.0]
+            .slice(0, n)
+            .ok_or_else(|| Error::InvalidInput(format!("buffer `{}` has fewer than {rows} rows", self.descs[buf.0].name)))?;
+        Ok(self.dev().download(&src)?.into_iter().map(f16::to_f32).collect())
+    }
+
+    fn run(&mut self, phase: &Phase) -> Result<()> {
+        phase.ops.iter().try_for_each(|op| self.validate(op))?;
+        self.sync_state(Self::batch_of(phase))?;
+        if !(phase.replayable && self.use_graphs) {
+            return self.run_direct(phase);
+        }
+        let runs = {
+            let count = self.runs.entry(phase.name).or_insert(0);
+            *count += 1;
+            *count
+        };
+        if let Some(graph) = self.graphs.get(phase.name) {
+            graph.launch().map_err(GpuError::from)?;
+            return Ok(());
+        }
+        // First run: direct (allocates scratch); second: record, then replay from now on.
+        if runs == 1 {
+            self.run_direct(phase)
+        } else {
+            self.record(phase)?;
+            match self.graphs.get(phase.name) {
+                Some(graph) => graph.launch().map_err(|e| GpuError::from(e).into()),
+                None => Ok(()), // recording failed and the phase already ran directly
+            }
+        }
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(self.dev().synchronize()?)
+    }
+
+    fn greedy(&mut self, logits: Buf, rows: usize) -> Result<Vec<(u32, f64)>> {
+        let vocab = self.cols(logits);
+        let dev = self.weights.dev.clone();
+        dev.argmax(&self.bufs[logits.0], &self.argmax_idx, &self.argmax_logprob, rows, vocab)?;
+        let idx = dev.download(&self.argmax_idx.slice(0, rows).expect("rows <= max rows"))?;
+        let lp = dev.download(&self.argmax_logprob.slice(0, rows).expect("rows <= max rows"))?;
+        Ok(idx.into_iter().zip(lp).map(|(i, l)| (i as u32, f64::from(l))).collect())
+    }
+
+    fn device_name(&self) -> String {
+        format!("cuda:{}", self.dev().name())
+    }
+}
