@@ -197,6 +197,11 @@ impl Model {
         Ok((seqs, timings, exec.device_name()))
     }
 
+    /// An executor for `graph` on this model's backend (for stage-by-stage use and tests).
+    pub fn executor(&self, graph: &crate::graph::Graph) -> Result<Box<dyn Executor>> {
+        self.backend.executor(&self.blip2.weights, graph)
+    }
+
     /// The backend this model runs on ("cpu" or "cuda:<name>").
     pub fn backend_name(&self) -> String {
         self.backend.name()
