@@ -100,14 +100,17 @@ impl Model {
         })
     }
 
-    /// Default generation settings: `max_new_tokens` from generation_config.json, else 20;
-    /// EOS from generation_config.json, else from the text config.
+    /// Default generation settings, as transformers' BLIP-2 `generate` behaves: it hands over to
+    /// the language model, whose EOS comes from `text_config` (generation_config.json's EOS is
+    /// the fallback); `max_new_tokens` from generation_config.json, else 20.
     pub fn default_options(&self) -> GenerateOptions {
         let eos = self
-            .generation
+            .blip2
+            .cfg
+            .text_config
             .eos_token_id
             .as_ref()
-            .or(self.blip2.cfg.text_config.eos_token_id.as_ref())
+            .or(self.generation.eos_token_id.as_ref())
             .map(|e| e.to_vec())
             .unwrap_or_default();
         GenerateOptions { max_new_tokens: self.generation.max_new_tokens.unwrap_or(20), eos_token_ids: eos }

@@ -1,4 +1,4 @@
-//! The `glimpse` command line: caption, ask, info, convert.
+//! The `glimpse` command line: caption, ask, info, convert, synth, bench.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +49,20 @@ enum Command {
     Info { model: String },
     /// Write an fp16 copy of a checkpoint folder, so later loads are zero-copy.
     Convert { input: PathBuf, output: PathBuf },
+    /// Write a model with random weights at real shapes as an HF checkpoint folder.
+    Synth {
+        /// tiny, blip2-opt-2.7b or blip2-opt-6.7b.
+        #[arg(long)]
+        preset: String,
+        /// New or empty folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Time every stage (vision, Q-Former, prefill, decode, latency, batch throughput) against
+    /// the machine's bandwidth and FLOP floors.
+    Bench(glimpse::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,7 +86,7 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     Ok((model, opts))
 }
 
-fn print_output(image: &Path, out: &Output, json: bool) {
+fn print_output(model: &Model, image: &Path, out: &Output, json: bool) {
     if json {
         let line = serde_json::json!({
             "image": image.display().to_string(),
@@ -81,6 +95,7 @@ fn print_output(image: &Path, out: &Output, json: bool) {
             "logprobs": out.logprobs,
             "timings": out.timings,
             "device": out.device,
+            "load_seconds": model.load_seconds,
         });
         println!("{line}");
     } else {
@@ -96,7 +111,7 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
             for image in &images {
                 // One bad image is reported and skipped; the others are still captioned.
                 match model.caption(image, &opts) {
-                    Ok(out) => print_output(image, &out, run.json),
+                    Ok(out) => print_output(&model, image, &out, run.json),
                     Err(e) => {
                         eprintln!("error: {e}");
                         failed += 1;
@@ -109,7 +124,7 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
             glimpse::api::question_prompt(&question)?;
             let (model, opts) = load(&run)?;
             let out = model.ask(&image, &question, &opts)?;
-            print_output(&image, &out, run.json);
+            print_output(&model, &image, &out, run.json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { model } => {
@@ -120,6 +135,22 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
         Command::Convert { input, output } => {
             let (n, bytes) = glimpse::convert::convert_dir(&input, &output)?;
             println!("wrote {n} tensors ({:.1} MB) to {}", bytes as f64 / 1e6, output.join("model.safetensors").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Synth { preset, out, seed } => {
+            let start = std::time::Instant::now();
+            glimpse::synth::write_folder(&preset, &out, seed)?;
+            let params = glimpse::synth::parameter_count(&glimpse::synth::preset(&preset)?);
+            eprintln!(
+                "wrote {preset} (seed {seed}, {:.3} B parameters, fp16) to {} in {:.1} s",
+                params as f64 / 1e9,
+                out.display(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            glimpse::bench::run_cli(&args)?;
             Ok(ExitCode::SUCCESS)
         }
     }
