@@ -30,7 +30,9 @@ fn device(name: &str) -> Option<CudaDevice> {
     match CudaDevice::new(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            println!("SKIP {name}: {e}");
+            // Raw stderr, past libtest's capture: the skip shows in every `cargo test` log.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIP {name}: {e}");
             None
         }
     }
@@ -213,6 +215,43 @@ fn gemv_matches_reference() {
         run_linear(&dev, &mut rng, Kind::Gemv, 1, n, k, true, act, Res::InPlace);
     }
     run_linear(&dev, &mut rng, Kind::Gemv, 8, 2560, 10240, true, Activation::QuickGelu, Res::Add);
+    // N not a multiple of the columns per block (256 / T) and K/8 not a multiple of T: with up
+    // to 256 SMs the heuristic picks T = 32 (8 columns per block) for n = 4097, k = 512 and
+    // T = 64 (4 columns per block) for n = 2051, k = 2568 (321 chunks), so the last block has
+    // 1 resp. 3 live columns and the others idle through the reduction and its __syncthreads.
+    for &(m, n, k) in &[(1usize, 4097usize, 512usize), (3, 4097, 512), (8, 4097, 512), (1, 2051, 2568), (5, 2051, 2568), (8, 2051, 2568)] {
+        let t = glimpse::backend::cuda::gemv_threads_per_row(n, k, dev.num_sms()) as usize;
+        println!("  gemv tail case m={m} n={n} k={k}: T={t}, n % (256/T) = {}", n % (256 / t));
+        run_linear(&dev, &mut rng, Kind::Gemv, m, n, k, m % 2 == 1, Activation::Silu, if m == 8 { Res::InPlace } else { Res::Add });
+    }
+}
+
+/// `linear` picks gemv for m <= 8 with k % 8 == 0 and aligned operands, gemm otherwise; both
+/// sides of each boundary must give the same (reference) result.
+#[test]
+fn linear_dispatch_matches_reference() {
+    let Some(dev) = device("linear_dispatch_matches_reference") else { return };
+    let mut rng = Rng::new("linear_dispatch");
+    for &(m, n, k) in &[(8usize, 300usize, 256usize), (9, 300, 256), (1, 300, 260), (8, 33, 20), (2, 777, 1408)] {
+        let x = rng.halves(m * k, 1.0);
+        let w = rng.halves(n * k, 1.7 / (k as f32).sqrt());
+        let b = rng.halves(n, 0.5);
+        let (dx, dw, db) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
+        let y = poisoned(&dev, m * n);
+        dev.linear(&dx, &dw, Some(&db), Activation::Gelu, Residual::None, &y, m, n, k).unwrap();
+        let want = linear_ref(&x, &w, Some(&b), Activation::Gelu, None, m, n, k);
+        check(&format!("linear m={m} n={n} k={k}"), &dev.download(&y).unwrap(), &want, None);
+    }
+    // misaligned x (offset by one element): gemv is not allowed, linear must fall back to gemm
+    let (m, n, k) = (4usize, 200usize, 64usize);
+    let x = rng.halves(m * k + 1, 1.0);
+    let w = rng.halves(n * k, 0.2);
+    let dx = dev.upload(&x).unwrap();
+    let dx1 = dx.slice(1, m * k).unwrap();
+    let y = poisoned(&dev, m * n);
+    dev.linear(&dx1, &dev.upload(&w).unwrap(), None, Activation::None, Residual::None, &y, m, n, k).unwrap();
+    let want = linear_ref(&x[1..], &w, None, Activation::None, None, m, n, k);
+    check("linear misaligned x -> gemm scalar path", &dev.download(&y).unwrap(), &want, None);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,6 +296,38 @@ fn norms_match_reference() {
             dev.rmsnorm(&ds, None, SumOut::None, &dw, &y2, rows, dim, eps).unwrap();
             check(&format!("rmsnorm rows={rows} dim={dim}"), &dev.download(&y2).unwrap(), &want_rms, None);
         }
+    }
+
+    // The other residual/sum combinations: layernorm without bias writing the sum to a separate
+    // buffer, rmsnorm with a residual updated in place (each thread re-reads only the elements it
+    // wrote itself), at a dim that leaves the last warp partially active.
+    for &(rows, dim) in &[(5usize, 2600usize), (3, 97)] {
+        let x = rng.halves(rows * dim, 2.0);
+        let r = rng.halves(rows * dim, 2.0);
+        let w = rng.halves(dim, 1.5);
+        let eps = 1e-6f32;
+        let s: Vec<f16> = x.iter().zip(&r).map(|(a, c)| f16::from_f32(a.to_f32() + c.to_f32())).collect();
+        let (dx, dr, dw) = (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap());
+        let (y, sum) = (poisoned(&dev, rows * dim), poisoned(&dev, rows * dim));
+        dev.layernorm(&dx, Some(&dr), SumOut::To(&sum), &dw, None, &y, rows, dim, eps).unwrap();
+        let (mut want_ln, mut want_rms) = (vec![0.0; rows * dim], vec![0.0; rows * dim]);
+        for i in 0..rows {
+            let row = &s[i * dim..(i + 1) * dim];
+            let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
+            let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
+            let ms = row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / dim as f64;
+            for j in 0..dim {
+                want_ln[i * dim + j] = (row[j].to_f64() - mean) / (var + eps as f64).sqrt() * w[j].to_f64();
+                want_rms[i * dim + j] = f16::from_f64(row[j].to_f64() / (ms + eps as f64).sqrt()).to_f64() * w[j].to_f64();
+            }
+        }
+        check(&format!("layernorm no bias, sum_out separate rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want_ln, None);
+        assert!(dev.download(&sum).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm sum_out (separate) != half(x + r)");
+        assert!(dev.download(&dx).unwrap().iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm with sum_out elsewhere modified x");
+        let y2 = poisoned(&dev, rows * dim);
+        dev.rmsnorm(&dx, Some(&dr), SumOut::InPlace, &dw, &y2, rows, dim, eps).unwrap();
+        check(&format!("rmsnorm residual in place rows={rows} dim={dim}"), &dev.download(&y2).unwrap(), &want_rms, None);
+        assert!(dev.download(&dx).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "rmsnorm sum_out (in place) != half(x + r)");
     }
 }
 
@@ -314,6 +385,9 @@ fn attention_matches_reference() {
         (1, 3, 1, 257, 128, None, false),    // Sq = 1
         (3, 2, 5, 33, 128, Some(28), true),
         (1, 2, 17, 9, 64, Some(-3), false),  // some rows fully masked -> zeros
+        (2, 3, 23, 30, 88, Some(-5), true),  // d = 88 padded to 96, Sq % 16 != 0, masked rows + masks
+        (1, 4, 33, 33, 80, Some(-40), false), // every row fully masked (tiles skipped, or all -inf)
+        (2, 2, 50, 70, 96, Some(20), false), // d = 96 exactly, causal kv_end mid-tile
     ];
     for &(b, h, sq, skv, d, causal, masks) in cases {
         let q = rng.halves(b * sq * h * d, 1.0);
@@ -360,6 +434,27 @@ fn attention_matches_reference() {
     let split = |p: usize| -> Vec<f16> { (0..s).flat_map(|r| qkv[r * 3 * h * d + p * h * d..][..h * d].to_vec()).collect() };
     let want = attn_ref(&split(0), &split(1), &split(2), 1, h, s, s, d, 0.1066, &|_, _, _| Some(0.0));
     check("attention fused qkv 257x16x88", &dev.download(&o).unwrap(), &want, Some(1.0));
+
+    // kv_valid = 0 for one batch item (all keys masked -> zeros) next to a normal one, and an
+    // additive mask of -inf on some keys (HF masks built from finfo.min overflow to -inf in the
+    // log2 domain): neither may produce NaN.
+    let (b, h, sq, skv, d) = (2usize, 2usize, 19usize, 40usize, 80usize);
+    let q = rng.halves(b * sq * h * d, 1.0);
+    let k = rng.halves(b * skv * h * d, 1.0);
+    let v = rng.halves(b * skv * h * d, 1.0);
+    let valid = vec![0i32, 37];
+    let madd: Vec<f32> = (0..b * skv).map(|j| if j % 3 == 0 { f32::NEG_INFINITY } else { rng.uni(1.0) }).collect();
+    let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
+    let (dvalid, dmask) = (dev.upload(&valid).unwrap(), dev.upload(&madd).unwrap());
+    let o = poisoned(&dev, b * sq * h * d);
+    let mask = AttnMask { causal: Some(3), kv_valid: Some(&dvalid), additive: Some((&dmask, skv)) };
+    let scale = 1.0 / (d as f64).sqrt();
+    dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
+    let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
+        (j <= i + 3 && (j as i32) < valid[bb] && madd[bb * skv + j].is_finite()).then(|| madd[bb * skv + j] as f64)
+    };
+    let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
+    check("attention kv_valid=0 and -inf mask", &dev.download(&o).unwrap(), &want, Some(1.0));
 }
 
 #[test]
@@ -379,6 +474,25 @@ fn decode_attention_matches_reference() {
         let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then_some(0.0));
         check(&format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}"), &dev.download(&o).unwrap(), &want, Some(1.0));
     }
+
+    // Split boundaries (chunk = 256) and empty splits: lengths 0 (every split empty -> zeros),
+    // 1, 256, 257 and max_len, with an additive mask (stride > max_len) on top.
+    let (h, max_len, d, stride) = (3usize, 600usize, 88usize, 608usize);
+    let lens = vec![0i32, 1, 256, 257, 600];
+    let b = lens.len();
+    let q = rng.halves(b * h * d, 1.0);
+    let kc = rng.halves(b * max_len * h * d, 1.0);
+    let vc = rng.halves(b * max_len * h * d, 1.0);
+    let madd: Vec<f32> = (0..b * stride).map(|_| rng.uni(2.0)).collect();
+    let (dq, dk, dv, dl, dm) =
+        (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap(), dev.upload(&madd).unwrap());
+    let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
+    let o = poisoned(&dev, b * h * d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mask = AttnMask { additive: Some((&dm, stride)), ..AttnMask::default() };
+    dev.decode_attention(view(&dq, 1, h, d), view(&dk, max_len, h, d), view(&dv, max_len, h, d), &dl, view(&o, 1, h, d), &ws, b, h, max_len, d, scale as f32, mask).unwrap();
+    let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then(|| madd[bb * stride + j] as f64));
+    check(&format!("decode split boundaries lens={lens:?} with mask"), &dev.download(&o).unwrap(), &want, Some(1.0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -584,6 +698,33 @@ fn argmax_matches_reference() {
             }
             println!("  argmax rows={rows} vocab={vocab} half={half_in}: ok");
         }
+    }
+
+    // NaN counts as the maximum and the first NaN wins (torch.argmax); its log-prob is NaN. Row 1
+    // is all -inf except index 5 (ties at -inf must not win), row 2 has NaNs in two different
+    // threads' slices and in the same warp.
+    let vocab = 5000usize;
+    let mut logits: Vec<f32> = (0..3 * vocab).map(|_| rng.uni(8.0)).collect();
+    logits[4000] = f32::NAN;
+    logits[3000] = f32::NAN;
+    logits[vocab..2 * vocab].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    logits[vocab + 5] = -3.0;
+    logits[2 * vocab + 1030] = f32::NAN;
+    logits[2 * vocab + 1029] = f32::NAN;
+    logits[2 * vocab + 7] = f32::NAN;
+    let lh: Vec<f16> = logits.iter().map(|&x| f16::from_f32(x)).collect();
+    for half_in in [false, true] {
+        let idx = dev.alloc::<i32>(3).unwrap();
+        let lp = dev.alloc::<f32>(3).unwrap();
+        if half_in {
+            dev.argmax(&dev.upload(&lh).unwrap(), &idx, &lp, 3, vocab).unwrap();
+        } else {
+            dev.argmax(&dev.upload(&logits).unwrap(), &idx, &lp, 3, vocab).unwrap();
+        }
+        let (gi, gl) = (dev.download(&idx).unwrap(), dev.download(&lp).unwrap());
+        assert_eq!(gi, vec![3000, 5, 7], "argmax NaN / -inf rows half={half_in}");
+        assert!(gl[0].is_nan() && gl[2].is_nan(), "NaN rows give a NaN log-prob, got {gl:?}");
+        assert!(gl[1].abs() <= 1e-6, "single finite logit: log-prob 0, got {}", gl[1]);
     }
 }
 

@@ -297,6 +297,43 @@ impl HeadsView<'_> {
     }
 }
 
+/// Shared checks of gemm and gemv: X [m,k], W [n,k], Y [m,n], bias [n], residual [m,n] hold
+/// enough elements; Y is disjoint from X, W and the bias; the residual is Y itself or disjoint.
+/// Returns the residual pointer (0 = none).
+#[allow(clippy::too_many_arguments)]
+fn check_linear_operands(
+    kernel: &'static str,
+    x: &DevSlice<f16>,
+    w: &DevSlice<f16>,
+    bias: Option<&DevSlice<f16>>,
+    residual: Residual<'_>,
+    y: &DevSlice<f16>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> GpuResult<u64> {
+    need(kernel, "x", x, m * k)?;
+    need(kernel, "w", w, n * k)?;
+    need(kernel, "y", y, m * n)?;
+    if let Some(b) = bias {
+        need(kernel, "bias", b, n)?;
+        disjoint(kernel, "y", y, "bias", b)?;
+    }
+    disjoint(kernel, "y", y, "x", x)?;
+    disjoint(kernel, "y", y, "w", w)?;
+    Ok(match residual {
+        Residual::None => 0,
+        Residual::InPlace => y.ptr(),
+        Residual::Add(r) => {
+            need(kernel, "residual", r, m * n)?;
+            if overlaps(r, y) && r.ptr() != y.ptr() {
+                return Err(bad(kernel, "residual partially overlaps y"));
+            }
+            r.ptr()
+        }
+    })
+}
+
 fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
@@ -342,26 +379,7 @@ impl CudaDevice {
         if m == 0 || n == 0 || k == 0 {
             return Err(bad(K, format!("empty shape m={m} n={n} k={k}")));
         }
-        need(K, "x", x, m * k)?;
-        need(K, "w", w, n * k)?;
-        need(K, "y", y, m * n)?;
-        if let Some(b) = bias {
-            need(K, "bias", b, n)?;
-            disjoint(K, "y", y, "bias", b)?;
-        }
-        disjoint(K, "y", y, "x", x)?;
-        disjoint(K, "y", y, "w", w)?;
-        let res_ptr = match residual {
-            Residual::None => 0,
-            Residual::InPlace => y.ptr(),
-            Residual::Add(r) => {
-                need(K, "residual", r, m * n)?;
-                if overlaps(r, y) && r.ptr() != y.ptr() {
-                    return Err(bad(K, "residual partially overlaps y"));
-                }
-                r.ptr()
-            }
-        };
+        let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
         let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
         let pair = n % 2 == 0
             && y.is_aligned(4)
@@ -439,26 +457,7 @@ impl CudaDevice {
         if k % 8 != 0 || !x.is_aligned(16) || !w.is_aligned(16) {
             return Err(bad(K, "needs k % 8 == 0 and 16-byte aligned x, w"));
         }
-        need(K, "x", x, m * k)?;
-        need(K, "w", w, n * k)?;
-        need(K, "y", y, m * n)?;
-        if let Some(b) = bias {
-            need(K, "bias", b, n)?;
-            disjoint(K, "y", y, "bias", b)?;
-        }
-        disjoint(K, "y", y, "x", x)?;
-        disjoint(K, "y", y, "w", w)?;
-        let res_ptr = match residual {
-            Residual::None => 0,
-            Residual::InPlace => y.ptr(),
-            Residual::Add(r) => {
-                need(K, "residual", r, m * n)?;
-                if overlaps(r, y) && r.ptr() != y.ptr() {
-                    return Err(bad(K, "residual partially overlaps y"));
-                }
-                r.ptr()
-            }
-        };
+        let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
         let t = gemv_threads_per_row(n, k, self.num_sms());
         let cols_per_block = (256 / t) as usize;
         let grid = to_i32(K, "grid", n.div_ceil(cols_per_block))? as u32;
@@ -554,6 +553,19 @@ impl CudaDevice {
         if matches!(sum_out, SumOut::InPlace) {
             if let Some(r) = residual {
                 disjoint(kernel, "x (sum_out)", x, "residual", r)?;
+            }
+        }
+        // Whatever receives the sum is written by one block while every other block reads the
+        // weight and bias: those must not share a byte with it.
+        let sum_dst = match sum_out {
+            SumOut::None => None,
+            SumOut::To(s) => Some(s),
+            SumOut::InPlace => Some(x),
+        };
+        if let Some(s) = sum_dst {
+            disjoint(kernel, "sum_out", s, "weight", w)?;
+            if let Some(b) = b {
+                disjoint(kernel, "sum_out", s, "bias", b)?;
             }
         }
         let grid = to_i32(kernel, "rows", rows)? as u32;
@@ -665,6 +677,12 @@ impl CudaDevice {
             }
             None => 0,
         };
+        // Blocks read the mask / kv_valid while other blocks write o.
+        for (name, r) in [("mask", mask.additive.map(|(m, _)| m.range())), ("kv_valid", mask.kv_valid.map(|kv| kv.range()))] {
+            if r.is_some_and(|r| ranges_overlap(orange, r)) {
+                return Err(bad(K, format!("o overlaps {name}")));
+            }
+        }
         let p = AttnParams {
             q: qp,
             k: kp,
@@ -769,10 +787,16 @@ impl CudaDevice {
                     return Err(bad(K, format!("mask stride {stride} < max_len {max_len}")));
                 }
                 need(K, "mask", m, (batch - 1) * stride + max_len)?;
+                if ranges_overlap(orange, m.range()) || ranges_overlap(workspace.range(), m.range()) {
+                    return Err(bad(K, "mask overlaps o or the workspace"));
+                }
                 (m.ptr(), stride)
             }
             None => (0, 0),
         };
+        if ranges_overlap(orange, kv_len.range()) {
+            return Err(bad(K, "o overlaps kv_len"));
+        }
         let p = DecodeAttnParams {
             q: qp,
             k_cache: kp,
