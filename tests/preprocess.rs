@@ -125,3 +125,20 @@ fn zero_sized_image_is_an_error() {
     let msg = image_error(&png_header(0, 10));
     assert!(!msg.is_empty());
 }
+
+/// Every supported container decodes to the same pixels as the PNG it was made from (GIF is
+/// palette-quantised, so only its size is checked; JPEG is covered by `jpeg_decodes`).
+#[test]
+fn bmp_webp_gif_decode() {
+    let png = glimpse::image::load_rgb(&common::image("odd_257x181.png")).unwrap();
+    let dynamic = image::DynamicImage::ImageRgb8(png.clone());
+    for format in [image::ImageFormat::Bmp, image::ImageFormat::WebP, image::ImageFormat::Gif] {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        dynamic.write_to(&mut bytes, format).unwrap();
+        let decoded = decode_rgb(bytes.get_ref(), &format!("x.{format:?}")).unwrap();
+        assert_eq!(decoded.dimensions(), png.dimensions(), "{format:?}");
+        if format != image::ImageFormat::Gif {
+            assert_eq!(decoded, png, "{format:?} is lossless");
+        }
+    }
+}
