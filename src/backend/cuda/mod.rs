@@ -69,6 +69,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Per-function setup already done (e.g. the dynamic shared-memory limit raised).
+    prepared: Mutex<std::collections::HashSet<&'static str>>,
     num_sms: u32,
     compute_capability: (i32, i32),
     name: String,
@@ -109,7 +111,16 @@ impl CudaDevice {
             .max(1) as u32;
         let compute_capability = ctx.compute_capability()?;
         let name = ctx.name()?;
-        Ok(Self { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), num_sms, compute_capability, name })
+        Ok(Self {
+            ctx,
+            stream,
+            modules,
+            funcs: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(Default::default()),
+            num_sms,
+            compute_capability,
+            name,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -144,6 +155,16 @@ impl CudaDevice {
             .map_err(|e| GpuError::Launch { kernel: name, msg: format!("function not found: {e:?}") })?;
         cache.insert(name, f.clone());
         Ok(f)
+    }
+
+    /// Runs `setup` the first time it is called for `key` (later calls do nothing).
+    pub(crate) fn once(&self, key: &'static str, setup: impl FnOnce() -> GpuResult<()>) -> GpuResult<()> {
+        let mut done = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        if !done.contains(key) {
+            setup()?;
+            done.insert(key);
+        }
+        Ok(())
     }
 
     /// A stand-alone allocation of `len` elements (contents undefined).

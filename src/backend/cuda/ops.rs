@@ -419,11 +419,15 @@ impl CudaDevice {
         debug_assert!(name.ends_with(act_suffix(act)));
         let f = self.func("gemm", name)?;
         if smem > 48 * 1024 {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(lerr(name))?;
+            // Once per function: the first launch of each kernel is never inside a CUDA graph
+            // recording (the executor runs a phase directly before it records it).
+            self.once(name, || {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(lerr(name))
+            })?;
         }
         let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
         // SAFETY: x >= m*k, w >= n*k, y >= m*n, bias >= n, residual >= m*n elements (checked);
