@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the release GPU test and bench binaries here (needs cargo + nvcc) and copies them into
-# .devbin/ (git-ignored) for scripts/device-check.sh on the GPU machine (no cargo there).
+# .devbin/ (git-ignored) for scripts/device-check.sh and scripts/device-e2e.sh on the GPU machine
+# (no cargo there): gpu_kernels and gpu_model tests, the kernel bench, the glimpse binary.
 #   scripts/build-devbin.sh            (archs: GLIMPSE_CUDA_ARCHS, default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,9 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' "$@"
 }
-cargo test --release --no-run --test gpu_kernels --message-format=json | collect gpu_kernels > "$OUTDIR/.list"
+cargo test --release --no-run --test gpu_kernels --test gpu_model --message-format=json | collect gpu_kernels gpu_model > "$OUTDIR/.list"
 cargo bench --no-run --bench kernels --message-format=json | collect kernels >> "$OUTDIR/.list"
+cargo build --release --bin glimpse --message-format=json | collect glimpse >> "$OUTDIR/.list"
 while read -r name exe; do
     cp "$exe" "$OUTDIR/$name"
     echo "copied $exe -> $OUTDIR/$name"

@@ -24,6 +24,15 @@ if [ -x "$BIN/gpu_kernels" ]; then
 else
     echo "missing $BIN/gpu_kernels" | tee "$LOG/gpu_kernels.log"; rc=1
 fi
+echo "== gpu_model tests (tiny fixtures on the CUDA executor vs goldens)"
+if [ -x "$BIN/gpu_model" ]; then
+    # Test binaries resolve fixtures through CARGO_MANIFEST_DIR baked at build time: run from the
+    # repository root with the fixtures present (they travel with the working tree).
+    (cd "$HERE/.." && "$BIN/gpu_model" --test-threads=1 --nocapture) 2>&1 | tee "$LOG/gpu_model.log"
+    m=${PIPESTATUS[0]}; [ "$m" -ne 0 ] && rc=$m
+else
+    echo "missing $BIN/gpu_model" | tee "$LOG/gpu_model.log"; rc=1
+fi
 echo "== kernel benchmarks"
 if [ -x "$BIN/kernels" ]; then
     "$BIN/kernels" 2>&1 | tee "$LOG/bench.md"

@@ -5,8 +5,19 @@ use std::path::PathBuf;
 
 use glimpse::weights::Checkpoint;
 
+/// tests/fixtures of this checkout: `$GLIMPSE_FIXTURES` when set, else the path baked in at build
+/// time, else `tests/fixtures` under the working directory (prebuilt test binaries run on a GPU
+/// machine from a copy of the repository at another path).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    if let Some(dir) = std::env::var_os("GLIMPSE_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    }
 }
 
 pub fn model_dir(name: &str) -> PathBuf {
