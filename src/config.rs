@@ -336,7 +336,10 @@ pub struct PreprocessorConfig {
     pub image_std: Vec<f32>,
 }
 
+// The values exactly as HF configs spell them (more digits than f32 holds; they round the same).
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl Default for PreprocessorConfig {

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod hub;
 pub mod image;
 pub mod info;
 pub mod models;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# End-to-end benchmark on the GPU machine (no cargo, no network; torch + transformers installed):
+#   scripts/device-e2e.sh [DIR_WITH_BINARIES]        (default .devbin, from scripts/build-devbin.sh)
+# 1. `glimpse synth --preset blip2-opt-2.7b` to /tmp (random weights, real shapes, HF folder),
+# 2. a cuBLAS fp16 GEMM rate from torch, passed to glimpse bench as GLIMPSE_MATRIX_TFLOPS (the
+#    compute floor; glimpse measures the copy bandwidth itself),
+# 3. `glimpse bench --preset blip2-opt-2.7b --device cuda --json` (same weights: same preset+seed),
+# 4. scripts/hf_reference.py on the folder: eager + sdpa (timings, fp16-vs-fp32 logits, greedy
+#    tokens), then static cache + torch.compile,
+# 5. a summary table: glimpse vs transformers per stage, with floors.
+# Writes at most 8 files to $OUT (else ./device-e2e-logs): env.txt, log.txt, glimpse-bench.json,
+# hf-eager.json, hf-logits.safetensors, hf-compiled.json, summary.md. Every step has a timeout;
+# the whole run is budgeted for ~6 minutes on an H100. Exit status: non-zero if glimpse bench failed.
+set -uo pipefail
+BIN="${1:-.devbin}"
+LOG="${OUT:-./device-e2e-logs}"
+PRESET="${PRESET:-blip2-opt-2.7b}"
+SEED="${SEED:-0}"
+MODEL="${MODEL_DIR:-/tmp/glimpse-synth-$PRESET}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1
+G="$BIN/glimpse"
+: "${GLIMPSE_COMMIT:=$(git -C "$HERE/.." rev-parse --short=12 HEAD 2>/dev/null || cat "$BIN/COMMIT" 2>/dev/null || echo unknown)}"
+export GLIMPSE_COMMIT
+step() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG/log.txt"; }
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    echo "commit $GLIMPSE_COMMIT"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)' 2>&1
+    nproc
+} | tee "$LOG/env.txt"
+
+if [ ! -x "$G" ]; then
+    echo "missing $G: run scripts/build-devbin.sh on the dev machine (it must copy the glimpse binary)" | tee -a "$LOG/log.txt"
+    exit 1
+fi
+
+step "synth $PRESET -> $MODEL"
+rm -rf "$MODEL"
+timeout 300 "$G" synth --preset "$PRESET" --out "$MODEL" --seed "$SEED" 2>&1 | tee -a "$LOG/log.txt"
+
+step "torch fp16 GEMM rate (cuBLAS, 8192^3, median of 20)"
+TFLOPS=$(timeout 120 python3 - <<'EOF' 2>>"$LOG/log.txt"
+import torch
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+for _ in range(5):
+    a @ b
+ts = []
+for _ in range(20):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record(); a @ b; e.record(); e.synchronize()
+    ts.append(s.elapsed_time(e))
+ts.sort()
+print(f"{2 * 8192**3 / (ts[10] * 1e-3) / 1e12:.1f}")
+EOF
+)
+echo "cuBLAS fp16 GEMM: ${TFLOPS:-failed} TFLOP/s" | tee -a "$LOG/log.txt"
+[ -n "${TFLOPS:-}" ] && export GLIMPSE_MATRIX_TFLOPS="$TFLOPS"
+
+step "glimpse bench --preset $PRESET --device cuda"
+timeout 300 "$G" bench --preset "$PRESET" --device cuda --seed "$SEED" --json > "$LOG/glimpse-bench.json" 2>>"$LOG/log.txt"
+rc=$?
+echo "glimpse bench exit status $rc" | tee -a "$LOG/log.txt"
+
+step "hf_reference.py eager + sdpa, numerics"
+timeout 420 python3 "$HERE/hf_reference.py" "$MODEL" --device cuda --attn eager,sdpa --seed "$SEED" \
+    --out "$LOG/hf-eager.json" --tensors "$LOG/hf-logits.safetensors" 2>&1 | tee -a "$LOG/log.txt"
+
+step "hf_reference.py static cache + torch.compile"
+timeout 360 python3 "$HERE/hf_reference.py" "$MODEL" --device cuda --compile-only --no-numerics --seed "$SEED" \
+    --out "$LOG/hf-compiled.json" 2>&1 | tee -a "$LOG/log.txt"
+
+step "summary"
+python3 - "$LOG" <<'EOF' 2>&1 | tee "$LOG/summary.md"
+import json, os, sys
+d = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(d, name)) as f:
+            return json.load(f)
+    except Exception as e:  # missing or broken: say so in the table
+        return {"_error": f"{name}: {e}"}
+g, he, hc = load("glimpse-bench.json"), load("hf-eager.json"), load("hf-compiled.json")
+env = open(os.path.join(d, "env.txt")).read().strip().splitlines()
+print("# glimpse vs transformers, " + " | ".join(env[:3]))
+print()
+for x in (g, he, hc):
+    if "_error" in x:
+        print(f"- {x['_error']}")
+runs = {r["label"]: r for r in he.get("runs", []) + hc.get("runs", [])}
+cols = [("glimpse", None)] + [(k, v) for k, v in runs.items()]
+if "rates" in g:
+    r = g["rates"]
+    print(f"glimpse: {g.get('device_name')}, preset {g.get('preset')}, batch {g.get('batch')}, {g.get('new_tokens')} tokens, "
+          f"copy {r['copy_gbs']:.0f} GB/s, matrix {(r.get('matrix_gflops') or 0):.0f} GFLOP/s ({r['matrix_source']})")
+    print()
+print("| stage | floor ms | " + " | ".join(c for c, _ in cols) + " |")
+print("|---|---|" + "---|" * len(cols))
+gst = {s["stage"]: s for s in g.get("stages", [])}
+for st in ["vision", "qformer", "prefill", "prefill_vqa", "decode", "first_token", "caption"]:
+    floor = gst.get(st, {}).get("floor_ms")
+    cells = []
+    for name, run in cols:
+        if run is None:
+            s = gst.get(st)
+            cells.append(f"{s['median_ms']:.2f} ({100 * s['fraction_of_floor']:.0f}%)" if s else "-")
+        else:
+            s = run.get("stages", {}).get(st) or (run.get("stages", {}).get("decode_from_generate") if st == "decode" else None)
+            cells.append(f"{s['median_ms']:.2f}" if s and "median_ms" in s else ("error" if "error" in run else "-"))
+    fl = f"{floor:.2f}" if floor is not None else "-"
+    print(f"| {st} | {fl} | " + " | ".join(cells) + " |")
+print()
+print("images/s (batch: glimpse / " + " / ".join(runs) + ")")
+for t in g.get("throughput", []):
+    row = [f"{t['images_per_s']:.1f}" if t.get("images_per_s") else f"skipped ({t.get('skipped')})"]
+    for run in runs.values():
+        m = {x["batch"]: x for x in run.get("throughput", [])}.get(t["batch"], {})
+        row.append(f"{m['images_per_s']:.1f}" if "images_per_s" in m else m.get("skipped", "-"))
+    print(f"- batch {t['batch']}: " + " / ".join(row) + (f" (floor {t['floor_images_per_s']:.1f})" if t.get("floor_images_per_s") else ""))
+n = he.get("numerics")
+if n:
+    print()
+    print(f"transformers fp16 vs fp32 prefill logits: rel {n['fp16_vs_fp32']['rel_l2']:.3e}, max abs {n['fp16_vs_fp32']['max_abs']:.3e}; "
+          f"greedy fp16 == fp32: {n['greedy_fp16_equals_fp32']}")
+EOF
+ls -la "$LOG"
+exit $rc

@@ -1,0 +1,788 @@
+//! `glimpse bench`: every stage of BLIP-2 at real shapes, timed on the CPU or one GPU, next to
+//! the floor the machine allows.
+//!
+//! Stages: vision, Q-Former (+ language projection), prefill over the caption prompt (32 image
+//! tokens + BOS) and over the VQA prompt, decode ms/token (median over the steps of an
+//! N-token generation, EOS ignored), first-token latency (pixels in -> first token), caption
+//! latency (pixels in -> N tokens), and images/s at batch 1, 8, 32 (`--throughput-batches`),
+//! skipping sizes whose buffers do not fit in free memory. Each stage is
+//! `exec.run(phase)` + `exec.synchronize()` around `Instant`, after a warm-up, median of
+//! `--repeats`.
+//!
+//! Floors: a stage must at least read its weights (fp16) and move its inputs, outputs and KV
+//! cache (activations at the executor's width: f32 on the CPU, f16 on the GPU), and it must do its
+//! FLOPs (2 per multiply-add of every Linear, the patch conv and attention's QK^T and PV;
+//! norms and elementwise ops ignored). `floor = max(bytes / copy bandwidth, FLOPs / matrix
+//! rate)`, with the bandwidth counted as bytes read + written by a large copy. A decode step
+//! reads every OPT weight including the (tied) lm_head once. These are lower bounds no
+//! implementation can beat, not targets that intermediate activations would let one reach.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::api::Device;
+use crate::backend::{Backend, Executor};
+use crate::config::{Blip2Config, ModelConfig};
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerateOptions};
+use crate::graph::WeightTable;
+use crate::models::blip2::{Blip2, Blip2Plan};
+use crate::weights::Checkpoint;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Random weights at a preset's shapes, made in memory: tiny, blip2-opt-2.7b, blip2-opt-6.7b
+    /// (default: the largest that fits the device; CPU: tiny).
+    #[arg(long, conflicts_with = "model")]
+    pub preset: Option<String>,
+    /// A model folder (or hub id in the local cache) instead of a preset.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Images per request for the stage timings.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens generated per caption (EOS ignored).
+    #[arg(long, default_value_t = 20)]
+    pub new_tokens: usize,
+    /// Timed runs per stage after the warm-up (default: 10 on a GPU, 3 on the CPU).
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Seed of the random weights, pixels and ids.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Batch sizes of the throughput table.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub throughput_batches: Vec<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One timed stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    pub stage: String,
+    pub what: String,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub samples: usize,
+    /// max(memory floor, compute floor).
+    pub floor_ms: f64,
+    pub memory_floor_ms: f64,
+    /// None when no matrix rate is known for the device.
+    pub compute_floor_ms: Option<f64>,
+    pub bound: &'static str,
+    pub bytes: f64,
+    pub flops: f64,
+    /// floor / median (1.0 = at the floor).
+    pub fraction_of_floor: f64,
+}
+
+/// Images/s at one batch size, or why it was skipped.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub batch: usize,
+    pub images_per_s: Option<f64>,
+    pub caption_ms: Option<f64>,
+    pub floor_images_per_s: Option<f64>,
+    pub fraction_of_floor: Option<f64>,
+    pub skipped: Option<String>,
+}
+
+/// The machine's measured rates the floors divide by.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rates {
+    /// (bytes read + bytes written) / s of a large copy, in GB/s.
+    pub copy_gbs: f64,
+    pub copy_source: String,
+    pub matrix_gflops: Option<f64>,
+    pub matrix_source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub commit: Option<String>,
+    pub device: String,
+    pub device_name: String,
+    pub threads: usize,
+    pub model: String,
+    pub preset: Option<String>,
+    pub seed: u64,
+    pub parameters: usize,
+    pub weight_bytes: usize,
+    pub batch: usize,
+    pub new_tokens: usize,
+    pub repeats: usize,
+    pub caption_prompt_tokens: usize,
+    pub vqa_prompt_tokens: usize,
+    pub setup_s: f64,
+    pub rates: Rates,
+    pub stages: Vec<Stage>,
+    pub throughput: Vec<Throughput>,
+    pub notes: Vec<String>,
+}
+
+/// The largest preset whose weights (fp16) plus room for batch-32 activations and KV cache
+/// fit in `free_bytes` of GPU memory; `tiny` when none of the real ones fits.
+pub fn pick_preset(free_bytes: usize) -> &'static str {
+    const GB: usize = 1 << 30;
+    // 6.7b: 15.5 GB of weights; 2.7b: 7.5 GB; ~4 GB headroom for activations, cache, context.
+    if free_bytes >= 20 * GB {
+        "blip2-opt-6.7b"
+    } else if free_bytes >= 12 * GB {
+        "blip2-opt-2.7b"
+    } else {
+        "tiny"
+    }
+}
+
+/// Entry point of `glimpse bench`: runs and prints (table or JSON).
+pub fn run_cli(args: &BenchArgs) -> Result<()> {
+    let report = run(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| Error::InvalidInput(e.to_string()))?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+/// The model to benchmark: config, weights and the two prompts' ids.
+struct Subject {
+    label: String,
+    preset: Option<String>,
+    blip2: Blip2,
+    caption_ids: Vec<u32>,
+    vqa_ids: Vec<u32>,
+}
+
+fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
+    if let Some(arg) = &args.model {
+        let dir = crate::hub::resolve_model(arg)?;
+        let ModelConfig::Blip2(cfg) = ModelConfig::load(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open_dir(&dir)?;
+        let blip2 = Blip2::load(&cfg, &ckpt)?;
+        let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
+        let caption_ids = blip2.input_ids(&tok.encode("")?);
+        let vqa_ids = blip2.input_ids(&tok.encode(crate::synth::VQA_PROMPT)?);
+        return Ok(Subject { label: dir.display().to_string(), preset: None, blip2, caption_ids, vqa_ids });
+    }
+    let name = match &args.preset {
+        Some(p) => p.clone(),
+        None if device == Device::Cuda => pick_preset(cuda_free_bytes()?).to_string(),
+        None => "tiny".to_string(),
+    };
+    let cfg: Blip2Config = crate::synth::preset(&name)?;
+    let ckpt = crate::synth::random_checkpoint(&cfg, args.seed);
+    let blip2 = Blip2::load(&cfg, &ckpt)?;
+    let tok = crate::synth::tokenizer(&cfg)?;
+    let enc = |text: &str| -> Result<Vec<u32>> {
+        Ok(tok.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    };
+    let caption_ids = blip2.input_ids(&enc("")?);
+    let vqa_ids = blip2.input_ids(&enc(crate::synth::VQA_PROMPT)?);
+    Ok(Subject { label: format!("preset {name} (random weights, seed {})", args.seed), preset: Some(name), blip2, caption_ids, vqa_ids })
+}
+
+/// Free GPU memory of device 0.
+fn cuda_free_bytes() -> Result<usize> {
+    let dev = crate::backend::cuda::CudaDevice::new(0)?;
+    let (free, _total) = dev.context().mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
+    Ok(free)
+}
+
+/// Runs the whole benchmark.
+pub fn run(args: &BenchArgs) -> Result<Report> {
+    let setup = Instant::now();
+    if args.new_tokens < 2 {
+        return Err(Error::InvalidInput("--new-tokens must be at least 2 (decode is timed over the steps after the first token)".into()));
+    }
+    if args.batch == 0 {
+        return Err(Error::InvalidInput("--batch must be at least 1".into()));
+    }
+    let requested: Device = args.device.parse()?;
+    let device = match requested {
+        Device::Cuda => match crate::backend::cuda_unavailable_reason() {
+            Some(e) => return Err(Error::InvalidInput(format!("--device cuda: {e}"))),
+            None => Device::Cuda,
+        },
+        Device::Auto if crate::backend::cuda_unavailable_reason().is_none() => Device::Cuda,
+        _ => Device::Cpu,
+    };
+    let subject = load_subject(args, device)?;
+    let blip2 = &subject.blip2;
+    let backend = Backend::new(device, &blip2.weights)?;
+    let on_gpu = backend.is_cuda();
+    let act_bytes = if on_gpu { 2.0 } else { 4.0 };
+    let repeats = args.repeats.unwrap_or(if on_gpu { 10 } else { 3 }).max(1);
+    let rates = measure_rates(&backend)?;
+    let cost = CostModel::new(&blip2.cfg, &blip2.weights, act_bytes);
+    let mut notes = Vec::new();
+    let setup_s = setup.elapsed().as_secs_f64();
+
+    let b = args.batch;
+    let n = args.new_tokens;
+    let pixels = crate::synth::random_normal(b * 3 * blip2.image_size().pow(2), args.seed ^ 0x5EED);
+    let opts = GenerateOptions { max_new_tokens: n, eos_token_ids: vec![] };
+    let weights = &blip2.weights;
+
+    // Caption-prompt plan: vision, Q-Former, prefill, decode, first token, caption.
+    let (p_cap, p_vqa) = (subject.caption_ids.len(), subject.vqa_ids.len());
+    let plan = blip2.plan(b, p_cap, n, false)?;
+    let mut exec = backend.executor(weights, &plan.graph)?;
+    let t = time_stages(exec.as_mut(), &plan, &pixels, &subject.caption_ids, &opts, repeats)?;
+    drop(exec);
+    // VQA-prompt prefill (its own plan: buffers are sized by prompt length).
+    let plan_vqa = blip2.plan(b, p_vqa, n, false)?;
+    let mut exec = backend.executor(weights, &plan_vqa.graph)?;
+    let t_vqa = time_prefill(exec.as_mut(), &plan_vqa, &pixels, &subject.vqa_ids, repeats)?;
+    drop(exec);
+
+    // Composite stages: the sum of their parts' floors (the parts run one after another).
+    let decode_parts: Vec<Cost> = (0..n - 1).map(|s| cost.decode(b, p_cap + s)).collect();
+    let first_parts = [cost.vision(b), cost.qformer(b), cost.prefill(b, p_cap)];
+    let caption_parts: Vec<Cost> = first_parts.iter().chain(&decode_parts).copied().collect();
+    let stages = vec![
+        stage("vision", format!("batch {b} x {} tokens", blip2.cfg.vision_config.num_positions()), &t.vision, &[cost.vision(b)], 1, &rates),
+        stage("qformer", format!("{} queries per image, incl. language_projection", blip2.cfg.num_query_tokens), &t.qformer, &[cost.qformer(b)], 1, &rates),
+        stage("prefill", format!("{p_cap} tokens (32 image tokens + BOS)"), &t.prefill, &[cost.prefill(b, p_cap)], 1, &rates),
+        stage("prefill_vqa", format!("{p_vqa} tokens (\"{}\")", crate::synth::VQA_PROMPT), &t_vqa, &[cost.prefill(b, p_vqa)], 1, &rates),
+        stage("decode", format!("ms per token, median over {} steps x {repeats} runs", n - 1), &t.decode, &decode_parts, n - 1, &rates),
+        stage("first_token", "pixels in -> first token".into(), &t.first_token, &first_parts, 1, &rates),
+        stage("caption", format!("pixels in -> {n} tokens"), &t.caption, &caption_parts, 1, &rates),
+    ];
+
+    // Throughput at batch 1, 8, 32: whole captions, one executor per batch size.
+    let mut throughput = Vec::new();
+    for &tb in args.throughput_batches.iter().filter(|&&tb| tb > 0) {
+        let parts: Vec<Cost> = [cost.vision(tb), cost.qformer(tb), cost.prefill(tb, p_cap)]
+            .into_iter()
+            .chain((0..n - 1).map(|s| cost.decode(tb, p_cap + s)))
+            .collect();
+        let floor_s = parts.iter().map(|c| c.floor_ms(&rates).0).sum::<f64>() / 1e3;
+        let floor_ips = tb as f64 / floor_s;
+        let plan = blip2.plan(tb, p_cap, n, false)?;
+        if let Some(why) = does_not_fit(&backend, &plan, act_bytes) {
+            throughput.push(Throughput { batch: tb, images_per_s: None, caption_ms: None, floor_images_per_s: Some(floor_ips), fraction_of_floor: None, skipped: Some(why) });
+            continue;
+        }
+        let result = backend.executor(weights, &plan.graph).and_then(|mut exec| {
+            let px = crate::synth::random_normal(tb * 3 * blip2.image_size().pow(2), args.seed ^ tb as u64);
+            let mut samples = Vec::new();
+            for r in 0..=repeats.min(5) {
+                let (_, timings) = generate(&plan, exec.as_mut(), &px, &subject.caption_ids, &opts, &mut |_| {})?;
+                if r > 0 {
+                    samples.push(timings.total_ms);
+                }
+            }
+            Ok(median(&samples))
+        });
+        match result {
+            Ok(ms) => {
+                let ips = tb as f64 / (ms / 1e3);
+                throughput.push(Throughput { batch: tb, images_per_s: Some(ips), caption_ms: Some(ms), floor_images_per_s: Some(floor_ips), fraction_of_floor: Some(ips / floor_ips), skipped: None });
+            }
+            Err(e) => throughput.push(Throughput { batch: tb, images_per_s: None, caption_ms: None, floor_images_per_s: Some(floor_ips), fraction_of_floor: None, skipped: Some(format!("failed: {e}")) }),
+        }
+    }
+    if rates.matrix_gflops.is_none() {
+        notes.push("no matrix rate for this device: floors are memory floors only (set GLIMPSE_MATRIX_TFLOPS)".into());
+    }
+
+    let (device_name, dev_label) = match &backend {
+        Backend::Cpu => (cpu_name(), "cpu".to_string()),
+        Backend::Cuda(_) => (backend.name(), "cuda".to_string()),
+    };
+    Ok(Report {
+        date: utc_now(),
+        commit: git_commit(),
+        device: dev_label,
+        device_name,
+        threads: rayon::current_num_threads(),
+        model: subject.label.clone(),
+        preset: subject.preset.clone(),
+        seed: args.seed,
+        parameters: blip2.weights.parameters(),
+        weight_bytes: blip2.weights.parameters() * 2,
+        batch: b,
+        new_tokens: n,
+        repeats,
+        caption_prompt_tokens: p_cap,
+        vqa_prompt_tokens: p_vqa,
+        setup_s,
+        rates,
+        stages,
+        throughput,
+        notes,
+    })
+}
+
+/// Raw samples of each stage, ms.
+struct StageTimes {
+    vision: Vec<f64>,
+    qformer: Vec<f64>,
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    first_token: Vec<f64>,
+    caption: Vec<f64>,
+}
+
+fn timed(exec: &mut dyn Executor, f: impl FnOnce(&mut dyn Executor) -> Result<()>) -> Result<f64> {
+    exec.synchronize()?;
+    let s = Instant::now();
+    f(exec)?;
+    exec.synchronize()?;
+    Ok(s.elapsed().as_secs_f64() * 1e3)
+}
+
+fn repeat_ids(ids: &[u32], batch: usize) -> Vec<u32> {
+    (0..batch).flat_map(|_| ids.iter().copied()).collect()
+}
+
+fn time_stages(exec: &mut dyn Executor, plan: &Blip2Plan, pixels: &[f32], ids: &[u32], opts: &GenerateOptions, repeats: usize) -> Result<StageTimes> {
+    let b = plan.batch;
+    let mut t = StageTimes { vision: vec![], qformer: vec![], prefill: vec![], decode: vec![], first_token: vec![], caption: vec![] };
+    // Whole captions: warm-up (also warms every phase for the per-stage timings), then timed.
+    for r in 0..=repeats {
+        let (_, timings) = generate(plan, exec, pixels, ids, opts, &mut |_| {})?;
+        if r > 0 {
+            t.first_token.push(timings.first_token_ms);
+            t.caption.push(timings.total_ms);
+        }
+    }
+    let tokens = repeat_ids(ids, b);
+    for _ in 0..repeats {
+        exec.write(plan.pixels, pixels)?;
+        t.vision.push(timed(exec, |e| e.run(&plan.vision))?);
+        t.qformer.push(timed(exec, |e| e.run(&plan.qformer))?);
+        exec.set_tokens(&tokens);
+        exec.set_position(0);
+        t.prefill.push(timed(exec, |e| e.run(&plan.prefill))?);
+        let mut chosen = exec.greedy(plan.prefill_logits, plan.prefill_logit_rows)?;
+        for step in 0..opts.max_new_tokens - 1 {
+            let next: Vec<u32> = chosen.iter().map(|&(tok, _)| tok).collect();
+            exec.set_tokens(&next);
+            exec.set_position(plan.prompt_len + step);
+            t.decode.push(timed(exec, |e| e.run(&plan.decode))?);
+            chosen = exec.greedy(plan.decode_logits, b)?;
+        }
+    }
+    Ok(t)
+}
+
+fn time_prefill(exec: &mut dyn Executor, plan: &Blip2Plan, pixels: &[f32], ids: &[u32], repeats: usize) -> Result<Vec<f64>> {
+    exec.write(plan.pixels, pixels)?;
+    exec.run(&plan.vision)?;
+    exec.run(&plan.qformer)?;
+    let tokens = repeat_ids(ids, plan.batch);
+    let mut out = Vec::new();
+    for r in 0..=repeats {
+        exec.set_tokens(&tokens);
+        exec.set_position(0);
+        let ms = timed(exec, |e| e.run(&plan.prefill))?;
+        if r > 0 {
+            out.push(ms);
+        }
+    }
+    Ok(out)
+}
+
+/// Why a plan's buffers would not fit in free memory (None: they fit, or it is unknown).
+fn does_not_fit(backend: &Backend, plan: &Blip2Plan, act_bytes: f64) -> Option<String> {
+    let need = plan.graph.buffers.iter().map(|d| (d.rows * d.cols) as f64).sum::<f64>() * act_bytes;
+    let free = match backend {
+        Backend::Cpu => mem_available_bytes()?,
+        Backend::Cuda(w) => w.dev.context().mem_get_info().ok()?.0 as f64,
+    };
+    (need > 0.9 * free).then(|| format!("needs {:.2} GB of activations and cache, {:.2} GB free", need / 1e9, free / 1e9))
+}
+
+fn mem_available_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
+
+/// A stage's timings against the floor of `parts` (run one after another), divided by `per`
+/// (the number of steps, for per-token figures).
+fn stage(name: &str, what: String, samples: &[f64], parts: &[Cost], per: usize, rates: &Rates) -> Stage {
+    let med = median(samples);
+    let k = 1.0 / per.max(1) as f64;
+    let (mut floor, mut mem, mut comp, mut bytes, mut flops) = (0.0, 0.0, Some(0.0), 0.0, 0.0);
+    let (mut mem_bound, mut comp_bound) = (false, false);
+    for c in parts {
+        let (f, m, cm) = c.floor_ms(rates);
+        floor += f * k;
+        mem += m * k;
+        comp = comp.zip(cm).map(|(a, b)| a + b * k);
+        bytes += c.bytes * k;
+        flops += c.flops * k;
+        if cm.is_some_and(|cm| cm > m) {
+            comp_bound = true;
+        } else {
+            mem_bound = true;
+        }
+    }
+    Stage {
+        stage: name.into(),
+        what,
+        median_ms: med,
+        min_ms: samples.iter().copied().fold(f64::INFINITY, f64::min),
+        samples: samples.len(),
+        floor_ms: floor,
+        memory_floor_ms: mem,
+        compute_floor_ms: comp,
+        bound: match (mem_bound, comp_bound) {
+            (true, true) => "mixed",
+            (false, true) => "compute",
+            _ => "memory",
+        },
+        bytes,
+        flops,
+        fraction_of_floor: floor / med,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Floors
+
+/// Bytes a stage must move and FLOPs it must do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub bytes: f64,
+    pub flops: f64,
+}
+
+impl Cost {
+    fn add(self, o: Cost) -> Cost {
+        Cost { bytes: self.bytes + o.bytes, flops: self.flops + o.flops }
+    }
+    fn scale(self, k: f64) -> Cost {
+        Cost { bytes: self.bytes * k, flops: self.flops * k }
+    }
+    /// (floor, memory floor, compute floor) in ms.
+    fn floor_ms(&self, r: &Rates) -> (f64, f64, Option<f64>) {
+        let mem = self.bytes / (r.copy_gbs * 1e9) * 1e3;
+        let comp = r.matrix_gflops.map(|g| self.flops / (g * 1e9) * 1e3);
+        (mem.max(comp.unwrap_or(0.0)), mem, comp)
+    }
+}
+
+/// The bytes and FLOPs of each stage, from the config and the loaded weight sizes.
+pub struct CostModel {
+    cfg: Blip2Config,
+    /// fp16 weight bytes: vision; Q-Former + query tokens + projection; decoder layers, final
+    /// norm and lm_head (embed_tokens when tied), i.e. what a decoder pass reads in full.
+    vision_w: f64,
+    qformer_w: f64,
+    decoder_w: f64,
+    act: f64,
+}
+
+impl CostModel {
+    pub fn new(cfg: &Blip2Config, weights: &WeightTable, act_bytes: f64) -> Self {
+        let (mut v, mut q, mut d) = (0.0, 0.0, 0.0);
+        for (name, w) in weights.names.iter().zip(&weights.weights) {
+            let bytes = w.numel() as f64 * 2.0;
+            if name.starts_with("vision_model.") {
+                v += bytes;
+            } else if name.starts_with("language_model.") {
+                // Only the rows of the positions table at the step's positions are read.
+                if !name.ends_with("embed_positions.weight") {
+                    d += bytes;
+                }
+            } else {
+                q += bytes;
+            }
+        }
+        Self { cfg: cfg.clone(), vision_w: v, qformer_w: q, decoder_w: d, act: act_bytes }
+    }
+
+    pub fn vision(&self, b: usize) -> Cost {
+        let v = &self.cfg.vision_config;
+        let (b, t, d, i) = (b as f64, v.num_positions() as f64, v.hidden_size as f64, v.intermediate_size as f64);
+        let patch_in = (3 * v.patch_size * v.patch_size) as f64;
+        let per_layer = 2.0 * b * t * (d * 3.0 * d + d * d + 2.0 * d * i) + 4.0 * b * t * t * d;
+        let flops = 2.0 * b * (t - 1.0) * patch_in * d + v.num_hidden_layers as f64 * per_layer;
+        let bytes = self.vision_w + b * 3.0 * (v.image_size * v.image_size) as f64 * self.act + b * t * d * self.act;
+        Cost { bytes, flops }
+    }
+
+    pub fn qformer(&self, b: usize) -> Cost {
+        let q = &self.cfg.qformer_config;
+        let (bf, nq, dq, iq) = (b as f64, self.cfg.num_query_tokens as f64, q.hidden_size as f64, q.intermediate_size as f64);
+        let (t, dv) = (self.cfg.vision_config.num_positions() as f64, q.encoder_hidden_size as f64);
+        let dt = self.cfg.text_config.hidden_size as f64;
+        let mut flops = 0.0;
+        for l in 0..q.num_hidden_layers {
+            flops += 2.0 * bf * nq * 4.0 * dq * dq + 4.0 * bf * nq * nq * dq;
+            if q.has_cross_attention(l) {
+                flops += 2.0 * bf * nq * 2.0 * dq * dq + 2.0 * bf * t * 2.0 * dv * dq + 4.0 * bf * nq * t * dq;
+            }
+            flops += 2.0 * bf * nq * 2.0 * dq * iq;
+        }
+        flops += 2.0 * bf * nq * dq * dt;
+        let bytes = self.qformer_w + bf * t * dv * self.act + bf * nq * dt * self.act;
+        Cost { bytes, flops }
+    }
+
+    /// Per-token decoder work excluding attention over the cache: [Linear FLOPs per row, lm_head FLOPs per row].
+    fn decoder_linear_flops(&self) -> (f64, f64) {
+        let c = &self.cfg.text_config;
+        let (h, f, e, v) = (c.hidden_size as f64, c.ffn_dim as f64, c.embed_dim() as f64, c.vocab_size as f64);
+        let proj = if c.embed_dim() != c.hidden_size { 2.0 * 2.0 * e * h } else { 0.0 };
+        (c.num_hidden_layers as f64 * 2.0 * (4.0 * h * h + 2.0 * h * f) + proj, 2.0 * e * v)
+    }
+
+    /// Prefill of `p` tokens per item: logits for the last row only.
+    pub fn prefill(&self, b: usize, p: usize) -> Cost {
+        let c = &self.cfg.text_config;
+        let (bf, pf, h, l) = (b as f64, p as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
+        let (lin, head) = self.decoder_linear_flops();
+        let attn = l * 4.0 * bf * h * pf * (pf + 1.0) / 2.0;
+        let flops = bf * pf * lin + bf * head + attn;
+        let nq = self.cfg.num_query_tokens as f64;
+        let bytes = self.decoder_w
+            + bf * nq * h * self.act // image embeddings in
+            + bf * pf * c.embed_dim() as f64 * 2.0 + pf * h * 2.0 // token and position rows
+            + l * 2.0 * bf * pf * h * self.act // K and V written
+            + bf * c.vocab_size as f64 * self.act; // logits out
+        Cost { bytes, flops }
+    }
+
+    /// One decode step with `pos` tokens already cached.
+    pub fn decode(&self, b: usize, pos: usize) -> Cost {
+        let c = &self.cfg.text_config;
+        let (bf, h, l) = (b as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
+        let kv = (pos + 1) as f64;
+        let (lin, head) = self.decoder_linear_flops();
+        let flops = bf * (lin + head) + l * 4.0 * bf * h * kv;
+        let bytes = self.decoder_w
+            + bf * c.embed_dim() as f64 * 2.0 + h * 2.0
+            + l * 2.0 * bf * kv * h * self.act // K and V read (the new row included)
+            + l * 2.0 * bf * h * self.act
+            + bf * c.vocab_size as f64 * self.act;
+        Cost { bytes, flops }
+    }
+
+    /// Mean cost of the `n - 1` decode steps after a prompt of `p` tokens.
+    pub fn decode_avg(&self, b: usize, p: usize, n: usize) -> Cost {
+        let steps = n.saturating_sub(1).max(1);
+        (0..steps).map(|s| self.decode(b, p + s)).fold(Cost::default(), Cost::add).scale(1.0 / steps as f64)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine rates
+
+fn measure_rates(backend: &Backend) -> Result<Rates> {
+    match backend {
+        Backend::Cpu => {
+            let (gbs, copy_source) = cpu_copy_bandwidth();
+            let (gflops, matrix_source) = cpu_matrix_gflops();
+            Ok(Rates { copy_gbs: gbs, copy_source, matrix_gflops: Some(gflops), matrix_source })
+        }
+        Backend::Cuda(w) => {
+            let (copy_gbs, copy_source) = cuda_copy_bandwidth(&w.dev)?;
+            let (matrix_gflops, matrix_source) = cuda_matrix_gflops();
+            Ok(Rates { copy_gbs, copy_source, matrix_gflops, matrix_source })
+        }
+    }
+}
+
+/// Multi-threaded memcpy of 256 MiB, best of 5; (read + written) bytes / s.
+fn cpu_copy_bandwidth() -> (f64, String) {
+    use rayon::prelude::*;
+    const N: usize = 256 << 20;
+    let src: Vec<u8> = (0..N).into_par_iter().map(|i| i as u8).collect();
+    let mut dst = vec![1u8; N];
+    let chunk = N / (4 * rayon::current_num_threads()).max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        let s = Instant::now();
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(s.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    (2.0 * N as f64 / best / 1e9, format!("multi-threaded memcpy of 256 MiB on {} threads, best of 6, read+write bytes", rayon::current_num_threads()))
+}
+
+/// `backend::cpu::ops::linear` on 1024 x 1024 x 1024 (f32 activations, fp16 weights), best of 3.
+fn cpu_matrix_gflops() -> (f64, String) {
+    const M: usize = 1024;
+    let x = crate::synth::random_normal(M * M, 1);
+    let w: Vec<half::f16> = crate::synth::random_normal(M * M, 2).into_iter().map(half::f16::from_f32).collect();
+    let mut out = vec![0f32; M * M];
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let s = Instant::now();
+        crate::backend::cpu::ops::linear(&x, M, M, &w, M, None, crate::graph::Activation::None, &mut out, false);
+        best = best.min(s.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&out);
+    (2.0 * (M * M * M) as f64 / best / 1e9, "backend::cpu::ops::linear 1024x1024x1024, best of 4".into())
+}
+
+/// Device-to-device copy of 1 GiB, best of 10: (read + written) bytes / s. `GLIMPSE_COPY_GBS`
+/// overrides. Switch to `backend::cuda::copy_bandwidth_gbs()` once the backend exposes one.
+fn cuda_copy_bandwidth(dev: &crate::backend::cuda::CudaDevice) -> Result<(f64, String)> {
+    if let Some(v) = env_f64("GLIMPSE_COPY_GBS") {
+        return Ok((v, "GLIMPSE_COPY_GBS".into()));
+    }
+    const N: usize = 1 << 30;
+    let src = dev.alloc::<u8>(N)?;
+    let dst = dev.alloc::<u8>(N)?;
+    let mut best = f64::INFINITY;
+    for i in 0..13 {
+        dev.synchronize()?;
+        let s = Instant::now();
+        dev.copy_device(&src, &dst)?;
+        dev.synchronize()?;
+        if i >= 3 {
+            best = best.min(s.elapsed().as_secs_f64());
+        }
+    }
+    Ok((2.0 * N as f64 / best / 1e9, "cuMemcpyDtoD of 1 GiB timed by glimpse bench, best of 10, read+write bytes".into()))
+}
+
+/// The GPU's fp16 matrix rate: taken from a GEMM measured elsewhere in the same run (the kernel
+/// bench or torch's cuBLAS, see scripts/device-e2e.sh), passed as `GLIMPSE_MATRIX_TFLOPS`.
+/// Hook: replace with a call into the kernel bench's GEMM once the backend exposes one.
+fn cuda_matrix_gflops() -> (Option<f64>, String) {
+    match env_f64("GLIMPSE_MATRIX_TFLOPS") {
+        Some(t) => (Some(t * 1e3), "GLIMPSE_MATRIX_TFLOPS (fp16 GEMM measured in the same run)".into()),
+        None => (None, "unknown: set GLIMPSE_MATRIX_TFLOPS to a measured fp16 GEMM rate".into()),
+    }
+}
+
+fn env_f64(name: &str) -> Option<f64> {
+    std::env::var(name).ok()?.trim().parse().ok().filter(|v: &f64| *v > 0.0)
+}
+
+fn cpu_name() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("cpu: {model}, {} threads", rayon::current_num_threads())
+}
+
+/// `GLIMPSE_COMMIT`, else `git rev-parse --short=12 HEAD` (+ "-dirty"), else None.
+pub fn git_commit() -> Option<String> {
+    if let Ok(c) = std::env::var("GLIMPSE_COMMIT") {
+        if !c.trim().is_empty() {
+            return Some(c.trim().to_string());
+        }
+    }
+    let git = |args: &[&str]| {
+        std::process::Command::new("git").args(args).stderr(std::process::Stdio::null()).output().ok().filter(|o| o.status.success())
+    };
+    let head = String::from_utf8(git(&["rev-parse", "--short=12", "HEAD"])?.stdout).ok()?.trim().to_string();
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|o| !o.stdout.is_empty());
+    Some(if dirty { format!("{head}-dirty") } else { head })
+}
+
+/// UTC now as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+impl Report {
+    /// The readable form: header, rates, one row per stage, the throughput table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "glimpse bench  {}  commit {}", self.date, self.commit.as_deref().unwrap_or("unknown"));
+        let _ = writeln!(s, "device: {}", self.device_name);
+        let _ = writeln!(
+            s,
+            "model:  {} ({:.3} B parameters, {:.2} GB fp16)",
+            self.model,
+            self.parameters as f64 / 1e9,
+            self.weight_bytes as f64 / 1e9
+        );
+        let _ = writeln!(s, "batch {}, {} new tokens (EOS ignored), median of {} runs after a warm-up", self.batch, self.new_tokens, self.repeats);
+        let _ = writeln!(s, "copy bandwidth {:.1} GB/s ({})", self.rates.copy_gbs, self.rates.copy_source);
+        match self.rates.matrix_gflops {
+            Some(g) => {
+                let _ = writeln!(s, "matrix rate    {:.1} GFLOP/s ({})", g, self.rates.matrix_source);
+            }
+            None => {
+                let _ = writeln!(s, "matrix rate    {}", self.rates.matrix_source);
+            }
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "{:<12} {:>11} {:>11} {:>11}  {:<8} what", "stage", "median ms", "floor ms", "% of floor", "bound");
+        for st in &self.stages {
+            let _ = writeln!(
+                s,
+                "{:<12} {:>11.3} {:>11.3} {:>10.1}%  {:<8} {}",
+                st.stage,
+                st.median_ms,
+                st.floor_ms,
+                100.0 * st.fraction_of_floor,
+                st.bound,
+                st.what
+            );
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "throughput ({} tokens per caption)", self.new_tokens);
+        let _ = writeln!(s, "{:<6} {:>10} {:>12} {:>12} {:>11}", "batch", "images/s", "caption ms", "floor img/s", "% of floor");
+        for t in &self.throughput {
+            match (&t.skipped, t.images_per_s, t.caption_ms) {
+                (None, Some(ips), Some(ms)) => {
+                    let _ = writeln!(
+                        s,
+                        "{:<6} {:>10.2} {:>12.2} {:>12.2} {:>10.1}%",
+                        t.batch,
+                        ips,
+                        ms,
+                        t.floor_images_per_s.unwrap_or(f64::NAN),
+                        100.0 * t.fraction_of_floor.unwrap_or(f64::NAN)
+                    );
+                }
+                (why, _, _) => {
+                    let _ = writeln!(s, "{:<6} skipped: {}", t.batch, why.as_deref().unwrap_or("unknown"));
+                }
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        s
+    }
+
+    /// The report as a JSON value (what `--json` prints).
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    }
+}

@@ -1,0 +1,83 @@
+//! `glimpse bench` on the CPU with the tiny preset: every stage reported with positive numbers
+//! (speeds are not asserted), and a clear one-line error for `--device cuda` without a GPU.
+
+use std::process::{Command, Output};
+
+fn glimpse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).env("RUST_BACKTRACE", "1").output().expect("run glimpse")
+}
+
+#[test]
+fn bench_tiny_cpu_json_has_every_stage() {
+    let o = glimpse(&["bench", "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "3", "--json"]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "bench failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["preset"], "tiny");
+    assert_eq!(v["new_tokens"], 3);
+    assert!(v["date"].as_str().is_some_and(|d| d.ends_with('Z')));
+    assert!(v["rates"]["copy_gbs"].as_f64().unwrap() > 0.0);
+    assert!(v["rates"]["matrix_gflops"].as_f64().unwrap() > 0.0);
+    let stages = v["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(names, ["vision", "qformer", "prefill", "prefill_vqa", "decode", "first_token", "caption"]);
+    for s in stages {
+        for key in ["median_ms", "min_ms", "floor_ms", "memory_floor_ms", "bytes", "flops", "fraction_of_floor"] {
+            let x = s[key].as_f64().unwrap_or_else(|| panic!("{} has no {key}: {s}", s["stage"]));
+            assert!(x.is_finite() && x > 0.0, "{}.{key} = {x}", s["stage"]);
+        }
+    }
+    assert_eq!(v["prefill"].as_object(), None);
+    assert_eq!(v["caption_prompt_tokens"], 33);
+    assert_eq!(v["vqa_prompt_tokens"], 41);
+    let thr = v["throughput"].as_array().unwrap();
+    assert_eq!(thr.iter().map(|t| t["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 8, 32]);
+    for t in thr {
+        match t["images_per_s"].as_f64() {
+            Some(ips) => assert!(ips > 0.0 && t["caption_ms"].as_f64().unwrap() > 0.0),
+            None => assert!(t["skipped"].as_str().is_some_and(|s| !s.is_empty()), "{t}"),
+        }
+    }
+}
+
+#[test]
+fn bench_table_names_device_and_stages() {
+    let o = glimpse(&["bench", "--device", "cpu", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1,2"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.starts_with("glimpse bench"), "{out}");
+    assert!(out.contains("preset tiny"), "the CPU default is the tiny preset: {out}");
+    assert!(out.contains("\n2      "), "throughput row for batch 2: {out}");
+    for stage in ["vision", "qformer", "prefill", "decode", "first_token", "caption", "% of floor"] {
+        assert!(out.contains(stage), "{stage} missing: {out}");
+    }
+}
+
+#[test]
+fn bench_cuda_without_gpu_is_one_clear_error() {
+    if glimpse::backend::cuda_unavailable_reason().is_none() {
+        eprintln!("skipped: a usable GPU is present");
+        return;
+    }
+    let o = glimpse(&["bench", "--preset", "tiny", "--device", "cuda", "--repeats", "1", "--new-tokens", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error: --device cuda: "), "{err}");
+}
+
+#[test]
+fn bench_rejects_bad_arguments() {
+    for (args, needle) in [
+        (&["bench", "--preset", "huge", "--device", "cpu"][..], "unknown preset"),
+        (&["bench", "--preset", "tiny", "--device", "cpu", "--new-tokens", "1"][..], "--new-tokens"),
+        (&["bench", "--preset", "tiny", "--device", "tpu"][..], "unknown device"),
+    ] {
+        let o = glimpse(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,118 @@
+//! `glimpse synth`: presets, parameter counts, the in-memory random checkpoint, and the tiny
+//! preset written as an HF folder that `Model::load` reads back and captions with.
+
+mod common;
+
+use glimpse::synth::{parameter_count, preset, random_checkpoint, tokenizer, write_folder, PRESETS};
+use glimpse::{Device, Model};
+
+#[test]
+fn tiny_round_trips_through_a_folder() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("tiny");
+    write_folder("tiny", &dir, 7).expect("write tiny");
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts a synth folder");
+    assert_eq!(model.blip2.weights.parameters(), parameter_count(&preset("tiny").unwrap()));
+    let mut opts = model.default_options();
+    assert_eq!(opts.eos_token_ids, vec![202]);
+    opts.max_new_tokens = 5;
+    let out = model.caption(&common::image("odd_257x181.png"), &opts).expect("caption");
+    assert!(!out.tokens.is_empty() && out.tokens.len() <= 5);
+    // The VQA path (prompt tokenized by the synth tokenizer) runs too.
+    let out = model.ask(&common::image("wide_301x97.png"), "what is this?", &model.default_options()).expect("ask");
+    assert!(!out.tokens.is_empty());
+}
+
+#[test]
+fn parameter_counts_match_transformers() {
+    // Blip2ForConditionalGeneration(config).num_parameters() in transformers 5.17 (tied lm_head
+    // counted once, no Q-Former text branch). The hub card's 3.87 B for blip2-opt-2.7b counts the
+    // untied lm_head copy of its fp32 files as well.
+    let p27 = parameter_count(&preset("blip2-opt-2.7b").unwrap());
+    assert_eq!(p27, 3_744_761_856);
+    assert!((3.7e9..3.8e9).contains(&(p27 as f64)));
+    assert_eq!(parameter_count(&preset("blip2-opt-6.7b").unwrap()), 7_752_869_376);
+    assert_eq!(parameter_count(&preset("tiny").unwrap()), 2_017_968);
+}
+
+#[test]
+fn presets_have_the_real_shapes() {
+    let c = preset("blip2-opt-2.7b").unwrap();
+    let (v, q, t) = (&c.vision_config, &c.qformer_config, &c.text_config);
+    assert_eq!((v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size, v.patch_size), (1408, 39, 16, 6144, 224, 14));
+    assert_eq!((q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.intermediate_size, q.cross_attention_frequency, q.encoder_hidden_size), (768, 12, 12, 3072, 2, 1408));
+    assert_eq!((t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.ffn_dim, t.vocab_size, t.max_position_embeddings), (2560, 32, 32, 10240, 50304, 2048));
+    assert_eq!((c.image_token(), c.num_query_tokens, t.bos_token_id, t.pad_token_id), (50265, 32, Some(2), Some(1)));
+    assert_eq!(t.eos_token_id.as_ref().unwrap().to_vec(), vec![50118]);
+    let c = preset("blip2-opt-6.7b").unwrap();
+    assert_eq!((c.text_config.hidden_size, c.text_config.ffn_dim, c.text_config.num_hidden_layers), (4096, 16384, 32));
+    let c = preset("tiny").unwrap();
+    assert_eq!((c.vision_config.head_dim(), c.qformer_config.head_dim(), c.text_config.head_dim(), c.vision_config.num_positions()), (88, 64, 80, 257));
+    assert_eq!(PRESETS.len(), 3);
+}
+
+#[test]
+fn unknown_preset_is_an_error() {
+    let e = preset("blip2-opt-13b").unwrap_err().to_string();
+    assert!(e.contains("unknown preset `blip2-opt-13b`") && e.contains("tiny"), "{e}");
+    let tmp = common::tempdir();
+    assert!(write_folder("nope", &tmp.path().join("x"), 0).is_err());
+    assert!(!tmp.path().join("x").exists(), "nothing written for an unknown preset");
+}
+
+#[test]
+fn refuses_to_write_into_a_non_empty_folder() {
+    let tmp = common::tempdir();
+    std::fs::write(tmp.path().join("keep.txt"), "mine").unwrap();
+    let e = write_folder("tiny", tmp.path(), 0).unwrap_err().to_string();
+    assert!(e.contains("not empty"), "{e}");
+    assert_eq!(std::fs::read_to_string(tmp.path().join("keep.txt")).unwrap(), "mine");
+    assert!(!tmp.path().join("model.safetensors").exists());
+    // An existing empty folder is fine.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    write_folder("tiny", &empty, 0).expect("empty folder accepted");
+}
+
+#[test]
+fn random_weights_are_deterministic_and_scaled() {
+    let cfg = preset("tiny").unwrap();
+    let (a, b, c) = (random_checkpoint(&cfg, 1), random_checkpoint(&cfg, 1), random_checkpoint(&cfg, 2));
+    let name = "language_model.model.decoder.layers.0.fc1.weight";
+    let (wa, shape) = a.f32(name).unwrap();
+    assert_eq!(shape, vec![320, 160]);
+    assert_eq!(wa, b.f32(name).unwrap().0, "same seed, same values");
+    assert_ne!(wa, c.f32(name).unwrap().0, "another seed, other values");
+    let std = |v: &[f32]| {
+        let m = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+        (v.iter().map(|&x| (f64::from(x) - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    };
+    // OPT linears: gain 3 / sqrt(fan_in); vision linears: 1 / sqrt(fan_in); LN weights ~1.
+    assert!((std(&wa) - 3.0 / 160f64.sqrt()).abs() < 0.02, "{}", std(&wa));
+    let (wv, _) = a.f32("vision_model.encoder.layers.1.mlp.fc2.weight").unwrap();
+    assert!((std(&wv) - 1.0 / 352f64.sqrt()).abs() < 0.005, "{}", std(&wv));
+    let (ln, _) = a.f32("qformer.layernorm.weight").unwrap();
+    assert!(ln.iter().all(|&x| (0.5..1.5).contains(&x)));
+    // Every tensor Blip2::load reads is there with the right shape: loading succeeds.
+    glimpse::models::blip2::Blip2::load(&cfg, &a).expect("Blip2::load on the random checkpoint");
+}
+
+#[test]
+fn tokenizer_puts_image_token_at_its_index() {
+    for name in ["tiny", "blip2-opt-2.7b"] {
+        let cfg = preset(name).unwrap();
+        let tok = tokenizer(&cfg).unwrap();
+        assert_eq!(tok.token_to_id("<image>"), Some(cfg.image_token()), "{name}");
+        assert_eq!(tok.get_vocab_size(true), cfg.image_token() as usize + 1, "{name}");
+        let eos = cfg.text_config.eos_token_id.as_ref().unwrap().to_vec()[0];
+        assert_eq!(tok.id_to_token(eos).as_deref(), Some("Ċ"), "{name}: EOS is the newline token");
+        let ids = tok.encode(glimpse::synth::VQA_PROMPT, true).unwrap().get_ids().to_vec();
+        assert_eq!(ids.len(), 9, "{name}: BOS + 8 tokens, as OPT's tokenizer gives: {ids:?}");
+        assert_eq!(ids[0], 2);
+        let with_image = tok.encode("<image><image> a dog", true).unwrap().get_ids().to_vec();
+        assert_eq!(&with_image[..3], &[2, cfg.image_token(), cfg.image_token()]);
+    }
+}
