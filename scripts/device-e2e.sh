@@ -9,8 +9,9 @@
 #    tokens), then static cache + torch.compile,
 # 5. a summary table: glimpse vs transformers per stage, with floors.
 # Writes at most 8 files to $OUT (else ./device-e2e-logs): env.txt, log.txt, glimpse-bench.json,
-# hf-eager.json, hf-logits.safetensors, hf-compiled.json, summary.md. Every step has a timeout;
-# the whole run is budgeted for ~6 minutes on an H100. Exit status: non-zero if glimpse bench failed.
+# hf-eager.json, hf-logits.safetensors, parity.json, hf-compiled.json, summary.md. Every step has a timeout;
+# the whole run is budgeted for ~6 minutes on an H100. Exit status: non-zero if glimpse bench or
+# glimpse parity failed.
 set -uo pipefail
 BIN="${1:-.devbin}"
 LOG="${OUT:-./device-e2e-logs}"
@@ -69,6 +70,12 @@ echo "glimpse bench exit status $rc" | tee -a "$LOG/log.txt"
 step "hf_reference.py eager + sdpa, numerics"
 timeout 420 python3 "$HERE/hf_reference.py" "$MODEL" --device cuda --attn eager,sdpa --seed "$SEED" \
     --out "$LOG/hf-eager.json" --tensors "$LOG/hf-logits.safetensors" 2>&1 | tee -a "$LOG/log.txt"
+
+step "glimpse parity: prefill logits vs transformers fp32, bar <= 2x transformers fp16 error"
+timeout 300 "$G" parity --model "$MODEL" --reference "$LOG/hf-logits.safetensors" --device cuda --json > "$LOG/parity.json" 2>>"$LOG/log.txt"
+prc=$?
+cat "$LOG/parity.json" | tee -a "$LOG/log.txt"
+[ "$prc" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$prc
 
 step "hf_reference.py static cache + torch.compile"
 timeout 360 python3 "$HERE/hf_reference.py" "$MODEL" --device cuda --compile-only --no-numerics --seed "$SEED" \

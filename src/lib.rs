@@ -21,6 +21,7 @@ pub mod hub;
 pub mod image;
 pub mod info;
 pub mod models;
+pub mod parity;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;

@@ -63,6 +63,19 @@ enum Command {
     /// Time every stage (vision, Q-Former, prefill, decode, latency, batch throughput) against
     /// the machine's bandwidth and FLOP floors.
     Bench(glimpse::bench::BenchArgs),
+    /// Compare prefill logits with transformers' on the same input (a --tensors file written by
+    /// scripts/hf_reference.py): error vs fp32 must be <= 2x transformers' own fp16 error.
+    Parity {
+        #[arg(long, short)]
+        model: String,
+        /// pixel_values, input_ids, prefill_logits_fp32 and prefill_logits_fp16.
+        #[arg(long)]
+        reference: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,6 +165,20 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
         Command::Bench(args) => {
             glimpse::bench::run_cli(&args)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Parity { model, reference, device, json } => {
+            let dir = glimpse::hub::resolve_model(&model)?;
+            let r = glimpse::parity::run(&dir, &reference, device.parse()?)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                let (g, t) = (&r.glimpse_vs_fp32, &r.transformers_fp16_vs_fp32);
+                println!("prefill logits [{} x {}] on {}", r.rows, r.vocab, r.device);
+                println!("  glimpse vs transformers fp32:          rel {:.3e}  max abs {:.3e}  argmax {}/{}", g.rel_l2, g.max_abs, g.argmax_agree, r.rows);
+                println!("  transformers fp16 vs transformers fp32: rel {:.3e}  max abs {:.3e}  argmax {}/{}", t.rel_l2, t.max_abs, t.argmax_agree, r.rows);
+                println!("  ratio {:.2} (bar: <= 2): {}", r.ratio, if r.pass { "pass" } else { "FAIL" });
+            }
+            Ok(if r.pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }
