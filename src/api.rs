@@ -59,8 +59,11 @@ pub struct Model {
     backend: Backend,
     /// GPU requests run one at a time on the device; the last plan and its executor (buffers,
     /// recorded decode graph) are kept for the next request of the same shape.
-    gpu: Mutex<Option<(PlanKey, Blip2Plan, Box<dyn Executor>)>>,
+    gpu: Mutex<Option<CachedRun>>,
 }
+
+/// A built plan with its executor, kept for the next request of the same shape.
+type CachedRun = (PlanKey, Blip2Plan, Box<dyn Executor>);
 
 /// (batch, decoder input length, max new tokens): what a plan's buffers depend on.
 type PlanKey = (usize, usize, usize);

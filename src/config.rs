@@ -392,7 +392,7 @@ impl PreprocessorConfig {
         if self.image_mean.len() != 3 || self.image_std.len() != 3 {
             return err("image_mean and image_std must have 3 entries".into());
         }
-        if self.image_std.iter().any(|s| *s == 0.0) {
+        if self.image_std.contains(&0.0) {
             return err("image_std has a zero entry".into());
         }
         if self.do_resize {

@@ -223,13 +223,12 @@ fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
         let mut ww = 0.0;
-        for x in 0..xmax {
-            let w = bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
-            k[x] = w;
-            ww += w;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            *kx = bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
+            ww += *kx;
         }
-        for x in 0..xmax {
-            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+        for (x, &kx) in k.iter().enumerate().take(xmax) {
+            let w = if ww != 0.0 { kx / ww } else { kx };
             let scaled = w * f64::from(1u32 << PRECISION_BITS);
             weights[xx * ksize + x] = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
         }

@@ -104,7 +104,7 @@ fn cuda_graph_replay_equals_direct_launches() {
     let Some(model) = gpu_model("cuda_graph_replay_equals_direct_launches", "blip2-opt-tiny") else { return };
     let px = model.preprocess(&common::image("odd_257x181.png")).unwrap();
     let opts = model.default_options();
-    let replayed = model.run(&[px.clone()], None, &opts, &mut |_| {}).unwrap().remove(0);
+    let replayed = model.run(std::slice::from_ref(&px), None, &opts, &mut |_| {}).unwrap().remove(0);
     // A fresh model reads GLIMPSE_CUDA_GRAPH when it makes its executor.
     std::env::set_var("GLIMPSE_CUDA_GRAPH", "0");
     let direct_model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cuda).unwrap();

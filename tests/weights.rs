@@ -50,9 +50,7 @@ fn fp16_is_zero_copy_and_fp32_bf16_are_converted() {
     let h: Vec<u8> = vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
     let f: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
     let b: Vec<u8> = vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
-    let header = format!(
-        r#"{{"__metadata__":{{"format":"pt"}},"h":{{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]}},"f":{{"dtype":"F32","shape":[2,3],"data_offsets":[12,36]}},"b":{{"dtype":"BF16","shape":[6],"data_offsets":[36,48]}},"pos":{{"dtype":"I64","shape":[1],"data_offsets":[48,56]}}}}"#
-    );
+    let header = r#"{"__metadata__":{"format":"pt"},"h":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]},"f":{"dtype":"F32","shape":[2,3],"data_offsets":[12,36]},"b":{"dtype":"BF16","shape":[6],"data_offsets":[36,48]},"pos":{"dtype":"I64","shape":[1],"data_offsets":[48,56]}}"#;
     // Pad the header to 8 bytes as safetensors does, so fp16 data is aligned.
     let header = format!("{header:<width$}", width = header.len().div_ceil(8) * 8);
     write_raw(&path, &header, &[h, f, b, vec![0u8; 8]].concat());

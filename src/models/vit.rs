@@ -131,7 +131,7 @@ fn load_qkv_bias(ld: &mut Loader, attn_prefix: &str, d: usize) -> Result<W> {
     let qb = ld.ckpt.f16(&q, &[d])?;
     let vb = ld.ckpt.f16(&v, &[d])?;
     let mut bias = qb.as_slice().to_vec();
-    bias.extend(std::iter::repeat(f16::ZERO).take(d));
+    bias.extend(std::iter::repeat_n(f16::ZERO, d));
     bias.extend_from_slice(vb.as_slice());
     Ok(ld.table.add(fused, Weight::from_vec(vec![3 * d], bias)))
 }

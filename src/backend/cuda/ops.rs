@@ -383,7 +383,7 @@ impl CudaDevice {
         let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
         let pair = n % 2 == 0
             && y.is_aligned(4)
-            && bias.map_or(true, |b| b.is_aligned(4))
+            && bias.is_none_or(|b| b.is_aligned(4))
             && (res_ptr % 4 == 0);
         let (bm, bn, threads, smem, cfg) = match tile {
             GemmTile::Large => (128, 128, 256, 65536u32, "l"),
