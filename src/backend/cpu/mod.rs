@@ -1,6 +1,7 @@
 //! The reference executor: every buffer is an f32 `Vec`, allocated once; weights stay fp16.
 
 pub mod ops;
+mod simd;
 
 use std::sync::Arc;
 

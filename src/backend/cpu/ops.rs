@@ -11,7 +11,7 @@ use crate::graph::Activation;
 /// Rows of the weight converted to f32 at a time by [`linear`] (bounds the scratch memory).
 const WEIGHT_BLOCK_ROWS: usize = 512;
 /// Up to this many rows a Linear runs as matrix-vector products (decode), above it as a GEMM.
-const GEMV_MAX_ROWS: usize = 4;
+const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
 
 /// `out[r, j] (+)= act(sum_k x[r, k] * w[j, k] + bias[j])` for `rows` rows; `x` is contiguous
 /// `[rows, k]`, `w` is `[n, k]` (PyTorch Linear layout), `out` is `[rows, n]`. With
@@ -26,20 +26,9 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
     };
     if rows <= GEMV_MAX_ROWS {
         // One output column per task: stream each weight row once for all rows of x.
-        let cols: Vec<[f32; GEMV_MAX_ROWS]> = (0..n)
-            .into_par_iter()
-            .map_init(
-                || vec![0f32; k],
-                |wrow, j| {
-                    w[j * k..(j + 1) * k].convert_to_f32_slice(wrow);
-                    let mut acc = [0f32; GEMV_MAX_ROWS];
-                    for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                        *a = dot(&x[r * k..(r + 1) * k], wrow);
-                    }
-                    acc
-                },
-            )
-            .collect();
+        let xs: Vec<&[f32]> = (0..rows).map(|r| &x[r * k..(r + 1) * k]).collect();
+        let cols: Vec<[f32; GEMV_MAX_ROWS]> =
+            (0..n).into_par_iter().with_min_len(16).map(|j| super::simd::dot_rows(&xs, &w[j * k..(j + 1) * k])).collect();
         for (j, acc) in cols.iter().enumerate() {
             for (r, &a) in acc.iter().enumerate().take(rows) {
                 epilogue(r, j, a, out);
