@@ -66,23 +66,6 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
     }
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums: vectorises, and rounds no worse than a serial loop.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
-}
-
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w + b` with `s = x[r] (+ residual[r])`;
 /// statistics in f64 (biased variance, as torch).
 #[allow(clippy::too_many_arguments)]
@@ -123,50 +106,74 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
-/// Softmax attention; `out` is `[batch * q_len, heads * head_dim]`. Softmax in f32 with the
-/// running max subtracted, like torch's eager path.
+/// Softmax attention; `out` is `[batch * q_len, heads * head_dim]`. Per (batch, head), on one
+/// thread each: S = scale * Q Kᵀ and O = softmax(S) V as two GEMMs reading Q, K, V in place
+/// through their strides; masked scores are -inf, softmax in f32 with the row max subtracted,
+/// like torch's eager path.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32]) {
     let d = s.head_dim;
     let width = s.heads * d;
+    let (lq, lkv) = (s.q_len, s.kv_len);
+    // Bounds of every element the GEMMs read, checked once here for the unsafe calls below.
+    let last = |batch_rows: usize, rows: usize, stride: usize, col: usize| {
+        ((s.batch - 1) * batch_rows + rows - 1) * stride + col + width
+    };
+    assert!(s.batch > 0 && lq > 0 && lkv > 0, "attention: empty shape");
+    assert!(q.len() >= last(lq, lq, s.q_stride, s.q_col), "attention: q too short");
+    assert!(k.len() >= last(s.kv_batch_stride, lkv, s.kv_stride, s.k_col), "attention: k too short");
+    assert!(v.len() >= last(s.kv_batch_stride, lkv, s.kv_stride, s.v_col), "attention: v too short");
     let results: Vec<Vec<f32>> = (0..s.batch * s.heads)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / s.heads, bh % s.heads);
-            let mut o = vec![0f32; s.q_len * d];
-            let mut scores = vec![0f32; s.kv_len];
-            for i in 0..s.q_len {
-                let qrow = &q[(b * s.q_len + i) * s.q_stride + s.q_col + h * d..][..d];
-                let visible = match s.causal_from {
-                    Some(p) => (p + i + 1).min(s.kv_len),
-                    None => s.kv_len,
-                };
-                let mut max = f32::NEG_INFINITY;
-                for (j, sc) in scores.iter_mut().enumerate().take(visible) {
-                    let krow = &k[(b * s.kv_batch_stride + j) * s.kv_stride + s.k_col + h * d..][..d];
-                    *sc = dot(qrow, krow) * s.scale;
-                    max = max.max(*sc);
-                }
+            let q0 = (b * lq) * s.q_stride + s.q_col + h * d;
+            let k0 = (b * s.kv_batch_stride) * s.kv_stride + s.k_col + h * d;
+            let v0 = (b * s.kv_batch_stride) * s.kv_stride + s.v_col + h * d;
+            let mut scores = vec![0f32; lq * lkv];
+            // SAFETY: dst `scores` is lq x lkv (row stride lkv). lhs: Q rows i < lq at
+            // q0 + i*q_stride, columns c < d; rhs: Kᵀ, element (c, j) at k0 + j*kv_stride + c,
+            // j < lkv. The asserts above bound the largest index read in q and k.
+            unsafe {
+                gemm::gemm(
+                    lq, lkv, d,
+                    scores.as_mut_ptr(), 1, lkv as isize, false,
+                    q.as_ptr().add(q0), 1, s.q_stride as isize,
+                    k.as_ptr().add(k0), s.kv_stride as isize, 1,
+                    0.0, s.scale, false, false, false,
+                    Parallelism::None,
+                );
+            }
+            for (i, row) in scores.chunks_mut(lkv).enumerate() {
+                let visible = s.causal_from.map_or(lkv, |p| (p + i + 1).min(lkv));
+                row[visible..].fill(f32::NEG_INFINITY);
+                let max = row[..visible].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
-                for sc in scores.iter_mut().take(visible) {
+                for sc in row.iter_mut() {
                     *sc = (*sc - max).exp();
                     sum += *sc;
                 }
-                let orow = &mut o[i * d..(i + 1) * d];
-                for (j, &p) in scores.iter().enumerate().take(visible) {
-                    let vrow = &v[(b * s.kv_batch_stride + j) * s.kv_stride + s.v_col + h * d..][..d];
-                    let p = p / sum;
-                    for (ov, &vv) in orow.iter_mut().zip(vrow) {
-                        *ov += p * vv;
-                    }
-                }
+                row.iter_mut().for_each(|p| *p /= sum);
+            }
+            let mut o = vec![0f32; lq * d];
+            // SAFETY: dst `o` is lq x d (row stride d). lhs: the probabilities, lq x lkv; rhs: V,
+            // element (j, c) at v0 + j*kv_stride + c, j < lkv, c < d, bounded by the assert above.
+            unsafe {
+                gemm::gemm(
+                    lq, d, lkv,
+                    o.as_mut_ptr(), 1, d as isize, false,
+                    scores.as_ptr(), 1, lkv as isize,
+                    v.as_ptr().add(v0), 1, s.kv_stride as isize,
+                    0.0, 1.0, false, false, false,
+                    Parallelism::None,
+                );
             }
             o
         })
         .collect();
     for (bh, o) in results.iter().enumerate() {
         let (b, h) = (bh / s.heads, bh % s.heads);
-        for i in 0..s.q_len {
-            out[(b * s.q_len + i) * width + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
+        for i in 0..lq {
+            out[(b * lq + i) * width + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
         }
     }
 }
