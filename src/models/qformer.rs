@@ -109,15 +109,13 @@ impl QFormer {
         for l in &self.layers {
             // h = LN(dense(SelfAttn(x)) + x)
             self.attention(g, &l.self_attention, &self_scratch, x, x, batch, nq, h);
-            let mut cur = h;
             if let Some(cross) = &l.cross_attention {
-                // h = LN(dense(CrossAttn(h, image)) + h)   (the norm may write in place)
+                // h = LN(dense(CrossAttn(h, image)) + h)   (dense writes a scratch, LN back to h)
                 self.attention(g, cross, &cross_scratch, h, image, batch, image_tokens, h);
-                cur = h;
             }
             // x = LN(output_query(GELU(intermediate_query(h))) + h)
-            g.linear(cur, l.intermediate_query.weight, l.intermediate_query.bias, Activation::Gelu, None, ffn, rows);
-            g.linear(ffn, l.output_query.weight, l.output_query.bias, Activation::None, Some(cur), self_scratch.dense, rows);
+            g.linear(h, l.intermediate_query.weight, l.intermediate_query.bias, Activation::Gelu, None, ffn, rows);
+            g.linear(ffn, l.output_query.weight, l.output_query.bias, Activation::None, Some(h), self_scratch.dense, rows);
             g.layer_norm(self_scratch.dense, None, &l.output_layer_norm, x, rows);
         }
         x

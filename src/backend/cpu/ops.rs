@@ -19,20 +19,22 @@ const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
 #[allow(clippy::too_many_arguments)]
 pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Option<&[f16]>, act: Activation, out: &mut [f32], accumulate: bool) {
     assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
-    let epilogue = |r: usize, j: usize, acc: f32, out: &mut [f32]| {
-        let v = act.apply(acc + bias.map_or(0.0, |b| b[j].to_f32()));
-        let o = &mut out[r * n + j];
-        *o = if accumulate { *o + v } else { v };
+    let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
+    // out[j] (+)= act(acc[j] + bias[j]) over one output row's columns `cols`.
+    let epilogue = |out_row: &mut [f32], acc: &[f32], cols: std::ops::Range<usize>| {
+        for (o, (&a, &b)) in out_row[cols.clone()].iter_mut().zip(acc.iter().zip(&bias[cols])) {
+            let v = act.apply(a + b);
+            *o = if accumulate { *o + v } else { v };
+        }
     };
     if rows <= GEMV_MAX_ROWS {
         // One output column per task: stream each weight row once for all rows of x.
         let xs: Vec<&[f32]> = (0..rows).map(|r| &x[r * k..(r + 1) * k]).collect();
         let cols: Vec<[f32; GEMV_MAX_ROWS]> =
             (0..n).into_par_iter().with_min_len(16).map(|j| super::simd::dot_rows(&xs, &w[j * k..(j + 1) * k])).collect();
-        for (j, acc) in cols.iter().enumerate() {
-            for (r, &a) in acc.iter().enumerate().take(rows) {
-                epilogue(r, j, a, out);
-            }
+        for (r, out_row) in out.chunks_mut(n).take(rows).enumerate() {
+            let acc: Vec<f32> = cols.iter().map(|c| c[r]).collect();
+            epilogue(out_row, &acc, 0..n);
         }
         return;
     }
@@ -58,11 +60,7 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
                 Parallelism::Rayon(0),
             );
         }
-        for r in 0..rows {
-            for jj in 0..nb {
-                epilogue(r, j0 + jj, t[r * nb + jj], out);
-            }
-        }
+        out[..rows * n].par_chunks_mut(n).zip(t.par_chunks(nb)).for_each(|(out_row, acc)| epilogue(out_row, acc, j0..j0 + nb));
     }
 }
 
