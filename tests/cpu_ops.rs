@@ -1,6 +1,6 @@
 //! The reference CPU ops against naive f64 definitions, on fresh random data each run (seed
 //! printed), at shapes that take every code path: the GEMV path (rows <= 4) and the blocked GEMM
-//! path (rows > 4, N beyond one 512-row weight block), fused bias/activation/accumulate,
+//! path (rows > 4, N spanning several weight blocks), fused bias/activation/accumulate,
 //! LayerNorm with a residual, attention with causal offsets, strides and batch.
 //!
 //! Tolerance: f32 results vs f64 sums of the same f16-rounded inputs; an f32 dot product of

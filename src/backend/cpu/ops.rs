@@ -8,8 +8,8 @@ use rayon::prelude::*;
 
 use crate::graph::Activation;
 
-/// Rows of the weight converted to f32 at a time by [`linear`] (bounds the scratch memory).
-const WEIGHT_BLOCK_ROWS: usize = 512;
+/// Bytes of f32 weights one [`linear`] task widens at a time (about a core's L2).
+const L2_BLOCK_BYTES: usize = 1 << 20;
 /// Up to this many rows a Linear runs as matrix-vector products (decode), above it as a GEMM.
 const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
 
@@ -38,30 +38,43 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
         }
         return;
     }
-    let mut wblock = vec![0f32; WEIGHT_BLOCK_ROWS.min(n) * k];
-    let mut tmp = vec![0f32; rows * WEIGHT_BLOCK_ROWS.min(n)];
-    for j0 in (0..n).step_by(WEIGHT_BLOCK_ROWS) {
-        let nb = WEIGHT_BLOCK_ROWS.min(n - j0);
-        let wb = &mut wblock[..nb * k];
-        wb.par_chunks_mut(k)
-            .zip(w[j0 * k..(j0 + nb) * k].par_chunks(k))
-            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-        let t = &mut tmp[..rows * nb];
-        // SAFETY: dst is rows x nb (row stride nb), lhs is rows x k (row stride k), rhs is the
-        // k x nb transpose of the nb x k block (element (kk, j) at j * k + kk); all three slices
-        // hold exactly those extents, and dst does not alias the inputs.
-        unsafe {
-            gemm::gemm(
-                rows, nb, k,
-                t.as_mut_ptr(), 1, nb as isize, false,
-                x.as_ptr(), 1, k as isize,
-                wb.as_ptr(), k as isize, 1,
-                0.0, 1.0, false, false, false,
-                Parallelism::Rayon(0),
-            );
+    // GEMM over blocks of output features, one block per task: each task widens its slice of
+    // W to f32 into a buffer small enough to stay in its core's L2, so the widened copy never
+    // makes a round trip through DRAM, then multiplies it single-threaded.
+    let block = (L2_BLOCK_BYTES / (k * 4)).clamp(16, 512);
+    let starts: Vec<usize> = (0..n).step_by(block).collect();
+    let inner = if starts.len() < rayon::current_num_threads() { Parallelism::Rayon(0) } else { Parallelism::None };
+    let products: Vec<Vec<f32>> = starts
+        .par_iter()
+        .map_init(
+            || vec![0f32; block * k],
+            |wb, &j0| {
+                let nb = block.min(n - j0);
+                w[j0 * k..(j0 + nb) * k].convert_to_f32_slice(&mut wb[..nb * k]);
+                let mut t = vec![0f32; rows * nb];
+                // SAFETY: dst is rows x nb (row stride nb), lhs is rows x k (row stride k), rhs
+                // is the k x nb transpose of the nb x k block (element (kk, j) at j * k + kk);
+                // the slices hold exactly those extents and dst aliases neither input.
+                unsafe {
+                    gemm::gemm(
+                        rows, nb, k,
+                        t.as_mut_ptr(), 1, nb as isize, false,
+                        x.as_ptr(), 1, k as isize,
+                        wb.as_ptr(), k as isize, 1,
+                        0.0, 1.0, false, false, false,
+                        inner,
+                    );
+                }
+                t
+            },
+        )
+        .collect();
+    out[..rows * n].par_chunks_mut(n).enumerate().for_each(|(r, out_row)| {
+        for (&j0, t) in starts.iter().zip(&products) {
+            let nb = t.len() / rows;
+            epilogue(out_row, &t[r * nb..(r + 1) * nb], j0..j0 + nb);
         }
-        out[..rows * n].par_chunks_mut(n).zip(t.par_chunks(nb)).for_each(|(out_row, acc)| epilogue(out_row, acc, j0..j0 + nb));
-    }
+    });
 }
 
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w + b` with `s = x[r] (+ residual[r])`;
