@@ -19,7 +19,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 rc=0
 echo "== gpu_kernels tests"
 if [ -x "$BIN/gpu_kernels" ]; then
-    "$BIN/gpu_kernels" --test-threads=1 --nocapture 2>&1 | tee "$LOG/gpu_kernels.log"
+    "$BIN/gpu_kernels" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$LOG/gpu_kernels.log"
     rc=${PIPESTATUS[0]}
 else
     echo "missing $BIN/gpu_kernels" | tee "$LOG/gpu_kernels.log"; rc=1
@@ -28,7 +28,7 @@ echo "== gpu_model tests (tiny fixtures on the CUDA executor vs goldens)"
 if [ -x "$BIN/gpu_model" ]; then
     # Test binaries resolve fixtures through CARGO_MANIFEST_DIR baked at build time: run from the
     # repository root with the fixtures present (they travel with the working tree).
-    (cd "$HERE/.." && "$BIN/gpu_model" --test-threads=1 --nocapture) 2>&1 | tee "$LOG/gpu_model.log"
+    (cd "$HERE/.." && "$BIN/gpu_model" --include-ignored --test-threads=1 --nocapture) 2>&1 | tee "$LOG/gpu_model.log"
     m=${PIPESTATUS[0]}; [ "$m" -ne 0 ] && rc=$m
 else
     echo "missing $BIN/gpu_model" | tee "$LOG/gpu_model.log"; rc=1

@@ -3,7 +3,9 @@
 //! at real BLIP-2 shapes and awkward ones. Outputs are poisoned with 0x7E00 (fp16 NaN) before each
 //! launch, so an element the kernel forgot to write fails the test.
 //!
-//! Without a usable GPU each test prints `SKIP <name>: <reason>` and passes.
+//! The tests are `#[ignore]`d so that a plain `cargo test` reports them as ignored, not passed;
+//! `cargo test -- --include-ignored` runs them (scripts/device-check.sh does), and without a
+//! usable GPU each then prints `SKIP <name>: <reason>` and returns.
 //!
 //! Tolerance (fp16 outputs): |got - ref| <= RTOL * |ref| + ATOL * scale, scale = RMS of the
 //! reference (max |v| for attention). A plain fp16 computation of the same thing is off by the
@@ -177,6 +179,7 @@ fn run_linear(dev: &CudaDevice, rng: &mut Rng, kind: Kind, m: usize, n: usize, k
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn gemm_matches_reference() {
     let Some(dev) = device("gemm_matches_reference") else { return };
     let mut rng = Rng::new("gemm");
@@ -204,6 +207,7 @@ fn gemm_matches_reference() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn gemv_matches_reference() {
     let Some(dev) = device("gemv_matches_reference") else { return };
     let mut rng = Rng::new("gemv");
@@ -229,6 +233,7 @@ fn gemv_matches_reference() {
 /// `linear` picks gemv for m <= 8 with k % 8 == 0 and aligned operands, gemm otherwise; both
 /// sides of each boundary must give the same (reference) result.
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn linear_dispatch_matches_reference() {
     let Some(dev) = device("linear_dispatch_matches_reference") else { return };
     let mut rng = Rng::new("linear_dispatch");
@@ -258,6 +263,7 @@ fn linear_dispatch_matches_reference() {
 // norms
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn norms_match_reference() {
     let Some(dev) = device("norms_match_reference") else { return };
     let mut rng = Rng::new("norms");
@@ -372,6 +378,7 @@ fn view(buf: &DevSlice<f16>, rows: usize, h: usize, d: usize) -> HeadsView<'_> {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn attention_matches_reference() {
     let Some(dev) = device("attention_matches_reference") else { return };
     let mut rng = Rng::new("attention");
@@ -458,6 +465,7 @@ fn attention_matches_reference() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn decode_attention_matches_reference() {
     let Some(dev) = device("decode_attention_matches_reference") else { return };
     let mut rng = Rng::new("decode_attention");
@@ -499,6 +507,7 @@ fn decode_attention_matches_reference() {
 // elementwise
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn elementwise_matches_reference() {
     let Some(dev) = device("elementwise_matches_reference") else { return };
     let mut rng = Rng::new("elementwise");
@@ -657,6 +666,7 @@ fn elementwise_matches_reference() {
 // sampling
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn argmax_matches_reference() {
     let Some(dev) = device("argmax_matches_reference") else { return };
     let mut rng = Rng::new("argmax");
@@ -732,6 +742,7 @@ fn argmax_matches_reference() {
 // launchers reject bad arguments instead of launching
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn launchers_validate_arguments() {
     let Some(dev) = device("launchers_validate_arguments") else { return };
     let x = dev.alloc::<f16>(64).unwrap();
