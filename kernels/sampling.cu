@@ -31,6 +31,20 @@ __device__ __forceinline__ void lse_merge(float& m1, float& s1, float m2, float 
     m1 = mx;
 }
 
+// Merges (best value, best index, running max, running sum of exp) across the 32 lanes of a warp:
+// every lane ends with the warp's argmax (ties -> lowest index) and its log-sum-exp state.
+__device__ __forceinline__ void warp_reduce(float& bv, int& bi, float& m, float& s) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        const float om = __shfl_xor_sync(0xffffffffu, m, o);
+        const float os = __shfl_xor_sync(0xffffffffu, s, o);
+        if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+        lse_merge(m, s, om, os);
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void argmax_body(const T* __restrict__ logits, int vocab, int* __restrict__ idx,
                                             float* __restrict__ logprob) {
@@ -46,16 +60,7 @@ __device__ __forceinline__ void argmax_body(const T* __restrict__ logits, int vo
         if (better(x, j, bv, bi)) { bv = x; bi = j; }
         if (!isnan(x)) lse_merge(m, s, x, 1.f);
     }
-    // warp reduce
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        const float om = __shfl_xor_sync(0xffffffffu, m, o);
-        const float os = __shfl_xor_sync(0xffffffffu, s, o);
-        if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-        lse_merge(m, s, om, os);
-    }
+    warp_reduce(bv, bi, m, s);
     if (lane == 0) { s_v[warp] = bv; s_i[warp] = bi; s_m[warp] = m; s_s[warp] = s; }
     __syncthreads();
     if (warp == 0) {
@@ -64,15 +69,7 @@ __device__ __forceinline__ void argmax_body(const T* __restrict__ logits, int vo
         bi = lane < nw ? s_i[lane] : 0x7fffffff;
         m = lane < nw ? s_m[lane] : -CUDART_INF_F;
         s = lane < nw ? s_s[lane] : 0.f;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            const float om = __shfl_xor_sync(0xffffffffu, m, o);
-            const float os = __shfl_xor_sync(0xffffffffu, s, o);
-            if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-            lse_merge(m, s, om, os);
-        }
+        warp_reduce(bv, bi, m, s);
         if (lane == 0) {
             idx[r] = bi == 0x7fffffff ? 0 : bi;
             logprob[r] = bv - (m + logf(s));  // NaN row -> NaN, all -inf row -> NaN

@@ -17,6 +17,8 @@ BIN="${1:-.devbin}"
 LOG="${OUT:-./device-e2e-logs}"
 PRESET="${PRESET:-blip2-opt-2.7b}"
 SEED="${SEED:-0}"
+# DEVICE=cpu PRESET=tiny runs the whole flow on a CPU-only machine (a dry run of this script).
+DEVICE="${DEVICE:-cuda}"
 MODEL="${MODEL_DIR:-/tmp/glimpse-synth-$PRESET}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$LOG"
@@ -62,23 +64,23 @@ EOF
 echo "cuBLAS fp16 GEMM: ${TFLOPS:-failed} TFLOP/s" | tee -a "$LOG/log.txt"
 [ -n "${TFLOPS:-}" ] && export GLIMPSE_MATRIX_TFLOPS="$TFLOPS"
 
-step "glimpse bench --preset $PRESET --device cuda"
-timeout 300 "$G" bench --preset "$PRESET" --device cuda --seed "$SEED" --json > "$LOG/glimpse-bench.json" 2>>"$LOG/log.txt"
+step "glimpse bench --preset $PRESET --device $DEVICE"
+timeout 300 "$G" bench --preset "$PRESET" --device "$DEVICE" --seed "$SEED" --json > "$LOG/glimpse-bench.json" 2>>"$LOG/log.txt"
 rc=$?
 echo "glimpse bench exit status $rc" | tee -a "$LOG/log.txt"
 
 step "hf_reference.py eager + sdpa, numerics"
-timeout 420 python3 "$HERE/hf_reference.py" "$MODEL" --device cuda --attn eager,sdpa --seed "$SEED" \
+timeout 420 python3 "$HERE/hf_reference.py" "$MODEL" --device "$DEVICE" --attn eager,sdpa --seed "$SEED" \
     --out "$LOG/hf-eager.json" --tensors "$LOG/hf-logits.safetensors" 2>&1 | tee -a "$LOG/log.txt"
 
 step "glimpse parity: prefill logits vs transformers fp32, bar <= 2x transformers fp16 error"
-timeout 300 "$G" parity --model "$MODEL" --reference "$LOG/hf-logits.safetensors" --device cuda --json > "$LOG/parity.json" 2>>"$LOG/log.txt"
+timeout 300 "$G" parity --model "$MODEL" --reference "$LOG/hf-logits.safetensors" --device "$DEVICE" --json > "$LOG/parity.json" 2>>"$LOG/log.txt"
 prc=$?
 cat "$LOG/parity.json" | tee -a "$LOG/log.txt"
 [ "$prc" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$prc
 
 step "hf_reference.py static cache + torch.compile"
-timeout 360 python3 "$HERE/hf_reference.py" "$MODEL" --device cuda --compile-only --no-numerics --seed "$SEED" \
+timeout 360 python3 "$HERE/hf_reference.py" "$MODEL" --device "$DEVICE" --compile-only --no-numerics --seed "$SEED" \
     --out "$LOG/hf-compiled.json" 2>&1 | tee -a "$LOG/log.txt"
 
 step "summary"
@@ -133,6 +135,12 @@ if n:
     print()
     print(f"transformers fp16 vs fp32 prefill logits: rel {n['fp16_vs_fp32']['rel_l2']:.3e}, max abs {n['fp16_vs_fp32']['max_abs']:.3e}; "
           f"greedy fp16 == fp32: {n['greedy_fp16_equals_fp32']}")
+p = load("parity.json")
+if p.get("glimpse_vs_fp32"):
+    gp = p["glimpse_vs_fp32"]
+    print(f"glimpse ({p['device']}) vs fp32 prefill logits: rel {gp['rel_l2']:.3e}, max abs {gp['max_abs']:.3e}, "
+          f"argmax {gp['argmax_agree']}/{p['rows']}; ratio to transformers fp16 {p['ratio']:.2f} (bar <= 2): "
+          f"{'pass' if p['pass'] else 'FAIL'}")
 EOF
 ls -la "$LOG"
 exit $rc

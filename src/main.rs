@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use glimpse::{Device, GenerateOptions, Model, Output};
 
 #[derive(Parser)]
@@ -78,8 +78,21 @@ enum Command {
     },
 }
 
+/// `glimpse --version`: the crate version and whether CUDA kernels are embedded (for which archs).
+fn version() -> String {
+    let kernels = if glimpse::backend::cuda::kernels_available() {
+        format!("CUDA kernels: {}", glimpse::backend::cuda::kernel_archs())
+    } else {
+        "built without CUDA kernels".to_string()
+    };
+    format!("{} ({kernels})", env!("CARGO_PKG_VERSION"))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap takes a 'static version string; this one is built once per process.
+    let version: &'static str = Box::leak(version().into_boxed_str());
+    let matches = Cli::command().version(version).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
