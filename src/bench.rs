@@ -5,9 +5,9 @@
 //! tokens + BOS) and over the VQA prompt, decode ms/token (median over the steps of an
 //! N-token generation, EOS ignored), first-token latency (pixels in -> first token), caption
 //! latency (pixels in -> N tokens), and images/s at batch 1, 8, 32 (`--throughput-batches`),
-//! skipping sizes whose buffers do not fit in free memory. Each stage is
-//! `exec.run(phase)` + `exec.synchronize()` around `Instant`, after a warm-up, median of
-//! `--repeats`.
+//! skipping sizes whose buffers do not fit in free memory. Each stage is timed by
+//! `Executor::run_timed` (CUDA events around the phase's kernels on a GPU, wall clock on the
+//! CPU) after a warm-up, median of `--repeats`; latencies and throughput are wall clock.
 //!
 //! Floors: a stage must at least read its weights (fp16) and move its inputs, outputs and KV
 //! cache (activations at the executor's width: f32 on the CPU, f16 on the GPU), and it must do its
@@ -333,14 +333,6 @@ struct StageTimes {
     caption: Vec<f64>,
 }
 
-fn timed(exec: &mut dyn Executor, f: impl FnOnce(&mut dyn Executor) -> Result<()>) -> Result<f64> {
-    exec.synchronize()?;
-    let s = Instant::now();
-    f(exec)?;
-    exec.synchronize()?;
-    Ok(s.elapsed().as_secs_f64() * 1e3)
-}
-
 fn repeat_ids(ids: &[u32], batch: usize) -> Vec<u32> {
     (0..batch).flat_map(|_| ids.iter().copied()).collect()
 }
@@ -359,17 +351,17 @@ fn time_stages(exec: &mut dyn Executor, plan: &Blip2Plan, pixels: &[f32], ids: &
     let tokens = repeat_ids(ids, b);
     for _ in 0..repeats {
         exec.write(plan.pixels, pixels)?;
-        t.vision.push(timed(exec, |e| e.run(&plan.vision))?);
-        t.qformer.push(timed(exec, |e| e.run(&plan.qformer))?);
+        t.vision.push(exec.run_timed(&plan.vision)?);
+        t.qformer.push(exec.run_timed(&plan.qformer)?);
         exec.set_tokens(&tokens);
         exec.set_position(0);
-        t.prefill.push(timed(exec, |e| e.run(&plan.prefill))?);
+        t.prefill.push(exec.run_timed(&plan.prefill)?);
         let mut chosen = exec.greedy(plan.prefill_logits, plan.prefill_logit_rows)?;
         for step in 0..opts.max_new_tokens - 1 {
             let next: Vec<u32> = chosen.iter().map(|&(tok, _)| tok).collect();
             exec.set_tokens(&next);
             exec.set_position(plan.prompt_len + step);
-            t.decode.push(timed(exec, |e| e.run(&plan.decode))?);
+            t.decode.push(exec.run_timed(&plan.decode)?);
             chosen = exec.greedy(plan.decode_logits, b)?;
         }
     }
@@ -385,7 +377,7 @@ fn time_prefill(exec: &mut dyn Executor, plan: &Blip2Plan, pixels: &[f32], ids: 
     for r in 0..=repeats {
         exec.set_tokens(&tokens);
         exec.set_position(0);
-        let ms = timed(exec, |e| e.run(&plan.prefill))?;
+        let ms = exec.run_timed(&plan.prefill)?;
         if r > 0 {
             out.push(ms);
         }

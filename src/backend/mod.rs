@@ -28,6 +28,15 @@ pub trait Executor: Send {
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Runs `phase` and returns how long it took in ms: wall clock around a synchronous run by
+    /// default; device events around the phase's kernels on a GPU.
+    fn run_timed(&mut self, phase: &Phase) -> Result<f64> {
+        self.synchronize()?;
+        let start = std::time::Instant::now();
+        self.run(phase)?;
+        self.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
     /// Greedy choice per row of `logits` (`[rows, vocab]`): the argmax (ties to the lowest id,
     /// as torch) and its log-softmax value. Executors on a device override this so only ids
     /// and log-probs leave it.

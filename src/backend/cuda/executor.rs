@@ -444,6 +444,33 @@ impl CudaExecutor {
             }
         }
     }
+    /// Launches a validated phase whose state is on the device: replayable phases are run
+    /// directly once (allocating scratch), recorded on their second run and replayed after.
+    fn launch_phase(&mut self, phase: &Phase) -> Result<()> {
+        if !(phase.replayable && self.use_graphs) {
+            return self.run_direct(phase);
+        }
+        let runs = {
+            let count = self.runs.entry(phase.name).or_insert(0);
+            *count += 1;
+            *count
+        };
+        if let Some(graph) = self.graphs.get(phase.name) {
+            graph.launch().map_err(GpuError::from)?;
+            return Ok(());
+        }
+        // First run: direct (allocates scratch); second: record, then replay from now on.
+        if runs == 1 {
+            self.run_direct(phase)
+        } else {
+            self.record(phase)?;
+            match self.graphs.get(phase.name) {
+                Some(graph) => graph.launch().map_err(|e| GpuError::from(e).into()),
+                None => Ok(()), // recording failed and the phase already ran directly
+            }
+        }
+    }
+
 }
 
 impl Executor for CudaExecutor {
@@ -481,30 +508,22 @@ impl Executor for CudaExecutor {
     fn run(&mut self, phase: &Phase) -> Result<()> {
         phase.ops.iter().try_for_each(|op| self.validate(op))?;
         self.sync_state(Self::batch_of(phase))?;
-        if !(phase.replayable && self.use_graphs) {
-            return self.run_direct(phase);
-        }
-        let runs = {
-            let count = self.runs.entry(phase.name).or_insert(0);
-            *count += 1;
-            *count
-        };
-        if let Some(graph) = self.graphs.get(phase.name) {
-            graph.launch().map_err(GpuError::from)?;
-            return Ok(());
-        }
-        // First run: direct (allocates scratch); second: record, then replay from now on.
-        if runs == 1 {
-            self.run_direct(phase)
-        } else {
-            self.record(phase)?;
-            match self.graphs.get(phase.name) {
-                Some(graph) => graph.launch().map_err(|e| GpuError::from(e).into()),
-                None => Ok(()), // recording failed and the phase already ran directly
-            }
-        }
+        self.launch_phase(phase)
     }
 
+    /// CUDA events around the phase's launches (host-side checks and the token/position
+    /// uploads happen before the first event).
+    fn run_timed(&mut self, phase: &Phase) -> Result<f64> {
+        phase.ops.iter().try_for_each(|op| self.validate(op))?;
+        self.sync_state(Self::batch_of(phase))?;
+        let stream = self.dev().stream().clone();
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.record_event(timing).map_err(GpuError::from)?;
+        self.launch_phase(phase)?;
+        let end = stream.record_event(timing).map_err(GpuError::from)?;
+        end.synchronize().map_err(GpuError::from)?;
+        Ok(f64::from(start.elapsed_ms(&end).map_err(GpuError::from)?))
+    }
     fn synchronize(&mut self) -> Result<()> {
         Ok(self.dev().synchronize()?)
     }
