@@ -75,6 +75,13 @@ enum Command {
         device: String,
         #[arg(long)]
         json: bool,
+        /// CPU only: round every activation to fp16 as the CUDA executor stores them, to predict
+        /// GPU parity without a GPU.
+        #[arg(long)]
+        emulate_fp16: bool,
+        /// With --emulate-fp16: keep the Q-Former in fp32 (as transformers does).
+        #[arg(long, requires = "emulate_fp16")]
+        fp32_qformer: bool,
     },
 }
 
@@ -179,9 +186,15 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
             glimpse::bench::run_cli(&args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Parity { model, reference, device, json } => {
+        Command::Parity { model, reference, device, json, emulate_fp16, fp32_qformer } => {
             let dir = glimpse::hub::resolve_model(&model)?;
-            let r = glimpse::parity::run(&dir, &reference, device.parse()?)?;
+            use glimpse::parity::Fp16Emulation;
+            let emulation = match (emulate_fp16, fp32_qformer) {
+                (false, _) => Fp16Emulation::Off,
+                (true, false) => Fp16Emulation::All,
+                (true, true) => Fp16Emulation::KeepQFormerF32,
+            };
+            let r = glimpse::parity::run(&dir, &reference, device.parse()?, emulation)?;
             if json {
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());
             } else {

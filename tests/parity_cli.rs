@@ -66,3 +66,26 @@ fn fails_when_worse_than_twice_the_yardstick() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["pass"], false);
 }
+
+#[test]
+fn fp16_emulation_predicts_gpu_error() {
+    let dir = common::tempdir();
+    let reference = reference(dir.path(), Some(4e-3));
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["parity", "--model", &common::model_dir("blip2-opt-tiny").display().to_string(), "--device", "cpu", "--json", "--emulate-fp16"])
+        .arg("--reference")
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["device"].as_str().unwrap().contains("emulated"));
+    // fp16 storage costs far more than the f32 reference's ~1e-7, and stays inside the GPU bar.
+    let rel = r["glimpse_vs_fp32"]["rel_l2"].as_f64().unwrap();
+    assert!(rel > 1e-4 && rel < common::GPU_STAGE_REL, "{rel}");
+    // --fp32-qformer only makes sense with --emulate-fp16.
+    let bad = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["parity", "--model", "x", "--reference", "y", "--fp32-qformer"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}

@@ -13,6 +13,9 @@ pub struct CpuExecutor {
     weights: Arc<WeightTable>,
     descs: Vec<BufferDesc>,
     bufs: Vec<Vec<f32>>,
+    /// Buffers whose values are rounded to fp16 after every op that writes them (see
+    /// [`CpuExecutor::emulate_fp16`]); empty for the f32 reference.
+    fp16: Vec<bool>,
     tokens: Vec<u32>,
     position: usize,
 }
@@ -21,7 +24,40 @@ impl CpuExecutor {
     /// Allocates every buffer of the graph.
     pub fn new(weights: Arc<WeightTable>, buffers: &[BufferDesc]) -> Self {
         let bufs = buffers.iter().map(|d| vec![0f32; d.rows * d.cols]).collect();
-        Self { weights, descs: buffers.to_vec(), bufs, tokens: Vec::new(), position: 0 }
+        Self { weights, descs: buffers.to_vec(), bufs, fp16: Vec::new(), tokens: Vec::new(), position: 0 }
+    }
+
+    /// Emulates a device that stores activations in fp16 (the CUDA executor): the output of
+    /// every op, and written inputs, are rounded to fp16 (each op still computes in f32 and
+    /// rounds once, as a fused kernel does), except buffers for which `keep_f32(name)` holds.
+    /// Used to predict GPU numerics on the CPU and to choose what must stay in fp32.
+    pub fn emulate_fp16(&mut self, keep_f32: impl Fn(&str) -> bool) {
+        self.fp16 = self.descs.iter().map(|d| !keep_f32(&d.name)).collect();
+    }
+
+    fn round_if_fp16(&mut self, b: Buf) {
+        if self.fp16.get(b.0).copied().unwrap_or(false) {
+            for v in &mut self.bufs[b.0] {
+                *v = half::f16::from_f32(*v).to_f32();
+            }
+        }
+    }
+
+    /// The buffer an op writes.
+    fn output_of(op: &Op) -> Buf {
+        match *op {
+            Op::PatchEmbed { out, .. }
+            | Op::Linear { out, .. }
+            | Op::LayerNorm { out, .. }
+            | Op::Embed { out, .. }
+            | Op::ScatterTokens { out, .. }
+            | Op::LastRows { out, .. }
+            | Op::Broadcast { out, .. } => out,
+            Op::Attention(ref a) => a.out,
+            Op::AddPositions { x, .. } => x,
+            // K and V rows are copied from buffers already rounded by the projections.
+            Op::KvAppend { cache_k, .. } => cache_k,
+        }
     }
 
     fn cols(&self, b: Buf) -> usize {
@@ -226,6 +262,7 @@ impl Executor for CpuExecutor {
             )));
         }
         dst[..data.len()].copy_from_slice(data);
+        self.round_if_fp16(buf);
         Ok(())
     }
 
@@ -237,7 +274,13 @@ impl Executor for CpuExecutor {
     }
 
     fn run(&mut self, phase: &Phase) -> Result<()> {
-        phase.ops.iter().try_for_each(|op| self.run_op(op))
+        for op in &phase.ops {
+            self.run_op(op)?;
+            if !self.fp16.is_empty() {
+                self.round_if_fp16(Self::output_of(op));
+            }
+        }
+        Ok(())
     }
 
     fn device_name(&self) -> String {
