@@ -9,6 +9,7 @@
 //!   second run and replayed from then on. `GLIMPSE_CUDA_GRAPH=0` turns recording off.
 //! - Greedy argmax and the chosen token's log-prob are computed on the device: only token ids
 //!   and one float per sequence cross the bus.
+//! - `GLIMPSE_CUDA_SYNC=1` synchronises after every op so a kernel fault names its op.
 //!
 //! Activations are fp16 throughout (the Q-Former too: transformers keeps it in fp32, glimpse
 //! does not; the GPU parity tests state the tolerance this costs).
@@ -178,6 +179,23 @@ pub struct CudaExecutor {
     runs: HashMap<&'static str, usize>,
     graphs: HashMap<&'static str, CudaGraph>,
     use_graphs: bool,
+    /// `GLIMPSE_CUDA_SYNC=1`: synchronise after every op (bring-up and debugging; no graphs).
+    sync_each_op: bool,
+}
+
+fn op_kind(op: &Op) -> &'static str {
+    match op {
+        Op::PatchEmbed { .. } => "patch_embed",
+        Op::Linear { .. } => "linear",
+        Op::LayerNorm { .. } => "layer_norm",
+        Op::Attention(_) => "attention",
+        Op::KvAppend { .. } => "kv_append",
+        Op::Embed { .. } => "embed",
+        Op::ScatterTokens { .. } => "scatter_tokens",
+        Op::AddPositions { .. } => "add_positions",
+        Op::LastRows { .. } => "last_rows",
+        Op::Broadcast { .. } => "broadcast",
+    }
 }
 
 // SAFETY: CudaGraph is not Sync and holds raw driver handles; an executor is used by one thread
@@ -193,6 +211,7 @@ impl CudaExecutor {
         let arena = dev.arena(elems * 2 + buffers.len() * super::ARENA_ALIGN)?;
         let bufs = buffers.iter().map(|d| arena.alloc::<f16>((d.rows * d.cols).max(1))).collect::<std::result::Result<Vec<_>, _>>()?;
         let max_rows = buffers.iter().map(|d| d.rows).max().unwrap_or(1).max(1);
+        let sync_each_op = std::env::var("GLIMPSE_CUDA_SYNC").is_ok_and(|v| v == "1");
         Ok(Self {
             ids: dev.alloc::<i32>(max_rows)?,
             pos: dev.alloc::<i32>(max_rows)?,
@@ -209,7 +228,8 @@ impl CudaExecutor {
             dirty: true,
             runs: HashMap::new(),
             graphs: HashMap::new(),
-            use_graphs: std::env::var("GLIMPSE_CUDA_GRAPH").map_or(true, |v| v != "0"),
+            use_graphs: std::env::var("GLIMPSE_CUDA_GRAPH").map_or(true, |v| v != "0") && !sync_each_op,
+            sync_each_op,
         })
     }
 
@@ -418,7 +438,16 @@ impl CudaExecutor {
     }
 
     fn run_direct(&mut self, phase: &Phase) -> Result<()> {
-        phase.ops.iter().try_for_each(|op| self.launch(op))
+        for (i, op) in phase.ops.iter().enumerate() {
+            self.launch(op)?;
+            if self.sync_each_op {
+                // Kernel faults surface at the next synchronisation; here that names the op.
+                self.dev().synchronize().map_err(|e| {
+                    Error::Gpu(format!("{} op {i} ({}): {e}", phase.name, op_kind(op)))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Records `phase` into a CUDA graph; on any failure recording is turned off for good and
