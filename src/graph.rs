@@ -108,6 +108,40 @@ pub enum Op {
     Broadcast { table: W, out: Buf, batch: usize },
 }
 
+impl Op {
+    /// The buffers the op writes (its outputs; in place for residuals and positions).
+    pub fn outputs(&self) -> Vec<Buf> {
+        match *self {
+            Op::PatchEmbed { out, .. }
+            | Op::Linear { out, .. }
+            | Op::LayerNorm { out, .. }
+            | Op::Embed { out, .. }
+            | Op::ScatterTokens { out, .. }
+            | Op::LastRows { out, .. }
+            | Op::Broadcast { out, .. } => vec![out],
+            Op::Attention(ref a) => vec![a.out],
+            Op::AddPositions { x, .. } => vec![x],
+            Op::KvAppend { cache_k, cache_v, .. } => vec![cache_k, cache_v],
+        }
+    }
+
+    /// A short name for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::PatchEmbed { .. } => "patch_embed",
+            Op::Linear { .. } => "linear",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Attention(_) => "attention",
+            Op::KvAppend { .. } => "kv_append",
+            Op::Embed { .. } => "embed",
+            Op::ScatterTokens { .. } => "scatter_tokens",
+            Op::AddPositions { .. } => "add_positions",
+            Op::LastRows { .. } => "last_rows",
+            Op::Broadcast { .. } => "broadcast",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BufferDesc {
     pub name: String,

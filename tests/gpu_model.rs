@@ -140,3 +140,79 @@ fn device_selection_without_gpu() {
     let auto = Model::load(common::model_dir("blip2-opt-tiny"), Device::Auto).unwrap();
     assert_eq!(auto.backend_name(), "cpu");
 }
+
+/// Runs every op of every phase on `candidate` and on the CPU executor emulating fp16 storage,
+/// in lockstep: before each op the candidate's buffers hold exactly the CPU's values, so a
+/// failure names the first op that disagrees, not a phase where errors have piled up. Per op the
+/// only legitimate difference is fp32 summation order plus one fp16 rounding of the output
+/// (2^-11 relative), so 4e-3 relative is generous for a correct kernel and far below a wrong one.
+/// Returns how many op outputs were compared.
+fn lockstep(model: &Model, make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>) -> usize {
+    use glimpse::backend::cpu::CpuExecutor;
+    use glimpse::backend::Executor;
+    use glimpse::graph::{Buf, Phase};
+    const OP_REL: f64 = 4e-3;
+    let px = model.preprocess(&common::image("rgba_150x120.png")).unwrap();
+    let ids = model.input_ids(Some("Question: what is in the picture? Answer:")).unwrap();
+    let new_tokens = 3;
+    let plan = model.blip2.plan(1, ids.len(), new_tokens, false).unwrap();
+    let mut cand = make_candidate(&plan.graph);
+    let mut cpu = CpuExecutor::new(std::sync::Arc::clone(&model.blip2.weights), &plan.graph.buffers);
+    cpu.emulate_fp16(|_| false);
+    let rows = |b: Buf| plan.graph.buffers[b.0].rows;
+    cpu.write(plan.pixels, &px.data).unwrap();
+    // Same starting contents everywhere (device memory starts undefined).
+    for i in 0..plan.graph.buffers.len() {
+        cand.write(Buf(i), &cpu.read(Buf(i), rows(Buf(i))).unwrap()).unwrap();
+    }
+    let mut steps: Vec<(&Phase, Vec<u32>, usize)> =
+        vec![(&plan.vision, vec![], 0), (&plan.qformer, vec![], 0), (&plan.prefill, ids.clone(), 0)];
+    for s in 0..new_tokens - 1 {
+        steps.push((&plan.decode, vec![5 + s as u32], ids.len() + s));
+    }
+    let mut checked = 0;
+    for (phase, tokens, position) in steps {
+        for exec in [&mut *cand as &mut dyn Executor, &mut cpu] {
+            exec.set_tokens(&tokens);
+            exec.set_position(position);
+        }
+        for (i, op) in phase.ops.iter().enumerate() {
+            let single = Phase { name: phase.name, ops: vec![op.clone()], replayable: false };
+            cpu.run(&single).unwrap();
+            cand.run(&single).unwrap_or_else(|e| panic!("{} op {i} ({}): {e}", phase.name, op.kind()));
+            for out in op.outputs() {
+                let want = cpu.read(out, rows(out)).unwrap();
+                let got = cand.read(out, rows(out)).unwrap();
+                let (max, rel) = common::errors(&got, &want);
+                assert!(
+                    rel <= OP_REL && got.iter().all(|v| v.is_finite()),
+                    "{} op {i} ({}) `{}`: rel {rel:e}, max abs {max:e}",
+                    phase.name,
+                    op.kind(),
+                    plan.graph.buffers[out.0].name
+                );
+                cand.write(out, &want).unwrap();
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+/// Every op of every phase on the GPU against the CPU, in lockstep (see `lockstep`).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_every_op_matches_cpu_in_lockstep() {
+    let Some(model) = gpu_model("cuda_every_op_matches_cpu_in_lockstep", "blip2-opt-tiny") else { return };
+    let checked = lockstep(&model, |g| model.executor(g).unwrap());
+    println!("lockstep: {checked} op outputs agree");
+}
+
+/// The lockstep harness itself, on any machine: the f32 CPU executor as the candidate must agree
+/// with the fp16-storing one within the per-op bar (it differs by exactly one fp16 rounding).
+#[test]
+fn lockstep_harness_accepts_the_f32_reference() {
+    let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
+    let checked = lockstep(&model, |g| Box::new(glimpse::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(&model.blip2.weights), &g.buffers)));
+    assert!(checked > 50, "{checked}");
+}

@@ -43,23 +43,6 @@ impl CpuExecutor {
         }
     }
 
-    /// The buffer an op writes.
-    fn output_of(op: &Op) -> Buf {
-        match *op {
-            Op::PatchEmbed { out, .. }
-            | Op::Linear { out, .. }
-            | Op::LayerNorm { out, .. }
-            | Op::Embed { out, .. }
-            | Op::ScatterTokens { out, .. }
-            | Op::LastRows { out, .. }
-            | Op::Broadcast { out, .. } => out,
-            Op::Attention(ref a) => a.out,
-            Op::AddPositions { x, .. } => x,
-            // K and V rows are copied from buffers already rounded by the projections.
-            Op::KvAppend { cache_k, .. } => cache_k,
-        }
-    }
-
     fn cols(&self, b: Buf) -> usize {
         self.descs[b.0].cols
     }
@@ -277,7 +260,7 @@ impl Executor for CpuExecutor {
         for op in &phase.ops {
             self.run_op(op)?;
             if !self.fp16.is_empty() {
-                self.round_if_fp16(Self::output_of(op));
+                op.outputs().into_iter().for_each(|b| self.round_if_fp16(b));
             }
         }
         Ok(())

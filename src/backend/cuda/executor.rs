@@ -183,20 +183,6 @@ pub struct CudaExecutor {
     sync_each_op: bool,
 }
 
-fn op_kind(op: &Op) -> &'static str {
-    match op {
-        Op::PatchEmbed { .. } => "patch_embed",
-        Op::Linear { .. } => "linear",
-        Op::LayerNorm { .. } => "layer_norm",
-        Op::Attention(_) => "attention",
-        Op::KvAppend { .. } => "kv_append",
-        Op::Embed { .. } => "embed",
-        Op::ScatterTokens { .. } => "scatter_tokens",
-        Op::AddPositions { .. } => "add_positions",
-        Op::LastRows { .. } => "last_rows",
-        Op::Broadcast { .. } => "broadcast",
-    }
-}
 
 // SAFETY: CudaGraph is not Sync and holds raw driver handles; an executor is used by one thread
 // at a time (`&mut self` everywhere) and may move between threads, which the driver allows for
@@ -443,7 +429,7 @@ impl CudaExecutor {
             if self.sync_each_op {
                 // Kernel faults surface at the next synchronisation; here that names the op.
                 self.dev().synchronize().map_err(|e| {
-                    Error::Gpu(format!("{} op {i} ({}): {e}", phase.name, op_kind(op)))
+                    Error::Gpu(format!("{} op {i} ({}): {e}", phase.name, op.kind()))
                 })?;
             }
         }
