@@ -6,7 +6,6 @@ mod common;
 use std::sync::Arc;
 
 use glimpse::backend::cpu::CpuExecutor;
-use glimpse::backend::Executor;
 use glimpse::{Device, GenerateOptions, Model};
 
 /// Stage tolerances, relative (||a - b|| / ||b||) and absolute. Both sides compute in f32 from
@@ -23,8 +22,6 @@ struct Case {
     name: String,
     image: String,
     prompt: Option<String>,
-    activations: Option<String>,
-    input_ids: Vec<u32>,
     generated: Vec<u32>,
     logprobs: Vec<f64>,
     text: String,
@@ -40,8 +37,6 @@ fn cases(model: &str) -> Vec<Case> {
             name: c["name"].as_str().unwrap().into(),
             image: c["image"].as_str().unwrap().into(),
             prompt: c["prompt"].as_str().map(String::from),
-            activations: c["activations"].as_str().map(String::from),
-            input_ids: common::ids(&c["input_ids"]),
             generated: common::ids(&c["generated_ids"]),
             logprobs: common::floats(&c["logprobs"]),
             text: c["text"].as_str().unwrap().into(),
@@ -53,41 +48,13 @@ fn load(model: &str) -> Model {
     Model::load(common::model_dir(model), Device::Cpu).expect("fixture model loads")
 }
 
-fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    let (max, rel) = common::errors(got, want);
-    assert!(rel <= STAGE_REL && max <= STAGE_ABS, "{what}: rel {rel:e} max abs {max:e}");
-}
-
 /// Vision, Q-Former, projection and full prefill logits of every case.
 fn check_stages(model_name: &str) {
     let model = load(model_name);
-    let goldens = common::goldens(&format!("{model_name}.safetensors"));
-    let all = cases(model_name);
-    assert!(!all.is_empty());
-    for case in &all {
-        let pixels = model.preprocess(&common::image(&case.image)).unwrap();
-        let ids = model.input_ids(case.prompt.as_deref()).unwrap();
-        assert_eq!(ids, case.input_ids, "{}: decoder input ids", case.name);
-
-        let plan = model.blip2.plan(1, ids.len(), 1, true).unwrap();
-        let mut exec = CpuExecutor::new(Arc::clone(&model.blip2.weights), &plan.graph.buffers);
-        exec.write(plan.pixels, &pixels.data).unwrap();
-        exec.run(&plan.vision).unwrap();
-        exec.run(&plan.qformer).unwrap();
-        if let Some(act) = &case.activations {
-            for (key, buf) in [("vision", plan.vision_out), ("qformer", plan.qformer_out), ("image_embeds", plan.image_embeds)] {
-                let (want, shape) = goldens.f32(&format!("{act}.{key}")).unwrap();
-                let got = exec.read(buf, shape[0]).unwrap();
-                assert_close(&format!("{}: {key}", case.name), &got, &want);
-            }
-        }
-        exec.set_tokens(&ids);
-        exec.set_position(0);
-        exec.run(&plan.prefill).unwrap();
-        let (want, shape) = goldens.f32(&format!("{}.logits", case.name)).unwrap();
-        assert_eq!(shape[0], ids.len());
-        let got = exec.read(plan.prefill_logits, shape[0]).unwrap();
-        assert_close(&format!("{}: prefill logits", case.name), &got, &want);
+    let errors = common::stage_errors(&model, model_name, |g| Box::new(CpuExecutor::new(Arc::clone(&model.blip2.weights), &g.buffers)));
+    assert!(!errors.is_empty());
+    for (case, stage, max, rel) in errors {
+        assert!(rel <= STAGE_REL && max <= STAGE_ABS, "{case}: {stage}: rel {rel:e} max abs {max:e}");
     }
 }
 

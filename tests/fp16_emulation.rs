@@ -9,7 +9,6 @@ mod common;
 use std::sync::Arc;
 
 use glimpse::backend::cpu::CpuExecutor;
-use glimpse::backend::Executor;
 use glimpse::{Device, Model};
 
 use common::{GPU_LOGPROB_ABS as LOGPROB_ABS, GPU_MARGIN as MARGIN, GPU_STAGE_REL as STAGE_REL};
@@ -20,35 +19,15 @@ fn executor(model: &Model, graph: &glimpse::graph::Graph, keep_qformer_f32: bool
     exec
 }
 
-/// Worst relative error of the prefill logits over every case, and of each stage.
-fn stage_errors(name: &str, keep_qformer_f32: bool) -> Vec<(String, f64)> {
+/// Worst relative error of each stage over every golden case.
+fn stage_errors(name: &str, keep_qformer_f32: bool) -> Vec<(&'static str, f64)> {
     let model = Model::load(common::model_dir(name), Device::Cpu).unwrap();
-    let goldens = common::goldens(&format!("{name}.safetensors"));
-    let g = common::golden_json(&format!("{name}.json"));
-    let mut worst: Vec<(String, f64)> = Vec::new();
-    let mut note = |what: &str, rel: f64| match worst.iter_mut().find(|(w, _)| w == what) {
-        Some(entry) => entry.1 = entry.1.max(rel),
-        None => worst.push((what.to_string(), rel)),
-    };
-    for case in g["cases"].as_array().unwrap() {
-        let px = model.preprocess(&common::image(case["image"].as_str().unwrap())).unwrap();
-        let ids = model.input_ids(case["prompt"].as_str()).unwrap();
-        let plan = model.blip2.plan(1, ids.len(), 1, true).unwrap();
-        let mut exec = executor(&model, &plan.graph, keep_qformer_f32);
-        exec.write(plan.pixels, &px.data).unwrap();
-        exec.run(&plan.vision).unwrap();
-        exec.run(&plan.qformer).unwrap();
-        if let Some(act) = case["activations"].as_str() {
-            for (key, buf) in [("vision", plan.vision_out), ("qformer", plan.qformer_out), ("image_embeds", plan.image_embeds)] {
-                let (want, shape) = goldens.f32(&format!("{act}.{key}")).unwrap();
-                note(key, common::errors(&exec.read(buf, shape[0]).unwrap(), &want).1);
-            }
+    let mut worst: Vec<(&'static str, f64)> = Vec::new();
+    for (_, stage, _, rel) in common::stage_errors(&model, name, |g| Box::new(executor(&model, g, keep_qformer_f32))) {
+        match worst.iter_mut().find(|(s, _)| *s == stage) {
+            Some(entry) => entry.1 = entry.1.max(rel),
+            None => worst.push((stage, rel)),
         }
-        exec.set_tokens(&ids);
-        exec.set_position(0);
-        exec.run(&plan.prefill).unwrap();
-        let (want, _) = goldens.f32(&format!("{}.logits", case["name"].as_str().unwrap())).unwrap();
-        note("logits", common::errors(&exec.read(plan.prefill_logits, ids.len()).unwrap(), &want).1);
     }
     worst
 }

@@ -32,34 +32,9 @@ fn gpu_model(test: &str, name: &str) -> Option<Model> {
 fn cuda_stages_match_goldens() {
     for name in ["blip2-opt-tiny", "blip2-opt-tiny-proj"] {
         let Some(model) = gpu_model("cuda_stages_match_goldens", name) else { return };
-        let goldens = common::goldens(&format!("{name}.safetensors"));
-        let g = common::golden_json(&format!("{name}.json"));
-        for case in g["cases"].as_array().unwrap() {
-            let case_name = case["name"].as_str().unwrap();
-            let px = model.preprocess(&common::image(case["image"].as_str().unwrap())).unwrap();
-            let ids = model.input_ids(case["prompt"].as_str()).unwrap();
-            let plan = model.blip2.plan(1, ids.len(), 1, true).unwrap();
-            let mut exec = model.executor(&plan.graph).unwrap();
-            exec.write(plan.pixels, &px.data).unwrap();
-            exec.run(&plan.vision).unwrap();
-            exec.run(&plan.qformer).unwrap();
-            if let Some(act) = case["activations"].as_str() {
-                for (key, buf) in [("vision", plan.vision_out), ("qformer", plan.qformer_out), ("image_embeds", plan.image_embeds)] {
-                    let (want, shape) = goldens.f32(&format!("{act}.{key}")).unwrap();
-                    let got = exec.read(buf, shape[0]).unwrap();
-                    let (max, rel) = common::errors(&got, &want);
-                    println!("{name} {case_name} {key}: rel {rel:.2e} max {max:.2e}");
-                    assert!(rel <= STAGE_REL, "{name} {case_name} {key}: rel {rel:e}");
-                }
-            }
-            exec.set_tokens(&ids);
-            exec.set_position(0);
-            exec.run(&plan.prefill).unwrap();
-            let (want, _) = goldens.f32(&format!("{case_name}.logits")).unwrap();
-            let got = exec.read(plan.prefill_logits, ids.len()).unwrap();
-            let (max, rel) = common::errors(&got, &want);
-            println!("{name} {case_name} logits: rel {rel:.2e} max {max:.2e}");
-            assert!(rel <= STAGE_REL, "{name} {case_name} logits: rel {rel:e}");
+        for (case, stage, max, rel) in common::stage_errors(&model, name, |g| model.executor(g).unwrap()) {
+            println!("{name} {case} {stage}: rel {rel:.2e} max {max:.2e}");
+            assert!(rel <= STAGE_REL, "{name} {case} {stage}: rel {rel:e}");
         }
     }
 }

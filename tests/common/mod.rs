@@ -78,3 +78,45 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
+
+/// One stage of one golden case: (case, stage, max abs error, relative error).
+pub type StageError = (String, &'static str, f64, f64);
+
+/// Runs every golden case of fixture model `name` on an executor made by `make` and measures
+/// vision, Q-Former, projection (once per image) and full prefill logits (every case) against
+/// the transformers goldens. Also checks the decoder input ids equal transformers'.
+pub fn stage_errors(
+    model: &glimpse::Model,
+    name: &str,
+    make: impl Fn(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
+) -> Vec<StageError> {
+    let goldens = goldens(&format!("{name}.safetensors"));
+    let g = golden_json(&format!("{name}.json"));
+    let mut out = Vec::new();
+    for case in g["cases"].as_array().expect("cases") {
+        let case_name = case["name"].as_str().unwrap().to_string();
+        let px = model.preprocess(&image(case["image"].as_str().unwrap())).unwrap();
+        let ids = model.input_ids(case["prompt"].as_str()).unwrap();
+        assert_eq!(ids, self::ids(&case["input_ids"]), "{case_name}: decoder input ids");
+        let plan = model.blip2.plan(1, ids.len(), 1, true).unwrap();
+        let mut exec = make(&plan.graph);
+        exec.write(plan.pixels, &px.data).unwrap();
+        exec.run(&plan.vision).unwrap();
+        exec.run(&plan.qformer).unwrap();
+        if let Some(act) = case["activations"].as_str() {
+            for (key, buf) in [("vision", plan.vision_out), ("qformer", plan.qformer_out), ("image_embeds", plan.image_embeds)] {
+                let (want, shape) = goldens.f32(&format!("{act}.{key}")).unwrap();
+                let (max, rel) = errors(&exec.read(buf, shape[0]).unwrap(), &want);
+                out.push((case_name.clone(), key, max, rel));
+            }
+        }
+        exec.set_tokens(&ids);
+        exec.set_position(0);
+        exec.run(&plan.prefill).unwrap();
+        let (want, shape) = goldens.f32(&format!("{case_name}.logits")).unwrap();
+        assert_eq!(shape[0], ids.len());
+        let (max, rel) = errors(&exec.read(plan.prefill_logits, ids.len()).unwrap(), &want);
+        out.push((case_name, "logits", max, rel));
+    }
+    out
+}
