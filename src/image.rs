@@ -28,6 +28,14 @@ pub struct PixelValues {
 /// `convert("RGB")` does: alpha is dropped (transformers 5.17 composites nothing), grey is
 /// replicated, palettes are expanded. `name` is used in error messages.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    // Decoders are third-party code fed untrusted bytes: a panic inside one becomes an error for
+    // this image instead of taking the process (and the other images of a batch) down.
+    std::panic::catch_unwind(|| decode_unguarded(bytes, name)).unwrap_or_else(|_| {
+        Err(Error::Image { path: name.to_string(), msg: "the decoder failed on malformed data".into() })
+    })
+}
+
+fn decode_unguarded(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let err = |msg: String| Error::Image { path: name.to_string(), msg };
     if bytes.is_empty() {
         return Err(err("the file is empty".into()));
