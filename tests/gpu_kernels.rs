@@ -262,6 +262,23 @@ fn linear_dispatch_matches_reference() {
 // ---------------------------------------------------------------------------------------------
 // norms
 
+/// LayerNorm (bias optional) and Llama RMSNorm (normalise in f64, round to half, times weight)
+/// of every `dim`-row of `s`, in f64.
+fn norm_refs(s: &[f16], w: &[f16], b: Option<&[f16]>, dim: usize, eps: f32) -> (Vec<f64>, Vec<f64>) {
+    let (mut ln, mut rms) = (vec![0.0; s.len()], vec![0.0; s.len()]);
+    for (i, row) in s.chunks(dim).enumerate() {
+        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
+        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
+        let ms = row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / dim as f64;
+        for j in 0..dim {
+            let bias = b.map_or(0.0, |b| b[j].to_f64());
+            ln[i * dim + j] = (row[j].to_f64() - mean) / (var + eps as f64).sqrt() * w[j].to_f64() + bias;
+            rms[i * dim + j] = f16::from_f64(row[j].to_f64() / (ms + eps as f64).sqrt()).to_f64() * w[j].to_f64();
+        }
+    }
+    (ln, rms)
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn norms_match_reference() {
@@ -280,19 +297,7 @@ fn norms_match_reference() {
             // layernorm with residual, sum written in place into x
             let y = poisoned(&dev, rows * dim);
             dev.layernorm(&dx, Some(&dr), SumOut::InPlace, &dw, Some(&db), &y, rows, dim, eps).unwrap();
-            let mut want = vec![0.0; rows * dim];
-            let mut want_rms = vec![0.0; rows * dim];
-            for i in 0..rows {
-                let row = &s[i * dim..(i + 1) * dim];
-                let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
-                let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
-                let ms = row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / dim as f64;
-                for j in 0..dim {
-                    want[i * dim + j] = (row[j].to_f64() - mean) / (var + eps as f64).sqrt() * w[j].to_f64() + b[j].to_f64();
-                    let normed = f16::from_f64(row[j].to_f64() / (ms + eps as f64).sqrt());
-                    want_rms[i * dim + j] = normed.to_f64() * w[j].to_f64();
-                }
-            }
+            let (want, want_rms) = norm_refs(&s, &w, Some(&b), dim, eps);
             check(&format!("layernorm rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want, None);
             let sum_back = dev.download(&dx).unwrap();
             assert!(sum_back.iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm sum_out (in place) != half(x + r)");
@@ -316,17 +321,7 @@ fn norms_match_reference() {
         let (dx, dr, dw) = (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap());
         let (y, sum) = (poisoned(&dev, rows * dim), poisoned(&dev, rows * dim));
         dev.layernorm(&dx, Some(&dr), SumOut::To(&sum), &dw, None, &y, rows, dim, eps).unwrap();
-        let (mut want_ln, mut want_rms) = (vec![0.0; rows * dim], vec![0.0; rows * dim]);
-        for i in 0..rows {
-            let row = &s[i * dim..(i + 1) * dim];
-            let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
-            let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
-            let ms = row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / dim as f64;
-            for j in 0..dim {
-                want_ln[i * dim + j] = (row[j].to_f64() - mean) / (var + eps as f64).sqrt() * w[j].to_f64();
-                want_rms[i * dim + j] = f16::from_f64(row[j].to_f64() / (ms + eps as f64).sqrt()).to_f64() * w[j].to_f64();
-            }
-        }
+        let (want_ln, want_rms) = norm_refs(&s, &w, None, dim, eps);
         check(&format!("layernorm no bias, sum_out separate rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want_ln, None);
         assert!(dev.download(&sum).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm sum_out (separate) != half(x + r)");
         assert!(dev.download(&dx).unwrap().iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm with sum_out elsewhere modified x");
