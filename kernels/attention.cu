@@ -6,8 +6,13 @@
 //    Mask modes (combinable): causal with offset (query i sees keys j <= i + kv_offset), a
 //    per-batch valid key count kv_valid[b] (keys j >= kv_valid[b] are masked) and an additive
 //    fp32 per-key mask[b, j] (HF-style padding mask: 0 or a large negative number).
-//    Rows whose keys are all masked get O = 0 (PyTorch SDPA would give NaN; callers never read
-//    them).
+//    Additive mask values are clamped to MASK_FLOOR first (graph::ATTN_MASK_FLOOR on the Rust
+//    side): HF fills masked keys with finfo(float32).min, which times log2(e) would overflow to
+//    -inf; clamped, a score plus the floor rounds to the floor, so a row whose keys are all
+//    masked that way averages V over them exactly as transformers' eager attention does, and
+//    partly masked rows give those keys weight 0. -inf mask values take the same rule.
+//    Rows with no key at all (kv_valid = 0, or causal offsets hiding every key) get O = 0
+//    (PyTorch would give NaN; callers never read them).
 //    Tiling (CUDA cores; a tensor-core version is future work): a block = 4 warps handles
 //    16 queries (4 per warp) of one (batch, head); K/V tiles of 32 keys are staged in shared
 //    memory (K rows padded by 8 halves so each lane's 16-byte reads of "its" key row hit distinct
@@ -45,6 +50,12 @@
 #include "common.cuh"
 
 constexpr float LOG2E = 1.4426950408889634f;
+// Additive masks are clamped to this before scaling (mirrors graph::ATTN_MASK_FLOOR).
+constexpr float MASK_FLOOR = -1e30f;
+
+__device__ __forceinline__ float mask_log2(const float* mask, long long i) {
+    return fmaxf(mask[i], MASK_FLOOR) * LOG2E;
+}
 
 struct AttnParams {
     const __half* q;
@@ -142,7 +153,7 @@ __device__ __forceinline__ void attn_fwd_body(const AttnParams& p) {
 
         const int j = kv0 + lane;
         float madd = 0.f;
-        if (p.mask && j < kv_end) madd = p.mask[b * p.mask_stride + j] * LOG2E;
+        if (p.mask && j < kv_end) madd = mask_log2(p.mask, b * p.mask_stride + j);
 #pragma unroll
         for (int qi = 0; qi < ATT_QPW; ++qi) {
             const int qr = warp * ATT_QPW + qi;
@@ -238,7 +249,7 @@ __device__ __forceinline__ void attn_decode_split_body(const DecodeAttnParams& p
 #pragma unroll
                 for (int i = 0; i < 8; ++i) s = fmaf(qs[c * 8 + i], kf[i], s);
             }
-            if (p.mask) s += p.mask[b * p.mask_stride + j] * LOG2E;
+            if (p.mask) s += mask_log2(p.mask, b * p.mask_stride + j);
         }
         const float m_new = fmaxf(m, warp_max(s));
         if (m_new == -CUDART_INF_F) continue;

@@ -63,6 +63,14 @@ pub enum KvLen {
     Cache,
 }
 
+/// Additive attention masks are clamped to this value on both executors before they are added
+/// to the scores. HF fills masked keys with `finfo(float32).min`: a score plus that rounds back
+/// to it, so a row whose keys are all masked gets equal scores and averages V (transformers'
+/// eager result), while partly masked rows give those keys weight 0. The clamp keeps this true
+/// in the CUDA kernels' log2 domain, where `finfo.min * log2(e)` would overflow to -inf (and a
+/// fully masked row would come out as 0); `-inf` masks follow the same rule instead of NaN.
+pub const ATTN_MASK_FLOOR: f32 = -1e30;
+
 /// Multi-head attention over row-major buffers. Batch item `b`, head `h`, row `i` of Q is at
 /// row `b * q_len + i`, columns `q.col + h * head_dim ..`; K/V rows at `b * kv_batch_stride + j`.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,14 +1,15 @@
 //! The reference CPU ops against naive f64 definitions, on fresh random data each run (seed
 //! printed), at shapes that take every code path: the GEMV path (rows <= 4) and the blocked GEMM
 //! path (rows > 4, N spanning several weight blocks), fused bias/activation/accumulate,
-//! LayerNorm with a residual, attention with causal offsets, strides and batch.
+//! LayerNorm with a residual, attention with causal offsets, strides, batch and additive key
+//! masks (transformers' `finfo.min` semantics).
 //!
 //! Tolerance: f32 results vs f64 sums of the same f16-rounded inputs; an f32 dot product of
 //! length K carries <= ~K * 2^-24 relative error of the sum of |terms| (far less on average), so
 //! 1e-5 relative to that magnitude (K <= 1408 here) bounds it with margin.
 
-use glimpse::backend::cpu::ops::{self, AttnShape};
-use glimpse::graph::Activation;
+use glimpse::backend::cpu::ops::{self, AttnShape, KeyMask};
+use glimpse::graph::{Activation, ATTN_MASK_FLOOR};
 use half::f16;
 
 struct Rng(u64);
@@ -97,6 +98,56 @@ fn layer_norm_matches_definition() {
     }
 }
 
+/// f64 attention over the same strided layout as `ops::attention`, with transformers' eager
+/// semantics for an additive key mask (clamped to `ATTN_MASK_FLOOR`, see graph.rs).
+fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<KeyMask<'_>>) -> Vec<f64> {
+    let (d, width) = (s.head_dim, s.heads * s.head_dim);
+    let mut want = vec![0f64; s.batch * s.q_len * width];
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            for i in 0..s.q_len {
+                let visible = s.causal_from.map_or(s.kv_len, |p| (p + i + 1).min(s.kv_len));
+                let qrow = &q[(b * s.q_len + i) * s.q_stride + s.q_col + h * d..][..d];
+                let scores: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        let krow = &k[(b * s.kv_batch_stride + j) * s.kv_stride + s.k_col + h * d..][..d];
+                        let dot = qrow.iter().zip(krow).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>();
+                        let add = mask.map_or(0.0, |m| f64::from(m.values[b * m.stride + j].max(ATTN_MASK_FLOOR)));
+                        dot * f64::from(s.scale) + add
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|x| (x - max).exp()).sum();
+                for c in 0..d {
+                    want[(b * s.q_len + i) * width + h * d + c] = (0..visible)
+                        .map(|j| (scores[j] - max).exp() / z * f64::from(v[(b * s.kv_batch_stride + j) * s.kv_stride + s.v_col + h * d + c]))
+                        .sum();
+                }
+            }
+        }
+    }
+    want
+}
+
+/// A self-attention shape over contiguous `[batch * len, heads * d]` q, k, v.
+fn plain_shape(batch: usize, heads: usize, d: usize, len: usize, causal_from: Option<usize>) -> AttnShape {
+    AttnShape {
+        batch,
+        heads,
+        head_dim: d,
+        q_len: len,
+        kv_len: len,
+        q_stride: heads * d,
+        q_col: 0,
+        kv_stride: heads * d,
+        k_col: 0,
+        v_col: 0,
+        kv_batch_stride: len,
+        causal_from,
+        scale: (d as f32).powf(-0.5),
+    }
+}
+
 #[test]
 fn attention_matches_definition() {
     let mut rng = Rng::new("attention");
@@ -127,30 +178,63 @@ fn attention_matches_definition() {
             scale: (d as f32).powf(-0.5),
         };
         let mut out = vec![f32::NAN; batch * q_len * width];
-        ops::attention(&q, &k, &v, &shape, &mut out);
-        let mut want = vec![0f64; out.len()];
-        for b in 0..batch {
-            for h in 0..heads {
-                for i in 0..q_len {
-                    let visible = causal.map_or(kv_len, |p| (p + i + 1).min(kv_len));
-                    let qrow = &q[(b * q_len + i) * q_stride + width + h * d..][..d];
-                    let scores: Vec<f64> = (0..visible)
-                        .map(|j| {
-                            let krow = &k[(b * kv_batch_stride + j) * width + h * d..][..d];
-                            qrow.iter().zip(krow).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() / (d as f64).sqrt()
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                    for c in 0..d {
-                        want[(b * q_len + i) * width + h * d + c] = (0..visible)
-                            .map(|j| (scores[j] - max).exp() / z * f64::from(v[(b * kv_batch_stride + j) * width + h * d + c]))
-                            .sum();
-                    }
-                }
-            }
-        }
+        ops::attention(&q, &k, &v, &shape, None, &mut out);
+        let want = attention_ref(&q, &k, &v, &shape, None);
         close(&format!("attention b{batch} h{heads} d{d} q{q_len} kv{kv_len} {causal:?}"), &out, &want, &vec![1.0; want.len()]);
+    }
+}
+
+/// HF padding masks hold `finfo(float32).min` on masked keys. transformers' eager attention
+/// adds them to the scores, where they absorb the score: a row whose keys are all masked gets
+/// equal scores and returns the mean of V; partly masked rows give masked keys weight 0.
+#[test]
+fn attention_key_mask_follows_transformers() {
+    let mut rng = Rng::new("attention_key_mask");
+    let (batch, heads, d, len, stride) = (4, 3, 80, 11, 13);
+    let shape = plain_shape(batch, heads, d, len, None);
+    let width = heads * d;
+    let (q, k, v) = (rng.f32s(batch * len * width), rng.f32s(batch * len * width), rng.f32s(batch * len * width));
+    let min = f32::MIN; // torch.finfo(torch.float32).min
+    let mut mask = vec![0f32; batch * stride];
+    for (j, m) in mask.iter_mut().enumerate() {
+        let (b, j) = (j / stride, j % stride);
+        *m = match b {
+            0 => min,                                       // every key masked
+            1 => if j % 3 == 0 { min } else { 0.0 },        // left/right padding-like holes
+            2 => if j < 4 { f32::NEG_INFINITY } else { rng.uni() }, // -inf plus a soft bias
+            _ => 2.0 * rng.uni(),                           // additive bias only
+        };
+    }
+    let km = KeyMask { values: &mask, stride };
+    let mut out = vec![f32::NAN; batch * len * width];
+    ops::attention(&q, &k, &v, &shape, Some(km), &mut out);
+    close("attention with finfo.min / -inf / additive key masks", &out, &attention_ref(&q, &k, &v, &shape, Some(km)), &vec![1.0; out.len()]);
+
+    // The fully masked item is the mean of its V rows (what transformers returns), not 0 or NaN.
+    for i in 0..len {
+        for c in 0..width {
+            let mean = (0..len).map(|j| f64::from(v[j * width + c])).sum::<f64>() / len as f64;
+            let got = f64::from(out[i * width + c]);
+            assert!((got - mean).abs() <= 1e-5, "fully masked row {i} col {c}: {got} vs mean of V {mean}");
+        }
+    }
+    // Masked keys of a partly masked row get no weight: changing their V changes nothing.
+    let mut v2 = v.clone();
+    for j in (0..len).step_by(3) {
+        v2[(len + j) * width..][..width].iter_mut().for_each(|x| *x += 100.0);
+    }
+    let mut out2 = vec![f32::NAN; out.len()];
+    ops::attention(&q, &k, &v2, &shape, Some(km), &mut out2);
+    assert_eq!(out[len * width..2 * len * width], out2[len * width..2 * len * width], "finfo.min keys must get weight 0");
+
+    // Causal and key masks combine: a causal row whose visible keys are all masked averages them.
+    let shape = plain_shape(1, heads, d, len, Some(0));
+    let all_min = vec![min; len];
+    let mut out = vec![f32::NAN; len * width];
+    ops::attention(&q[..len * width], &k[..len * width], &v[..len * width], &shape, Some(KeyMask { values: &all_min, stride: len }), &mut out);
+    for i in 0..len {
+        let mean = (0..=i).map(|j| f64::from(v[j * width])).sum::<f64>() / (i + 1) as f64;
+        assert!((f64::from(out[i * width]) - mean).abs() <= 1e-5, "causal row {i}: {} vs {mean}", out[i * width]);
     }
 }
 

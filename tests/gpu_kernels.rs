@@ -19,6 +19,7 @@
 use glimpse::backend::cuda::{
     decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, GemmTile, HeadsView, Residual, SumOut,
 };
+use glimpse::graph::ATTN_MASK_FLOOR;
 use half::f16;
 
 const POISON: u16 = 0x7E00;
@@ -378,7 +379,8 @@ fn attention_matches_reference() {
     let Some(dev) = device("attention_matches_reference") else { return };
     let mut rng = Rng::new("attention");
     // (batch, heads, sq, skv, d, causal offset, masks)
-    let cases: &[(usize, usize, usize, usize, usize, Option<i32>, bool)] = &[
+    type Case = (usize, usize, usize, usize, usize, Option<i32>, bool);
+    let cases: &[Case] = &[
         (1, 16, 257, 257, 88, None, false),  // EVA ViT
         (2, 12, 32, 257, 64, None, false),   // Q-Former cross-attention
         (2, 12, 32, 32, 64, None, true),     // Q-Former self-attention, padding masks
@@ -437,9 +439,9 @@ fn attention_matches_reference() {
     let want = attn_ref(&split(0), &split(1), &split(2), 1, h, s, s, d, 0.1066, &|_, _, _| Some(0.0));
     check("attention fused qkv 257x16x88", &dev.download(&o).unwrap(), &want, Some(1.0));
 
-    // kv_valid = 0 for one batch item (all keys masked -> zeros) next to a normal one, and an
-    // additive mask of -inf on some keys (HF masks built from finfo.min overflow to -inf in the
-    // log2 domain): neither may produce NaN.
+    // kv_valid = 0 for one batch item (no key at all -> zeros) next to a normal one, and an
+    // additive mask of -inf on some keys (clamped to ATTN_MASK_FLOOR, so weight 0 next to
+    // finite keys): neither may produce NaN.
     let (b, h, sq, skv, d) = (2usize, 2usize, 19usize, 40usize, 80usize);
     let q = rng.halves(b * sq * h * d, 1.0);
     let k = rng.halves(b * skv * h * d, 1.0);
@@ -453,10 +455,48 @@ fn attention_matches_reference() {
     let scale = 1.0 / (d as f64).sqrt();
     dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
     let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
-        (j <= i + 3 && (j as i32) < valid[bb] && madd[bb * skv + j].is_finite()).then(|| madd[bb * skv + j] as f64)
+        (j <= i + 3 && (j as i32) < valid[bb]).then(|| clamped(madd[bb * skv + j]))
     };
     let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
     check("attention kv_valid=0 and -inf mask", &dev.download(&o).unwrap(), &want, Some(1.0));
+
+    // HF padding masks (finfo(float32).min): batch item 0 has every key masked, so transformers
+    // returns the mean of V for each row (its scores all round to finfo.min); item 1 has holes
+    // (weight 0) and a causal offset; item 2 is unmasked. Unclamped, finfo.min * log2(e)
+    // overflows to -inf in the kernel and item 0 would come out as zeros.
+    let (b, h, sq, skv, d) = (3usize, 4usize, 21usize, 45usize, 88usize);
+    let q = rng.halves(b * sq * h * d, 1.0);
+    let k = rng.halves(b * skv * h * d, 1.0);
+    let v = rng.halves(b * skv * h * d, 1.0);
+    let madd: Vec<f32> = (0..b * skv)
+        .map(|i| match (i / skv, i % skv) {
+            (0, _) => f32::MIN,
+            (1, j) if j % 4 == 1 || j < 2 => f32::MIN,
+            _ => 0.0,
+        })
+        .collect();
+    let (dq, dk, dv, dmask) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&madd).unwrap());
+    let o = poisoned(&dev, b * sq * h * d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mask = AttnMask { causal: Some(24), kv_valid: None, additive: Some((&dmask, skv)) };
+    dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
+    let vis = |bb: usize, i: usize, j: usize| -> Option<f64> { (j <= i + 24).then(|| clamped(madd[bb * skv + j])) };
+    let got = dev.download(&o).unwrap();
+    check("attention finfo.min padding masks", &got, &attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis), Some(1.0));
+    // Independently of attn_ref: the fully masked item is the mean of the V rows it can see.
+    let mean_v: Vec<f64> = (0..sq)
+        .flat_map(|i| {
+            let seen = (i + 25).min(skv);
+            let v = &v;
+            (0..h * d).map(move |c| (0..seen).map(|j| v[j * h * d + c].to_f64()).sum::<f64>() / seen as f64)
+        })
+        .collect();
+    check("attention fully finfo.min-masked rows = mean of V", &got[..sq * h * d], &mean_v, Some(1.0));
+}
+
+/// The additive mask as both executors apply it (see `glimpse::graph::ATTN_MASK_FLOOR`).
+fn clamped(m: f32) -> f64 {
+    f64::from(m.max(ATTN_MASK_FLOOR))
 }
 
 #[test]
@@ -486,7 +526,15 @@ fn decode_attention_matches_reference() {
     let q = rng.halves(b * h * d, 1.0);
     let kc = rng.halves(b * max_len * h * d, 1.0);
     let vc = rng.halves(b * max_len * h * d, 1.0);
-    let madd: Vec<f32> = (0..b * stride).map(|_| rng.uni(2.0)).collect();
+    // Sequence 2 is fully masked with finfo(float32).min (-> mean of its V rows, as transformers),
+    // sequence 3 partly; the others carry a soft additive bias.
+    let madd: Vec<f32> = (0..b * stride)
+        .map(|i| match (i / stride, i % stride) {
+            (2, _) => f32::MIN,
+            (3, j) if j % 5 == 0 => f32::MIN,
+            _ => rng.uni(2.0),
+        })
+        .collect();
     let (dq, dk, dv, dl, dm) =
         (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap(), dev.upload(&madd).unwrap());
     let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
@@ -494,7 +542,7 @@ fn decode_attention_matches_reference() {
     let scale = 1.0 / (d as f64).sqrt();
     let mask = AttnMask { additive: Some((&dm, stride)), ..AttnMask::default() };
     dev.decode_attention(view(&dq, 1, h, d), view(&dk, max_len, h, d), view(&dv, max_len, h, d), &dl, view(&o, 1, h, d), &ws, b, h, max_len, d, scale as f32, mask).unwrap();
-    let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then(|| madd[bb * stride + j] as f64));
+    let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then(|| clamped(madd[bb * stride + j])));
     check(&format!("decode split boundaries lens={lens:?} with mask"), &dev.download(&o).unwrap(), &want, Some(1.0));
 }
 
@@ -528,9 +576,9 @@ fn elementwise_matches_reference() {
     let x = dev.upload(&x0).unwrap();
     dev.add_positions(&x, &dev.upload(&pe).unwrap(), &dev.upload(&start).unwrap(), b, s, dim, 2).unwrap();
     let mut want = vec![0.0; b * s * dim];
-    for bb in 0..b {
+    for (bb, &first) in start.iter().enumerate().take(b) {
         for i in 0..s {
-            let p = start[bb] as usize + i + 2;
+            let p = first as usize + i + 2;
             for j in 0..dim {
                 let e = (bb * s + i) * dim + j;
                 want[e] = f16::from_f64(x0[e].to_f64() + pe[p * dim + j].to_f64()).to_f64();

@@ -87,6 +87,59 @@ fn cuda_graph_replay_equals_direct_launches() {
     assert_eq!(replayed.logprobs, direct.logprobs, "same kernels, same order: bitwise equal");
 }
 
+/// A recording that fails (at begin_capture, or at end_capture) falls back to direct launches:
+/// the run succeeds with exactly the tokens and log-probs of a normal run.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_failed_recording_falls_back_to_direct_launches() {
+    let Some(model) = gpu_model("cuda_failed_recording_falls_back_to_direct_launches", "blip2-opt-tiny") else { return };
+    let px = model.preprocess(&common::image("odd_257x181.png")).unwrap();
+    let opts = model.default_options();
+    let normal = model.run(std::slice::from_ref(&px), None, &opts, &mut |_| {}).unwrap().remove(0);
+    assert!(normal.tokens.len() >= 3, "the decode step must run at least twice to be recorded");
+    for fault in ["fail-begin", "fail-end"] {
+        // A fresh model reads GLIMPSE_CUDA_GRAPH when it makes its executor (tests run with
+        // --test-threads=1, so no other test sees the variable).
+        std::env::set_var("GLIMPSE_CUDA_GRAPH", fault);
+        let faulty = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cuda).unwrap();
+        let before = glimpse::backend::cuda::capture_fallbacks();
+        let out = faulty.run(std::slice::from_ref(&px), None, &opts, &mut |_| {});
+        std::env::remove_var("GLIMPSE_CUDA_GRAPH");
+        let out = out.unwrap_or_else(|e| panic!("{fault}: recording failure must fall back, got error {e}")).remove(0);
+        assert_eq!(glimpse::backend::cuda::capture_fallbacks(), before + 1, "{fault}: the failure path ran once");
+        assert_eq!(out.tokens, normal.tokens, "{fault}");
+        assert_eq!(out.logprobs, normal.logprobs, "{fault}: same kernels, same order: bitwise equal");
+    }
+}
+
+/// Two threads, each driving its own executor of one model (each on its own stream), caption
+/// concurrently, repeatedly, so one thread records its decode graph while the other launches,
+/// allocates and frees: every result equals the sequential one bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_concurrent_executors_equal_sequential() {
+    let Some(model) = gpu_model("cuda_concurrent_executors_equal_sequential", "blip2-opt-tiny") else { return };
+    let opts = model.default_options();
+    let ids = model.input_ids(None).unwrap();
+    let caption = |image: &str| -> (Vec<u32>, Vec<f64>) {
+        let px = model.preprocess(&common::image(image)).unwrap();
+        let plan = model.blip2.plan(1, ids.len(), opts.max_new_tokens, false).unwrap();
+        let mut exec = model.executor(&plan.graph).unwrap();
+        let (mut seqs, _) = glimpse::generate::generate(&plan, exec.as_mut(), &px.data, &ids, &opts, &mut |_| {}).unwrap();
+        let seq = seqs.remove(0);
+        (seq.tokens, seq.logprobs)
+    };
+    let per_thread = [["odd_257x181.png", "tall_83x311.png"], ["wide_301x97.png", "exact_224x224.png"]];
+    let sequential: Vec<Vec<_>> = per_thread.iter().map(|imgs| imgs.iter().map(|i| caption(i)).collect()).collect();
+    for round in 0..3 {
+        let concurrent: Vec<Vec<_>> = std::thread::scope(|s| {
+            let handles: Vec<_> = per_thread.iter().map(|imgs| s.spawn(|| imgs.iter().map(|i| caption(i)).collect::<Vec<_>>())).collect();
+            handles.into_iter().map(|h| h.join().expect("captioning thread panicked")).collect()
+        });
+        assert_eq!(concurrent, sequential, "round {round}: concurrent executors differ from sequential runs");
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn cuda_batch_equals_single() {

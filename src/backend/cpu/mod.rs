@@ -139,9 +139,12 @@ impl CpuExecutor {
                 for (r, &tok) in self.tokens.iter().enumerate() {
                     if tok == token {
                         if next + dim > s.len() {
+                            let provided = s.len() / dim.max(1);
                             self.bufs[out.0] = o;
+                            let held = self.tokens.iter().filter(|&&t| t == token).count();
                             return Err(Error::InvalidInput(format!(
-                                "the prompt holds more image tokens ({token}) than the image provides"
+                                "the prompt holds {held} image tokens (id {token}) but the images provide {provided} \
+                                 query embeddings: remove image tokens from the prompt text"
                             )));
                         }
                         o[r * dim..(r + 1) * dim].copy_from_slice(&s[next..next + dim]);
@@ -216,7 +219,7 @@ impl CpuExecutor {
         // Models give K and V buffers of one width (a fused qkv, or twin projections/caches).
         debug_assert_eq!(self.cols(a.k.buf), self.cols(a.v.buf));
         let mut o = std::mem::take(&mut self.bufs[a.out.0]);
-        ops::attention(&self.bufs[a.q.buf.0], &self.bufs[a.k.buf.0], &self.bufs[a.v.buf.0], &shape, &mut o);
+        ops::attention(&self.bufs[a.q.buf.0], &self.bufs[a.k.buf.0], &self.bufs[a.v.buf.0], &shape, None, &mut o);
         self.bufs[a.out.0] = o;
     }
 }

@@ -6,7 +6,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::graph::Activation;
+use crate::graph::{Activation, ATTN_MASK_FLOOR};
 
 /// Bytes of f32 weights one [`linear`] task widens at a time (about a core's L2).
 const L2_BLOCK_BYTES: usize = 1 << 20;
@@ -117,11 +117,19 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// An additive per-key mask: batch item `b` adds `values[b * stride + j]` to every score of key
+/// `j` (HF padding masks: 0 or `finfo.min`), clamped to [`ATTN_MASK_FLOOR`] first.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyMask<'a> {
+    pub values: &'a [f32],
+    pub stride: usize,
+}
+
 /// Softmax attention; `out` is `[batch * q_len, heads * head_dim]`. Per (batch, head), on one
-/// thread each: S = scale * Q Kᵀ and O = softmax(S) V as two GEMMs reading Q, K, V in place
-/// through their strides; masked scores are -inf, softmax in f32 with the row max subtracted,
-/// like torch's eager path.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32]) {
+/// thread each: S = scale * Q Kᵀ (+ the clamped key mask) and O = softmax(S) V as two GEMMs
+/// reading Q, K, V in place through their strides; keys hidden by causality are -inf, softmax in
+/// f32 with the row max subtracted, like torch's eager path.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<KeyMask<'_>>, out: &mut [f32]) {
     let d = s.head_dim;
     let width = s.heads * d;
     let (lq, lkv) = (s.q_len, s.kv_len);
@@ -133,6 +141,9 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32]
     assert!(q.len() >= last(lq, lq, s.q_stride, s.q_col), "attention: q too short");
     assert!(k.len() >= last(s.kv_batch_stride, lkv, s.kv_stride, s.k_col), "attention: k too short");
     assert!(v.len() >= last(s.kv_batch_stride, lkv, s.kv_stride, s.v_col), "attention: v too short");
+    if let Some(m) = mask {
+        assert!(m.stride >= lkv && m.values.len() >= (s.batch - 1) * m.stride + lkv, "attention: mask too short");
+    }
     let results: Vec<Vec<f32>> = (0..s.batch * s.heads)
         .into_par_iter()
         .map(|bh| {
@@ -154,8 +165,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32]
                     Parallelism::None,
                 );
             }
+            let key_mask = mask.map(|m| &m.values[b * m.stride..][..lkv]);
             for (i, row) in scores.chunks_mut(lkv).enumerate() {
                 let visible = s.causal_from.map_or(lkv, |p| (p + i + 1).min(lkv));
+                if let Some(km) = key_mask {
+                    row.iter_mut().zip(km).for_each(|(sc, &m)| *sc += m.max(ATTN_MASK_FLOOR));
+                }
                 row[visible..].fill(f32::NEG_INFINITY);
                 let max = row[..visible].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;

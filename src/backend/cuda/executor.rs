@@ -10,11 +10,17 @@
 //! - Greedy argmax and the chosen token's log-prob are computed on the device: only token ids
 //!   and one float per sequence cross the bus.
 //! - `GLIMPSE_CUDA_SYNC=1` synchronises after every op so a kernel fault names its op.
+//! - Each executor launches on a stream of its own (`CudaDevice::with_new_stream`), so
+//!   executors driven from different threads neither interleave nor get captured into each
+//!   other's graphs; recording holds the device's capture lock (see `memory::CaptureLock`).
+//! - `GLIMPSE_CUDA_GRAPH=0` turns recording off; `fail-begin` / `fail-end` (tests) make it fail
+//!   at that point, to exercise the fallback to direct launches.
 //!
 //! Activations are fp16 throughout (the Q-Former too: transformers keeps it in fp32, glimpse
 //! does not; the GPU parity tests state the tolerance this costs).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,6 +32,21 @@ use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, Head
 use crate::backend::Executor;
 use crate::error::{Error, Result};
 use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, View, WeightTable};
+
+/// Recordings that failed and fell back to direct launches, process-wide (for tests and logs).
+static CAPTURE_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many CUDA graph recordings have failed (and run launch by launch instead) in this process.
+pub fn capture_fallbacks() -> usize {
+    CAPTURE_FALLBACKS.load(Ordering::Relaxed)
+}
+
+/// Where a test makes recording fail (`GLIMPSE_CUDA_GRAPH=fail-begin` / `fail-end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GraphFault {
+    Begin,
+    End,
+}
 
 /// Bytes of each pinned staging buffer used while uploading weights.
 const STAGING_BYTES: usize = 32 << 20;
@@ -159,6 +180,9 @@ fn ensure<T: super::DeviceScalar>(dev: &CudaDevice, slot: &mut Option<DevSlice<T
 }
 
 pub struct CudaExecutor {
+    /// This executor's handle of the GPU: its own stream, so executors on other threads never
+    /// enqueue into (or get captured into) this one's work.
+    dev: Arc<CudaDevice>,
     weights: Arc<CudaWeights>,
     host: Arc<WeightTable>,
     descs: Vec<BufferDesc>,
@@ -179,6 +203,8 @@ pub struct CudaExecutor {
     runs: HashMap<&'static str, usize>,
     graphs: HashMap<&'static str, CudaGraph>,
     use_graphs: bool,
+    /// Test hook (`GLIMPSE_CUDA_GRAPH=fail-begin|fail-end`): recording fails at that point.
+    graph_fault: Option<GraphFault>,
     /// `GLIMPSE_CUDA_SYNC=1`: synchronise after every op (bring-up and debugging; no graphs).
     sync_each_op: bool,
 }
@@ -192,18 +218,25 @@ unsafe impl Send for CudaExecutor {}
 impl CudaExecutor {
     /// Allocates every graph buffer (one arena) plus the small device-resident run state.
     pub fn new(weights: Arc<CudaWeights>, host: Arc<WeightTable>, buffers: &[BufferDesc]) -> Result<Self> {
-        let dev = weights.dev.clone();
+        let dev = Arc::new(weights.dev.with_new_stream()?);
         let elems: usize = buffers.iter().map(|d| d.rows * d.cols).sum();
         let arena = dev.arena(elems * 2 + buffers.len() * super::ARENA_ALIGN)?;
         let bufs = buffers.iter().map(|d| arena.alloc::<f16>((d.rows * d.cols).max(1))).collect::<std::result::Result<Vec<_>, _>>()?;
         let max_rows = buffers.iter().map(|d| d.rows).max().unwrap_or(1).max(1);
         let sync_each_op = std::env::var("GLIMPSE_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let graph_setting = std::env::var("GLIMPSE_CUDA_GRAPH").unwrap_or_default();
+        let graph_fault = match graph_setting.as_str() {
+            "fail-begin" => Some(GraphFault::Begin),
+            "fail-end" => Some(GraphFault::End),
+            _ => None,
+        };
         Ok(Self {
             ids: dev.alloc::<i32>(max_rows)?,
             pos: dev.alloc::<i32>(max_rows)?,
             kv_len: dev.alloc::<i32>(max_rows)?,
             argmax_idx: dev.alloc::<i32>(max_rows)?,
             argmax_logprob: dev.alloc::<f32>(max_rows)?,
+            dev,
             weights,
             host,
             descs: buffers.to_vec(),
@@ -214,13 +247,14 @@ impl CudaExecutor {
             dirty: true,
             runs: HashMap::new(),
             graphs: HashMap::new(),
-            use_graphs: std::env::var("GLIMPSE_CUDA_GRAPH").map_or(true, |v| v != "0") && !sync_each_op,
+            use_graphs: graph_setting != "0" && !sync_each_op,
+            graph_fault,
             sync_each_op,
         })
     }
 
     fn dev(&self) -> &CudaDevice {
-        &self.weights.dev
+        &self.dev
     }
 
     fn w(&self, w: crate::graph::W) -> &DevSlice<f16> {
@@ -240,7 +274,7 @@ impl CudaExecutor {
         if !self.dirty {
             return Ok(());
         }
-        let dev = self.weights.dev.clone();
+        let dev = self.dev.clone();
         if !self.tokens.is_empty() {
             let ids: Vec<i32> = self.tokens.iter().map(|&t| t as i32).collect();
             let dst = self.ids.slice(0, ids.len()).ok_or_else(|| self.unsupported(format!("{} tokens exceed the id buffer", ids.len())))?;
@@ -304,7 +338,7 @@ impl CudaExecutor {
     }
 
     fn launch(&mut self, op: &Op) -> Result<()> {
-        let dev = self.weights.dev.clone();
+        let dev = self.dev.clone();
         match *op {
             Op::PatchEmbed { pixels, weight, bias, class, positions, out, batch, image_size, patch } => {
                 let side = image_size / patch;
@@ -366,8 +400,11 @@ impl CudaExecutor {
                     self.tokens.chunks(rows_per_batch).map(|s| s.iter().filter(|&&t| t == token).count()).collect();
                 let n_img = per_seq.first().copied().unwrap_or(0);
                 if per_seq.iter().any(|&n| n != n_img) || batch * n_img * dim > self.bufs[src.0].len() {
+                    let provided = self.bufs[src.0].len() / dim.max(1);
                     return Err(Error::InvalidInput(format!(
-                        "the prompt holds more image tokens ({token}) than the image provides, or a different number per image"
+                        "the prompts hold {per_seq:?} image tokens (id {token}) per sequence but the images provide \
+                         {provided} query embeddings in all ({batch} sequences): every prompt needs the same number, \
+                         at most the image's; remove image tokens from the prompt text"
                     )));
                 }
                 if n_img > 0 {
@@ -400,7 +437,7 @@ impl CudaExecutor {
     }
 
     fn attention(&mut self, a: &Attention) -> Result<()> {
-        let dev = self.weights.dev.clone();
+        let dev = self.dev.clone();
         let (q, k, v) = (self.heads(a.q, a.q_len), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride));
         let o = self.heads(View::from(a.out), a.q_len);
         match a.kv_len {
@@ -436,29 +473,48 @@ impl CudaExecutor {
         Ok(())
     }
 
-    /// Records `phase` into a CUDA graph; on any failure recording is turned off for good and
-    /// the phase runs directly.
+    /// Records `phase` into a CUDA graph; on any failure (beginning the capture, a launch inside
+    /// it, ending it) recording is turned off for good and the phase runs directly. Recording
+    /// holds the device's capture lock, so other threads' allocations, frees and context
+    /// synchronisations (which could invalidate the capture) wait for it.
     fn record(&mut self, phase: &Phase) -> Result<()> {
-        let stream = self.dev().stream().clone();
-        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(GpuError::from)?;
-        let launched = self.run_direct(phase);
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        match (launched, graph) {
-            (Ok(()), Ok(Some(graph))) => {
+        let dev = self.dev.clone();
+        let fault = self.graph_fault;
+        let recorded = dev.capturing(|| -> std::result::Result<CudaGraph, String> {
+            let stream = dev.stream();
+            if fault == Some(GraphFault::Begin) {
+                return Err("begin_capture: simulated failure (GLIMPSE_CUDA_GRAPH=fail-begin)".into());
+            }
+            stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(|e| format!("begin_capture: {e:?}"))?;
+            // Always end the capture, even after a failed launch, so the stream leaves capture mode.
+            let launched = self.run_direct(phase);
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            match (launched, graph) {
+                (Err(e), _) => Err(format!("launch while recording: {e}")),
+                (Ok(()), Err(e)) => Err(format!("end_capture: {e:?}")),
+                (Ok(()), Ok(None)) => Err("end_capture: empty graph".into()),
+                (Ok(()), Ok(Some(_))) if fault == Some(GraphFault::End) => {
+                    Err("end_capture: simulated failure (GLIMPSE_CUDA_GRAPH=fail-end)".into())
+                }
+                (Ok(()), Ok(Some(graph))) => Ok(graph),
+            }
+        });
+        match recorded {
+            Ok(graph) => {
                 self.graphs.insert(phase.name, graph);
                 Ok(())
             }
-            (launched, graph) => {
+            Err(why) => {
                 self.use_graphs = false;
-                eprintln!(
-                    "glimpse: CUDA graph recording of `{}` failed ({}); running it launch by launch",
-                    phase.name,
-                    launched.err().map(|e| e.to_string()).or(graph.err().map(|e| format!("{e:?}"))).unwrap_or_else(|| "empty graph".into())
-                );
+                CAPTURE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                eprintln!("glimpse: CUDA graph recording of `{}` failed ({why}); running it launch by launch", phase.name);
                 self.run_direct(phase)
             }
         }
     }
+
     /// Launches a validated phase whose state is on the device: replayable phases are run
     /// directly once (allocating scratch), recorded on their second run and replayed after.
     fn launch_phase(&mut self, phase: &Phase) -> Result<()> {
@@ -545,7 +601,7 @@ impl Executor for CudaExecutor {
 
     fn greedy(&mut self, logits: Buf, rows: usize) -> Result<Vec<(u32, f64)>> {
         let vocab = self.cols(logits);
-        let dev = self.weights.dev.clone();
+        let dev = self.dev.clone();
         dev.argmax(&self.bufs[logits.0], &self.argmax_idx, &self.argmax_logprob, rows, vocab)?;
         let idx = dev.download(&self.argmax_idx.slice(0, rows).expect("rows <= max rows"))?;
         let lp = dev.download(&self.argmax_logprob.slice(0, rows).expect("rows <= max rows"))?;

@@ -5,9 +5,10 @@
 //! Kernels receive raw device pointers; every launcher checks that each slice holds at least the
 //! elements the grid touches, so kernels never access memory outside an allocation.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext};
 use half::f16;
@@ -39,24 +40,75 @@ impl DeviceScalar for u8 {
     const NAME: &'static str = "u8";
 }
 
-/// One `cuMemAlloc` allocation, freed (after a context synchronize) when the last handle drops.
+/// Keeps CUDA graph recording on one thread apart from allocations, frees and context-wide
+/// synchronisation on others (executors of one GPU each have their own stream and may run on
+/// different threads): a `cuCtxSynchronize` or `cuMemFree` while another stream is capturing
+/// can invalidate that capture. Recording holds the lock; `quiesced` calls wait for it.
+/// On the recording thread itself `quiesced` does not wait (it would deadlock): such a call
+/// inside a capture makes the capture fail, and the executor then runs the phase directly.
+#[derive(Default)]
+pub struct CaptureLock {
+    lock: Mutex<()>,
+}
+
+thread_local! {
+    /// Address of the `CaptureLock` this thread is recording under (0: none).
+    static RECORDING_UNDER: Cell<usize> = const { Cell::new(0) };
+}
+
+impl CaptureLock {
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Runs `record` holding the lock.
+    pub(crate) fn capture<R>(&self, record: impl FnOnce() -> R) -> R {
+        let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        RECORDING_UNDER.with(|r| r.set(self.id()));
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                RECORDING_UNDER.with(|r| r.set(0));
+            }
+        }
+        let _reset = Reset;
+        record()
+    }
+
+    /// Runs `f` while no other thread records a graph on this GPU.
+    pub(crate) fn quiesced<R>(&self, f: impl FnOnce() -> R) -> R {
+        if RECORDING_UNDER.with(|r| r.get()) == self.id() {
+            return f();
+        }
+        let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        f()
+    }
+}
+
+/// One `cuMemAlloc` allocation, freed when the last handle drops.
+///
+/// The free first synchronises the whole context, since any executor's stream may still use
+/// the memory. That stalls other executors of the same GPU for the duration of their queued
+/// work: cheap for one model per process (buffers are dropped with their executor or model,
+/// not per request); a server that creates executors per request should keep them instead.
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
     ctx: Arc<CudaContext>,
+    capture: Arc<CaptureLock>,
 }
 
 impl DeviceBuffer {
-    pub(crate) fn new(ctx: &Arc<CudaContext>, bytes: usize) -> GpuResult<Arc<Self>> {
+    pub(crate) fn new(ctx: &Arc<CudaContext>, capture: &Arc<CaptureLock>, bytes: usize) -> GpuResult<Arc<Self>> {
         let bytes_alloc = bytes.max(1);
         ctx.bind_to_thread()?;
         // SAFETY: the context is current on this thread (bound above); cuMemAlloc has no other
         // precondition. The pointer is owned by the returned buffer and freed exactly once in Drop.
-        let ptr = unsafe { result::malloc_sync(bytes_alloc) }.map_err(|e| match GpuError::from(e) {
+        let ptr = capture.quiesced(|| unsafe { result::malloc_sync(bytes_alloc) }).map_err(|e| match GpuError::from(e) {
             GpuError::OutOfMemory { .. } => GpuError::OutOfMemory { requested: bytes },
             other => other,
         })?;
-        Ok(Arc::new(Self { ptr, bytes, ctx: ctx.clone() }))
+        Ok(Arc::new(Self { ptr, bytes, ctx: ctx.clone(), capture: capture.clone() }))
     }
 
     pub fn len_bytes(&self) -> usize {
@@ -66,13 +118,15 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        // Work queued on any stream may still use the memory: wait for it, then free.
-        let _ = self.ctx.synchronize();
-        // SAFETY: `ptr` came from cuMemAlloc in `new` and is freed only here, once; all handles
-        // (DevSlice) hold an Arc to this buffer, so none outlives it.
-        unsafe {
-            let _ = result::free_sync(self.ptr);
-        }
+        self.capture.quiesced(|| {
+            // Work queued on any stream may still use the memory: wait for it, then free.
+            let _ = self.ctx.synchronize();
+            // SAFETY: `ptr` came from cuMemAlloc in `new` and is freed only here, once; all
+            // handles (DevSlice) hold an Arc to this buffer, so none outlives it.
+            unsafe {
+                let _ = result::free_sync(self.ptr);
+            }
+        });
     }
 }
 
@@ -171,8 +225,8 @@ pub struct Arena {
 pub const ARENA_ALIGN: usize = 256;
 
 impl Arena {
-    pub(crate) fn new(ctx: &Arc<CudaContext>, bytes: usize) -> GpuResult<Self> {
-        Ok(Self { buf: DeviceBuffer::new(ctx, bytes)?, used: AtomicUsize::new(0) })
+    pub(crate) fn new(ctx: &Arc<CudaContext>, capture: &Arc<CaptureLock>, bytes: usize) -> GpuResult<Self> {
+        Ok(Self { buf: DeviceBuffer::new(ctx, capture, bytes)?, used: AtomicUsize::new(0) })
     }
 
     /// Carves `len` elements of `T`; `OutOfMemory` when the arena is exhausted.

@@ -14,7 +14,7 @@ mod executor;
 mod memory;
 mod ops;
 
-pub use executor::{CudaExecutor, CudaWeights};
+pub use executor::{capture_fallbacks, CudaExecutor, CudaWeights};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStr
 use cudarc::nvrtc::Ptx;
 
 pub use error::{GpuError, GpuResult};
-pub use memory::{Arena, DevSlice, DeviceBuffer, DeviceScalar, ARENA_ALIGN};
+pub use memory::{Arena, CaptureLock, DevSlice, DeviceBuffer, DeviceScalar, ARENA_ALIGN};
 pub use ops::{LogitType, PixelType,
     decode_workspace_len, gemv_threads_per_row, Activation, AttnMask, GemmTile, HeadsView, Residual,
     SumOut,
@@ -62,27 +62,33 @@ pub fn probe() -> GpuResult<usize> {
     Ok(n as usize)
 }
 
-/// One GPU: a context, one stream that every launch goes to (so a decode step can be captured
-/// as a CUDA graph), and the loaded kernel modules.
-pub struct CudaDevice {
+/// What every handle of one GPU shares: the context, the loaded kernel modules, and the lock
+/// that keeps CUDA graph recording apart from calls that could break it.
+struct DeviceShared {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     /// Per-function setup already done (e.g. the dynamic shared-memory limit raised).
     prepared: Mutex<std::collections::HashSet<&'static str>>,
+    capture: Arc<CaptureLock>,
     num_sms: u32,
     compute_capability: (i32, i32),
     name: String,
 }
 
+/// A handle to one GPU with its own stream: every launch through this handle goes to that
+/// stream, so one handle's decode step can be captured as a CUDA graph while other handles
+/// (other executors, other threads) keep launching on theirs. [`CudaDevice::with_new_stream`]
+/// makes another handle of the same GPU; modules, function cache and context are shared.
+pub struct CudaDevice {
+    shared: Arc<DeviceShared>,
+    stream: Arc<CudaStream>,
+}
+
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "CudaDevice({}, sm_{}{}, {} SMs)",
-            self.name, self.compute_capability.0, self.compute_capability.1, self.num_sms
-        )
+        let s = &self.shared;
+        write!(f, "CudaDevice({}, sm_{}{}, {} SMs)", s.name, s.compute_capability.0, s.compute_capability.1, s.num_sms)
     }
 }
 
@@ -111,42 +117,56 @@ impl CudaDevice {
             .max(1) as u32;
         let compute_capability = ctx.compute_capability()?;
         let name = ctx.name()?;
-        Ok(Self {
+        let shared = DeviceShared {
             ctx,
-            stream,
             modules,
             funcs: Mutex::new(HashMap::new()),
             prepared: Mutex::new(Default::default()),
+            capture: Arc::new(CaptureLock::default()),
             num_sms,
             compute_capability,
             name,
-        })
+        };
+        Ok(Self { shared: Arc::new(shared), stream })
+    }
+
+    /// Another handle of this GPU with a stream of its own (one per executor).
+    pub fn with_new_stream(&self) -> GpuResult<Self> {
+        Ok(Self { shared: self.shared.clone(), stream: self.shared.ctx.new_stream()? })
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.shared.name
     }
     pub fn num_sms(&self) -> u32 {
-        self.num_sms
+        self.shared.num_sms
     }
     pub fn compute_capability(&self) -> (i32, i32) {
-        self.compute_capability
+        self.shared.compute_capability
     }
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.shared.ctx
     }
-    /// The stream every launcher enqueues on.
+    /// The stream every launcher of this handle enqueues on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
+    /// Runs `record` (which begins and ends a capture on this handle's stream) while no other
+    /// thread allocates, frees or synchronises the context: those calls wait (see
+    /// [`CaptureLock`]).
+    pub(crate) fn capturing<R>(&self, record: impl FnOnce() -> R) -> R {
+        self.shared.capture.capture(record)
+    }
+
     /// Looks up (and caches) kernel `name` of module `module` (file stem of kernels/*.cu).
     pub(crate) fn func(&self, module: &'static str, name: &'static str) -> GpuResult<CudaFunction> {
-        let mut cache = self.funcs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.shared.funcs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
         let m = self
+            .shared
             .modules
             .get(module)
             .ok_or_else(|| GpuError::Launch { kernel: name, msg: format!("module `{module}` not embedded") })?;
@@ -159,7 +179,7 @@ impl CudaDevice {
 
     /// Runs `setup` the first time it is called for `key` (later calls do nothing).
     pub(crate) fn once(&self, key: &'static str, setup: impl FnOnce() -> GpuResult<()>) -> GpuResult<()> {
-        let mut done = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = self.shared.prepared.lock().unwrap_or_else(|p| p.into_inner());
         if !done.contains(key) {
             setup()?;
             done.insert(key);
@@ -172,12 +192,12 @@ impl CudaDevice {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or(GpuError::OutOfMemory { requested: usize::MAX })?;
-        Ok(DevSlice::from_buffer(DeviceBuffer::new(&self.ctx, bytes)?, 0, len))
+        Ok(DevSlice::from_buffer(DeviceBuffer::new(&self.shared.ctx, &self.shared.capture, bytes)?, 0, len))
     }
 
     /// A bump arena of `bytes` bytes (one allocation).
     pub fn arena(&self, bytes: usize) -> GpuResult<Arena> {
-        Arena::new(&self.ctx, bytes)
+        Arena::new(&self.shared.ctx, &self.shared.capture, bytes)
     }
 
     /// Copies `src` to the device into a new allocation.
@@ -198,7 +218,7 @@ impl CudaDevice {
         if src.is_empty() {
             return Ok(());
         }
-        self.ctx.bind_to_thread()?;
+        self.shared.ctx.bind_to_thread()?;
         // SAFETY: dst covers exactly src.len() elements of a live allocation (checked above; the
         // slice holds an Arc to its buffer); the copy is synchronised before `src` can be
         // dropped or moved.
@@ -213,7 +233,7 @@ impl CudaDevice {
         if out.is_empty() {
             return Ok(out);
         }
-        self.ctx.bind_to_thread()?;
+        self.shared.ctx.bind_to_thread()?;
         // SAFETY: `out` has exactly src.len() elements; src is a live allocation of that size;
         // the stream is synchronised before `out` is returned.
         unsafe { result::memcpy_dtoh_async(&mut out, src.ptr(), self.stream.cu_stream()) }?;
@@ -229,7 +249,7 @@ impl CudaDevice {
                 msg: format!("lengths {} vs {} or overlapping ranges", src.len(), dst.len()),
             });
         }
-        self.ctx.bind_to_thread()?;
+        self.shared.ctx.bind_to_thread()?;
         // SAFETY: both slices are live allocations of num_bytes() bytes and do not overlap.
         unsafe { result::memcpy_dtod_async(dst.ptr(), src.ptr(), src.num_bytes(), self.stream.cu_stream()) }?;
         Ok(())
@@ -237,7 +257,7 @@ impl CudaDevice {
 
     /// Fills a slice with a 16-bit pattern (e.g. 0x7E00, an fp16 NaN, to poison outputs in tests).
     pub fn fill_u16(&self, dst: &DevSlice<f16>, pattern: u16) -> GpuResult<()> {
-        self.ctx.bind_to_thread()?;
+        self.shared.ctx.bind_to_thread()?;
         // SAFETY: writes exactly dst.len() 2-byte elements inside dst's live allocation.
         unsafe { sys::cuMemsetD16Async(dst.ptr(), pattern, dst.len(), self.stream.cu_stream()) }.result()?;
         Ok(())
@@ -248,7 +268,7 @@ impl CudaDevice {
         if std::mem::size_of::<T>() != 4 {
             return Err(GpuError::Launch { kernel: "memset_d32", msg: format!("{} is not 4 bytes", T::NAME) });
         }
-        self.ctx.bind_to_thread()?;
+        self.shared.ctx.bind_to_thread()?;
         // SAFETY: writes exactly dst.len() 4-byte elements inside dst's live allocation.
         unsafe { sys::cuMemsetD32Async(dst.ptr(), pattern, dst.len(), self.stream.cu_stream()) }.result()?;
         Ok(())
