@@ -30,7 +30,7 @@
 //     pipeline structure (the loads are synchronous, so only the smem double-use ordering
 //     matters, which the per-iteration __syncthreads already provides).
 //
-// SAFETY preconditions (checked by the Rust launcher, src/backend/cuda/ops.rs `gemm`):
+// SAFETY preconditions (checked by the Rust launcher, src/backend/cuda/ops/gemm.rs `gemm`):
 //   - x has >= M*K elements, w >= N*K, y >= M*N, bias (if non-null) >= N,
 //     residual (if non-null) >= M*N;
 //   - p.vec = 1 only if K % 8 == 0 and x, w are 16-byte aligned;

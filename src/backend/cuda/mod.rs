@@ -5,9 +5,9 @@
 //! libcuda / a GPU at run time, `CudaDevice::new` returns an error instead of panicking
 //! (cudarc panics if libcuda is missing, so its presence is checked first).
 //!
-//! Layering (ggml-cuda style): `kernels/*.cu` entry points -> `ops.rs` launchers that validate
-//! shapes, lengths, alignment and aliasing and build the parameter structs -> callers (graph
-//! executor, tests, benches).
+//! Layering (ggml-cuda style): `kernels/*.cu` entry points -> `ops/<family>.rs` launchers (one
+//! file per .cu) that validate shapes, lengths, alignment and aliasing and build the parameter
+//! structs -> callers (graph executor, tests, benches).
 
 mod error;
 mod executor;

@@ -1,0 +1,353 @@
+//! kernels/attention.cu: flash-style prefill/encoder attention and split-KV decode attention.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::*;
+use crate::backend::cuda::error::{bad, GpuResult};
+use crate::backend::cuda::memory::DevSlice;
+use crate::backend::cuda::CudaDevice;
+
+/// `[batch, rows, heads, head_dim]` view into a buffer: head `h` of row `i` of batch `b` starts
+/// at element `offset + b*batch_stride + i*row_stride + h*head_dim`. A column slice of a fused
+/// qkv buffer `[S, 3*H*d]` is `offset = part*H*d, row_stride = 3*H*d`.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadsView<'a> {
+    pub buf: &'a DevSlice<f16>,
+    pub offset: usize,
+    pub batch_stride: usize,
+    pub row_stride: usize,
+}
+
+/// Attention masking options (combinable).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnMask<'a> {
+    /// Causal with offset: query i attends keys j <= i + offset (prefill after a cache: offset =
+    /// number of cached keys). Ignored by decode attention (the new token sees the whole cache).
+    pub causal: Option<i32>,
+    /// Per-batch number of valid keys (prefill only).
+    pub kv_valid: Option<&'a DevSlice<i32>>,
+    /// Additive fp32 per-key mask `[B, stride]` and its stride.
+    pub additive: Option<(&'a DevSlice<f32>, usize)>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    mask: u64,
+    kv_valid: u64,
+    q_bs: i64,
+    q_rs: i64,
+    k_bs: i64,
+    k_rs: i64,
+    v_bs: i64,
+    v_rs: i64,
+    o_bs: i64,
+    o_rs: i64,
+    mask_stride: i64,
+    heads: i32,
+    sq: i32,
+    skv: i32,
+    d: i32,
+    causal: i32,
+    kv_offset: i32,
+    scale: f32,
+    pad_: i32,
+}
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 152);
+// SAFETY: see GemmParams (mirrors attention.cu AttnParams).
+unsafe impl DeviceRepr for AttnParams {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DecodeAttnParams {
+    q: u64,
+    k_cache: u64,
+    v_cache: u64,
+    kv_len: u64,
+    mask: u64,
+    partial: u64,
+    o: u64,
+    q_bs: i64,
+    k_bs: i64,
+    k_rs: i64,
+    v_bs: i64,
+    v_rs: i64,
+    o_bs: i64,
+    mask_stride: i64,
+    heads: i32,
+    d: i32,
+    max_len: i32,
+    chunk: i32,
+    nsplit: i32,
+    scale: f32,
+}
+const _: () = assert!(std::mem::size_of::<DecodeAttnParams>() == 136);
+// SAFETY: see GemmParams (mirrors attention.cu DecodeAttnParams).
+unsafe impl DeviceRepr for DecodeAttnParams {}
+
+const DECODE_CHUNK: usize = 256;
+
+fn padded_head_dim(kernel: &'static str, d: usize) -> GpuResult<usize> {
+    if d == 0 || d % 8 != 0 || d > 128 {
+        return Err(bad(kernel, format!("head_dim {d} unsupported (needs d % 8 == 0, d <= 128)")));
+    }
+    Ok(if d <= 64 { 64 } else if d <= 96 { 96 } else { 128 })
+}
+
+/// fp32 elements of workspace `decode_attention` needs for these shapes.
+pub fn decode_workspace_len(batch: usize, heads: usize, head_dim: usize, max_len: usize) -> usize {
+    let dp = if head_dim <= 64 { 64 } else if head_dim <= 96 { 96 } else { 128 };
+    batch * heads * max_len.div_ceil(DECODE_CHUNK).max(1) * (dp + 2)
+}
+
+impl HeadsView<'_> {
+    /// Checks that rows `0..rows` of batches `0..batch`, heads `0..heads` fit in the buffer and
+    /// the 16-byte-load alignment rules hold. Returns the device address of element (0, 0, 0).
+    fn check(&self, kernel: &'static str, what: &str, batch: usize, rows: usize, heads: usize, d: usize) -> GpuResult<u64> {
+        let last = self.offset
+            + (batch - 1) * self.batch_stride
+            + (rows - 1) * self.row_stride
+            + heads * d;
+        need(kernel, what, self.buf, last)?;
+        if self.batch_stride % 8 != 0 || self.row_stride % 8 != 0 {
+            return Err(bad(kernel, format!("{what}: strides must be multiples of 8 elements")));
+        }
+        let ptr = self.buf.ptr_at(self.offset);
+        if ptr % 16 != 0 {
+            return Err(bad(kernel, format!("{what}: base pointer not 16-byte aligned")));
+        }
+        Ok(ptr)
+    }
+    fn byte_range(&self, batch: usize, rows: usize, heads: usize, d: usize) -> (u64, u64) {
+        let start = self.buf.ptr_at(self.offset);
+        let last = (batch - 1) * self.batch_stride + (rows - 1) * self.row_stride + heads * d;
+        (start, start + 2 * last as u64)
+    }
+}
+
+impl CudaDevice {
+    /// Flash-style attention, O[b,i,h,:] = softmax(scale * q·k + mask) · v. Head dims with
+    /// d % 8 == 0 and d <= 128 (64, 80, 88, 128, ...).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: HeadsView<'_>,
+        k: HeadsView<'_>,
+        v: HeadsView<'_>,
+        o: HeadsView<'_>,
+        batch: usize,
+        heads: usize,
+        sq: usize,
+        skv: usize,
+        head_dim: usize,
+        scale: f32,
+        mask: AttnMask<'_>,
+    ) -> GpuResult<()> {
+        const K: &str = "attention";
+        if batch == 0 || heads == 0 || sq == 0 || skv == 0 {
+            return Err(bad(K, "empty shape"));
+        }
+        let dp = padded_head_dim(K, head_dim)?;
+        let qp = q.check(K, "q", batch, sq, heads, head_dim)?;
+        let kp = k.check(K, "k", batch, skv, heads, head_dim)?;
+        let vp = v.check(K, "v", batch, skv, heads, head_dim)?;
+        let op = o.check(K, "o", batch, sq, heads, head_dim)?;
+        let orange = o.byte_range(batch, sq, heads, head_dim);
+        for (name, r) in [
+            ("q", q.byte_range(batch, sq, heads, head_dim)),
+            ("k", k.byte_range(batch, skv, heads, head_dim)),
+            ("v", v.byte_range(batch, skv, heads, head_dim)),
+        ] {
+            if ranges_overlap(orange, r) {
+                return Err(bad(K, format!("o overlaps {name}")));
+            }
+        }
+        let (mask_ptr, mask_stride) = match mask.additive {
+            Some((m, stride)) => {
+                if stride < skv {
+                    return Err(bad(K, format!("mask stride {stride} < skv {skv}")));
+                }
+                need(K, "mask", m, (batch - 1) * stride + skv)?;
+                (m.ptr(), stride)
+            }
+            None => (0, 0),
+        };
+        let kv_valid = match mask.kv_valid {
+            Some(kv) => {
+                need(K, "kv_valid", kv, batch)?;
+                kv.ptr()
+            }
+            None => 0,
+        };
+        // Blocks read the mask / kv_valid while other blocks write o.
+        for (name, r) in [("mask", mask.additive.map(|(m, _)| m.range())), ("kv_valid", mask.kv_valid.map(|kv| kv.range()))] {
+            if r.is_some_and(|r| ranges_overlap(orange, r)) {
+                return Err(bad(K, format!("o overlaps {name}")));
+            }
+        }
+        let p = AttnParams {
+            q: qp,
+            k: kp,
+            v: vp,
+            o: op,
+            mask: mask_ptr,
+            kv_valid,
+            q_bs: q.batch_stride as i64,
+            q_rs: q.row_stride as i64,
+            k_bs: k.batch_stride as i64,
+            k_rs: k.row_stride as i64,
+            v_bs: v.batch_stride as i64,
+            v_rs: v.row_stride as i64,
+            o_bs: o.batch_stride as i64,
+            o_rs: o.row_stride as i64,
+            mask_stride: mask_stride as i64,
+            heads: to_i32(K, "heads", heads)?,
+            sq: to_i32(K, "sq", sq)?,
+            skv: to_i32(K, "skv", skv)?,
+            d: head_dim as i32,
+            causal: mask.causal.is_some() as i32,
+            kv_offset: mask.causal.unwrap_or(0),
+            scale,
+            pad_: 0,
+        };
+        let name = match dp {
+            64 => "attn_fwd_d64",
+            96 => "attn_fwd_d96",
+            _ => "attn_fwd_d128",
+        };
+        let f = self.func("attention", name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32(K, "q blocks", sq.div_ceil(16))? as u32, grid_yz(K, "heads", heads)?, grid_yz(K, "batch", batch)?),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every (batch, row, head) row the grid reads or writes lies inside q/k/v/o
+        // (HeadsView::check); d % 8 == 0, strides % 8 == 0 and base pointers 16-byte aligned for
+        // the 16-byte loads; d <= padded dim of the chosen instance; o is disjoint from q, k, v;
+        // mask holds (B-1)*stride + skv floats and kv_valid B ints (values clamped on device);
+        // grid (ceil(sq/16), heads, batch) within limits, 128 threads as compiled.
+        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(name))?;
+        Ok(())
+    }
+
+    /// Split-KV decode attention for one new token per sequence against a KV cache
+    /// `[B, max_len, H, d]` whose current lengths `kv_len[b]` live in device memory; the launch
+    /// depends only on `max_len`, so it can be captured in a CUDA graph. `workspace` needs
+    /// [`decode_workspace_len`] floats. Masks: only `additive` is used (stride >= max_len).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(
+        &self,
+        q: HeadsView<'_>,
+        k_cache: HeadsView<'_>,
+        v_cache: HeadsView<'_>,
+        kv_len: &DevSlice<i32>,
+        o: HeadsView<'_>,
+        workspace: &DevSlice<f32>,
+        batch: usize,
+        heads: usize,
+        max_len: usize,
+        head_dim: usize,
+        scale: f32,
+        mask: AttnMask<'_>,
+    ) -> GpuResult<()> {
+        const K: &str = "decode_attention";
+        if batch == 0 || heads == 0 || max_len == 0 {
+            return Err(bad(K, "empty shape"));
+        }
+        let dp = padded_head_dim(K, head_dim)?;
+        let qp = q.check(K, "q", batch, 1, heads, head_dim)?;
+        let kp = k_cache.check(K, "k_cache", batch, max_len, heads, head_dim)?;
+        let vp = v_cache.check(K, "v_cache", batch, max_len, heads, head_dim)?;
+        let op = o.check(K, "o", batch, 1, heads, head_dim)?;
+        need(K, "kv_len", kv_len, batch)?;
+        let nsplit = max_len.div_ceil(DECODE_CHUNK);
+        need(K, "workspace", workspace, decode_workspace_len(batch, heads, head_dim, max_len))?;
+        let orange = o.byte_range(batch, 1, heads, head_dim);
+        for (name, r) in [
+            ("q", q.byte_range(batch, 1, heads, head_dim)),
+            ("k_cache", k_cache.byte_range(batch, max_len, heads, head_dim)),
+            ("v_cache", v_cache.byte_range(batch, max_len, heads, head_dim)),
+            ("workspace", workspace.range()),
+        ] {
+            if ranges_overlap(orange, r) {
+                return Err(bad(K, format!("o overlaps {name}")));
+            }
+        }
+        for (name, r) in [
+            ("q", q.byte_range(batch, 1, heads, head_dim)),
+            ("k_cache", k_cache.byte_range(batch, max_len, heads, head_dim)),
+            ("v_cache", v_cache.byte_range(batch, max_len, heads, head_dim)),
+            ("kv_len", kv_len.range()),
+        ] {
+            if ranges_overlap(workspace.range(), r) {
+                return Err(bad(K, format!("workspace overlaps {name}")));
+            }
+        }
+        let (mask_ptr, mask_stride) = match mask.additive {
+            Some((m, stride)) => {
+                if stride < max_len {
+                    return Err(bad(K, format!("mask stride {stride} < max_len {max_len}")));
+                }
+                need(K, "mask", m, (batch - 1) * stride + max_len)?;
+                if ranges_overlap(orange, m.range()) || ranges_overlap(workspace.range(), m.range()) {
+                    return Err(bad(K, "mask overlaps o or the workspace"));
+                }
+                (m.ptr(), stride)
+            }
+            None => (0, 0),
+        };
+        if ranges_overlap(orange, kv_len.range()) {
+            return Err(bad(K, "o overlaps kv_len"));
+        }
+        let p = DecodeAttnParams {
+            q: qp,
+            k_cache: kp,
+            v_cache: vp,
+            kv_len: kv_len.ptr(),
+            mask: mask_ptr,
+            partial: workspace.ptr(),
+            o: op,
+            q_bs: q.batch_stride as i64,
+            k_bs: k_cache.batch_stride as i64,
+            k_rs: k_cache.row_stride as i64,
+            v_bs: v_cache.batch_stride as i64,
+            v_rs: v_cache.row_stride as i64,
+            o_bs: o.batch_stride as i64,
+            mask_stride: mask_stride as i64,
+            heads: to_i32(K, "heads", heads)?,
+            d: head_dim as i32,
+            max_len: to_i32(K, "max_len", max_len)?,
+            chunk: DECODE_CHUNK as i32,
+            nsplit: nsplit as i32,
+            scale,
+        };
+        let name = match dp {
+            64 => "attn_decode_split_d64",
+            96 => "attn_decode_split_d96",
+            _ => "attn_decode_split_d128",
+        };
+        let f = self.func("attention", name)?;
+        let fc = self.func("attention", "attn_decode_combine")?;
+        let gh = grid_yz(K, "heads", heads)?;
+        let gb = grid_yz(K, "batch", batch)?;
+        let cfg = LaunchConfig { grid_dim: (nsplit as u32, gh, gb), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg_c = LaunchConfig { grid_dim: (gh, gb, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let dp_i = dp as i32;
+        // SAFETY: q/o rows for every (b, h) and cache rows 0..max_len lie inside their buffers
+        // (HeadsView::check) with 16-byte alignment and d % 8 == 0; kv_len has B ints (clamped to
+        // [0, max_len] on device); workspace holds B*H*nsplit*(dp+2) floats and is disjoint from
+        // all inputs and o; o is disjoint from q, caches, workspace; nsplit*chunk >= max_len;
+        // grids (nsplit, H, B) and (H, B) within limits; the combine reads the workspace the
+        // split kernel wrote earlier on the same stream, with the same padded dim.
+        unsafe {
+            self.stream().launch_builder(&f).arg(&p).launch(cfg).map_err(lerr(name))?;
+            self.stream().launch_builder(&fc).arg(&p).arg(&dp_i).launch(cfg_c).map_err(lerr("attn_decode_combine"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! kernels/gemm.cu: tensor-core GEMM with fused epilogues; `linear` picks GEMV or GEMM.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::*;
+use crate::backend::cuda::error::{bad, GpuResult};
+use crate::backend::cuda::memory::DevSlice;
+use crate::backend::cuda::CudaDevice;
+
+/// GEMM tile config (see kernels/gemm.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmTile {
+    /// 128x128, 256 threads, 64 KiB smem.
+    Large,
+    /// 64x64, 128 threads, 32 KiB smem.
+    Small,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemmParams {
+    x: u64,
+    w: u64,
+    bias: u64,
+    residual: u64,
+    y: u64,
+    m: i32,
+    n: i32,
+    k: i32,
+    vec: i32,
+    pair: i32,
+    pad_: i32,
+}
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 64);
+// SAFETY: plain #[repr(C)] data (u64 device addresses and i32), layout identical to the CUDA
+// struct (size asserted here and with static_assert in gemm.cu).
+unsafe impl DeviceRepr for GemmParams {}
+
+impl CudaDevice {
+    /// Y[M,N] = act(X[M,K] · W[N,K]^T + bias) + residual on tensor cores (any M, N, K >= 1).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        x: &DevSlice<f16>,
+        w: &DevSlice<f16>,
+        bias: Option<&DevSlice<f16>>,
+        act: Activation,
+        residual: Residual<'_>,
+        y: &DevSlice<f16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> GpuResult<()> {
+        let tile = if m.div_ceil(128) * n.div_ceil(128) >= self.num_sms() as usize { GemmTile::Large } else { GemmTile::Small };
+        self.gemm_with_tile(x, w, bias, act, residual, y, m, n, k, tile)
+    }
+
+    /// [`gemm`](Self::gemm) with an explicit tile config (tests exercise both).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_with_tile(
+        &self,
+        x: &DevSlice<f16>,
+        w: &DevSlice<f16>,
+        bias: Option<&DevSlice<f16>>,
+        act: Activation,
+        residual: Residual<'_>,
+        y: &DevSlice<f16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tile: GemmTile,
+    ) -> GpuResult<()> {
+        const K: &str = "gemm";
+        if m == 0 || n == 0 || k == 0 {
+            return Err(bad(K, format!("empty shape m={m} n={n} k={k}")));
+        }
+        let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
+        let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
+        let pair = n % 2 == 0
+            && y.is_aligned(4)
+            && bias.is_none_or(|b| b.is_aligned(4))
+            && (res_ptr % 4 == 0);
+        let (bm, bn, threads, smem, cfg) = match tile {
+            GemmTile::Large => (128, 128, 256, 65536u32, "l"),
+            GemmTile::Small => (64, 64, 128, 32768u32, "s"),
+        };
+        let grid_y = grid_yz(K, "ceil(M/BM)", m.div_ceil(bm))?;
+        let grid_x = to_i32(K, "ceil(N/BN)", n.div_ceil(bn))? as u32;
+        let p = GemmParams {
+            x: x.ptr(),
+            w: w.ptr(),
+            bias: bias.map_or(0, |b| b.ptr()),
+            residual: res_ptr,
+            y: y.ptr(),
+            m: to_i32(K, "m", m)?,
+            n: to_i32(K, "n", n)?,
+            k: to_i32(K, "k", k)?,
+            vec: vec as i32,
+            pair: pair as i32,
+            pad_: 0,
+        };
+        let name: &'static str = match (cfg, act) {
+            ("l", Activation::None) => "gemm_l_none",
+            ("l", Activation::Relu) => "gemm_l_relu",
+            ("l", Activation::Gelu) => "gemm_l_gelu",
+            ("l", Activation::QuickGelu) => "gemm_l_quick_gelu",
+            ("l", Activation::Silu) => "gemm_l_silu",
+            (_, Activation::None) => "gemm_s_none",
+            (_, Activation::Relu) => "gemm_s_relu",
+            (_, Activation::Gelu) => "gemm_s_gelu",
+            (_, Activation::QuickGelu) => "gemm_s_quick_gelu",
+            (_, Activation::Silu) => "gemm_s_silu",
+        };
+        debug_assert!(name.ends_with(act_suffix(act)));
+        let f = self.func("gemm", name)?;
+        if smem > 48 * 1024 {
+            // Once per function: the first launch of each kernel is never inside a CUDA graph
+            // recording (the executor runs a phase directly before it records it).
+            self.once(name, || {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(lerr(name))
+            })?;
+        }
+        let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: x >= m*k, w >= n*k, y >= m*n, bias >= n, residual >= m*n elements (checked);
+        // vec=1 only with k % 8 == 0 and 16-byte aligned x/w; pair=1 only with n even and
+        // 4-byte aligned y/bias/residual; y is disjoint from x, w, bias and the residual either
+        // is y or is disjoint; grid covers ceil(n/BN) x ceil(m/BM) tiles with the block size and
+        // dynamic smem the kernel was compiled for (attribute raised above 48 KiB).
+        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(name))?;
+        Ok(())
+    }
+
+    /// Linear layer: GEMV for m <= 8 when its preconditions hold, else GEMM.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        x: &DevSlice<f16>,
+        w: &DevSlice<f16>,
+        bias: Option<&DevSlice<f16>>,
+        act: Activation,
+        residual: Residual<'_>,
+        y: &DevSlice<f16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> GpuResult<()> {
+        if m <= 8 && k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16) {
+            self.gemv(x, w, bias, act, residual, y, m, n, k)
+        } else {
+            self.gemm(x, w, bias, act, residual, y, m, n, k)
+        }
+    }
+}

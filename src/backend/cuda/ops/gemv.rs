@@ -1,0 +1,87 @@
+//! kernels/gemv.cu: weight-streaming matrix-vector products for decode (M = 1..=8).
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::*;
+use crate::backend::cuda::error::{bad, GpuResult};
+use crate::backend::cuda::memory::DevSlice;
+use crate::backend::cuda::CudaDevice;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvParams {
+    x: u64,
+    w: u64,
+    bias: u64,
+    residual: u64,
+    y: u64,
+    n: i32,
+    k: i32,
+    act: i32,
+    threads_per_row: i32,
+}
+const _: () = assert!(std::mem::size_of::<GemvParams>() == 56);
+// SAFETY: see GemmParams (mirrors gemv.cu GemvParams, size asserted on both sides).
+unsafe impl DeviceRepr for GemvParams {}
+
+/// GEMV threads-per-output-column heuristic (see kernels/gemv.cu).
+pub fn gemv_threads_per_row(n: usize, k: usize, num_sms: u32) -> u32 {
+    let chunks = k / 8;
+    let mut t = chunks.div_ceil(8).next_power_of_two().clamp(32, 256);
+    while t < 256 && n.div_ceil(256 / t) < 2 * num_sms as usize {
+        t *= 2;
+    }
+    t as u32
+}
+
+impl CudaDevice {
+    /// Decode GEMV (M = 1..=8): same math as [`gemm`](Self::gemm), weight-streaming kernel.
+    /// Needs k % 8 == 0 and 16-byte aligned x, w ([`linear`](Self::linear) falls back to gemm).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        &self,
+        x: &DevSlice<f16>,
+        w: &DevSlice<f16>,
+        bias: Option<&DevSlice<f16>>,
+        act: Activation,
+        residual: Residual<'_>,
+        y: &DevSlice<f16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> GpuResult<()> {
+        const K: &str = "gemv";
+        if !(1..=8).contains(&m) || n == 0 || k == 0 {
+            return Err(bad(K, format!("shape m={m} n={n} k={k}: needs 1 <= m <= 8, n, k >= 1")));
+        }
+        if k % 8 != 0 || !x.is_aligned(16) || !w.is_aligned(16) {
+            return Err(bad(K, "needs k % 8 == 0 and 16-byte aligned x, w"));
+        }
+        let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
+        let t = gemv_threads_per_row(n, k, self.num_sms());
+        let cols_per_block = (256 / t) as usize;
+        let grid = to_i32(K, "grid", n.div_ceil(cols_per_block))? as u32;
+        let p = GemvParams {
+            x: x.ptr(),
+            w: w.ptr(),
+            bias: bias.map_or(0, |b| b.ptr()),
+            residual: res_ptr,
+            y: y.ptr(),
+            n: to_i32(K, "n", n)?,
+            k: to_i32(K, "k", k)?,
+            act: act_code(act),
+            threads_per_row: t as i32,
+        };
+        const NAMES: [&str; 8] = ["gemv_m1", "gemv_m2", "gemv_m3", "gemv_m4", "gemv_m5", "gemv_m6", "gemv_m7", "gemv_m8"];
+        let name = NAMES[m - 1];
+        let f = self.func("gemv", name)?;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: 1 <= m <= 8 selects the matching instance; k % 8 == 0 and x/w 16-byte aligned
+        // (checked) for the 16-byte loads; x >= m*k, w >= n*k, y >= m*n, bias >= n, residual >=
+        // m*n (checked); residual is y or disjoint; threads_per_row is a power of two in
+        // [32, 256] dividing the 256-thread block; grid covers all n columns.
+        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(name))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! kernels/layernorm.cu: LayerNorm and RMSNorm with a fused residual add.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::*;
+use crate::backend::cuda::error::{bad, GpuResult};
+use crate::backend::cuda::memory::{same, DevSlice};
+use crate::backend::cuda::CudaDevice;
+
+/// Where a norm writes the fp16 residual sum x + r.
+#[derive(Clone, Copy, Debug)]
+pub enum SumOut<'a> {
+    None,
+    /// Into a separate buffer.
+    To(&'a DevSlice<f16>),
+    /// Back into x (in-place residual stream).
+    InPlace,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NormParams {
+    x: u64,
+    r: u64,
+    w: u64,
+    b: u64,
+    y: u64,
+    sum_out: u64,
+    rows: i32,
+    dim: i32,
+    eps: f32,
+    pad_: i32,
+}
+const _: () = assert!(std::mem::size_of::<NormParams>() == 64);
+// SAFETY: see GemmParams (mirrors layernorm.cu NormParams).
+unsafe impl DeviceRepr for NormParams {}
+
+impl CudaDevice {
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &self,
+        kernel: &'static str,
+        x: &DevSlice<f16>,
+        residual: Option<&DevSlice<f16>>,
+        sum_out: SumOut<'_>,
+        w: &DevSlice<f16>,
+        b: Option<&DevSlice<f16>>,
+        y: &DevSlice<f16>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> GpuResult<()> {
+        if rows == 0 || dim == 0 {
+            return Err(bad(kernel, "empty shape"));
+        }
+        need(kernel, "x", x, rows * dim)?;
+        need(kernel, "y", y, rows * dim)?;
+        need(kernel, "weight", w, dim)?;
+        disjoint(kernel, "y", y, "x", x)?;
+        disjoint(kernel, "y", y, "weight", w)?;
+        if let Some(b) = b {
+            need(kernel, "bias", b, dim)?;
+            disjoint(kernel, "y", y, "bias", b)?;
+        }
+        if let Some(r) = residual {
+            need(kernel, "residual", r, rows * dim)?;
+            disjoint(kernel, "y", y, "residual", r)?;
+        }
+        let sum_ptr = match sum_out {
+            SumOut::None => 0,
+            SumOut::InPlace => x.ptr(),
+            SumOut::To(s) => {
+                need(kernel, "sum_out", s, rows * dim)?;
+                disjoint(kernel, "y", y, "sum_out", s)?;
+                if overlaps(s, x) && !same(s, x) {
+                    return Err(bad(kernel, "sum_out partially overlaps x"));
+                }
+                if let Some(r) = residual {
+                    disjoint(kernel, "sum_out", s, "residual", r)?;
+                }
+                s.ptr()
+            }
+        };
+        if matches!(sum_out, SumOut::InPlace) {
+            if let Some(r) = residual {
+                disjoint(kernel, "x (sum_out)", x, "residual", r)?;
+            }
+        }
+        // Whatever receives the sum is written by one block while every other block reads the
+        // weight and bias: those must not share a byte with it.
+        let sum_dst = match sum_out {
+            SumOut::None => None,
+            SumOut::To(s) => Some(s),
+            SumOut::InPlace => Some(x),
+        };
+        if let Some(s) = sum_dst {
+            disjoint(kernel, "sum_out", s, "weight", w)?;
+            if let Some(b) = b {
+                disjoint(kernel, "sum_out", s, "bias", b)?;
+            }
+        }
+        let grid = to_i32(kernel, "rows", rows)? as u32;
+        let threads = (dim.div_ceil(32) * 32).clamp(32, if dim >= 2048 { 512 } else { 256 }) as u32;
+        let p = NormParams {
+            x: x.ptr(),
+            r: residual.map_or(0, |r| r.ptr()),
+            w: w.ptr(),
+            b: b.map_or(0, |b| b.ptr()),
+            y: y.ptr(),
+            sum_out: sum_ptr,
+            rows: grid as i32,
+            dim: to_i32(kernel, "dim", dim)?,
+            eps,
+            pad_: 0,
+        };
+        let f = self.func("layernorm", kernel)?;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x, y (and residual, sum_out) hold >= rows*dim elements, weight/bias >= dim
+        // (checked); y is disjoint from every input; sum_out is x itself or disjoint from x and
+        // the residual; one block (multiple of 32 threads, <= 512) per row.
+        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(kernel))?;
+        Ok(())
+    }
+
+    /// y = LayerNorm(x + residual) * w + b per row of `dim`; optionally writes x + residual.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm(
+        &self,
+        x: &DevSlice<f16>,
+        residual: Option<&DevSlice<f16>>,
+        sum_out: SumOut<'_>,
+        w: &DevSlice<f16>,
+        b: Option<&DevSlice<f16>>,
+        y: &DevSlice<f16>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> GpuResult<()> {
+        self.norm("layernorm_f16", x, residual, sum_out, w, b, y, rows, dim, eps)
+    }
+
+    /// y = half(s * rsqrt(mean(s^2) + eps)) * w with s = x + residual (Llama RMSNorm).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm(
+        &self,
+        x: &DevSlice<f16>,
+        residual: Option<&DevSlice<f16>>,
+        sum_out: SumOut<'_>,
+        w: &DevSlice<f16>,
+        y: &DevSlice<f16>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> GpuResult<()> {
+        self.norm("rmsnorm_f16", x, residual, sum_out, w, None, y, rows, dim, eps)
+    }
+}

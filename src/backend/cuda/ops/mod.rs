@@ -1,0 +1,142 @@
+//! One typed launcher per kernel, one file per kernel family mirroring kernels/*.cu (gemm,
+//! gemv, layernorm, attention, elementwise, sampling), each with its `#[repr(C)]` parameter
+//! struct beside it (sizes asserted on both sides). Each launcher checks every precondition the
+//! kernel's SAFETY comment lists - buffer lengths versus what the grid touches, alignment for
+//! 16-byte loads, aliasing, grid limits - and returns `GpuError::Launch` instead of launching
+//! when one fails. This file holds the checks the families share.
+
+mod attention;
+mod elementwise;
+mod gemm;
+mod gemv;
+mod layernorm;
+mod sampling;
+
+pub use attention::{decode_workspace_len, AttnMask, HeadsView};
+pub use elementwise::PixelType;
+pub use gemm::GemmTile;
+pub use gemv::gemv_threads_per_row;
+pub use layernorm::SumOut;
+pub use sampling::LogitType;
+
+use cudarc::driver::LaunchConfig;
+use half::f16;
+
+use super::error::{bad, GpuResult};
+use super::memory::{overlaps, DevSlice, DeviceScalar};
+
+
+/// Epilogue activation: the crate-wide enum (`crate::graph::Activation`, re-exported by
+/// `crate::backend`); codes below match `ActCode` in kernels/common.cuh.
+pub use crate::backend::Activation;
+
+fn act_code(a: Activation) -> i32 {
+    match a {
+        Activation::None => 0,
+        Activation::Relu => 1,
+        Activation::Gelu => 2,
+        Activation::QuickGelu => 3,
+        Activation::Silu => 4,
+    }
+}
+
+fn act_suffix(a: Activation) -> &'static str {
+    match a {
+        Activation::None => "none",
+        Activation::Relu => "relu",
+        Activation::Gelu => "gelu",
+        Activation::QuickGelu => "quick_gelu",
+        Activation::Silu => "silu",
+    }
+}
+
+/// Residual added after the activation.
+#[derive(Clone, Copy, Debug)]
+pub enum Residual<'a> {
+    None,
+    /// y = act(...) + r, r disjoint from y.
+    Add(&'a DevSlice<f16>),
+    /// y = act(...) + y (in-place residual stream update).
+    InPlace,
+}
+
+fn need<T: DeviceScalar>(kernel: &'static str, what: &str, s: &DevSlice<T>, elems: usize) -> GpuResult<()> {
+    if s.len() < elems {
+        return Err(bad(kernel, format!("{what} has {} elements, needs {elems}", s.len())));
+    }
+    Ok(())
+}
+
+fn disjoint<A: DeviceScalar, B: DeviceScalar>(
+    kernel: &'static str,
+    a_name: &str,
+    a: &DevSlice<A>,
+    b_name: &str,
+    b: &DevSlice<B>,
+) -> GpuResult<()> {
+    if overlaps(a, b) {
+        return Err(bad(kernel, format!("{a_name} overlaps {b_name}")));
+    }
+    Ok(())
+}
+
+fn to_i32(kernel: &'static str, what: &str, v: usize) -> GpuResult<i32> {
+    i32::try_from(v).map_err(|_| bad(kernel, format!("{what} = {v} exceeds i32")))
+}
+
+fn grid_yz(kernel: &'static str, what: &str, v: usize) -> GpuResult<u32> {
+    if v == 0 || v > 65535 {
+        return Err(bad(kernel, format!("{what} = {v} outside grid limit 1..=65535")));
+    }
+    Ok(v as u32)
+}
+
+fn elementwise_cfg(n: usize, num_sms: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, num_sms as usize * 32) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn lerr(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> super::GpuError {
+    move |e| bad(kernel, format!("launch failed: {e:?}"))
+}
+
+/// Shared checks of gemm and gemv: X [m,k], W [n,k], Y [m,n], bias [n], residual [m,n] hold
+/// enough elements; Y is disjoint from X, W and the bias; the residual is Y itself or disjoint.
+/// Returns the residual pointer (0 = none).
+#[allow(clippy::too_many_arguments)]
+fn check_linear_operands(
+    kernel: &'static str,
+    x: &DevSlice<f16>,
+    w: &DevSlice<f16>,
+    bias: Option<&DevSlice<f16>>,
+    residual: Residual<'_>,
+    y: &DevSlice<f16>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> GpuResult<u64> {
+    need(kernel, "x", x, m * k)?;
+    need(kernel, "w", w, n * k)?;
+    need(kernel, "y", y, m * n)?;
+    if let Some(b) = bias {
+        need(kernel, "bias", b, n)?;
+        disjoint(kernel, "y", y, "bias", b)?;
+    }
+    disjoint(kernel, "y", y, "x", x)?;
+    disjoint(kernel, "y", y, "w", w)?;
+    Ok(match residual {
+        Residual::None => 0,
+        Residual::InPlace => y.ptr(),
+        Residual::Add(r) => {
+            need(kernel, "residual", r, m * n)?;
+            if overlaps(r, y) && r.ptr() != y.ptr() {
+                return Err(bad(kernel, "residual partially overlaps y"));
+            }
+            r.ptr()
+        }
+    })
+}
+
+fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
