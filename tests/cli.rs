@@ -200,26 +200,28 @@ fn model_path_to_a_file_says_it_must_be_a_folder() {
     }
 }
 
+/// A copy of the tiny fixture with `edit` applied.
+fn edited_copy(edit: impl Fn(&Path)) -> tempfile::TempDir {
+    let dir = common::tempdir();
+    for f in std::fs::read_dir(common::model_dir("blip2-opt-tiny")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    edit(dir.path());
+    dir
+}
+
 /// `info` runs the checks `caption` runs: a folder `caption` refuses, `info` refuses with the
 /// same message.
 #[test]
 fn info_rejects_what_caption_rejects() {
-    let src = common::model_dir("blip2-opt-tiny");
-    let broken: [(&str, &dyn Fn(&Path)); 2] = [
-        ("tokenizer", &|d: &Path| std::fs::remove_file(d.join("tokenizer.json")).unwrap()),
-        ("vision model takes", &|d: &Path| {
-            let p = d.join("processor_config.json");
-            let text = std::fs::read_to_string(&p).unwrap().replace("224", "100");
-            std::fs::write(p, text).unwrap();
-        }),
-    ];
-    for (needle, breakit) in broken {
-        let dir = common::tempdir();
-        for f in std::fs::read_dir(&src).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
-        }
-        breakit(dir.path());
+    let no_tokenizer = edited_copy(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap());
+    let wrong_size = edited_copy(|d| {
+        let p = d.join("processor_config.json");
+        let text = std::fs::read_to_string(&p).unwrap().replace("224", "100");
+        std::fs::write(p, text).unwrap();
+    });
+    for (dir, needle) in [(no_tokenizer, "tokenizer"), (wrong_size, "vision model takes")] {
         let d = dir.path().display().to_string();
         let caption = glimpse(&["caption", "--model", &d, "--device", "cpu", &img("wide_301x97.png")]);
         let info = glimpse(&["info", &d]);
