@@ -9,7 +9,7 @@ mod cli {
     pub mod output;
 }
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -284,7 +284,9 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             let start = std::time::Instant::now();
             glimpse::synth::write_folder(&preset, &out, seed)?;
             let params = glimpse::synth::parameter_count(&glimpse::synth::preset(&preset)?);
-            eprintln!(
+            // Progress for people, on stderr; a stderr that cannot be written is no failure.
+            let _ = writeln!(
+                std::io::stderr(),
                 "wrote {preset} (seed {seed}, {:.3} B parameters, fp16) to {} in {:.1} s",
                 params as f64 / 1e9,
                 out.display(),
