@@ -14,6 +14,11 @@
 //! - Without nvcc the crate still builds: `KERNELS_AVAILABLE = false`, an empty registry and one
 //!   `cargo:warning`. `GLIMPSE_REQUIRE_CUDA=1` makes a missing nvcc a build error (CI).
 //! - Everything is written inside `$OUT_DIR`.
+//! - `GLIMPSE_BUILD_COMMIT` (read with `env!`) is the commit of this source tree:
+//!   `git rev-parse --short=12 HEAD`, with `-dirty` when `git status --porcelain
+//!   --untracked-files=no` lists changes, else `unknown` (no git, or not a repository). The script
+//!   reruns when HEAD, the branch ref, packed-refs or the index change (a commit, checkout or
+//!   `git add`); edits to files that were not staged since the last run are not seen.
 //! - Files are compiled one after another: the dev machine is small and shared, and nvcc already
 //!   spends most of its time in ptxas per arch.
 
@@ -47,6 +52,7 @@ const FAST_MATH: &[(&str, bool)] = &[
 const DEFAULT_ARCHS: &[&str] = &["80", "86", "89", "90a"];
 
 fn main() {
+    embed_commit();
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
     for var in ["NVCC", "CUDA_HOME", "GLIMPSE_CUDA_ARCHS", "PATH", "GLIMPSE_REQUIRE_CUDA"] {
@@ -146,6 +152,39 @@ fn main() {
         archs.ptx.as_ref().map(|p| format!(" + PTX compute_{p}")).unwrap_or_default()
     );
     write_registry(&out_dir, &built, true, &arch_desc);
+}
+
+/// Sets `GLIMPSE_BUILD_COMMIT` for the crate (see the header) and watches the git files whose
+/// change means another commit or another staged state.
+fn embed_commit() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).current_dir(&manifest_dir).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(head) if !head.is_empty() => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{head}-dirty")
+            } else {
+                head
+            }
+        }
+        _ => "unknown".to_string(),
+    };
+    println!("cargo:rustc-env=GLIMPSE_BUILD_COMMIT={commit}");
+    // --git-path resolves worktrees (HEAD per worktree, refs in the common dir).
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string(), "index".to_string()];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watch.push(branch);
+    }
+    for name in watch {
+        // A watched path that does not exist would rerun this script (and nvcc) on every build.
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]).map(|p| manifest_dir.join(p)).filter(|p| p.exists()) {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
 }
 
 struct Archs {

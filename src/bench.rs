@@ -142,17 +142,6 @@ pub fn pick_preset(free_bytes: usize) -> &'static str {
     }
 }
 
-/// Entry point of `glimpse bench`: runs and prints (table or JSON).
-pub fn run_cli(args: &BenchArgs) -> Result<()> {
-    let report = run(args)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| Error::InvalidInput(e.to_string()))?);
-    } else {
-        print!("{}", report.table());
-    }
-    Ok(())
-}
-
 /// The model to benchmark: config, weights and the two prompts' ids.
 struct Subject {
     label: String,
@@ -206,6 +195,15 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     if args.batch == 0 {
         return Err(Error::InvalidInput("--batch must be at least 1".into()));
     }
+    if args.repeats == Some(0) {
+        return Err(Error::InvalidInput("--repeats 0: each stage needs at least 1 timed run (omit it for the default: 10 on a GPU, 3 on the CPU)".into()));
+    }
+    if args.throughput_batches.contains(&0) {
+        return Err(Error::InvalidInput(format!(
+            "--throughput-batches {}: batch sizes must be at least 1 (e.g. 1,8,32)",
+            args.throughput_batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+        )));
+    }
     let requested: Device = args.device.parse()?;
     let device = match requested {
         Device::Cuda => match crate::backend::cuda_unavailable_reason() {
@@ -220,7 +218,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let backend = Backend::new(device, &blip2.weights)?;
     let on_gpu = backend.is_cuda();
     let act_bytes = if on_gpu { 2.0 } else { 4.0 };
-    let repeats = args.repeats.unwrap_or(if on_gpu { 10 } else { 3 }).max(1);
+    let repeats = args.repeats.unwrap_or(if on_gpu { 10 } else { 3 });
     let rates = measure_rates(&backend)?;
     let cost = CostModel::new(&blip2.cfg, &blip2.weights, act_bytes);
     let mut notes = Vec::new();
@@ -260,7 +258,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
 
     // Throughput at batch 1, 8, 32: whole captions, one executor per batch size.
     let mut throughput = Vec::new();
-    for &tb in args.throughput_batches.iter().filter(|&&tb| tb > 0) {
+    for &tb in &args.throughput_batches {
         let parts: Vec<Cost> = [cost.vision(tb), cost.qformer(tb), cost.prefill(tb, p_cap)]
             .into_iter()
             .chain((0..n - 1).map(|s| cost.decode(tb, p_cap + s)))
@@ -676,20 +674,20 @@ fn cpu_name() -> String {
     format!("cpu: {model}, {} threads", rayon::current_num_threads())
 }
 
-/// `GLIMPSE_COMMIT`, else `git rev-parse --short=12 HEAD` (+ "-dirty"), else None.
+/// The commit the binary was built from: `GLIMPSE_COMMIT` when set (scripts that know better),
+/// else what build.rs embedded (`git rev-parse --short=12 HEAD`, `-dirty` when the tracked files
+/// differed from it); None for a build outside git.
 pub fn git_commit() -> Option<String> {
     if let Ok(c) = std::env::var("GLIMPSE_COMMIT") {
         if !c.trim().is_empty() {
             return Some(c.trim().to_string());
         }
     }
-    let git = |args: &[&str]| {
-        std::process::Command::new("git").args(args).stderr(std::process::Stdio::null()).output().ok().filter(|o| o.status.success())
-    };
-    let head = String::from_utf8(git(&["rev-parse", "--short=12", "HEAD"])?.stdout).ok()?.trim().to_string();
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|o| !o.stdout.is_empty());
-    Some(if dirty { format!("{head}-dirty") } else { head })
+    Some(BUILD_COMMIT).filter(|c| *c != "unknown").map(str::to_string)
 }
+
+/// The commit embedded at build time (`unknown` outside git); see build.rs.
+pub const BUILD_COMMIT: &str = env!("GLIMPSE_BUILD_COMMIT");
 
 /// UTC now as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc_now() -> String {

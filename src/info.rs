@@ -1,16 +1,18 @@
-//! `glimpse info`: what a model folder holds, without building the model.
+//! `glimpse info`: what a model folder holds, once it has passed every check a load makes.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
 
-use crate::config::ModelConfig;
+use crate::api::{Device, Model};
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 
-/// A human-readable description of a model folder.
+/// A human-readable description of a model folder. The folder is first loaded (on the CPU) by
+/// the same [`Model::load`] that `caption` uses, so a model `info` describes is one that loads.
 pub fn describe(dir: &Path) -> Result<String> {
-    let ModelConfig::Blip2(cfg) = ModelConfig::load(&dir.join("config.json"))?;
+    let model = Model::load(dir, Device::Cpu)?;
+    let cfg = &model.blip2.cfg;
     let ckpt = Checkpoint::open_dir(dir)?;
     let mut params = 0usize;
     let mut by_dtype: BTreeMap<&str, usize> = BTreeMap::new();

@@ -1,9 +1,21 @@
-//! The `glimpse` command line: caption, ask, info, convert, synth, bench.
+//! The `glimpse` command line: caption, ask, info, convert, synth, bench, parity.
+//!
+//! Exit status: 0 on success; 1 when anything failed (a bad argument, a model that does not
+//! load, any image that failed, a write error on stdout); 2 for usage errors (clap). When the
+//! reader of stdout goes away (`glimpse caption ... | head -1`) glimpse stops quietly, as
+//! ripgrep does: status 0, or 1 if an image had already failed.
 
+mod cli {
+    pub mod output;
+}
+
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use cli::output::{diagnostic, Stdout, Stop};
 use glimpse::{Device, GenerateOptions, Model, Output};
 
 #[derive(Parser)]
@@ -24,14 +36,17 @@ struct RunArgs {
     /// New tokens to generate at most (default: generation_config.json, else 20).
     #[arg(long)]
     max_new_tokens: Option<usize>,
-    /// One JSON object per image per line: image, text, tokens, logprobs, timings, device.
+    /// One JSON object per image per line: image, text, tokens, logprobs, timings, device;
+    /// or image and error for an image that failed.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Caption one or more images.
+    /// Caption one or more images: one record per image, in order. Plain output is the caption
+    /// for one image, `IMAGE<TAB>CAPTION` lines for several (newlines, tabs, backslashes and
+    /// control characters escaped as \n \t \\ \u{..}).
     Caption {
         #[command(flatten)]
         run: RunArgs,
@@ -47,8 +62,9 @@ enum Command {
     },
     /// Describe a model folder: family, dimensions, parameters, dtypes, size on disk.
     Info { model: String },
-    /// Write an fp16 copy of a checkpoint folder, so later loads are zero-copy.
-    Convert { input: PathBuf, output: PathBuf },
+    /// Write an fp16 copy of a checkpoint (a folder or a cached hub id) into a new folder outside
+    /// it, so later loads are zero-copy.
+    Convert { input: String, output: PathBuf },
     /// Write a model with random weights at real shapes as an HF checkpoint folder.
     Synth {
         /// tiny, blip2-opt-2.7b or blip2-opt-6.7b.
@@ -85,33 +101,91 @@ enum Command {
     },
 }
 
-/// `glimpse --version`: the crate version and whether CUDA kernels are embedded (for which archs).
+/// `glimpse --version`: the crate version, the commit it was built from, and whether CUDA
+/// kernels are embedded (for which archs).
 fn version() -> String {
     let kernels = if glimpse::backend::cuda::kernels_available() {
         format!("CUDA kernels: {}", glimpse::backend::cuda::kernel_archs())
     } else {
         "built without CUDA kernels".to_string()
     };
-    format!("{} ({kernels})", env!("CARGO_PKG_VERSION"))
+    format!("{} (commit {}, {kernels})", env!("CARGO_PKG_VERSION"), glimpse::bench::BUILD_COMMIT)
+}
+
+/// A failed command: a library error, or stdout that stopped taking output.
+enum CliError {
+    Glimpse(glimpse::Error),
+    Stdout(Stop),
+}
+
+impl From<glimpse::Error> for CliError {
+    fn from(e: glimpse::Error) -> Self {
+        CliError::Glimpse(e)
+    }
+}
+
+impl From<Stop> for CliError {
+    fn from(e: Stop) -> Self {
+        CliError::Stdout(e)
+    }
 }
 
 fn main() -> ExitCode {
     // clap takes a 'static version string; this one is built once per process.
     let version: &'static str = Box::leak(version().into_boxed_str());
-    let matches = Cli::command().version(version).get_matches();
+    let matches = match Cli::command().version(version).try_get_matches() {
+        Ok(m) => m,
+        // clap ignores write errors on --help/--version; off a terminal they go through Stdout.
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) && !std::io::stdout().is_terminal() => {
+            return match Stdout::new().text(&e.render().to_string()) {
+                Ok(()) | Err(Stop::Closed) => ExitCode::SUCCESS,
+                Err(e) => {
+                    diagnostic("error", &e.to_string());
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Err(e) => e.exit(),
+    };
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run(cli.command) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
+        Err(CliError::Stdout(Stop::Closed)) => ExitCode::SUCCESS,
+        Err(CliError::Stdout(e)) => {
+            diagnostic("error", &e.to_string());
+            ExitCode::FAILURE
+        }
+        Err(CliError::Glimpse(e)) => {
+            diagnostic("error", &e.to_string());
             ExitCode::FAILURE
         }
     }
 }
 
+/// Says on stderr that `--device auto` runs on the CPU, and why.
+fn note_cpu_fallback() {
+    let why = match glimpse::backend::cuda_unavailable_reason() {
+        Some(e) => e.to_string(),
+        None => "a GPU is usable but the model could not be loaded onto it".to_string(),
+    };
+    diagnostic("note", &format!("--device auto: running on the CPU ({why}); pass --device cpu to silence this or --device cuda to require a GPU"));
+}
+
+/// For commands that pick their backend inside the library (bench, parity): the note is given
+/// up front when `auto` will find no GPU.
+fn note_if_auto_falls_back(device: &str) {
+    if device.parse::<Device>().is_ok_and(|d| d == Device::Auto) && glimpse::backend::cuda_unavailable_reason().is_some() {
+        note_cpu_fallback();
+    }
+}
+
 fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
+    let device = args.device.parse::<Device>()?;
     let dir = glimpse::hub::resolve_model(&args.model)?;
-    let model = Model::load(&dir, args.device.parse::<Device>()?)?;
+    let model = Model::load(&dir, device)?;
+    if device == Device::Auto && model.backend_name() == "cpu" {
+        note_cpu_fallback();
+    }
     let mut opts = model.default_options();
     if let Some(n) = args.max_new_tokens {
         opts.max_new_tokens = n;
@@ -119,62 +193,100 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     Ok((model, opts))
 }
 
-fn print_output(model: &Model, image: &Path, out: &Output, json: bool) {
-    if json {
-        let line = serde_json::json!({
-            "image": image.display().to_string(),
-            "text": out.text,
-            "tokens": out.tokens,
-            "logprobs": out.logprobs,
-            "timings": out.timings,
-            "device": out.device,
-            "load_seconds": model.load_seconds,
-        });
-        println!("{line}");
-    } else {
-        println!("{}", out.text);
-    }
+fn json_record(model: &Model, image: &Path, out: &Output) -> String {
+    serde_json::json!({
+        "image": image.display().to_string(),
+        "text": out.text,
+        "tokens": out.tokens,
+        "logprobs": out.logprobs,
+        "timings": out.timings,
+        "device": out.device,
+        "load_seconds": model.load_seconds,
+    })
+    .to_string()
 }
 
-fn run(command: Command) -> glimpse::Result<ExitCode> {
+/// Runs `images` in order (a caption, or an answer to `question`), one record per image; a
+/// failed image is reported and the rest still run. Exit status 1 if any failed.
+fn run_images(model: &Model, opts: &GenerateOptions, images: &[PathBuf], question: Option<&str>, json: bool) -> Result<ExitCode, CliError> {
+    let mut stdout = Stdout::new();
+    let several = images.len() > 1;
+    let mut failed = false;
+    for image in images {
+        let result = match question {
+            Some(q) => model.ask(image, q, opts),
+            None => model.caption(image, opts),
+        };
+        let record = match &result {
+            Ok(out) if json => Some(json_record(model, image, out)),
+            Ok(out) => cli::output::plain_record(image, Ok(&out.text), several),
+            Err(e) => {
+                failed = true;
+                let msg = e.to_string();
+                diagnostic("error", &cli::output::image_error(image, &msg));
+                if json {
+                    Some(cli::output::json_error_record(image, &msg))
+                } else {
+                    cli::output::plain_record(image, Err(&msg), several)
+                }
+            }
+        };
+        if let Some(line) = record {
+            match stdout.line(&line) {
+                Ok(()) => {}
+                // Nobody reads the rest: stop quietly, keeping the status of what ran.
+                Err(Stop::Closed) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Fails when `output` lies inside the Hugging Face cache, which huggingface_hub manages.
+fn refuse_hub_cache(output: &Path) -> glimpse::Result<()> {
+    let Some(cache) = glimpse::hub::cache_dir().and_then(|c| c.canonicalize().ok()) else { return Ok(()) };
+    if glimpse::convert::canonical_target(output)?.starts_with(&cache) {
+        return Err(glimpse::Error::InvalidInput(format!(
+            "output {} is inside the Hugging Face cache ({}), which huggingface_hub manages: pick an output folder outside it",
+            output.display(),
+            cache.display()
+        )));
+    }
+    Ok(())
+}
+
+fn run(command: Command) -> Result<ExitCode, CliError> {
     match command {
         Command::Caption { run, images } => {
             let (model, opts) = load(&run)?;
-            let mut failed = 0;
-            for image in &images {
-                // One bad image is reported and skipped; the others are still captioned.
-                match model.caption(image, &opts) {
-                    Ok(out) => print_output(&model, image, &out, run.json),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        failed += 1;
-                    }
-                }
-            }
-            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            run_images(&model, &opts, &images, None, run.json)
         }
         Command::Ask { run, image, question } => {
             glimpse::api::question_prompt(&question)?;
             let (model, opts) = load(&run)?;
-            let out = model.ask(&image, &question, &opts)?;
-            print_output(&model, &image, &out, run.json);
-            Ok(ExitCode::SUCCESS)
+            run_images(&model, &opts, &[image], Some(&question), run.json)
         }
         Command::Info { model } => {
             let dir = glimpse::hub::resolve_model(&model)?;
-            println!("{}", glimpse::info::describe(&dir)?);
+            Stdout::new().line(&glimpse::info::describe(&dir)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { input, output } => {
-            let (n, bytes) = glimpse::convert::convert_dir(&input, &output)?;
-            println!("wrote {n} tensors ({:.1} MB) to {}", bytes as f64 / 1e6, output.join("model.safetensors").display());
+            let dir = glimpse::hub::resolve_model(&input)?;
+            refuse_hub_cache(&output)?;
+            let (n, bytes) = glimpse::convert::convert_dir(&dir, &output)?;
+            let target = output.join("model.safetensors");
+            Stdout::new().line(&format!("wrote {n} tensors ({:.1} MB) to {}", bytes as f64 / 1e6, target.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Synth { preset, out, seed } => {
             let start = std::time::Instant::now();
             glimpse::synth::write_folder(&preset, &out, seed)?;
             let params = glimpse::synth::parameter_count(&glimpse::synth::preset(&preset)?);
-            eprintln!(
+            // Progress for people, on stderr; a stderr that cannot be written is no failure.
+            let _ = writeln!(
+                std::io::stderr(),
                 "wrote {preset} (seed {seed}, {:.3} B parameters, fp16) to {} in {:.1} s",
                 params as f64 / 1e9,
                 out.display(),
@@ -183,7 +295,15 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
-            glimpse::bench::run_cli(&args)?;
+            note_if_auto_falls_back(&args.device);
+            let report = glimpse::bench::run(&args)?;
+            let mut stdout = Stdout::new();
+            if args.json {
+                let json = serde_json::to_string(&report).map_err(|e| glimpse::Error::InvalidInput(format!("bench report as JSON: {e}")))?;
+                stdout.line(&json)?;
+            } else {
+                stdout.text(&report.table())?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Parity { model, reference, device, json, emulate_fp16, fp32_qformer } => {
@@ -194,15 +314,19 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
                 (true, false) => Fp16Emulation::All,
                 (true, true) => Fp16Emulation::KeepQFormerF32,
             };
-            let r = glimpse::parity::run(&dir, &reference, device.parse()?, emulation)?;
+            let device_kind = device.parse()?;
+            note_if_auto_falls_back(&device);
+            let r = glimpse::parity::run(&dir, &reference, device_kind, emulation)?;
+            let mut stdout = Stdout::new();
             if json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                let line = serde_json::to_string(&r).map_err(|e| glimpse::Error::InvalidInput(format!("parity report as JSON: {e}")))?;
+                stdout.line(&line)?;
             } else {
                 let (g, t) = (&r.glimpse_vs_fp32, &r.transformers_fp16_vs_fp32);
-                println!("prefill logits [{} x {}] on {}", r.rows, r.vocab, r.device);
-                println!("  glimpse vs transformers fp32:          rel {:.3e}  max abs {:.3e}  argmax {}/{}", g.rel_l2, g.max_abs, g.argmax_agree, r.rows);
-                println!("  transformers fp16 vs transformers fp32: rel {:.3e}  max abs {:.3e}  argmax {}/{}", t.rel_l2, t.max_abs, t.argmax_agree, r.rows);
-                println!("  ratio {:.2} (bar: <= 2): {}", r.ratio, if r.pass { "pass" } else { "FAIL" });
+                stdout.line(&format!("prefill logits [{} x {}] on {}", r.rows, r.vocab, r.device))?;
+                stdout.line(&format!("  glimpse vs transformers fp32:          rel {:.3e}  max abs {:.3e}  argmax {}/{}", g.rel_l2, g.max_abs, g.argmax_agree, r.rows))?;
+                stdout.line(&format!("  transformers fp16 vs transformers fp32: rel {:.3e}  max abs {:.3e}  argmax {}/{}", t.rel_l2, t.max_abs, t.argmax_agree, r.rows))?;
+                stdout.line(&format!("  ratio {:.2} (bar: <= 2): {}", r.ratio, if r.pass { "pass" } else { "FAIL" }))?;
             }
             Ok(if r.pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }

@@ -75,9 +75,54 @@ fn bench_rejects_bad_arguments() {
         (&["bench", "--preset", "huge", "--device", "cpu"][..], "unknown preset"),
         (&["bench", "--preset", "tiny", "--device", "cpu", "--new-tokens", "1"][..], "--new-tokens"),
         (&["bench", "--preset", "tiny", "--device", "tpu"][..], "unknown device"),
+        (&["bench", "--preset", "tiny", "--device", "cpu", "--repeats", "0"][..], "--repeats 0: each stage needs at least 1 timed run"),
+        (&["bench", "--preset", "tiny", "--device", "cpu", "--throughput-batches", "1,0"][..], "--throughput-batches 1,0: batch sizes must be at least 1"),
     ] {
         let o = glimpse(args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}: no table or report: {}", String::from_utf8_lossy(&o.stdout));
     }
+}
+
+/// The commit of the sources the binary was built from, as build.rs reads it (None outside git).
+fn build_tree_head() -> Option<String> {
+    let o = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(env!("CARGO_MANIFEST_DIR")).output().ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// Run from another git repository, bench reports the commit of the binary, not of the current
+/// directory; GLIMPSE_COMMIT still overrides it.
+#[test]
+fn bench_reports_the_commit_of_the_binary() {
+    let other = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let o = Command::new("git").args(args).current_dir(other.path()).output().expect("git");
+        assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    std::fs::write(other.path().join("f"), "x").unwrap();
+    git(&["add", "f"]);
+    git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "other"]);
+    let other_head = git(&["rev-parse", "--short=12", "HEAD"]);
+    let bench = |commit_env: Option<&str>| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+        cmd.args(["bench", "--device", "cpu", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1", "--json"]).current_dir(other.path());
+        match commit_env {
+            Some(c) => cmd.env("GLIMPSE_COMMIT", c),
+            None => cmd.env_remove("GLIMPSE_COMMIT"),
+        };
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = bench(None);
+    let commit = v["commit"].as_str();
+    assert_ne!(commit, Some(other_head.as_str()), "the current directory's HEAD was reported");
+    match build_tree_head() {
+        Some(head) => assert!(commit.is_some_and(|c| c == head || c == format!("{head}-dirty")), "{commit:?} vs the build tree's {head}"),
+        None => assert_eq!(v["commit"], serde_json::Value::Null),
+    }
+    assert_eq!(bench(Some("abc123"))["commit"], "abc123");
 }

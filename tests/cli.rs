@@ -1,9 +1,12 @@
-//! The `glimpse` command line on the fixtures: outputs, JSON, and one clear line (no panic, no
-//! backtrace) with a non-zero exit for each kind of bad input.
+//! The `glimpse` command line on the fixtures: outputs, JSON, one record per input image, and one
+//! clear line (no panic, no backtrace) with a non-zero exit for each kind of bad input, including
+//! a stdout that is full or closed.
 
 mod common;
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 fn glimpse(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).env("RUST_BACKTRACE", "1").output().expect("run glimpse")
@@ -17,14 +20,47 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The stderr line `--device auto` adds when it runs on the CPU (tested by
+/// `auto_device_says_when_it_falls_back_to_the_cpu`).
+const CPU_FALLBACK_NOTE: &str = "note: --device auto: running on the CPU (";
+
+/// stderr lines, without blank ones and without the `--device auto` CPU note.
+fn error_lines(o: &Output) -> Vec<String> {
+    stderr(o).lines().filter(|l| !l.trim().is_empty() && !l.starts_with(CPU_FALLBACK_NOTE)).map(str::to_string).collect()
+}
+
 /// Exits non-zero with exactly one `error: ...` line containing `needle`, and no panic.
 fn assert_clean_error(o: &Output, needle: &str) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, got success: {}", stdout(o));
     assert!(!err.contains("panicked") && !err.contains("backtrace"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines = error_lines(o);
     assert_eq!(lines.len(), 1, "one line expected: {err}");
     assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{err}");
+}
+
+/// Reverses the plain-output escaping (\\ \n \r \t \u{HEX}), written independently of the binary's.
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('\\') => out.push('\\'),
+            Some('u') => {
+                let hex: String = chars.by_ref().skip(1).take_while(|&c| c != '}').collect();
+                out.push(char::from_u32(u32::from_str_radix(&hex, 16).expect("hex")).expect("char"));
+            }
+            other => panic!("bad escape \\{other:?} in {s:?}"),
+        }
+    }
+    out
 }
 
 fn model() -> String {
@@ -57,11 +93,18 @@ fn caption_json_matches_transformers() {
     }
 }
 
+/// One image: the caption alone, on one line, with control characters escaped (the fixture's
+/// caption holds U+0014).
 #[test]
 fn caption_plain_prints_text() {
     let o = glimpse(&["caption", "--model", &model(), &img("odd_257x181.png")]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o).trim_end_matches('\n'), golden_case("caption_odd_257x181")["text"].as_str().unwrap());
+    let want = golden_case("caption_odd_257x181")["text"].as_str().unwrap().to_string();
+    assert!(want.chars().any(char::is_control), "the fixture caption exercises escaping: {want:?}");
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+    assert!(!out.trim_end_matches('\n').chars().any(char::is_control), "control characters reach the terminal: {out:?}");
+    assert_eq!(unescape(out.trim_end_matches('\n')), want);
 }
 
 #[test]
@@ -125,6 +168,93 @@ fn hub_id_not_in_cache() {
         .output()
         .unwrap();
     assert_clean_error(&o, "not in the Hugging Face cache");
+    assert!(stderr(&o).contains("`hf download Salesforce/blip2-opt-2.7b`") && !stderr(&o).contains("huggingface-cli"), "{}", stderr(&o));
+}
+
+#[test]
+fn hub_id_with_several_snapshots_and_no_main_lists_them() {
+    let cache = common::tempdir();
+    let snapshots = cache.path().join("models--tiny--blip2/snapshots");
+    for hash in ["1111aaaa", "2222bbbb"] {
+        std::fs::create_dir_all(snapshots.join(hash)).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["caption", "--model", "tiny/blip2", &img("wide_301x97.png")])
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "2 snapshots");
+    let err = stderr(&o);
+    assert!(!err.contains("not in the") && err.contains("1111aaaa, 2222bbbb") && err.contains("no refs/main"), "{err}");
+    assert!(err.contains("pass the snapshot folder") && err.contains(&snapshots.join("1111aaaa").display().to_string()), "{err}");
+}
+
+#[test]
+fn model_path_to_a_file_says_it_must_be_a_folder() {
+    let file = common::model_dir("blip2-opt-tiny").join("config.json");
+    for args in [&["caption", "--model", &file.display().to_string(), &img("wide_301x97.png")][..], &["info", &file.display().to_string()][..]] {
+        let o = glimpse(args);
+        assert_clean_error(&o, "is a file, not a folder");
+        assert!(!stderr(&o).contains("not found"), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&common::model_dir("blip2-opt-tiny").display().to_string()), "names the folder to pass: {}", stderr(&o));
+    }
+}
+
+/// A copy of the tiny fixture with `edit` applied.
+fn edited_copy(edit: impl Fn(&Path)) -> tempfile::TempDir {
+    let dir = common::tempdir();
+    for f in std::fs::read_dir(common::model_dir("blip2-opt-tiny")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    edit(dir.path());
+    dir
+}
+
+/// `info` runs the checks `caption` runs: a folder `caption` refuses, `info` refuses with the
+/// same message.
+#[test]
+fn info_rejects_what_caption_rejects() {
+    let no_tokenizer = edited_copy(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap());
+    let wrong_size = edited_copy(|d| {
+        let p = d.join("processor_config.json");
+        let text = std::fs::read_to_string(&p).unwrap().replace("224", "100");
+        std::fs::write(p, text).unwrap();
+    });
+    for (dir, needle) in [(no_tokenizer, "tokenizer"), (wrong_size, "vision model takes")] {
+        let d = dir.path().display().to_string();
+        let caption = glimpse(&["caption", "--model", &d, "--device", "cpu", &img("wide_301x97.png")]);
+        let info = glimpse(&["info", &d]);
+        assert_clean_error(&caption, needle);
+        assert_clean_error(&info, needle);
+        assert_eq!(error_lines(&caption), error_lines(&info));
+    }
+}
+
+#[test]
+fn auto_device_says_when_it_falls_back_to_the_cpu() {
+    let Some(reason) = glimpse::backend::cuda_unavailable_reason() else {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP auto_device_says_when_it_falls_back_to_the_cpu: a GPU is present");
+        return;
+    };
+    let o = glimpse(&["caption", "--model", &model(), "--device", "auto", &img("wide_301x97.png")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with(CPU_FALLBACK_NOTE) && lines[0].contains(&reason.to_string()), "{err}");
+    let cpu = glimpse(&["caption", "--model", &model(), "--device", "cpu", &img("wide_301x97.png")]);
+    assert_eq!(stderr(&cpu), "", "--device cpu is what was asked for: no note");
+    let bench = glimpse(&["bench", "--device", "auto", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1"]);
+    assert!(bench.status.success() && stderr(&bench).starts_with(CPU_FALLBACK_NOTE), "{}", stderr(&bench));
+}
+
+#[test]
+fn version_names_the_commit() {
+    let o = glimpse(&["--version"]);
+    let out = stdout(&o);
+    assert!(o.status.success() && out.contains(&format!("(commit {}", glimpse::bench::BUILD_COMMIT)), "{out}");
 }
 
 #[test]
@@ -146,17 +276,115 @@ fn hub_id_resolves_from_the_cache() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o).trim_end_matches('\n'), golden_case("caption_odd_257x181")["text"].as_str().unwrap());
+    assert_eq!(unescape(stdout(&o).trim_end_matches('\n')), golden_case("caption_odd_257x181")["text"].as_str().unwrap());
+}
+
+/// Good images and bad ones (missing, corrupt PNG, a directory), interleaved: (path, golden case
+/// or None for a bad one).
+fn mixed_inputs(dir: &Path) -> Vec<(String, Option<&'static str>)> {
+    let corrupt = dir.join("broken.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let folder = dir.join("a folder.png");
+    std::fs::create_dir(&folder).unwrap();
+    vec![
+        (dir.join("missing.png").display().to_string(), None),
+        (img("wide_301x97.png"), Some("caption_wide_301x97")),
+        (corrupt.display().to_string(), None),
+        (folder.display().to_string(), None),
+        (img("odd_257x181.png"), Some("caption_odd_257x181")),
+    ]
 }
 
 #[test]
-fn unreadable_image_fails_but_others_are_captioned() {
+fn mixed_images_give_one_plain_record_each_in_order() {
     let dir = common::tempdir();
-    let bad = dir.path().join("broken.png");
-    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
-    let o = glimpse(&["caption", "--model", &model(), &bad.display().to_string(), &img("odd_257x181.png")]);
-    assert_clean_error(&o, "broken.png");
-    assert_eq!(stdout(&o).lines().count(), 1, "the good image is still captioned");
+    let inputs = mixed_inputs(dir.path());
+    let m = model();
+    let mut args = vec!["caption", "--model", m.as_str()];
+    args.extend(inputs.iter().map(|(p, _)| p.as_str()));
+    let o = glimpse(&args);
+    assert!(!o.status.success(), "a failed image makes the exit status non-zero");
+    let out = stdout(&o);
+    let records: Vec<&str> = out.lines().collect();
+    assert_eq!(records.len(), inputs.len(), "one record per input: {out}");
+    for ((path, case), record) in inputs.iter().zip(&records) {
+        let (name, text) = record.split_once('\t').unwrap_or_else(|| panic!("no IMAGE<TAB>TEXT: {record:?}"));
+        assert_eq!(unescape(name), *path);
+        match case {
+            Some(case) => assert_eq!(unescape(text), golden_case(case)["text"].as_str().unwrap(), "{path}"),
+            None => assert!(text.starts_with("error: "), "{record}"),
+        }
+    }
+    let errors = error_lines(&o);
+    let bad: Vec<&String> = inputs.iter().filter(|(_, c)| c.is_none()).map(|(p, _)| p).collect();
+    assert_eq!(errors.len(), bad.len(), "one error line per failed image: {errors:?}");
+    for (line, path) in errors.iter().zip(bad) {
+        assert!(line.starts_with("error: ") && line.contains(path.as_str()), "{line} should name {path}");
+    }
+    assert!(!stderr(&o).contains("panicked"));
+}
+
+#[test]
+fn mixed_images_give_one_json_record_each_in_order() {
+    let dir = common::tempdir();
+    let inputs = mixed_inputs(dir.path());
+    let m = model();
+    let mut args = vec!["caption", "--model", m.as_str(), "--device", "cpu", "--json"];
+    args.extend(inputs.iter().map(|(p, _)| p.as_str()));
+    let o = glimpse(&args);
+    assert!(!o.status.success());
+    let records: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), inputs.len());
+    for ((path, case), r) in inputs.iter().zip(&records) {
+        assert_eq!(r["image"], path.as_str());
+        match case {
+            Some(case) => {
+                assert_eq!(r["tokens"], golden_case(case)["generated_ids"]);
+                assert!(r.get("error").is_none(), "{r}");
+            }
+            None => {
+                assert!(r["error"].as_str().is_some_and(|e| !e.is_empty()), "{r}");
+                assert!(r.get("text").is_none(), "{r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn stdout_full_is_one_error_line() {
+    for args in [
+        &["caption", "--model", &model(), "--device", "cpu", &img("odd_257x181.png"), &img("wide_301x97.png")][..],
+        &["info", &model()][..],
+        &["--version"][..],
+    ] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+        let o = Command::new(env!("CARGO_BIN_EXE_glimpse")).args(args).stdout(full).output().unwrap();
+        assert_clean_error(&o, "cannot write to standard output");
+        assert_ne!(o.status.code(), Some(101), "{args:?} panicked");
+    }
+}
+
+#[test]
+fn stdout_closed_early_ends_quietly() {
+    let images: Vec<String> = ["odd_257x181.png", "wide_301x97.png", "tiny_13x9.png", "tall_83x311.png", "grey_67x45.png", "exact_224x224.png"]
+        .iter()
+        .map(|n| img(n))
+        .collect();
+    let m = model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["caption", "--model", m.as_str(), "--device", "cpu"])
+        .args(&images)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -1`: read one record, then close the pipe while glimpse is still captioning.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with(&images[0]), "{first}");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "a closed pipe ends glimpse quietly with status 0 (as ripgrep): {}", stderr(&o));
+    assert_eq!(stderr(&o), "", "nothing on stderr");
 }
 
 #[test]
