@@ -6,7 +6,9 @@
 
 What it writes (everything below is wiped and regenerated on each run):
 
-  tests/fixtures/images/           synthetic PNG test images of odd sizes and modes, plus one JPEG
+  tests/fixtures/images/           synthetic PNG test images of odd sizes and modes, plus one JPEG;
+                                   images/decode/ + goldens/decode_rgb.safetensors: decoder inputs
+                                   and Pillow 13 results (alone: make_fixtures.py --images-only)
   tests/fixtures/blip2-opt-tiny/   tiny BLIP-2 OPT checkpoint, fp16, tied lm_head, single file
   tests/fixtures/blip2-opt-tiny-proj/  rare-path variant: project_in/out, untied lm_head,
                                    cross-attention every layer, fp32, sharded
