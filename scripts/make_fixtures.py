@@ -6,7 +6,9 @@
 
 What it writes (everything below is wiped and regenerated on each run):
 
-  tests/fixtures/images/           synthetic PNG test images of odd sizes and modes, plus one JPEG
+  tests/fixtures/images/           synthetic PNG test images of odd sizes and modes, plus one JPEG;
+                                   images/decode/ + goldens/decode_rgb.safetensors: decoder inputs
+                                   and Pillow 13 results (alone: make_fixtures.py --images-only)
   tests/fixtures/blip2-opt-tiny/   tiny BLIP-2 OPT checkpoint, fp16, tied lm_head, single file
   tests/fixtures/blip2-opt-tiny-proj/  rare-path variant: project_in/out, untied lm_head,
                                    cross-attention every layer, fp32, sharded
@@ -34,46 +36,60 @@ from pathlib import Path
 # Environment checks (before importing transformers: it picks the image backend at import time)
 # ----------------------------------------------------------------------------------------------
 REQUIRED_TRANSFORMERS = "5.17.0"
-
-if importlib.util.find_spec("torchvision") is not None:
-    sys.exit(
-        "make_fixtures.py: torchvision is installed. transformers would then use its torchvision image "
-        "backend, whose resize differs from Pillow's by ~1 LSB. Uninstall torchvision (pip uninstall "
-        "torchvision) and rerun."
-    )
+REQUIRED_PILLOW = "13.0.0"
+# --images-only regenerates just the decode fixtures (images/decode/, goldens/decode_rgb.safetensors):
+# Pillow, numpy and safetensors are enough, torch and transformers are not imported.
+IMAGES_ONLY = sys.argv[1:] == ["--images-only"]
+if sys.argv[1:] not in ([], ["--images-only"]):
+    sys.exit("usage: make_fixtures.py [--images-only]")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
+import PIL  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from safetensors.numpy import save_file as np_save_file  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-if transformers.__version__ != REQUIRED_TRANSFORMERS:
-    sys.exit(
-        f"make_fixtures.py: transformers=={REQUIRED_TRANSFORMERS} is required (found "
-        f"{transformers.__version__}). pip install -r scripts/requirements-fixtures.txt"
+if PIL.__version__ != REQUIRED_PILLOW:
+    sys.exit(f"make_fixtures.py: pillow=={REQUIRED_PILLOW} is required (found {PIL.__version__}). "
+             "pip install -r scripts/requirements-fixtures.txt")
+
+if not IMAGES_ONLY:
+
+    if importlib.util.find_spec("torchvision") is not None:
+        sys.exit(
+            "make_fixtures.py: torchvision is installed. transformers would then use its torchvision image "
+            "backend, whose resize differs from Pillow's by ~1 LSB. Uninstall torchvision (pip uninstall "
+            "torchvision) and rerun."
+        )
+
+    import torch  # noqa: E402
+    import transformers  # noqa: E402
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+    if transformers.__version__ != REQUIRED_TRANSFORMERS:
+        sys.exit(
+            f"make_fixtures.py: transformers=={REQUIRED_TRANSFORMERS} is required (found "
+            f"{transformers.__version__}). pip install -r scripts/requirements-fixtures.txt"
+        )
+
+    from transformers import (  # noqa: E402
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessorPil,
+        CLIPImageProcessorPil,
+        GenerationConfig,
+        GPT2Tokenizer,
+        OPTConfig,
     )
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 
-from transformers import (  # noqa: E402
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2Processor,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
-    BlipImageProcessorPil,
-    CLIPImageProcessorPil,
-    GenerationConfig,
-    GPT2Tokenizer,
-    OPTConfig,
-)
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
@@ -176,6 +192,144 @@ def make_images(out: Path) -> list[str]:
         im = Image.open(out / name)
         log(f"  image {name}: mode {im.mode} size {im.size} info {sorted(im.info)}")
     return pngs
+
+
+# ----------------------------------------------------------------------------------------------
+# 1b. Decode fixtures: JPEG variants, 16-bit PNGs, EXIF orientation (goldens/decode_rgb.safetensors)
+# ----------------------------------------------------------------------------------------------
+DECODE_DIR = "images/decode"
+DECODE_GOLDEN = "goldens/decode_rgb.safetensors"
+# Images whose goldens also hold the BLIP 224x224 bicubic resize (key "<stem>.blip224").
+DECODE_BLIP = ["jpeg_progressive_420", "png16_rgb"]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png16(a: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow can only write 16-bit grey). zlib level 0 (stored
+    blocks) so the bytes do not depend on the zlib version."""
+    h, w = a.shape[:2]
+    raw = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw, 0))
+            + png_chunk(b"IEND", b""))
+
+
+def synth_u16(w: int, h: int, channels: int, seed: int) -> np.ndarray:
+    """uint16 HxWxC: the 8-bit synthetic image scaled up, plus noise in the low byte, with the
+    extremes 0, 255, 256, 65535 planted (high byte vs clamp conversions differ on them)."""
+    rng = np.random.default_rng(seed)
+    base = np.concatenate([synth_rgb(w, h, seed)] * 2, axis=2)[..., :channels].astype(np.uint16)
+    a = base * 256 + rng.integers(0, 256, base.shape, dtype=np.uint16)
+    a.reshape(-1)[:8] = [0, 255, 256, 65535, 1, 254, 257, 300]
+    return a
+
+
+def make_decode_fixtures() -> None:
+    """Inputs for the decoder and what transformers' load_image makes of them in Pillow 13:
+    `np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))`, uint8 [H, W, 3]."""
+    out = FIX / DECODE_DIR
+    out.mkdir(parents=True)
+    files = []
+
+    def jpeg(img: Image.Image, name: str, **kw):
+        img.save(out / name, format="JPEG", **kw)
+        files.append(name)
+
+    rgb = Image.fromarray(synth_rgb(45, 31, MASTER_SEED + 100), "RGB")  # not a multiple of any MCU
+    for prog in (False, True):
+        kind = "progressive" if prog else "baseline"
+        for sub, tag in ((2, "420"), (1, "422"), (0, "444")):
+            jpeg(rgb, f"jpeg_{kind}_{tag}.jpg", quality=85, subsampling=sub, progressive=prog)
+        jpeg(rgb.convert("L"), f"jpeg_{kind}_grey.jpg", quality=85, progressive=prog)
+        cmyk = np.dstack([synth_rgb(45, 31, MASTER_SEED + 101), synth_rgb(45, 31, MASTER_SEED + 102)[..., 0]])
+        jpeg(Image.fromarray(cmyk, "CMYK"), f"jpeg_{kind}_cmyk.jpg", quality=85, progressive=prog)
+
+    small = Image.fromarray(synth_rgb(24, 16, MASTER_SEED + 110), "RGB")  # not square: rotations show
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        jpeg(small, f"exif_jpeg_{o}.jpg", quality=90, exif=exif.tobytes())
+        small.save(out / f"exif_png_{o}.png", format="PNG", exif=exif.tobytes())
+        files.append(f"exif_png_{o}.png")
+    # No EXIF orientation: Pillow's getexif falls back to the XMP packet's tiff:Orientation.
+    jpeg(small, "xmp_orientation_6.jpg", quality=90,
+         xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6"/>'
+             b"</rdf:RDF></x:xmpmeta>")
+
+    grey16 = synth_u16(19, 13, 1, MASTER_SEED + 120)[..., 0]
+    grey16[1::2] //= 128  # half the rows below 512, so the clamp to 255 and pass-through both occur
+    g16 = Image.fromarray(grey16)  # uint16 2-D: mode I;16
+    assert g16.mode == "I;16", g16.mode
+    g16.save(out / "png16_grey.png", format="PNG")
+    files.append("png16_grey.png")
+    for name, ctype, ch in (("png16_greyalpha", 4, 2), ("png16_rgb", 2, 3), ("png16_rgba", 6, 4)):
+        (out / f"{name}.png").write_bytes(png16(synth_u16(19, 13, ch, MASTER_SEED + 121 + ctype), ctype))
+        files.append(f"{name}.png")
+
+    gold = {}
+    for name in sorted(files):
+        im = Image.open(out / name)
+        im.load()
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+        stem = Path(name).stem
+        assert stem not in gold, f"two fixtures named {stem}"
+        gold[stem] = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+        if stem in DECODE_BLIP:
+            r = rgb.resize((224, 224), Image.Resampling.BICUBIC)
+            gold[f"{stem}.blip224"] = np.ascontiguousarray(np.asarray(r, dtype=np.uint8).transpose(2, 0, 1))
+        log(f"  decode {name}: mode {im.mode} size {im.size} -> {rgb.size}")
+    g = gold["png16_grey"]
+    assert (g == 255).mean() > 0.3 and len(np.unique(g[g < 255])) > 20, "clamp and pass-through both occur"
+    assert gold["exif_jpeg_6"].shape == (24, 16, 3) and gold["xmp_orientation_6"].shape == (24, 16, 3)
+    np_save_file(gold, str(FIX / DECODE_GOLDEN))
+    write_decode_readme(sorted(files))
+
+
+def write_decode_readme(files: list[str]) -> None:
+    rows = "\n".join(f"| `{f}` | {(FIX / DECODE_DIR / f).stat().st_size:,} |" for f in files)
+    (FIX / DECODE_DIR / "README.md").write_text(f"""\
+# tests/fixtures/images/decode (generated: do not edit by hand)
+
+Written by `python scripts/make_fixtures.py --images-only` (or the full run) with Pillow {PIL.__version__};
+the golden is `{DECODE_GOLDEN}` ({(FIX / DECODE_GOLDEN).stat().st_size:,} bytes).
+
+For every file below, key `<stem>` holds uint8 [H, W, 3] =
+`np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))`: what transformers' `load_image`
+hands to the image processor. For {", ".join(f"`{s}`" for s in DECODE_BLIP)} the key `<stem>.blip224` holds
+uint8 [3, 224, 224] = that image after `resize((224, 224), BICUBIC)` (BLIP's resize; map it through
+`_lut` of `pixels_blip.safetensors` to get pixel_values).
+
+- `jpeg_{{baseline,progressive}}_{{420,422,444,grey,cmyk}}.jpg`: 45x31 (no whole number of MCUs),
+  quality 85; CMYK files carry Pillow's Adobe marker and inverted samples.
+- `exif_jpeg_{{1..8}}.jpg`, `exif_png_{{1..8}}.png`: 24x16 with EXIF Orientation N (JPEG APP1, PNG `eXIf`).
+- `xmp_orientation_6.jpg`: no EXIF, XMP `tiff:Orientation="6"` (Pillow's fallback).
+- `png16_grey.png` (Pillow `I;16`: values clamped to 255), `png16_{{greyalpha,rgb,rgba}}.png`
+  (written by hand, zlib stored blocks: Pillow keeps the high byte).
+
+| file | bytes |
+|---|---:|
+{rows}
+""", encoding="utf-8")
+
+
+def images_only_main() -> None:
+    for p in (FIX / DECODE_DIR, FIX / DECODE_GOLDEN):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    (FIX / "goldens").mkdir(parents=True, exist_ok=True)
+    log("decode fixtures")
+    make_decode_fixtures()
+
+
+# Dispatched here, before the model section: its module-level specs need torch.
+if IMAGES_ONLY and __name__ == "__main__":
+    images_only_main()
+    sys.exit(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,6 +949,9 @@ def main() -> None:
     clip_proc = CLIPImageProcessorPil.from_pretrained(clip_dir)
     np_save_file(pixel_goldens(clip_proc, pngs, img_dir), str(gold / "pixels_clip.safetensors"))
 
+    log("decode fixtures")
+    make_decode_fixtures()
+
     log("token goldens")
     tokens = token_goldens(proc.tokenizer, model_dirs["blip2-opt-tiny"] / "tokenizer.json", image_token_id,
                            newline_id, vocab_size)
@@ -869,7 +1026,9 @@ def write_readme(summary: dict, model_stats: dict, pngs: list[str]) -> None:
             )
     files = []
     for f in sorted(FIX.rglob("*")):
-        if f.is_file() and f.name != "README.md" and any(f.relative_to(FIX).parts[0] == g for g in GENERATED):
+        # The decode fixtures have their own README (images/decode/README.md).
+        decode = f.is_relative_to(FIX / DECODE_DIR) or f == FIX / DECODE_GOLDEN
+        if f.is_file() and not decode and f.name != "README.md" and any(f.relative_to(FIX).parts[0] == g for g in GENERATED):
             files.append(f"| `{f.relative_to(FIX)}` | {f.stat().st_size:,} |")
     c0, v0, q0, t0 = dims("blip2-opt-tiny")
     img_id, nl_id = summary["image_token_id"], summary["newline_id"]

@@ -2,19 +2,26 @@
 //! (`BlipImageProcessorPil`, `CLIPImageProcessorPil`): RGB conversion, Pillow's fixed-point
 //! bicubic resize, center crop, rescale and normalize to float32 CHW pixel values.
 
-use std::io::Cursor;
 use std::path::Path;
 
-use image::{ImageReader, Limits, RgbImage};
+use image::RgbImage;
 
 use crate::config::PreprocessorConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-/// Images with more pixels than this are refused before decoding (Pillow warns at the same
-/// count, 89.5 megapixels, as a possible decompression bomb).
-pub const MAX_PIXELS: u64 = 89_478_485;
-/// Upper bound on what a decoder may allocate for one image.
-const MAX_DECODE_ALLOC: u64 = 1 << 30;
+mod decode;
+mod jpeg;
+mod orientation;
+
+pub use decode::{decode_rgb, decode_rgb_with, load_rgb, load_rgb_with, DecodeLimits};
+pub(crate) use decode::too_many_pixels;
+pub use jpeg::MAX_SCANS as MAX_JPEG_SCANS;
+
+/// Pillow's `Image.MAX_IMAGE_PIXELS` (89.5 megapixels): above it Pillow warns of a possible
+/// decompression bomb, above twice it (`MAX_PIXELS`) it raises `DecompressionBombError`.
+pub const PILLOW_MAX_IMAGE_PIXELS: u64 = 89_478_485;
+/// Images with more pixels than this are refused before decoding, as Pillow refuses them.
+pub const MAX_PIXELS: u64 = 2 * PILLOW_MAX_IMAGE_PIXELS;
 
 /// Preprocessed image: float32, channels first, `[3, height, width]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,55 +29,6 @@ pub struct PixelValues {
     pub height: usize,
     pub width: usize,
     pub data: Vec<f32>,
-}
-
-/// Decodes PNG, JPEG, WebP, GIF (first frame) or BMP bytes to 8-bit RGB, the way Pillow's
-/// `convert("RGB")` does: alpha is dropped (transformers 5.17 composites nothing), grey is
-/// replicated, palettes are expanded. `name` is used in error messages.
-pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    // Decoders are third-party code fed untrusted bytes: a panic inside one becomes an error for
-    // this image instead of taking the process (and the other images of a batch) down.
-    std::panic::catch_unwind(|| decode_unguarded(bytes, name)).unwrap_or_else(|_| {
-        Err(Error::Image { path: name.to_string(), msg: "the decoder failed on malformed data".into() })
-    })
-}
-
-fn decode_unguarded(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    let err = |msg: String| Error::Image { path: name.to_string(), msg };
-    if bytes.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
-    let reader = || {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| err(format!("cannot read: {e}")))
-    };
-    let probe = reader()?;
-    if probe.format().is_none() {
-        return Err(err("not a recognised image format (PNG, JPEG, WebP, GIF, BMP)".into()));
-    }
-    let (w, h) = probe.into_dimensions().map_err(|e| err(format!("cannot decode: {e}")))?;
-    if w == 0 || h == 0 {
-        return Err(err(format!("image is {w}x{h}: it has no pixels")));
-    }
-    if u64::from(w) * u64::from(h) > MAX_PIXELS {
-        return Err(err(format!(
-            "image is {w}x{h} = {} pixels, over the {MAX_PIXELS}-pixel limit (possible decompression bomb)",
-            u64::from(w) * u64::from(h)
-        )));
-    }
-    let mut limited = reader()?;
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_DECODE_ALLOC);
-    limited.limits(limits);
-    let decoded = limited.decode().map_err(|e| err(format!("cannot decode: {e}")))?;
-    Ok(decoded.to_rgb8())
-}
-
-/// Reads and decodes an image file.
-pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Image { path: path.display().to_string(), msg: e.to_string() })?;
-    decode_rgb(&bytes, &path.display().to_string())
 }
 
 /// An image processor configured from a checkpoint's preprocessor config.
