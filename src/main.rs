@@ -164,9 +164,10 @@ fn main() -> ExitCode {
 
 /// Says on stderr that `--device auto` runs on the CPU, and why.
 fn note_cpu_fallback() {
-    let why = match glimpse::backend::cuda_unavailable_reason() {
-        Some(e) => e.to_string(),
-        None => "a GPU is usable but the model could not be loaded onto it".to_string(),
+    let why = match (glimpse::backend::cuda_unavailable_reason(), glimpse::backend::auto_fallback_reason()) {
+        (Some(e), _) => e.to_string(),
+        (None, Some(load_error)) => format!("a GPU is usable but loading the model onto it failed: {load_error}"),
+        (None, None) => "a GPU is usable but the model could not be loaded onto it".to_string(),
     };
     diagnostic("note", &format!("--device auto: running on the CPU ({why}); pass --device cpu to silence this or --device cuda to require a GPU"));
 }

@@ -64,12 +64,16 @@ pub enum Backend {
 
 impl Backend {
     /// Opens the backend for `device`: `Cuda` fails with the reason when no GPU can be used;
-    /// `Auto` falls back to the CPU (silently: callers report `name()`).
+    /// `Auto` falls back to the CPU (callers report `name()`; [`auto_fallback_reason`] says
+    /// why, e.g. a GPU is present but the weights do not fit in its memory).
     pub fn new(device: Device, weights: &WeightTable) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Backend::Cpu),
             Device::Cuda => Self::cuda(weights),
-            Device::Auto => Ok(Self::cuda(weights).unwrap_or(Backend::Cpu)),
+            Device::Auto => Ok(Self::cuda(weights).unwrap_or_else(|e| {
+                *AUTO_FALLBACK.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                Backend::Cpu
+            })),
         }
     }
 
@@ -97,6 +101,14 @@ impl Backend {
             Backend::Cuda(w) => format!("cuda:{}", w.dev.name()),
         }
     }
+}
+
+/// Why the latest `Device::Auto` backend in this process fell back to the CPU.
+static AUTO_FALLBACK: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Why the most recent `--device auto` load in this process ran on the CPU (None if none did).
+pub fn auto_fallback_reason() -> Option<String> {
+    AUTO_FALLBACK.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Convenience for benchmarks: a backend for `device` and an executor for `graph` on it.
