@@ -27,8 +27,9 @@ pub fn from_json_slice<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result
 pub fn from_json_value<T: DeserializeOwned>(value: &Value, path: &Path) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
+        // Valid JSON holding a value of the wrong type: a config error about that field.
         let msg = if field == "." { e.inner().to_string() } else { format!("`{field}`: {}", e.inner()) };
-        Error::Json { path: path.to_path_buf(), msg }
+        Error::config(path, msg)
     })
 }
 
@@ -623,11 +624,13 @@ impl PreprocessorConfig {
             serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
         match value.get("image_processor") {
             None | Some(Value::Null) => Ok(None),
-            Some(section) => {
-                let cfg: Self = from_json_value(section, path).map_err(|e| match e {
-                    Error::Json { path, msg } => Error::Json { path, msg: format!("image_processor: {msg}") },
-                    other => other,
-                })?;
+            Some(_) => {
+                // Through the whole file, so errors name `image_processor.<field>`.
+                #[derive(Deserialize)]
+                struct Processor {
+                    image_processor: PreprocessorConfig,
+                }
+                let cfg = from_json_value::<Processor>(&value, path)?.image_processor;
                 cfg.validate(path)?;
                 Ok(Some(cfg))
             }

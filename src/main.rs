@@ -114,8 +114,9 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     let model = Model::load(&dir, args.device.parse::<Device>()?)?;
     let mut opts = model.default_options();
     if let Some(n) = args.max_new_tokens {
-        opts.max_new_tokens = n;
+        opts.max_new_tokens = Some(n);
     }
+    opts.validate()?;
     Ok((model, opts))
 }
 
@@ -154,7 +155,6 @@ fn run(command: Command) -> glimpse::Result<ExitCode> {
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Ask { run, image, question } => {
-            glimpse::api::question_prompt(&question)?;
             let (model, opts) = load(&run)?;
             let out = model.ask(&image, &question, &opts)?;
             print_output(&model, &image, &out, run.json);
