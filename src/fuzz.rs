@@ -193,7 +193,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -202,7 +202,7 @@ impl Rng {
     }
     /// Uniform in `0..n` (`n` > 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
     fn chance(&mut self, one_in: usize) -> bool {
         self.below(one_in) == 0
@@ -310,7 +310,7 @@ fn mutate_json(rng: &mut Rng, doc: &mut Value, donor: &Value) {
         }
         _ => match doc.pointer(&at) {
             Some(Value::Number(n)) if n.is_u64() => json!(n.as_u64().unwrap_or(0).wrapping_add(rng.below(3) as u64).wrapping_sub(1)),
-            Some(Value::Number(n)) => json!(n.as_f64().unwrap_or(0.0) * -1.0),
+            Some(Value::Number(n)) => json!(-n.as_f64().unwrap_or(0.0)),
             Some(Value::String(s)) => json!(format!("{s}{s}")),
             _ => interesting_value(rng),
         },
@@ -347,7 +347,7 @@ fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, donor: &[u8]) {
             // Insert random bytes.
             let i = rng.below(len + 1);
             let n = 1 + rng.below(16);
-            let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+            let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
             data.splice(i..i, bytes);
         }
         5 => {
@@ -368,7 +368,7 @@ fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, donor: &[u8]) {
         7 => {
             // Overwrite a little-endian integer field with an edge value.
             let i = rng.below(len);
-            let v: u64 = [0, 1, u64::from(u32::MAX), u64::MAX, 1 << 31, 1 << 40, rng.next()][rng.below(7)];
+            let v: u64 = [0, 1, u64::from(u32::MAX), u64::MAX, 1 << 31, 1 << 40, rng.next_u64()][rng.below(7)];
             for (k, b) in v.to_le_bytes().iter().take(if rng.chance(2) { 4 } else { 8 }).enumerate() {
                 if let Some(slot) = data.get_mut(i + k) {
                     *slot = *b;
@@ -377,7 +377,7 @@ fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, donor: &[u8]) {
         }
         _ => {
             let i = rng.below(len);
-            data[i] = rng.next() as u8;
+            data[i] = rng.next_u64() as u8;
         }
     }
 }
@@ -609,6 +609,12 @@ fn finding_name(target: Target, seed: u64, case: u64) -> String {
 
 /// Runs `opts.cases` cases of `target` from `seeds`.
 pub fn run(target: Target, seeds: &[Vec<u8>], opts: &Options) -> Result<Report> {
+    run_with(target, seeds, opts, |input| target.run(input))
+}
+
+/// [`run`] with another consumer of the inputs (`target` still picks the mutations and names
+/// the findings); the harness tests use it.
+pub fn run_with(target: Target, seeds: &[Vec<u8>], opts: &Options, consume: impl Fn(&[u8])) -> Result<Report> {
     if seeds.is_empty() {
         return Err(Error::InvalidInput(format!("fuzz target {}: no seed inputs", target.name())));
     }
@@ -660,7 +666,7 @@ pub fn run(target: Target, seeds: &[Vec<u8>], opts: &Options) -> Result<Report> 
         PEAK.store(base, Ordering::Relaxed);
         let t0 = Instant::now();
         started.store(epoch.elapsed().as_nanos().max(1) as u64, Ordering::Relaxed);
-        let outcome = std::panic::catch_unwind(|| target.run(&input));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| consume(&input)));
         started.store(0, Ordering::Relaxed);
         let elapsed = t0.elapsed();
         let grew = PEAK.load(Ordering::Relaxed).saturating_sub(base);
@@ -672,10 +678,10 @@ pub fn run(target: Target, seeds: &[Vec<u8>], opts: &Options) -> Result<Report> 
         }
         let what = if outcome.is_err() {
             Some(format!("panic: {}", panics.last().map_or("(no message)", |s| s.as_str())))
-        } else if elapsed > opts.time_limit {
-            Some(format!("slow: {:.0} ms (limit {:?})", elapsed.as_secs_f64() * 1e3, opts.time_limit))
         } else if memory_counted() && grew > opts.memory_limit {
             Some(format!("memory: {:.0} MB (limit {:.0} MB)", grew as f64 / 1e6, opts.memory_limit as f64 / 1e6))
+        } else if elapsed > opts.time_limit {
+            Some(format!("slow: {:.0} ms (limit {:?})", elapsed.as_secs_f64() * 1e3, opts.time_limit))
         } else {
             None
         };
