@@ -84,9 +84,13 @@ impl Model {
         let expected = cfg.vision_config.image_size;
         let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
         if (out.height, out.width) != (Some(expected), Some(expected)) {
+            let field = if pre.do_center_crop { "crop_size" } else { "size" };
             return Err(Error::config(
                 pre_path,
-                format!("image processor gives {out:?} but the vision model takes {expected}x{expected} images"),
+                format!(
+                    "`{field}` is {}, but the vision model takes {expected}x{expected} images (vision_config.image_size in config.json): set {field} to {{\"height\": {expected}, \"width\": {expected}}}",
+                    out.describe()
+                ),
             ));
         }
         let generation = GenerationConfig::load_or_default(&dir.join("generation_config.json"))?;
@@ -103,20 +107,18 @@ impl Model {
         })
     }
 
-    /// Default generation settings, as transformers' BLIP-2 `generate` behaves: it hands over to
-    /// the language model, whose EOS comes from `text_config` (generation_config.json's EOS is
-    /// the fallback); `max_new_tokens` from generation_config.json, else 20.
+    /// Default generation settings, as transformers 5.17's BLIP-2 `generate()` resolves them:
+    /// it hands over to the language model, whose generation config is made from `text_config`
+    /// (generation_config.json belongs to the outer model and is not consulted). So EOS is
+    /// `text_config.eos_token_id` and the length is transformers' default (20 new tokens,
+    /// capped at `text_config.max_position_embeddings`) unless `text_config` sets
+    /// `max_new_tokens`.
     pub fn default_options(&self) -> GenerateOptions {
-        let eos = self
-            .blip2
-            .cfg
-            .text_config
-            .eos_token_id
-            .as_ref()
-            .or(self.generation.eos_token_id.as_ref())
-            .map(|e| e.to_vec())
-            .unwrap_or_default();
-        GenerateOptions { max_new_tokens: self.generation.max_new_tokens.unwrap_or(20), eos_token_ids: eos }
+        let t = &self.blip2.cfg.text_config;
+        GenerateOptions {
+            max_new_tokens: t.max_new_tokens,
+            eos_token_ids: t.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
+        }
     }
 
     /// Decoder input ids for a text prompt (`None`: captioning, the tokenizer's BOS only).
@@ -131,12 +133,14 @@ impl Model {
 
     /// Captions an image file.
     pub fn caption(&self, image: &Path, opts: &GenerateOptions) -> Result<Output> {
+        opts.validate()?;
         self.run(&[self.preprocess(image)?], None, opts, &mut |_| {}).map(|mut v| v.remove(0))
     }
 
     /// Answers a question about an image with BLIP-2's `"Question: {q} Answer:"` template.
     pub fn ask(&self, image: &Path, question: &str, opts: &GenerateOptions) -> Result<Output> {
-        let prompt = question_prompt(question)?;
+        opts.validate()?;
+        let prompt = question_prompt(question);
         self.run(&[self.preprocess(image)?], Some(&prompt), opts, &mut |_| {}).map(|mut v| v.remove(0))
     }
 
@@ -183,7 +187,8 @@ impl Model {
             }
             pixels.extend_from_slice(&img.data);
         }
-        let key = (images.len(), input_ids.len(), opts.max_new_tokens);
+        let new_tokens = opts.new_tokens(input_ids.len(), self.blip2.decoder.max_positions())?;
+        let key = (images.len(), input_ids.len(), new_tokens);
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
             let plan = self.blip2.plan(key.0, key.1, key.2, false)?;
@@ -214,11 +219,8 @@ impl Model {
     }
 }
 
-/// BLIP-2's VQA template.
-pub fn question_prompt(question: &str) -> Result<String> {
-    let q = question.trim();
-    if q.is_empty() {
-        return Err(Error::InvalidInput("the question is empty".into()));
-    }
-    Ok(format!("Question: {q} Answer:"))
+/// BLIP-2's VQA template, with the question verbatim: transformers formats the string it is
+/// given, spaces and all, and an empty question is a valid prompt there too.
+pub fn question_prompt(question: &str) -> String {
+    format!("Question: {question} Answer:")
 }

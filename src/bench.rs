@@ -227,7 +227,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let b = args.batch;
     let n = args.new_tokens;
     let pixels = crate::synth::random_normal(b * 3 * blip2.image_size().pow(2), args.seed ^ 0x5EED);
-    let opts = GenerateOptions { max_new_tokens: n, eos_token_ids: vec![] };
+    let opts = GenerateOptions { max_new_tokens: Some(n), eos_token_ids: vec![] };
     let weights = &blip2.weights;
 
     // Caption-prompt plan: vision, Q-Former, prefill, decode, first token, caption.
@@ -355,7 +355,7 @@ fn time_stages(exec: &mut dyn Executor, plan: &Blip2Plan, pixels: &[f32], ids: &
         exec.set_position(0);
         t.prefill.push(exec.run_timed(&plan.prefill)?);
         let mut chosen = exec.greedy(plan.prefill_logits, plan.prefill_logit_rows)?;
-        for step in 0..opts.max_new_tokens - 1 {
+        for step in 0..plan.max_new_tokens - 1 {
             let next: Vec<u32> = chosen.iter().map(|&(tok, _)| tok).collect();
             exec.set_tokens(&next);
             exec.set_position(plan.prompt_len + step);

@@ -1,17 +1,101 @@
 //! Hugging Face `config.json`, `generation_config.json` and image-processor configs, as serde
 //! structs whose defaults are transformers' defaults (hub configs omit fields equal to them).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 
 /// Reads and parses a JSON file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    from_json_slice(&bytes, path)
+}
+
+/// Parses JSON bytes as `T`. The text goes through a [`Value`] first, so a repeated key keeps
+/// its last value as Python's `json` does; type errors name the field (`vision_config.image_size`).
+pub fn from_json_slice<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+    from_json_value(&value, path)
+}
+
+/// Deserializes an already parsed JSON value, naming the offending field in the error.
+pub fn from_json_value<T: DeserializeOwned>(value: &Value, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        // Valid JSON holding a value of the wrong type: a config error about that field.
+        let msg = if field == "." { e.inner().to_string() } else { format!("`{field}`: {}", e.inner()) };
+        Error::config(path, msg)
+    })
+}
+
+/// The error for one config field: its name, its value and what would fix it.
+fn field_error(field: &str, value: impl fmt::Display, fix: impl fmt::Display) -> String {
+    format!("`{field}` is {value}: {fix}")
+}
+
+fn check_positive(field: &str, value: usize) -> Result<(), String> {
+    if value == 0 {
+        return Err(field_error(field, 0, "it must be at least 1"));
+    }
+    Ok(())
+}
+
+/// transformers' attention layers raise when the hidden size does not split into whole heads.
+fn check_heads(section: &str, hidden: usize, heads: usize) -> Result<(), String> {
+    check_positive(&format!("{section}.hidden_size"), hidden)?;
+    check_positive(&format!("{section}.num_attention_heads"), heads)?;
+    if hidden % heads != 0 {
+        return Err(field_error(
+            &format!("{section}.hidden_size"),
+            hidden,
+            format!("it must be a multiple of {section}.num_attention_heads ({heads}); each head gets hidden_size / num_attention_heads features"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_eps(field: &str, eps: f64) -> Result<(), String> {
+    if !(eps > 0.0 && eps.is_finite()) {
+        return Err(field_error(field, eps, "it must be a positive finite number (BLIP-2 uses 1e-6 for the vision model, 1e-12 for the Q-Former)"));
+    }
+    Ok(())
+}
+
+fn check_token(field: &str, id: u32, vocab_size: usize) -> Result<(), String> {
+    if id as usize >= vocab_size {
+        return Err(field_error(
+            field,
+            id,
+            format!("it is outside the vocabulary (text_config.vocab_size = {vocab_size}); token ids run from 0 to {}", vocab_size.saturating_sub(1)),
+        ));
+    }
+    Ok(())
+}
+
+/// The activation names transformers' `ACT2FN` knows (5.17).
+const KNOWN_ACTIVATIONS: [&str; 24] = [
+    "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
+    "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
+    "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh", "prelu", "xielu",
+];
+
+/// `name` must be one of `implemented`; a name transformers knows but glimpse does not run is
+/// told apart from a name that is not an activation at all.
+fn check_activation(field: &str, name: &str, implemented: &[&str]) -> Result<(), String> {
+    if implemented.contains(&name) {
+        return Ok(());
+    }
+    let fix = if KNOWN_ACTIVATIONS.contains(&name) {
+        format!("glimpse implements only {} here", implemented.join(", "))
+    } else {
+        format!("not an activation transformers knows (ACT2FN); this model uses {}", implemented.join(", "))
+    };
+    Err(field_error(field, format!("`{name}`"), fix))
 }
 
 /// `vision_config` of a BLIP-2 checkpoint (EVA ViT-g defaults).
@@ -100,8 +184,7 @@ impl QFormerConfig {
 }
 
 /// A token id field that HF writes either as one integer or as a list.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TokenIds {
     One(u32),
     Many(Vec<u32>),
@@ -113,6 +196,34 @@ impl TokenIds {
             TokenIds::One(id) => vec![*id],
             TokenIds::Many(ids) => ids.clone(),
         }
+    }
+}
+
+// By hand rather than `#[serde(untagged)]`, whose error ("did not match any variant") says
+// nothing about what was expected.
+impl<'de> Deserialize<'de> for TokenIds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Ids;
+        impl<'de> Visitor<'de> for Ids {
+            type Value = TokenIds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a token id (an integer from 0 to 4294967295) or a list of token ids")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TokenIds, E> {
+                u32::try_from(v).map(TokenIds::One).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TokenIds, E> {
+                u32::try_from(v).map(TokenIds::One).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TokenIds, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(id) = seq.next_element::<u32>()? {
+                    ids.push(id);
+                }
+                Ok(TokenIds::Many(ids))
+            }
+        }
+        d.deserialize_any(Ids)
     }
 }
 
@@ -138,6 +249,10 @@ pub struct OptConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<TokenIds>,
     pub pad_token_id: Option<u32>,
+    /// Not an OPT field, but transformers keeps it on the config and the language model's
+    /// generation config picks it up (`GenerationConfig.from_model_config(text_config)`).
+    /// (`max_length` is dropped from model configs, so it has no counterpart here.)
+    pub max_new_tokens: Option<usize>,
 }
 
 impl Default for OptConfig {
@@ -160,6 +275,7 @@ impl Default for OptConfig {
             bos_token_id: Some(2),
             eos_token_id: Some(TokenIds::One(2)),
             pad_token_id: Some(1),
+            max_new_tokens: None,
         }
     }
 }
@@ -188,6 +304,10 @@ pub struct Blip2Config {
     pub num_query_tokens: usize,
     #[serde(default, alias = "image_token_id")]
     pub image_token_index: Option<u32>,
+    /// As written in config.json; transformers derives it from `text_config.model_type` when
+    /// absent, and a written value wins.
+    #[serde(default)]
+    pub use_decoder_only_language_model: Option<bool>,
 }
 
 fn default_num_query_tokens() -> usize {
@@ -200,83 +320,171 @@ pub enum ModelConfig {
     Blip2(Blip2Config),
 }
 
-#[derive(Deserialize)]
-struct ModelTypeOnly {
-    model_type: Option<String>,
-    architectures: Option<Vec<String>>,
-}
-
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let head: ModelTypeOnly = read_json(path)?;
-        match head.model_type.as_deref() {
-            Some("blip-2") => {
-                let cfg: Blip2Config = read_json(path)?;
-                cfg.validate(path)?;
-                Ok(ModelConfig::Blip2(cfg))
-            }
-            Some(other) => Err(Error::Unsupported(format!(
-                "{}: model_type `{other}` (architectures {:?}); glimpse runs blip-2 (OPT) checkpoints",
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_slice(&bytes, path)
+    }
+
+    /// Parses and validates config.json bytes; `path` names the file in errors.
+    pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+        if !value.is_object() {
+            return Err(Error::config(path, "the file is not a JSON object: is this a Hugging Face config.json?"));
+        }
+        match value.get("model_type") {
+            Some(Value::String(t)) if t == "blip-2" => Ok(ModelConfig::Blip2(Blip2Config::from_value(&value, path)?)),
+            Some(Value::String(other)) => Err(Error::Unsupported(format!(
+                "{}: model_type `{other}` (architectures {}); glimpse runs blip-2 (OPT) checkpoints",
                 path.display(),
-                head.architectures.unwrap_or_default()
+                value.get("architectures").map_or("none".to_string(), |a| a.to_string())
             ))),
+            Some(other) => Err(Error::config(path, field_error("model_type", other, "it must be a string such as \"blip-2\""))),
             None => Err(Error::config(path, "no `model_type` field: is this a Hugging Face config.json?")),
         }
     }
 }
 
 impl Blip2Config {
-    /// Checks what the math needs: divisibility of heads, a supported decoder, the image token.
+    /// Parses the JSON of a BLIP-2 config as transformers' `Blip2Config` does, then validates it.
+    /// The language model's kind is checked before its fields are read, so a T5 checkpoint gets
+    /// "not supported" rather than a field error about OPT.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        let text_type = match value.get("text_config").and_then(|t| t.get("model_type")) {
+            None | Some(Value::Null) => "opt".to_string(), // transformers' default text config
+            Some(Value::String(t)) => t.clone(),
+            Some(other) => return Err(Error::config(path, field_error("text_config.model_type", other, "it must be a string such as \"opt\""))),
+        };
+        let decoder_only = match value.get("use_decoder_only_language_model") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                return Err(Error::config(path, field_error("use_decoder_only_language_model", other, "it must be true or false")))
+            }
+        };
+        if decoder_only == Some(false) {
+            if text_type == "opt" {
+                return Err(Error::config(
+                    path,
+                    "`use_decoder_only_language_model` is false, which asks for an encoder-decoder (T5) language model, but text_config.model_type is `opt` (transformers fails to build this model too): set it to true or remove it",
+                ));
+            }
+            return Err(Error::Unsupported(format!(
+                "{}: `use_decoder_only_language_model` is false (text_config.model_type `{text_type}`): BLIP-2 with an encoder-decoder language model (Flan-T5) is not supported yet; glimpse runs BLIP-2 with OPT",
+                path.display()
+            )));
+        }
+        if text_type != "opt" {
+            return Err(Error::Unsupported(format!(
+                "{}: text_config.model_type `{text_type}` is not supported yet (glimpse runs BLIP-2 with OPT)",
+                path.display()
+            )));
+        }
+        let mut cfg: Blip2Config = from_json_value(value, path)?;
+        // transformers' Blip2Config overwrites it: the Q-Former cross-attends to the vision output.
+        cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks every field the model reads, naming the field, its value and the fix.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let err = |msg: String| Err(Error::config(path, msg));
-        let v = &self.vision_config;
-        let q = &self.qformer_config;
-        let t = &self.text_config;
-        if t.model_type != "opt" {
-            return err(format!(
-                "text_config.model_type `{}` is not supported yet (glimpse runs BLIP-2 with OPT)",
-                t.model_type
+        self.check().map_err(|msg| Error::config(path, msg))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (v, q, t) = (&self.vision_config, &self.qformer_config, &self.text_config);
+        if self.use_decoder_only_language_model == Some(false) {
+            return Err(field_error(
+                "use_decoder_only_language_model",
+                false,
+                "an encoder-decoder (T5) language model is not supported yet; glimpse runs BLIP-2 with OPT",
             ));
         }
-        for (what, hidden, heads) in [
-            ("vision_config", v.hidden_size, v.num_attention_heads),
-            ("qformer_config", q.hidden_size, q.num_attention_heads),
-            ("text_config", t.hidden_size, t.num_attention_heads),
-        ] {
-            if heads == 0 || hidden == 0 || hidden % heads != 0 {
-                return err(format!("{what}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"));
-            }
+        if t.model_type != "opt" {
+            return Err(field_error("text_config.model_type", format!("`{}`", t.model_type), "not supported yet; glimpse runs BLIP-2 with OPT"));
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
-            return err(format!(
-                "vision_config: image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
+
+        // Vision encoder.
+        check_heads("vision_config", v.hidden_size, v.num_attention_heads)?;
+        check_positive("vision_config.intermediate_size", v.intermediate_size)?;
+        check_positive("vision_config.patch_size", v.patch_size)?;
+        if v.image_size == 0 || v.image_size % v.patch_size != 0 {
+            return Err(field_error(
+                "vision_config.image_size",
+                v.image_size,
+                format!("it must be a positive multiple of vision_config.patch_size ({}), so the patches tile the image", v.patch_size),
             ));
         }
         if v.num_channels != 3 {
-            return err(format!("vision_config: num_channels {} (glimpse feeds RGB images)", v.num_channels));
+            return Err(field_error("vision_config.num_channels", v.num_channels, "glimpse feeds RGB images: it must be 3"));
         }
-        if v.hidden_act != "gelu" || q.hidden_act != "gelu" {
-            return err(format!(
-                "hidden_act `{}`/`{}`: only exact `gelu` is implemented for BLIP-2",
-                v.hidden_act, q.hidden_act
+        check_eps("vision_config.layer_norm_eps", v.layer_norm_eps)?;
+        check_activation("vision_config.hidden_act", &v.hidden_act, &["gelu", "gelu_python"])?;
+
+        // Q-Former.
+        check_heads("qformer_config", q.hidden_size, q.num_attention_heads)?;
+        check_positive("qformer_config.intermediate_size", q.intermediate_size)?;
+        if q.cross_attention_frequency == 0 {
+            return Err(field_error(
+                "qformer_config.cross_attention_frequency",
+                0,
+                "it must be at least 1 (layer i cross-attends to the image when i % cross_attention_frequency == 0; BLIP-2 uses 2)",
             ));
         }
-        if t.activation_function != "relu" {
-            return err(format!("text_config.activation_function `{}`: only relu is implemented", t.activation_function));
+        if q.encoder_hidden_size != v.hidden_size {
+            return Err(field_error(
+                "qformer_config.encoder_hidden_size",
+                q.encoder_hidden_size,
+                format!("it must equal vision_config.hidden_size ({})", v.hidden_size),
+            ));
         }
-        if !t.do_layer_norm_before || !t.enable_bias || !t.layer_norm_elementwise_affine || t.remove_final_layer_norm {
-            return err("text_config: only pre-norm OPT with biases and affine layer norms is implemented (opt-350m style post-norm is not)".into());
+        check_eps("qformer_config.layer_norm_eps", q.layer_norm_eps)?;
+        check_activation("qformer_config.hidden_act", &q.hidden_act, &["gelu", "gelu_python"])?;
+        check_positive("num_query_tokens", self.num_query_tokens)?;
+
+        // OPT decoder.
+        check_positive("text_config.vocab_size", t.vocab_size)?;
+        check_heads("text_config", t.hidden_size, t.num_attention_heads)?;
+        check_positive("text_config.ffn_dim", t.ffn_dim)?;
+        check_positive("text_config.max_position_embeddings", t.max_position_embeddings)?;
+        if let Some(e) = t.word_embed_proj_dim {
+            check_positive("text_config.word_embed_proj_dim", e)?;
         }
-        if self.num_query_tokens == 0 {
-            return err("num_query_tokens is 0".into());
-        }
-        match self.image_token_index {
-            None => return err("no `image_token_index`: checkpoints saved before transformers 4.47 lack it; add \"image_token_index\": <id of <image>> to config.json".into()),
-            Some(id) if id as usize >= t.vocab_size => {
-                return err(format!("image_token_index {id} is outside the vocabulary ({})", t.vocab_size))
+        check_activation("text_config.activation_function", &t.activation_function, &["relu"])?;
+        for (field, value) in [
+            ("text_config.do_layer_norm_before", !t.do_layer_norm_before),
+            ("text_config.enable_bias", !t.enable_bias),
+            ("text_config.layer_norm_elementwise_affine", !t.layer_norm_elementwise_affine),
+        ] {
+            if value {
+                return Err(field_error(field, false, "only pre-norm OPT with biases and affine layer norms is implemented (opt-350m style post-norm is not)"));
             }
-            Some(_) => {}
+        }
+        if t.remove_final_layer_norm {
+            return Err(field_error("text_config._remove_final_layer_norm", true, "OPT without its final layer norm is not implemented"));
+        }
+        if t.max_new_tokens == Some(0) {
+            return Err(field_error("text_config.max_new_tokens", 0, "transformers rejects it (it must be at least 1); remove it for the default of 20"));
+        }
+
+        // Token ids: every one is looked up in the embedding table.
+        let vocab = t.vocab_size;
+        match self.image_token_index {
+            None => {
+                return Err("no `image_token_index`: checkpoints saved before transformers 4.47 lack it; add \"image_token_index\": <id of <image>> to config.json".into())
+            }
+            Some(id) => check_token("image_token_index", id, vocab)?,
+        }
+        if let Some(id) = t.bos_token_id {
+            check_token("text_config.bos_token_id", id, vocab)?;
+        }
+        if let Some(id) = t.pad_token_id {
+            check_token("text_config.pad_token_id", id, vocab)?;
+        }
+        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, vocab)?;
         }
         Ok(())
     }
@@ -287,7 +495,10 @@ impl Blip2Config {
     }
 }
 
-/// `generation_config.json`: the parts greedy decoding uses.
+/// `generation_config.json`. BLIP-2's `generate()` hands over to its language model, whose
+/// generation config comes from `text_config`, so none of these values steer BLIP-2 generation
+/// (see [`crate::api::Model::default_options`]); they are read for `info` and checked as
+/// transformers checks them when it loads the model.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct GenerationConfig {
@@ -299,13 +510,30 @@ pub struct GenerationConfig {
 }
 
 impl GenerationConfig {
-    /// Absent file -> defaults (transformers does the same).
+    /// An absent file gives the defaults. So does a file that is not JSON: transformers then
+    /// falls back to a generation config made from config.json (the load succeeds).
     pub fn load_or_default(path: &Path) -> Result<Self> {
-        if path.exists() {
-            read_json(path)
-        } else {
-            Ok(Self::default())
+        match std::fs::read(path) {
+            Ok(bytes) => Self::from_slice(&bytes, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(Error::io(path, e)),
         }
+    }
+
+    /// Parses generation_config.json bytes (see [`Self::load_or_default`]).
+    pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
+        let Ok(value) = serde_json::from_slice::<Value>(bytes) else {
+            return Ok(Self::default());
+        };
+        if !value.is_object() {
+            return Err(Error::config(path, "the file is not a JSON object"));
+        }
+        let cfg: Self = from_json_value(&value, path)?;
+        if cfg.max_new_tokens == Some(0) {
+            // GenerationConfig.validate() raises here, so transformers cannot load the model.
+            return Err(Error::config(path, field_error("max_new_tokens", 0, "it must be at least 1 (transformers refuses it too); remove it or set a positive count")));
+        }
+        Ok(cfg)
     }
 }
 
@@ -363,55 +591,110 @@ impl Default for PreprocessorConfig {
 }
 
 impl PreprocessorConfig {
-    /// `preprocessor_config.json`, else the `image_processor` section of `processor_config.json`.
+    /// The image-processor settings of a model folder, chosen as transformers 5.17 does
+    /// (`ImageProcessingMixin.get_image_processor_dict`): the `image_processor` section of
+    /// `processor_config.json` when there is one, else `preprocessor_config.json`.
     pub fn load_from_dir(dir: &Path) -> Result<(Self, PathBuf)> {
         let pre = dir.join("preprocessor_config.json");
-        if pre.exists() {
-            let cfg: Self = read_json(&pre)?;
-            cfg.validate(&pre)?;
-            return Ok((cfg, pre));
-        }
         let proc = dir.join("processor_config.json");
         if proc.exists() {
-            let value: serde_json::Value = read_json(&proc)?;
-            if let Some(section) = value.get("image_processor") {
-                let cfg: Self = serde_json::from_value(section.clone())
-                    .map_err(|e| Error::Json { path: proc.clone(), msg: format!("image_processor: {e}") })?;
-                cfg.validate(&proc)?;
+            let bytes = std::fs::read(&proc).map_err(|e| Error::io(&proc, e))?;
+            if let Some(cfg) = Self::from_processor_slice(&bytes, &proc)? {
                 return Ok((cfg, proc));
             }
         }
-        Err(Error::MissingFile {
-            path: pre,
-            hint: " (nor an `image_processor` section in processor_config.json)".into(),
-        })
+        if pre.exists() {
+            let bytes = std::fs::read(&pre).map_err(|e| Error::io(&pre, e))?;
+            return Ok((Self::from_slice(&bytes, &pre)?, pre));
+        }
+        Err(Error::MissingFile { path: pre, hint: " (nor an `image_processor` section in processor_config.json)".into() })
+    }
+
+    /// Parses and validates preprocessor_config.json bytes.
+    pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
+        let cfg: Self = from_json_slice(bytes, path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The `image_processor` section of processor_config.json bytes; `None` when the file has
+    /// none (or it is null), in which case transformers reads preprocessor_config.json.
+    pub fn from_processor_slice(bytes: &[u8], path: &Path) -> Result<Option<Self>> {
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+        match value.get("image_processor") {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => {
+                // Through the whole file, so errors name `image_processor.<field>`.
+                #[derive(Deserialize)]
+                struct Processor {
+                    image_processor: PreprocessorConfig,
+                }
+                let cfg = from_json_value::<Processor>(&value, path)?.image_processor;
+                cfg.validate(path)?;
+                Ok(Some(cfg))
+            }
+        }
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let err = |msg: String| Err(Error::config(path, msg));
-        if self.image_mean.len() != 3 || self.image_std.len() != 3 {
-            return err("image_mean and image_std must have 3 entries".into());
+        self.check().map_err(|msg| Error::config(path, msg))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (field, values) in [("image_mean", &self.image_mean), ("image_std", &self.image_std)] {
+            if values.len() != 3 {
+                return Err(field_error(field, format!("{values:?}"), "it needs one value per RGB channel (3 values)"));
+            }
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(field_error(field, format!("{values:?}"), "every value must be a finite number"));
+            }
         }
         if self.image_std.contains(&0.0) {
-            return err("image_std has a zero entry".into());
+            return Err(field_error("image_std", format!("{:?}", self.image_std), "a zero standard deviation divides by zero"));
+        }
+        if !(self.rescale_factor.is_finite()) {
+            return Err(field_error("rescale_factor", self.rescale_factor, "it must be a finite number (usually 1/255)"));
         }
         if self.do_resize {
             if self.resample != 3 {
-                return err(format!("resample {} is not supported (only 3 = bicubic)", self.resample));
+                return Err(field_error("resample", self.resample, "only 3 (bicubic) is supported"));
             }
-            let s = &self.size;
-            let ok = matches!((s.height, s.width), (Some(h), Some(w)) if h > 0 && w > 0)
-                || matches!(s.shortest_edge, Some(e) if e > 0);
-            if !ok {
-                return err(format!("size {s:?} needs height and width, or shortest_edge"));
-            }
+            check_size("size", &self.size)?;
         }
         if self.do_center_crop {
             match &self.crop_size {
-                Some(SizeSpec { height: Some(h), width: Some(w), .. }) if *h > 0 && *w > 0 => {}
-                other => return err(format!("do_center_crop needs crop_size with height and width, got {other:?}")),
+                Some(c) if c.height.is_some() && c.width.is_some() => check_size("crop_size", c)?,
+                other => {
+                    return Err(field_error(
+                        "crop_size",
+                        other.as_ref().map_or("missing".to_string(), SizeSpec::describe),
+                        "do_center_crop needs crop_size with a height and a width",
+                    ))
+                }
             }
         }
         Ok(())
+    }
+}
+
+impl SizeSpec {
+    /// The size as config.json spells it, for messages.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [("height", self.height), ("width", self.width), ("shortest_edge", self.shortest_edge)]
+            .iter()
+            .filter_map(|(k, v)| v.map(|v| format!("\"{k}\": {v}")))
+            .collect();
+        format!("{{{}}}", parts.join(", "))
+    }
+}
+
+/// A size needs a positive height and width, or a positive shortest_edge.
+fn check_size(field: &str, s: &SizeSpec) -> Result<(), String> {
+    let positive = |name: &str, v: usize| check_positive(&format!("{field}.{name}"), v);
+    match (s.height, s.width, s.shortest_edge) {
+        (Some(h), Some(w), _) => positive("height", h).and(positive("width", w)),
+        (_, _, Some(e)) => positive("shortest_edge", e),
+        _ => Err(field_error(field, s.describe(), "it needs \"height\" and \"width\", or \"shortest_edge\"")),
     }
 }

@@ -7,11 +7,46 @@ use crate::backend::Executor;
 use crate::error::{Error, Result};
 use crate::models::blip2::Blip2Plan;
 
-#[derive(Debug, Clone)]
+/// transformers' `max_length` when nothing sets a length: 20 tokens past the decoder input.
+pub const DEFAULT_NEW_TOKENS: usize = 20;
+
+#[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
-    pub max_new_tokens: usize,
+    /// How many tokens to generate at most. `None` is transformers' default: `max_length =
+    /// input length + 20`, capped at the decoder's `max_position_embeddings`.
+    pub max_new_tokens: Option<usize>,
     /// Generation stops for a sequence when it produces any of these (the token is kept).
     pub eos_token_ids: Vec<u32>,
+}
+
+impl GenerateOptions {
+    /// transformers raises for `max_new_tokens` 0 (`GenerationConfig.validate`); so does glimpse.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == Some(0) {
+            return Err(Error::InvalidInput(
+                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too); leave it unset for the default of up to 20".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The number of tokens to generate after a decoder input of `input_len` tokens (image
+    /// queries included) on a decoder with `max_positions` positions, as transformers 5.17's
+    /// `_prepare_generated_length` and `_validate_generated_length` resolve it. An explicit count
+    /// is kept as it is (the plan reports one that does not fit); the default is capped.
+    pub fn new_tokens(&self, input_len: usize, max_positions: usize) -> Result<usize> {
+        self.validate()?;
+        if let Some(n) = self.max_new_tokens {
+            return Ok(n);
+        }
+        let max_length = (input_len + DEFAULT_NEW_TOKENS).min(max_positions);
+        if input_len >= max_length {
+            return Err(Error::InvalidInput(format!(
+                "the decoder input ({input_len} tokens) fills the model's {max_positions} positions (text_config.max_position_embeddings), leaving no room to generate: shorten the prompt"
+            )));
+        }
+        Ok(max_length - input_len)
+    }
 }
 
 /// One generated sequence: new tokens only, EOS included when produced.
@@ -61,6 +96,13 @@ pub fn generate(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent),
 ) -> Result<(Vec<Sequence>, Timings)> {
+    opts.validate()?;
+    if opts.max_new_tokens.is_some_and(|n| n != plan.max_new_tokens) {
+        return Err(Error::InvalidInput(format!(
+            "plan built for {} new tokens, asked for {:?}",
+            plan.max_new_tokens, opts.max_new_tokens
+        )));
+    }
     if input_ids.len() != plan.prompt_len {
         return Err(Error::InvalidInput(format!(
             "plan built for {} input tokens, got {}",
@@ -82,10 +124,7 @@ pub fn generate(
     t.qformer_ms = ms(s);
 
     let mut seqs = vec![Sequence::default(); batch];
-    if opts.max_new_tokens == 0 {
-        t.total_ms = ms(start);
-        return Ok((seqs, t));
-    }
+    let max_new_tokens = plan.max_new_tokens;
 
     // Prefill the whole input; logits of each item's last row.
     let s = Instant::now();
@@ -103,7 +142,7 @@ pub fn generate(
     t.prefill_ms = ms(s);
 
     let decode_start = Instant::now();
-    for step in 0..opts.max_new_tokens {
+    for step in 0..max_new_tokens {
         let mut next = vec![0u32; batch];
         for (b, seq) in seqs.iter_mut().enumerate() {
             if seq.stopped_by_eos {
@@ -121,7 +160,7 @@ pub fn generate(
         if step == 0 {
             t.first_token_ms = ms(start);
         }
-        if step + 1 == opts.max_new_tokens || seqs.iter().all(|s| s.stopped_by_eos) {
+        if step + 1 == max_new_tokens || seqs.iter().all(|s| s.stopped_by_eos) {
             break;
         }
         // Feed the chosen tokens back: one decode step at position prompt_len + step.

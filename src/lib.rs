@@ -15,6 +15,8 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generate;
 pub mod graph;
 pub mod hub;

@@ -189,8 +189,9 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     }
     let mut opts = model.default_options();
     if let Some(n) = args.max_new_tokens {
-        opts.max_new_tokens = n;
+        opts.max_new_tokens = Some(n);
     }
+    opts.validate()?;
     Ok((model, opts))
 }
 
@@ -264,7 +265,6 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             run_images(&model, &opts, &images, None, run.json)
         }
         Command::Ask { run, image, question } => {
-            glimpse::api::question_prompt(&question)?;
             let (model, opts) = load(&run)?;
             run_images(&model, &opts, &[image], Some(&question), run.json)
         }

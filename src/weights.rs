@@ -159,9 +159,34 @@ struct HeaderEntry {
     data_offsets: [usize; 2],
 }
 
-#[derive(Deserialize)]
-struct ShardIndex {
-    weight_map: HashMap<String, String>,
+/// `model.safetensors.index.json`: which shard file holds each tensor.
+#[doc(hidden)]
+#[derive(Debug, Deserialize)]
+pub struct ShardIndex {
+    pub weight_map: HashMap<String, String>,
+}
+
+impl ShardIndex {
+    /// The shard file names, sorted, each once.
+    pub fn shards(&self) -> Vec<&String> {
+        let mut names: Vec<&String> = self.weight_map.values().collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// Parses a shard index and checks that every shard is a plain file name in the model folder.
+/// Public for the fuzzer.
+#[doc(hidden)]
+pub fn parse_shard_index(bytes: &[u8], path: &Path) -> Result<ShardIndex> {
+    let index: ShardIndex = crate::config::from_json_slice(bytes, path)?;
+    for shard in index.shards() {
+        if shard.is_empty() || shard.contains('/') || shard.contains('\\') || shard == ".." || shard == "." {
+            return Err(Error::safetensors(path, format!("shard name `{shard}` must be a file name in the model folder")));
+        }
+    }
+    Ok(index)
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -204,7 +229,8 @@ impl Checkpoint {
 
     /// Opens a sharded checkpoint from its `model.safetensors.index.json`.
     pub fn open_index(index_path: &Path) -> Result<Self> {
-        let index: ShardIndex = crate::config::read_json(index_path)?;
+        let bytes = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+        let index = parse_shard_index(&bytes, index_path)?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut ckpt = Checkpoint {
             files: Vec::new(),
@@ -212,13 +238,7 @@ impl Checkpoint {
             in_memory: BTreeMap::new(),
             origin: index_path.to_path_buf(),
         };
-        let mut shard_names: Vec<&String> = index.weight_map.values().collect();
-        shard_names.sort();
-        shard_names.dedup();
-        for shard in shard_names {
-            if shard.contains('/') || shard.contains('\\') || shard == ".." {
-                return Err(Error::safetensors(index_path, format!("shard name `{shard}` must be a file name in the model folder")));
-            }
+        for shard in index.shards() {
             let path = dir.join(shard);
             let file_idx = ckpt.files.len();
             let (file, entries) = map_and_parse(&path, file_idx)?;
@@ -381,22 +401,42 @@ fn read_f32_le(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
-/// Maps a safetensors file and validates its header: length, JSON, dtypes, shapes against byte
-/// ranges, ranges inside the data section, no two tensors overlapping.
+/// Maps a safetensors file and validates its header (see [`parse_safetensors`]).
 fn map_and_parse(path: &Path, file_idx: usize) -> Result<(MappedFile, Vec<(String, TensorInfo)>)> {
-    let bad = |msg: String| Error::safetensors(path, msg);
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if file_len < 8 {
-        return Err(bad(format!(
-            "truncated: the file is {file_len} bytes, shorter than the 8-byte header length that starts every safetensors file"
-        )));
+        return Err(too_short(path, file_len));
     }
     // SAFETY: the map is read-only and private to this process; glimpse never writes through it.
     // A file truncated by another process while mapped would fault, as with any mmap-based
     // loader (safetensors, transformers); checkpoints are not expected to change under us.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+    let mut entries = parse_safetensors(&map, path)?;
+    for (_, info) in &mut entries {
+        info.file = file_idx;
+    }
+    Ok((MappedFile { path: path.to_path_buf(), map: Arc::new(map) }, entries))
+}
+
+fn too_short(path: &Path, len: u64) -> Error {
+    Error::safetensors(
+        path,
+        format!("truncated: the file is {len} bytes, shorter than the 8-byte header length that starts every safetensors file"),
+    )
+}
+
+/// Validates the header of a whole safetensors file held in `bytes`: length, JSON, dtypes,
+/// shapes against byte ranges, ranges inside the data section, no two tensors overlapping.
+/// Returns each tensor's place (file index 0). Public for the fuzzer.
+#[doc(hidden)]
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<(String, TensorInfo)>> {
+    let bad = |msg: String| Error::safetensors(path, msg);
+    let file_len = bytes.len() as u64;
+    let Some(len_bytes) = bytes.first_chunk::<8>() else {
+        return Err(too_short(path, file_len));
+    };
+    let header_len = u64::from_le_bytes(*len_bytes);
     if header_len > file_len - 8 {
         return Err(bad(format!(
             "header length {header_len} runs past the end of the file ({file_len} bytes): the file is truncated or not safetensors"
@@ -406,8 +446,8 @@ fn map_and_parse(path: &Path, file_idx: usize) -> Result<(MappedFile, Vec<(Strin
         return Err(bad(format!("header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")));
     }
     let data_start = 8 + header_len as usize;
-    let data_len = file_len as usize - data_start;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[8..data_start])
+    let data_len = bytes.len() - data_start;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
         .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
 
     let mut entries = Vec::with_capacity(header.len());
@@ -438,7 +478,7 @@ fn map_and_parse(path: &Path, file_idx: usize) -> Result<(MappedFile, Vec<(Strin
         }
         entries.push((
             name,
-            TensorInfo { dtype, shape: entry.shape, file: file_idx, start: data_start + begin, end: data_start + end },
+            TensorInfo { dtype, shape: entry.shape, file: 0, start: data_start + begin, end: data_start + end },
         ));
     }
     let mut by_start: Vec<&(String, TensorInfo)> = entries.iter().filter(|(_, i)| i.end > i.start).collect();
@@ -455,5 +495,5 @@ fn map_and_parse(path: &Path, file_idx: usize) -> Result<(MappedFile, Vec<(Strin
             )));
         }
     }
-    Ok((MappedFile { path: path.to_path_buf(), map: Arc::new(map) }, entries))
+    Ok(entries)
 }

@@ -392,9 +392,16 @@ fn missing_image() {
     assert_clean_error(&glimpse(&["caption", "--model", &model(), "/nonexistent/cat.png"]), "/nonexistent/cat.png");
 }
 
+/// transformers formats a whitespace-only question like any other; so does glimpse.
 #[test]
-fn empty_question() {
-    assert_clean_error(&glimpse(&["ask", "--model", &model(), &img("wide_301x97.png"), "   "]), "question is empty");
+fn whitespace_question_is_answered() {
+    let o = glimpse(&["ask", "--model", &model(), "--max-new-tokens", "2", &img("wide_301x97.png"), "   "]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn zero_new_tokens_is_an_error() {
+    assert_clean_error(&glimpse(&["caption", "--model", &model(), "--max-new-tokens", "0", &img("wide_301x97.png")]), "max_new_tokens is 0");
 }
 
 #[test]

@@ -54,7 +54,8 @@ fn fp16_greedy_tokens_meet_the_gpu_test_bars() {
         for case in g["cases"].as_array().unwrap() {
             let px = model.preprocess(&common::image(case["image"].as_str().unwrap())).unwrap();
             let ids = model.input_ids(case["prompt"].as_str()).unwrap();
-            let plan = model.blip2.plan(1, ids.len(), opts.max_new_tokens, false).unwrap();
+            let new_tokens = opts.new_tokens(ids.len(), model.blip2.decoder.max_positions()).unwrap();
+            let plan = model.blip2.plan(1, ids.len(), new_tokens, false).unwrap();
             let mut exec = executor(&model, &plan.graph, false);
             let (seqs, _) = glimpse::generate::generate(&plan, &mut exec, &px.data, &ids, &opts, &mut |_| {}).unwrap();
             let (want, margins, logprobs) =

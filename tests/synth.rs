@@ -18,7 +18,7 @@ fn tiny_round_trips_through_a_folder() {
     assert_eq!(model.blip2.weights.parameters(), parameter_count(&preset("tiny").unwrap()));
     let mut opts = model.default_options();
     assert_eq!(opts.eos_token_ids, vec![202]);
-    opts.max_new_tokens = 5;
+    opts.max_new_tokens = Some(5);
     let out = model.caption(&common::image("odd_257x181.png"), &opts).expect("caption");
     assert!(!out.tokens.is_empty() && out.tokens.len() <= 5);
     // The VQA path (prompt tokenized by the synth tokenizer) runs too.

@@ -28,6 +28,8 @@ pub struct Blip2Plan {
     pub batch: usize,
     pub prompt_len: usize,
     pub capacity: usize,
+    /// Tokens generated at most (at least 1).
+    pub max_new_tokens: usize,
     /// `[batch, 3*S*S]` pixel values in.
     pub pixels: Buf,
     pub vision_out: Buf,
@@ -69,13 +71,20 @@ impl Blip2 {
     /// Builds the phases for `batch` images, a decoder input of `prompt_len` tokens (image
     /// tokens included) and up to `max_new_tokens` generated tokens.
     pub fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Blip2Plan> {
+        if max_new_tokens == 0 {
+            return Err(Error::InvalidInput("max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into()));
+        }
         let max_pos = self.decoder.max_positions();
         // The last generated token is never fed back, so the cache needs one row less.
-        let capacity = prompt_len + max_new_tokens.saturating_sub(1);
+        let capacity = prompt_len.saturating_add(max_new_tokens - 1);
         if capacity > max_pos {
             return Err(Error::InvalidInput(format!(
-                "the prompt ({prompt_len} tokens, {} of them image queries) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions",
-                self.cfg.num_query_tokens
+                "the prompt ({prompt_len} tokens, {} of them image queries) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions: {}",
+                self.cfg.num_query_tokens,
+                match (max_pos + 1).checked_sub(prompt_len) {
+                    Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
+                    _ => "shorten the prompt".to_string(),
+                }
             )));
         }
         if batch == 0 {
@@ -108,6 +117,7 @@ impl Blip2 {
             batch,
             prompt_len,
             capacity,
+            max_new_tokens,
             pixels,
             vision_out,
             qformer_out,
