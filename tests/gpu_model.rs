@@ -123,7 +123,8 @@ fn cuda_concurrent_executors_equal_sequential() {
     let ids = model.input_ids(None).unwrap();
     let caption = |image: &str| -> (Vec<u32>, Vec<f64>) {
         let px = model.preprocess(&common::image(image)).unwrap();
-        let plan = model.blip2.plan(1, ids.len(), opts.max_new_tokens, false).unwrap();
+        let new_tokens = opts.new_tokens(ids.len(), model.blip2.decoder.max_positions()).unwrap();
+        let plan = model.blip2.plan(1, ids.len(), new_tokens, false).unwrap();
         let mut exec = model.executor(&plan.graph).unwrap();
         let (mut seqs, _) = glimpse::generate::generate(&plan, exec.as_mut(), &px.data, &ids, &opts, &mut |_| {}).unwrap();
         let seq = seqs.remove(0);
