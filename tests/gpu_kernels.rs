@@ -184,7 +184,7 @@ fn run_linear(dev: &CudaDevice, rng: &mut Rng, kind: Kind, m: usize, n: usize, k
 fn gemm_matches_reference() {
     let Some(dev) = device("gemm_matches_reference") else { return };
     let mut rng = Rng::new("gemm");
-    let acts = [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu];
+    let acts = [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu, Activation::GeluTanh];
     for tile in [GemmTile::Large, GemmTile::Small] {
         // awkward: rows < warp / tile, N, K not multiples of the tile, K % 8 != 0 (scalar path)
         for &(m, n, k) in &[(1, 8, 8), (3, 17, 24), (7, 130, 72), (33, 65, 100), (257, 200, 588), (5, 3, 13), (129, 257, 1408)] {

@@ -197,6 +197,8 @@ pub struct CudaExecutor {
     scratch: Scratch,
     tokens: Vec<u32>,
     position: usize,
+    pads: Vec<usize>,
+    row_indices: Vec<usize>,
     /// Device copies of `tokens` / `position` are stale.
     dirty: bool,
     /// Per replayable phase: how often it ran, and its recorded graph.
@@ -244,6 +246,8 @@ impl CudaExecutor {
             scratch: Scratch::default(),
             tokens: Vec::new(),
             position: 0,
+            pads: Vec::new(),
+            row_indices: Vec::new(),
             dirty: true,
             runs: HashMap::new(),
             graphs: HashMap::new(),
@@ -365,9 +369,12 @@ impl CudaExecutor {
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
                 let dim = self.cols(out);
                 let res = residual.map(|r| &self.bufs[r.0]);
-                dev.layernorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), Some(self.w(bias)), &self.bufs[out.0], rows, dim, eps)?;
+                dev.layernorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), bias.map(|b| self.w(b)), &self.bufs[out.0], rows, dim, eps)?;
             }
             Op::Attention(ref a) => self.attention(a)?,
+            Op::RmsNorm { .. } | Op::GatedAct { .. } | Op::Rope { .. } | Op::AttentionEx(..) | Op::SelectRows { .. } => {
+                return Err(self.unsupported(format!("op {} is not implemented yet", op.kind())))
+            }
             Op::KvAppend { k, v, cache_k, cache_v, batch, rows_per_batch, capacity } => {
                 let width = self.cols(cache_k);
                 if rows_per_batch == 1 {
@@ -557,6 +564,15 @@ impl Executor for CudaExecutor {
 
     fn position(&self) -> usize {
         self.position
+    }
+
+    fn set_left_padding(&mut self, pads: &[usize]) {
+        self.pads = pads.to_vec();
+        self.dirty = true;
+    }
+
+    fn set_row_indices(&mut self, rows: &[usize]) {
+        self.row_indices = rows.to_vec();
     }
 
     fn write(&mut self, buf: Buf, data: &[f32]) -> Result<()> {

@@ -37,6 +37,7 @@ fn act_code(a: Activation) -> i32 {
         Activation::Gelu => 2,
         Activation::QuickGelu => 3,
         Activation::Silu => 4,
+        Activation::GeluTanh => 5,
     }
 }
 
@@ -47,6 +48,7 @@ fn act_suffix(a: Activation) -> &'static str {
         Activation::Gelu => "gelu",
         Activation::QuickGelu => "quick_gelu",
         Activation::Silu => "silu",
+        Activation::GeluTanh => "gelu_tanh",
     }
 }
 
