@@ -254,11 +254,13 @@ fn validate_attention(a: &Attention, ex: Option<&AttnExtra>, st: &RunState<'_>, 
             a.heads, ex.kv_heads
         )));
     }
+    // Over a KV cache, masks span the whole capacity (the decode kernel's launch depends only on it).
+    let keys = if matches!(a.kv_len, KvLen::Cache) { a.kv_batch_stride } else { kv_len };
     let check = |what: &str, b: Buf, rows: usize| -> Result<()> {
         let d = &descs[b.0];
-        if d.rows < rows || d.cols < kv_len {
+        if d.rows < rows || d.cols < keys {
             return Err(invalid(format!(
-                "attention {what} `{}` is [{}, {}] but this run needs [{rows}, {kv_len}] (rows x keys)",
+                "attention {what} `{}` is [{}, {}] but this run needs [{rows}, {keys}] (rows x keys)",
                 d.name, d.rows, d.cols
             )));
         }

@@ -10,6 +10,7 @@ mod elementwise;
 mod gemm;
 mod gemv;
 mod layernorm;
+mod pointwise;
 mod sampling;
 
 pub use attention::{decode_workspace_len, AttnMask, HeadsView};
@@ -17,6 +18,7 @@ pub use elementwise::PixelType;
 pub use gemm::GemmTile;
 pub use gemv::gemv_threads_per_row;
 pub use layernorm::SumOut;
+pub use pointwise::RowsView;
 pub use sampling::LogitType;
 
 use cudarc::driver::LaunchConfig;
