@@ -152,6 +152,8 @@ pub fn rope_inv_freq(dim: usize, base: f64, scaling: RopeScaling) -> Vec<f32> {
                     let selected = if wavelen > low_wl { f / factor32 } else { f };
                     let smooth = ((1.0 / wavelen) * l as f32 - low32) / span;
                     let smoothed = (1.0 - smooth) * selected / factor32 + smooth * selected;
+                    // torch's `~(w < high) * ~(w > low)`, kept literally (NaN-faithful).
+                    #[allow(clippy::neg_cmp_op_on_partial_ord)]
                     let medium = !(wavelen < high_wl) && !(wavelen > low_wl);
                     if medium { smoothed } else { selected }
                 })

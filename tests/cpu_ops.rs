@@ -430,9 +430,9 @@ fn rope_matches_definition_with_left_padding() {
         ex.run(&p).unwrap();
         let got = ex.read(qkv, batch * rows).unwrap();
         let mut want: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
-        for b in 0..batch {
+        for (b, &pad) in pads.iter().enumerate() {
             for i in 0..rows {
-                let pos = (position + i).saturating_sub(pads[b]);
+                let pos = (position + i).saturating_sub(pad);
                 let r = b * rows + i;
                 for head in 0..heads + kv_heads {
                     let base = r * cols + head * d;
