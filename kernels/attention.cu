@@ -145,6 +145,9 @@ __device__ __forceinline__ void attn_fwd_body(const AttnParams& p) {
         for (int e = 0; e < E; ++e) o[qi][e] = 0.f;
     }
 
+    // Bias row of this warp's first query (rows past sq are never dereferenced: the qi loop breaks).
+    const __half* bias_w = p.bias ? p.bias + ((long long)h * p.sq + q0 + warp * ATT_QPW) * p.bias_stride : nullptr;
+
     for (int kv0 = 0; kv0 < kv_end; kv0 += ATT_BKV) {
         __syncthreads();  // previous tile fully consumed (and qs written, first time)
         for (int c = tid; c < ATT_BKV * (DP / 8); c += blockDim.x) {
@@ -168,7 +171,7 @@ __device__ __forceinline__ void attn_fwd_body(const AttnParams& p) {
             const int i = q0 + qr;
             if (i >= p.sq) break;  // warp-uniform
             float s = dot_qk<DP>(qs[qr], ks[lane]) + madd;
-            if (p.bias && j < kv_end) s += __half2float(p.bias[((long long)h * p.sq + i) * p.bias_stride + j]) * LOG2E;
+            if (bias_w && j < kv_end) s += __half2float(bias_w[qi * p.bias_stride + j]) * LOG2E;
             const bool valid = j < kv_end && (!p.causal || j <= i + p.kv_offset);
             s = valid ? s : -CUDART_INF_F;
             const float m_new = fmaxf(m[qi], warp_max(s));
