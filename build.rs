@@ -45,6 +45,8 @@ const FAST_MATH: &[(&str, bool)] = &[
     // epilogues: erf-GELU must match PyTorch's erff; quick_gelu/SiLU use expf -> keep exact.
     ("gemm", false),
     ("gemv", false),
+    // rope needs accurate sinf/cosf of angles up to position * inv_freq (thousands of rad).
+    ("pointwise", false),
     // log-softmax value of the chosen token is returned in fp32 to the host: keep expf/logf exact.
     ("sampling", false),
 ];

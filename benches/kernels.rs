@@ -3,7 +3,7 @@
 //! Prints a markdown table, or JSON lines with `--json`. Without a GPU it says why and exits 0.
 
 use cudarc::driver::sys::CUevent_flags;
-use glimpse::backend::cuda::{decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, HeadsView, Residual, SumOut};
+use glimpse::backend::cuda::{decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, HeadsView, Residual, RowsView, SumOut};
 use half::f16;
 
 const WARMUP: usize = 5;
@@ -134,6 +134,50 @@ fn main() {
         let ms = time(&dev, || dev.layernorm(&x, Some(&res), SumOut::To(&s), &w, Some(&bb), &y, r, dim, 1e-5).unwrap());
         let gbs = (2 * 4 * r * dim) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row { name: format!("layernorm+residual rows={r} dim={dim}"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+    }
+
+    // LLaMA-7B shapes: RMSNorm (decode and a 1024-token prefill), SwiGLU on a fused [rows, 2I]
+    // gate|up buffer, RoPE on q (32 heads x 128), GQA decode attention (32 q / 8 kv heads).
+    for &r in &[1usize, 1024] {
+        let dim = 4096;
+        let (x, w, y) = (rand_halves(&dev, r * dim, 17), rand_halves(&dev, dim, 18), dev.alloc::<f16>(r * dim).unwrap());
+        let ms = time(&dev, || dev.rmsnorm(&x, None, SumOut::None, &w, &y, r, dim, 1e-6).unwrap());
+        let gbs = (2 * 2 * r * dim) as f64 / (ms * 1e-3) / 1e9;
+        rows.push(Row { name: format!("rmsnorm rows={r} dim={dim}"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+
+        let inter = 11008;
+        let (gu, out) = (rand_halves(&dev, r * 2 * inter, 19), dev.alloc::<f16>(r * inter).unwrap());
+        let gate = RowsView { buf: &gu, offset: 0, row_stride: 2 * inter };
+        let up = RowsView { buf: &gu, offset: inter, row_stride: 2 * inter };
+        let ms = time(&dev, || dev.gated_act(gate, up, Activation::Silu, &out, r, inter).unwrap());
+        let gbs = (3 * 2 * r * inter) as f64 / (ms * 1e-3) / 1e9;
+        rows.push(Row { name: format!("gated silu rows={r} I={inter} (fused)"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+
+        let (heads, d) = (32, 128);
+        let q = rand_halves(&dev, r * heads * d, 20);
+        let inv: Vec<f32> = glimpse::graph::rope_inv_freq(d, 10000.0, glimpse::graph::RopeScaling::Default);
+        let inv = dev.upload(&inv).unwrap();
+        let start = dev.upload(&[7i32]).unwrap();
+        let view = RowsView { buf: &q, offset: 0, row_stride: heads * d };
+        let ms = time(&dev, || dev.rope(view, &inv, &start, 1, r, heads, d).unwrap());
+        let gbs = (2 * 2 * r * heads * d) as f64 / (ms * 1e-3) / 1e9;
+        rows.push(Row { name: format!("rope rows={r} heads={heads} d={d}"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+    }
+    {
+        let (b, h, kvh, d, len) = (1usize, 32usize, 8usize, 128usize, 4096usize);
+        let q = rand_halves(&dev, b * h * d, 21);
+        let k = rand_halves(&dev, b * len * kvh * d, 22);
+        let v = rand_halves(&dev, b * len * kvh * d, 23);
+        let o = dev.alloc::<f16>(b * h * d).unwrap();
+        let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, len)).unwrap();
+        let kv_len = dev.upload(&vec![len as i32; b]).unwrap();
+        let hv = |buf, rows: usize, heads: usize| HeadsView { buf, offset: 0, batch_stride: rows * heads * d, row_stride: heads * d };
+        let mask = AttnMask { kv_heads: Some(kvh), ..AttnMask::default() };
+        let ms = time(&dev, || {
+            dev.decode_attention(hv(&q, 1, h), hv(&k, len, kvh), hv(&v, len, kvh), &kv_len, hv(&o, 1, h), &ws, b, h, len, d, 0.088, mask).unwrap()
+        });
+        let gbs = (2 * 2 * b * len * kvh * d) as f64 / (ms * 1e-3) / 1e9;
+        rows.push(Row { name: format!("gqa decode attention h={h}/{kvh} d={d} len={len}"), ms, metric: "GB/s".into(), value: gbs, note: format!("{:.0}% of copy", 100.0 * gbs / copy_gbs) });
     }
 
     if json {

@@ -11,6 +11,9 @@
 //    -inf; clamped, a score plus the floor rounds to the floor, so a row whose keys are all
 //    masked that way averages V over them exactly as transformers' eager attention does, and
 //    partly masked rows give those keys weight 0. -inf mask values take the same rule.
+//    An optional fp16 per-head bias [H*Sq, bias_stride] (T5 relative positions) adds
+//    bias[(h*Sq + i)*bias_stride + j] to score (i, j) of head h unclamped, in every batch item.
+//    Grouped-query attention: query head h reads K/V head h / kv_group (repeat_interleave).
 //    Rows with no key at all (kv_valid = 0, or causal offsets hiding every key) get O = 0
 //    (PyTorch would give NaN; callers never read them).
 //    Tiling (CUDA cores; a tensor-core version is future work): a block = 4 warps handles
@@ -39,6 +42,9 @@
 //     every such row, for i < Sq (q, o) / i < Skv (k, v) (decode: max_len), h < H, lies inside
 //     its buffer; d % 8 == 0, d <= padded dim; all strides % 8 == 0 and q/k/v (and o) base
 //     pointers 16-byte aligned (16-byte vector loads);
+//   - k/v rows hold kv_heads = heads / kv_group heads (kv_group >= 1 divides heads);
+//   - bias (nullable) has >= (H*Sq - 1)*bias_stride + Skv halves, bias_stride >= Skv (decode:
+//     H rows, stride >= max_len);
 //   - o must not overlap q, k, v; mask (nullable) has >= B*mask_stride floats with
 //     mask_stride >= Skv (decode: >= max_len); kv_valid / kv_len have >= B ints, values are
 //     clamped to [0, Skv] / [0, max_len] on device, so bad values cannot read out of bounds;
@@ -64,17 +70,18 @@ struct AttnParams {
     __half* o;
     const float* mask;    // [B, mask_stride] additive, or nullptr
     const int* kv_valid;  // [B] or nullptr
+    const __half* bias;   // [H*sq, bias_stride] additive per head, or nullptr
     long long q_bs, q_rs;  // batch / row strides in elements (head stride = d)
     long long k_bs, k_rs;
     long long v_bs, v_rs;
     long long o_bs, o_rs;
-    long long mask_stride;
+    long long mask_stride, bias_stride;
     int heads, sq, skv, d;
     int causal, kv_offset;
     float scale;
-    int pad_;
+    int kv_group;  // query heads per K/V head (1 = multi-head attention)
 };
-static_assert(sizeof(AttnParams) == 152, "AttnParams layout is mirrored in Rust");
+static_assert(sizeof(AttnParams) == 168, "AttnParams layout is mirrored in Rust");
 
 constexpr int ATT_WARPS = 4;
 constexpr int ATT_QPW = 4;                     // queries per warp
@@ -111,6 +118,7 @@ __device__ __forceinline__ void attn_fwd_body(const AttnParams& p) {
     const int q0 = blockIdx.x * ATT_BQ;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int dch = p.d >> 3;  // real 16-byte chunks per head row
+    const long long kvh = h / p.kv_group;  // the K/V head this query head reads
 
     // Stage this block's queries, pre-scaled into the log2 domain; zero tail dims and rows.
     const float qscale = p.scale * LOG2E;
@@ -137,14 +145,17 @@ __device__ __forceinline__ void attn_fwd_body(const AttnParams& p) {
         for (int e = 0; e < E; ++e) o[qi][e] = 0.f;
     }
 
+    // Bias row of this warp's first query (rows past sq are never dereferenced: the qi loop breaks).
+    const __half* bias_w = p.bias ? p.bias + ((long long)h * p.sq + q0 + warp * ATT_QPW) * p.bias_stride : nullptr;
+
     for (int kv0 = 0; kv0 < kv_end; kv0 += ATT_BKV) {
         __syncthreads();  // previous tile fully consumed (and qs written, first time)
         for (int c = tid; c < ATT_BKV * (DP / 8); c += blockDim.x) {
             const int r = c / (DP / 8), ch = c % (DP / 8);
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (kv0 + r < kv_end && ch < dch) {
-                kv = ldg16(p.k + b * p.k_bs + (long long)(kv0 + r) * p.k_rs + (long long)h * p.d + ch * 8);
-                vv = ldg16(p.v + b * p.v_bs + (long long)(kv0 + r) * p.v_rs + (long long)h * p.d + ch * 8);
+                kv = ldg16(p.k + b * p.k_bs + (long long)(kv0 + r) * p.k_rs + kvh * p.d + ch * 8);
+                vv = ldg16(p.v + b * p.v_bs + (long long)(kv0 + r) * p.v_rs + kvh * p.d + ch * 8);
             }
             *reinterpret_cast<uint4*>(&ks[r][ch * 8]) = kv;
             *reinterpret_cast<uint4*>(&vs[r][ch * 8]) = vv;
@@ -160,6 +171,7 @@ __device__ __forceinline__ void attn_fwd_body(const AttnParams& p) {
             const int i = q0 + qr;
             if (i >= p.sq) break;  // warp-uniform
             float s = dot_qk<DP>(qs[qr], ks[lane]) + madd;
+            if (bias_w && j < kv_end) s += __half2float(bias_w[qi * p.bias_stride + j]) * LOG2E;
             const bool valid = j < kv_end && (!p.causal || j <= i + p.kv_offset);
             s = valid ? s : -CUDART_INF_F;
             const float m_new = fmaxf(m[qi], warp_max(s));
@@ -207,13 +219,15 @@ struct DecodeAttnParams {
     const __half* v_cache;
     const int* kv_len;      // [B] current lengths (device memory)
     const float* mask;      // [B, mask_stride] additive or nullptr
+    const __half* bias;     // [H, bias_stride] additive per head (the one query row), or nullptr
     float* partial;         // [B, H, nsplit, DP + 2] workspace: m, l, o[DP]
     __half* o;              // [B, H, d] (batch stride o_bs)
-    long long q_bs, k_bs, k_rs, v_bs, v_rs, o_bs, mask_stride;
+    long long q_bs, k_bs, k_rs, v_bs, v_rs, o_bs, mask_stride, bias_stride;
     int heads, d, max_len, chunk, nsplit;
     float scale;
+    int kv_group, pad_;
 };
-static_assert(sizeof(DecodeAttnParams) == 136, "DecodeAttnParams layout is mirrored in Rust");
+static_assert(sizeof(DecodeAttnParams) == 160, "DecodeAttnParams layout is mirrored in Rust");
 
 template <int DP>
 __device__ __forceinline__ void attn_decode_split_body(const DecodeAttnParams& p) {
@@ -241,7 +255,7 @@ __device__ __forceinline__ void attn_decode_split_body(const DecodeAttnParams& p
         const int j = t0 + lane;
         float s = -CUDART_INF_F;
         if (j < k_end) {
-            const __half* krow = p.k_cache + b * p.k_bs + (long long)j * p.k_rs + (long long)h * p.d;
+            const __half* krow = p.k_cache + b * p.k_bs + (long long)j * p.k_rs + (long long)(h / p.kv_group) * p.d;
             s = 0.f;
             for (int c = 0; c < dch; ++c) {
                 float kf[8];
@@ -250,6 +264,7 @@ __device__ __forceinline__ void attn_decode_split_body(const DecodeAttnParams& p
                 for (int i = 0; i < 8; ++i) s = fmaf(qs[c * 8 + i], kf[i], s);
             }
             if (p.mask) s += mask_log2(p.mask, b * p.mask_stride + j);
+            if (p.bias) s += __half2float(p.bias[(long long)h * p.bias_stride + j]) * LOG2E;
         }
         const float m_new = fmaxf(m, warp_max(s));
         if (m_new == -CUDART_INF_F) continue;
@@ -262,7 +277,7 @@ __device__ __forceinline__ void attn_decode_split_body(const DecodeAttnParams& p
         const int nk = min(32, k_end - t0);
         for (int jj = 0; jj < nk; ++jj) {
             const float pj = __shfl_sync(0xffffffffu, pr, jj);
-            const __half* vrow = p.v_cache + b * p.v_bs + (long long)(t0 + jj) * p.v_rs + (long long)h * p.d;
+            const __half* vrow = p.v_cache + b * p.v_bs + (long long)(t0 + jj) * p.v_rs + (long long)(h / p.kv_group) * p.d;
 #pragma unroll
             for (int e = 0; e < E; ++e) {
                 const int dd = lane + 32 * e;

@@ -19,6 +19,7 @@ enum ActCode : int {
     ACT_GELU = 2,        // exact erf GELU, 0.5*x*(1+erf(x/sqrt(2))) (PyTorch nn.GELU())
     ACT_QUICK_GELU = 3,  // x * sigmoid(1.702 x) (CLIP)
     ACT_SILU = 4,        // x * sigmoid(x) (Llama MLP)
+    ACT_GELU_TANH = 5,   // gelu_pytorch_tanh: 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3)))
 };
 
 // Applies the activation in fp32. Kept exact (erff, expf) so results match PyTorch's fp32
@@ -29,6 +30,11 @@ GLIMPSE_DEVICE float apply_act(int act, float x) {
         case ACT_GELU: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
         case ACT_QUICK_GELU: return x / (1.f + expf(-1.702f * x));
         case ACT_SILU: return x / (1.f + expf(-x));
+        case ACT_GELU_TANH: {
+            // PyTorch's kBeta = sqrt(2) * (2/sqrt(pi)) * 0.5 and inner expression, in fp32.
+            const float kBeta = 0.7978845608028654f;
+            return 0.5f * x * (1.f + tanhf(kBeta * (x + 0.044715f * x * x * x)));
+        }
         default: return x;
     }
 }

@@ -223,7 +223,8 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
     GLIMPSE_GEMM_ENTRY(cfg, CFG, relu, ACT_RELU)           \
     GLIMPSE_GEMM_ENTRY(cfg, CFG, gelu, ACT_GELU)           \
     GLIMPSE_GEMM_ENTRY(cfg, CFG, quick_gelu, ACT_QUICK_GELU) \
-    GLIMPSE_GEMM_ENTRY(cfg, CFG, silu, ACT_SILU)
+    GLIMPSE_GEMM_ENTRY(cfg, CFG, silu, ACT_SILU)           \
+    GLIMPSE_GEMM_ENTRY(cfg, CFG, gelu_tanh, ACT_GELU_TANH)
 
 // gemm_l_{none,relu,gelu,quick_gelu,silu}: 128x128 tiles, 256 threads, 65536 B dynamic smem.
 GLIMPSE_GEMM_ALL_ACTS(l, CfgL)

@@ -38,6 +38,8 @@ pub enum Activation {
     /// CLIP's x * sigmoid(1.702 x).
     QuickGelu,
     Silu,
+    /// `gelu_pytorch_tanh` / `gelu_new`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    GeluTanh,
 }
 
 impl Activation {
@@ -50,6 +52,11 @@ impl Activation {
             Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
             Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
             Activation::Silu => x / (1.0 + (-x).exp()),
+            // torch's CPU kernel: kBeta = sqrt(2) * (2/sqrt(pi)) * 0.5, all in f32.
+            Activation::GeluTanh => {
+                const BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
+                0.5 * x * (1.0 + libm::tanhf(BETA * (x + 0.044715 * x * x * x)))
+            }
         }
     }
 }
@@ -91,6 +98,80 @@ pub struct Attention {
     pub scale: f32,
 }
 
+/// Grouped-query attention and masks on top of an [`Attention`] (kept separate so existing
+/// `Attention` literals stay valid; `Op::Attention(a)` is `AttentionEx` with `kv_heads = heads`
+/// and no masks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnExtra {
+    /// K/V heads (`heads % kv_heads == 0`): query head `h` reads kv head `h / (heads / kv_heads)`
+    /// (transformers' `repeat_kv`, i.e. `repeat_interleave`). K/V rows are `kv_heads * head_dim` wide.
+    pub kv_heads: usize,
+    /// Additive per-key mask `[batch, >= kv_len]` written by the host (HF padding masks: 0 or
+    /// `finfo.min`), clamped to [`ATTN_MASK_FLOOR`] then added to every query's scores of batch b.
+    /// Stored like any buffer (fp16 on the GPU, where `finfo.min` becomes -inf; both clamp to the
+    /// same floor, so 0 / finfo.min / -inf masks behave identically on both executors).
+    pub key_mask: Option<Buf>,
+    /// Additive per-head bias `[heads * q_len, >= kv_len]`: element (h, i, j) at row
+    /// `h * q_len + i`, column j, shared by every batch item (T5 relative positions; written
+    /// by the host for the current position).
+    pub head_bias: Option<Buf>,
+}
+
+/// How RoPE frequencies are scaled (transformers 5.17 `ROPE_INIT_FUNCTIONS`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// `inv_freq / factor`.
+    Linear { factor: f64 },
+    /// `_compute_llama3_parameters`.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// transformers 5.17 `inv_freq` for RoPE over `dim` rotated dims (even), bit-exact: the exponent
+/// `f32(2i) / f32(dim)` in f32, `base ** e` in f64 rounded to f32, the reciprocal in f32
+/// (design/llama.md 2.2). Scaling follows the fp32 torch expressions: a python scalar divided by
+/// a tensor is `tensor.reciprocal() * scalar`, comparisons cast the scalar to f32.
+pub fn rope_inv_freq(dim: usize, base: f64, scaling: RopeScaling) -> Vec<f32> {
+    let inv: Vec<f32> = (0..dim / 2)
+        .map(|i| {
+            let e = (2 * i) as f32 / dim as f32;
+            1.0f32 / base.powf(f64::from(e)) as f32
+        })
+        .collect();
+    match scaling {
+        RopeScaling::Default => inv,
+        RopeScaling::Linear { factor } => inv.iter().map(|&f| f / factor as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: l } => {
+            let (low_wl, high_wl) = ((l / low_freq_factor) as f32, (l / high_freq_factor) as f32);
+            let two_pi = (2.0 * std::f64::consts::PI) as f32;
+            let (factor32, low32) = (factor as f32, low_freq_factor as f32);
+            let span = (high_freq_factor - low_freq_factor) as f32;
+            inv.iter()
+                .map(|&f| {
+                    let wavelen = (1.0 / f) * two_pi;
+                    let selected = if wavelen > low_wl { f / factor32 } else { f };
+                    let smooth = ((1.0 / wavelen) * l as f32 - low32) / span;
+                    let smoothed = (1.0 - smooth) * selected / factor32 + smooth * selected;
+                    // torch's `~(w < high) * ~(w > low)`, kept literally (NaN-faithful).
+                    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                    let medium = !(wavelen < high_wl) && !(wavelen > low_wl);
+                    if medium { smoothed } else { selected }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Which rows a [`Op::SelectRows`] copies from each sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowSelect {
+    /// Rows `skip..` of every sequence (e.g. `skip = 1` drops CLS): `rows_per_batch - skip` rows out.
+    Skip(usize),
+    /// One row per sequence, at the index the host set with `Executor::set_row_indices` (CLIP
+    /// text pooling at the EOS position).
+    Indexed,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// `out[b*P + 0] = cls + pos[0]`, `out[b*P + 1 + p] = conv(pixels[b], patch p) + bias + pos[1+p]`:
@@ -98,9 +179,25 @@ pub enum Op {
     PatchEmbed { pixels: Buf, weight: W, bias: W, class: W, positions: W, out: Buf, batch: usize, image_size: usize, patch: usize },
     /// `out = act(x · Wᵀ + bias) + residual` over `rows` rows; `residual` may be `out` itself.
     Linear { x: View, weight: W, bias: Option<W>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize },
-    /// `out = LayerNorm(x + residual) * w + b` over `rows` rows.
-    LayerNorm { x: Buf, residual: Option<Buf>, weight: W, bias: W, eps: f32, out: Buf, rows: usize },
+    /// `out = LayerNorm(x + residual) * w (+ b)` over `rows` rows.
+    LayerNorm { x: Buf, residual: Option<Buf>, weight: W, bias: Option<W>, eps: f32, out: Buf, rows: usize },
+    /// HF Llama / T5 RMSNorm of `s = x + residual`: statistics in fp32, `s * rsqrt(mean(s²) + eps)`
+    /// cast to the activation dtype, then times the weight (no mean, no bias).
+    RmsNorm { x: Buf, residual: Option<Buf>, weight: W, eps: f32, out: Buf, rows: usize },
+    /// `out[r, c] = act(gate[r, c]) * up[r, c]` for `c < cols(out)`: a gated MLP (SiLU: Llama,
+    /// GELU / GELU-tanh: T5). Gate and up are column views, so they may be two Linear outputs or
+    /// the two halves of one fused `[rows, 2I]` buffer (gate at column 0, up at column I).
+    GatedAct { gate: View, up: View, act: Activation, out: Buf, rows: usize },
+    /// Rotary embeddings in place on `heads` heads of `head_dim` starting at column `x.col`
+    /// (HF `rotate_half`: dim j pairs with j + rot/2, rot = 2 * inv_freq.len() <= head_dim; dims
+    /// past rot are untouched). Row i of sequence b has position `max(position - pad[b] + i, 0)`
+    /// (`Executor::set_left_padding`; HF's `cumsum(mask) - 1` for left-padded batches).
+    Rope { x: View, batch: usize, rows_per_batch: usize, heads: usize, head_dim: usize, inv_freq: std::sync::Arc<[f32]> },
     Attention(Attention),
+    /// Attention with grouped K/V heads and additive masks (see [`AttnExtra`]).
+    AttentionEx(Attention, AttnExtra),
+    /// Copies selected rows of each sequence of `x` into consecutive rows of `out`.
+    SelectRows { x: Buf, out: Buf, batch: usize, rows_per_batch: usize, select: RowSelect },
     /// `cache[b * capacity + position + i] = src[b * rows_per_batch + i]` for K and V.
     KvAppend { k: View, v: View, cache_k: Buf, cache_v: Buf, batch: usize, rows_per_batch: usize, capacity: usize },
     /// `out[r] = table[tokens[r]]` for every token of the step.
@@ -123,11 +220,15 @@ impl Op {
             Op::PatchEmbed { out, .. }
             | Op::Linear { out, .. }
             | Op::LayerNorm { out, .. }
+            | Op::RmsNorm { out, .. }
+            | Op::GatedAct { out, .. }
+            | Op::SelectRows { out, .. }
             | Op::Embed { out, .. }
             | Op::ScatterTokens { out, .. }
             | Op::LastRows { out, .. }
             | Op::Broadcast { out, .. } => vec![out],
-            Op::Attention(ref a) => vec![a.out],
+            Op::Attention(ref a) | Op::AttentionEx(ref a, _) => vec![a.out],
+            Op::Rope { x, .. } => vec![x.buf],
             Op::AddPositions { x, .. } => vec![x],
             Op::KvAppend { cache_k, cache_v, .. } => vec![cache_k, cache_v],
         }
@@ -139,7 +240,12 @@ impl Op {
             Op::PatchEmbed { .. } => "patch_embed",
             Op::Linear { .. } => "linear",
             Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::GatedAct { .. } => "gated_act",
+            Op::Rope { .. } => "rope",
             Op::Attention(_) => "attention",
+            Op::AttentionEx(..) => "attention",
+            Op::SelectRows { .. } => "select_rows",
             Op::KvAppend { .. } => "kv_append",
             Op::Embed { .. } => "embed",
             Op::ScatterTokens { .. } => "scatter_tokens",
@@ -204,7 +310,7 @@ impl Graph {
     }
 
     pub fn layer_norm(&mut self, x: Buf, residual: Option<Buf>, norm: &Norm, out: Buf, rows: usize) {
-        self.push(Op::LayerNorm { x, residual, weight: norm.weight, bias: norm.bias, eps: norm.eps, out, rows });
+        self.push(Op::LayerNorm { x, residual, weight: norm.weight, bias: Some(norm.bias), eps: norm.eps, out, rows });
     }
 }
 

@@ -8,8 +8,15 @@
 //! length K carries <= ~K * 2^-24 relative error of the sum of |terms| (far less on average), so
 //! 1e-5 relative to that magnitude (K <= 1408 here) bounds it with margin.
 
-use glimpse::backend::cpu::ops::{self, AttnShape, KeyMask};
-use glimpse::graph::{Activation, ATTN_MASK_FLOOR};
+use std::sync::Arc;
+
+use glimpse::backend::cpu::ops::{self, AttnExtras, AttnShape, HeadBias, KeyMask};
+use glimpse::backend::cpu::CpuExecutor;
+use glimpse::backend::Executor;
+use glimpse::graph::{
+    rope_inv_freq, Activation, AttnExtra, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, ATTN_MASK_FLOOR,
+};
+use glimpse::weights::Weight;
 use half::f16;
 
 struct Rng(u64);
@@ -44,6 +51,7 @@ fn act64(a: Activation, x: f64) -> f64 {
         Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
         Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
         Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()),
     }
 }
 
@@ -51,7 +59,7 @@ fn act64(a: Activation, x: f64) -> f64 {
 fn linear_matches_definition() {
     let mut rng = Rng::new("linear");
     for &(rows, k, n) in &[(1, 64, 37), (3, 176, 600), (4, 88, 5), (5, 176, 1100), (33, 160, 808), (257, 100, 30)] {
-        for act in [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu] {
+        for act in [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu, Activation::GeluTanh] {
             for accumulate in [false, true] {
                 let (x, w, b) = (rng.f32s(rows * k), rng.f16s(n * k), rng.f16s(n));
                 let mut out = rng.f32s(rows * n);
@@ -83,7 +91,7 @@ fn layer_norm_matches_definition() {
         let (x, r, w, b) = (rng.f32s(rows * dim), rng.f32s(rows * dim), rng.f16s(dim), rng.f16s(dim));
         for residual in [None, Some(&r[..])] {
             let mut out = vec![f32::NAN; rows * dim];
-            ops::layer_norm(&x, residual, &w, &b, 1e-5, rows, dim, &mut out);
+            ops::layer_norm(&x, residual, &w, Some(&b), 1e-5, rows, dim, &mut out);
             let mut want = vec![0f64; rows * dim];
             for row in 0..rows {
                 let s: Vec<f64> = (0..dim).map(|i| f64::from(x[row * dim + i] + residual.map_or(0.0, |r| r[row * dim + i]))).collect();
@@ -101,6 +109,14 @@ fn layer_norm_matches_definition() {
 /// f64 attention over the same strided layout as `ops::attention`, with transformers' eager
 /// semantics for an additive key mask (clamped to `ATTN_MASK_FLOOR`, see graph.rs).
 fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<KeyMask<'_>>) -> Vec<f64> {
+    attention_ex_ref(q, k, v, s, &AttnExtras { kv_heads: s.heads, mask, bias: None })
+}
+
+/// [`attention_ref`] with grouped kv heads (query head h reads kv head h / (heads / kv_heads))
+/// and a per-head additive bias.
+fn attention_ex_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExtras<'_>) -> Vec<f64> {
+    let mask = ex.mask;
+    let group = s.heads / ex.kv_heads;
     let (d, width) = (s.head_dim, s.heads * s.head_dim);
     let mut want = vec![0f64; s.batch * s.q_len * width];
     for b in 0..s.batch {
@@ -110,9 +126,10 @@ fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<Ke
                 let qrow = &q[(b * s.q_len + i) * s.q_stride + s.q_col + h * d..][..d];
                 let scores: Vec<f64> = (0..visible)
                     .map(|j| {
-                        let krow = &k[(b * s.kv_batch_stride + j) * s.kv_stride + s.k_col + h * d..][..d];
+                        let krow = &k[(b * s.kv_batch_stride + j) * s.kv_stride + s.k_col + h / group * d..][..d];
                         let dot = qrow.iter().zip(krow).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>();
-                        let add = mask.map_or(0.0, |m| f64::from(m.values[b * m.stride + j].max(ATTN_MASK_FLOOR)));
+                        let add = mask.map_or(0.0, |m| f64::from(m.values[b * m.stride + j].max(ATTN_MASK_FLOOR)))
+                            + ex.bias.map_or(0.0, |hb| f64::from(hb.values[(h * s.q_len + i) * hb.stride + j]));
                         dot * f64::from(s.scale) + add
                     })
                     .collect();
@@ -120,7 +137,7 @@ fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<Ke
                 let z: f64 = scores.iter().map(|x| (x - max).exp()).sum();
                 for c in 0..d {
                     want[(b * s.q_len + i) * width + h * d + c] = (0..visible)
-                        .map(|j| (scores[j] - max).exp() / z * f64::from(v[(b * s.kv_batch_stride + j) * s.kv_stride + s.v_col + h * d + c]))
+                        .map(|j| (scores[j] - max).exp() / z * f64::from(v[(b * s.kv_batch_stride + j) * s.kv_stride + s.v_col + h / group * d + c]))
                         .sum();
                 }
             }
@@ -278,4 +295,325 @@ fn argmax_ties_and_log_prob() {
     let logits = [0.5f32, -1.0, 2.0];
     let lse = logits.iter().map(|&l| f64::from(l).exp()).sum::<f64>().ln();
     assert!((ops::log_prob(&logits, 2) - (2.0 - lse)).abs() < 1e-12);
+}
+
+#[test]
+fn norms_without_bias_match_definition() {
+    let mut rng = Rng::new("norms_without_bias");
+    for &(rows, dim) in &[(1, 1), (3, 176), (5, 4096), (2, 33)] {
+        let (x, r, w) = (rng.f32s(rows * dim), rng.f32s(rows * dim), rng.f16s(dim));
+        for residual in [None, Some(&r[..])] {
+            let sum = |row: usize| -> Vec<f64> {
+                (0..dim).map(|i| f64::from(x[row * dim + i] + residual.map_or(0.0, |r| r[row * dim + i]))).collect()
+            };
+            let (mut ln, mut rms) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim]);
+            ops::layer_norm(&x, residual, &w, None, 1e-5, rows, dim, &mut ln);
+            ops::rms_norm(&x, residual, &w, 1e-6, rows, dim, &mut rms);
+            let (mut want_ln, mut want_rms) = (vec![0f64; rows * dim], vec![0f64; rows * dim]);
+            for row in 0..rows {
+                let s = sum(row);
+                let mean = s.iter().sum::<f64>() / dim as f64;
+                let var = s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / dim as f64;
+                let ms = s.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+                for i in 0..dim {
+                    want_ln[row * dim + i] = (s[i] - mean) / (var + 1e-5).sqrt() * w[i].to_f64();
+                    want_rms[row * dim + i] = s[i] / (ms + 1e-6).sqrt() * w[i].to_f64();
+                }
+            }
+            close(&format!("layer_norm (no bias) {rows}x{dim}"), &ln, &want_ln, &vec![4.0; rows * dim]);
+            close(&format!("rms_norm {rows}x{dim}"), &rms, &want_rms, &vec![4.0; rows * dim]);
+        }
+    }
+}
+
+/// transformers 5.17's inv_freq: the exponent in f32, the power in f64 rounded to f32, the
+/// reciprocal in f32 (design/llama.md 2.2); linear divides by the factor; llama3 keeps high
+/// frequencies, divides low ones by the factor and interpolates the band between.
+#[test]
+fn rope_inv_freq_follows_transformers() {
+    for &(dim, base) in &[(128usize, 1e4f64), (128, 5e5), (64, 1e4), (96, 1e6)] {
+        let inv = rope_inv_freq(dim, base, RopeScaling::Default);
+        assert_eq!(inv.len(), dim / 2);
+        for (i, &f) in inv.iter().enumerate() {
+            // The exponent is an f32 (`arange(0, d, 2, dtype=float32) / d`); the rest rounds twice.
+            let exact = base.powf(-f64::from((2 * i) as f32 / dim as f32));
+            assert!(((f64::from(f) - exact) / exact).abs() < 1.5e-7, "d{dim} base {base} i{i}: {f} vs {exact}");
+        }
+        let lin = rope_inv_freq(dim, base, RopeScaling::Linear { factor: 4.0 });
+        assert!(lin.iter().zip(&inv).all(|(l, f)| *l == f / 4.0), "linear scaling divides by the factor");
+        let (factor, lo, hi, l) = (8.0, 1.0, 4.0, 8192.0);
+        let l3 = rope_inv_freq(dim, base, RopeScaling::Llama3 { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: l });
+        for (i, (&got, &f)) in l3.iter().zip(&inv).enumerate() {
+            let f = f64::from(f);
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let want = if wavelen < l / hi {
+                f
+            } else if wavelen > l / lo {
+                f / factor
+            } else {
+                let smooth = (l / wavelen - lo) / (hi - lo);
+                (1.0 - smooth) * f / factor + smooth * f
+            };
+            assert!(((f64::from(got) - want) / want).abs() < 1e-6, "llama3 d{dim} base {base} i{i}: {got} vs {want}");
+        }
+    }
+}
+
+fn weight_table(ws: Vec<(&str, Vec<usize>, Vec<f16>)>) -> Arc<WeightTable> {
+    let mut t = WeightTable::default();
+    for (name, shape, data) in ws {
+        t.add(name, Weight::from_vec(shape, data));
+    }
+    Arc::new(t)
+}
+
+fn phase(g: &mut Graph) -> Phase {
+    g.take_phase("test")
+}
+
+/// Gated MLP on a fused `[rows, 2I]` buffer (gate columns 0..I, up columns I..2I) and on two
+/// separate buffers, for SiLU, GELU and GELU-tanh.
+#[test]
+fn gated_act_matches_definition() {
+    let mut rng = Rng::new("gated_act");
+    let (rows, inter) = (7, 45);
+    for act in [Activation::Silu, Activation::Gelu, Activation::GeluTanh] {
+        let mut g = Graph::new();
+        let fused = g.buffer("fused", rows, 2 * inter);
+        let up = g.buffer("up", rows, inter);
+        let (out1, out2) = (g.buffer("out1", rows, inter), g.buffer("out2", rows, inter));
+        g.push(Op::GatedAct { gate: View { buf: fused, col: 0 }, up: View { buf: fused, col: inter }, act, out: out1, rows });
+        g.push(Op::GatedAct { gate: View { buf: fused, col: 0 }, up: up.into(), act, out: out2, rows });
+        let p = phase(&mut g);
+        let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+        let (xf, xu) = (rng.f32s(rows * 2 * inter), rng.f32s(rows * inter));
+        ex.write(fused, &xf).unwrap();
+        ex.write(up, &xu).unwrap();
+        ex.run(&p).unwrap();
+        let (o1, o2) = (ex.read(out1, rows).unwrap(), ex.read(out2, rows).unwrap());
+        let (mut w1, mut w2) = (vec![0f64; rows * inter], vec![0f64; rows * inter]);
+        for r in 0..rows {
+            for c in 0..inter {
+                let gate = act64(act, f64::from(xf[r * 2 * inter + c]));
+                w1[r * inter + c] = gate * f64::from(xf[r * 2 * inter + inter + c]);
+                w2[r * inter + c] = gate * f64::from(xu[r * inter + c]);
+            }
+        }
+        close(&format!("gated {act:?} fused"), &o1, &w1, &vec![1.0; w1.len()]);
+        close(&format!("gated {act:?} separate"), &o2, &w2, &vec![1.0; w2.len()]);
+    }
+}
+
+/// RoPE on the q and k column views of a fused qkv buffer, two sequences with left padding,
+/// prefill then a decode step: f64 rotation of the f32 angle `f32(position) * inv_freq`.
+#[test]
+fn rope_matches_definition_with_left_padding() {
+    let mut rng = Rng::new("rope");
+    let (batch, seq, heads, kv_heads, d) = (2, 6, 4, 2, 16);
+    let (qw, kw) = (heads * d, kv_heads * d);
+    let cols = qw + 2 * kw;
+    // Partial rotary (12 of 16 dims) exercises the untouched tail; llama3 the scaled table.
+    let scaling = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 };
+    let inv: Arc<[f32]> = rope_inv_freq(12, 500.0, scaling).into();
+    let pads = [0usize, 3];
+    for (position, rows) in [(0usize, seq), (9, 1)] {
+        let mut g = Graph::new();
+        let qkv = g.buffer("qkv", batch * rows, cols);
+        g.push(Op::Rope { x: View { buf: qkv, col: 0 }, batch, rows_per_batch: rows, heads, head_dim: d, inv_freq: inv.clone() });
+        g.push(Op::Rope { x: View { buf: qkv, col: qw }, batch, rows_per_batch: rows, heads: kv_heads, head_dim: d, inv_freq: inv.clone() });
+        let p = phase(&mut g);
+        let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+        let x = rng.f32s(batch * rows * cols);
+        ex.write(qkv, &x).unwrap();
+        ex.set_position(position);
+        ex.set_left_padding(&pads);
+        ex.run(&p).unwrap();
+        let got = ex.read(qkv, batch * rows).unwrap();
+        let mut want: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        for (b, &pad) in pads.iter().enumerate() {
+            for i in 0..rows {
+                let pos = (position + i).saturating_sub(pad);
+                let r = b * rows + i;
+                for head in 0..heads + kv_heads {
+                    let base = r * cols + head * d;
+                    for (j, &f) in inv.iter().enumerate() {
+                        let angle = f64::from(pos as f32 * f);
+                        let (a, bb) = (f64::from(x[base + j]), f64::from(x[base + j + 6]));
+                        want[base + j] = a * angle.cos() - bb * angle.sin();
+                        want[base + j + 6] = bb * angle.cos() + a * angle.sin();
+                    }
+                }
+            }
+        }
+        close(&format!("rope at position {position}"), &got, &want, &vec![1.0; want.len()]);
+        // The V columns and the unrotated tail dims are untouched.
+        for r in 0..batch * rows {
+            assert_eq!(got[r * cols + qw + kw..(r + 1) * cols], x[r * cols + qw + kw..(r + 1) * cols]);
+            assert_eq!(got[r * cols + 12..r * cols + 16], x[r * cols + 12..r * cols + 16]);
+        }
+    }
+}
+
+/// Grouped-query attention with a padding mask and a per-head bias, directly and through the
+/// executor (prefill writes a cache of kv_heads * head_dim columns from column views, then a
+/// decode step reads it).
+#[test]
+fn grouped_query_attention_with_mask_and_bias_matches_definition() {
+    let mut rng = Rng::new("gqa");
+    for &(batch, heads, kv_heads, d, q_len, kv_len, causal) in
+        &[(2, 8, 2, 64, 5, 9, Some(4)), (1, 6, 3, 80, 7, 7, None), (3, 4, 1, 32, 1, 12, Some(11)), (2, 4, 4, 16, 3, 3, Some(0))]
+    {
+        let (width, kv_width) = (heads * d, kv_heads * d);
+        let kv_batch_stride = kv_len + 2;
+        let q = rng.f32s(batch * q_len * width);
+        let k = rng.f32s(batch * kv_batch_stride * kv_width);
+        let v = rng.f32s(batch * kv_batch_stride * kv_width);
+        let mask: Vec<f32> = (0..batch * (kv_len + 1)).map(|i| if i % 4 == 1 { f32::MIN } else { 0.0 }).collect();
+        let bias_stride = kv_len + 3;
+        let bias = rng.f32s(heads * q_len * bias_stride);
+        let shape = AttnShape {
+            batch, heads, head_dim: d, q_len, kv_len, q_stride: width, q_col: 0, kv_stride: kv_width, k_col: 0, v_col: 0,
+            kv_batch_stride, causal_from: causal, scale: 0.3,
+        };
+        let extras = AttnExtras {
+            kv_heads,
+            mask: Some(KeyMask { values: &mask, stride: kv_len + 1 }),
+            bias: Some(HeadBias { values: &bias, stride: bias_stride }),
+        };
+        let mut out = vec![f32::NAN; batch * q_len * width];
+        ops::attention_ex(&q, &k, &v, &shape, &extras, &mut out);
+        let want = attention_ex_ref(&q, &k, &v, &shape, &extras);
+        close(&format!("gqa b{batch} h{heads}/{kv_heads} d{d} q{q_len} kv{kv_len}"), &out, &want, &vec![1.0; want.len()]);
+    }
+
+    // Through the executor: fused qkv [rows, (H + 2 Hkv) d], prefill appends K/V column views.
+    let (batch, heads, kv_heads, d, seq, cap) = (2, 4, 2, 16, 5, 8);
+    let (width, kv_width) = (heads * d, kv_heads * d);
+    let cols = width + 2 * kv_width;
+    let mut g = Graph::new();
+    let qkv = g.buffer("qkv", batch * seq, cols);
+    let (ck, cv) = (g.buffer("cache_k", batch * cap, kv_width), g.buffer("cache_v", batch * cap, kv_width));
+    let mask = g.buffer("mask", batch, cap);
+    let bias = g.buffer("bias", heads * seq, cap);
+    let out = g.buffer("out", batch * seq, width);
+    let step = |g: &mut Graph, rows: usize| {
+        g.push(Op::KvAppend { k: View { buf: qkv, col: width }, v: View { buf: qkv, col: width + kv_width }, cache_k: ck, cache_v: cv, batch, rows_per_batch: rows, capacity: cap });
+        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.25 };
+        g.push(Op::AttentionEx(a, AttnExtra { kv_heads, key_mask: Some(mask), head_bias: Some(bias) }));
+        g.take_phase("step")
+    };
+    let (prefill, decode) = (step(&mut g, seq), step(&mut g, 1));
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    // Left padding: sequence 1 has two pad keys.
+    let mut m = vec![0f32; batch * cap];
+    m[cap] = f32::MIN;
+    m[cap + 1] = f32::MIN;
+    ex.write(mask, &m).unwrap();
+    let bias_vals = rng.f32s(heads * seq * cap);
+    ex.write(bias, &bias_vals).unwrap();
+    let x = rng.f32s(batch * seq * cols);
+    ex.write(qkv, &x).unwrap();
+    ex.run(&prefill).unwrap();
+    let got = ex.read(out, batch * seq).unwrap();
+    let shape = AttnShape {
+        batch, heads, head_dim: d, q_len: seq, kv_len: seq, q_stride: cols, q_col: 0, kv_stride: cols, k_col: width, v_col: width + kv_width,
+        kv_batch_stride: seq, causal_from: Some(0), scale: 0.25,
+    };
+    let extras = AttnExtras { kv_heads, mask: Some(KeyMask { values: &m, stride: cap }), bias: Some(HeadBias { values: &bias_vals, stride: cap }) };
+    close("gqa executor prefill", &got, &attention_ex_ref(&x, &x, &x, &shape, &extras), &vec![1.0; got.len()]);
+
+    // Decode: one new row per sequence at position seq; its bias row is row h * 1 + 0.
+    ex.set_position(seq);
+    let x1 = rng.f32s(batch * cols);
+    ex.write(qkv, &x1).unwrap();
+    ex.run(&decode).unwrap();
+    let got = ex.read(out, batch).unwrap();
+    let kc = ex.read(ck, batch * cap).unwrap();
+    let vc = ex.read(cv, batch * cap).unwrap();
+    for b in 0..batch {
+        assert_eq!(kc[(b * cap + seq) * kv_width..][..kv_width], x1[b * cols + width..][..kv_width], "decode K row of sequence {b}");
+    }
+    let shape = AttnShape {
+        batch, heads, head_dim: d, q_len: 1, kv_len: seq + 1, q_stride: cols, q_col: 0, kv_stride: kv_width, k_col: 0, v_col: 0,
+        kv_batch_stride: cap, causal_from: Some(seq), scale: 0.25,
+    };
+    let extras = AttnExtras { kv_heads, mask: Some(KeyMask { values: &m, stride: cap }), bias: Some(HeadBias { values: &bias_vals, stride: cap }) };
+    let mut kv = kc.clone();
+    kv.extend_from_slice(&vc);
+    let want = attention_ex_ref(&x1, &kc, &vc, &shape, &extras);
+    close("gqa executor decode", &got, &want, &vec![1.0; got.len()]);
+}
+
+/// SelectRows: drop CLS, pool per-sequence rows; bad indices and shapes are errors.
+#[test]
+fn select_rows_and_run_time_validation() {
+    let (batch, seq, dim) = (3, 5, 4);
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let tail = g.buffer("tail", batch * (seq - 1), dim);
+    let pooled = g.buffer("pooled", batch, dim);
+    g.push(Op::SelectRows { x, out: tail, batch, rows_per_batch: seq, select: RowSelect::Skip(1) });
+    g.push(Op::SelectRows { x, out: pooled, batch, rows_per_batch: seq, select: RowSelect::Indexed });
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    let data: Vec<f32> = (0..batch * seq * dim).map(|i| i as f32).collect();
+    ex.write(x, &data).unwrap();
+    let err = ex.run(&p).unwrap_err().to_string();
+    assert!(err.contains("set_row_indices"), "{err}");
+    ex.set_row_indices(&[4, 0, 5]);
+    let err = ex.run(&p).unwrap_err().to_string();
+    assert!(err.contains("row index 5"), "{err}");
+    ex.set_row_indices(&[4, 0, 2]);
+    ex.run(&p).unwrap();
+    let t = ex.read(tail, batch * (seq - 1)).unwrap();
+    for b in 0..batch {
+        for i in 1..seq {
+            assert_eq!(t[(b * (seq - 1) + i - 1) * dim..][..dim], data[(b * seq + i) * dim..][..dim]);
+        }
+    }
+    let pl = ex.read(pooled, batch).unwrap();
+    for (b, idx) in [4, 0, 2].into_iter().enumerate() {
+        assert_eq!(pl[b * dim..][..dim], data[(b * seq + idx) * dim..][..dim]);
+    }
+
+    // kv_heads that do not divide heads, and a mask narrower than the keys, are errors.
+    let mut g = Graph::new();
+    let q = g.buffer("q", 4, 6 * 8);
+    let mask = g.buffer("mask", 1, 3);
+    let out = g.buffer("o", 4, 6 * 8);
+    let a = Attention { q: q.into(), k: q.into(), v: q.into(), out, batch: 1, heads: 6, head_dim: 8, q_len: 4, kv_len: KvLen::Fixed(4), kv_batch_stride: 4, causal: false, scale: 1.0 };
+    g.push(Op::AttentionEx(a, AttnExtra { kv_heads: 4, key_mask: None, head_bias: None }));
+    let bad_heads = phase(&mut g);
+    g.push(Op::AttentionEx(a, AttnExtra { kv_heads: 6, key_mask: Some(mask), head_bias: None }));
+    let bad_mask = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    let err = ex.run(&bad_heads).unwrap_err().to_string();
+    assert!(err.contains("6 query heads cannot share 4 kv heads"), "{err}");
+    let err = ex.run(&bad_mask).unwrap_err().to_string();
+    assert!(err.contains("key mask `mask` is [1, 3]"), "{err}");
+}
+
+/// LayerNorm without bias and RMSNorm as graph ops (fused residual), on the executor.
+#[test]
+fn norm_ops_run_on_the_executor() {
+    let mut rng = Rng::new("norm_ops");
+    let (rows, dim) = (3, 40);
+    let w = rng.f16s(dim);
+    let weights = weight_table(vec![("w", vec![dim], w.clone())]);
+    let mut g = Graph::new();
+    let (x, r, ln, rms) = (g.buffer("x", rows, dim), g.buffer("r", rows, dim), g.buffer("ln", rows, dim), g.buffer("rms", rows, dim));
+    let wid = glimpse::graph::W(0);
+    g.push(Op::LayerNorm { x, residual: Some(r), weight: wid, bias: None, eps: 1e-5, out: ln, rows });
+    g.push(Op::RmsNorm { x, residual: Some(r), weight: wid, eps: 1e-6, out: rms, rows });
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weights, &g.buffers);
+    let (xv, rv) = (rng.f32s(rows * dim), rng.f32s(rows * dim));
+    ex.write(x, &xv).unwrap();
+    ex.write(r, &rv).unwrap();
+    ex.run(&p).unwrap();
+    let (mut want_ln, mut want_rms) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim]);
+    ops::layer_norm(&xv, Some(&rv), &w, None, 1e-5, rows, dim, &mut want_ln);
+    ops::rms_norm(&xv, Some(&rv), &w, 1e-6, rows, dim, &mut want_rms);
+    assert_eq!(ex.read(ln, rows).unwrap(), want_ln);
+    assert_eq!(ex.read(rms, rows).unwrap(), want_rms);
 }

@@ -184,7 +184,7 @@ fn run_linear(dev: &CudaDevice, rng: &mut Rng, kind: Kind, m: usize, n: usize, k
 fn gemm_matches_reference() {
     let Some(dev) = device("gemm_matches_reference") else { return };
     let mut rng = Rng::new("gemm");
-    let acts = [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu];
+    let acts = [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu, Activation::GeluTanh];
     for tile in [GemmTile::Large, GemmTile::Small] {
         // awkward: rows < warp / tile, N, K not multiples of the tile, K % 8 != 0 (scalar path)
         for &(m, n, k) in &[(1, 8, 8), (3, 17, 24), (7, 130, 72), (33, 65, 100), (257, 200, 588), (5, 3, 13), (129, 257, 1408)] {
@@ -408,6 +408,7 @@ fn attention_matches_reference() {
             causal,
             kv_valid: masks.then_some(&dvalid),
             additive: masks.then_some((&dmask, skv)),
+            ..AttnMask::default()
         };
         dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
         let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
@@ -451,7 +452,7 @@ fn attention_matches_reference() {
     let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
     let (dvalid, dmask) = (dev.upload(&valid).unwrap(), dev.upload(&madd).unwrap());
     let o = poisoned(&dev, b * sq * h * d);
-    let mask = AttnMask { causal: Some(3), kv_valid: Some(&dvalid), additive: Some((&dmask, skv)) };
+    let mask = AttnMask { causal: Some(3), kv_valid: Some(&dvalid), additive: Some((&dmask, skv)), ..AttnMask::default() };
     let scale = 1.0 / (d as f64).sqrt();
     dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
     let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
@@ -478,7 +479,7 @@ fn attention_matches_reference() {
     let (dq, dk, dv, dmask) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&madd).unwrap());
     let o = poisoned(&dev, b * sq * h * d);
     let scale = 1.0 / (d as f64).sqrt();
-    let mask = AttnMask { causal: Some(24), kv_valid: None, additive: Some((&dmask, skv)) };
+    let mask = AttnMask { causal: Some(24), kv_valid: None, additive: Some((&dmask, skv)), ..AttnMask::default() };
     dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
     let vis = |bb: usize, i: usize, j: usize| -> Option<f64> { (j <= i + 24).then(|| clamped(madd[bb * skv + j])) };
     let got = dev.download(&o).unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::api::Device;
 use crate::error::{Error, Result};
-use crate::graph::{Buf, Graph, Phase, WeightTable};
+use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, Graph, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 pub use crate::graph::Activation;
 
@@ -19,6 +19,13 @@ pub trait Executor: Send {
     /// Tokens already in the KV cache; the next run's first row sits at this position.
     fn set_position(&mut self, position: usize);
     fn position(&self) -> usize;
+    /// Left padding of each sequence (HF `generate` pads prompts on the left): RoPE gives row i
+    /// of sequence b the position `max(position - pads[b] + i, 0)`, HF's `cumsum(mask) - 1`.
+    /// Empty (the default state) means no padding.
+    fn set_left_padding(&mut self, pads: &[usize]);
+    /// The row each sequence contributes to a `SelectRows { select: Indexed }` op (e.g. the EOS
+    /// position for CLIP text pooling).
+    fn set_row_indices(&mut self, rows: &[usize]);
     /// Writes the first `data.len() / cols` rows of `buf`.
     fn write(&mut self, buf: Buf, data: &[f32]) -> Result<()>;
     /// Reads the first `rows` rows of `buf` as f32.
@@ -119,4 +126,168 @@ pub fn new_executor(device: Device, weights: Arc<WeightTable>, graph: &Graph) ->
 /// Why CUDA cannot be used here, or None when it can (without uploading anything).
 pub fn cuda_unavailable_reason() -> Option<Error> {
     cuda::probe().err().map(Error::from)
+}
+
+/// The run state ops are checked against before a run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunState<'a> {
+    pub tokens: &'a [u32],
+    pub position: usize,
+    pub pads: &'a [usize],
+    pub row_indices: &'a [usize],
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidInput(msg)
+}
+
+/// The run-time checks both executors make before running an op (the CUDA executor for the
+/// whole phase before it launches or replays anything, since a recorded graph cannot check):
+/// token ids inside the vocabulary, positions inside the table, KV capacity, mask and bias
+/// shapes, row indices, view bounds of the new ops.
+pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[BufferDesc]) -> Result<()> {
+    let cols = |b: Buf| descs[b.0].cols;
+    let rows_of = |b: Buf| descs[b.0].rows;
+    let view_fits = |what: &str, v: View, rows: usize, width: usize| -> Result<()> {
+        let d = &descs[v.buf.0];
+        if v.col + width > d.cols || rows > d.rows {
+            return Err(invalid(format!(
+                "{what}: columns {}..{} of {rows} rows do not fit buffer `{}` [{}, {}]",
+                v.col,
+                v.col + width,
+                d.name,
+                d.rows,
+                d.cols
+            )));
+        }
+        Ok(())
+    };
+    match op {
+        Op::Embed { table, .. } => {
+            let vocab = weights.get(*table).shape[0];
+            if let Some(t) = st.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(invalid(format!("token id {t} is outside the vocabulary ({vocab})")));
+            }
+        }
+        Op::AddPositions { table, offset, rows_per_batch, .. } => {
+            let max_pos = weights.get(*table).shape[0];
+            if st.position + rows_per_batch + offset > max_pos {
+                return Err(invalid(format!(
+                    "sequence of {} tokens exceeds the model's {} positions",
+                    st.position + rows_per_batch,
+                    max_pos.saturating_sub(*offset)
+                )));
+            }
+        }
+        Op::KvAppend { rows_per_batch, capacity, .. } if st.position + rows_per_batch > *capacity => {
+            return Err(invalid(format!(
+                "KV cache full: {} + {rows_per_batch} tokens exceed its {capacity} positions",
+                st.position
+            )));
+        }
+        Op::GatedAct { gate, up, out, rows, .. } => {
+            let width = cols(*out);
+            view_fits("gated_act gate", *gate, *rows, width)?;
+            view_fits("gated_act up", *up, *rows, width)?;
+        }
+        Op::Rope { x, batch, rows_per_batch, heads, head_dim, inv_freq } => {
+            if inv_freq.is_empty() || 2 * inv_freq.len() > *head_dim {
+                return Err(invalid(format!(
+                    "rope: {} frequencies rotate {} dims, outside 2..={head_dim} (the head dim)",
+                    inv_freq.len(),
+                    2 * inv_freq.len()
+                )));
+            }
+            view_fits("rope", *x, batch * rows_per_batch, heads * head_dim)?;
+            if !st.pads.is_empty() && st.pads.len() < *batch {
+                return Err(invalid(format!(
+                    "left padding given for {} sequences, the graph runs {batch}: call set_left_padding with one value per sequence",
+                    st.pads.len()
+                )));
+            }
+        }
+        Op::Attention(a) => validate_attention(a, None, st, descs)?,
+        Op::AttentionEx(a, ex) => validate_attention(a, Some(ex), st, descs)?,
+        Op::SelectRows { x, out, batch, rows_per_batch, select } => {
+            let out_rows = match *select {
+                RowSelect::Skip(skip) => {
+                    if skip >= *rows_per_batch {
+                        return Err(invalid(format!("select_rows: skipping {skip} of {rows_per_batch} rows leaves none")));
+                    }
+                    batch * (rows_per_batch - skip)
+                }
+                RowSelect::Indexed => {
+                    if st.row_indices.len() < *batch {
+                        return Err(invalid(format!(
+                            "select_rows: {} row indices set for {batch} sequences: call set_row_indices with one per sequence",
+                            st.row_indices.len()
+                        )));
+                    }
+                    if let Some(i) = st.row_indices[..*batch].iter().find(|&&i| i >= *rows_per_batch) {
+                        return Err(invalid(format!(
+                            "select_rows: row index {i} is outside the sequence's {rows_per_batch} rows"
+                        )));
+                    }
+                    *batch
+                }
+            };
+            if cols(*x) != cols(*out) || rows_of(*x) < batch * rows_per_batch || rows_of(*out) < out_rows {
+                return Err(invalid(format!(
+                    "select_rows: `{}` [{}, {}] -> `{}` [{}, {}] cannot hold {batch} x {rows_per_batch} -> {out_rows} rows",
+                    descs[x.0].name,
+                    rows_of(*x),
+                    cols(*x),
+                    descs[out.0].name,
+                    rows_of(*out),
+                    cols(*out)
+                )));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn validate_attention(a: &Attention, ex: Option<&AttnExtra>, st: &RunState<'_>, descs: &[BufferDesc]) -> Result<()> {
+    let kv_len = match a.kv_len {
+        KvLen::Fixed(n) => n,
+        KvLen::Cache => st.position + a.q_len,
+    };
+    if kv_len > a.kv_batch_stride && matches!(a.kv_len, KvLen::Cache) {
+        return Err(invalid(format!(
+            "KV cache full: attention over {kv_len} keys exceeds its {} positions",
+            a.kv_batch_stride
+        )));
+    }
+    let Some(ex) = ex else { return Ok(()) };
+    if ex.kv_heads == 0 || a.heads % ex.kv_heads != 0 {
+        return Err(invalid(format!(
+            "attention: {} query heads cannot share {} kv heads (needs heads % kv_heads == 0)",
+            a.heads, ex.kv_heads
+        )));
+    }
+    // Over a KV cache, masks span the whole capacity (the decode kernel's launch depends only on it).
+    let keys = if matches!(a.kv_len, KvLen::Cache) { a.kv_batch_stride } else { kv_len };
+    let check = |what: &str, b: Buf, rows: usize| -> Result<()> {
+        let d = &descs[b.0];
+        if d.rows < rows || d.cols < keys {
+            return Err(invalid(format!(
+                "attention {what} `{}` is [{}, {}] but this run needs [{rows}, {keys}] (rows x keys)",
+                d.name, d.rows, d.cols
+            )));
+        }
+        Ok(())
+    };
+    if let Some(m) = ex.key_mask {
+        check("key mask", m, a.batch)?;
+    }
+    if let Some(b) = ex.head_bias {
+        check("head bias", b, a.heads * a.q_len)?;
+    }
+    Ok(())
+}
+
+/// RoPE position of row `i` of sequence `b`: `max(position - pads[b] + i, 0)`.
+pub fn rope_position(position: usize, pads: &[usize], b: usize, i: usize) -> usize {
+    (position + i).saturating_sub(pads.get(b).copied().unwrap_or(0))
 }

@@ -5,9 +5,9 @@ mod simd;
 
 use std::sync::Arc;
 
-use crate::backend::Executor;
+use crate::backend::{rope_position, validate_op, Executor, RunState};
 use crate::error::{Error, Result};
-use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, View, WeightTable};
+use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 pub struct CpuExecutor {
     weights: Arc<WeightTable>,
@@ -18,13 +18,15 @@ pub struct CpuExecutor {
     fp16: Vec<bool>,
     tokens: Vec<u32>,
     position: usize,
+    pads: Vec<usize>,
+    row_indices: Vec<usize>,
 }
 
 impl CpuExecutor {
     /// Allocates every buffer of the graph.
     pub fn new(weights: Arc<WeightTable>, buffers: &[BufferDesc]) -> Self {
         let bufs = buffers.iter().map(|d| vec![0f32; d.rows * d.cols]).collect();
-        Self { weights, descs: buffers.to_vec(), bufs, fp16: Vec::new(), tokens: Vec::new(), position: 0 }
+        Self { weights, descs: buffers.to_vec(), bufs, fp16: Vec::new(), tokens: Vec::new(), position: 0, pads: Vec::new(), row_indices: Vec::new() }
     }
 
     /// Emulates a device that stores activations in fp16 (the CUDA executor): the output of
@@ -95,18 +97,52 @@ impl CpuExecutor {
                 let dim = self.cols(out);
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
                 let res = residual.map(|r| &self.bufs[r.0][..]);
-                ops::layer_norm(&self.bufs[x.0], res, wt(weight), wt(bias), eps, rows, dim, &mut o);
+                ops::layer_norm(&self.bufs[x.0], res, wt(weight), bias.map(wt), eps, rows, dim, &mut o);
                 self.bufs[out.0] = o;
             }
-            Op::Attention(ref a) => self.attention(a),
+            Op::RmsNorm { x, residual, weight, eps, out, rows } => {
+                let dim = self.cols(out);
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                let res = residual.map(|r| &self.bufs[r.0][..]);
+                ops::rms_norm(&self.bufs[x.0], res, wt(weight), eps, rows, dim, &mut o);
+                self.bufs[out.0] = o;
+            }
+            Op::GatedAct { gate, up, act, out, rows } => {
+                let width = self.cols(out);
+                let (g, u) = (self.gather(gate, rows, width), self.gather(up, rows, width));
+                ops::gated_act(&g, &u, act, &mut self.bufs[out.0][..rows * width]);
+            }
+            Op::Rope { x, batch, rows_per_batch, heads, head_dim, ref inv_freq } => {
+                let stride = self.cols(x.buf);
+                let (position, pads) = (self.position, &self.pads);
+                let data = &mut self.bufs[x.buf.0];
+                for b in 0..batch {
+                    for i in 0..rows_per_batch {
+                        let pos = rope_position(position, pads, b, i);
+                        let row = &mut data[(b * rows_per_batch + i) * stride + x.col..][..heads * head_dim];
+                        row.chunks_mut(head_dim).for_each(|h| ops::rope_row(h, pos, inv_freq));
+                    }
+                }
+            }
+            Op::Attention(ref a) => self.attention(a, None),
+            Op::AttentionEx(ref a, ref ex) => self.attention(a, Some(ex)),
+            Op::SelectRows { x, out, batch, rows_per_batch, select } => {
+                let dim = self.cols(x);
+                let picks: Vec<(usize, usize)> = match select {
+                    RowSelect::Skip(skip) => (0..batch)
+                        .flat_map(|b| (skip..rows_per_batch).map(move |i| b * rows_per_batch + i))
+                        .enumerate()
+                        .collect(),
+                    RowSelect::Indexed => (0..batch).map(|b| (b, b * rows_per_batch + self.row_indices[b])).collect(),
+                };
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                for (dst, src) in picks {
+                    o[dst * dim..(dst + 1) * dim].copy_from_slice(&self.bufs[x.0][src * dim..(src + 1) * dim]);
+                }
+                self.bufs[out.0] = o;
+            }
             Op::KvAppend { k, v, cache_k, cache_v, batch, rows_per_batch, capacity } => {
                 let width = self.cols(cache_k);
-                if self.position + rows_per_batch > capacity {
-                    return Err(Error::InvalidInput(format!(
-                        "KV cache full: {} + {rows_per_batch} tokens exceed its {capacity} positions",
-                        self.position
-                    )));
-                }
                 for (src, cache) in [(k, cache_k), (v, cache_v)] {
                     let rows = self.gather(src, batch * rows_per_batch, width);
                     let dst = &mut self.bufs[cache.0];
@@ -120,12 +156,9 @@ impl CpuExecutor {
             Op::Embed { table, out } => {
                 let dim = self.cols(out);
                 let t = wt(table);
-                let vocab = t.len() / dim;
                 let o = &mut self.bufs[out.0];
+                // Ids were checked against the vocabulary by `validate_op`.
                 for (r, &tok) in self.tokens.iter().enumerate() {
-                    if tok as usize >= vocab {
-                        return Err(Error::InvalidInput(format!("token id {tok} is outside the vocabulary ({vocab})")));
-                    }
                     for (d, s) in o[r * dim..(r + 1) * dim].iter_mut().zip(&t[tok as usize * dim..]) {
                         *d = s.to_f32();
                     }
@@ -156,14 +189,6 @@ impl CpuExecutor {
             Op::AddPositions { table, offset, x, batch, rows_per_batch } => {
                 let dim = self.cols(x);
                 let t = wt(table);
-                let max_pos = t.len() / dim;
-                if self.position + rows_per_batch + offset > max_pos {
-                    return Err(Error::InvalidInput(format!(
-                        "sequence of {} tokens exceeds the model's {} positions",
-                        self.position + rows_per_batch,
-                        max_pos - offset
-                    )));
-                }
                 let o = &mut self.bufs[x.0];
                 for b in 0..batch {
                     for i in 0..rows_per_batch {
@@ -196,7 +221,7 @@ impl CpuExecutor {
         Ok(())
     }
 
-    fn attention(&mut self, a: &Attention) {
+    fn attention(&mut self, a: &Attention, ex: Option<&AttnExtra>) {
         let kv_len = match a.kv_len {
             KvLen::Fixed(n) => n,
             KvLen::Cache => self.position + a.q_len,
@@ -219,7 +244,12 @@ impl CpuExecutor {
         // Models give K and V buffers of one width (a fused qkv, or twin projections/caches).
         debug_assert_eq!(self.cols(a.k.buf), self.cols(a.v.buf));
         let mut o = std::mem::take(&mut self.bufs[a.out.0]);
-        ops::attention(&self.bufs[a.q.buf.0], &self.bufs[a.k.buf.0], &self.bufs[a.v.buf.0], &shape, None, &mut o);
+        let extras = ops::AttnExtras {
+            kv_heads: ex.map_or(a.heads, |e| e.kv_heads),
+            mask: ex.and_then(|e| e.key_mask).map(|m| ops::KeyMask { values: &self.bufs[m.0], stride: self.cols(m) }),
+            bias: ex.and_then(|e| e.head_bias).map(|b| ops::HeadBias { values: &self.bufs[b.0], stride: self.cols(b) }),
+        };
+        ops::attention_ex(&self.bufs[a.q.buf.0], &self.bufs[a.k.buf.0], &self.bufs[a.v.buf.0], &shape, &extras, &mut o);
         self.bufs[a.out.0] = o;
     }
 }
@@ -235,6 +265,14 @@ impl Executor for CpuExecutor {
 
     fn position(&self) -> usize {
         self.position
+    }
+
+    fn set_left_padding(&mut self, pads: &[usize]) {
+        self.pads = pads.to_vec();
+    }
+
+    fn set_row_indices(&mut self, rows: &[usize]) {
+        self.row_indices = rows.to_vec();
     }
 
     fn write(&mut self, buf: Buf, data: &[f32]) -> Result<()> {
@@ -261,6 +299,8 @@ impl Executor for CpuExecutor {
 
     fn run(&mut self, phase: &Phase) -> Result<()> {
         for op in &phase.ops {
+            let st = RunState { tokens: &self.tokens, position: self.position, pads: &self.pads, row_indices: &self.row_indices };
+            validate_op(op, &st, &self.weights, &self.descs)?;
             self.run_op(op)?;
             if !self.fp16.is_empty() {
                 op.outputs().into_iter().for_each(|b| self.round_if_fp16(b));

@@ -77,10 +77,10 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
     });
 }
 
-/// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w + b` with `s = x[r] (+ residual[r])`;
+/// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w (+ b)` with `s = x[r] (+ residual[r])`;
 /// statistics in f64 (biased variance, as torch).
 #[allow(clippy::too_many_arguments)]
-pub fn layer_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], b: &[f16], eps: f32, rows: usize, dim: usize, out: &mut [f32]) {
+pub fn layer_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], b: Option<&[f16]>, eps: f32, rows: usize, dim: usize, out: &mut [f32]) {
     out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
         let xr = &x[r * dim..(r + 1) * dim];
         for (i, v) in o.iter_mut().enumerate() {
@@ -90,9 +90,65 @@ pub fn layer_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], b: &[f16], eps
         let var = o.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / dim as f64;
         let rstd = 1.0 / (var + f64::from(eps)).sqrt();
         for (i, v) in o.iter_mut().enumerate() {
-            *v = ((f64::from(*v) - mean) * rstd) as f32 * w[i].to_f32() + b[i].to_f32();
+            *v = ((f64::from(*v) - mean) * rstd) as f32 * w[i].to_f32() + b.map_or(0.0, |b| b[i].to_f32());
         }
     });
+}
+
+/// HF Llama / T5 RMSNorm: `out[r] = f32(s * rsqrt(mean(s²) + eps)) * w` with
+/// `s = x[r] (+ residual[r])`: the normalised value is cast to the activation dtype (f32 here,
+/// fp16 on the GPU) before the weight multiplies it. Statistics in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], eps: f32, rows: usize, dim: usize, out: &mut [f32]) {
+    out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
+        let xr = &x[r * dim..(r + 1) * dim];
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = xr[i] + residual.map_or(0.0, |res| res[r * dim + i]);
+        }
+        let ms = o.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / dim as f64;
+        let rstd = 1.0 / (ms + f64::from(eps)).sqrt();
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = (f64::from(*v) * rstd) as f32 * w[i].to_f32();
+        }
+    });
+}
+
+/// `out[i] = act(gate[i]) * up[i]`.
+pub fn gated_act(gate: &[f32], up: &[f32], act: Activation, out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = act.apply(g) * u;
+    }
+}
+
+/// RoPE (HF `rotate_half`) in place on one head row `x` (`head_dim` values) at `position`:
+/// for j < rot/2, `(x_j, x_{j+rot/2}) <- (x_j c - x_{j+rot/2} s, x_{j+rot/2} c + x_j s)` with
+/// `c, s = cos, sin(f32(position) * inv_freq[j])` in f32, rot = 2 * inv_freq.len().
+pub fn rope_row(x: &mut [f32], position: usize, inv_freq: &[f32]) {
+    let half = inv_freq.len();
+    for (j, &f) in inv_freq.iter().enumerate() {
+        let angle = position as f32 * f;
+        let (s, c) = (angle.sin(), angle.cos());
+        let (a, b) = (x[j], x[j + half]);
+        x[j] = a * c - b * s;
+        x[j + half] = b * c + a * s;
+    }
+}
+
+/// An additive per-head bias: head `h`, query row `i` adds `values[(h * q_len + i) * stride + j]`
+/// to the score of key `j` (shared by every batch item; T5 relative positions).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadBias<'a> {
+    pub values: &'a [f32],
+    pub stride: usize,
+}
+
+/// What [`attention_ex`] adds to plain attention: grouped K/V heads and additive masks.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnExtras<'a> {
+    /// Query head h reads K/V head `h / (heads / kv_heads)`.
+    pub kv_heads: usize,
+    pub mask: Option<KeyMask<'a>>,
+    pub bias: Option<HeadBias<'a>>,
 }
 
 /// Shapes and strides of one attention call on row-major buffers (see `graph::Attention`).
@@ -130,8 +186,19 @@ pub struct KeyMask<'a> {
 /// reading Q, K, V in place through their strides; keys hidden by causality are -inf, softmax in
 /// f32 with the row max subtracted, like torch's eager path.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<KeyMask<'_>>, out: &mut [f32]) {
+    attention_ex(q, k, v, s, &AttnExtras { kv_heads: s.heads, mask, bias: None }, out);
+}
+
+/// [`attention`] with grouped K/V heads (K/V rows hold `kv_heads * head_dim` columns from
+/// `k_col` / `v_col`) and an optional per-head bias added (unclamped, like T5's position bias)
+/// before the clamped key mask.
+pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExtras<'_>, out: &mut [f32]) {
+    let mask = ex.mask;
     let d = s.head_dim;
     let width = s.heads * d;
+    assert!(ex.kv_heads > 0 && s.heads % ex.kv_heads == 0, "attention: heads % kv_heads != 0");
+    let group = s.heads / ex.kv_heads;
+    let kv_width = ex.kv_heads * d;
     let (lq, lkv) = (s.q_len, s.kv_len);
     // Bounds of every element the GEMMs read, checked once here for the unsafe calls below.
     let last = |batch_rows: usize, rows: usize, stride: usize, col: usize| {
@@ -139,8 +206,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<Ke
     };
     assert!(s.batch > 0 && lq > 0 && lkv > 0, "attention: empty shape");
     assert!(q.len() >= last(lq, lq, s.q_stride, s.q_col), "attention: q too short");
-    assert!(k.len() >= last(s.kv_batch_stride, lkv, s.kv_stride, s.k_col), "attention: k too short");
-    assert!(v.len() >= last(s.kv_batch_stride, lkv, s.kv_stride, s.v_col), "attention: v too short");
+    let last_kv = |col: usize| ((s.batch - 1) * s.kv_batch_stride + lkv - 1) * s.kv_stride + col + kv_width;
+    assert!(k.len() >= last_kv(s.k_col), "attention: k too short");
+    assert!(v.len() >= last_kv(s.v_col), "attention: v too short");
+    if let Some(hb) = ex.bias {
+        assert!(hb.stride >= lkv && hb.values.len() >= (s.heads * lq - 1) * hb.stride + lkv, "attention: bias too short");
+    }
     if let Some(m) = mask {
         assert!(m.stride >= lkv && m.values.len() >= (s.batch - 1) * m.stride + lkv, "attention: mask too short");
     }
@@ -149,8 +220,9 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<Ke
         .map(|bh| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let q0 = (b * lq) * s.q_stride + s.q_col + h * d;
-            let k0 = (b * s.kv_batch_stride) * s.kv_stride + s.k_col + h * d;
-            let v0 = (b * s.kv_batch_stride) * s.kv_stride + s.v_col + h * d;
+            let kvh = h / group;
+            let k0 = (b * s.kv_batch_stride) * s.kv_stride + s.k_col + kvh * d;
+            let v0 = (b * s.kv_batch_stride) * s.kv_stride + s.v_col + kvh * d;
             let mut scores = vec![0f32; lq * lkv];
             // SAFETY: dst `scores` is lq x lkv (row stride lkv). lhs: Q rows i < lq at
             // q0 + i*q_stride, columns c < d; rhs: Kᵀ, element (c, j) at k0 + j*kv_stride + c,
@@ -168,6 +240,10 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<Ke
             let key_mask = mask.map(|m| &m.values[b * m.stride..][..lkv]);
             for (i, row) in scores.chunks_mut(lkv).enumerate() {
                 let visible = s.causal_from.map_or(lkv, |p| (p + i + 1).min(lkv));
+                if let Some(hb) = ex.bias {
+                    let brow = &hb.values[(h * lq + i) * hb.stride..][..lkv];
+                    row.iter_mut().zip(brow).for_each(|(sc, &bv)| *sc += bv);
+                }
                 if let Some(km) = key_mask {
                     row.iter_mut().zip(km).for_each(|(sc, &m)| *sc += m.max(ATTN_MASK_FLOOR));
                 }

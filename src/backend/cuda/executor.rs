@@ -28,10 +28,10 @@ use cudarc::driver::sys;
 use cudarc::driver::CudaGraph;
 use half::f16;
 
-use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, HeadsView, Residual, SumOut};
-use crate::backend::Executor;
+use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, HeadsView, Residual, RowsView, SumOut};
+use crate::backend::{validate_op, Executor, RunState};
 use crate::error::{Error, Result};
-use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, View, WeightTable};
+use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 /// Recordings that failed and fell back to direct launches, process-wide (for tests and logs).
 static CAPTURE_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
@@ -170,6 +170,10 @@ struct Scratch {
     im2col: Option<DevSlice<f16>>,
     patches: Option<DevSlice<f16>>,
     decode_ws: Option<DevSlice<f32>>,
+    /// A column-view Linear input copied to contiguous rows.
+    linear_in: Option<DevSlice<f16>>,
+    /// An fp16 key-mask buffer widened to the fp32 mask the attention kernels read.
+    mask_f32: Option<DevSlice<f32>>,
 }
 
 fn ensure<T: super::DeviceScalar>(dev: &CudaDevice, slot: &mut Option<DevSlice<T>>, len: usize) -> Result<DevSlice<T>> {
@@ -192,11 +196,18 @@ pub struct CudaExecutor {
     /// Per sequence: start position of the run, and KV length after it (position + 1 for decode).
     pos: DevSlice<i32>,
     kv_len: DevSlice<i32>,
+    /// Per sequence: RoPE position of the run's first row, `position - left_pad[b]` (signed).
+    rope_start: DevSlice<i32>,
+    /// RoPE frequency tables uploaded once, keyed by the address of the op's `Arc<[f32]>` (the
+    /// Arc is kept so the address cannot be reused by another table).
+    freqs: HashMap<usize, (Arc<[f32]>, DevSlice<f32>)>,
     argmax_idx: DevSlice<i32>,
     argmax_logprob: DevSlice<f32>,
     scratch: Scratch,
     tokens: Vec<u32>,
     position: usize,
+    pads: Vec<usize>,
+    row_indices: Vec<usize>,
     /// Device copies of `tokens` / `position` are stale.
     dirty: bool,
     /// Per replayable phase: how often it ran, and its recorded graph.
@@ -234,6 +245,8 @@ impl CudaExecutor {
             ids: dev.alloc::<i32>(max_rows)?,
             pos: dev.alloc::<i32>(max_rows)?,
             kv_len: dev.alloc::<i32>(max_rows)?,
+            rope_start: dev.alloc::<i32>(max_rows)?,
+            freqs: HashMap::new(),
             argmax_idx: dev.alloc::<i32>(max_rows)?,
             argmax_logprob: dev.alloc::<f32>(max_rows)?,
             dev,
@@ -244,6 +257,8 @@ impl CudaExecutor {
             scratch: Scratch::default(),
             tokens: Vec::new(),
             position: 0,
+            pads: Vec::new(),
+            row_indices: Vec::new(),
             dirty: true,
             runs: HashMap::new(),
             graphs: HashMap::new(),
@@ -285,37 +300,27 @@ impl CudaExecutor {
         dev.copy_to_device(&pos, &self.pos.slice(0, n).expect("n <= len"))?;
         let kv = vec![self.position as i32 + 1; n];
         dev.copy_to_device(&kv, &self.kv_len.slice(0, n).expect("n <= len"))?;
+        let start: Vec<i32> = (0..n).map(|b| self.position as i32 - self.pads.get(b).copied().unwrap_or(0) as i32).collect();
+        dev.copy_to_device(&start, &self.rope_start.slice(0, n).expect("n <= len"))?;
         self.dirty = false;
         Ok(())
     }
 
-    /// Host-side checks that depend on the run's tokens and position (the CPU executor makes
-    /// the same ones), done before every run since recorded graphs cannot check anything.
-    fn validate(&self, op: &Op) -> Result<()> {
-        match *op {
-            Op::Embed { table, .. } => {
-                let vocab = self.host.get(table).shape[0];
-                if let Some(t) = self.tokens.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(Error::InvalidInput(format!("token id {t} is outside the vocabulary ({vocab})")));
+    /// Host-side checks that depend on the run's state (`backend::validate_op`, shared with the
+    /// CPU executor), done for the whole phase before anything is launched or replayed since
+    /// recorded graphs cannot check anything; then uploads RoPE tables not yet on the device
+    /// (never during a recording: a phase runs directly before it is recorded).
+    fn prepare(&mut self, phase: &Phase) -> Result<()> {
+        let st = RunState { tokens: &self.tokens, position: self.position, pads: &self.pads, row_indices: &self.row_indices };
+        phase.ops.iter().try_for_each(|op| validate_op(op, &st, &self.host, &self.descs))?;
+        for op in &phase.ops {
+            if let Op::Rope { ref inv_freq, .. } = *op {
+                let key = inv_freq.as_ptr() as usize;
+                if !self.freqs.contains_key(&key) {
+                    let dev_table = self.dev.upload(inv_freq)?;
+                    self.freqs.insert(key, (inv_freq.clone(), dev_table));
                 }
             }
-            Op::AddPositions { table, offset, rows_per_batch, .. } => {
-                let max_pos = self.host.get(table).shape[0];
-                if self.position + rows_per_batch + offset > max_pos {
-                    return Err(Error::InvalidInput(format!(
-                        "sequence of {} tokens exceeds the model's {} positions",
-                        self.position + rows_per_batch,
-                        max_pos - offset
-                    )));
-                }
-            }
-            Op::KvAppend { rows_per_batch, capacity, .. } if self.position + rows_per_batch > capacity => {
-                return Err(Error::InvalidInput(format!(
-                    "KV cache full: {} + {rows_per_batch} tokens exceed its {capacity} positions",
-                    self.position
-                )));
-            }
-            _ => {}
         }
         Ok(())
     }
@@ -325,8 +330,8 @@ impl CudaExecutor {
             .ops
             .iter()
             .find_map(|op| match *op {
-                Op::KvAppend { batch, .. } | Op::AddPositions { batch, .. } => Some(batch),
-                Op::Attention(ref a) => Some(a.batch),
+                Op::KvAppend { batch, .. } | Op::AddPositions { batch, .. } | Op::Rope { batch, .. } => Some(batch),
+                Op::Attention(ref a) | Op::AttentionEx(ref a, _) => Some(a.batch),
                 _ => None,
             })
             .unwrap_or(1)
@@ -352,22 +357,51 @@ impl CudaExecutor {
             Op::Linear { x, weight, bias, act, residual, out, rows } => {
                 let shape = &self.host.get(weight).shape;
                 let (n, k) = (shape[0], shape[1]);
-                if x.col != 0 || self.cols(x.buf) != k {
-                    return Err(self.unsupported(format!("linear input must be a whole [{rows}, {k}] buffer")));
-                }
+                // A column view (e.g. a slice of a fused buffer) is first copied to contiguous rows.
+                let input = if x.col != 0 || self.cols(x.buf) != k {
+                    let tmp = ensure(&dev, &mut self.scratch.linear_in, rows * k)?;
+                    dev.copy_rows(&self.bufs[x.buf.0], x.col, self.cols(x.buf), &tmp, 0, k, rows, k)?;
+                    tmp
+                } else {
+                    self.bufs[x.buf.0].clone()
+                };
                 let res = match residual {
                     None => Residual::None,
                     Some(r) if r == out => Residual::InPlace,
                     Some(r) => Residual::Add(&self.bufs[r.0]),
                 };
-                dev.linear(&self.bufs[x.buf.0], self.w(weight), bias.map(|b| self.w(b)), act, res, &self.bufs[out.0], rows, n, k)?;
+                dev.linear(&input, self.w(weight), bias.map(|b| self.w(b)), act, res, &self.bufs[out.0], rows, n, k)?;
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
                 let dim = self.cols(out);
                 let res = residual.map(|r| &self.bufs[r.0]);
-                dev.layernorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), Some(self.w(bias)), &self.bufs[out.0], rows, dim, eps)?;
+                dev.layernorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), bias.map(|b| self.w(b)), &self.bufs[out.0], rows, dim, eps)?;
             }
-            Op::Attention(ref a) => self.attention(a)?,
+            Op::RmsNorm { x, residual, weight, eps, out, rows } => {
+                let dim = self.cols(out);
+                let res = residual.map(|r| &self.bufs[r.0]);
+                dev.rmsnorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), &self.bufs[out.0], rows, dim, eps)?;
+            }
+            Op::GatedAct { gate, up, act, out, rows } => {
+                let (g, u) = (self.rows_view(gate), self.rows_view(up));
+                dev.gated_act(g, u, act, &self.bufs[out.0], rows, self.cols(out))?;
+            }
+            Op::Rope { x, batch, rows_per_batch, heads, head_dim, ref inv_freq } => {
+                let table = &self.freqs.get(&(inv_freq.as_ptr() as usize)).expect("uploaded by prepare").1;
+                dev.rope(self.rows_view(x), table, &self.rope_start, batch, rows_per_batch, heads, head_dim)?;
+            }
+            Op::Attention(ref a) => self.attention(a, None)?,
+            Op::AttentionEx(ref a, ref ex) => self.attention(a, Some(ex))?,
+            Op::SelectRows { x, out, batch, rows_per_batch, select } => {
+                let dim = self.cols(x);
+                for b in 0..batch {
+                    let (first, n, to) = match select {
+                        RowSelect::Skip(skip) => (skip, rows_per_batch - skip, b * (rows_per_batch - skip)),
+                        RowSelect::Indexed => (self.row_indices[b], 1, b),
+                    };
+                    dev.copy_rows(&self.bufs[x.0], (b * rows_per_batch + first) * dim, dim, &self.bufs[out.0], to * dim, dim, n, dim)?;
+                }
+            }
             Op::KvAppend { k, v, cache_k, cache_v, batch, rows_per_batch, capacity } => {
                 let width = self.cols(cache_k);
                 if rows_per_batch == 1 {
@@ -375,18 +409,14 @@ impl CudaExecutor {
                     let (kn, vn) = (kn.expect("col inside buffer"), vn.expect("col inside buffer"));
                     dev.kv_append(&kn, &vn, self.cols(k.buf), &self.bufs[cache_k.0], &self.bufs[cache_v.0], &self.pos, batch, capacity, width)?;
                 } else {
-                    // Prefill: contiguous row blocks per sequence, copied at the host-known position.
+                    // Prefill: each sequence's rows (whole buffers or column views) copied at the
+                    // host-known position.
                     for (src, cache) in [(k, cache_k), (v, cache_v)] {
-                        if src.col != 0 || self.cols(src.buf) != width {
-                            return Err(self.unsupported("prefill KV append needs whole K/V buffers".into()));
-                        }
+                        let stride = self.cols(src.buf);
                         for b in 0..batch {
-                            let from = self.bufs[src.buf.0].slice(b * rows_per_batch * width, rows_per_batch * width);
-                            let to = self.bufs[cache.0].slice((b * capacity + self.position) * width, rows_per_batch * width);
-                            match (from, to) {
-                                (Some(from), Some(to)) => dev.copy_device(&from, &to)?,
-                                _ => return Err(self.unsupported("KV append outside its buffers".into())),
-                            }
+                            let from = b * rows_per_batch * stride + src.col;
+                            let to = (b * capacity + self.position) * width;
+                            dev.copy_rows(&self.bufs[src.buf.0], from, stride, &self.bufs[cache.0], to, width, rows_per_batch, width)?;
                         }
                     }
                 }
@@ -436,24 +466,50 @@ impl CudaExecutor {
         Ok(())
     }
 
-    fn attention(&mut self, a: &Attention) -> Result<()> {
+    fn rows_view(&self, v: View) -> RowsView<'_> {
+        RowsView { buf: &self.bufs[v.buf.0], offset: v.col, row_stride: self.cols(v.buf) }
+    }
+
+    fn attention(&mut self, a: &Attention, ex: Option<&AttnExtra>) -> Result<()> {
         let dev = self.dev.clone();
+        // The kernels read an fp32 key mask: widen the (fp16) mask buffer into scratch first.
+        let mask32 = match ex.and_then(|e| e.key_mask) {
+            Some(m) => {
+                let n = self.bufs[m.0].len();
+                let m32 = ensure(&dev, &mut self.scratch.mask_f32, n)?;
+                dev.cast_f16_f32(&self.bufs[m.0], &m32, n)?;
+                Some((m32, self.cols(m)))
+            }
+            None => None,
+        };
+        let decode = matches!(a.kv_len, KvLen::Cache) && a.q_len == 1;
+        let ws = if decode {
+            let ws_len = decode_workspace_len(a.batch, a.heads, a.head_dim, a.kv_batch_stride);
+            Some(ensure(&dev, &mut self.scratch.decode_ws, ws_len)?)
+        } else {
+            None
+        };
+        let extra = AttnMask {
+            additive: mask32.as_ref().map(|(m, stride)| (m, *stride)),
+            bias: ex.and_then(|e| e.head_bias).map(|b| (&self.bufs[b.0], self.cols(b))),
+            kv_heads: ex.map(|e| e.kv_heads),
+            ..AttnMask::default()
+        };
         let (q, k, v) = (self.heads(a.q, a.q_len), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride));
         let o = self.heads(View::from(a.out), a.q_len);
         match a.kv_len {
             // One new token against the cache: split-KV decode, KV length read on the device.
             KvLen::Cache if a.q_len == 1 => {
-                let ws_len = decode_workspace_len(a.batch, a.heads, a.head_dim, a.kv_batch_stride);
-                let ws = ensure(&dev, &mut self.scratch.decode_ws, ws_len)?;
+                let ws = ws.expect("allocated for decode above");
                 let (q, k, v, o) = (self.heads(a.q, 1), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride), self.heads(View::from(a.out), 1));
-                dev.decode_attention(q, k, v, &self.kv_len, o, &ws, a.batch, a.heads, a.kv_batch_stride, a.head_dim, a.scale, AttnMask::default())?;
+                dev.decode_attention(q, k, v, &self.kv_len, o, &ws, a.batch, a.heads, a.kv_batch_stride, a.head_dim, a.scale, extra)?;
             }
             kv => {
                 let skv = match kv {
                     KvLen::Fixed(n) => n,
                     KvLen::Cache => self.position + a.q_len,
                 };
-                let mask = AttnMask { causal: a.causal.then_some(self.position as i32), ..AttnMask::default() };
+                let mask = AttnMask { causal: a.causal.then_some(self.position as i32), ..extra };
                 dev.attention(q, k, v, o, a.batch, a.heads, a.q_len, skv, a.head_dim, a.scale, mask)?;
             }
         }
@@ -559,6 +615,15 @@ impl Executor for CudaExecutor {
         self.position
     }
 
+    fn set_left_padding(&mut self, pads: &[usize]) {
+        self.pads = pads.to_vec();
+        self.dirty = true;
+    }
+
+    fn set_row_indices(&mut self, rows: &[usize]) {
+        self.row_indices = rows.to_vec();
+    }
+
     fn write(&mut self, buf: Buf, data: &[f32]) -> Result<()> {
         let dst = self.bufs[buf.0].slice(0, data.len()).ok_or_else(|| {
             Error::InvalidInput(format!("{} values do not fit buffer `{}`", data.len(), self.descs[buf.0].name))
@@ -577,7 +642,7 @@ impl Executor for CudaExecutor {
     }
 
     fn run(&mut self, phase: &Phase) -> Result<()> {
-        phase.ops.iter().try_for_each(|op| self.validate(op))?;
+        self.prepare(phase)?;
         self.sync_state(Self::batch_of(phase))?;
         self.launch_phase(phase)
     }
@@ -585,7 +650,7 @@ impl Executor for CudaExecutor {
     /// CUDA events around the phase's launches (host-side checks and the token/position
     /// uploads happen before the first event).
     fn run_timed(&mut self, phase: &Phase) -> Result<f64> {
-        phase.ops.iter().try_for_each(|op| self.validate(op))?;
+        self.prepare(phase)?;
         self.sync_state(Self::batch_of(phase))?;
         let stream = self.dev().stream().clone();
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);

@@ -29,6 +29,38 @@ pub struct AttnMask<'a> {
     pub kv_valid: Option<&'a DevSlice<i32>>,
     /// Additive fp32 per-key mask `[B, stride]` and its stride.
     pub additive: Option<(&'a DevSlice<f32>, usize)>,
+    /// Additive fp16 per-head bias `[H * sq, stride]` (decode: `[H, stride]`) and its stride.
+    pub bias: Option<(&'a DevSlice<f16>, usize)>,
+    /// Grouped-query attention: K/V hold this many heads (`heads % kv_heads == 0`); None = heads.
+    pub kv_heads: Option<usize>,
+}
+
+impl AttnMask<'_> {
+    /// Query heads per K/V head, checked.
+    fn kv_group(&self, kernel: &'static str, heads: usize) -> GpuResult<usize> {
+        let kv = self.kv_heads.unwrap_or(heads);
+        if kv == 0 || heads % kv != 0 {
+            return Err(bad(kernel, format!("{heads} heads cannot share {kv} kv heads")));
+        }
+        Ok(heads / kv)
+    }
+
+    /// Checks the bias covers `rows` rows of `keys` keys; returns (pointer, stride).
+    fn bias_args(&self, kernel: &'static str, rows: usize, keys: usize, o: (u64, u64)) -> GpuResult<(u64, usize)> {
+        match self.bias {
+            Some((b, stride)) => {
+                if stride < keys {
+                    return Err(bad(kernel, format!("bias stride {stride} < {keys} keys")));
+                }
+                need(kernel, "bias", b, (rows - 1) * stride + keys)?;
+                if ranges_overlap(o, b.range()) {
+                    return Err(bad(kernel, "o overlaps bias"));
+                }
+                Ok((b.ptr(), stride))
+            }
+            None => Ok((0, 0)),
+        }
+    }
 }
 
 #[repr(C)]
@@ -40,6 +72,7 @@ struct AttnParams {
     o: u64,
     mask: u64,
     kv_valid: u64,
+    bias: u64,
     q_bs: i64,
     q_rs: i64,
     k_bs: i64,
@@ -49,6 +82,7 @@ struct AttnParams {
     o_bs: i64,
     o_rs: i64,
     mask_stride: i64,
+    bias_stride: i64,
     heads: i32,
     sq: i32,
     skv: i32,
@@ -56,9 +90,9 @@ struct AttnParams {
     causal: i32,
     kv_offset: i32,
     scale: f32,
-    pad_: i32,
+    kv_group: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 152);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 168);
 // SAFETY: see GemmParams (mirrors attention.cu AttnParams).
 unsafe impl DeviceRepr for AttnParams {}
 
@@ -70,6 +104,7 @@ struct DecodeAttnParams {
     v_cache: u64,
     kv_len: u64,
     mask: u64,
+    bias: u64,
     partial: u64,
     o: u64,
     q_bs: i64,
@@ -79,14 +114,17 @@ struct DecodeAttnParams {
     v_rs: i64,
     o_bs: i64,
     mask_stride: i64,
+    bias_stride: i64,
     heads: i32,
     d: i32,
     max_len: i32,
     chunk: i32,
     nsplit: i32,
     scale: f32,
+    kv_group: i32,
+    pad_: i32,
 }
-const _: () = assert!(std::mem::size_of::<DecodeAttnParams>() == 136);
+const _: () = assert!(std::mem::size_of::<DecodeAttnParams>() == 160);
 // SAFETY: see GemmParams (mirrors attention.cu DecodeAttnParams).
 unsafe impl DeviceRepr for DecodeAttnParams {}
 
@@ -153,15 +191,18 @@ impl CudaDevice {
             return Err(bad(K, "empty shape"));
         }
         let dp = padded_head_dim(K, head_dim)?;
+        let group = mask.kv_group(K, heads)?;
+        let kvh = heads / group;
         let qp = q.check(K, "q", batch, sq, heads, head_dim)?;
-        let kp = k.check(K, "k", batch, skv, heads, head_dim)?;
-        let vp = v.check(K, "v", batch, skv, heads, head_dim)?;
+        let kp = k.check(K, "k", batch, skv, kvh, head_dim)?;
+        let vp = v.check(K, "v", batch, skv, kvh, head_dim)?;
         let op = o.check(K, "o", batch, sq, heads, head_dim)?;
         let orange = o.byte_range(batch, sq, heads, head_dim);
+        let (bias_ptr, bias_stride) = mask.bias_args(K, heads * sq, skv, orange)?;
         for (name, r) in [
             ("q", q.byte_range(batch, sq, heads, head_dim)),
-            ("k", k.byte_range(batch, skv, heads, head_dim)),
-            ("v", v.byte_range(batch, skv, heads, head_dim)),
+            ("k", k.byte_range(batch, skv, kvh, head_dim)),
+            ("v", v.byte_range(batch, skv, kvh, head_dim)),
         ] {
             if ranges_overlap(orange, r) {
                 return Err(bad(K, format!("o overlaps {name}")));
@@ -197,6 +238,7 @@ impl CudaDevice {
             o: op,
             mask: mask_ptr,
             kv_valid,
+            bias: bias_ptr,
             q_bs: q.batch_stride as i64,
             q_rs: q.row_stride as i64,
             k_bs: k.batch_stride as i64,
@@ -206,6 +248,7 @@ impl CudaDevice {
             o_bs: o.batch_stride as i64,
             o_rs: o.row_stride as i64,
             mask_stride: mask_stride as i64,
+            bias_stride: bias_stride as i64,
             heads: to_i32(K, "heads", heads)?,
             sq: to_i32(K, "sq", sq)?,
             skv: to_i32(K, "skv", skv)?,
@@ -213,7 +256,7 @@ impl CudaDevice {
             causal: mask.causal.is_some() as i32,
             kv_offset: mask.causal.unwrap_or(0),
             scale,
-            pad_: 0,
+            kv_group: group as i32,
         };
         let name = match dp {
             64 => "attn_fwd_d64",
@@ -227,7 +270,8 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         // SAFETY: every (batch, row, head) row the grid reads or writes lies inside q/k/v/o
-        // (HeadsView::check); d % 8 == 0, strides % 8 == 0 and base pointers 16-byte aligned for
+        // (HeadsView::check; k/v with heads / kv_group heads, the most a query head's
+        // h / kv_group reaches); the bias holds (H*sq - 1)*stride + skv halves; d % 8 == 0, strides % 8 == 0 and base pointers 16-byte aligned for
         // the 16-byte loads; d <= padded dim of the chosen instance; o is disjoint from q, k, v;
         // mask holds (B-1)*stride + skv floats and kv_valid B ints (values clamped on device);
         // grid (ceil(sq/16), heads, batch) within limits, 128 threads as compiled.
@@ -238,7 +282,7 @@ impl CudaDevice {
     /// Split-KV decode attention for one new token per sequence against a KV cache
     /// `[B, max_len, H, d]` whose current lengths `kv_len[b]` live in device memory; the launch
     /// depends only on `max_len`, so it can be captured in a CUDA graph. `workspace` needs
-    /// [`decode_workspace_len`] floats. Masks: only `additive` is used (stride >= max_len).
+    /// [`decode_workspace_len`] floats. Masks: `additive` (stride >= max_len), `bias` (`[H, stride]`) and `kv_heads` are used.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
@@ -260,18 +304,24 @@ impl CudaDevice {
             return Err(bad(K, "empty shape"));
         }
         let dp = padded_head_dim(K, head_dim)?;
+        let group = mask.kv_group(K, heads)?;
+        let kvh = heads / group;
         let qp = q.check(K, "q", batch, 1, heads, head_dim)?;
-        let kp = k_cache.check(K, "k_cache", batch, max_len, heads, head_dim)?;
-        let vp = v_cache.check(K, "v_cache", batch, max_len, heads, head_dim)?;
+        let kp = k_cache.check(K, "k_cache", batch, max_len, kvh, head_dim)?;
+        let vp = v_cache.check(K, "v_cache", batch, max_len, kvh, head_dim)?;
         let op = o.check(K, "o", batch, 1, heads, head_dim)?;
         need(K, "kv_len", kv_len, batch)?;
         let nsplit = max_len.div_ceil(DECODE_CHUNK);
         need(K, "workspace", workspace, decode_workspace_len(batch, heads, head_dim, max_len))?;
         let orange = o.byte_range(batch, 1, heads, head_dim);
+        let (bias_ptr, bias_stride) = mask.bias_args(K, heads, max_len, orange)?;
+        if mask.bias.is_some_and(|(b, _)| ranges_overlap(workspace.range(), b.range())) {
+            return Err(bad(K, "workspace overlaps bias"));
+        }
         for (name, r) in [
             ("q", q.byte_range(batch, 1, heads, head_dim)),
-            ("k_cache", k_cache.byte_range(batch, max_len, heads, head_dim)),
-            ("v_cache", v_cache.byte_range(batch, max_len, heads, head_dim)),
+            ("k_cache", k_cache.byte_range(batch, max_len, kvh, head_dim)),
+            ("v_cache", v_cache.byte_range(batch, max_len, kvh, head_dim)),
             ("workspace", workspace.range()),
         ] {
             if ranges_overlap(orange, r) {
@@ -280,8 +330,8 @@ impl CudaDevice {
         }
         for (name, r) in [
             ("q", q.byte_range(batch, 1, heads, head_dim)),
-            ("k_cache", k_cache.byte_range(batch, max_len, heads, head_dim)),
-            ("v_cache", v_cache.byte_range(batch, max_len, heads, head_dim)),
+            ("k_cache", k_cache.byte_range(batch, max_len, kvh, head_dim)),
+            ("v_cache", v_cache.byte_range(batch, max_len, kvh, head_dim)),
             ("kv_len", kv_len.range()),
         ] {
             if ranges_overlap(workspace.range(), r) {
@@ -310,6 +360,7 @@ impl CudaDevice {
             v_cache: vp,
             kv_len: kv_len.ptr(),
             mask: mask_ptr,
+            bias: bias_ptr,
             partial: workspace.ptr(),
             o: op,
             q_bs: q.batch_stride as i64,
@@ -319,12 +370,15 @@ impl CudaDevice {
             v_rs: v_cache.row_stride as i64,
             o_bs: o.batch_stride as i64,
             mask_stride: mask_stride as i64,
+            bias_stride: bias_stride as i64,
             heads: to_i32(K, "heads", heads)?,
             d: head_dim as i32,
             max_len: to_i32(K, "max_len", max_len)?,
             chunk: DECODE_CHUNK as i32,
             nsplit: nsplit as i32,
             scale,
+            kv_group: group as i32,
+            pad_: 0,
         };
         let name = match dp {
             64 => "attn_decode_split_d64",
@@ -338,8 +392,8 @@ impl CudaDevice {
         let cfg = LaunchConfig { grid_dim: (nsplit as u32, gh, gb), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let cfg_c = LaunchConfig { grid_dim: (gh, gb, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let dp_i = dp as i32;
-        // SAFETY: q/o rows for every (b, h) and cache rows 0..max_len lie inside their buffers
-        // (HeadsView::check) with 16-byte alignment and d % 8 == 0; kv_len has B ints (clamped to
+        // SAFETY: q/o rows for every (b, h) and cache rows 0..max_len of heads / kv_group kv heads
+        // lie inside their buffers (HeadsView::check), the bias holds (H-1)*stride + max_len halves with 16-byte alignment and d % 8 == 0; kv_len has B ints (clamped to
         // [0, max_len] on device); workspace holds B*H*nsplit*(dp+2) floats and is disjoint from
         // all inputs and o; o is disjoint from q, caches, workspace; nsplit*chunk >= max_len;
         // grids (nsplit, H, B) and (H, B) within limits; the combine reads the workspace the

@@ -106,11 +106,13 @@ impl CudaDevice {
             ("l", Activation::Gelu) => "gemm_l_gelu",
             ("l", Activation::QuickGelu) => "gemm_l_quick_gelu",
             ("l", Activation::Silu) => "gemm_l_silu",
+            ("l", Activation::GeluTanh) => "gemm_l_gelu_tanh",
             (_, Activation::None) => "gemm_s_none",
             (_, Activation::Relu) => "gemm_s_relu",
             (_, Activation::Gelu) => "gemm_s_gelu",
             (_, Activation::QuickGelu) => "gemm_s_quick_gelu",
             (_, Activation::Silu) => "gemm_s_silu",
+            (_, Activation::GeluTanh) => "gemm_s_gelu_tanh",
         };
         debug_assert!(name.ends_with(act_suffix(act)));
         let f = self.func("gemm", name)?;

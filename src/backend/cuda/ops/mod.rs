@@ -10,6 +10,7 @@ mod elementwise;
 mod gemm;
 mod gemv;
 mod layernorm;
+mod pointwise;
 mod sampling;
 
 pub use attention::{decode_workspace_len, AttnMask, HeadsView};
@@ -17,6 +18,7 @@ pub use elementwise::PixelType;
 pub use gemm::GemmTile;
 pub use gemv::gemv_threads_per_row;
 pub use layernorm::SumOut;
+pub use pointwise::RowsView;
 pub use sampling::LogitType;
 
 use cudarc::driver::LaunchConfig;
@@ -37,6 +39,7 @@ fn act_code(a: Activation) -> i32 {
         Activation::Gelu => 2,
         Activation::QuickGelu => 3,
         Activation::Silu => 4,
+        Activation::GeluTanh => 5,
     }
 }
 
@@ -47,6 +50,7 @@ fn act_suffix(a: Activation) -> &'static str {
         Activation::Gelu => "gelu",
         Activation::QuickGelu => "quick_gelu",
         Activation::Silu => "silu",
+        Activation::GeluTanh => "gelu_tanh",
     }
 }
 

@@ -1,0 +1,136 @@
+//! kernels/pointwise.cu: gated activations and rotary embeddings (exact libm math).
+
+use cudarc::driver::{DeviceRepr, PushKernelArg};
+use half::f16;
+
+use super::*;
+use crate::backend::cuda::error::{bad, GpuResult};
+use crate::backend::cuda::memory::DevSlice;
+use crate::backend::cuda::CudaDevice;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GatedParams {
+    gate: u64,
+    up: u64,
+    out: u64,
+    gate_rs: i64,
+    up_rs: i64,
+    rows: i32,
+    cols: i32,
+    act: i32,
+    pad_: i32,
+}
+const _: () = assert!(std::mem::size_of::<GatedParams>() == 56);
+// SAFETY: see GemmParams (mirrors pointwise.cu GatedParams).
+unsafe impl DeviceRepr for GatedParams {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeParams {
+    x: u64,
+    inv_freq: u64,
+    start: u64,
+    row_stride: i64,
+    batch: i32,
+    seq: i32,
+    heads: i32,
+    head_dim: i32,
+    nfreq: i32,
+    pad_: i32,
+}
+const _: () = assert!(std::mem::size_of::<RopeParams>() == 56);
+// SAFETY: see GemmParams (mirrors pointwise.cu RopeParams).
+unsafe impl DeviceRepr for RopeParams {}
+
+/// A column view of rows: row `r` starts at element `offset + r * row_stride` of `buf`.
+#[derive(Clone, Copy, Debug)]
+pub struct RowsView<'a> {
+    pub buf: &'a DevSlice<f16>,
+    pub offset: usize,
+    pub row_stride: usize,
+}
+
+impl RowsView<'_> {
+    /// Checks that `rows` rows of `width` elements fit; returns the device address of row 0 and
+    /// the byte range the rows span.
+    fn check(&self, kernel: &'static str, what: &str, rows: usize, width: usize) -> GpuResult<(u64, (u64, u64))> {
+        if width > self.row_stride {
+            return Err(bad(kernel, format!("{what}: width {width} exceeds the row stride {}", self.row_stride)));
+        }
+        let last = self.offset + (rows - 1) * self.row_stride + width;
+        need(kernel, what, self.buf, last)?;
+        let start = self.buf.ptr_at(self.offset);
+        Ok((start, (start, self.buf.ptr_at(last))))
+    }
+}
+
+impl CudaDevice {
+    /// out[r, c] = half(half(act(gate[r, c])) * up[r, c]) for r < rows, c < cols; `out` is
+    /// contiguous `[rows, cols]`, gate and up are column views.
+    pub fn gated_act(&self, gate: RowsView<'_>, up: RowsView<'_>, act: Activation, out: &DevSlice<f16>, rows: usize, cols: usize) -> GpuResult<()> {
+        const K: &str = "gated_act";
+        if rows == 0 || cols == 0 {
+            return Err(bad(K, "empty shape"));
+        }
+        let (gp, gr) = gate.check(K, "gate", rows, cols)?;
+        let (up_ptr, ur) = up.check(K, "up", rows, cols)?;
+        need(K, "out", out, rows * cols)?;
+        for (name, r) in [("gate", gr), ("up", ur)] {
+            if ranges_overlap(out.range(), r) {
+                return Err(bad(K, format!("out overlaps {name}")));
+            }
+        }
+        let p = GatedParams {
+            gate: gp,
+            up: up_ptr,
+            out: out.ptr(),
+            gate_rs: gate.row_stride as i64,
+            up_rs: up.row_stride as i64,
+            rows: to_i32(K, "rows", rows)?,
+            cols: to_i32(K, "cols", cols)?,
+            act: act_code(act),
+            pad_: 0,
+        };
+        let f = self.func("pointwise", "gated_act_f16")?;
+        let cfg = elementwise_cfg(rows * cols, self.num_sms());
+        // SAFETY: gate/up rows r < rows hold cols elements at their strides and out holds
+        // rows*cols (checked); out is disjoint from gate and up; grid-stride loop.
+        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr("gated_act_f16"))?;
+        Ok(())
+    }
+
+    /// HF rotate_half RoPE in place on `heads` heads of `head_dim` in rows `b * seq + i` of
+    /// `x`, at position `max(start[b] + i, 0)` (`start` in device memory), with the rotated
+    /// dims `2 * inv_freq.len() <= head_dim`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(&self, x: RowsView<'_>, inv_freq: &DevSlice<f32>, start: &DevSlice<i32>, batch: usize, seq: usize, heads: usize, head_dim: usize) -> GpuResult<()> {
+        const K: &str = "rope";
+        let nfreq = inv_freq.len();
+        if batch == 0 || seq == 0 || heads == 0 || nfreq == 0 || 2 * nfreq > head_dim {
+            return Err(bad(K, format!("shape batch={batch} seq={seq} heads={heads} head_dim={head_dim} with {nfreq} frequencies")));
+        }
+        let (xp, _) = x.check(K, "x", batch * seq, heads * head_dim)?;
+        need(K, "start", start, batch)?;
+        let p = RopeParams {
+            x: xp,
+            inv_freq: inv_freq.ptr(),
+            start: start.ptr(),
+            row_stride: x.row_stride as i64,
+            batch: to_i32(K, "batch", batch)?,
+            seq: to_i32(K, "seq", seq)?,
+            heads: to_i32(K, "heads", heads)?,
+            head_dim: to_i32(K, "head_dim", head_dim)?,
+            nfreq: to_i32(K, "nfreq", nfreq)?,
+            pad_: 0,
+        };
+        let f = self.func("pointwise", "rope_f16")?;
+        let cfg = elementwise_cfg(batch * seq * heads * nfreq, self.num_sms());
+        // SAFETY: every row b*seq + i < batch*seq of x holds heads*head_dim elements at its
+        // stride (checked); 2*nfreq <= head_dim so j + nfreq stays inside the head; inv_freq has
+        // nfreq floats and start batch ints (different allocations from x: f32/i32 slices);
+        // each thread updates its own pair in place; grid-stride loop.
+        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr("rope_f16"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! The new graph ops on the CUDA executor against the fp16-emulating CPU executor (ggml
+//! test-backend-ops style): both executors run the same small graphs, with awkward shapes
+//! (odd widths, column views of fused buffers, left padding, GQA, a replayed decode step).
+//! GPU tests: `#[ignore]`d; `cargo test -- --include-ignored` prints SKIP without a GPU.
+//!
+//! Tolerance: both sides round every op's output to fp16; they differ by accumulation order and
+//! by the GPU's extra fp16 roundings inside an op (RMSNorm's cast, the gated activation, RoPE's
+//! fp16 cos/sin and products), a few fp16 ulps: 4e-3 absolute + 4e-3 relative, while a wrong
+//! index, head mapping or mask moves outputs by O(0.1-1).
+
+use std::sync::Arc;
+
+use glimpse::api::Device;
+use glimpse::backend::cpu::CpuExecutor;
+use glimpse::backend::{Backend, Executor};
+use glimpse::graph::{
+    rope_inv_freq, Activation, AttnExtra, Attention, Buf, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, W,
+};
+use glimpse::weights::Weight;
+use half::f16;
+
+struct Rng(u64);
+impl Rng {
+    fn new(test: &str) -> Self {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        println!("{test}: seed {seed}");
+        Rng(seed)
+    }
+    fn uni(&mut self) -> f32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn f32s(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uni()).collect()
+    }
+}
+
+/// The two executors of one graph, or None (after printing SKIP) without a GPU.
+fn executors(test: &str, weights: Arc<WeightTable>, g: &Graph) -> Option<(Box<dyn Executor>, CpuExecutor)> {
+    if let Some(reason) = glimpse::backend::cuda_unavailable_reason() {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP {test}: {reason}");
+        return None;
+    }
+    let gpu = Backend::new(Device::Cuda, &weights).unwrap().executor(&weights, g).unwrap();
+    let mut cpu = CpuExecutor::new(weights, &g.buffers);
+    cpu.emulate_fp16(|_| false);
+    Some((gpu, cpu))
+}
+
+fn table(rng: &mut Rng, shapes: &[(&str, Vec<usize>)]) -> Arc<WeightTable> {
+    let mut t = WeightTable::default();
+    for (name, shape) in shapes {
+        let n = shape.iter().product();
+        t.add(*name, Weight::from_vec(shape.clone(), rng.f32s(n).into_iter().map(f16::from_f32).collect()));
+    }
+    Arc::new(t)
+}
+
+fn compare(what: &str, gpu: &mut dyn Executor, cpu: &mut CpuExecutor, buf: Buf, rows: usize) {
+    let (g, c) = (gpu.read(buf, rows).unwrap(), cpu.read(buf, rows).unwrap());
+    for (i, (a, b)) in g.iter().zip(&c).enumerate() {
+        assert!((a - b).abs() <= 4e-3 + 4e-3 * b.abs(), "{what}[{i}]: cuda {a} vs cpu {b}");
+    }
+}
+
+fn write_both(gpu: &mut dyn Executor, cpu: &mut CpuExecutor, buf: Buf, data: &[f32]) {
+    gpu.write(buf, data).unwrap();
+    cpu.write(buf, data).unwrap();
+}
+
+fn run_both(gpu: &mut dyn Executor, cpu: &mut CpuExecutor, p: &Phase) {
+    gpu.run(p).unwrap();
+    cpu.run(p).unwrap();
+}
+
+/// LayerNorm without bias and RMSNorm (fused residual), a GELU-tanh Linear reading a column
+/// view, and the gated activation over a fused [rows, 2I] buffer, for odd widths.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn norms_activations_and_views_match_cpu() {
+    let mut rng = Rng::new("norms_activations");
+    let (rows, dim, k, inter) = (5, 300, 40, 77);
+    let weights = table(&mut rng, &[("norm", vec![dim]), ("fc", vec![2 * inter, k])]);
+    let mut g = Graph::new();
+    let (x, r) = (g.buffer("x", rows, dim), g.buffer("r", rows, dim));
+    let (ln, rms) = (g.buffer("ln", rows, dim), g.buffer("rms", rows, dim));
+    let wide = g.buffer("wide", rows, k + 16);
+    let (fused, gated) = (g.buffer("fused", rows, 2 * inter), g.buffer("gated", rows, inter));
+    g.push(Op::LayerNorm { x, residual: Some(r), weight: W(0), bias: None, eps: 1e-5, out: ln, rows });
+    g.push(Op::RmsNorm { x, residual: Some(r), weight: W(0), eps: 1e-6, out: rms, rows });
+    g.linear(View { buf: wide, col: 8 }, W(1), None, Activation::GeluTanh, None, fused, rows);
+    let mut phases = vec![g.take_phase("norms")];
+    for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
+        g.push(Op::GatedAct { gate: View { buf: fused, col: 0 }, up: View { buf: fused, col: inter }, act, out: gated, rows });
+        phases.push(g.take_phase("gated"));
+    }
+    let Some((mut gpu, mut cpu)) = executors("norms_activations_and_views_match_cpu", weights, &g) else { return };
+    for (b, n) in [(x, dim), (r, dim), (wide, k + 16)] {
+        write_both(gpu.as_mut(), &mut cpu, b, &rng.f32s(rows * n));
+    }
+    run_both(gpu.as_mut(), &mut cpu, &phases[0]);
+    compare("layer_norm without bias", gpu.as_mut(), &mut cpu, ln, rows);
+    compare("rms_norm", gpu.as_mut(), &mut cpu, rms, rows);
+    compare("gelu_tanh linear on a column view", gpu.as_mut(), &mut cpu, fused, rows);
+    // The gated ops read the CPU's fused values on both sides, so only the op itself differs.
+    let f = cpu.read(fused, rows).unwrap();
+    for p in &phases[1..] {
+        write_both(gpu.as_mut(), &mut cpu, fused, &f);
+        run_both(gpu.as_mut(), &mut cpu, p);
+        compare("gated activation", gpu.as_mut(), &mut cpu, gated, rows);
+    }
+}
+
+/// A LLaMA-style attention block core: fused qkv, RoPE on the q and k views (llama3 scaling,
+/// left padding), prefill KV append from column views into a kv_heads-wide cache, GQA attention
+/// with a padding mask and a per-head bias, then three decode steps of a replayable phase
+/// (direct, recorded, replayed as a CUDA graph).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn rope_gqa_masked_attention_match_cpu() {
+    let mut rng = Rng::new("rope_gqa");
+    let (batch, seq, heads, kv_heads, d, cap) = (2, 7, 4, 2, 64, 16);
+    let (qw, kw) = (heads * d, kv_heads * d);
+    let cols = qw + 2 * kw;
+    let scaling = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 32.0 };
+    let inv: Arc<[f32]> = rope_inv_freq(d, 10000.0, scaling).into();
+    let mut g = Graph::new();
+    let qkv = g.buffer("qkv", batch * seq, cols);
+    let (ck, cv) = (g.buffer("cache_k", batch * cap, kw), g.buffer("cache_v", batch * cap, kw));
+    let mask = g.buffer("mask", batch, cap);
+    let bias = g.buffer("bias", heads * seq, cap);
+    let out = g.buffer("out", batch * seq, qw);
+    let step = |g: &mut Graph, rows: usize, replayable: bool| {
+        g.push(Op::Rope { x: View { buf: qkv, col: 0 }, batch, rows_per_batch: rows, heads, head_dim: d, inv_freq: inv.clone() });
+        g.push(Op::Rope { x: View { buf: qkv, col: qw }, batch, rows_per_batch: rows, heads: kv_heads, head_dim: d, inv_freq: inv.clone() });
+        g.push(Op::KvAppend { k: View { buf: qkv, col: qw }, v: View { buf: qkv, col: qw + kw }, cache_k: ck, cache_v: cv, batch, rows_per_batch: rows, capacity: cap });
+        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.125 };
+        g.push(Op::AttentionEx(a, AttnExtra { kv_heads, key_mask: Some(mask), head_bias: Some(bias) }));
+        let mut p = g.take_phase(if replayable { "decode" } else { "prefill" });
+        p.replayable = replayable;
+        p
+    };
+    let (prefill, decode) = (step(&mut g, seq, false), step(&mut g, 1, true));
+    let Some((mut gpu, mut cpu)) = executors("rope_gqa_masked_attention_match_cpu", Arc::new(WeightTable::default()), &g) else { return };
+    let pads = [0usize, 3];
+    let mut m = vec![0f32; batch * cap];
+    m[cap..cap + pads[1]].fill(f32::MIN);
+    write_both(gpu.as_mut(), &mut cpu, mask, &m);
+    write_both(gpu.as_mut(), &mut cpu, bias, &rng.f32s(heads * seq * cap));
+    for ex in [gpu.as_mut(), &mut cpu as &mut dyn Executor] {
+        ex.set_left_padding(&pads);
+        ex.set_position(0);
+    }
+    write_both(gpu.as_mut(), &mut cpu, qkv, &rng.f32s(batch * seq * cols));
+    run_both(gpu.as_mut(), &mut cpu, &prefill);
+    compare("prefill rope (q, k; v untouched)", gpu.as_mut(), &mut cpu, qkv, batch * seq);
+    // Sequence 1's pad query rows see only masked keys (HF: garbage, never read); compare the rest.
+    let (go, co) = (gpu.read(out, batch * seq).unwrap(), cpu.read(out, batch * seq).unwrap());
+    for r in (0..batch * seq).filter(|&r| r / seq == 0 || r % seq >= pads[1]) {
+        for c in 0..qw {
+            let (a, b) = (go[r * qw + c], co[r * qw + c]);
+            assert!((a - b).abs() <= 4e-3 + 4e-3 * b.abs(), "prefill attention row {r} col {c}: cuda {a} vs cpu {b}");
+        }
+    }
+    for t in 0..3 {
+        for ex in [gpu.as_mut(), &mut cpu as &mut dyn Executor] {
+            ex.set_position(seq + t);
+        }
+        write_both(gpu.as_mut(), &mut cpu, qkv, &rng.f32s(batch * cols));
+        write_both(gpu.as_mut(), &mut cpu, bias, &rng.f32s(heads * cap));
+        run_both(gpu.as_mut(), &mut cpu, &decode);
+        compare(&format!("decode step {t} attention"), gpu.as_mut(), &mut cpu, out, batch);
+        compare(&format!("decode step {t} k cache"), gpu.as_mut(), &mut cpu, ck, batch * cap);
+    }
+}
+
+/// SelectRows: drop CLS of every sequence, pool one host-chosen row per sequence.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn select_rows_match_cpu() {
+    let mut rng = Rng::new("select_rows");
+    let (batch, seq, dim) = (3, 9, 24);
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let (tail, pooled) = (g.buffer("tail", batch * (seq - 1), dim), g.buffer("pooled", batch, dim));
+    g.push(Op::SelectRows { x, out: tail, batch, rows_per_batch: seq, select: RowSelect::Skip(1) });
+    g.push(Op::SelectRows { x, out: pooled, batch, rows_per_batch: seq, select: RowSelect::Indexed });
+    let p = g.take_phase("select");
+    let Some((mut gpu, mut cpu)) = executors("select_rows_match_cpu", Arc::new(WeightTable::default()), &g) else { return };
+    write_both(gpu.as_mut(), &mut cpu, x, &rng.f32s(batch * seq * dim));
+    for ex in [gpu.as_mut(), &mut cpu as &mut dyn Executor] {
+        ex.set_row_indices(&[8, 0, 5]);
+    }
+    run_both(gpu.as_mut(), &mut cpu, &p);
+    assert_eq!(gpu.read(tail, batch * (seq - 1)).unwrap(), cpu.read(tail, batch * (seq - 1)).unwrap());
+    assert_eq!(gpu.read(pooled, batch).unwrap(), cpu.read(pooled, batch).unwrap());
+}
