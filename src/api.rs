@@ -5,36 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
+pub use crate::backend::Device;
 use crate::backend::{Backend, Executor};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerateOptions, Sequence, Timings, TokenEvent};
+use crate::generate::{generate, GenerateOptions, Plan, Sequence, Timings, TokenEvent};
 use crate::image::{ImageProcessor, PixelValues};
-use crate::models::blip2::{Blip2, Blip2Plan};
+use crate::models::Family;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
-
-/// Where a model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Device {
-    Cpu,
-    Cuda,
-    /// CUDA when a usable GPU and the CUDA executor are present, else the CPU.
-    #[default]
-    Auto,
-}
-
-impl std::str::FromStr for Device {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" | "gpu" => Ok(Device::Cuda),
-            "auto" => Ok(Device::Auto),
-            _ => Err(Error::InvalidInput(format!("unknown device `{s}` (cpu, cuda or auto)"))),
-        }
-    }
-}
 
 /// What one image's request produced.
 #[derive(Debug, Clone)]
@@ -47,10 +26,11 @@ pub struct Output {
     pub device: String,
 }
 
-/// A BLIP-2 model folder loaded for inference.
+/// A model folder loaded for inference (any family of the registry in `models`).
 pub struct Model {
     pub dir: PathBuf,
-    pub blip2: Blip2,
+    /// The loaded family: plans, prompt template, defaults, description.
+    pub family: Box<dyn Family>,
     pub tokenizer: Tokenizer,
     pub image_processor: ImageProcessor,
     pub generation: GenerationConfig,
@@ -63,7 +43,7 @@ pub struct Model {
 }
 
 /// A built plan with its executor, kept for the next request of the same shape.
-type CachedRun = (PlanKey, Blip2Plan, Box<dyn Executor>);
+type CachedRun = (PlanKey, Plan, Box<dyn Executor>);
 
 /// (batch, decoder input length, max new tokens): what a plan's buffers depend on.
 type PlanKey = (usize, usize, usize);
@@ -76,28 +56,17 @@ impl Model {
         if !dir.is_dir() {
             return Err(Error::MissingFile { path: dir.to_path_buf(), hint: " (expected a model folder)".into() });
         }
-        let ModelConfig::Blip2(cfg) = ModelConfig::load(&dir.join("config.json"))?;
+        let cfg = ModelConfig::load(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open_dir(dir)?;
-        let blip2 = Blip2::load(&cfg, &ckpt)?;
+        let family = crate::models::load(&cfg, &ckpt)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
-        let expected = cfg.vision_config.image_size;
-        let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
-        if (out.height, out.width) != (Some(expected), Some(expected)) {
-            let field = if pre.do_center_crop { "crop_size" } else { "size" };
-            return Err(Error::config(
-                pre_path,
-                format!(
-                    "`{field}` is {}, but the vision model takes {expected}x{expected} images (vision_config.image_size in config.json): set {field} to {{\"height\": {expected}, \"width\": {expected}}}",
-                    out.describe()
-                ),
-            ));
-        }
+        family.check_preprocessor(&pre, &pre_path)?;
         let generation = GenerationConfig::load_or_default(&dir.join("generation_config.json"))?;
-        let backend = Backend::new(device, &blip2.weights)?;
+        let backend = Backend::new(device, family.weights())?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            blip2,
+            family,
             tokenizer,
             image_processor: ImageProcessor::new(pre),
             generation,
@@ -107,24 +76,21 @@ impl Model {
         })
     }
 
-    /// Default generation settings, as transformers 5.17's BLIP-2 `generate()` resolves them:
-    /// it hands over to the language model, whose generation config is made from `text_config`
-    /// (generation_config.json belongs to the outer model and is not consulted). So EOS is
-    /// `text_config.eos_token_id` and the length is transformers' default (20 new tokens,
-    /// capped at `text_config.max_position_embeddings`) unless `text_config` sets
-    /// `max_new_tokens`.
+    /// Default generation settings, as transformers 5.17's `generate()` resolves them for this
+    /// family (BLIP-2: EOS and length from `text_config`, not generation_config.json).
     pub fn default_options(&self) -> GenerateOptions {
-        let t = &self.blip2.cfg.text_config;
-        GenerateOptions {
-            max_new_tokens: t.max_new_tokens,
-            eos_token_ids: t.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
-        }
+        self.family.default_options()
+    }
+
+    /// The family's question template applied to `question` (BLIP-2: `"Question: {q} Answer:"`).
+    pub fn question_prompt(&self, question: &str) -> String {
+        self.family.question_prompt(question)
     }
 
     /// Decoder input ids for a text prompt (`None`: captioning, the tokenizer's BOS only).
     pub fn input_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
         let ids = self.tokenizer.encode(prompt.unwrap_or(""))?;
-        Ok(self.blip2.input_ids(&ids))
+        Ok(self.family.input_ids(&ids))
     }
 
     pub fn preprocess(&self, image: &Path) -> Result<PixelValues> {
@@ -137,10 +103,10 @@ impl Model {
         self.run(&[self.preprocess(image)?], None, opts, &mut |_| {}).map(|mut v| v.remove(0))
     }
 
-    /// Answers a question about an image with BLIP-2's `"Question: {q} Answer:"` template.
+    /// Answers a question about an image with the family's question template.
     pub fn ask(&self, image: &Path, question: &str, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
-        let prompt = question_prompt(question);
+        let prompt = self.question_prompt(question);
         self.run(&[self.preprocess(image)?], Some(&prompt), opts, &mut |_| {}).map(|mut v| v.remove(0))
     }
 
@@ -176,7 +142,7 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
-        let size = self.blip2.image_size();
+        let size = self.family.image_size();
         let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
         for img in images {
             if (img.height, img.width) != (size, size) {
@@ -187,40 +153,34 @@ impl Model {
             }
             pixels.extend_from_slice(&img.data);
         }
-        let new_tokens = opts.new_tokens(input_ids.len(), self.blip2.decoder.max_positions())?;
+        let new_tokens = opts.new_tokens(input_ids.len(), self.family.max_positions())?;
         let key = (images.len(), input_ids.len(), new_tokens);
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
-            let plan = self.blip2.plan(key.0, key.1, key.2, false)?;
-            let mut exec = self.backend.executor(&self.blip2.weights, &plan.graph)?;
-            let (seqs, timings) = generate(&plan, exec.as_mut(), &pixels, input_ids, opts, on_token)?;
+            let plan = self.family.plan(key.0, key.1, key.2, false)?;
+            let mut exec = self.backend.executor(self.family.weights(), &plan.graph)?;
+            let (seqs, timings) = generate(&plan, exec.as_mut(), &[("pixels", &pixels)], input_ids, opts, on_token)?;
             return Ok((seqs, timings, exec.device_name()));
         }
         let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|(k, _, _)| *k != key) {
             *slot = None; // free the old buffers before allocating new ones
-            let plan = self.blip2.plan(key.0, key.1, key.2, false)?;
-            let exec = self.backend.executor(&self.blip2.weights, &plan.graph)?;
+            let plan = self.family.plan(key.0, key.1, key.2, false)?;
+            let exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             *slot = Some((key, plan, exec));
         }
         let (_, plan, exec) = slot.as_mut().expect("filled above");
-        let (seqs, timings) = generate(plan, exec.as_mut(), &pixels, input_ids, opts, on_token)?;
+        let (seqs, timings) = generate(plan, exec.as_mut(), &[("pixels", &pixels)], input_ids, opts, on_token)?;
         Ok((seqs, timings, exec.device_name()))
     }
 
     /// An executor for `graph` on this model's backend (for stage-by-stage use and tests).
     pub fn executor(&self, graph: &crate::graph::Graph) -> Result<Box<dyn Executor>> {
-        self.backend.executor(&self.blip2.weights, graph)
+        self.backend.executor(self.family.weights(), graph)
     }
 
     /// The backend this model runs on ("cpu" or "cuda:<name>").
     pub fn backend_name(&self) -> String {
         self.backend.name()
     }
-}
-
-/// BLIP-2's VQA template, with the question verbatim: transformers formats the string it is
-/// given, spaces and all, and an empty question is a valid prompt there too.
-pub fn question_prompt(question: &str) -> String {
-    format!("Question: {question} Answer:")
 }

@@ -22,13 +22,12 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::api::Device;
-use crate::backend::{Backend, Executor};
-use crate::config::{Blip2Config, ModelConfig};
+use crate::backend::{Backend, Device, Executor};
+use crate::config::{Blip2Config, ModelConfig, TextConfig};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerateOptions};
+use crate::generate::{generate, generate_with, GenerateOptions, Hooks, Plan};
 use crate::graph::WeightTable;
-use crate::models::blip2::{Blip2, Blip2Plan};
+use crate::models::Family;
 use crate::weights::Checkpoint;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -146,7 +145,9 @@ pub fn pick_preset(free_bytes: usize) -> &'static str {
 struct Subject {
     label: String,
     preset: Option<String>,
-    blip2: Blip2,
+    family: Box<dyn Family>,
+    /// The stage floors are BLIP-2's (vision, Q-Former, OPT).
+    cfg: Blip2Config,
     caption_ids: Vec<u32>,
     vqa_ids: Vec<u32>,
 }
@@ -154,13 +155,16 @@ struct Subject {
 fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     if let Some(arg) = &args.model {
         let dir = crate::hub::resolve_model(arg)?;
-        let ModelConfig::Blip2(cfg) = ModelConfig::load(&dir.join("config.json"))?;
+        let config = ModelConfig::load(&dir.join("config.json"))?;
+        let Some(cfg) = config.as_blip2().cloned() else {
+            return Err(Error::Unsupported(format!("{}: glimpse bench times BLIP-2 stages; this model family has no bench stages yet", dir.display())));
+        };
         let ckpt = Checkpoint::open_dir(&dir)?;
-        let blip2 = Blip2::load(&cfg, &ckpt)?;
+        let family = crate::models::load(&config, &ckpt)?;
         let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
-        let caption_ids = blip2.input_ids(&tok.encode("")?);
-        let vqa_ids = blip2.input_ids(&tok.encode(crate::synth::VQA_PROMPT)?);
-        return Ok(Subject { label: dir.display().to_string(), preset: None, blip2, caption_ids, vqa_ids });
+        let caption_ids = family.input_ids(&tok.encode("")?);
+        let vqa_ids = family.input_ids(&tok.encode(crate::synth::VQA_PROMPT)?);
+        return Ok(Subject { label: dir.display().to_string(), preset: None, family, cfg, caption_ids, vqa_ids });
     }
     let name = match &args.preset {
         Some(p) => p.clone(),
@@ -169,14 +173,14 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     };
     let cfg: Blip2Config = crate::synth::preset(&name)?;
     let ckpt = crate::synth::random_checkpoint(&cfg, args.seed);
-    let blip2 = Blip2::load(&cfg, &ckpt)?;
+    let family = crate::models::load(&ModelConfig::Blip2(cfg.clone()), &ckpt)?;
     let tok = crate::synth::tokenizer(&cfg)?;
     let enc = |text: &str| -> Result<Vec<u32>> {
         Ok(tok.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
     };
-    let caption_ids = blip2.input_ids(&enc("")?);
-    let vqa_ids = blip2.input_ids(&enc(crate::synth::VQA_PROMPT)?);
-    Ok(Subject { label: format!("preset {name} (random weights, seed {})", args.seed), preset: Some(name), blip2, caption_ids, vqa_ids })
+    let caption_ids = family.input_ids(&enc("")?);
+    let vqa_ids = family.input_ids(&enc(crate::synth::VQA_PROMPT)?);
+    Ok(Subject { label: format!("preset {name} (random weights, seed {})", args.seed), preset: Some(name), family, cfg, caption_ids, vqa_ids })
 }
 
 /// Free GPU memory of device 0.
@@ -214,32 +218,33 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         _ => Device::Cpu,
     };
     let subject = load_subject(args, device)?;
-    let blip2 = &subject.blip2;
-    let backend = Backend::new(device, &blip2.weights)?;
+    let family = subject.family.as_ref();
+    let cfg = &subject.cfg;
+    let backend = Backend::new(device, family.weights())?;
     let on_gpu = backend.is_cuda();
     let act_bytes = if on_gpu { 2.0 } else { 4.0 };
     let repeats = args.repeats.unwrap_or(if on_gpu { 10 } else { 3 });
     let rates = measure_rates(&backend)?;
-    let cost = CostModel::new(&blip2.cfg, &blip2.weights, act_bytes);
+    let cost = CostModel::new(cfg, family.weights(), act_bytes);
     let mut notes = Vec::new();
     let setup_s = setup.elapsed().as_secs_f64();
 
     let b = args.batch;
     let n = args.new_tokens;
-    let pixels = crate::synth::random_normal(b * 3 * blip2.image_size().pow(2), args.seed ^ 0x5EED);
+    let pixels = crate::synth::random_normal(b * 3 * family.image_size().pow(2), args.seed ^ 0x5EED);
     let opts = GenerateOptions { max_new_tokens: Some(n), eos_token_ids: vec![] };
-    let weights = &blip2.weights;
+    let weights = family.weights();
 
     // Caption-prompt plan: vision, Q-Former, prefill, decode, first token, caption.
     let (p_cap, p_vqa) = (subject.caption_ids.len(), subject.vqa_ids.len());
-    let plan = blip2.plan(b, p_cap, n, false)?;
+    let plan = family.plan(b, p_cap, n, false)?;
     let mut exec = backend.executor(weights, &plan.graph)?;
     let t = time_stages(exec.as_mut(), &plan, &pixels, &subject.caption_ids, &opts, repeats)?;
     drop(exec);
     // VQA-prompt prefill (its own plan: buffers are sized by prompt length).
-    let plan_vqa = blip2.plan(b, p_vqa, n, false)?;
+    let plan_vqa = family.plan(b, p_vqa, n, false)?;
     let mut exec = backend.executor(weights, &plan_vqa.graph)?;
-    let t_vqa = time_prefill(exec.as_mut(), &plan_vqa, &pixels, &subject.vqa_ids, repeats)?;
+    let t_vqa = time_prefill(exec.as_mut(), &plan_vqa, &pixels, &subject.vqa_ids, &opts, repeats)?;
     drop(exec);
 
     // Composite stages: the sum of their parts' floors (the parts run one after another).
@@ -247,8 +252,8 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let first_parts = [cost.vision(b), cost.qformer(b), cost.prefill(b, p_cap)];
     let caption_parts: Vec<Cost> = first_parts.iter().chain(&decode_parts).copied().collect();
     let stages = vec![
-        stage("vision", format!("batch {b} x {} tokens", blip2.cfg.vision_config.num_positions()), &t.vision, &[cost.vision(b)], 1, &rates),
-        stage("qformer", format!("{} queries per image, incl. language_projection", blip2.cfg.num_query_tokens), &t.qformer, &[cost.qformer(b)], 1, &rates),
+        stage("vision", format!("batch {b} x {} tokens", cfg.vision_config.num_positions()), &t.vision, &[cost.vision(b)], 1, &rates),
+        stage("qformer", format!("{} queries per image, incl. language_projection", cfg.num_query_tokens), &t.qformer, &[cost.qformer(b)], 1, &rates),
         stage("prefill", format!("{p_cap} tokens (32 image tokens + BOS)"), &t.prefill, &[cost.prefill(b, p_cap)], 1, &rates),
         stage("prefill_vqa", format!("{p_vqa} tokens (\"{}\")", crate::synth::VQA_PROMPT), &t_vqa, &[cost.prefill(b, p_vqa)], 1, &rates),
         stage("decode", format!("ms per token, median over {} steps x {repeats} runs", n - 1), &t.decode, &decode_parts, n - 1, &rates),
@@ -265,16 +270,16 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
             .collect();
         let floor_s = parts.iter().map(|c| c.floor_ms(&rates).0).sum::<f64>() / 1e3;
         let floor_ips = tb as f64 / floor_s;
-        let plan = blip2.plan(tb, p_cap, n, false)?;
+        let plan = family.plan(tb, p_cap, n, false)?;
         if let Some(why) = does_not_fit(&backend, &plan, act_bytes) {
             throughput.push(Throughput { batch: tb, images_per_s: None, caption_ms: None, floor_images_per_s: Some(floor_ips), fraction_of_floor: None, skipped: Some(why) });
             continue;
         }
         let result = backend.executor(weights, &plan.graph).and_then(|mut exec| {
-            let px = crate::synth::random_normal(tb * 3 * blip2.image_size().pow(2), args.seed ^ tb as u64);
+            let px = crate::synth::random_normal(tb * 3 * family.image_size().pow(2), args.seed ^ tb as u64);
             let mut samples = Vec::new();
             for r in 0..=repeats.min(5) {
-                let (_, timings) = generate(&plan, exec.as_mut(), &px, &subject.caption_ids, &opts, &mut |_| {})?;
+                let (_, timings) = generate(&plan, exec.as_mut(), &[("pixels", &px)], &subject.caption_ids, &opts, &mut |_| {})?;
                 if r > 0 {
                     samples.push(timings.total_ms);
                 }
@@ -306,8 +311,8 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         model: subject.label.clone(),
         preset: subject.preset.clone(),
         seed: args.seed,
-        parameters: blip2.weights.parameters(),
-        weight_bytes: blip2.weights.parameters() * 2,
+        parameters: family.weights().parameters(),
+        weight_bytes: family.weights().parameters() * 2,
         batch: b,
         new_tokens: n,
         repeats,
@@ -331,60 +336,56 @@ struct StageTimes {
     caption: Vec<f64>,
 }
 
-fn repeat_ids(ids: &[u32], batch: usize) -> Vec<u32> {
-    (0..batch).flat_map(|_| ids.iter().copied()).collect()
-}
-
-fn time_stages(exec: &mut dyn Executor, plan: &Blip2Plan, pixels: &[f32], ids: &[u32], opts: &GenerateOptions, repeats: usize) -> Result<StageTimes> {
-    let b = plan.batch;
+/// Stage timings through the generation loop itself: whole captions by wall clock, then the
+/// same loop with every phase timed by `Executor::run_timed`.
+fn time_stages(exec: &mut dyn Executor, plan: &Plan, pixels: &[f32], ids: &[u32], opts: &GenerateOptions, repeats: usize) -> Result<StageTimes> {
     let mut t = StageTimes { vision: vec![], qformer: vec![], prefill: vec![], decode: vec![], first_token: vec![], caption: vec![] };
     // Whole captions: warm-up (also warms every phase for the per-stage timings), then timed.
     for r in 0..=repeats {
-        let (_, timings) = generate(plan, exec, pixels, ids, opts, &mut |_| {})?;
+        let (_, timings) = generate(plan, exec, &[("pixels", pixels)], ids, opts, &mut |_| {})?;
         if r > 0 {
             t.first_token.push(timings.first_token_ms);
             t.caption.push(timings.total_ms);
         }
     }
-    let tokens = repeat_ids(ids, b);
     for _ in 0..repeats {
-        exec.write(plan.pixels, pixels)?;
-        t.vision.push(exec.run_timed(&plan.vision)?);
-        t.qformer.push(exec.run_timed(&plan.qformer)?);
-        exec.set_tokens(&tokens);
-        exec.set_position(0);
-        t.prefill.push(exec.run_timed(&plan.prefill)?);
-        let mut chosen = exec.greedy(plan.prefill_logits, plan.prefill_logit_rows)?;
-        for step in 0..plan.max_new_tokens - 1 {
-            let next: Vec<u32> = chosen.iter().map(|&(tok, _)| tok).collect();
-            exec.set_tokens(&next);
-            exec.set_position(plan.prompt_len + step);
-            t.decode.push(exec.run_timed(&plan.decode)?);
-            chosen = exec.greedy(plan.decode_logits, b)?;
-        }
+        let mut on_phase = |name: &str, ms: f64| {
+            match name {
+                "vision" => t.vision.push(ms),
+                "qformer" => t.qformer.push(ms),
+                "prefill" => t.prefill.push(ms),
+                "decode" => t.decode.push(ms),
+                _ => {}
+            }
+            true
+        };
+        let mut hooks = Hooks { on_token: &mut |_| {}, on_phase: Some(&mut on_phase) };
+        generate_with(plan, exec, &[("pixels", pixels)], ids, opts, &mut hooks)?;
     }
     Ok(t)
 }
 
-fn time_prefill(exec: &mut dyn Executor, plan: &Blip2Plan, pixels: &[f32], ids: &[u32], repeats: usize) -> Result<Vec<f64>> {
-    exec.write(plan.pixels, pixels)?;
-    exec.run(&plan.vision)?;
-    exec.run(&plan.qformer)?;
-    let tokens = repeat_ids(ids, plan.batch);
+/// Prefill alone: the loop stops after the prefill phase (the encoders run untimed once per repeat).
+fn time_prefill(exec: &mut dyn Executor, plan: &Plan, pixels: &[f32], ids: &[u32], opts: &GenerateOptions, repeats: usize) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for r in 0..=repeats {
-        exec.set_tokens(&tokens);
-        exec.set_position(0);
-        let ms = exec.run_timed(&plan.prefill)?;
-        if r > 0 {
-            out.push(ms);
-        }
+        let mut on_phase = |name: &str, ms: f64| {
+            if name != "prefill" {
+                return true;
+            }
+            if r > 0 {
+                out.push(ms);
+            }
+            false
+        };
+        let mut hooks = Hooks { on_token: &mut |_| {}, on_phase: Some(&mut on_phase) };
+        generate_with(plan, exec, &[("pixels", pixels)], ids, opts, &mut hooks)?;
     }
     Ok(out)
 }
 
 /// Why a plan's buffers would not fit in free memory (None: they fit, or it is unknown).
-fn does_not_fit(backend: &Backend, plan: &Blip2Plan, act_bytes: f64) -> Option<String> {
+fn does_not_fit(backend: &Backend, plan: &Plan, act_bytes: f64) -> Option<String> {
     let need = plan.graph.buffers.iter().map(|d| (d.rows * d.cols) as f64).sum::<f64>() * act_bytes;
     let free = match backend {
         Backend::Cpu => mem_available_bytes()?,
@@ -519,7 +520,7 @@ impl CostModel {
         let q = &self.cfg.qformer_config;
         let (bf, nq, dq, iq) = (b as f64, self.cfg.num_query_tokens as f64, q.hidden_size as f64, q.intermediate_size as f64);
         let (t, dv) = (self.cfg.vision_config.num_positions() as f64, q.encoder_hidden_size as f64);
-        let dt = self.cfg.text_config.hidden_size as f64;
+        let dt = self.cfg.text_config.hidden_size() as f64;
         let mut flops = 0.0;
         for l in 0..q.num_hidden_layers {
             flops += 2.0 * bf * nq * 4.0 * dq * dq + 4.0 * bf * nq * nq * dq;
@@ -535,7 +536,7 @@ impl CostModel {
 
     /// Per-token decoder work excluding attention over the cache: [Linear FLOPs per row, lm_head FLOPs per row].
     fn decoder_linear_flops(&self) -> (f64, f64) {
-        let c = &self.cfg.text_config;
+        let TextConfig::Opt(c) = &self.cfg.text_config;
         let (h, f, e, v) = (c.hidden_size as f64, c.ffn_dim as f64, c.embed_dim() as f64, c.vocab_size as f64);
         let proj = if c.embed_dim() != c.hidden_size { 2.0 * 2.0 * e * h } else { 0.0 };
         (c.num_hidden_layers as f64 * 2.0 * (4.0 * h * h + 2.0 * h * f) + proj, 2.0 * e * v)
@@ -543,7 +544,7 @@ impl CostModel {
 
     /// Prefill of `p` tokens per item: logits for the last row only.
     pub fn prefill(&self, b: usize, p: usize) -> Cost {
-        let c = &self.cfg.text_config;
+        let TextConfig::Opt(c) = &self.cfg.text_config;
         let (bf, pf, h, l) = (b as f64, p as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
         let (lin, head) = self.decoder_linear_flops();
         let attn = l * 4.0 * bf * h * pf * (pf + 1.0) / 2.0;
@@ -559,7 +560,7 @@ impl CostModel {
 
     /// One decode step with `pos` tokens already cached.
     pub fn decode(&self, b: usize, pos: usize) -> Cost {
-        let c = &self.cfg.text_config;
+        let TextConfig::Opt(c) = &self.cfg.text_config;
         let (bf, h, l) = (b as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
         let kv = (pos + 1) as f64;
         let (lin, head) = self.decoder_linear_flops();

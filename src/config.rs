@@ -25,10 +25,19 @@ pub fn from_json_slice<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result
 
 /// Deserializes an already parsed JSON value, naming the offending field in the error.
 pub fn from_json_value<T: DeserializeOwned>(value: &Value, path: &Path) -> Result<T> {
+    from_json_value_at(value, path, "")
+}
+
+/// [`from_json_value`] for a section of a file: field names in errors get `prefix` (`text_config.`).
+fn from_json_value_at<T: DeserializeOwned>(value: &Value, path: &Path, prefix: &str) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         // Valid JSON holding a value of the wrong type: a config error about that field.
-        let msg = if field == "." { e.inner().to_string() } else { format!("`{field}`: {}", e.inner()) };
+        let msg = match (field.as_str(), prefix) {
+            (".", "") => e.inner().to_string(),
+            (".", p) => format!("`{}`: {}", p.trim_end_matches('.'), e.inner()),
+            (f, p) => format!("`{p}{f}`: {}", e.inner()),
+        };
         Error::config(path, msg)
     })
 }
@@ -291,6 +300,99 @@ impl OptConfig {
     pub const POSITION_OFFSET: usize = 2;
 }
 
+/// `text_config`: the language model, one variant per decoder kind glimpse runs. LLaMA and T5
+/// decoders are parsed to a clear "not supported yet" until their families land.
+#[derive(Debug, Clone)]
+pub enum TextConfig {
+    Opt(OptConfig),
+}
+
+impl Default for TextConfig {
+    /// transformers' BLIP-2 default text config is OPT's.
+    fn default() -> Self {
+        TextConfig::Opt(OptConfig::default())
+    }
+}
+
+impl TextConfig {
+    /// The decoder kinds transformers may name in `text_config.model_type` that glimpse knows of
+    /// but does not run yet.
+    const NOT_YET: &'static [&'static str] = &["llama", "mistral", "vicuna", "t5", "mt5"];
+
+    /// Parses a `text_config` object by its `model_type` (`opt` when absent, as transformers);
+    /// `path` names the file in errors.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        match Self::kind(value).map_err(|m| Error::config(path, m))?.as_str() {
+            "opt" => Ok(TextConfig::Opt(from_json_value_at(value, path, "text_config.")?)),
+            other => Err(Error::Unsupported(format!("{}: {}", path.display(), Self::unsupported(other)))),
+        }
+    }
+
+    fn kind(value: &Value) -> Result<String, String> {
+        match value.get("model_type") {
+            None | Some(Value::Null) => Ok("opt".into()),
+            Some(Value::String(t)) => Ok(t.clone()),
+            Some(other) => Err(field_error("text_config.model_type", other, "it must be a string such as \"opt\"")),
+        }
+    }
+
+    fn unsupported(kind: &str) -> String {
+        let known = if Self::NOT_YET.contains(&kind) { " (planned)" } else { "" };
+        format!("text_config.model_type `{kind}` is not supported yet{known}: glimpse runs OPT language models so far")
+    }
+
+    pub fn model_type(&self) -> &str {
+        match self {
+            TextConfig::Opt(c) => &c.model_type,
+        }
+    }
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            TextConfig::Opt(c) => c.hidden_size,
+        }
+    }
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            TextConfig::Opt(c) => c.vocab_size,
+        }
+    }
+    pub fn max_position_embeddings(&self) -> usize {
+        match self {
+            TextConfig::Opt(c) => c.max_position_embeddings,
+        }
+    }
+    pub fn eos_token_id(&self) -> Option<&TokenIds> {
+        match self {
+            TextConfig::Opt(c) => c.eos_token_id.as_ref(),
+        }
+    }
+    /// `max_new_tokens` kept on the text config (the language model's generation config reads it).
+    pub fn max_new_tokens(&self) -> Option<usize> {
+        match self {
+            TextConfig::Opt(c) => c.max_new_tokens,
+        }
+    }
+    /// The OPT config, or an error naming the decoder kind (for OPT-only code such as synth).
+    pub fn opt(&self) -> Result<&OptConfig> {
+        match self {
+            TextConfig::Opt(c) => Ok(c),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TextConfig {
+    /// For configs built in code (synth presets); config.json goes through [`TextConfig::from_value`],
+    /// whose errors name the field.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let value = Value::deserialize(d)?;
+        match Self::kind(&value).map_err(D::Error::custom)?.as_str() {
+            "opt" => serde_json::from_value(value).map(TextConfig::Opt).map_err(D::Error::custom),
+            other => Err(D::Error::custom(Self::unsupported(other))),
+        }
+    }
+}
+
 /// `config.json` of a `Blip2ForConditionalGeneration` checkpoint.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Blip2Config {
@@ -299,7 +401,7 @@ pub struct Blip2Config {
     #[serde(default)]
     pub qformer_config: QFormerConfig,
     #[serde(default)]
-    pub text_config: OptConfig,
+    pub text_config: TextConfig,
     #[serde(default = "default_num_query_tokens")]
     pub num_query_tokens: usize,
     #[serde(default, alias = "image_token_id")]
@@ -333,15 +435,13 @@ impl ModelConfig {
         if !value.is_object() {
             return Err(Error::config(path, "the file is not a JSON object: is this a Hugging Face config.json?"));
         }
-        match value.get("model_type") {
-            Some(Value::String(t)) if t == "blip-2" => Ok(ModelConfig::Blip2(Blip2Config::from_value(&value, path)?)),
-            Some(Value::String(other)) => Err(Error::Unsupported(format!(
-                "{}: model_type `{other}` (architectures {}); glimpse runs blip-2 (OPT) checkpoints",
-                path.display(),
-                value.get("architectures").map_or("none".to_string(), |a| a.to_string())
-            ))),
-            Some(other) => Err(Error::config(path, field_error("model_type", other, "it must be a string such as \"blip-2\""))),
-            None => Err(Error::config(path, "no `model_type` field: is this a Hugging Face config.json?")),
+        crate::models::parse_config(&value, path)
+    }
+
+    /// The BLIP-2 config, if this is one (for BLIP-2-only tools such as `bench`).
+    pub fn as_blip2(&self) -> Option<&Blip2Config> {
+        match self {
+            ModelConfig::Blip2(c) => Some(c),
         }
     }
 }
@@ -351,11 +451,8 @@ impl Blip2Config {
     /// The language model's kind is checked before its fields are read, so a T5 checkpoint gets
     /// "not supported" rather than a field error about OPT.
     pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
-        let text_type = match value.get("text_config").and_then(|t| t.get("model_type")) {
-            None | Some(Value::Null) => "opt".to_string(), // transformers' default text config
-            Some(Value::String(t)) => t.clone(),
-            Some(other) => return Err(Error::config(path, field_error("text_config.model_type", other, "it must be a string such as \"opt\""))),
-        };
+        let text_value = value.get("text_config").filter(|t| !t.is_null());
+        let text_type = TextConfig::kind(text_value.unwrap_or(&Value::Null)).map_err(|m| Error::config(path, m))?;
         let decoder_only = match value.get("use_decoder_only_language_model") {
             None | Some(Value::Null) => None,
             Some(Value::Bool(b)) => Some(*b),
@@ -375,13 +472,18 @@ impl Blip2Config {
                 path.display()
             )));
         }
-        if text_type != "opt" {
-            return Err(Error::Unsupported(format!(
-                "{}: text_config.model_type `{text_type}` is not supported yet (glimpse runs BLIP-2 with OPT)",
-                path.display()
-            )));
+        // The language model is parsed by its kind, so a T5 text config gets "not supported"
+        // rather than a field error about OPT.
+        let text_config = match text_value {
+            Some(t) => TextConfig::from_value(t, path)?,
+            None => TextConfig::default(),
+        };
+        let mut rest = value.clone();
+        if let Some(obj) = rest.as_object_mut() {
+            obj.remove("text_config");
         }
-        let mut cfg: Blip2Config = from_json_value(value, path)?;
+        let mut cfg: Blip2Config = from_json_value(&rest, path)?;
+        cfg.text_config = text_config;
         // transformers' Blip2Config overwrites it: the Q-Former cross-attends to the vision output.
         cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
         cfg.validate(path)?;
@@ -394,7 +496,8 @@ impl Blip2Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        let (v, q, t) = (&self.vision_config, &self.qformer_config, &self.text_config);
+        let (v, q) = (&self.vision_config, &self.qformer_config);
+        let TextConfig::Opt(t) = &self.text_config;
         if self.use_decoder_only_language_model == Some(false) {
             return Err(field_error(
                 "use_decoder_only_language_model",

@@ -81,25 +81,26 @@ pub fn run(model_dir: &Path, reference: &Path, device: Device, emulation: Fp16Em
         return Err(Error::InvalidInput(format!("{}: logits shape {lshape:?} for {rows} ids", reference.display())));
     }
 
-    let plan = model.blip2.plan(1, rows, 1, true)?;
+    let plan = model.family.plan(1, rows, 1, true)?;
     let mut exec: Box<dyn crate::backend::Executor> = if emulation == Fp16Emulation::Off {
         model.executor(&plan.graph)?
     } else {
         if model.backend_name() != "cpu" {
             return Err(Error::InvalidInput("fp16 emulation runs on the CPU executor: pass --device cpu".into()));
         }
-        let mut cpu = crate::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(&model.blip2.weights), &plan.graph.buffers);
+        let mut cpu = crate::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &plan.graph.buffers);
         let keep_qformer = emulation == Fp16Emulation::KeepQFormerF32;
         cpu.emulate_fp16(|name| keep_qformer && name.starts_with("qformer."));
         Box::new(cpu)
     };
-    exec.write(plan.pixels, &pixels)?;
-    exec.run(&plan.vision)?;
-    exec.run(&plan.qformer)?;
+    exec.write(plan.input("pixels")?, &pixels)?;
+    for phase in &plan.encoders {
+        exec.run(phase)?;
+    }
     exec.set_tokens(&ids);
     exec.set_position(0);
-    exec.run(&plan.prefill)?;
-    let ours = exec.read(plan.prefill_logits, rows)?;
+    exec.run(&plan.prefill.phase)?;
+    let ours = exec.read(plan.prefill.logits, rows)?;
 
     let glimpse_vs_fp32 = distance(&ours, &fp32, vocab);
     let transformers_fp16_vs_fp32 = distance(&fp16, &fp32, vocab);

@@ -242,7 +242,7 @@ fn specs(cfg: &Blip2Config) -> Vec<Spec> {
         add_linear(&mut add, &format!("{l}.output_query.dense"), q.intermediate_size, dq, 1.0);
         add_norm(&mut add, &format!("{l}.output_query.LayerNorm"), dq);
     }
-    let t = &cfg.text_config;
+    let crate::config::TextConfig::Opt(t) = &cfg.text_config;
     let h = t.hidden_size;
     add_linear(&mut add, "language_projection", dq, h, 1.0);
 
@@ -486,7 +486,7 @@ pub fn tokenizer_json(image_token: u32, eos: u32) -> Result<Value> {
 
 /// The tokenizer of a preset, in memory (for `glimpse bench --preset`).
 pub fn tokenizer(cfg: &Blip2Config) -> Result<tokenizers::Tokenizer> {
-    let eos = cfg.text_config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
+    let eos = cfg.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
     let json = tokenizer_json(cfg.image_token(), eos)?;
     json.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| Error::Tokenizer(e.to_string()))
 }
@@ -526,7 +526,7 @@ fn processor_config_json(cfg: &Blip2Config) -> Value {
 }
 
 fn generation_config_json(cfg: &Blip2Config) -> Value {
-    let eos = cfg.text_config.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default();
+    let eos = cfg.text_config.eos_token_id().map(|e| e.to_vec()).unwrap_or_default();
     json!({
         "bos_token_id": 2,
         "do_sample": false,
@@ -578,7 +578,7 @@ pub fn write_folder(name: &str, out: &Path, seed: u64) -> Result<()> {
     config["glimpse_synth"]["seed"] = json!(seed);
     write_json(&out.join("config.json"), &config)?;
     write_json(&out.join("generation_config.json"), &generation_config_json(&cfg))?;
-    let eos = cfg.text_config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
+    let eos = cfg.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
     write_json(&out.join("tokenizer.json"), &tokenizer_json(cfg.image_token(), eos)?)?;
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config_json())?;
     write_json(&out.join("processor_config.json"), &processor_config_json(&cfg))?;

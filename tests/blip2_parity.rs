@@ -51,7 +51,7 @@ fn load(model: &str) -> Model {
 /// Vision, Q-Former, projection and full prefill logits of every case.
 fn check_stages(model_name: &str) {
     let model = load(model_name);
-    let errors = common::stage_errors(&model, model_name, |g| Box::new(CpuExecutor::new(Arc::clone(&model.blip2.weights), &g.buffers)));
+    let errors = common::stage_errors(&model, model_name, |g| Box::new(CpuExecutor::new(Arc::clone(model.family.weights()), &g.buffers)));
     assert!(!errors.is_empty());
     for (case, stage, max, rel) in errors {
         assert!(rel <= STAGE_REL && max <= STAGE_ABS, "{case}: {stage}: rel {rel:e} max abs {max:e}");

@@ -34,7 +34,7 @@ fn parse_err(cfg: &Value) -> String {
 
 #[test]
 fn fixture_config_is_valid() {
-    let ModelConfig::Blip2(cfg) = parse(&fixture_config()).unwrap();
+    let cfg = parse(&fixture_config()).unwrap().as_blip2().cloned().unwrap();
     assert_eq!((cfg.vision_config.image_size, cfg.qformer_config.cross_attention_frequency, cfg.image_token()), (224, 2, 800));
 }
 
@@ -133,7 +133,7 @@ fn other_model_types_and_non_configs() {
 /// config.json says.
 #[test]
 fn qformer_encoder_hidden_size_follows_the_vision_model() {
-    let ModelConfig::Blip2(cfg) = parse(&mutated("/qformer_config/encoder_hidden_size", json!(999))).unwrap();
+    let cfg = parse(&mutated("/qformer_config/encoder_hidden_size", json!(999))).unwrap().as_blip2().cloned().unwrap();
     assert_eq!(cfg.qformer_config.encoder_hidden_size, 176);
 }
 
@@ -142,7 +142,7 @@ fn qformer_encoder_hidden_size_follows_the_vision_model() {
 fn repeated_keys_keep_the_last_value() {
     let text = std::fs::read_to_string(common::model_dir("blip2-opt-tiny").join("config.json")).unwrap();
     let text = text.replacen("\"num_query_tokens\": 32,", "\"num_query_tokens\": 0, \"num_query_tokens\": 32,", 1);
-    let ModelConfig::Blip2(cfg) = ModelConfig::from_slice(text.as_bytes(), Path::new("config.json")).unwrap();
+    let cfg = ModelConfig::from_slice(text.as_bytes(), Path::new("config.json")).unwrap().as_blip2().cloned().unwrap();
     assert_eq!(cfg.num_query_tokens, 32);
 }
 
@@ -371,11 +371,11 @@ fn zero_new_tokens_is_rejected_by_the_library() {
 /// and empty questions are valid prompts there and here.
 #[test]
 fn question_is_kept_verbatim() {
-    assert_eq!(glimpse::api::question_prompt("  what is it? "), "Question:   what is it?  Answer:");
-    assert_eq!(glimpse::api::question_prompt(""), "Question:  Answer:");
     let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
-    let padded = model.input_ids(Some(&glimpse::api::question_prompt(" what? "))).unwrap();
-    let trimmed = model.input_ids(Some(&glimpse::api::question_prompt("what?"))).unwrap();
+    assert_eq!(model.question_prompt("  what is it? "), "Question:   what is it?  Answer:");
+    assert_eq!(model.question_prompt(""), "Question:  Answer:");
+    let padded = model.input_ids(Some(&model.question_prompt(" what? "))).unwrap();
+    let trimmed = model.input_ids(Some(&model.question_prompt("what?"))).unwrap();
     assert_ne!(padded, trimmed, "the spaces reach the tokenizer");
     let image = common::image("wide_301x97.png");
     for q in ["", "   "] {

@@ -14,7 +14,7 @@ use glimpse::{Device, Model};
 use common::{GPU_LOGPROB_ABS as LOGPROB_ABS, GPU_MARGIN as MARGIN, GPU_STAGE_REL as STAGE_REL};
 
 fn executor(model: &Model, graph: &glimpse::graph::Graph, keep_qformer_f32: bool) -> CpuExecutor {
-    let mut exec = CpuExecutor::new(Arc::clone(&model.blip2.weights), &graph.buffers);
+    let mut exec = CpuExecutor::new(Arc::clone(model.family.weights()), &graph.buffers);
     exec.emulate_fp16(|name| keep_qformer_f32 && name.starts_with("qformer."));
     exec
 }
@@ -54,10 +54,10 @@ fn fp16_greedy_tokens_meet_the_gpu_test_bars() {
         for case in g["cases"].as_array().unwrap() {
             let px = model.preprocess(&common::image(case["image"].as_str().unwrap())).unwrap();
             let ids = model.input_ids(case["prompt"].as_str()).unwrap();
-            let new_tokens = opts.new_tokens(ids.len(), model.blip2.decoder.max_positions()).unwrap();
-            let plan = model.blip2.plan(1, ids.len(), new_tokens, false).unwrap();
+            let new_tokens = opts.new_tokens(ids.len(), model.family.max_positions()).unwrap();
+            let plan = model.family.plan(1, ids.len(), new_tokens, false).unwrap();
             let mut exec = executor(&model, &plan.graph, false);
-            let (seqs, _) = glimpse::generate::generate(&plan, &mut exec, &px.data, &ids, &opts, &mut |_| {}).unwrap();
+            let (seqs, _) = glimpse::generate::generate(&plan, &mut exec, &[("pixels", &px.data)], &ids, &opts, &mut |_| {}).unwrap();
             let (want, margins, logprobs) =
                 (common::ids(&case["generated_ids"]), common::floats(&case["top2_margin"]), common::floats(&case["logprobs"]));
             total += want.len();

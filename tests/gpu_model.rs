@@ -123,10 +123,10 @@ fn cuda_concurrent_executors_equal_sequential() {
     let ids = model.input_ids(None).unwrap();
     let caption = |image: &str| -> (Vec<u32>, Vec<f64>) {
         let px = model.preprocess(&common::image(image)).unwrap();
-        let new_tokens = opts.new_tokens(ids.len(), model.blip2.decoder.max_positions()).unwrap();
-        let plan = model.blip2.plan(1, ids.len(), new_tokens, false).unwrap();
+        let new_tokens = opts.new_tokens(ids.len(), model.family.max_positions()).unwrap();
+        let plan = model.family.plan(1, ids.len(), new_tokens, false).unwrap();
         let mut exec = model.executor(&plan.graph).unwrap();
-        let (mut seqs, _) = glimpse::generate::generate(&plan, exec.as_mut(), &px.data, &ids, &opts, &mut |_| {}).unwrap();
+        let (mut seqs, _) = glimpse::generate::generate(&plan, exec.as_mut(), &[("pixels", &px.data)], &ids, &opts, &mut |_| {}).unwrap();
         let seq = seqs.remove(0);
         (seq.tokens, seq.logprobs)
     };
@@ -184,20 +184,20 @@ fn lockstep(model: &Model, make_candidate: impl FnOnce(&glimpse::graph::Graph) -
     let px = model.preprocess(&common::image("rgba_150x120.png")).unwrap();
     let ids = model.input_ids(Some("Question: what is in the picture? Answer:")).unwrap();
     let new_tokens = 3;
-    let plan = model.blip2.plan(1, ids.len(), new_tokens, false).unwrap();
+    let plan = model.family.plan(1, ids.len(), new_tokens, false).unwrap();
     let mut cand = make_candidate(&plan.graph);
-    let mut cpu = CpuExecutor::new(std::sync::Arc::clone(&model.blip2.weights), &plan.graph.buffers);
+    let mut cpu = CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &plan.graph.buffers);
     cpu.emulate_fp16(|_| false);
     let rows = |b: Buf| plan.graph.buffers[b.0].rows;
-    cpu.write(plan.pixels, &px.data).unwrap();
+    cpu.write(plan.input("pixels").unwrap(), &px.data).unwrap();
     // Same starting contents everywhere (device memory starts undefined).
     for i in 0..plan.graph.buffers.len() {
         cand.write(Buf(i), &cpu.read(Buf(i), rows(Buf(i))).unwrap()).unwrap();
     }
-    let mut steps: Vec<(&Phase, Vec<u32>, usize)> =
-        vec![(&plan.vision, vec![], 0), (&plan.qformer, vec![], 0), (&plan.prefill, ids.clone(), 0)];
+    let mut steps: Vec<(&Phase, Vec<u32>, usize)> = plan.encoders.iter().map(|p| (p, vec![], 0)).collect();
+    steps.push((&plan.prefill.phase, ids.clone(), 0));
     for s in 0..new_tokens - 1 {
-        steps.push((&plan.decode, vec![5 + s as u32], ids.len() + s));
+        steps.push((&plan.decode.phase, vec![5 + s as u32], ids.len() + s));
     }
     let mut checked = 0;
     for (phase, tokens, position) in steps {
@@ -242,6 +242,6 @@ fn cuda_every_op_matches_cpu_in_lockstep() {
 #[test]
 fn lockstep_harness_accepts_the_f32_reference() {
     let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
-    let checked = lockstep(&model, |g| Box::new(glimpse::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(&model.blip2.weights), &g.buffers)));
+    let checked = lockstep(&model, |g| Box::new(glimpse::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &g.buffers)));
     assert!(checked > 50, "{checked}");
 }

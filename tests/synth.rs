@@ -15,7 +15,7 @@ fn tiny_round_trips_through_a_folder() {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts a synth folder");
-    assert_eq!(model.blip2.weights.parameters(), parameter_count(&preset("tiny").unwrap()));
+    assert_eq!(model.family.weights().parameters(), parameter_count(&preset("tiny").unwrap()));
     let mut opts = model.default_options();
     assert_eq!(opts.eos_token_ids, vec![202]);
     opts.max_new_tokens = Some(5);
@@ -41,16 +41,17 @@ fn parameter_counts_match_transformers() {
 #[test]
 fn presets_have_the_real_shapes() {
     let c = preset("blip2-opt-2.7b").unwrap();
-    let (v, q, t) = (&c.vision_config, &c.qformer_config, &c.text_config);
+    let (v, q, t) = (&c.vision_config, &c.qformer_config, c.text_config.opt().unwrap());
     assert_eq!((v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size, v.patch_size), (1408, 39, 16, 6144, 224, 14));
     assert_eq!((q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.intermediate_size, q.cross_attention_frequency, q.encoder_hidden_size), (768, 12, 12, 3072, 2, 1408));
     assert_eq!((t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.ffn_dim, t.vocab_size, t.max_position_embeddings), (2560, 32, 32, 10240, 50304, 2048));
     assert_eq!((c.image_token(), c.num_query_tokens, t.bos_token_id, t.pad_token_id), (50265, 32, Some(2), Some(1)));
     assert_eq!(t.eos_token_id.as_ref().unwrap().to_vec(), vec![50118]);
     let c = preset("blip2-opt-6.7b").unwrap();
-    assert_eq!((c.text_config.hidden_size, c.text_config.ffn_dim, c.text_config.num_hidden_layers), (4096, 16384, 32));
+    let t = c.text_config.opt().unwrap();
+    assert_eq!((t.hidden_size, t.ffn_dim, t.num_hidden_layers), (4096, 16384, 32));
     let c = preset("tiny").unwrap();
-    assert_eq!((c.vision_config.head_dim(), c.qformer_config.head_dim(), c.text_config.head_dim(), c.vision_config.num_positions()), (88, 64, 80, 257));
+    assert_eq!((c.vision_config.head_dim(), c.qformer_config.head_dim(), c.text_config.opt().unwrap().head_dim(), c.vision_config.num_positions()), (88, 64, 80, 257));
     assert_eq!(PRESETS.len(), 3);
 }
 
@@ -107,7 +108,7 @@ fn tokenizer_puts_image_token_at_its_index() {
         let tok = tokenizer(&cfg).unwrap();
         assert_eq!(tok.token_to_id("<image>"), Some(cfg.image_token()), "{name}");
         assert_eq!(tok.get_vocab_size(true), cfg.image_token() as usize + 1, "{name}");
-        let eos = cfg.text_config.eos_token_id.as_ref().unwrap().to_vec()[0];
+        let eos = cfg.text_config.eos_token_id().unwrap().to_vec()[0];
         assert_eq!(tok.id_to_token(eos).as_deref(), Some("Ċ"), "{name}: EOS is the newline token");
         let ids = tok.encode(glimpse::synth::VQA_PROMPT, true).unwrap().get_ids().to_vec();
         assert_eq!(ids.len(), 9, "{name}: BOS + 8 tokens, as OPT's tokenizer gives: {ids:?}");

@@ -6,7 +6,6 @@ pub mod cuda;
 
 use std::sync::Arc;
 
-use crate::api::Device;
 use crate::error::{Error, Result};
 use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, Graph, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
@@ -44,22 +43,101 @@ pub trait Executor: Send {
         self.synchronize()?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
-    /// Greedy choice per row of `logits` (`[rows, vocab]`): the argmax (ties to the lowest id,
-    /// as torch) and its log-softmax value. Executors on a device override this so only ids
-    /// and log-probs leave it.
-    fn greedy(&mut self, logits: Buf, rows: usize) -> Result<Vec<(u32, f64)>> {
+    /// The `k` most likely tokens of each of the first `rows` rows of `logits` (`[rows, vocab]`),
+    /// best first, with their log-softmax values (natural log, over the raw fp32-widened
+    /// logits): greedy decoding is `k = 1`, beam search takes `2 * num_beams`, sampling takes
+    /// its top-k window (or the whole vocabulary). Equal logits rank by lower id, so `k = 1` is
+    /// torch's argmax (first max). The default reads the rows and ranks them on the host;
+    /// executors on a device override it so only ids and log-probs leave the device.
+    fn top_k(&mut self, logits: Buf, rows: usize, k: usize) -> Result<Vec<Vec<Candidate>>> {
         let all = self.read(logits, rows)?;
-        let vocab = all.len() / rows.max(1);
-        Ok(all
-            .chunks(vocab.max(1))
-            .map(|row| {
-                let t = cpu::ops::argmax(row);
-                (t as u32, cpu::ops::log_prob(row, t))
-            })
-            .collect())
+        Ok(host_top_k(&all, rows, k))
     }
+    /// Reorders whole sequences of the given buffers (KV caches, typically): afterwards
+    /// sequence `b` (rows `b * rows_per_seq ..`) of each buffer holds what sequence `from[b]`
+    /// held before. `from` may repeat and drop sequences (beam search keeps the best beams),
+    /// and has one entry per sequence the buffers hold.
+    fn reorder_sequences(&mut self, bufs: &[Buf], rows_per_seq: usize, from: &[usize]) -> Result<()>;
     /// A short name for messages and JSON output ("cpu", "cuda").
     fn device_name(&self) -> String;
+}
+
+/// One ranked token of a logit row: its id and log-probability.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub token: u32,
+    pub logprob: f64,
+}
+
+/// [`Executor::top_k`] over rows already on the host: log-softmax of each row (in f64, as
+/// [`cpu::ops::log_prob`]) and its `k` best ids, ties to the lower id.
+pub fn host_top_k(all: &[f32], rows: usize, k: usize) -> Vec<Vec<Candidate>> {
+    let vocab = all.len() / rows.max(1);
+    all.chunks(vocab.max(1))
+        .take(rows)
+        .map(|row| {
+            if k == 1 {
+                // The common greedy case without a sort: first max, as torch.argmax.
+                let t = cpu::ops::argmax(row);
+                return vec![Candidate { token: t as u32, logprob: cpu::ops::log_prob(row, t) }];
+            }
+            // Ranked with total_cmp (NaN above every number, as torch.topk); ties to the lower id.
+            let rank = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+            let mut ids: Vec<usize> = (0..row.len()).collect();
+            let k = k.min(row.len());
+            if k < ids.len() {
+                ids.select_nth_unstable_by(k, rank);
+                ids.truncate(k);
+            }
+            ids.sort_by(rank);
+            // The log-sum-exp once per row, computed exactly as `log_prob` does.
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+            ids.into_iter().map(|t| Candidate { token: t as u32, logprob: row[t] as f64 - lse }).collect()
+        })
+        .collect()
+}
+
+/// Checks a [`Executor::reorder_sequences`] request against the buffers' shapes.
+pub fn validate_reorder(descs: &[BufferDesc], bufs: &[Buf], rows_per_seq: usize, from: &[usize]) -> Result<()> {
+    for &b in bufs {
+        let d = descs.get(b.0).ok_or_else(|| invalid(format!("reorder_sequences: buffer {} does not exist", b.0)))?;
+        let seqs = if rows_per_seq == 0 { 0 } else { d.rows / rows_per_seq };
+        if rows_per_seq == 0 || d.rows % rows_per_seq != 0 || seqs != from.len() {
+            return Err(invalid(format!(
+                "reorder_sequences: buffer `{}` has {} rows, not {} sequences of {rows_per_seq} rows: pass one source index per sequence",
+                d.name,
+                d.rows,
+                from.len()
+            )));
+        }
+        if let Some(i) = from.iter().find(|&&i| i >= seqs) {
+            return Err(invalid(format!("reorder_sequences: source sequence {i} of buffer `{}` is outside its {seqs} sequences", d.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    /// CUDA when a usable GPU and the CUDA executor are present, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            "auto" => Ok(Device::Auto),
+            _ => Err(Error::InvalidInput(format!("unknown device `{s}` (cpu, cuda or auto)"))),
+        }
+    }
 }
 
 /// Where a model's graphs run: the CPU reference, or one GPU with the weights uploaded once.

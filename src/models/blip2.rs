@@ -1,48 +1,27 @@
 //! `Blip2ForConditionalGeneration`: vision encoder -> Q-Former -> language projection, whose
 //! outputs replace the image-token embeddings of the OPT decoder's input.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::opt::{KvCache, OptDecoder};
 use super::qformer::QFormer;
 use super::vit::VisionModel;
-use super::Loader;
-use crate::config::Blip2Config;
+use super::{Family, Loader};
+use crate::config::{Blip2Config, ModelConfig, PreprocessorConfig, TextConfig};
 use crate::error::{Error, Result};
-use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
+use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
+use crate::graph::{Activation, Graph, Linear, Phase, WeightTable};
 use crate::weights::Checkpoint;
 
 pub struct Blip2 {
     pub cfg: Blip2Config,
+    config: ModelConfig,
     pub weights: Arc<WeightTable>,
     pub vision: VisionModel,
     pub qformer: QFormer,
     language_projection: Linear,
     pub decoder: OptDecoder,
-}
-
-/// The graph of one request shape (batch, prompt length, KV capacity): buffers plus the ops of
-/// each phase, built once and run by any executor.
-pub struct Blip2Plan {
-    pub graph: Graph,
-    pub batch: usize,
-    pub prompt_len: usize,
-    pub capacity: usize,
-    /// Tokens generated at most (at least 1).
-    pub max_new_tokens: usize,
-    /// `[batch, 3*S*S]` pixel values in.
-    pub pixels: Buf,
-    pub vision_out: Buf,
-    pub qformer_out: Buf,
-    pub image_embeds: Buf,
-    pub vision: Phase,
-    /// Q-Former and language projection.
-    pub qformer: Phase,
-    pub prefill: Phase,
-    pub prefill_logits: Buf,
-    pub prefill_logit_rows: usize,
-    pub decode: Phase,
-    pub decode_logits: Buf,
 }
 
 impl Blip2 {
@@ -52,9 +31,10 @@ impl Blip2 {
         let vision = VisionModel::load(&cfg.vision_config, &mut ld, "vision_model")?;
         let qformer = QFormer::load(&cfg.qformer_config, cfg.num_query_tokens, &mut ld, "qformer")?;
         let language_projection =
-            ld.linear("language_projection", cfg.qformer_config.hidden_size, cfg.text_config.hidden_size, true)?;
-        let decoder = OptDecoder::load(&cfg.text_config, &mut ld, "language_model")?;
-        Ok(Self { cfg: cfg.clone(), weights: Arc::new(table), vision, qformer, language_projection, decoder })
+            ld.linear("language_projection", cfg.qformer_config.hidden_size, cfg.text_config.hidden_size(), true)?;
+        let TextConfig::Opt(text) = &cfg.text_config;
+        let decoder = OptDecoder::load(text, &mut ld, "language_model")?;
+        Ok(Self { cfg: cfg.clone(), config: ModelConfig::Blip2(cfg.clone()), weights: Arc::new(table), vision, qformer, language_projection, decoder })
     }
 
     pub fn image_size(&self) -> usize {
@@ -70,7 +50,7 @@ impl Blip2 {
 
     /// Builds the phases for `batch` images, a decoder input of `prompt_len` tokens (image
     /// tokens included) and up to `max_new_tokens` generated tokens.
-    pub fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Blip2Plan> {
+    pub fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
         if max_new_tokens == 0 {
             return Err(Error::InvalidInput("max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into()));
         }
@@ -100,7 +80,7 @@ impl Blip2 {
 
         // Q-Former + projection: [B*257, Dv] -> [B*32, Dq] -> [B*32, Dt].
         let qformer_out = self.qformer.build(&mut g, vision_out, batch, v.num_positions());
-        let image_embeds = g.buffer("image_embeds", batch * self.cfg.num_query_tokens, self.cfg.text_config.hidden_size);
+        let image_embeds = g.buffer("image_embeds", batch * self.cfg.num_query_tokens, self.cfg.text_config.hidden_size());
         let p = &self.language_projection;
         g.linear(qformer_out, p.weight, p.bias, Activation::None, None, image_embeds, batch * self.cfg.num_query_tokens);
         let qformer = g.take_phase("qformer");
@@ -112,23 +92,98 @@ impl Blip2 {
         let dec = self.decoder.build(&mut g, &cache, 1, None, false, "decode");
         let decode = Phase { replayable: true, ..g.take_phase("decode") };
 
-        Ok(Blip2Plan {
+        let kv = KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };
+        Ok(Plan {
             graph: g,
             batch,
             prompt_len,
             capacity,
             max_new_tokens,
-            pixels,
-            vision_out,
-            qformer_out,
-            image_embeds,
-            vision,
-            qformer,
-            prefill,
-            prefill_logits: pre.logits,
-            prefill_logit_rows: pre.logit_rows,
-            decode,
-            decode_logits: dec.logits,
+            inputs: vec![("pixels", pixels)],
+            encoders: vec![vision, qformer],
+            outputs: vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)],
+            prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
+            decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
+            kv,
         })
+    }
+}
+
+impl Family for Blip2 {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn weights(&self) -> &Arc<WeightTable> {
+        &self.weights
+    }
+
+    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
+        let expected = self.image_size();
+        let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
+        if (out.height, out.width) != (Some(expected), Some(expected)) {
+            let field = if pre.do_center_crop { "crop_size" } else { "size" };
+            return Err(Error::config(
+                path,
+                format!(
+                    "`{field}` is {}, but the vision model takes {expected}x{expected} images (vision_config.image_size in config.json): set {field} to {{\"height\": {expected}, \"width\": {expected}}}",
+                    out.describe()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn image_size(&self) -> usize {
+        Blip2::image_size(self)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.decoder.max_positions()
+    }
+
+    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
+        Blip2::input_ids(self, prompt_ids)
+    }
+
+    /// BLIP-2's VQA template, with the question verbatim: transformers formats the string it is
+    /// given, spaces and all, and an empty question is a valid prompt there too.
+    fn question_prompt(&self, question: &str) -> String {
+        format!("Question: {question} Answer:")
+    }
+
+    /// transformers 5.17's BLIP-2 `generate()` hands over to the language model, whose
+    /// generation config is made from `text_config` (generation_config.json belongs to the
+    /// outer model and is not consulted). So EOS is `text_config.eos_token_id` and the length is
+    /// transformers' default (20 new tokens, capped at `text_config.max_position_embeddings`)
+    /// unless `text_config` sets `max_new_tokens`.
+    fn default_options(&self) -> GenerateOptions {
+        let t = &self.cfg.text_config;
+        GenerateOptions { max_new_tokens: t.max_new_tokens(), eos_token_ids: t.eos_token_id().map(|e| e.to_vec()).unwrap_or_default() }
+    }
+
+    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
+        Blip2::plan(self, batch, prompt_len, max_new_tokens, all_prefill_logits)
+    }
+
+    fn describe(&self) -> Vec<String> {
+        let cfg = &self.cfg;
+        let (v, q) = (&cfg.vision_config, &cfg.qformer_config);
+        let TextConfig::Opt(t) = &cfg.text_config;
+        vec![
+            "family:     BLIP-2 (Blip2ForConditionalGeneration) with an OPT decoder".to_string(),
+            format!(
+                "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
+                v.num_hidden_layers, v.hidden_size, v.num_attention_heads, v.head_dim(), v.intermediate_size, v.image_size, v.patch_size, v.num_positions()
+            ),
+            format!(
+                "q-former:   {} layers, hidden {}, {} heads x {}, cross-attention every {} layers, {} queries",
+                q.num_hidden_layers, q.hidden_size, q.num_attention_heads, q.head_dim(), q.cross_attention_frequency, cfg.num_query_tokens
+            ),
+            format!(
+                "decoder:    OPT, {} layers, hidden {}, {} heads x {}, ffn {}, vocab {}, {} positions",
+                t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.head_dim(), t.ffn_dim, t.vocab_size, t.max_position_embeddings
+            ),
+        ]
     }
 }

@@ -1,15 +1,98 @@
 //! Model definitions, one file per Hugging Face module family; names mirror transformers so
 //! tensor names map 1:1. Each model loads its weights into a [`WeightTable`] once and emits
 //! graph ops; it never touches an executor.
+//!
+//! This file is also the registry: [`FAMILIES`] maps a checkpoint's `model_type` (and its
+//! `architectures`) to the family that parses its config, and [`load`] maps the parsed config
+//! to the [`Family`] that loads, plans, templates prompts and describes it. Adding a model family
+//! means one entry in each, a [`ModelConfig`] variant, and the family's own files
+//! (docs/adding-a-model.md).
 
 pub mod blip2;
 pub mod opt;
 pub mod qformer;
 pub mod vit;
 
-use crate::error::Result;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::config::{ModelConfig, PreprocessorConfig};
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOptions, Plan};
 use crate::graph::{Linear, Norm, WeightTable, W};
 use crate::weights::Checkpoint;
+
+/// A loaded model of one family: everything above the graph that differs between families.
+pub trait Family: Send + Sync {
+    /// The parsed config.json.
+    fn config(&self) -> &ModelConfig;
+    /// Every weight, uploaded once per backend.
+    fn weights(&self) -> &Arc<WeightTable>;
+    /// Checks the image processor's output against what the vision tower takes (`path` names
+    /// the preprocessor file in errors).
+    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()>;
+    /// Side of the square pixel input of the plan's `pixels` input.
+    fn image_size(&self) -> usize;
+    /// Decoder positions (`text_config.max_position_embeddings`): bounds prompt + new tokens.
+    fn max_positions(&self) -> usize;
+    /// The decoder input for tokenized prompt `prompt_ids` (image placeholders, then the prompt).
+    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32>;
+    /// The family's question-answering prompt template applied to `question`.
+    fn question_prompt(&self, question: &str) -> String;
+    /// Generation settings as transformers' `generate()` resolves them for this family.
+    fn default_options(&self) -> GenerateOptions;
+    /// The phases for `batch` inputs, a decoder input of `prompt_len` tokens and up to
+    /// `max_new_tokens` new tokens; `all_prefill_logits` keeps every prefill row's logits.
+    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan>;
+    /// `info` lines after the model path: family, towers, decoder (label padded to 12 columns).
+    fn describe(&self) -> Vec<String>;
+}
+
+/// One registry entry: how to recognise and parse a family's config.json.
+pub struct Entry {
+    /// `model_type` in config.json.
+    pub model_type: &'static str,
+    /// The `architectures` transformers writes for it (for messages; `model_type` decides).
+    pub architectures: &'static [&'static str],
+    /// What it runs, for "glimpse runs ..." messages.
+    pub label: &'static str,
+    /// Parses and validates the whole config.json object.
+    pub parse: fn(&Value, &Path) -> Result<ModelConfig>,
+}
+
+/// Every family glimpse runs.
+pub const FAMILIES: &[Entry] = &[Entry {
+    model_type: "blip-2",
+    architectures: &["Blip2ForConditionalGeneration"],
+    label: "blip-2 (OPT)",
+    parse: |v, p| Ok(ModelConfig::Blip2(crate::config::Blip2Config::from_value(v, p)?)),
+}];
+
+/// Parses a config.json object through the family its `model_type` names.
+pub fn parse_config(value: &Value, path: &Path) -> Result<ModelConfig> {
+    match value.get("model_type") {
+        Some(Value::String(t)) => match FAMILIES.iter().find(|e| e.model_type == t) {
+            Some(entry) => (entry.parse)(value, path),
+            None => Err(Error::Unsupported(format!(
+                "{}: model_type `{t}` (architectures {}); glimpse runs {} checkpoints",
+                path.display(),
+                value.get("architectures").map_or("none".to_string(), |a| a.to_string()),
+                FAMILIES.iter().map(|e| e.label).collect::<Vec<_>>().join(", ")
+            ))),
+        },
+        Some(other) => Err(Error::config(path, format!("`model_type` is {other}: it must be a string such as \"blip-2\""))),
+        None => Err(Error::config(path, "no `model_type` field: is this a Hugging Face config.json?")),
+    }
+}
+
+/// Loads the weights of the family `cfg` belongs to.
+pub fn load(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Box<dyn Family>> {
+    Ok(match cfg {
+        ModelConfig::Blip2(c) => Box::new(blip2::Blip2::load(c, ckpt)?),
+    })
+}
 
 /// Reads named tensors of a checkpoint into a weight table, checking every shape.
 pub struct Loader<'a> {

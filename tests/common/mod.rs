@@ -98,13 +98,15 @@ pub fn stage_errors(
         let px = model.preprocess(&image(case["image"].as_str().unwrap())).unwrap();
         let ids = model.input_ids(case["prompt"].as_str()).unwrap();
         assert_eq!(ids, self::ids(&case["input_ids"]), "{case_name}: decoder input ids");
-        let plan = model.blip2.plan(1, ids.len(), 1, true).unwrap();
+        let plan = model.family.plan(1, ids.len(), 1, true).unwrap();
         let mut exec = make(&plan.graph);
-        exec.write(plan.pixels, &px.data).unwrap();
-        exec.run(&plan.vision).unwrap();
-        exec.run(&plan.qformer).unwrap();
+        exec.write(plan.input("pixels").unwrap(), &px.data).unwrap();
+        for phase in &plan.encoders {
+            exec.run(phase).unwrap();
+        }
         if let Some(act) = case["activations"].as_str() {
-            for (key, buf) in [("vision", plan.vision_out), ("qformer", plan.qformer_out), ("image_embeds", plan.image_embeds)] {
+            for (key, output) in [("vision", "vision_out"), ("qformer", "qformer_out"), ("image_embeds", "image_embeds")] {
+                let buf = plan.output(output).unwrap();
                 let (want, shape) = goldens.f32(&format!("{act}.{key}")).unwrap();
                 let (max, rel) = errors(&exec.read(buf, shape[0]).unwrap(), &want);
                 out.push((case_name.clone(), key, max, rel));
@@ -112,10 +114,10 @@ pub fn stage_errors(
         }
         exec.set_tokens(&ids);
         exec.set_position(0);
-        exec.run(&plan.prefill).unwrap();
+        exec.run(&plan.prefill.phase).unwrap();
         let (want, shape) = goldens.f32(&format!("{case_name}.logits")).unwrap();
         assert_eq!(shape[0], ids.len());
-        let (max, rel) = errors(&exec.read(plan.prefill_logits, ids.len()).unwrap(), &want);
+        let (max, rel) = errors(&exec.read(plan.prefill.logits, ids.len()).unwrap(), &want);
         out.push((case_name, "logits", max, rel));
     }
     out

@@ -309,6 +309,18 @@ impl Executor for CpuExecutor {
         Ok(())
     }
 
+    fn reorder_sequences(&mut self, bufs: &[Buf], rows_per_seq: usize, from: &[usize]) -> Result<()> {
+        crate::backend::validate_reorder(&self.descs, bufs, rows_per_seq, from)?;
+        for &b in bufs {
+            let len = rows_per_seq * self.descs[b.0].cols;
+            let old = self.bufs[b.0].clone();
+            for (to, &src) in from.iter().enumerate() {
+                self.bufs[b.0][to * len..(to + 1) * len].copy_from_slice(&old[src * len..(src + 1) * len]);
+            }
+        }
+        Ok(())
+    }
+
     fn device_name(&self) -> String {
         "cpu".into()
     }

@@ -29,7 +29,7 @@ use cudarc::driver::CudaGraph;
 use half::f16;
 
 use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, HeadsView, Residual, RowsView, SumOut};
-use crate::backend::{validate_op, Executor, RunState};
+use crate::backend::{validate_op, Candidate, Executor, RunState};
 use crate::error::{Error, Result};
 use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
@@ -664,13 +664,40 @@ impl Executor for CudaExecutor {
         Ok(self.dev().synchronize()?)
     }
 
-    fn greedy(&mut self, logits: Buf, rows: usize) -> Result<Vec<(u32, f64)>> {
+    /// `k = 1` (greedy) runs the argmax kernel so only ids and log-probs leave the device.
+    /// Larger `k` (beam search, sampling) downloads the rows and ranks them on the host for
+    /// now: correct, but it moves `rows x vocab` halves per step.
+    fn top_k(&mut self, logits: Buf, rows: usize, k: usize) -> Result<Vec<Vec<Candidate>>> {
+        if k != 1 {
+            let all = self.read(logits, rows)?;
+            return Ok(crate::backend::host_top_k(&all, rows, k));
+        }
         let vocab = self.cols(logits);
         let dev = self.dev.clone();
         dev.argmax(&self.bufs[logits.0], &self.argmax_idx, &self.argmax_logprob, rows, vocab)?;
         let idx = dev.download(&self.argmax_idx.slice(0, rows).expect("rows <= max rows"))?;
         let lp = dev.download(&self.argmax_logprob.slice(0, rows).expect("rows <= max rows"))?;
-        Ok(idx.into_iter().zip(lp).map(|(i, l)| (i as u32, f64::from(l))).collect())
+        Ok(idx.into_iter().zip(lp).map(|(i, l)| vec![Candidate { token: i as u32, logprob: f64::from(l) }]).collect())
+    }
+
+    /// Device-to-device: each buffer is copied whole to a temporary, then each sequence's rows
+    /// are copied back from their source sequence.
+    fn reorder_sequences(&mut self, bufs: &[Buf], rows_per_seq: usize, from: &[usize]) -> Result<()> {
+        crate::backend::validate_reorder(&self.descs, bufs, rows_per_seq, from)?;
+        let dev = self.dev.clone();
+        for &b in bufs {
+            let cols = self.cols(b);
+            let len = self.descs[b.0].rows * cols;
+            let tmp = dev.alloc::<f16>(len.max(1))?;
+            dev.copy_rows(&self.bufs[b.0], 0, len, &tmp, 0, len, 1, len)?;
+            for (to, &src) in from.iter().enumerate() {
+                let n = rows_per_seq * cols;
+                dev.copy_rows(&tmp, src * n, n, &self.bufs[b.0], to * n, n, 1, n)?;
+            }
+            // The temporary is freed on drop: let the copies out of it finish first.
+            dev.synchronize()?;
+        }
+        Ok(())
     }
 
     fn device_name(&self) -> String {

@@ -1,0 +1,49 @@
+//! Greedy decoding (transformers' `_sample` without sampling): each sequence takes its most
+//! likely token until EOS or `max_new_tokens`; finished sequences keep feeding their EOS.
+
+use std::time::Instant;
+
+use super::{GenerateOptions, Sequence, Session, TokenEvent};
+use crate::error::Result;
+
+pub(super) fn run(s: &mut Session<'_, '_>, inputs: &[(&str, &[f32])], input_ids: &[u32], opts: &GenerateOptions) -> Result<Vec<Sequence>> {
+    let plan = s.plan;
+    let batch = plan.batch;
+    let mut seqs = vec![Sequence::default(); batch];
+    if !s.encode(inputs)? {
+        return Ok(seqs);
+    }
+    let tokens: Vec<u32> = (0..batch).flat_map(|_| input_ids.iter().copied()).collect();
+    let Some(mut picks) = s.prefill(&tokens, 1)? else { return Ok(seqs) };
+
+    let decode_start = Instant::now();
+    for step in 0..plan.max_new_tokens {
+        let mut next = vec![0u32; batch];
+        for (b, seq) in seqs.iter_mut().enumerate() {
+            if seq.stopped_by_eos {
+                // Finished sequences keep feeding their EOS; their outputs are ignored.
+                next[b] = *seq.tokens.last().unwrap_or(&0);
+                continue;
+            }
+            let best = picks[b][0];
+            seq.tokens.push(best.token);
+            seq.logprobs.push(best.logprob);
+            seq.stopped_by_eos = opts.eos_token_ids.contains(&best.token);
+            next[b] = best.token;
+            s.token(&TokenEvent { sequence: b, step, token: best.token, logprob: best.logprob });
+        }
+        if step == 0 {
+            s.timings.first_token_ms = s.elapsed_ms();
+        }
+        if step + 1 == plan.max_new_tokens || seqs.iter().all(|q| q.stopped_by_eos) {
+            break;
+        }
+        // Feed the chosen tokens back: one decode step at position prompt_len + step.
+        match s.decode(&next, plan.prompt_len + step, 1)? {
+            Some(p) => picks = p,
+            None => break,
+        }
+    }
+    s.timings.decode_ms = super::ms(decode_start);
+    Ok(seqs)
+}
