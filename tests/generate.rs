@@ -51,7 +51,7 @@ fn reorder_sequences_moves_whole_sequences() {
     exec.reorder_sequences(&[buf], 2, &[2, 0, 2]).unwrap();
     assert_eq!(exec.read(buf, 6).unwrap(), vec![8., 9., 10., 11., 0., 1., 2., 3., 8., 9., 10., 11.]);
     let err = exec.reorder_sequences(&[buf], 2, &[0, 1]).unwrap_err().to_string();
-    assert!(err.contains("`x`") && err.contains("3 sequences") || err.contains("not 2 sequences"), "{err}");
+    assert!(err.contains("`x`") && err.contains("not 2 sequences"), "{err}");
     let err = exec.reorder_sequences(&[buf], 2, &[0, 1, 3]).unwrap_err().to_string();
     assert!(err.contains("source sequence 3"), "{err}");
 }
@@ -80,7 +80,7 @@ fn phase_hook_reports_each_phase_and_can_stop() {
     assert_eq!(seen, ["vision", "qformer", "prefill", "decode", "decode", "decode"]);
     assert_eq!((seqs[0].tokens.len(), tokens, timings.decode_steps), (4, 4, 3));
     // The hooked run decodes exactly as the plain one.
-    let plain = model.run_ids(&[px.clone()], &ids, &opts, &mut |_| {}).unwrap().0;
+    let plain = model.run_ids(std::slice::from_ref(&px), &ids, &opts, &mut |_| {}).unwrap().0;
     assert_eq!(plain[0].tokens, seqs[0].tokens);
     assert_eq!(plain[0].logprobs, seqs[0].logprobs);
 

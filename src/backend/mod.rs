@@ -102,7 +102,7 @@ pub fn host_top_k(all: &[f32], rows: usize, k: usize) -> Vec<Vec<Candidate>> {
 pub fn validate_reorder(descs: &[BufferDesc], bufs: &[Buf], rows_per_seq: usize, from: &[usize]) -> Result<()> {
     for &b in bufs {
         let d = descs.get(b.0).ok_or_else(|| invalid(format!("reorder_sequences: buffer {} does not exist", b.0)))?;
-        let seqs = if rows_per_seq == 0 { 0 } else { d.rows / rows_per_seq };
+        let seqs = d.rows.checked_div(rows_per_seq).unwrap_or(0);
         if rows_per_seq == 0 || d.rows % rows_per_seq != 0 || seqs != from.len() {
             return Err(invalid(format!(
                 "reorder_sequences: buffer `{}` has {} rows, not {} sequences of {rows_per_seq} rows: pass one source index per sequence",

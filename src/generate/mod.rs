@@ -101,6 +101,9 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// Called after each phase with its name and milliseconds; false stops the run.
+pub type PhaseHook<'a> = dyn FnMut(&str, f64) -> bool + 'a;
+
 /// What a caller observes of a run besides its result.
 pub struct Hooks<'a> {
     /// Each token as it is produced.
@@ -108,7 +111,7 @@ pub struct Hooks<'a> {
     /// When set, every phase runs through `Executor::run_timed` (device events on a GPU) and is
     /// reported by name with its milliseconds; returning false stops the run after that phase
     /// (what was generated so far is returned). For benchmarks: the timed loop is the real one.
-    pub on_phase: Option<&'a mut dyn FnMut(&str, f64) -> bool>,
+    pub on_phase: Option<&'a mut PhaseHook<'a>>,
 }
 
 /// One request on one executor: the machinery every strategy shares. Strategies call
