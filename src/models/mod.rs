@@ -3,6 +3,7 @@
 //! graph ops; it never touches an executor.
 
 pub mod blip2;
+pub mod layers;
 pub mod opt;
 pub mod qformer;
 pub mod vit;
