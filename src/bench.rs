@@ -168,7 +168,7 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         None => "tiny".to_string(),
     };
     let cfg: Blip2Config = crate::synth::preset(&name)?;
-    let ckpt = crate::synth::random_checkpoint(&cfg, args.seed);
+    let ckpt = crate::synth::random_checkpoint(&cfg, args.seed)?;
     let blip2 = Blip2::load(&cfg, &ckpt)?;
     let tok = crate::synth::tokenizer(&cfg)?;
     let enc = |text: &str| -> Result<Vec<u32>> {
