@@ -301,13 +301,9 @@ impl Graph {
     pub fn linear(&mut self, x: impl Into<View>, weight: W, bias: Option<W>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize) {
         self.push(Op::Linear { x: x.into(), weight, bias, act, residual, out, rows });
     }
-
-    pub fn layer_norm(&mut self, x: Buf, residual: Option<Buf>, norm: &Norm, out: Buf, rows: usize) {
-        self.push(Op::LayerNorm { x, residual, weight: norm.weight, bias: Some(norm.bias), eps: norm.eps, out, rows });
-    }
 }
 
-/// A LayerNorm's parameters.
+/// A LayerNorm's parameters as `Loader::norm` reads them (`models::layers::NormLayer` emits it).
 #[derive(Debug, Clone, Copy)]
 pub struct Norm {
     pub weight: W,

@@ -85,7 +85,7 @@ pub struct GatedMlp {
     pub act: Activation,
 }
 
-/// Intermediate buffers of a [`GatedMlp`], each `[rows, intermediate]` (`hidden` may be `gate`).
+/// Intermediate buffers of a [`GatedMlp`], each `[rows, intermediate]`, three distinct buffers.
 #[derive(Debug, Clone, Copy)]
 pub struct GatedScratch {
     pub gate: Buf,
