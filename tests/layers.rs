@@ -8,6 +8,7 @@ use glimpse::backend::Executor;
 use glimpse::graph::{rope_inv_freq, Activation, Buf, Graph, Op, Phase, RopeScaling, WeightTable};
 use glimpse::models::layers::{load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, KvCache, NormLayer};
 use glimpse::models::Loader;
+use glimpse::synth::random_normal;
 use glimpse::weights::{Checkpoint, Weight};
 use half::f16;
 
@@ -22,19 +23,6 @@ struct Block {
     attn: AttentionLayer,
     mlp_norm: NormLayer,
     mlp: GatedMlp,
-}
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 fn load_block() -> (Arc<WeightTable>, Block) {
@@ -53,7 +41,7 @@ fn load_block() -> (Arc<WeightTable>, Block) {
         let n = shape.iter().product();
         let scale = if shape.len() == 1 { 0.2 } else { 1.0 / (shape[1] as f32).sqrt() };
         let offset = if shape.len() == 1 { 1.0 } else { 0.0 };
-        let data = values(n, i as u64 + 1).iter().map(|&v| f16::from_f32(offset + scale * v)).collect();
+        let data = random_normal(n, i as u64 + 1).iter().map(|&v| f16::from_f32(offset + scale * v)).collect();
         (name.to_string(), Weight::from_vec(shape.clone(), data))
     });
     let ckpt = Checkpoint::in_memory("<llama block>", tensors);
@@ -108,7 +96,7 @@ fn pass(g: &mut Graph, blk: &Block, cache: &KvCache, seq: usize, tag: &str) -> B
 fn llama_block_decodes_as_it_prefills() {
     let (weights, blk) = load_block();
     let (batch, n) = (2, 6);
-    let input = values(batch * n * H, 99);
+    let input = random_normal(batch * n * H, 99);
     let rows_of = |from: usize, to: usize| -> Vec<f32> {
         (0..batch).flat_map(|b| input[(b * n + from) * H..(b * n + to) * H].to_vec()).collect()
     };
