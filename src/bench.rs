@@ -172,7 +172,7 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         None => "tiny".to_string(),
     };
     let cfg: Blip2Config = crate::synth::preset(&name)?;
-    let ckpt = crate::synth::random_checkpoint(&cfg, args.seed);
+    let ckpt = crate::synth::random_checkpoint(&cfg, args.seed)?;
     let family = crate::models::load(&ModelConfig::Blip2(cfg.clone()), &ckpt)?;
     let tok = crate::synth::tokenizer(&cfg)?;
     let enc = |text: &str| -> Result<Vec<u32>> {

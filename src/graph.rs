@@ -80,6 +80,7 @@ pub const ATTN_MASK_FLOOR: f32 = -1e30;
 
 /// Multi-head attention over row-major buffers. Batch item `b`, head `h`, row `i` of Q is at
 /// row `b * q_len + i`, columns `q.col + h * head_dim ..`; K/V rows at `b * kv_batch_stride + j`.
+/// Models build it through `models::layers` (BLIP-2: `kv_heads = heads`, no mask, no bias).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Attention {
     pub q: View,
@@ -88,6 +89,10 @@ pub struct Attention {
     pub out: Buf,
     pub batch: usize,
     pub heads: usize,
+    /// K/V heads (`heads % kv_heads == 0`): query head `h` reads kv head `h / (heads / kv_heads)`
+    /// (transformers' `repeat_kv`, i.e. `repeat_interleave`). K/V rows are `kv_heads * head_dim`
+    /// wide. Equal to `heads` for plain multi-head attention.
+    pub kv_heads: usize,
     pub head_dim: usize,
     pub q_len: usize,
     pub kv_len: KvLen,
@@ -96,16 +101,6 @@ pub struct Attention {
     /// Query row i (absolute position `position + i`) sees keys `0..=position + i` only.
     pub causal: bool,
     pub scale: f32,
-}
-
-/// Grouped-query attention and masks on top of an [`Attention`] (kept separate so existing
-/// `Attention` literals stay valid; `Op::Attention(a)` is `AttentionEx` with `kv_heads = heads`
-/// and no masks).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttnExtra {
-    /// K/V heads (`heads % kv_heads == 0`): query head `h` reads kv head `h / (heads / kv_heads)`
-    /// (transformers' `repeat_kv`, i.e. `repeat_interleave`). K/V rows are `kv_heads * head_dim` wide.
-    pub kv_heads: usize,
     /// Additive per-key mask `[batch, >= kv_len]` written by the host (HF padding masks: 0 or
     /// `finfo.min`), clamped to [`ATTN_MASK_FLOOR`] then added to every query's scores of batch b.
     /// Stored like any buffer (fp16 on the GPU, where `finfo.min` becomes -inf; both clamp to the
@@ -193,9 +188,8 @@ pub enum Op {
     /// past rot are untouched). Row i of sequence b has position `max(position - pad[b] + i, 0)`
     /// (`Executor::set_left_padding`; HF's `cumsum(mask) - 1` for left-padded batches).
     Rope { x: View, batch: usize, rows_per_batch: usize, heads: usize, head_dim: usize, inv_freq: std::sync::Arc<[f32]> },
+    /// Multi-head / grouped-query attention with optional masks (see [`Attention`]).
     Attention(Attention),
-    /// Attention with grouped K/V heads and additive masks (see [`AttnExtra`]).
-    AttentionEx(Attention, AttnExtra),
     /// Copies selected rows of each sequence of `x` into consecutive rows of `out`.
     SelectRows { x: Buf, out: Buf, batch: usize, rows_per_batch: usize, select: RowSelect },
     /// `cache[b * capacity + position + i] = src[b * rows_per_batch + i]` for K and V.
@@ -227,7 +221,7 @@ impl Op {
             | Op::ScatterTokens { out, .. }
             | Op::LastRows { out, .. }
             | Op::Broadcast { out, .. } => vec![out],
-            Op::Attention(ref a) | Op::AttentionEx(ref a, _) => vec![a.out],
+            Op::Attention(ref a) => vec![a.out],
             Op::Rope { x, .. } => vec![x.buf],
             Op::AddPositions { x, .. } => vec![x],
             Op::KvAppend { cache_k, cache_v, .. } => vec![cache_k, cache_v],
@@ -244,7 +238,6 @@ impl Op {
             Op::GatedAct { .. } => "gated_act",
             Op::Rope { .. } => "rope",
             Op::Attention(_) => "attention",
-            Op::AttentionEx(..) => "attention",
             Op::SelectRows { .. } => "select_rows",
             Op::KvAppend { .. } => "kv_append",
             Op::Embed { .. } => "embed",
@@ -308,13 +301,9 @@ impl Graph {
     pub fn linear(&mut self, x: impl Into<View>, weight: W, bias: Option<W>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize) {
         self.push(Op::Linear { x: x.into(), weight, bias, act, residual, out, rows });
     }
-
-    pub fn layer_norm(&mut self, x: Buf, residual: Option<Buf>, norm: &Norm, out: Buf, rows: usize) {
-        self.push(Op::LayerNorm { x, residual, weight: norm.weight, bias: Some(norm.bias), eps: norm.eps, out, rows });
-    }
 }
 
-/// A LayerNorm's parameters.
+/// A LayerNorm's parameters as `Loader::norm` reads them (`models::layers::NormLayer` emits it).
 #[derive(Debug, Clone, Copy)]
 pub struct Norm {
     pub weight: W,

@@ -284,7 +284,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
         Command::Synth { preset, out, seed } => {
             let start = std::time::Instant::now();
             glimpse::synth::write_folder(&preset, &out, seed)?;
-            let params = glimpse::synth::parameter_count(&glimpse::synth::preset(&preset)?);
+            let params = glimpse::synth::parameter_count(&glimpse::synth::preset(&preset)?)?;
             // Progress for people, on stderr; a stderr that cannot be written is no failure.
             let _ = writeln!(
                 std::io::stderr(),

@@ -183,98 +183,56 @@ struct Spec {
     init: Init,
 }
 
-/// Every tensor `Blip2::load` reads for `cfg` (the tied lm_head is not stored, as transformers
-/// writes tied checkpoints), in load order.
-fn specs(cfg: &Blip2Config) -> Vec<Spec> {
-    let mut out = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, init: Init| out.push(Spec { name, shape, init });
+/// Every tensor `Blip2::load` reads for `cfg`, in load order: the model's own loader run on a
+/// recording checkpoint, so this list cannot drift from the model (optional tensors stay
+/// absent: the tied lm_head is not stored, as transformers writes tied checkpoints).
+fn specs(cfg: &Blip2Config) -> Result<Vec<Spec>> {
+    let recorder = Checkpoint::recording("<glimpse synth>");
+    crate::models::blip2::Blip2::load(cfg, &recorder)?;
+    recorder
+        .requested()
+        .into_iter()
+        .map(|r| Ok(Spec { init: init_for(cfg, &r.name, &r.shape)?, name: r.name, shape: r.shape }))
+        .collect()
+}
+
+/// How tensor `name` is drawn (the rules of the module comment), from its name and shape.
+fn init_for(cfg: &Blip2Config, name: &str, shape: &[usize]) -> Result<Init> {
     let normal = |std: f32| Init::Normal { mean: 0.0, std };
-    let bias = normal(0.1);
-    let ln_w = Init::Normal { mean: 1.0, std: 0.1 };
-    let lin = |gain: f32, fan_in: usize| normal(gain / (fan_in as f32).sqrt());
-
-    // Vision.
-    let v = &cfg.vision_config;
-    let (d, p) = (v.hidden_size, v.patch_size);
-    let e = "vision_model.embeddings";
-    add(format!("{e}.patch_embedding.weight"), vec![d, v.num_channels, p, p], lin(1.0, v.num_channels * p * p));
-    add(format!("{e}.patch_embedding.bias"), vec![d], bias);
-    add(format!("{e}.class_embedding"), vec![1, 1, d], normal(1.0));
-    add(format!("{e}.position_embedding"), vec![1, v.num_positions(), d], normal(0.5));
-    let add_linear = |add: &mut dyn FnMut(String, Vec<usize>, Init), prefix: &str, i: usize, o: usize, gain: f32| {
-        add(format!("{prefix}.weight"), vec![o, i], lin(gain, i));
-        add(format!("{prefix}.bias"), vec![o], bias);
-    };
-    let add_norm = |add: &mut dyn FnMut(String, Vec<usize>, Init), prefix: &str, dim: usize| {
-        add(format!("{prefix}.weight"), vec![dim], ln_w);
-        add(format!("{prefix}.bias"), vec![dim], bias);
-    };
-    for i in 0..v.num_hidden_layers {
-        let l = format!("vision_model.encoder.layers.{i}");
-        add_norm(&mut add, &format!("{l}.layer_norm1"), d);
-        add_linear(&mut add, &format!("{l}.self_attn.qkv"), d, 3 * d, 1.0);
-        add_linear(&mut add, &format!("{l}.self_attn.projection"), d, d, 1.0);
-        add_norm(&mut add, &format!("{l}.layer_norm2"), d);
-        add_linear(&mut add, &format!("{l}.mlp.fc1"), d, v.intermediate_size, 1.0);
-        add_linear(&mut add, &format!("{l}.mlp.fc2"), v.intermediate_size, d, 1.0);
-    }
-    add_norm(&mut add, "vision_model.post_layernorm", d);
-
-    // Q-Former and projection.
-    let q = &cfg.qformer_config;
-    let dq = q.hidden_size;
-    add("query_tokens".into(), vec![1, cfg.num_query_tokens, dq], normal(1.0));
-    add_norm(&mut add, "qformer.layernorm", dq);
-    for j in 0..q.num_hidden_layers {
-        let l = format!("qformer.encoder.layer.{j}");
-        let mut blocks = vec![("attention", dq)];
-        if q.has_cross_attention(j) {
-            blocks.push(("crossattention", q.encoder_hidden_size));
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    Ok(match (leaf, shape) {
+        ("bias", _) => normal(0.1),
+        (_, [rows, cols]) if name.ends_with(".embed_tokens.weight") => {
+            let eos = cfg.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2) as usize;
+            Init::Embed { std: 0.25, cols: *cols, eos, pad_from: (cfg.image_token() as usize + 1).min(*rows) }
         }
-        for (block, kv_in) in blocks {
-            add_linear(&mut add, &format!("{l}.{block}.attention.query"), dq, dq, 1.0);
-            add_linear(&mut add, &format!("{l}.{block}.attention.key"), kv_in, dq, 1.0);
-            add_linear(&mut add, &format!("{l}.{block}.attention.value"), kv_in, dq, 1.0);
-            add_linear(&mut add, &format!("{l}.{block}.output.dense"), dq, dq, 1.0);
-            add_norm(&mut add, &format!("{l}.{block}.output.LayerNorm"), dq);
+        _ if name.ends_with(".embed_positions.weight") => normal(1.0),
+        ("class_embedding" | "query_tokens", _) => normal(1.0),
+        ("position_embedding", _) => normal(0.5),
+        // Every 1-D weight of BLIP-2 is a LayerNorm's.
+        ("weight", [_]) => Init::Normal { mean: 1.0, std: 0.1 },
+        // Linear [out, in] and Conv2d [out, c, kh, kw]: gain / sqrt(fan_in).
+        ("weight", [_, fan_in @ ..]) => {
+            let gain = if name.starts_with("language_model.") { 3.0 } else { 1.0 };
+            normal(gain / (fan_in.iter().product::<usize>() as f32).sqrt())
         }
-        add_linear(&mut add, &format!("{l}.intermediate_query.dense"), dq, q.intermediate_size, 1.0);
-        add_linear(&mut add, &format!("{l}.output_query.dense"), q.intermediate_size, dq, 1.0);
-        add_norm(&mut add, &format!("{l}.output_query.LayerNorm"), dq);
-    }
-    let crate::config::TextConfig::Opt(t) = &cfg.text_config;
-    let h = t.hidden_size;
-    add_linear(&mut add, "language_projection", dq, h, 1.0);
-
-    // OPT decoder (pre-norm, word_embed_proj_dim == hidden, tied lm_head).
-    let dec = "language_model.model.decoder";
-    let eos = t.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied()).unwrap_or(2) as usize;
-    let pad_from = (cfg.image_token() as usize + 1).min(t.vocab_size);
-    add(format!("{dec}.embed_tokens.weight"), vec![t.vocab_size, h], Init::Embed { std: 0.25, cols: h, eos, pad_from });
-    add(format!("{dec}.embed_positions.weight"), vec![t.max_position_embeddings + 2, h], normal(1.0));
-    for k in 0..t.num_hidden_layers {
-        let l = format!("{dec}.layers.{k}");
-        add_norm(&mut add, &format!("{l}.self_attn_layer_norm"), h);
-        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            add_linear(&mut add, &format!("{l}.self_attn.{proj}"), h, h, 3.0);
+        _ => {
+            return Err(Error::InvalidInput(format!(
+                "glimpse synth has no initialisation rule for tensor `{name}` {shape:?}: add one to synth::init_for"
+            )))
         }
-        add_norm(&mut add, &format!("{l}.final_layer_norm"), h);
-        add_linear(&mut add, &format!("{l}.fc1"), h, t.ffn_dim, 3.0);
-        add_linear(&mut add, &format!("{l}.fc2"), t.ffn_dim, h, 3.0);
-    }
-    add_norm(&mut add, &format!("{dec}.final_layer_norm"), h);
-    out
+    })
 }
 
 /// Parameters of the model `cfg` describes (tied lm_head counted once), from the config alone.
-pub fn parameter_count(cfg: &Blip2Config) -> usize {
-    specs(cfg).iter().map(|s| s.shape.iter().product::<usize>()).sum()
+pub fn parameter_count(cfg: &Blip2Config) -> Result<usize> {
+    Ok(specs(cfg)?.iter().map(|s| s.shape.iter().product::<usize>()).sum())
 }
 
 /// Parameters of each part: (vision, Q-Former incl. query tokens and projection, OPT decoder).
-pub fn parameter_counts(cfg: &Blip2Config) -> (usize, usize, usize) {
+pub fn parameter_counts(cfg: &Blip2Config) -> Result<(usize, usize, usize)> {
     let (mut v, mut q, mut t) = (0, 0, 0);
-    for s in specs(cfg) {
+    for s in specs(cfg)? {
         let n: usize = s.shape.iter().product();
         if s.name.starts_with("vision_model.") {
             v += n;
@@ -284,7 +242,7 @@ pub fn parameter_counts(cfg: &Blip2Config) -> (usize, usize, usize) {
             q += n;
         }
     }
-    (v, q, t)
+    Ok((v, q, t))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,9 +321,9 @@ pub fn random_normal(n: usize, seed: u64) -> Vec<f32> {
 
 /// Random fp16 weights for every tensor `Blip2::load` reads, in memory. Deterministic in
 /// (`cfg`, `seed`); generated in parallel (blip2-opt-2.7b: 3.7e9 values, 7.5 GB).
-pub fn random_checkpoint(cfg: &Blip2Config, seed: u64) -> Checkpoint {
+pub fn random_checkpoint(cfg: &Blip2Config, seed: u64) -> Result<Checkpoint> {
     let base = splitmix64(seed);
-    let tensors: Vec<(String, Weight)> = specs(cfg)
+    let tensors: Vec<(String, Weight)> = specs(cfg)?
         .into_iter()
         .map(|s| {
             let n = s.shape.iter().product();
@@ -374,7 +332,7 @@ pub fn random_checkpoint(cfg: &Blip2Config, seed: u64) -> Checkpoint {
             (s.name, Weight::from_vec(s.shape, data))
         })
         .collect();
-    Checkpoint::in_memory(&format!("<random weights, seed {seed}>"), tensors)
+    Ok(Checkpoint::in_memory(&format!("<random weights, seed {seed}>"), tensors))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,7 +541,7 @@ pub fn write_folder(name: &str, out: &Path, seed: u64) -> Result<()> {
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config_json())?;
     write_json(&out.join("processor_config.json"), &processor_config_json(&cfg))?;
 
-    let ckpt = random_checkpoint(&cfg, seed);
+    let ckpt = random_checkpoint(&cfg, seed)?;
     let views: BTreeMap<&str, F16View> = ckpt.memory_tensors().map(|(n, w)| (n, F16View(w))).collect();
     let path = out.join("model.safetensors");
     let partial = out.join("model.safetensors.partial");

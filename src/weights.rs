@@ -150,6 +150,17 @@ pub struct Checkpoint {
     in_memory: BTreeMap<String, Weight>,
     /// What error messages call the checkpoint (the single file or the index).
     origin: PathBuf,
+    /// `Some` for [`Checkpoint::recording`]: the tensors asked for so far, in order.
+    recorded: Option<std::sync::Mutex<Vec<Requested>>>,
+}
+
+/// A tensor a model's `load` asked a [`Checkpoint::recording`] for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requested {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// The dtype the loader reads it as (the loader reads every weight as fp16).
+    pub dtype: Dtype,
 }
 
 #[derive(Deserialize)]
@@ -220,7 +231,7 @@ impl Checkpoint {
 
     /// Opens one safetensors file.
     pub fn open_file(path: &Path) -> Result<Self> {
-        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), in_memory: BTreeMap::new(), origin: path.to_path_buf() };
+        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), in_memory: BTreeMap::new(), origin: path.to_path_buf(), recorded: None };
         let (file, entries) = map_and_parse(path, 0)?;
         ckpt.files.push(file);
         ckpt.tensors = entries.into_iter().collect();
@@ -237,6 +248,7 @@ impl Checkpoint {
             tensors: BTreeMap::new(),
             in_memory: BTreeMap::new(),
             origin: index_path.to_path_buf(),
+            recorded: None,
         };
         for shard in index.shards() {
             let path = dir.join(shard);
@@ -274,7 +286,54 @@ impl Checkpoint {
             tensors: BTreeMap::new(),
             in_memory: tensors.into_iter().collect(),
             origin: PathBuf::from(origin),
+            recorded: None,
         }
+    }
+
+    /// A checkpoint that holds nothing and answers every [`Checkpoint::f16`] with zeros of the
+    /// asked shape, logging (name, shape, dtype): running a model's `load` on it lists exactly
+    /// the tensors that model reads (`glimpse synth` writes those). `contains` is true only for
+    /// tensors already asked for, so optional tensors (a tied lm_head, the older split qkv
+    /// biases) take the loader's default, as transformers writes them. The zeros are lazily
+    /// mapped anonymous memory: recording a 7B model costs no RAM.
+    pub fn recording(origin: &str) -> Self {
+        Checkpoint {
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+            in_memory: BTreeMap::new(),
+            origin: PathBuf::from(origin),
+            recorded: Some(std::sync::Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The tensors asked for so far, in first-asked order (empty unless [`Checkpoint::recording`]).
+    pub fn requested(&self) -> Vec<Requested> {
+        self.recorded.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default()
+    }
+
+    /// Logs `name` (a second request must repeat its shape) and returns zeros of `shape`.
+    fn record(&self, log: &std::sync::Mutex<Vec<Requested>>, name: &str, shape: &[usize]) -> Result<Weight> {
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        match log.iter().find(|r| r.name == name) {
+            Some(r) if r.shape != shape => {
+                return Err(Error::ShapeMismatch {
+                    name: name.into(),
+                    path: self.origin.clone(),
+                    expected: shape.to_vec(),
+                    found: r.shape.clone(),
+                })
+            }
+            Some(_) => {}
+            None => log.push(Requested { name: name.into(), shape: shape.to_vec(), dtype: Dtype::F16 }),
+        }
+        let len = shape.iter().product::<usize>() * 2;
+        // A private read-only anonymous map: zero pages, never committed.
+        let map = memmap2::MmapOptions::new()
+            .len(len.max(2))
+            .map_anon()
+            .and_then(|m| m.make_read_only())
+            .map_err(|e| Error::io(self.origin.clone(), e))?;
+        Ok(Weight { shape: shape.to_vec(), data: F16Data::Mapped { map: Arc::new(map), start: 0, len } })
     }
 
     /// The in-memory tensors (empty for a checkpoint read from files).
@@ -296,7 +355,9 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.in_memory.contains_key(name)
+        self.tensors.contains_key(name)
+            || self.in_memory.contains_key(name)
+            || self.recorded.as_ref().is_some_and(|r| r.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|t| t.name == name))
     }
 
     /// Path of the file holding `name` (for messages).
@@ -337,6 +398,9 @@ impl Checkpoint {
     /// The fp16 weight `name`, which must have exactly shape `expected`. fp16 data stays in the
     /// memory map; bf16/fp32 are converted (round to nearest even, as torch's `.half()`).
     pub fn f16(&self, name: &str, expected: &[usize]) -> Result<Weight> {
+        if let Some(log) = &self.recorded {
+            return self.record(log, name, expected);
+        }
         if let Some(w) = self.in_memory.get(name) {
             if w.shape != expected {
                 return Err(Error::ShapeMismatch {

@@ -14,7 +14,7 @@ use glimpse::api::Device;
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::{Backend, Executor};
 use glimpse::graph::{
-    rope_inv_freq, Activation, AttnExtra, Attention, Buf, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, W,
+    rope_inv_freq, Activation, Attention, Buf, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, W,
 };
 use glimpse::weights::Weight;
 use half::f16;
@@ -135,8 +135,8 @@ fn rope_gqa_masked_attention_match_cpu() {
         g.push(Op::Rope { x: View { buf: qkv, col: 0 }, batch, rows_per_batch: rows, heads, head_dim: d, inv_freq: inv.clone() });
         g.push(Op::Rope { x: View { buf: qkv, col: qw }, batch, rows_per_batch: rows, heads: kv_heads, head_dim: d, inv_freq: inv.clone() });
         g.push(Op::KvAppend { k: View { buf: qkv, col: qw }, v: View { buf: qkv, col: qw + kw }, cache_k: ck, cache_v: cv, batch, rows_per_batch: rows, capacity: cap });
-        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.125 };
-        g.push(Op::AttentionEx(a, AttnExtra { kv_heads, key_mask: Some(mask), head_bias: Some(bias) }));
+        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, kv_heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.125, key_mask: Some(mask), head_bias: Some(bias) };
+        g.push(Op::Attention(a));
         let mut p = g.take_phase(if replayable { "decode" } else { "prefill" });
         p.replayable = replayable;
         p

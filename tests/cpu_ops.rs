@@ -14,7 +14,7 @@ use glimpse::backend::cpu::ops::{self, AttnExtras, AttnShape, HeadBias, KeyMask}
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::Executor;
 use glimpse::graph::{
-    rope_inv_freq, Activation, AttnExtra, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, ATTN_MASK_FLOOR,
+    rope_inv_freq, Activation, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, ATTN_MASK_FLOOR,
 };
 use glimpse::weights::Weight;
 use half::f16;
@@ -498,8 +498,8 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     let out = g.buffer("out", batch * seq, width);
     let step = |g: &mut Graph, rows: usize| {
         g.push(Op::KvAppend { k: View { buf: qkv, col: width }, v: View { buf: qkv, col: width + kv_width }, cache_k: ck, cache_v: cv, batch, rows_per_batch: rows, capacity: cap });
-        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.25 };
-        g.push(Op::AttentionEx(a, AttnExtra { kv_heads, key_mask: Some(mask), head_bias: Some(bias) }));
+        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, kv_heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.25, key_mask: Some(mask), head_bias: Some(bias) };
+        g.push(Op::Attention(a));
         g.take_phase("step")
     };
     let (prefill, decode) = (step(&mut g, seq), step(&mut g, 1));
@@ -581,10 +581,10 @@ fn select_rows_and_run_time_validation() {
     let q = g.buffer("q", 4, 6 * 8);
     let mask = g.buffer("mask", 1, 3);
     let out = g.buffer("o", 4, 6 * 8);
-    let a = Attention { q: q.into(), k: q.into(), v: q.into(), out, batch: 1, heads: 6, head_dim: 8, q_len: 4, kv_len: KvLen::Fixed(4), kv_batch_stride: 4, causal: false, scale: 1.0 };
-    g.push(Op::AttentionEx(a, AttnExtra { kv_heads: 4, key_mask: None, head_bias: None }));
+    let a = Attention { q: q.into(), k: q.into(), v: q.into(), out, batch: 1, heads: 6, kv_heads: 4, head_dim: 8, q_len: 4, kv_len: KvLen::Fixed(4), kv_batch_stride: 4, causal: false, scale: 1.0, key_mask: None, head_bias: None };
+    g.push(Op::Attention(a));
     let bad_heads = phase(&mut g);
-    g.push(Op::AttentionEx(a, AttnExtra { kv_heads: 6, key_mask: Some(mask), head_bias: None }));
+    g.push(Op::Attention(Attention { kv_heads: 6, key_mask: Some(mask), ..a }));
     let bad_mask = phase(&mut g);
     let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
     let err = ex.run(&bad_heads).unwrap_err().to_string();

@@ -4,6 +4,7 @@
 mod common;
 
 use glimpse::synth::{parameter_count, preset, random_checkpoint, tokenizer, write_folder, PRESETS};
+use glimpse::weights::{Checkpoint, Dtype, Requested};
 use glimpse::{Device, Model};
 
 #[test]
@@ -15,7 +16,7 @@ fn tiny_round_trips_through_a_folder() {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts a synth folder");
-    assert_eq!(model.family.weights().parameters(), parameter_count(&preset("tiny").unwrap()));
+    assert_eq!(model.family.weights().parameters(), parameter_count(&preset("tiny").unwrap()).unwrap());
     let mut opts = model.default_options();
     assert_eq!(opts.eos_token_ids, vec![202]);
     opts.max_new_tokens = Some(5);
@@ -31,11 +32,11 @@ fn parameter_counts_match_transformers() {
     // Blip2ForConditionalGeneration(config).num_parameters() in transformers 5.17 (tied lm_head
     // counted once, no Q-Former text branch). The hub card's 3.87 B for blip2-opt-2.7b counts the
     // untied lm_head copy of its fp32 files as well.
-    let p27 = parameter_count(&preset("blip2-opt-2.7b").unwrap());
+    let p27 = parameter_count(&preset("blip2-opt-2.7b").unwrap()).unwrap();
     assert_eq!(p27, 3_744_761_856);
     assert!((3.7e9..3.8e9).contains(&(p27 as f64)));
-    assert_eq!(parameter_count(&preset("blip2-opt-6.7b").unwrap()), 7_752_869_376);
-    assert_eq!(parameter_count(&preset("tiny").unwrap()), 2_017_968);
+    assert_eq!(parameter_count(&preset("blip2-opt-6.7b").unwrap()).unwrap(), 7_752_869_376);
+    assert_eq!(parameter_count(&preset("tiny").unwrap()).unwrap(), 2_017_968);
 }
 
 #[test]
@@ -81,7 +82,8 @@ fn refuses_to_write_into_a_non_empty_folder() {
 #[test]
 fn random_weights_are_deterministic_and_scaled() {
     let cfg = preset("tiny").unwrap();
-    let (a, b, c) = (random_checkpoint(&cfg, 1), random_checkpoint(&cfg, 1), random_checkpoint(&cfg, 2));
+    let rc = |seed| random_checkpoint(&cfg, seed).unwrap();
+    let (a, b, c) = (rc(1), rc(1), rc(2));
     let name = "language_model.model.decoder.layers.0.fc1.weight";
     let (wa, shape) = a.f32(name).unwrap();
     assert_eq!(shape, vec![320, 160]);
@@ -116,4 +118,50 @@ fn tokenizer_puts_image_token_at_its_index() {
         let with_image = tok.encode("<image><image> a dog", true).unwrap().get_ids().to_vec();
         assert_eq!(&with_image[..3], &[2, cfg.image_token(), cfg.image_token()]);
     }
+}
+
+/// FNV-1a 64 of a byte string (a fingerprint for pinning a file's bytes).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[test]
+fn synth_writes_exactly_the_tensors_load_reads() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("tiny");
+    write_folder("tiny", &dir, 7).unwrap();
+    // The tensor list comes from Blip2::load itself: the written checkpoint and the loaded
+    // weight table name the same tensors with the same shapes (tied lm_head not stored).
+    let ckpt = Checkpoint::open_dir(&dir).unwrap();
+    let model = Model::load(&dir, Device::Cpu).unwrap();
+    let table = model.family.weights();
+    let mut written: Vec<(String, Vec<usize>)> = ckpt.names().map(|n| (n.to_string(), ckpt.info(n).unwrap().shape.clone())).collect();
+    let mut loaded: Vec<(String, Vec<usize>)> = table.names.iter().cloned().zip(table.weights.iter().map(|w| w.shape.clone())).collect();
+    written.sort();
+    loaded.sort();
+    assert_eq!(written, loaded);
+    assert!(!ckpt.contains("language_model.lm_head.weight"));
+    // Same bytes as the hand-written inventory this replaced wrote (glimpse synth --preset tiny
+    // --seed 7 before the change): names, shapes and every value unchanged.
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert_eq!((bytes.len(), fnv1a(&bytes)), (4_054_512, 0x89da_ee14_9b36_8e8e));
+}
+
+#[test]
+fn recording_checkpoint_logs_each_request_once() {
+    let rec = Checkpoint::recording("<test>");
+    assert!(!rec.contains("a.weight"), "nothing is there before it is asked for");
+    let w = rec.f16("a.weight", &[3, 5]).unwrap();
+    assert_eq!(w.shape, vec![3, 5]);
+    assert_eq!(w.as_slice().len(), 15);
+    assert!(w.as_slice().iter().all(|v| v.to_f32() == 0.0));
+    assert!(rec.contains("a.weight"));
+    rec.f16("b.bias", &[5]).unwrap();
+    rec.f16("a.weight", &[3, 5]).expect("asking again with the same shape is fine");
+    let err = rec.f16("a.weight", &[5, 3]).unwrap_err().to_string();
+    assert!(err.contains("a.weight") && err.contains("[5, 3]") && err.contains("[3, 5]"), "{err}");
+    let req = |name: &str, shape: &[usize]| Requested { name: name.into(), shape: shape.to_vec(), dtype: Dtype::F16 };
+    assert_eq!(rec.requested(), vec![req("a.weight", &[3, 5]), req("b.bias", &[5])]);
+    // Any other checkpoint records nothing.
+    assert!(random_checkpoint(&preset("tiny").unwrap(), 0).unwrap().requested().is_empty());
 }

@@ -7,7 +7,7 @@ pub mod cuda;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, Graph, KvLen, Op, Phase, RowSelect, View, WeightTable};
+use crate::graph::{Attention, Buf, BufferDesc, Graph, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 pub use crate::graph::Activation;
 
@@ -284,8 +284,7 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
                 )));
             }
         }
-        Op::Attention(a) => validate_attention(a, None, st, descs)?,
-        Op::AttentionEx(a, ex) => validate_attention(a, Some(ex), st, descs)?,
+        Op::Attention(a) => validate_attention(a, st, descs)?,
         Op::SelectRows { x, out, batch, rows_per_batch, select } => {
             let out_rows = match *select {
                 RowSelect::Skip(skip) => {
@@ -326,7 +325,7 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
     Ok(())
 }
 
-fn validate_attention(a: &Attention, ex: Option<&AttnExtra>, st: &RunState<'_>, descs: &[BufferDesc]) -> Result<()> {
+fn validate_attention(a: &Attention, st: &RunState<'_>, descs: &[BufferDesc]) -> Result<()> {
     let kv_len = match a.kv_len {
         KvLen::Fixed(n) => n,
         KvLen::Cache => st.position + a.q_len,
@@ -337,11 +336,10 @@ fn validate_attention(a: &Attention, ex: Option<&AttnExtra>, st: &RunState<'_>, 
             a.kv_batch_stride
         )));
     }
-    let Some(ex) = ex else { return Ok(()) };
-    if ex.kv_heads == 0 || a.heads % ex.kv_heads != 0 {
+    if a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
         return Err(invalid(format!(
             "attention: {} query heads cannot share {} kv heads (needs heads % kv_heads == 0)",
-            a.heads, ex.kv_heads
+            a.heads, a.kv_heads
         )));
     }
     // Over a KV cache, masks span the whole capacity (the decode kernel's launch depends only on it).
@@ -356,10 +354,10 @@ fn validate_attention(a: &Attention, ex: Option<&AttnExtra>, st: &RunState<'_>, 
         }
         Ok(())
     };
-    if let Some(m) = ex.key_mask {
+    if let Some(m) = a.key_mask {
         check("key mask", m, a.batch)?;
     }
-    if let Some(b) = ex.head_bias {
+    if let Some(b) = a.head_bias {
         check("head bias", b, a.heads * a.q_len)?;
     }
     Ok(())

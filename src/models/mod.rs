@@ -9,6 +9,7 @@
 //! (docs/adding-a-model.md).
 
 pub mod blip2;
+pub mod layers;
 pub mod opt;
 pub mod qformer;
 pub mod vit;

@@ -1,20 +1,19 @@
 //! The OPT decoder (`OPTForCausalLM`): learned positions offset by 2, pre-norm layers with ReLU
 //! FFN, optional project_in/project_out, lm_head tied to embed_tokens unless stored.
 
+pub use super::layers::KvCache;
+use super::layers::{load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnSpec, Mlp, NormLayer};
 use super::Loader;
 use crate::config::OptConfig;
 use crate::error::Result;
-use crate::graph::{Activation, Attention, Buf, Graph, KvLen, Linear, Norm, Op, View, W};
+use crate::graph::{Activation, Buf, Graph, Linear, Op, W};
 
 struct OptLayer {
-    self_attn_layer_norm: Norm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    final_layer_norm: Norm,
-    fc1: Linear,
-    fc2: Linear,
+    self_attn_layer_norm: NormLayer,
+    self_attn: AttentionLayer,
+    final_layer_norm: NormLayer,
+    /// fc1 -> ReLU -> fc2.
+    mlp: Mlp,
 }
 
 pub struct OptDecoder {
@@ -24,15 +23,8 @@ pub struct OptDecoder {
     project_in: Option<Linear>,
     project_out: Option<Linear>,
     layers: Vec<OptLayer>,
-    final_layer_norm: Norm,
+    final_layer_norm: NormLayer,
     lm_head: W,
-}
-
-/// The per-layer K and V caches `[batch * capacity, hidden]`, shared by prefill and decode.
-pub struct KvCache {
-    pub layers: Vec<(Buf, Buf)>,
-    pub batch: usize,
-    pub capacity: usize,
 }
 
 /// Where a built decoder pass reads its input and leaves its logits.
@@ -67,19 +59,30 @@ impl OptDecoder {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = format!("{dec}.layers.{i}");
+                let self_attn_layer_norm = ld.norm(&format!("{l}.self_attn_layer_norm"), h, LN_EPS)?.into();
+                let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
+                let self_attn = load_attention(
+                    ld,
+                    &AttnSpec {
+                        names: names.each_ref().map(String::as_str),
+                        q_in: h,
+                        kv_in: h,
+                        heads: cfg.num_attention_heads,
+                        kv_heads: cfg.num_attention_heads,
+                        head_dim: cfg.head_dim(),
+                        bias: true,
+                        scale: (cfg.head_dim() as f32).powf(-0.5),
+                    },
+                )?;
                 Ok(OptLayer {
-                    self_attn_layer_norm: ld.norm(&format!("{l}.self_attn_layer_norm"), h, LN_EPS)?,
-                    q_proj: ld.linear(&format!("{l}.self_attn.q_proj"), h, h, true)?,
-                    k_proj: ld.linear(&format!("{l}.self_attn.k_proj"), h, h, true)?,
-                    v_proj: ld.linear(&format!("{l}.self_attn.v_proj"), h, h, true)?,
-                    out_proj: ld.linear(&format!("{l}.self_attn.out_proj"), h, h, true)?,
-                    final_layer_norm: ld.norm(&format!("{l}.final_layer_norm"), h, LN_EPS)?,
-                    fc1: ld.linear(&format!("{l}.fc1"), h, cfg.ffn_dim, true)?,
-                    fc2: ld.linear(&format!("{l}.fc2"), cfg.ffn_dim, h, true)?,
+                    self_attn_layer_norm,
+                    self_attn,
+                    final_layer_norm: ld.norm(&format!("{l}.final_layer_norm"), h, LN_EPS)?.into(),
+                    mlp: load_mlp(ld, &format!("{l}.fc1"), &format!("{l}.fc2"), h, cfg.ffn_dim, true, Activation::Relu)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = ld.norm(&format!("{dec}.final_layer_norm"), h, LN_EPS)?;
+        let final_layer_norm = ld.norm(&format!("{dec}.final_layer_norm"), h, LN_EPS)?.into();
         let lm_head_name = format!("{prefix}.lm_head.weight");
         let lm_head = if ld.ckpt.contains(&lm_head_name) || !cfg.tie_word_embeddings {
             ld.tensor(&lm_head_name, &[cfg.vocab_size, e])?
@@ -90,13 +93,7 @@ impl OptDecoder {
     }
 
     pub fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
-        let h = self.cfg.hidden_size;
-        let layers = (0..self.layers.len())
-            .map(|i| {
-                (g.buffer(format!("opt.{i}.cache_k"), batch * capacity, h), g.buffer(format!("opt.{i}.cache_v"), batch * capacity, h))
-            })
-            .collect();
-        KvCache { layers, batch, capacity }
+        KvCache::new(g, "opt", self.layers.len(), batch, capacity, self.cfg.hidden_size)
     }
 
     /// Emits one pass over `seq` new tokens per batch item, starting at the executor's position:
@@ -110,9 +107,7 @@ impl OptDecoder {
         let embeds = g.buffer(format!("{tag}.embeds"), rows, e);
         let x = if self.project_in.is_some() { g.buffer(format!("{tag}.residual"), rows, h) } else { embeds };
         let normed = g.buffer(format!("{tag}.normed"), rows, h);
-        let (q, k, v) =
-            (g.buffer(format!("{tag}.q"), rows, h), g.buffer(format!("{tag}.k"), rows, h), g.buffer(format!("{tag}.v"), rows, h));
-        let ctx = g.buffer(format!("{tag}.context"), rows, h);
+        let mut scratch = None;
         let ffn = g.buffer(format!("{tag}.ffn"), rows, c.ffn_dim);
 
         // x = project_in(embed_tokens[ids] with image rows replaced) + positions   [B*S, H]
@@ -125,44 +120,17 @@ impl OptDecoder {
         }
         g.push(Op::AddPositions { table: self.embed_positions, offset: OptConfig::POSITION_OFFSET, x, batch, rows_per_batch: seq });
 
-        for (l, &(cache_k, cache_v)) in self.layers.iter().zip(&cache.layers) {
+        for (i, l) in self.layers.iter().enumerate() {
+            let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
             // x += out_proj(CausalAttn(LN(x)) over the cache)
-            g.layer_norm(x, None, &l.self_attn_layer_norm, normed, rows);
-            g.linear(normed, l.q_proj.weight, l.q_proj.bias, Activation::None, None, q, rows);
-            g.linear(normed, l.k_proj.weight, l.k_proj.bias, Activation::None, None, k, rows);
-            g.linear(normed, l.v_proj.weight, l.v_proj.bias, Activation::None, None, v, rows);
-            g.push(Op::KvAppend {
-                k: View::from(k),
-                v: View::from(v),
-                cache_k,
-                cache_v,
-                batch,
-                rows_per_batch: seq,
-                capacity: cache.capacity,
-            });
-            g.push(Op::Attention(Attention {
-                q: View::from(q),
-                k: View::from(cache_k),
-                v: View::from(cache_v),
-                out: ctx,
-                batch,
-                heads: c.num_attention_heads,
-                head_dim: c.head_dim(),
-                q_len: seq,
-                kv_len: KvLen::Cache,
-                kv_batch_stride: cache.capacity,
-                causal: true,
-                scale: (c.head_dim() as f32).powf(-0.5),
-            }));
-            g.linear(ctx, l.out_proj.weight, l.out_proj.bias, Activation::None, Some(x), x, rows);
+            let call = AttnCall::new(batch, seq, cache.keys(i)).causal();
+            pre_norm(g, &l.self_attn_layer_norm, x, normed, rows, |g, h, r| l.self_attn.emit(g, &s, h, &call, r));
             // x += fc2(ReLU(fc1(LN(x))))
-            g.layer_norm(x, None, &l.final_layer_norm, normed, rows);
-            g.linear(normed, l.fc1.weight, l.fc1.bias, Activation::Relu, None, ffn, rows);
-            g.linear(ffn, l.fc2.weight, l.fc2.bias, Activation::None, Some(x), x, rows);
+            pre_norm(g, &l.final_layer_norm, x, normed, rows, |g, h, r| l.mlp.emit(g, h, ffn, r, rows));
         }
 
         // logits = lm_head(project_out(LN(x)))   (last row of each item unless all_logits)
-        g.layer_norm(x, None, &self.final_layer_norm, normed, rows);
+        self.final_layer_norm.emit(g, x, None, normed, rows);
         let (mut head_in, logit_rows) = (normed, if all_logits { rows } else { batch });
         if !all_logits && seq > 1 {
             head_in = g.buffer(format!("{tag}.last"), batch, h);

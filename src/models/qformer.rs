@@ -1,55 +1,60 @@
 //! BLIP-2's Q-Former (`Blip2QFormerModel`, BERT-style post-norm): learned query tokens attend to
 //! themselves and, every `cross_attention_frequency` layers, to the image embeddings.
 
+use super::layers::{load_attention, load_mlp, post_norm, AttentionLayer, AttnCall, AttnScratch, AttnSpec, Keys, Mlp, NormLayer};
 use super::Loader;
 use crate::config::QFormerConfig;
 use crate::error::Result;
-use crate::graph::{Activation, Attention, Buf, Graph, KvLen, Linear, Norm, Op, View, W};
+use crate::graph::{Activation, Buf, Graph, Op, W};
 
-/// query/key/value projections, output dense and post-norm of one attention block.
+/// query/key/value projections and output dense, then the post-norm, of one attention block.
 struct AttentionBlock {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    dense: Linear,
-    layer_norm: Norm,
+    attention: AttentionLayer,
+    layer_norm: NormLayer,
 }
 
 impl AttentionBlock {
-    fn load(ld: &mut Loader, prefix: &str, d: usize, kv_in: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            query: ld.linear(&format!("{prefix}.attention.query"), d, d, true)?,
-            key: ld.linear(&format!("{prefix}.attention.key"), kv_in, d, true)?,
-            value: ld.linear(&format!("{prefix}.attention.value"), kv_in, d, true)?,
-            dense: ld.linear(&format!("{prefix}.output.dense"), d, d, true)?,
-            layer_norm: ld.norm(&format!("{prefix}.output.LayerNorm"), d, eps)?,
-        })
+    fn load(ld: &mut Loader, cfg: &QFormerConfig, prefix: &str, kv_in: usize) -> Result<Self> {
+        let names = ["attention.query", "attention.key", "attention.value", "output.dense"].map(|n| format!("{prefix}.{n}"));
+        let (d, head_dim) = (cfg.hidden_size, cfg.head_dim());
+        let attention = load_attention(
+            ld,
+            &AttnSpec {
+                names: names.each_ref().map(String::as_str),
+                q_in: d,
+                kv_in,
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_attention_heads,
+                head_dim,
+                bias: true,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            },
+        )?;
+        let layer_norm = ld.norm(&format!("{prefix}.output.LayerNorm"), d, cfg.layer_norm_eps)?.into();
+        Ok(Self { attention, layer_norm })
+    }
+
+    /// `out = LN(dense(MHA(q(x), k(keys), v(keys))) + x)`, the sum in `sum`.
+    fn emit(&self, g: &mut Graph, s: &AttnScratch, x: Buf, call: &AttnCall, sum: Buf, out: Buf) {
+        let rows = call.batch * call.q_len;
+        post_norm(g, &self.layer_norm, x, sum, out, rows, |g, x, r| self.attention.emit(g, s, x, call, r));
     }
 }
 
 struct QFormerLayer {
     self_attention: AttentionBlock,
     cross_attention: Option<AttentionBlock>,
-    intermediate_query: Linear,
-    output_query: Linear,
-    output_layer_norm: Norm,
+    /// intermediate_query -> GELU -> output_query, then its post-norm.
+    ffn: Mlp,
+    output_layer_norm: NormLayer,
 }
 
 pub struct QFormer {
     pub cfg: QFormerConfig,
     pub num_query_tokens: usize,
     query_tokens: W,
-    layernorm: Norm,
+    layernorm: NormLayer,
     layers: Vec<QFormerLayer>,
-}
-
-/// Scratch buffers of one attention block: q [rows, D], k and v [kv_rows, D], context [rows, D].
-struct AttnScratch {
-    q: Buf,
-    k: Buf,
-    v: Buf,
-    ctx: Buf,
-    dense: Buf,
 }
 
 impl QFormer {
@@ -57,20 +62,27 @@ impl QFormer {
     pub fn load(cfg: &QFormerConfig, num_query_tokens: usize, ld: &mut Loader, prefix: &str) -> Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let query_tokens = ld.tensor("query_tokens", &[1, num_query_tokens, d])?;
-        let layernorm = ld.norm(&format!("{prefix}.layernorm"), d, eps)?;
+        let layernorm = ld.norm(&format!("{prefix}.layernorm"), d, eps)?.into();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = format!("{prefix}.encoder.layer.{i}");
                 Ok(QFormerLayer {
-                    self_attention: AttentionBlock::load(ld, &format!("{l}.attention"), d, d, eps)?,
+                    self_attention: AttentionBlock::load(ld, cfg, &format!("{l}.attention"), d)?,
                     cross_attention: if cfg.has_cross_attention(i) {
-                        Some(AttentionBlock::load(ld, &format!("{l}.crossattention"), d, cfg.encoder_hidden_size, eps)?)
+                        Some(AttentionBlock::load(ld, cfg, &format!("{l}.crossattention"), cfg.encoder_hidden_size)?)
                     } else {
                         None
                     },
-                    intermediate_query: ld.linear(&format!("{l}.intermediate_query.dense"), d, cfg.intermediate_size, true)?,
-                    output_query: ld.linear(&format!("{l}.output_query.dense"), cfg.intermediate_size, d, true)?,
-                    output_layer_norm: ld.norm(&format!("{l}.output_query.LayerNorm"), d, eps)?,
+                    ffn: load_mlp(
+                        ld,
+                        &format!("{l}.intermediate_query.dense"),
+                        &format!("{l}.output_query.dense"),
+                        d,
+                        cfg.intermediate_size,
+                        true,
+                        Activation::Gelu,
+                    )?,
+                    output_layer_norm: ld.norm(&format!("{l}.output_query.LayerNorm"), d, eps)?.into(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -83,67 +95,35 @@ impl QFormer {
         let d = self.cfg.hidden_size;
         let nq = self.num_query_tokens;
         let rows = batch * nq;
-        let image_rows = batch * image_tokens;
         let queries = g.buffer("qformer.queries", rows, d);
         let x = g.buffer("qformer.hidden", rows, d);
         let h = g.buffer("qformer.attended", rows, d);
         let ffn = g.buffer("qformer.ffn", rows, self.cfg.intermediate_size);
-        let self_scratch = AttnScratch {
-            q: g.buffer("qformer.q", rows, d),
-            k: g.buffer("qformer.k", rows, d),
-            v: g.buffer("qformer.v", rows, d),
-            ctx: g.buffer("qformer.context", rows, d),
-            dense: g.buffer("qformer.dense", rows, d),
-        };
-        let cross_scratch = AttnScratch {
-            q: self_scratch.q,
-            k: g.buffer("qformer.cross_k", image_rows, d),
-            v: g.buffer("qformer.cross_v", image_rows, d),
-            ctx: self_scratch.ctx,
-            dense: self_scratch.dense,
-        };
+        let dense = g.buffer("qformer.dense", rows, d);
+        // Self- and cross-attention share the query and context buffers.
+        let (mut self_scratch, mut cross_scratch) = (None, None);
+        let self_call = AttnCall::new(batch, nq, Keys::Same);
+        let cross_call = AttnCall::new(batch, nq, Keys::Cross { src: image, kv_len: image_tokens });
 
         // x = LayerNorm(query_tokens), one copy per image   [B*32, D]
         g.push(Op::Broadcast { table: self.query_tokens, out: queries, batch });
-        g.layer_norm(queries, None, &self.layernorm, x, rows);
+        self.layernorm.emit(g, queries, None, x, rows);
         for l in &self.layers {
+            let s = *self_scratch.get_or_insert_with(|| l.self_attention.attention.scratch(g, "qformer", rows, rows));
             // h = LN(dense(SelfAttn(x)) + x)
-            self.attention(g, &l.self_attention, &self_scratch, x, x, batch, nq, h);
+            l.self_attention.emit(g, &s, x, &self_call, dense, h);
             if let Some(cross) = &l.cross_attention {
+                let cs = *cross_scratch.get_or_insert_with(|| {
+                    let (kv_rows, kv_width) = (batch * image_tokens, cross.attention.kv_width());
+                    let k = g.buffer("qformer.cross_k", kv_rows, kv_width);
+                    AttnScratch { k, v: g.buffer("qformer.cross_v", kv_rows, kv_width), ..s }
+                });
                 // h = LN(dense(CrossAttn(h, image)) + h)   (dense writes a scratch, LN back to h)
-                self.attention(g, cross, &cross_scratch, h, image, batch, image_tokens, h);
+                cross.emit(g, &cs, h, &cross_call, dense, h);
             }
             // x = LN(output_query(GELU(intermediate_query(h))) + h)
-            g.linear(h, l.intermediate_query.weight, l.intermediate_query.bias, Activation::Gelu, None, ffn, rows);
-            g.linear(ffn, l.output_query.weight, l.output_query.bias, Activation::None, Some(h), self_scratch.dense, rows);
-            g.layer_norm(self_scratch.dense, None, &l.output_layer_norm, x, rows);
+            post_norm(g, &l.output_layer_norm, h, dense, x, rows, |g, h, r| l.ffn.emit(g, h, ffn, r, rows));
         }
         x
-    }
-
-    /// `out = LN(dense(MHA(q(x), k(kv), v(kv))) + x)`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(&self, g: &mut Graph, blk: &AttentionBlock, s: &AttnScratch, x: Buf, kv: Buf, batch: usize, kv_len: usize, out: Buf) {
-        let rows = batch * self.num_query_tokens;
-        let kv_rows = batch * kv_len;
-        g.linear(x, blk.query.weight, blk.query.bias, Activation::None, None, s.q, rows);
-        g.linear(kv, blk.key.weight, blk.key.bias, Activation::None, None, s.k, kv_rows);
-        g.linear(kv, blk.value.weight, blk.value.bias, Activation::None, None, s.v, kv_rows);
-        g.push(Op::Attention(Attention {
-            q: View::from(s.q),
-            k: View::from(s.k),
-            v: View::from(s.v),
-            out: s.ctx,
-            batch,
-            heads: self.cfg.num_attention_heads,
-            head_dim: self.cfg.head_dim(),
-            q_len: self.num_query_tokens,
-            kv_len: KvLen::Fixed(kv_len),
-            kv_batch_stride: kv_len,
-            causal: false,
-            scale: 1.0 / (self.cfg.head_dim() as f32).sqrt(),
-        }));
-        g.linear(s.ctx, blk.dense.weight, blk.dense.bias, Activation::None, Some(x), s.dense, rows);
-        g.layer_norm(s.dense, None, &blk.layer_norm, out, rows);
     }
 }

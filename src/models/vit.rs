@@ -3,19 +3,18 @@
 
 use half::f16;
 
+use super::layers::{pre_norm, AttentionLayer, AttnCall, Keys, Mlp, NormLayer, Qkv};
 use super::Loader;
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
-use crate::graph::{Activation, Attention, Buf, Graph, KvLen, Linear, Norm, Op, View, W};
+use crate::graph::{Activation, Buf, Graph, Op, W};
 use crate::weights::Weight;
 
 struct VitLayer {
-    layer_norm1: Norm,
-    qkv: Linear,
-    projection: Linear,
-    layer_norm2: Norm,
-    fc1: Linear,
-    fc2: Linear,
+    layer_norm1: NormLayer,
+    self_attn: AttentionLayer,
+    layer_norm2: NormLayer,
+    mlp: Mlp,
 }
 
 pub struct VisionModel {
@@ -25,7 +24,7 @@ pub struct VisionModel {
     class_embedding: W,
     position_embedding: W,
     layers: Vec<VitLayer>,
-    post_layernorm: Norm,
+    post_layernorm: NormLayer,
 }
 
 impl VisionModel {
@@ -44,17 +43,23 @@ impl VisionModel {
                 if cfg.qkv_bias {
                     qkv.bias = Some(load_qkv_bias(ld, &format!("{l}.self_attn"), d)?);
                 }
-                Ok(VitLayer {
-                    layer_norm1: ld.norm(&format!("{l}.layer_norm1"), d, eps)?,
-                    qkv,
-                    projection: ld.linear(&format!("{l}.self_attn.projection"), d, d, true)?,
-                    layer_norm2: ld.norm(&format!("{l}.layer_norm2"), d, eps)?,
-                    fc1: ld.linear(&format!("{l}.mlp.fc1"), d, cfg.intermediate_size, true)?,
-                    fc2: ld.linear(&format!("{l}.mlp.fc2"), cfg.intermediate_size, d, true)?,
-                })
+                let layer_norm1 = ld.norm(&format!("{l}.layer_norm1"), d, eps)?.into();
+                let heads = cfg.num_attention_heads;
+                let self_attn = AttentionLayer {
+                    qkv: Qkv::Fused(qkv),
+                    out: ld.linear(&format!("{l}.self_attn.projection"), d, d, true)?,
+                    heads,
+                    kv_heads: heads,
+                    head_dim: cfg.head_dim(),
+                    scale: (cfg.head_dim() as f32).powf(-0.5),
+                    rope: None,
+                };
+                let layer_norm2 = ld.norm(&format!("{l}.layer_norm2"), d, eps)?.into();
+                let mlp = super::layers::load_mlp(ld, &format!("{l}.mlp.fc1"), &format!("{l}.mlp.fc2"), d, cfg.intermediate_size, true, Activation::Gelu)?;
+                Ok(VitLayer { layer_norm1, self_attn, layer_norm2, mlp })
             })
             .collect::<Result<Vec<_>>>()?;
-        let post_layernorm = ld.norm(&format!("{prefix}.post_layernorm"), d, eps)?;
+        let post_layernorm = ld.norm(&format!("{prefix}.post_layernorm"), d, eps)?.into();
         Ok(Self { cfg: cfg.clone(), patch_weight, patch_bias, class_embedding, position_embedding, layers, post_layernorm })
     }
 
@@ -67,10 +72,9 @@ impl VisionModel {
         // Activations, allocated once and reused by every layer.
         let x = g.buffer("vision.residual", rows, d);
         let h = g.buffer("vision.normed", rows, d);
-        let qkv = g.buffer("vision.qkv", rows, 3 * d);
-        let attn = g.buffer("vision.attn", rows, d);
         let mlp = g.buffer("vision.mlp", rows, c.intermediate_size);
         let out = g.buffer("vision.out", rows, d);
+        let mut scratch = None;
 
         // x = [cls; conv(pixels)] + positions          [B*257, D]
         g.push(Op::PatchEmbed {
@@ -84,31 +88,15 @@ impl VisionModel {
             image_size: c.image_size,
             patch: c.patch_size,
         });
+        let call = AttnCall::new(batch, tokens, Keys::Same);
         for l in &self.layers {
+            let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, "vision", rows, rows));
             // x += projection(attention(qkv(LN1(x))))
-            g.layer_norm(x, None, &l.layer_norm1, h, rows);
-            g.linear(h, l.qkv.weight, l.qkv.bias, Activation::None, None, qkv, rows);
-            g.push(Op::Attention(Attention {
-                q: View { buf: qkv, col: 0 },
-                k: View { buf: qkv, col: d },
-                v: View { buf: qkv, col: 2 * d },
-                out: attn,
-                batch,
-                heads: c.num_attention_heads,
-                head_dim: c.head_dim(),
-                q_len: tokens,
-                kv_len: KvLen::Fixed(tokens),
-                kv_batch_stride: tokens,
-                causal: false,
-                scale: (c.head_dim() as f32).powf(-0.5),
-            }));
-            g.linear(attn, l.projection.weight, l.projection.bias, Activation::None, Some(x), x, rows);
+            pre_norm(g, &l.layer_norm1, x, h, rows, |g, h, r| l.self_attn.emit(g, &s, h, &call, r));
             // x += fc2(GELU(fc1(LN2(x))))
-            g.layer_norm(x, None, &l.layer_norm2, h, rows);
-            g.linear(h, l.fc1.weight, l.fc1.bias, Activation::Gelu, None, mlp, rows);
-            g.linear(mlp, l.fc2.weight, l.fc2.bias, Activation::None, Some(x), x, rows);
+            pre_norm(g, &l.layer_norm2, x, h, rows, |g, h, r| l.mlp.emit(g, h, mlp, r, rows));
         }
-        g.layer_norm(x, None, &self.post_layernorm, out, rows);
+        self.post_layernorm.emit(g, x, None, out, rows);
         out
     }
 }

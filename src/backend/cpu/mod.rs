@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::backend::{rope_position, validate_op, Executor, RunState};
 use crate::error::{Error, Result};
-use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
+use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 pub struct CpuExecutor {
     weights: Arc<WeightTable>,
@@ -124,8 +124,7 @@ impl CpuExecutor {
                     }
                 }
             }
-            Op::Attention(ref a) => self.attention(a, None),
-            Op::AttentionEx(ref a, ref ex) => self.attention(a, Some(ex)),
+            Op::Attention(ref a) => self.attention(a),
             Op::SelectRows { x, out, batch, rows_per_batch, select } => {
                 let dim = self.cols(x);
                 let picks: Vec<(usize, usize)> = match select {
@@ -221,7 +220,7 @@ impl CpuExecutor {
         Ok(())
     }
 
-    fn attention(&mut self, a: &Attention, ex: Option<&AttnExtra>) {
+    fn attention(&mut self, a: &Attention) {
         let kv_len = match a.kv_len {
             KvLen::Fixed(n) => n,
             KvLen::Cache => self.position + a.q_len,
@@ -245,9 +244,9 @@ impl CpuExecutor {
         debug_assert_eq!(self.cols(a.k.buf), self.cols(a.v.buf));
         let mut o = std::mem::take(&mut self.bufs[a.out.0]);
         let extras = ops::AttnExtras {
-            kv_heads: ex.map_or(a.heads, |e| e.kv_heads),
-            mask: ex.and_then(|e| e.key_mask).map(|m| ops::KeyMask { values: &self.bufs[m.0], stride: self.cols(m) }),
-            bias: ex.and_then(|e| e.head_bias).map(|b| ops::HeadBias { values: &self.bufs[b.0], stride: self.cols(b) }),
+            kv_heads: a.kv_heads,
+            mask: a.key_mask.map(|m| ops::KeyMask { values: &self.bufs[m.0], stride: self.cols(m) }),
+            bias: a.head_bias.map(|b| ops::HeadBias { values: &self.bufs[b.0], stride: self.cols(b) }),
         };
         ops::attention_ex(&self.bufs[a.q.buf.0], &self.bufs[a.k.buf.0], &self.bufs[a.v.buf.0], &shape, &extras, &mut o);
         self.bufs[a.out.0] = o;

@@ -31,7 +31,7 @@ use half::f16;
 use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, HeadsView, Residual, RowsView, SumOut};
 use crate::backend::{validate_op, Candidate, Executor, RunState};
 use crate::error::{Error, Result};
-use crate::graph::{AttnExtra, Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
+use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 /// Recordings that failed and fell back to direct launches, process-wide (for tests and logs).
 static CAPTURE_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
@@ -331,7 +331,7 @@ impl CudaExecutor {
             .iter()
             .find_map(|op| match *op {
                 Op::KvAppend { batch, .. } | Op::AddPositions { batch, .. } | Op::Rope { batch, .. } => Some(batch),
-                Op::Attention(ref a) | Op::AttentionEx(ref a, _) => Some(a.batch),
+                Op::Attention(ref a) => Some(a.batch),
                 _ => None,
             })
             .unwrap_or(1)
@@ -390,8 +390,7 @@ impl CudaExecutor {
                 let table = &self.freqs.get(&(inv_freq.as_ptr() as usize)).expect("uploaded by prepare").1;
                 dev.rope(self.rows_view(x), table, &self.rope_start, batch, rows_per_batch, heads, head_dim)?;
             }
-            Op::Attention(ref a) => self.attention(a, None)?,
-            Op::AttentionEx(ref a, ref ex) => self.attention(a, Some(ex))?,
+            Op::Attention(ref a) => self.attention(a)?,
             Op::SelectRows { x, out, batch, rows_per_batch, select } => {
                 let dim = self.cols(x);
                 for b in 0..batch {
@@ -470,10 +469,10 @@ impl CudaExecutor {
         RowsView { buf: &self.bufs[v.buf.0], offset: v.col, row_stride: self.cols(v.buf) }
     }
 
-    fn attention(&mut self, a: &Attention, ex: Option<&AttnExtra>) -> Result<()> {
+    fn attention(&mut self, a: &Attention) -> Result<()> {
         let dev = self.dev.clone();
         // The kernels read an fp32 key mask: widen the (fp16) mask buffer into scratch first.
-        let mask32 = match ex.and_then(|e| e.key_mask) {
+        let mask32 = match a.key_mask {
             Some(m) => {
                 let n = self.bufs[m.0].len();
                 let m32 = ensure(&dev, &mut self.scratch.mask_f32, n)?;
@@ -491,8 +490,8 @@ impl CudaExecutor {
         };
         let extra = AttnMask {
             additive: mask32.as_ref().map(|(m, stride)| (m, *stride)),
-            bias: ex.and_then(|e| e.head_bias).map(|b| (&self.bufs[b.0], self.cols(b))),
-            kv_heads: ex.map(|e| e.kv_heads),
+            bias: a.head_bias.map(|b| (&self.bufs[b.0], self.cols(b))),
+            kv_heads: Some(a.kv_heads),
             ..AttnMask::default()
         };
         let (q, k, v) = (self.heads(a.q, a.q_len), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride));
