@@ -84,9 +84,7 @@ fn main() {
     let archs = parse_archs();
     let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
         .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-                .collect()
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cu")).collect()
         })
         .unwrap_or_default();
     sources.sort();
@@ -123,11 +121,7 @@ fn main() {
             Ok(o) => o,
             Err(e) => panic!("failed to run {}: {e}", nvcc.display()),
         };
-        let log = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let log = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         let _ = fs::write(out_dir.join(format!("{name}.ptxas.log")), &log);
         println!("=== nvcc {name}.cu (fast_math={fast}) ===");
         for line in log.lines() {
@@ -183,7 +177,9 @@ fn embed_commit() {
     }
     for name in watch {
         // A watched path that does not exist would rerun this script (and nvcc) on every build.
-        if let Some(path) = git(&["rev-parse", "--git-path", &name]).map(|p| manifest_dir.join(p)).filter(|p| p.exists()) {
+        if let Some(path) =
+            git(&["rev-parse", "--git-path", &name]).map(|p| manifest_dir.join(p)).filter(|p| p.exists())
+        {
             println!("cargo:rerun-if-changed={}", path.display());
         }
     }
@@ -212,21 +208,14 @@ fn parse_archs() -> Archs {
             panic!("GLIMPSE_CUDA_ARCHS: sm_{a} is unsupported (kernels need sm_80+: cp.async, bf16 mma)");
         }
     }
-    let ptx = list
-        .iter()
-        .map(|a| a.trim_end_matches(['a', 'f']).to_string())
-        .min_by_key(|a| a.parse::<u32>().unwrap());
+    let ptx = list.iter().map(|a| a.trim_end_matches(['a', 'f']).to_string()).min_by_key(|a| a.parse::<u32>().unwrap());
     Archs { cubins: list, ptx }
 }
 
 fn find_nvcc() -> Result<PathBuf, String> {
     if let Ok(p) = env::var("NVCC") {
         let p = PathBuf::from(p);
-        return if is_exe(&p) {
-            Ok(p)
-        } else {
-            Err(format!("NVCC={} is not an executable file", p.display()))
-        };
+        return if is_exe(&p) { Ok(p) } else { Err(format!("NVCC={} is not an executable file", p.display())) };
     }
     if let Ok(home) = env::var("CUDA_HOME") {
         let p = Path::new(&home).join("bin").join("nvcc");

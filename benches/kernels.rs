@@ -3,7 +3,9 @@
 //! Prints a markdown table, or JSON lines with `--json`. Without a GPU it says why and exits 0.
 
 use cudarc::driver::sys::CUevent_flags;
-use glimpse::backend::cuda::{decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, HeadsView, Residual, RowsView, SumOut};
+use glimpse::backend::cuda::{
+    decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, HeadsView, Residual, RowsView, SumOut,
+};
 use half::f16;
 
 const WARMUP: usize = 5;
@@ -64,7 +66,13 @@ fn main() {
     let dst = dev.alloc::<u8>(bytes).unwrap();
     let ms = time(&dev, || dev.copy_device(&src, &dst).unwrap());
     let copy_gbs = 2.0 * bytes as f64 / (ms * 1e-3) / 1e9;
-    rows.push(Row { name: "memcpy d2d 1 GiB".into(), ms, metric: "GB/s".into(), value: copy_gbs, note: "read+write".into() });
+    rows.push(Row {
+        name: "memcpy d2d 1 GiB".into(),
+        ms,
+        metric: "GB/s".into(),
+        value: copy_gbs,
+        note: "read+write".into(),
+    });
     drop((src, dst));
 
     // GEMV, M = 1 (decode): (N, K) = out x in
@@ -75,18 +83,38 @@ fn main() {
         let y = dev.alloc::<f16>(n).unwrap();
         let ms = time(&dev, || dev.gemv(&x, &w, Some(&b), Activation::None, Residual::None, &y, 1, n, k).unwrap());
         let gbs = (2 * (n * k + k + 2 * n)) as f64 / (ms * 1e-3) / 1e9;
-        rows.push(Row { name: format!("gemv m=1 n={n} k={k}"), ms, metric: "GB/s".into(), value: gbs, note: format!("{:.0}% of copy", 100.0 * gbs / copy_gbs) });
+        rows.push(Row {
+            name: format!("gemv m=1 n={n} k={k}"),
+            ms,
+            metric: "GB/s".into(),
+            value: gbs,
+            note: format!("{:.0}% of copy", 100.0 * gbs / copy_gbs),
+        });
     }
 
     // GEMM (prefill / vision)
-    for &(m, n, k) in &[(257usize, 4224usize, 1408usize), (257, 6144, 1408), (257, 1408, 6144), (512, 2560, 2560), (1024, 10240, 2560), (1024, 2560, 10240), (1024, 6144, 1408)] {
+    for &(m, n, k) in &[
+        (257usize, 4224usize, 1408usize),
+        (257, 6144, 1408),
+        (257, 1408, 6144),
+        (512, 2560, 2560),
+        (1024, 10240, 2560),
+        (1024, 2560, 10240),
+        (1024, 6144, 1408),
+    ] {
         let x = rand_halves(&dev, m * k, 4);
         let w = rand_halves(&dev, n * k, 5);
         let b = rand_halves(&dev, n, 6);
         let y = dev.alloc::<f16>(m * n).unwrap();
         let ms = time(&dev, || dev.gemm(&x, &w, Some(&b), Activation::Gelu, Residual::None, &y, m, n, k).unwrap());
         let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
-        rows.push(Row { name: format!("gemm m={m} n={n} k={k} +bias+gelu"), ms, metric: "TFLOP/s".into(), value: tf, note: String::new() });
+        rows.push(Row {
+            name: format!("gemm m={m} n={n} k={k} +bias+gelu"),
+            ms,
+            metric: "TFLOP/s".into(),
+            value: tf,
+            note: String::new(),
+        });
     }
 
     // attention at BLIP-2 shapes: (name, batch, heads, sq, skv, d, causal)
@@ -102,9 +130,17 @@ fn main() {
         let o = dev.alloc::<f16>(b * sq * h * d).unwrap();
         let hv = |buf, rows| HeadsView { buf, offset: 0, batch_stride: rows * h * d, row_stride: h * d };
         let mask = AttnMask { causal: causal.then_some(0), ..Default::default() };
-        let ms = time(&dev, || dev.attention(hv(&q, sq), hv(&kk, skv), hv(&v, skv), hv(&o, sq), b, h, sq, skv, d, 0.1, mask).unwrap());
+        let ms = time(&dev, || {
+            dev.attention(hv(&q, sq), hv(&kk, skv), hv(&v, skv), hv(&o, sq), b, h, sq, skv, d, 0.1, mask).unwrap()
+        });
         let tf = 4.0 * (b * h * sq * skv * d) as f64 / (ms * 1e-3) / 1e12;
-        rows.push(Row { name: format!("attention {name} b={b} h={h} sq={sq} skv={skv} d={d}"), ms, metric: "TFLOP/s".into(), value: tf, note: String::new() });
+        rows.push(Row {
+            name: format!("attention {name} b={b} h={h} sq={sq} skv={skv} d={d}"),
+            ms,
+            metric: "TFLOP/s".into(),
+            value: tf,
+            note: String::new(),
+        });
     }
     // decode attention, OPT-2.7b: 32 heads x 80, cache 2048 full
     {
@@ -117,10 +153,30 @@ fn main() {
         let o = dev.alloc::<f16>(b * h * d).unwrap();
         let hv = |buf, rows| HeadsView { buf, offset: 0, batch_stride: rows * h * d, row_stride: h * d };
         let ms = time(&dev, || {
-            dev.decode_attention(hv(&q, 1), hv(&kc, max_len), hv(&vc, max_len), &lens, hv(&o, 1), &ws, b, h, max_len, d, 0.1, AttnMask::default()).unwrap()
+            dev.decode_attention(
+                hv(&q, 1),
+                hv(&kc, max_len),
+                hv(&vc, max_len),
+                &lens,
+                hv(&o, 1),
+                &ws,
+                b,
+                h,
+                max_len,
+                d,
+                0.1,
+                AttnMask::default(),
+            )
+            .unwrap()
         });
         let gbs = (2 * 2 * b * max_len * h * d) as f64 / (ms * 1e-3) / 1e9;
-        rows.push(Row { name: "decode attention h=32 d=80 len=2048".into(), ms, metric: "GB/s".into(), value: gbs, note: format!("{:.0}% of copy", 100.0 * gbs / copy_gbs) });
+        rows.push(Row {
+            name: "decode attention h=32 d=80 len=2048".into(),
+            ms,
+            metric: "GB/s".into(),
+            value: gbs,
+            note: format!("{:.0}% of copy", 100.0 * gbs / copy_gbs),
+        });
     }
 
     // layernorm with fused residual (ViT 257 x 1408, OPT decode 1 x 2560)
@@ -133,17 +189,30 @@ fn main() {
         let s = dev.alloc::<f16>(r * dim).unwrap();
         let ms = time(&dev, || dev.layernorm(&x, Some(&res), SumOut::To(&s), &w, Some(&bb), &y, r, dim, 1e-5).unwrap());
         let gbs = (2 * 4 * r * dim) as f64 / (ms * 1e-3) / 1e9;
-        rows.push(Row { name: format!("layernorm+residual rows={r} dim={dim}"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+        rows.push(Row {
+            name: format!("layernorm+residual rows={r} dim={dim}"),
+            ms,
+            metric: "GB/s".into(),
+            value: gbs,
+            note: String::new(),
+        });
     }
 
     // LLaMA-7B shapes: RMSNorm (decode and a 1024-token prefill), SwiGLU on a fused [rows, 2I]
     // gate|up buffer, RoPE on q (32 heads x 128), GQA decode attention (32 q / 8 kv heads).
     for &r in &[1usize, 1024] {
         let dim = 4096;
-        let (x, w, y) = (rand_halves(&dev, r * dim, 17), rand_halves(&dev, dim, 18), dev.alloc::<f16>(r * dim).unwrap());
+        let (x, w, y) =
+            (rand_halves(&dev, r * dim, 17), rand_halves(&dev, dim, 18), dev.alloc::<f16>(r * dim).unwrap());
         let ms = time(&dev, || dev.rmsnorm(&x, None, SumOut::None, &w, &y, r, dim, 1e-6).unwrap());
         let gbs = (2 * 2 * r * dim) as f64 / (ms * 1e-3) / 1e9;
-        rows.push(Row { name: format!("rmsnorm rows={r} dim={dim}"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+        rows.push(Row {
+            name: format!("rmsnorm rows={r} dim={dim}"),
+            ms,
+            metric: "GB/s".into(),
+            value: gbs,
+            note: String::new(),
+        });
 
         let inter = 11008;
         let (gu, out) = (rand_halves(&dev, r * 2 * inter, 19), dev.alloc::<f16>(r * inter).unwrap());
@@ -151,7 +220,13 @@ fn main() {
         let up = RowsView { buf: &gu, offset: inter, row_stride: 2 * inter };
         let ms = time(&dev, || dev.gated_act(gate, up, Activation::Silu, &out, r, inter).unwrap());
         let gbs = (3 * 2 * r * inter) as f64 / (ms * 1e-3) / 1e9;
-        rows.push(Row { name: format!("gated silu rows={r} I={inter} (fused)"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+        rows.push(Row {
+            name: format!("gated silu rows={r} I={inter} (fused)"),
+            ms,
+            metric: "GB/s".into(),
+            value: gbs,
+            note: String::new(),
+        });
 
         let (heads, d) = (32, 128);
         let q = rand_halves(&dev, r * heads * d, 20);
@@ -161,7 +236,13 @@ fn main() {
         let view = RowsView { buf: &q, offset: 0, row_stride: heads * d };
         let ms = time(&dev, || dev.rope(view, &inv, &start, 1, r, heads, d).unwrap());
         let gbs = (2 * 2 * r * heads * d) as f64 / (ms * 1e-3) / 1e9;
-        rows.push(Row { name: format!("rope rows={r} heads={heads} d={d}"), ms, metric: "GB/s".into(), value: gbs, note: String::new() });
+        rows.push(Row {
+            name: format!("rope rows={r} heads={heads} d={d}"),
+            ms,
+            metric: "GB/s".into(),
+            value: gbs,
+            note: String::new(),
+        });
     }
     {
         let (b, h, kvh, d, len) = (1usize, 32usize, 8usize, 128usize, 4096usize);
@@ -171,24 +252,59 @@ fn main() {
         let o = dev.alloc::<f16>(b * h * d).unwrap();
         let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, len)).unwrap();
         let kv_len = dev.upload(&vec![len as i32; b]).unwrap();
-        let hv = |buf, rows: usize, heads: usize| HeadsView { buf, offset: 0, batch_stride: rows * heads * d, row_stride: heads * d };
+        let hv = |buf, rows: usize, heads: usize| HeadsView {
+            buf,
+            offset: 0,
+            batch_stride: rows * heads * d,
+            row_stride: heads * d,
+        };
         let mask = AttnMask { kv_heads: Some(kvh), ..AttnMask::default() };
         let ms = time(&dev, || {
-            dev.decode_attention(hv(&q, 1, h), hv(&k, len, kvh), hv(&v, len, kvh), &kv_len, hv(&o, 1, h), &ws, b, h, len, d, 0.088, mask).unwrap()
+            dev.decode_attention(
+                hv(&q, 1, h),
+                hv(&k, len, kvh),
+                hv(&v, len, kvh),
+                &kv_len,
+                hv(&o, 1, h),
+                &ws,
+                b,
+                h,
+                len,
+                d,
+                0.088,
+                mask,
+            )
+            .unwrap()
         });
         let gbs = (2 * 2 * b * len * kvh * d) as f64 / (ms * 1e-3) / 1e9;
-        rows.push(Row { name: format!("gqa decode attention h={h}/{kvh} d={d} len={len}"), ms, metric: "GB/s".into(), value: gbs, note: format!("{:.0}% of copy", 100.0 * gbs / copy_gbs) });
+        rows.push(Row {
+            name: format!("gqa decode attention h={h}/{kvh} d={d} len={len}"),
+            ms,
+            metric: "GB/s".into(),
+            value: gbs,
+            note: format!("{:.0}% of copy", 100.0 * gbs / copy_gbs),
+        });
     }
 
     if json {
         for r in &rows {
             println!(
                 "{{\"name\":{:?},\"device\":{:?},\"ms\":{:.5},\"metric\":{:?},\"value\":{:.3},\"note\":{:?}}}",
-                r.name, dev.name(), r.ms, r.metric, r.value, r.note
+                r.name,
+                dev.name(),
+                r.ms,
+                r.metric,
+                r.value,
+                r.note
             );
         }
     } else {
-        println!("device: {} ({:?}), kernels: {}", dev.name(), dev.compute_capability(), glimpse::backend::cuda::kernel_archs());
+        println!(
+            "device: {} ({:?}), kernels: {}",
+            dev.name(),
+            dev.compute_capability(),
+            glimpse::backend::cuda::kernel_archs()
+        );
         println!("| kernel | median ms | value | unit | note |");
         println!("|---|---:|---:|---|---|");
         for r in &rows {

@@ -52,7 +52,8 @@ fn main() -> ExitCode {
 fn run(args: Args) -> glimpse::Result<ExitCode> {
     let targets = if args.target == "all" { Target::ALL.to_vec() } else { vec![Target::parse(&args.target)?] };
     if let Some(file) = &args.replay {
-        let input = std::fs::read(file).map_err(|e| glimpse::Error::InvalidInput(format!("{}: {e}", file.display())))?;
+        let input =
+            std::fs::read(file).map_err(|e| glimpse::Error::InvalidInput(format!("{}: {e}", file.display())))?;
         for t in targets {
             t.run(&input);
             println!("{}: no panic", t.name());
@@ -73,7 +74,12 @@ fn run(args: Args) -> glimpse::Result<ExitCode> {
         let report = fuzz::run(target, &seeds, &opts)?;
         println!("{report}  (seed {}, {} seed inputs)", args.seed, seeds.len());
         for f in &report.findings {
-            println!("  case {}: {}  -> {}", f.case, f.what, f.written_to.as_ref().map_or("not written".into(), |p| p.display().to_string()));
+            println!(
+                "  case {}: {}  -> {}",
+                f.case,
+                f.what,
+                f.written_to.as_ref().map_or("not written".into(), |p| p.display().to_string())
+            );
         }
         crashes += report.findings.len();
     }

@@ -157,7 +157,10 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         let dir = crate::hub::resolve_model(arg)?;
         let config = ModelConfig::load(&dir.join("config.json"))?;
         let Some(cfg) = config.as_blip2().cloned() else {
-            return Err(Error::Unsupported(format!("{}: glimpse bench times BLIP-2 stages; this model family has no bench stages yet", dir.display())));
+            return Err(Error::Unsupported(format!(
+                "{}: glimpse bench times BLIP-2 stages; this model family has no bench stages yet",
+                dir.display()
+            )));
         };
         let ckpt = Checkpoint::open_dir(&dir)?;
         let family = crate::models::load(&config, &ckpt)?;
@@ -180,7 +183,14 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     };
     let caption_ids = family.input_ids(&enc("")?);
     let vqa_ids = family.input_ids(&enc(crate::synth::VQA_PROMPT)?);
-    Ok(Subject { label: format!("preset {name} (random weights, seed {})", args.seed), preset: Some(name), family, cfg, caption_ids, vqa_ids })
+    Ok(Subject {
+        label: format!("preset {name} (random weights, seed {})", args.seed),
+        preset: Some(name),
+        family,
+        cfg,
+        caption_ids,
+        vqa_ids,
+    })
 }
 
 /// Free GPU memory of device 0.
@@ -194,13 +204,18 @@ fn cuda_free_bytes() -> Result<usize> {
 pub fn run(args: &BenchArgs) -> Result<Report> {
     let setup = Instant::now();
     if args.new_tokens < 2 {
-        return Err(Error::InvalidInput("--new-tokens must be at least 2 (decode is timed over the steps after the first token)".into()));
+        return Err(Error::InvalidInput(
+            "--new-tokens must be at least 2 (decode is timed over the steps after the first token)".into(),
+        ));
     }
     if args.batch == 0 {
         return Err(Error::InvalidInput("--batch must be at least 1".into()));
     }
     if args.repeats == Some(0) {
-        return Err(Error::InvalidInput("--repeats 0: each stage needs at least 1 timed run (omit it for the default: 10 on a GPU, 3 on the CPU)".into()));
+        return Err(Error::InvalidInput(
+            "--repeats 0: each stage needs at least 1 timed run (omit it for the default: 10 on a GPU, 3 on the CPU)"
+                .into(),
+        ));
     }
     if args.throughput_batches.contains(&0) {
         return Err(Error::InvalidInput(format!(
@@ -252,11 +267,46 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let first_parts = [cost.vision(b), cost.qformer(b), cost.prefill(b, p_cap)];
     let caption_parts: Vec<Cost> = first_parts.iter().chain(&decode_parts).copied().collect();
     let stages = vec![
-        stage("vision", format!("batch {b} x {} tokens", cfg.vision_config.num_positions()), &t.vision, &[cost.vision(b)], 1, &rates),
-        stage("qformer", format!("{} queries per image, incl. language_projection", cfg.num_query_tokens), &t.qformer, &[cost.qformer(b)], 1, &rates),
-        stage("prefill", format!("{p_cap} tokens (32 image tokens + BOS)"), &t.prefill, &[cost.prefill(b, p_cap)], 1, &rates),
-        stage("prefill_vqa", format!("{p_vqa} tokens (\"{}\")", crate::synth::VQA_PROMPT), &t_vqa, &[cost.prefill(b, p_vqa)], 1, &rates),
-        stage("decode", format!("ms per token, median over {} steps x {repeats} runs", n - 1), &t.decode, &decode_parts, n - 1, &rates),
+        stage(
+            "vision",
+            format!("batch {b} x {} tokens", cfg.vision_config.num_positions()),
+            &t.vision,
+            &[cost.vision(b)],
+            1,
+            &rates,
+        ),
+        stage(
+            "qformer",
+            format!("{} queries per image, incl. language_projection", cfg.num_query_tokens),
+            &t.qformer,
+            &[cost.qformer(b)],
+            1,
+            &rates,
+        ),
+        stage(
+            "prefill",
+            format!("{p_cap} tokens (32 image tokens + BOS)"),
+            &t.prefill,
+            &[cost.prefill(b, p_cap)],
+            1,
+            &rates,
+        ),
+        stage(
+            "prefill_vqa",
+            format!("{p_vqa} tokens (\"{}\")", crate::synth::VQA_PROMPT),
+            &t_vqa,
+            &[cost.prefill(b, p_vqa)],
+            1,
+            &rates,
+        ),
+        stage(
+            "decode",
+            format!("ms per token, median over {} steps x {repeats} runs", n - 1),
+            &t.decode,
+            &decode_parts,
+            n - 1,
+            &rates,
+        ),
         stage("first_token", "pixels in -> first token".into(), &t.first_token, &first_parts, 1, &rates),
         stage("caption", format!("pixels in -> {n} tokens"), &t.caption, &caption_parts, 1, &rates),
     ];
@@ -272,14 +322,22 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         let floor_ips = tb as f64 / floor_s;
         let plan = family.plan(tb, p_cap, n, false)?;
         if let Some(why) = does_not_fit(&backend, &plan, act_bytes) {
-            throughput.push(Throughput { batch: tb, images_per_s: None, caption_ms: None, floor_images_per_s: Some(floor_ips), fraction_of_floor: None, skipped: Some(why) });
+            throughput.push(Throughput {
+                batch: tb,
+                images_per_s: None,
+                caption_ms: None,
+                floor_images_per_s: Some(floor_ips),
+                fraction_of_floor: None,
+                skipped: Some(why),
+            });
             continue;
         }
         let result = backend.executor(weights, &plan.graph).and_then(|mut exec| {
             let px = crate::synth::random_normal(tb * 3 * family.image_size().pow(2), args.seed ^ tb as u64);
             let mut samples = Vec::new();
             for r in 0..=repeats.min(5) {
-                let (_, timings) = generate(&plan, exec.as_mut(), &[("pixels", &px)], &subject.caption_ids, &opts, &mut |_| {})?;
+                let (_, timings) =
+                    generate(&plan, exec.as_mut(), &[("pixels", &px)], &subject.caption_ids, &opts, &mut |_| {})?;
                 if r > 0 {
                     samples.push(timings.total_ms);
                 }
@@ -289,9 +347,23 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         match result {
             Ok(ms) => {
                 let ips = tb as f64 / (ms / 1e3);
-                throughput.push(Throughput { batch: tb, images_per_s: Some(ips), caption_ms: Some(ms), floor_images_per_s: Some(floor_ips), fraction_of_floor: Some(ips / floor_ips), skipped: None });
+                throughput.push(Throughput {
+                    batch: tb,
+                    images_per_s: Some(ips),
+                    caption_ms: Some(ms),
+                    floor_images_per_s: Some(floor_ips),
+                    fraction_of_floor: Some(ips / floor_ips),
+                    skipped: None,
+                });
             }
-            Err(e) => throughput.push(Throughput { batch: tb, images_per_s: None, caption_ms: None, floor_images_per_s: Some(floor_ips), fraction_of_floor: None, skipped: Some(format!("failed: {e}")) }),
+            Err(e) => throughput.push(Throughput {
+                batch: tb,
+                images_per_s: None,
+                caption_ms: None,
+                floor_images_per_s: Some(floor_ips),
+                fraction_of_floor: None,
+                skipped: Some(format!("failed: {e}")),
+            }),
         }
     }
     if rates.matrix_gflops.is_none() {
@@ -338,8 +410,22 @@ struct StageTimes {
 
 /// Stage timings through the generation loop itself: whole captions by wall clock, then the
 /// same loop with every phase timed by `Executor::run_timed`.
-fn time_stages(exec: &mut dyn Executor, plan: &Plan, pixels: &[f32], ids: &[u32], opts: &GenerateOptions, repeats: usize) -> Result<StageTimes> {
-    let mut t = StageTimes { vision: vec![], qformer: vec![], prefill: vec![], decode: vec![], first_token: vec![], caption: vec![] };
+fn time_stages(
+    exec: &mut dyn Executor,
+    plan: &Plan,
+    pixels: &[f32],
+    ids: &[u32],
+    opts: &GenerateOptions,
+    repeats: usize,
+) -> Result<StageTimes> {
+    let mut t = StageTimes {
+        vision: vec![],
+        qformer: vec![],
+        prefill: vec![],
+        decode: vec![],
+        first_token: vec![],
+        caption: vec![],
+    };
     // Whole captions: warm-up (also warms every phase for the per-stage timings), then timed.
     for r in 0..=repeats {
         let (_, timings) = generate(plan, exec, &[("pixels", pixels)], ids, opts, &mut |_| {})?;
@@ -366,7 +452,14 @@ fn time_stages(exec: &mut dyn Executor, plan: &Plan, pixels: &[f32], ids: &[u32]
 }
 
 /// Prefill alone: the loop stops after the prefill phase (the encoders run untimed once per repeat).
-fn time_prefill(exec: &mut dyn Executor, plan: &Plan, pixels: &[f32], ids: &[u32], opts: &GenerateOptions, repeats: usize) -> Result<Vec<f64>> {
+fn time_prefill(
+    exec: &mut dyn Executor,
+    plan: &Plan,
+    pixels: &[f32],
+    ids: &[u32],
+    opts: &GenerateOptions,
+    repeats: usize,
+) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for r in 0..=repeats {
         let mut on_phase = |name: &str, ms: f64| {
@@ -391,7 +484,8 @@ fn does_not_fit(backend: &Backend, plan: &Plan, act_bytes: f64) -> Option<String
         Backend::Cpu => mem_available_bytes()?,
         Backend::Cuda(w) => w.dev.context().mem_get_info().ok()?.0 as f64,
     };
-    (need > 0.9 * free).then(|| format!("needs {:.2} GB of activations and cache, {:.2} GB free", need / 1e9, free / 1e9))
+    (need > 0.9 * free)
+        .then(|| format!("needs {:.2} GB of activations and cache, {:.2} GB free", need / 1e9, free / 1e9))
 }
 
 fn mem_available_bytes() -> Option<f64> {
@@ -518,7 +612,8 @@ impl CostModel {
 
     pub fn qformer(&self, b: usize) -> Cost {
         let q = &self.cfg.qformer_config;
-        let (bf, nq, dq, iq) = (b as f64, self.cfg.num_query_tokens as f64, q.hidden_size as f64, q.intermediate_size as f64);
+        let (bf, nq, dq, iq) =
+            (b as f64, self.cfg.num_query_tokens as f64, q.hidden_size as f64, q.intermediate_size as f64);
         let (t, dv) = (self.cfg.vision_config.num_positions() as f64, q.encoder_hidden_size as f64);
         let dt = self.cfg.text_config.hidden_size() as f64;
         let mut flops = 0.0;
@@ -612,7 +707,13 @@ fn cpu_copy_bandwidth() -> (f64, String) {
         best = best.min(s.elapsed().as_secs_f64());
     }
     std::hint::black_box(&dst);
-    (2.0 * N as f64 / best / 1e9, format!("multi-threaded memcpy of 256 MiB on {} threads, best of 6, read+write bytes", rayon::current_num_threads()))
+    (
+        2.0 * N as f64 / best / 1e9,
+        format!(
+            "multi-threaded memcpy of 256 MiB on {} threads, best of 6, read+write bytes",
+            rayon::current_num_threads()
+        ),
+    )
 }
 
 /// `backend::cpu::ops::linear` on 1024 x 1024 x 1024 (f32 activations, fp16 weights), best of 3.
@@ -650,7 +751,10 @@ fn cuda_copy_bandwidth(dev: &crate::backend::cuda::CudaDevice) -> Result<(f64, S
             best = best.min(s.elapsed().as_secs_f64());
         }
     }
-    Ok((2.0 * N as f64 / best / 1e9, "cuMemcpyDtoD of 1 GiB timed by glimpse bench, best of 10, read+write bytes".into()))
+    Ok((
+        2.0 * N as f64 / best / 1e9,
+        "cuMemcpyDtoD of 1 GiB timed by glimpse bench, best of 10, read+write bytes".into(),
+    ))
 }
 
 /// The GPU's fp16 matrix rate: taken from a GEMM measured elsewhere in the same run (the kernel
@@ -670,7 +774,12 @@ fn env_f64(name: &str) -> Option<f64> {
 fn cpu_name() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     format!("cpu: {model}, {} threads", rayon::current_num_threads())
 }
@@ -721,7 +830,11 @@ impl Report {
             self.parameters as f64 / 1e9,
             self.weight_bytes as f64 / 1e9
         );
-        let _ = writeln!(s, "batch {}, {} new tokens (EOS ignored), median of {} runs after a warm-up", self.batch, self.new_tokens, self.repeats);
+        let _ = writeln!(
+            s,
+            "batch {}, {} new tokens (EOS ignored), median of {} runs after a warm-up",
+            self.batch, self.new_tokens, self.repeats
+        );
         let _ = writeln!(s, "copy bandwidth {:.1} GB/s ({})", self.rates.copy_gbs, self.rates.copy_source);
         match self.rates.matrix_gflops {
             Some(g) => {
@@ -732,7 +845,11 @@ impl Report {
             }
         }
         let _ = writeln!(s);
-        let _ = writeln!(s, "{:<12} {:>11} {:>11} {:>11}  {:<8} what", "stage", "median ms", "floor ms", "% of floor", "bound");
+        let _ = writeln!(
+            s,
+            "{:<12} {:>11} {:>11} {:>11}  {:<8} what",
+            "stage", "median ms", "floor ms", "% of floor", "bound"
+        );
         for st in &self.stages {
             let _ = writeln!(
                 s,
@@ -747,7 +864,11 @@ impl Report {
         }
         let _ = writeln!(s);
         let _ = writeln!(s, "throughput ({} tokens per caption)", self.new_tokens);
-        let _ = writeln!(s, "{:<6} {:>10} {:>12} {:>12} {:>11}", "batch", "images/s", "caption ms", "floor img/s", "% of floor");
+        let _ = writeln!(
+            s,
+            "{:<6} {:>10} {:>12} {:>12} {:>11}",
+            "batch", "images/s", "caption ms", "floor img/s", "% of floor"
+        );
         for t in &self.throughput {
             match (&t.skipped, t.images_per_s, t.caption_ms) {
                 (None, Some(ips), Some(ms)) => {

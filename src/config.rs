@@ -19,7 +19,8 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 /// Parses JSON bytes as `T`. The text goes through a [`Value`] first, so a repeated key keeps
 /// its last value as Python's `json` does; type errors name the field (`vision_config.image_size`).
 pub fn from_json_slice<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
     from_json_value(&value, path)
 }
 
@@ -70,7 +71,11 @@ fn check_heads(section: &str, hidden: usize, heads: usize) -> Result<(), String>
 
 fn check_eps(field: &str, eps: f64) -> Result<(), String> {
     if !(eps > 0.0 && eps.is_finite()) {
-        return Err(field_error(field, eps, "it must be a positive finite number (BLIP-2 uses 1e-6 for the vision model, 1e-12 for the Q-Former)"));
+        return Err(field_error(
+            field,
+            eps,
+            "it must be a positive finite number (BLIP-2 uses 1e-6 for the vision model, 1e-12 for the Q-Former)",
+        ));
     }
     Ok(())
 }
@@ -80,7 +85,10 @@ fn check_token(field: &str, id: u32, vocab_size: usize) -> Result<(), String> {
         return Err(field_error(
             field,
             id,
-            format!("it is outside the vocabulary (text_config.vocab_size = {vocab_size}); token ids run from 0 to {}", vocab_size.saturating_sub(1)),
+            format!(
+                "it is outside the vocabulary (text_config.vocab_size = {vocab_size}); token ids run from 0 to {}",
+                vocab_size.saturating_sub(1)
+            ),
         ));
     }
     Ok(())
@@ -88,9 +96,30 @@ fn check_token(field: &str, id: u32, vocab_size: usize) -> Result<(), String> {
 
 /// The activation names transformers' `ACT2FN` knows (5.17).
 const KNOWN_ACTIVATIONS: [&str; 24] = [
-    "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
-    "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
-    "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh", "prelu", "xielu",
+    "gelu",
+    "gelu_10",
+    "gelu_fast",
+    "gelu_new",
+    "gelu_python",
+    "gelu_pytorch_tanh",
+    "gelu_python_tanh",
+    "gelu_accurate",
+    "hardswish",
+    "laplace",
+    "leaky_relu",
+    "linear",
+    "mish",
+    "quick_gelu",
+    "relu",
+    "relu2",
+    "relu6",
+    "sigmoid",
+    "silu",
+    "sqrtsoftplus",
+    "swish",
+    "tanh",
+    "prelu",
+    "xielu",
 ];
 
 /// `name` must be one of `implemented`; a name transformers knows but glimpse does not run is
@@ -219,10 +248,14 @@ impl<'de> Deserialize<'de> for TokenIds {
                 f.write_str("a token id (an integer from 0 to 4294967295) or a list of token ids")
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TokenIds, E> {
-                u32::try_from(v).map(TokenIds::One).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+                u32::try_from(v)
+                    .map(TokenIds::One)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TokenIds, E> {
-                u32::try_from(v).map(TokenIds::One).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                u32::try_from(v)
+                    .map(TokenIds::One)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TokenIds, A::Error> {
                 let mut ids = Vec::new();
@@ -457,7 +490,10 @@ impl Blip2Config {
             None | Some(Value::Null) => None,
             Some(Value::Bool(b)) => Some(*b),
             Some(other) => {
-                return Err(Error::config(path, field_error("use_decoder_only_language_model", other, "it must be true or false")))
+                return Err(Error::config(
+                    path,
+                    field_error("use_decoder_only_language_model", other, "it must be true or false"),
+                ))
             }
         };
         if decoder_only == Some(false) {
@@ -506,7 +542,11 @@ impl Blip2Config {
             ));
         }
         if t.model_type != "opt" {
-            return Err(field_error("text_config.model_type", format!("`{}`", t.model_type), "not supported yet; glimpse runs BLIP-2 with OPT"));
+            return Err(field_error(
+                "text_config.model_type",
+                format!("`{}`", t.model_type),
+                "not supported yet; glimpse runs BLIP-2 with OPT",
+            ));
         }
 
         // Vision encoder.
@@ -517,11 +557,18 @@ impl Blip2Config {
             return Err(field_error(
                 "vision_config.image_size",
                 v.image_size,
-                format!("it must be a positive multiple of vision_config.patch_size ({}), so the patches tile the image", v.patch_size),
+                format!(
+                    "it must be a positive multiple of vision_config.patch_size ({}), so the patches tile the image",
+                    v.patch_size
+                ),
             ));
         }
         if v.num_channels != 3 {
-            return Err(field_error("vision_config.num_channels", v.num_channels, "glimpse feeds RGB images: it must be 3"));
+            return Err(field_error(
+                "vision_config.num_channels",
+                v.num_channels,
+                "glimpse feeds RGB images: it must be 3",
+            ));
         }
         check_eps("vision_config.layer_norm_eps", v.layer_norm_eps)?;
         check_activation("vision_config.hidden_act", &v.hidden_act, &["gelu", "gelu_python"])?;
@@ -566,10 +613,18 @@ impl Blip2Config {
             }
         }
         if t.remove_final_layer_norm {
-            return Err(field_error("text_config._remove_final_layer_norm", true, "OPT without its final layer norm is not implemented"));
+            return Err(field_error(
+                "text_config._remove_final_layer_norm",
+                true,
+                "OPT without its final layer norm is not implemented",
+            ));
         }
         if t.max_new_tokens == Some(0) {
-            return Err(field_error("text_config.max_new_tokens", 0, "transformers rejects it (it must be at least 1); remove it for the default of 20"));
+            return Err(field_error(
+                "text_config.max_new_tokens",
+                0,
+                "transformers rejects it (it must be at least 1); remove it for the default of 20",
+            ));
         }
 
         // Token ids: every one is looked up in the embedding table.
@@ -634,7 +689,14 @@ impl GenerationConfig {
         let cfg: Self = from_json_value(&value, path)?;
         if cfg.max_new_tokens == Some(0) {
             // GenerationConfig.validate() raises here, so transformers cannot load the model.
-            return Err(Error::config(path, field_error("max_new_tokens", 0, "it must be at least 1 (transformers refuses it too); remove it or set a positive count")));
+            return Err(Error::config(
+                path,
+                field_error(
+                    "max_new_tokens",
+                    0,
+                    "it must be at least 1 (transformers refuses it too); remove it or set a positive count",
+                ),
+            ));
         }
         Ok(cfg)
     }
@@ -710,7 +772,10 @@ impl PreprocessorConfig {
             let bytes = std::fs::read(&pre).map_err(|e| Error::io(&pre, e))?;
             return Ok((Self::from_slice(&bytes, &pre)?, pre));
         }
-        Err(Error::MissingFile { path: pre, hint: " (nor an `image_processor` section in processor_config.json)".into() })
+        Err(Error::MissingFile {
+            path: pre,
+            hint: " (nor an `image_processor` section in processor_config.json)".into(),
+        })
     }
 
     /// Parses and validates preprocessor_config.json bytes.
@@ -754,10 +819,18 @@ impl PreprocessorConfig {
             }
         }
         if self.image_std.contains(&0.0) {
-            return Err(field_error("image_std", format!("{:?}", self.image_std), "a zero standard deviation divides by zero"));
+            return Err(field_error(
+                "image_std",
+                format!("{:?}", self.image_std),
+                "a zero standard deviation divides by zero",
+            ));
         }
         if !(self.rescale_factor.is_finite()) {
-            return Err(field_error("rescale_factor", self.rescale_factor, "it must be a finite number (usually 1/255)"));
+            return Err(field_error(
+                "rescale_factor",
+                self.rescale_factor,
+                "it must be a finite number (usually 1/255)",
+            ));
         }
         if self.do_resize {
             if self.resample != 3 {
@@ -784,10 +857,11 @@ impl PreprocessorConfig {
 impl SizeSpec {
     /// The size as config.json spells it, for messages.
     pub fn describe(&self) -> String {
-        let parts: Vec<String> = [("height", self.height), ("width", self.width), ("shortest_edge", self.shortest_edge)]
-            .iter()
-            .filter_map(|(k, v)| v.map(|v| format!("\"{k}\": {v}")))
-            .collect();
+        let parts: Vec<String> =
+            [("height", self.height), ("width", self.width), ("shortest_edge", self.shortest_edge)]
+                .iter()
+                .filter_map(|(k, v)| v.map(|v| format!("\"{k}\": {v}")))
+                .collect();
         format!("{{{}}}", parts.join(", "))
     }
 }

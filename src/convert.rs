@@ -102,7 +102,8 @@ pub fn convert_dir(input: &Path, output: &Path) -> Result<(usize, usize)> {
         let entry = entry.map_err(|e| Error::io(input, e))?;
         let name = entry.file_name();
         let lossy = name.to_string_lossy();
-        let is_weights = lossy.ends_with(".safetensors") || lossy == "model.safetensors.index.json" || lossy.ends_with(".bin");
+        let is_weights =
+            lossy.ends_with(".safetensors") || lossy == "model.safetensors.index.json" || lossy.ends_with(".bin");
         if entry.path().is_file() && !is_weights {
             let src = entry.path();
             // Side files are small (configs, tokenizer): read whole, so a read error names the source.
@@ -113,9 +114,11 @@ pub fn convert_dir(input: &Path, output: &Path) -> Result<(usize, usize)> {
 
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     write_atomic(&target, |tmp| {
-        safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(metadata), tmp).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(source) => source,
-            other => std::io::Error::other(format!("cannot serialize the converted tensors: {other}")),
+        safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(metadata), tmp).map_err(|e| {
+            match e {
+                safetensors::SafeTensorError::IoError(source) => source,
+                other => std::io::Error::other(format!("cannot serialize the converted tensors: {other}")),
+            }
         })
     })?;
     Ok((count, bytes))
@@ -131,9 +134,8 @@ pub fn write_atomic(path: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>
     };
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.glimpse-tmp-{}", std::process::id()));
-    let result = fill(&tmp)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let result =
+        fill(&tmp).and_then(|()| std::fs::File::open(&tmp)?.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(source) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::Io { path: path.to_path_buf(), source });
@@ -193,7 +195,8 @@ pub fn check_disjoint(input: &Path, output: &Path) -> Result<()> {
     } else {
         return Ok(());
     };
-    let resolved = |given: &Path, real: &Path| if given == real { String::new() } else { format!(" (= {})", real.display()) };
+    let resolved =
+        |given: &Path, real: &Path| if given == real { String::new() } else { format!(" (= {})", real.display()) };
     Err(Error::InvalidInput(format!(
         "output {}{} {relation} {}{}: convert reads the checkpoint while it writes, so the output must be a separate folder, neither the input, inside it nor above it; pick another output folder",
         output.display(),

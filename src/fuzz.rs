@@ -36,8 +36,14 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 6] =
-        [Target::Safetensors, Target::ShardIndex, Target::Config, Target::GenerationConfig, Target::Preprocessor, Target::Image];
+    pub const ALL: [Target; 6] = [
+        Target::Safetensors,
+        Target::ShardIndex,
+        Target::Config,
+        Target::GenerationConfig,
+        Target::Preprocessor,
+        Target::Image,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -86,7 +92,8 @@ impl Target {
         let mut seeds = Vec::new();
         match self {
             Target::Safetensors => {
-                for rel in ["blip2-opt-tiny/model.safetensors", "blip2-opt-tiny-proj/model-00003-of-00003.safetensors"] {
+                for rel in ["blip2-opt-tiny/model.safetensors", "blip2-opt-tiny-proj/model-00003-of-00003.safetensors"]
+                {
                     let file = read(rel)?;
                     // The real header over small tensors: same names and layout, kilobytes not MBs.
                     if let Some(small) = shrink_safetensors(&file) {
@@ -96,7 +103,10 @@ impl Target {
                     let header_end = file.first_chunk::<8>().map_or(0, |l| 8 + u64::from_le_bytes(*l) as usize);
                     seeds.push(file[..(header_end + 64).min(file.len())].to_vec());
                 }
-                seeds.push(safetensors_file(&[("a", "F16", vec![2, 3]), ("b", "BF16", vec![4]), ("c", "F32", vec![1, 1, 2])], true));
+                seeds.push(safetensors_file(
+                    &[("a", "F16", vec![2, 3]), ("b", "BF16", vec![4]), ("c", "F32", vec![1, 1, 2])],
+                    true,
+                ));
                 seeds.push(safetensors_file(&[("ids", "I64", vec![3]), ("empty", "F16", vec![0, 5])], false));
             }
             Target::ShardIndex => {
@@ -112,14 +122,18 @@ impl Target {
             }
             Target::GenerationConfig => {
                 seeds.push(read("blip2-opt-tiny/generation_config.json")?);
-                seeds.push(json_seed(json!({"max_length": 30, "eos_token_id": [2, 50118], "pad_token_id": 1, "bos_token_id": null})));
+                seeds.push(json_seed(
+                    json!({"max_length": 30, "eos_token_id": [2, 50118], "pad_token_id": 1, "bos_token_id": null}),
+                ));
             }
             Target::Preprocessor => {
                 seeds.push(read("blip2-opt-tiny/processor_config.json")?);
                 seeds.push(read("clip-preprocessor/preprocessor_config.json")?);
             }
             Target::Image => {
-                for name in ["tiny_13x9.png", "grey_67x45.png", "greyalpha_40x50.png", "palette_100x80.png", "photo_q90.jpg"] {
+                for name in
+                    ["tiny_13x9.png", "grey_67x45.png", "greyalpha_40x50.png", "palette_100x80.png", "photo_q90.jpg"]
+                {
                     seeds.push(read(&format!("images/{name}"))?);
                 }
                 seeds.extend(encoded_images());
@@ -309,7 +323,9 @@ fn mutate_json(rng: &mut Rng, doc: &mut Value, donor: &Value) {
             }
         }
         _ => match doc.pointer(&at) {
-            Some(Value::Number(n)) if n.is_u64() => json!(n.as_u64().unwrap_or(0).wrapping_add(rng.below(3) as u64).wrapping_sub(1)),
+            Some(Value::Number(n)) if n.is_u64() => {
+                json!(n.as_u64().unwrap_or(0).wrapping_add(rng.below(3) as u64).wrapping_sub(1))
+            }
             Some(Value::Number(n)) => json!(-n.as_f64().unwrap_or(0.0)),
             Some(Value::String(s)) => json!(format!("{s}{s}")),
             _ => interesting_value(rng),
@@ -393,11 +409,14 @@ pub fn make_case(target: Target, seeds: &[Vec<u8>], seed: u64, case: u64) -> Vec
     // to match most of the time, so the mutant gets past the length check).
     if rng.chance(2) {
         if target.is_json() {
-            if let (Ok(mut doc), Ok(donor_doc)) = (serde_json::from_slice::<Value>(&data), serde_json::from_slice::<Value>(donor)) {
+            if let (Ok(mut doc), Ok(donor_doc)) =
+                (serde_json::from_slice::<Value>(&data), serde_json::from_slice::<Value>(donor))
+            {
                 for _ in 0..rounds {
                     mutate_json(&mut rng, &mut doc, &donor_doc);
                 }
-                data = if rng.chance(2) { serde_json::to_vec(&doc) } else { serde_json::to_vec_pretty(&doc) }.unwrap_or_default();
+                data = if rng.chance(2) { serde_json::to_vec(&doc) } else { serde_json::to_vec_pretty(&doc) }
+                    .unwrap_or_default();
                 if rng.chance(4) {
                     mutate_bytes(&mut rng, &mut data, donor);
                 }
@@ -428,7 +447,8 @@ fn mutate_safetensors_header(rng: &mut Rng, file: &[u8], donor: &[u8], rounds: u
         mutate_json(rng, &mut doc, &donor_doc);
     }
     let new_header = serde_json::to_vec(&doc).ok()?;
-    let mut out = if rng.chance(8) { (len as u64).to_le_bytes() } else { (new_header.len() as u64).to_le_bytes() }.to_vec();
+    let mut out =
+        if rng.chance(8) { (len as u64).to_le_bytes() } else { (new_header.len() as u64).to_le_bytes() }.to_vec();
     out.extend_from_slice(&new_header);
     out.extend_from_slice(&file[8 + len..]);
     Some(out)
@@ -634,7 +654,10 @@ pub fn run_with(target: Target, seeds: &[Vec<u8>], opts: &Options, consume: impl
                 if s != 0 && epoch.elapsed().saturating_sub(Duration::from_nanos(s)) > opts.hang_limit {
                     let case = current.load(Ordering::Relaxed);
                     let input = make_case(target, &seeds, opts.seed, case);
-                    let at = opts.out_dir.as_deref().and_then(|d| write_finding(d, &finding_name(target, opts.seed, case), &input).ok());
+                    let at = opts
+                        .out_dir
+                        .as_deref()
+                        .and_then(|d| write_finding(d, &finding_name(target, opts.seed, case), &input).ok());
                     eprintln!(
                         "fuzz {}: case {case} (seed {}) ran over {:?}: a hang; input {}",
                         target.name(),

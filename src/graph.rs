@@ -117,9 +117,16 @@ pub struct Attention {
 pub enum RopeScaling {
     Default,
     /// `inv_freq / factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// `_compute_llama3_parameters`.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 /// transformers 5.17 `inv_freq` for RoPE over `dim` rotated dims (even), bit-exact: the exponent
@@ -150,7 +157,11 @@ pub fn rope_inv_freq(dim: usize, base: f64, scaling: RopeScaling) -> Vec<f32> {
                     // torch's `~(w < high) * ~(w > low)`, kept literally (NaN-faithful).
                     #[allow(clippy::neg_cmp_op_on_partial_ord)]
                     let medium = !(wavelen < high_wl) && !(wavelen > low_wl);
-                    if medium { smoothed } else { selected }
+                    if medium {
+                        smoothed
+                    } else {
+                        selected
+                    }
                 })
                 .collect()
         }
@@ -171,7 +182,17 @@ pub enum RowSelect {
 pub enum Op {
     /// `out[b*P + 0] = cls + pos[0]`, `out[b*P + 1 + p] = conv(pixels[b], patch p) + bias + pos[1+p]`:
     /// a `patch x patch` stride-`patch` Conv2d on `[B, 3*H*W]` pixels, flattened row-major.
-    PatchEmbed { pixels: Buf, weight: W, bias: W, class: W, positions: W, out: Buf, batch: usize, image_size: usize, patch: usize },
+    PatchEmbed {
+        pixels: Buf,
+        weight: W,
+        bias: W,
+        class: W,
+        positions: W,
+        out: Buf,
+        batch: usize,
+        image_size: usize,
+        patch: usize,
+    },
     /// `out = act(x · Wᵀ + bias) + residual` over `rows` rows; `residual` may be `out` itself.
     Linear { x: View, weight: W, bias: Option<W>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize },
     /// `out = LayerNorm(x + residual) * w (+ b)` over `rows` rows.
@@ -187,7 +208,14 @@ pub enum Op {
     /// (HF `rotate_half`: dim j pairs with j + rot/2, rot = 2 * inv_freq.len() <= head_dim; dims
     /// past rot are untouched). Row i of sequence b has position `max(position - pad[b] + i, 0)`
     /// (`Executor::set_left_padding`; HF's `cumsum(mask) - 1` for left-padded batches).
-    Rope { x: View, batch: usize, rows_per_batch: usize, heads: usize, head_dim: usize, inv_freq: std::sync::Arc<[f32]> },
+    Rope {
+        x: View,
+        batch: usize,
+        rows_per_batch: usize,
+        heads: usize,
+        head_dim: usize,
+        inv_freq: std::sync::Arc<[f32]>,
+    },
     /// Multi-head / grouped-query attention with optional masks (see [`Attention`]).
     Attention(Attention),
     /// Copies selected rows of each sequence of `x` into consecutive rows of `out`.
@@ -298,7 +326,16 @@ impl Graph {
 
     /// `out = act(x · Wᵀ + b) + residual`.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear(&mut self, x: impl Into<View>, weight: W, bias: Option<W>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize) {
+    pub fn linear(
+        &mut self,
+        x: impl Into<View>,
+        weight: W,
+        bias: Option<W>,
+        act: Activation,
+        residual: Option<Buf>,
+        out: Buf,
+        rows: usize,
+    ) {
         self.push(Op::Linear { x: x.into(), weight, bias, act, residual, out, rows });
     }
 }

@@ -33,6 +33,12 @@ pub fn describe(dir: &Path) -> Result<String> {
     let _ = writeln!(s, "parameters: {} ({:.2} B)", params, params as f64 / 1e9);
     let dtypes: Vec<String> = by_dtype.iter().map(|(d, n)| format!("{d} {n}")).collect();
     let _ = writeln!(s, "dtypes:     {}", dtypes.join(", "));
-    let _ = write!(s, "on disk:    {:.1} MB ({} tensors in {})", disk as f64 / 1e6, ckpt.names().count(), ckpt.origin().display());
+    let _ = write!(
+        s,
+        "on disk:    {:.1} MB ({} tensors in {})",
+        disk as f64 / 1e6,
+        ckpt.names().count(),
+        ckpt.origin().display()
+    );
     Ok(s)
 }

@@ -88,7 +88,8 @@ pub fn run(model_dir: &Path, reference: &Path, device: Device, emulation: Fp16Em
         if model.backend_name() != "cpu" {
             return Err(Error::InvalidInput("fp16 emulation runs on the CPU executor: pass --device cpu".into()));
         }
-        let mut cpu = crate::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &plan.graph.buffers);
+        let mut cpu =
+            crate::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &plan.graph.buffers);
         let keep_qformer = emulation == Fp16Emulation::KeepQFormerF32;
         cpu.emulate_fp16(|name| keep_qformer && name.starts_with("qformer."));
         Box::new(cpu)

@@ -161,8 +161,8 @@ pub fn preset_json(name: &str) -> Result<Value> {
 pub fn preset(name: &str) -> Result<Blip2Config> {
     let value = preset_json(name)?;
     let origin = Path::new("<synth preset>");
-    let cfg: Blip2Config = serde_json::from_value(value)
-        .map_err(|e| Error::Json { path: origin.to_path_buf(), msg: e.to_string() })?;
+    let cfg: Blip2Config =
+        serde_json::from_value(value).map_err(|e| Error::Json { path: origin.to_path_buf(), msg: e.to_string() })?;
     cfg.validate(origin)?;
     Ok(cfg)
 }
@@ -302,7 +302,13 @@ fn fill(data: &mut [f16], init: Init, seed: u64) {
                     let first = c * CHUNK;
                     for (i, x) in buf.iter_mut().enumerate() {
                         let row = (first + i) / cols;
-                        let scale = if row == eos { 2.0 } else if row >= pad_from { 0.2 } else { 1.0 };
+                        let scale = if row == eos {
+                            2.0
+                        } else if row >= pad_from {
+                            0.2
+                        } else {
+                            1.0
+                        };
                         *x *= std * scale;
                     }
                 }
@@ -356,10 +362,46 @@ fn byte_chars() -> Vec<char> {
 /// Whole words that get their own token (each through a chain of merges), so the VQA prompt
 /// tokenizes to 8 tokens as with OPT's real tokenizer.
 const WORDS: &[&str] = &[
-    "Question", "ĠAnswer", "Ġwhat", "Ġis", "Ġthis", "Ġa", "Ġan", "Ġthe", "Ġof", "Ġon", "Ġin", "Ġwith", "Ġand",
-    "Ġdog", "Ġcat", "Ġman", "Ġwoman", "Ġsitting", "Ġstanding", "Ġbeach", "Ġtable", "Ġpicture", "Ġphoto",
-    "Ġred", "Ġblue", "Ġgreen", "Ġwhite", "Ġblack", "Ġpeople", "Ġstreet", "Ġcar", "Ġtree", "Ġwater", "Ġsky",
-    "Ġhouse", "Ġtwo", "Ġcolor", "Ġhow", "Ġmany", "Ġwhere",
+    "Question",
+    "ĠAnswer",
+    "Ġwhat",
+    "Ġis",
+    "Ġthis",
+    "Ġa",
+    "Ġan",
+    "Ġthe",
+    "Ġof",
+    "Ġon",
+    "Ġin",
+    "Ġwith",
+    "Ġand",
+    "Ġdog",
+    "Ġcat",
+    "Ġman",
+    "Ġwoman",
+    "Ġsitting",
+    "Ġstanding",
+    "Ġbeach",
+    "Ġtable",
+    "Ġpicture",
+    "Ġphoto",
+    "Ġred",
+    "Ġblue",
+    "Ġgreen",
+    "Ġwhite",
+    "Ġblack",
+    "Ġpeople",
+    "Ġstreet",
+    "Ġcar",
+    "Ġtree",
+    "Ġwater",
+    "Ġsky",
+    "Ġhouse",
+    "Ġtwo",
+    "Ġcolor",
+    "Ġhow",
+    "Ġmany",
+    "Ġwhere",
 ];
 
 /// `tokenizer.json`: `image_token` BPE entries (ids 0..image_token), then `<image>` as a special
@@ -406,7 +448,10 @@ pub fn tokenizer_json(image_token: u32, eos: u32) -> Result<Value> {
         }
     }
     if vocab.len() > n {
-        return Err(Error::InvalidInput(format!("image_token_index {image_token} leaves no room for the {} base tokens", vocab.len())));
+        return Err(Error::InvalidInput(format!(
+            "image_token_index {image_token} leaves no room for the {} base tokens",
+            vocab.len()
+        )));
     }
     let newline = vocab.iter().position(|t| t == "Ċ").expect("byte token");
     if (4..n).contains(&(eos as usize)) {
@@ -515,7 +560,8 @@ impl safetensors::View for F16View<'_> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::Json { path: path.into(), msg: e.to_string() })?;
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::Json { path: path.into(), msg: e.to_string() })?;
     text.push('\n');
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
@@ -528,7 +574,10 @@ pub fn write_folder(name: &str, out: &Path, seed: u64) -> Result<()> {
     if out.exists() {
         let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
         if entries.next().is_some() {
-            return Err(Error::InvalidInput(format!("{} is not empty; glimpse synth writes only into a new or empty folder", out.display())));
+            return Err(Error::InvalidInput(format!(
+                "{} is not empty; glimpse synth writes only into a new or empty folder",
+                out.display()
+            )));
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

@@ -35,8 +35,7 @@ impl Tokenizer {
     /// Loads the tokenizer of an HF model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
-        let config: Value =
-            if config_path.exists() { crate::config::read_json(&config_path)? } else { Value::Null };
+        let config: Value = if config_path.exists() { crate::config::read_json(&config_path)? } else { Value::Null };
         let clean_up_spaces = config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
 
         let json = dir.join("tokenizer.json");

@@ -25,7 +25,10 @@ pub enum Dtype {
     F32,
     /// A known safetensors dtype glimpse never computes with (e.g. I64 `position_ids`): it may sit
     /// in a checkpoint, but asking for it is an error.
-    Other { name: &'static str, bytes: usize },
+    Other {
+        name: &'static str,
+        bytes: usize,
+    },
 }
 
 impl Dtype {
@@ -194,7 +197,10 @@ pub fn parse_shard_index(bytes: &[u8], path: &Path) -> Result<ShardIndex> {
     let index: ShardIndex = crate::config::from_json_slice(bytes, path)?;
     for shard in index.shards() {
         if shard.is_empty() || shard.contains('/') || shard.contains('\\') || shard == ".." || shard == "." {
-            return Err(Error::safetensors(path, format!("shard name `{shard}` must be a file name in the model folder")));
+            return Err(Error::safetensors(
+                path,
+                format!("shard name `{shard}` must be a file name in the model folder"),
+            ));
         }
     }
     Ok(index)
@@ -223,15 +229,18 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        Err(Error::MissingFile {
-            path: single,
-            hint: " (nor model.safetensors.index.json)".into(),
-        })
+        Err(Error::MissingFile { path: single, hint: " (nor model.safetensors.index.json)".into() })
     }
 
     /// Opens one safetensors file.
     pub fn open_file(path: &Path) -> Result<Self> {
-        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new(), in_memory: BTreeMap::new(), origin: path.to_path_buf(), recorded: None };
+        let mut ckpt = Checkpoint {
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+            in_memory: BTreeMap::new(),
+            origin: path.to_path_buf(),
+            recorded: None,
+        };
         let (file, entries) = map_and_parse(path, 0)?;
         ckpt.files.push(file);
         ckpt.tensors = entries.into_iter().collect();
@@ -264,15 +273,23 @@ impl Checkpoint {
         }
         for (name, shard) in &index.weight_map {
             match ckpt.tensors.get(name) {
-                Some(info) if ckpt.files[info.file].path.file_name().map(|f| f.to_string_lossy() == *shard.as_str()) == Some(true) => {}
+                Some(info)
+                    if ckpt.files[info.file].path.file_name().map(|f| f.to_string_lossy() == *shard.as_str())
+                        == Some(true) => {}
                 Some(info) => {
                     return Err(Error::safetensors(
                         index_path,
-                        format!("index puts `{name}` in {shard}, but it is in {}", ckpt.files[info.file].path.display()),
+                        format!(
+                            "index puts `{name}` in {shard}, but it is in {}",
+                            ckpt.files[info.file].path.display()
+                        ),
                     ))
                 }
                 None => {
-                    return Err(Error::safetensors(index_path, format!("index lists `{name}` in {shard}, but that shard does not hold it")))
+                    return Err(Error::safetensors(
+                        index_path,
+                        format!("index lists `{name}` in {shard}, but that shard does not hold it"),
+                    ))
                 }
             }
         }
@@ -357,7 +374,10 @@ impl Checkpoint {
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
             || self.in_memory.contains_key(name)
-            || self.recorded.as_ref().is_some_and(|r| r.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|t| t.name == name))
+            || self
+                .recorded
+                .as_ref()
+                .is_some_and(|r| r.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|t| t.name == name))
     }
 
     /// Path of the file holding `name` (for messages).
@@ -392,7 +412,11 @@ impl Checkpoint {
     }
 
     fn unsupported(&self, name: &str, info: &TensorInfo) -> Error {
-        Error::UnsupportedDtype { name: name.into(), path: self.path_of(name).to_path_buf(), dtype: info.dtype.name().into() }
+        Error::UnsupportedDtype {
+            name: name.into(),
+            path: self.path_of(name).to_path_buf(),
+            dtype: info.dtype.name().into(),
+        }
     }
 
     /// The fp16 weight `name`, which must have exactly shape `expected`. fp16 data stays in the
@@ -418,9 +442,9 @@ impl Checkpoint {
             Dtype::F16 if info.start % 2 == 0 => {
                 F16Data::Mapped { map: self.files[info.file].map.clone(), start: info.start, len: info.byte_len() }
             }
-            Dtype::F16 => F16Data::Owned(Arc::new(
-                bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect(),
-            )),
+            Dtype::F16 => {
+                F16Data::Owned(Arc::new(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()))
+            }
             Dtype::BF16 => F16Data::Owned(Arc::new(
                 bytes.chunks_exact(2).map(|b| f16::from_f32(bf16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
             )),
@@ -511,8 +535,8 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tenso
     }
     let data_start = 8 + header_len as usize;
     let data_len = bytes.len() - data_start;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
 
     let mut entries = Vec::with_capacity(header.len());
     for (name, value) in header {

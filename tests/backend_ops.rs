@@ -92,7 +92,13 @@ fn norms_activations_and_views_match_cpu() {
     g.linear(View { buf: wide, col: 8 }, W(1), None, Activation::GeluTanh, None, fused, rows);
     let mut phases = vec![g.take_phase("norms")];
     for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
-        g.push(Op::GatedAct { gate: View { buf: fused, col: 0 }, up: View { buf: fused, col: inter }, act, out: gated, rows });
+        g.push(Op::GatedAct {
+            gate: View { buf: fused, col: 0 },
+            up: View { buf: fused, col: inter },
+            act,
+            out: gated,
+            rows,
+        });
         phases.push(g.take_phase("gated"));
     }
     let Some((mut gpu, mut cpu)) = executors("norms_activations_and_views_match_cpu", weights, &g) else { return };
@@ -123,7 +129,12 @@ fn rope_gqa_masked_attention_match_cpu() {
     let (batch, seq, heads, kv_heads, d, cap) = (2, 7, 4, 2, 64, 16);
     let (qw, kw) = (heads * d, kv_heads * d);
     let cols = qw + 2 * kw;
-    let scaling = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 32.0 };
+    let scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 32.0,
+    };
     let inv: Arc<[f32]> = rope_inv_freq(d, 10000.0, scaling).into();
     let mut g = Graph::new();
     let qkv = g.buffer("qkv", batch * seq, cols);
@@ -132,17 +143,59 @@ fn rope_gqa_masked_attention_match_cpu() {
     let bias = g.buffer("bias", heads * seq, cap);
     let out = g.buffer("out", batch * seq, qw);
     let step = |g: &mut Graph, rows: usize, replayable: bool| {
-        g.push(Op::Rope { x: View { buf: qkv, col: 0 }, batch, rows_per_batch: rows, heads, head_dim: d, inv_freq: inv.clone() });
-        g.push(Op::Rope { x: View { buf: qkv, col: qw }, batch, rows_per_batch: rows, heads: kv_heads, head_dim: d, inv_freq: inv.clone() });
-        g.push(Op::KvAppend { k: View { buf: qkv, col: qw }, v: View { buf: qkv, col: qw + kw }, cache_k: ck, cache_v: cv, batch, rows_per_batch: rows, capacity: cap });
-        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, kv_heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.125, key_mask: Some(mask), head_bias: Some(bias) };
+        g.push(Op::Rope {
+            x: View { buf: qkv, col: 0 },
+            batch,
+            rows_per_batch: rows,
+            heads,
+            head_dim: d,
+            inv_freq: inv.clone(),
+        });
+        g.push(Op::Rope {
+            x: View { buf: qkv, col: qw },
+            batch,
+            rows_per_batch: rows,
+            heads: kv_heads,
+            head_dim: d,
+            inv_freq: inv.clone(),
+        });
+        g.push(Op::KvAppend {
+            k: View { buf: qkv, col: qw },
+            v: View { buf: qkv, col: qw + kw },
+            cache_k: ck,
+            cache_v: cv,
+            batch,
+            rows_per_batch: rows,
+            capacity: cap,
+        });
+        let a = Attention {
+            q: qkv.into(),
+            k: ck.into(),
+            v: cv.into(),
+            out,
+            batch,
+            heads,
+            kv_heads,
+            head_dim: d,
+            q_len: rows,
+            kv_len: KvLen::Cache,
+            kv_batch_stride: cap,
+            causal: true,
+            scale: 0.125,
+            key_mask: Some(mask),
+            head_bias: Some(bias),
+        };
         g.push(Op::Attention(a));
         let mut p = g.take_phase(if replayable { "decode" } else { "prefill" });
         p.replayable = replayable;
         p
     };
     let (prefill, decode) = (step(&mut g, seq, false), step(&mut g, 1, true));
-    let Some((mut gpu, mut cpu)) = executors("rope_gqa_masked_attention_match_cpu", Arc::new(WeightTable::default()), &g) else { return };
+    let Some((mut gpu, mut cpu)) =
+        executors("rope_gqa_masked_attention_match_cpu", Arc::new(WeightTable::default()), &g)
+    else {
+        return;
+    };
     let pads = [0usize, 3];
     let mut m = vec![0f32; batch * cap];
     m[cap..cap + pads[1]].fill(f32::MIN);
@@ -187,7 +240,9 @@ fn select_rows_match_cpu() {
     g.push(Op::SelectRows { x, out: tail, batch, rows_per_batch: seq, select: RowSelect::Skip(1) });
     g.push(Op::SelectRows { x, out: pooled, batch, rows_per_batch: seq, select: RowSelect::Indexed });
     let p = g.take_phase("select");
-    let Some((mut gpu, mut cpu)) = executors("select_rows_match_cpu", Arc::new(WeightTable::default()), &g) else { return };
+    let Some((mut gpu, mut cpu)) = executors("select_rows_match_cpu", Arc::new(WeightTable::default()), &g) else {
+        return;
+    };
     write_both(gpu.as_mut(), &mut cpu, x, &rng.f32s(batch * seq * dim));
     for ex in [gpu.as_mut(), &mut cpu as &mut dyn Executor] {
         ex.set_row_indices(&[8, 0, 5]);

@@ -12,7 +12,8 @@ fn bench_tiny_cpu_json_has_every_stage() {
     let o = glimpse(&["bench", "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "3", "--json"]);
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "bench failed: {err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["preset"], "tiny");
     assert_eq!(v["new_tokens"], 3);
@@ -43,7 +44,8 @@ fn bench_tiny_cpu_json_has_every_stage() {
 
 #[test]
 fn bench_table_names_device_and_stages() {
-    let o = glimpse(&["bench", "--device", "cpu", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1,2"]);
+    let o =
+        glimpse(&["bench", "--device", "cpu", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1,2"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.starts_with("glimpse bench"), "{out}");
@@ -75,8 +77,14 @@ fn bench_rejects_bad_arguments() {
         (&["bench", "--preset", "huge", "--device", "cpu"][..], "unknown preset"),
         (&["bench", "--preset", "tiny", "--device", "cpu", "--new-tokens", "1"][..], "--new-tokens"),
         (&["bench", "--preset", "tiny", "--device", "tpu"][..], "unknown device"),
-        (&["bench", "--preset", "tiny", "--device", "cpu", "--repeats", "0"][..], "--repeats 0: each stage needs at least 1 timed run"),
-        (&["bench", "--preset", "tiny", "--device", "cpu", "--throughput-batches", "1,0"][..], "--throughput-batches 1,0: batch sizes must be at least 1"),
+        (
+            &["bench", "--preset", "tiny", "--device", "cpu", "--repeats", "0"][..],
+            "--repeats 0: each stage needs at least 1 timed run",
+        ),
+        (
+            &["bench", "--preset", "tiny", "--device", "cpu", "--throughput-batches", "1,0"][..],
+            "--throughput-batches 1,0: batch sizes must be at least 1",
+        ),
     ] {
         let o = glimpse(args);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -87,7 +95,11 @@ fn bench_rejects_bad_arguments() {
 
 /// The commit of the sources the binary was built from, as build.rs reads it (None outside git).
 fn build_tree_head() -> Option<String> {
-    let o = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(env!("CARGO_MANIFEST_DIR")).output().ok()?;
+    let o = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
     o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
@@ -108,7 +120,19 @@ fn bench_reports_the_commit_of_the_binary() {
     let other_head = git(&["rev-parse", "--short=12", "HEAD"]);
     let bench = |commit_env: Option<&str>| -> serde_json::Value {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
-        cmd.args(["bench", "--device", "cpu", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1", "--json"]).current_dir(other.path());
+        cmd.args([
+            "bench",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--throughput-batches",
+            "1",
+            "--json",
+        ])
+        .current_dir(other.path());
         match commit_env {
             Some(c) => cmd.env("GLIMPSE_COMMIT", c),
             None => cmd.env_remove("GLIMPSE_COMMIT"),
@@ -121,7 +145,10 @@ fn bench_reports_the_commit_of_the_binary() {
     let commit = v["commit"].as_str();
     assert_ne!(commit, Some(other_head.as_str()), "the current directory's HEAD was reported");
     match build_tree_head() {
-        Some(head) => assert!(commit.is_some_and(|c| c == head || c == format!("{head}-dirty")), "{commit:?} vs the build tree's {head}"),
+        Some(head) => assert!(
+            commit.is_some_and(|c| c == head || c == format!("{head}-dirty")),
+            "{commit:?} vs the build tree's {head}"
+        ),
         None => assert_eq!(v["commit"], serde_json::Value::Null),
     }
     assert_eq!(bench(Some("abc123"))["commit"], "abc123");

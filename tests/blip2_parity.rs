@@ -51,7 +51,9 @@ fn load(model: &str) -> Model {
 /// Vision, Q-Former, projection and full prefill logits of every case.
 fn check_stages(model_name: &str) {
     let model = load(model_name);
-    let errors = common::stage_errors(&model, model_name, |g| Box::new(CpuExecutor::new(Arc::clone(model.family.weights()), &g.buffers)));
+    let errors = common::stage_errors(&model, model_name, |g| {
+        Box::new(CpuExecutor::new(Arc::clone(model.family.weights()), &g.buffers))
+    });
     assert!(!errors.is_empty());
     for (case, stage, max, rel) in errors {
         assert!(rel <= STAGE_REL && max <= STAGE_ABS, "{case}: {stage}: rel {rel:e} max abs {max:e}");
@@ -144,7 +146,12 @@ fn threads_share_one_model() {
                     all.iter()
                         .skip(t)
                         .step_by(2)
-                        .map(|c| (c.name.clone(), model.caption(&common::image(&c.image), &model.default_options()).unwrap().tokens))
+                        .map(|c| {
+                            (
+                                c.name.clone(),
+                                model.caption(&common::image(&c.image), &model.default_options()).unwrap().tokens,
+                            )
+                        })
                         .collect::<Vec<_>>()
                 })
             })

@@ -26,7 +26,11 @@ const CPU_FALLBACK_NOTE: &str = "note: --device auto: running on the CPU (";
 
 /// stderr lines, without blank ones and without the `--device auto` CPU note.
 fn error_lines(o: &Output) -> Vec<String> {
-    stderr(o).lines().filter(|l| !l.trim().is_empty() && !l.starts_with(CPU_FALLBACK_NOTE)).map(str::to_string).collect()
+    stderr(o)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with(CPU_FALLBACK_NOTE))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Exits non-zero with exactly one `error: ...` line containing `needle`, and no panic.
@@ -78,7 +82,16 @@ fn golden_case(name: &str) -> serde_json::Value {
 
 #[test]
 fn caption_json_matches_transformers() {
-    let o = glimpse(&["caption", "--model", &model(), "--device", "cpu", "--json", &img("wide_301x97.png"), &img("odd_257x181.png")]);
+    let o = glimpse(&[
+        "caption",
+        "--model",
+        &model(),
+        "--device",
+        "cpu",
+        "--json",
+        &img("wide_301x97.png"),
+        &img("odd_257x181.png"),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
@@ -103,14 +116,24 @@ fn caption_plain_prints_text() {
     assert!(want.chars().any(char::is_control), "the fixture caption exercises escaping: {want:?}");
     let out = stdout(&o);
     assert_eq!(out.lines().count(), 1, "{out:?}");
-    assert!(!out.trim_end_matches('\n').chars().any(char::is_control), "control characters reach the terminal: {out:?}");
+    assert!(
+        !out.trim_end_matches('\n').chars().any(char::is_control),
+        "control characters reach the terminal: {out:?}"
+    );
     assert_eq!(unescape(out.trim_end_matches('\n')), want);
 }
 
 #[test]
 fn ask_answers_with_the_vqa_template() {
     let case = golden_case("vqa_rgba_150x120");
-    let q = case["prompt"].as_str().unwrap().strip_prefix("Question: ").unwrap().strip_suffix(" Answer:").unwrap().to_string();
+    let q = case["prompt"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("Question: ")
+        .unwrap()
+        .strip_suffix(" Answer:")
+        .unwrap()
+        .to_string();
     let o = glimpse(&["ask", "--model", &model(), "--json", &img("rgba_150x120.png"), &q]);
     assert!(o.status.success(), "{}", stderr(&o));
     let line: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
@@ -138,25 +161,43 @@ fn info_describes_the_model() {
 fn convert_writes_a_zero_copy_fp16_checkpoint() {
     let out = common::tempdir();
     let target = out.path().join("fp16");
-    let o = glimpse(&["convert", &common::model_dir("blip2-opt-tiny-proj").display().to_string(), &target.display().to_string()]);
+    let o = glimpse(&[
+        "convert",
+        &common::model_dir("blip2-opt-tiny-proj").display().to_string(),
+        &target.display().to_string(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     // The fp32 sharded original and its fp16 copy caption identically.
-    let a = glimpse(&["caption", "--model", &common::model_dir("blip2-opt-tiny-proj").display().to_string(), "--json", &img("wide_301x97.png")]);
+    let a = glimpse(&[
+        "caption",
+        "--model",
+        &common::model_dir("blip2-opt-tiny-proj").display().to_string(),
+        "--json",
+        &img("wide_301x97.png"),
+    ]);
     let b = glimpse(&["caption", "--model", &target.display().to_string(), "--json", &img("wide_301x97.png")]);
-    let (a, b): (serde_json::Value, serde_json::Value) = (serde_json::from_str(stdout(&a).trim()).unwrap(), serde_json::from_str(stdout(&b).trim()).unwrap());
+    let (a, b): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_str(stdout(&a).trim()).unwrap(), serde_json::from_str(stdout(&b).trim()).unwrap());
     assert_eq!(a["tokens"], b["tokens"]);
     let ckpt = glimpse::weights::Checkpoint::open_dir(&target).unwrap();
     let name = "language_model.lm_head.weight";
     let shape = ckpt.info(name).unwrap().shape.clone();
     assert!(ckpt.f16(name, &shape).unwrap().is_mapped());
     // Refuses to overwrite.
-    let again = glimpse(&["convert", &common::model_dir("blip2-opt-tiny-proj").display().to_string(), &target.display().to_string()]);
+    let again = glimpse(&[
+        "convert",
+        &common::model_dir("blip2-opt-tiny-proj").display().to_string(),
+        &target.display().to_string(),
+    ]);
     assert_clean_error(&again, "refusing to overwrite");
 }
 
 #[test]
 fn missing_model_folder() {
-    assert_clean_error(&glimpse(&["caption", "--model", "/nonexistent/model", &img("wide_301x97.png")]), "/nonexistent/model");
+    assert_clean_error(
+        &glimpse(&["caption", "--model", "/nonexistent/model", &img("wide_301x97.png")]),
+        "/nonexistent/model",
+    );
 }
 
 #[test]
@@ -168,7 +209,11 @@ fn hub_id_not_in_cache() {
         .output()
         .unwrap();
     assert_clean_error(&o, "not in the Hugging Face cache");
-    assert!(stderr(&o).contains("`hf download Salesforce/blip2-opt-2.7b`") && !stderr(&o).contains("huggingface-cli"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`hf download Salesforce/blip2-opt-2.7b`") && !stderr(&o).contains("huggingface-cli"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -186,17 +231,27 @@ fn hub_id_with_several_snapshots_and_no_main_lists_them() {
     assert_clean_error(&o, "2 snapshots");
     let err = stderr(&o);
     assert!(!err.contains("not in the") && err.contains("1111aaaa, 2222bbbb") && err.contains("no refs/main"), "{err}");
-    assert!(err.contains("pass the snapshot folder") && err.contains(&snapshots.join("1111aaaa").display().to_string()), "{err}");
+    assert!(
+        err.contains("pass the snapshot folder") && err.contains(&snapshots.join("1111aaaa").display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
 fn model_path_to_a_file_says_it_must_be_a_folder() {
     let file = common::model_dir("blip2-opt-tiny").join("config.json");
-    for args in [&["caption", "--model", &file.display().to_string(), &img("wide_301x97.png")][..], &["info", &file.display().to_string()][..]] {
+    for args in [
+        &["caption", "--model", &file.display().to_string(), &img("wide_301x97.png")][..],
+        &["info", &file.display().to_string()][..],
+    ] {
         let o = glimpse(args);
         assert_clean_error(&o, "is a file, not a folder");
         assert!(!stderr(&o).contains("not found"), "{}", stderr(&o));
-        assert!(stderr(&o).contains(&common::model_dir("blip2-opt-tiny").display().to_string()), "names the folder to pass: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&common::model_dir("blip2-opt-tiny").display().to_string()),
+            "names the folder to pass: {}",
+            stderr(&o)
+        );
     }
 }
 
@@ -246,7 +301,8 @@ fn auto_device_says_when_it_falls_back_to_the_cpu() {
     assert!(lines[0].starts_with(CPU_FALLBACK_NOTE) && lines[0].contains(&reason.to_string()), "{err}");
     let cpu = glimpse(&["caption", "--model", &model(), "--device", "cpu", &img("wide_301x97.png")]);
     assert_eq!(stderr(&cpu), "", "--device cpu is what was asked for: no note");
-    let bench = glimpse(&["bench", "--device", "auto", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1"]);
+    let bench =
+        glimpse(&["bench", "--device", "auto", "--repeats", "1", "--new-tokens", "2", "--throughput-batches", "1"]);
     assert!(bench.status.success() && stderr(&bench).starts_with(CPU_FALLBACK_NOTE), "{}", stderr(&bench));
 }
 
@@ -276,7 +332,10 @@ fn hub_id_resolves_from_the_cache() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(unescape(stdout(&o).trim_end_matches('\n')), golden_case("caption_odd_257x181")["text"].as_str().unwrap());
+    assert_eq!(
+        unescape(stdout(&o).trim_end_matches('\n')),
+        golden_case("caption_odd_257x181")["text"].as_str().unwrap()
+    );
 }
 
 /// Good images and bad ones (missing, corrupt PNG, a directory), interleaved: (path, golden case
@@ -366,10 +425,17 @@ fn stdout_full_is_one_error_line() {
 
 #[test]
 fn stdout_closed_early_ends_quietly() {
-    let images: Vec<String> = ["odd_257x181.png", "wide_301x97.png", "tiny_13x9.png", "tall_83x311.png", "grey_67x45.png", "exact_224x224.png"]
-        .iter()
-        .map(|n| img(n))
-        .collect();
+    let images: Vec<String> = [
+        "odd_257x181.png",
+        "wide_301x97.png",
+        "tiny_13x9.png",
+        "tall_83x311.png",
+        "grey_67x45.png",
+        "exact_224x224.png",
+    ]
+    .iter()
+    .map(|n| img(n))
+    .collect();
     let m = model();
     let mut child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
         .args(["caption", "--model", m.as_str(), "--device", "cpu"])
@@ -383,7 +449,12 @@ fn stdout_closed_early_ends_quietly() {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
     assert!(first.starts_with(&images[0]), "{first}");
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(0), "a closed pipe ends glimpse quietly with status 0 (as ripgrep): {}", stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "a closed pipe ends glimpse quietly with status 0 (as ripgrep): {}",
+        stderr(&o)
+    );
     assert_eq!(stderr(&o), "", "nothing on stderr");
 }
 
@@ -401,29 +472,44 @@ fn whitespace_question_is_answered() {
 
 #[test]
 fn zero_new_tokens_is_an_error() {
-    assert_clean_error(&glimpse(&["caption", "--model", &model(), "--max-new-tokens", "0", &img("wide_301x97.png")]), "max_new_tokens is 0");
+    assert_clean_error(
+        &glimpse(&["caption", "--model", &model(), "--max-new-tokens", "0", &img("wide_301x97.png")]),
+        "max_new_tokens is 0",
+    );
 }
 
 #[test]
 fn prompt_longer_than_the_positions() {
     let long = "a very long question ".repeat(40);
     assert_clean_error(&glimpse(&["ask", "--model", &model(), &img("wide_301x97.png"), &long]), "positions");
-    assert_clean_error(&glimpse(&["caption", "--model", &model(), "--max-new-tokens", "500", &img("wide_301x97.png")]), "positions");
+    assert_clean_error(
+        &glimpse(&["caption", "--model", &model(), "--max-new-tokens", "500", &img("wide_301x97.png")]),
+        "positions",
+    );
 }
 
 #[test]
 fn unknown_device() {
-    assert_clean_error(&glimpse(&["caption", "--model", &model(), "--device", "tpu", &img("wide_301x97.png")]), "unknown device");
+    assert_clean_error(
+        &glimpse(&["caption", "--model", &model(), "--device", "tpu", &img("wide_301x97.png")]),
+        "unknown device",
+    );
 }
 
 #[test]
 fn cuda_without_a_gpu_says_why() {
     if glimpse::backend::cuda_unavailable_reason().is_none() {
         use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "SKIP cuda_without_a_gpu_says_why: a GPU is present (tests/gpu_model.rs covers it)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP cuda_without_a_gpu_says_why: a GPU is present (tests/gpu_model.rs covers it)"
+        );
         return;
     }
-    assert_clean_error(&glimpse(&["caption", "--model", &model(), "--device", "cuda", &img("wide_301x97.png")]), "CUDA");
+    assert_clean_error(
+        &glimpse(&["caption", "--model", &model(), "--device", "cuda", &img("wide_301x97.png")]),
+        "CUDA",
+    );
 }
 
 #[test]
@@ -433,5 +519,8 @@ fn malformed_checkpoint() {
         std::fs::copy(common::model_dir("blip2-opt-tiny").join(f), dir.path().join(f)).unwrap();
     }
     std::fs::write(dir.path().join("model.safetensors"), [0xffu8; 64]).unwrap();
-    assert_clean_error(&glimpse(&["caption", "--model", &dir.path().display().to_string(), &img("wide_301x97.png")]), "model.safetensors");
+    assert_clean_error(
+        &glimpse(&["caption", "--model", &dir.path().display().to_string(), &img("wide_301x97.png")]),
+        "model.safetensors",
+    );
 }

@@ -35,7 +35,10 @@ fn parse_err(cfg: &Value) -> String {
 #[test]
 fn fixture_config_is_valid() {
     let cfg = parse(&fixture_config()).unwrap().as_blip2().cloned().unwrap();
-    assert_eq!((cfg.vision_config.image_size, cfg.qformer_config.cross_attention_frequency, cfg.image_token()), (224, 2, 800));
+    assert_eq!(
+        (cfg.vision_config.image_size, cfg.qformer_config.cross_attention_frequency, cfg.image_token()),
+        (224, 2, 800)
+    );
 }
 
 /// Each row: the field (JSON pointer), a bad value, and what the error must say. Every message
@@ -44,21 +47,45 @@ fn fixture_config_is_valid() {
 fn every_field_check_names_field_value_and_fix() {
     let rows: Vec<(&str, Value, &[&str])> = vec![
         ("/vision_config/hidden_size", json!(0), &["`vision_config.hidden_size` is 0", "at least 1"]),
-        ("/vision_config/hidden_size", json!(175), &["`vision_config.hidden_size` is 175", "multiple of vision_config.num_attention_heads (2)"]),
+        (
+            "/vision_config/hidden_size",
+            json!(175),
+            &["`vision_config.hidden_size` is 175", "multiple of vision_config.num_attention_heads (2)"],
+        ),
         ("/vision_config/num_attention_heads", json!(0), &["`vision_config.num_attention_heads` is 0"]),
         ("/vision_config/intermediate_size", json!(0), &["`vision_config.intermediate_size` is 0"]),
-        ("/vision_config/image_size", json!(0), &["`vision_config.image_size` is 0", "multiple of vision_config.patch_size (14)"]),
+        (
+            "/vision_config/image_size",
+            json!(0),
+            &["`vision_config.image_size` is 0", "multiple of vision_config.patch_size (14)"],
+        ),
         ("/vision_config/image_size", json!(230), &["`vision_config.image_size` is 230", "patch_size (14)"]),
         ("/vision_config/patch_size", json!(0), &["`vision_config.patch_size` is 0"]),
         ("/vision_config/layer_norm_eps", json!(0.0), &["`vision_config.layer_norm_eps` is 0", "positive finite"]),
         ("/vision_config/layer_norm_eps", json!(-1e-6), &["`vision_config.layer_norm_eps` is -0.000001"]),
-        ("/vision_config/hidden_act", json!("swish"), &["`vision_config.hidden_act` is `swish`", "implements only gelu"]),
-        ("/vision_config/hidden_act", json!("gleu"), &["`vision_config.hidden_act` is `gleu`", "not an activation transformers knows"]),
+        (
+            "/vision_config/hidden_act",
+            json!("swish"),
+            &["`vision_config.hidden_act` is `swish`", "implements only gelu"],
+        ),
+        (
+            "/vision_config/hidden_act",
+            json!("gleu"),
+            &["`vision_config.hidden_act` is `gleu`", "not an activation transformers knows"],
+        ),
         ("/qformer_config/hidden_size", json!(0), &["`qformer_config.hidden_size` is 0"]),
-        ("/qformer_config/hidden_size", json!(129), &["`qformer_config.hidden_size` is 129", "num_attention_heads (2)"]),
+        (
+            "/qformer_config/hidden_size",
+            json!(129),
+            &["`qformer_config.hidden_size` is 129", "num_attention_heads (2)"],
+        ),
         ("/qformer_config/num_attention_heads", json!(0), &["`qformer_config.num_attention_heads` is 0"]),
         ("/qformer_config/intermediate_size", json!(0), &["`qformer_config.intermediate_size` is 0"]),
-        ("/qformer_config/cross_attention_frequency", json!(0), &["`qformer_config.cross_attention_frequency` is 0", "at least 1"]),
+        (
+            "/qformer_config/cross_attention_frequency",
+            json!(0),
+            &["`qformer_config.cross_attention_frequency` is 0", "at least 1"],
+        ),
         ("/qformer_config/layer_norm_eps", json!(0.0), &["`qformer_config.layer_norm_eps` is 0"]),
         ("/qformer_config/hidden_act", json!("relu"), &["`qformer_config.hidden_act` is `relu`"]),
         ("/num_query_tokens", json!(0), &["`num_query_tokens` is 0"]),
@@ -68,10 +95,18 @@ fn every_field_check_names_field_value_and_fix() {
         ("/text_config/ffn_dim", json!(0), &["`text_config.ffn_dim` is 0"]),
         ("/text_config/max_position_embeddings", json!(0), &["`text_config.max_position_embeddings` is 0"]),
         ("/text_config/word_embed_proj_dim", json!(0), &["`text_config.word_embed_proj_dim` is 0"]),
-        ("/text_config/activation_function", json!("gelu"), &["`text_config.activation_function` is `gelu`", "only relu"]),
+        (
+            "/text_config/activation_function",
+            json!("gelu"),
+            &["`text_config.activation_function` is `gelu`", "only relu"],
+        ),
         ("/text_config/do_layer_norm_before", json!(false), &["`text_config.do_layer_norm_before` is false"]),
         ("/text_config/enable_bias", json!(false), &["`text_config.enable_bias` is false"]),
-        ("/text_config/layer_norm_elementwise_affine", json!(false), &["`text_config.layer_norm_elementwise_affine` is false"]),
+        (
+            "/text_config/layer_norm_elementwise_affine",
+            json!(false),
+            &["`text_config.layer_norm_elementwise_affine` is false"],
+        ),
         ("/text_config/_remove_final_layer_norm", json!(true), &["`text_config._remove_final_layer_norm` is true"]),
         ("/image_token_index", json!(808), &["`image_token_index` is 808", "text_config.vocab_size = 808"]),
         ("/image_token_index", Value::Null, &["no `image_token_index`", "add \"image_token_index\""]),
@@ -79,13 +114,21 @@ fn every_field_check_names_field_value_and_fix() {
         ("/text_config/pad_token_id", json!(5000), &["`text_config.pad_token_id` is 5000"]),
         ("/text_config/eos_token_id", json!(808), &["`text_config.eos_token_id` is 808"]),
         ("/text_config/eos_token_id", json!([202, 9000]), &["`text_config.eos_token_id` is 9000"]),
-        ("/use_decoder_only_language_model", json!(false), &["`use_decoder_only_language_model` is false", "encoder-decoder (T5)", "set it to true"]),
+        (
+            "/use_decoder_only_language_model",
+            json!(false),
+            &["`use_decoder_only_language_model` is false", "encoder-decoder (T5)", "set it to true"],
+        ),
         // Type errors name the field too.
         ("/vision_config/image_size", json!("224"), &["`vision_config.image_size`", "invalid type"]),
         ("/text_config/eos_token_id", json!(-1), &["`text_config.eos_token_id`", "-1", "token id"]),
         ("/text_config/eos_token_id", json!("x"), &["`text_config.eos_token_id`", "a token id"]),
         ("/qformer_config/num_hidden_layers", json!(-2), &["`qformer_config.num_hidden_layers`", "-2"]),
-        ("/use_decoder_only_language_model", json!("yes"), &["`use_decoder_only_language_model` is \"yes\"", "true or false"]),
+        (
+            "/use_decoder_only_language_model",
+            json!("yes"),
+            &["`use_decoder_only_language_model` is \"yes\"", "true or false"],
+        ),
         ("/model_type", json!(7), &["`model_type` is 7"]),
     ];
     for (field, value, needles) in rows {
@@ -112,7 +155,10 @@ fn encoder_decoder_language_model_is_unsupported() {
     cfg["text_config"] = json!({"model_type": "t5", "d_model": 32});
     cfg["use_decoder_only_language_model"] = json!(false);
     let err = parse_err(&cfg);
-    assert!(err.contains("unsupported model") && err.contains("encoder-decoder") && err.contains("not supported yet"), "{err}");
+    assert!(
+        err.contains("unsupported model") && err.contains("encoder-decoder") && err.contains("not supported yet"),
+        "{err}"
+    );
     // A T5 text config with fields OPT would misread still says "not supported", not a field error.
     cfg["use_decoder_only_language_model"] = Value::Null;
     cfg["text_config"]["hidden_size"] = json!("big");
@@ -122,10 +168,12 @@ fn encoder_decoder_language_model_is_unsupported() {
 
 #[test]
 fn other_model_types_and_non_configs() {
-    assert!(parse_err(&json!({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]})).contains("model_type `llava`"));
+    assert!(parse_err(&json!({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}))
+        .contains("model_type `llava`"));
     assert!(parse_err(&json!({"hidden_size": 4})).contains("no `model_type`"));
     assert!(parse_err(&json!([1, 2])).contains("not a JSON object"));
-    let err = ModelConfig::from_slice(b"{\"model_type\": \"blip-2\",", Path::new("config.json")).unwrap_err().to_string();
+    let err =
+        ModelConfig::from_slice(b"{\"model_type\": \"blip-2\",", Path::new("config.json")).unwrap_err().to_string();
     assert!(err.contains("config.json: invalid JSON"), "{err}");
 }
 
@@ -204,14 +252,20 @@ fn blip_processor(size: u64) -> Value {
 fn processor_config_section_wins_over_preprocessor_config() {
     let dir = common::tempdir();
     write_json(dir.path(), "preprocessor_config.json", &blip_processor(100));
-    let proc = write_json(dir.path(), "processor_config.json", &json!({"image_processor": blip_processor(200), "processor_class": "Blip2Processor"}));
+    let proc = write_json(
+        dir.path(),
+        "processor_config.json",
+        &json!({"image_processor": blip_processor(200), "processor_class": "Blip2Processor"}),
+    );
     let (cfg, from) = PreprocessorConfig::load_from_dir(dir.path()).unwrap();
     assert_eq!((from, cfg.size.height), (proc, Some(200)));
 }
 
 #[test]
 fn preprocessor_config_is_used_when_processor_config_has_no_section() {
-    for processor in [json!({"processor_class": "Blip2Processor", "num_query_tokens": 32}), json!({"image_processor": null})] {
+    for processor in
+        [json!({"processor_class": "Blip2Processor", "num_query_tokens": 32}), json!({"image_processor": null})]
+    {
         let dir = common::tempdir();
         let pre = write_json(dir.path(), "preprocessor_config.json", &blip_processor(100));
         write_json(dir.path(), "processor_config.json", &processor);
@@ -245,7 +299,11 @@ fn image_processor_field_checks() {
         ("/size", json!({"height": 0, "width": 224}), "`size.height` is 0"),
         ("/size", json!({"height": 224, "width": 0}), "`size.width` is 0"),
         ("/size", json!({"shortest_edge": 0}), "`size.shortest_edge` is 0"),
-        ("/size", json!({"width": 224}), "`size` is {\"width\": 224}: it needs \"height\" and \"width\", or \"shortest_edge\""),
+        (
+            "/size",
+            json!({"width": 224}),
+            "`size` is {\"width\": 224}: it needs \"height\" and \"width\", or \"shortest_edge\"",
+        ),
         ("/image_std", json!([0.5, 0.0, 0.5]), "`image_std` is [0.5, 0.0, 0.5]: a zero standard deviation"),
         ("/image_mean", json!([0.5, 0.5]), "`image_mean` is [0.5, 0.5]: it needs one value per RGB channel"),
         ("/resample", json!(2), "`resample` is 2: only 3 (bicubic)"),
@@ -254,9 +312,10 @@ fn image_processor_field_checks() {
     for (field, value, needle) in rows {
         let mut cfg = blip_processor(224);
         cfg[&field[1..]] = value;
-        let err = PreprocessorConfig::from_slice(&serde_json::to_vec(&cfg).unwrap(), Path::new("preprocessor_config.json"))
-            .unwrap_err()
-            .to_string();
+        let err =
+            PreprocessorConfig::from_slice(&serde_json::to_vec(&cfg).unwrap(), Path::new("preprocessor_config.json"))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains(needle) && !err.contains("Some("), "{field}: {err}");
     }
 }
@@ -268,7 +327,8 @@ fn processor_size_must_match_the_vision_model() {
     write_json(dir.path(), "processor_config.json", &json!({"image_processor": blip_processor(384)}));
     let err = load_err(dir.path());
     assert!(
-        err.contains("`size` is {\"height\": 384, \"width\": 384}, but the vision model takes 224x224") && !err.contains("Some("),
+        err.contains("`size` is {\"height\": 384, \"width\": 384}, but the vision model takes 224x224")
+            && !err.contains("Some("),
         "{err}"
     );
 }
@@ -361,7 +421,9 @@ fn zero_new_tokens_is_rejected_by_the_library() {
     for err in [
         model.caption(&common::image("wide_301x97.png"), &opts).unwrap_err(),
         model.ask(&common::image("wide_301x97.png"), "what?", &opts).unwrap_err(),
-        model.run(&[model.preprocess(&common::image("wide_301x97.png")).unwrap()], None, &opts, &mut |_| {}).unwrap_err(),
+        model
+            .run(&[model.preprocess(&common::image("wide_301x97.png")).unwrap()], None, &opts, &mut |_| {})
+            .unwrap_err(),
     ] {
         assert!(err.to_string().contains("max_new_tokens is 0"), "{err}");
     }
@@ -380,7 +442,14 @@ fn question_is_kept_verbatim() {
     let image = common::image("wide_301x97.png");
     for q in ["", "   "] {
         let out = model.ask(&image, q, &model.default_options()).unwrap();
-        let direct = model.run(&[model.preprocess(&image).unwrap()], Some(&format!("Question: {q} Answer:")), &model.default_options(), &mut |_| {}).unwrap();
+        let direct = model
+            .run(
+                &[model.preprocess(&image).unwrap()],
+                Some(&format!("Question: {q} Answer:")),
+                &model.default_options(),
+                &mut |_| {},
+            )
+            .unwrap();
         assert_eq!(out.tokens, direct[0].tokens, "{q:?}");
     }
 }

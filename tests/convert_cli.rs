@@ -58,7 +58,11 @@ fn sharded_copy() -> (tempfile::TempDir, PathBuf) {
 
 /// No `.NAME.glimpse-tmp-PID` file is left in `dir`.
 fn assert_no_temp_files(dir: &Path) {
-    let left: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains("glimpse-tmp")).collect();
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("glimpse-tmp"))
+        .collect();
     assert!(left.is_empty(), "temp files left in {}: {left:?}", dir.display());
 }
 
@@ -84,7 +88,10 @@ fn convert_refuses_an_output_that_overlaps_the_input() {
     // Through a symlink to the input: the same folder once resolved.
     let link = tmp.path().join("link");
     std::os::unix::fs::symlink(&model, &link).unwrap();
-    assert_clean_error(&glimpse(&["convert", &m, &link.join("fp16").display().to_string()]), "is inside the input folder");
+    assert_clean_error(
+        &glimpse(&["convert", &m, &link.join("fp16").display().to_string()]),
+        "is inside the input folder",
+    );
     assert_eq!(snapshot(&model), model_before);
 }
 
@@ -136,7 +143,10 @@ fn convert_into_a_read_only_folder_fails_cleanly() {
     std::fs::set_permissions(&out, perms).unwrap();
     if std::fs::write(out.join("probe"), b"").is_ok() {
         use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "SKIP convert_into_a_read_only_folder_fails_cleanly: permissions are not enforced (root)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP convert_into_a_read_only_folder_fails_cleanly: permissions are not enforced (root)"
+        );
         return;
     }
     let o = glimpse(&["convert", &model.display().to_string(), &out.display().to_string()]);
@@ -159,7 +169,12 @@ fn convert_takes_hub_ids_and_never_writes_into_the_cache() {
     }
     let before = snapshot(cache.path());
     let convert = |output: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_glimpse")).args(["convert", "tiny/blip2-proj"]).arg(output).env("HF_HUB_CACHE", cache.path()).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(["convert", "tiny/blip2-proj"])
+            .arg(output)
+            .env("HF_HUB_CACHE", cache.path())
+            .output()
+            .unwrap()
     };
     for inside in [repo.join("fp16"), cache.path().join("fp16")] {
         assert_clean_error(&convert(&inside), "inside the Hugging Face cache");

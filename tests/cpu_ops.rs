@@ -14,7 +14,8 @@ use glimpse::backend::cpu::ops::{self, AttnExtras, AttnShape, HeadBias, KeyMask}
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::Executor;
 use glimpse::graph::{
-    rope_inv_freq, Activation, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, ATTN_MASK_FLOOR,
+    rope_inv_freq, Activation, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable,
+    ATTN_MASK_FLOOR,
 };
 use glimpse::weights::Weight;
 use half::f16;
@@ -51,7 +52,9 @@ fn act64(a: Activation, x: f64) -> f64 {
         Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
         Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
         Activation::Silu => x / (1.0 + (-x).exp()),
-        Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()),
+        Activation::GeluTanh => {
+            0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        }
     }
 }
 
@@ -59,7 +62,14 @@ fn act64(a: Activation, x: f64) -> f64 {
 fn linear_matches_definition() {
     let mut rng = Rng::new("linear");
     for &(rows, k, n) in &[(1, 64, 37), (3, 176, 600), (4, 88, 5), (5, 176, 1100), (33, 160, 808), (257, 100, 30)] {
-        for act in [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu, Activation::GeluTanh] {
+        for act in [
+            Activation::None,
+            Activation::Relu,
+            Activation::Gelu,
+            Activation::QuickGelu,
+            Activation::Silu,
+            Activation::GeluTanh,
+        ] {
             for accumulate in [false, true] {
                 let (x, w, b) = (rng.f32s(rows * k), rng.f16s(n * k), rng.f16s(n));
                 let mut out = rng.f32s(rows * n);
@@ -94,7 +104,9 @@ fn layer_norm_matches_definition() {
             ops::layer_norm(&x, residual, &w, Some(&b), 1e-5, rows, dim, &mut out);
             let mut want = vec![0f64; rows * dim];
             for row in 0..rows {
-                let s: Vec<f64> = (0..dim).map(|i| f64::from(x[row * dim + i] + residual.map_or(0.0, |r| r[row * dim + i]))).collect();
+                let s: Vec<f64> = (0..dim)
+                    .map(|i| f64::from(x[row * dim + i] + residual.map_or(0.0, |r| r[row * dim + i])))
+                    .collect();
                 let mean = s.iter().sum::<f64>() / dim as f64;
                 let var = s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / dim as f64;
                 for i in 0..dim {
@@ -137,7 +149,10 @@ fn attention_ex_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
                 let z: f64 = scores.iter().map(|x| (x - max).exp()).sum();
                 for c in 0..d {
                     want[(b * s.q_len + i) * width + h * d + c] = (0..visible)
-                        .map(|j| (scores[j] - max).exp() / z * f64::from(v[(b * s.kv_batch_stride + j) * s.kv_stride + s.v_col + h / group * d + c]))
+                        .map(|j| {
+                            (scores[j] - max).exp() / z
+                                * f64::from(v[(b * s.kv_batch_stride + j) * s.kv_stride + s.v_col + h / group * d + c])
+                        })
                         .sum();
                 }
             }
@@ -197,7 +212,12 @@ fn attention_matches_definition() {
         let mut out = vec![f32::NAN; batch * q_len * width];
         ops::attention(&q, &k, &v, &shape, None, &mut out);
         let want = attention_ref(&q, &k, &v, &shape, None);
-        close(&format!("attention b{batch} h{heads} d{d} q{q_len} kv{kv_len} {causal:?}"), &out, &want, &vec![1.0; want.len()]);
+        close(
+            &format!("attention b{batch} h{heads} d{d} q{q_len} kv{kv_len} {causal:?}"),
+            &out,
+            &want,
+            &vec![1.0; want.len()],
+        );
     }
 }
 
@@ -216,16 +236,33 @@ fn attention_key_mask_follows_transformers() {
     for (j, m) in mask.iter_mut().enumerate() {
         let (b, j) = (j / stride, j % stride);
         *m = match b {
-            0 => min,                                       // every key masked
-            1 => if j % 3 == 0 { min } else { 0.0 },        // left/right padding-like holes
-            2 => if j < 4 { f32::NEG_INFINITY } else { rng.uni() }, // -inf plus a soft bias
-            _ => 2.0 * rng.uni(),                           // additive bias only
+            0 => min, // every key masked
+            1 => {
+                if j % 3 == 0 {
+                    min
+                } else {
+                    0.0
+                }
+            } // left/right padding-like holes
+            2 => {
+                if j < 4 {
+                    f32::NEG_INFINITY
+                } else {
+                    rng.uni()
+                }
+            } // -inf plus a soft bias
+            _ => 2.0 * rng.uni(), // additive bias only
         };
     }
     let km = KeyMask { values: &mask, stride };
     let mut out = vec![f32::NAN; batch * len * width];
     ops::attention(&q, &k, &v, &shape, Some(km), &mut out);
-    close("attention with finfo.min / -inf / additive key masks", &out, &attention_ref(&q, &k, &v, &shape, Some(km)), &vec![1.0; out.len()]);
+    close(
+        "attention with finfo.min / -inf / additive key masks",
+        &out,
+        &attention_ref(&q, &k, &v, &shape, Some(km)),
+        &vec![1.0; out.len()],
+    );
 
     // The fully masked item is the mean of its V rows (what transformers returns), not 0 or NaN.
     for i in 0..len {
@@ -242,13 +279,24 @@ fn attention_key_mask_follows_transformers() {
     }
     let mut out2 = vec![f32::NAN; out.len()];
     ops::attention(&q, &k, &v2, &shape, Some(km), &mut out2);
-    assert_eq!(out[len * width..2 * len * width], out2[len * width..2 * len * width], "finfo.min keys must get weight 0");
+    assert_eq!(
+        out[len * width..2 * len * width],
+        out2[len * width..2 * len * width],
+        "finfo.min keys must get weight 0"
+    );
 
     // Causal and key masks combine: a causal row whose visible keys are all masked averages them.
     let shape = plain_shape(1, heads, d, len, Some(0));
     let all_min = vec![min; len];
     let mut out = vec![f32::NAN; len * width];
-    ops::attention(&q[..len * width], &k[..len * width], &v[..len * width], &shape, Some(KeyMask { values: &all_min, stride: len }), &mut out);
+    ops::attention(
+        &q[..len * width],
+        &k[..len * width],
+        &v[..len * width],
+        &shape,
+        Some(KeyMask { values: &all_min, stride: len }),
+        &mut out,
+    );
     for i in 0..len {
         let mean = (0..=i).map(|j| f64::from(v[j * width])).sum::<f64>() / (i + 1) as f64;
         assert!((f64::from(out[i * width]) - mean).abs() <= 1e-5, "causal row {i}: {} vs {mean}", out[i * width]);
@@ -342,7 +390,16 @@ fn rope_inv_freq_follows_transformers() {
         let lin = rope_inv_freq(dim, base, RopeScaling::Linear { factor: 4.0 });
         assert!(lin.iter().zip(&inv).all(|(l, f)| *l == f / 4.0), "linear scaling divides by the factor");
         let (factor, lo, hi, l) = (8.0, 1.0, 4.0, 8192.0);
-        let l3 = rope_inv_freq(dim, base, RopeScaling::Llama3 { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: l });
+        let l3 = rope_inv_freq(
+            dim,
+            base,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max_position_embeddings: l,
+            },
+        );
         for (i, (&got, &f)) in l3.iter().zip(&inv).enumerate() {
             let f = f64::from(f);
             let wavelen = 2.0 * std::f64::consts::PI / f;
@@ -382,7 +439,13 @@ fn gated_act_matches_definition() {
         let fused = g.buffer("fused", rows, 2 * inter);
         let up = g.buffer("up", rows, inter);
         let (out1, out2) = (g.buffer("out1", rows, inter), g.buffer("out2", rows, inter));
-        g.push(Op::GatedAct { gate: View { buf: fused, col: 0 }, up: View { buf: fused, col: inter }, act, out: out1, rows });
+        g.push(Op::GatedAct {
+            gate: View { buf: fused, col: 0 },
+            up: View { buf: fused, col: inter },
+            act,
+            out: out1,
+            rows,
+        });
         g.push(Op::GatedAct { gate: View { buf: fused, col: 0 }, up: up.into(), act, out: out2, rows });
         let p = phase(&mut g);
         let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
@@ -413,14 +476,33 @@ fn rope_matches_definition_with_left_padding() {
     let (qw, kw) = (heads * d, kv_heads * d);
     let cols = qw + 2 * kw;
     // Partial rotary (12 of 16 dims) exercises the untouched tail; llama3 the scaled table.
-    let scaling = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 };
+    let scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64.0,
+    };
     let inv: Arc<[f32]> = rope_inv_freq(12, 500.0, scaling).into();
     let pads = [0usize, 3];
     for (position, rows) in [(0usize, seq), (9, 1)] {
         let mut g = Graph::new();
         let qkv = g.buffer("qkv", batch * rows, cols);
-        g.push(Op::Rope { x: View { buf: qkv, col: 0 }, batch, rows_per_batch: rows, heads, head_dim: d, inv_freq: inv.clone() });
-        g.push(Op::Rope { x: View { buf: qkv, col: qw }, batch, rows_per_batch: rows, heads: kv_heads, head_dim: d, inv_freq: inv.clone() });
+        g.push(Op::Rope {
+            x: View { buf: qkv, col: 0 },
+            batch,
+            rows_per_batch: rows,
+            heads,
+            head_dim: d,
+            inv_freq: inv.clone(),
+        });
+        g.push(Op::Rope {
+            x: View { buf: qkv, col: qw },
+            batch,
+            rows_per_batch: rows,
+            heads: kv_heads,
+            head_dim: d,
+            inv_freq: inv.clone(),
+        });
         let p = phase(&mut g);
         let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
         let x = rng.f32s(batch * rows * cols);
@@ -460,9 +542,12 @@ fn rope_matches_definition_with_left_padding() {
 #[test]
 fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     let mut rng = Rng::new("gqa");
-    for &(batch, heads, kv_heads, d, q_len, kv_len, causal) in
-        &[(2, 8, 2, 64, 5, 9, Some(4)), (1, 6, 3, 80, 7, 7, None), (3, 4, 1, 32, 1, 12, Some(11)), (2, 4, 4, 16, 3, 3, Some(0))]
-    {
+    for &(batch, heads, kv_heads, d, q_len, kv_len, causal) in &[
+        (2, 8, 2, 64, 5, 9, Some(4)),
+        (1, 6, 3, 80, 7, 7, None),
+        (3, 4, 1, 32, 1, 12, Some(11)),
+        (2, 4, 4, 16, 3, 3, Some(0)),
+    ] {
         let (width, kv_width) = (heads * d, kv_heads * d);
         let kv_batch_stride = kv_len + 2;
         let q = rng.f32s(batch * q_len * width);
@@ -472,8 +557,19 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
         let bias_stride = kv_len + 3;
         let bias = rng.f32s(heads * q_len * bias_stride);
         let shape = AttnShape {
-            batch, heads, head_dim: d, q_len, kv_len, q_stride: width, q_col: 0, kv_stride: kv_width, k_col: 0, v_col: 0,
-            kv_batch_stride, causal_from: causal, scale: 0.3,
+            batch,
+            heads,
+            head_dim: d,
+            q_len,
+            kv_len,
+            q_stride: width,
+            q_col: 0,
+            kv_stride: kv_width,
+            k_col: 0,
+            v_col: 0,
+            kv_batch_stride,
+            causal_from: causal,
+            scale: 0.3,
         };
         let extras = AttnExtras {
             kv_heads,
@@ -483,7 +579,12 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
         let mut out = vec![f32::NAN; batch * q_len * width];
         ops::attention_ex(&q, &k, &v, &shape, &extras, &mut out);
         let want = attention_ex_ref(&q, &k, &v, &shape, &extras);
-        close(&format!("gqa b{batch} h{heads}/{kv_heads} d{d} q{q_len} kv{kv_len}"), &out, &want, &vec![1.0; want.len()]);
+        close(
+            &format!("gqa b{batch} h{heads}/{kv_heads} d{d} q{q_len} kv{kv_len}"),
+            &out,
+            &want,
+            &vec![1.0; want.len()],
+        );
     }
 
     // Through the executor: fused qkv [rows, (H + 2 Hkv) d], prefill appends K/V column views.
@@ -497,8 +598,32 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     let bias = g.buffer("bias", heads * seq, cap);
     let out = g.buffer("out", batch * seq, width);
     let step = |g: &mut Graph, rows: usize| {
-        g.push(Op::KvAppend { k: View { buf: qkv, col: width }, v: View { buf: qkv, col: width + kv_width }, cache_k: ck, cache_v: cv, batch, rows_per_batch: rows, capacity: cap });
-        let a = Attention { q: qkv.into(), k: ck.into(), v: cv.into(), out, batch, heads, kv_heads, head_dim: d, q_len: rows, kv_len: KvLen::Cache, kv_batch_stride: cap, causal: true, scale: 0.25, key_mask: Some(mask), head_bias: Some(bias) };
+        g.push(Op::KvAppend {
+            k: View { buf: qkv, col: width },
+            v: View { buf: qkv, col: width + kv_width },
+            cache_k: ck,
+            cache_v: cv,
+            batch,
+            rows_per_batch: rows,
+            capacity: cap,
+        });
+        let a = Attention {
+            q: qkv.into(),
+            k: ck.into(),
+            v: cv.into(),
+            out,
+            batch,
+            heads,
+            kv_heads,
+            head_dim: d,
+            q_len: rows,
+            kv_len: KvLen::Cache,
+            kv_batch_stride: cap,
+            causal: true,
+            scale: 0.25,
+            key_mask: Some(mask),
+            head_bias: Some(bias),
+        };
         g.push(Op::Attention(a));
         g.take_phase("step")
     };
@@ -516,10 +641,25 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     ex.run(&prefill).unwrap();
     let got = ex.read(out, batch * seq).unwrap();
     let shape = AttnShape {
-        batch, heads, head_dim: d, q_len: seq, kv_len: seq, q_stride: cols, q_col: 0, kv_stride: cols, k_col: width, v_col: width + kv_width,
-        kv_batch_stride: seq, causal_from: Some(0), scale: 0.25,
+        batch,
+        heads,
+        head_dim: d,
+        q_len: seq,
+        kv_len: seq,
+        q_stride: cols,
+        q_col: 0,
+        kv_stride: cols,
+        k_col: width,
+        v_col: width + kv_width,
+        kv_batch_stride: seq,
+        causal_from: Some(0),
+        scale: 0.25,
     };
-    let extras = AttnExtras { kv_heads, mask: Some(KeyMask { values: &m, stride: cap }), bias: Some(HeadBias { values: &bias_vals, stride: cap }) };
+    let extras = AttnExtras {
+        kv_heads,
+        mask: Some(KeyMask { values: &m, stride: cap }),
+        bias: Some(HeadBias { values: &bias_vals, stride: cap }),
+    };
     close("gqa executor prefill", &got, &attention_ex_ref(&x, &x, &x, &shape, &extras), &vec![1.0; got.len()]);
 
     // Decode: one new row per sequence at position seq; its bias row is row h * 1 + 0.
@@ -531,13 +671,32 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     let kc = ex.read(ck, batch * cap).unwrap();
     let vc = ex.read(cv, batch * cap).unwrap();
     for b in 0..batch {
-        assert_eq!(kc[(b * cap + seq) * kv_width..][..kv_width], x1[b * cols + width..][..kv_width], "decode K row of sequence {b}");
+        assert_eq!(
+            kc[(b * cap + seq) * kv_width..][..kv_width],
+            x1[b * cols + width..][..kv_width],
+            "decode K row of sequence {b}"
+        );
     }
     let shape = AttnShape {
-        batch, heads, head_dim: d, q_len: 1, kv_len: seq + 1, q_stride: cols, q_col: 0, kv_stride: kv_width, k_col: 0, v_col: 0,
-        kv_batch_stride: cap, causal_from: Some(seq), scale: 0.25,
+        batch,
+        heads,
+        head_dim: d,
+        q_len: 1,
+        kv_len: seq + 1,
+        q_stride: cols,
+        q_col: 0,
+        kv_stride: kv_width,
+        k_col: 0,
+        v_col: 0,
+        kv_batch_stride: cap,
+        causal_from: Some(seq),
+        scale: 0.25,
     };
-    let extras = AttnExtras { kv_heads, mask: Some(KeyMask { values: &m, stride: cap }), bias: Some(HeadBias { values: &bias_vals, stride: cap }) };
+    let extras = AttnExtras {
+        kv_heads,
+        mask: Some(KeyMask { values: &m, stride: cap }),
+        bias: Some(HeadBias { values: &bias_vals, stride: cap }),
+    };
     let mut kv = kc.clone();
     kv.extend_from_slice(&vc);
     let want = attention_ex_ref(&x1, &kc, &vc, &shape, &extras);
@@ -581,7 +740,23 @@ fn select_rows_and_run_time_validation() {
     let q = g.buffer("q", 4, 6 * 8);
     let mask = g.buffer("mask", 1, 3);
     let out = g.buffer("o", 4, 6 * 8);
-    let a = Attention { q: q.into(), k: q.into(), v: q.into(), out, batch: 1, heads: 6, kv_heads: 4, head_dim: 8, q_len: 4, kv_len: KvLen::Fixed(4), kv_batch_stride: 4, causal: false, scale: 1.0, key_mask: None, head_bias: None };
+    let a = Attention {
+        q: q.into(),
+        k: q.into(),
+        v: q.into(),
+        out,
+        batch: 1,
+        heads: 6,
+        kv_heads: 4,
+        head_dim: 8,
+        q_len: 4,
+        kv_len: KvLen::Fixed(4),
+        kv_batch_stride: 4,
+        causal: false,
+        scale: 1.0,
+        key_mask: None,
+        head_bias: None,
+    };
     g.push(Op::Attention(a));
     let bad_heads = phase(&mut g);
     g.push(Op::Attention(Attention { kv_heads: 6, key_mask: Some(mask), ..a }));
@@ -601,7 +776,8 @@ fn norm_ops_run_on_the_executor() {
     let w = rng.f16s(dim);
     let weights = weight_table(vec![("w", vec![dim], w.clone())]);
     let mut g = Graph::new();
-    let (x, r, ln, rms) = (g.buffer("x", rows, dim), g.buffer("r", rows, dim), g.buffer("ln", rows, dim), g.buffer("rms", rows, dim));
+    let (x, r, ln, rms) =
+        (g.buffer("x", rows, dim), g.buffer("r", rows, dim), g.buffer("ln", rows, dim), g.buffer("rms", rows, dim));
     let wid = glimpse::graph::W(0);
     g.push(Op::LayerNorm { x, residual: Some(r), weight: wid, bias: None, eps: 1e-5, out: ln, rows });
     g.push(Op::RmsNorm { x, residual: Some(r), weight: wid, eps: 1e-6, out: rms, rows });

@@ -23,7 +23,11 @@ fn golden_stems(goldens: &glimpse::weights::Checkpoint) -> Vec<String> {
 }
 
 fn fixture_for(stem: &str) -> PathBuf {
-    ["jpg", "png"].iter().map(|ext| decode_fixture(&format!("{stem}.{ext}"))).find(|p| p.exists()).expect("fixture file")
+    ["jpg", "png"]
+        .iter()
+        .map(|ext| decode_fixture(&format!("{stem}.{ext}")))
+        .find(|p| p.exists())
+        .expect("fixture file")
 }
 
 /// Every decode fixture (JPEG baseline/progressive x 4:2:0/4:2:2/4:4:4/grey/CMYK, 16-bit PNG,
@@ -91,7 +95,9 @@ fn image_error(result: glimpse::Result<image::RgbImage>) -> (String, String) {
 #[test]
 fn truncated_jpegs_are_refused() {
     let dir = common::tempdir();
-    for name in ["jpeg_baseline_420.jpg", "jpeg_progressive_420.jpg", "jpeg_baseline_cmyk.jpg", "jpeg_progressive_grey.jpg"] {
+    for name in
+        ["jpeg_baseline_420.jpg", "jpeg_progressive_420.jpg", "jpeg_baseline_cmyk.jpg", "jpeg_progressive_grey.jpg"]
+    {
         let bytes = std::fs::read(decode_fixture(name)).unwrap();
         for cut in [bytes.len() - 2, bytes.len() - 1, bytes.len() * 2 / 3, 300] {
             let path = dir.path().join(format!("cut_{cut}_{name}"));
@@ -121,7 +127,8 @@ fn truncated_pngs_follow_pillow() {
     assert!(msg.contains("cannot decode"), "{msg}");
     // IEND chunk is the last 12 bytes; before it the IDAT CRC (4) and the zlib adler32 (4).
     for (what, cut) in [("IEND", 12), ("IDAT CRC", 16), ("zlib checksum", 20)] {
-        let got = decode_rgb(&bytes[..bytes.len() - cut], "cut.png").unwrap_or_else(|e| panic!("without its {what}: {e}"));
+        let got =
+            decode_rgb(&bytes[..bytes.len() - cut], "cut.png").unwrap_or_else(|e| panic!("without its {what}: {e}"));
         assert_eq!(got, full, "without its {what}");
     }
 }
@@ -222,7 +229,9 @@ fn endless_progressive_scans_are_refused() {
     let jpeg = std::fs::read(decode_fixture("jpeg_progressive_grey.jpg")).unwrap();
     // Everything before the first scan, then that DC scan (SOS up to the next marker) repeated.
     let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
-    let next = sos + 2 + jpeg[sos + 2..].windows(2).position(|w| w[0] == 0xFF && w[1] != 0 && !(0xD0..=0xD7).contains(&w[1])).unwrap();
+    let next = sos
+        + 2
+        + jpeg[sos + 2..].windows(2).position(|w| w[0] == 0xFF && w[1] != 0 && !(0xD0..=0xD7).contains(&w[1])).unwrap();
     let mut bytes = jpeg[..sos].to_vec();
     for _ in 0..=glimpse::image::MAX_JPEG_SCANS {
         bytes.extend_from_slice(&jpeg[sos..next]);

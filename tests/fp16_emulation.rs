@@ -57,9 +57,14 @@ fn fp16_greedy_tokens_meet_the_gpu_test_bars() {
             let new_tokens = opts.new_tokens(ids.len(), model.family.max_positions()).unwrap();
             let plan = model.family.plan(1, ids.len(), new_tokens, false).unwrap();
             let mut exec = executor(&model, &plan.graph, false);
-            let (seqs, _) = glimpse::generate::generate(&plan, &mut exec, &[("pixels", &px.data)], &ids, &opts, &mut |_| {}).unwrap();
-            let (want, margins, logprobs) =
-                (common::ids(&case["generated_ids"]), common::floats(&case["top2_margin"]), common::floats(&case["logprobs"]));
+            let (seqs, _) =
+                glimpse::generate::generate(&plan, &mut exec, &[("pixels", &px.data)], &ids, &opts, &mut |_| {})
+                    .unwrap();
+            let (want, margins, logprobs) = (
+                common::ids(&case["generated_ids"]),
+                common::floats(&case["top2_margin"]),
+                common::floats(&case["logprobs"]),
+            );
             total += want.len();
             for step in 0..want.len() {
                 assert_eq!(seqs[0].tokens.get(step), Some(&want[step]), "{name} {}: step {step}", case["name"]);

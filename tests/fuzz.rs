@@ -14,7 +14,13 @@ const CASES: u64 = 3000;
 
 #[test]
 fn every_target_survives_a_seeded_pass() {
-    let opts = Options { cases: CASES, seed: 20260101, time_limit: Duration::from_secs(2), memory_limit: 2 << 30, ..Options::default() };
+    let opts = Options {
+        cases: CASES,
+        seed: 20260101,
+        time_limit: Duration::from_secs(2),
+        memory_limit: 2 << 30,
+        ..Options::default()
+    };
     let mut failures = Vec::new();
     for target in Target::ALL {
         let seeds = target.seeds(&common::fixtures()).unwrap();

@@ -74,9 +74,15 @@ fn phase_hook_reports_each_phase_and_can_stop() {
     };
     let mut tokens = 0;
     let mut on_token = |_: &glimpse::TokenEvent| tokens += 1;
-    let (seqs, timings) =
-        generate_with(&plan, exec.as_mut(), &[("pixels", &px.data)], &ids, &opts, &mut Hooks { on_token: &mut on_token, on_phase: Some(&mut on_phase) })
-            .unwrap();
+    let (seqs, timings) = generate_with(
+        &plan,
+        exec.as_mut(),
+        &[("pixels", &px.data)],
+        &ids,
+        &opts,
+        &mut Hooks { on_token: &mut on_token, on_phase: Some(&mut on_phase) },
+    )
+    .unwrap();
     assert_eq!(seen, ["vision", "qformer", "prefill", "decode", "decode", "decode"]);
     assert_eq!((seqs[0].tokens.len(), tokens, timings.decode_steps), (4, 4, 3));
     // The hooked run decodes exactly as the plain one.
@@ -85,8 +91,15 @@ fn phase_hook_reports_each_phase_and_can_stop() {
     assert_eq!(plain[0].logprobs, seqs[0].logprobs);
 
     let mut stop = |name: &str, _: f64| name != "prefill";
-    let (seqs, timings) =
-        generate_with(&plan, exec.as_mut(), &[("pixels", &px.data)], &ids, &opts, &mut Hooks { on_token: &mut |_| {}, on_phase: Some(&mut stop) }).unwrap();
+    let (seqs, timings) = generate_with(
+        &plan,
+        exec.as_mut(),
+        &[("pixels", &px.data)],
+        &ids,
+        &opts,
+        &mut Hooks { on_token: &mut |_| {}, on_phase: Some(&mut stop) },
+    )
+    .unwrap();
     assert!(seqs[0].tokens.is_empty());
     assert_eq!(timings.decode_steps, 0);
     // A missing input is named.
@@ -108,14 +121,18 @@ fn timings_serialize_encoders_by_phase_name() {
 }
 
 fn parse_err(v: &Value) -> String {
-    glimpse::config::ModelConfig::from_slice(&serde_json::to_vec(v).unwrap(), Path::new("config.json")).unwrap_err().to_string()
+    glimpse::config::ModelConfig::from_slice(&serde_json::to_vec(v).unwrap(), Path::new("config.json"))
+        .unwrap_err()
+        .to_string()
 }
 
 /// The registry: a known model_type parses through its family; LLaMA and T5 language models
 /// are "not supported yet" naming their model_type; unknown model types list what runs.
 #[test]
 fn registry_routes_by_model_type() {
-    assert!(glimpse::models::FAMILIES.iter().any(|e| e.model_type == "blip-2" && e.architectures.contains(&"Blip2ForConditionalGeneration")));
+    assert!(glimpse::models::FAMILIES
+        .iter()
+        .any(|e| e.model_type == "blip-2" && e.architectures.contains(&"Blip2ForConditionalGeneration")));
     let text = std::fs::read_to_string(common::model_dir("blip2-opt-tiny").join("config.json")).unwrap();
     let mut cfg: Value = serde_json::from_str(&text).unwrap();
     for kind in ["llama", "t5"] {

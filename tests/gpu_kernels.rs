@@ -112,7 +112,16 @@ fn act_ref(a: Activation, x: f64) -> f64 {
 // linear (gemm / gemv)
 
 #[allow(clippy::too_many_arguments)]
-fn linear_ref(x: &[f16], w: &[f16], bias: Option<&[f16]>, act: Activation, res: Option<&[f16]>, m: usize, n: usize, k: usize) -> Vec<f64> {
+fn linear_ref(
+    x: &[f16],
+    w: &[f16],
+    bias: Option<&[f16]>,
+    act: Activation,
+    res: Option<&[f16]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
     let mut y = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -147,7 +156,17 @@ enum Res {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_linear(dev: &CudaDevice, rng: &mut Rng, kind: Kind, m: usize, n: usize, k: usize, bias: bool, act: Activation, res: Res) {
+fn run_linear(
+    dev: &CudaDevice,
+    rng: &mut Rng,
+    kind: Kind,
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: bool,
+    act: Activation,
+    res: Res,
+) {
     let a = 1.0 / (k as f32).sqrt() * 1.7; // keeps outputs O(1)
     let x = rng.halves(m * k, 1.0);
     let w = rng.halves(n * k, a);
@@ -184,10 +203,19 @@ fn run_linear(dev: &CudaDevice, rng: &mut Rng, kind: Kind, m: usize, n: usize, k
 fn gemm_matches_reference() {
     let Some(dev) = device("gemm_matches_reference") else { return };
     let mut rng = Rng::new("gemm");
-    let acts = [Activation::None, Activation::Relu, Activation::Gelu, Activation::QuickGelu, Activation::Silu, Activation::GeluTanh];
+    let acts = [
+        Activation::None,
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::QuickGelu,
+        Activation::Silu,
+        Activation::GeluTanh,
+    ];
     for tile in [GemmTile::Large, GemmTile::Small] {
         // awkward: rows < warp / tile, N, K not multiples of the tile, K % 8 != 0 (scalar path)
-        for &(m, n, k) in &[(1, 8, 8), (3, 17, 24), (7, 130, 72), (33, 65, 100), (257, 200, 588), (5, 3, 13), (129, 257, 1408)] {
+        for &(m, n, k) in
+            &[(1, 8, 8), (3, 17, 24), (7, 130, 72), (33, 65, 100), (257, 200, 588), (5, 3, 13), (129, 257, 1408)]
+        {
             for (i, &act) in acts.iter().enumerate() {
                 let res = [Res::No, Res::Add, Res::InPlace][i % 3];
                 run_linear(&dev, &mut rng, Kind::Gemm(tile), m, n, k, i % 2 == 0, act, res);
@@ -216,7 +244,13 @@ fn gemv_matches_reference() {
         run_linear(&dev, &mut rng, Kind::Gemv, m, 37, 8, m % 2 == 0, Activation::None, Res::No);
         run_linear(&dev, &mut rng, Kind::Gemv, m, 1000, 264, true, Activation::Gelu, Res::Add);
     }
-    for &(n, k, act) in &[(7680, 2560, Activation::None), (10240, 2560, Activation::Relu), (2560, 10240, Activation::None), (2560, 2560, Activation::Silu), (50272, 2560, Activation::None)] {
+    for &(n, k, act) in &[
+        (7680, 2560, Activation::None),
+        (10240, 2560, Activation::Relu),
+        (2560, 10240, Activation::None),
+        (2560, 2560, Activation::Silu),
+        (50272, 2560, Activation::None),
+    ] {
         run_linear(&dev, &mut rng, Kind::Gemv, 1, n, k, true, act, Res::InPlace);
     }
     run_linear(&dev, &mut rng, Kind::Gemv, 8, 2560, 10240, true, Activation::QuickGelu, Res::Add);
@@ -224,10 +258,27 @@ fn gemv_matches_reference() {
     // to 256 SMs the heuristic picks T = 32 (8 columns per block) for n = 4097, k = 512 and
     // T = 64 (4 columns per block) for n = 2051, k = 2568 (321 chunks), so the last block has
     // 1 resp. 3 live columns and the others idle through the reduction and its __syncthreads.
-    for &(m, n, k) in &[(1usize, 4097usize, 512usize), (3, 4097, 512), (8, 4097, 512), (1, 2051, 2568), (5, 2051, 2568), (8, 2051, 2568)] {
+    for &(m, n, k) in &[
+        (1usize, 4097usize, 512usize),
+        (3, 4097, 512),
+        (8, 4097, 512),
+        (1, 2051, 2568),
+        (5, 2051, 2568),
+        (8, 2051, 2568),
+    ] {
         let t = glimpse::backend::cuda::gemv_threads_per_row(n, k, dev.num_sms()) as usize;
         println!("  gemv tail case m={m} n={n} k={k}: T={t}, n % (256/T) = {}", n % (256 / t));
-        run_linear(&dev, &mut rng, Kind::Gemv, m, n, k, m % 2 == 1, Activation::Silu, if m == 8 { Res::InPlace } else { Res::Add });
+        run_linear(
+            &dev,
+            &mut rng,
+            Kind::Gemv,
+            m,
+            n,
+            k,
+            m % 2 == 1,
+            Activation::Silu,
+            if m == 8 { Res::InPlace } else { Res::Add },
+        );
     }
 }
 
@@ -294,14 +345,18 @@ fn norms_match_reference() {
             let eps = 1e-5f32;
             // s = half(x + r), reference statistics in f64 on s
             let s: Vec<f16> = x.iter().zip(&r).map(|(a, c)| f16::from_f32(a.to_f32() + c.to_f32())).collect();
-            let (dx, dr, dw, db) = (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
+            let (dx, dr, dw, db) =
+                (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
             // layernorm with residual, sum written in place into x
             let y = poisoned(&dev, rows * dim);
             dev.layernorm(&dx, Some(&dr), SumOut::InPlace, &dw, Some(&db), &y, rows, dim, eps).unwrap();
             let (want, want_rms) = norm_refs(&s, &w, Some(&b), dim, eps);
             check(&format!("layernorm rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want, None);
             let sum_back = dev.download(&dx).unwrap();
-            assert!(sum_back.iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm sum_out (in place) != half(x + r)");
+            assert!(
+                sum_back.iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "layernorm sum_out (in place) != half(x + r)"
+            );
             // rmsnorm on s (no residual), no sum output
             let ds = dev.upload(&s).unwrap();
             let y2 = poisoned(&dev, rows * dim);
@@ -323,13 +378,32 @@ fn norms_match_reference() {
         let (y, sum) = (poisoned(&dev, rows * dim), poisoned(&dev, rows * dim));
         dev.layernorm(&dx, Some(&dr), SumOut::To(&sum), &dw, None, &y, rows, dim, eps).unwrap();
         let (want_ln, want_rms) = norm_refs(&s, &w, None, dim, eps);
-        check(&format!("layernorm no bias, sum_out separate rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want_ln, None);
-        assert!(dev.download(&sum).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm sum_out (separate) != half(x + r)");
-        assert!(dev.download(&dx).unwrap().iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()), "layernorm with sum_out elsewhere modified x");
+        check(
+            &format!("layernorm no bias, sum_out separate rows={rows} dim={dim}"),
+            &dev.download(&y).unwrap(),
+            &want_ln,
+            None,
+        );
+        assert!(
+            dev.download(&sum).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "layernorm sum_out (separate) != half(x + r)"
+        );
+        assert!(
+            dev.download(&dx).unwrap().iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "layernorm with sum_out elsewhere modified x"
+        );
         let y2 = poisoned(&dev, rows * dim);
         dev.rmsnorm(&dx, Some(&dr), SumOut::InPlace, &dw, &y2, rows, dim, eps).unwrap();
-        check(&format!("rmsnorm residual in place rows={rows} dim={dim}"), &dev.download(&y2).unwrap(), &want_rms, None);
-        assert!(dev.download(&dx).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()), "rmsnorm sum_out (in place) != half(x + r)");
+        check(
+            &format!("rmsnorm residual in place rows={rows} dim={dim}"),
+            &dev.download(&y2).unwrap(),
+            &want_rms,
+            None,
+        );
+        assert!(
+            dev.download(&dx).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "rmsnorm sum_out (in place) != half(x + r)"
+        );
     }
 }
 
@@ -338,7 +412,18 @@ fn norms_match_reference() {
 
 /// Reference attention on [B, S, H, d] contiguous tensors (f64 softmax).
 #[allow(clippy::too_many_arguments)]
-fn attn_ref(q: &[f16], k: &[f16], v: &[f16], b: usize, h: usize, sq: usize, skv: usize, d: usize, scale: f64, visible: &dyn Fn(usize, usize, usize) -> Option<f64>) -> Vec<f64> {
+fn attn_ref(
+    q: &[f16],
+    k: &[f16],
+    v: &[f16],
+    b: usize,
+    h: usize,
+    sq: usize,
+    skv: usize,
+    d: usize,
+    scale: f64,
+    visible: &dyn Fn(usize, usize, usize) -> Option<f64>,
+) -> Vec<f64> {
     let mut o = vec![0.0; b * sq * h * d];
     for bb in 0..b {
         for hh in 0..h {
@@ -388,10 +473,10 @@ fn attention_matches_reference() {
         (2, 4, 7, 19, 80, Some(12), true),   // causal with offset (prefill after 12 cached keys)
         (1, 3, 1, 257, 128, None, false),    // Sq = 1
         (3, 2, 5, 33, 128, Some(28), true),
-        (1, 2, 17, 9, 64, Some(-3), false),  // some rows fully masked -> zeros
-        (2, 3, 23, 30, 88, Some(-5), true),  // d = 88 padded to 96, Sq % 16 != 0, masked rows + masks
+        (1, 2, 17, 9, 64, Some(-3), false),   // some rows fully masked -> zeros
+        (2, 3, 23, 30, 88, Some(-5), true),   // d = 88 padded to 96, Sq % 16 != 0, masked rows + masks
         (1, 4, 33, 33, 80, Some(-40), false), // every row fully masked (tiles skipped, or all -inf)
-        (2, 2, 50, 70, 96, Some(20), false), // d = 96 exactly, causal kv_end mid-tile
+        (2, 2, 50, 70, 96, Some(20), false),  // d = 96 exactly, causal kv_end mid-tile
     ];
     for &(b, h, sq, skv, d, causal, masks) in cases {
         let q = rng.halves(b * sq * h * d, 1.0);
@@ -410,7 +495,20 @@ fn attention_matches_reference() {
             additive: masks.then_some((&dmask, skv)),
             ..AttnMask::default()
         };
-        dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
+        dev.attention(
+            view(&dq, sq, h, d),
+            view(&dk, skv, h, d),
+            view(&dv, skv, h, d),
+            view(&o, sq, h, d),
+            b,
+            h,
+            sq,
+            skv,
+            d,
+            scale as f32,
+            mask,
+        )
+        .unwrap();
         let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
             if let Some(off) = causal {
                 if j as i64 > i as i64 + off as i64 {
@@ -426,7 +524,12 @@ fn attention_matches_reference() {
             Some(0.0)
         };
         let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
-        check(&format!("attention b={b} h={h} sq={sq} skv={skv} d={d} causal={causal:?} masks={masks}"), &dev.download(&o).unwrap(), &want, Some(1.0));
+        check(
+            &format!("attention b={b} h={h} sq={sq} skv={skv} d={d} causal={causal:?} masks={masks}"),
+            &dev.download(&o).unwrap(),
+            &want,
+            Some(1.0),
+        );
     }
 
     // fused qkv layout [S, 3*H*d]: q/k/v are column slices with row stride 3*H*d
@@ -434,9 +537,11 @@ fn attention_matches_reference() {
     let qkv = rng.halves(s * 3 * h * d, 1.0);
     let dqkv = dev.upload(&qkv).unwrap();
     let o = poisoned(&dev, s * h * d);
-    let part = |p: usize| HeadsView { buf: &dqkv, offset: p * h * d, batch_stride: s * 3 * h * d, row_stride: 3 * h * d };
+    let part =
+        |p: usize| HeadsView { buf: &dqkv, offset: p * h * d, batch_stride: s * 3 * h * d, row_stride: 3 * h * d };
     dev.attention(part(0), part(1), part(2), view(&o, s, h, d), 1, h, s, s, d, 0.1066, AttnMask::default()).unwrap();
-    let split = |p: usize| -> Vec<f16> { (0..s).flat_map(|r| qkv[r * 3 * h * d + p * h * d..][..h * d].to_vec()).collect() };
+    let split =
+        |p: usize| -> Vec<f16> { (0..s).flat_map(|r| qkv[r * 3 * h * d + p * h * d..][..h * d].to_vec()).collect() };
     let want = attn_ref(&split(0), &split(1), &split(2), 1, h, s, s, d, 0.1066, &|_, _, _| Some(0.0));
     check("attention fused qkv 257x16x88", &dev.download(&o).unwrap(), &want, Some(1.0));
 
@@ -452,9 +557,23 @@ fn attention_matches_reference() {
     let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
     let (dvalid, dmask) = (dev.upload(&valid).unwrap(), dev.upload(&madd).unwrap());
     let o = poisoned(&dev, b * sq * h * d);
-    let mask = AttnMask { causal: Some(3), kv_valid: Some(&dvalid), additive: Some((&dmask, skv)), ..AttnMask::default() };
+    let mask =
+        AttnMask { causal: Some(3), kv_valid: Some(&dvalid), additive: Some((&dmask, skv)), ..AttnMask::default() };
     let scale = 1.0 / (d as f64).sqrt();
-    dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
+    dev.attention(
+        view(&dq, sq, h, d),
+        view(&dk, skv, h, d),
+        view(&dv, skv, h, d),
+        view(&o, sq, h, d),
+        b,
+        h,
+        sq,
+        skv,
+        d,
+        scale as f32,
+        mask,
+    )
+    .unwrap();
     let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
         (j <= i + 3 && (j as i32) < valid[bb]).then(|| clamped(madd[bb * skv + j]))
     };
@@ -476,11 +595,25 @@ fn attention_matches_reference() {
             _ => 0.0,
         })
         .collect();
-    let (dq, dk, dv, dmask) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&madd).unwrap());
+    let (dq, dk, dv, dmask) =
+        (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&madd).unwrap());
     let o = poisoned(&dev, b * sq * h * d);
     let scale = 1.0 / (d as f64).sqrt();
     let mask = AttnMask { causal: Some(24), kv_valid: None, additive: Some((&dmask, skv)), ..AttnMask::default() };
-    dev.attention(view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d), b, h, sq, skv, d, scale as f32, mask).unwrap();
+    dev.attention(
+        view(&dq, sq, h, d),
+        view(&dk, skv, h, d),
+        view(&dv, skv, h, d),
+        view(&o, sq, h, d),
+        b,
+        h,
+        sq,
+        skv,
+        d,
+        scale as f32,
+        mask,
+    )
+    .unwrap();
     let vis = |bb: usize, i: usize, j: usize| -> Option<f64> { (j <= i + 24).then(|| clamped(madd[bb * skv + j])) };
     let got = dev.download(&o).unwrap();
     check("attention finfo.min padding masks", &got, &attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis), Some(1.0));
@@ -505,18 +638,42 @@ fn clamped(m: f32) -> f64 {
 fn decode_attention_matches_reference() {
     let Some(dev) = device("decode_attention_matches_reference") else { return };
     let mut rng = Rng::new("decode_attention");
-    for &(b, h, max_len, d) in &[(1usize, 32usize, 2048usize, 80usize), (3, 12, 300, 64), (2, 16, 257, 88), (1, 2, 7, 128)] {
-        let lens: Vec<i32> = (0..b).map(|i| if i == 0 { max_len as i32 } else { 1 + rng.below(max_len as u64) as i32 }).collect();
+    for &(b, h, max_len, d) in
+        &[(1usize, 32usize, 2048usize, 80usize), (3, 12, 300, 64), (2, 16, 257, 88), (1, 2, 7, 128)]
+    {
+        let lens: Vec<i32> =
+            (0..b).map(|i| if i == 0 { max_len as i32 } else { 1 + rng.below(max_len as u64) as i32 }).collect();
         let q = rng.halves(b * h * d, 1.0);
         let kc = rng.halves(b * max_len * h * d, 1.0);
         let vc = rng.halves(b * max_len * h * d, 1.0);
-        let (dq, dk, dv, dl) = (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap());
+        let (dq, dk, dv, dl) =
+            (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap());
         let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
         let o = poisoned(&dev, b * h * d);
         let scale = 1.0 / (d as f64).sqrt();
-        dev.decode_attention(view(&dq, 1, h, d), view(&dk, max_len, h, d), view(&dv, max_len, h, d), &dl, view(&o, 1, h, d), &ws, b, h, max_len, d, scale as f32, AttnMask::default()).unwrap();
-        let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then_some(0.0));
-        check(&format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}"), &dev.download(&o).unwrap(), &want, Some(1.0));
+        dev.decode_attention(
+            view(&dq, 1, h, d),
+            view(&dk, max_len, h, d),
+            view(&dv, max_len, h, d),
+            &dl,
+            view(&o, 1, h, d),
+            &ws,
+            b,
+            h,
+            max_len,
+            d,
+            scale as f32,
+            AttnMask::default(),
+        )
+        .unwrap();
+        let want =
+            attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then_some(0.0));
+        check(
+            &format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}"),
+            &dev.download(&o).unwrap(),
+            &want,
+            Some(1.0),
+        );
     }
 
     // Split boundaries (chunk = 256) and empty splits: lengths 0 (every split empty -> zeros),
@@ -536,14 +693,35 @@ fn decode_attention_matches_reference() {
             _ => rng.uni(2.0),
         })
         .collect();
-    let (dq, dk, dv, dl, dm) =
-        (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap(), dev.upload(&madd).unwrap());
+    let (dq, dk, dv, dl, dm) = (
+        dev.upload(&q).unwrap(),
+        dev.upload(&kc).unwrap(),
+        dev.upload(&vc).unwrap(),
+        dev.upload(&lens).unwrap(),
+        dev.upload(&madd).unwrap(),
+    );
     let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
     let o = poisoned(&dev, b * h * d);
     let scale = 1.0 / (d as f64).sqrt();
     let mask = AttnMask { additive: Some((&dm, stride)), ..AttnMask::default() };
-    dev.decode_attention(view(&dq, 1, h, d), view(&dk, max_len, h, d), view(&dv, max_len, h, d), &dl, view(&o, 1, h, d), &ws, b, h, max_len, d, scale as f32, mask).unwrap();
-    let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then(|| clamped(madd[bb * stride + j])));
+    dev.decode_attention(
+        view(&dq, 1, h, d),
+        view(&dk, max_len, h, d),
+        view(&dv, max_len, h, d),
+        &dl,
+        view(&o, 1, h, d),
+        &ws,
+        b,
+        h,
+        max_len,
+        d,
+        scale as f32,
+        mask,
+    )
+    .unwrap();
+    let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| {
+        (j < lens[bb] as usize).then(|| clamped(madd[bb * stride + j]))
+    });
     check(&format!("decode split boundaries lens={lens:?} with mask"), &dev.download(&o).unwrap(), &want, Some(1.0));
 }
 
@@ -559,7 +737,8 @@ fn elementwise_matches_reference() {
     // Token embedding gather, including an out-of-range id -> zero row
     let (vocab, npos, dim, t) = (1000usize, 40usize, 96usize, 37usize);
     let tok = rng.halves(vocab * dim, 1.0);
-    let ids: Vec<i32> = (0..t).map(|i| if i == 5 { vocab as i32 + 3 } else { rng.below(vocab as u64) as i32 }).collect();
+    let ids: Vec<i32> =
+        (0..t).map(|i| if i == 5 { vocab as i32 + 3 } else { rng.below(vocab as u64) as i32 }).collect();
     let out = poisoned(&dev, t * dim);
     dev.embed_rows(&dev.upload(&ids).unwrap(), &dev.upload(&tok).unwrap(), &out, t, dim).unwrap();
     let mut want = vec![0.0; t * dim];
@@ -595,7 +774,12 @@ fn elementwise_matches_reference() {
         let mut placed = 0;
         for tt in 0..s {
             let want_img = placed < n_img && (rng.below(2) == 0 || s - tt <= n_img - placed);
-            ids[bb * s + tt] = if want_img { placed += 1; img_tok } else { rng.below(50000) as i32 };
+            ids[bb * s + tt] = if want_img {
+                placed += 1;
+                img_tok
+            } else {
+                rng.below(50000) as i32
+            };
         }
     }
     let emb = rng.halves(b * s * d, 1.0);
@@ -650,7 +834,16 @@ fn elementwise_matches_reference() {
     let cls = rng.halves(d, 1.0);
     let pe = rng.halves((np + 1) * d, 1.0);
     let out = poisoned(&dev, bsz * (np + 1) * d);
-    dev.vit_embed(&dev.upload(&patches).unwrap(), &dev.upload(&cls).unwrap(), &dev.upload(&pe).unwrap(), &out, bsz, np, d).unwrap();
+    dev.vit_embed(
+        &dev.upload(&patches).unwrap(),
+        &dev.upload(&cls).unwrap(),
+        &dev.upload(&pe).unwrap(),
+        &out,
+        bsz,
+        np,
+        d,
+    )
+    .unwrap();
     let mut want = vec![0.0; bsz * (np + 1) * d];
     for bb in 0..bsz {
         for tt in 0..=np {
@@ -674,7 +867,10 @@ fn elementwise_matches_reference() {
     let out = poisoned(&dev, n);
     dev.cast_f32_f16(&dev.upload(&xf).unwrap(), &out, n).unwrap();
     let got = dev.download(&out).unwrap();
-    assert!(got.iter().zip(&xf).all(|(g, x)| g.to_bits() == f16::from_f32(*x).to_bits()), "cast_f32_f16 not RNE / overflow to inf");
+    assert!(
+        got.iter().zip(&xf).all(|(g, x)| g.to_bits() == f16::from_f32(*x).to_bits()),
+        "cast_f32_f16 not RNE / overflow to inf"
+    );
     let xh = rng.halves(n, 5.0);
     let outf = dev.alloc::<f32>(n).unwrap();
     dev.cast_f16_f32(&dev.upload(&xh).unwrap(), &outf, n).unwrap();
@@ -687,7 +883,12 @@ fn elementwise_matches_reference() {
     let kcache = rng.halves(b * max_len * row, 1.0);
     let vcache = rng.halves(b * max_len * row, 1.0);
     let pos = vec![0i32, 8, 9];
-    let (dn, dk, dv, dp) = (dev.upload(&newbuf).unwrap(), dev.upload(&kcache).unwrap(), dev.upload(&vcache).unwrap(), dev.upload(&pos).unwrap());
+    let (dn, dk, dv, dp) = (
+        dev.upload(&newbuf).unwrap(),
+        dev.upload(&kcache).unwrap(),
+        dev.upload(&vcache).unwrap(),
+        dev.upload(&pos).unwrap(),
+    );
     let kn = dn.slice(row, dn.len() - row).unwrap();
     let vn = dn.slice(2 * row, dn.len() - 2 * row).unwrap();
     dev.kv_append(&kn, &vn, 3 * row, &dk, &dv, &dp, b, max_len, row).unwrap();
@@ -797,5 +998,8 @@ fn launchers_validate_arguments() {
     assert!(dev.gemv(&x, &w, None, Activation::None, Residual::None, &y, 9, 1, 8).is_err(), "m > 8");
     assert!(dev.gemv(&x, &w, None, Activation::None, Residual::None, &y, 1, 4, 12).is_err(), "k % 8");
     let hv = HeadsView { buf: &x, offset: 0, batch_stride: 64, row_stride: 64 };
-    assert!(dev.attention(hv, hv, hv, HeadsView { buf: &y, ..hv }, 1, 1, 1, 1, 72 + 8, 1.0, AttnMask::default()).is_err(), "d too large for buffer");
+    assert!(
+        dev.attention(hv, hv, hv, HeadsView { buf: &y, ..hv }, 1, 1, 1, 1, 72 + 8, 1.0, AttnMask::default()).is_err(),
+        "d too large for buffer"
+    );
 }

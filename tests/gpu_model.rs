@@ -52,9 +52,18 @@ fn check_tokens(test: &str, model: &Model, name: &str) {
         let logprobs = common::floats(&case["logprobs"]);
         for step in 0..want.len() {
             assert_eq!(out.tokens.get(step), Some(&want[step]), "{test} {}: step {step}", case["name"]);
-            assert!((out.logprobs[step] - logprobs[step]).abs() <= LOGPROB_ABS, "{test} {}: logprob step {step}", case["name"]);
+            assert!(
+                (out.logprobs[step] - logprobs[step]).abs() <= LOGPROB_ABS,
+                "{test} {}: logprob step {step}",
+                case["name"]
+            );
             if margins[step] < MARGIN {
-                println!("{test} {}: compared {} steps (step {step} has margin {:.3})", case["name"], step + 1, margins[step]);
+                println!(
+                    "{test} {}: compared {} steps (step {step} has margin {:.3})",
+                    case["name"],
+                    step + 1,
+                    margins[step]
+                );
                 break;
             }
         }
@@ -92,7 +101,9 @@ fn cuda_graph_replay_equals_direct_launches() {
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn cuda_failed_recording_falls_back_to_direct_launches() {
-    let Some(model) = gpu_model("cuda_failed_recording_falls_back_to_direct_launches", "blip2-opt-tiny") else { return };
+    let Some(model) = gpu_model("cuda_failed_recording_falls_back_to_direct_launches", "blip2-opt-tiny") else {
+        return;
+    };
     let px = model.preprocess(&common::image("odd_257x181.png")).unwrap();
     let opts = model.default_options();
     let normal = model.run(std::slice::from_ref(&px), None, &opts, &mut |_| {}).unwrap().remove(0);
@@ -126,7 +137,9 @@ fn cuda_concurrent_executors_equal_sequential() {
         let new_tokens = opts.new_tokens(ids.len(), model.family.max_positions()).unwrap();
         let plan = model.family.plan(1, ids.len(), new_tokens, false).unwrap();
         let mut exec = model.executor(&plan.graph).unwrap();
-        let (mut seqs, _) = glimpse::generate::generate(&plan, exec.as_mut(), &[("pixels", &px.data)], &ids, &opts, &mut |_| {}).unwrap();
+        let (mut seqs, _) =
+            glimpse::generate::generate(&plan, exec.as_mut(), &[("pixels", &px.data)], &ids, &opts, &mut |_| {})
+                .unwrap();
         let seq = seqs.remove(0);
         (seq.tokens, seq.logprobs)
     };
@@ -134,7 +147,8 @@ fn cuda_concurrent_executors_equal_sequential() {
     let sequential: Vec<Vec<_>> = per_thread.iter().map(|imgs| imgs.iter().map(|i| caption(i)).collect()).collect();
     for round in 0..3 {
         let concurrent: Vec<Vec<_>> = std::thread::scope(|s| {
-            let handles: Vec<_> = per_thread.iter().map(|imgs| s.spawn(|| imgs.iter().map(|i| caption(i)).collect::<Vec<_>>())).collect();
+            let handles: Vec<_> =
+                per_thread.iter().map(|imgs| s.spawn(|| imgs.iter().map(|i| caption(i)).collect::<Vec<_>>())).collect();
             handles.into_iter().map(|h| h.join().expect("captioning thread panicked")).collect()
         });
         assert_eq!(concurrent, sequential, "round {round}: concurrent executors differ from sequential runs");
@@ -176,7 +190,10 @@ fn device_selection_without_gpu() {
 /// only legitimate difference is fp32 summation order plus one fp16 rounding of the output
 /// (2^-11 relative), so 4e-3 relative is generous for a correct kernel and far below a wrong one.
 /// Returns how many op outputs were compared.
-fn lockstep(model: &Model, make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>) -> usize {
+fn lockstep(
+    model: &Model,
+    make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
+) -> usize {
     use glimpse::backend::cpu::CpuExecutor;
     use glimpse::backend::Executor;
     use glimpse::graph::{Buf, Phase};
@@ -242,6 +259,8 @@ fn cuda_every_op_matches_cpu_in_lockstep() {
 #[test]
 fn lockstep_harness_accepts_the_f32_reference() {
     let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
-    let checked = lockstep(&model, |g| Box::new(glimpse::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &g.buffers)));
+    let checked = lockstep(&model, |g| {
+        Box::new(glimpse::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &g.buffers))
+    });
     assert!(checked > 50, "{checked}");
 }

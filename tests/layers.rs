@@ -6,7 +6,9 @@ use std::sync::Arc;
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::Executor;
 use glimpse::graph::{rope_inv_freq, Activation, Buf, Graph, Op, Phase, RopeScaling, WeightTable};
-use glimpse::models::layers::{load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, KvCache, NormLayer};
+use glimpse::models::layers::{
+    load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, KvCache, NormLayer,
+};
 use glimpse::models::Loader;
 use glimpse::synth::random_normal;
 use glimpse::weights::{Checkpoint, Weight};
@@ -110,8 +112,20 @@ fn llama_block_decodes_as_it_prefills() {
     assert_eq!(
         kinds,
         [
-            "rms_norm", "linear", "linear", "linear", "rope", "rope", "kv_append", "attention", "linear", "rms_norm", "linear",
-            "linear", "gated_act", "linear"
+            "rms_norm",
+            "linear",
+            "linear",
+            "linear",
+            "rope",
+            "rope",
+            "kv_append",
+            "attention",
+            "linear",
+            "rms_norm",
+            "linear",
+            "linear",
+            "gated_act",
+            "linear"
         ]
     );
     let Some(Op::Attention(a)) = full.ops.iter().find(|op| op.kind() == "attention") else { unreachable!() };

@@ -18,7 +18,11 @@ fn reference(dir: &std::path::Path, noise: Option<f32>) -> std::path::PathBuf {
     let px = model.preprocess(&common::image("odd_257x181.png")).unwrap();
     let (fp32, shape) = common::goldens("blip2-opt-tiny.safetensors").f32("caption_odd_257x181.logits").unwrap();
     let fp16: Vec<f32> = match noise {
-        Some(n) => fp32.iter().enumerate().map(|(i, v)| f16::from_f32(v * (1.0 + if i % 2 == 0 { n } else { -n })).to_f32()).collect(),
+        Some(n) => fp32
+            .iter()
+            .enumerate()
+            .map(|(i, v)| f16::from_f32(v * (1.0 + if i % 2 == 0 { n } else { -n })).to_f32())
+            .collect(),
         None => fp32.clone(),
     };
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -39,7 +43,14 @@ fn reference(dir: &std::path::Path, noise: Option<f32>) -> std::path::PathBuf {
 
 fn parity(reference: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(["parity", "--model", &common::model_dir("blip2-opt-tiny").display().to_string(), "--device", "cpu", "--json"])
+        .args([
+            "parity",
+            "--model",
+            &common::model_dir("blip2-opt-tiny").display().to_string(),
+            "--device",
+            "cpu",
+            "--json",
+        ])
         .arg("--reference")
         .arg(reference)
         .output()
@@ -72,7 +83,15 @@ fn fp16_emulation_predicts_gpu_error() {
     let dir = common::tempdir();
     let reference = reference(dir.path(), Some(4e-3));
     let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
-        .args(["parity", "--model", &common::model_dir("blip2-opt-tiny").display().to_string(), "--device", "cpu", "--json", "--emulate-fp16"])
+        .args([
+            "parity",
+            "--model",
+            &common::model_dir("blip2-opt-tiny").display().to_string(),
+            "--device",
+            "cpu",
+            "--json",
+            "--emulate-fp16",
+        ])
         .arg("--reference")
         .arg(&reference)
         .output()

@@ -9,7 +9,15 @@ use glimpse::Error;
 
 /// Every PNG fixture (JPEG is excluded: decoders differ by a few LSB).
 const PNGS: [&str; 9] = [
-    "wide_301x97", "tall_83x311", "odd_257x181", "exact_224x224", "tiny_13x9", "rgba_150x120", "grey_67x45", "greyalpha_40x50", "palette_100x80",
+    "wide_301x97",
+    "tall_83x311",
+    "odd_257x181",
+    "exact_224x224",
+    "tiny_13x9",
+    "rgba_150x120",
+    "grey_67x45",
+    "greyalpha_40x50",
+    "palette_100x80",
 ];
 
 /// Golden pixel values of one image: transformers stores them losslessly as the uint8 image after

@@ -75,9 +75,15 @@ fn corrupted_images_never_panic() {
     // The libjpeg-turbo path (baseline, progressive, CMYK, EXIF), 16-bit PNG and the metadata
     // walkers (EXIF in JPEG APP1 and PNG eXIf) get the same treatment as the image-crate formats.
     for name in [
-        "odd_257x181.png", "rgba_150x120.png", "palette_100x80.png", "photo_q90.jpg",
-        "decode/jpeg_progressive_420.jpg", "decode/jpeg_baseline_cmyk.jpg", "decode/exif_jpeg_6.jpg",
-        "decode/exif_png_7.png", "decode/png16_rgba.png",
+        "odd_257x181.png",
+        "rgba_150x120.png",
+        "palette_100x80.png",
+        "photo_q90.jpg",
+        "decode/jpeg_progressive_420.jpg",
+        "decode/jpeg_baseline_cmyk.jpg",
+        "decode/exif_jpeg_6.jpg",
+        "decode/exif_png_7.png",
+        "decode/png16_rgba.png",
     ] {
         let src = std::fs::read(common::image(name)).unwrap();
         for bytes in mutations(&src, &mut rng, src.len(), 40) {

@@ -12,7 +12,14 @@ fn tiny_round_trips_through_a_folder() {
     let tmp = common::tempdir();
     let dir = tmp.path().join("tiny");
     write_folder("tiny", &dir, 7).expect("write tiny");
-    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts a synth folder");
@@ -43,16 +50,40 @@ fn parameter_counts_match_transformers() {
 fn presets_have_the_real_shapes() {
     let c = preset("blip2-opt-2.7b").unwrap();
     let (v, q, t) = (&c.vision_config, &c.qformer_config, c.text_config.opt().unwrap());
-    assert_eq!((v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size, v.patch_size), (1408, 39, 16, 6144, 224, 14));
-    assert_eq!((q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.intermediate_size, q.cross_attention_frequency, q.encoder_hidden_size), (768, 12, 12, 3072, 2, 1408));
-    assert_eq!((t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.ffn_dim, t.vocab_size, t.max_position_embeddings), (2560, 32, 32, 10240, 50304, 2048));
+    assert_eq!(
+        (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size, v.patch_size),
+        (1408, 39, 16, 6144, 224, 14)
+    );
+    assert_eq!(
+        (
+            q.hidden_size,
+            q.num_hidden_layers,
+            q.num_attention_heads,
+            q.intermediate_size,
+            q.cross_attention_frequency,
+            q.encoder_hidden_size
+        ),
+        (768, 12, 12, 3072, 2, 1408)
+    );
+    assert_eq!(
+        (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.ffn_dim, t.vocab_size, t.max_position_embeddings),
+        (2560, 32, 32, 10240, 50304, 2048)
+    );
     assert_eq!((c.image_token(), c.num_query_tokens, t.bos_token_id, t.pad_token_id), (50265, 32, Some(2), Some(1)));
     assert_eq!(t.eos_token_id.as_ref().unwrap().to_vec(), vec![50118]);
     let c = preset("blip2-opt-6.7b").unwrap();
     let t = c.text_config.opt().unwrap();
     assert_eq!((t.hidden_size, t.ffn_dim, t.num_hidden_layers), (4096, 16384, 32));
     let c = preset("tiny").unwrap();
-    assert_eq!((c.vision_config.head_dim(), c.qformer_config.head_dim(), c.text_config.opt().unwrap().head_dim(), c.vision_config.num_positions()), (88, 64, 80, 257));
+    assert_eq!(
+        (
+            c.vision_config.head_dim(),
+            c.qformer_config.head_dim(),
+            c.text_config.opt().unwrap().head_dim(),
+            c.vision_config.num_positions()
+        ),
+        (88, 64, 80, 257)
+    );
     assert_eq!(PRESETS.len(), 3);
 }
 
@@ -135,8 +166,10 @@ fn synth_writes_exactly_the_tensors_load_reads() {
     let ckpt = Checkpoint::open_dir(&dir).unwrap();
     let model = Model::load(&dir, Device::Cpu).unwrap();
     let table = model.family.weights();
-    let mut written: Vec<(String, Vec<usize>)> = ckpt.names().map(|n| (n.to_string(), ckpt.info(n).unwrap().shape.clone())).collect();
-    let mut loaded: Vec<(String, Vec<usize>)> = table.names.iter().cloned().zip(table.weights.iter().map(|w| w.shape.clone())).collect();
+    let mut written: Vec<(String, Vec<usize>)> =
+        ckpt.names().map(|n| (n.to_string(), ckpt.info(n).unwrap().shape.clone())).collect();
+    let mut loaded: Vec<(String, Vec<usize>)> =
+        table.names.iter().cloned().zip(table.weights.iter().map(|w| w.shape.clone())).collect();
     written.sort();
     loaded.sort();
     assert_eq!(written, loaded);

@@ -33,7 +33,8 @@ fn tokenizer_json_matches_transformers() {
 #[test]
 fn vocab_and_merges_fallback_matches() {
     let src = common::model_dir("blip2-opt-tiny");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
     let dir = common::tempdir();
     std::fs::write(dir.path().join("vocab.json"), json["model"]["vocab"].to_string()).unwrap();
     let merges: Vec<String> = json["model"]["merges"]
@@ -48,7 +49,8 @@ fn vocab_and_merges_fallback_matches() {
         .collect();
     std::fs::write(dir.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
     // OPT's slow-tokenizer config: BOS `</s>` added, `<image>` as an added special token.
-    let image_id = json["added_tokens"].as_array().unwrap().iter().find(|t| t["content"] == "<image>").unwrap()["id"].clone();
+    let image_id =
+        json["added_tokens"].as_array().unwrap().iter().find(|t| t["content"] == "<image>").unwrap()["id"].clone();
     let config = serde_json::json!({
         "add_bos_token": true, "bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
         "added_tokens_decoder": {

@@ -86,7 +86,10 @@ fn missing_and_misshaped_tensors_name_key_and_shapes() {
     let err = ckpt.f16("w", &[3, 2]).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("`w`") && msg.contains("[3, 2]") && msg.contains("[2, 2]") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("`w`") && msg.contains("[3, 2]") && msg.contains("[2, 2]") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -152,7 +155,11 @@ fn shape_disagrees_with_byte_range() {
 fn sharded_index_errors() {
     let dir = common::tempdir();
     let index = dir.path().join("model.safetensors.index.json");
-    write_raw(&dir.path().join("a.safetensors"), r#"{"w":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#, &[0u8; 4]);
+    write_raw(
+        &dir.path().join("a.safetensors"),
+        r#"{"w":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#,
+        &[0u8; 4],
+    );
 
     std::fs::write(&index, r#"{"weight_map":{"w":"a.safetensors","v":"a.safetensors"}}"#).unwrap();
     let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
@@ -204,7 +211,9 @@ fn model_load_names_missing_tensor() {
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), b).unwrap())
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     let err = glimpse::Model::load(dir.path(), glimpse::Device::Cpu).err().expect("missing tensor").to_string();

@@ -112,7 +112,10 @@ pub fn validate_reorder(descs: &[BufferDesc], bufs: &[Buf], rows_per_seq: usize,
             )));
         }
         if let Some(i) = from.iter().find(|&&i| i >= seqs) {
-            return Err(invalid(format!("reorder_sequences: source sequence {i} of buffer `{}` is outside its {seqs} sequences", d.name)));
+            return Err(invalid(format!(
+                "reorder_sequences: source sequence {i} of buffer `{}` is outside its {seqs} sequences",
+                d.name
+            )));
         }
     }
     Ok(())
@@ -289,7 +292,9 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
             let out_rows = match *select {
                 RowSelect::Skip(skip) => {
                     if skip >= *rows_per_batch {
-                        return Err(invalid(format!("select_rows: skipping {skip} of {rows_per_batch} rows leaves none")));
+                        return Err(invalid(format!(
+                            "select_rows: skipping {skip} of {rows_per_batch} rows leaves none"
+                        )));
                     }
                     batch * (rows_per_batch - skip)
                 }

@@ -6,7 +6,12 @@ use std::time::Instant;
 use super::{GenerateOptions, Sequence, Session, TokenEvent};
 use crate::error::Result;
 
-pub(super) fn run(s: &mut Session<'_, '_>, inputs: &[(&str, &[f32])], input_ids: &[u32], opts: &GenerateOptions) -> Result<Vec<Sequence>> {
+pub(super) fn run(
+    s: &mut Session<'_, '_>,
+    inputs: &[(&str, &[f32])],
+    input_ids: &[u32],
+    opts: &GenerateOptions,
+) -> Result<Vec<Sequence>> {
     let plan = s.plan;
     let batch = plan.batch;
     let mut seqs = vec![Sequence::default(); batch];

@@ -143,7 +143,10 @@ impl<'a, 'h> Session<'a, 'h> {
     pub fn encode(&mut self, inputs: &[(&str, &[f32])]) -> Result<bool> {
         for (name, _) in &self.plan.inputs {
             if inputs.iter().filter(|(n, _)| n == name).count() != 1 {
-                return Err(Error::InvalidInput(format!("the plan needs input `{name}` exactly once; got {} of it", inputs.iter().filter(|(n, _)| n == name).count())));
+                return Err(Error::InvalidInput(format!(
+                    "the plan needs input `{name}` exactly once; got {} of it",
+                    inputs.iter().filter(|(n, _)| n == name).count()
+                )));
             }
         }
         for (name, data) in inputs {

@@ -58,14 +58,12 @@ impl Plan {
 
     /// The phase called `name`: an encoder, `prefill` or `decode`.
     pub fn phase(&self, name: &str) -> Result<&Phase> {
-        self.encoders
-            .iter()
-            .chain([&self.prefill.phase, &self.decode.phase])
-            .find(|p| p.name == name)
-            .ok_or_else(|| {
+        self.encoders.iter().chain([&self.prefill.phase, &self.decode.phase]).find(|p| p.name == name).ok_or_else(
+            || {
                 let names: Vec<&str> = self.encoders.iter().map(|p| p.name).chain(["prefill", "decode"]).collect();
                 Error::InvalidInput(format!("the plan has no phase `{name}` (it has {})", names.join(", ")))
-            })
+            },
+        )
     }
 
     /// Every phase in run order (for op-by-op checks).

@@ -37,7 +37,9 @@ impl DecodeLimits {
             match std::env::var(name) {
                 Err(std::env::VarError::NotPresent) => Ok(default),
                 Ok(v) => v.trim().parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    Error::InvalidInput(format!("{name}={v:?} is not a positive whole number: unset it or set e.g. {name}={default}"))
+                    Error::InvalidInput(format!(
+                        "{name}={v:?} is not a positive whole number: unset it or set e.g. {name}={default}"
+                    ))
                 }),
                 Err(e) => Err(Error::InvalidInput(format!("{name}: {e}: unset it or set e.g. {name}={default}"))),
             }
@@ -123,7 +125,8 @@ fn decode_unguarded(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<
             // image data (zlib checksum, chunk CRC or IEND missing) still opens there. Retry such
             // a file with its tail completed; if rows are missing it still fails.
             let repaired = png_complete_tail(bytes).ok_or_else(|| format!("cannot decode: {e}"))?;
-            let mut reader = ImageReader::new(Cursor::new(&repaired[..])).with_guessed_format().map_err(|e| e.to_string())?;
+            let mut reader =
+                ImageReader::new(Cursor::new(&repaired[..])).with_guessed_format().map_err(|e| e.to_string())?;
             reader.limits(decode_limits);
             let decoded = reader.decode().map_err(|_| format!("cannot decode: {e} (image file is truncated)"))?;
             Ok(to_rgb8(decoded))

@@ -13,8 +13,8 @@ mod decode;
 mod jpeg;
 mod orientation;
 
-pub use decode::{decode_rgb, decode_rgb_with, load_rgb, load_rgb_with, DecodeLimits};
 pub(crate) use decode::too_many_pixels;
+pub use decode::{decode_rgb, decode_rgb_with, load_rgb, load_rgb_with, DecodeLimits};
 pub use jpeg::MAX_SCANS as MAX_JPEG_SCANS;
 
 /// Pillow's `Image.MAX_IMAGE_PIXELS` (89.5 megapixels): above it Pillow warns of a possible

@@ -187,13 +187,13 @@ pub fn apply(img: RgbImage, orientation: Option<u16>) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     // Source pixel (x, y) of output pixel (ox, oy), and whether width and height swap.
     let map: fn(usize, usize, usize, usize) -> (usize, usize) = match orientation {
-        Some(2) => |ox, oy, w, _| (w - 1 - ox, oy),                // FLIP_LEFT_RIGHT
-        Some(3) => |ox, oy, w, h| (w - 1 - ox, h - 1 - oy),        // ROTATE_180
-        Some(4) => |ox, oy, _, h| (ox, h - 1 - oy),                // FLIP_TOP_BOTTOM
-        Some(5) => |ox, oy, _, _| (oy, ox),                        // TRANSPOSE
-        Some(6) => |ox, oy, _, h| (oy, h - 1 - ox),                // ROTATE_270 (clockwise)
-        Some(7) => |ox, oy, w, h| (w - 1 - oy, h - 1 - ox),        // TRANSVERSE
-        Some(8) => |ox, oy, w, _| (w - 1 - oy, ox),                // ROTATE_90 (counter-clockwise)
+        Some(2) => |ox, oy, w, _| (w - 1 - ox, oy),         // FLIP_LEFT_RIGHT
+        Some(3) => |ox, oy, w, h| (w - 1 - ox, h - 1 - oy), // ROTATE_180
+        Some(4) => |ox, oy, _, h| (ox, h - 1 - oy),         // FLIP_TOP_BOTTOM
+        Some(5) => |ox, oy, _, _| (oy, ox),                 // TRANSPOSE
+        Some(6) => |ox, oy, _, h| (oy, h - 1 - ox),         // ROTATE_270 (clockwise)
+        Some(7) => |ox, oy, w, h| (w - 1 - oy, h - 1 - ox), // TRANSVERSE
+        Some(8) => |ox, oy, w, _| (w - 1 - oy, ox),         // ROTATE_90 (counter-clockwise)
         _ => return img,
     };
     let swap = matches!(orientation, Some(5..=8));

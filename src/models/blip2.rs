@@ -34,7 +34,15 @@ impl Blip2 {
             ld.linear("language_projection", cfg.qformer_config.hidden_size, cfg.text_config.hidden_size(), true)?;
         let TextConfig::Opt(text) = &cfg.text_config;
         let decoder = OptDecoder::load(text, &mut ld, "language_model")?;
-        Ok(Self { cfg: cfg.clone(), config: ModelConfig::Blip2(cfg.clone()), weights: Arc::new(table), vision, qformer, language_projection, decoder })
+        Ok(Self {
+            cfg: cfg.clone(),
+            config: ModelConfig::Blip2(cfg.clone()),
+            weights: Arc::new(table),
+            vision,
+            qformer,
+            language_projection,
+            decoder,
+        })
     }
 
     pub fn image_size(&self) -> usize {
@@ -50,9 +58,17 @@ impl Blip2 {
 
     /// Builds the phases for `batch` images, a decoder input of `prompt_len` tokens (image
     /// tokens included) and up to `max_new_tokens` generated tokens.
-    pub fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
+    pub fn plan(
+        &self,
+        batch: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        all_prefill_logits: bool,
+    ) -> Result<Plan> {
         if max_new_tokens == 0 {
-            return Err(Error::InvalidInput("max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into()));
+            return Err(Error::InvalidInput(
+                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
+            ));
         }
         let max_pos = self.decoder.max_positions();
         // The last generated token is never fed back, so the cache needs one row less.
@@ -80,19 +96,36 @@ impl Blip2 {
 
         // Q-Former + projection: [B*257, Dv] -> [B*32, Dq] -> [B*32, Dt].
         let qformer_out = self.qformer.build(&mut g, vision_out, batch, v.num_positions());
-        let image_embeds = g.buffer("image_embeds", batch * self.cfg.num_query_tokens, self.cfg.text_config.hidden_size());
+        let image_embeds =
+            g.buffer("image_embeds", batch * self.cfg.num_query_tokens, self.cfg.text_config.hidden_size());
         let p = &self.language_projection;
-        g.linear(qformer_out, p.weight, p.bias, Activation::None, None, image_embeds, batch * self.cfg.num_query_tokens);
+        g.linear(
+            qformer_out,
+            p.weight,
+            p.bias,
+            Activation::None,
+            None,
+            image_embeds,
+            batch * self.cfg.num_query_tokens,
+        );
         let qformer = g.take_phase("qformer");
 
         // Decoder: prefill over the whole input, then one-token steps over the shared cache.
         let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
-        let pre = self.decoder.build(&mut g, &cache, prompt_len, Some((image_embeds, self.cfg.image_token())), all_prefill_logits, "prefill");
+        let pre = self.decoder.build(
+            &mut g,
+            &cache,
+            prompt_len,
+            Some((image_embeds, self.cfg.image_token())),
+            all_prefill_logits,
+            "prefill",
+        );
         let prefill = g.take_phase("prefill");
         let dec = self.decoder.build(&mut g, &cache, 1, None, false, "decode");
         let decode = Phase { replayable: true, ..g.take_phase("decode") };
 
-        let kv = KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };
+        let kv =
+            KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };
         Ok(Plan {
             graph: g,
             batch,
@@ -159,7 +192,10 @@ impl Family for Blip2 {
     /// unless `text_config` sets `max_new_tokens`.
     fn default_options(&self) -> GenerateOptions {
         let t = &self.cfg.text_config;
-        GenerateOptions { max_new_tokens: t.max_new_tokens(), eos_token_ids: t.eos_token_id().map(|e| e.to_vec()).unwrap_or_default() }
+        GenerateOptions {
+            max_new_tokens: t.max_new_tokens(),
+            eos_token_ids: t.eos_token_id().map(|e| e.to_vec()).unwrap_or_default(),
+        }
     }
 
     fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
@@ -174,15 +210,33 @@ impl Family for Blip2 {
             "family:     BLIP-2 (Blip2ForConditionalGeneration) with an OPT decoder".to_string(),
             format!(
                 "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
-                v.num_hidden_layers, v.hidden_size, v.num_attention_heads, v.head_dim(), v.intermediate_size, v.image_size, v.patch_size, v.num_positions()
+                v.num_hidden_layers,
+                v.hidden_size,
+                v.num_attention_heads,
+                v.head_dim(),
+                v.intermediate_size,
+                v.image_size,
+                v.patch_size,
+                v.num_positions()
             ),
             format!(
                 "q-former:   {} layers, hidden {}, {} heads x {}, cross-attention every {} layers, {} queries",
-                q.num_hidden_layers, q.hidden_size, q.num_attention_heads, q.head_dim(), q.cross_attention_frequency, cfg.num_query_tokens
+                q.num_hidden_layers,
+                q.hidden_size,
+                q.num_attention_heads,
+                q.head_dim(),
+                q.cross_attention_frequency,
+                cfg.num_query_tokens
             ),
             format!(
                 "decoder:    OPT, {} layers, hidden {}, {} heads x {}, ffn {}, vocab {}, {} positions",
-                t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.head_dim(), t.ffn_dim, t.vocab_size, t.max_position_embeddings
+                t.num_hidden_layers,
+                t.hidden_size,
+                t.num_attention_heads,
+                t.head_dim(),
+                t.ffn_dim,
+                t.vocab_size,
+                t.max_position_embeddings
             ),
         ]
     }

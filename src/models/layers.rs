@@ -36,7 +36,15 @@ impl NormLayer {
 }
 
 /// `out = act(x · Wᵀ + b) + residual` for a loaded [`Linear`].
-pub fn linear(g: &mut Graph, l: &Linear, x: impl Into<View>, act: Activation, residual: Option<Buf>, out: Buf, rows: usize) {
+pub fn linear(
+    g: &mut Graph,
+    l: &Linear,
+    x: impl Into<View>,
+    act: Activation,
+    residual: Option<Buf>,
+    out: Buf,
+    rows: usize,
+) {
     g.linear(x, l.weight, l.bias, act, residual, out, rows);
 }
 
@@ -48,14 +56,29 @@ pub struct Residual {
 }
 
 /// Pre-norm residual block: `x += body(norm(x))`, the add fused into the body's last Linear.
-pub fn pre_norm(g: &mut Graph, norm: &NormLayer, x: Buf, normed: Buf, rows: usize, body: impl FnOnce(&mut Graph, Buf, Residual)) {
+pub fn pre_norm(
+    g: &mut Graph,
+    norm: &NormLayer,
+    x: Buf,
+    normed: Buf,
+    rows: usize,
+    body: impl FnOnce(&mut Graph, Buf, Residual),
+) {
     norm.emit(g, x, None, normed, rows);
     body(g, normed, Residual { add: x, out: x });
 }
 
 /// Post-norm residual block (BERT): `out = norm(body(x) + x)`; the body writes the sum to `sum`
 /// (`out` may be `x`).
-pub fn post_norm(g: &mut Graph, norm: &NormLayer, x: Buf, sum: Buf, out: Buf, rows: usize, body: impl FnOnce(&mut Graph, Buf, Residual)) {
+pub fn post_norm(
+    g: &mut Graph,
+    norm: &NormLayer,
+    x: Buf,
+    sum: Buf,
+    out: Buf,
+    rows: usize,
+    body: impl FnOnce(&mut Graph, Buf, Residual),
+) {
     body(g, x, Residual { add: x, out: sum });
     norm.emit(g, sum, None, out, rows);
 }
@@ -107,7 +130,11 @@ impl GatedMlp {
 pub enum Qkv {
     /// One Linear whose output is `[q | k | v]` (`heads`, `kv_heads`, `kv_heads` head widths).
     Fused(Linear),
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
 }
 
 /// Multi-head (or grouped-query, `kv_heads < heads`) attention with its output projection.
@@ -211,7 +238,10 @@ impl AttentionLayer {
         let kv_rows = call.batch * kv_len;
         let (q, k, v) = match &self.qkv {
             Qkv::Fused(p) => {
-                assert!(matches!(call.keys, Keys::Same | Keys::Cache { .. }), "a fused qkv projects one input: no cross-attention");
+                assert!(
+                    matches!(call.keys, Keys::Same | Keys::Cache { .. }),
+                    "a fused qkv projects one input: no cross-attention"
+                );
                 linear(g, p, x, Activation::None, None, s.q, rows);
                 let qw = self.q_width();
                 (View { buf: s.q, col: 0 }, View { buf: s.q, col: qw }, View { buf: s.q, col: qw + self.kv_width() })
@@ -226,12 +256,27 @@ impl AttentionLayer {
         if let Some(inv_freq) = &self.rope {
             let (batch, rows_per_batch, head_dim) = (call.batch, call.q_len, self.head_dim);
             g.push(Op::Rope { x: q, batch, rows_per_batch, heads: self.heads, head_dim, inv_freq: inv_freq.clone() });
-            g.push(Op::Rope { x: k, batch, rows_per_batch, heads: self.kv_heads, head_dim, inv_freq: inv_freq.clone() });
+            g.push(Op::Rope {
+                x: k,
+                batch,
+                rows_per_batch,
+                heads: self.kv_heads,
+                head_dim,
+                inv_freq: inv_freq.clone(),
+            });
         }
         let (k, v, kv_len, kv_batch_stride) = match call.keys {
             Keys::Same | Keys::Cross { .. } => (k, v, KvLen::Fixed(kv_len), kv_len),
             Keys::Cache { k: cache_k, v: cache_v, capacity } => {
-                g.push(Op::KvAppend { k, v, cache_k, cache_v, batch: call.batch, rows_per_batch: call.q_len, capacity });
+                g.push(Op::KvAppend {
+                    k,
+                    v,
+                    cache_k,
+                    cache_v,
+                    batch: call.batch,
+                    rows_per_batch: call.q_len,
+                    capacity,
+                });
                 (View::from(cache_k), View::from(cache_v), KvLen::Cache, capacity)
             }
         };
@@ -316,6 +361,14 @@ pub fn load_attention(ld: &mut Loader, s: &AttnSpec) -> Result<AttentionLayer> {
 }
 
 /// Loads `{fc1}` `[inter, dim]` and `{fc2}` `[dim, inter]`.
-pub fn load_mlp(ld: &mut Loader, fc1: &str, fc2: &str, dim: usize, inter: usize, bias: bool, act: Activation) -> Result<Mlp> {
+pub fn load_mlp(
+    ld: &mut Loader,
+    fc1: &str,
+    fc2: &str,
+    dim: usize,
+    inter: usize,
+    bias: bool,
+    act: Activation,
+) -> Result<Mlp> {
     Ok(Mlp { fc1: ld.linear(fc1, dim, inter, bias)?, fc2: ld.linear(fc2, inter, dim, bias)?, act })
 }

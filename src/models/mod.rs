@@ -83,7 +83,9 @@ pub fn parse_config(value: &Value, path: &Path) -> Result<ModelConfig> {
                 FAMILIES.iter().map(|e| e.label).collect::<Vec<_>>().join(", ")
             ))),
         },
-        Some(other) => Err(Error::config(path, format!("`model_type` is {other}: it must be a string such as \"blip-2\""))),
+        Some(other) => {
+            Err(Error::config(path, format!("`model_type` is {other}: it must be a string such as \"blip-2\"")))
+        }
         None => Err(Error::config(path, "no `model_type` field: is this a Hugging Face config.json?")),
     }
 }

@@ -78,7 +78,15 @@ impl OptDecoder {
                     self_attn_layer_norm,
                     self_attn,
                     final_layer_norm: ld.norm(&format!("{l}.final_layer_norm"), h, LN_EPS)?.into(),
-                    mlp: load_mlp(ld, &format!("{l}.fc1"), &format!("{l}.fc2"), h, cfg.ffn_dim, true, Activation::Relu)?,
+                    mlp: load_mlp(
+                        ld,
+                        &format!("{l}.fc1"),
+                        &format!("{l}.fc2"),
+                        h,
+                        cfg.ffn_dim,
+                        true,
+                        Activation::Relu,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -89,7 +97,16 @@ impl OptDecoder {
         } else {
             embed_tokens
         };
-        Ok(Self { cfg: cfg.clone(), embed_tokens, embed_positions, project_in, project_out, layers, final_layer_norm, lm_head })
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            embed_positions,
+            project_in,
+            project_out,
+            layers,
+            final_layer_norm,
+            lm_head,
+        })
     }
 
     pub fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
@@ -100,7 +117,15 @@ impl OptDecoder {
     /// a prefill (seq = prompt length) or a decode step (seq = 1). `image` (when given) is
     /// scattered over the rows holding `image_token`. With `all_logits` every row gets logits,
     /// else only the last row of each batch item.
-    pub fn build(&self, g: &mut Graph, cache: &KvCache, seq: usize, image: Option<(Buf, u32)>, all_logits: bool, tag: &str) -> DecoderPass {
+    pub fn build(
+        &self,
+        g: &mut Graph,
+        cache: &KvCache,
+        seq: usize,
+        image: Option<(Buf, u32)>,
+        all_logits: bool,
+        tag: &str,
+    ) -> DecoderPass {
         let c = &self.cfg;
         let (h, e, batch) = (c.hidden_size, c.embed_dim(), cache.batch);
         let rows = batch * seq;
@@ -118,7 +143,13 @@ impl OptDecoder {
         if let Some(p) = &self.project_in {
             g.linear(embeds, p.weight, p.bias, Activation::None, None, x, rows);
         }
-        g.push(Op::AddPositions { table: self.embed_positions, offset: OptConfig::POSITION_OFFSET, x, batch, rows_per_batch: seq });
+        g.push(Op::AddPositions {
+            table: self.embed_positions,
+            offset: OptConfig::POSITION_OFFSET,
+            x,
+            batch,
+            rows_per_batch: seq,
+        });
 
         for (i, l) in self.layers.iter().enumerate() {
             let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));

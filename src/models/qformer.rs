@@ -1,7 +1,9 @@
 //! BLIP-2's Q-Former (`Blip2QFormerModel`, BERT-style post-norm): learned query tokens attend to
 //! themselves and, every `cross_attention_frequency` layers, to the image embeddings.
 
-use super::layers::{load_attention, load_mlp, post_norm, AttentionLayer, AttnCall, AttnScratch, AttnSpec, Keys, Mlp, NormLayer};
+use super::layers::{
+    load_attention, load_mlp, post_norm, AttentionLayer, AttnCall, AttnScratch, AttnSpec, Keys, Mlp, NormLayer,
+};
 use super::Loader;
 use crate::config::QFormerConfig;
 use crate::error::Result;
@@ -15,7 +17,8 @@ struct AttentionBlock {
 
 impl AttentionBlock {
     fn load(ld: &mut Loader, cfg: &QFormerConfig, prefix: &str, kv_in: usize) -> Result<Self> {
-        let names = ["attention.query", "attention.key", "attention.value", "output.dense"].map(|n| format!("{prefix}.{n}"));
+        let names =
+            ["attention.query", "attention.key", "attention.value", "output.dense"].map(|n| format!("{prefix}.{n}"));
         let (d, head_dim) = (cfg.hidden_size, cfg.head_dim());
         let attention = load_attention(
             ld,

@@ -55,12 +55,28 @@ impl VisionModel {
                     rope: None,
                 };
                 let layer_norm2 = ld.norm(&format!("{l}.layer_norm2"), d, eps)?.into();
-                let mlp = super::layers::load_mlp(ld, &format!("{l}.mlp.fc1"), &format!("{l}.mlp.fc2"), d, cfg.intermediate_size, true, Activation::Gelu)?;
+                let mlp = super::layers::load_mlp(
+                    ld,
+                    &format!("{l}.mlp.fc1"),
+                    &format!("{l}.mlp.fc2"),
+                    d,
+                    cfg.intermediate_size,
+                    true,
+                    Activation::Gelu,
+                )?;
                 Ok(VitLayer { layer_norm1, self_attn, layer_norm2, mlp })
             })
             .collect::<Result<Vec<_>>>()?;
         let post_layernorm = ld.norm(&format!("{prefix}.post_layernorm"), d, eps)?.into();
-        Ok(Self { cfg: cfg.clone(), patch_weight, patch_bias, class_embedding, position_embedding, layers, post_layernorm })
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_weight,
+            patch_bias,
+            class_embedding,
+            position_embedding,
+            layers,
+            post_layernorm,
+        })
     }
 
     /// Emits the encoder for `batch` images in `pixels` (`[batch, 3*S*S]`); returns the
@@ -108,11 +124,9 @@ fn load_qkv_bias(ld: &mut Loader, attn_prefix: &str, d: usize) -> Result<W> {
     let (q, v) = (format!("{attn_prefix}.q_bias"), format!("{attn_prefix}.v_bias"));
     if ld.ckpt.contains(&fused) || !(ld.ckpt.contains(&q) && ld.ckpt.contains(&v)) {
         return ld.tensor(&fused, &[3 * d]).map_err(|e| match e {
-            Error::MissingTensor { name, expected, path } => Error::MissingTensor {
-                name: format!("{name}` (or `{q}` + `{v}`"),
-                expected,
-                path,
-            },
+            Error::MissingTensor { name, expected, path } => {
+                Error::MissingTensor { name: format!("{name}` (or `{q}` + `{v}`"), expected, path }
+            }
             other => other,
         });
     }

@@ -105,7 +105,9 @@ pub fn stage_errors(
             exec.run(phase).unwrap();
         }
         if let Some(act) = case["activations"].as_str() {
-            for (key, output) in [("vision", "vision_out"), ("qformer", "qformer_out"), ("image_embeds", "image_embeds")] {
+            for (key, output) in
+                [("vision", "vision_out"), ("qformer", "qformer_out"), ("image_embeds", "image_embeds")]
+            {
                 let buf = plan.output(output).unwrap();
                 let (want, shape) = goldens.f32(&format!("{act}.{key}")).unwrap();
                 let (max, rel) = errors(&exec.read(buf, shape[0]).unwrap(), &want);

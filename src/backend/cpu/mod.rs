@@ -26,7 +26,16 @@ impl CpuExecutor {
     /// Allocates every buffer of the graph.
     pub fn new(weights: Arc<WeightTable>, buffers: &[BufferDesc]) -> Self {
         let bufs = buffers.iter().map(|d| vec![0f32; d.rows * d.cols]).collect();
-        Self { weights, descs: buffers.to_vec(), bufs, fp16: Vec::new(), tokens: Vec::new(), position: 0, pads: Vec::new(), row_indices: Vec::new() }
+        Self {
+            weights,
+            descs: buffers.to_vec(),
+            bufs,
+            fp16: Vec::new(),
+            tokens: Vec::new(),
+            position: 0,
+            pads: Vec::new(),
+            row_indices: Vec::new(),
+        }
     }
 
     /// Emulates a device that stores activations in fp16 (the CUDA executor): the output of
@@ -298,7 +307,12 @@ impl Executor for CpuExecutor {
 
     fn run(&mut self, phase: &Phase) -> Result<()> {
         for op in &phase.ops {
-            let st = RunState { tokens: &self.tokens, position: self.position, pads: &self.pads, row_indices: &self.row_indices };
+            let st = RunState {
+                tokens: &self.tokens,
+                position: self.position,
+                pads: &self.pads,
+                row_indices: &self.row_indices,
+            };
             validate_op(op, &st, &self.weights, &self.descs)?;
             self.run_op(op)?;
             if !self.fp16.is_empty() {

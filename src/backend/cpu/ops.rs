@@ -1,6 +1,9 @@
 //! The reference CPU ops: f32 math on fp16 weights, parallel with rayon. Each function is the
 //! definition its CUDA kernel is tested against, so clarity and exactness come before speed.
 
+// gemm::gemm's arguments, in order: m, n, k; dst, dst column stride, dst row stride, read_dst;
+// lhs, lhs column stride, lhs row stride; rhs, rhs column stride, rhs row stride; alpha, beta
+// (dst = alpha * dst + beta * lhs * rhs); conj_dst, conj_lhs, conj_rhs; parallelism.
 use gemm::Parallelism;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -17,7 +20,17 @@ const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
 /// `[rows, k]`, `w` is `[n, k]` (PyTorch Linear layout), `out` is `[rows, n]`. With
 /// `accumulate` the result is added to `out` (a fused residual), else it overwrites it.
 #[allow(clippy::too_many_arguments)]
-pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Option<&[f16]>, act: Activation, out: &mut [f32], accumulate: bool) {
+pub fn linear(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f16],
+    n: usize,
+    bias: Option<&[f16]>,
+    act: Activation,
+    out: &mut [f32],
+    accumulate: bool,
+) {
     assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
     let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
     // out[j] (+)= act(acc[j] + bias[j]) over one output row's columns `cols`.
@@ -30,8 +43,11 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
     if rows <= GEMV_MAX_ROWS {
         // One output column per task: stream each weight row once for all rows of x.
         let xs: Vec<&[f32]> = (0..rows).map(|r| &x[r * k..(r + 1) * k]).collect();
-        let cols: Vec<[f32; GEMV_MAX_ROWS]> =
-            (0..n).into_par_iter().with_min_len(16).map(|j| super::simd::dot_rows(&xs, &w[j * k..(j + 1) * k])).collect();
+        let cols: Vec<[f32; GEMV_MAX_ROWS]> = (0..n)
+            .into_par_iter()
+            .with_min_len(16)
+            .map(|j| super::simd::dot_rows(&xs, &w[j * k..(j + 1) * k]))
+            .collect();
         for (r, out_row) in out.chunks_mut(n).take(rows).enumerate() {
             let acc: Vec<f32> = cols.iter().map(|c| c[r]).collect();
             epilogue(out_row, &acc, 0..n);
@@ -57,11 +73,24 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
                 // the slices hold exactly those extents and dst aliases neither input.
                 unsafe {
                     gemm::gemm(
-                        rows, nb, k,
-                        t.as_mut_ptr(), 1, nb as isize, false,
-                        x.as_ptr(), 1, k as isize,
-                        wb.as_ptr(), k as isize, 1,
-                        0.0, 1.0, false, false, false,
+                        rows,
+                        nb,
+                        k,
+                        t.as_mut_ptr(),
+                        1,
+                        nb as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        wb.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
                         inner,
                     );
                 }
@@ -80,7 +109,16 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, bias: Optio
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w (+ b)` with `s = x[r] (+ residual[r])`;
 /// statistics in f64 (biased variance, as torch).
 #[allow(clippy::too_many_arguments)]
-pub fn layer_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], b: Option<&[f16]>, eps: f32, rows: usize, dim: usize, out: &mut [f32]) {
+pub fn layer_norm(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    w: &[f16],
+    b: Option<&[f16]>,
+    eps: f32,
+    rows: usize,
+    dim: usize,
+    out: &mut [f32],
+) {
     out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
         let xr = &x[r * dim..(r + 1) * dim];
         for (i, v) in o.iter_mut().enumerate() {
@@ -210,7 +248,10 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
     assert!(k.len() >= last_kv(s.k_col), "attention: k too short");
     assert!(v.len() >= last_kv(s.v_col), "attention: v too short");
     if let Some(hb) = ex.bias {
-        assert!(hb.stride >= lkv && hb.values.len() >= (s.heads * lq - 1) * hb.stride + lkv, "attention: bias too short");
+        assert!(
+            hb.stride >= lkv && hb.values.len() >= (s.heads * lq - 1) * hb.stride + lkv,
+            "attention: bias too short"
+        );
     }
     if let Some(m) = mask {
         assert!(m.stride >= lkv && m.values.len() >= (s.batch - 1) * m.stride + lkv, "attention: mask too short");
@@ -229,11 +270,24 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
             // j < lkv. The asserts above bound the largest index read in q and k.
             unsafe {
                 gemm::gemm(
-                    lq, lkv, d,
-                    scores.as_mut_ptr(), 1, lkv as isize, false,
-                    q.as_ptr().add(q0), 1, s.q_stride as isize,
-                    k.as_ptr().add(k0), s.kv_stride as isize, 1,
-                    0.0, s.scale, false, false, false,
+                    lq,
+                    lkv,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    lkv as isize,
+                    false,
+                    q.as_ptr().add(q0),
+                    1,
+                    s.q_stride as isize,
+                    k.as_ptr().add(k0),
+                    s.kv_stride as isize,
+                    1,
+                    0.0,
+                    s.scale,
+                    false,
+                    false,
+                    false,
                     Parallelism::None,
                 );
             }
@@ -261,11 +315,24 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
             // element (j, c) at v0 + j*kv_stride + c, j < lkv, c < d, bounded by the assert above.
             unsafe {
                 gemm::gemm(
-                    lq, d, lkv,
-                    o.as_mut_ptr(), 1, d as isize, false,
-                    scores.as_ptr(), 1, lkv as isize,
-                    v.as_ptr().add(v0), 1, s.kv_stride as isize,
-                    0.0, 1.0, false, false, false,
+                    lq,
+                    d,
+                    lkv,
+                    o.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    lkv as isize,
+                    v.as_ptr().add(v0),
+                    1,
+                    s.kv_stride as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
                     Parallelism::None,
                 );
             }
@@ -282,7 +349,15 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
 
 /// A `patch x patch`, stride-`patch` Conv2d with bias over one `[3, size, size]` image, as the
 /// GEMM `[P, 3*patch*patch] x [D, 3*patch*patch]ᵀ` (im2col order = PyTorch weight order c, kh, kw).
-pub fn patch_embed(pixels: &[f32], image_size: usize, patch: usize, w: &[f16], bias: &[f16], dim: usize, out: &mut [f32]) {
+pub fn patch_embed(
+    pixels: &[f32],
+    image_size: usize,
+    patch: usize,
+    w: &[f16],
+    bias: &[f16],
+    dim: usize,
+    out: &mut [f32],
+) {
     let side = image_size / patch;
     let kdim = 3 * patch * patch;
     let mut cols = vec![0f32; side * side * kdim];

@@ -12,7 +12,10 @@ pub fn dot_rows(xs: &[&[f32]], w: &[f16]) -> [f32; MAX_ROWS] {
     assert!(xs.len() <= MAX_ROWS && xs.iter().all(|x| x.len() == w.len()), "dot_rows: shapes");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the three features the function is compiled for were detected just above;
             // the slice lengths it relies on were asserted at entry.
             return unsafe { dot_rows_avx2(xs, w) };
@@ -92,7 +95,10 @@ mod tests {
                     let exact: f64 = xs[r].iter().zip(&w).map(|(x, w)| f64::from(*x) * w.to_f64()).sum();
                     let mag: f64 = xs[r].iter().zip(&w).map(|(x, w)| (f64::from(*x) * w.to_f64()).abs()).sum();
                     for got in [a[r], b[r]] {
-                        assert!((f64::from(got) - exact).abs() <= 1e-6 * mag.max(1.0), "k={k} rows={rows}: {got} vs {exact}");
+                        assert!(
+                            (f64::from(got) - exact).abs() <= 1e-6 * mag.max(1.0),
+                            "k={k} rows={rows}: {got} vs {exact}"
+                        );
                     }
                 }
             }

@@ -117,7 +117,11 @@ impl Drop for PinnedBuf {
 
 impl Stager {
     fn new(dev: &CudaDevice) -> Result<Self> {
-        Ok(Self { bufs: [PinnedBuf::new(dev, STAGING_BYTES)?, PinnedBuf::new(dev, STAGING_BYTES)?], events: [None, None], next: 0 })
+        Ok(Self {
+            bufs: [PinnedBuf::new(dev, STAGING_BYTES)?, PinnedBuf::new(dev, STAGING_BYTES)?],
+            events: [None, None],
+            next: 0,
+        })
     }
 
     fn copy(&mut self, dev: &CudaDevice, src: &[f16], dst: &DevSlice<f16>) -> Result<()> {
@@ -220,7 +224,6 @@ pub struct CudaExecutor {
     sync_each_op: bool,
 }
 
-
 // SAFETY: CudaGraph is not Sync and holds raw driver handles; an executor is used by one thread
 // at a time (`&mut self` everywhere) and may move between threads, which the driver allows for
 // graph execs as long as calls are not concurrent.
@@ -232,7 +235,10 @@ impl CudaExecutor {
         let dev = Arc::new(weights.dev.with_new_stream()?);
         let elems: usize = buffers.iter().map(|d| d.rows * d.cols).sum();
         let arena = dev.arena(elems * 2 + buffers.len() * super::ARENA_ALIGN)?;
-        let bufs = buffers.iter().map(|d| arena.alloc::<f16>((d.rows * d.cols).max(1))).collect::<std::result::Result<Vec<_>, _>>()?;
+        let bufs = buffers
+            .iter()
+            .map(|d| arena.alloc::<f16>((d.rows * d.cols).max(1)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let max_rows = buffers.iter().map(|d| d.rows).max().unwrap_or(1).max(1);
         let sync_each_op = std::env::var("GLIMPSE_CUDA_SYNC").is_ok_and(|v| v == "1");
         let graph_setting = std::env::var("GLIMPSE_CUDA_GRAPH").unwrap_or_default();
@@ -292,7 +298,10 @@ impl CudaExecutor {
         let dev = self.dev.clone();
         if !self.tokens.is_empty() {
             let ids: Vec<i32> = self.tokens.iter().map(|&t| t as i32).collect();
-            let dst = self.ids.slice(0, ids.len()).ok_or_else(|| self.unsupported(format!("{} tokens exceed the id buffer", ids.len())))?;
+            let dst = self
+                .ids
+                .slice(0, ids.len())
+                .ok_or_else(|| self.unsupported(format!("{} tokens exceed the id buffer", ids.len())))?;
             dev.copy_to_device(&ids, &dst)?;
         }
         let n = batch.min(self.pos.len());
@@ -300,7 +309,8 @@ impl CudaExecutor {
         dev.copy_to_device(&pos, &self.pos.slice(0, n).expect("n <= len"))?;
         let kv = vec![self.position as i32 + 1; n];
         dev.copy_to_device(&kv, &self.kv_len.slice(0, n).expect("n <= len"))?;
-        let start: Vec<i32> = (0..n).map(|b| self.position as i32 - self.pads.get(b).copied().unwrap_or(0) as i32).collect();
+        let start: Vec<i32> =
+            (0..n).map(|b| self.position as i32 - self.pads.get(b).copied().unwrap_or(0) as i32).collect();
         dev.copy_to_device(&start, &self.rope_start.slice(0, n).expect("n <= len"))?;
         self.dirty = false;
         Ok(())
@@ -311,7 +321,12 @@ impl CudaExecutor {
     /// recorded graphs cannot check anything; then uploads RoPE tables not yet on the device
     /// (never during a recording: a phase runs directly before it is recorded).
     fn prepare(&mut self, phase: &Phase) -> Result<()> {
-        let st = RunState { tokens: &self.tokens, position: self.position, pads: &self.pads, row_indices: &self.row_indices };
+        let st = RunState {
+            tokens: &self.tokens,
+            position: self.position,
+            pads: &self.pads,
+            row_indices: &self.row_indices,
+        };
         phase.ops.iter().try_for_each(|op| validate_op(op, &st, &self.host, &self.descs))?;
         for op in &phase.ops {
             if let Op::Rope { ref inv_freq, .. } = *op {
@@ -351,7 +366,17 @@ impl CudaExecutor {
                 let cols = ensure(&dev, &mut self.scratch.im2col, batch * p * kdim)?;
                 let patches = ensure(&dev, &mut self.scratch.patches, batch * p * dim)?;
                 dev.patch_im2col(&self.bufs[pixels.0], &cols, batch, 3, image_size, image_size, patch)?;
-                dev.gemm(&cols, self.w(weight), Some(self.w(bias)), crate::graph::Activation::None, Residual::None, &patches, batch * p, dim, kdim)?;
+                dev.gemm(
+                    &cols,
+                    self.w(weight),
+                    Some(self.w(bias)),
+                    crate::graph::Activation::None,
+                    Residual::None,
+                    &patches,
+                    batch * p,
+                    dim,
+                    kdim,
+                )?;
                 dev.vit_embed(&patches, self.w(class), self.w(positions), &self.bufs[out.0], batch, p, dim)?;
             }
             Op::Linear { x, weight, bias, act, residual, out, rows } => {
@@ -375,7 +400,17 @@ impl CudaExecutor {
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
                 let dim = self.cols(out);
                 let res = residual.map(|r| &self.bufs[r.0]);
-                dev.layernorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), bias.map(|b| self.w(b)), &self.bufs[out.0], rows, dim, eps)?;
+                dev.layernorm(
+                    &self.bufs[x.0],
+                    res,
+                    SumOut::None,
+                    self.w(weight),
+                    bias.map(|b| self.w(b)),
+                    &self.bufs[out.0],
+                    rows,
+                    dim,
+                    eps,
+                )?;
             }
             Op::RmsNorm { x, residual, weight, eps, out, rows } => {
                 let dim = self.cols(out);
@@ -398,15 +433,37 @@ impl CudaExecutor {
                         RowSelect::Skip(skip) => (skip, rows_per_batch - skip, b * (rows_per_batch - skip)),
                         RowSelect::Indexed => (self.row_indices[b], 1, b),
                     };
-                    dev.copy_rows(&self.bufs[x.0], (b * rows_per_batch + first) * dim, dim, &self.bufs[out.0], to * dim, dim, n, dim)?;
+                    dev.copy_rows(
+                        &self.bufs[x.0],
+                        (b * rows_per_batch + first) * dim,
+                        dim,
+                        &self.bufs[out.0],
+                        to * dim,
+                        dim,
+                        n,
+                        dim,
+                    )?;
                 }
             }
             Op::KvAppend { k, v, cache_k, cache_v, batch, rows_per_batch, capacity } => {
                 let width = self.cols(cache_k);
                 if rows_per_batch == 1 {
-                    let (kn, vn) = (self.bufs[k.buf.0].slice(k.col, self.bufs[k.buf.0].len() - k.col), self.bufs[v.buf.0].slice(v.col, self.bufs[v.buf.0].len() - v.col));
+                    let (kn, vn) = (
+                        self.bufs[k.buf.0].slice(k.col, self.bufs[k.buf.0].len() - k.col),
+                        self.bufs[v.buf.0].slice(v.col, self.bufs[v.buf.0].len() - v.col),
+                    );
                     let (kn, vn) = (kn.expect("col inside buffer"), vn.expect("col inside buffer"));
-                    dev.kv_append(&kn, &vn, self.cols(k.buf), &self.bufs[cache_k.0], &self.bufs[cache_v.0], &self.pos, batch, capacity, width)?;
+                    dev.kv_append(
+                        &kn,
+                        &vn,
+                        self.cols(k.buf),
+                        &self.bufs[cache_k.0],
+                        &self.bufs[cache_v.0],
+                        &self.pos,
+                        batch,
+                        capacity,
+                        width,
+                    )?;
                 } else {
                     // Prefill: each sequence's rows (whole buffers or column views) copied at the
                     // host-known position.
@@ -415,7 +472,16 @@ impl CudaExecutor {
                         for b in 0..batch {
                             let from = b * rows_per_batch * stride + src.col;
                             let to = (b * capacity + self.position) * width;
-                            dev.copy_rows(&self.bufs[src.buf.0], from, stride, &self.bufs[cache.0], to, width, rows_per_batch, width)?;
+                            dev.copy_rows(
+                                &self.bufs[src.buf.0],
+                                from,
+                                stride,
+                                &self.bufs[cache.0],
+                                to,
+                                width,
+                                rows_per_batch,
+                                width,
+                            )?;
                         }
                     }
                 }
@@ -437,11 +503,28 @@ impl CudaExecutor {
                     )));
                 }
                 if n_img > 0 {
-                    dev.image_scatter(&self.ids, &self.bufs[out.0], &self.bufs[src.0], batch, rows_per_batch, dim, n_img, token as i32)?;
+                    dev.image_scatter(
+                        &self.ids,
+                        &self.bufs[out.0],
+                        &self.bufs[src.0],
+                        batch,
+                        rows_per_batch,
+                        dim,
+                        n_img,
+                        token as i32,
+                    )?;
                 }
             }
             Op::AddPositions { table, offset, x, batch, rows_per_batch } => {
-                dev.add_positions(&self.bufs[x.0], self.w(table), &self.pos, batch, rows_per_batch, self.cols(x), offset as i32)?;
+                dev.add_positions(
+                    &self.bufs[x.0],
+                    self.w(table),
+                    &self.pos,
+                    batch,
+                    rows_per_batch,
+                    self.cols(x),
+                    offset as i32,
+                )?;
             }
             Op::LastRows { x, out, batch, rows_per_batch } => {
                 let dim = self.cols(x);
@@ -457,7 +540,9 @@ impl CudaExecutor {
             Op::Broadcast { table, out, batch } => {
                 let t = self.w(table).clone();
                 for b in 0..batch {
-                    let to = self.bufs[out.0].slice(b * t.len(), t.len()).ok_or_else(|| self.unsupported("broadcast outside its buffer".into()))?;
+                    let to = self.bufs[out.0]
+                        .slice(b * t.len(), t.len())
+                        .ok_or_else(|| self.unsupported("broadcast outside its buffer".into()))?;
                     dev.copy_device(&t, &to)?;
                 }
             }
@@ -494,14 +579,33 @@ impl CudaExecutor {
             kv_heads: Some(a.kv_heads),
             ..AttnMask::default()
         };
-        let (q, k, v) = (self.heads(a.q, a.q_len), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride));
+        let (q, k, v) =
+            (self.heads(a.q, a.q_len), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride));
         let o = self.heads(View::from(a.out), a.q_len);
         match a.kv_len {
             // One new token against the cache: split-KV decode, KV length read on the device.
             KvLen::Cache if a.q_len == 1 => {
                 let ws = ws.expect("allocated for decode above");
-                let (q, k, v, o) = (self.heads(a.q, 1), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride), self.heads(View::from(a.out), 1));
-                dev.decode_attention(q, k, v, &self.kv_len, o, &ws, a.batch, a.heads, a.kv_batch_stride, a.head_dim, a.scale, extra)?;
+                let (q, k, v, o) = (
+                    self.heads(a.q, 1),
+                    self.heads(a.k, a.kv_batch_stride),
+                    self.heads(a.v, a.kv_batch_stride),
+                    self.heads(View::from(a.out), 1),
+                );
+                dev.decode_attention(
+                    q,
+                    k,
+                    v,
+                    &self.kv_len,
+                    o,
+                    &ws,
+                    a.batch,
+                    a.heads,
+                    a.kv_batch_stride,
+                    a.head_dim,
+                    a.scale,
+                    extra,
+                )?;
             }
             kv => {
                 let skv = match kv {
@@ -520,9 +624,9 @@ impl CudaExecutor {
             self.launch(op)?;
             if self.sync_each_op {
                 // Kernel faults surface at the next synchronisation; here that names the op.
-                self.dev().synchronize().map_err(|e| {
-                    Error::Gpu(format!("{} op {i} ({}): {e}", phase.name, op.kind()))
-                })?;
+                self.dev()
+                    .synchronize()
+                    .map_err(|e| Error::Gpu(format!("{} op {i} ({}): {e}", phase.name, op.kind())))?;
             }
         }
         Ok(())
@@ -564,7 +668,10 @@ impl CudaExecutor {
             Err(why) => {
                 self.use_graphs = false;
                 CAPTURE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
-                eprintln!("glimpse: CUDA graph recording of `{}` failed ({why}); running it launch by launch", phase.name);
+                eprintln!(
+                    "glimpse: CUDA graph recording of `{}` failed ({why}); running it launch by launch",
+                    phase.name
+                );
                 self.run_direct(phase)
             }
         }
@@ -596,7 +703,6 @@ impl CudaExecutor {
             }
         }
     }
-
 }
 
 impl Executor for CudaExecutor {
@@ -634,9 +740,9 @@ impl Executor for CudaExecutor {
 
     fn read(&mut self, buf: Buf, rows: usize) -> Result<Vec<f32>> {
         let n = rows * self.cols(buf);
-        let src = self.bufs[buf.0]
-            .slice(0, n)
-            .ok_or_else(|| Error::InvalidInput(format!("buffer `{}` has fewer than {rows} rows", self.descs[buf.0].name)))?;
+        let src = self.bufs[buf.0].slice(0, n).ok_or_else(|| {
+            Error::InvalidInput(format!("buffer `{}` has fewer than {rows} rows", self.descs[buf.0].name))
+        })?;
         Ok(self.dev().download(&src)?.into_iter().map(f16::to_f32).collect())
     }
 

@@ -104,10 +104,11 @@ impl DeviceBuffer {
         ctx.bind_to_thread()?;
         // SAFETY: the context is current on this thread (bound above); cuMemAlloc has no other
         // precondition. The pointer is owned by the returned buffer and freed exactly once in Drop.
-        let ptr = capture.quiesced(|| unsafe { result::malloc_sync(bytes_alloc) }).map_err(|e| match GpuError::from(e) {
-            GpuError::OutOfMemory { .. } => GpuError::OutOfMemory { requested: bytes },
-            other => other,
-        })?;
+        let ptr =
+            capture.quiesced(|| unsafe { result::malloc_sync(bytes_alloc) }).map_err(|e| match GpuError::from(e) {
+                GpuError::OutOfMemory { .. } => GpuError::OutOfMemory { requested: bytes },
+                other => other,
+            })?;
         Ok(Arc::new(Self { ptr, bytes, ctx: ctx.clone(), capture: capture.clone() }))
     }
 
@@ -231,9 +232,7 @@ impl Arena {
 
     /// Carves `len` elements of `T`; `OutOfMemory` when the arena is exhausted.
     pub fn alloc<T: DeviceScalar>(&self, len: usize) -> GpuResult<DevSlice<T>> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or(GpuError::OutOfMemory { requested: usize::MAX })?;
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or(GpuError::OutOfMemory { requested: usize::MAX })?;
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
             let start = cur.div_ceil(ARENA_ALIGN) * ARENA_ALIGN;

@@ -134,23 +134,40 @@ fn padded_head_dim(kernel: &'static str, d: usize) -> GpuResult<usize> {
     if d == 0 || d % 8 != 0 || d > 128 {
         return Err(bad(kernel, format!("head_dim {d} unsupported (needs d % 8 == 0, d <= 128)")));
     }
-    Ok(if d <= 64 { 64 } else if d <= 96 { 96 } else { 128 })
+    Ok(if d <= 64 {
+        64
+    } else if d <= 96 {
+        96
+    } else {
+        128
+    })
 }
 
 /// fp32 elements of workspace `decode_attention` needs for these shapes.
 pub fn decode_workspace_len(batch: usize, heads: usize, head_dim: usize, max_len: usize) -> usize {
-    let dp = if head_dim <= 64 { 64 } else if head_dim <= 96 { 96 } else { 128 };
+    let dp = if head_dim <= 64 {
+        64
+    } else if head_dim <= 96 {
+        96
+    } else {
+        128
+    };
     batch * heads * max_len.div_ceil(DECODE_CHUNK).max(1) * (dp + 2)
 }
 
 impl HeadsView<'_> {
     /// Checks that rows `0..rows` of batches `0..batch`, heads `0..heads` fit in the buffer and
     /// the 16-byte-load alignment rules hold. Returns the device address of element (0, 0, 0).
-    fn check(&self, kernel: &'static str, what: &str, batch: usize, rows: usize, heads: usize, d: usize) -> GpuResult<u64> {
-        let last = self.offset
-            + (batch - 1) * self.batch_stride
-            + (rows - 1) * self.row_stride
-            + heads * d;
+    fn check(
+        &self,
+        kernel: &'static str,
+        what: &str,
+        batch: usize,
+        rows: usize,
+        heads: usize,
+        d: usize,
+    ) -> GpuResult<u64> {
+        let last = self.offset + (batch - 1) * self.batch_stride + (rows - 1) * self.row_stride + heads * d;
         need(kernel, what, self.buf, last)?;
         if self.batch_stride % 8 != 0 || self.row_stride % 8 != 0 {
             return Err(bad(kernel, format!("{what}: strides must be multiples of 8 elements")));
@@ -226,7 +243,9 @@ impl CudaDevice {
             None => 0,
         };
         // Blocks read the mask / kv_valid while other blocks write o.
-        for (name, r) in [("mask", mask.additive.map(|(m, _)| m.range())), ("kv_valid", mask.kv_valid.map(|kv| kv.range()))] {
+        for (name, r) in
+            [("mask", mask.additive.map(|(m, _)| m.range())), ("kv_valid", mask.kv_valid.map(|kv| kv.range()))]
+        {
             if r.is_some_and(|r| ranges_overlap(orange, r)) {
                 return Err(bad(K, format!("o overlaps {name}")));
             }
@@ -265,7 +284,11 @@ impl CudaDevice {
         };
         let f = self.func("attention", name)?;
         let cfg = LaunchConfig {
-            grid_dim: (to_i32(K, "q blocks", sq.div_ceil(16))? as u32, grid_yz(K, "heads", heads)?, grid_yz(K, "batch", batch)?),
+            grid_dim: (
+                to_i32(K, "q blocks", sq.div_ceil(16))? as u32,
+                grid_yz(K, "heads", heads)?,
+                grid_yz(K, "batch", batch)?,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };

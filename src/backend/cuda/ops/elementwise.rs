@@ -22,7 +22,14 @@ impl PixelType for f16 {
 
 impl CudaDevice {
     /// Token embeddings: out[t] = table[ids[t]] for `tokens` ids (device memory).
-    pub fn embed_rows(&self, ids: &DevSlice<i32>, table: &DevSlice<f16>, out: &DevSlice<f16>, tokens: usize, dim: usize) -> GpuResult<()> {
+    pub fn embed_rows(
+        &self,
+        ids: &DevSlice<i32>,
+        table: &DevSlice<f16>,
+        out: &DevSlice<f16>,
+        tokens: usize,
+        dim: usize,
+    ) -> GpuResult<()> {
         const K: &str = "embed_rows";
         if tokens == 0 || dim == 0 || table.len() < dim {
             return Err(bad(K, "empty shape or table smaller than one row"));
@@ -74,8 +81,19 @@ impl CudaDevice {
         // SAFETY: x holds batch*seq*dim halves and pos batch ints (checked); npos is the table's
         // row count and the kernel skips positions outside it; x is disjoint from the table and
         // pos; one block per row of x.
-        unsafe { self.stream().launch_builder(&f).arg(&xp).arg(&tp).arg(&pp).arg(&s).arg(&d).arg(&npos).arg(&offset).launch(cfg) }
-            .map_err(lerr(K))?;
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(&xp)
+                .arg(&tp)
+                .arg(&pp)
+                .arg(&s)
+                .arg(&d)
+                .arg(&npos)
+                .arg(&offset)
+                .launch(cfg)
+        }
+        .map_err(lerr(K))?;
         Ok(())
     }
 
@@ -103,14 +121,24 @@ impl CudaDevice {
         disjoint(K, "embeds", embeds, "image_embeds", image_embeds)?;
         disjoint(K, "embeds", embeds, "ids", ids)?;
         let f = self.func("elementwise", "image_scatter")?;
-        let cfg = LaunchConfig { grid_dim: (grid_yz(K, "batch", batch)?, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (grid_yz(K, "batch", batch)?, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
         let (s, d, n) = (to_i32(K, "seq", seq)?, to_i32(K, "dim", dim)?, to_i32(K, "n_img", n_img)?);
         let (ip, ep, mp) = (ids.ptr(), embeds.ptr(), image_embeds.ptr());
         // SAFETY: ids >= B*S, embeds >= B*S*D, image_embeds >= B*n_img*D (checked); the kernel
         // never uses an image row index >= n_img; embeds disjoint from the other inputs; one
         // warp per sequence.
         unsafe {
-            self.stream().launch_builder(&f).arg(&ip).arg(&ep).arg(&mp).arg(&s).arg(&d).arg(&n).arg(&image_token).launch(cfg)
+            self.stream()
+                .launch_builder(&f)
+                .arg(&ip)
+                .arg(&ep)
+                .arg(&mp)
+                .arg(&s)
+                .arg(&d)
+                .arg(&n)
+                .arg(&image_token)
+                .launch(cfg)
         }
         .map_err(lerr(K))?;
         Ok(())
@@ -229,7 +257,13 @@ impl CudaDevice {
     pub fn cast_f16_f32(&self, x: &DevSlice<f16>, y: &DevSlice<f32>, n: usize) -> GpuResult<()> {
         self.cast("cast_f16_f32", x, y, n)
     }
-    fn cast<A: DeviceScalar, B: DeviceScalar>(&self, name: &'static str, x: &DevSlice<A>, y: &DevSlice<B>, n: usize) -> GpuResult<()> {
+    fn cast<A: DeviceScalar, B: DeviceScalar>(
+        &self,
+        name: &'static str,
+        x: &DevSlice<A>,
+        y: &DevSlice<B>,
+        n: usize,
+    ) -> GpuResult<()> {
         need(name, "x", x, n)?;
         need(name, "y", y, n)?;
         disjoint(name, "y", y, "x", x)?;
@@ -277,14 +311,26 @@ impl CudaDevice {
         }
         disjoint(K, "k_cache", k_cache, "v_cache", v_cache)?;
         let f = self.func("elementwise", K)?;
-        let cfg = LaunchConfig { grid_dim: (grid_yz(K, "batch", batch)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let (kn, vn, rs, kc, vc, pp) = (k_new.ptr(), v_new.ptr(), new_row_stride as i64, k_cache.ptr(), v_cache.ptr(), pos.ptr());
+        let cfg =
+            LaunchConfig { grid_dim: (grid_yz(K, "batch", batch)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (kn, vn, rs, kc, vc, pp) =
+            (k_new.ptr(), v_new.ptr(), new_row_stride as i64, k_cache.ptr(), v_cache.ptr(), pos.ptr());
         let (ml, r) = (to_i32(K, "max_len", max_len)?, to_i32(K, "row", row)?);
         // SAFETY: new rows (B-1)*stride + row and caches B*max_len*row elements fit (checked);
         // positions are range-checked on device (out-of-range sequences skipped); caches are
         // disjoint from the sources and each other; one block per sequence.
         unsafe {
-            self.stream().launch_builder(&f).arg(&kn).arg(&vn).arg(&rs).arg(&kc).arg(&vc).arg(&pp).arg(&ml).arg(&r).launch(cfg)
+            self.stream()
+                .launch_builder(&f)
+                .arg(&kn)
+                .arg(&vn)
+                .arg(&rs)
+                .arg(&kc)
+                .arg(&vc)
+                .arg(&pp)
+                .arg(&ml)
+                .arg(&r)
+                .launch(cfg)
         }
         .map_err(lerr(K))?;
         Ok(())
@@ -299,7 +345,8 @@ impl CudaDevice {
         }
         let f = self.func("elementwise", K)?;
         let nn = to_i32(K, "n", n)?;
-        let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let xp = x.ptr();
         // SAFETY: x holds >= n ints; threads with i >= n do nothing.
         unsafe { self.stream().launch_builder(&f).arg(&xp).arg(&delta).arg(&nn).launch(cfg) }.map_err(lerr(K))?;

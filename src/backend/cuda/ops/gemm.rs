@@ -52,7 +52,11 @@ impl CudaDevice {
         n: usize,
         k: usize,
     ) -> GpuResult<()> {
-        let tile = if m.div_ceil(128) * n.div_ceil(128) >= self.num_sms() as usize { GemmTile::Large } else { GemmTile::Small };
+        let tile = if m.div_ceil(128) * n.div_ceil(128) >= self.num_sms() as usize {
+            GemmTile::Large
+        } else {
+            GemmTile::Small
+        };
         self.gemm_with_tile(x, w, bias, act, residual, y, m, n, k, tile)
     }
 
@@ -77,10 +81,7 @@ impl CudaDevice {
         }
         let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
         let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
-        let pair = n % 2 == 0
-            && y.is_aligned(4)
-            && bias.is_none_or(|b| b.is_aligned(4))
-            && (res_ptr % 4 == 0);
+        let pair = n % 2 == 0 && y.is_aligned(4) && bias.is_none_or(|b| b.is_aligned(4)) && (res_ptr % 4 == 0);
         let (bm, bn, threads, smem, cfg) = match tile {
             GemmTile::Large => (128, 128, 256, 65536u32, "l"),
             GemmTile::Small => (64, 64, 128, 32768u32, "s"),

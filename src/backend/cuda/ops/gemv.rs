@@ -73,7 +73,8 @@ impl CudaDevice {
             act: act_code(act),
             threads_per_row: t as i32,
         };
-        const NAMES: [&str; 8] = ["gemv_m1", "gemv_m2", "gemv_m3", "gemv_m4", "gemv_m5", "gemv_m6", "gemv_m7", "gemv_m8"];
+        const NAMES: [&str; 8] =
+            ["gemv_m1", "gemv_m2", "gemv_m3", "gemv_m4", "gemv_m5", "gemv_m6", "gemv_m7", "gemv_m8"];
         let name = NAMES[m - 1];
         let f = self.func("gemv", name)?;
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

@@ -27,7 +27,6 @@ use half::f16;
 use super::error::{bad, GpuResult};
 use super::memory::{overlaps, DevSlice, DeviceScalar};
 
-
 /// Epilogue activation: the crate-wide enum (`crate::graph::Activation`, re-exported by
 /// `crate::backend`); codes below match `ActCode` in kernels/common.cuh.
 pub use crate::backend::Activation;

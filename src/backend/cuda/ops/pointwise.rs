@@ -68,7 +68,15 @@ impl RowsView<'_> {
 impl CudaDevice {
     /// out[r, c] = half(half(act(gate[r, c])) * up[r, c]) for r < rows, c < cols; `out` is
     /// contiguous `[rows, cols]`, gate and up are column views.
-    pub fn gated_act(&self, gate: RowsView<'_>, up: RowsView<'_>, act: Activation, out: &DevSlice<f16>, rows: usize, cols: usize) -> GpuResult<()> {
+    pub fn gated_act(
+        &self,
+        gate: RowsView<'_>,
+        up: RowsView<'_>,
+        act: Activation,
+        out: &DevSlice<f16>,
+        rows: usize,
+        cols: usize,
+    ) -> GpuResult<()> {
         const K: &str = "gated_act";
         if rows == 0 || cols == 0 {
             return Err(bad(K, "empty shape"));
@@ -104,11 +112,23 @@ impl CudaDevice {
     /// `x`, at position `max(start[b] + i, 0)` (`start` in device memory), with the rotated
     /// dims `2 * inv_freq.len() <= head_dim`.
     #[allow(clippy::too_many_arguments)]
-    pub fn rope(&self, x: RowsView<'_>, inv_freq: &DevSlice<f32>, start: &DevSlice<i32>, batch: usize, seq: usize, heads: usize, head_dim: usize) -> GpuResult<()> {
+    pub fn rope(
+        &self,
+        x: RowsView<'_>,
+        inv_freq: &DevSlice<f32>,
+        start: &DevSlice<i32>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> GpuResult<()> {
         const K: &str = "rope";
         let nfreq = inv_freq.len();
         if batch == 0 || seq == 0 || heads == 0 || nfreq == 0 || 2 * nfreq > head_dim {
-            return Err(bad(K, format!("shape batch={batch} seq={seq} heads={heads} head_dim={head_dim} with {nfreq} frequencies")));
+            return Err(bad(
+                K,
+                format!("shape batch={batch} seq={seq} heads={heads} head_dim={head_dim} with {nfreq} frequencies"),
+            ));
         }
         let (xp, _) = x.check(K, "x", batch * seq, heads * head_dim)?;
         need(K, "start", start, batch)?;

@@ -8,7 +8,6 @@ use crate::backend::cuda::error::{bad, GpuResult};
 use crate::backend::cuda::memory::{DevSlice, DeviceScalar};
 use crate::backend::cuda::CudaDevice;
 
-
 /// Logit storage accepted by [`CudaDevice::argmax`].
 pub trait LogitType: DeviceScalar {
     const ARGMAX: &'static str;
@@ -43,11 +42,16 @@ impl CudaDevice {
         disjoint(K, "idx", idx, "logprob", logprob)?;
         let v = to_i32(K, "vocab", vocab)?;
         let f = self.func("sampling", T::ARGMAX)?;
-        let cfg = LaunchConfig { grid_dim: (to_i32(K, "rows", rows)? as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32(K, "rows", rows)? as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (lp, ip, pp) = (logits.ptr(), idx.ptr(), logprob.ptr());
         // SAFETY: logits hold rows*vocab elements of the instance's type, idx/logprob >= rows;
         // outputs disjoint from logits and each other; one 1024-thread block per row.
-        unsafe { self.stream().launch_builder(&f).arg(&lp).arg(&v).arg(&ip).arg(&pp).launch(cfg) }.map_err(lerr(T::ARGMAX))?;
+        unsafe { self.stream().launch_builder(&f).arg(&lp).arg(&v).arg(&ip).arg(&pp).launch(cfg) }
+            .map_err(lerr(T::ARGMAX))?;
         Ok(())
     }
 }
