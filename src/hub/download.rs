@@ -235,7 +235,7 @@ impl Job<'_> {
         let lock_path = locks.join(format!("{etag}.lock"));
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
         // Another process (glimpse or huggingface_hub) may hold it: wait, then see what it left.
-        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+        lock_exclusive(&lock).map_err(|e| Error::io(&lock_path, e))?;
         if fs::metadata(blob).is_ok_and(|m| m.len() == size) {
             return Ok(0);
         }
@@ -335,6 +335,29 @@ impl Job<'_> {
         }
         Ok(got - have)
     }
+}
+
+/// Blocks until this process holds an exclusive flock on `file`, released when it is closed.
+/// huggingface_hub's filelock takes the same lock, so Python and glimpse exclude each other too.
+#[cfg(unix)]
+fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor `file` owns for the whole call; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// glimpse targets Linux; elsewhere concurrent downloads of one model are not excluded.
+#[cfg(not(unix))]
+fn lock_exclusive(_: &File) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// A failed write into the cache; for a full disk, how much room is needed and where.
