@@ -27,9 +27,12 @@ struct Cli {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Model folder, or a hub id (e.g. Salesforce/blip2-opt-2.7b) already in the local HF cache.
+    /// Model folder, or a hub id (e.g. Salesforce/blip2-opt-2.7b), downloaded on first use into
+    /// the Hugging Face cache.
     #[arg(long, short)]
     model: String,
+    #[command(flatten)]
+    hub: HubArgs,
     /// cpu, cuda, or auto (CUDA when usable, else CPU).
     #[arg(long, default_value = "auto")]
     device: String,
@@ -40,6 +43,30 @@ struct RunArgs {
     /// or image and error for an image that failed.
     #[arg(long)]
     json: bool,
+}
+
+/// Where a hub id comes from (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE apply too).
+#[derive(Args)]
+struct HubArgs {
+    /// Branch, tag or commit of a hub id.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Use the local cache only, never the network (as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// No download progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl HubArgs {
+    fn options(&self) -> glimpse::hub::HubOptions {
+        let mut o = glimpse::hub::HubOptions::from_env();
+        o.revision.clone_from(&self.revision);
+        o.offline |= self.offline;
+        o.progress = !self.quiet;
+        o
+    }
 }
 
 #[derive(Subcommand)]
@@ -59,6 +86,14 @@ enum Command {
         run: RunArgs,
         image: PathBuf,
         question: String,
+    },
+    /// Download a hub model (config, processor, tokenizer, safetensors weights) into the Hugging
+    /// Face cache, or find it complete there; prints the snapshot folder.
+    Download {
+        /// Hub id, e.g. Salesforce/blip2-opt-2.7b.
+        model: String,
+        #[command(flatten)]
+        hub: HubArgs,
     },
     /// Describe a model folder: family, dimensions, parameters, dtypes, size on disk.
     Info { model: String },
@@ -182,7 +217,7 @@ fn note_if_auto_falls_back(device: &str) {
 
 fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     let device = args.device.parse::<Device>()?;
-    let dir = glimpse::hub::resolve_model(&args.model)?;
+    let dir = glimpse::hub::resolve_model_with(&args.model, &args.hub.options())?;
     let model = Model::load(&dir, device)?;
     if device == Device::Auto && model.backend_name() == "cpu" {
         note_cpu_fallback();
@@ -267,6 +302,15 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
         Command::Ask { run, image, question } => {
             let (model, opts) = load(&run)?;
             run_images(&model, &opts, &[image], Some(&question), run.json)
+        }
+        Command::Download { model, hub } => {
+            let fetched = glimpse::hub::download(&model, &hub.options())?;
+            if !hub.quiet {
+                let what = if fetched.downloaded.is_empty() { "already in the cache".to_string() } else { format!("downloaded {} files ({:.1} MB)", fetched.downloaded.len(), fetched.bytes as f64 / 1e6) };
+                diagnostic("note", &format!("{model} at commit {}: {what}", fetched.commit));
+            }
+            Stdout::new().line(&fetched.snapshot.display().to_string())?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Info { model } => {
             let dir = glimpse::hub::resolve_model(&model)?;

@@ -1,0 +1,236 @@
+//! Resolving a model argument: a local folder, or a hub id (`Salesforce/blip2-opt-2.7b`) that is
+//! downloaded on first use into the shared Hugging Face cache, laid out exactly as huggingface_hub
+//! lays it out (`models--org--name/{blobs/<etag>, snapshots/<commit>/<file> -> blob, refs/<rev>}`)
+//! so Python tools and glimpse share one copy.
+//!
+//! The download client is written here on top of `ureq` rather than taken from the `hf-hub` crate:
+//! hf-hub's sync API verifies neither sizes nor the sha256 the hub publishes, reports 401/403/404
+//! as bare HTTP errors, and its resume and locking differ from huggingface_hub's (`.incomplete`
+//! blobs, `.locks/<repo>/<etag>.lock`), all of which the cache contract below needs.
+
+mod download;
+mod progress;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+pub use download::Fetched;
+
+/// The hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    hf_home().map(|h| h.join("hub"))
+}
+
+/// `$HF_HOME`, else `~/.cache/huggingface`.
+fn hf_home() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface"))
+}
+
+/// How a hub id is resolved. `HubOptions::from_env()` reads the environment as huggingface_hub
+/// does; the CLI then applies its flags on top.
+#[derive(Clone, Debug)]
+pub struct HubOptions {
+    /// Branch, tag or commit hash.
+    pub revision: String,
+    /// Cache only: never touch the network (`HF_HUB_OFFLINE=1`, `--offline`).
+    pub offline: bool,
+    /// Progress bars on stderr (drawn only when stderr is a terminal).
+    pub progress: bool,
+    /// `$HF_ENDPOINT`, else `https://huggingface.co`, without a trailing slash.
+    pub endpoint: String,
+    /// `$HF_TOKEN`, else the token file (`$HF_TOKEN_PATH`, else `$HF_HOME/token`).
+    pub token: Option<String>,
+    /// The cache folder (see [`cache_dir`]); `None` when no folder can be named.
+    pub cache: Option<PathBuf>,
+}
+
+impl HubOptions {
+    pub fn from_env() -> Self {
+        let endpoint = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.trim().is_empty());
+        HubOptions {
+            revision: "main".to_string(),
+            offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| is_true(&v)),
+            progress: true,
+            endpoint: endpoint.unwrap_or_else(|| "https://huggingface.co".to_string()).trim().trim_end_matches('/').to_string(),
+            token: token_from_env(),
+            cache: cache_dir(),
+        }
+    }
+}
+
+/// huggingface_hub's truthy environment values.
+fn is_true(v: &str) -> bool {
+    matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")
+}
+
+fn token_from_env() -> Option<String> {
+    if let Some(t) = std::env::var("HF_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+        return Some(t);
+    }
+    let file = std::env::var_os("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| hf_home().map(|h| h.join("token")))?;
+    std::fs::read_to_string(file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+/// A folder as given, or the snapshot of a hub id, downloaded on first use unless offline
+/// (`HF_HUB_OFFLINE`); all settings from the environment.
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    resolve_model_with(arg, &HubOptions::from_env())
+}
+
+/// As [`resolve_model`], with explicit options. Every failure says what was given, what was found
+/// and what to do instead.
+pub fn resolve_model_with(arg: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let local = Path::new(arg);
+    if local.is_dir() {
+        return Ok(local.to_path_buf());
+    }
+    if local.exists() {
+        let folder = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return Err(Error::InvalidInput(format!(
+            "model `{arg}` is a file, not a folder: pass the model folder that holds config.json and the weights (e.g. `{}`)",
+            folder.display()
+        )));
+    }
+    if !looks_like_id(arg) {
+        return Err(Error::InvalidInput(format!(
+            "model `{arg}`: no such folder, and not a hub id (org/name); pass a model folder (holding config.json and the weights) or a hub id such as Salesforce/blip2-opt-2.7b"
+        )));
+    }
+    let Some(cache) = &opts.cache else {
+        return Err(Error::InvalidInput(format!(
+            "model `{arg}`: no folder for the Hugging Face cache (HOME is not set): set HF_HUB_CACHE or HF_HOME, or pass a model folder"
+        )));
+    };
+    if opts.offline {
+        return cached_snapshot(arg, &opts.revision, cache, true);
+    }
+    download::fetch(arg, opts, cache).map(|f| f.snapshot)
+}
+
+/// Downloads (or finds complete in the cache) what hub id `id` needs at `opts.revision`, for
+/// `glimpse download`. Fails when offline.
+pub fn download(id: &str, opts: &HubOptions) -> Result<Fetched> {
+    if !looks_like_id(id) {
+        return Err(Error::InvalidInput(format!("`{id}` is not a hub id: pass org/name, e.g. Salesforce/blip2-opt-2.7b")));
+    }
+    if opts.offline {
+        return Err(Error::InvalidInput(format!(
+            "cannot download `{id}` while offline (HF_HUB_OFFLINE or --offline is set): unset it to download"
+        )));
+    }
+    let cache = opts.cache.as_deref().ok_or_else(|| {
+        Error::InvalidInput("no folder for the Hugging Face cache (HOME is not set): set HF_HUB_CACHE or HF_HOME".to_string())
+    })?;
+    download::fetch(id, opts, cache)
+}
+
+/// `org/name` with the hub's characters: letters, digits, `-`, `_`, `.`; no `..`, no leading `.`/`-`.
+fn looks_like_id(arg: &str) -> bool {
+    let parts: Vec<&str> = arg.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with(['.', '-'])
+                && !p.contains("..")
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// `models--org--name` under the cache.
+fn repo_folder(id: &str, cache: &Path) -> PathBuf {
+    cache.join(format!("models--{}", id.replace('/', "--")))
+}
+
+/// A 40-hex git commit hash.
+fn is_commit(rev: &str) -> bool {
+    rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The cached snapshot of `id` at `revision` (`refs/<revision>`, or the commit itself; for `main`
+/// without a ref, the only snapshot), laid out as huggingface_hub does. `offline` says why the
+/// network was not asked, for the error.
+fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Result<PathBuf> {
+    let repo = repo_folder(id, cache);
+    let rev_flag = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+    let get = if offline {
+        format!("it is not downloaded and glimpse is offline (HF_HUB_OFFLINE or --offline): run `glimpse download {id}{rev_flag}` where the hub is reachable, or pass a model folder")
+    } else {
+        format!("run `glimpse download {id}{rev_flag}` where the hub is reachable, or pass a model folder")
+    };
+    if !repo.is_dir() {
+        return Err(Error::InvalidInput(format!("model `{id}`: not a folder, and not in the Hugging Face cache ({}); {get}", cache.display())));
+    }
+    let snapshots = repo.join("snapshots");
+    if is_commit(revision) {
+        let dir = snapshots.join(revision);
+        return if dir.is_dir() {
+            Ok(dir)
+        } else {
+            Err(Error::InvalidInput(format!("model `{id}`: commit {revision} is not in the Hugging Face cache ({}); {get}", snapshots.display())))
+        };
+    }
+    let named = std::fs::read_to_string(repo.join("refs").join(revision)).ok().map(|h| h.trim().to_string());
+    if let Some(hash) = &named {
+        let dir = snapshots.join(hash);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+    }
+    if revision != "main" {
+        return Err(Error::InvalidInput(format!(
+            "model `{id}`: revision `{revision}` is not in the Hugging Face cache ({} has no refs/{revision}{}); {get}",
+            repo.display(),
+            if named.is_some() { " snapshot" } else { "" }
+        )));
+    }
+    let mut found: Vec<String> = std::fs::read_dir(&snapshots)
+        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    found.sort();
+    let main_note = match &named {
+        Some(hash) => format!("refs/main names snapshot {hash}, which is missing"),
+        None => "there is no refs/main to pick one".to_string(),
+    };
+    match found.len() {
+        1 => Ok(snapshots.join(&found[0])),
+        0 => Err(Error::InvalidInput(format!("model `{id}`: the Hugging Face cache has {} but no snapshot in it; {get}", repo.display()))),
+        n => Err(Error::InvalidInput(format!(
+            "model `{id}`: the Hugging Face cache holds {n} snapshots in {} ({}) and {main_note}; pass the snapshot folder you want instead, e.g. `{}`",
+            snapshots.display(),
+            found.join(", "),
+            snapshots.join(&found[0]).display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids() {
+        for ok in ["Salesforce/blip2-opt-2.7b", "a/b", "org_1/name.v2"] {
+            assert!(looks_like_id(ok), "{ok}");
+        }
+        for bad in ["a", "a/b/c", "/abs", "./x", "../x/y", "a/..", "a/.git", "a b/c", "-a/b", "a/", "org/na%2fme"] {
+            assert!(!looks_like_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn truthy_offline_values() {
+        for v in ["1", "on", "YES", "true "] {
+            assert!(is_true(v), "{v}");
+        }
+        for v in ["0", "", "off", "no"] {
+            assert!(!is_true(v), "{v}");
+        }
+    }
+}
