@@ -19,7 +19,11 @@ use cli::output::{diagnostic, Stdout, Stop};
 use glimpse::{Device, GenerateOptions, Model, Output};
 
 #[derive(Parser)]
-#[command(name = "glimpse", version, about = "Fast, faithful vision-language inference (BLIP-2) from Hugging Face checkpoints")]
+#[command(
+    name = "glimpse",
+    version,
+    about = "Fast, faithful vision-language inference (BLIP-2) from Hugging Face checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -171,7 +175,10 @@ fn main() -> ExitCode {
     let matches = match Cli::command().version(version).try_get_matches() {
         Ok(m) => m,
         // clap ignores write errors on --help/--version; off a terminal they go through Stdout.
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) && !std::io::stdout().is_terminal() => {
+        Err(e)
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                && !std::io::stdout().is_terminal() =>
+        {
             return match Stdout::new().text(&e.render().to_string()) {
                 Ok(()) | Err(Stop::Closed) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -210,7 +217,9 @@ fn note_cpu_fallback() {
 /// For commands that pick their backend inside the library (bench, parity): the note is given
 /// up front when `auto` will find no GPU.
 fn note_if_auto_falls_back(device: &str) {
-    if device.parse::<Device>().is_ok_and(|d| d == Device::Auto) && glimpse::backend::cuda_unavailable_reason().is_some() {
+    if device.parse::<Device>().is_ok_and(|d| d == Device::Auto)
+        && glimpse::backend::cuda_unavailable_reason().is_some()
+    {
         note_cpu_fallback();
     }
 }
@@ -245,7 +254,13 @@ fn json_record(model: &Model, image: &Path, out: &Output) -> String {
 
 /// Runs `images` in order (a caption, or an answer to `question`), one record per image; a
 /// failed image is reported and the rest still run. Exit status 1 if any failed.
-fn run_images(model: &Model, opts: &GenerateOptions, images: &[PathBuf], question: Option<&str>, json: bool) -> Result<ExitCode, CliError> {
+fn run_images(
+    model: &Model,
+    opts: &GenerateOptions,
+    images: &[PathBuf],
+    question: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, CliError> {
     let mut stdout = Stdout::new();
     let several = images.len() > 1;
     let mut failed = false;
@@ -306,7 +321,11 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
         Command::Download { model, hub } => {
             let fetched = glimpse::hub::download(&model, &hub.options())?;
             if !hub.quiet {
-                let what = if fetched.downloaded.is_empty() { "already in the cache".to_string() } else { format!("downloaded {} files ({:.1} MB)", fetched.downloaded.len(), fetched.bytes as f64 / 1e6) };
+                let what = if fetched.downloaded.is_empty() {
+                    "already in the cache".to_string()
+                } else {
+                    format!("downloaded {} files ({:.1} MB)", fetched.downloaded.len(), fetched.bytes as f64 / 1e6)
+                };
                 diagnostic("note", &format!("{model} at commit {}: {what}", fetched.commit));
             }
             Stdout::new().line(&fetched.snapshot.display().to_string())?;
@@ -344,7 +363,8 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             let report = glimpse::bench::run(&args)?;
             let mut stdout = Stdout::new();
             if args.json {
-                let json = serde_json::to_string(&report).map_err(|e| glimpse::Error::InvalidInput(format!("bench report as JSON: {e}")))?;
+                let json = serde_json::to_string(&report)
+                    .map_err(|e| glimpse::Error::InvalidInput(format!("bench report as JSON: {e}")))?;
                 stdout.line(&json)?;
             } else {
                 stdout.text(&report.table())?;
@@ -364,14 +384,25 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             let r = glimpse::parity::run(&dir, &reference, device_kind, emulation)?;
             let mut stdout = Stdout::new();
             if json {
-                let line = serde_json::to_string(&r).map_err(|e| glimpse::Error::InvalidInput(format!("parity report as JSON: {e}")))?;
+                let line = serde_json::to_string(&r)
+                    .map_err(|e| glimpse::Error::InvalidInput(format!("parity report as JSON: {e}")))?;
                 stdout.line(&line)?;
             } else {
                 let (g, t) = (&r.glimpse_vs_fp32, &r.transformers_fp16_vs_fp32);
                 stdout.line(&format!("prefill logits [{} x {}] on {}", r.rows, r.vocab, r.device))?;
-                stdout.line(&format!("  glimpse vs transformers fp32:          rel {:.3e}  max abs {:.3e}  argmax {}/{}", g.rel_l2, g.max_abs, g.argmax_agree, r.rows))?;
-                stdout.line(&format!("  transformers fp16 vs transformers fp32: rel {:.3e}  max abs {:.3e}  argmax {}/{}", t.rel_l2, t.max_abs, t.argmax_agree, r.rows))?;
-                stdout.line(&format!("  ratio {:.2} (bar: <= 2): {}", r.ratio, if r.pass { "pass" } else { "FAIL" }))?;
+                stdout.line(&format!(
+                    "  glimpse vs transformers fp32:          rel {:.3e}  max abs {:.3e}  argmax {}/{}",
+                    g.rel_l2, g.max_abs, g.argmax_agree, r.rows
+                ))?;
+                stdout.line(&format!(
+                    "  transformers fp16 vs transformers fp32: rel {:.3e}  max abs {:.3e}  argmax {}/{}",
+                    t.rel_l2, t.max_abs, t.argmax_agree, r.rows
+                ))?;
+                stdout.line(&format!(
+                    "  ratio {:.2} (bar: <= 2): {}",
+                    r.ratio,
+                    if r.pass { "pass" } else { "FAIL" }
+                ))?;
             }
             Ok(if r.pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }

@@ -210,7 +210,11 @@ fn hub_id_not_in_cache() {
         .output()
         .unwrap();
     assert_clean_error(&o, "not in the Hugging Face cache");
-    assert!(stderr(&o).contains("`glimpse download Salesforce/blip2-opt-2.7b`") && stderr(&o).contains("offline"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`glimpse download Salesforce/blip2-opt-2.7b`") && stderr(&o).contains("offline"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

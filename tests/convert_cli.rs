@@ -169,7 +169,13 @@ fn convert_takes_hub_ids_and_never_writes_into_the_cache() {
     }
     let before = snapshot(cache.path());
     let convert = |output: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_glimpse")).args(["convert", "tiny/blip2-proj"]).arg(output).env("HF_HUB_CACHE", cache.path()).env("HF_HUB_OFFLINE", "1").output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(["convert", "tiny/blip2-proj"])
+            .arg(output)
+            .env("HF_HUB_CACHE", cache.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
     };
     for inside in [repo.join("fp16"), cache.path().join("fp16")] {
         assert_clean_error(&convert(&inside), "inside the Hugging Face cache");

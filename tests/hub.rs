@@ -127,7 +127,8 @@ fn start_hub() -> Hub {
         repo("tiny/sharded", vec![(MAIN, fixture_files("blip2-opt-tiny-proj"))], &[("main", MAIN)], false),
         repo("tiny/gated", vec![(MAIN, tiny)], &[("main", MAIN)], true),
     ];
-    let state = Arc::new(State { repos, log: Mutex::default(), faults: Mutex::default(), stop: AtomicBool::new(false) });
+    let state =
+        Arc::new(State { repos, log: Mutex::default(), faults: Mutex::default(), stop: AtomicBool::new(false) });
     // The hub, and its "CDN" on another origin (as on the real hub, no token may follow there).
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -165,7 +166,14 @@ impl Hub {
         self.state.faults.lock().unwrap()
     }
     fn opts(&self, cache: &Path) -> HubOptions {
-        HubOptions { revision: "main".into(), offline: false, progress: false, endpoint: self.url.clone(), token: None, cache: Some(cache.to_path_buf()) }
+        HubOptions {
+            revision: "main".into(),
+            offline: false,
+            progress: false,
+            endpoint: self.url.clone(),
+            token: None,
+            cache: Some(cache.to_path_buf()),
+        }
     }
 }
 
@@ -226,12 +234,14 @@ fn serve(mut s: TcpStream, st: &State, cdn_url: &str) -> std::io::Result<()> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    let req = Req { path: path.clone(), range: headers.get("range").cloned(), auth: headers.get("authorization").cloned() };
+    let req =
+        Req { path: path.clone(), range: headers.get("range").cloned(), auth: headers.get("authorization").cloned() };
     st.log.lock().unwrap().push(req.clone());
     let authorized = req.auth.as_deref() == Some(&format!("Bearer {TOKEN}"));
 
     if let Some(sha) = path.strip_prefix("/cdn/") {
-        let file = st.repos.iter().flat_map(|r| r.commits.values().flatten()).find(|f| f.lfs && f.sha256() == sha).cloned();
+        let file =
+            st.repos.iter().flat_map(|r| r.commits.values().flatten()).find(|f| f.lfs && f.sha256() == sha).cloned();
         let Some(file) = file else { return error(&mut s, "404 Not Found", "EntryNotFound") };
         return send_bytes(&mut s, st, &file.bytes, req.range.as_deref(), true);
     }
@@ -246,7 +256,11 @@ fn serve(mut s: TcpStream, st: &State, cdn_url: &str) -> std::io::Result<()> {
     let id = format!("{}/{}", parts[0], parts[1]);
     let Some(repo) = st.repos.iter().find(|r| r.id == id) else {
         // As the hub: an unknown repo looks private to an anonymous caller.
-        return if req.auth.is_some() { error(&mut s, "404 Not Found", "RepoNotFound") } else { error(&mut s, "401 Unauthorized", "RepoNotFound") };
+        return if req.auth.is_some() {
+            error(&mut s, "404 Not Found", "RepoNotFound")
+        } else {
+            error(&mut s, "401 Unauthorized", "RepoNotFound")
+        };
     };
     if repo.gated && !authorized {
         return error(&mut s, "401 Unauthorized", "GatedRepo");
@@ -273,20 +287,28 @@ fn serve(mut s: TcpStream, st: &State, cdn_url: &str) -> std::io::Result<()> {
         let entries: Vec<serde_json::Value> = files
             .iter()
             .map(|f| {
-                let mut v = serde_json::json!({"type": "file", "path": f.name, "size": f.bytes.len(), "oid": f.blob_id()});
+                let mut v =
+                    serde_json::json!({"type": "file", "path": f.name, "size": f.bytes.len(), "oid": f.blob_id()});
                 if f.lfs {
                     v["lfs"] = serde_json::json!({"oid": f.sha256(), "size": f.bytes.len(), "pointerSize": 134});
                 }
                 v
             })
             .collect();
-        return respond(&mut s, "200 OK", &[("Content-Type", "application/json".into())], serde_json::Value::from(entries).to_string().as_bytes());
+        return respond(
+            &mut s,
+            "200 OK",
+            &[("Content-Type", "application/json".into())],
+            serde_json::Value::from(entries).to_string().as_bytes(),
+        );
     }
     if api || parts[2] != "resolve" || parts.len() < 5 {
         return error(&mut s, "404 Not Found", "EntryNotFound");
     }
     let name = decode(parts[4]);
-    let Some(file) = files.iter().find(|f| f.name == name) else { return error(&mut s, "404 Not Found", "EntryNotFound") };
+    let Some(file) = files.iter().find(|f| f.name == name) else {
+        return error(&mut s, "404 Not Found", "EntryNotFound");
+    };
     let mut h = vec![("X-Repo-Commit", commit.clone()), ("ETag", format!("\"{}\"", file.etag()))];
     if file.lfs {
         h.push(("X-Linked-Etag", format!("\"{}\"", file.sha256())));
@@ -298,8 +320,15 @@ fn serve(mut s: TcpStream, st: &State, cdn_url: &str) -> std::io::Result<()> {
 }
 
 /// A CDN body with Range support and the faults asked for.
-fn send_bytes(s: &mut TcpStream, st: &State, bytes: &[u8], range: Option<&str>, faults_apply: bool) -> std::io::Result<()> {
-    let from: usize = range.and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.trim_end_matches('-').parse().ok()).unwrap_or(0);
+fn send_bytes(
+    s: &mut TcpStream,
+    st: &State,
+    bytes: &[u8],
+    range: Option<&str>,
+    faults_apply: bool,
+) -> std::io::Result<()> {
+    let from: usize =
+        range.and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.trim_end_matches('-').parse().ok()).unwrap_or(0);
     let mut body = bytes[from.min(bytes.len())..].to_vec();
     let (cut, slow) = {
         let mut f = st.faults.lock().unwrap();
@@ -308,8 +337,14 @@ fn send_bytes(s: &mut TcpStream, st: &State, bytes: &[u8], range: Option<&str>, 
         }
         (if faults_apply { f.cut_after.take() } else { None }, f.slow)
     };
-    let status = if from > 0 { format!("206 Partial Content\r\nContent-Range: bytes {from}-{}/{}", bytes.len() - 1, bytes.len()) } else { "200 OK".into() };
-    s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes())?;
+    let status = if from > 0 {
+        format!("206 Partial Content\r\nContent-Range: bytes {from}-{}/{}", bytes.len() - 1, bytes.len())
+    } else {
+        "200 OK".into()
+    };
+    s.write_all(
+        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes(),
+    )?;
     let end = cut.unwrap_or(body.len()).min(body.len());
     for chunk in body[..end].chunks(256 << 10) {
         s.write_all(chunk)?;
@@ -350,14 +385,23 @@ fn first_download_lays_out_the_shared_cache_then_hits_it() {
     for f in fixture_files("blip2-opt-tiny").iter().filter(|f| f.name != "pytorch_model.bin") {
         let link = dir.join(&f.name);
         // Relative links into blobs/<etag>, as huggingface_hub makes them.
-        assert_eq!(std::fs::read_link(&link).unwrap(), PathBuf::from(format!("../../blobs/{}", f.etag())), "{}", f.name);
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            PathBuf::from(format!("../../blobs/{}", f.etag())),
+            "{}",
+            f.name
+        );
         assert_eq!(std::fs::read(&link).unwrap(), *f.bytes, "{}", f.name);
     }
     assert!(!dir.join("pytorch_model.bin").exists());
     let log = hub.log();
     assert!(log.iter().all(|r| !r.path.contains("pytorch_model.bin")), "a pickle was requested: {log:?}");
     assert!(log[0].path.starts_with("/api/models/tiny/blip2/revision/main?blobs=true"), "{log:?}");
-    let leftovers: Vec<_> = std::fs::read_dir(repo.join("blobs")).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains('.')).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(repo.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains('.'))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // Cache hit: one listing, no file requests.
@@ -405,7 +449,8 @@ fn interrupted_downloads_resume_with_a_range_request() {
     hub.faults().cut_after = Some(1_000_000);
     let dir = resolve_model_with("tiny/blip2", &hub.opts(cache.path())).unwrap();
     assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), *model.bytes);
-    let ranges: Vec<_> = cdn_requests(&hub.log()).into_iter().filter(|r| r.path.contains(&model.sha256())).map(|r| r.range).collect();
+    let ranges: Vec<_> =
+        cdn_requests(&hub.log()).into_iter().filter(|r| r.path.contains(&model.sha256())).map(|r| r.range).collect();
     assert_eq!(ranges, [Some("bytes=500000-".to_string()), Some("bytes=1500000-".to_string())]);
 }
 
@@ -420,7 +465,10 @@ fn corrupt_downloads_never_reach_the_snapshot() {
     assert!(!snapshot(cache.path(), "tiny/blip2", MAIN).join("model.safetensors").exists());
     assert!(!repo.join("refs/main").exists(), "the ref is written only for a complete snapshot");
     let model = fixture_files("blip2-opt-tiny").into_iter().find(|f| f.name == "model.safetensors").unwrap();
-    let blobs: Vec<_> = std::fs::read_dir(repo.join("blobs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let blobs: Vec<_> = std::fs::read_dir(repo.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(blobs.iter().all(|b| !b.starts_with(&model.sha256())), "the bad download was kept: {blobs:?}");
 }
 
@@ -471,7 +519,13 @@ fn auth_and_missing_repos_name_the_fix() {
     let hub = start_hub();
     let cache = common::tempdir();
     let e = err_text(resolve_model_with("tiny/gated", &hub.opts(cache.path())));
-    assert!(e.contains("gated") && e.contains("accept its licence") && e.contains(&format!("{}/tiny/gated", hub.url)) && e.contains("HF_TOKEN"), "{e}");
+    assert!(
+        e.contains("gated")
+            && e.contains("accept its licence")
+            && e.contains(&format!("{}/tiny/gated", hub.url))
+            && e.contains("HF_TOKEN"),
+        "{e}"
+    );
     let with_token = HubOptions { token: Some(TOKEN.into()), ..hub.opts(cache.path()) };
     resolve_model_with("tiny/gated", &with_token).unwrap();
     let log = hub.log();
@@ -480,7 +534,10 @@ fn auth_and_missing_repos_name_the_fix() {
     assert!(cdn_requests(&log).iter().all(|r| r.auth.is_none()), "the token went to the CDN");
 
     let e = err_text(resolve_model_with("tiny/nope", &hub.opts(cache.path())));
-    assert!(e.contains("`tiny/nope`") && e.contains("401") && e.contains("check the id") && e.contains("HF_TOKEN"), "{e}");
+    assert!(
+        e.contains("`tiny/nope`") && e.contains("401") && e.contains("check the id") && e.contains("HF_TOKEN"),
+        "{e}"
+    );
     let e = err_text(resolve_model_with("tiny/nope", &with_token));
     assert!(e.contains("`tiny/nope`") && e.contains("404"), "{e}");
 }
@@ -492,13 +549,18 @@ fn offline_and_unreachable_without_a_cached_copy() {
     let e = err_text(resolve_model_with("tiny/blip2", &HubOptions { offline: true, ..hub.opts(cache.path()) }));
     assert!(e.contains("offline") && e.contains("glimpse download tiny/blip2"), "{e}");
     assert!(hub.log().is_empty());
-    let e = err_text(resolve_model_with("tiny/blip2", &HubOptions { endpoint: dead_endpoint(), ..hub.opts(cache.path()) }));
+    let e =
+        err_text(resolve_model_with("tiny/blip2", &HubOptions { endpoint: dead_endpoint(), ..hub.opts(cache.path()) }));
     assert!(e.contains("cannot reach") && e.contains("not in the cache") && e.contains("network"), "{e}");
 }
 
 fn glimpse_cmd(hub: &Hub, cache: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_glimpse"));
-    c.env("HF_ENDPOINT", &hub.url).env("HF_HUB_CACHE", cache).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN").env("HF_TOKEN_PATH", cache.join("no-token"));
+    c.env("HF_ENDPOINT", &hub.url)
+        .env("HF_HUB_CACHE", cache)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .env("HF_TOKEN_PATH", cache.join("no-token"));
     c
 }
 
@@ -507,17 +569,31 @@ fn two_processes_download_the_same_model_at_once() {
     let hub = start_hub();
     let cache = common::tempdir();
     hub.faults().slow = true;
-    let spawn = || glimpse_cmd(&hub, cache.path()).args(["download", "tiny/blip2", "--quiet"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let spawn = || {
+        glimpse_cmd(&hub, cache.path())
+            .args(["download", "tiny/blip2", "--quiet"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(a.status.success() && b.status.success(), "{}\n{}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
     let want = format!("{}\n", snapshot(cache.path(), "tiny/blip2", MAIN).display());
     assert_eq!(String::from_utf8_lossy(&a.stdout), want);
     assert_eq!(String::from_utf8_lossy(&b.stdout), want);
     // The lock let one process fetch the weights; the other found the verified blob.
     assert_eq!(cdn_requests(&hub.log()).len(), 1, "{:?}", hub.log());
     let model = fixture_files("blip2-opt-tiny").into_iter().find(|f| f.name == "model.safetensors").unwrap();
-    assert_eq!(std::fs::read(snapshot(cache.path(), "tiny/blip2", MAIN).join("model.safetensors")).unwrap(), *model.bytes);
+    assert_eq!(
+        std::fs::read(snapshot(cache.path(), "tiny/blip2", MAIN).join("model.safetensors")).unwrap(),
+        *model.bytes
+    );
 }
 
 #[test]
@@ -525,7 +601,11 @@ fn cli_captions_a_hub_id_on_a_fresh_cache() {
     let hub = start_hub();
     let cache = common::tempdir();
     let image = common::image("odd_257x181.png");
-    let o = glimpse_cmd(&hub, cache.path()).args(["caption", "--json", "--device", "cpu", "--model", "tiny/blip2"]).arg(&image).output().unwrap();
+    let o = glimpse_cmd(&hub, cache.path())
+        .args(["caption", "--json", "--device", "cpu", "--model", "tiny/blip2"])
+        .arg(&image)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let goldens = common::golden_json("blip2-opt-tiny.json");
@@ -535,9 +615,18 @@ fn cli_captions_a_hub_id_on_a_fresh_cache() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains('\r'));
 
     // --offline and --revision reach the resolver.
-    let o = glimpse_cmd(&hub, cache.path()).args(["caption", "--offline", "--revision", "v1", "--device", "cpu", "-m", "tiny/blip2"]).arg(&image).output().unwrap();
+    let o = glimpse_cmd(&hub, cache.path())
+        .args(["caption", "--offline", "--revision", "v1", "--device", "cpu", "-m", "tiny/blip2"])
+        .arg(&image)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("revision `v1` is not in the Hugging Face cache") && err.contains("--revision v1"), "{err}");
+    assert!(
+        !o.status.success()
+            && err.contains("revision `v1` is not in the Hugging Face cache")
+            && err.contains("--revision v1"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -545,18 +634,30 @@ fn cli_reads_the_token_from_the_environment_and_the_token_file() {
     let hub = start_hub();
     let cache = common::tempdir();
     let o = glimpse_cmd(&hub, cache.path()).args(["download", "tiny/gated"]).output().unwrap();
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("gated"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("gated"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = glimpse_cmd(&hub, cache.path()).args(["download", "tiny/gated"]).env("HF_TOKEN", TOKEN).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("downloaded"), "{}", String::from_utf8_lossy(&o.stderr));
     let other = common::tempdir();
     let token_file = other.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let o = glimpse_cmd(&hub, other.path()).args(["download", "-q", "tiny/gated"]).env("HF_TOKEN_PATH", &token_file).output().unwrap();
+    let o = glimpse_cmd(&hub, other.path())
+        .args(["download", "-q", "tiny/gated"])
+        .env("HF_TOKEN_PATH", &token_file)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.stderr.is_empty(), "--quiet: {}", String::from_utf8_lossy(&o.stderr));
     // HF_HUB_OFFLINE=1 refuses to download.
-    let o = glimpse_cmd(&hub, common::tempdir().path()).args(["download", "tiny/blip2"]).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    let o = glimpse_cmd(&hub, common::tempdir().path())
+        .args(["download", "tiny/blip2"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("offline"));
 }
 
@@ -567,7 +668,9 @@ fn the_cache_is_shared_with_huggingface_hub() {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = Command::new(&python).args(["-c", "import huggingface_hub"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        println!("skipped: {python} with huggingface_hub is not available (pip install huggingface_hub to run this check)");
+        println!(
+            "skipped: {python} with huggingface_hub is not available (pip install huggingface_hub to run this check)"
+        );
         return;
     }
     let hub = start_hub();
@@ -587,7 +690,14 @@ fn the_cache_is_shared_with_huggingface_hub() {
     let theirs = common::tempdir();
     let script = "import sys, huggingface_hub as h\n\
                   print(h.snapshot_download('tiny/sharded', cache_dir=sys.argv[1], allow_patterns=['*.json', '*.safetensors']))";
-    let o = Command::new(&python).args(["-c", script]).arg(theirs.path()).env("HF_ENDPOINT", &hub.url).env_remove("HF_HUB_OFFLINE").env("HF_HUB_DISABLE_XET", "1").output().unwrap();
+    let o = Command::new(&python)
+        .args(["-c", script])
+        .arg(theirs.path())
+        .env("HF_ENDPOINT", &hub.url)
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HUB_DISABLE_XET", "1")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let offline = HubOptions { offline: true, ..hub.opts(theirs.path()) };
     let dir = resolve_model_with("tiny/sharded", &offline).unwrap();

@@ -86,12 +86,19 @@ fn is_metadata(name: &str) -> bool {
 pub(super) fn fetch(id: &str, opts: &HubOptions, cache: &Path) -> Result<Fetched> {
     let rev = &opts.revision;
     if rev.is_empty() || rev.contains("..") || rev.starts_with('/') || rev.contains('\\') {
-        return Err(hub_error(format!("revision `{rev}` is not a branch, tag or commit name: pass e.g. main, v1.0 or a 40-hex commit")));
+        return Err(hub_error(format!(
+            "revision `{rev}` is not a branch, tag or commit name: pass e.g. main, v1.0 or a 40-hex commit"
+        )));
     }
     let repo = repo_folder(id, cache);
     // A commit is immutable: a complete snapshot of it needs no network.
     if is_commit(rev) && snapshot_complete(&repo.join("snapshots").join(rev)) {
-        return Ok(Fetched { snapshot: repo.join("snapshots").join(rev), commit: rev.clone(), downloaded: vec![], bytes: 0 });
+        return Ok(Fetched {
+            snapshot: repo.join("snapshots").join(rev),
+            commit: rev.clone(),
+            downloaded: vec![],
+            bytes: 0,
+        });
     }
     let client = Client::new(opts)?;
     let info = match client.repo_info(id, rev) {
@@ -113,10 +120,18 @@ pub(super) fn fetch(id: &str, opts: &HubOptions, cache: &Path) -> Result<Fetched
         }
     };
     if !is_commit(&info.sha) {
-        return Err(hub_error(format!("{}: the listing of `{id}` names commit `{}`, not a 40-hex hash: is HF_ENDPOINT a Hugging Face Hub?", opts.endpoint, info.sha)));
+        return Err(hub_error(format!(
+            "{}: the listing of `{id}` names commit `{}`, not a 40-hex hash: is HF_ENDPOINT a Hugging Face Hub?",
+            opts.endpoint, info.sha
+        )));
     }
     let job = Job { client: &client, id, commit: &info.sha, repo: &repo, cache, progress: opts.progress, info: &info };
-    let mut fetched = Fetched { snapshot: repo.join("snapshots").join(&info.sha), commit: info.sha.clone(), downloaded: vec![], bytes: 0 };
+    let mut fetched = Fetched {
+        snapshot: repo.join("snapshots").join(&info.sha),
+        commit: info.sha.clone(),
+        downloaded: vec![],
+        bytes: 0,
+    };
 
     let names: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let weights: Vec<&str> = if names.contains(INDEX) {
@@ -136,7 +151,10 @@ pub(super) fn fetch(id: &str, opts: &HubOptions, cache: &Path) -> Result<Fetched
     if names.contains(INDEX) {
         for shard in shards(&fetched.snapshot.join(INDEX))? {
             if !names.contains(shard.as_str()) {
-                return Err(hub_error(format!("model `{id}` at {}: {INDEX} names shard `{shard}`, which the repo does not hold", info.sha)));
+                return Err(hub_error(format!(
+                    "model `{id}` at {}: {INDEX} names shard `{shard}`, which the repo does not hold",
+                    info.sha
+                )));
             }
             job.ensure(&shard, &mut fetched)?;
         }
@@ -159,10 +177,16 @@ fn shards(index: &Path) -> Result<BTreeSet<String>> {
         weight_map: std::collections::BTreeMap<String, String>,
     }
     let text = fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.to_path_buf(), msg: e.to_string() })?;
+    let parsed: Index =
+        serde_json::from_str(&text).map_err(|e| Error::Json { path: index.to_path_buf(), msg: e.to_string() })?;
     let files: BTreeSet<String> = parsed.weight_map.into_values().collect();
-    if let Some(bad) = files.iter().find(|f| f.contains('/') || f.contains('\\') || f.starts_with('.') || !f.ends_with(".safetensors")) {
-        return Err(Error::config(index, format!("weight_map names `{bad}`, not a .safetensors file beside the index")));
+    if let Some(bad) =
+        files.iter().find(|f| f.contains('/') || f.contains('\\') || f.starts_with('.') || !f.ends_with(".safetensors"))
+    {
+        return Err(Error::config(
+            index,
+            format!("weight_map names `{bad}`, not a .safetensors file beside the index"),
+        ));
     }
     Ok(files)
 }
@@ -233,7 +257,12 @@ impl Job<'_> {
         let locks = self.cache.join(".locks").join(self.repo.file_name().unwrap_or_default());
         fs::create_dir_all(&locks).map_err(|e| Error::io(&locks, e))?;
         let lock_path = locks.join(format!("{etag}.lock"));
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
         // Another process (glimpse or huggingface_hub) may hold it: wait, then see what it left.
         lock_exclusive(&lock).map_err(|e| Error::io(&lock_path, e))?;
         if fs::metadata(blob).is_ok_and(|m| m.len() == size) {
@@ -289,7 +318,9 @@ impl Job<'_> {
             206 => {
                 let range = header(&resp, "content-range").unwrap_or_default();
                 if !range.starts_with(&format!("bytes {have}-")) {
-                    return Err(Failure::Unreachable(format!("the server answered range `{range}` to a resume from byte {have}")));
+                    return Err(Failure::Unreachable(format!(
+                        "the server answered range `{range}` to a resume from byte {have}"
+                    )));
                 }
             }
             200 => have = 0,
@@ -298,9 +329,20 @@ impl Job<'_> {
                 let _ = fs::remove_file(part);
                 return Err(Failure::Unreachable("the server refused to resume (416)".to_string()));
             }
-            _ => return Err(Failure::Fatal(self.client.status_error(&resp, &format!("file `{name}` of model `{}` at {}", self.id, self.commit), self.id))),
+            _ => {
+                return Err(Failure::Fatal(self.client.status_error(
+                    &resp,
+                    &format!("file `{name}` of model `{}` at {}", self.id, self.commit),
+                    self.id,
+                )))
+            }
         }
-        let mut file = OpenOptions::new().create(true).truncate(false).write(true).open(part).map_err(|e| write_error(e, part, name, size, have))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(part)
+            .map_err(|e| write_error(e, part, name, size, have))?;
         // Only truncate when needed: a part may be a special file (tests point one at /dev/full).
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if len != have {
@@ -318,7 +360,11 @@ impl Job<'_> {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     file.sync_all().ok();
-                    return Err(Failure::Unreachable(format!("connection lost after {} of {}: {e}", format_bytes(got), format_bytes(size))));
+                    return Err(Failure::Unreachable(format!(
+                        "connection lost after {} of {}: {e}",
+                        format_bytes(got),
+                        format_bytes(size)
+                    )));
                 }
             };
             if got + n as u64 > size {
@@ -331,7 +377,11 @@ impl Job<'_> {
         bar.finish();
         file.sync_all().map_err(|e| write_error(e, part, name, size, got))?;
         if got < size {
-            return Err(Failure::Unreachable(format!("connection closed after {} of {}", format_bytes(got), format_bytes(size))));
+            return Err(Failure::Unreachable(format!(
+                "connection closed after {} of {}",
+                format_bytes(got),
+                format_bytes(size)
+            )));
         }
         Ok(got - have)
     }
@@ -378,7 +428,9 @@ fn write_error(e: std::io::Error, part: &Path, name: &str, size: u64, have: u64)
 fn verify(part: &Path, name: &str, size: u64, check: &Check) -> Result<()> {
     let len = fs::metadata(part).map_err(|e| Error::io(part, e))?.len();
     if len != size {
-        return Err(hub_error(format!("downloaded `{name}` has {len} bytes but the hub lists {size}: run again to download it anew")));
+        return Err(hub_error(format!(
+            "downloaded `{name}` has {len} bytes but the hub lists {size}: run again to download it anew"
+        )));
     }
     let mut file = File::open(part).map_err(|e| Error::io(part, e))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -487,7 +539,10 @@ struct Client {
 impl Client {
     fn new(opts: &HubOptions) -> Result<Client> {
         if !(opts.endpoint.starts_with("https://") || opts.endpoint.starts_with("http://")) {
-            return Err(hub_error(format!("HF_ENDPOINT `{}` is not an http(s) URL: set it like https://huggingface.co", opts.endpoint)));
+            return Err(hub_error(format!(
+                "HF_ENDPOINT `{}` is not an http(s) URL: set it like https://huggingface.co",
+                opts.endpoint
+            )));
         }
         let host = host_of(&opts.endpoint);
         let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]");
@@ -518,9 +573,11 @@ impl Client {
                 req = req.header("Authorization", format!("Bearer {token}"));
             }
             let resp = req.call().map_err(|e| match e {
-                ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::HostNotFound | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_) => {
-                    Failure::Unreachable(e.to_string())
-                }
+                ureq::Error::Io(_)
+                | ureq::Error::Timeout(_)
+                | ureq::Error::HostNotFound
+                | ureq::Error::ConnectionFailed
+                | ureq::Error::Protocol(_) => Failure::Unreachable(e.to_string()),
                 other => Failure::Fatal(hub_error(format!("request to {url} failed: {other}"))),
             })?;
             if !resp.status().is_redirection() {
@@ -534,7 +591,9 @@ impl Client {
             } else if location.starts_with('/') {
                 format!("{}{location}", origin_of(&url))
             } else {
-                return Err(Failure::Fatal(hub_error(format!("{url} redirected to `{location}`, which glimpse does not follow"))));
+                return Err(Failure::Fatal(hub_error(format!(
+                    "{url} redirected to `{location}`, which glimpse does not follow"
+                ))));
             };
         }
         Err(Failure::Fatal(hub_error(format!("too many redirects from {url}"))))
@@ -544,11 +603,21 @@ impl Client {
         let url = format!("{}/api/models/{id}/revision/{}?blobs=true", self.endpoint, quote(rev, false));
         let resp = self.get(&url, None)?;
         if resp.status().as_u16() != 200 {
-            let what = if rev == "main" { format!("model `{id}`") } else { format!("model `{id}` at revision `{rev}`") };
+            let what =
+                if rev == "main" { format!("model `{id}`") } else { format!("model `{id}` at revision `{rev}`") };
             return Err(Failure::Fatal(self.status_error(&resp, &what, id)));
         }
-        let text = resp.into_body().with_config().limit(64 << 20).read_to_string().map_err(|e| Failure::Unreachable(e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| Failure::Fatal(hub_error(format!("{url}: the hub's answer is not a model listing ({e}): is HF_ENDPOINT a Hugging Face Hub?"))))
+        let text = resp
+            .into_body()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Failure::Fatal(hub_error(format!(
+                "{url}: the hub's answer is not a model listing ({e}): is HF_ENDPOINT a Hugging Face Hub?"
+            )))
+        })
     }
 
     /// The cause and the fix for an HTTP failure about `what` (in repo `id`).
@@ -612,7 +681,9 @@ mod tests {
         for yes in ["config.json", "tokenizer.json", "merges.txt", "spiece.model", "chat_template.jinja"] {
             assert!(is_metadata(yes), "{yes}");
         }
-        for no in ["pytorch_model.bin", "model.safetensors", INDEX, "onnx/config.json", "flax_model.msgpack", "model.pt"] {
+        for no in
+            ["pytorch_model.bin", "model.safetensors", INDEX, "onnx/config.json", "flax_model.msgpack", "model.pt"]
+        {
             assert!(!is_metadata(no), "{no}");
         }
     }

@@ -58,7 +58,11 @@ impl HubOptions {
             revision: "main".to_string(),
             offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| is_true(&v)),
             progress: true,
-            endpoint: endpoint.unwrap_or_else(|| "https://huggingface.co".to_string()).trim().trim_end_matches('/').to_string(),
+            endpoint: endpoint
+                .unwrap_or_else(|| "https://huggingface.co".to_string())
+                .trim()
+                .trim_end_matches('/')
+                .to_string(),
             token: token_from_env(),
             cache: cache_dir(),
         }
@@ -118,7 +122,9 @@ pub fn resolve_model_with(arg: &str, opts: &HubOptions) -> Result<PathBuf> {
 /// `glimpse download`. Fails when offline.
 pub fn download(id: &str, opts: &HubOptions) -> Result<Fetched> {
     if !looks_like_id(id) {
-        return Err(Error::InvalidInput(format!("`{id}` is not a hub id: pass org/name, e.g. Salesforce/blip2-opt-2.7b")));
+        return Err(Error::InvalidInput(format!(
+            "`{id}` is not a hub id: pass org/name, e.g. Salesforce/blip2-opt-2.7b"
+        )));
     }
     if opts.offline {
         return Err(Error::InvalidInput(format!(
@@ -126,7 +132,9 @@ pub fn download(id: &str, opts: &HubOptions) -> Result<Fetched> {
         )));
     }
     let cache = opts.cache.as_deref().ok_or_else(|| {
-        Error::InvalidInput("no folder for the Hugging Face cache (HOME is not set): set HF_HUB_CACHE or HF_HOME".to_string())
+        Error::InvalidInput(
+            "no folder for the Hugging Face cache (HOME is not set): set HF_HUB_CACHE or HF_HOME".to_string(),
+        )
     })?;
     download::fetch(id, opts, cache)
 }
@@ -165,7 +173,10 @@ fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Res
         format!("run `glimpse download {id}{rev_flag}` where the hub is reachable, or pass a model folder")
     };
     if !repo.is_dir() {
-        return Err(Error::InvalidInput(format!("model `{id}`: not a folder, and not in the Hugging Face cache ({}); {get}", cache.display())));
+        return Err(Error::InvalidInput(format!(
+            "model `{id}`: not a folder, and not in the Hugging Face cache ({}); {get}",
+            cache.display()
+        )));
     }
     let snapshots = repo.join("snapshots");
     if is_commit(revision) {
@@ -173,7 +184,10 @@ fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Res
         return if dir.is_dir() {
             Ok(dir)
         } else {
-            Err(Error::InvalidInput(format!("model `{id}`: commit {revision} is not in the Hugging Face cache ({}); {get}", snapshots.display())))
+            Err(Error::InvalidInput(format!(
+                "model `{id}`: commit {revision} is not in the Hugging Face cache ({}); {get}",
+                snapshots.display()
+            )))
         };
     }
     let named = std::fs::read_to_string(repo.join("refs").join(revision)).ok().map(|h| h.trim().to_string());
@@ -191,7 +205,12 @@ fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Res
         )));
     }
     let mut found: Vec<String> = std::fs::read_dir(&snapshots)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     found.sort();
     let main_note = match &named {

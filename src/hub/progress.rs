@@ -40,7 +40,8 @@ impl Bar {
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
         let rate = (self.done - self.resumed) as f64 / secs;
         let pct = if self.total == 0 { 100.0 } else { 100.0 * self.done as f64 / self.total as f64 };
-        let eta = if rate > 0.0 { format_secs(self.total.saturating_sub(self.done) as f64 / rate) } else { "--".to_string() };
+        let eta =
+            if rate > 0.0 { format_secs(self.total.saturating_sub(self.done) as f64 / rate) } else { "--".to_string() };
         let line = format!(
             "\r{}  {} / {}  {pct:5.1}%  {}/s  ETA {eta}\x1b[K{}",
             self.name,
