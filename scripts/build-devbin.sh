@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the release GPU test and bench binaries here (needs cargo + nvcc) and copies them into
 # .devbin/ (git-ignored) for scripts/device-check.sh and scripts/device-e2e.sh on the GPU machine
-# (no cargo there): gpu_kernels and gpu_model tests, the kernel bench, the glimpse binary.
+# (no cargo there): gpu_kernels, gpu_model and backend_ops tests, the kernel bench, the glimpse binary.
 #   scripts/build-devbin.sh            (archs: GLIMPSE_CUDA_ARCHS, default 90a: the lent H100/H200)
 # The device tool carries at most 64 MiB with the working tree, so the binaries are built for the
 # one arch the device needs and stripped (all four archs would be ~80 MB even stripped).
@@ -26,7 +26,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' "$@"
 }
-cargo test --release --no-run --test gpu_kernels --test gpu_model --message-format=json | collect gpu_kernels gpu_model > "$OUTDIR/.list"
+cargo test --release --no-run --test gpu_kernels --test gpu_model --test backend_ops --message-format=json | collect gpu_kernels gpu_model backend_ops > "$OUTDIR/.list"
 cargo bench --no-run --bench kernels --message-format=json | collect kernels >> "$OUTDIR/.list"
 cargo build --release --bin glimpse --message-format=json | collect glimpse >> "$OUTDIR/.list"
 while read -r name exe; do
