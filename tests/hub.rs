@@ -131,7 +131,10 @@ fn start_hub() -> Hub {
         Arc::new(State { repos, log: Mutex::default(), faults: Mutex::default(), stop: AtomicBool::new(false) });
     // The hub, and its "CDN" on another origin (as on the real hub, no token may follow there).
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
+    // The "CDN" sits on another loopback address, as the real one is another host: clients
+    // (huggingface_hub) follow redirects within the hub's host but read the file metadata from
+    // the redirect itself when it leaves it.
+    let cdn = TcpListener::bind("127.0.0.2:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let cdn_url = format!("http://{}", cdn.local_addr().unwrap());
     for l in [listener, cdn] {
@@ -685,6 +688,23 @@ fn the_cache_is_shared_with_huggingface_hub() {
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines, [dir.display().to_string(), dir.join("model.safetensors").display().to_string()]);
+
+    // transformers (when installed) loads the config and the processor from that cache offline,
+    // and the model itself when torch is there too.
+    let script = "import sys, importlib.util as u\n\
+                  if u.find_spec('transformers') is None: print('skipped: transformers'); sys.exit(0)\n\
+                  import transformers as t\n\
+                  c = t.AutoConfig.from_pretrained('tiny/blip2', cache_dir=sys.argv[1], local_files_only=True)\n\
+                  p = t.AutoProcessor.from_pretrained('tiny/blip2', cache_dir=sys.argv[1], local_files_only=True)\n\
+                  print('config', c.model_type, 'processor', type(p).__name__)\n\
+                  if u.find_spec('torch') is None: print('skipped: model weights (no torch)'); sys.exit(0)\n\
+                  m = t.Blip2ForConditionalGeneration.from_pretrained('tiny/blip2', cache_dir=sys.argv[1], local_files_only=True)\n\
+                  print('model', sum(x.numel() for x in m.parameters()))";
+    let o = Command::new(&python).args(["-c", script]).arg(cache.path()).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    println!("transformers on glimpse's cache: {}", out.trim());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.starts_with("skipped: transformers") || out.contains("config blip-2 processor Blip2Processor"), "{out}");
 
     // The other way: huggingface_hub downloads from the mock hub, glimpse resolves offline.
     let theirs = common::tempdir();
