@@ -704,7 +704,10 @@ fn the_cache_is_shared_with_huggingface_hub() {
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     println!("transformers on glimpse's cache: {}", out.trim());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.starts_with("skipped: transformers") || out.contains("config blip-2 processor Blip2Processor"), "{out}");
+    assert!(
+        out.starts_with("skipped: transformers") || out.contains("config blip-2 processor Blip2Processor"),
+        "{out}"
+    );
 
     // The other way: huggingface_hub downloads from the mock hub, glimpse resolves offline.
     let theirs = common::tempdir();
