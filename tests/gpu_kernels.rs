@@ -458,6 +458,23 @@ fn view(buf: &DevSlice<f16>, rows: usize, h: usize, d: usize) -> HeadsView<'_> {
     HeadsView { buf, offset: 0, batch_stride: rows * h * d, row_stride: h * d }
 }
 
+/// Uploads contiguous `[B, S, H, d]` q, k, v, runs prefill attention into a NaN-poisoned output
+/// with `mask`, and returns the output.
+#[allow(clippy::too_many_arguments)]
+fn run_attention(
+    dev: &CudaDevice,
+    (q, k, v): (&[f16], &[f16], &[f16]),
+    (b, h, sq, skv, d): (usize, usize, usize, usize, usize),
+    scale: f64,
+    mask: AttnMask<'_>,
+) -> Vec<f16> {
+    let (dq, dk, dv) = (dev.upload(q).unwrap(), dev.upload(k).unwrap(), dev.upload(v).unwrap());
+    let o = poisoned(dev, b * sq * h * d);
+    let (qv, kv, vv, ov) = (view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d));
+    dev.attention(qv, kv, vv, ov, b, h, sq, skv, d, scale as f32, mask).unwrap();
+    dev.download(&o).unwrap()
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn attention_matches_reference() {
@@ -485,30 +502,15 @@ fn attention_matches_reference() {
         let valid: Vec<i32> = (0..b).map(|_| 1 + rng.below(skv as u64) as i32).collect();
         let madd: Vec<f32> = (0..b * skv).map(|_| if rng.below(5) == 0 { -1e4 } else { rng.uni(1.0) }).collect();
         let scale = 1.0 / (d as f64).sqrt();
-        let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
         let dvalid = dev.upload(&valid).unwrap();
         let dmask = dev.upload(&madd).unwrap();
-        let o = poisoned(&dev, b * sq * h * d);
         let mask = AttnMask {
             causal,
             kv_valid: masks.then_some(&dvalid),
             additive: masks.then_some((&dmask, skv)),
             ..AttnMask::default()
         };
-        dev.attention(
-            view(&dq, sq, h, d),
-            view(&dk, skv, h, d),
-            view(&dv, skv, h, d),
-            view(&o, sq, h, d),
-            b,
-            h,
-            sq,
-            skv,
-            d,
-            scale as f32,
-            mask,
-        )
-        .unwrap();
+        let got = run_attention(&dev, (&q, &k, &v), (b, h, sq, skv, d), scale, mask);
         let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
             if let Some(off) = causal {
                 if j as i64 > i as i64 + off as i64 {
@@ -526,7 +528,7 @@ fn attention_matches_reference() {
         let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
         check(
             &format!("attention b={b} h={h} sq={sq} skv={skv} d={d} causal={causal:?} masks={masks}"),
-            &dev.download(&o).unwrap(),
+            &got,
             &want,
             Some(1.0),
         );
@@ -554,31 +556,16 @@ fn attention_matches_reference() {
     let v = rng.halves(b * skv * h * d, 1.0);
     let valid = vec![0i32, 37];
     let madd: Vec<f32> = (0..b * skv).map(|j| if j % 3 == 0 { f32::NEG_INFINITY } else { rng.uni(1.0) }).collect();
-    let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
     let (dvalid, dmask) = (dev.upload(&valid).unwrap(), dev.upload(&madd).unwrap());
-    let o = poisoned(&dev, b * sq * h * d);
     let mask =
         AttnMask { causal: Some(3), kv_valid: Some(&dvalid), additive: Some((&dmask, skv)), ..AttnMask::default() };
     let scale = 1.0 / (d as f64).sqrt();
-    dev.attention(
-        view(&dq, sq, h, d),
-        view(&dk, skv, h, d),
-        view(&dv, skv, h, d),
-        view(&o, sq, h, d),
-        b,
-        h,
-        sq,
-        skv,
-        d,
-        scale as f32,
-        mask,
-    )
-    .unwrap();
+    let got = run_attention(&dev, (&q, &k, &v), (b, h, sq, skv, d), scale, mask);
     let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
         (j <= i + 3 && (j as i32) < valid[bb]).then(|| clamped(madd[bb * skv + j]))
     };
     let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
-    check("attention kv_valid=0 and -inf mask", &dev.download(&o).unwrap(), &want, Some(1.0));
+    check("attention kv_valid=0 and -inf mask", &got, &want, Some(1.0));
 
     // HF padding masks (finfo(float32).min): batch item 0 has every key masked, so transformers
     // returns the mean of V for each row (its scores all round to finfo.min); item 1 has holes
@@ -595,27 +582,11 @@ fn attention_matches_reference() {
             _ => 0.0,
         })
         .collect();
-    let (dq, dk, dv, dmask) =
-        (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&madd).unwrap());
-    let o = poisoned(&dev, b * sq * h * d);
+    let dmask = dev.upload(&madd).unwrap();
     let scale = 1.0 / (d as f64).sqrt();
     let mask = AttnMask { causal: Some(24), kv_valid: None, additive: Some((&dmask, skv)), ..AttnMask::default() };
-    dev.attention(
-        view(&dq, sq, h, d),
-        view(&dk, skv, h, d),
-        view(&dv, skv, h, d),
-        view(&o, sq, h, d),
-        b,
-        h,
-        sq,
-        skv,
-        d,
-        scale as f32,
-        mask,
-    )
-    .unwrap();
+    let got = run_attention(&dev, (&q, &k, &v), (b, h, sq, skv, d), scale, mask);
     let vis = |bb: usize, i: usize, j: usize| -> Option<f64> { (j <= i + 24).then(|| clamped(madd[bb * skv + j])) };
-    let got = dev.download(&o).unwrap();
     check("attention finfo.min padding masks", &got, &attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis), Some(1.0));
     // Independently of attn_ref: the fully masked item is the mean of the V rows it can see.
     let mean_v: Vec<f64> = (0..sq)
