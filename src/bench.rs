@@ -1,21 +1,22 @@
-//! `glimpse bench`: every stage of BLIP-2 at real shapes, timed on the CPU or one GPU, next to
-//! the floor the machine allows.
+//! `glimpse bench`: every stage of a model at real shapes (BLIP-2 presets, or `--model DIR` of
+//! any generative family), timed on the CPU or one GPU, next to the floor the machine allows.
 //!
-//! Stages: vision, Q-Former (+ language projection), prefill over the caption prompt (32 image
-//! tokens + BOS) and over the VQA prompt, decode ms/token (median over the steps of an
-//! N-token generation, EOS ignored), first-token latency (pixels in -> first token), caption
-//! latency (pixels in -> N tokens), and images/s at batch 1, 8, 32 (`--throughput-batches`),
-//! skipping sizes whose buffers do not fit in free memory. Each stage is timed by
-//! `Executor::run_timed` (CUDA events around the phase's kernels on a GPU, wall clock on the
-//! CPU) after a warm-up, median of `--repeats`; latencies and throughput are wall clock.
+//! Stages: each encoder phase of the plan by name (BLIP-2: vision, qformer incl. the language
+//! projection), prefill over the caption prompt (image tokens + BOS) and over the VQA prompt,
+//! decode ms/token (median over the steps of an N-token generation, EOS ignored), first-token
+//! latency (inputs in -> first token), caption latency (inputs in -> N tokens), and images/s at
+//! batch 1, 8, 32 (`--throughput-batches`), skipping sizes whose buffers do not fit in free
+//! memory. Each stage is timed by `Executor::run_timed` (CUDA events around the phase's kernels
+//! on a GPU, wall clock on the CPU) after a warm-up, median of `--repeats`; latencies and
+//! throughput are wall clock.
 //!
-//! Floors: a stage must at least read its weights (fp16) and move its inputs, outputs and KV
-//! cache (activations at the executor's width: f32 on the CPU, f16 on the GPU), and it must do its
-//! FLOPs (2 per multiply-add of every Linear, the patch conv and attention's QK^T and PV;
-//! norms and elementwise ops ignored). `floor = max(bytes / copy bandwidth, FLOPs / matrix
-//! rate)`, with the bandwidth counted as bytes read + written by a large copy. A decode step
-//! reads every OPT weight including the (tied) lm_head once. These are lower bounds no
-//! implementation can beat, not targets that intermediate activations would let one reach.
+//! Floors are read off the plan's graph (`crate::cost`, no per-model formulas): a phase must at
+//! least read its weights (fp16), move its inputs, outputs and KV cache (activations at the
+//! executor's width: f32 on the CPU, f16 on the GPU), and do its FLOPs (2 per multiply-add of
+//! every Linear, the patch conv and attention's QK^T and PV over the keys each row sees).
+//! `floor = max(bytes / copy bandwidth, FLOPs / matrix rate)`, with the bandwidth counted as
+//! bytes read + written by a large copy. These are lower bounds no implementation can beat, not
+//! targets that intermediate activations would let one reach.
 
 use std::time::Instant;
 
@@ -23,10 +24,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, Device, Executor};
-use crate::config::{Blip2Config, ModelConfig, TextConfig};
+use crate::config::{Blip2Config, ModelConfig};
+use crate::cost::{Cost, GraphCost};
 use crate::error::{Error, Result};
 use crate::generate::{generate, generate_with, GenerateOptions, Hooks, Plan};
-use crate::graph::WeightTable;
+use crate::graph::{Phase, WeightTable};
 use crate::models::Family;
 use crate::weights::Checkpoint;
 
@@ -146,8 +148,6 @@ struct Subject {
     label: String,
     preset: Option<String>,
     family: Box<dyn Family>,
-    /// The stage floors are BLIP-2's (vision, Q-Former, OPT).
-    cfg: Blip2Config,
     caption_ids: Vec<u32>,
     vqa_ids: Vec<u32>,
 }
@@ -156,18 +156,12 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     if let Some(arg) = &args.model {
         let dir = crate::hub::resolve_model(arg)?;
         let config = ModelConfig::load(&dir.join("config.json"))?;
-        let Some(cfg) = config.as_blip2().cloned() else {
-            return Err(Error::Unsupported(format!(
-                "{}: glimpse bench times BLIP-2 stages; this model family has no bench stages yet",
-                dir.display()
-            )));
-        };
         let ckpt = Checkpoint::open_dir(&dir)?;
         let family = crate::models::load(&config, &ckpt)?;
         let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
         let caption_ids = family.input_ids(&tok.encode("")?);
         let vqa_ids = family.input_ids(&tok.encode(crate::synth::VQA_PROMPT)?);
-        return Ok(Subject { label: dir.display().to_string(), preset: None, family, cfg, caption_ids, vqa_ids });
+        return Ok(Subject { label: dir.display().to_string(), preset: None, family, caption_ids, vqa_ids });
     }
     let name = match &args.preset {
         Some(p) => p.clone(),
@@ -187,7 +181,6 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         label: format!("preset {name} (random weights, seed {})", args.seed),
         preset: Some(name),
         family,
-        cfg,
         caption_ids,
         vqa_ids,
     })
@@ -234,13 +227,11 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     };
     let subject = load_subject(args, device)?;
     let family = subject.family.as_ref();
-    let cfg = &subject.cfg;
     let backend = Backend::new(device, family.weights())?;
     let on_gpu = backend.is_cuda();
     let act_bytes = if on_gpu { 2.0 } else { 4.0 };
     let repeats = args.repeats.unwrap_or(if on_gpu { 10 } else { 3 });
     let rates = measure_rates(&backend)?;
-    let cost = CostModel::new(cfg, family.weights(), act_bytes);
     let mut notes = Vec::new();
     let setup_s = setup.elapsed().as_secs_f64();
 
@@ -263,39 +254,33 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     drop(exec);
 
     // Composite stages: the sum of their parts' floors (the parts run one after another).
-    let decode_parts: Vec<Cost> = (0..n - 1).map(|s| cost.decode(b, p_cap + s)).collect();
-    let first_parts = [cost.vision(b), cost.qformer(b), cost.prefill(b, p_cap)];
+    let costs = PlanCosts::new(&plan, weights, act_bytes);
+    let decode_parts: Vec<Cost> = (0..n - 1).map(|s| costs.decode(p_cap + s)).collect();
+    let first_parts = costs.first_token();
     let caption_parts: Vec<Cost> = first_parts.iter().chain(&decode_parts).copied().collect();
-    let stages = vec![
-        stage(
-            "vision",
-            format!("batch {b} x {} tokens", cfg.vision_config.num_positions()),
-            &t.vision,
-            &[cost.vision(b)],
-            1,
-            &rates,
-        ),
-        stage(
-            "qformer",
-            format!("{} queries per image, incl. language_projection", cfg.num_query_tokens),
-            &t.qformer,
-            &[cost.qformer(b)],
-            1,
-            &rates,
-        ),
+    let mut stages: Vec<Stage> = plan
+        .encoders
+        .iter()
+        .enumerate()
+        .map(|(i, phase)| {
+            let samples = t.encoders.get(phase.name).map_or(&[][..], |v| &v[..]);
+            stage(phase.name, format!("encoder phase, batch {b}"), samples, &[costs.encoder(i)], 1, &rates)
+        })
+        .collect();
+    stages.extend([
         stage(
             "prefill",
-            format!("{p_cap} tokens (32 image tokens + BOS)"),
+            format!("{p_cap} decoder input tokens (caption prompt)"),
             &t.prefill,
-            &[cost.prefill(b, p_cap)],
+            &[costs.prefill()],
             1,
             &rates,
         ),
         stage(
             "prefill_vqa",
-            format!("{p_vqa} tokens (\"{}\")", crate::synth::VQA_PROMPT),
+            format!("{p_vqa} decoder input tokens (\"{}\")", crate::synth::VQA_PROMPT),
             &t_vqa,
-            &[cost.prefill(b, p_vqa)],
+            &[PlanCosts::new(&plan_vqa, weights, act_bytes).prefill()],
             1,
             &rates,
         ),
@@ -307,20 +292,19 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
             n - 1,
             &rates,
         ),
-        stage("first_token", "pixels in -> first token".into(), &t.first_token, &first_parts, 1, &rates),
-        stage("caption", format!("pixels in -> {n} tokens"), &t.caption, &caption_parts, 1, &rates),
-    ];
+        stage("first_token", "inputs in -> first token".into(), &t.first_token, &first_parts, 1, &rates),
+        stage("caption", format!("inputs in -> {n} tokens"), &t.caption, &caption_parts, 1, &rates),
+    ]);
 
     // Throughput at batch 1, 8, 32: whole captions, one executor per batch size.
     let mut throughput = Vec::new();
     for &tb in &args.throughput_batches {
-        let parts: Vec<Cost> = [cost.vision(tb), cost.qformer(tb), cost.prefill(tb, p_cap)]
-            .into_iter()
-            .chain((0..n - 1).map(|s| cost.decode(tb, p_cap + s)))
-            .collect();
-        let floor_s = parts.iter().map(|c| c.floor_ms(&rates).0).sum::<f64>() / 1e3;
-        let floor_ips = tb as f64 / floor_s;
         let plan = family.plan(tb, p_cap, n, false)?;
+        let costs = PlanCosts::new(&plan, weights, act_bytes);
+        let parts: Vec<Cost> =
+            costs.first_token().into_iter().chain((0..n - 1).map(|s| costs.decode(p_cap + s))).collect();
+        let floor_s = parts.iter().map(|c| floor_ms(c, &rates).0).sum::<f64>() / 1e3;
+        let floor_ips = tb as f64 / floor_s;
         if let Some(why) = does_not_fit(&backend, &plan, act_bytes) {
             throughput.push(Throughput {
                 batch: tb,
@@ -399,9 +383,10 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
 }
 
 /// Raw samples of each stage, ms.
+#[derive(Default)]
 struct StageTimes {
-    vision: Vec<f64>,
-    qformer: Vec<f64>,
+    /// Each encoder phase by name.
+    encoders: std::collections::HashMap<&'static str, Vec<f64>>,
     prefill: Vec<f64>,
     decode: Vec<f64>,
     first_token: Vec<f64>,
@@ -418,14 +403,7 @@ fn time_stages(
     opts: &GenerateOptions,
     repeats: usize,
 ) -> Result<StageTimes> {
-    let mut t = StageTimes {
-        vision: vec![],
-        qformer: vec![],
-        prefill: vec![],
-        decode: vec![],
-        first_token: vec![],
-        caption: vec![],
-    };
+    let mut t = StageTimes::default();
     // Whole captions: warm-up (also warms every phase for the per-stage timings), then timed.
     for r in 0..=repeats {
         let (_, timings) = generate(plan, exec, &[("pixels", pixels)], ids, opts, &mut |_| {})?;
@@ -437,11 +415,13 @@ fn time_stages(
     for _ in 0..repeats {
         let mut on_phase = |name: &str, ms: f64| {
             match name {
-                "vision" => t.vision.push(ms),
-                "qformer" => t.qformer.push(ms),
                 "prefill" => t.prefill.push(ms),
                 "decode" => t.decode.push(ms),
-                _ => {}
+                _ => {
+                    if let Some(p) = plan.encoders.iter().find(|p| p.name == name) {
+                        t.encoders.entry(p.name).or_default().push(ms);
+                    }
+                }
             }
             true
         };
@@ -513,7 +493,7 @@ fn stage(name: &str, what: String, samples: &[f64], parts: &[Cost], per: usize, 
     let (mut floor, mut mem, mut comp, mut bytes, mut flops) = (0.0, 0.0, Some(0.0), 0.0, 0.0);
     let (mut mem_bound, mut comp_bound) = (false, false);
     for c in parts {
-        let (f, m, cm) = c.floor_ms(rates);
+        let (f, m, cm) = floor_ms(c, rates);
         floor += f * k;
         mem += m * k;
         comp = comp.zip(cm).map(|(a, b)| a + b * k);
@@ -548,130 +528,46 @@ fn stage(name: &str, what: String, samples: &[f64], parts: &[Cost], per: usize, 
 // ---------------------------------------------------------------------------------------------
 // Floors
 
-/// Bytes a stage must move and FLOPs it must do.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Cost {
-    pub bytes: f64,
-    pub flops: f64,
+/// (floor, memory floor, compute floor) in ms of `c` at the machine's rates.
+fn floor_ms(c: &Cost, r: &Rates) -> (f64, f64, Option<f64>) {
+    let mem = c.bytes / (r.copy_gbs * 1e9) * 1e3;
+    let comp = r.matrix_gflops.map(|g| c.flops / (g * 1e9) * 1e3);
+    (mem.max(comp.unwrap_or(0.0)), mem, comp)
 }
 
-impl Cost {
-    fn add(self, o: Cost) -> Cost {
-        Cost { bytes: self.bytes + o.bytes, flops: self.flops + o.flops }
-    }
-    fn scale(self, k: f64) -> Cost {
-        Cost { bytes: self.bytes * k, flops: self.flops * k }
-    }
-    /// (floor, memory floor, compute floor) in ms.
-    fn floor_ms(&self, r: &Rates) -> (f64, f64, Option<f64>) {
-        let mem = self.bytes / (r.copy_gbs * 1e9) * 1e3;
-        let comp = r.matrix_gflops.map(|g| self.flops / (g * 1e9) * 1e3);
-        (mem.max(comp.unwrap_or(0.0)), mem, comp)
-    }
+/// The cost of each phase of a plan, read off its graph (`crate::cost`).
+pub struct PlanCosts<'a> {
+    plan: &'a Plan,
+    graph: GraphCost<'a>,
 }
 
-/// The bytes and FLOPs of each stage, from the config and the loaded weight sizes.
-pub struct CostModel {
-    cfg: Blip2Config,
-    /// fp16 weight bytes: vision; Q-Former + query tokens + projection; decoder layers, final
-    /// norm and lm_head (embed_tokens when tied), i.e. what a decoder pass reads in full.
-    vision_w: f64,
-    qformer_w: f64,
-    decoder_w: f64,
-    act: f64,
-}
-
-impl CostModel {
-    pub fn new(cfg: &Blip2Config, weights: &WeightTable, act_bytes: f64) -> Self {
-        let (mut v, mut q, mut d) = (0.0, 0.0, 0.0);
-        for (name, w) in weights.names.iter().zip(&weights.weights) {
-            let bytes = w.numel() as f64 * 2.0;
-            if name.starts_with("vision_model.") {
-                v += bytes;
-            } else if name.starts_with("language_model.") {
-                // Only the rows of the positions table at the step's positions are read.
-                if !name.ends_with("embed_positions.weight") {
-                    d += bytes;
-                }
-            } else {
-                q += bytes;
-            }
-        }
-        Self { cfg: cfg.clone(), vision_w: v, qformer_w: q, decoder_w: d, act: act_bytes }
+impl<'a> PlanCosts<'a> {
+    pub fn new(plan: &'a Plan, weights: &'a WeightTable, act_bytes: f64) -> Self {
+        Self { plan, graph: GraphCost { graph: &plan.graph, weights, act_bytes } }
     }
 
-    pub fn vision(&self, b: usize) -> Cost {
-        let v = &self.cfg.vision_config;
-        let (b, t, d, i) = (b as f64, v.num_positions() as f64, v.hidden_size as f64, v.intermediate_size as f64);
-        let patch_in = (3 * v.patch_size * v.patch_size) as f64;
-        let per_layer = 2.0 * b * t * (d * 3.0 * d + d * d + 2.0 * d * i) + 4.0 * b * t * t * d;
-        let flops = 2.0 * b * (t - 1.0) * patch_in * d + v.num_hidden_layers as f64 * per_layer;
-        let bytes = self.vision_w + b * 3.0 * (v.image_size * v.image_size) as f64 * self.act + b * t * d * self.act;
-        Cost { bytes, flops }
+    /// Encoder phase `i`, whose outputs the later encoders and the decoder read.
+    pub fn encoder(&self, i: usize) -> Cost {
+        let p = self.plan;
+        let later: Vec<&Phase> = p.encoders[i + 1..].iter().chain([&p.prefill.phase, &p.decode.phase]).collect();
+        self.graph.phase(&p.encoders[i], 0, &later, &[])
     }
 
-    pub fn qformer(&self, b: usize) -> Cost {
-        let q = &self.cfg.qformer_config;
-        let (bf, nq, dq, iq) =
-            (b as f64, self.cfg.num_query_tokens as f64, q.hidden_size as f64, q.intermediate_size as f64);
-        let (t, dv) = (self.cfg.vision_config.num_positions() as f64, q.encoder_hidden_size as f64);
-        let dt = self.cfg.text_config.hidden_size() as f64;
-        let mut flops = 0.0;
-        for l in 0..q.num_hidden_layers {
-            flops += 2.0 * bf * nq * 4.0 * dq * dq + 4.0 * bf * nq * nq * dq;
-            if q.has_cross_attention(l) {
-                flops += 2.0 * bf * nq * 2.0 * dq * dq + 2.0 * bf * t * 2.0 * dv * dq + 4.0 * bf * nq * t * dq;
-            }
-            flops += 2.0 * bf * nq * 2.0 * dq * iq;
-        }
-        flops += 2.0 * bf * nq * dq * dt;
-        let bytes = self.qformer_w + bf * t * dv * self.act + bf * nq * dt * self.act;
-        Cost { bytes, flops }
+    /// The prefill over the decoder input, from position 0.
+    pub fn prefill(&self) -> Cost {
+        let p = self.plan;
+        self.graph.phase(&p.prefill.phase, 0, &[&p.decode.phase], &[p.prefill.logits])
     }
 
-    /// Per-token decoder work excluding attention over the cache: [Linear FLOPs per row, lm_head FLOPs per row].
-    fn decoder_linear_flops(&self) -> (f64, f64) {
-        let TextConfig::Opt(c) = &self.cfg.text_config;
-        let (h, f, e, v) = (c.hidden_size as f64, c.ffn_dim as f64, c.embed_dim() as f64, c.vocab_size as f64);
-        let proj = if c.embed_dim() != c.hidden_size { 2.0 * 2.0 * e * h } else { 0.0 };
-        (c.num_hidden_layers as f64 * 2.0 * (4.0 * h * h + 2.0 * h * f) + proj, 2.0 * e * v)
+    /// One decode step with `position` tokens already cached.
+    pub fn decode(&self, position: usize) -> Cost {
+        let p = self.plan;
+        self.graph.phase(&p.decode.phase, position, &[], &[p.decode.logits])
     }
 
-    /// Prefill of `p` tokens per item: logits for the last row only.
-    pub fn prefill(&self, b: usize, p: usize) -> Cost {
-        let TextConfig::Opt(c) = &self.cfg.text_config;
-        let (bf, pf, h, l) = (b as f64, p as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
-        let (lin, head) = self.decoder_linear_flops();
-        let attn = l * 4.0 * bf * h * pf * (pf + 1.0) / 2.0;
-        let flops = bf * pf * lin + bf * head + attn;
-        let nq = self.cfg.num_query_tokens as f64;
-        let bytes = self.decoder_w
-            + bf * nq * h * self.act // image embeddings in
-            + bf * pf * c.embed_dim() as f64 * 2.0 + pf * h * 2.0 // token and position rows
-            + l * 2.0 * bf * pf * h * self.act // K and V written
-            + bf * c.vocab_size as f64 * self.act; // logits out
-        Cost { bytes, flops }
-    }
-
-    /// One decode step with `pos` tokens already cached.
-    pub fn decode(&self, b: usize, pos: usize) -> Cost {
-        let TextConfig::Opt(c) = &self.cfg.text_config;
-        let (bf, h, l) = (b as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
-        let kv = (pos + 1) as f64;
-        let (lin, head) = self.decoder_linear_flops();
-        let flops = bf * (lin + head) + l * 4.0 * bf * h * kv;
-        let bytes = self.decoder_w
-            + bf * c.embed_dim() as f64 * 2.0 + h * 2.0
-            + l * 2.0 * bf * kv * h * self.act // K and V read (the new row included)
-            + l * 2.0 * bf * h * self.act
-            + bf * c.vocab_size as f64 * self.act;
-        Cost { bytes, flops }
-    }
-
-    /// Mean cost of the `n - 1` decode steps after a prompt of `p` tokens.
-    pub fn decode_avg(&self, b: usize, p: usize, n: usize) -> Cost {
-        let steps = n.saturating_sub(1).max(1);
-        (0..steps).map(|s| self.decode(b, p + s)).fold(Cost::default(), Cost::add).scale(1.0 / steps as f64)
+    /// Inputs in to first token out: every encoder, then the prefill.
+    pub fn first_token(&self) -> Vec<Cost> {
+        (0..self.plan.encoders.len()).map(|i| self.encoder(i)).chain([self.prefill()]).collect()
     }
 }
 

@@ -256,6 +256,45 @@ impl Op {
         }
     }
 
+    /// The buffers the op reads (views by their buffer; in-place outputs included).
+    pub fn inputs(&self) -> Vec<Buf> {
+        match *self {
+            Op::PatchEmbed { pixels, .. } => vec![pixels],
+            Op::Linear { x, residual, .. } => [Some(x.buf), residual].into_iter().flatten().collect(),
+            Op::LayerNorm { x, residual, .. } | Op::RmsNorm { x, residual, .. } => {
+                [Some(x), residual].into_iter().flatten().collect()
+            }
+            Op::GatedAct { gate, up, .. } => vec![gate.buf, up.buf],
+            Op::Rope { x, .. } => vec![x.buf],
+            Op::Attention(ref a) => {
+                [Some(a.q.buf), Some(a.k.buf), Some(a.v.buf), a.key_mask, a.head_bias].into_iter().flatten().collect()
+            }
+            Op::SelectRows { x, .. } | Op::LastRows { x, .. } => vec![x],
+            Op::KvAppend { k, v, .. } => vec![k.buf, v.buf],
+            Op::Embed { .. } | Op::Broadcast { .. } => vec![],
+            Op::ScatterTokens { src, out, .. } => vec![src, out],
+            Op::AddPositions { x, .. } => vec![x],
+        }
+    }
+
+    /// The weights the op reads.
+    pub fn weights(&self) -> Vec<W> {
+        match *self {
+            Op::PatchEmbed { weight, bias, class, positions, .. } => vec![weight, bias, class, positions],
+            Op::Linear { weight, bias, .. } => [Some(weight), bias].into_iter().flatten().collect(),
+            Op::LayerNorm { weight, bias, .. } => [Some(weight), bias].into_iter().flatten().collect(),
+            Op::RmsNorm { weight, .. } => vec![weight],
+            Op::Embed { table, .. } | Op::AddPositions { table, .. } | Op::Broadcast { table, .. } => vec![table],
+            Op::GatedAct { .. }
+            | Op::Rope { .. }
+            | Op::Attention(_)
+            | Op::SelectRows { .. }
+            | Op::KvAppend { .. }
+            | Op::ScatterTokens { .. }
+            | Op::LastRows { .. } => vec![],
+        }
+    }
+
     /// A short name for messages.
     pub fn kind(&self) -> &'static str {
         match self {

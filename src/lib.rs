@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod convert;
+pub mod cost;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
