@@ -132,3 +132,17 @@ GLIMPSE_DEVICE void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// Element `off` of an activation buffer held as fp16, or as fp32 when `f32` is set (a buffer the
+// graph keeps in fp32, e.g. a residual stream: `graph::DType::F32`). Kernels take such buffers
+// as `__half*` plus a flag so one entry point serves both (the flag is uniform per launch).
+GLIMPSE_DEVICE float load_act(const __half* p, size_t off, int f32) {
+    return f32 ? reinterpret_cast<const float*>(p)[off] : __half2float(p[off]);
+}
+GLIMPSE_DEVICE void store_act(__half* p, size_t off, float v, int f32) {
+    if (f32) {
+        reinterpret_cast<float*>(p)[off] = v;
+    } else {
+        p[off] = __float2half_rn(v);
+    }
+}

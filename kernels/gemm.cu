@@ -14,7 +14,8 @@
 //     tile needs no padding;
 //   - fragments loaded with ldmatrix.x4 (A: two k-halves of one m16 tile; B: two n8 tiles);
 //   - epilogue straight from registers: bias, activation, residual, fp16 store (half2 when N is
-//     even and pointers are 4-byte aligned, else scalar).
+//     even and pointers are 4-byte aligned, else scalar), or fp32 residual and store when the
+//     output buffer is kept in fp32 (p.out_f32).
 //
 // Two tile configs (static switch, chosen by the launcher):
 //   "l": 128x128, 8 warps (2x4, warp tile 64x32), 4 stages, 64 KiB smem (needs the
@@ -34,7 +35,8 @@
 //   - x has >= M*K elements, w >= N*K, y >= M*N, bias (if non-null) >= N,
 //     residual (if non-null) >= M*N;
 //   - p.vec = 1 only if K % 8 == 0 and x, w are 16-byte aligned;
-//   - p.pair = 1 only if N is even and y, bias, residual are 4-byte aligned;
+//   - p.pair = 1 only if N is even, y, bias, residual are 4-byte aligned and p.out_f32 = 0;
+//   - p.out_f32 = 1: y and residual are fp32 arrays (4-byte aligned) of >= M*N floats;
 //   - y must not overlap x, w or bias; residual may alias y exactly (in-place residual add:
 //     every element is read then written by the same thread), but must not partially overlap;
 //   - grid = (ceil(N/BN), ceil(M/BM)), block = WARPS_M*WARPS_N*32, dynamic smem = SMEM bytes.
@@ -49,7 +51,7 @@ struct GemmParams {
     int m, n, k;
     int vec;   // 1: 16-byte cp.async loads (K % 8 == 0, x/w 16B aligned)
     int pair;  // 1: half2 epilogue (N even, y/bias/residual 4B aligned)
-    int pad_;  // keeps sizeof a multiple of 8 (mirrored by the Rust #[repr(C)] struct)
+    int out_f32;  // 1: y and residual hold fp32 (an fp32 residual stream); pair must be 0
 };
 static_assert(sizeof(GemmParams) == 64, "GemmParams layout is mirrored in Rust");
 
@@ -200,11 +202,11 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
                     }
                     *reinterpret_cast<__half2*>(p.y + off) = __floats2half2_rn(v0, v1);
                 } else {
-                    if (p.residual) v0 += __half2float(p.residual[off]);
-                    p.y[off] = __float2half_rn(v0);
+                    if (p.residual) v0 += load_act(p.residual, off, p.out_f32);
+                    store_act(p.y, off, v0, p.out_f32);
                     if (has2) {
-                        if (p.residual) v1 += __half2float(p.residual[off + 1]);
-                        p.y[off + 1] = __float2half_rn(v1);
+                        if (p.residual) v1 += load_act(p.residual, off + 1, p.out_f32);
+                        store_act(p.y, off + 1, v1, p.out_f32);
                     }
                 }
             }

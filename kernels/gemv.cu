@@ -20,7 +20,8 @@
 // SAFETY preconditions (checked by the Rust launcher `gemv`):
 //   - 1 <= M <= 8 (entry point gemv_m{M}), K % 8 == 0, K >= 8;
 //   - x, w 16-byte aligned, x has >= M*K elements (row stride K), w >= N*K;
-//   - y >= M*N elements; bias (nullable) >= N; residual (nullable) >= M*N and either exactly y
+//   - y >= M*N elements (fp32 ones, 4-byte aligned, when out_f32; the residual likewise);
+//     bias (nullable) >= N; residual (nullable) >= M*N and either exactly y
 //     (in-place, each element read then written by one thread) or disjoint from y;
 //   - threads_per_row in {32, 64, 128, 256}; block = 256 threads; grid = ceil(N / (256/T)).
 #include "common.cuh"
@@ -34,8 +35,10 @@ struct GemvParams {
     int n, k;
     int act;              // ActCode
     int threads_per_row;  // T
+    int out_f32;          // 1: y and residual hold fp32 (an fp32 residual stream)
+    int pad_;             // keeps sizeof a multiple of 8 (mirrored by the Rust #[repr(C)] struct)
 };
-static_assert(sizeof(GemvParams) == 56, "GemvParams layout is mirrored in Rust");
+static_assert(sizeof(GemvParams) == 64, "GemvParams layout is mirrored in Rust");
 
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_UNROLL = 4;
@@ -101,8 +104,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
         if (p.bias) s += __half2float(p.bias[n]);
         s = apply_act(p.act, s);
         const size_t off = (size_t)m * p.n + n;
-        if (p.residual) s += __half2float(p.residual[off]);
-        p.y[off] = __float2half_rn(s);
+        if (p.residual) s += load_act(p.residual, off, p.out_f32);
+        store_act(p.y, off, s, p.out_f32);
     }
 }
 

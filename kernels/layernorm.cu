@@ -1,7 +1,8 @@
 // LayerNorm and RMSNorm over the last dimension, one block per row, with an optional fused
 // residual add (pre-norm residual streams).
 //
-//   layernorm:  s = half(x + r)        (r optional; s = x when r is null)
+//   layernorm:  s = half(x + r)        (r optional; s = x when r is null; with in_f32, x, r and
+//                                       sum_out are fp32 and s = x + r in fp32, unrounded)
 //               sum_out = s            (optional: writes the updated residual stream)
 //               y = (s - mean(s)) / sqrt(var(s) + eps) * w + b      (biased variance, fp32)
 //   rmsnorm:    s as above;  y = half(s * rsqrt(mean(s^2) + eps)) * w   (Llama: normalise in
@@ -35,18 +36,19 @@ struct NormParams {
     __half* sum_out;    // [rows, dim] or nullptr (may alias x)
     int rows, dim;
     float eps;
-    int pad_;
+    int in_f32;  // 1: x, r and sum_out hold fp32 (an fp32 residual stream); y is always fp16
 };
 static_assert(sizeof(NormParams) == 64, "NormParams layout is mirrored in Rust");
 
 // Loads element i of the residual sum; when sum_out is set, pass 0 stores it and later passes
 // read it back (same thread, same index).
 __device__ __forceinline__ float load_sum(const NormParams& p, size_t base, int i, bool first) {
-    if (!first && p.sum_out) return __half2float(p.sum_out[base + i]);
-    __half s = p.x[base + i];
-    if (p.r) s = __float2half_rn(__half2float(s) + __half2float(p.r[base + i]));
-    if (first && p.sum_out) p.sum_out[base + i] = s;
-    return __half2float(s);
+    if (!first && p.sum_out) return load_act(p.sum_out, base + i, p.in_f32);
+    float s = load_act(p.x, base + i, p.in_f32);
+    // fp16 streams round the sum (the reference's h = x + r is an fp16 tensor); fp32 keep it.
+    if (p.r) s = p.in_f32 ? s + load_act(p.r, base + i, 1) : __half2float(__float2half_rn(s + __half2float(p.r[base + i])));
+    if (first && p.sum_out) store_act(p.sum_out, base + i, s, p.in_f32);
+    return s;
 }
 
 extern "C" __global__ void __launch_bounds__(1024) layernorm_f16(NormParams p) {

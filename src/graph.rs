@@ -8,7 +8,8 @@
 
 use crate::weights::Weight;
 
-/// A buffer of the graph: `rows x cols` f32 on the CPU (fp16 on the GPU), row-major.
+/// A buffer of the graph: `rows x cols` f32 on the CPU, row-major; on the GPU fp16 or fp32 as
+/// its [`DType`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Buf(pub usize);
 
@@ -233,6 +234,9 @@ pub enum Op {
     LastRows { x: Buf, out: Buf, batch: usize, rows_per_batch: usize },
     /// `out[b * n + i] = table[i]`: a parameter (e.g. query tokens) repeated for each batch item.
     Broadcast { table: W, out: Buf, batch: usize },
+    /// `out[r] = x[r]` for `rows` rows of equal width, converted to `out`'s [`DType`] (e.g. an
+    /// fp16 embedding into an fp32 residual stream, or an fp32 stream back to fp16).
+    Convert { x: Buf, out: Buf, rows: usize },
 }
 
 impl Op {
@@ -248,7 +252,8 @@ impl Op {
             | Op::Embed { out, .. }
             | Op::ScatterTokens { out, .. }
             | Op::LastRows { out, .. }
-            | Op::Broadcast { out, .. } => vec![out],
+            | Op::Broadcast { out, .. }
+            | Op::Convert { out, .. } => vec![out],
             Op::Attention(ref a) => vec![a.out],
             Op::Rope { x, .. } => vec![x.buf],
             Op::AddPositions { x, .. } => vec![x],
@@ -269,7 +274,7 @@ impl Op {
             Op::Attention(ref a) => {
                 [Some(a.q.buf), Some(a.k.buf), Some(a.v.buf), a.key_mask, a.head_bias].into_iter().flatten().collect()
             }
-            Op::SelectRows { x, .. } | Op::LastRows { x, .. } => vec![x],
+            Op::SelectRows { x, .. } | Op::LastRows { x, .. } | Op::Convert { x, .. } => vec![x],
             Op::KvAppend { k, v, .. } => vec![k.buf, v.buf],
             Op::Embed { .. } | Op::Broadcast { .. } => vec![],
             Op::ScatterTokens { src, out, .. } => vec![src, out],
@@ -291,7 +296,8 @@ impl Op {
             | Op::SelectRows { .. }
             | Op::KvAppend { .. }
             | Op::ScatterTokens { .. }
-            | Op::LastRows { .. } => vec![],
+            | Op::LastRows { .. }
+            | Op::Convert { .. } => vec![],
         }
     }
 
@@ -312,8 +318,22 @@ impl Op {
             Op::AddPositions { .. } => "add_positions",
             Op::LastRows { .. } => "last_rows",
             Op::Broadcast { .. } => "broadcast",
+            Op::Convert { .. } => "convert",
         }
     }
+}
+
+/// How a device that stores activations in fp16 (the CUDA executor, the CPU executor's fp16
+/// emulation) holds a buffer. The CPU reference computes and stores everything in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DType {
+    /// fp16: every activation unless a model says otherwise.
+    #[default]
+    F16,
+    /// fp32, where transformers keeps activations in fp32 and measurement (the fp16 emulation)
+    /// shows fp16 is not enough, e.g. a residual stream that would overflow fp16. Which ops
+    /// accept fp32 operands is `backend::check_dtypes` (shared by both executors).
+    F32,
 }
 
 #[derive(Debug, Clone)]
@@ -321,6 +341,7 @@ pub struct BufferDesc {
     pub name: String,
     pub rows: usize,
     pub cols: usize,
+    pub dtype: DType,
 }
 
 /// The ops of one phase.
@@ -345,8 +366,14 @@ impl Graph {
         Self::default()
     }
 
+    /// An fp16 activation buffer (see [`DType`]).
     pub fn buffer(&mut self, name: impl Into<String>, rows: usize, cols: usize) -> Buf {
-        self.buffers.push(BufferDesc { name: name.into(), rows, cols });
+        self.typed_buffer(name, rows, cols, DType::F16)
+    }
+
+    /// A buffer held in `dtype` on fp16 devices.
+    pub fn typed_buffer(&mut self, name: impl Into<String>, rows: usize, cols: usize, dtype: DType) -> Buf {
+        self.buffers.push(BufferDesc { name: name.into(), rows, cols, dtype });
         Buf(self.buffers.len() - 1)
     }
 

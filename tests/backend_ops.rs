@@ -251,3 +251,68 @@ fn select_rows_match_cpu() {
     assert_eq!(gpu.read(tail, batch * (seq - 1)).unwrap(), cpu.read(tail, batch * (seq - 1)).unwrap());
     assert_eq!(gpu.read(pooled, batch).unwrap(), cpu.read(pooled, batch).unwrap());
 }
+
+/// An fp32 residual stream (`DType::F32`): Convert in, Linear epilogues adding into it on the
+/// GEMV path (3 rows) and the GEMM path (40 rows), in place and from a second fp32 buffer,
+/// LayerNorm and RMSNorm reading it with an fp32 residual, Convert out, argmax over fp32 logits.
+/// Values are scaled past fp16's range (|stream| ~ 1e5) so an fp16 store anywhere on the stream
+/// would give inf. The stream is compared relative to its magnitude (both sides keep it in fp32;
+/// they differ by accumulation order of fp16 products, ~1e-6 relative).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn fp32_stream_matches_cpu() {
+    use glimpse::graph::DType;
+    let mut rng = Rng::new("fp32_stream");
+    let (k, dim, vocab) = (64, 48, 37);
+    let weights = table(&mut rng, &[("fc", vec![dim, k]), ("norm", vec![dim]), ("head", vec![vocab, k])]);
+    let mut g = Graph::new();
+    let mut phases = Vec::new();
+    let mut bufs = Vec::new();
+    for rows in [3, 40] {
+        let x = g.buffer("x", rows, k);
+        let emb = g.buffer("emb", rows, dim);
+        let stream = g.typed_buffer("stream", rows, dim, DType::F32);
+        let other = g.typed_buffer("other", rows, dim, DType::F32);
+        let (ln, rms, back) = (g.buffer("ln", rows, dim), g.buffer("rms", rows, dim), g.buffer("back", rows, dim));
+        let logits = g.typed_buffer("logits", rows, vocab, DType::F32);
+        g.push(Op::Convert { x: emb, out: stream, rows });
+        g.linear(x, W(0), None, Activation::Gelu, Some(stream), stream, rows);
+        g.linear(x, W(0), None, Activation::None, None, other, rows);
+        g.linear(x, W(0), None, Activation::Silu, Some(other), stream, rows);
+        g.push(Op::LayerNorm { x: stream, residual: Some(other), weight: W(1), bias: None, eps: 1e-5, out: ln, rows });
+        g.push(Op::RmsNorm { x: stream, residual: None, weight: W(1), eps: 1e-6, out: rms, rows });
+        g.push(Op::Convert { x: stream, out: back, rows });
+        g.linear(x, W(2), None, Activation::None, None, logits, rows);
+        phases.push(g.take_phase("fp32_stream"));
+        bufs.push((rows, x, emb, stream, ln, rms, back, logits));
+    }
+    let Some((mut gpu, mut cpu)) = executors("fp32_stream_matches_cpu", weights, &g) else { return };
+    for (p, &(rows, x, emb, stream, ln, rms, back, logits)) in phases.iter().zip(&bufs) {
+        // x ~ 300 against weights ~ 1: Linear outputs ~ 1e3 .. 1e4, the stream past 65504.
+        let xs: Vec<f32> = rng.f32s(rows * k).into_iter().map(|v| 3000.0 * v).collect();
+        write_both(gpu.as_mut(), &mut cpu, x, &xs);
+        write_both(gpu.as_mut(), &mut cpu, emb, &rng.f32s(rows * dim).into_iter().map(|v| 6e4 * v).collect::<Vec<_>>());
+        run_both(gpu.as_mut(), &mut cpu, p);
+        let (gs, cs) = (gpu.read(stream, rows).unwrap(), cpu.read(stream, rows).unwrap());
+        let scale = cs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(scale > 65504.0, "the stream must leave fp16's range: max {scale}");
+        for (i, (a, b)) in gs.iter().zip(&cs).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "stream[{i}] ({rows} rows): cuda {a} vs cpu {b}");
+        }
+        compare("layer_norm of an fp32 stream", gpu.as_mut(), &mut cpu, ln, rows);
+        compare("rms_norm of an fp32 stream", gpu.as_mut(), &mut cpu, rms, rows);
+        let (gb, cb) = (gpu.read(back, rows).unwrap(), cpu.read(back, rows).unwrap());
+        for (i, (a, b)) in gb.iter().zip(&cb).enumerate() {
+            assert!(a == b || (a - b).abs() <= 2e-3 * b.abs(), "convert back[{i}]: cuda {a} vs cpu {b}");
+        }
+        let (gl, cl) = (gpu.read(logits, rows).unwrap(), cpu.read(logits, rows).unwrap());
+        let lscale = cl.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (a, b)) in gl.iter().zip(&cl).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * lscale, "fp32 logits[{i}]: cuda {a} vs cpu {b}");
+        }
+        let (gt, ct) = (gpu.top_k(logits, rows, 1).unwrap(), cpu.top_k(logits, rows, 1).unwrap());
+        for (r, (a, b)) in gt.iter().zip(&ct).enumerate() {
+            assert_eq!(a[0].token, b[0].token, "argmax of fp32 logits, row {r}");
+        }
+    }
+}

@@ -7,7 +7,7 @@ pub mod cuda;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::graph::{Attention, Buf, BufferDesc, Graph, KvLen, Op, Phase, RowSelect, View, WeightTable};
+use crate::graph::{Attention, Buf, BufferDesc, DType, Graph, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 pub use crate::graph::Activation;
 
@@ -227,6 +227,7 @@ fn invalid(msg: String) -> Error {
 /// token ids inside the vocabulary, positions inside the table, KV capacity, mask and bias
 /// shapes, row indices, view bounds of the new ops.
 pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[BufferDesc]) -> Result<()> {
+    check_dtypes(op, descs)?;
     let cols = |b: Buf| descs[b.0].cols;
     let rows_of = |b: Buf| descs[b.0].rows;
     let view_fits = |what: &str, v: View, rows: usize, width: usize| -> Result<()> {
@@ -325,7 +326,57 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
                 )));
             }
         }
+        Op::Convert { x, out, rows } if cols(*x) != cols(*out) || rows_of(*x) < *rows || rows_of(*out) < *rows => {
+            return Err(invalid(format!(
+                "convert: `{}` [{}, {}] -> `{}` [{}, {}] cannot copy {rows} rows",
+                descs[x.0].name,
+                rows_of(*x),
+                cols(*x),
+                descs[out.0].name,
+                rows_of(*out),
+                cols(*out)
+            )));
+        }
         _ => {}
+    }
+    Ok(())
+}
+
+/// Which operands may be fp32 buffers ([`DType::F32`]), the same rule on both executors: a
+/// Linear may write an fp32 output with an fp32 residual (its input stays fp16: the tensor-core
+/// operand); a norm may read an fp32 input and residual (its output is fp16); `Convert` goes
+/// either way. Every other operand is fp16. Streams enter and leave fp32 through these ops.
+pub fn check_dtypes(op: &Op, descs: &[BufferDesc]) -> Result<()> {
+    let dt = |b: Buf| descs[b.0].dtype;
+    let (fp32_ok, must_match): (Vec<Buf>, Vec<Buf>) = match *op {
+        Op::Convert { x, out, .. } => (vec![x, out], vec![]),
+        Op::Linear { residual, out, .. } => {
+            let stream: Vec<Buf> = [Some(out), residual].into_iter().flatten().collect();
+            (stream.clone(), stream)
+        }
+        Op::LayerNorm { x, residual, .. } | Op::RmsNorm { x, residual, .. } => {
+            let stream: Vec<Buf> = [Some(x), residual].into_iter().flatten().collect();
+            (stream.clone(), stream)
+        }
+        _ => (vec![], vec![]),
+    };
+    if let Some(&b) = must_match.iter().find(|&&b| dt(b) != dt(must_match[0])) {
+        return Err(invalid(format!(
+            "{}: `{}` is {:?} but `{}` is {:?}: an op's residual stream operands share one dtype",
+            op.kind(),
+            descs[b.0].name,
+            dt(b),
+            descs[must_match[0].0].name,
+            dt(must_match[0])
+        )));
+    }
+    let operands = op.inputs().into_iter().chain(op.outputs());
+    if let Some(b) = operands.filter(|b| !fp32_ok.contains(b)).find(|&b| dt(b) == DType::F32) {
+        return Err(invalid(format!(
+            "{}: buffer `{}` is fp32 but this operand must be fp16 (fp32 buffers are a Linear's output and residual, a norm's input and residual, and Convert's operands): convert it first",
+            op.kind(),
+            descs[b.0].name
+        )));
     }
     Ok(())
 }

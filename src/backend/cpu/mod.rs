@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::backend::{rope_position, validate_op, Executor, RunState};
 use crate::error::{Error, Result};
-use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
+use crate::graph::{Attention, Buf, BufferDesc, DType, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 pub struct CpuExecutor {
     weights: Arc<WeightTable>,
@@ -40,10 +40,12 @@ impl CpuExecutor {
 
     /// Emulates a device that stores activations in fp16 (the CUDA executor): the output of
     /// every op, and written inputs, are rounded to fp16 (each op still computes in f32 and
-    /// rounds once, as a fused kernel does), except buffers for which `keep_f32(name)` holds.
-    /// Used to predict GPU numerics on the CPU and to choose what must stay in fp32.
+    /// rounds once, as a fused kernel does), except buffers the graph keeps in fp32
+    /// ([`DType::F32`], as the CUDA executor does) and those for which `keep_f32(name)` holds
+    /// (to measure what keeping more in fp32 would change). Used to predict GPU numerics on the
+    /// CPU and to choose what must stay in fp32.
     pub fn emulate_fp16(&mut self, keep_f32: impl Fn(&str) -> bool) {
-        self.fp16 = self.descs.iter().map(|d| !keep_f32(&d.name)).collect();
+        self.fp16 = self.descs.iter().map(|d| d.dtype == DType::F16 && !keep_f32(&d.name)).collect();
     }
 
     fn round_if_fp16(&mut self, b: Buf) {
@@ -225,6 +227,14 @@ impl CpuExecutor {
                     }
                 }
             }
+            // Every buffer is f32 here; the emulation rounds `out` if it is fp16.
+            Op::Convert { x, out, rows } if x != out => {
+                let n = rows * self.cols(x);
+                let src = std::mem::take(&mut self.bufs[x.0]);
+                self.bufs[out.0][..n].copy_from_slice(&src[..n]);
+                self.bufs[x.0] = src;
+            }
+            Op::Convert { .. } => {}
         }
         Ok(())
     }

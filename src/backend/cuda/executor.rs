@@ -31,7 +31,7 @@ use half::f16;
 use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, HeadsView, Residual, RowsView, SumOut};
 use crate::backend::{validate_op, Candidate, Executor, RunState};
 use crate::error::{Error, Result};
-use crate::graph::{Attention, Buf, BufferDesc, KvLen, Op, Phase, RowSelect, View, WeightTable};
+use crate::graph::{Attention, Buf, BufferDesc, DType, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 /// Recordings that failed and fell back to direct launches, process-wide (for tests and logs).
 static CAPTURE_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
@@ -233,12 +233,11 @@ impl CudaExecutor {
     /// Allocates every graph buffer (one arena) plus the small device-resident run state.
     pub fn new(weights: Arc<CudaWeights>, host: Arc<WeightTable>, buffers: &[BufferDesc]) -> Result<Self> {
         let dev = Arc::new(weights.dev.with_new_stream()?);
-        let elems: usize = buffers.iter().map(|d| d.rows * d.cols).sum();
+        // fp32 buffers take two fp16 slots per element (`f32_buf` views them as f32).
+        let slots = |d: &BufferDesc| (d.rows * d.cols).max(1) * if d.dtype == DType::F32 { 2 } else { 1 };
+        let elems: usize = buffers.iter().map(slots).sum();
         let arena = dev.arena(elems * 2 + buffers.len() * super::ARENA_ALIGN)?;
-        let bufs = buffers
-            .iter()
-            .map(|d| arena.alloc::<f16>((d.rows * d.cols).max(1)))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let bufs = buffers.iter().map(|d| arena.alloc::<f16>(slots(d))).collect::<std::result::Result<Vec<_>, _>>()?;
         let max_rows = buffers.iter().map(|d| d.rows).max().unwrap_or(1).max(1);
         let sync_each_op = std::env::var("GLIMPSE_CUDA_SYNC").is_ok_and(|v| v == "1");
         let graph_setting = std::env::var("GLIMPSE_CUDA_GRAPH").unwrap_or_default();
@@ -284,6 +283,24 @@ impl CudaExecutor {
 
     fn cols(&self, b: Buf) -> usize {
         self.descs[b.0].cols
+    }
+
+    fn is_f32(&self, b: Buf) -> bool {
+        self.descs[b.0].dtype == DType::F32
+    }
+
+    /// An fp32 buffer's elements (`backend::check_dtypes` decides where the graph has them).
+    fn f32_buf(&self, b: Buf) -> DevSlice<f32> {
+        self.bufs[b.0].reinterpret::<f32>().expect("fp32 buffers hold an even number of fp16 slots")
+    }
+
+    /// fp16 slots per element of buffer `b` (2 for an fp32 buffer): what byte-level copies scale by.
+    fn slots(&self, b: Buf) -> usize {
+        if self.is_f32(b) {
+            2
+        } else {
+            1
+        }
     }
 
     fn unsupported(&self, what: String) -> Error {
@@ -390,32 +407,57 @@ impl CudaExecutor {
                 } else {
                     self.bufs[x.buf.0].clone()
                 };
-                let res = match residual {
-                    None => Residual::None,
-                    Some(r) if r == out => Residual::InPlace,
-                    Some(r) => Residual::Add(&self.bufs[r.0]),
-                };
-                dev.linear(&input, self.w(weight), bias.map(|b| self.w(b)), act, res, &self.bufs[out.0], rows, n, k)?;
+                let (w, bias) = (self.w(weight), bias.map(|b| self.w(b)));
+                if self.is_f32(out) {
+                    // An fp32 stream (its residual is fp32 too: `check_dtypes`).
+                    let r32 = residual.filter(|&r| r != out).map(|r| self.f32_buf(r));
+                    let res = match (residual, &r32) {
+                        (None, _) => Residual::None,
+                        (Some(_), Some(r)) => Residual::Add(r),
+                        (Some(_), None) => Residual::InPlace,
+                    };
+                    dev.linear(&input, w, bias, act, res, &self.f32_buf(out), rows, n, k)?;
+                } else {
+                    let res = match residual {
+                        None => Residual::None,
+                        Some(r) if r == out => Residual::InPlace,
+                        Some(r) => Residual::Add(&self.bufs[r.0]),
+                    };
+                    dev.linear(&input, w, bias, act, res, &self.bufs[out.0], rows, n, k)?;
+                }
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
-                let dim = self.cols(out);
-                let res = residual.map(|r| &self.bufs[r.0]);
-                dev.layernorm(
-                    &self.bufs[x.0],
-                    res,
-                    SumOut::None,
-                    self.w(weight),
-                    bias.map(|b| self.w(b)),
-                    &self.bufs[out.0],
-                    rows,
-                    dim,
-                    eps,
-                )?;
+                let (dim, w, b, y) = (self.cols(out), self.w(weight), bias.map(|b| self.w(b)), &self.bufs[out.0]);
+                if self.is_f32(x) {
+                    let res = residual.map(|r| self.f32_buf(r));
+                    dev.layernorm(&self.f32_buf(x), res.as_ref(), SumOut::None, w, b, y, rows, dim, eps)?;
+                } else {
+                    let res = residual.map(|r| &self.bufs[r.0]);
+                    dev.layernorm(&self.bufs[x.0], res, SumOut::None, w, b, y, rows, dim, eps)?;
+                }
             }
             Op::RmsNorm { x, residual, weight, eps, out, rows } => {
-                let dim = self.cols(out);
-                let res = residual.map(|r| &self.bufs[r.0]);
-                dev.rmsnorm(&self.bufs[x.0], res, SumOut::None, self.w(weight), &self.bufs[out.0], rows, dim, eps)?;
+                let (dim, w, y) = (self.cols(out), self.w(weight), &self.bufs[out.0]);
+                if self.is_f32(x) {
+                    let res = residual.map(|r| self.f32_buf(r));
+                    dev.rmsnorm(&self.f32_buf(x), res.as_ref(), SumOut::None, w, y, rows, dim, eps)?;
+                } else {
+                    let res = residual.map(|r| &self.bufs[r.0]);
+                    dev.rmsnorm(&self.bufs[x.0], res, SumOut::None, w, y, rows, dim, eps)?;
+                }
+            }
+            Op::Convert { x, out, rows } => {
+                let n = rows * self.cols(x);
+                let slice = |s: DevSlice<f32>| s.slice(0, n).expect("validated: rows fit both buffers");
+                match (self.is_f32(x), self.is_f32(out)) {
+                    (false, true) => dev.cast_f16_f32(&self.bufs[x.0], &slice(self.f32_buf(out)), n)?,
+                    (true, false) => dev.cast_f32_f16(&slice(self.f32_buf(x)), &self.bufs[out.0], n)?,
+                    _ if x == out => {}
+                    _ => {
+                        let k = n * self.slots(x);
+                        dev.copy_rows(&self.bufs[x.0], 0, k, &self.bufs[out.0], 0, k, 1, k)?;
+                    }
+                }
             }
             Op::GatedAct { gate, up, act, out, rows } => {
                 let (g, u) = (self.rows_view(gate), self.rows_view(up));
@@ -733,6 +775,11 @@ impl Executor for CudaExecutor {
         let dst = self.bufs[buf.0].slice(0, data.len()).ok_or_else(|| {
             Error::InvalidInput(format!("{} values do not fit buffer `{}`", data.len(), self.descs[buf.0].name))
         })?;
+        if self.is_f32(buf) {
+            let dst = self.f32_buf(buf).slice(0, data.len()).expect("an fp32 buffer holds as many f32 as its f16 view");
+            self.dev().copy_to_device(data, &dst)?;
+            return Ok(());
+        }
         let halves: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
         self.dev().copy_to_device(&halves, &dst)?;
         Ok(())
@@ -743,6 +790,10 @@ impl Executor for CudaExecutor {
         let src = self.bufs[buf.0].slice(0, n).ok_or_else(|| {
             Error::InvalidInput(format!("buffer `{}` has fewer than {rows} rows", self.descs[buf.0].name))
         })?;
+        if self.is_f32(buf) {
+            let src = self.f32_buf(buf).slice(0, n).expect("checked above on the f16 view");
+            return Ok(self.dev().download(&src)?);
+        }
         Ok(self.dev().download(&src)?.into_iter().map(f16::to_f32).collect())
     }
 
@@ -779,7 +830,11 @@ impl Executor for CudaExecutor {
         }
         let vocab = self.cols(logits);
         let dev = self.dev.clone();
-        dev.argmax(&self.bufs[logits.0], &self.argmax_idx, &self.argmax_logprob, rows, vocab)?;
+        if self.is_f32(logits) {
+            dev.argmax(&self.f32_buf(logits), &self.argmax_idx, &self.argmax_logprob, rows, vocab)?;
+        } else {
+            dev.argmax(&self.bufs[logits.0], &self.argmax_idx, &self.argmax_logprob, rows, vocab)?;
+        }
         let idx = dev.download(&self.argmax_idx.slice(0, rows).expect("rows <= max rows"))?;
         let lp = dev.download(&self.argmax_logprob.slice(0, rows).expect("rows <= max rows"))?;
         Ok(idx.into_iter().zip(lp).map(|(i, l)| vec![Candidate { token: i as u32, logprob: f64::from(l) }]).collect())
@@ -791,7 +846,8 @@ impl Executor for CudaExecutor {
         crate::backend::validate_reorder(&self.descs, bufs, rows_per_seq, from)?;
         let dev = self.dev.clone();
         for &b in bufs {
-            let cols = self.cols(b);
+            // Copied as fp16 slots: an fp32 buffer has two per element.
+            let cols = self.cols(b) * self.slots(b);
             let len = self.descs[b.0].rows * cols;
             let tmp = dev.alloc::<f16>(len.max(1))?;
             dev.copy_rows(&self.bufs[b.0], 0, len, &tmp, 0, len, 1, len)?;

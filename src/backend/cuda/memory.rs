@@ -194,6 +194,17 @@ impl<T: DeviceScalar> DevSlice<T> {
             _t: PhantomData,
         })
     }
+    /// The same bytes as elements of `U` (`None` unless the byte length is a whole number of
+    /// `U`s): an fp32 graph buffer is allocated as twice as many fp16 slots.
+    pub fn reinterpret<U: DeviceScalar>(&self) -> Option<DevSlice<U>> {
+        let bytes = self.num_bytes();
+        (bytes % std::mem::size_of::<U>() == 0).then(|| DevSlice {
+            buf: self.buf.clone(),
+            offset: self.offset,
+            len: bytes / std::mem::size_of::<U>(),
+            _t: PhantomData,
+        })
+    }
     /// Byte range `[start, end)` in device address space.
     pub(crate) fn range(&self) -> (u64, u64) {
         (self.ptr(), self.ptr() + self.num_bytes() as u64)

@@ -30,7 +30,7 @@ struct GemmParams {
     k: i32,
     vec: i32,
     pair: i32,
-    pad_: i32,
+    out_f32: i32,
 }
 const _: () = assert!(std::mem::size_of::<GemmParams>() == 64);
 // SAFETY: plain #[repr(C)] data (u64 device addresses and i32), layout identical to the CUDA
@@ -38,16 +38,17 @@ const _: () = assert!(std::mem::size_of::<GemmParams>() == 64);
 unsafe impl DeviceRepr for GemmParams {}
 
 impl CudaDevice {
-    /// Y[M,N] = act(X[M,K] · W[N,K]^T + bias) + residual on tensor cores (any M, N, K >= 1).
+    /// Y[M,N] = act(X[M,K] · W[N,K]^T + bias) + residual on tensor cores (any M, N, K >= 1);
+    /// Y and the residual are fp16, or fp32 for a stream kept in fp32.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
+    pub fn gemm<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
         bias: Option<&DevSlice<f16>>,
         act: Activation,
-        residual: Residual<'_>,
-        y: &DevSlice<f16>,
+        residual: Residual<'_, O>,
+        y: &DevSlice<O>,
         m: usize,
         n: usize,
         k: usize,
@@ -62,14 +63,14 @@ impl CudaDevice {
 
     /// [`gemm`](Self::gemm) with an explicit tile config (tests exercise both).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm_with_tile(
+    pub fn gemm_with_tile<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
         bias: Option<&DevSlice<f16>>,
         act: Activation,
-        residual: Residual<'_>,
-        y: &DevSlice<f16>,
+        residual: Residual<'_, O>,
+        y: &DevSlice<O>,
         m: usize,
         n: usize,
         k: usize,
@@ -81,7 +82,8 @@ impl CudaDevice {
         }
         let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
         let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
-        let pair = n % 2 == 0 && y.is_aligned(4) && bias.is_none_or(|b| b.is_aligned(4)) && (res_ptr % 4 == 0);
+        let pair =
+            !O::F32 && n % 2 == 0 && y.is_aligned(4) && bias.is_none_or(|b| b.is_aligned(4)) && (res_ptr % 4 == 0);
         let (bm, bn, threads, smem, cfg) = match tile {
             GemmTile::Large => (128, 128, 256, 65536u32, "l"),
             GemmTile::Small => (64, 64, 128, 32768u32, "s"),
@@ -99,7 +101,7 @@ impl CudaDevice {
             k: to_i32(K, "k", k)?,
             vec: vec as i32,
             pair: pair as i32,
-            pad_: 0,
+            out_f32: O::F32 as i32,
         };
         let name: &'static str = match (cfg, act) {
             ("l", Activation::None) => "gemm_l_none",
@@ -129,7 +131,8 @@ impl CudaDevice {
             })?;
         }
         let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
-        // SAFETY: x >= m*k, w >= n*k, y >= m*n, bias >= n, residual >= m*n elements (checked);
+        // SAFETY: x >= m*k, w >= n*k, y >= m*n, bias >= n, residual >= m*n elements (checked; fp32
+        // ones for out_f32, 4-byte aligned);
         // vec=1 only with k % 8 == 0 and 16-byte aligned x/w; pair=1 only with n even and
         // 4-byte aligned y/bias/residual; y is disjoint from x, w, bias and the residual either
         // is y or is disjoint; grid covers ceil(n/BN) x ceil(m/BM) tiles with the block size and
@@ -140,14 +143,14 @@ impl CudaDevice {
 
     /// Linear layer: GEMV for m <= 8 when its preconditions hold, else GEMM.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear(
+    pub fn linear<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
         bias: Option<&DevSlice<f16>>,
         act: Activation,
-        residual: Residual<'_>,
-        y: &DevSlice<f16>,
+        residual: Residual<'_, O>,
+        y: &DevSlice<O>,
         m: usize,
         n: usize,
         k: usize,

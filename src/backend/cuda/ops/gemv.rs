@@ -20,8 +20,10 @@ struct GemvParams {
     k: i32,
     act: i32,
     threads_per_row: i32,
+    out_f32: i32,
+    pad_: i32,
 }
-const _: () = assert!(std::mem::size_of::<GemvParams>() == 56);
+const _: () = assert!(std::mem::size_of::<GemvParams>() == 64);
 // SAFETY: see GemmParams (mirrors gemv.cu GemvParams, size asserted on both sides).
 unsafe impl DeviceRepr for GemvParams {}
 
@@ -39,14 +41,14 @@ impl CudaDevice {
     /// Decode GEMV (M = 1..=8): same math as [`gemm`](Self::gemm), weight-streaming kernel.
     /// Needs k % 8 == 0 and 16-byte aligned x, w ([`linear`](Self::linear) falls back to gemm).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemv(
+    pub fn gemv<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
         bias: Option<&DevSlice<f16>>,
         act: Activation,
-        residual: Residual<'_>,
-        y: &DevSlice<f16>,
+        residual: Residual<'_, O>,
+        y: &DevSlice<O>,
         m: usize,
         n: usize,
         k: usize,
@@ -72,6 +74,8 @@ impl CudaDevice {
             k: to_i32(K, "k", k)?,
             act: act_code(act),
             threads_per_row: t as i32,
+            out_f32: O::F32 as i32,
+            pad_: 0,
         };
         const NAMES: [&str; 8] =
             ["gemv_m1", "gemv_m2", "gemv_m3", "gemv_m4", "gemv_m5", "gemv_m6", "gemv_m7", "gemv_m8"];

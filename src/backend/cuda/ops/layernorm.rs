@@ -8,12 +8,12 @@ use crate::backend::cuda::error::{bad, GpuResult};
 use crate::backend::cuda::memory::{same, DevSlice};
 use crate::backend::cuda::CudaDevice;
 
-/// Where a norm writes the fp16 residual sum x + r.
+/// Where a norm writes the residual sum x + r (of x's element type).
 #[derive(Clone, Copy, Debug)]
-pub enum SumOut<'a> {
+pub enum SumOut<'a, T: ActElem = f16> {
     None,
     /// Into a separate buffer.
-    To(&'a DevSlice<f16>),
+    To(&'a DevSlice<T>),
     /// Back into x (in-place residual stream).
     InPlace,
 }
@@ -30,7 +30,7 @@ struct NormParams {
     rows: i32,
     dim: i32,
     eps: f32,
-    pad_: i32,
+    in_f32: i32,
 }
 const _: () = assert!(std::mem::size_of::<NormParams>() == 64);
 // SAFETY: see GemmParams (mirrors layernorm.cu NormParams).
@@ -38,12 +38,12 @@ unsafe impl DeviceRepr for NormParams {}
 
 impl CudaDevice {
     #[allow(clippy::too_many_arguments)]
-    fn norm(
+    fn norm<I: ActElem>(
         &self,
         kernel: &'static str,
-        x: &DevSlice<f16>,
-        residual: Option<&DevSlice<f16>>,
-        sum_out: SumOut<'_>,
+        x: &DevSlice<I>,
+        residual: Option<&DevSlice<I>>,
+        sum_out: SumOut<'_, I>,
         w: &DevSlice<f16>,
         b: Option<&DevSlice<f16>>,
         y: &DevSlice<f16>,
@@ -57,6 +57,9 @@ impl CudaDevice {
         need(kernel, "x", x, rows * dim)?;
         need(kernel, "y", y, rows * dim)?;
         need(kernel, "weight", w, dim)?;
+        if I::F32 && (!x.is_aligned(4) || residual.is_some_and(|r| !r.is_aligned(4))) {
+            return Err(bad(kernel, "fp32 x and residual must be 4-byte aligned"));
+        }
         disjoint(kernel, "y", y, "x", x)?;
         disjoint(kernel, "y", y, "weight", w)?;
         if let Some(b) = b {
@@ -112,7 +115,7 @@ impl CudaDevice {
             rows: grid as i32,
             dim: to_i32(kernel, "dim", dim)?,
             eps,
-            pad_: 0,
+            in_f32: I::F32 as i32,
         };
         let f = self.func("layernorm", kernel)?;
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
@@ -124,12 +127,13 @@ impl CudaDevice {
     }
 
     /// y = LayerNorm(x + residual) * w + b per row of `dim`; optionally writes x + residual.
+    /// x, the residual and the sum are fp16, or fp32 for a stream kept in fp32; y is fp16.
     #[allow(clippy::too_many_arguments)]
-    pub fn layernorm(
+    pub fn layernorm<I: ActElem>(
         &self,
-        x: &DevSlice<f16>,
-        residual: Option<&DevSlice<f16>>,
-        sum_out: SumOut<'_>,
+        x: &DevSlice<I>,
+        residual: Option<&DevSlice<I>>,
+        sum_out: SumOut<'_, I>,
         w: &DevSlice<f16>,
         b: Option<&DevSlice<f16>>,
         y: &DevSlice<f16>,
@@ -142,11 +146,11 @@ impl CudaDevice {
 
     /// y = half(s * rsqrt(mean(s^2) + eps)) * w with s = x + residual (Llama RMSNorm).
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm(
+    pub fn rmsnorm<I: ActElem>(
         &self,
-        x: &DevSlice<f16>,
-        residual: Option<&DevSlice<f16>>,
-        sum_out: SumOut<'_>,
+        x: &DevSlice<I>,
+        residual: Option<&DevSlice<I>>,
+        sum_out: SumOut<'_, I>,
         w: &DevSlice<f16>,
         y: &DevSlice<f16>,
         rows: usize,

@@ -53,12 +53,25 @@ fn act_suffix(a: Activation) -> &'static str {
     }
 }
 
-/// Residual added after the activation.
+/// The element type of an activation buffer: fp16, or fp32 for a buffer the graph keeps in
+/// fp32 (`graph::DType::F32`, e.g. a residual stream). Kernels that accept both take a flag.
+pub trait ActElem: DeviceScalar {
+    /// The kernels' `*_f32` flag.
+    const F32: bool;
+}
+impl ActElem for f16 {
+    const F32: bool = false;
+}
+impl ActElem for f32 {
+    const F32: bool = true;
+}
+
+/// Residual added after the activation, of the output's element type.
 #[derive(Clone, Copy, Debug)]
-pub enum Residual<'a> {
+pub enum Residual<'a, T: ActElem = f16> {
     None,
     /// y = act(...) + r, r disjoint from y.
-    Add(&'a DevSlice<f16>),
+    Add(&'a DevSlice<T>),
     /// y = act(...) + y (in-place residual stream update).
     InPlace,
 }
@@ -107,13 +120,13 @@ fn lerr(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> super::
 /// enough elements; Y is disjoint from X, W and the bias; the residual is Y itself or disjoint.
 /// Returns the residual pointer (0 = none).
 #[allow(clippy::too_many_arguments)]
-fn check_linear_operands(
+fn check_linear_operands<O: ActElem>(
     kernel: &'static str,
     x: &DevSlice<f16>,
     w: &DevSlice<f16>,
     bias: Option<&DevSlice<f16>>,
-    residual: Residual<'_>,
-    y: &DevSlice<f16>,
+    residual: Residual<'_, O>,
+    y: &DevSlice<O>,
     m: usize,
     n: usize,
     k: usize,
@@ -127,6 +140,9 @@ fn check_linear_operands(
     }
     disjoint(kernel, "y", y, "x", x)?;
     disjoint(kernel, "y", y, "w", w)?;
+    if O::F32 && !y.is_aligned(4) {
+        return Err(bad(kernel, "an fp32 y must be 4-byte aligned"));
+    }
     Ok(match residual {
         Residual::None => 0,
         Residual::InPlace => y.ptr(),
@@ -134,6 +150,9 @@ fn check_linear_operands(
             need(kernel, "residual", r, m * n)?;
             if overlaps(r, y) && r.ptr() != y.ptr() {
                 return Err(bad(kernel, "residual partially overlaps y"));
+            }
+            if O::F32 && !r.is_aligned(4) {
+                return Err(bad(kernel, "an fp32 residual must be 4-byte aligned"));
             }
             r.ptr()
         }
