@@ -104,8 +104,8 @@ pub struct Attention {
     pub scale: f32,
     /// Additive per-key mask `[batch, >= kv_len]` written by the host (HF padding masks: 0 or
     /// `finfo.min`), clamped to [`ATTN_MASK_FLOOR`] then added to every query's scores of batch b.
-    /// Stored like any buffer (fp16 on the GPU, where `finfo.min` becomes -inf; both clamp to the
-    /// same floor, so 0 / finfo.min / -inf masks behave identically on both executors).
+    /// An fp16 buffer holds 0 / finfo.min (as -inf) / -inf masks exactly after the clamp; make it
+    /// [`DType::F32`] for arbitrary float masks.
     pub key_mask: Option<Buf>,
     /// Additive per-head bias `[heads * q_len, >= kv_len]`: element (h, i, j) at row
     /// `h * q_len + i`, column j, shared by every batch item (T5 relative positions; written

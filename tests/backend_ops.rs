@@ -316,3 +316,56 @@ fn fp32_stream_matches_cpu() {
         }
     }
 }
+
+/// An fp32 key mask of arbitrary floats (fp16 would round them): used directly by the kernels,
+/// for prefill-style attention over a fixed key set and for a decode step over a cache.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn fp32_key_mask_matches_cpu() {
+    use glimpse::graph::DType;
+    let mut rng = Rng::new("fp32_key_mask");
+    let (batch, seq, heads, d) = (3, 11, 2, 64);
+    let w = heads * d;
+    let mut g = Graph::new();
+    let (q, k, v) = (g.buffer("q", batch * seq, w), g.buffer("k", batch * seq, w), g.buffer("v", batch * seq, w));
+    let mask = g.typed_buffer("mask", batch, seq, DType::F32);
+    let out = g.buffer("out", batch * seq, w);
+    for (q_len, kv_len) in [(seq, KvLen::Fixed(seq)), (1, KvLen::Cache)] {
+        g.push(Op::Attention(Attention {
+            q: q.into(),
+            k: k.into(),
+            v: v.into(),
+            out,
+            batch,
+            heads,
+            kv_heads: heads,
+            head_dim: d,
+            q_len,
+            kv_len,
+            kv_batch_stride: seq,
+            causal: false,
+            scale: 0.125,
+            key_mask: Some(mask),
+            head_bias: None,
+        }));
+    }
+    let p = g.take_phase("masked");
+    let Some((mut gpu, mut cpu)) = executors("fp32_key_mask_matches_cpu", Arc::new(WeightTable::default()), &g) else {
+        return;
+    };
+    for b in [q, k, v] {
+        write_both(gpu.as_mut(), &mut cpu, b, &rng.f32s(batch * seq * w));
+    }
+    // Soft biases with more bits than fp16 keeps, one finfo.min key per sequence.
+    let mut m: Vec<f32> = rng.f32s(batch * seq).into_iter().map(|x| 3.0 * x + 1e-4).collect();
+    for b in 0..batch {
+        m[b * seq + 2 * b] = f32::MIN;
+    }
+    write_both(gpu.as_mut(), &mut cpu, mask, &m);
+    assert_eq!(gpu.read(mask, batch).unwrap(), m, "an fp32 buffer keeps the mask exactly");
+    for ex in [gpu.as_mut(), &mut cpu as &mut dyn Executor] {
+        ex.set_position(seq - 1);
+    }
+    run_both(gpu.as_mut(), &mut cpu, &p);
+    compare("attention with an fp32 mask", gpu.as_mut(), &mut cpu, out, batch * seq);
+}

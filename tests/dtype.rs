@@ -176,6 +176,16 @@ fn fp32_operands_are_allowed_only_where_both_executors_support_them() {
         None
     );
     assert_eq!(rejection(|_, a, _, s| Op::Convert { x: a, out: s, rows: ROWS }), None);
+    // An fp32 attention key mask (one row of ROWS keys for the single sequence).
+    assert_eq!(
+        rejection(|g, a, b, _| {
+            let mask = g.typed_buffer("mask32", 1, ROWS, DType::F32);
+            let Op::Attention(mut at) = attention(a, b) else { unreachable!() };
+            at.key_mask = Some(mask);
+            Op::Attention(at)
+        }),
+        None
+    );
     assert_eq!(rejection(|_, a, _, s| Op::Convert { x: s, out: a, rows: ROWS }), None);
 
     // Rejected, naming the op and the buffer.

@@ -345,7 +345,8 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
 /// Which operands may be fp32 buffers ([`DType::F32`]), the same rule on both executors: a
 /// Linear may write an fp32 output with an fp32 residual (its input stays fp16: the tensor-core
 /// operand); a norm may read an fp32 input and residual (its output is fp16); `Convert` goes
-/// either way. Every other operand is fp16. Streams enter and leave fp32 through these ops.
+/// either way; an attention key mask may be fp32. Every other operand is fp16. Streams enter and
+/// leave fp32 through these ops.
 pub fn check_dtypes(op: &Op, descs: &[BufferDesc]) -> Result<()> {
     let dt = |b: Buf| descs[b.0].dtype;
     let (fp32_ok, must_match): (Vec<Buf>, Vec<Buf>) = match *op {
@@ -358,6 +359,9 @@ pub fn check_dtypes(op: &Op, descs: &[BufferDesc]) -> Result<()> {
             let stream: Vec<Buf> = [Some(x), residual].into_iter().flatten().collect();
             (stream.clone(), stream)
         }
+        // Arbitrary float masks stay exact in an fp32 buffer (fp16 holds 0 / finfo.min / -inf
+        // exactly after the clamp, other values rounded).
+        Op::Attention(ref a) => (a.key_mask.into_iter().collect(), vec![]),
         _ => (vec![], vec![]),
     };
     if let Some(&b) = must_match.iter().find(|&&b| dt(b) != dt(must_match[0])) {
@@ -373,7 +377,7 @@ pub fn check_dtypes(op: &Op, descs: &[BufferDesc]) -> Result<()> {
     let operands = op.inputs().into_iter().chain(op.outputs());
     if let Some(b) = operands.filter(|b| !fp32_ok.contains(b)).find(|&b| dt(b) == DType::F32) {
         return Err(invalid(format!(
-            "{}: buffer `{}` is fp32 but this operand must be fp16 (fp32 buffers are a Linear's output and residual, a norm's input and residual, and Convert's operands): convert it first",
+            "{}: buffer `{}` is fp32 but this operand must be fp16 (fp32 buffers are a Linear's output and residual, a norm's input and residual, an attention key mask, and Convert's operands): convert it first",
             op.kind(),
             descs[b.0].name
         )));

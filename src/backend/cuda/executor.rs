@@ -598,8 +598,10 @@ impl CudaExecutor {
 
     fn attention(&mut self, a: &Attention) -> Result<()> {
         let dev = self.dev.clone();
-        // The kernels read an fp32 key mask: widen the (fp16) mask buffer into scratch first.
+        // The kernels read an fp32 key mask: an fp32 mask buffer is used as it is, an fp16 one
+        // is widened into scratch first.
         let mask32 = match a.key_mask {
+            Some(m) if self.is_f32(m) => Some((self.f32_buf(m), self.cols(m))),
             Some(m) => {
                 let n = self.bufs[m.0].len();
                 let m32 = ensure(&dev, &mut self.scratch.mask_f32, n)?;
