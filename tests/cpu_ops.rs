@@ -52,14 +52,7 @@ fn close(what: &str, got: &[f32], want: &[f64], magnitude: &[f64]) {
 fn linear_matches_definition() {
     let mut rng = Rng::new("linear");
     for &(rows, k, n) in &[(1, 64, 37), (3, 176, 600), (4, 88, 5), (5, 176, 1100), (33, 160, 808), (257, 100, 30)] {
-        for act in [
-            Activation::None,
-            Activation::Relu,
-            Activation::Gelu,
-            Activation::QuickGelu,
-            Activation::Silu,
-            Activation::GeluTanh,
-        ] {
+        for act in refs::ACTIVATIONS {
             for accumulate in [false, true] {
                 let (x, w, b) = (rng.f32s(rows * k), rng.f16s(n * k), rng.f16s(n));
                 let mut out = rng.f32s(rows * n);

@@ -166,20 +166,12 @@ fn run_linear(
 fn gemm_matches_reference() {
     let Some(dev) = device("gemm_matches_reference") else { return };
     let mut rng = Rng::new("gemm");
-    let acts = [
-        Activation::None,
-        Activation::Relu,
-        Activation::Gelu,
-        Activation::QuickGelu,
-        Activation::Silu,
-        Activation::GeluTanh,
-    ];
     for tile in [GemmTile::Large, GemmTile::Small] {
         // awkward: rows < warp / tile, N, K not multiples of the tile, K % 8 != 0 (scalar path)
         for &(m, n, k) in
             &[(1, 8, 8), (3, 17, 24), (7, 130, 72), (33, 65, 100), (257, 200, 588), (5, 3, 13), (129, 257, 1408)]
         {
-            for (i, &act) in acts.iter().enumerate() {
+            for (i, act) in refs::ACTIVATIONS.into_iter().enumerate() {
                 let res = [Res::No, Res::Add, Res::InPlace][i % 3];
                 run_linear(&dev, &mut rng, Kind::Gemm(tile), m, n, k, i % 2 == 0, act, res);
             }
@@ -523,38 +515,8 @@ fn decode_attention_matches_reference() {
         let q = rng.halves(b * h * d, 1.0);
         let kc = rng.halves(b * max_len * h * d, 1.0);
         let vc = rng.halves(b * max_len * h * d, 1.0);
-        let (dq, dk, dv, dl) =
-            (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap());
-        let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
-        let o = poisoned(&dev, b * h * d);
-        let scale = 1.0 / (d as f64).sqrt();
-        dev.decode_attention(
-            view(&dq, 1, h, d),
-            view(&dk, max_len, h, d),
-            view(&dv, max_len, h, d),
-            &dl,
-            view(&o, 1, h, d),
-            &ws,
-            b,
-            h,
-            max_len,
-            d,
-            scale as f32,
-            AttnMask::default(),
-        )
-        .unwrap();
-        let want = refs::attention(
-            &q,
-            &kc,
-            &vc,
-            &Attn { kv_valid: Some(&lens), ..Attn::contiguous(b, h, 1, max_len, d, scale) },
-        );
-        check(
-            &format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}"),
-            &dev.download(&o).unwrap(),
-            &want,
-            Some(1.0),
-        );
+        let what = format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}");
+        check_decode(&dev, &what, (&q, &kc, &vc), &lens, (h, max_len, d), None);
     }
 
     // Split boundaries (chunk = 256) and empty splits: lengths 0 (every split empty -> zeros),
@@ -574,17 +536,28 @@ fn decode_attention_matches_reference() {
             _ => rng.uni(2.0),
         })
         .collect();
-    let (dq, dk, dv, dl, dm) = (
-        dev.upload(&q).unwrap(),
-        dev.upload(&kc).unwrap(),
-        dev.upload(&vc).unwrap(),
-        dev.upload(&lens).unwrap(),
-        dev.upload(&madd).unwrap(),
-    );
+    let what = format!("decode split boundaries lens={lens:?} with mask");
+    check_decode(&dev, &what, (&q, &kc, &vc), &lens, (h, max_len, d), Some((&madd, stride)));
+}
+
+/// Decode attention of one query row `[B, H, d]` over caches `[B, max_len, H, d]` holding
+/// `lens[b]` keys, with an optional additive mask `[B, stride]`, into a poisoned output, checked
+/// against the reference given the same lengths and mask.
+fn check_decode(
+    dev: &CudaDevice,
+    what: &str,
+    (q, kc, vc): (&[f16], &[f16], &[f16]),
+    lens: &[i32],
+    (h, max_len, d): (usize, usize, usize),
+    mask: Option<(&[f32], usize)>,
+) {
+    let b = lens.len();
+    let (dq, dk, dv, dl) =
+        (dev.upload(q).unwrap(), dev.upload(kc).unwrap(), dev.upload(vc).unwrap(), dev.upload(lens).unwrap());
+    let dm = mask.map(|(m, stride)| (dev.upload(m).unwrap(), stride));
     let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
-    let o = poisoned(&dev, b * h * d);
+    let o = poisoned(dev, b * h * d);
     let scale = 1.0 / (d as f64).sqrt();
-    let mask = AttnMask { additive: Some((&dm, stride)), ..AttnMask::default() };
     dev.decode_attention(
         view(&dq, 1, h, d),
         view(&dk, max_len, h, d),
@@ -597,13 +570,11 @@ fn decode_attention_matches_reference() {
         max_len,
         d,
         scale as f32,
-        mask,
+        AttnMask { additive: dm.as_ref().map(|(m, stride)| (m, *stride)), ..AttnMask::default() },
     )
     .unwrap();
-    let attn =
-        Attn { kv_valid: Some(&lens), key_mask: Some((&madd, stride)), ..Attn::contiguous(b, h, 1, max_len, d, scale) };
-    let want = refs::attention(&q, &kc, &vc, &attn);
-    check(&format!("decode split boundaries lens={lens:?} with mask"), &dev.download(&o).unwrap(), &want, Some(1.0));
+    let attn = Attn { kv_valid: Some(lens), key_mask: mask, ..Attn::contiguous(b, h, 1, max_len, d, scale) };
+    check(what, &dev.download(&o).unwrap(), &refs::attention(q, kc, vc, &attn), Some(1.0));
 }
 
 // ---------------------------------------------------------------------------------------------

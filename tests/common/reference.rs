@@ -63,6 +63,16 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// Every activation [`act`] defines, for tests that sweep them.
+pub const ACTIVATIONS: [Activation; 6] = [
+    Activation::None,
+    Activation::Relu,
+    Activation::Gelu,
+    Activation::QuickGelu,
+    Activation::Silu,
+    Activation::GeluTanh,
+];
+
 /// transformers' ACT2FN: `gelu` (nn.GELU, erf form), `quick_gelu` (x * sigmoid(1.702 x)),
 /// `gelu_pytorch_tanh` (nn.GELU(approximate="tanh")), `silu`, `relu`.
 pub fn act(a: Activation, x: f64) -> f64 {
@@ -99,22 +109,19 @@ pub fn linear<X: Num, W: Num, B: Num, R: Num>(
     y
 }
 
+fn abs<T: Num>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.f64().abs()).collect()
+}
+
 /// `|b| + sum |x w|` of each output of [`linear`]: the magnitude an f32 accumulation's rounding
 /// error scales with, for tolerances.
 pub fn linear_abs<X: Num, W: Num, B: Num>(
     x: &[X],
     w: &[W],
     bias: Option<&[B]>,
-    (rows, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) -> Vec<f64> {
-    let mut y = vec![0f64; rows * n];
-    for r in 0..rows {
-        for j in 0..n {
-            let terms: f64 = (0..k).map(|t| (x[r * k + t].f64() * w[j * k + t].f64()).abs()).sum();
-            y[r * n + j] = terms + bias.map_or(0.0, |b| b[j].f64().abs());
-        }
-    }
-    y
+    linear(&abs(x), &abs(w), bias.map(abs).as_deref(), Activation::None, NONE, dims)
 }
 
 /// nn.LayerNorm over each `dim`-row: `(x - mean) / sqrt(var + eps) * w + b`, biased variance.
