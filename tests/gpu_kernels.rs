@@ -292,10 +292,7 @@ fn norms_match_reference() {
                 (refs::layer_norm(&s, &w, Some(&b), f64::from(eps), dim), refs::rms_norm(&s, &w, f64::from(eps), dim));
             check(&format!("layernorm rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want, None);
             let sum_back = dev.download(&dx).unwrap();
-            assert!(
-                sum_back.iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "layernorm sum_out (in place) != half(x + r)"
-            );
+            assert!(same_bits(&sum_back, &s), "layernorm sum_out (in place) != half(x + r)");
             // rmsnorm on s (no residual), no sum output
             let ds = dev.upload(&s).unwrap();
             let y2 = poisoned(&dev, rows * dim);
@@ -324,14 +321,8 @@ fn norms_match_reference() {
             &want_ln,
             None,
         );
-        assert!(
-            dev.download(&sum).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "layernorm sum_out (separate) != half(x + r)"
-        );
-        assert!(
-            dev.download(&dx).unwrap().iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "layernorm with sum_out elsewhere modified x"
-        );
+        assert!(same_bits(&dev.download(&sum).unwrap(), &s), "layernorm sum_out (separate) != half(x + r)");
+        assert!(same_bits(&dev.download(&dx).unwrap(), &x), "layernorm with sum_out elsewhere modified x");
         let y2 = poisoned(&dev, rows * dim);
         dev.rmsnorm(&dx, Some(&dr), SumOut::InPlace, &dw, &y2, rows, dim, eps).unwrap();
         check(
@@ -340,11 +331,13 @@ fn norms_match_reference() {
             &want_rms,
             None,
         );
-        assert!(
-            dev.download(&dx).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "rmsnorm sum_out (in place) != half(x + r)"
-        );
+        assert!(same_bits(&dev.download(&dx).unwrap(), &s), "rmsnorm sum_out (in place) != half(x + r)");
     }
+}
+
+/// Bit-identical fp16 buffers (an exact copy or an fp16 sum both sides form the same way).
+fn same_bits(got: &[f16], want: &[f16]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits())
 }
 
 // ---------------------------------------------------------------------------------------------
