@@ -1,5 +1,5 @@
 //! Every CUDA kernel against a naive CPU reference (f64, computed from the same fp16-rounded
-//! inputs), on fresh random data each run (the seed is printed; set GLIMPSE_TEST_SEED to replay),
+//! inputs; the op definitions are tests/common/reference.rs, shared with tests/cpu_ops.rs), on fresh random data each run (the seed is printed; set GLIMPSE_TEST_SEED to replay),
 //! at real BLIP-2 shapes and awkward ones. Outputs are poisoned with 0x7E00 (fp16 NaN) before each
 //! launch, so an element the kernel forgot to write fails the test.
 //!
@@ -16,10 +16,12 @@
 //! makes any relative bound meaningless. Fused epilogues (bias + act + residual rounded once)
 //! are more accurate than PyTorch's rounding after each op, never less.
 
+mod common;
+
+use common::reference::{self as refs, f64s, Attn, Rows, NONE};
 use glimpse::backend::cuda::{
     decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, GemmTile, HeadsView, Residual, SumOut,
 };
-use glimpse::graph::ATTN_MASK_FLOOR;
 use half::f16;
 
 const POISON: u16 = 0x7E00;
@@ -69,10 +71,6 @@ impl Rng {
     }
 }
 
-fn f(v: &[f16]) -> Vec<f64> {
-    v.iter().map(|x| x.to_f64()).collect()
-}
-
 fn poisoned(dev: &CudaDevice, n: usize) -> DevSlice<f16> {
     let s = dev.alloc::<f16>(n).unwrap();
     dev.fill_u16(&s, POISON).unwrap();
@@ -104,43 +102,8 @@ fn check(what: &str, got: &[f16], want: &[f64], scale: Option<f64>) {
     assert!(worst <= 1.0, "{what}: element {wi} got {} want {} (ratio {worst:.2})", got[wi].to_f64(), want[wi]);
 }
 
-fn act_ref(a: Activation, x: f64) -> f64 {
-    a.apply(x as f32) as f64
-}
-
 // ---------------------------------------------------------------------------------------------
 // linear (gemm / gemv)
-
-#[allow(clippy::too_many_arguments)]
-fn linear_ref(
-    x: &[f16],
-    w: &[f16],
-    bias: Option<&[f16]>,
-    act: Activation,
-    res: Option<&[f16]>,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Vec<f64> {
-    let mut y = vec![0.0; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0.0f64;
-            for t in 0..k {
-                s += x[i * k + t].to_f64() * w[j * k + t].to_f64();
-            }
-            if let Some(b) = bias {
-                s += b[j].to_f64();
-            }
-            s = act_ref(act, s);
-            if let Some(r) = res {
-                s += r[i * n + j].to_f64();
-            }
-            y[i * n + j] = s;
-        }
-    }
-    y
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -189,7 +152,7 @@ fn run_linear(
         Kind::Gemv => dev.gemv(&dx, &dw, bias_opt, act, residual, &y, m, n, k).unwrap(),
     }
     let got = dev.download(&y).unwrap();
-    let want = linear_ref(&x, &w, bias.then_some(&b[..]), act, (res != Res::No).then_some(&r[..]), m, n, k);
+    let want = refs::linear(&x, &w, bias.then_some(&b[..]), act, (res != Res::No).then_some(&r[..]), (m, n, k));
     let name = match kind {
         Kind::Gemm(GemmTile::Large) => "gemm_l",
         Kind::Gemm(GemmTile::Small) => "gemm_s",
@@ -203,20 +166,12 @@ fn run_linear(
 fn gemm_matches_reference() {
     let Some(dev) = device("gemm_matches_reference") else { return };
     let mut rng = Rng::new("gemm");
-    let acts = [
-        Activation::None,
-        Activation::Relu,
-        Activation::Gelu,
-        Activation::QuickGelu,
-        Activation::Silu,
-        Activation::GeluTanh,
-    ];
     for tile in [GemmTile::Large, GemmTile::Small] {
         // awkward: rows < warp / tile, N, K not multiples of the tile, K % 8 != 0 (scalar path)
         for &(m, n, k) in
             &[(1, 8, 8), (3, 17, 24), (7, 130, 72), (33, 65, 100), (257, 200, 588), (5, 3, 13), (129, 257, 1408)]
         {
-            for (i, &act) in acts.iter().enumerate() {
+            for (i, act) in refs::ACTIVATIONS.into_iter().enumerate() {
                 let res = [Res::No, Res::Add, Res::InPlace][i % 3];
                 run_linear(&dev, &mut rng, Kind::Gemm(tile), m, n, k, i % 2 == 0, act, res);
             }
@@ -296,7 +251,7 @@ fn linear_dispatch_matches_reference() {
         let (dx, dw, db) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
         let y = poisoned(&dev, m * n);
         dev.linear(&dx, &dw, Some(&db), Activation::Gelu, Residual::None, &y, m, n, k).unwrap();
-        let want = linear_ref(&x, &w, Some(&b), Activation::Gelu, None, m, n, k);
+        let want = refs::linear(&x, &w, Some(&b), Activation::Gelu, NONE, (m, n, k));
         check(&format!("linear m={m} n={n} k={k}"), &dev.download(&y).unwrap(), &want, None);
     }
     // misaligned x (offset by one element): gemv is not allowed, linear must fall back to gemm
@@ -307,29 +262,12 @@ fn linear_dispatch_matches_reference() {
     let dx1 = dx.slice(1, m * k).unwrap();
     let y = poisoned(&dev, m * n);
     dev.linear(&dx1, &dev.upload(&w).unwrap(), None, Activation::None, Residual::None, &y, m, n, k).unwrap();
-    let want = linear_ref(&x[1..], &w, None, Activation::None, None, m, n, k);
+    let want = refs::linear(&x[1..], &w, NONE, Activation::None, NONE, (m, n, k));
     check("linear misaligned x -> gemm scalar path", &dev.download(&y).unwrap(), &want, None);
 }
 
 // ---------------------------------------------------------------------------------------------
 // norms
-
-/// LayerNorm (bias optional) and Llama RMSNorm (normalise in f64, round to half, times weight)
-/// of every `dim`-row of `s`, in f64.
-fn norm_refs(s: &[f16], w: &[f16], b: Option<&[f16]>, dim: usize, eps: f32) -> (Vec<f64>, Vec<f64>) {
-    let (mut ln, mut rms) = (vec![0.0; s.len()], vec![0.0; s.len()]);
-    for (i, row) in s.chunks(dim).enumerate() {
-        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
-        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
-        let ms = row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / dim as f64;
-        for j in 0..dim {
-            let bias = b.map_or(0.0, |b| b[j].to_f64());
-            ln[i * dim + j] = (row[j].to_f64() - mean) / (var + eps as f64).sqrt() * w[j].to_f64() + bias;
-            rms[i * dim + j] = f16::from_f64(row[j].to_f64() / (ms + eps as f64).sqrt()).to_f64() * w[j].to_f64();
-        }
-    }
-    (ln, rms)
-}
 
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
@@ -350,13 +288,11 @@ fn norms_match_reference() {
             // layernorm with residual, sum written in place into x
             let y = poisoned(&dev, rows * dim);
             dev.layernorm(&dx, Some(&dr), SumOut::InPlace, &dw, Some(&db), &y, rows, dim, eps).unwrap();
-            let (want, want_rms) = norm_refs(&s, &w, Some(&b), dim, eps);
+            let (want, want_rms) =
+                (refs::layer_norm(&s, &w, Some(&b), f64::from(eps), dim), refs::rms_norm(&s, &w, f64::from(eps), dim));
             check(&format!("layernorm rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want, None);
             let sum_back = dev.download(&dx).unwrap();
-            assert!(
-                sum_back.iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "layernorm sum_out (in place) != half(x + r)"
-            );
+            assert!(same_bits(&sum_back, &s), "layernorm sum_out (in place) != half(x + r)");
             // rmsnorm on s (no residual), no sum output
             let ds = dev.upload(&s).unwrap();
             let y2 = poisoned(&dev, rows * dim);
@@ -377,21 +313,16 @@ fn norms_match_reference() {
         let (dx, dr, dw) = (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap());
         let (y, sum) = (poisoned(&dev, rows * dim), poisoned(&dev, rows * dim));
         dev.layernorm(&dx, Some(&dr), SumOut::To(&sum), &dw, None, &y, rows, dim, eps).unwrap();
-        let (want_ln, want_rms) = norm_refs(&s, &w, None, dim, eps);
+        let (want_ln, want_rms) =
+            (refs::layer_norm(&s, &w, NONE, f64::from(eps), dim), refs::rms_norm(&s, &w, f64::from(eps), dim));
         check(
             &format!("layernorm no bias, sum_out separate rows={rows} dim={dim}"),
             &dev.download(&y).unwrap(),
             &want_ln,
             None,
         );
-        assert!(
-            dev.download(&sum).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "layernorm sum_out (separate) != half(x + r)"
-        );
-        assert!(
-            dev.download(&dx).unwrap().iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "layernorm with sum_out elsewhere modified x"
-        );
+        assert!(same_bits(&dev.download(&sum).unwrap(), &s), "layernorm sum_out (separate) != half(x + r)");
+        assert!(same_bits(&dev.download(&dx).unwrap(), &x), "layernorm with sum_out elsewhere modified x");
         let y2 = poisoned(&dev, rows * dim);
         dev.rmsnorm(&dx, Some(&dr), SumOut::InPlace, &dw, &y2, rows, dim, eps).unwrap();
         check(
@@ -400,59 +331,17 @@ fn norms_match_reference() {
             &want_rms,
             None,
         );
-        assert!(
-            dev.download(&dx).unwrap().iter().zip(&s).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "rmsnorm sum_out (in place) != half(x + r)"
-        );
+        assert!(same_bits(&dev.download(&dx).unwrap(), &s), "rmsnorm sum_out (in place) != half(x + r)");
     }
+}
+
+/// Bit-identical fp16 buffers (an exact copy or an fp16 sum both sides form the same way).
+fn same_bits(got: &[f16], want: &[f16]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits())
 }
 
 // ---------------------------------------------------------------------------------------------
 // attention
-
-/// Reference attention on [B, S, H, d] contiguous tensors (f64 softmax).
-#[allow(clippy::too_many_arguments)]
-fn attn_ref(
-    q: &[f16],
-    k: &[f16],
-    v: &[f16],
-    b: usize,
-    h: usize,
-    sq: usize,
-    skv: usize,
-    d: usize,
-    scale: f64,
-    visible: &dyn Fn(usize, usize, usize) -> Option<f64>,
-) -> Vec<f64> {
-    let mut o = vec![0.0; b * sq * h * d];
-    for bb in 0..b {
-        for hh in 0..h {
-            for i in 0..sq {
-                let qi = &q[((bb * sq + i) * h + hh) * d..][..d];
-                let mut s = vec![f64::NEG_INFINITY; skv];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    if let Some(add) = visible(bb, i, j) {
-                        let kj = &k[((bb * skv + j) * h + hh) * d..][..d];
-                        *sj = qi.iter().zip(kj).map(|(a, c)| a.to_f64() * c.to_f64()).sum::<f64>() * scale + add;
-                    }
-                }
-                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                if mx == f64::NEG_INFINITY {
-                    continue; // fully masked row -> zeros
-                }
-                let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-                let l: f64 = p.iter().sum();
-                for (j, pj) in p.iter().enumerate() {
-                    let vj = &v[((bb * skv + j) * h + hh) * d..][..d];
-                    for t in 0..d {
-                        o[((bb * sq + i) * h + hh) * d + t] += pj / l * vj[t].to_f64();
-                    }
-                }
-            }
-        }
-    }
-    o
-}
 
 fn view(buf: &DevSlice<f16>, rows: usize, h: usize, d: usize) -> HeadsView<'_> {
     HeadsView { buf, offset: 0, batch_stride: rows * h * d, row_stride: h * d }
@@ -511,21 +400,17 @@ fn attention_matches_reference() {
             ..AttnMask::default()
         };
         let got = run_attention(&dev, (&q, &k, &v), (b, h, sq, skv, d), scale, mask);
-        let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
-            if let Some(off) = causal {
-                if j as i64 > i as i64 + off as i64 {
-                    return None;
-                }
-            }
-            if masks {
-                if j as i32 >= valid[bb] {
-                    return None;
-                }
-                return Some(madd[bb * skv + j] as f64);
-            }
-            Some(0.0)
-        };
-        let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
+        let want = refs::attention(
+            &q,
+            &k,
+            &v,
+            &Attn {
+                causal: causal.map(i64::from),
+                kv_valid: masks.then_some(&valid[..]),
+                key_mask: masks.then_some((&madd[..], skv)),
+                ..Attn::contiguous(b, h, sq, skv, d, scale)
+            },
+        );
         check(
             &format!("attention b={b} h={h} sq={sq} skv={skv} d={d} causal={causal:?} masks={masks}"),
             &got,
@@ -542,9 +427,13 @@ fn attention_matches_reference() {
     let part =
         |p: usize| HeadsView { buf: &dqkv, offset: p * h * d, batch_stride: s * 3 * h * d, row_stride: 3 * h * d };
     dev.attention(part(0), part(1), part(2), view(&o, s, h, d), 1, h, s, s, d, 0.1066, AttnMask::default()).unwrap();
-    let split =
-        |p: usize| -> Vec<f16> { (0..s).flat_map(|r| qkv[r * 3 * h * d + p * h * d..][..h * d].to_vec()).collect() };
-    let want = attn_ref(&split(0), &split(1), &split(2), 1, h, s, s, d, 0.1066, &|_, _, _| Some(0.0));
+    let part = |p: usize| Rows { stride: 3 * h * d, col: p * h * d, batch_stride: s };
+    let want = refs::attention(
+        &qkv,
+        &qkv,
+        &qkv,
+        &Attn { q: part(0), k: part(1), v: part(2), ..Attn::contiguous(1, h, s, s, d, 0.1066) },
+    );
     check("attention fused qkv 257x16x88", &dev.download(&o).unwrap(), &want, Some(1.0));
 
     // kv_valid = 0 for one batch item (no key at all -> zeros) next to a normal one, and an
@@ -561,10 +450,17 @@ fn attention_matches_reference() {
         AttnMask { causal: Some(3), kv_valid: Some(&dvalid), additive: Some((&dmask, skv)), ..AttnMask::default() };
     let scale = 1.0 / (d as f64).sqrt();
     let got = run_attention(&dev, (&q, &k, &v), (b, h, sq, skv, d), scale, mask);
-    let vis = |bb: usize, i: usize, j: usize| -> Option<f64> {
-        (j <= i + 3 && (j as i32) < valid[bb]).then(|| clamped(madd[bb * skv + j]))
-    };
-    let want = attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis);
+    let want = refs::attention(
+        &q,
+        &k,
+        &v,
+        &Attn {
+            causal: Some(3),
+            kv_valid: Some(&valid),
+            key_mask: Some((&madd, skv)),
+            ..Attn::contiguous(b, h, sq, skv, d, scale)
+        },
+    );
     check("attention kv_valid=0 and -inf mask", &got, &want, Some(1.0));
 
     // HF padding masks (finfo(float32).min): batch item 0 has every key masked, so transformers
@@ -586,9 +482,9 @@ fn attention_matches_reference() {
     let scale = 1.0 / (d as f64).sqrt();
     let mask = AttnMask { causal: Some(24), kv_valid: None, additive: Some((&dmask, skv)), ..AttnMask::default() };
     let got = run_attention(&dev, (&q, &k, &v), (b, h, sq, skv, d), scale, mask);
-    let vis = |bb: usize, i: usize, j: usize| -> Option<f64> { (j <= i + 24).then(|| clamped(madd[bb * skv + j])) };
-    check("attention finfo.min padding masks", &got, &attn_ref(&q, &k, &v, b, h, sq, skv, d, scale, &vis), Some(1.0));
-    // Independently of attn_ref: the fully masked item is the mean of the V rows it can see.
+    let attn = Attn { causal: Some(24), key_mask: Some((&madd, skv)), ..Attn::contiguous(b, h, sq, skv, d, scale) };
+    check("attention finfo.min padding masks", &got, &refs::attention(&q, &k, &v, &attn), Some(1.0));
+    // Independently of the reference: the fully masked item is the mean of the V rows it can see.
     let mean_v: Vec<f64> = (0..sq)
         .flat_map(|i| {
             let seen = (i + 25).min(skv);
@@ -597,11 +493,6 @@ fn attention_matches_reference() {
         })
         .collect();
     check("attention fully finfo.min-masked rows = mean of V", &got[..sq * h * d], &mean_v, Some(1.0));
-}
-
-/// The additive mask as both executors apply it (see `glimpse::graph::ATTN_MASK_FLOOR`).
-fn clamped(m: f32) -> f64 {
-    f64::from(m.max(ATTN_MASK_FLOOR))
 }
 
 #[test]
@@ -617,34 +508,8 @@ fn decode_attention_matches_reference() {
         let q = rng.halves(b * h * d, 1.0);
         let kc = rng.halves(b * max_len * h * d, 1.0);
         let vc = rng.halves(b * max_len * h * d, 1.0);
-        let (dq, dk, dv, dl) =
-            (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&lens).unwrap());
-        let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
-        let o = poisoned(&dev, b * h * d);
-        let scale = 1.0 / (d as f64).sqrt();
-        dev.decode_attention(
-            view(&dq, 1, h, d),
-            view(&dk, max_len, h, d),
-            view(&dv, max_len, h, d),
-            &dl,
-            view(&o, 1, h, d),
-            &ws,
-            b,
-            h,
-            max_len,
-            d,
-            scale as f32,
-            AttnMask::default(),
-        )
-        .unwrap();
-        let want =
-            attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| (j < lens[bb] as usize).then_some(0.0));
-        check(
-            &format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}"),
-            &dev.download(&o).unwrap(),
-            &want,
-            Some(1.0),
-        );
+        let what = format!("decode b={b} h={h} max_len={max_len} d={d} lens={lens:?}");
+        check_decode(&dev, &what, (&q, &kc, &vc), &lens, (h, max_len, d), None);
     }
 
     // Split boundaries (chunk = 256) and empty splits: lengths 0 (every split empty -> zeros),
@@ -664,17 +529,28 @@ fn decode_attention_matches_reference() {
             _ => rng.uni(2.0),
         })
         .collect();
-    let (dq, dk, dv, dl, dm) = (
-        dev.upload(&q).unwrap(),
-        dev.upload(&kc).unwrap(),
-        dev.upload(&vc).unwrap(),
-        dev.upload(&lens).unwrap(),
-        dev.upload(&madd).unwrap(),
-    );
+    let what = format!("decode split boundaries lens={lens:?} with mask");
+    check_decode(&dev, &what, (&q, &kc, &vc), &lens, (h, max_len, d), Some((&madd, stride)));
+}
+
+/// Decode attention of one query row `[B, H, d]` over caches `[B, max_len, H, d]` holding
+/// `lens[b]` keys, with an optional additive mask `[B, stride]`, into a poisoned output, checked
+/// against the reference given the same lengths and mask.
+fn check_decode(
+    dev: &CudaDevice,
+    what: &str,
+    (q, kc, vc): (&[f16], &[f16], &[f16]),
+    lens: &[i32],
+    (h, max_len, d): (usize, usize, usize),
+    mask: Option<(&[f32], usize)>,
+) {
+    let b = lens.len();
+    let (dq, dk, dv, dl) =
+        (dev.upload(q).unwrap(), dev.upload(kc).unwrap(), dev.upload(vc).unwrap(), dev.upload(lens).unwrap());
+    let dm = mask.map(|(m, stride)| (dev.upload(m).unwrap(), stride));
     let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
-    let o = poisoned(&dev, b * h * d);
+    let o = poisoned(dev, b * h * d);
     let scale = 1.0 / (d as f64).sqrt();
-    let mask = AttnMask { additive: Some((&dm, stride)), ..AttnMask::default() };
     dev.decode_attention(
         view(&dq, 1, h, d),
         view(&dk, max_len, h, d),
@@ -687,13 +563,11 @@ fn decode_attention_matches_reference() {
         max_len,
         d,
         scale as f32,
-        mask,
+        AttnMask { additive: dm.as_ref().map(|(m, stride)| (m, *stride)), ..AttnMask::default() },
     )
     .unwrap();
-    let want = attn_ref(&q, &kc, &vc, b, h, 1, max_len, d, scale, &|bb, _, j| {
-        (j < lens[bb] as usize).then(|| clamped(madd[bb * stride + j]))
-    });
-    check(&format!("decode split boundaries lens={lens:?} with mask"), &dev.download(&o).unwrap(), &want, Some(1.0));
+    let attn = Attn { kv_valid: Some(lens), key_mask: mask, ..Attn::contiguous(b, h, 1, max_len, d, scale) };
+    check(what, &dev.download(&o).unwrap(), &refs::attention(q, kc, vc, &attn), Some(1.0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -712,12 +586,7 @@ fn elementwise_matches_reference() {
         (0..t).map(|i| if i == 5 { vocab as i32 + 3 } else { rng.below(vocab as u64) as i32 }).collect();
     let out = poisoned(&dev, t * dim);
     dev.embed_rows(&dev.upload(&ids).unwrap(), &dev.upload(&tok).unwrap(), &out, t, dim).unwrap();
-    let mut want = vec![0.0; t * dim];
-    for i in 0..t {
-        for j in 0..dim {
-            want[i * dim + j] = if (ids[i] as usize) < vocab { tok[ids[i] as usize * dim + j].to_f64() } else { 0.0 };
-        }
-    }
+    let want = refs::select_rows(&tok, dim, ids.iter().map(|&id| usize::try_from(id).ok().filter(|&i| i < vocab)));
     check("embed_rows", &dev.download(&out).unwrap(), &want, None);
 
     // Learned positions (+2 offset) from device-resident start positions, B = 3, S = 5
@@ -757,7 +626,7 @@ fn elementwise_matches_reference() {
     let img = rng.halves(b * n_img * d, 1.0);
     let demb = dev.upload(&emb).unwrap();
     dev.image_scatter(&dev.upload(&ids).unwrap(), &demb, &dev.upload(&img).unwrap(), b, s, d, n_img, img_tok).unwrap();
-    let mut want = f(&emb);
+    let mut want = f64s(&emb);
     for bb in 0..b {
         let mut kk = 0;
         for tt in 0..s {
@@ -777,21 +646,8 @@ fn elementwise_matches_reference() {
     let pxh: Vec<f16> = px.iter().map(|&v| f16::from_f32(v)).collect();
     let np = (hh / p) * (ww / p);
     let cols = c * p * p;
-    let mut want = vec![0.0; bsz * np * cols];
-    for bb in 0..bsz {
-        for pi in 0..np {
-            for ch in 0..c {
-                for kh in 0..p {
-                    for kw in 0..p {
-                        let y = (pi / (ww / p)) * p + kh;
-                        let x = (pi % (ww / p)) * p + kw;
-                        want[(bb * np + pi) * cols + ch * p * p + kh * p + kw] =
-                            f16::from_f32(px[((bb * c + ch) * hh + y) * ww + x]).to_f64();
-                    }
-                }
-            }
-        }
-    }
+    // Both kernels write fp16: the f32 pixels' columns rounded, i.e. those of `pxh`.
+    let want = refs::im2col(&pxh, (bsz, c, hh, ww), p);
     let out = poisoned(&dev, bsz * np * cols);
     dev.patch_im2col(&dev.upload(&px).unwrap(), &out, bsz, c, hh, ww, p).unwrap();
     check("patch_im2col_f32", &dev.download(&out).unwrap(), &want, None);
@@ -863,7 +719,7 @@ fn elementwise_matches_reference() {
     let kn = dn.slice(row, dn.len() - row).unwrap();
     let vn = dn.slice(2 * row, dn.len() - 2 * row).unwrap();
     dev.kv_append(&kn, &vn, 3 * row, &dk, &dv, &dp, b, max_len, row).unwrap();
-    let (mut wk, mut wv) = (f(&kcache), f(&vcache));
+    let (mut wk, mut wv) = (f64s(&kcache), f64s(&vcache));
     for bb in 0..b {
         if (pos[bb] as usize) < max_len {
             for j in 0..row {
@@ -897,7 +753,7 @@ fn argmax_matches_reference() {
         }
         let lh: Vec<f16> = logits.iter().map(|&x| f16::from_f32(x)).collect();
         for half_in in [false, true] {
-            let vals: Vec<f64> = if half_in { f(&lh) } else { logits.iter().map(|&x| x as f64).collect() };
+            let vals: Vec<f64> = if half_in { f64s(&lh) } else { f64s(&logits) };
             let idx = dev.alloc::<i32>(rows).unwrap();
             let lp = dev.alloc::<f32>(rows).unwrap();
             dev.fill_u32(&idx, 0xFFFF_FFFF).unwrap();
@@ -909,14 +765,7 @@ fn argmax_matches_reference() {
             let (gi, gl) = (dev.download(&idx).unwrap(), dev.download(&lp).unwrap());
             for r in 0..rows {
                 let row = &vals[r * vocab..(r + 1) * vocab];
-                let mut best = 0;
-                for j in 1..vocab {
-                    if row[j] > row[best] {
-                        best = j;
-                    }
-                }
-                let mx = row[best];
-                let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                let (best, lse) = (refs::argmax(row), refs::logsumexp(row));
                 assert_eq!(gi[r], best as i32, "argmax rows={rows} vocab={vocab} half={half_in} row {r}");
                 // fp32 logsumexp over up to 256k terms: relative error ~1e-6 of |lse|
                 let want = row[best] - lse;

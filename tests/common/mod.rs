@@ -1,9 +1,12 @@
-//! Shared helpers of the integration tests: fixture paths, goldens, error metrics.
+//! Shared helpers of the integration tests: fixture paths, goldens, error metrics, and (in
+//! reference.rs) the f64 definitions of the ops that tests/cpu_ops.rs and tests/gpu_kernels.rs check.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
 use glimpse::weights::Checkpoint;
+
+pub mod reference;
 
 /// Bars for fp16 GPU results against the transformers fp32 goldens, shared by tests/gpu_model.rs
 /// and tests/fp16_emulation.rs (which checks, on the CPU, that a correct fp16 implementation
