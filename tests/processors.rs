@@ -71,11 +71,13 @@ fn processors_match_transformers() {
     let mut filtered = 0;
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let history: Vec<u32> = case["history"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        let history: Vec<u32> =
+            case["history"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
         let prompt_len = case["prompt_len"].as_u64().unwrap() as usize;
         let list = LogitsProcessorList::new(&settings(&case["settings"]), prompt_len).unwrap();
         let names: Vec<&str> = list.processors().iter().map(Processor::name).collect();
-        let want_names: Vec<&str> = case["processors"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+        let want_names: Vec<&str> =
+            case["processors"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
         assert_eq!(names, want_names, "{name}: processor list");
 
         let input = &rows[case["row"].as_u64().unwrap() as usize];
@@ -124,7 +126,8 @@ fn invalid_settings_are_named() {
     let greedy = ProcessorSettings { temperature: 0.0, top_p: -1.0, min_p: Some(7.0), ..Default::default() };
     assert!(LogitsProcessorList::new(&greedy, 3).unwrap().is_empty());
     // A history id outside the row is an error naming it, not a panic.
-    let list = LogitsProcessorList::new(&ProcessorSettings { repetition_penalty: 1.2, ..Default::default() }, 1).unwrap();
+    let list =
+        LogitsProcessorList::new(&ProcessorSettings { repetition_penalty: 1.2, ..Default::default() }, 1).unwrap();
     let err = list.process_logits(&[1, 99], &mut [0.0; 10]).unwrap_err().to_string();
     assert!(err.contains("token id 99") && err.contains("10-token"), "{err}");
 }

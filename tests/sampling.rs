@@ -90,7 +90,10 @@ fn draws_follow_the_processed_distribution() {
     // The test has power: the same draws are rejected against a slightly different distribution
     // (temperature 0.8 instead of 0.7, same surviving tokens).
     let near = processed_row(0.8);
-    assert_eq!(near.iter().map(|s| s.is_finite()).collect::<Vec<_>>(), row.iter().map(|s| s.is_finite()).collect::<Vec<_>>());
+    assert_eq!(
+        near.iter().map(|s| s.is_finite()).collect::<Vec<_>>(),
+        row.iter().map(|s| s.is_finite()).collect::<Vec<_>>()
+    );
     let near_probs: Vec<f64> = softmax(&near).iter().map(|&p| p as f64).collect();
     let (chi, df) = chi_square(&per_seed, &near_probs);
     assert!(chi > critical_0_001(df), "chi-square {chi:.2} against temperature 0.8 does not reject");

@@ -319,7 +319,7 @@ impl LogitsProcessorList {
                 p.push(Processor::TopK { top_k: s.top_k.max(keep) });
             }
             if s.top_p < 1.0 {
-                if !(s.top_p >= 0.0) {
+                if s.top_p < 0.0 {
                     return bad(format!("top_p {} is invalid: it must be in [0, 1] (1.0 = off)", s.top_p));
                 }
                 p.push(Processor::TopP { top_p: s.top_p, min_tokens_to_keep: keep });
