@@ -956,6 +956,7 @@ def main() -> None:
     tokens = token_goldens(proc.tokenizer, model_dirs["blip2-opt-tiny"] / "tokenizer.json", image_token_id,
                            newline_id, vocab_size)
     write_json(gold / "tokens.json", tokens)
+    importlib.import_module("fixtures_processors").main()  # goldens/processors.json
 
     model_stats = {}
     for mname, d in model_dirs.items():
@@ -1150,6 +1151,18 @@ BLIP config: `blip2-opt-tiny/processor_config.json` (key `image_processor`); CLI
   The same ids come from `tokenizers.Tokenizer.from_file("tokenizer.json").encode(text)` (checked).
 - `decode`: `{{name, ids, decoded, text, raw}}`: `decoded` = `batch_decode([ids], skip_special_tokens=True)[0]`,
   `text` = `decoded.strip()` (what BLIP-2 usage returns), `raw` = decode without skipping specials.
+
+### `processors.json`
+
+Written by `scripts/fixtures_processors.py` (called from `main()`, also runs standalone): transformers'
+logits processors as `GenerationMixin._get_logits_processor` builds them for `generate()`, on random
+fp32 rows (vocab 64..300, tied values, -inf entries, magnitudes up to ~1e5). `rows`: the input rows;
+`cases`: `{{name, row, history, prompt_len, entry, settings, processors, expected}}` where `settings`
+are resolved GenerationConfig fields, `history` the sequence's `input_ids`, `entry` `logits` (greedy and
+sampling) or `log_probs` (beam search: `log_softmax` first), `processors` the class names in order and
+`expected` the processed row. Floats are shortest fp32 decimals; `"inf"`, `"-inf"`, `"nan"` as strings.
+Top-p / min-p cuts are kept 1e-5 (relative) away from every probability and no tie group straddles a
+top-p cut (torch.sort is unstable on ties), so the goldens do not depend on softmax rounding.
 
 ### `<model>.safetensors` + `<model>.json`
 

@@ -2,9 +2,12 @@
 //! inputs, encoders, prefill and decode steps, timing hooks) and the decoding strategies on top
 //! of the executor's primitives (`top_k`, `reorder_sequences`, positions). Greedy is the one
 //! strategy so far (greedy.rs); beam search and sampling are further files over the same session.
+//! Sampling (and greedy with logits processors) is sample.rs over processors.rs.
 
 mod greedy;
 mod plan;
+pub mod processors;
+pub mod sample;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -24,6 +27,8 @@ pub struct GenerateOptions {
     pub max_new_tokens: Option<usize>,
     /// Generation stops for a sequence when it produces any of these (the token is kept).
     pub eos_token_ids: Vec<u32>,
+    /// Logits processors and seeded sampling (sample.rs); None is plain greedy decoding.
+    pub sampling: Option<sample::Sampling>,
 }
 
 impl GenerateOptions {
@@ -169,9 +174,7 @@ impl<'a, 'h> Session<'a, 'h> {
     pub fn prefill(&mut self, tokens: &[u32], k: usize) -> Result<Option<Vec<Vec<Candidate>>>> {
         let s = Instant::now();
         let plan = self.plan;
-        self.exec.set_tokens(tokens);
-        self.exec.set_position(0);
-        if !self.run(&plan.prefill.phase)? {
+        if !self.run_step(&plan.prefill, tokens, 0)? {
             return Ok(None);
         }
         let per = plan.prefill.rows_per_seq;
@@ -183,17 +186,50 @@ impl<'a, 'h> Session<'a, 'h> {
         Ok(Some(ranked))
     }
 
+    /// [`Session::prefill`] returning each sequence's last logits row (`[batch, vocab]`, read
+    /// back to the host) instead of ranked candidates: for strategies that process whole rows.
+    pub fn prefill_logits(&mut self, tokens: &[u32]) -> Result<Option<Vec<f32>>> {
+        let s = Instant::now();
+        let plan = self.plan;
+        if !self.run_step(&plan.prefill, tokens, 0)? {
+            return Ok(None);
+        }
+        let per = plan.prefill.rows_per_seq;
+        let mut rows = self.exec.read(plan.prefill.logits, plan.batch * per)?;
+        if per != 1 {
+            let vocab = rows.len() / (plan.batch * per).max(1);
+            rows = rows.chunks(vocab.max(1)).skip(per - 1).step_by(per).flatten().copied().collect();
+        }
+        self.timings.prefill_ms = ms(s);
+        Ok(Some(rows))
+    }
+
+    /// Feeds `tokens` (one row each) to `step` at `position`. False: a hook stopped the run.
+    fn run_step(&mut self, step: &Step, tokens: &[u32], position: usize) -> Result<bool> {
+        self.exec.set_tokens(tokens);
+        self.exec.set_position(position);
+        self.run(&step.phase)
+    }
+
     /// One decode step: feeds one token per sequence at `position` and ranks the `k` best next
     /// tokens of each. None: a hook stopped the run.
     pub fn decode(&mut self, tokens: &[u32], position: usize, k: usize) -> Result<Option<Vec<Vec<Candidate>>>> {
         let plan = self.plan;
-        self.exec.set_tokens(tokens);
-        self.exec.set_position(position);
-        if !self.run(&plan.decode.phase)? {
+        if !self.run_step(&plan.decode, tokens, position)? {
             return Ok(None);
         }
         self.timings.decode_steps += 1;
         Ok(Some(self.exec.top_k(plan.decode.logits, plan.batch, k)?))
+    }
+
+    /// [`Session::decode`] returning the logits rows (`[batch, vocab]`, on the host).
+    pub fn decode_logits(&mut self, tokens: &[u32], position: usize) -> Result<Option<Vec<f32>>> {
+        let plan = self.plan;
+        if !self.run_step(&plan.decode, tokens, position)? {
+            return Ok(None);
+        }
+        self.timings.decode_steps += 1;
+        Ok(Some(self.exec.read(plan.decode.logits, plan.batch)?))
     }
 
     /// Milliseconds since the request started.
@@ -244,7 +280,10 @@ pub fn generate_with(
         )));
     }
     let mut session = Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default() };
-    let seqs = greedy::run(&mut session, inputs, input_ids, opts)?;
+    let seqs = match &opts.sampling {
+        Some(sampling) => sample::run(&mut session, inputs, input_ids, opts, sampling)?,
+        None => greedy::run(&mut session, inputs, input_ids, opts)?,
+    };
     session.timings.total_ms = session.elapsed_ms();
     Ok((seqs, session.timings))
 }

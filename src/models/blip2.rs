@@ -195,6 +195,7 @@ impl Family for Blip2 {
         GenerateOptions {
             max_new_tokens: t.max_new_tokens(),
             eos_token_ids: t.eos_token_id().map(|e| e.to_vec()).unwrap_or_default(),
+            ..Default::default()
         }
     }
 
