@@ -247,7 +247,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let b = args.batch;
     let n = args.new_tokens;
     let pixels = crate::synth::random_normal(b * 3 * family.image_size().pow(2), args.seed ^ 0x5EED);
-    let opts = GenerateOptions { max_new_tokens: Some(n), eos_token_ids: vec![] };
+    let opts = GenerateOptions { max_new_tokens: Some(n), eos_token_ids: vec![], ..Default::default() };
     let weights = family.weights();
 
     // Caption-prompt plan: vision, Q-Former, prefill, decode, first token, caption.

@@ -63,7 +63,7 @@ fn phase_hook_reports_each_phase_and_can_stop() {
     let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
     let ids = model.input_ids(None).unwrap();
     let px = model.preprocess(&common::image("odd_257x181.png")).unwrap();
-    let opts = glimpse::GenerateOptions { max_new_tokens: Some(4), eos_token_ids: vec![] };
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(4), eos_token_ids: vec![], ..Default::default() };
     let plan = model.family.plan(1, ids.len(), 4, false).unwrap();
     let mut exec = model.executor(&plan.graph).unwrap();
     let mut seen = Vec::new();
@@ -111,7 +111,7 @@ fn phase_hook_reports_each_phase_and_can_stop() {
 #[test]
 fn timings_serialize_encoders_by_phase_name() {
     let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
-    let opts = glimpse::GenerateOptions { max_new_tokens: Some(2), eos_token_ids: vec![] };
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(2), eos_token_ids: vec![], ..Default::default() };
     let out = model.caption(&common::image("odd_257x181.png"), &opts).unwrap();
     let v = serde_json::to_value(&out.timings).unwrap();
     for key in ["vision_ms", "qformer_ms", "prefill_ms", "decode_ms", "decode_steps", "first_token_ms", "total_ms"] {

@@ -1,0 +1,192 @@
+//! Beam search on the CPU executor against transformers 5.17 `generate(num_beams=...)` on the
+//! tiny BLIP-2 fixture (goldens: scripts/fixtures_beam.py), plus the generation options' checks.
+
+mod common;
+
+use glimpse::generate::{expand_for_beams, EarlyStopping};
+use glimpse::{Device, GenerateOptions, Model};
+use serde_json::Value;
+
+/// Per-token log-prob tolerance, as tests/blip2_parity.rs (CPU f32 logits vs torch fp32 logits
+/// of the same fp16 weights; measured ~1e-5). A score is `sum(logprobs) / len ^ lp`, so its
+/// unpenalized sum may drift by up to `len` times that; transformers also sums in f32 (~1e-6).
+const LOGPROB_ABS: f64 = 1e-4;
+
+fn load() -> Model {
+    Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).expect("fixture model loads")
+}
+
+/// The golden's `generate()` options over the checkpoint's defaults.
+fn options(model: &Model, o: &Value) -> GenerateOptions {
+    let mut opts = model.default_options();
+    opts.num_beams = o["num_beams"].as_u64().unwrap() as usize;
+    opts.max_new_tokens = Some(o["max_new_tokens"].as_u64().unwrap() as usize);
+    opts.eos_token_ids = common::ids(&o["eos_token_id"]);
+    if let Some(lp) = o.get("length_penalty") {
+        opts.length_penalty = lp.as_f64().unwrap();
+    }
+    if let Some(es) = o.get("early_stopping") {
+        opts.early_stopping = match es {
+            Value::Bool(b) => b.to_string().parse().unwrap(),
+            Value::String(s) => s.parse().unwrap(),
+            other => panic!("early_stopping {other}"),
+        };
+    }
+    if let Some(n) = o.get("num_return_sequences") {
+        opts.num_return_sequences = n.as_u64().unwrap() as usize;
+    }
+    if let Some(n) = o.get("min_new_tokens") {
+        opts.min_new_tokens = n.as_u64().unwrap() as usize;
+    }
+    opts
+}
+
+/// Every golden case: the same tokens for every returned hypothesis, in order, and the same
+/// `sequences_scores`.
+#[test]
+fn beam_search_matches_transformers() {
+    let model = load();
+    let g = common::golden_json("beam_cases.json");
+    let cases = g["cases"].as_array().unwrap();
+    assert!(cases.len() >= 15);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let opts = options(&model, &case["options"]);
+        let images: Vec<_> = case["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| model.preprocess(&common::image(p.as_str().unwrap())).unwrap())
+            .collect();
+        let outs = model.run(&images, case["prompt"].as_str(), &opts, &mut |_| {}).unwrap();
+        assert_eq!(outs.len(), images.len(), "{name}: one output per image");
+        let want_seqs: Vec<Vec<u32>> = case["sequences"].as_array().unwrap().iter().map(common::ids).collect();
+        let want_scores = case["scores"].as_array().map(|s| s.iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>());
+        let per = opts.num_return_sequences;
+        for (i, out) in outs.iter().enumerate() {
+            let got: Vec<(&[u32], Option<f64>)> = std::iter::once((&out.tokens[..], out.score))
+                .chain(out.alternatives.iter().map(|a| (&a.tokens[..], a.score)))
+                .collect();
+            assert_eq!(got.len(), per, "{name} image {i}: returned hypotheses");
+            for (r, (tokens, score)) in got.into_iter().enumerate() {
+                let at = i * per + r;
+                assert_eq!(tokens, &want_seqs[at][..], "{name} image {i} hypothesis {r}: tokens");
+                match &want_scores {
+                    None => assert!(score.is_none(), "{name}: greedy has no score"),
+                    Some(w) => {
+                        let (got, want) = (score.unwrap(), w[at]);
+                        let scale = (tokens.len() as f64).powf(opts.length_penalty);
+                        let tol = LOGPROB_ABS * tokens.len() as f64 / scale;
+                        assert!((got - want).abs() <= tol, "{name} image {i} hypothesis {r}: score {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The hypotheses' log-probs are the model's per-token log-probs, and the score is their sum
+/// over the length penalty; on_token reports the best hypothesis once the search ends.
+#[test]
+fn beam_score_is_penalized_sum_and_tokens_are_reported() {
+    let model = load();
+    let px = model.preprocess(&common::image("tiny_13x9.png")).unwrap();
+    let opts = GenerateOptions {
+        num_beams: 3,
+        max_new_tokens: Some(8),
+        length_penalty: 2.0,
+        eos_token_ids: vec![773],
+        ..model.default_options()
+    };
+    let mut seen = Vec::new();
+    let out = model.run(&[px], None, &opts, &mut |ev| seen.push((ev.sequence, ev.step, ev.token))).unwrap().remove(0);
+    let sum: f64 = out.logprobs.iter().sum();
+    let want = sum / (out.tokens.len() as f64).powf(2.0);
+    assert!((out.score.unwrap() - want).abs() < 1e-9, "{:?} vs {want}", out.score);
+    assert!(out.logprobs.iter().all(|&l| l < 0.0));
+    let streamed: Vec<u32> = seen.iter().map(|s| s.2).collect();
+    assert_eq!(streamed, out.tokens);
+    assert!(seen.iter().enumerate().all(|(i, s)| s.0 == 0 && s.1 == i));
+}
+
+/// min_new_tokens on the greedy path: EOS cannot come before it (the golden case of the beam
+/// path is in beam_cases.json); the first token after it may be EOS again.
+#[test]
+fn greedy_min_new_tokens_masks_eos() {
+    let model = load();
+    let image = common::image("tall_83x311.png");
+    let base = GenerateOptions { max_new_tokens: Some(10), eos_token_ids: vec![382], ..model.default_options() };
+    let free = model.caption(&image, &base).unwrap();
+    assert_eq!(free.tokens, [382], "the fixture's first greedy token is 382");
+    let held = model.caption(&image, &GenerateOptions { min_new_tokens: 3, ..base.clone() }).unwrap();
+    assert!(held.tokens.len() > 3 && !held.tokens[..3].contains(&382), "{:?}", held.tokens);
+}
+
+#[test]
+fn options_follow_transformers_validation() {
+    let ok = GenerateOptions::default();
+    assert_eq!((ok.num_beams, ok.top_k, ok.length_penalty, ok.early_stopping), (1, 50, 1.0, EarlyStopping::Heuristic));
+    ok.validate().unwrap();
+    let err = |o: GenerateOptions| o.validate().unwrap_err().to_string();
+    let e = err(GenerateOptions { num_beams: 3, num_return_sequences: 4, ..ok.clone() });
+    assert!(e.contains("num_return_sequences (4) has to be smaller or equal to num_beams (3)"), "{e}");
+    let e = err(GenerateOptions { num_return_sequences: 2, ..ok.clone() });
+    assert!(e.contains("greedy decoding returns one sequence"), "{e}");
+    assert!(err(GenerateOptions { num_beams: 0, ..ok.clone() }).contains("num_beams is 0"));
+    assert!(err(GenerateOptions { repetition_penalty: -1.0, ..ok.clone() }).contains("strictly positive"));
+    let e = err(GenerateOptions { do_sample: true, temperature: 0.0, ..ok.clone() });
+    assert!(e.contains("temperature"), "{e}");
+    // transformers only warns about these: accepted and ignored.
+    GenerateOptions { early_stopping: EarlyStopping::Done, length_penalty: 2.0, ..ok.clone() }.validate().unwrap();
+    GenerateOptions { temperature: 0.0, top_p: 0.5, ..ok.clone() }.validate().unwrap();
+    GenerateOptions { do_sample: true, num_return_sequences: 3, ..ok.clone() }.validate().unwrap();
+
+    assert_eq!("never".parse::<EarlyStopping>().unwrap(), EarlyStopping::Never);
+    assert_eq!("true".parse::<EarlyStopping>().unwrap(), EarlyStopping::Done);
+    assert_eq!("false".parse::<EarlyStopping>().unwrap(), EarlyStopping::Heuristic);
+    let e = "sometimes".parse::<EarlyStopping>().unwrap_err().to_string();
+    assert!(e.contains("`sometimes`") && e.contains("never"), "{e}");
+}
+
+/// Sampling and the logits processors are refused from one place until they land.
+#[test]
+fn unavailable_options_are_refused_clearly() {
+    let model = load();
+    let image = common::image("tiny_13x9.png");
+    for (opts, what) in [
+        (GenerateOptions { do_sample: true, ..model.default_options() }, "do_sample"),
+        (GenerateOptions { repetition_penalty: 1.2, ..model.default_options() }, "repetition_penalty"),
+        (GenerateOptions { no_repeat_ngram_size: 2, ..model.default_options() }, "no_repeat_ngram_size"),
+    ] {
+        let e = model.caption(&image, &opts).unwrap_err().to_string();
+        assert!(e.contains(what) && e.contains("not available yet"), "{e}");
+    }
+}
+
+#[test]
+fn checkpoint_defaults_are_transformers_defaults() {
+    let opts = load().default_options();
+    assert_eq!(opts, GenerateOptions { eos_token_ids: vec![202], ..GenerateOptions::default() });
+}
+
+#[test]
+fn inputs_repeat_per_beam() {
+    let opts = GenerateOptions { num_beams: 3, ..GenerateOptions::default() };
+    assert_eq!(expand_for_beams(&[1.0, 2.0, 3.0, 4.0], 2, &opts), [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 3.0, 4.0]);
+    assert_eq!(expand_for_beams(&[1.0, 2.0], 1, &GenerateOptions::default()), [1.0, 2.0]);
+}
+
+/// A plan whose batch is not images x beams is refused with the fix.
+#[test]
+fn beam_plan_must_hold_every_beam() {
+    let model = load();
+    let ids = model.input_ids(None).unwrap();
+    let px = model.preprocess(&common::image("tiny_13x9.png")).unwrap();
+    let plan = model.family.plan(1, ids.len(), 4, false).unwrap();
+    let mut exec = model.executor(&plan.graph).unwrap();
+    let opts = GenerateOptions { num_beams: 2, max_new_tokens: Some(4), ..model.default_options() };
+    let e = glimpse::generate::generate(&plan, exec.as_mut(), &[("pixels", &px.data)], &ids, &opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("images x num_beams"), "{e}");
+}
