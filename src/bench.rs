@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::backend::{Backend, Device, Executor};
 use crate::config::{Blip2Config, ModelConfig, TextConfig};
 use crate::error::{Error, Result};
-use crate::generate::{generate, generate_with, GenerateOptions, Hooks, Plan};
+use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
 use crate::graph::WeightTable;
 use crate::models::Family;
 use crate::weights::Checkpoint;
@@ -61,6 +61,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Beams of the beam-search latency row.
+pub const BENCH_BEAMS: usize = 5;
 
 /// One timed stage.
 #[derive(Debug, Clone, Serialize)]
@@ -262,11 +265,36 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let t_vqa = time_prefill(exec.as_mut(), &plan_vqa, &pixels, &subject.vqa_ids, &opts, repeats)?;
     drop(exec);
 
+    // Beam search through the same loop: BENCH_BEAMS beams per image, no EOS so every step runs.
+    let beam_opts = GenerateOptions { num_beams: BENCH_BEAMS, ..opts.clone() };
+    let bb = b * BENCH_BEAMS;
+    let plan_beam = family.plan(bb, p_cap, n, false)?;
+    let t_beam = match does_not_fit(&backend, &plan_beam, act_bytes) {
+        Some(why) => {
+            notes.push(format!("caption_beam{BENCH_BEAMS} skipped: {why}"));
+            None
+        }
+        None => {
+            let mut exec = backend.executor(weights, &plan_beam.graph)?;
+            let px = expand_for_beams(&pixels, b, &beam_opts);
+            let mut samples = Vec::new();
+            for r in 0..=repeats {
+                let (_, timings) =
+                    generate(&plan_beam, exec.as_mut(), &[("pixels", &px)], &subject.caption_ids, &beam_opts, &mut |_| {})?;
+                if r > 0 {
+                    samples.push(timings.total_ms);
+                }
+            }
+            Some(samples)
+        }
+    };
+    drop(plan_beam);
+
     // Composite stages: the sum of their parts' floors (the parts run one after another).
     let decode_parts: Vec<Cost> = (0..n - 1).map(|s| cost.decode(b, p_cap + s)).collect();
     let first_parts = [cost.vision(b), cost.qformer(b), cost.prefill(b, p_cap)];
     let caption_parts: Vec<Cost> = first_parts.iter().chain(&decode_parts).copied().collect();
-    let stages = vec![
+    let mut stages = vec![
         stage(
             "vision",
             format!("batch {b} x {} tokens", cfg.vision_config.num_positions()),
@@ -310,6 +338,16 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         stage("first_token", "pixels in -> first token".into(), &t.first_token, &first_parts, 1, &rates),
         stage("caption", format!("pixels in -> {n} tokens"), &t.caption, &caption_parts, 1, &rates),
     ];
+    if let Some(samples) = &t_beam {
+        // Floor: the model's work at batch x beams (the host-side candidate merge and the KV
+        // reorder between steps are not in it).
+        let parts: Vec<Cost> = [cost.vision(bb), cost.qformer(bb), cost.prefill(bb, p_cap)]
+            .into_iter()
+            .chain((0..n - 1).map(|s| cost.decode(bb, p_cap + s)))
+            .collect();
+        let what = format!("pixels in -> {n} tokens, {BENCH_BEAMS} beams (no EOS)");
+        stages.push(stage(&format!("caption_beam{BENCH_BEAMS}"), what, samples, &parts, 1, &rates));
+    }
 
     // Throughput at batch 1, 8, 32: whole captions, one executor per batch size.
     let mut throughput = Vec::new();
