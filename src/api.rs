@@ -139,7 +139,11 @@ impl Model {
                     .alternatives
                     .iter()
                     .map(|a| {
-                        Ok(Hypothesis { text: self.tokenizer.decode_text(&a.tokens)?, tokens: a.tokens.clone(), score: a.score })
+                        Ok(Hypothesis {
+                            text: self.tokenizer.decode_text(&a.tokens)?,
+                            tokens: a.tokens.clone(),
+                            score: a.score,
+                        })
                     })
                     .collect::<Result<_>>()?;
                 Ok(Output {

@@ -279,8 +279,14 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
             let px = expand_for_beams(&pixels, b, &beam_opts);
             let mut samples = Vec::new();
             for r in 0..=repeats {
-                let (_, timings) =
-                    generate(&plan_beam, exec.as_mut(), &[("pixels", &px)], &subject.caption_ids, &beam_opts, &mut |_| {})?;
+                let (_, timings) = generate(
+                    &plan_beam,
+                    exec.as_mut(),
+                    &[("pixels", &px)],
+                    &subject.caption_ids,
+                    &beam_opts,
+                    &mut |_| {},
+                )?;
                 if r > 0 {
                     samples.push(timings.total_ms);
                 }

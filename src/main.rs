@@ -262,7 +262,10 @@ fn json_record(model: &Model, image: &Path, out: &Output) -> String {
     }
     if !out.alternatives.is_empty() {
         let best = serde_json::json!({ "text": out.text, "tokens": out.tokens, "score": out.score });
-        let rest = out.alternatives.iter().map(|h| serde_json::json!({ "text": h.text, "tokens": h.tokens, "score": h.score }));
+        let rest = out
+            .alternatives
+            .iter()
+            .map(|h| serde_json::json!({ "text": h.text, "tokens": h.tokens, "score": h.score }));
         record["sequences"] = std::iter::once(best).chain(rest).collect();
     }
     record.to_string()

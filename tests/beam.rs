@@ -172,7 +172,10 @@ fn checkpoint_defaults_are_transformers_defaults() {
 #[test]
 fn inputs_repeat_per_beam() {
     let opts = GenerateOptions { num_beams: 3, ..GenerateOptions::default() };
-    assert_eq!(expand_for_beams(&[1.0, 2.0, 3.0, 4.0], 2, &opts), [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 3.0, 4.0]);
+    assert_eq!(
+        expand_for_beams(&[1.0, 2.0, 3.0, 4.0], 2, &opts),
+        [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 3.0, 4.0]
+    );
     assert_eq!(expand_for_beams(&[1.0, 2.0], 1, &GenerateOptions::default()), [1.0, 2.0]);
 }
 

@@ -92,7 +92,8 @@ impl GenArgs {
         }
         if json {
             return Err(glimpse::Error::InvalidInput(
-                "--stream prints plain text as it is generated and cannot be combined with --json: drop one of them".into(),
+                "--stream prints plain text as it is generated and cannot be combined with --json: drop one of them"
+                    .into(),
             ));
         }
         if opts.num_beams > 1 {

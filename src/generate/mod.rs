@@ -155,7 +155,10 @@ impl GenerateOptions {
                 )));
             }
             if self.top_p < 0.0 || self.top_p.is_nan() {
-                return Err(invalid(format!("top_p has to be a float in [0, 1] (1 disables it), but is {}", self.top_p)));
+                return Err(invalid(format!(
+                    "top_p has to be a float in [0, 1] (1 disables it), but is {}",
+                    self.top_p
+                )));
             }
             if let Some(m) = self.min_p.filter(|m| !(0.0..=1.0).contains(m)) {
                 return Err(invalid(format!("min_p has to be a float in the [0, 1] interval, but is {m}")));
