@@ -985,6 +985,7 @@ def main() -> None:
         model_stats[mname] = st
         summary["models"][mname]["min_top2_margin"] = meta["min_top2_margin"]
 
+    __import__("fixtures_beam").main()  # goldens/beam_cases.json (scripts/fixtures_beam.py)
     summary.update(image_token_id=image_token_id, newline_id=newline_id, tokenizer_len=len(proc.tokenizer))
     write_readme(summary, model_stats, pngs)
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
@@ -1189,6 +1190,17 @@ safetensors (all float32):
 - `<case>.qformer` [num_query, Dq]: Q-Former `last_hidden_state`.
 - `<case>.image_embeds` [num_query, Dtext]: `language_projection` output.
 - `<case>.logits` [seq, vocab] for every case: logits of the prefill forward over the whole `input_ids`.
+
+### `beam_cases.json` (scripts/fixtures_beam.py)
+
+Beam search on `blip2-opt-tiny`: `generate(do_sample=False, output_scores=True,
+return_dict_in_generate=True, **options)` per case, num_beams 1/2/3/4/5/8, EOS the checkpoint's
+or a frequent mid-caption token (773, 532) so hypotheses finish early, one or two EOS ids,
+length_penalty 0/1/1.5/2/-1, early_stopping true/false/"never", batches of 2 images,
+num_return_sequences 2-3, min_new_tokens and a VQA prompt. Each case `{{name, images, prompt,
+options, sequences, scores}}`: `sequences` are the new ids of every returned hypothesis
+(batch-major, cut after the first EOS: transformers pads shorter ones), `scores` are
+`sequences_scores` (null for num_beams 1, which is greedy).
 
 Cases: `blip2-opt-tiny`: a caption for every PNG + VQA for `odd_257x181` and `rgba_150x120`;
 `blip2-opt-tiny-proj`: caption + VQA for `odd_257x181`. Checked while generating: generate's tokens ==

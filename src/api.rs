@@ -9,7 +9,7 @@ pub use crate::backend::Device;
 use crate::backend::{Backend, Executor};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerateOptions, Plan, Sequence, Timings, TokenEvent};
+use crate::generate::{beam_rows, expand_for_beams, generate, GenerateOptions, Plan, Sequence, Timings, TokenEvent};
 use crate::image::{ImageProcessor, PixelValues};
 use crate::models::Family;
 use crate::tokenizer::Tokenizer;
@@ -22,8 +22,20 @@ pub struct Output {
     /// Generated ids, EOS included when produced.
     pub tokens: Vec<u32>,
     pub logprobs: Vec<f64>,
+    /// Beam search: transformers' `sequences_scores` of this hypothesis (None for greedy).
+    pub score: Option<f64>,
+    /// Beam search with `num_return_sequences > 1`: the other returned hypotheses, best first.
+    pub alternatives: Vec<Hypothesis>,
     pub timings: Timings,
     pub device: String,
+}
+
+/// A further hypothesis of a beam search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hypothesis {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub score: Option<f64>,
 }
 
 /// A model folder loaded for inference (any family of the registry in `models`).
@@ -123,10 +135,23 @@ impl Model {
         let (seqs, timings, device) = self.run_ids(images, &input_ids, opts, on_token)?;
         seqs.into_iter()
             .map(|s| {
+                let alternatives = s
+                    .alternatives
+                    .iter()
+                    .map(|a| {
+                        Ok(Hypothesis {
+                            text: self.tokenizer.decode_text(&a.tokens)?,
+                            tokens: a.tokens.clone(),
+                            score: a.score,
+                        })
+                    })
+                    .collect::<Result<_>>()?;
                 Ok(Output {
                     text: self.tokenizer.decode_text(&s.tokens)?,
                     tokens: s.tokens,
                     logprobs: s.logprobs,
+                    score: s.score,
+                    alternatives,
                     timings: timings.clone(),
                     device: device.clone(),
                 })
@@ -134,7 +159,9 @@ impl Model {
             .collect()
     }
 
-    /// The core request: pixel values and decoder input ids in, sequences out.
+    /// The core request: pixel values and decoder input ids in, one sequence per image out. Beam
+    /// search runs each image `num_beams` times through the encoders (the plan's batch is
+    /// images x beams; the encoders' rows are independent, so each copy is the same).
     pub fn run_ids(
         &self,
         images: &[PixelValues],
@@ -153,8 +180,10 @@ impl Model {
             }
             pixels.extend_from_slice(&img.data);
         }
+        opts.check_available()?;
         let new_tokens = opts.new_tokens(input_ids.len(), self.family.max_positions())?;
-        let key = (images.len(), input_ids.len(), new_tokens);
+        let pixels = expand_for_beams(&pixels, images.len(), opts);
+        let key = (beam_rows(images.len(), opts), input_ids.len(), new_tokens);
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
             let plan = self.family.plan(key.0, key.1, key.2, false)?;

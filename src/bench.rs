@@ -27,7 +27,7 @@ use crate::backend::{Backend, Device, Executor};
 use crate::config::{Blip2Config, ModelConfig};
 use crate::cost::{Cost, GraphCost};
 use crate::error::{Error, Result};
-use crate::generate::{generate, generate_with, GenerateOptions, Hooks, Plan};
+use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
 use crate::graph::{Phase, WeightTable};
 use crate::models::Family;
 use crate::weights::Checkpoint;
@@ -63,6 +63,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Beams of the beam-search latency row.
+pub const BENCH_BEAMS: usize = 5;
 
 /// One timed stage.
 #[derive(Debug, Clone, Serialize)]
@@ -253,6 +256,42 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let t_vqa = time_prefill(exec.as_mut(), &plan_vqa, &pixels, &subject.vqa_ids, &opts, repeats)?;
     drop(exec);
 
+    // Beam search through the same loop: BENCH_BEAMS beams per image, no EOS so every step runs.
+    let beam_opts = GenerateOptions { num_beams: BENCH_BEAMS, ..opts.clone() };
+    let bb = b * BENCH_BEAMS;
+    let plan_beam = family.plan(bb, p_cap, n, false)?;
+    let t_beam = match does_not_fit(&backend, &plan_beam, act_bytes) {
+        Some(why) => {
+            notes.push(format!("caption_beam{BENCH_BEAMS} skipped: {why}"));
+            None
+        }
+        None => {
+            let mut exec = backend.executor(weights, &plan_beam.graph)?;
+            let px = expand_for_beams(&pixels, b, &beam_opts);
+            let mut samples = Vec::new();
+            for r in 0..=repeats {
+                let (_, timings) = generate(
+                    &plan_beam,
+                    exec.as_mut(),
+                    &[("pixels", &px)],
+                    &subject.caption_ids,
+                    &beam_opts,
+                    &mut |_| {},
+                )?;
+                if r > 0 {
+                    samples.push(timings.total_ms);
+                }
+            }
+            // Floor: the model's work at batch x beams (the host-side candidate merge and the KV
+            // reorder between steps are not in it).
+            let costs = PlanCosts::new(&plan_beam, weights, act_bytes);
+            let parts: Vec<Cost> =
+                costs.first_token().into_iter().chain((0..n - 1).map(|s| costs.decode(p_cap + s))).collect();
+            Some((samples, parts))
+        }
+    };
+    drop(plan_beam);
+
     // Composite stages: the sum of their parts' floors (the parts run one after another).
     let costs = PlanCosts::new(&plan, weights, act_bytes);
     let decode_parts: Vec<Cost> = (0..n - 1).map(|s| costs.decode(p_cap + s)).collect();
@@ -295,6 +334,10 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         stage("first_token", "inputs in -> first token".into(), &t.first_token, &first_parts, 1, &rates),
         stage("caption", format!("inputs in -> {n} tokens"), &t.caption, &caption_parts, 1, &rates),
     ]);
+    if let Some((samples, parts)) = &t_beam {
+        let what = format!("inputs in -> {n} tokens, {BENCH_BEAMS} beams (no EOS)");
+        stages.push(stage(&format!("caption_beam{BENCH_BEAMS}"), what, samples, parts, 1, &rates));
+    }
 
     // Throughput at batch 1, 8, 32: whole captions, one executor per batch size.
     let mut throughput = Vec::new();

@@ -295,6 +295,11 @@ pub struct OptConfig {
     /// generation config picks it up (`GenerationConfig.from_model_config(text_config)`).
     /// (`max_length` is dropped from model configs, so it has no counterpart here.)
     pub max_new_tokens: Option<usize>,
+    /// Kept the same way. transformers 5.17 drops every other generation parameter from model
+    /// configs (`GenerationConfig._get_default_generation_params()`: num_beams, length_penalty,
+    /// do_sample, temperature, top_k, top_p, ...), so only these reach the language model.
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
 }
 
 impl Default for OptConfig {
@@ -318,6 +323,8 @@ impl Default for OptConfig {
             eos_token_id: Some(TokenIds::One(2)),
             pad_token_id: Some(1),
             max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
         }
     }
 }
@@ -403,6 +410,17 @@ impl TextConfig {
     pub fn max_new_tokens(&self) -> Option<usize> {
         match self {
             TextConfig::Opt(c) => c.max_new_tokens,
+        }
+    }
+    /// `min_new_tokens` and `min_p` kept on the text config (see [`OptConfig::min_new_tokens`]).
+    pub fn min_new_tokens(&self) -> Option<usize> {
+        match self {
+            TextConfig::Opt(c) => c.min_new_tokens,
+        }
+    }
+    pub fn min_p(&self) -> Option<f64> {
+        match self {
+            TextConfig::Opt(c) => c.min_p,
         }
     }
     /// The OPT config, or an error naming the decoder kind (for OPT-only code such as synth).

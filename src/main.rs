@@ -6,6 +6,7 @@
 //! ripgrep does: status 0, or 1 if an image had already failed.
 
 mod cli {
+    pub mod generate;
     pub mod output;
 }
 
@@ -43,10 +44,13 @@ struct RunArgs {
     /// New tokens to generate at most (default: generation_config.json, else 20).
     #[arg(long)]
     max_new_tokens: Option<usize>,
-    /// One JSON object per image per line: image, text, tokens, logprobs, timings, device;
-    /// or image and error for an image that failed.
+    /// One JSON object per image per line: image, text, tokens, logprobs, timings, device
+    /// (beam search adds score, and sequences when several are returned); or image and error
+    /// for an image that failed.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    gen: cli::generate::GenArgs,
 }
 
 /// Where a hub id comes from (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE apply too).
@@ -235,12 +239,15 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     if let Some(n) = args.max_new_tokens {
         opts.max_new_tokens = Some(n);
     }
+    args.gen.apply(&mut opts)?;
     opts.validate()?;
+    opts.check_available()?;
+    args.gen.check_stream(&opts, args.json)?;
     Ok((model, opts))
 }
 
 fn json_record(model: &Model, image: &Path, out: &Output) -> String {
-    serde_json::json!({
+    let mut record = serde_json::json!({
         "image": image.display().to_string(),
         "text": out.text,
         "tokens": out.tokens,
@@ -248,8 +255,58 @@ fn json_record(model: &Model, image: &Path, out: &Output) -> String {
         "timings": out.timings,
         "device": out.device,
         "load_seconds": model.load_seconds,
-    })
-    .to_string()
+    });
+    // Beam search: transformers' sequences_scores, and every returned hypothesis, best first.
+    if let Some(score) = out.score {
+        record["score"] = score.into();
+    }
+    if !out.alternatives.is_empty() {
+        let best = serde_json::json!({ "text": out.text, "tokens": out.tokens, "score": out.score });
+        let rest = out
+            .alternatives
+            .iter()
+            .map(|h| serde_json::json!({ "text": h.text, "tokens": h.tokens, "score": h.score }));
+        record["sequences"] = std::iter::once(best).chain(rest).collect();
+    }
+    record.to_string()
+}
+
+/// `--stream`: one image's text printed as it is generated (escaped as the plain output is,
+/// after `IMAGE<TAB>` when there are several images), then a newline.
+fn stream_image(
+    model: &Model,
+    opts: &GenerateOptions,
+    image: &Path,
+    question: Option<&str>,
+    several: bool,
+    stdout: &mut Stdout,
+) -> Result<(), CliError> {
+    let pixels = model.preprocess(image)?;
+    let prompt = question.map(|q| model.question_prompt(q));
+    let mut streamer = glimpse::generate::stream::TextStreamer::new(&model.tokenizer);
+    if several {
+        stdout.text(&format!("{}\t", cli::output::escape(&image.display().to_string())))?;
+    }
+    let mut failure: Option<CliError> = None;
+    let mut on_token = |ev: &glimpse::TokenEvent| {
+        if failure.is_some() {
+            return;
+        }
+        let text = match streamer.put(ev.token) {
+            Ok(t) => t,
+            Err(e) => return failure = Some(e.into()),
+        };
+        if let Err(e) = stdout.text(&cli::output::escape(&text)) {
+            failure = Some(e.into());
+        }
+    };
+    model.run(&[pixels], prompt.as_deref(), opts, &mut on_token)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let rest = streamer.end()?;
+    stdout.line(&cli::output::escape(&rest))?;
+    Ok(())
 }
 
 /// Runs `images` in order (a caption, or an answer to `question`), one record per image; a
@@ -259,12 +316,29 @@ fn run_images(
     opts: &GenerateOptions,
     images: &[PathBuf],
     question: Option<&str>,
-    json: bool,
+    args: &RunArgs,
 ) -> Result<ExitCode, CliError> {
+    let json = args.json;
     let mut stdout = Stdout::new();
     let several = images.len() > 1;
     let mut failed = false;
     for image in images {
+        if args.gen.stream {
+            match stream_image(model, opts, image, question, several, &mut stdout) {
+                Ok(()) => continue,
+                Err(CliError::Stdout(Stop::Closed)) => break,
+                Err(CliError::Glimpse(e)) => {
+                    failed = true;
+                    let msg = e.to_string();
+                    diagnostic("error", &cli::output::image_error(image, &msg));
+                    if let Some(line) = cli::output::plain_record(image, Err(&msg), several) {
+                        stdout.line(&line)?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let result = match question {
             Some(q) => model.ask(image, q, opts),
             None => model.caption(image, opts),
@@ -312,11 +386,11 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
     match command {
         Command::Caption { run, images } => {
             let (model, opts) = load(&run)?;
-            run_images(&model, &opts, &images, None, run.json)
+            run_images(&model, &opts, &images, None, &run)
         }
         Command::Ask { run, image, question } => {
             let (model, opts) = load(&run)?;
-            run_images(&model, &opts, &[image], Some(&question), run.json)
+            run_images(&model, &opts, &[image], Some(&question), &run)
         }
         Command::Download { model, hub } => {
             let fetched = glimpse::hub::download(&model, &hub.options())?;

@@ -22,7 +22,10 @@ fn bench_tiny_cpu_json_has_every_stage() {
     assert!(v["rates"]["matrix_gflops"].as_f64().unwrap() > 0.0);
     let stages = v["stages"].as_array().unwrap();
     let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
-    assert_eq!(names, ["vision", "qformer", "prefill", "prefill_vqa", "decode", "first_token", "caption"]);
+    assert_eq!(
+        names,
+        ["vision", "qformer", "prefill", "prefill_vqa", "decode", "first_token", "caption", "caption_beam5"]
+    );
     for s in stages {
         for key in ["median_ms", "min_ms", "floor_ms", "memory_floor_ms", "bytes", "flops", "fraction_of_floor"] {
             let x = s[key].as_f64().unwrap_or_else(|| panic!("{} has no {key}: {s}", s["stage"]));

@@ -8,7 +8,7 @@
 //! probability 0.2 gives a chi-square near 50, far above the critical values used.
 
 use glimpse::generate::processors::{softmax, LogitsProcessorList, ProcessorSettings};
-use glimpse::generate::sample::{draw, splitmix64, Rng, Sampling};
+use glimpse::generate::sample::{draw, splitmix64, Rng};
 use glimpse::generate::{generate, Plan};
 use glimpse::{Device, GenerateOptions, Model, Sequence};
 
@@ -131,7 +131,22 @@ fn run(model: &Model, plan: &Plan, ids: &[u32], pixels: &[f32], opts: &GenerateO
 }
 
 fn sampled(seed: u64, settings: ProcessorSettings) -> GenerateOptions {
-    GenerateOptions { max_new_tokens: Some(8), sampling: Some(Sampling { settings, seed }), ..Default::default() }
+    with_settings(GenerateOptions { max_new_tokens: Some(8), ..Default::default() }, seed, settings)
+}
+
+/// `base` with the processor fields of `settings` and `seed` (GenerateOptions carries them flat).
+fn with_settings(base: GenerateOptions, seed: u64, s: ProcessorSettings) -> GenerateOptions {
+    GenerateOptions {
+        do_sample: s.do_sample,
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        no_repeat_ngram_size: s.no_repeat_ngram_size,
+        seed: Some(seed),
+        ..base
+    }
 }
 
 /// The same seed gives the same tokens on two executor instances (and a batch of two draws two
@@ -171,9 +186,10 @@ fn top_k_1_sampling_equals_greedy() {
     for (seed, settings) in [
         (0, ProcessorSettings { do_sample: true, top_k: 1, ..Default::default() }),
         (99, ProcessorSettings { do_sample: true, top_k: 1, temperature: 5.0, ..Default::default() }),
-        (0, ProcessorSettings::default()),
+        // Greedy through the processor path: a 50-gram cannot repeat within 45 tokens.
+        (0, ProcessorSettings { no_repeat_ngram_size: 50, ..Default::default() }),
     ] {
-        let opts = GenerateOptions { sampling: Some(Sampling { settings, seed }), ..base.clone() };
+        let opts = with_settings(base.clone(), seed, settings);
         assert_eq!(run(&model, &plan, &ids, &px, &opts), greedy, "seed {seed}");
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::{GenerateOptions, Sequence, Session, TokenEvent};
+use crate::backend::Candidate;
 use crate::error::Result;
 
 pub(super) fn run(
@@ -19,7 +20,10 @@ pub(super) fn run(
         return Ok(seqs);
     }
     let tokens: Vec<u32> = (0..batch).flat_map(|_| input_ids.iter().copied()).collect();
-    let Some(mut picks) = s.prefill(&tokens, 1)? else { return Ok(seqs) };
+    // MinNewTokensLengthLogitsProcessor: before min_new_tokens every EOS is -inf, so the pick is
+    // the best non-EOS token among the 1 + n_eos best.
+    let k = |step: usize| if step < opts.min_new_tokens { 1 + opts.eos_token_ids.len() } else { 1 };
+    let Some(mut picks) = s.prefill(&tokens, k(0))? else { return Ok(seqs) };
 
     let decode_start = Instant::now();
     for step in 0..plan.max_new_tokens {
@@ -30,7 +34,8 @@ pub(super) fn run(
                 next[b] = *seq.tokens.last().unwrap_or(&0);
                 continue;
             }
-            let best = picks[b][0];
+            let allowed = |c: &&Candidate| step >= opts.min_new_tokens || !opts.eos_token_ids.contains(&c.token);
+            let best = *picks[b].iter().find(allowed).unwrap_or(&picks[b][0]);
             seq.tokens.push(best.token);
             seq.logprobs.push(best.logprob);
             seq.stopped_by_eos = opts.eos_token_ids.contains(&best.token);
@@ -44,7 +49,7 @@ pub(super) fn run(
             break;
         }
         // Feed the chosen tokens back: one decode step at position prompt_len + step.
-        match s.decode(&next, plan.prompt_len + step, 1)? {
+        match s.decode(&next, plan.prompt_len + step, k(step + 1))? {
             Some(p) => picks = p,
             None => break,
         }

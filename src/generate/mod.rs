@@ -1,13 +1,15 @@
 //! Generation over a model family's [`Plan`]: the loop's shared machinery ([`Session`]: host
 //! inputs, encoders, prefill and decode steps, timing hooks) and the decoding strategies on top
-//! of the executor's primitives (`top_k`, `reorder_sequences`, positions). Greedy is the one
-//! strategy so far (greedy.rs); beam search and sampling are further files over the same session.
-//! Sampling (and greedy with logits processors) is sample.rs over processors.rs.
+//! of the executor's primitives (`top_k`, `reorder_sequences`, positions): greedy (greedy.rs),
+//! beam search (beam.rs), and sampling or greedy with logits processors (sample.rs over
+//! processors.rs).
 
+mod beam;
 mod greedy;
 mod plan;
 pub mod processors;
 pub mod sample;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -20,26 +22,205 @@ use crate::error::{Error, Result};
 /// transformers' `max_length` when nothing sets a length: 20 tokens past the decoder input.
 pub const DEFAULT_NEW_TOKENS: usize = 20;
 
-#[derive(Debug, Clone, Default)]
+/// transformers' `early_stopping`: `true`, `false` or `"never"` (see beam.rs for what each does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EarlyStopping {
+    /// `False` (the default): stop a batch item once no running beam, scored at the current
+    /// length, can beat its worst finished hypothesis.
+    #[default]
+    Heuristic,
+    /// `True`: stop a batch item as soon as it has `num_beams` finished hypotheses.
+    Done,
+    /// `"never"`: like `False`, but with `length_penalty > 0` the bound assumes `max_length`.
+    Never,
+}
+
+impl std::str::FromStr for EarlyStopping {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "false" | "False" => Ok(Self::Heuristic),
+            "true" | "True" => Ok(Self::Done),
+            "never" => Ok(Self::Never),
+            _ => Err(Error::InvalidInput(format!(
+                "early_stopping `{s}` must be a boolean or 'never' (as transformers): use true, false or never"
+            ))),
+        }
+    }
+}
+
+/// What `generate()` does, field for field transformers 5.17's `GenerationConfig` (the fields
+/// glimpse runs). [`Default`] is transformers' global default; a family's
+/// [`crate::models::Family::default_options`] applies what the checkpoint sets.
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOptions {
     /// How many tokens to generate at most. `None` is transformers' default: `max_length =
     /// input length + 20`, capped at the decoder's `max_position_embeddings`.
     pub max_new_tokens: Option<usize>,
+    /// EOS is masked until this many tokens were generated (`MinNewTokensLengthLogitsProcessor`).
+    pub min_new_tokens: usize,
+    /// Sample instead of greedy / beam search.
+    pub do_sample: bool,
+    pub temperature: f64,
+    /// 0 disables top-k (transformers' default 50 applies when sampling).
+    pub top_k: usize,
+    pub top_p: f64,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: f64,
+    pub no_repeat_ngram_size: usize,
+    /// 1: greedy (or sampling); more: beam search.
+    pub num_beams: usize,
+    /// Beam scores are `sum(logprobs) / generated_len ^ length_penalty`.
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    /// Hypotheses returned per input (at most `num_beams`), best first.
+    pub num_return_sequences: usize,
     /// Generation stops for a sequence when it produces any of these (the token is kept).
     pub eos_token_ids: Vec<u32>,
-    /// Logits processors and seeded sampling (sample.rs); None is plain greedy decoding.
-    pub sampling: Option<sample::Sampling>,
+    /// Generation stops for a sequence when its text ends with one of these.
+    pub stop_strings: Vec<String>,
+    /// Seed of the sampling RNG.
+    pub seed: Option<u64>,
+}
+
+impl Default for GenerateOptions {
+    /// transformers 5.17's `_get_default_generation_params`.
+    fn default() -> Self {
+        Self {
+            max_new_tokens: None,
+            min_new_tokens: 0,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            min_p: None,
+            repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+            num_return_sequences: 1,
+            eos_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidInput(msg)
 }
 
 impl GenerateOptions {
-    /// transformers raises for `max_new_tokens` 0 (`GenerationConfig.validate`); so does glimpse.
+    /// transformers' checks, raised where transformers raises (`GenerationConfig.validate` and
+    /// the logits processors' constructors); combinations transformers only warns about
+    /// (`early_stopping` or `length_penalty` with one beam, sampling flags without `do_sample`)
+    /// are accepted and ignored, as there.
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == Some(0) {
-            return Err(Error::InvalidInput(
+            return Err(invalid(
                 "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too); leave it unset for the default of up to 20".into(),
             ));
         }
+        if self.num_beams == 0 {
+            return Err(invalid("num_beams is 0: it must be at least 1 (1 is greedy decoding)".into()));
+        }
+        if self.num_return_sequences == 0 {
+            return Err(invalid("num_return_sequences is 0: it must be at least 1".into()));
+        }
+        if self.num_return_sequences > 1 && self.num_beams == 1 && !self.do_sample {
+            return Err(invalid(format!(
+                "num_return_sequences is {} but greedy decoding returns one sequence (transformers refuses it too): set num_beams to at least {0} or enable do_sample",
+                self.num_return_sequences
+            )));
+        }
+        if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
+            return Err(invalid(format!(
+                "num_return_sequences ({}) has to be smaller or equal to num_beams ({}): raise num_beams or return fewer",
+                self.num_return_sequences, self.num_beams
+            )));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(invalid(format!("length_penalty is {}: it must be a finite number", self.length_penalty)));
+        }
+        // The logits processors' constructors (built only when the option is active).
+        if self.repetition_penalty != 1.0 && !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(invalid(format!(
+                "repetition_penalty has to be a strictly positive float, but is {}: 1.0 disables it",
+                self.repetition_penalty
+            )));
+        }
+        if self.do_sample {
+            if self.temperature != 1.0 && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+                return Err(invalid(format!(
+                    "temperature has to be a strictly positive float, but is {}: use do_sample=false for greedy decoding",
+                    self.temperature
+                )));
+            }
+            if self.top_p < 0.0 || self.top_p.is_nan() {
+                return Err(invalid(format!(
+                    "top_p has to be a float in [0, 1] (1 disables it), but is {}",
+                    self.top_p
+                )));
+            }
+            if let Some(m) = self.min_p.filter(|m| !(0.0..=1.0).contains(m)) {
+                return Err(invalid(format!("min_p has to be a float in the [0, 1] interval, but is {m}")));
+            }
+        }
         Ok(())
+    }
+
+    /// The one place that refuses what glimpse does not run yet (sampling and the logits
+    /// processors arrive with the sampling strategy).
+    pub fn check_available(&self) -> Result<()> {
+        let beams = self.num_beams > 1;
+        let missing = [
+            (beams && self.do_sample, "do_sample with num_beams > 1 (beam sampling)"),
+            (beams && self.repetition_penalty != 1.0, "repetition_penalty with num_beams > 1"),
+            (beams && self.no_repeat_ngram_size > 0, "no_repeat_ngram_size with num_beams > 1"),
+            (!self.stop_strings.is_empty(), "stop_strings"),
+            (self.do_sample && self.num_return_sequences > 1, "num_return_sequences > 1 with sampling"),
+        ];
+        match missing.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(Error::Unsupported(format!(
+                "{what} is not available yet in glimpse: greedy, sampling and the logits processors with one beam, and plain beam search, are"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// True when one-beam decoding goes through the logits processors (sample.rs): sampling,
+    /// or greedy with a repetition penalty or a no-repeat n-gram size (greedy.rs handles
+    /// `min_new_tokens` itself).
+    pub fn uses_processors(&self) -> bool {
+        self.do_sample || self.repetition_penalty != 1.0 || self.no_repeat_ngram_size > 0
+    }
+
+    /// The logits processors these options ask for, as transformers' `_get_logits_processor`
+    /// builds them.
+    pub fn processor_settings(&self) -> processors::ProcessorSettings {
+        processors::ProcessorSettings {
+            do_sample: self.do_sample,
+            num_beams: self.num_beams,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram_size: self.no_repeat_ngram_size,
+            min_new_tokens: (self.min_new_tokens > 0).then_some(self.min_new_tokens),
+            eos_token_ids: self.eos_token_ids.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The sampling seed: `seed` when set (reproducible on every device), else one drawn from
+    /// the clock (transformers' unseeded sampling differs run to run too).
+    pub fn sampling_seed(&self) -> u64 {
+        self.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            t.as_nanos() as u64
+        })
     }
 
     /// The number of tokens to generate after a decoder input of `input_len` tokens (image
@@ -68,6 +249,11 @@ pub struct Sequence {
     /// Natural-log probability of each token under the model (log-softmax of the raw logits).
     pub logprobs: Vec<f64>,
     pub stopped_by_eos: bool,
+    /// Beam search: transformers' `sequences_scores`, `sum(logprobs) / len(tokens) ^
+    /// length_penalty`. None for greedy decoding.
+    pub score: Option<f64>,
+    /// Beam search with `num_return_sequences > 1`: the other returned hypotheses, best first.
+    pub alternatives: Vec<Sequence>,
 }
 
 /// Wall-clock milliseconds of each stage of one request.
@@ -244,7 +430,10 @@ impl<'a, 'h> Session<'a, 'h> {
 
 /// Runs the plan with host `inputs` (by name, e.g. `("pixels", data)` holding `plan.batch`
 /// images) and one decoder input `input_ids` shared by every sequence (image tokens, BOS,
-/// prompt); `on_token` sees each token as it is produced.
+/// prompt); `on_token` sees each token as it is produced. With `num_beams > 1` the plan runs
+/// `images x num_beams` sequences (each image's inputs repeated `num_beams` times in a row, see
+/// [`beam_rows`]), one [`Sequence`] comes back per image, and `on_token` sees each image's best
+/// hypothesis once the search ends.
 pub fn generate(
     plan: &Plan,
     exec: &mut dyn Executor,
@@ -279,11 +468,28 @@ pub fn generate_with(
             input_ids.len()
         )));
     }
+    opts.check_available()?;
     let mut session = Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default() };
-    let seqs = match &opts.sampling {
-        Some(sampling) => sample::run(&mut session, inputs, input_ids, opts, sampling)?,
-        None => greedy::run(&mut session, inputs, input_ids, opts)?,
+    let seqs = if opts.num_beams > 1 {
+        beam::run(&mut session, inputs, input_ids, opts)?
+    } else if opts.uses_processors() {
+        sample::run(&mut session, inputs, input_ids, opts, &opts.processor_settings(), opts.sampling_seed())?
+    } else {
+        greedy::run(&mut session, inputs, input_ids, opts)?
     };
     session.timings.total_ms = session.elapsed_ms();
     Ok((seqs, session.timings))
+}
+
+/// The plan batch for `inputs` inputs: beam search runs `num_beams` sequences per input.
+pub fn beam_rows(inputs: usize, opts: &GenerateOptions) -> usize {
+    inputs * opts.num_beams.max(1)
+}
+
+/// Repeats each of the `inputs` rows of `data` (`[inputs, cols]`) `num_beams` times in a row
+/// (transformers' `repeat_interleave` of the inputs for beam search); unchanged for one beam.
+pub fn expand_for_beams(data: &[f32], inputs: usize, opts: &GenerateOptions) -> Vec<f32> {
+    let n = opts.num_beams.max(1);
+    let cols = data.len() / inputs.max(1);
+    data.chunks(cols.max(1)).flat_map(|row| std::iter::repeat_n(row, n).flatten().copied()).collect()
 }

@@ -16,22 +16,6 @@ use super::{GenerateOptions, Sequence, Session, TokenEvent};
 use crate::backend::cpu::ops::{argmax, log_prob};
 use crate::error::{Error, Result};
 
-/// What [`GenerateOptions::sampling`] selects: the processor settings (`do_sample` switches
-/// between sampling and greedy-with-processors) and the seed. The processors' EOS ids are
-/// taken from [`GenerateOptions::eos_token_ids`] (transformers has one EOS list for both).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Sampling {
-    pub settings: ProcessorSettings,
-    pub seed: u64,
-}
-
-impl Sampling {
-    /// Sampling with transformers' defaults (`do_sample=True`: top-k 50, nothing else).
-    pub fn with_seed(seed: u64) -> Self {
-        Self { settings: ProcessorSettings { do_sample: true, ..Default::default() }, seed }
-    }
-}
-
 /// xoshiro256** (Blackman & Vigna) seeded through SplitMix64: small, fast, and specified
 /// bit for bit, so draws are identical on every platform. `new(seed, stream)` runs SplitMix64
 /// from `splitmix64(seed) ^ stream` to fill the four state words, giving each (seed, stream)
@@ -120,19 +104,19 @@ pub(super) fn run(
     inputs: &[(&str, &[f32])],
     input_ids: &[u32],
     opts: &GenerateOptions,
-    sampling: &Sampling,
+    settings: &ProcessorSettings,
+    seed: u64,
 ) -> Result<Vec<Sequence>> {
     let plan = s.plan;
     let batch = plan.batch;
-    let settings = ProcessorSettings { eos_token_ids: opts.eos_token_ids.clone(), ..sampling.settings.clone() };
-    let processors = LogitsProcessorList::new(&settings, plan.prompt_len)?;
+    let processors = LogitsProcessorList::new(settings, plan.prompt_len)?;
     let mut seqs = vec![Sequence::default(); batch];
     if !s.encode(inputs)? {
         return Ok(seqs);
     }
     let tokens: Vec<u32> = (0..batch).flat_map(|_| input_ids.iter().copied()).collect();
     let Some(mut rows) = s.prefill_logits(&tokens)? else { return Ok(seqs) };
-    let mut rngs: Vec<Rng> = (0..batch).map(|b| Rng::new(sampling.seed, b as u64)).collect();
+    let mut rngs: Vec<Rng> = (0..batch).map(|b| Rng::new(seed, b as u64)).collect();
     // transformers' `input_ids` of each sequence: the decoder input, then what was generated.
     let mut history: Vec<Vec<u32>> = vec![input_ids.to_vec(); batch];
 

@@ -189,11 +189,15 @@ impl Family for Blip2 {
     /// generation config is made from `text_config` (generation_config.json belongs to the
     /// outer model and is not consulted). So EOS is `text_config.eos_token_id` and the length is
     /// transformers' default (20 new tokens, capped at `text_config.max_position_embeddings`)
-    /// unless `text_config` sets `max_new_tokens`.
+    /// unless `text_config` sets `max_new_tokens`. The model config keeps no other generation
+    /// parameter than `min_new_tokens` and `min_p` (transformers 5.17 drops num_beams,
+    /// length_penalty, do_sample, ... from it), so the rest are transformers' global defaults.
     fn default_options(&self) -> GenerateOptions {
         let t = &self.cfg.text_config;
         GenerateOptions {
             max_new_tokens: t.max_new_tokens(),
+            min_new_tokens: t.min_new_tokens().unwrap_or(0),
+            min_p: t.min_p(),
             eos_token_ids: t.eos_token_id().map(|e| e.to_vec()).unwrap_or_default(),
             ..Default::default()
         }
