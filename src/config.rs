@@ -950,7 +950,13 @@ impl Blip2Config {
             )));
         }
         // The language model is parsed by its kind, so a T5 text config gets "not supported"
-        // rather than a field error about OPT.
+        // rather than a field error about OPT. LLaMA decoders run in LLaVA, not yet in BLIP-2.
+        if text_type == "llama" {
+            return Err(Error::Unsupported(format!(
+                "{}: text_config.model_type `llama` is not supported yet in BLIP-2 (glimpse runs BLIP-2 with OPT; LLaMA decoders run in LLaVA)",
+                path.display()
+            )));
+        }
         let text_config = match text_value {
             Some(t) => TextConfig::from_value(t, path)?,
             None => TextConfig::default(),

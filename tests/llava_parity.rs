@@ -333,3 +333,35 @@ fn config_errors_name_the_field() {
         .to_string();
     assert!(err.contains("rope_type") && err.contains("dynamic"), "{err}");
 }
+
+/// `glimpse ask --json` on a LLaVA folder: one image (chat template), then two with `--image`.
+#[test]
+fn cli_ask_single_and_several_images() {
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let dir = common::model_dir("llava-tiny");
+    for case in cases("llava-tiny").into_iter().filter(|c| c["name"] != "caption") {
+        let imgs = images(&case);
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["ask", "--device", "cpu", "--json", "--max-new-tokens", "8", "--model"]).arg(&dir);
+        if imgs.len() == 1 {
+            cmd.arg(&imgs[0]);
+        } else {
+            imgs.iter().for_each(|p| {
+                cmd.arg("--image").arg(p);
+            });
+        }
+        let out = cmd.arg(case["text"].as_str().unwrap()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(common::ids(&rec["tokens"]), common::ids(&case["generated_ids"]), "{}", case["name"]);
+        assert_eq!(rec["text"], case["decoded"]);
+    }
+    // --image with IMAGE QUESTION positionals is a usage error.
+    let out = std::process::Command::new(bin)
+        .args(["ask", "--model"])
+        .arg(&dir)
+        .args(["--image", "a.png", "b.png", "question"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
