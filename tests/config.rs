@@ -168,8 +168,15 @@ fn encoder_decoder_language_model_is_unsupported() {
 
 #[test]
 fn other_model_types_and_non_configs() {
-    assert!(parse_err(&json!({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}))
-        .contains("model_type `llava`"));
+    assert!(parse_err(&json!({"model_type": "idefics2", "architectures": ["Idefics2ForConditionalGeneration"]}))
+        .contains("model_type `idefics2`"));
+    // LLaVA is a family now: missing parts take LlavaConfig's defaults (CLIP ViT-L/14-336, LLaMA).
+    let llava = ModelConfig::from_slice(
+        br#"{"model_type": "llava", "text_config": {"vocab_size": 32064}}"#,
+        Path::new("config.json"),
+    )
+    .unwrap();
+    assert!(matches!(llava, ModelConfig::Llava(ref c) if c.vision_config.image_size == 336 && c.image_rows() == 576));
     assert!(parse_err(&json!({"hidden_size": 4})).contains("no `model_type`"));
     assert!(parse_err(&json!([1, 2])).contains("not a JSON object"));
     let err =

@@ -629,6 +629,28 @@ fn select_rows_and_run_time_validation() {
     let indexed = [4, 0, 2].into_iter().enumerate().map(|(b, idx)| Some(b * seq + idx));
     assert_eq!(refs::f64s(&ex.read(pooled, batch).unwrap()), refs::select_rows(&data, dim, indexed));
 
+    // A fixed row of every sequence (CLIP's pooled CLS), and one past the sequence is an error.
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let row = g.buffer("row", batch, dim);
+    g.push(Op::SelectRows { x, out: row, batch, rows_per_batch: seq, select: RowSelect::Row(3) });
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    ex.write(x, &data).unwrap();
+    ex.run(&p).unwrap();
+    let r = ex.read(row, batch).unwrap();
+    for b in 0..batch {
+        assert_eq!(r[b * dim..][..dim], data[(b * seq + 3) * dim..][..dim]);
+    }
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let row = g.buffer("row", batch, dim);
+    g.push(Op::SelectRows { x, out: row, batch, rows_per_batch: seq, select: RowSelect::Row(seq) });
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    let err = ex.run(&p).unwrap_err().to_string();
+    assert!(err.contains("row 5 is outside"), "{err}");
+
     // kv_heads that do not divide heads, and a mask narrower than the keys, are errors.
     let mut g = Graph::new();
     let q = g.buffer("q", 4, 6 * 8);

@@ -9,7 +9,10 @@
 //! (docs/adding-a-model.md).
 
 pub mod blip2;
+pub mod clip_vision;
 pub mod layers;
+pub mod llama;
+pub mod llava;
 pub mod opt;
 pub mod qformer;
 pub mod vit;
@@ -49,6 +52,33 @@ pub trait Family: Send + Sync {
     fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan>;
     /// `info` lines after the model path: family, towers, decoder (label padded to 12 columns).
     fn describe(&self) -> Vec<String>;
+    /// [`Family::plan`] for `images` images spread over `sequences` decoder sequences (chat
+    /// families put all of a request's images in one prompt). One image per sequence by default.
+    fn plan_images(
+        &self,
+        images: usize,
+        sequences: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        all_prefill_logits: bool,
+    ) -> Result<Plan> {
+        if images != sequences {
+            return Err(Error::InvalidInput(format!(
+                "this model takes one image per prompt; got {images} images for {sequences} prompts"
+            )));
+        }
+        self.plan(sequences, prompt_len, max_new_tokens, all_prefill_logits)
+    }
+    /// Decoder sequences for `images` images and one decoder input `input_ids` (default: one
+    /// sequence per image, as BLIP-2 batches).
+    fn sequences_for(&self, images: usize, _input_ids: &[u32]) -> Result<usize> {
+        Ok(images)
+    }
+    /// True for chat models: prompts come from the checkpoint's chat template and processor
+    /// (`crate::chat`), generation settings from generation_config.json.
+    fn chat(&self) -> bool {
+        false
+    }
 }
 
 /// One registry entry: how to recognise and parse a family's config.json.
@@ -64,12 +94,20 @@ pub struct Entry {
 }
 
 /// Every family glimpse runs.
-pub const FAMILIES: &[Entry] = &[Entry {
-    model_type: "blip-2",
-    architectures: &["Blip2ForConditionalGeneration"],
-    label: "blip-2 (OPT)",
-    parse: |v, p| Ok(ModelConfig::Blip2(crate::config::Blip2Config::from_value(v, p)?)),
-}];
+pub const FAMILIES: &[Entry] = &[
+    Entry {
+        model_type: "blip-2",
+        architectures: &["Blip2ForConditionalGeneration"],
+        label: "blip-2 (OPT)",
+        parse: |v, p| Ok(ModelConfig::Blip2(crate::config::Blip2Config::from_value(v, p)?)),
+    },
+    Entry {
+        model_type: "llava",
+        architectures: &["LlavaForConditionalGeneration"],
+        label: "llava (LLaMA)",
+        parse: |v, p| Ok(ModelConfig::Llava(crate::config::LlavaConfig::from_value(v, p)?)),
+    },
+];
 
 /// Parses a config.json object through the family its `model_type` names.
 pub fn parse_config(value: &Value, path: &Path) -> Result<ModelConfig> {
@@ -94,6 +132,7 @@ pub fn parse_config(value: &Value, path: &Path) -> Result<ModelConfig> {
 pub fn load(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Box<dyn Family>> {
     Ok(match cfg {
         ModelConfig::Blip2(c) => Box::new(blip2::Blip2::load(c, ckpt)?),
+        ModelConfig::Llava(c) => Box::new(llava::Llava::load(c, ckpt)?),
     })
 }
 
