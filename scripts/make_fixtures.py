@@ -984,6 +984,7 @@ def main() -> None:
         model_stats[mname] = st
         summary["models"][mname]["min_top2_margin"] = meta["min_top2_margin"]
 
+    __import__("fixtures_clip").main()  # tests/fixtures/clip-tiny*, goldens/clip_tiny.* (own README)
     summary.update(image_token_id=image_token_id, newline_id=newline_id, tokenizer_len=len(proc.tokenizer))
     write_readme(summary, model_stats, pngs)
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
