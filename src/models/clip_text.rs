@@ -124,3 +124,17 @@ impl ClipText {
         pooled
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pool_rows;
+
+    #[test]
+    fn pooling_rows_follow_transformers_argmax_rules() {
+        let ids = vec![vec![49406, 5, 49407, 49407], vec![49406, 7, 8, 9], vec![0, 49500, 3, 49407]];
+        // First occurrence of eos; none present: argmax of all-false is position 0.
+        assert_eq!(pool_rows(&ids, 49407), vec![2, 0, 3]);
+        // Legacy eos_token_id 2: position of the largest id, first one on ties.
+        assert_eq!(pool_rows(&ids, 2), vec![2, 0, 1]);
+    }
+}
