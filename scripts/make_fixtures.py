@@ -987,6 +987,7 @@ def main() -> None:
     __import__("fixtures_clip").main()  # tests/fixtures/clip-tiny*, goldens/clip_tiny.* (own README)
     summary.update(image_token_id=image_token_id, newline_id=newline_id, tokenizer_len=len(proc.tokenizer))
     write_readme(summary, model_stats, pngs)
+    __import__("fixtures_llava").main()  # tests/fixtures/llava-tiny*/, goldens/llava_* (its own README)
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 

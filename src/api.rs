@@ -34,6 +34,8 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     pub image_processor: ImageProcessor,
     pub generation: GenerationConfig,
+    /// Chat template and image-token expansion, for chat families (LLaVA).
+    pub chat: Option<crate::chat::ChatProcessor>,
     /// Seconds spent loading (config, memory map, weight table, tokenizer, GPU upload).
     pub load_seconds: f64,
     backend: Backend,
@@ -45,8 +47,8 @@ pub struct Model {
 /// A built plan with its executor, kept for the next request of the same shape.
 type CachedRun = (PlanKey, Plan, Box<dyn Executor>);
 
-/// (batch, decoder input length, max new tokens): what a plan's buffers depend on.
-type PlanKey = (usize, usize, usize);
+/// (images, sequences, decoder input length, max new tokens): what a plan's buffers depend on.
+type PlanKey = (usize, usize, usize, usize);
 
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
@@ -63,6 +65,7 @@ impl Model {
         let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
         family.check_preprocessor(&pre, &pre_path)?;
         let generation = GenerationConfig::load_or_default(&dir.join("generation_config.json"))?;
+        let chat = if family.chat() { Some(crate::chat::ChatProcessor::load_from_dir(dir)?) } else { None };
         let backend = Backend::new(device, family.weights())?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -70,6 +73,7 @@ impl Model {
             tokenizer,
             image_processor: ImageProcessor::new(pre),
             generation,
+            chat,
             load_seconds: start.elapsed().as_secs_f64(),
             backend,
             gpu: Mutex::new(None),
@@ -79,7 +83,15 @@ impl Model {
     /// Default generation settings, as transformers 5.17's `generate()` resolves them for this
     /// family (BLIP-2: EOS and length from `text_config`, not generation_config.json).
     pub fn default_options(&self) -> GenerateOptions {
-        self.family.default_options()
+        let mut o = self.family.default_options();
+        // Chat families generate with their own generation_config.json (LLaVA: eos 2).
+        if self.chat.is_some() {
+            if let Some(eos) = &self.generation.eos_token_id {
+                o.eos_token_ids = eos.to_vec();
+            }
+            o.max_new_tokens = self.generation.max_new_tokens.or(o.max_new_tokens);
+        }
+        o
     }
 
     /// The family's question template applied to `question` (BLIP-2: `"Question: {q} Answer:"`).
@@ -87,9 +99,39 @@ impl Model {
         self.family.question_prompt(question)
     }
 
-    /// Decoder input ids for a text prompt (`None`: captioning, the tokenizer's BOS only).
+    /// Decoder input ids for a text prompt (`None`: captioning, the tokenizer's BOS only). For
+    /// chat families the prompt is raw text whose image placeholders are expanded (`None`: the
+    /// caption instruction through the chat template with one image).
     pub fn input_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
+        if let Some(chat) = &self.chat {
+            let text = match prompt {
+                Some(p) => p.to_string(),
+                None => chat.user_prompt(1, crate::chat::CAPTION_INSTRUCTION)?,
+            };
+            return self.chat_ids(chat, &text);
+        }
         let ids = self.tokenizer.encode(prompt.unwrap_or(""))?;
+        Ok(self.family.input_ids(&ids))
+    }
+
+    /// Decoder input ids of a chat request: `images` images then `text` in one user message.
+    pub fn chat_input_ids(&self, images: usize, text: &str) -> Result<Vec<u32>> {
+        let chat = self.chat.as_ref().ok_or_else(|| {
+            Error::InvalidInput("this model has no chat template: ask about one image at a time".into())
+        })?;
+        self.chat_ids(chat, &chat.user_prompt(images, text)?)
+    }
+
+    /// Expands image placeholders for the model's image size and tokenizes as the processor does
+    /// (special tokens added unless the text already starts with BOS, as apply_chat_template).
+    fn chat_ids(&self, chat: &crate::chat::ChatProcessor, text: &str) -> Result<Vec<u32>> {
+        let size = self.family.image_size();
+        let expanded = chat.expand(text, chat.tokens_per_image(size, size)?);
+        let ids = if chat.bos_token().is_some_and(|b| expanded.starts_with(b)) {
+            self.tokenizer.encode_plain(&expanded)?
+        } else {
+            self.tokenizer.encode(&expanded)?
+        };
         Ok(self.family.input_ids(&ids))
     }
 
@@ -100,14 +142,46 @@ impl Model {
     /// Captions an image file.
     pub fn caption(&self, image: &Path, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
+        if self.chat.is_some() {
+            return self.ask_images(&[image], crate::chat::CAPTION_INSTRUCTION, opts);
+        }
         self.run(&[self.preprocess(image)?], None, opts, &mut |_| {}).map(|mut v| v.remove(0))
     }
 
     /// Answers a question about an image with the family's question template.
     pub fn ask(&self, image: &Path, question: &str, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
+        if self.chat.is_some() {
+            return self.ask_images(&[image], question, opts);
+        }
         let prompt = self.question_prompt(question);
         self.run(&[self.preprocess(image)?], Some(&prompt), opts, &mut |_| {}).map(|mut v| v.remove(0))
+    }
+
+    /// Asks one question about several images (chat families: one user message holding every
+    /// image, then the question; a single image on other families).
+    pub fn ask_images(&self, images: &[&Path], question: &str, opts: &GenerateOptions) -> Result<Output> {
+        opts.validate()?;
+        if self.chat.is_none() {
+            return match images {
+                [one] => self.ask(one, question, opts),
+                _ => Err(Error::InvalidInput(format!(
+                    "this model answers about one image at a time; got {} images (several images need a chat model such as LLaVA)",
+                    images.len()
+                ))),
+            };
+        }
+        let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
+        let ids = self.chat_input_ids(images.len(), question)?;
+        let (mut seqs, timings, device) = self.run_ids(&pixels, &ids, opts, &mut |_| {})?;
+        let s = seqs.remove(0);
+        Ok(Output {
+            text: self.tokenizer.decode_text(&s.tokens)?,
+            tokens: s.tokens,
+            logprobs: s.logprobs,
+            timings,
+            device,
+        })
     }
 
     /// Runs preprocessed images as one batch with one raw prompt; `on_token` sees each token
@@ -154,10 +228,11 @@ impl Model {
             pixels.extend_from_slice(&img.data);
         }
         let new_tokens = opts.new_tokens(input_ids.len(), self.family.max_positions())?;
-        let key = (images.len(), input_ids.len(), new_tokens);
+        let sequences = self.family.sequences_for(images.len(), input_ids)?;
+        let key = (images.len(), sequences, input_ids.len(), new_tokens);
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
-            let plan = self.family.plan(key.0, key.1, key.2, false)?;
+            let plan = self.family.plan_images(key.0, key.1, key.2, key.3, false)?;
             let mut exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             let (seqs, timings) = generate(&plan, exec.as_mut(), &[("pixels", &pixels)], input_ids, opts, on_token)?;
             return Ok((seqs, timings, exec.device_name()));
@@ -165,7 +240,7 @@ impl Model {
         let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|(k, _, _)| *k != key) {
             *slot = None; // free the old buffers before allocating new ones
-            let plan = self.family.plan(key.0, key.1, key.2, false)?;
+            let plan = self.family.plan_images(key.0, key.1, key.2, key.3, false)?;
             let exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             *slot = Some((key, plan, exec));
         }

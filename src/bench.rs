@@ -631,7 +631,7 @@ impl CostModel {
 
     /// Per-token decoder work excluding attention over the cache: [Linear FLOPs per row, lm_head FLOPs per row].
     fn decoder_linear_flops(&self) -> (f64, f64) {
-        let TextConfig::Opt(c) = &self.cfg.text_config;
+        let TextConfig::Opt(c) = &self.cfg.text_config else { unreachable!("Blip2Config::validate admits OPT only") };
         let (h, f, e, v) = (c.hidden_size as f64, c.ffn_dim as f64, c.embed_dim() as f64, c.vocab_size as f64);
         let proj = if c.embed_dim() != c.hidden_size { 2.0 * 2.0 * e * h } else { 0.0 };
         (c.num_hidden_layers as f64 * 2.0 * (4.0 * h * h + 2.0 * h * f) + proj, 2.0 * e * v)
@@ -639,7 +639,7 @@ impl CostModel {
 
     /// Prefill of `p` tokens per item: logits for the last row only.
     pub fn prefill(&self, b: usize, p: usize) -> Cost {
-        let TextConfig::Opt(c) = &self.cfg.text_config;
+        let TextConfig::Opt(c) = &self.cfg.text_config else { unreachable!("Blip2Config::validate admits OPT only") };
         let (bf, pf, h, l) = (b as f64, p as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
         let (lin, head) = self.decoder_linear_flops();
         let attn = l * 4.0 * bf * h * pf * (pf + 1.0) / 2.0;
@@ -655,7 +655,7 @@ impl CostModel {
 
     /// One decode step with `pos` tokens already cached.
     pub fn decode(&self, b: usize, pos: usize) -> Cost {
-        let TextConfig::Opt(c) = &self.cfg.text_config;
+        let TextConfig::Opt(c) = &self.cfg.text_config else { unreachable!("Blip2Config::validate admits OPT only") };
         let (bf, h, l) = (b as f64, c.hidden_size as f64, c.num_hidden_layers as f64);
         let kv = (pos + 1) as f64;
         let (lin, head) = self.decoder_linear_flops();

@@ -182,6 +182,101 @@ impl VisionConfig {
     }
 }
 
+/// `vision_config` of a CLIP vision tower (`CLIPVisionConfig`, 5.17 defaults: ViT-B/32).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+    pub projection_dim: usize,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            image_size: 224,
+            patch_size: 32,
+            num_channels: 3,
+            layer_norm_eps: 1e-5,
+            hidden_act: "quick_gelu".into(),
+            projection_dim: 512,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    /// LlavaConfig's vision tower when config.json has no `vision_config` (CLIP ViT-L/14-336).
+    pub fn llava_default() -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            image_size: 336,
+            patch_size: 14,
+            projection_dim: 768,
+            ..Self::default()
+        }
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+    /// Patches plus the class token.
+    pub fn num_positions(&self) -> usize {
+        self.patches_per_side() * self.patches_per_side() + 1
+    }
+
+    /// Checks every field the tower reads; `section` prefixes field names (`vision_config`).
+    pub fn check(&self, section: &str) -> Result<(), String> {
+        check_heads(section, self.hidden_size, self.num_attention_heads)?;
+        check_positive(&format!("{section}.intermediate_size"), self.intermediate_size)?;
+        check_positive(&format!("{section}.num_hidden_layers"), self.num_hidden_layers)?;
+        check_positive(&format!("{section}.patch_size"), self.patch_size)?;
+        if self.image_size == 0 || self.image_size % self.patch_size != 0 {
+            return Err(field_error(
+                &format!("{section}.image_size"),
+                self.image_size,
+                format!(
+                    "it must be a positive multiple of {section}.patch_size ({}), so the patches tile the image",
+                    self.patch_size
+                ),
+            ));
+        }
+        if self.num_channels != 3 {
+            return Err(field_error(
+                &format!("{section}.num_channels"),
+                self.num_channels,
+                "glimpse feeds RGB images: it must be 3",
+            ));
+        }
+        check_eps(&format!("{section}.layer_norm_eps"), self.layer_norm_eps)?;
+        check_activation(&format!("{section}.hidden_act"), &self.hidden_act, &["quick_gelu", "gelu", "gelu_python"])
+    }
+
+    /// The MLP activation (`check` has accepted the name).
+    pub fn activation(&self) -> crate::graph::Activation {
+        if self.hidden_act == "quick_gelu" {
+            crate::graph::Activation::QuickGelu
+        } else {
+            crate::graph::Activation::Gelu
+        }
+    }
+}
+
 /// `qformer_config` (BERT-style, post-norm).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -333,11 +428,196 @@ impl OptConfig {
     pub const POSITION_OFFSET: usize = 2;
 }
 
+/// `text_config` of a LLaMA decoder (`LlamaConfig`, transformers 5.17 defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LlamaConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// None: `num_attention_heads` (no grouping).
+    pub num_key_value_heads: Option<usize>,
+    /// None: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    /// 5.17's form: `{"rope_type", "rope_theta", ...}`.
+    pub rope_parameters: Option<Value>,
+    /// Legacy keys, folded into `rope_parameters` as transformers does (see [`LlamaConfig::rope`]).
+    pub rope_scaling: Option<Value>,
+    pub rope_theta: Option<f64>,
+    pub partial_rotary_factor: Option<f64>,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub pad_token_id: Option<u32>,
+    /// Kept on the config like OPT's (the language model's generation config reads it).
+    pub max_new_tokens: Option<usize>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            model_type: "llama".into(),
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            hidden_act: "silu".into(),
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-6,
+            rope_parameters: None,
+            rope_scaling: None,
+            rope_theta: None,
+            partial_rotary_factor: None,
+            attention_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(TokenIds::One(2)),
+            pad_token_id: None,
+            max_new_tokens: None,
+        }
+    }
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE base and scaling as transformers 5.17 resolves them: `rope_parameters`, with a legacy
+    /// `rope_scaling` object merged over it (`type` is an alias of `rope_type`) and a legacy
+    /// top-level `rope_theta` filling a missing theta; defaults `default` / 10000.
+    pub fn rope(&self) -> Result<(f64, crate::graph::RopeScaling), String> {
+        use crate::graph::RopeScaling;
+        let mut p = serde_json::Map::new();
+        for src in [&self.rope_parameters, &self.rope_scaling].into_iter().flatten() {
+            match src {
+                Value::Object(m) => p.extend(m.clone()),
+                Value::Null => {}
+                other => {
+                    return Err(field_error(
+                        "text_config.rope_parameters",
+                        other,
+                        "it must be an object such as {\"rope_type\": \"default\", \"rope_theta\": 10000.0}",
+                    ))
+                }
+            }
+        }
+        let num = |key: &str| -> Result<Option<f64>, String> {
+            match p.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    field_error(&format!("text_config.rope_parameters.{key}"), v, "it must be a number")
+                }),
+            }
+        };
+        let theta = num("rope_theta")?.or(self.rope_theta).unwrap_or(10000.0);
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(field_error("text_config.rope_parameters.rope_theta", theta, "it must be a positive number"));
+        }
+        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let need = |key: &str| -> Result<f64, String> {
+            num(key)?.ok_or_else(|| {
+                field_error(
+                    &format!("text_config.rope_parameters.{key}"),
+                    "missing",
+                    format!("rope_type `{kind}` needs it"),
+                )
+            })
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: need("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?
+                    .unwrap_or(self.max_position_embeddings as f64),
+            },
+            other => {
+                return Err(field_error(
+                    "text_config.rope_parameters.rope_type",
+                    format!("`{other}`"),
+                    "glimpse implements default, linear and llama3 RoPE",
+                ))
+            }
+        };
+        Ok((theta, scaling))
+    }
+
+    /// Checks every field the decoder reads.
+    pub fn check(&self) -> Result<(), String> {
+        check_positive("text_config.vocab_size", self.vocab_size)?;
+        check_positive("text_config.hidden_size", self.hidden_size)?;
+        check_positive("text_config.num_attention_heads", self.num_attention_heads)?;
+        check_positive("text_config.intermediate_size", self.intermediate_size)?;
+        check_positive("text_config.num_hidden_layers", self.num_hidden_layers)?;
+        check_positive("text_config.max_position_embeddings", self.max_position_embeddings)?;
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(field_error(
+                "text_config.num_key_value_heads",
+                kv,
+                format!(
+                    "it must divide num_attention_heads ({}): each key/value head serves a whole group of query heads",
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            check_heads("text_config", self.hidden_size, self.num_attention_heads)?;
+        }
+        let hd = self.head_dim();
+        if hd == 0 || hd % 2 != 0 {
+            return Err(field_error("text_config.head_dim", hd, "RoPE needs an even, positive head_dim"));
+        }
+        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            return Err(field_error(
+                "text_config.partial_rotary_factor",
+                self.partial_rotary_factor.unwrap_or(1.0),
+                "glimpse rotates every head dimension (1.0)",
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(field_error(
+                "text_config.rms_norm_eps",
+                self.rms_norm_eps,
+                "it must be a positive number (LLaVA-1.5 uses 1e-5)",
+            ));
+        }
+        check_activation("text_config.hidden_act", &self.hidden_act, &["silu", "swish"])?;
+        if self.max_new_tokens == Some(0) {
+            return Err(field_error(
+                "text_config.max_new_tokens",
+                0,
+                "transformers rejects it (it must be at least 1); remove it for the default of 20",
+            ));
+        }
+        self.rope().map(|_| ())
+    }
+}
+
 /// `text_config`: the language model, one variant per decoder kind glimpse runs. LLaMA and T5
 /// decoders are parsed to a clear "not supported yet" until their families land.
 #[derive(Debug, Clone)]
 pub enum TextConfig {
     Opt(OptConfig),
+    Llama(LlamaConfig),
 }
 
 impl Default for TextConfig {
@@ -350,13 +630,27 @@ impl Default for TextConfig {
 impl TextConfig {
     /// The decoder kinds transformers may name in `text_config.model_type` that glimpse knows of
     /// but does not run yet.
-    const NOT_YET: &'static [&'static str] = &["llama", "mistral", "vicuna", "t5", "mt5"];
+    const NOT_YET: &'static [&'static str] = &["mistral", "vicuna", "t5", "mt5"];
 
     /// Parses a `text_config` object by its `model_type` (`opt` when absent, as transformers);
     /// `path` names the file in errors.
     pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
-        match Self::kind(value).map_err(|m| Error::config(path, m))?.as_str() {
+        Self::from_value_or(value, path, "opt")
+    }
+
+    /// [`TextConfig::from_value`] where a missing `model_type` means `default_kind` (LLaVA: llama).
+    pub fn from_value_or(value: &Value, path: &Path, default_kind: &str) -> Result<Self> {
+        let kind = match value.get("model_type") {
+            None | Some(Value::Null) => default_kind.to_string(),
+            _ => Self::kind(value).map_err(|m| Error::config(path, m))?,
+        };
+        match kind.as_str() {
             "opt" => Ok(TextConfig::Opt(from_json_value_at(value, path, "text_config.")?)),
+            "llama" => {
+                let mut c: LlamaConfig = from_json_value_at(value, path, "text_config.")?;
+                c.model_type = "llama".into();
+                Ok(TextConfig::Llama(c))
+            }
             other => Err(Error::Unsupported(format!("{}: {}", path.display(), Self::unsupported(other)))),
         }
     }
@@ -371,44 +665,54 @@ impl TextConfig {
 
     fn unsupported(kind: &str) -> String {
         let known = if Self::NOT_YET.contains(&kind) { " (planned)" } else { "" };
-        format!("text_config.model_type `{kind}` is not supported yet{known}: glimpse runs OPT language models so far")
+        format!("text_config.model_type `{kind}` is not supported yet{known}: glimpse runs OPT and LLaMA language models so far")
     }
 
     pub fn model_type(&self) -> &str {
         match self {
             TextConfig::Opt(c) => &c.model_type,
+            TextConfig::Llama(c) => &c.model_type,
         }
     }
     pub fn hidden_size(&self) -> usize {
         match self {
             TextConfig::Opt(c) => c.hidden_size,
+            TextConfig::Llama(c) => c.hidden_size,
         }
     }
     pub fn vocab_size(&self) -> usize {
         match self {
             TextConfig::Opt(c) => c.vocab_size,
+            TextConfig::Llama(c) => c.vocab_size,
         }
     }
     pub fn max_position_embeddings(&self) -> usize {
         match self {
             TextConfig::Opt(c) => c.max_position_embeddings,
+            TextConfig::Llama(c) => c.max_position_embeddings,
         }
     }
     pub fn eos_token_id(&self) -> Option<&TokenIds> {
         match self {
             TextConfig::Opt(c) => c.eos_token_id.as_ref(),
+            TextConfig::Llama(c) => c.eos_token_id.as_ref(),
         }
     }
     /// `max_new_tokens` kept on the text config (the language model's generation config reads it).
     pub fn max_new_tokens(&self) -> Option<usize> {
         match self {
             TextConfig::Opt(c) => c.max_new_tokens,
+            TextConfig::Llama(c) => c.max_new_tokens,
         }
     }
     /// The OPT config, or an error naming the decoder kind (for OPT-only code such as synth).
     pub fn opt(&self) -> Result<&OptConfig> {
         match self {
             TextConfig::Opt(c) => Ok(c),
+            other => Err(Error::Unsupported(format!(
+                "this needs an OPT language model; text_config.model_type is `{}`",
+                other.model_type()
+            ))),
         }
     }
 }
@@ -421,6 +725,7 @@ impl<'de> Deserialize<'de> for TextConfig {
         let value = Value::deserialize(d)?;
         match Self::kind(&value).map_err(D::Error::custom)?.as_str() {
             "opt" => serde_json::from_value(value).map(TextConfig::Opt).map_err(D::Error::custom),
+            "llama" => serde_json::from_value(value).map(TextConfig::Llama).map_err(D::Error::custom),
             other => Err(D::Error::custom(Self::unsupported(other))),
         }
     }
@@ -454,6 +759,7 @@ fn default_num_query_tokens() -> usize {
 pub enum ModelConfig {
     Blip2(Blip2Config),
     Clip(ClipConfig),
+    Llava(LlavaConfig),
 }
 
 impl ModelConfig {
@@ -482,6 +788,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Blip2(_) => "Blip2ForConditionalGeneration",
             ModelConfig::Clip(c) => &c.architecture,
+            ModelConfig::Llava(_) => "LlavaForConditionalGeneration",
         }
     }
 
@@ -491,6 +798,140 @@ impl ModelConfig {
             ModelConfig::Blip2(c) => Some(c),
             _ => None,
         }
+    }
+}
+
+/// `vision_feature_layer`: one hidden-state index or a list (concatenated on the feature axis).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum FeatureLayers {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+/// `config.json` of a `LlavaForConditionalGeneration` checkpoint (transformers 5.17 `LlavaConfig`).
+#[derive(Debug, Clone)]
+pub struct LlavaConfig {
+    pub vision_config: ClipVisionConfig,
+    pub text_config: LlamaConfig,
+    pub image_token_index: u32,
+    pub projector_hidden_act: String,
+    /// `default` drops the CLS row of every selected hidden state, `full` keeps it.
+    pub vision_feature_select_strategy: String,
+    pub vision_feature_layer: FeatureLayers,
+    pub multimodal_projector_bias: bool,
+    /// True when config.json or text_config ties the head to the input embeddings.
+    pub tie_word_embeddings: bool,
+}
+
+impl LlavaConfig {
+    /// Parses as `LlavaConfig.__init__` does: a missing vision_config is CLIP ViT-L/14-336, a
+    /// present one fills missing keys with CLIPVisionConfig defaults; text_config defaults to llama.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        #[serde(default)]
+        struct Top {
+            #[serde(alias = "image_token_id")]
+            image_token_index: u32,
+            projector_hidden_act: String,
+            vision_feature_select_strategy: String,
+            vision_feature_layer: FeatureLayers,
+            multimodal_projector_bias: bool,
+            tie_word_embeddings: bool,
+        }
+        impl Default for Top {
+            fn default() -> Self {
+                Self {
+                    image_token_index: 32000,
+                    projector_hidden_act: "gelu".into(),
+                    vision_feature_select_strategy: "default".into(),
+                    vision_feature_layer: FeatureLayers::One(-2),
+                    multimodal_projector_bias: true,
+                    tie_word_embeddings: false,
+                }
+            }
+        }
+        let mut rest = value.clone();
+        let (mut vision, mut text) = (None, None);
+        if let Some(obj) = rest.as_object_mut() {
+            vision = obj.remove("vision_config").filter(|v| !v.is_null());
+            text = obj.remove("text_config").filter(|v| !v.is_null());
+        }
+        let top: Top = from_json_value(&rest, path)?;
+        let vision_config = match vision {
+            Some(v) => from_json_value_at(&v, path, "vision_config.")?,
+            None => ClipVisionConfig::llava_default(),
+        };
+        let text_config = match text.map(|t| TextConfig::from_value_or(&t, path, "llama")).transpose()? {
+            None => LlamaConfig::default(),
+            Some(TextConfig::Llama(c)) => c,
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: text_config.model_type `{}`: glimpse runs LLaVA with a LLaMA decoder",
+                    path.display(),
+                    other.model_type()
+                )))
+            }
+        };
+        let cfg = Self {
+            tie_word_embeddings: top.tie_word_embeddings || text_config.tie_word_embeddings,
+            vision_config,
+            text_config,
+            image_token_index: top.image_token_index,
+            projector_hidden_act: top.projector_hidden_act,
+            vision_feature_select_strategy: top.vision_feature_select_strategy,
+            vision_feature_layer: top.vision_feature_layer,
+            multimodal_projector_bias: top.multimodal_projector_bias,
+        };
+        cfg.check().map_err(|m| Error::config(path, m))?;
+        Ok(cfg)
+    }
+
+    /// The selected `hidden_states` indices (non-negative), in config order.
+    pub fn feature_layers(&self) -> Result<Vec<usize>, String> {
+        let raw = match &self.vision_feature_layer {
+            FeatureLayers::One(i) => vec![*i],
+            FeatureLayers::Many(v) => v.clone(),
+        };
+        if raw.is_empty() {
+            return Err(field_error(
+                "vision_feature_layer",
+                "[]",
+                "it needs at least one layer index (LLaVA-1.5 uses -2)",
+            ));
+        }
+        let n = self.vision_config.num_hidden_layers;
+        raw.iter().map(|&i| crate::models::clip_vision::resolve_layer(i, n, "vision_feature_layer")).collect()
+    }
+
+    /// Rows dropped from each image's hidden states: 1 (CLS) for `default`, 0 for `full`.
+    pub fn skip_rows(&self) -> usize {
+        usize::from(self.vision_feature_select_strategy == "default")
+    }
+
+    /// Decoder rows per image: patches, plus CLS under `full`.
+    pub fn image_rows(&self) -> usize {
+        self.vision_config.num_positions() - self.skip_rows()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.vision_config.check("vision_config")?;
+        self.text_config.check()?;
+        if !["default", "full"].contains(&self.vision_feature_select_strategy.as_str()) {
+            return Err(field_error(
+                "vision_feature_select_strategy",
+                format!("`{}`", self.vision_feature_select_strategy),
+                "it must be \"default\" (drop CLS) or \"full\"",
+            ));
+        }
+        check_activation("projector_hidden_act", &self.projector_hidden_act, &["gelu", "gelu_python"])?;
+        self.feature_layers()?;
+        let t = &self.text_config;
+        check_token("image_token_index", self.image_token_index, t.vocab_size)?;
+        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, t.vocab_size)?;
+        }
+        Ok(())
     }
 }
 
@@ -548,7 +989,16 @@ impl Blip2Config {
 
     fn check(&self) -> Result<(), String> {
         let (v, q) = (&self.vision_config, &self.qformer_config);
-        let TextConfig::Opt(t) = &self.text_config;
+        let t = match &self.text_config {
+            TextConfig::Opt(t) => t,
+            other => {
+                return Err(field_error(
+                    "text_config.model_type",
+                    format!("`{}`", other.model_type()),
+                    "not supported yet; glimpse runs BLIP-2 with OPT",
+                ))
+            }
+        };
         if self.use_decoder_only_language_model == Some(false) {
             return Err(field_error(
                 "use_decoder_only_language_model",

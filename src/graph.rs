@@ -173,6 +173,8 @@ pub fn rope_inv_freq(dim: usize, base: f64, scaling: RopeScaling) -> Vec<f32> {
 pub enum RowSelect {
     /// Rows `skip..` of every sequence (e.g. `skip = 1` drops CLS): `rows_per_batch - skip` rows out.
     Skip(usize),
+    /// Row `i` of every sequence, one row out per sequence (CLIP's pooled CLS row, `i = 0`).
+    Row(usize),
     /// One row per sequence, at the index the host set with `Executor::set_row_indices` (CLIP
     /// text pooling at the EOS position).
     Indexed,

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod backend;
 pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod error;

@@ -103,12 +103,18 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
-    /// Answer a question about an image ("Question: {q} Answer:").
+    /// Answer a question about an image: BLIP-2 uses "Question: {q} Answer:"; chat models
+    /// (LLaVA) apply the checkpoint's chat template to one user message (the images, then the
+    /// question). Several images: `--image A --image B QUESTION` (chat models only; one record).
     Ask {
         #[command(flatten)]
         run: RunArgs,
-        image: PathBuf,
-        question: String,
+        /// An image of the question (repeatable); then QUESTION is the only positional argument.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        /// IMAGE QUESTION, or QUESTION alone with --image.
+        #[arg(required = true, num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
+        args: Vec<String>,
     },
     /// Embed images (or texts with --text) with a CLIP model: one record per input, in order,
     /// each the unit-length embedding (`CLIPModel`'s image_embeds / text_embeds). Plain output is
@@ -477,6 +483,37 @@ fn run_classify(args: &EmbedArgs, images: &[PathBuf], labels: &[String]) -> Resu
     })
 }
 
+/// One question about several images (chat models): one record, whose `image` field lists every
+/// image in order (plain output: the answer).
+fn run_multi(
+    model: &Model,
+    opts: &GenerateOptions,
+    images: &[PathBuf],
+    question: &str,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+    let out = model.ask_images(&paths, question, opts)?;
+    let line = if json {
+        serde_json::json!({
+            "image": images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "text": out.text,
+            "tokens": out.tokens,
+            "logprobs": out.logprobs,
+            "timings": out.timings,
+            "device": out.device,
+            "load_seconds": model.load_seconds,
+        })
+        .to_string()
+    } else {
+        cli::output::plain_record(&images[0], Ok(&out.text), false).unwrap_or_default()
+    };
+    match Stdout::new().line(&line) {
+        Ok(()) | Err(Stop::Closed) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Fails when `output` lies inside the Hugging Face cache, which huggingface_hub manages.
 fn refuse_hub_cache(output: &Path) -> glimpse::Result<()> {
     let Some(cache) = glimpse::hub::cache_dir().and_then(|c| c.canonicalize().ok()) else { return Ok(()) };
@@ -496,9 +533,19 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             let (model, opts) = load(&run)?;
             run_images(&model, &opts, &images, None, run.json)
         }
-        Command::Ask { run, image, question } => {
+        Command::Ask { run, images, args } => {
+            let (images, question) = match (images.is_empty(), &args[..]) {
+                (true, [image, question]) => (vec![PathBuf::from(image)], question.clone()),
+                (false, [question]) => (images, question.clone()),
+                _ => Cli::command()
+                    .error(ErrorKind::WrongNumberOfValues, "ask takes IMAGE QUESTION, or --image IMAGE ... QUESTION")
+                    .exit(),
+            };
             let (model, opts) = load(&run)?;
-            run_images(&model, &opts, &[image], Some(&question), run.json)
+            if let [_, _, ..] = &images[..] {
+                return run_multi(&model, &opts, &images, &question, run.json);
+            }
+            run_images(&model, &opts, &images, Some(&question), run.json)
         }
         Command::Embed { args, texts, images } => run_embed(&args, &texts, &images),
         Command::Classify { args, images, labels } => run_classify(&args, &images, &labels),

@@ -5,9 +5,11 @@
 use std::path::Path;
 
 use serde_json::Value;
+use std::str::FromStr;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
+
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 use crate::error::{Error, Result};
@@ -41,8 +43,16 @@ impl Tokenizer {
         let clean_up_spaces = config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
 
         let json = dir.join("tokenizer.json");
-        let inner = if json.exists() && is_clip(&config) {
+        let llama = matches!(
+            config.get("tokenizer_class").and_then(Value::as_str),
+            Some("LlamaTokenizer" | "LlamaTokenizerFast")
+        ) && !hub_class_ignored(dir);
+        let inner = if json.exists() && is_clip(&config) && !hub_class_ignored(dir) {
             clip_tokenizer(&json, &config)?
+        } else if json.exists() && llama {
+            let spec: Value = crate::config::read_json(&json)?;
+            HfTokenizer::from_str(&llama_rebuild(spec, &config).to_string())
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
         } else if json.exists() {
             HfTokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
         } else {
@@ -106,6 +116,12 @@ impl Tokenizer {
     /// Token ids of `text` with the template's special tokens (for OPT: `</s>` first).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` without the template's special tokens (`add_special_tokens=False`).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -204,6 +220,132 @@ fn clip_tokenizer(json: &Path, config: &Value) -> Result<HfTokenizer> {
 /// `CLIPTokenizer`'s pre-tokenizer regex (specials, contractions, letter runs, single digits,
 /// other non-space runs).
 const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// transformers 5.17's `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`: for these config.json model
+/// types AutoTokenizer ignores tokenizer_config.json's `tokenizer_class` and loads tokenizer.json
+/// as it is (`TokenizersBackend`); LLaVA checkpoints naming LlamaTokenizer are among them.
+const HUB_CLASS_IGNORED: [&str; 45] = [
+    "arctic",
+    "camembertv2-base",
+    "chameleon",
+    "chatlm",
+    "cohere_asr",
+    "deepseek_ocr",
+    "deepseek_ocr2",
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek_v32",
+    "deepseek_v4",
+    "deepseek_vl",
+    "deepseek_vl_hybrid",
+    "deepseek_vl_v2",
+    "ernie4_5",
+    "ernie4_5_moe",
+    "fuyu",
+    "h2ovl_chat",
+    "hyperclovax",
+    "hyperclovax_vlm",
+    "internlm2",
+    "jamba",
+    "janus",
+    "llava",
+    "llava_next",
+    "minicpm3",
+    "minicpmv",
+    "minimax_m2",
+    "modernbert",
+    "molmo",
+    "molmo2",
+    "nemotron",
+    "nvfp4",
+    "opencua",
+    "openvla",
+    "paddleocr_vl",
+    "phi3",
+    "phi3_v",
+    "phimoe",
+    "qwen2",
+    "smolvlm",
+    "step3_vl",
+    "step3p5",
+    "vipllava",
+    "vision-encoder-decoder",
+];
+
+/// Whether the model folder's config.json `model_type` is in [`HUB_CLASS_IGNORED`].
+fn hub_class_ignored(dir: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(dir.join("config.json")) else { return false };
+    let Ok(v) = serde_json::from_slice::<Value>(&bytes) else { return false };
+    v.get("model_type").and_then(Value::as_str).is_some_and(|t| HUB_CLASS_IGNORED.contains(&t))
+}
+
+/// transformers 5.17's `LlamaTokenizer.__init__` applied to a tokenizer.json (design/llava.md 4.3):
+/// only the vocabulary, merges and added tokens are kept; the file's normalizer, pre-tokenizer and
+/// decoder are replaced by Metaspace (`prepend_scheme` "first" unless `legacy` is true: "always";
+/// "never" when `add_prefix_space` is false, without splitting), byte fallback and a decoder that
+/// strips one leading space; BOS/EOS templates follow `add_bos_token` / `add_eos_token` when
+/// tokenizer_config.json sets either.
+fn llama_rebuild(mut spec: Value, config: &Value) -> Value {
+    let add_prefix_space = config.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(true);
+    let legacy = config.get("legacy").and_then(Value::as_bool).unwrap_or(false);
+    let scheme = match (add_prefix_space, legacy) {
+        (false, _) => "never",
+        (true, true) => "always",
+        (true, false) => "first",
+    };
+    if let Some(model) = spec.get_mut("model").and_then(Value::as_object_mut) {
+        model.insert("byte_fallback".into(), Value::Bool(true));
+        model.insert("fuse_unk".into(), Value::Bool(true));
+    }
+    let mut decoders = vec![
+        serde_json::json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        serde_json::json!({"type": "ByteFallback"}),
+        serde_json::json!({"type": "Fuse"}),
+    ];
+    if add_prefix_space {
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    spec["normalizer"] = Value::Null;
+    spec["pre_tokenizer"] =
+        serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": scheme, "split": false});
+    spec["decoder"] = serde_json::json!({"type": "Sequence", "decoders": decoders});
+    let (bos, eos) = (config.get("add_bos_token"), config.get("add_eos_token"));
+    if bos.is_some() || eos.is_some() {
+        let add_bos = bos.and_then(Value::as_bool).unwrap_or(true);
+        let add_eos = eos.and_then(Value::as_bool).unwrap_or(false);
+        let name = |key: &str, default: &str| config.get(key).and_then(token_content).unwrap_or(default.into());
+        let (b, e) = (name("bos_token", "<s>"), name("eos_token", "</s>"));
+        let id_of = |tok: &str| {
+            spec["added_tokens"]
+                .as_array()
+                .and_then(|a| a.iter().find(|t| t["content"] == tok))
+                .map(|t| t["id"].clone())
+                .or_else(|| spec["model"]["vocab"].get(tok).cloned())
+        };
+        let special = |tok: &str, type_id: u32| serde_json::json!({"SpecialToken": {"id": tok, "type_id": type_id}});
+        let seq = |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+        let (mut single, mut pair) = (Vec::new(), Vec::new());
+        let mut specials = serde_json::Map::new();
+        for (tok, on) in [(&b, add_bos), (&e, add_eos)] {
+            if let (true, Some(id)) = (on, id_of(tok)) {
+                specials.insert(tok.clone(), serde_json::json!({"id": tok, "ids": [id], "tokens": [tok]}));
+            }
+        }
+        for (type_id, part) in [(0u32, "A"), (1, "B")] {
+            let out = if type_id == 0 { &mut single } else { &mut pair };
+            if add_bos && specials.contains_key(&b) {
+                out.push(special(&b, type_id));
+            }
+            out.push(seq(part, type_id));
+            if add_eos && specials.contains_key(&e) {
+                out.push(special(&e, type_id));
+            }
+        }
+        let pair: Vec<Value> = single.iter().cloned().chain(pair).collect();
+        spec["post_processor"] = serde_json::json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials});
+    }
+    spec
+}
 
 /// Python's `str.strip()` with no argument: `str.isspace` also counts U+001C..U+001F.
 pub fn py_strip(s: &str) -> &str {

@@ -735,6 +735,28 @@ fn select_rows_and_run_time_validation() {
         assert_eq!(pl[b * dim..][..dim], data[(b * seq + idx) * dim..][..dim]);
     }
 
+    // A fixed row of every sequence (CLIP's pooled CLS), and one past the sequence is an error.
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let row = g.buffer("row", batch, dim);
+    g.push(Op::SelectRows { x, out: row, batch, rows_per_batch: seq, select: RowSelect::Row(3) });
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    ex.write(x, &data).unwrap();
+    ex.run(&p).unwrap();
+    let r = ex.read(row, batch).unwrap();
+    for b in 0..batch {
+        assert_eq!(r[b * dim..][..dim], data[(b * seq + 3) * dim..][..dim]);
+    }
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let row = g.buffer("row", batch, dim);
+    g.push(Op::SelectRows { x, out: row, batch, rows_per_batch: seq, select: RowSelect::Row(seq) });
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    let err = ex.run(&p).unwrap_err().to_string();
+    assert!(err.contains("row 5 is outside"), "{err}");
+
     // kv_heads that do not divide heads, and a mask narrower than the keys, are errors.
     let mut g = Graph::new();
     let q = g.buffer("q", 4, 6 * 8);

@@ -298,6 +298,14 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
                     }
                     batch * (rows_per_batch - skip)
                 }
+                RowSelect::Row(i) => {
+                    if i >= *rows_per_batch {
+                        return Err(invalid(format!(
+                            "select_rows: row {i} is outside the sequence's {rows_per_batch} rows"
+                        )));
+                    }
+                    *batch
+                }
                 RowSelect::Indexed => {
                     if st.row_indices.len() < *batch {
                         return Err(invalid(format!(

@@ -32,7 +32,7 @@ impl Blip2 {
         let qformer = QFormer::load(&cfg.qformer_config, cfg.num_query_tokens, &mut ld, "qformer")?;
         let language_projection =
             ld.linear("language_projection", cfg.qformer_config.hidden_size, cfg.text_config.hidden_size(), true)?;
-        let TextConfig::Opt(text) = &cfg.text_config;
+        let text = cfg.text_config.opt()?;
         let decoder = OptDecoder::load(text, &mut ld, "language_model")?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -205,7 +205,7 @@ impl Family for Blip2 {
     fn describe(&self) -> Vec<String> {
         let cfg = &self.cfg;
         let (v, q) = (&cfg.vision_config, &cfg.qformer_config);
-        let TextConfig::Opt(t) = &cfg.text_config;
+        let TextConfig::Opt(t) = &cfg.text_config else { unreachable!("Blip2Config::validate admits OPT only") };
         vec![
             "family:     BLIP-2 (Blip2ForConditionalGeneration) with an OPT decoder".to_string(),
             format!(

@@ -11,7 +11,10 @@
 pub mod blip2;
 pub mod clip;
 pub mod clip_text;
+pub mod clip_vision;
 pub mod layers;
+pub mod llama;
+pub mod llava;
 pub mod opt;
 pub mod qformer;
 pub mod vit;
@@ -51,6 +54,33 @@ pub trait Family: Send + Sync {
     fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan>;
     /// `info` lines after the model path: family, towers, decoder (label padded to 12 columns).
     fn describe(&self) -> Vec<String>;
+    /// [`Family::plan`] for `images` images spread over `sequences` decoder sequences (chat
+    /// families put all of a request's images in one prompt). One image per sequence by default.
+    fn plan_images(
+        &self,
+        images: usize,
+        sequences: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        all_prefill_logits: bool,
+    ) -> Result<Plan> {
+        if images != sequences {
+            return Err(Error::InvalidInput(format!(
+                "this model takes one image per prompt; got {images} images for {sequences} prompts"
+            )));
+        }
+        self.plan(sequences, prompt_len, max_new_tokens, all_prefill_logits)
+    }
+    /// Decoder sequences for `images` images and one decoder input `input_ids` (default: one
+    /// sequence per image, as BLIP-2 batches).
+    fn sequences_for(&self, images: usize, _input_ids: &[u32]) -> Result<usize> {
+        Ok(images)
+    }
+    /// True for chat models: prompts come from the checkpoint's chat template and processor
+    /// (`crate::chat`), generation settings from generation_config.json.
+    fn chat(&self) -> bool {
+        false
+    }
 }
 
 /// A loaded model that embeds images and texts into one space instead of generating (CLIP):
@@ -133,6 +163,12 @@ pub const FAMILIES: &[Entry] = &[
         label: "clip_vision_model (with projection)",
         parse: parse_clip,
     },
+    Entry {
+        model_type: "llava",
+        architectures: &["LlavaForConditionalGeneration"],
+        label: "llava (LLaMA)",
+        parse: |v, p| Ok(ModelConfig::Llava(crate::config::LlavaConfig::from_value(v, p)?)),
+    },
 ];
 
 fn parse_clip(v: &Value, p: &Path) -> Result<ModelConfig> {
@@ -163,6 +199,7 @@ pub fn load_any(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Loaded> {
     Ok(match cfg {
         ModelConfig::Blip2(c) => Loaded::Generates(Box::new(blip2::Blip2::load(c, ckpt)?)),
         ModelConfig::Clip(c) => Loaded::Embeds(Box::new(clip::Clip::load(c, ckpt)?)),
+        ModelConfig::Llava(c) => Loaded::Generates(Box::new(llava::Llava::load(c, ckpt)?)),
     })
 }
 

@@ -141,6 +141,7 @@ impl CpuExecutor {
                         .flat_map(|b| (skip..rows_per_batch).map(move |i| b * rows_per_batch + i))
                         .enumerate()
                         .collect(),
+                    RowSelect::Row(i) => (0..batch).map(|b| (b, b * rows_per_batch + i)).collect(),
                     RowSelect::Indexed => (0..batch).map(|b| (b, b * rows_per_batch + self.row_indices[b])).collect(),
                 };
                 let mut o = std::mem::take(&mut self.bufs[out.0]);

@@ -431,6 +431,7 @@ impl CudaExecutor {
                 for b in 0..batch {
                     let (first, n, to) = match select {
                         RowSelect::Skip(skip) => (skip, rows_per_batch - skip, b * (rows_per_batch - skip)),
+                        RowSelect::Row(i) => (i, 1, b),
                         RowSelect::Indexed => (self.row_indices[b], 1, b),
                     };
                     dev.copy_rows(

@@ -1,0 +1,141 @@
+//! The LLaMA decoder (`LlamaModel` + `lm_head`, transformers 5.17; design/llama.md): RMSNorm,
+//! RoPE (default / linear / llama3, half-split pairing), grouped-query attention over a KV cache,
+//! SwiGLU MLP, optional attention / MLP biases, tied or untied head, head_dim from the config.
+
+use std::sync::Arc;
+
+pub use super::layers::KvCache;
+use super::layers::{load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, NormLayer};
+pub use super::opt::DecoderPass;
+use super::Loader;
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::graph::{rope_inv_freq, Activation, Buf, Graph, Op, W};
+
+struct LlamaLayer {
+    input_layernorm: NormLayer,
+    self_attn: AttentionLayer,
+    post_attention_layernorm: NormLayer,
+    mlp: GatedMlp,
+}
+
+pub struct LlamaDecoder {
+    pub cfg: LlamaConfig,
+    pub embed_tokens: W,
+    layers: Vec<LlamaLayer>,
+    norm: NormLayer,
+    lm_head: W,
+}
+
+impl LlamaDecoder {
+    /// `model` is the `LlamaModel` prefix (`language_model.model.`, `model.language_model.`, or
+    /// `model.` for a bare LlamaForCausalLM) and `lm_head` the head's weight name. With `tie` the
+    /// head falls back to `embed_tokens` when the checkpoint has no head (transformers' tying).
+    pub fn load(cfg: &LlamaConfig, ld: &mut Loader, model: &str, lm_head: &str, tie: bool) -> Result<Self> {
+        let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let (theta, scaling) = cfg.rope().map_err(|m| Error::config(ld.ckpt.origin(), m))?;
+        let inv_freq: Arc<[f32]> = rope_inv_freq(head_dim, theta, scaling).into();
+        let eps = cfg.rms_norm_eps as f32;
+        let rms = |ld: &mut Loader, name: String| -> Result<NormLayer> {
+            Ok(NormLayer::RmsNorm { weight: ld.tensor(&name, &[h])?, eps })
+        };
+        let embed_tokens = ld.tensor(&format!("{model}embed_tokens.weight"), &[v, h])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|n| {
+                let l = format!("{model}layers.{n}");
+                let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|p| format!("{l}.self_attn.{p}"));
+                let mut self_attn = load_attention(
+                    ld,
+                    &AttnSpec {
+                        names: names.each_ref().map(String::as_str),
+                        q_in: h,
+                        kv_in: h,
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        bias: cfg.attention_bias,
+                        // LlamaAttention.scaling = head_dim ** -0.5 (a Python float).
+                        scale: (head_dim as f64).powf(-0.5) as f32,
+                    },
+                )?;
+                self_attn.rope = Some(inv_freq.clone());
+                let mlp_linear = |ld: &mut Loader, name: &str, din, dout| {
+                    ld.linear(&format!("{l}.mlp.{name}"), din, dout, cfg.mlp_bias)
+                };
+                Ok(LlamaLayer {
+                    input_layernorm: rms(ld, format!("{l}.input_layernorm.weight"))?,
+                    self_attn,
+                    post_attention_layernorm: rms(ld, format!("{l}.post_attention_layernorm.weight"))?,
+                    mlp: GatedMlp {
+                        gate: mlp_linear(ld, "gate_proj", h, i)?,
+                        up: mlp_linear(ld, "up_proj", h, i)?,
+                        down: mlp_linear(ld, "down_proj", i, h)?,
+                        act: Activation::Silu,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = rms(ld, format!("{model}norm.weight"))?;
+        let lm_head = if ld.ckpt.contains(lm_head) || !tie { ld.tensor(lm_head, &[v, h])? } else { embed_tokens };
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head })
+    }
+
+    pub fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
+        let kv_width = self.cfg.kv_heads() * self.cfg.head_dim();
+        KvCache::new(g, "llama", self.layers.len(), batch, capacity, kv_width)
+    }
+
+    /// Emits one pass over `seq` new tokens per sequence from the executor's position (prefill, or
+    /// a decode step with seq = 1). `image` rows (when given) replace the rows whose token is the
+    /// image token, in order (`masked_scatter`). With `all_logits` every row gets logits.
+    pub fn build(
+        &self,
+        g: &mut Graph,
+        cache: &KvCache,
+        seq: usize,
+        image: Option<(Buf, u32)>,
+        all_logits: bool,
+        tag: &str,
+    ) -> DecoderPass {
+        let c = &self.cfg;
+        let (h, batch) = (c.hidden_size, cache.batch);
+        let rows = batch * seq;
+        let x = g.buffer(format!("{tag}.embeds"), rows, h);
+        let normed = g.buffer(format!("{tag}.normed"), rows, h);
+        let gated = GatedScratch {
+            gate: g.buffer(format!("{tag}.gate"), rows, c.intermediate_size),
+            up: g.buffer(format!("{tag}.up"), rows, c.intermediate_size),
+            hidden: g.buffer(format!("{tag}.mlp"), rows, c.intermediate_size),
+        };
+        let mut scratch = None;
+
+        // x = embed_tokens[ids], image rows replaced                              [B*S, H]
+        g.push(Op::Embed { table: self.embed_tokens, out: x });
+        if let Some((src, token)) = image {
+            g.push(Op::ScatterTokens { src, token, out: x, batch, rows_per_batch: seq });
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
+            // x += o_proj(CausalGQA(RoPE(q), RoPE(k), v of RMS(x)) over the cache)
+            let call = AttnCall::new(batch, seq, cache.keys(i)).causal();
+            pre_norm(g, &l.input_layernorm, x, normed, rows, |g, n, r| l.self_attn.emit(g, &s, n, &call, r));
+            // x += down(silu(gate(RMS(x))) * up(RMS(x)))
+            pre_norm(g, &l.post_attention_layernorm, x, normed, rows, |g, n, r| l.mlp.emit(g, n, &gated, r, rows));
+        }
+        // logits = lm_head(RMS(x))   (last row of each sequence unless all_logits)
+        self.norm.emit(g, x, None, normed, rows);
+        let (mut head_in, logit_rows) = (normed, if all_logits { rows } else { batch });
+        if !all_logits && seq > 1 {
+            head_in = g.buffer(format!("{tag}.last"), batch, h);
+            g.push(Op::LastRows { x: normed, out: head_in, batch, rows_per_batch: seq });
+        }
+        let logits = g.buffer(format!("{tag}.logits"), logit_rows, c.vocab_size);
+        g.linear(head_in, self.lm_head, None, Activation::None, None, logits, logit_rows);
+        DecoderPass { embeds: x, logits, logit_rows }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
