@@ -986,6 +986,7 @@ def main() -> None:
         summary["models"][mname]["min_top2_margin"] = meta["min_top2_margin"]
 
     __import__("fixtures_beam").main()  # goldens/beam_cases.json (scripts/fixtures_beam.py)
+    __import__("fixtures_clip").main()  # tests/fixtures/clip-tiny*, goldens/clip_tiny.* (own README)
     summary.update(image_token_id=image_token_id, newline_id=newline_id, tokenizer_len=len(proc.tokenizer))
     write_readme(summary, model_stats, pngs)
     __import__("fixtures_llava").main()  # tests/fixtures/llava-tiny*/, goldens/llava_* (its own README)

@@ -285,3 +285,208 @@ impl Model {
         self.backend.name()
     }
 }
+
+/// A model folder that embeds images and texts (CLIP: `CLIPModel`, `CLIPTextModelWithProjection`,
+/// `CLIPVisionModelWithProjection`), loaded once for any number of requests.
+///
+/// Embeddings are the projected pooled outputs (`get_image_features` / `get_text_features`
+/// `.pooler_output`); [`normalize`] makes them the unit vectors `CLIPModel` compares. The
+/// normalisation, `exp(logit_scale)`, similarities and softmax run on the host in f64 (inputs
+/// and results f32): a few hundred values per input, exact to f32 rounding.
+pub struct EmbedModel {
+    pub dir: PathBuf,
+    pub family: Box<dyn crate::models::Embedder>,
+    /// Present when the model has a text tower.
+    pub tokenizer: Option<Tokenizer>,
+    /// Present when the model has a vision tower.
+    pub image_processor: Option<ImageProcessor>,
+    pub load_seconds: f64,
+    backend: Backend,
+}
+
+impl EmbedModel {
+    /// Loads a CLIP folder: config.json, safetensors, and the tokenizer / image processor of the
+    /// towers it has. A generating model (BLIP-2) is an error that names `caption` and `ask`.
+    pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let start = Instant::now();
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile { path: dir.to_path_buf(), hint: " (expected a model folder)".into() });
+        }
+        let cfg = ModelConfig::load(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open_dir(dir)?;
+        let family = crate::models::load_embedder(&cfg, &ckpt)?;
+        let tokenizer = match family.text_positions() {
+            Some(_) => Some(Tokenizer::from_dir(dir)?),
+            None => None,
+        };
+        let image_processor = match family.image_size() {
+            Some(_) => {
+                let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
+                family.check_preprocessor(&pre, &pre_path)?;
+                Some(ImageProcessor::new(pre))
+            }
+            None => None,
+        };
+        let backend = Backend::new(device, family.weights())?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            family,
+            tokenizer,
+            image_processor,
+            load_seconds: start.elapsed().as_secs_f64(),
+            backend,
+        })
+    }
+
+    /// The backend this model runs on ("cpu" or "cuda:<name>").
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// An executor for `graph` on this model's backend (for tests).
+    pub fn executor(&self, graph: &crate::graph::Graph) -> Result<Box<dyn Executor>> {
+        self.backend.executor(self.family.weights(), graph)
+    }
+
+    pub fn preprocess(&self, image: &Path) -> Result<PixelValues> {
+        self.image_processor
+            .as_ref()
+            .ok_or_else(|| {
+                Error::InvalidInput(format!("{} has no vision tower: it embeds texts only", self.dir.display()))
+            })?
+            .preprocess_file(image)
+    }
+
+    /// Token ids of `text` as `CLIPProcessor(text=...)` gives them (`<|startoftext|>`, the text,
+    /// `<|endoftext|>`; lower-cased, no truncation). A text longer than the model's positions is
+    /// an error, as transformers' model raises for it.
+    pub fn text_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!("{} has no text tower: it embeds images only", self.dir.display()))
+        })?;
+        let ids = tok.encode(text)?;
+        let max = self.family.text_positions().unwrap_or(0);
+        if ids.len() > max {
+            return Err(Error::InvalidInput(format!(
+                "the text is {} tokens, the text model takes at most {max} (max_position_embeddings; transformers raises too, CLIPProcessor does not truncate): shorten it",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Projected, un-normalized embeddings of preprocessed images, run as one batch.
+    pub fn image_features(&self, images: &[PixelValues]) -> Result<Vec<Vec<f32>>> {
+        let size = self.family.image_size().unwrap_or(0);
+        let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
+        for img in images {
+            if (img.height, img.width) != (size, size) {
+                return Err(Error::InvalidInput(format!(
+                    "pixel values are {}x{}, the vision model takes {size}x{size}",
+                    img.height, img.width
+                )));
+            }
+            pixels.extend_from_slice(&img.data);
+        }
+        let plan = self.family.image_plan(images.len())?;
+        let mut exec = self.executor(&plan.graph)?;
+        exec.write(input(&plan, "pixels")?, &pixels)?;
+        self.finish(&plan, exec.as_mut())
+    }
+
+    /// Projected, un-normalized embeddings of token id sequences (each as [`EmbedModel::text_ids`]
+    /// gives them), run as one batch padded to the longest with the pad token and masked, as
+    /// `CLIPProcessor(padding=True)` feeds the model.
+    pub fn text_id_features(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let len = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let pad = self.tokenizer.as_ref().and_then(Tokenizer::pad_token_id).unwrap_or(0);
+        let padded: Vec<Vec<u32>> =
+            ids.iter().map(|s| s.iter().copied().chain(std::iter::repeat(pad)).take(len).collect()).collect();
+        let mask: Vec<f32> =
+            ids.iter().flat_map(|s| (0..len).map(move |j| if j < s.len() { 0.0 } else { f32::MIN })).collect();
+        let plan = self.family.text_plan(ids.len(), len)?;
+        let mut exec = self.executor(&plan.graph)?;
+        exec.write(input(&plan, "key_mask")?, &mask)?;
+        exec.set_tokens(&padded.concat());
+        exec.set_position(0);
+        exec.set_row_indices(&self.family.pool_rows(&padded));
+        self.finish(&plan, exec.as_mut())
+    }
+
+    /// Projected, un-normalized embeddings of texts, run as one batch.
+    pub fn text_features(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids = texts.iter().map(|t| self.text_ids(t)).collect::<Result<Vec<_>>>()?;
+        self.text_id_features(&ids)
+    }
+
+    /// Unit-length image embeddings (`CLIPModel`'s `image_embeds`), one batch.
+    pub fn embed_images(&self, images: &[PixelValues]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.image_features(images)?.iter().map(|e| normalize(e)).collect())
+    }
+
+    /// Unit-length text embeddings (`CLIPModel`'s `text_embeds`), one batch.
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.text_features(texts)?.iter().map(|e| normalize(e)).collect())
+    }
+
+    /// `logits_per_image` `[images][texts]` of unit embeddings: `exp(logit_scale) * (t · i)`.
+    pub fn logits(&self, image_embeds: &[Vec<f32>], text_embeds: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let scale = self.family.logit_scale().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{} has one tower and no logit_scale: classify needs a CLIPModel checkpoint",
+                self.dir.display()
+            ))
+        })?;
+        Ok(image_embeds
+            .iter()
+            .map(|i| {
+                text_embeds
+                    .iter()
+                    .map(|t| (t.iter().zip(i).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() as f32) * scale)
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Zero-shot classification: for each image, the softmax over `labels` (used verbatim as the
+    /// texts; add a template such as "a photo of a {}." yourself) of `logits_per_image`.
+    pub fn classify(&self, images: &[PixelValues], labels: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if labels.is_empty() {
+            return Err(Error::InvalidInput("no labels given: pass at least one".into()));
+        }
+        let texts = self.embed_texts(labels)?;
+        let logits = self.logits(&self.embed_images(images)?, &texts)?;
+        Ok(logits.iter().map(|row| softmax(row)).collect())
+    }
+
+    /// Runs the plan's phase and reads its `[batch, dim]` output.
+    fn finish(&self, plan: &crate::models::EmbedPlan, exec: &mut dyn Executor) -> Result<Vec<Vec<f32>>> {
+        exec.run(&plan.phase)?;
+        let out = exec.read(plan.output, plan.batch)?;
+        let dim = self.family.embed_dim();
+        Ok(out.chunks(dim).map(<[f32]>::to_vec).collect())
+    }
+}
+
+fn input(plan: &crate::models::EmbedPlan, name: &str) -> Result<crate::graph::Buf> {
+    plan.inputs
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, b)| b)
+        .ok_or_else(|| Error::InvalidInput(format!("the embedding plan has no input `{name}`")))
+}
+
+/// `x / ||x||` (transformers' `_get_vector_norm`: no epsilon; a zero vector stays NaN as there).
+pub fn normalize(x: &[f32]) -> Vec<f32> {
+    let norm = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+    x.iter().map(|&v| (f64::from(v) / norm) as f32).collect()
+}
+
+/// Softmax of one row (max-subtracted, in f64).
+pub fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exps: Vec<f64> = row.iter().map(|&v| (f64::from(v) - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| (e / sum) as f32).collect()
+}

@@ -779,6 +779,7 @@ fn default_num_query_tokens() -> usize {
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
     Blip2(Blip2Config),
+    Clip(ClipConfig),
     Llava(LlavaConfig),
 }
 
@@ -798,11 +799,25 @@ impl ModelConfig {
         crate::models::parse_config(&value, path)
     }
 
+    /// Whether the family embeds (CLIP) rather than generates (BLIP-2).
+    pub fn embeds(&self) -> bool {
+        matches!(self, ModelConfig::Clip(_))
+    }
+
+    /// The transformers class the checkpoint loads as, for messages.
+    pub fn architecture(&self) -> &str {
+        match self {
+            ModelConfig::Blip2(_) => "Blip2ForConditionalGeneration",
+            ModelConfig::Clip(c) => &c.architecture,
+            ModelConfig::Llava(_) => "LlavaForConditionalGeneration",
+        }
+    }
+
     /// The BLIP-2 config, if this is one (for BLIP-2-only tools such as `bench`).
     pub fn as_blip2(&self) -> Option<&Blip2Config> {
         match self {
             ModelConfig::Blip2(c) => Some(c),
-            ModelConfig::Llava(_) => None,
+            _ => None,
         }
     }
 }
@@ -1128,6 +1143,173 @@ impl Blip2Config {
         // validate() guarantees presence; a config that skipped validation gets OPT's id.
         self.image_token_index.unwrap_or(50265)
     }
+}
+
+/// `text_config` of CLIP (`CLIPTextConfig`, 5.17 defaults: ViT-B/32's text tower).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub projection_dim: usize,
+    pub bos_token_id: Option<u32>,
+    /// Decides the pooling rule: 2 is transformers' legacy value (pool at the largest id),
+    /// anything else pools at the first occurrence of this id.
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            projection_dim: 512,
+            bos_token_id: Some(49406),
+            eos_token_id: Some(49407),
+            pad_token_id: Some(1),
+        }
+    }
+}
+
+impl ClipTextConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Checks every field the tower reads; `section` prefixes field names (`text_config`).
+    pub fn check(&self, section: &str) -> Result<(), String> {
+        check_positive(&format!("{section}.vocab_size"), self.vocab_size)?;
+        check_heads(section, self.hidden_size, self.num_attention_heads)?;
+        check_positive(&format!("{section}.intermediate_size"), self.intermediate_size)?;
+        check_positive(&format!("{section}.num_hidden_layers"), self.num_hidden_layers)?;
+        check_positive(&format!("{section}.max_position_embeddings"), self.max_position_embeddings)?;
+        check_eps(&format!("{section}.layer_norm_eps"), self.layer_norm_eps)?;
+        check_activation(&format!("{section}.hidden_act"), &self.hidden_act, &["quick_gelu", "gelu", "gelu_python"])?;
+        match self.eos_token_id {
+            None => Err(field_error(
+                &format!("{section}.eos_token_id"),
+                "missing",
+                "CLIP pools each text at its EOS token: set it to the id of <|endoftext|>",
+            )),
+            // 2 is the legacy marker (pool at the largest id), not a token that must exist.
+            Some(2) => Ok(()),
+            Some(id) => check_token(&format!("{section}.eos_token_id"), id, self.vocab_size),
+        }
+    }
+
+    /// The MLP activation (`check` has accepted the name).
+    pub fn activation(&self) -> crate::graph::Activation {
+        if self.hidden_act == "quick_gelu" {
+            crate::graph::Activation::QuickGelu
+        } else {
+            crate::graph::Activation::Gelu
+        }
+    }
+}
+
+/// A CLIP checkpoint: `CLIPModel` (`model_type` "clip", both towers), or one tower with its
+/// projection (`CLIPTextModelWithProjection`: "clip_text_model", `CLIPVisionModelWithProjection`:
+/// "clip_vision_model", whose config.json is the tower's config itself).
+#[derive(Debug, Clone)]
+pub struct ClipConfig {
+    pub text_config: Option<ClipTextConfig>,
+    pub vision_config: Option<ClipVisionConfig>,
+    /// Width of the projected embeddings (`CLIPConfig.projection_dim`, or the tower's own for a
+    /// single-tower model).
+    pub projection_dim: usize,
+    /// `architectures[0]` of config.json, for messages (`CLIPModel` when absent).
+    pub architecture: String,
+}
+
+impl ClipConfig {
+    /// Parses config.json of any CLIP `model_type` as transformers 5.17 does. For "clip", a non-null
+    /// `text_config_dict` (`vision_config_dict`) replaces `text_config` (`vision_config`) entirely,
+    /// defaults included: openai's clip-vit-large-patch14 config.json has one, which is why its
+    /// text tower gets eos 49407 although `text_config` says 2.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("clip");
+        let architecture = value
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or(match model_type {
+                "clip_text_model" => "CLIPTextModelWithProjection",
+                "clip_vision_model" => "CLIPVisionModelWithProjection",
+                _ => "CLIPModel",
+            })
+            .to_string();
+        let section = |key: &str| -> Option<(&Value, String)> {
+            let dict = format!("{key}_dict");
+            match value.get(&dict).filter(|v| !v.is_null()) {
+                Some(v) => Some((v, format!("{dict}."))),
+                None => value.get(key).filter(|v| !v.is_null()).map(|v| (v, format!("{key}."))),
+            }
+        };
+        let empty = Value::Object(Default::default());
+        let cfg = match model_type {
+            "clip" => {
+                let (t, tp) = section("text_config").unwrap_or((&empty, "text_config.".into()));
+                let (v, vp) = section("vision_config").unwrap_or((&empty, "vision_config.".into()));
+                #[derive(Deserialize)]
+                struct Top {
+                    #[serde(default = "default_projection_dim")]
+                    projection_dim: usize,
+                }
+                let top: Top = from_json_value(value, path)?;
+                ClipConfig {
+                    text_config: Some(from_json_value_at(t, path, &tp)?),
+                    vision_config: Some(from_json_value_at(v, path, &vp)?),
+                    projection_dim: top.projection_dim,
+                    architecture,
+                }
+            }
+            "clip_text_model" => {
+                let t: ClipTextConfig = from_json_value(value, path)?;
+                ClipConfig { projection_dim: t.projection_dim, text_config: Some(t), vision_config: None, architecture }
+            }
+            "clip_vision_model" => {
+                let v: ClipVisionConfig = from_json_value(value, path)?;
+                ClipConfig { projection_dim: v.projection_dim, vision_config: Some(v), text_config: None, architecture }
+            }
+            other => {
+                return Err(Error::config(
+                    path,
+                    field_error("model_type", format!("`{other}`"), "not a CLIP model type"),
+                ))
+            }
+        };
+        cfg.check().map_err(|m| Error::config(path, m))?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let single = self.text_config.is_none() || self.vision_config.is_none();
+        let (text, vision) = if single { ("", "") } else { ("text_config", "vision_config") };
+        if let Some(t) = &self.text_config {
+            t.check(if single { "text" } else { text }).map_err(|m| m.replace("`text.", "`"))?;
+        }
+        if let Some(v) = &self.vision_config {
+            v.check(if single { "vision" } else { vision }).map_err(|m| m.replace("`vision.", "`"))?;
+        }
+        check_positive("projection_dim", self.projection_dim)
+    }
+}
+
+fn default_projection_dim() -> usize {
+    512
 }
 
 /// `generation_config.json`. BLIP-2's `generate()` hands over to its language model, whose

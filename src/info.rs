@@ -11,7 +11,12 @@ use crate::weights::Checkpoint;
 /// A human-readable description of a model folder. The folder is first loaded (on the CPU) by
 /// the same [`Model::load`] that `caption` uses, so a model `info` describes is one that loads.
 pub fn describe(dir: &Path) -> Result<String> {
-    let model = Model::load(dir, Device::Cpu)?;
+    let config = crate::config::ModelConfig::load(&dir.join("config.json"))?;
+    let family_lines = if config.embeds() {
+        crate::api::EmbedModel::load(dir, Device::Cpu)?.family.describe()
+    } else {
+        Model::load(dir, Device::Cpu)?.family.describe()
+    };
     let ckpt = Checkpoint::open_dir(dir)?;
     let mut params = 0usize;
     let mut by_dtype: BTreeMap<&str, usize> = BTreeMap::new();
@@ -27,7 +32,7 @@ pub fn describe(dir: &Path) -> Result<String> {
     }
     let mut s = String::new();
     let _ = writeln!(s, "model:      {}", dir.display());
-    for line in model.family.describe() {
+    for line in family_lines {
         let _ = writeln!(s, "{line}");
     }
     let _ = writeln!(s, "parameters: {} ({:.2} B)", params, params as f64 / 1e9);

@@ -30,6 +30,6 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use api::{Device, Model, Output};
+pub use api::{Device, EmbedModel, Model, Output};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Sequence, Timings, TokenEvent};

@@ -1,4 +1,4 @@
-//! The `glimpse` command line: caption, ask, info, convert, synth, bench, parity.
+//! The `glimpse` command line: caption, ask, embed, classify, info, convert, synth, bench, parity.
 //!
 //! Exit status: 0 on success; 1 when anything failed (a bad argument, a model that does not
 //! load, any image that failed, a write error on stdout); 2 for usage errors (clap). When the
@@ -53,6 +53,25 @@ struct RunArgs {
     gen: cli::generate::GenArgs,
 }
 
+#[derive(Args)]
+struct EmbedArgs {
+    /// CLIP model folder, or a hub id (e.g. openai/clip-vit-base-patch32).
+    #[arg(long, short)]
+    model: String,
+    #[command(flatten)]
+    hub: HubArgs,
+    /// cpu, cuda, or auto (CUDA when usable, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Inputs per forward pass.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// One JSON object per input per line (`image` or `text`, then `embedding`, or `labels` and
+    /// `probs`); or the input and `error` for an input that failed.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Where a hub id comes from (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE apply too).
 #[derive(Args)]
 struct HubArgs {
@@ -100,6 +119,31 @@ enum Command {
         /// IMAGE QUESTION, or QUESTION alone with --image.
         #[arg(required = true, num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
         args: Vec<String>,
+    },
+    /// Embed images (or texts with --text) with a CLIP model: one record per input, in order,
+    /// each the unit-length embedding (`CLIPModel`'s image_embeds / text_embeds). Plain output is
+    /// the space-separated values, after `INPUT<TAB>` when there are several inputs.
+    Embed {
+        #[command(flatten)]
+        args: EmbedArgs,
+        /// A text to embed instead of images (repeat for several); tokenized as CLIPProcessor
+        /// does, without truncation: a text over the model's positions (77) is that record's error.
+        #[arg(long = "text", value_name = "TEXT", conflicts_with = "images", required_unless_present = "images")]
+        texts: Vec<String>,
+        images: Vec<PathBuf>,
+    },
+    /// Zero-shot classification with a CLIP model: per image, the softmax over the labels of
+    /// exp(logit_scale) * cosine similarity. Labels are used verbatim as texts (write templates
+    /// such as "a photo of a cat." yourself). JSON: `labels` (as given) and `probs`; plain: the
+    /// labels best first with their probabilities.
+    Classify {
+        #[command(flatten)]
+        args: EmbedArgs,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// A candidate label (repeat: at least one).
+        #[arg(long = "label", value_name = "TEXT", required = true)]
+        labels: Vec<String>,
     },
     /// Download a hub model (config, processor, tokenizer, safetensors weights) into the Hugging
     /// Face cache, or find it complete there; prints the snapshot folder.
@@ -375,6 +419,144 @@ fn run_images(
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
+fn load_embedder(args: &EmbedArgs) -> glimpse::Result<glimpse::EmbedModel> {
+    let device = args.device.parse::<Device>()?;
+    let dir = glimpse::hub::resolve_model_with(&args.model, &args.hub.options())?;
+    let model = glimpse::EmbedModel::load(&dir, device)?;
+    if device == Device::Auto && model.backend_name() == "cpu" {
+        note_cpu_fallback();
+    }
+    Ok(model)
+}
+
+/// What one input produced: its JSON fields and its plain text.
+type Outcome = (serde_json::Map<String, serde_json::Value>, String);
+
+/// Runs `f` once on the inputs that are still `Ok`; when it fails, each of them gets its error.
+fn batched<X, Y>(
+    items: Vec<Result<X, String>>,
+    f: impl FnOnce(&[X]) -> glimpse::Result<Vec<Y>>,
+) -> Vec<Result<Y, String>> {
+    let mut ok = Vec::new();
+    let slots: Vec<Result<(), String>> = items.into_iter().map(|r| r.map(|x| ok.push(x))).collect();
+    let mut results = match f(&ok) {
+        Ok(ys) => ys.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(e) => (0..ok.len()).map(|_| Err(e.to_string())).collect(),
+    }
+    .into_iter();
+    slots.into_iter().map(|s| s.and_then(|()| results.next().unwrap_or_else(|| Err("no result".into())))).collect()
+}
+
+/// Writes one record per input (`key`: "image" or "text"), in order, `batch` inputs per call of
+/// `run`; failed inputs are reported and the rest still run. Exit status 1 if any failed.
+fn embed_records(
+    names: &[String],
+    key: &str,
+    json: bool,
+    batch: usize,
+    mut run: impl FnMut(std::ops::Range<usize>) -> Vec<Result<Outcome, String>>,
+) -> Result<ExitCode, CliError> {
+    let mut stdout = Stdout::new();
+    let several = names.len() > 1;
+    let mut failed = false;
+    let mut start = 0;
+    while start < names.len() {
+        let end = (start + batch).min(names.len());
+        for (name, result) in names[start..end].iter().zip(run(start..end)) {
+            let path = Path::new(name);
+            let record = match result {
+                Ok((fields, plain)) => {
+                    if json {
+                        let mut obj = serde_json::Map::new();
+                        obj.insert(key.into(), name.clone().into());
+                        obj.extend(fields);
+                        Some(serde_json::Value::Object(obj).to_string())
+                    } else {
+                        cli::output::plain_record(path, Ok(&plain), several)
+                    }
+                }
+                Err(msg) => {
+                    failed = true;
+                    diagnostic("error", &cli::output::image_error(path, &msg));
+                    if json {
+                        Some(serde_json::json!({ key: name, "error": msg }).to_string())
+                    } else {
+                        cli::output::plain_record(path, Err(&msg), several)
+                    }
+                }
+            };
+            if let Some(line) = record {
+                match stdout.line(&line) {
+                    Ok(()) => {}
+                    Err(Stop::Closed) => return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        start = end;
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn embedding_outcome(e: Vec<f32>) -> Outcome {
+    let plain = e.iter().map(f32::to_string).collect::<Vec<_>>().join(" ");
+    let mut fields = serde_json::Map::new();
+    fields.insert("embedding".into(), serde_json::json!(e));
+    (fields, plain)
+}
+
+fn run_embed(args: &EmbedArgs, texts: &[String], images: &[PathBuf]) -> Result<ExitCode, CliError> {
+    let model = load_embedder(args)?;
+    let batch = args.batch_size as usize;
+    if !texts.is_empty() {
+        return embed_records(texts, "text", args.json, batch, |r| {
+            let ids = texts[r].iter().map(|t| model.text_ids(t).map_err(|e| e.to_string())).collect();
+            batched(ids, |ids| model.text_id_features(ids))
+                .into_iter()
+                .map(|e| e.map(|e| embedding_outcome(glimpse::api::normalize(&e))))
+                .collect()
+        });
+    }
+    let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    embed_records(&names, "image", args.json, batch, |r| {
+        let px = images[r].iter().map(|p| model.preprocess(p).map_err(|e| e.to_string())).collect();
+        batched(px, |px| model.embed_images(px)).into_iter().map(|e| e.map(embedding_outcome)).collect()
+    })
+}
+
+fn run_classify(args: &EmbedArgs, images: &[PathBuf], labels: &[String]) -> Result<ExitCode, CliError> {
+    let model = load_embedder(args)?;
+    let label_refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+    // Every record needs the labels: embedding them is the command's own step, not a record's.
+    let label_embeds = model.embed_texts(&label_refs)?;
+    let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    embed_records(&names, "image", args.json, args.batch_size as usize, |r| {
+        let px = images[r].iter().map(|p| model.preprocess(p).map_err(|e| e.to_string())).collect();
+        batched(px, |px| {
+            let logits = model.logits(&model.embed_images(px)?, &label_embeds)?;
+            Ok(logits.iter().map(|row| glimpse::api::softmax(row)).collect())
+        })
+        .into_iter()
+        .map(|probs| {
+            probs.map(|probs| {
+                let mut order: Vec<usize> = (0..probs.len()).collect();
+                order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+                let plain = order
+                    .iter()
+                    .take(5)
+                    .map(|&i| format!("{} ({:.4})", labels[i], probs[i]))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let mut fields = serde_json::Map::new();
+                fields.insert("labels".into(), serde_json::json!(labels));
+                fields.insert("probs".into(), serde_json::json!(probs));
+                (fields, plain)
+            })
+        })
+        .collect()
+    })
+}
+
 /// One question about several images (chat models): one record, whose `image` field lists every
 /// image in order (plain output: the answer).
 fn run_multi(
@@ -439,6 +621,8 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             }
             run_images(&model, &opts, &images, Some(&question), &run)
         }
+        Command::Embed { args, texts, images } => run_embed(&args, &texts, &images),
+        Command::Classify { args, images, labels } => run_classify(&args, &images, &labels),
         Command::Download { model, hub } => {
             let fetched = glimpse::hub::download(&model, &hub.options())?;
             if !hub.quiet {

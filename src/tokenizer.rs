@@ -18,6 +18,8 @@ pub struct Tokenizer {
     inner: HfTokenizer,
     /// `clean_up_tokenization_spaces` from tokenizer_config.json (transformers 5 default: false).
     clean_up_spaces: bool,
+    /// `pad_token` of tokenizer_config.json, when it is in the vocabulary.
+    pad_id: Option<u32>,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -45,7 +47,9 @@ impl Tokenizer {
             config.get("tokenizer_class").and_then(Value::as_str),
             Some("LlamaTokenizer" | "LlamaTokenizerFast")
         ) && !hub_class_ignored(dir);
-        let inner = if json.exists() && llama {
+        let inner = if json.exists() && is_clip(&config) && !hub_class_ignored(dir) {
+            clip_tokenizer(&json, &config)?
+        } else if json.exists() && llama {
             let spec: Value = crate::config::read_json(&json)?;
             HfTokenizer::from_str(&llama_rebuild(spec, &config).to_string())
                 .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
@@ -54,7 +58,13 @@ impl Tokenizer {
         } else {
             Self::from_vocab_merges(dir, &config)?
         };
-        Ok(Self { inner, clean_up_spaces })
+        let pad_id = config.get("pad_token").and_then(token_content).and_then(|t| inner.token_to_id(&t));
+        Ok(Self { inner, clean_up_spaces, pad_id })
+    }
+
+    /// The padding token's id (tokenizer_config.json `pad_token`), if it has one.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.pad_id
     }
 
     /// GPT-2 style byte-level BPE from `vocab.json` + `merges.txt`, with the special tokens and
@@ -135,6 +145,81 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// tokenizer_config.json names CLIP's tokenizer class (the fast name is an alias in 5.17).
+fn is_clip(config: &Value) -> bool {
+    matches!(config.get("tokenizer_class").and_then(Value::as_str), Some("CLIPTokenizer" | "CLIPTokenizerFast"))
+}
+
+/// transformers 5.17's `CLIPTokenizer`: only the vocabulary and merges come from tokenizer.json;
+/// the class rebuilds everything else, so glimpse does too (a hub file written by an older
+/// converter then still tokenizes as transformers does): NFC, whitespace runs to one space and
+/// lowercasing (no ftfy, no html unescape), CLIP's split regex then byte-level, BPE with `</w>`
+/// ending each word and unknown pieces as `unk_token`, `<|startoftext|> ... <|endoftext|>`
+/// around every text. No truncation: a text past the model's positions is the model's error.
+fn clip_tokenizer(json: &Path, config: &Value) -> Result<HfTokenizer> {
+    let err = |msg: String| Error::Tokenizer(format!("{}: {msg}", json.display()));
+    let mut v: Value = crate::config::read_json(json)?;
+    let token = |key: &str, default: &str| config.get(key).and_then(token_content).unwrap_or_else(|| default.into());
+    let (bos, eos, unk) = (
+        token("bos_token", "<|startoftext|>"),
+        token("eos_token", "<|endoftext|>"),
+        token("unk_token", "<|endoftext|>"),
+    );
+    let id_of = |v: &Value, t: &str| -> Option<u64> {
+        let in_vocab = v.pointer("/model/vocab").and_then(|m| m.get(t)).and_then(Value::as_u64);
+        let added = v.get("added_tokens").and_then(Value::as_array).and_then(|a| {
+            a.iter().find(|x| x.get("content").and_then(Value::as_str) == Some(t)).and_then(|x| x.get("id")?.as_u64())
+        });
+        added.or(in_vocab)
+    };
+    let (bos_id, eos_id) = match (id_of(&v, &bos), id_of(&v, &eos)) {
+        (Some(b), Some(e)) => (b, e),
+        _ => return Err(err(format!("the CLIP tokens `{bos}` and `{eos}` must both be in the vocabulary"))),
+    };
+    let model = v.get_mut("model").and_then(Value::as_object_mut).ok_or_else(|| err("no `model` object".into()))?;
+    if model.get("type").and_then(Value::as_str) != Some("BPE") {
+        return Err(err(format!(
+            "CLIPTokenizer needs a BPE model, this file has {}",
+            model.get("type").unwrap_or(&Value::Null)
+        )));
+    }
+    for (k, val) in [
+        ("dropout", Value::Null),
+        ("unk_token", Value::String(unk)),
+        ("continuing_subword_prefix", Value::String(String::new())),
+        ("end_of_word_suffix", Value::String("</w>".into())),
+        ("fuse_unk", Value::Bool(false)),
+        ("byte_fallback", Value::Bool(false)),
+        ("ignore_merges", Value::Bool(false)),
+    ] {
+        model.insert(k.into(), val);
+    }
+    let pipeline = serde_json::json!({
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [eos, eos_id], "cls": [bos, bos_id],
+            "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "truncation": null,
+        "padding": null,
+    });
+    let obj = v.as_object_mut().ok_or_else(|| err("not a JSON object".into()))?;
+    for (k, val) in pipeline.as_object().into_iter().flatten() {
+        obj.insert(k.clone(), val.clone());
+    }
+    let bytes = serde_json::to_vec(&v).map_err(|e| err(e.to_string()))?;
+    HfTokenizer::from_bytes(bytes).map_err(|e| err(e.to_string()))
+}
+
+/// `CLIPTokenizer`'s pre-tokenizer regex (specials, contractions, letter runs, single digits,
+/// other non-space runs).
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// transformers 5.17's `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`: for these config.json model
 /// types AutoTokenizer ignores tokenizer_config.json's `tokenizer_class` and loads tokenizer.json

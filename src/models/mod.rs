@@ -9,6 +9,8 @@
 //! (docs/adding-a-model.md).
 
 pub mod blip2;
+pub mod clip;
+pub mod clip_text;
 pub mod clip_vision;
 pub mod layers;
 pub mod llama;
@@ -81,6 +83,53 @@ pub trait Family: Send + Sync {
     }
 }
 
+/// A loaded model that embeds images and texts into one space instead of generating (CLIP):
+/// the family builds one graph per request shape and says how its text inputs are padded and
+/// pooled; `api::Embedder` runs them.
+pub trait Embedder: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn weights(&self) -> &Arc<WeightTable>;
+    /// Checks the image processor's output against the vision tower (vision models only).
+    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()>;
+    /// Side of the square pixel input; None when the model has no vision tower.
+    fn image_size(&self) -> Option<usize>;
+    /// Token positions of the text tower; None when the model has no text tower.
+    fn text_positions(&self) -> Option<usize>;
+    /// Width of the embeddings both towers produce.
+    fn embed_dim(&self) -> usize;
+    /// `exp(logit_scale)`, the factor of image-text similarities (None: single-tower model).
+    fn logit_scale(&self) -> Option<f32>;
+    /// The graph for `batch` images: input `pixels` `[batch, 3*S*S]`, output `[batch, embed_dim]`
+    /// un-normalized embeddings.
+    fn image_plan(&self, batch: usize) -> Result<EmbedPlan>;
+    /// The graph for `batch` texts of `len` tokens (padded): tokens through `set_tokens`, input
+    /// `key_mask` `[batch, len]` (0 or `f32::MIN` per key), pooling rows through
+    /// `set_row_indices` ([`Embedder::pool_rows`]); output `[batch, embed_dim]`.
+    fn text_plan(&self, batch: usize, len: usize) -> Result<EmbedPlan>;
+    /// The row each padded id sequence is pooled at.
+    fn pool_rows(&self, ids: &[Vec<u32>]) -> Vec<usize>;
+    /// `info` lines after the model path.
+    fn describe(&self) -> Vec<String>;
+}
+
+/// One embedding request shape: a graph, its single phase, named host inputs and the output.
+pub struct EmbedPlan {
+    pub graph: crate::graph::Graph,
+    pub phase: crate::graph::Phase,
+    pub batch: usize,
+    pub inputs: Vec<(&'static str, crate::graph::Buf)>,
+    /// `[batch, embed_dim]`.
+    pub output: crate::graph::Buf,
+}
+
+/// What a loaded checkpoint does.
+pub enum Loaded {
+    /// Generates text from images and prompts (BLIP-2): `caption`, `ask`.
+    Generates(Box<dyn Family>),
+    /// Embeds images and texts (CLIP): `embed`, `classify`.
+    Embeds(Box<dyn Embedder>),
+}
+
 /// One registry entry: how to recognise and parse a family's config.json.
 pub struct Entry {
     /// `model_type` in config.json.
@@ -101,6 +150,19 @@ pub const FAMILIES: &[Entry] = &[
         label: "blip-2 (OPT)",
         parse: |v, p| Ok(ModelConfig::Blip2(crate::config::Blip2Config::from_value(v, p)?)),
     },
+    Entry { model_type: "clip", architectures: &["CLIPModel"], label: "clip", parse: parse_clip },
+    Entry {
+        model_type: "clip_text_model",
+        architectures: &["CLIPTextModelWithProjection"],
+        label: "clip_text_model (with projection)",
+        parse: parse_clip,
+    },
+    Entry {
+        model_type: "clip_vision_model",
+        architectures: &["CLIPVisionModelWithProjection"],
+        label: "clip_vision_model (with projection)",
+        parse: parse_clip,
+    },
     Entry {
         model_type: "llava",
         architectures: &["LlavaForConditionalGeneration"],
@@ -108,6 +170,10 @@ pub const FAMILIES: &[Entry] = &[
         parse: |v, p| Ok(ModelConfig::Llava(crate::config::LlavaConfig::from_value(v, p)?)),
     },
 ];
+
+fn parse_clip(v: &Value, p: &Path) -> Result<ModelConfig> {
+    Ok(ModelConfig::Clip(crate::config::ClipConfig::from_value(v, p)?))
+}
 
 /// Parses a config.json object through the family its `model_type` names.
 pub fn parse_config(value: &Value, path: &Path) -> Result<ModelConfig> {
@@ -129,11 +195,48 @@ pub fn parse_config(value: &Value, path: &Path) -> Result<ModelConfig> {
 }
 
 /// Loads the weights of the family `cfg` belongs to.
-pub fn load(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Box<dyn Family>> {
+pub fn load_any(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Loaded> {
     Ok(match cfg {
-        ModelConfig::Blip2(c) => Box::new(blip2::Blip2::load(c, ckpt)?),
-        ModelConfig::Llava(c) => Box::new(llava::Llava::load(c, ckpt)?),
+        ModelConfig::Blip2(c) => Loaded::Generates(Box::new(blip2::Blip2::load(c, ckpt)?)),
+        ModelConfig::Clip(c) => Loaded::Embeds(Box::new(clip::Clip::load(c, ckpt)?)),
+        ModelConfig::Llava(c) => Loaded::Generates(Box::new(llava::Llava::load(c, ckpt)?)),
     })
+}
+
+/// Loads a generating family (`caption`, `ask`, `bench`); an embedding model is an error that
+/// names the commands it runs with (checked before any weight is read).
+pub fn load(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Box<dyn Family>> {
+    if cfg.embeds() {
+        return Err(wrong_kind(cfg, ckpt));
+    }
+    match load_any(cfg, ckpt)? {
+        Loaded::Generates(f) => Ok(f),
+        Loaded::Embeds(_) => Err(wrong_kind(cfg, ckpt)),
+    }
+}
+
+/// Loads an embedding family (`embed`, `classify`); a generating model is an error that names
+/// the commands it runs with (checked before any weight is read).
+pub fn load_embedder(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Box<dyn Embedder>> {
+    if !cfg.embeds() {
+        return Err(wrong_kind(cfg, ckpt));
+    }
+    match load_any(cfg, ckpt)? {
+        Loaded::Embeds(e) => Ok(e),
+        Loaded::Generates(_) => Err(wrong_kind(cfg, ckpt)),
+    }
+}
+
+fn wrong_kind(cfg: &ModelConfig, ckpt: &Checkpoint) -> Error {
+    let (does, use_) = if cfg.embeds() {
+        (
+            "embeds images and texts, it does not generate text",
+            "`glimpse embed` or `glimpse classify` (glimpse::EmbedModel)",
+        )
+    } else {
+        ("generates text, it does not embed images or texts", "`glimpse caption` or `glimpse ask` (glimpse::Model)")
+    };
+    Error::Unsupported(format!("{}: {} {does}: use {use_}", ckpt.origin().display(), cfg.architecture()))
 }
 
 /// Reads named tensors of a checkpoint into a weight table, checking every shape.

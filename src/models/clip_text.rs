@@ -1,0 +1,140 @@
+//! CLIP's text tower (`CLIPTextTransformer`, transformers 5.17): token + learned position
+//! embeddings, pre-norm encoder layers with causal (and padding-masked) self-attention and
+//! quick_gelu MLPs, `final_layer_norm`, pooled at one row per text (the EOS position, see
+//! [`pool_rows`]).
+
+use super::layers::{load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnSpec, Keys, Mlp, NormLayer};
+use super::Loader;
+use crate::config::ClipTextConfig;
+use crate::graph::{Buf, Graph, Op, RowSelect, W};
+use crate::weights::Checkpoint;
+use crate::Result;
+
+struct TextLayer {
+    layer_norm1: NormLayer,
+    self_attn: AttentionLayer,
+    layer_norm2: NormLayer,
+    mlp: Mlp,
+}
+
+pub struct ClipText {
+    pub cfg: ClipTextConfig,
+    token_embedding: W,
+    position_embedding: W,
+    layers: Vec<TextLayer>,
+    final_layer_norm: NormLayer,
+}
+
+/// The first of `candidates` (key prefixes ending in `.`, or "") under which `ckpt` holds a CLIP
+/// text tower: `text_model.` in CLIPModel and CLIPTextModelWithProjection, "" for a standalone
+/// CLIPTextModel saved by 5.17.
+pub fn find_prefix<'a>(ckpt: &Checkpoint, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates.iter().copied().find(|p| ckpt.contains(&format!("{p}embeddings.token_embedding.weight")))
+}
+
+/// The row CLIPTextTransformer pools each (padded) id sequence at: with `eos_token_id == 2` (the
+/// legacy config value) the position of the largest id, else the first position holding
+/// `eos_token_id`; both are torch's `argmax`, so ties and "not found" give the first position
+/// (0 when no EOS is present).
+pub fn pool_rows(ids: &[Vec<u32>], eos_token_id: u32) -> Vec<usize> {
+    ids.iter()
+        .map(|seq| {
+            if eos_token_id == 2 {
+                // First maximum, as torch.argmax (ids are compared as int32 there, all < 2^31).
+                let max = seq.iter().copied().max().unwrap_or(0);
+                seq.iter().position(|&t| t == max).unwrap_or(0)
+            } else {
+                seq.iter().position(|&t| t == eos_token_id).unwrap_or(0)
+            }
+        })
+        .collect()
+}
+
+impl ClipText {
+    /// Loads the tower under `prefix` (`text_model.` or "").
+    pub fn load(cfg: &ClipTextConfig, ld: &mut Loader, prefix: &str) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let e = format!("{prefix}embeddings");
+        let token_embedding = ld.tensor(&format!("{e}.token_embedding.weight"), &[cfg.vocab_size, d])?;
+        let position_embedding =
+            ld.tensor(&format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d])?;
+        let eps = cfg.layer_norm_eps;
+        let (heads, head_dim) = (cfg.num_attention_heads, cfg.head_dim());
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = format!("{prefix}encoder.layers.{i}");
+                let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
+                let spec = AttnSpec {
+                    names: names.each_ref().map(String::as_str),
+                    q_in: d,
+                    kv_in: d,
+                    heads,
+                    kv_heads: heads,
+                    head_dim,
+                    bias: true,
+                    scale: (head_dim as f32).powf(-0.5),
+                };
+                Ok(TextLayer {
+                    layer_norm1: ld.norm(&format!("{l}.layer_norm1"), d, eps)?.into(),
+                    self_attn: load_attention(ld, &spec)?,
+                    layer_norm2: ld.norm(&format!("{l}.layer_norm2"), d, eps)?.into(),
+                    mlp: load_mlp(
+                        ld,
+                        &format!("{l}.mlp.fc1"),
+                        &format!("{l}.mlp.fc2"),
+                        d,
+                        cfg.intermediate_size,
+                        true,
+                        cfg.activation(),
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = ld.norm(&format!("{prefix}final_layer_norm"), d, eps)?.into();
+        Ok(Self { cfg: cfg.clone(), token_embedding, position_embedding, layers, final_layer_norm })
+    }
+
+    /// Emits the tower for `batch` texts of `len` tokens each (the executor's tokens, sequence
+    /// major) with the additive padding mask `key_mask` `[batch, len]`; returns the pooled
+    /// `[batch, hidden]` rows (the executor's row indices, see [`pool_rows`]).
+    pub fn emit(&self, g: &mut Graph, tag: &str, batch: usize, len: usize, key_mask: Buf) -> Buf {
+        let c = &self.cfg;
+        let (d, rows) = (c.hidden_size, batch * len);
+        let x = g.buffer(format!("{tag}.residual"), rows, d);
+        let h = g.buffer(format!("{tag}.normed"), rows, d);
+        let mlp = g.buffer(format!("{tag}.mlp"), rows, c.intermediate_size);
+        // x = token_embedding[ids] + position_embedding[0..len]
+        g.push(Op::Embed { table: self.token_embedding, out: x });
+        g.push(Op::AddPositions { table: self.position_embedding, offset: 0, x, batch, rows_per_batch: len });
+        let call = AttnCall { key_mask: Some(key_mask), ..AttnCall::new(batch, len, Keys::Same).causal() };
+        let mut scratch = None;
+        for l in &self.layers {
+            let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
+            // x += out_proj(causal, padding-masked attention of LN1(x))
+            pre_norm(g, &l.layer_norm1, x, h, rows, |g, h, r| l.self_attn.emit(g, &s, h, &call, r));
+            // x += fc2(quick_gelu(fc1(LN2(x))))
+            pre_norm(g, &l.layer_norm2, x, h, rows, |g, h, r| l.mlp.emit(g, h, mlp, r, rows));
+        }
+        // final_layer_norm is row-wise, so pooling first and normalizing the pooled rows is the
+        // same numbers for a fraction of the work.
+        let eos = g.buffer(format!("{tag}.eos"), batch, d);
+        g.push(Op::SelectRows { x, out: eos, batch, rows_per_batch: len, select: RowSelect::Indexed });
+        let pooled = g.buffer(format!("{tag}.pooled"), batch, d);
+        self.final_layer_norm.emit(g, eos, None, pooled, batch);
+        pooled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_rows;
+
+    #[test]
+    fn pooling_rows_follow_transformers_argmax_rules() {
+        let ids = vec![vec![49406, 5, 49407, 49407], vec![49406, 7, 8, 9], vec![0, 49500, 3, 49407]];
+        // First occurrence of eos; none present: argmax of all-false is position 0.
+        assert_eq!(pool_rows(&ids, 49407), vec![2, 0, 3]);
+        // Legacy eos_token_id 2: position of the largest id, first one on ties.
+        assert_eq!(pool_rows(&ids, 2), vec![2, 0, 1]);
+    }
+}
