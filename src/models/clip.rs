@@ -107,19 +107,7 @@ impl Embedder for Clip {
     }
 
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        let Some(expected) = self.image_size() else { return Ok(()) };
-        let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
-        if (out.height, out.width) != (Some(expected), Some(expected)) {
-            let field = if pre.do_center_crop { "crop_size" } else { "size" };
-            return Err(Error::config(
-                path,
-                format!(
-                    "`{field}` is {}, but the vision model takes {expected}x{expected} images (vision_config.image_size in config.json): set {field} to {{\"height\": {expected}, \"width\": {expected}}}",
-                    out.describe()
-                ),
-            ));
-        }
-        Ok(())
+        self.image_size().map_or(Ok(()), |expected| super::check_square_input(pre, path, expected))
     }
 
     fn image_size(&self) -> Option<usize> {

@@ -3,25 +3,19 @@
 //! quick_gelu MLPs, `final_layer_norm`, pooled at one row per text (the EOS position, see
 //! [`pool_rows`]).
 
-use super::layers::{load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnSpec, Keys, Mlp, NormLayer};
+use super::clip_vision::{load_layers, ClipLayer, ClipLayerDims, LayerBufs};
+use super::layers::{AttnCall, Keys, NormLayer};
 use super::Loader;
 use crate::config::ClipTextConfig;
 use crate::graph::{Buf, Graph, Op, RowSelect, W};
 use crate::weights::Checkpoint;
 use crate::Result;
 
-struct TextLayer {
-    layer_norm1: NormLayer,
-    self_attn: AttentionLayer,
-    layer_norm2: NormLayer,
-    mlp: Mlp,
-}
-
 pub struct ClipText {
     pub cfg: ClipTextConfig,
     token_embedding: W,
     position_embedding: W,
-    layers: Vec<TextLayer>,
+    layers: Vec<ClipLayer>,
     final_layer_norm: NormLayer,
 }
 
@@ -59,37 +53,15 @@ impl ClipText {
         let position_embedding =
             ld.tensor(&format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d])?;
         let eps = cfg.layer_norm_eps;
-        let (heads, head_dim) = (cfg.num_attention_heads, cfg.head_dim());
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let l = format!("{prefix}encoder.layers.{i}");
-                let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
-                let spec = AttnSpec {
-                    names: names.each_ref().map(String::as_str),
-                    q_in: d,
-                    kv_in: d,
-                    heads,
-                    kv_heads: heads,
-                    head_dim,
-                    bias: true,
-                    scale: (head_dim as f32).powf(-0.5),
-                };
-                Ok(TextLayer {
-                    layer_norm1: ld.norm(&format!("{l}.layer_norm1"), d, eps)?.into(),
-                    self_attn: load_attention(ld, &spec)?,
-                    layer_norm2: ld.norm(&format!("{l}.layer_norm2"), d, eps)?.into(),
-                    mlp: load_mlp(
-                        ld,
-                        &format!("{l}.mlp.fc1"),
-                        &format!("{l}.mlp.fc2"),
-                        d,
-                        cfg.intermediate_size,
-                        true,
-                        cfg.activation(),
-                    )?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let dims = ClipLayerDims {
+            hidden: d,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            intermediate: cfg.intermediate_size,
+            eps,
+            act: cfg.activation(),
+        };
+        let layers = load_layers(ld, prefix, cfg.num_hidden_layers, &dims)?;
         let final_layer_norm = ld.norm(&format!("{prefix}final_layer_norm"), d, eps)?.into();
         Ok(Self { cfg: cfg.clone(), token_embedding, position_embedding, layers, final_layer_norm })
     }
@@ -107,13 +79,12 @@ impl ClipText {
         g.push(Op::Embed { table: self.token_embedding, out: x });
         g.push(Op::AddPositions { table: self.position_embedding, offset: 0, x, batch, rows_per_batch: len });
         let call = AttnCall { key_mask: Some(key_mask), ..AttnCall::new(batch, len, Keys::Same).causal() };
+        let bufs = LayerBufs { x, normed: h, mlp, rows };
         let mut scratch = None;
         for l in &self.layers {
-            let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
-            // x += out_proj(causal, padding-masked attention of LN1(x))
-            pre_norm(g, &l.layer_norm1, x, h, rows, |g, h, r| l.self_attn.emit(g, &s, h, &call, r));
-            // x += fc2(quick_gelu(fc1(LN2(x))))
-            pre_norm(g, &l.layer_norm2, x, h, rows, |g, h, r| l.mlp.emit(g, h, mlp, r, rows));
+            let s = *scratch.get_or_insert_with(|| l.scratch(g, tag, rows));
+            // x += out_proj(causal, padding-masked attention of LN1(x)); x += fc2(act(fc1(LN2(x))))
+            l.emit(g, &s, &bufs, &call);
         }
         // final_layer_norm is row-wise, so pooling first and normalizing the pooled rows is the
         // same numbers for a fraction of the work.

@@ -5,18 +5,80 @@
 
 use half::f16;
 
-use super::layers::{load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnSpec, Keys, Mlp, NormLayer};
+use super::layers::{
+    load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnScratch, AttnSpec, Keys, Mlp, NormLayer,
+};
 use super::Loader;
 use crate::config::ClipVisionConfig;
 use crate::error::{Error, Result};
 use crate::graph::{Buf, Graph, Op, RowSelect, W};
 use crate::weights::{Checkpoint, Weight};
 
-struct ClipLayer {
+/// One `CLIPEncoderLayer` (both CLIP towers): pre-norm self-attention with separate biased
+/// q/k/v/out projections, then a pre-norm MLP.
+pub(crate) struct ClipLayer {
     layer_norm1: NormLayer,
     self_attn: AttentionLayer,
     layer_norm2: NormLayer,
     mlp: Mlp,
+}
+
+/// The shapes of a CLIP tower's encoder layers.
+pub(crate) struct ClipLayerDims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub eps: f64,
+    pub act: crate::graph::Activation,
+}
+
+/// Loads `{prefix}encoder.layers.{0..count}`.
+pub(crate) fn load_layers(ld: &mut Loader, prefix: &str, count: usize, c: &ClipLayerDims) -> Result<Vec<ClipLayer>> {
+    (0..count)
+        .map(|i| {
+            let l = format!("{prefix}encoder.layers.{i}");
+            let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
+            let spec = AttnSpec {
+                names: names.each_ref().map(String::as_str),
+                q_in: c.hidden,
+                kv_in: c.hidden,
+                heads: c.heads,
+                kv_heads: c.heads,
+                head_dim: c.head_dim,
+                bias: true,
+                scale: (c.head_dim as f32).powf(-0.5),
+            };
+            let (fc1, fc2) = (format!("{l}.mlp.fc1"), format!("{l}.mlp.fc2"));
+            Ok(ClipLayer {
+                layer_norm1: ld.norm(&format!("{l}.layer_norm1"), c.hidden, c.eps)?.into(),
+                self_attn: load_attention(ld, &spec)?,
+                layer_norm2: ld.norm(&format!("{l}.layer_norm2"), c.hidden, c.eps)?.into(),
+                mlp: load_mlp(ld, &fc1, &fc2, c.hidden, c.intermediate, true, c.act)?,
+            })
+        })
+        .collect()
+}
+
+/// The residual stream `x` and the scratch one tower's layers share.
+pub(crate) struct LayerBufs {
+    pub x: Buf,
+    pub normed: Buf,
+    pub mlp: Buf,
+    pub rows: usize,
+}
+
+impl ClipLayer {
+    /// Attention scratch for `rows` rows attending over themselves (tagged `{tag}.`).
+    pub(crate) fn scratch(&self, g: &mut Graph, tag: &str, rows: usize) -> AttnScratch {
+        self.self_attn.scratch(g, tag, rows, rows)
+    }
+
+    /// `x += out_proj(attn(LN1(x)))`, then `x += fc2(act(fc1(LN2(x))))`.
+    pub(crate) fn emit(&self, g: &mut Graph, s: &AttnScratch, b: &LayerBufs, call: &AttnCall) {
+        pre_norm(g, &self.layer_norm1, b.x, b.normed, b.rows, |g, h, r| self.self_attn.emit(g, s, h, call, r));
+        pre_norm(g, &self.layer_norm2, b.x, b.normed, b.rows, |g, h, r| self.mlp.emit(g, h, b.mlp, r, b.rows));
+    }
 }
 
 /// A loaded CLIP vision tower (possibly only its first layers, see [`ClipVision::load`]).
@@ -95,37 +157,15 @@ impl ClipVision {
         let position_embedding = ld.tensor(&format!("{e}.position_embedding.weight"), &[cfg.num_positions(), d])?;
         let eps = cfg.layer_norm_eps;
         let pre_layrnorm = ld.norm(&format!("{prefix}pre_layrnorm"), d, eps)?.into();
-        let (heads, head_dim) = (cfg.num_attention_heads, cfg.head_dim());
-        let layers = (0..layers.min(cfg.num_hidden_layers))
-            .map(|i| {
-                let l = format!("{prefix}encoder.layers.{i}");
-                let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
-                let spec = AttnSpec {
-                    names: names.each_ref().map(String::as_str),
-                    q_in: d,
-                    kv_in: d,
-                    heads,
-                    kv_heads: heads,
-                    head_dim,
-                    bias: true,
-                    scale: (head_dim as f32).powf(-0.5),
-                };
-                Ok(ClipLayer {
-                    layer_norm1: ld.norm(&format!("{l}.layer_norm1"), d, eps)?.into(),
-                    self_attn: load_attention(ld, &spec)?,
-                    layer_norm2: ld.norm(&format!("{l}.layer_norm2"), d, eps)?.into(),
-                    mlp: load_mlp(
-                        ld,
-                        &format!("{l}.mlp.fc1"),
-                        &format!("{l}.mlp.fc2"),
-                        d,
-                        cfg.intermediate_size,
-                        true,
-                        cfg.activation(),
-                    )?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let dims = ClipLayerDims {
+            hidden: d,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            intermediate: cfg.intermediate_size,
+            eps,
+            act: cfg.activation(),
+        };
+        let layers = load_layers(ld, prefix, layers.min(cfg.num_hidden_layers), &dims)?;
         let post_layernorm =
             if post_layernorm { Some(ld.norm(&format!("{prefix}post_layernorm"), d, eps)?.into()) } else { None };
         Ok(Self {
@@ -205,13 +245,12 @@ impl ClipVision {
         self.pre_layrnorm.emit(g, embeds, None, x, rows);
         tap(g, &mut taps, 0);
         let call = AttnCall::new(batch, tokens, Keys::Same);
+        let bufs = LayerBufs { x, normed: h, mlp, rows };
         let mut scratch = None;
         for (i, l) in self.layers[..run].iter().enumerate() {
-            let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
-            // x += out_proj(attention(q, k, v of LN1(x)))
-            pre_norm(g, &l.layer_norm1, x, h, rows, |g, h, r| l.self_attn.emit(g, &s, h, &call, r));
-            // x += fc2(quick_gelu(fc1(LN2(x))))
-            pre_norm(g, &l.layer_norm2, x, h, rows, |g, h, r| l.mlp.emit(g, h, mlp, r, rows));
+            let s = *scratch.get_or_insert_with(|| l.scratch(g, tag, rows));
+            // x += out_proj(attention(LN1(x))); x += fc2(quick_gelu(fc1(LN2(x))))
+            l.emit(g, &s, &bufs, &call);
             tap(g, &mut taps, i + 1);
         }
         let pooled = match (&self.post_layernorm, req.pooled) {

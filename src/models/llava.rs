@@ -184,19 +184,7 @@ impl Family for Llava {
     }
 
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        let expected = self.image_size();
-        let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
-        if (out.height, out.width) != (Some(expected), Some(expected)) {
-            let field = if pre.do_center_crop { "crop_size" } else { "size" };
-            return Err(Error::config(
-                path,
-                format!(
-                    "`{field}` is {}, but the CLIP vision tower takes {expected}x{expected} images (vision_config.image_size in config.json): set {field} to {{\"height\": {expected}, \"width\": {expected}}}",
-                    out.describe()
-                ),
-            ));
-        }
-        Ok(())
+        super::check_square_input(pre, path, self.image_size())
     }
 
     fn image_size(&self) -> usize {

@@ -239,6 +239,23 @@ fn wrong_kind(cfg: &ModelConfig, ckpt: &Checkpoint) -> Error {
     Error::Unsupported(format!("{}: {} {does}: use {use_}", ckpt.origin().display(), cfg.architecture()))
 }
 
+/// Checks that the image processor's output (`crop_size` when it center-crops, else `size`) is
+/// the `expected` x `expected` input the vision tower takes (`path` names the file in errors).
+pub fn check_square_input(pre: &PreprocessorConfig, path: &Path, expected: usize) -> Result<()> {
+    let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
+    if (out.height, out.width) != (Some(expected), Some(expected)) {
+        let field = if pre.do_center_crop { "crop_size" } else { "size" };
+        return Err(Error::config(
+            path,
+            format!(
+                "`{field}` is {}, but the vision model takes {expected}x{expected} images (vision_config.image_size in config.json): set {field} to {{\"height\": {expected}, \"width\": {expected}}}",
+                out.describe()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads named tensors of a checkpoint into a weight table, checking every shape.
 pub struct Loader<'a> {
     pub ckpt: &'a Checkpoint,
