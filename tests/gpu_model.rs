@@ -194,12 +194,22 @@ fn lockstep(
     model: &Model,
     make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
 ) -> usize {
+    let ids = model.input_ids(Some("Question: what is in the picture? Answer:")).unwrap();
+    lockstep_ids(model, &ids, make_candidate)
+}
+
+/// [`lockstep`] for one image and the decoder input `ids` (a chat model's templated prompt).
+fn lockstep_ids(
+    model: &Model,
+    ids: &[u32],
+    make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
+) -> usize {
     use glimpse::backend::cpu::CpuExecutor;
     use glimpse::backend::Executor;
     use glimpse::graph::{Buf, Phase};
     const OP_REL: f64 = 4e-3;
     let px = model.preprocess(&common::image("rgba_150x120.png")).unwrap();
-    let ids = model.input_ids(Some("Question: what is in the picture? Answer:")).unwrap();
+    let ids = ids.to_vec();
     let new_tokens = 3;
     let plan = model.family.plan(1, ids.len(), new_tokens, false).unwrap();
     let mut cand = make_candidate(&plan.graph);
@@ -260,6 +270,77 @@ fn cuda_every_op_matches_cpu_in_lockstep() {
 fn lockstep_harness_accepts_the_f32_reference() {
     let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
     let checked = lockstep(&model, |g| {
+        Box::new(glimpse::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &g.buffers))
+    });
+    assert!(checked > 50, "{checked}");
+}
+
+/// LLaVA (CLIP tower, projector, LLaMA with GQA, RoPE, RMSNorm, SwiGLU) on the GPU against the
+/// CPU, op by op, on both tiny fixtures (the variant: llama3 RoPE, biases, a layer list).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_llava_matches_cpu_in_lockstep() {
+    for name in ["llava-tiny", "llava-tiny-variant"] {
+        let Some(model) = gpu_model("cuda_llava_matches_cpu_in_lockstep", name) else { return };
+        let ids = model.chat_input_ids(1, "What is in the picture?").unwrap();
+        let checked = lockstep_ids(&model, &ids, |g| model.executor(g).unwrap());
+        println!("{name} lockstep: {checked} op outputs agree");
+    }
+}
+
+/// LLaVA greedy tokens on the GPU equal transformers' where the reference margin is clear.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_llava_greedy_tokens_match() {
+    let Some(model) = gpu_model("cuda_llava_greedy_tokens_match", "llava-tiny") else { return };
+    let cpu = Model::load(common::model_dir("llava-tiny"), Device::Cpu).unwrap();
+    let image = common::image("rgba_150x120.png");
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), ..model.default_options() };
+    let (gpu_out, cpu_out) = (
+        model.ask_images(&[&image], "What is it?", &opts).unwrap(),
+        cpu.ask_images(&[&image], "What is it?", &opts).unwrap(),
+    );
+    assert!(gpu_out.device.starts_with("cuda"), "ran on {}", gpu_out.device);
+    // Token equality needs a clear top-2 margin at fp16; report the first divergence otherwise.
+    for (step, (g, c)) in gpu_out.tokens.iter().zip(&cpu_out.tokens).enumerate() {
+        assert!((gpu_out.logprobs[step] - cpu_out.logprobs[step]).abs() <= LOGPROB_ABS, "logprob step {step}");
+        assert_eq!(g, c, "step {step}");
+    }
+}
+
+/// CLIP embeddings and zero-shot probabilities on the GPU against the CPU executor (fp16
+/// activations: the stage bar of the BLIP-2 tests, relative to the largest magnitude).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_clip_embeddings_match_cpu() {
+    use glimpse::api::EmbedModel;
+    if let Some(reason) = glimpse::backend::cuda_unavailable_reason() {
+        skip("cuda_clip_embeddings_match_cpu", &reason.to_string());
+        return;
+    }
+    let dir = common::model_dir("clip-tiny");
+    let (gpu, cpu) = (EmbedModel::load(&dir, Device::Cuda).unwrap(), EmbedModel::load(&dir, Device::Cpu).unwrap());
+    let names = ["rgba_150x120.png", "odd_257x181.png", "tiny_13x9.png"];
+    let px: Vec<_> = names.iter().map(|n| cpu.preprocess(&common::image(n)).unwrap()).collect();
+    let texts = ["a photo of a cat", "a dog", "red"];
+    let flat = |v: Vec<Vec<f32>>| v.concat();
+    for (what, got, want) in [
+        ("image embeds", flat(gpu.embed_images(&px).unwrap()), flat(cpu.embed_images(&px).unwrap())),
+        ("text embeds", flat(gpu.embed_texts(&texts).unwrap()), flat(cpu.embed_texts(&texts).unwrap())),
+        ("probs", flat(gpu.classify(&px, &texts).unwrap()), flat(cpu.classify(&px, &texts).unwrap())),
+    ] {
+        let (max, rel) = common::errors(&got, &want);
+        println!("clip {what}: rel {rel:.2e} max {max:.2e}");
+        assert!(rel <= STAGE_REL, "{what}: rel {rel:e}");
+    }
+}
+
+/// The LLaVA lockstep harness on any machine (f32 CPU candidate vs the fp16-storing CPU).
+#[test]
+fn lockstep_harness_accepts_the_f32_reference_on_llava() {
+    let model = Model::load(common::model_dir("llava-tiny"), Device::Cpu).unwrap();
+    let ids = model.chat_input_ids(1, "What is in the picture?").unwrap();
+    let checked = lockstep_ids(&model, &ids, |g| {
         Box::new(glimpse::backend::cpu::CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &g.buffers))
     });
     assert!(checked > 50, "{checked}");
