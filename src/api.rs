@@ -9,7 +9,9 @@ pub use crate::backend::Device;
 use crate::backend::{Backend, Executor};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
-use crate::generate::{beam_rows, expand_for_beams, generate, GenerateOptions, Plan, Sequence, Timings, TokenEvent};
+use crate::generate::{
+    beam_rows, expand_for_beams, generate, EarlyStopping, GenerateOptions, Plan, Sequence, Timings, TokenEvent,
+};
 use crate::image::{ImageProcessor, PixelValues};
 use crate::models::Family;
 use crate::tokenizer::Tokenizer;
@@ -98,10 +100,29 @@ impl Model {
         let mut o = self.family.default_options();
         // Chat families generate with their own generation_config.json (LLaVA: eos 2).
         if self.chat.is_some() {
-            if let Some(eos) = &self.generation.eos_token_id {
+            let g = &self.generation;
+            if let Some(eos) = &g.eos_token_id {
                 o.eos_token_ids = eos.to_vec();
             }
-            o.max_new_tokens = self.generation.max_new_tokens.or(o.max_new_tokens);
+            o.max_new_tokens = g.max_new_tokens.or(o.max_new_tokens);
+            o.max_length = g.max_length;
+            o.min_new_tokens = g.min_new_tokens.unwrap_or(o.min_new_tokens);
+            o.do_sample = g.do_sample.unwrap_or(o.do_sample);
+            o.temperature = g.temperature.unwrap_or(o.temperature);
+            o.top_k = g.top_k.unwrap_or(o.top_k);
+            o.top_p = g.top_p.unwrap_or(o.top_p);
+            o.min_p = g.min_p.or(o.min_p);
+            o.repetition_penalty = g.repetition_penalty.unwrap_or(o.repetition_penalty);
+            o.no_repeat_ngram_size = g.no_repeat_ngram_size.unwrap_or(o.no_repeat_ngram_size);
+            o.num_beams = g.num_beams.unwrap_or(o.num_beams);
+            o.length_penalty = g.length_penalty.unwrap_or(o.length_penalty);
+            o.num_return_sequences = g.num_return_sequences.unwrap_or(o.num_return_sequences);
+            match &g.early_stopping {
+                Some(serde_json::Value::Bool(true)) => o.early_stopping = EarlyStopping::Done,
+                Some(serde_json::Value::Bool(false)) => o.early_stopping = EarlyStopping::Heuristic,
+                Some(serde_json::Value::String(v)) if v == "never" => o.early_stopping = EarlyStopping::Never,
+                _ => {}
+            }
         }
         o
     }

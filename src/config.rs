@@ -1315,7 +1315,8 @@ fn default_projection_dim() -> usize {
 /// `generation_config.json`. BLIP-2's `generate()` hands over to its language model, whose
 /// generation config comes from `text_config`, so none of these values steer BLIP-2 generation
 /// (see [`crate::api::Model::default_options`]); they are read for `info` and checked as
-/// transformers checks them when it loads the model.
+/// transformers checks them when it loads the model. Chat families (LLaVA) generate with the
+/// values it sets, as transformers does (`null` or absent: the global default).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct GenerationConfig {
@@ -1324,6 +1325,20 @@ pub struct GenerationConfig {
     pub eos_token_id: Option<TokenIds>,
     pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
+    // What chat families (LLaVA) generate with when set (`Model::default_options`).
+    pub min_new_tokens: Option<usize>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub no_repeat_ngram_size: Option<usize>,
+    pub num_beams: Option<usize>,
+    pub length_penalty: Option<f64>,
+    /// `true`, `false` or `"never"`.
+    pub early_stopping: Option<Value>,
+    pub num_return_sequences: Option<usize>,
 }
 
 impl GenerationConfig {

@@ -365,3 +365,33 @@ fn cli_ask_single_and_several_images() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A chat family generates with what its generation_config.json sets, as transformers does:
+/// beams, length penalty, sampling settings, and an explicit max_length that counts the prompt.
+#[test]
+fn generation_config_steers_chat_models() {
+    let dir = common::tempdir();
+    for entry in std::fs::read_dir(common::model_dir("llava-tiny")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let ids_len = load("llava-tiny").chat_input_ids(1, "What is it?").unwrap().len();
+    let gen = serde_json::json!({
+        "eos_token_id": 2, "num_beams": 3, "length_penalty": 0.5, "early_stopping": "never",
+        "temperature": 0.7, "top_k": 9, "max_length": ids_len + 4,
+    });
+    std::fs::write(dir.path().join("generation_config.json"), gen.to_string()).unwrap();
+    let model = Model::load(dir.path(), glimpse::Device::Cpu).unwrap();
+    let o = model.default_options();
+    assert_eq!((o.num_beams, o.length_penalty, o.top_k, o.temperature), (3, 0.5, 9, 0.7));
+    assert_eq!(o.early_stopping, glimpse::generate::EarlyStopping::Never);
+    assert_eq!(o.eos_token_ids, vec![2]);
+    // max_length counts the prompt: 4 new tokens at most, and the beam run honours it.
+    assert_eq!(o.new_tokens(ids_len, 1 << 20).unwrap(), 4);
+    let out = model.ask_images(&[&common::image("rgba_150x120.png")], "What is it?", &o).unwrap();
+    assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
+    assert!(out.score.is_some(), "beam search reports a score");
+    // A prompt that reaches max_length is an error naming it.
+    let e = o.new_tokens(ids_len + 4, 1 << 20).unwrap_err().to_string();
+    assert!(e.contains("max_length"), "{e}");
+}

@@ -57,6 +57,9 @@ pub struct GenerateOptions {
     /// How many tokens to generate at most. `None` is transformers' default: `max_length =
     /// input length + 20`, capped at the decoder's `max_position_embeddings`.
     pub max_new_tokens: Option<usize>,
+    /// An explicit `max_length` (generation_config.json of chat families): the whole sequence,
+    /// prompt included, used when `max_new_tokens` is unset.
+    pub max_length: Option<usize>,
     /// EOS is masked until this many tokens were generated (`MinNewTokensLengthLogitsProcessor`).
     pub min_new_tokens: usize,
     /// Sample instead of greedy / beam search.
@@ -88,6 +91,7 @@ impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
             max_new_tokens: None,
+            max_length: None,
             min_new_tokens: 0,
             do_sample: false,
             temperature: 1.0,
@@ -231,6 +235,15 @@ impl GenerateOptions {
         self.validate()?;
         if let Some(n) = self.max_new_tokens {
             return Ok(n);
+        }
+        if let Some(max_length) = self.max_length {
+            // An explicit max_length counts the prompt and is not capped (transformers).
+            if input_len >= max_length {
+                return Err(Error::InvalidInput(format!(
+                    "the decoder input ({input_len} tokens) reaches max_length {max_length} (generation_config.json), leaving no room to generate: raise max_length or set max_new_tokens"
+                )));
+            }
+            return Ok(max_length - input_len);
         }
         let max_length = (input_len + DEFAULT_NEW_TOKENS).min(max_positions);
         if input_len >= max_length {
