@@ -30,7 +30,6 @@ use crate::error::{Error, Result};
 use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
 use crate::graph::{Phase, WeightTable};
 use crate::models::Family;
-use crate::weights::Checkpoint;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -146,6 +145,10 @@ pub fn pick_preset(free_bytes: usize) -> &'static str {
     }
 }
 
+/// The question of the VQA prefill stage with `--model` (presets use `synth::VQA_PROMPT`, its
+/// BLIP-2 template).
+const VQA_QUESTION: &str = "what is this?";
+
 /// The model to benchmark: config, weights and the two prompts' ids.
 struct Subject {
     label: String,
@@ -158,12 +161,14 @@ struct Subject {
 fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     if let Some(arg) = &args.model {
         let dir = crate::hub::resolve_model(arg)?;
-        let config = ModelConfig::load(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open_dir(&dir)?;
-        let family = crate::models::load(&config, &ckpt)?;
-        let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
-        let caption_ids = family.input_ids(&tok.encode("")?);
-        let vqa_ids = family.input_ids(&tok.encode(crate::synth::VQA_PROMPT)?);
+        // The prompts as `caption` and `ask` build them (chat families: through the template).
+        let model = crate::api::Model::load(&dir, Device::Cpu)?;
+        let caption_ids = model.input_ids(None)?;
+        let vqa_ids = match model.chat {
+            Some(_) => model.chat_input_ids(1, VQA_QUESTION)?,
+            None => model.input_ids(Some(&model.question_prompt(VQA_QUESTION)))?,
+        };
+        let family = model.family;
         return Ok(Subject { label: dir.display().to_string(), preset: None, family, caption_ids, vqa_ids });
     }
     let name = match &args.preset {
@@ -317,7 +322,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         ),
         stage(
             "prefill_vqa",
-            format!("{p_vqa} decoder input tokens (\"{}\")", crate::synth::VQA_PROMPT),
+            format!("{p_vqa} decoder input tokens (VQA prompt)"),
             &t_vqa,
             &[PlanCosts::new(&plan_vqa, weights, act_bytes).prefill()],
             1,

@@ -156,3 +156,37 @@ fn bench_reports_the_commit_of_the_binary() {
     }
     assert_eq!(bench(Some("abc123"))["commit"], "abc123");
 }
+
+/// `--model` takes any generative family: LLaVA's stages are its own phases (vision, projector),
+/// its prompts come from the chat template, and every floor is read off its graph.
+#[test]
+fn bench_model_runs_a_llava_folder() {
+    let dir = format!("{}/tests/fixtures/llava-tiny", env!("CARGO_MANIFEST_DIR"));
+    let o = glimpse(&[
+        "bench",
+        "--model",
+        &dir,
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "3",
+        "--throughput-batches",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let stages = v["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["vision", "projector", "prefill", "prefill_vqa", "decode", "first_token", "caption", "caption_beam5"]
+    );
+    for s in stages {
+        assert!(s["floor_ms"].as_f64().unwrap() > 0.0 && s["flops"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    // The caption prompt is the chat template with the image tokens expanded, not a bare BOS.
+    assert!(v["caption_prompt_tokens"].as_u64().unwrap() > 20, "{}", v["caption_prompt_tokens"]);
+}
