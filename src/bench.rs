@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, Device, Executor};
-use crate::config::{Blip2Config, ModelConfig};
+use crate::config::ModelConfig;
 use crate::cost::{Cost, GraphCost};
 use crate::error::{Error, Result};
 use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
@@ -171,9 +171,15 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         None if device == Device::Cuda => pick_preset(cuda_free_bytes()?).to_string(),
         None => "tiny".to_string(),
     };
-    let cfg: Blip2Config = crate::synth::preset(&name)?;
+    let cfg = crate::synth::preset(&name)?;
+    if cfg.embeds() {
+        return Err(Error::InvalidInput(format!(
+            "preset `{name}` is an embedding model ({}); glimpse bench times generating models: pick a BLIP-2 or LLaVA preset",
+            cfg.architecture()
+        )));
+    }
     let ckpt = crate::synth::random_checkpoint(&cfg, args.seed)?;
-    let family = crate::models::load(&ModelConfig::Blip2(cfg.clone()), &ckpt)?;
+    let family = crate::models::load(&cfg, &ckpt)?;
     let tok = crate::synth::tokenizer(&cfg)?;
     let enc = |text: &str| -> Result<Vec<u32>> {
         Ok(tok.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
