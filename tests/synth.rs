@@ -200,6 +200,9 @@ fn recording_checkpoint_logs_each_request_once() {
     assert!(err.contains("a.weight") && err.contains("[5, 3]") && err.contains("[3, 5]"), "{err}");
     let req = |name: &str, shape: &[usize]| Requested { name: name.into(), shape: shape.to_vec(), dtype: Dtype::F16 };
     assert_eq!(rec.requested(), vec![req("a.weight", &[3, 5]), req("b.bias", &[5])]);
+    // An f32 read (CLIP's logit_scale) is logged as a scalar, as transformers stores it.
+    assert_eq!(rec.f32("logit_scale").unwrap(), (vec![0.0], vec![]));
+    assert_eq!(rec.requested().last(), Some(&req("logit_scale", &[])));
     // Any other checkpoint records nothing.
     assert!(random_checkpoint(&preset("tiny").unwrap(), 0).unwrap().requested().is_empty());
 }
@@ -314,6 +317,9 @@ fn clip_tiny_folder_embeds_and_loads_in_transformers() {
     let probs = model.classify(&[px], &["a photo of a dog", "a photo of a cat"]).expect("classify");
     assert_eq!(probs[0].len(), 2);
     assert!((probs[0].iter().sum::<f32>() - 1.0).abs() < 1e-4, "{probs:?}");
+    // logit_scale is CLIP's init value (ln(1/0.07)), a scalar.
+    let (scale, shape) = Checkpoint::open_dir(&dir).unwrap().f32("logit_scale").unwrap();
+    assert!(shape.is_empty() && (scale[0] - 2.6592).abs() < 2e-3, "{scale:?} {shape:?}");
     let texts = model.embed_texts(&["a dog"]).unwrap();
     assert_eq!(texts[0].len(), 24);
     let ours = parameter_count(&preset("clip-tiny").unwrap()).unwrap();
