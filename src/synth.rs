@@ -600,7 +600,12 @@ const WORDS: &[&str] = &[
 
 /// Appends to `vocab`, up to `n` entries: for each word (a list of base units) a chain of merges
 /// joining its units left to right, then pseudo-words `fill(syllables)` that no merge produces.
-fn grow_bpe(vocab: &mut Vec<String>, words: &[Vec<String>], n: usize, fill: impl Fn(&str) -> String) -> Result<Vec<(String, String)>> {
+fn grow_bpe(
+    vocab: &mut Vec<String>,
+    words: &[Vec<String>],
+    n: usize,
+    fill: impl Fn(&str) -> String,
+) -> Result<Vec<(String, String)>> {
     let mut merges: Vec<(String, String)> = Vec::new();
     let mut seen: HashSet<String> = vocab.iter().cloned().collect();
     for units in words {
@@ -709,7 +714,9 @@ pub fn llama_tokenizer_json(image_token: u32) -> Result<Value> {
     let words: Vec<Vec<String>> = WORDS
         .iter()
         .chain(&["USER", "ASSISTANT"])
-        .map(|w| std::iter::once("\u{2581}".to_string()).chain(w.trim_start_matches('Ġ').chars().map(String::from)).collect())
+        .map(|w| {
+            std::iter::once("\u{2581}".to_string()).chain(w.trim_start_matches('Ġ').chars().map(String::from)).collect()
+        })
         .collect();
     let merges = grow_bpe(&mut vocab, &words, image_token as usize, |s| format!("\u{2581}{s}"))?;
     Ok(json!({
@@ -794,14 +801,19 @@ fn family_tokenizer_json(cfg: &ModelConfig) -> Result<Value> {
         ModelConfig::Llava(c) => llama_tokenizer_json(c.image_token_index),
         ModelConfig::Clip(c) => {
             let vocab = c.text_config.as_ref().map_or(49408, |t| t.vocab_size);
-            clip_tokenizer_json(u32::try_from(vocab).map_err(|_| Error::InvalidInput(format!("vocab_size {vocab} is too large")))?)
+            clip_tokenizer_json(
+                u32::try_from(vocab).map_err(|_| Error::InvalidInput(format!("vocab_size {vocab} is too large")))?,
+            )
         }
     }
 }
 
 /// The tokenizer of a preset, in memory (for `glimpse bench --preset`).
 pub fn tokenizer(cfg: &ModelConfig) -> Result<tokenizers::Tokenizer> {
-    family_tokenizer_json(cfg)?.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| Error::Tokenizer(e.to_string()))
+    family_tokenizer_json(cfg)?
+        .to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 fn tokenizer_config_json() -> Value {
@@ -886,37 +898,62 @@ fn folder_files(name: &str, cfg: &ModelConfig, seed: u64) -> Result<Vec<(&'stati
         ]),
         ModelConfig::Llava(c) => {
             let (image, v) = (c.image_token_index, &c.vision_config);
-            let special = |id: u32, t: &str| (id.to_string(), json!({"content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true}));
-            let added: serde_json::Map<String, Value> =
-                [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>"), special(image, "<image>"), special(image + 1, "<pad>")]
-                    .into_iter()
-                    .collect();
+            let special = |id: u32, t: &str| {
+                (
+                    id.to_string(),
+                    json!({"content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}),
+                )
+            };
+            let added: serde_json::Map<String, Value> = [
+                special(0, "<unk>"),
+                special(1, "<s>"),
+                special(2, "</s>"),
+                special(image, "<image>"),
+                special(image + 1, "<pad>"),
+            ]
+            .into_iter()
+            .collect();
             jsons.extend([
-                ("generation_config.json", json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
-                    "transformers_version": "5.17.0"})),
+                (
+                    "generation_config.json",
+                    json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
+                    "transformers_version": "5.17.0"}),
+                ),
                 ("tokenizer.json", family_tokenizer_json(cfg)?),
-                ("tokenizer_config.json", json!({
+                (
+                    "tokenizer_config.json",
+                    json!({
                     "add_bos_token": true, "add_eos_token": false, "added_tokens_decoder": added,
                     "bos_token": "<s>", "clean_up_tokenization_spaces": false, "eos_token": "</s>", "legacy": false,
                     "model_max_length": c.text_config.max_position_embeddings, "pad_token": "<pad>",
                     "padding_side": "left", "processor_class": "LlavaProcessor", "tokenizer_class": "LlamaTokenizer",
-                    "unk_token": "<unk>"})),
-                ("processor_config.json", json!({
+                    "unk_token": "<unk>"}),
+                ),
+                (
+                    "processor_config.json",
+                    json!({
                     "image_processor": clip_image_processor(v.image_size), "image_token": "<image>",
                     "num_additional_image_tokens": 1, "patch_size": v.patch_size, "processor_class": "LlavaProcessor",
-                    "vision_feature_select_strategy": c.vision_feature_select_strategy})),
+                    "vision_feature_select_strategy": c.vision_feature_select_strategy}),
+                ),
             ]);
         }
         ModelConfig::Clip(c) => {
             let side = c.vision_config.as_ref().map_or(224, |v| v.image_size);
             jsons.extend([
                 ("tokenizer.json", family_tokenizer_json(cfg)?),
-                ("tokenizer_config.json", json!({
+                (
+                    "tokenizer_config.json",
+                    json!({
                     "backend": "tokenizers", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                     "model_max_length": 77, "pad_token": "<|endoftext|>", "processor_class": "CLIPProcessor",
-                    "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>"})),
-                ("processor_config.json", json!({"image_processor": clip_image_processor(side), "processor_class": "CLIPProcessor"})),
+                    "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>"}),
+                ),
+                (
+                    "processor_config.json",
+                    json!({"image_processor": clip_image_processor(side), "processor_class": "CLIPProcessor"}),
+                ),
             ]);
         }
     }

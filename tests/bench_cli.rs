@@ -159,7 +159,18 @@ fn bench_reports_the_commit_of_the_binary() {
 
 #[test]
 fn bench_takes_llava_presets_and_refuses_clip_ones() {
-    let o = glimpse(&["bench", "--preset", "llava-tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "2", "--json"]);
+    let o = glimpse(&[
+        "bench",
+        "--preset",
+        "llava-tiny",
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "2",
+        "--json",
+    ]);
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "bench failed: {err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));

@@ -225,7 +225,9 @@ fn transformers_params(dir: &std::path::Path, class: &str) -> Option<usize> {
     let o = match std::process::Command::new(&python).args(["-c", script]).arg(dir).arg(class).output() {
         Ok(o) => o,
         Err(e) => {
-            println!("skipped: {python} cannot run ({e}); install Python with torch and transformers to run this check");
+            println!(
+                "skipped: {python} cannot run ({e}); install Python with torch and transformers to run this check"
+            );
             return None;
         }
     };
@@ -245,7 +247,14 @@ fn llava_presets_have_the_real_shapes() {
         let glimpse::config::ModelConfig::Llava(c) = preset(name).unwrap() else { panic!("{name} is not LLaVA") };
         let (v, t) = (&c.vision_config, &c.text_config);
         assert_eq!(
-            (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size, v.patch_size),
+            (
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_hidden_layers,
+                v.num_attention_heads,
+                v.image_size,
+                v.patch_size
+            ),
             (1024, 4096, 24, 16, 336, 14),
             "{name}"
         );
