@@ -40,6 +40,25 @@ pub struct Hypothesis {
     pub score: Option<f64>,
 }
 
+/// Decoder input ids of a rendered chat prompt `text`: image placeholders expanded for
+/// `family`'s image size, tokenized as the processor does (special tokens added unless the text
+/// already starts with BOS, as apply_chat_template).
+pub fn chat_prompt_ids(
+    chat: &crate::chat::ChatProcessor,
+    tokenizer: &Tokenizer,
+    family: &dyn Family,
+    text: &str,
+) -> Result<Vec<u32>> {
+    let size = family.image_size();
+    let expanded = chat.expand(text, chat.tokens_per_image(size, size)?);
+    let ids = if chat.bos_token().is_some_and(|b| expanded.starts_with(b)) {
+        tokenizer.encode_plain(&expanded)?
+    } else {
+        tokenizer.encode(&expanded)?
+    };
+    Ok(family.input_ids(&ids))
+}
+
 /// A model folder loaded for inference (any family of the registry in `models`).
 pub struct Model {
     pub dir: PathBuf,
@@ -158,14 +177,7 @@ impl Model {
     /// Expands image placeholders for the model's image size and tokenizes as the processor does
     /// (special tokens added unless the text already starts with BOS, as apply_chat_template).
     fn chat_ids(&self, chat: &crate::chat::ChatProcessor, text: &str) -> Result<Vec<u32>> {
-        let size = self.family.image_size();
-        let expanded = chat.expand(text, chat.tokens_per_image(size, size)?);
-        let ids = if chat.bos_token().is_some_and(|b| expanded.starts_with(b)) {
-            self.tokenizer.encode_plain(&expanded)?
-        } else {
-            self.tokenizer.encode(&expanded)?
-        };
-        Ok(self.family.input_ids(&ids))
+        chat_prompt_ids(chat, &self.tokenizer, self.family.as_ref(), text)
     }
 
     pub fn preprocess(&self, image: &Path) -> Result<PixelValues> {

@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, Device, Executor};
-use crate::config::{Blip2Config, ModelConfig};
+use crate::config::ModelConfig;
 use crate::cost::{Cost, GraphCost};
 use crate::error::{Error, Result};
 use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
@@ -176,15 +176,24 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         None if device == Device::Cuda => pick_preset(cuda_free_bytes()?).to_string(),
         None => "tiny".to_string(),
     };
-    let cfg: Blip2Config = crate::synth::preset(&name)?;
+    let cfg = crate::synth::preset(&name)?;
+    if cfg.embeds() {
+        return Err(Error::InvalidInput(format!(
+            "preset `{name}` is an embedding model ({}); glimpse bench times generating models: pick a BLIP-2 or LLaVA preset",
+            cfg.architecture()
+        )));
+    }
     let ckpt = crate::synth::random_checkpoint(&cfg, args.seed)?;
-    let family = crate::models::load(&ModelConfig::Blip2(cfg.clone()), &ckpt)?;
-    let tok = crate::synth::tokenizer(&cfg)?;
-    let enc = |text: &str| -> Result<Vec<u32>> {
-        Ok(tok.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    let family = crate::models::load(&cfg, &ckpt)?;
+    let (caption_ids, vqa_ids) = if family.chat() {
+        preset_chat_prompts(&name, &cfg, args.seed, family.as_ref())?
+    } else {
+        let tok = crate::synth::tokenizer(&cfg)?;
+        let enc = |text: &str| -> Result<Vec<u32>> {
+            Ok(tok.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+        };
+        (family.input_ids(&enc("")?), family.input_ids(&enc(crate::synth::VQA_PROMPT)?))
     };
-    let caption_ids = family.input_ids(&enc("")?);
-    let vqa_ids = family.input_ids(&enc(crate::synth::VQA_PROMPT)?);
     Ok(Subject {
         label: format!("preset {name} (random weights, seed {})", args.seed),
         preset: Some(name),
@@ -192,6 +201,25 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         caption_ids,
         vqa_ids,
     })
+}
+
+/// A chat preset's caption and VQA prompts as `caption` and `ask` build them: its tokenizer and
+/// chat template (the preset's folder files, without weights, in a temporary folder) render one
+/// user message with one image.
+fn preset_chat_prompts(name: &str, cfg: &ModelConfig, seed: u64, family: &dyn Family) -> Result<(Vec<u32>, Vec<u32>)> {
+    let dir = std::env::temp_dir().join(format!("glimpse-bench-{name}-{}", std::process::id()));
+    let result = (|| {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for (file, text) in crate::synth::folder_files(name, cfg, seed)? {
+            std::fs::write(dir.join(file), text).map_err(|e| Error::io(dir.join(file), e))?;
+        }
+        let chat = crate::chat::ChatProcessor::load_from_dir(&dir)?;
+        let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
+        let ids = |q: &str| crate::api::chat_prompt_ids(&chat, &tok, family, &chat.user_prompt(1, q)?);
+        Ok((ids(crate::chat::CAPTION_INSTRUCTION)?, ids(VQA_QUESTION)?))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Free GPU memory of device 0.

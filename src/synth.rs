@@ -1,6 +1,7 @@
-//! `glimpse synth`: BLIP-2 OPT models with random weights at real shapes, made in memory (for
-//! `glimpse bench`) or written as a Hugging Face checkpoint folder that transformers loads (for
-//! scripts/hf_reference.py), so glimpse and transformers run identical weights.
+//! `glimpse synth`: models of every family (BLIP-2 OPT, LLaVA-1.5, CLIP) with random weights at
+//! real shapes, made in memory (for `glimpse bench`) or written as a Hugging Face checkpoint folder
+//! that transformers loads (for scripts/hf_reference.py), so glimpse and transformers run
+//! identical weights.
 //!
 //! Weights follow scripts/make_fixtures.py so activations stay O(1) and greedy text varies:
 //! Linear/Conv weights N(0, (gain/sqrt(fan_in))^2) with gain 1 (vision, Q-Former, projection) or
@@ -9,6 +10,9 @@
 //! embeddings N(0, 0.25^2) (the EOS row x2, rows past the tokenizer x0.2), OPT positions N(0, 1),
 //! vision positions N(0, 0.5^2), class embedding and query tokens N(0, 1). Everything is fp16.
 //! At 32 OPT layers this keeps the residual stream below ~300 (checked with transformers).
+//! LLaVA and CLIP follow the same rules by tensor name (gain 3 under `language_model.`, RMSNorm
+//! weights as LayerNorm weights, CLIP token embeddings N(0, 0.25^2), position embeddings
+//! N(0, 0.5^2)); CLIP's `logit_scale` is its init value 2.6592 (ln(1/0.07)).
 //!
 //! Values come from a counter-based generator: tensor `name` of seed `s`, chunk `c` always gets
 //! the same numbers, whatever the thread count, so a preset and a seed name one model.
@@ -22,12 +26,22 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::config::Blip2Config;
+use crate::config::{Blip2Config, ModelConfig};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, Weight};
 
-/// Names accepted by [`preset`].
-pub const PRESETS: [&str; 3] = ["tiny", "blip2-opt-2.7b", "blip2-opt-6.7b"];
+/// Names accepted by [`preset`]: BLIP-2 OPT (`tiny` is tests/fixtures/blip2-opt-tiny's dims),
+/// LLaVA-1.5 and CLIP, each family with a tiny variant for tests.
+pub const PRESETS: [&str; 8] = [
+    "tiny",
+    "blip2-opt-2.7b",
+    "blip2-opt-6.7b",
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-tiny",
+    "clip-vit-large-patch14",
+    "clip-tiny",
+];
 
 /// The VQA prompt the bench and hf_reference.py time (tokenizes to 8 tokens + BOS, as with OPT).
 pub const VQA_PROMPT: &str = "Question: what is this? Answer:";
@@ -76,12 +90,25 @@ fn dims(name: &str) -> Result<Dims> {
         }),
         "blip2-opt-2.7b" => Ok(opt(2560, 10240)),
         "blip2-opt-6.7b" => Ok(opt(4096, 16384)),
-        _ => Err(Error::InvalidInput(format!("unknown preset `{name}` (presets: {})", PRESETS.join(", ")))),
+        _ => Err(unknown(name)),
     }
 }
 
-/// `config.json` of a preset, as transformers 5.17 writes it for `Blip2ForConditionalGeneration`.
+fn unknown(name: &str) -> Error {
+    Error::InvalidInput(format!("unknown preset `{name}` (presets: {})", PRESETS.join(", ")))
+}
+
+/// `config.json` of a preset, as transformers 5.17 writes it for its class.
 pub fn preset_json(name: &str) -> Result<Value> {
+    match name {
+        n if n.starts_with("llava-") => llava_json(n),
+        n if n.starts_with("clip-") => clip_json(n),
+        n => blip2_json(n),
+    }
+}
+
+/// `config.json` of a BLIP-2 preset (`Blip2ForConditionalGeneration`).
+fn blip2_json(name: &str) -> Result<Value> {
     let d = dims(name)?;
     let (vh, vi, vl, vn) = d.vision;
     let (qh, qi, ql, qn, qf) = d.qformer;
@@ -157,14 +184,140 @@ pub fn preset_json(name: &str) -> Result<Value> {
     }))
 }
 
-/// The parsed, validated config of a preset.
-pub fn preset(name: &str) -> Result<Blip2Config> {
+/// `config.json` of a LLaVA-1.5 preset, as transformers 5.17 writes llava-hf/llava-1.5-*-hf:
+/// CLIP ViT-L/14-336 (hidden state -2, CLS dropped), a GELU projector, a LLaMA-2 decoder.
+fn llava_json(name: &str) -> Result<Value> {
+    // vision (hidden, intermediate, layers, heads, image, patch), text (hidden, intermediate,
+    // layers, heads, vocab, image token, max positions)
+    let ((vh, vi, vl, vn, vs, vp), (th, ti, tl, tn, vocab, image, positions)) = match name {
+        "llava-1.5-7b" => ((1024, 4096, 24, 16, 336, 14), (4096, 11008, 32, 32, 32064, 32000, 4096)),
+        "llava-1.5-13b" => ((1024, 4096, 24, 16, 336, 14), (5120, 13824, 40, 40, 32064, 32000, 4096)),
+        // tests/fixtures/llava-tiny's towers; room for the synthetic tokenizer's base entries.
+        "llava-tiny" => ((32, 48, 3, 4, 24, 6), (32, 48, 2, 4, 1024, 1000, 512)),
+        _ => return Err(unknown(name)),
+    };
+    let pad = image + 1;
+    Ok(json!({
+        "architectures": ["LlavaForConditionalGeneration"],
+        "dtype": "float16",
+        "glimpse_synth": { "preset": name, "note": "random weights made by `glimpse synth`; not a trained model" },
+        "image_seq_length": (vs / vp) * (vs / vp),
+        "image_token_index": image,
+        "model_type": "llava",
+        "multimodal_projector_bias": true,
+        "pad_token_id": pad,
+        "projector_hidden_act": "gelu",
+        "text_config": {
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "head_dim": th / tn,
+            "hidden_act": "silu",
+            "hidden_size": th,
+            "initializer_range": 0.02,
+            "intermediate_size": ti,
+            "max_position_embeddings": positions,
+            "mlp_bias": false,
+            "model_type": "llama",
+            "num_attention_heads": tn,
+            "num_hidden_layers": tl,
+            "num_key_value_heads": tn,
+            "pad_token_id": pad,
+            "pretraining_tp": 1,
+            "rms_norm_eps": 1e-05,
+            "rope_parameters": { "rope_theta": 10000.0, "rope_type": "default" },
+            "tie_word_embeddings": false,
+            "use_cache": true,
+            "vocab_size": vocab
+        },
+        "tie_word_embeddings": false,
+        "transformers_version": "5.17.0",
+        "vision_config": {
+            "attention_dropout": 0.0,
+            "hidden_act": "quick_gelu",
+            "hidden_size": vh,
+            "image_size": vs,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "intermediate_size": vi,
+            "layer_norm_eps": 1e-05,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": vn,
+            "num_channels": 3,
+            "num_hidden_layers": vl,
+            "patch_size": vp,
+            "projection_dim": 768
+        },
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default"
+    }))
+}
+
+/// CLIP's `logit_scale_init_value` (ln(1 / 0.07), rounded as transformers writes it).
+const LOGIT_SCALE_INIT: f32 = 2.6592;
+
+/// `config.json` of a CLIP preset (`CLIPModel`, as transformers 5.17 writes
+/// openai/clip-vit-large-patch14: both towers, quick GELU, BOS/EOS the last two ids).
+fn clip_json(name: &str) -> Result<Value> {
+    // vision (hidden, intermediate, layers, heads, image, patch), text (hidden, intermediate,
+    // layers, heads, vocab), projection
+    let ((vh, vi, vl, vn, vs, vp), (th, ti, tl, tn, vocab), proj) = match name {
+        "clip-vit-large-patch14" => ((1024, 4096, 24, 16, 224, 14), (768, 3072, 12, 12, 49408), 768),
+        // tests/fixtures/clip-tiny's towers; room for the synthetic tokenizer's base entries.
+        "clip-tiny" => ((48, 96, 2, 3, 32, 8), (32, 64, 2, 4, 1024), 24),
+        _ => return Err(unknown(name)),
+    };
+    Ok(json!({
+        "architectures": ["CLIPModel"],
+        "dtype": "float16",
+        "glimpse_synth": { "preset": name, "note": "random weights made by `glimpse synth`; not a trained model" },
+        "initializer_factor": 1.0,
+        "logit_scale_init_value": LOGIT_SCALE_INIT,
+        "model_type": "clip",
+        "projection_dim": proj,
+        "text_config": {
+            "attention_dropout": 0.0,
+            "bos_token_id": vocab - 2,
+            "eos_token_id": vocab - 1,
+            "hidden_act": "quick_gelu",
+            "hidden_size": th,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "intermediate_size": ti,
+            "layer_norm_eps": 1e-05,
+            "max_position_embeddings": 77,
+            "model_type": "clip_text_model",
+            "num_attention_heads": tn,
+            "num_hidden_layers": tl,
+            "pad_token_id": 1,
+            "projection_dim": proj,
+            "vocab_size": vocab
+        },
+        "transformers_version": "5.17.0",
+        "vision_config": {
+            "attention_dropout": 0.0,
+            "hidden_act": "quick_gelu",
+            "hidden_size": vh,
+            "image_size": vs,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "intermediate_size": vi,
+            "layer_norm_eps": 1e-05,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": vn,
+            "num_channels": 3,
+            "num_hidden_layers": vl,
+            "patch_size": vp,
+            "projection_dim": proj
+        }
+    }))
+}
+
+/// The parsed, validated config of a preset (through the family registry, as config.json is).
+pub fn preset(name: &str) -> Result<ModelConfig> {
     let value = preset_json(name)?;
-    let origin = Path::new("<synth preset>");
-    let cfg: Blip2Config =
-        serde_json::from_value(value).map_err(|e| Error::Json { path: origin.to_path_buf(), msg: e.to_string() })?;
-    cfg.validate(origin)?;
-    Ok(cfg)
+    crate::models::parse_config(&value, Path::new("<synth preset>"))
 }
 
 /// How a tensor's values are drawn.
@@ -176,40 +329,80 @@ enum Init {
     Embed { std: f32, cols: usize, eos: usize, pad_from: usize },
 }
 
-/// One tensor a [`crate::models::blip2::Blip2`] reads: name, shape, init.
+/// One tensor a family's `load` reads: name, shape, init.
 struct Spec {
     name: String,
     shape: Vec<usize>,
     init: Init,
 }
 
-/// Every tensor `Blip2::load` reads for `cfg`, in load order: the model's own loader run on a
-/// recording checkpoint, so this list cannot drift from the model (optional tensors stay
-/// absent: the tied lm_head is not stored, as transformers writes tied checkpoints).
-fn specs(cfg: &Blip2Config) -> Result<Vec<Spec>> {
+/// Every tensor the family's `load` reads for `cfg`, in load order: the model's own loader run on
+/// a recording checkpoint, so this list cannot drift from the model (optional tensors stay
+/// absent: a tied lm_head is not stored, as transformers writes tied checkpoints). LLaVA adds the
+/// vision layers past `vision_feature_layer` and `post_layernorm`, which glimpse never runs but
+/// transformers' `CLIPVisionModel` holds.
+fn specs(cfg: &ModelConfig) -> Result<Vec<Spec>> {
     let recorder = Checkpoint::recording("<glimpse synth>");
-    crate::models::blip2::Blip2::load(cfg, &recorder)?;
+    match cfg {
+        ModelConfig::Blip2(c) => drop(crate::models::blip2::Blip2::load(c, &recorder)?),
+        ModelConfig::Clip(c) => {
+            // Clip::load asks whether the projections exist before reading them (a bare tower has
+            // none): declare them first. It then reads them itself, and the recorder refuses a
+            // shape other than the one declared here.
+            let p = c.projection_dim;
+            if let Some(t) = &c.text_config {
+                recorder.f16("text_projection.weight", &[p, t.hidden_size])?;
+            }
+            if let Some(v) = &c.vision_config {
+                recorder.f16("visual_projection.weight", &[p, v.hidden_size])?;
+            }
+            crate::models::clip::Clip::load(c, &recorder)?;
+        }
+        ModelConfig::Llava(c) => {
+            crate::models::llava::Llava::load(c, &recorder)?;
+            let v = &c.vision_config;
+            let prefix = crate::models::clip_vision::find_prefix(&recorder, &crate::models::llava::VISION_PREFIXES)
+                .ok_or_else(|| Error::InvalidInput("Llava::load read no vision tower".into()))?;
+            let mut table = crate::graph::WeightTable::default();
+            let mut ld = crate::models::Loader { ckpt: &recorder, table: &mut table };
+            crate::models::clip_vision::ClipVision::load(v, &mut ld, prefix, v.num_hidden_layers, true)?;
+        }
+    }
+    let ids = token_ids(cfg);
     recorder
         .requested()
         .into_iter()
-        .map(|r| Ok(Spec { init: init_for(cfg, &r.name, &r.shape)?, name: r.name, shape: r.shape }))
+        .map(|r| Ok(Spec { init: init_for(ids, &r.name, &r.shape)?, name: r.name, shape: r.shape }))
         .collect()
 }
 
-/// How tensor `name` is drawn (the rules of the module comment), from its name and shape.
-fn init_for(cfg: &Blip2Config, name: &str, shape: &[usize]) -> Result<Init> {
+/// (EOS, image token) of a generating model's decoder: the embedding rows [`Init::Embed`] scales.
+fn token_ids(cfg: &ModelConfig) -> (u32, u32) {
+    let first = |e: Option<&crate::config::TokenIds>| e.and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
+    match cfg {
+        ModelConfig::Blip2(c) => (first(c.text_config.eos_token_id()), c.image_token()),
+        ModelConfig::Llava(c) => (first(c.text_config.eos_token_id.as_ref()), c.image_token_index),
+        ModelConfig::Clip(_) => (2, 0),
+    }
+}
+
+/// How tensor `name` is drawn (the rules of the module comment), from its name and shape;
+/// `(eos, image_token)` from [`token_ids`].
+fn init_for((eos, image_token): (u32, u32), name: &str, shape: &[usize]) -> Result<Init> {
     let normal = |std: f32| Init::Normal { mean: 0.0, std };
     let leaf = name.rsplit('.').next().unwrap_or(name);
     Ok(match (leaf, shape) {
         ("bias", _) => normal(0.1),
+        ("logit_scale", []) => Init::Normal { mean: LOGIT_SCALE_INIT, std: 0.0 },
         (_, [rows, cols]) if name.ends_with(".embed_tokens.weight") => {
-            let eos = cfg.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2) as usize;
-            Init::Embed { std: 0.25, cols: *cols, eos, pad_from: (cfg.image_token() as usize + 1).min(*rows) }
+            Init::Embed { std: 0.25, cols: *cols, eos: eos as usize, pad_from: (image_token as usize + 1).min(*rows) }
         }
+        _ if name.ends_with(".token_embedding.weight") => normal(0.25),
         _ if name.ends_with(".embed_positions.weight") => normal(1.0),
+        _ if name.ends_with(".position_embedding.weight") => normal(0.5),
         ("class_embedding" | "query_tokens", _) => normal(1.0),
         ("position_embedding", _) => normal(0.5),
-        // Every 1-D weight of BLIP-2 is a LayerNorm's.
+        // Every other 1-D weight is a LayerNorm's or RMSNorm's.
         ("weight", [_]) => Init::Normal { mean: 1.0, std: 0.1 },
         // Linear [out, in] and Conv2d [out, c, kh, kw]: gain / sqrt(fan_in).
         ("weight", [_, fan_in @ ..]) => {
@@ -225,18 +418,19 @@ fn init_for(cfg: &Blip2Config, name: &str, shape: &[usize]) -> Result<Init> {
 }
 
 /// Parameters of the model `cfg` describes (tied lm_head counted once), from the config alone.
-pub fn parameter_count(cfg: &Blip2Config) -> Result<usize> {
+pub fn parameter_count(cfg: &ModelConfig) -> Result<usize> {
     Ok(specs(cfg)?.iter().map(|s| s.shape.iter().product::<usize>()).sum())
 }
 
-/// Parameters of each part: (vision, Q-Former incl. query tokens and projection, OPT decoder).
-pub fn parameter_counts(cfg: &Blip2Config) -> Result<(usize, usize, usize)> {
+/// Parameters of each part: (vision tower, what joins the towers: Q-Former with query tokens and
+/// projection, LLaVA's projector, CLIP's projections and logit scale; language model or text tower).
+pub fn parameter_counts(cfg: &ModelConfig) -> Result<(usize, usize, usize)> {
     let (mut v, mut q, mut t) = (0, 0, 0);
     for s in specs(cfg)? {
         let n: usize = s.shape.iter().product();
-        if s.name.starts_with("vision_model.") {
+        if ["vision_model.", "vision_tower."].iter().any(|p| s.name.starts_with(p)) {
             v += n;
-        } else if s.name.starts_with("language_model.") {
+        } else if ["language_model.", "text_model."].iter().any(|p| s.name.starts_with(p)) {
             t += n;
         } else {
             q += n;
@@ -325,9 +519,9 @@ pub fn random_normal(n: usize, seed: u64) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
-/// Random fp16 weights for every tensor `Blip2::load` reads, in memory. Deterministic in
-/// (`cfg`, `seed`); generated in parallel (blip2-opt-2.7b: 3.7e9 values, 7.5 GB).
-pub fn random_checkpoint(cfg: &Blip2Config, seed: u64) -> Result<Checkpoint> {
+/// Random fp16 weights for every tensor the family's `load` reads (see [`specs`]), in memory.
+/// Deterministic in (`cfg`, `seed`); generated in parallel (blip2-opt-2.7b: 3.7e9 values, 7.5 GB).
+pub fn random_checkpoint(cfg: &ModelConfig, seed: u64) -> Result<Checkpoint> {
     let base = splitmix64(seed);
     let tensors: Vec<(String, Weight)> = specs(cfg)?
         .into_iter()
@@ -404,22 +598,23 @@ const WORDS: &[&str] = &[
     "Ġwhere",
 ];
 
-/// `tokenizer.json`: `image_token` BPE entries (ids 0..image_token), then `<image>` as a special
-/// added token that takes id `image_token`, like the real BLIP-2 OPT tokenizer. `Ċ` ("\n") sits at
-/// `eos`; entries no merge produces fill the vocabulary (pronounceable pseudo-words).
-pub fn tokenizer_json(image_token: u32, eos: u32) -> Result<Value> {
-    let n = image_token as usize;
-    let mut vocab: Vec<String> = ["<s>", "<pad>", "</s>", "<unk>"].iter().map(|s| s.to_string()).collect();
-    vocab.extend(byte_chars().into_iter().map(String::from));
+/// Appends to `vocab`, up to `n` entries: for each word (a list of base units) a chain of merges
+/// joining its units left to right, then pseudo-words `fill(syllables)` that no merge produces.
+fn grow_bpe(
+    vocab: &mut Vec<String>,
+    words: &[Vec<String>],
+    n: usize,
+    fill: impl Fn(&str) -> String,
+) -> Result<Vec<(String, String)>> {
     let mut merges: Vec<(String, String)> = Vec::new();
     let mut seen: HashSet<String> = vocab.iter().cloned().collect();
-    for word in WORDS {
-        let chars: Vec<char> = word.chars().collect();
-        let mut prefix = chars[0].to_string();
-        for c in &chars[1..] {
+    for units in words {
+        let Some((first, rest)) = units.split_first() else { continue };
+        let mut prefix = first.clone();
+        for c in rest {
             let next = format!("{prefix}{c}");
             if seen.insert(next.clone()) {
-                merges.push((prefix.clone(), c.to_string()));
+                merges.push((prefix.clone(), c.clone()));
                 vocab.push(next.clone());
             }
             prefix = next;
@@ -437,32 +632,53 @@ pub fn tokenizer_json(image_token: u32, eos: u32) -> Result<Value> {
             len += 1;
             base *= syllables.len();
         }
-        let mut word = String::from("Ġ");
+        let mut word = String::new();
         for _ in 0..len {
             word.push_str(&syllables[rest % syllables.len()]);
             rest /= syllables.len();
         }
         k += 1;
+        let word = fill(&word);
         if seen.insert(word.clone()) {
             vocab.push(word);
         }
     }
     if vocab.len() > n {
         return Err(Error::InvalidInput(format!(
-            "image_token_index {image_token} leaves no room for the {} base tokens",
+            "a synthetic vocabulary of {n} entries leaves no room for the {} base tokens: give the preset a larger vocabulary",
             vocab.len()
         )));
     }
+    Ok(merges)
+}
+
+fn vocab_object(vocab: &[String]) -> serde_json::Map<String, Value> {
+    vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect()
+}
+
+fn merges_array(merges: &[(String, String)]) -> Vec<Value> {
+    merges.iter().map(|(a, b)| json!([a, b])).collect()
+}
+
+fn added_token(id: u32, content: &str) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+           "normalized": false, "special": true})
+}
+
+/// `tokenizer.json`: `image_token` BPE entries (ids 0..image_token), then `<image>` as a special
+/// added token that takes id `image_token`, like the real BLIP-2 OPT tokenizer. `Ċ` ("\n") sits at
+/// `eos`; entries no merge produces fill the vocabulary (pronounceable pseudo-words).
+pub fn tokenizer_json(image_token: u32, eos: u32) -> Result<Value> {
+    let n = image_token as usize;
+    let mut vocab: Vec<String> = ["<s>", "<pad>", "</s>", "<unk>"].iter().map(|s| s.to_string()).collect();
+    vocab.extend(byte_chars().into_iter().map(String::from));
+    let words: Vec<Vec<String>> = WORDS.iter().map(|w| w.chars().map(String::from).collect()).collect();
+    let merges = grow_bpe(&mut vocab, &words, n, |s| format!("Ġ{s}"))?;
     let newline = vocab.iter().position(|t| t == "Ċ").expect("byte token");
     if (4..n).contains(&(eos as usize)) {
         vocab.swap(newline, eos as usize);
     }
-    let vocab_map: serde_json::Map<String, Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    let added = |id: u32, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
-               "normalized": false, "special": true})
-    };
+    let added = added_token;
     Ok(json!({
         "version": "1.0",
         "truncation": null,
@@ -481,17 +697,123 @@ pub fn tokenizer_json(image_token: u32, eos: u32) -> Result<Value> {
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab_map,
-            "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()
+            "vocab": vocab_object(&vocab),
+            "merges": merges_array(&merges)
         }
     }))
 }
 
+/// A LLaMA (SentencePiece-style) `tokenizer.json` as llava-hf ships it: `<unk>` `<s>` `</s>`, 256
+/// byte-fallback tokens, `▁` and printable ASCII, word pieces ([`WORDS`] with `▁`), pseudo-words up
+/// to id `image_token`; then `<image>` and `<pad>` as added tokens at `image_token`, `+ 1`.
+pub fn llama_tokenizer_json(image_token: u32) -> Result<Value> {
+    let mut vocab: Vec<String> = ["<unk>", "<s>", "</s>"].iter().map(|s| s.to_string()).collect();
+    vocab.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    vocab.push("\u{2581}".into());
+    vocab.extend((b'!'..=b'~').map(|b| char::from(b).to_string()));
+    let words: Vec<Vec<String>> = WORDS
+        .iter()
+        .chain(&["USER", "ASSISTANT"])
+        .map(|w| {
+            std::iter::once("\u{2581}".to_string()).chain(w.trim_start_matches('Ġ').chars().map(String::from)).collect()
+        })
+        .collect();
+    let merges = grow_bpe(&mut vocab, &words, image_token as usize, |s| format!("\u{2581}{s}"))?;
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [added_token(0, "<unk>"), added_token(1, "<s>"), added_token(2, "</s>"),
+                         added_token(image_token, "<image>"), added_token(image_token + 1, "<pad>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+        "pre_tokenizer": null,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+        },
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab_object(&vocab),
+            "merges": merges_array(&merges)
+        }
+    }))
+}
+
+/// A CLIP `tokenizer.json` of `vocab_size` entries: byte characters, the same with `</w>` (word
+/// ends), word pieces, pseudo-words, then `<|startoftext|>` and `<|endoftext|>` as the last two ids.
+pub fn clip_tokenizer_json(vocab_size: u32) -> Result<Value> {
+    let n = vocab_size as usize;
+    let mut vocab: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+    vocab.extend(byte_chars().into_iter().map(|c| format!("{c}</w>")));
+    let words: Vec<Vec<String>> = WORDS
+        .iter()
+        .chain(&["photo", "cat", "dog", "diagram", "person"])
+        .map(|w| {
+            let chars: Vec<char> = w.trim_start_matches('Ġ').to_lowercase().chars().collect();
+            let last = chars.len().saturating_sub(1);
+            chars.iter().enumerate().map(|(i, c)| if i == last { format!("{c}</w>") } else { c.to_string() }).collect()
+        })
+        .collect();
+    let merges = grow_bpe(&mut vocab, &words, n.saturating_sub(2), |s| format!("{s}</w>"))?;
+    let (bos, eos) = (vocab_size - 2, vocab_size - 1);
+    vocab.push("<|startoftext|>".into());
+    vocab.push("<|endoftext|>".into());
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [added_token(bos, "<|startoftext|>"), added_token(eos, "<|endoftext|>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}, {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos], "cls": ["<|startoftext|>", bos],
+                           "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": "<|endoftext|>", "continuing_subword_prefix": "",
+            "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab_object(&vocab),
+            "merges": merges_array(&merges)
+        }
+    }))
+}
+
+/// `tokenizer.json` of a preset's family.
+fn family_tokenizer_json(cfg: &ModelConfig) -> Result<Value> {
+    match cfg {
+        ModelConfig::Blip2(c) => {
+            let eos = c.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
+            tokenizer_json(c.image_token(), eos)
+        }
+        ModelConfig::Llava(c) => llama_tokenizer_json(c.image_token_index),
+        ModelConfig::Clip(c) => {
+            let vocab = c.text_config.as_ref().map_or(49408, |t| t.vocab_size);
+            clip_tokenizer_json(
+                u32::try_from(vocab).map_err(|_| Error::InvalidInput(format!("vocab_size {vocab} is too large")))?,
+            )
+        }
+    }
+}
+
 /// The tokenizer of a preset, in memory (for `glimpse bench --preset`).
-pub fn tokenizer(cfg: &Blip2Config) -> Result<tokenizers::Tokenizer> {
-    let eos = cfg.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
-    let json = tokenizer_json(cfg.image_token(), eos)?;
-    json.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| Error::Tokenizer(e.to_string()))
+pub fn tokenizer(cfg: &ModelConfig) -> Result<tokenizers::Tokenizer> {
+    family_tokenizer_json(cfg)?
+        .to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 fn tokenizer_config_json() -> Value {
@@ -541,6 +863,115 @@ fn generation_config_json(cfg: &Blip2Config) -> Value {
     })
 }
 
+/// `CLIPImageProcessor` of CLIP and LLaVA-1.5: shortest edge to `side`, centre crop `side`.
+fn clip_image_processor(side: usize) -> Value {
+    json!({
+        "crop_size": {"height": side, "width": side},
+        "do_center_crop": true,
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": crate::config::OPENAI_CLIP_MEAN,
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": crate::config::OPENAI_CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1.0f64 / 255.0,
+        "size": {"shortest_edge": side}
+    })
+}
+
+/// The chat template llava-hf/llava-1.5-*-hf ship ("USER: <image>\n... ASSISTANT:").
+const LLAVA_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}";
+
+/// Every file of a preset's folder but the weights: (file name, contents).
+/// Every file of preset `name`'s folder but the weights, as (file name, text).
+pub fn folder_files(name: &str, cfg: &ModelConfig, seed: u64) -> Result<Vec<(&'static str, String)>> {
+    let mut config = preset_json(name)?;
+    config["glimpse_synth"]["seed"] = json!(seed);
+    let mut jsons: Vec<(&'static str, Value)> = vec![("config.json", config)];
+    match cfg {
+        ModelConfig::Blip2(c) => jsons.extend([
+            ("generation_config.json", generation_config_json(c)),
+            ("tokenizer.json", family_tokenizer_json(cfg)?),
+            ("tokenizer_config.json", tokenizer_config_json()),
+            ("processor_config.json", processor_config_json(c)),
+        ]),
+        ModelConfig::Llava(c) => {
+            let (image, v) = (c.image_token_index, &c.vision_config);
+            let special = |id: u32, t: &str| {
+                (
+                    id.to_string(),
+                    json!({"content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}),
+                )
+            };
+            let added: serde_json::Map<String, Value> = [
+                special(0, "<unk>"),
+                special(1, "<s>"),
+                special(2, "</s>"),
+                special(image, "<image>"),
+                special(image + 1, "<pad>"),
+            ]
+            .into_iter()
+            .collect();
+            jsons.extend([
+                (
+                    "generation_config.json",
+                    json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
+                    "transformers_version": "5.17.0"}),
+                ),
+                ("tokenizer.json", family_tokenizer_json(cfg)?),
+                (
+                    "tokenizer_config.json",
+                    json!({
+                    "add_bos_token": true, "add_eos_token": false, "added_tokens_decoder": added,
+                    "bos_token": "<s>", "clean_up_tokenization_spaces": false, "eos_token": "</s>", "legacy": false,
+                    "model_max_length": c.text_config.max_position_embeddings, "pad_token": "<pad>",
+                    "padding_side": "left", "processor_class": "LlavaProcessor", "tokenizer_class": "LlamaTokenizer",
+                    "unk_token": "<unk>"}),
+                ),
+                (
+                    "processor_config.json",
+                    json!({
+                    "image_processor": clip_image_processor(v.image_size), "image_token": "<image>",
+                    "num_additional_image_tokens": 1, "patch_size": v.patch_size, "processor_class": "LlavaProcessor",
+                    "vision_feature_select_strategy": c.vision_feature_select_strategy}),
+                ),
+            ]);
+        }
+        ModelConfig::Clip(c) => {
+            let side = c.vision_config.as_ref().map_or(224, |v| v.image_size);
+            jsons.extend([
+                ("tokenizer.json", family_tokenizer_json(cfg)?),
+                (
+                    "tokenizer_config.json",
+                    json!({
+                    "backend": "tokenizers", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "model_max_length": 77, "pad_token": "<|endoftext|>", "processor_class": "CLIPProcessor",
+                    "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>"}),
+                ),
+                (
+                    "processor_config.json",
+                    json!({"image_processor": clip_image_processor(side), "processor_class": "CLIPProcessor"}),
+                ),
+            ]);
+        }
+    }
+    let mut files = Vec::new();
+    for (file, value) in jsons {
+        let path = Path::new(file);
+        let mut text =
+            serde_json::to_string_pretty(&value).map_err(|e| Error::Json { path: path.into(), msg: e.to_string() })?;
+        text.push('\n');
+        files.push((file, text));
+    }
+    if matches!(cfg, ModelConfig::Llava(_)) {
+        files.push(("chat_template.jinja", LLAVA_CHAT_TEMPLATE.to_string()));
+    }
+    Ok(files)
+}
+
 /// A tensor of the checkpoint as a safetensors view, borrowed (no copy).
 struct F16View<'a>(&'a Weight);
 
@@ -559,16 +990,19 @@ impl safetensors::View for F16View<'_> {
     }
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text =
-        serde_json::to_string_pretty(value).map_err(|e| Error::Json { path: path.into(), msg: e.to_string() })?;
-    text.push('\n');
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Writes preset `name` with random weights (`seed`) as an HF model folder: config.json,
-/// generation_config.json, model.safetensors (fp16, tied lm_head not stored), tokenizer.json,
-/// tokenizer_config.json, processor_config.json. `out` must be absent or empty.
+/// model.safetensors (fp16, a tied lm_head not stored), tokenizer.json, tokenizer_config.json,
+/// processor_config.json, and generation_config.json for generating families (chat_template.jinja
+/// for LLaVA). `out` must be absent or empty.
 pub fn write_folder(name: &str, out: &Path, seed: u64) -> Result<()> {
     let cfg = preset(name)?;
     if out.exists() {
@@ -580,15 +1014,11 @@ pub fn write_folder(name: &str, out: &Path, seed: u64) -> Result<()> {
             )));
         }
     }
+    let files = folder_files(name, &cfg, seed)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut config = preset_json(name)?;
-    config["glimpse_synth"]["seed"] = json!(seed);
-    write_json(&out.join("config.json"), &config)?;
-    write_json(&out.join("generation_config.json"), &generation_config_json(&cfg))?;
-    let eos = cfg.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
-    write_json(&out.join("tokenizer.json"), &tokenizer_json(cfg.image_token(), eos)?)?;
-    write_json(&out.join("tokenizer_config.json"), &tokenizer_config_json())?;
-    write_json(&out.join("processor_config.json"), &processor_config_json(&cfg))?;
+    for (file, text) in &files {
+        write_atomic(&out.join(file), text.as_bytes())?;
+    }
 
     let ckpt = random_checkpoint(&cfg, seed)?;
     let views: BTreeMap<&str, F16View> = ckpt.memory_tensors().map(|(n, w)| (n, F16View(w))).collect();

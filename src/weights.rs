@@ -461,6 +461,12 @@ impl Checkpoint {
 
     /// The tensor `name` widened to f32, with its shape (for goldens and fp32 reference paths).
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        // A recording checkpoint logs it as a scalar (the only tensor read this way is CLIP's
+        // `logit_scale`, shape [] as transformers stores it).
+        if let Some(log) = &self.recorded {
+            self.record(log, name, &[])?;
+            return Ok((vec![0.0], Vec::new()));
+        }
         if let Some(w) = self.in_memory.get(name) {
             return Ok((w.as_slice().iter().map(|v| v.to_f32()).collect(), w.shape.clone()));
         }

@@ -190,3 +190,30 @@ fn bench_model_runs_a_llava_folder() {
     // The caption prompt is the chat template with the image tokens expanded, not a bare BOS.
     assert!(v["caption_prompt_tokens"].as_u64().unwrap() > 20, "{}", v["caption_prompt_tokens"]);
 }
+
+#[test]
+fn bench_takes_llava_presets_and_refuses_clip_ones() {
+    let o = glimpse(&[
+        "bench",
+        "--preset",
+        "llava-tiny",
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "2",
+        "--json",
+    ]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "bench failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    assert_eq!(v["preset"], "llava-tiny");
+    // The prompts come from the preset's chat template with its 16 image tokens expanded.
+    assert!(v["caption_prompt_tokens"].as_u64().unwrap() > 16, "{}", v["caption_prompt_tokens"]);
+    let stages: Vec<&str> = v["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert!(stages.contains(&"vision") && stages.contains(&"projector") && stages.contains(&"decode"), "{stages:?}");
+    let o = glimpse(&["bench", "--preset", "clip-tiny", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("clip-tiny") && err.contains("embedding model"), "{err}");
+}

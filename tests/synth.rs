@@ -7,6 +7,11 @@ use glimpse::synth::{parameter_count, preset, random_checkpoint, tokenizer, writ
 use glimpse::weights::{Checkpoint, Dtype, Requested};
 use glimpse::{Device, Model};
 
+/// A BLIP-2 preset's config.
+fn blip2(name: &str) -> glimpse::config::Blip2Config {
+    preset(name).unwrap().as_blip2().expect("a BLIP-2 preset").clone()
+}
+
 #[test]
 fn tiny_round_trips_through_a_folder() {
     let tmp = common::tempdir();
@@ -48,7 +53,7 @@ fn parameter_counts_match_transformers() {
 
 #[test]
 fn presets_have_the_real_shapes() {
-    let c = preset("blip2-opt-2.7b").unwrap();
+    let c = blip2("blip2-opt-2.7b");
     let (v, q, t) = (&c.vision_config, &c.qformer_config, c.text_config.opt().unwrap());
     assert_eq!(
         (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size, v.patch_size),
@@ -71,10 +76,10 @@ fn presets_have_the_real_shapes() {
     );
     assert_eq!((c.image_token(), c.num_query_tokens, t.bos_token_id, t.pad_token_id), (50265, 32, Some(2), Some(1)));
     assert_eq!(t.eos_token_id.as_ref().unwrap().to_vec(), vec![50118]);
-    let c = preset("blip2-opt-6.7b").unwrap();
+    let c = blip2("blip2-opt-6.7b");
     let t = c.text_config.opt().unwrap();
     assert_eq!((t.hidden_size, t.ffn_dim, t.num_hidden_layers), (4096, 16384, 32));
-    let c = preset("tiny").unwrap();
+    let c = blip2("tiny");
     assert_eq!(
         (
             c.vision_config.head_dim(),
@@ -84,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(PRESETS.len(), 3);
+    assert_eq!(PRESETS.len(), 8);
 }
 
 #[test]
@@ -131,14 +136,14 @@ fn random_weights_are_deterministic_and_scaled() {
     let (ln, _) = a.f32("qformer.layernorm.weight").unwrap();
     assert!(ln.iter().all(|&x| (0.5..1.5).contains(&x)));
     // Every tensor Blip2::load reads is there with the right shape: loading succeeds.
-    glimpse::models::blip2::Blip2::load(&cfg, &a).expect("Blip2::load on the random checkpoint");
+    glimpse::models::blip2::Blip2::load(cfg.as_blip2().unwrap(), &a).expect("Blip2::load on the random checkpoint");
 }
 
 #[test]
 fn tokenizer_puts_image_token_at_its_index() {
     for name in ["tiny", "blip2-opt-2.7b"] {
-        let cfg = preset(name).unwrap();
-        let tok = tokenizer(&cfg).unwrap();
+        let tok = tokenizer(&preset(name).unwrap()).unwrap();
+        let cfg = blip2(name);
         assert_eq!(tok.token_to_id("<image>"), Some(cfg.image_token()), "{name}");
         assert_eq!(tok.get_vocab_size(true), cfg.image_token() as usize + 1, "{name}");
         let eos = cfg.text_config.eos_token_id().unwrap().to_vec()[0];
@@ -195,6 +200,139 @@ fn recording_checkpoint_logs_each_request_once() {
     assert!(err.contains("a.weight") && err.contains("[5, 3]") && err.contains("[3, 5]"), "{err}");
     let req = |name: &str, shape: &[usize]| Requested { name: name.into(), shape: shape.to_vec(), dtype: Dtype::F16 };
     assert_eq!(rec.requested(), vec![req("a.weight", &[3, 5]), req("b.bias", &[5])]);
+    // An f32 read (CLIP's logit_scale) is logged as a scalar, as transformers stores it.
+    assert_eq!(rec.f32("logit_scale").unwrap(), (vec![0.0], vec![]));
+    assert_eq!(rec.requested().last(), Some(&req("logit_scale", &[])));
     // Any other checkpoint records nothing.
     assert!(random_checkpoint(&preset("tiny").unwrap(), 0).unwrap().requested().is_empty());
+}
+
+/// Runs `transformers` (when it and torch are importable) on a synth folder: `class` loads it
+/// with no missing, unexpected or mismatched keys, AutoProcessor loads, and the parameter count
+/// is printed as `params N`. None (with the reason printed) when Python cannot run the check.
+fn transformers_params(dir: &std::path::Path, class: &str) -> Option<usize> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = "import sys, importlib.util as u\n\
+                  missing = [m for m in ('torch', 'transformers') if u.find_spec(m) is None]\n\
+                  if missing: print('skipped: no ' + ', '.join(missing)); sys.exit(0)\n\
+                  import transformers as t\n\
+                  m, info = getattr(t, sys.argv[2]).from_pretrained(sys.argv[1], output_loading_info=True)\n\
+                  bad = {k: v for k, v in info.items() if k in ('missing_keys', 'unexpected_keys', 'mismatched_keys') and v}\n\
+                  assert not bad, bad\n\
+                  p = t.AutoProcessor.from_pretrained(sys.argv[1])\n\
+                  print('processor', type(p).__name__)\n\
+                  print('params', sum(x.numel() for x in m.parameters()))";
+    let o = match std::process::Command::new(&python).args(["-c", script]).arg(dir).arg(class).output() {
+        Ok(o) => o,
+        Err(e) => {
+            println!(
+                "skipped: {python} cannot run ({e}); install Python with torch and transformers to run this check"
+            );
+            return None;
+        }
+    };
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "transformers rejected the folder: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+    println!("transformers: {}", out.trim());
+    if out.starts_with("skipped") {
+        return None;
+    }
+    let params = out.lines().find_map(|l| l.strip_prefix("params ")).expect("params line");
+    Some(params.trim().parse().unwrap())
+}
+
+#[test]
+fn llava_presets_have_the_real_shapes() {
+    for (name, (h, i, l, n)) in [("llava-1.5-7b", (4096, 11008, 32, 32)), ("llava-1.5-13b", (5120, 13824, 40, 40))] {
+        let glimpse::config::ModelConfig::Llava(c) = preset(name).unwrap() else { panic!("{name} is not LLaVA") };
+        let (v, t) = (&c.vision_config, &c.text_config);
+        assert_eq!(
+            (
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_hidden_layers,
+                v.num_attention_heads,
+                v.image_size,
+                v.patch_size
+            ),
+            (1024, 4096, 24, 16, 336, 14),
+            "{name}"
+        );
+        assert_eq!((t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads), (h, i, l, n));
+        assert_eq!((t.vocab_size, t.max_position_embeddings, t.rms_norm_eps, t.kv_heads()), (32064, 4096, 1e-5, n));
+        assert_eq!(t.rope().unwrap().0, 10000.0);
+        assert_eq!((c.image_token_index, c.feature_layers().unwrap(), c.image_rows()), (32000, vec![23], 576));
+        assert_eq!((c.vision_feature_select_strategy.as_str(), c.projector_hidden_act.as_str()), ("default", "gelu"));
+        assert!(!c.tie_word_embeddings);
+        // The synthetic LLaMA tokenizer puts `<image>` at image_token_index, `<pad>` right after.
+        let tok = tokenizer(&preset(name).unwrap()).unwrap();
+        assert_eq!((tok.token_to_id("<image>"), tok.token_to_id("<pad>")), (Some(32000), Some(32001)));
+    }
+    // LlavaForConditionalGeneration(config).num_parameters(): 7,063,427,072 for llava-1.5-7b
+    // (CLIP ViT-L/14-336 303.5 M incl. the unused last layer, projector 21.0 M, LLaMA 6.74 B).
+    assert_eq!(parameter_count(&preset("llava-1.5-7b").unwrap()).unwrap(), 7_063_427_072);
+}
+
+#[test]
+fn clip_preset_has_the_real_shapes() {
+    let glimpse::config::ModelConfig::Clip(c) = preset("clip-vit-large-patch14").unwrap() else { panic!("not CLIP") };
+    let (v, t) = (c.vision_config.as_ref().unwrap(), c.text_config.as_ref().unwrap());
+    assert_eq!(
+        (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size),
+        (1024, 4096, 24, 16, 14, 224)
+    );
+    assert_eq!(
+        (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.vocab_size),
+        (768, 3072, 12, 12, 49408)
+    );
+    assert_eq!((t.max_position_embeddings, c.projection_dim, t.eos_token_id), (77, 768, Some(49407)));
+    // CLIPModel(config).num_parameters() of openai/clip-vit-large-patch14.
+    assert_eq!(parameter_count(&preset("clip-vit-large-patch14").unwrap()).unwrap(), 427_616_513);
+    let tok = tokenizer(&preset("clip-vit-large-patch14").unwrap()).unwrap();
+    assert_eq!(tok.token_to_id("<|startoftext|>"), Some(49406));
+    assert_eq!(tok.token_to_id("<|endoftext|>"), Some(49407));
+}
+
+#[test]
+fn llava_tiny_folder_generates_and_loads_in_transformers() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("llava");
+    write_folder("llava-tiny", &dir, 3).expect("write llava-tiny");
+    assert!(dir.join("chat_template.jinja").is_file());
+    let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts a LLaVA synth folder");
+    let ids = model.chat_input_ids(1, "what is this?").expect("chat template and tokenizer");
+    // 24 px / 6 px patches: 16 image tokens, CLS dropped.
+    assert_eq!(ids.iter().filter(|&&t| t == 1000).count(), 16, "{ids:?}");
+    assert_eq!(ids[0], 1, "BOS first");
+    let mut opts = model.default_options();
+    opts.max_new_tokens = Some(4);
+    let out = model.ask(&common::image("odd_257x181.png"), "what is this?", &opts).expect("ask");
+    assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
+    let ours = parameter_count(&preset("llava-tiny").unwrap()).unwrap();
+    if let Some(theirs) = transformers_params(&dir, "LlavaForConditionalGeneration") {
+        assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
+    }
+}
+
+#[test]
+fn clip_tiny_folder_embeds_and_loads_in_transformers() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("clip");
+    write_folder("clip-tiny", &dir, 5).expect("write clip-tiny");
+    let model = glimpse::EmbedModel::load(&dir, Device::Cpu).expect("EmbedModel::load accepts a CLIP synth folder");
+    let ids = model.text_ids("a photo of a dog").expect("CLIP tokenizer");
+    assert_eq!((ids.first(), ids.last()), (Some(&1022), Some(&1023)), "{ids:?}");
+    let px = model.preprocess(&common::image("odd_257x181.png")).expect("preprocess");
+    let probs = model.classify(&[px], &["a photo of a dog", "a photo of a cat"]).expect("classify");
+    assert_eq!(probs[0].len(), 2);
+    assert!((probs[0].iter().sum::<f32>() - 1.0).abs() < 1e-4, "{probs:?}");
+    // logit_scale is CLIP's init value (ln(1/0.07)), a scalar.
+    let (scale, shape) = Checkpoint::open_dir(&dir).unwrap().f32("logit_scale").unwrap();
+    assert!(shape.is_empty() && (scale[0] - 2.6592).abs() < 2e-3, "{scale:?} {shape:?}");
+    let texts = model.embed_texts(&["a dog"]).unwrap();
+    assert_eq!(texts[0].len(), 24);
+    let ours = parameter_count(&preset("clip-tiny").unwrap()).unwrap();
+    if let Some(theirs) = transformers_params(&dir, "CLIPModel") {
+        assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
+    }
 }

@@ -19,7 +19,7 @@ use crate::weights::{Checkpoint, Weight};
 
 /// Where each part lives on disk: the hub layout (transformers 4.36), what 5.17's
 /// `save_pretrained` writes (no `vision_model.`), and the 5.17 module tree (`model.` first).
-const VISION_PREFIXES: [&str; 4] =
+pub const VISION_PREFIXES: [&str; 4] =
     ["vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower."];
 const LM_PREFIXES: [&str; 3] = ["language_model.model.", "model.language_model.", "language_model."];
 const HEADS: [&str; 2] = ["language_model.lm_head.weight", "lm_head.weight"];
