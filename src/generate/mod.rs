@@ -278,7 +278,9 @@ impl Prompts {
         Ok(Self { ids, pads, len })
     }
 
-    /// Each sequence repeated `n` times in a row (beam search's `repeat_interleave`).
+    /// Each sequence repeated `n` times in a row (beam search's `repeat_interleave`). Beam
+    /// search reorders caches only among one input's beams, which share its padding, so the
+    /// pads and key mask stay valid as beams move.
     pub fn repeat_each(&self, n: usize) -> Self {
         let n = n.max(1);
         Self {
