@@ -96,3 +96,29 @@ fn ask_batch_refuses_mismatched_counts() {
     let e = model.ask_batch(&[paths[0].as_path()], &["a?", "b?"], &model.default_options()).unwrap_err().to_string();
     assert!(e.contains("1 images and 2 questions"), "{e}");
 }
+
+/// The CUDA executor: `add_positions` reads the per-sequence starts (position - pad) from device
+/// memory, so the replayed decode graph follows padding too. Compared with each question alone
+/// on the GPU (fp16 activations: tokens exact, log-probs within the GPU tolerance).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_different_questions_give_what_each_gives_alone() {
+    if let Some(reason) = glimpse::backend::cuda_unavailable_reason() {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP cuda_different_questions_give_what_each_gives_alone: {reason}");
+        return;
+    }
+    let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cuda).expect("fixture loads on the GPU");
+    let paths = paths();
+    let images: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+    let opts = model.default_options();
+    let batch = model.ask_batch(&images, &QUESTIONS, &opts).unwrap();
+    for ((image, q), got) in images.iter().zip(QUESTIONS).zip(&batch) {
+        assert!(got.device.starts_with("cuda"), "ran on {}", got.device);
+        let alone = model.ask(image, q, &opts).unwrap();
+        assert_eq!(got.tokens, alone.tokens, "question {q:?}");
+        for (a, b) in got.logprobs.iter().zip(&alone.logprobs) {
+            assert!((a - b).abs() <= common::GPU_LOGPROB_ABS, "question {q:?}: logprob {a} vs {b} alone");
+        }
+    }
+}
