@@ -53,6 +53,25 @@ fn different_questions_give_what_each_gives_alone() {
     check_batch_matches_alone(&model, &QUESTIONS, &model.default_options());
 }
 
+/// Against transformers' own left-padded batch (goldens/padbatch_blip2-opt-tiny.json).
+#[test]
+fn padded_batch_matches_transformers() {
+    let model = load();
+    let g = common::golden_json("padbatch_blip2-opt-tiny.json");
+    let cases = g["cases"].as_array().unwrap();
+    let paths: Vec<_> = cases.iter().map(|c| common::image(c["image"].as_str().unwrap())).collect();
+    let images: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+    let questions: Vec<&str> = cases.iter().map(|c| c["question"].as_str().unwrap()).collect();
+    let out = model.ask_batch(&images, &questions, &model.default_options()).unwrap();
+    for (c, got) in cases.iter().zip(&out) {
+        let q = c["question"].as_str().unwrap();
+        assert_eq!(got.tokens, common::ids(&c["generated_ids"]), "question {q:?}");
+        for (a, b) in got.logprobs.iter().zip(common::floats(&c["logprobs"])) {
+            assert!((a - b).abs() <= LOGPROB_ABS, "question {q:?}: logprob {a} vs transformers {b}");
+        }
+    }
+}
+
 #[test]
 fn equal_questions_need_no_padding() {
     let model = load();
