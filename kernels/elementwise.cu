@@ -22,15 +22,16 @@ extern "C" __global__ void embed_rows(const int* __restrict__ ids, const __half*
         out[(size_t)t * D + i] = ok ? table[(size_t)id * D + i] : __float2half_rn(0.f);
 }
 
-// Learned positions (OPT): x[b, i, :] += table[pos[b] + i + offset, :] for i < S, with the start
-// position pos[b] read from device memory so a captured decode step can be replayed as the
-// position advances. x [B, S, D] in place, table [npos, D]. Rows whose position falls outside
-// [0, npos) are left unchanged (the host checks positions first). Grid (B*S), block 256.
+// Learned positions (OPT): x[b, i, :] += table[max(start[b] + i, 0) + offset, :] for i < S, with
+// the signed start position start[b] = position - left_pad[b] read from device memory so a
+// captured decode step can be replayed as the position advances (pad rows clamp to 0, real rows
+// get HF's cumsum(mask) - 1). x [B, S, D] in place, table [npos, D]. Rows whose position falls
+// outside [0, npos) are left unchanged (the host checks positions first). Grid (B*S), block 256.
 extern "C" __global__ void add_positions(__half* __restrict__ x, const __half* __restrict__ table,
                                          const int* __restrict__ pos, int S, int D, int npos,
                                          int offset) {
     const int r = blockIdx.x, b = r / S, i = r % S;
-    const int p = pos[b] + i + offset;
+    const int p = max(pos[b] + i, 0) + offset;
     if (p < 0 || p >= npos) return;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         const size_t e = (size_t)r * D + j;

@@ -990,6 +990,7 @@ def main() -> None:
     summary.update(image_token_id=image_token_id, newline_id=newline_id, tokenizer_len=len(proc.tokenizer))
     write_readme(summary, model_stats, pngs)
     __import__("fixtures_llava").main()  # tests/fixtures/llava-tiny*/, goldens/llava_* (its own README)
+    __import__("fixtures_padbatch").main()  # goldens/padbatch_blip2-opt-tiny.json (scripts/fixtures_padbatch.py)
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 
@@ -1192,6 +1193,13 @@ safetensors (all float32):
 - `<case>.qformer` [num_query, Dq]: Q-Former `last_hidden_state`.
 - `<case>.image_embeds` [num_query, Dtext]: `language_projection` output.
 - `<case>.logits` [seq, vocab] for every case: logits of the prefill forward over the whole `input_ids`.
+
+### `padbatch_blip2-opt-tiny.json` (scripts/fixtures_padbatch.py)
+
+Batched `generate()` on `blip2-opt-tiny` with a different question per image (three images, three
+question lengths), `Blip2Processor(..., padding=True)` with `tokenizer.padding_side="left"`,
+greedy: per sequence the new ids (cut after EOS) and their log-probs. tests/padded_batch.rs checks
+`Model::ask_batch` against it.
 
 ### `beam_cases.json` (scripts/fixtures_beam.py)
 

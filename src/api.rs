@@ -10,7 +10,8 @@ use crate::backend::{Backend, Executor};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::generate::{
-    beam_rows, expand_for_beams, generate, EarlyStopping, GenerateOptions, Plan, Sequence, Timings, TokenEvent,
+    beam_rows, expand_for_beams, generate_batch, EarlyStopping, GenerateOptions, Plan, Prompts, Sequence, Timings,
+    TokenEvent,
 };
 use crate::image::{ImageProcessor, PixelValues};
 use crate::models::Family;
@@ -222,6 +223,38 @@ impl Model {
         self.output(seqs.remove(0), &timings, &device)
     }
 
+    /// Asks a different question about each image, in one batch: the prompts run left-padded
+    /// to the longest (transformers' `padding_side="left"` with the tokenizer's pad token), so
+    /// each answer is the one its question gets alone. One image per question; not for chat
+    /// families.
+    pub fn ask_batch(&self, images: &[&Path], questions: &[&str], opts: &GenerateOptions) -> Result<Vec<Output>> {
+        opts.validate()?;
+        if self.chat.is_some() {
+            return Err(Error::Unsupported(
+                "ask_batch runs one question per image on non-chat families (BLIP-2); for a chat model, ask each question with ask_images".into(),
+            ));
+        }
+        if images.len() != questions.len() || images.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "ask_batch takes one question per image; got {} images and {} questions",
+                images.len(),
+                questions.len()
+            )));
+        }
+        let pad_id = self.tokenizer.pad_token_id().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "the tokenizer in {} has no pad_token, needed to batch questions of different lengths: set pad_token in tokenizer_config.json or ask one question at a time",
+                self.dir.display()
+            ))
+        })?;
+        let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
+        let ids =
+            questions.iter().map(|q| self.input_ids(Some(&self.question_prompt(q)))).collect::<Result<Vec<_>>>()?;
+        let prompts = Prompts::left_padded(&ids, pad_id)?;
+        let (seqs, timings, device) = self.run_prompts(&pixels, &prompts, opts, &mut |_| {})?;
+        seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
+    }
+
     /// Runs preprocessed images as one batch with one raw prompt; `on_token` sees each token
     /// as it is produced.
     pub fn run(
@@ -271,6 +304,18 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
+        let sequences = self.family.sequences_for(images.len(), input_ids)?;
+        self.run_prompts(images, &Prompts::shared(input_ids, sequences), opts, on_token)
+    }
+
+    /// [`Model::run_ids`] with a decoder input per sequence (left-padded to one length).
+    pub fn run_prompts(
+        &self,
+        images: &[PixelValues],
+        prompts: &Prompts,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<(Vec<Sequence>, Timings, String)> {
         let size = self.family.image_size();
         let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
         for img in images {
@@ -283,17 +328,19 @@ impl Model {
             pixels.extend_from_slice(&img.data);
         }
         opts.check_available()?;
-        let new_tokens = opts.new_tokens(input_ids.len(), self.family.max_positions())?;
-        let sequences = self.family.sequences_for(images.len(), input_ids)?;
+        let new_tokens = opts.new_tokens(prompts.len(), self.family.max_positions())?;
+        let sequences = prompts.batch();
         // Beam search: each sequence's images repeated per beam, as one block (all of a chat
-        // prompt's images stay together).
+        // prompt's images stay together), and its prompt with them.
         let pixels = expand_for_beams(&pixels, sequences, opts);
-        let key = (beam_rows(images.len(), opts), beam_rows(sequences, opts), input_ids.len(), new_tokens);
+        let prompts = prompts.repeat_each(opts.num_beams);
+        let key = (beam_rows(images.len(), opts), beam_rows(sequences, opts), prompts.len(), new_tokens);
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
             let plan = self.family.plan_images(key.0, key.1, key.2, key.3, false)?;
             let mut exec = self.backend.executor(self.family.weights(), &plan.graph)?;
-            let (seqs, timings) = generate(&plan, exec.as_mut(), &[("pixels", &pixels)], input_ids, opts, on_token)?;
+            let (seqs, timings) =
+                generate_batch(&plan, exec.as_mut(), &[("pixels", &pixels)], &prompts, opts, on_token)?;
             return Ok((seqs, timings, exec.device_name()));
         }
         let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
@@ -304,7 +351,7 @@ impl Model {
             *slot = Some((key, plan, exec));
         }
         let (_, plan, exec) = slot.as_mut().expect("filled above");
-        let (seqs, timings) = generate(plan, exec.as_mut(), &[("pixels", &pixels)], input_ids, opts, on_token)?;
+        let (seqs, timings) = generate_batch(plan, exec.as_mut(), &[("pixels", &pixels)], &prompts, opts, on_token)?;
         Ok((seqs, timings, exec.device_name()))
     }
 

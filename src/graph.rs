@@ -230,7 +230,8 @@ pub enum Op {
     /// Rows whose token is `token` are overwritten, in order, by consecutive values of `src`
     /// taken as one flat array (transformers' `masked_scatter`).
     ScatterTokens { src: Buf, token: u32, out: Buf, batch: usize, rows_per_batch: usize },
-    /// `x[b * rows_per_batch + i] += table[position + i + offset]` (OPT's learned positions).
+    /// `x[b * rows_per_batch + i] += table[max(position - pad[b] + i, 0) + offset]` (OPT's learned
+    /// positions; pads from `Executor::set_left_padding`, HF's `cumsum(mask) - 1`).
     AddPositions { table: W, offset: usize, x: Buf, batch: usize, rows_per_batch: usize },
     /// `out[b] = x[b * rows_per_batch + rows_per_batch - 1]`: the last row of each batch item.
     LastRows { x: Buf, out: Buf, batch: usize, rows_per_batch: usize },

@@ -14,7 +14,7 @@
 use std::cmp::Ordering;
 use std::time::Instant;
 
-use super::{EarlyStopping, GenerateOptions, Sequence, Session, TokenEvent};
+use super::{EarlyStopping, GenerateOptions, Prompts, Sequence, Session, TokenEvent};
 use crate::error::{Error, Result};
 
 /// transformers' stand-in for "impossible" (`-1e9` added to masked scores).
@@ -46,7 +46,7 @@ fn by_rank(a: &Cand, b: &Cand) -> Ordering {
 pub(super) fn run(
     s: &mut Session<'_, '_>,
     inputs: &[(&str, &[f32])],
-    input_ids: &[u32],
+    prompts: &Prompts,
     opts: &GenerateOptions,
 ) -> Result<Vec<Sequence>> {
     let plan = s.plan;
@@ -73,7 +73,7 @@ pub(super) fn run(
     let mut finished: Vec<Vec<Hyp>> = vec![Vec::new(); items];
     let mut unsatisfied = vec![true; items];
 
-    let tokens: Vec<u32> = (0..plan.batch).flat_map(|_| input_ids.iter().copied()).collect();
+    let tokens = prompts.ids().to_vec();
     let banned = |step: usize| if step < opts.min_new_tokens { eos.len() } else { 0 };
     let Some(mut picks) = s.prefill(&tokens, k + banned(0))? else { return Ok(finish(&finished, &running, opts)) };
 

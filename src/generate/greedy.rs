@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use super::{GenerateOptions, Sequence, Session, TokenEvent};
+use super::{GenerateOptions, Prompts, Sequence, Session, TokenEvent};
 use crate::backend::Candidate;
 use crate::error::Result;
 
 pub(super) fn run(
     s: &mut Session<'_, '_>,
     inputs: &[(&str, &[f32])],
-    input_ids: &[u32],
+    prompts: &Prompts,
     opts: &GenerateOptions,
 ) -> Result<Vec<Sequence>> {
     let plan = s.plan;
@@ -19,7 +19,7 @@ pub(super) fn run(
     if !s.encode(inputs)? {
         return Ok(seqs);
     }
-    let tokens: Vec<u32> = (0..batch).flat_map(|_| input_ids.iter().copied()).collect();
+    let tokens = prompts.ids().to_vec();
     // MinNewTokensLengthLogitsProcessor: before min_new_tokens every EOS is -inf, so the pick is
     // the best non-EOS token among the 1 + n_eos best.
     let k = |step: usize| if step < opts.min_new_tokens { 1 + opts.eos_token_ids.len() } else { 1 };

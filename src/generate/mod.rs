@@ -255,6 +255,93 @@ impl GenerateOptions {
     }
 }
 
+/// The decoder inputs of a batch, one row of [`Prompts::len`] tokens per sequence: prompts of
+/// different lengths are padded on the left (transformers' `padding_side="left"`), and each
+/// row's pad count becomes the executor's left padding (positions `cumsum(mask) - 1`) and the
+/// plan's key mask (pad keys at `finfo.min`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompts {
+    ids: Vec<u32>,
+    pads: Vec<usize>,
+    len: usize,
+}
+
+impl Prompts {
+    /// `batch` sequences with the same input (no padding).
+    pub fn shared(input_ids: &[u32], batch: usize) -> Self {
+        Self { ids: input_ids.repeat(batch), pads: vec![0; batch], len: input_ids.len() }
+    }
+
+    /// One sequence per prompt, the shorter ones padded on the left with `pad_id` to the
+    /// longest.
+    pub fn left_padded(prompts: &[Vec<u32>], pad_id: u32) -> Result<Self> {
+        let len = prompts.iter().map(Vec::len).max().ok_or_else(|| invalid("no prompts given".into()))?;
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            return Err(invalid(format!("prompt {i} of the batch is empty: every sequence needs at least one token")));
+        }
+        let mut ids = Vec::with_capacity(prompts.len() * len);
+        let pads = prompts
+            .iter()
+            .map(|p| {
+                let pad = len - p.len();
+                ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
+                pad
+            })
+            .collect();
+        Ok(Self { ids, pads, len })
+    }
+
+    /// Each sequence repeated `n` times in a row (beam search's `repeat_interleave`). Beam
+    /// search reorders caches only among one input's beams, which share its padding, so the
+    /// pads and key mask stay valid as beams move.
+    pub fn repeat_each(&self, n: usize) -> Self {
+        let n = n.max(1);
+        Self {
+            ids: self.ids.chunks(self.len.max(1)).flat_map(|row| row.repeat(n)).collect(),
+            pads: self.pads.iter().flat_map(|&p| std::iter::repeat_n(p, n)).collect(),
+            len: self.len,
+        }
+    }
+
+    /// Tokens per sequence, padding included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch(&self) -> usize {
+        self.pads.len()
+    }
+
+    /// Every row, sequence-major (`batch x len`).
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Row `b`, padding included (transformers' `input_ids[b]`).
+    pub fn row(&self, b: usize) -> &[u32] {
+        &self.ids[b * self.len..(b + 1) * self.len]
+    }
+
+    /// Left pad count of each sequence.
+    pub fn pads(&self) -> &[usize] {
+        &self.pads
+    }
+
+    fn padded(&self) -> bool {
+        self.pads.iter().any(|&p| p > 0)
+    }
+}
+
+/// The additive key mask `[batch, capacity]` of left-padded sequences: `f32::MIN`
+/// (transformers' `finfo.min`) on each sequence's pad positions, 0 elsewhere.
+fn pad_mask(pads: &[usize], capacity: usize) -> Vec<f32> {
+    pads.iter().flat_map(|&p| (0..capacity).map(move |c| if c < p { f32::MIN } else { 0.0 })).collect()
+}
+
 /// One generated sequence: new tokens only, EOS included when produced.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sequence {
@@ -326,6 +413,8 @@ pub struct Session<'a, 'h> {
     hooks: &'a mut Hooks<'h>,
     start: Instant,
     pub timings: Timings,
+    /// Left pad count of each sequence, set for every decoder step.
+    pads: Vec<usize>,
 }
 
 impl<'a, 'h> Session<'a, 'h> {
@@ -357,6 +446,12 @@ impl<'a, 'h> Session<'a, 'h> {
             let buf = self.plan.input(name)?;
             self.exec.write(buf, data)?;
         }
+        // Written on every request (zeros without padding): a GPU executor is reused.
+        if let Some(mask) = self.plan.key_mask {
+            self.exec.write(mask, &pad_mask(&self.pads, self.plan.capacity.max(1)))?;
+        }
+        // The encoders see no padding (it belongs to the decoder input).
+        self.exec.set_left_padding(&[]);
         for phase in &self.plan.encoders {
             let s = Instant::now();
             let go = self.run(phase)?;
@@ -406,6 +501,7 @@ impl<'a, 'h> Session<'a, 'h> {
     /// Feeds `tokens` (one row each) to `step` at `position`. False: a hook stopped the run.
     fn run_step(&mut self, step: &Step, tokens: &[u32], position: usize) -> Result<bool> {
         self.exec.set_tokens(tokens);
+        self.exec.set_left_padding(&self.pads);
         self.exec.set_position(position);
         self.run(&step.phase)
     }
@@ -458,12 +554,38 @@ pub fn generate(
     generate_with(plan, exec, inputs, input_ids, opts, &mut Hooks { on_token, on_phase: None })
 }
 
+/// [`generate`] with a decoder input per sequence (`prompts.batch() == plan.batch`; with beam
+/// search, each input's prompt repeated per beam by [`Prompts::repeat_each`]): prompts of
+/// different lengths run left-padded, each giving what it gives alone, as transformers' batched
+/// `generate()` with `padding_side="left"`.
+pub fn generate_batch(
+    plan: &Plan,
+    exec: &mut dyn Executor,
+    inputs: &[(&str, &[f32])],
+    prompts: &Prompts,
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(&TokenEvent),
+) -> Result<(Vec<Sequence>, Timings)> {
+    run_prompts(plan, exec, inputs, prompts, opts, &mut Hooks { on_token, on_phase: None })
+}
+
 /// [`generate`] with every hook (e.g. per-phase timing for `bench`).
 pub fn generate_with(
     plan: &Plan,
     exec: &mut dyn Executor,
     inputs: &[(&str, &[f32])],
     input_ids: &[u32],
+    opts: &GenerateOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<(Vec<Sequence>, Timings)> {
+    run_prompts(plan, exec, inputs, &Prompts::shared(input_ids, plan.batch), opts, hooks)
+}
+
+fn run_prompts(
+    plan: &Plan,
+    exec: &mut dyn Executor,
+    inputs: &[(&str, &[f32])],
+    prompts: &Prompts,
     opts: &GenerateOptions,
     hooks: &mut Hooks<'_>,
 ) -> Result<(Vec<Sequence>, Timings)> {
@@ -474,21 +596,34 @@ pub fn generate_with(
             plan.max_new_tokens, opts.max_new_tokens
         )));
     }
-    if input_ids.len() != plan.prompt_len {
+    if prompts.len() != plan.prompt_len {
         return Err(Error::InvalidInput(format!(
             "plan built for {} input tokens, got {}",
             plan.prompt_len,
-            input_ids.len()
+            prompts.len()
         )));
     }
+    if prompts.batch() != plan.batch {
+        return Err(Error::InvalidInput(format!(
+            "plan built for {} sequences, got {} prompts (beam search: one per input and beam)",
+            plan.batch,
+            prompts.batch()
+        )));
+    }
+    if prompts.padded() && plan.key_mask.is_none() {
+        return Err(Error::Unsupported(
+            "this model runs prompts of one length per batch only (its plan has no key mask): send prompts of different lengths one at a time".into(),
+        ));
+    }
     opts.check_available()?;
-    let mut session = Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default() };
+    let pads = prompts.pads().to_vec();
+    let mut session = Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default(), pads };
     let seqs = if opts.num_beams > 1 {
-        beam::run(&mut session, inputs, input_ids, opts)?
+        beam::run(&mut session, inputs, prompts, opts)?
     } else if opts.uses_processors() {
-        sample::run(&mut session, inputs, input_ids, opts, &opts.processor_settings(), opts.sampling_seed())?
+        sample::run(&mut session, inputs, prompts, opts, &opts.processor_settings(), opts.sampling_seed())?
     } else {
-        greedy::run(&mut session, inputs, input_ids, opts)?
+        greedy::run(&mut session, inputs, prompts, opts)?
     };
     session.timings.total_ms = session.elapsed_ms();
     Ok((seqs, session.timings))

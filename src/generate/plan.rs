@@ -43,6 +43,9 @@ pub struct Plan {
     pub prefill: Step,
     pub decode: Step,
     pub kv: KvCaches,
+    /// `[batch, capacity]` additive mask over the decoder's keys (0, or `f32::MIN` for left
+    /// padding), written by the generation loop; None: the plan runs equal-length prompts only.
+    pub key_mask: Option<Buf>,
 }
 
 impl Plan {

@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use super::processors::{LogitsProcessorList, ProcessorSettings};
-use super::{GenerateOptions, Sequence, Session, TokenEvent};
+use super::{GenerateOptions, Prompts, Sequence, Session, TokenEvent};
 use crate::backend::cpu::ops::{argmax, log_prob};
 use crate::error::{Error, Result};
 
@@ -102,7 +102,7 @@ pub fn draw(scores: &[f32], rng: &mut Rng) -> Result<u32> {
 pub(super) fn run(
     s: &mut Session<'_, '_>,
     inputs: &[(&str, &[f32])],
-    input_ids: &[u32],
+    prompts: &Prompts,
     opts: &GenerateOptions,
     settings: &ProcessorSettings,
     seed: u64,
@@ -114,11 +114,11 @@ pub(super) fn run(
     if !s.encode(inputs)? {
         return Ok(seqs);
     }
-    let tokens: Vec<u32> = (0..batch).flat_map(|_| input_ids.iter().copied()).collect();
+    let tokens = prompts.ids().to_vec();
     let Some(mut rows) = s.prefill_logits(&tokens)? else { return Ok(seqs) };
     let mut rngs: Vec<Rng> = (0..batch).map(|b| Rng::new(seed, b as u64)).collect();
     // transformers' `input_ids` of each sequence: the decoder input, then what was generated.
-    let mut history: Vec<Vec<u32>> = vec![input_ids.to_vec(); batch];
+    let mut history: Vec<Vec<u32>> = (0..batch).map(|b| prompts.row(b).to_vec()).collect();
 
     let decode_start = Instant::now();
     for step in 0..plan.max_new_tokens {

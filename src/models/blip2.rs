@@ -112,16 +112,19 @@ impl Blip2 {
 
         // Decoder: prefill over the whole input, then one-token steps over the shared cache.
         let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
+        // Left-padded batches (prompts of different lengths): pad keys masked out.
+        let key_mask = g.buffer("key_mask", batch, cache.capacity);
         let pre = self.decoder.build(
             &mut g,
             &cache,
             prompt_len,
             Some((image_embeds, self.cfg.image_token())),
+            Some(key_mask),
             all_prefill_logits,
             "prefill",
         );
         let prefill = g.take_phase("prefill");
-        let dec = self.decoder.build(&mut g, &cache, 1, None, false, "decode");
+        let dec = self.decoder.build(&mut g, &cache, 1, None, Some(key_mask), false, "decode");
         let decode = Phase { replayable: true, ..g.take_phase("decode") };
 
         let kv =
@@ -138,6 +141,7 @@ impl Blip2 {
             prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
             decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
             kv,
+            key_mask: Some(key_mask),
         })
     }
 }

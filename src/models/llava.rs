@@ -170,6 +170,7 @@ impl Llava {
             prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / sequences },
             decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
             kv,
+            key_mask: None,
         })
     }
 }

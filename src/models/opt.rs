@@ -116,13 +116,16 @@ impl OptDecoder {
     /// Emits one pass over `seq` new tokens per batch item, starting at the executor's position:
     /// a prefill (seq = prompt length) or a decode step (seq = 1). `image` (when given) is
     /// scattered over the rows holding `image_token`. With `all_logits` every row gets logits,
-    /// else only the last row of each batch item.
+    /// else only the last row of each batch item. `key_mask` (`[batch, capacity]`, 0 or
+    /// `f32::MIN` per cache row) hides left-padding keys from self-attention.
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         &self,
         g: &mut Graph,
         cache: &KvCache,
         seq: usize,
         image: Option<(Buf, u32)>,
+        key_mask: Option<Buf>,
         all_logits: bool,
         tag: &str,
     ) -> DecoderPass {
@@ -154,7 +157,7 @@ impl OptDecoder {
         for (i, l) in self.layers.iter().enumerate() {
             let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
             // x += out_proj(CausalAttn(LN(x)) over the cache)
-            let call = AttnCall::new(batch, seq, cache.keys(i)).causal();
+            let call = AttnCall { key_mask, ..AttnCall::new(batch, seq, cache.keys(i)).causal() };
             pre_norm(g, &l.self_attn_layer_norm, x, normed, rows, |g, h, r| l.self_attn.emit(g, &s, h, &call, r));
             // x += fc2(ReLU(fc1(LN(x))))
             pre_norm(g, &l.final_layer_norm, x, normed, rows, |g, h, r| l.mlp.emit(g, h, ffn, r, rows));

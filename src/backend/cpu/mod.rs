@@ -200,10 +200,11 @@ impl CpuExecutor {
             Op::AddPositions { table, offset, x, batch, rows_per_batch } => {
                 let dim = self.cols(x);
                 let t = wt(table);
+                let (position, pads) = (self.position, &self.pads);
                 let o = &mut self.bufs[x.0];
                 for b in 0..batch {
                     for i in 0..rows_per_batch {
-                        let p = self.position + i + offset;
+                        let p = rope_position(position, pads, b, i) + offset;
                         let row = &mut o[(b * rows_per_batch + i) * dim..][..dim];
                         for (d, s) in row.iter_mut().zip(&t[p * dim..(p + 1) * dim]) {
                             *d += s.to_f32();

@@ -200,7 +200,8 @@ pub struct CudaExecutor {
     /// Per sequence: start position of the run, and KV length after it (position + 1 for decode).
     pos: DevSlice<i32>,
     kv_len: DevSlice<i32>,
-    /// Per sequence: RoPE position of the run's first row, `position - left_pad[b]` (signed).
+    /// Per sequence: RoPE / learned position of the run's first row, `position - left_pad[b]`
+    /// (signed).
     rope_start: DevSlice<i32>,
     /// RoPE frequency tables uploaded once, keyed by the address of the op's `Arc<[f32]>` (the
     /// Arc is kept so the address cannot be reused by another table).
@@ -559,10 +560,11 @@ impl CudaExecutor {
                 }
             }
             Op::AddPositions { table, offset, x, batch, rows_per_batch } => {
+                // Same per-sequence starts as RoPE: left-padded rows get HF's cumsum(mask) - 1.
                 dev.add_positions(
                     &self.bufs[x.0],
                     self.w(table),
-                    &self.pos,
+                    &self.rope_start,
                     batch,
                     rows_per_batch,
                     self.cols(x),

@@ -51,8 +51,8 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Learned positions in place: x[b, i] += table[pos[b] + i + offset] for i < seq, with the
-    /// start positions `pos` [batch] in device memory.
+    /// Learned positions in place: x[b, i] += table[max(pos[b] + i, 0) + offset] for i < seq,
+    /// with the signed start positions `pos` [batch] (position - left pad) in device memory.
     #[allow(clippy::too_many_arguments)]
     pub fn add_positions(
         &self,
