@@ -208,8 +208,9 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
 /// user message with one image.
 fn preset_chat_prompts(name: &str, cfg: &ModelConfig, seed: u64, family: &dyn Family) -> Result<(Vec<u32>, Vec<u32>)> {
     let dir = std::env::temp_dir().join(format!("glimpse-bench-{name}-{}", std::process::id()));
+    // A folder of this name that exists already is someone else's: refuse rather than delete it.
+    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
     let result = (|| {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         for (file, text) in crate::synth::folder_files(name, cfg, seed)? {
             std::fs::write(dir.join(file), text).map_err(|e| Error::io(dir.join(file), e))?;
         }

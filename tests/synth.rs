@@ -270,6 +270,8 @@ fn llava_presets_have_the_real_shapes() {
     }
     // LlavaForConditionalGeneration(config).num_parameters(): 7,063,427,072 for llava-1.5-7b
     // (CLIP ViT-L/14-336 303.5 M incl. the unused last layer, projector 21.0 M, LLaMA 6.74 B).
+    // transformers 5.17's LlavaForConditionalGeneration at these shapes (built on the meta
+    // device, 2026-11-30): sum of parameter numels.
     assert_eq!(parameter_count(&preset("llava-1.5-7b").unwrap()).unwrap(), 7_063_427_072);
 }
 
@@ -287,6 +289,7 @@ fn clip_preset_has_the_real_shapes() {
     );
     assert_eq!((t.max_position_embeddings, c.projection_dim, t.eos_token_id), (77, 768, Some(49407)));
     // CLIPModel(config).num_parameters() of openai/clip-vit-large-patch14.
+    // transformers 5.17's CLIPModel at these shapes (meta device, 2026-11-30).
     assert_eq!(parameter_count(&preset("clip-vit-large-patch14").unwrap()).unwrap(), 427_616_513);
     let tok = tokenizer(&preset("clip-vit-large-patch14").unwrap()).unwrap();
     assert_eq!(tok.token_to_id("<|startoftext|>"), Some(49406));
