@@ -5,8 +5,10 @@
 # 1. `glimpse synth --preset blip2-opt-2.7b` to /tmp (random weights, real shapes, HF folder),
 # 2. `glimpse bench --model` on that folder: vision, Q-Former, prefill, decode ms/token,
 #    first-token and caption latency at batch 1, throughput at batch 1 and 32; 3 repeats,
-# 3. scripts/hf_reference.py on the same folder: transformers eager, batch 1 only, 3 repeats, no
-#    numerics, no torch.compile (those are in the full scripts/device-e2e.sh),
+# 3. the transformers baseline on the same folder, eager, 3 repeats: scripts/hf_reference.py at
+#    batch 1 without numerics or torch.compile (those are in the full scripts/device-e2e.sh);
+#    PRESET=llava-1.5-7b: scripts/hf_reference_llava.py; PRESET=clip-vit-large-patch14:
+#    scripts/hf_reference_clip.py at batch 1 and 32 (bench then times images/s and texts/s),
 # 4. the side-by-side table (scripts/device_summary.py).
 # The copy bandwidth is measured by glimpse bench itself; the matrix rate is left to bench's
 # default unless GLIMPSE_MATRIX_TFLOPS is set. Logs go to $OUT when set (else
@@ -48,9 +50,15 @@ timeout 150 "$G" bench --model "$MODEL" --device "$DEVICE" --seed "$SEED" --repe
 rc=$?
 echo "glimpse bench exit status $rc" | tee -a "$LOG/log.txt"
 
-step "hf_reference.py eager, batch 1"
-timeout 150 python3 "$HERE/hf_reference.py" "$MODEL" --device "$DEVICE" --attn eager --batches 1 \
-    --repeats "$REPEATS" --no-numerics --seed "$SEED" --out "$LOG/hf-eager.json" 2>&1 | tee -a "$LOG/log.txt"
+# The transformers baseline of the preset's family, eager attention.
+case "$PRESET" in
+    clip-*) REF=(hf_reference_clip.py --batches 1,32) ;;
+    llava-*) REF=(hf_reference_llava.py) ;;
+    *) REF=(hf_reference.py --batches 1 --no-numerics) ;;
+esac
+step "${REF[0]} eager"
+timeout 150 python3 "$HERE/${REF[0]}" "$MODEL" "${REF[@]:1}" --device "$DEVICE" --attn eager \
+    --repeats "$REPEATS" --seed "$SEED" --out "$LOG/hf-eager.json" 2>&1 | tee -a "$LOG/log.txt"
 
 step "summary"
 python3 "$HERE/device_summary.py" "$LOG" 2>&1 | tee "$LOG/summary.md"

@@ -24,6 +24,21 @@ for x in (g, he, hc):
     if "_error" in x:
         print(f"- {x['_error']}")
 runs = {r["label"]: r for r in he.get("runs", []) + hc.get("runs", [])}
+if "rows" in g:
+    # An embedding model (CLIP): images/s and texts/s per batch, glimpse's request rate vs
+    # transformers' get_*_features rate.
+    print(f"glimpse: {g.get('device_name')}, preset {g.get('preset')}, texts of {g.get('text_tokens')} tokens")
+    print()
+    print("| input | batch | floor ms | glimpse ms (per s) | " + " | ".join(f"{k} ms (per s)" for k in runs) + " |")
+    print("|---|---|---|---|" + "---|" * len(runs))
+    for r in g["rows"]:
+        cell = f"{r['request_ms']:.2f} ({r['per_s']:.0f})" if r.get("request_ms") else f"skipped ({r.get('skipped')})"
+        cells = []
+        for run in runs.values():
+            m = {(x["input"], x["batch"]): x for x in run.get("rows", [])}.get((r["input"], r["batch"]), {})
+            cells.append(f"{m['median_ms']:.2f} ({m['per_s']:.0f})" if "median_ms" in m else m.get("skipped", "-"))
+        print(f"| {r['input']} | {r['batch']} | {r['floor_ms']:.3f} | {cell} | " + " | ".join(cells) + " |")
+    sys.exit(0)
 cols = [("glimpse", None)] + [(k, v) for k, v in runs.items()]
 if "rates" in g:
     r = g["rates"]

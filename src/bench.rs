@@ -18,6 +18,8 @@
 //! bytes read + written by a large copy. These are lower bounds no implementation can beat, not
 //! targets that intermediate activations would let one reach.
 
+pub mod embed;
+
 use std::time::Instant;
 
 use serde::Serialize;
@@ -33,8 +35,9 @@ use crate::models::Family;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Random weights at a preset's shapes, made in memory: tiny, blip2-opt-2.7b, blip2-opt-6.7b
-    /// (default: the largest that fits the device; CPU: tiny).
+    /// Random weights at a preset's shapes, made in memory: tiny, blip2-opt-2.7b, blip2-opt-6.7b,
+    /// llava-1.5-7b, ...; an embedding preset (clip-vit-large-patch14, clip-tiny) times images/s
+    /// and texts/s instead (default: the largest BLIP-2 that fits the device; CPU: tiny).
     #[arg(long, conflicts_with = "model")]
     pub preset: Option<String>,
     /// A model folder (or hub id in the local cache) instead of a preset.
@@ -55,7 +58,7 @@ pub struct BenchArgs {
     /// Seed of the random weights, pixels and ids.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Batch sizes of the throughput table.
+    /// Batch sizes of the throughput table (embedding models: one image row and one text row each).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub throughput_batches: Vec<usize>,
     /// Print one JSON object instead of the table.
@@ -179,7 +182,7 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     let cfg = crate::synth::preset(&name)?;
     if cfg.embeds() {
         return Err(Error::InvalidInput(format!(
-            "preset `{name}` is an embedding model ({}); glimpse bench times generating models: pick a BLIP-2 or LLaVA preset",
+            "preset `{name}` is an embedding model ({}): time it with `glimpse bench --preset {name}` (bench::run_any), not the generation benchmark",
             cfg.architecture()
         )));
     }
@@ -230,7 +233,39 @@ fn cuda_free_bytes() -> Result<usize> {
     Ok(free)
 }
 
-/// Runs the whole benchmark.
+/// What `glimpse bench` measured: a generating model's stages or an embedding model's rates.
+pub enum Outcome {
+    Generate(Report),
+    Embed(embed::EmbedReport),
+}
+
+impl Outcome {
+    pub fn table(&self) -> String {
+        match self {
+            Outcome::Generate(r) => r.table(),
+            Outcome::Embed(r) => r.table(),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let v = match self {
+            Outcome::Generate(r) => serde_json::to_value(r),
+            Outcome::Embed(r) => serde_json::to_value(r),
+        };
+        v.unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    }
+}
+
+/// Runs the benchmark of the model `args` names: [`embed::run`] for an embedding model, else [`run`].
+pub fn run_any(args: &BenchArgs) -> Result<Outcome> {
+    if embed::embeds(args)? {
+        Ok(Outcome::Embed(embed::run(args)?))
+    } else {
+        Ok(Outcome::Generate(run(args)?))
+    }
+}
+
+/// Runs the whole benchmark of a generating model.
 pub fn run(args: &BenchArgs) -> Result<Report> {
     let setup = Instant::now();
     if args.new_tokens < 2 {

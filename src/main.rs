@@ -666,12 +666,10 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
         }
         Command::Bench(args) => {
             note_if_auto_falls_back(&args.device);
-            let report = glimpse::bench::run(&args)?;
+            let report = glimpse::bench::run_any(&args)?;
             let mut stdout = Stdout::new();
             if args.json {
-                let json = serde_json::to_string(&report)
-                    .map_err(|e| glimpse::Error::InvalidInput(format!("bench report as JSON: {e}")))?;
-                stdout.line(&json)?;
+                stdout.line(&report.to_json().to_string())?;
             } else {
                 stdout.text(&report.table())?;
             }

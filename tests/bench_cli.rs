@@ -192,7 +192,7 @@ fn bench_model_runs_a_llava_folder() {
 }
 
 #[test]
-fn bench_takes_llava_presets_and_refuses_clip_ones() {
+fn bench_takes_llava_presets() {
     let o = glimpse(&[
         "bench",
         "--preset",
@@ -213,7 +213,49 @@ fn bench_takes_llava_presets_and_refuses_clip_ones() {
     assert!(v["caption_prompt_tokens"].as_u64().unwrap() > 16, "{}", v["caption_prompt_tokens"]);
     let stages: Vec<&str> = v["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert!(stages.contains(&"vision") && stages.contains(&"projector") && stages.contains(&"decode"), "{stages:?}");
-    let o = glimpse(&["bench", "--preset", "clip-tiny", "--device", "cpu"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("clip-tiny") && err.contains("embedding model"), "{err}");
+}
+
+/// An embedding model (preset or folder) gets images/s and texts/s rows at each batch size, each
+/// with a floor read off its graph.
+#[test]
+fn bench_times_clip_images_and_texts() {
+    let fixture = format!("{}/tests/fixtures/clip-tiny", env!("CARGO_MANIFEST_DIR"));
+    for source in [["--preset", "clip-tiny"], ["--model", fixture.as_str()]] {
+        let o = glimpse(&[
+            "bench",
+            source[0],
+            source[1],
+            "--device",
+            "cpu",
+            "--repeats",
+            "2",
+            "--throughput-batches",
+            "1,3",
+            "--json",
+        ]);
+        let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "bench {source:?} failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+        assert_eq!(v["text_tokens"], 16);
+        let rows = v["rows"].as_array().unwrap();
+        let shape: Vec<(&str, u64)> =
+            rows.iter().map(|r| (r["input"].as_str().unwrap(), r["batch"].as_u64().unwrap())).collect();
+        assert_eq!(shape, [("image", 1), ("text", 1), ("image", 3), ("text", 3)], "{source:?}");
+        for r in rows {
+            assert!(r["skipped"].is_null(), "{r}");
+            let (phase, request, per_s) =
+                (r["phase_ms"].as_f64().unwrap(), r["request_ms"].as_f64().unwrap(), r["per_s"].as_f64().unwrap());
+            assert!(phase > 0.0 && request > 0.0, "{r}");
+            // per_s is batch / request time, in seconds.
+            let batch = r["batch"].as_f64().unwrap();
+            assert!((per_s - batch / (request / 1e3)).abs() <= 1e-6 * per_s, "{r}");
+            assert!(r["floor_ms"].as_f64().unwrap() > 0.0 && r["flops"].as_f64().unwrap() > 0.0, "{r}");
+        }
+        // Three images cost three times one image's FLOPs (same graph per image).
+        let flops = |i: usize| rows[i]["flops"].as_f64().unwrap();
+        assert!((flops(2) - 3.0 * flops(0)).abs() <= 1e-9 * flops(2), "{} vs {}", flops(2), flops(0));
+    }
+    let o = glimpse(&["bench", "--preset", "clip-tiny", "--device", "cpu", "--repeats", "1"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("request ms") && out.contains("image"), "{out}");
 }
