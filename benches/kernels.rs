@@ -198,6 +198,20 @@ fn main() {
         });
     }
 
+    // CLIP's unit embeddings: a batch of 32 ViT-L/14 projections into fp32.
+    {
+        let (r, dim) = (32usize, 768usize);
+        let (x, y) = (rand_halves(&dev, r * dim, 16), dev.alloc::<f32>(r * dim).unwrap());
+        let ms = time(&dev, || dev.l2_normalize(&x, &y, r, dim).unwrap());
+        rows.push(Row {
+            name: format!("l2_normalize rows={r} dim={dim} -> f32"),
+            ms,
+            metric: "GB/s".into(),
+            value: (r * dim * (2 + 4)) as f64 / (ms * 1e-3) / 1e9,
+            note: "launch-bound at this size".into(),
+        });
+    }
+
     // LLaMA-7B shapes: RMSNorm (decode and a 1024-token prefill), SwiGLU on a fused [rows, 2I]
     // gate|up buffer, RoPE on q (32 heads x 128), GQA decode attention (32 q / 8 kv heads).
     for &r in &[1usize, 1024] {

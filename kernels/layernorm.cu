@@ -1,5 +1,5 @@
 // LayerNorm and RMSNorm over the last dimension, one block per row, with an optional fused
-// residual add (pre-norm residual streams).
+// residual add (pre-norm residual streams), and the L2 normalisation of embeddings.
 //
 //   layernorm:  s = half(x + r)        (r optional; s = x when r is null; with in_f32, x, r and
 //                                       sum_out are fp32 and s = x + r in fp32, unrounded)
@@ -25,6 +25,8 @@
 //   - y must not overlap x, r, sum_out, w, b; sum_out may alias x exactly (or be disjoint from
 //     it) and must be disjoint from r (a thread re-reads r only when sum_out is null);
 //   - grid = rows, block = a multiple of 32 threads <= 1024.
+//   l2norm (L2Params): x has >= rows*dim fp16 elements, y >= rows*dim of fp16 or fp32 (out_f32),
+//   y disjoint from x; same grid and block rule.
 #include "common.cuh"
 
 struct NormParams {
@@ -82,5 +84,32 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f16(NormParams p) {
     for (int i = threadIdx.x; i < p.dim; i += blockDim.x) {
         const __half normed = __float2half_rn(load_sum(p, base, i, false) * rstd);
         p.y[base + i] = __float2half_rn(__half2float(normed) * __half2float(p.w[i]));
+    }
+}
+
+//   l2norm:     y = x / sqrt(sum(x^2))  per row (CLIP's unit embeddings: a division, no epsilon,
+//               as transformers' `x / x.norm(...)`; a zero row gives NaN there and here). The
+//               sum of squares is fp32; y is fp16 or fp32 (out_f32) so unit vectors the host
+//               reads can keep fp32 precision.
+struct L2Params {
+    const __half* x;  // [rows, dim]
+    __half* y;        // [rows, dim], fp32 elements when out_f32
+    int rows, dim;
+    int out_f32;
+    int pad;
+};
+static_assert(sizeof(L2Params) == 32, "L2Params layout is mirrored in Rust");
+
+extern "C" __global__ void __launch_bounds__(1024) l2norm_f16(L2Params p) {
+    __shared__ float scratch[32];
+    const size_t base = (size_t)blockIdx.x * p.dim;
+    float q = 0.f;
+    for (int i = threadIdx.x; i < p.dim; i += blockDim.x) {
+        const float v = __half2float(p.x[base + i]);
+        q += v * v;
+    }
+    const float norm = sqrtf(block_sum(q, scratch));
+    for (int i = threadIdx.x; i < p.dim; i += blockDim.x) {
+        store_act(p.y, base + i, __half2float(p.x[base + i]) / norm, p.out_f32);
     }
 }

@@ -369,10 +369,10 @@ impl Model {
 /// A model folder that embeds images and texts (CLIP: `CLIPModel`, `CLIPTextModelWithProjection`,
 /// `CLIPVisionModelWithProjection`), loaded once for any number of requests.
 ///
-/// Embeddings are the projected pooled outputs (`get_image_features` / `get_text_features`
-/// `.pooler_output`); [`normalize`] makes them the unit vectors `CLIPModel` compares. The
-/// normalisation, `exp(logit_scale)`, similarities and softmax run on the host in f64 (inputs
-/// and results f32): a few hundred values per input, exact to f32 rounding.
+/// Features are the projected pooled outputs (`get_image_features` / `get_text_features`
+/// `.pooler_output`); embeddings are their unit vectors (`CLIPModel`'s `image_embeds`), L2
+/// normalised on the device (`Op::L2Normalize`, fp32 out). `exp(logit_scale)`, similarities and
+/// softmax run on the host in f64 (inputs and results f32): a few hundred values per input.
 pub struct EmbedModel {
     pub dir: PathBuf,
     pub family: Box<dyn crate::models::Embedder>,
@@ -458,6 +458,10 @@ impl EmbedModel {
 
     /// Projected, un-normalized embeddings of preprocessed images, run as one batch.
     pub fn image_features(&self, images: &[PixelValues]) -> Result<Vec<Vec<f32>>> {
+        self.run_images(images, EmbedOutput::Features)
+    }
+
+    fn run_images(&self, images: &[PixelValues], which: EmbedOutput) -> Result<Vec<Vec<f32>>> {
         let size = self.family.image_size().unwrap_or(0);
         let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
         for img in images {
@@ -472,13 +476,17 @@ impl EmbedModel {
         let plan = self.family.image_plan(images.len())?;
         let mut exec = self.executor(&plan.graph)?;
         exec.write(input(&plan, "pixels")?, &pixels)?;
-        self.finish(&plan, exec.as_mut())
+        self.finish(&plan, exec.as_mut(), which)
     }
 
     /// Projected, un-normalized embeddings of token id sequences (each as [`EmbedModel::text_ids`]
     /// gives them), run as one batch padded to the longest with the pad token and masked, as
     /// `CLIPProcessor(padding=True)` feeds the model.
     pub fn text_id_features(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        self.run_texts(ids, EmbedOutput::Features)
+    }
+
+    fn run_texts(&self, ids: &[Vec<u32>], which: EmbedOutput) -> Result<Vec<Vec<f32>>> {
         let len = ids.iter().map(Vec::len).max().unwrap_or(0);
         let pad = self.tokenizer.as_ref().and_then(Tokenizer::pad_token_id).unwrap_or(0);
         let padded: Vec<Vec<u32>> =
@@ -491,7 +499,7 @@ impl EmbedModel {
         exec.set_tokens(&padded.concat());
         exec.set_position(0);
         exec.set_row_indices(&self.family.pool_rows(&padded));
-        self.finish(&plan, exec.as_mut())
+        self.finish(&plan, exec.as_mut(), which)
     }
 
     /// Projected, un-normalized embeddings of texts, run as one batch.
@@ -502,12 +510,18 @@ impl EmbedModel {
 
     /// Unit-length image embeddings (`CLIPModel`'s `image_embeds`), one batch.
     pub fn embed_images(&self, images: &[PixelValues]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.image_features(images)?.iter().map(|e| normalize(e)).collect())
+        self.run_images(images, EmbedOutput::Normalized)
     }
 
     /// Unit-length text embeddings (`CLIPModel`'s `text_embeds`), one batch.
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.text_features(texts)?.iter().map(|e| normalize(e)).collect())
+        let ids = texts.iter().map(|t| self.text_ids(t)).collect::<Result<Vec<_>>>()?;
+        self.embed_text_ids(&ids)
+    }
+
+    /// Unit-length text embeddings of token id sequences (as [`EmbedModel::text_ids`] gives them).
+    pub fn embed_text_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        self.run_texts(ids, EmbedOutput::Normalized)
     }
 
     /// `logits_per_image` `[images][texts]` of unit embeddings: `exp(logit_scale) * (t · i)`.
@@ -540,13 +554,29 @@ impl EmbedModel {
         Ok(logits.iter().map(|row| softmax(row)).collect())
     }
 
-    /// Runs the plan's phase and reads its `[batch, dim]` output.
-    fn finish(&self, plan: &crate::models::EmbedPlan, exec: &mut dyn Executor) -> Result<Vec<Vec<f32>>> {
+    /// Runs the plan's phase and reads one of its `[batch, dim]` outputs.
+    fn finish(
+        &self,
+        plan: &crate::models::EmbedPlan,
+        exec: &mut dyn Executor,
+        which: EmbedOutput,
+    ) -> Result<Vec<Vec<f32>>> {
         exec.run(&plan.phase)?;
-        let out = exec.read(plan.output, plan.batch)?;
+        let buf = match which {
+            EmbedOutput::Features => plan.output,
+            EmbedOutput::Normalized => plan.normalized,
+        };
+        let out = exec.read(buf, plan.batch)?;
         let dim = self.family.embed_dim();
         Ok(out.chunks(dim).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// Which output of an embedding plan a request reads.
+#[derive(Clone, Copy)]
+enum EmbedOutput {
+    Features,
+    Normalized,
 }
 
 fn input(plan: &crate::models::EmbedPlan, name: &str) -> Result<crate::graph::Buf> {
@@ -559,8 +589,9 @@ fn input(plan: &crate::models::EmbedPlan, name: &str) -> Result<crate::graph::Bu
 
 /// `x / ||x||` (transformers' `_get_vector_norm`: no epsilon; a zero vector stays NaN as there).
 pub fn normalize(x: &[f32]) -> Vec<f32> {
-    let norm = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
-    x.iter().map(|&v| (f64::from(v) / norm) as f32).collect()
+    let mut out = vec![0.0; x.len()];
+    crate::backend::cpu::ops::l2_normalize(x, 1, x.len(), &mut out);
+    out
 }
 
 /// Softmax of one row (max-subtracted, in f64).

@@ -240,6 +240,11 @@ pub enum Op {
     /// `out[r] = x[r]` for `rows` rows of equal width, converted to `out`'s [`DType`] (e.g. an
     /// fp16 embedding into an fp32 residual stream, or an fp32 stream back to fp16).
     Convert { x: Buf, out: Buf, rows: usize },
+    /// `out[r] = x[r] / ||x[r]||₂` for `rows` rows (CLIPModel's unit embeddings: transformers'
+    /// `_get_vector_norm` division, no epsilon, so a zero row is NaN as there). Sums of squares
+    /// in f64 on the CPU, fp32 on the GPU; `out` may be [`DType::F32`] so the unit vectors keep
+    /// more than fp16's 11 bits.
+    L2Normalize { x: Buf, out: Buf, rows: usize },
 }
 
 impl Op {
@@ -256,7 +261,8 @@ impl Op {
             | Op::ScatterTokens { out, .. }
             | Op::LastRows { out, .. }
             | Op::Broadcast { out, .. }
-            | Op::Convert { out, .. } => vec![out],
+            | Op::Convert { out, .. }
+            | Op::L2Normalize { out, .. } => vec![out],
             Op::Attention(ref a) => vec![a.out],
             Op::Rope { x, .. } => vec![x.buf],
             Op::AddPositions { x, .. } => vec![x],
@@ -277,7 +283,9 @@ impl Op {
             Op::Attention(ref a) => {
                 [Some(a.q.buf), Some(a.k.buf), Some(a.v.buf), a.key_mask, a.head_bias].into_iter().flatten().collect()
             }
-            Op::SelectRows { x, .. } | Op::LastRows { x, .. } | Op::Convert { x, .. } => vec![x],
+            Op::SelectRows { x, .. } | Op::LastRows { x, .. } | Op::Convert { x, .. } | Op::L2Normalize { x, .. } => {
+                vec![x]
+            }
             Op::KvAppend { k, v, .. } => vec![k.buf, v.buf],
             Op::Embed { .. } | Op::Broadcast { .. } => vec![],
             Op::ScatterTokens { src, out, .. } => vec![src, out],
@@ -300,7 +308,8 @@ impl Op {
             | Op::KvAppend { .. }
             | Op::ScatterTokens { .. }
             | Op::LastRows { .. }
-            | Op::Convert { .. } => vec![],
+            | Op::Convert { .. }
+            | Op::L2Normalize { .. } => vec![],
         }
     }
 
@@ -322,6 +331,7 @@ impl Op {
             Op::LastRows { .. } => "last_rows",
             Op::Broadcast { .. } => "broadcast",
             Op::Convert { .. } => "convert",
+            Op::L2Normalize { .. } => "l2_normalize",
         }
     }
 }

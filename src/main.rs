@@ -512,10 +512,7 @@ fn run_embed(args: &EmbedArgs, texts: &[String], images: &[PathBuf]) -> Result<E
     if !texts.is_empty() {
         return embed_records(texts, "text", args.json, batch, |r| {
             let ids = texts[r].iter().map(|t| model.text_ids(t).map_err(|e| e.to_string())).collect();
-            batched(ids, |ids| model.text_id_features(ids))
-                .into_iter()
-                .map(|e| e.map(|e| embedding_outcome(glimpse::api::normalize(&e))))
-                .collect()
+            batched(ids, |ids| model.embed_text_ids(ids)).into_iter().map(|e| e.map(embedding_outcome)).collect()
         });
     }
     let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();

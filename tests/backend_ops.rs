@@ -14,7 +14,8 @@ use glimpse::api::Device;
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::{Backend, Executor};
 use glimpse::graph::{
-    rope_inv_freq, Activation, Attention, Buf, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, W,
+    rope_inv_freq, Activation, Attention, Buf, DType, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View,
+    WeightTable, W,
 };
 use glimpse::weights::Weight;
 use half::f16;
@@ -74,8 +75,9 @@ fn run_both(gpu: &mut dyn Executor, cpu: &mut CpuExecutor, p: &Phase) {
     cpu.run(p).unwrap();
 }
 
-/// LayerNorm without bias and RMSNorm (fused residual), a GELU-tanh Linear reading a column
-/// view, and the gated activation over a fused [rows, 2I] buffer, for odd widths.
+/// LayerNorm without bias and RMSNorm (fused residual), L2 normalisation into fp16 and fp32, a
+/// GELU-tanh Linear reading a column view, and the gated activation over a fused [rows, 2I]
+/// buffer, for odd widths.
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn norms_activations_and_views_match_cpu() {
@@ -87,8 +89,11 @@ fn norms_activations_and_views_match_cpu() {
     let (ln, rms) = (g.buffer("ln", rows, dim), g.buffer("rms", rows, dim));
     let wide = g.buffer("wide", rows, k + 16);
     let (fused, gated) = (g.buffer("fused", rows, 2 * inter), g.buffer("gated", rows, inter));
+    let (unit16, unit32) = (g.buffer("unit16", rows, dim), g.typed_buffer("unit32", rows, dim, DType::F32));
     g.push(Op::LayerNorm { x, residual: Some(r), weight: W(0), bias: None, eps: 1e-5, out: ln, rows });
     g.push(Op::RmsNorm { x, residual: Some(r), weight: W(0), eps: 1e-6, out: rms, rows });
+    g.push(Op::L2Normalize { x: ln, out: unit16, rows });
+    g.push(Op::L2Normalize { x: ln, out: unit32, rows });
     g.linear(View { buf: wide, col: 8 }, W(1), None, Activation::GeluTanh, None, fused, rows);
     let mut phases = vec![g.take_phase("norms")];
     for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
@@ -108,6 +113,8 @@ fn norms_activations_and_views_match_cpu() {
     run_both(gpu.as_mut(), &mut cpu, &phases[0]);
     compare("layer_norm without bias", gpu.as_mut(), &mut cpu, ln, rows);
     compare("rms_norm", gpu.as_mut(), &mut cpu, rms, rows);
+    compare("l2_normalize to fp16", gpu.as_mut(), &mut cpu, unit16, rows);
+    compare("l2_normalize to fp32", gpu.as_mut(), &mut cpu, unit32, rows);
     compare("gelu_tanh linear on a column view", gpu.as_mut(), &mut cpu, fused, rows);
     // The gated ops read the CPU's fused values on both sides, so only the op itself differs.
     let f = cpu.read(fused, rows).unwrap();

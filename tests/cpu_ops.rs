@@ -296,6 +296,28 @@ fn norms_without_bias_match_definition() {
     }
 }
 
+/// CLIP's unit embeddings: each row over its norm, to f32 rounding (the op sums in f64 and rounds
+/// once, so 1 ulp of the unit value is the bound); a zero row is NaN, as in transformers.
+#[test]
+fn l2_normalize_matches_definition() {
+    let mut rng = Rng::new("l2_normalize");
+    for &(rows, dim) in &[(1, 1), (3, 768), (2, 33), (32, 512)] {
+        let x: Vec<f32> = rng.f32s(rows * dim).iter().map(|v| v * 40.0).collect();
+        let mut out = vec![f32::NAN; rows * dim];
+        ops::l2_normalize(&x, rows, dim, &mut out);
+        let want = refs::l2_normalize(&x, dim);
+        for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (f64::from(g) - w).abs() <= f64::from(f32::EPSILON) * w.abs().max(1e-30),
+                "{rows}x{dim}[{i}]: {g} vs {w}"
+            );
+        }
+    }
+    let mut out = vec![0.0f32; 4];
+    ops::l2_normalize(&[0.0; 4], 1, 4, &mut out);
+    assert!(out.iter().all(|v| v.is_nan()), "a zero row divides 0 by 0, as transformers does: {out:?}");
+}
+
 /// transformers 5.17's inv_freq: the exponent in f32, the power in f64 rounded to f32, the
 /// reciprocal in f32 (design/llama.md 2.2); linear divides by the factor; llama3 keeps high
 /// frequencies, divides low ones by the factor and interpolates the band between.

@@ -335,6 +335,35 @@ fn norms_match_reference() {
     }
 }
 
+/// CLIP's unit embeddings on the device: each fp16 row over its fp32 norm, into fp32 (within 4
+/// ulp of the unit value: the fp32 sum of squares of <= 1024 terms is good to ~1e-7 relative
+/// before the square root halves it) and into fp16 (the usual fp16 tolerance of `check`).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn l2_normalize_matches_reference() {
+    let Some(dev) = device("l2_normalize_matches_reference") else { return };
+    let mut rng = Rng::new("l2_normalize");
+    for &dim in &[768usize, 1024, 512, 33, 1] {
+        for &rows in &[1usize, 7, 32] {
+            let x = rng.halves(rows * dim, 3.0);
+            let want = refs::l2_normalize(&x, dim);
+            let dx = dev.upload(&x).unwrap();
+            let y32 = dev.upload(&vec![f32::NAN; rows * dim]).unwrap();
+            dev.l2_normalize(&dx, &y32, rows, dim).unwrap();
+            for (i, (g, w)) in dev.download(&y32).unwrap().iter().zip(&want).enumerate() {
+                let bound = 4.0 * f64::from(f32::EPSILON) * w.abs().max(1.0 / (dim as f64).sqrt());
+                assert!(
+                    (f64::from(*g) - w).abs() <= bound,
+                    "l2_normalize fp32 rows={rows} dim={dim} [{i}]: {g} vs {w}"
+                );
+            }
+            let y16 = poisoned(&dev, rows * dim);
+            dev.l2_normalize(&dx, &y16, rows, dim).unwrap();
+            check(&format!("l2_normalize fp16 rows={rows} dim={dim}"), &dev.download(&y16).unwrap(), &want, None);
+        }
+    }
+}
+
 /// Bit-identical fp16 buffers (an exact copy or an fp16 sum both sides form the same way).
 fn same_bits(got: &[f16], want: &[f16]) -> bool {
     got.len() == want.len() && got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits())

@@ -334,9 +334,12 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
                 )));
             }
         }
-        Op::Convert { x, out, rows } if cols(*x) != cols(*out) || rows_of(*x) < *rows || rows_of(*out) < *rows => {
+        Op::Convert { x, out, rows } | Op::L2Normalize { x, out, rows }
+            if cols(*x) != cols(*out) || rows_of(*x) < *rows || rows_of(*out) < *rows =>
+        {
             return Err(invalid(format!(
-                "convert: `{}` [{}, {}] -> `{}` [{}, {}] cannot copy {rows} rows",
+                "{}: `{}` [{}, {}] -> `{}` [{}, {}] cannot map {rows} rows",
+                op.kind(),
                 descs[x.0].name,
                 rows_of(*x),
                 cols(*x),
@@ -354,11 +357,13 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
 /// Linear may write an fp32 output with an fp32 residual (its input stays fp16: the tensor-core
 /// operand); a norm may read an fp32 input and residual (its output is fp16); `Convert` goes
 /// either way; an attention key mask may be fp32. Every other operand is fp16. Streams enter and
-/// leave fp32 through these ops.
+/// leave fp32 through these ops; `L2Normalize` may write fp32 unit vectors.
 pub fn check_dtypes(op: &Op, descs: &[BufferDesc]) -> Result<()> {
     let dt = |b: Buf| descs[b.0].dtype;
     let (fp32_ok, must_match): (Vec<Buf>, Vec<Buf>) = match *op {
         Op::Convert { x, out, .. } => (vec![x, out], vec![]),
+        // Unit vectors the host reads back may stay fp32.
+        Op::L2Normalize { out, .. } => (vec![out], vec![]),
         Op::Linear { residual, out, .. } => {
             let stream: Vec<Buf> = [Some(out), residual].into_iter().flatten().collect();
             (stream.clone(), stream)
@@ -385,7 +390,7 @@ pub fn check_dtypes(op: &Op, descs: &[BufferDesc]) -> Result<()> {
     let operands = op.inputs().into_iter().chain(op.outputs());
     if let Some(b) = operands.filter(|b| !fp32_ok.contains(b)).find(|&b| dt(b) == DType::F32) {
         return Err(invalid(format!(
-            "{}: buffer `{}` is fp32 but this operand must be fp16 (fp32 buffers are a Linear's output and residual, a norm's input and residual, an attention key mask, and Convert's operands): convert it first",
+            "{}: buffer `{}` is fp32 but this operand must be fp16 (fp32 buffers are a Linear's output and residual, a norm's input and residual, an attention key mask, Convert's operands and L2Normalize's output): convert it first",
             op.kind(),
             descs[b.0].name
         )));

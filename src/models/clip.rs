@@ -1,7 +1,8 @@
 //! The CLIP family (transformers 5.17): `CLIPModel` (both towers), `CLIPTextModelWithProjection`
 //! and `CLIPVisionModelWithProjection`. Each tower's pooled output goes through its bias-free
-//! projection; L2 normalisation, `exp(logit_scale)` and the image-text similarities are computed
-//! on the host by `api::Embedder` (a few hundred floats per input, in f64).
+//! projection, then `Op::L2Normalize` into fp32 unit vectors on the device; `exp(logit_scale)`
+//! and the image-text similarities are computed on the host by `api::EmbedModel` (a few
+//! hundred floats per input, in f64).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use super::clip_vision::{self, ClipVision, VisionRequest};
 use super::{EmbedPlan, Embedder, Loader};
 use crate::config::{ClipConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
-use crate::graph::{Activation, Graph, Linear, WeightTable};
+use crate::graph::{Activation, Buf, DType, Graph, Linear, Op, WeightTable};
 use crate::weights::Checkpoint;
 
 pub struct Clip {
@@ -82,6 +83,15 @@ fn projection(ld: &mut Loader, cfg: &ClipConfig, name: &str, hidden: usize, p: u
     ld.linear(name, hidden, p, false)
 }
 
+/// A tower's projection of its pooled rows, and their unit vectors (fp32, for the host).
+fn project(g: &mut Graph, proj: &Linear, pooled: Buf, name: &str, batch: usize) -> (Buf, Buf) {
+    let embeds = g.buffer(name, batch, proj.out_dim);
+    super::layers::linear(g, proj, pooled, Activation::None, None, embeds, batch);
+    let normalized = g.typed_buffer(format!("{name}_normalized"), batch, proj.out_dim, DType::F32);
+    g.push(Op::L2Normalize { x: embeds, out: normalized, rows: batch });
+    (embeds, normalized)
+}
+
 fn no_tower(cfg: &ClipConfig, which: &str) -> Error {
     Error::InvalidInput(format!(
         "{} has no {which} tower: embed {} with this model, or use a CLIPModel checkpoint",
@@ -135,10 +145,9 @@ impl Embedder for Clip {
         let out = tower.emit(&mut g, "vision", pixels, batch, &VisionRequest { pooled: true, ..Default::default() })?;
         let pooled =
             out.pooled.ok_or_else(|| Error::InvalidInput("the vision tower returned no pooled output".into()))?;
-        let embeds = g.buffer("image_embeds", batch, proj.out_dim);
-        super::layers::linear(&mut g, proj, pooled, Activation::None, None, embeds, batch);
+        let (embeds, normalized) = project(&mut g, proj, pooled, "image_embeds", batch);
         let phase = g.take_phase("vision");
-        Ok(EmbedPlan { graph: g, phase, batch, inputs: vec![("pixels", pixels)], output: embeds })
+        Ok(EmbedPlan { graph: g, phase, batch, inputs: vec![("pixels", pixels)], output: embeds, normalized })
     }
 
     fn text_plan(&self, batch: usize, len: usize) -> Result<EmbedPlan> {
@@ -153,10 +162,9 @@ impl Embedder for Clip {
         let mut g = Graph::new();
         let key_mask = g.buffer("key_mask", batch, len);
         let pooled = tower.emit(&mut g, "text", batch, len, key_mask);
-        let embeds = g.buffer("text_embeds", batch, proj.out_dim);
-        super::layers::linear(&mut g, proj, pooled, Activation::None, None, embeds, batch);
+        let (embeds, normalized) = project(&mut g, proj, pooled, "text_embeds", batch);
         let phase = g.take_phase("text");
-        Ok(EmbedPlan { graph: g, phase, batch, inputs: vec![("key_mask", key_mask)], output: embeds })
+        Ok(EmbedPlan { graph: g, phase, batch, inputs: vec![("key_mask", key_mask)], output: embeds, normalized })
     }
 
     fn pool_rows(&self, ids: &[Vec<u32>]) -> Vec<usize> {

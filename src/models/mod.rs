@@ -99,8 +99,8 @@ pub trait Embedder: Send + Sync {
     fn embed_dim(&self) -> usize;
     /// `exp(logit_scale)`, the factor of image-text similarities (None: single-tower model).
     fn logit_scale(&self) -> Option<f32>;
-    /// The graph for `batch` images: input `pixels` `[batch, 3*S*S]`, output `[batch, embed_dim]`
-    /// un-normalized embeddings.
+    /// The graph for `batch` images: input `pixels` `[batch, 3*S*S]`, outputs `[batch, embed_dim]`
+    /// embeddings and their unit vectors.
     fn image_plan(&self, batch: usize) -> Result<EmbedPlan>;
     /// The graph for `batch` texts of `len` tokens (padded): tokens through `set_tokens`, input
     /// `key_mask` `[batch, len]` (0 or `f32::MIN` per key), pooling rows through
@@ -118,8 +118,11 @@ pub struct EmbedPlan {
     pub phase: crate::graph::Phase,
     pub batch: usize,
     pub inputs: Vec<(&'static str, crate::graph::Buf)>,
-    /// `[batch, embed_dim]`.
+    /// `[batch, embed_dim]`: the projected embeddings (`get_image_features` / `get_text_features`).
     pub output: crate::graph::Buf,
+    /// `[batch, embed_dim]` fp32: the same rows L2-normalised on the device (`CLIPModel`'s
+    /// `image_embeds` / `text_embeds`).
+    pub normalized: crate::graph::Buf,
 }
 
 /// What a loaded checkpoint does.

@@ -153,6 +153,18 @@ pub fn rms_norm<X: Num, W: Num>(x: &[X], w: &[W], eps: f64, dim: usize) -> Vec<f
     y
 }
 
+/// Each `dim`-row divided by its Euclidean norm (transformers' `x / x.norm(p=2, dim=-1,
+/// keepdim=True)`, no epsilon).
+pub fn l2_normalize<X: Num>(x: &[X], dim: usize) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks(dim) {
+        let row = f64s(row);
+        let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        y.extend(row.iter().map(|v| v / norm));
+    }
+    y
+}
+
 /// Where the heads of q, k or v lie: batch item b, row i, head h, column c is element
 /// `(b * batch_stride + i) * stride + col + h * head_dim + c`.
 #[derive(Debug, Clone, Copy)]

@@ -237,6 +237,12 @@ impl CpuExecutor {
                 self.bufs[x.0] = src;
             }
             Op::Convert { .. } => {}
+            Op::L2Normalize { x, out, rows } => {
+                let dim = self.cols(out);
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                ops::l2_normalize(&self.bufs[x.0], rows, dim, &mut o);
+                self.bufs[out.0] = o;
+            }
         }
         Ok(())
     }

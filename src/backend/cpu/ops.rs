@@ -151,6 +151,18 @@ pub fn rms_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], eps: f32, rows: 
     });
 }
 
+/// `out[r] = x[r] / ||x[r]||` over rows of `dim`: the sum of squares and the division in f64,
+/// rounded once to f32 (transformers' `x / x.norm(p=2, dim=-1, keepdim=True)` in fp32 agrees to
+/// f32 rounding; no epsilon, so a zero row gives NaN as there).
+pub fn l2_normalize(x: &[f32], rows: usize, dim: usize, out: &mut [f32]) {
+    for (o, xr) in out[..rows * dim].chunks_mut(dim).zip(x.chunks(dim)) {
+        let norm = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+        for (o, &v) in o.iter_mut().zip(xr) {
+            *o = (f64::from(v) / norm) as f32;
+        }
+    }
+}
+
 /// `out[i] = act(gate[i]) * up[i]`.
 pub fn gated_act(gate: &[f32], up: &[f32], act: Activation, out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {

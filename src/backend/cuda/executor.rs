@@ -460,6 +460,14 @@ impl CudaExecutor {
                     }
                 }
             }
+            Op::L2Normalize { x, out, rows } => {
+                let dim = self.cols(out);
+                if self.is_f32(out) {
+                    dev.l2_normalize(&self.bufs[x.0], &self.f32_buf(out), rows, dim)?;
+                } else {
+                    dev.l2_normalize(&self.bufs[x.0], &self.bufs[out.0], rows, dim)?;
+                }
+            }
             Op::GatedAct { gate, up, act, out, rows } => {
                 let (g, u) = (self.rows_view(gate), self.rows_view(up));
                 dev.gated_act(g, u, act, &self.bufs[out.0], rows, self.cols(out))?;

@@ -1,4 +1,4 @@
-//! kernels/layernorm.cu: LayerNorm and RMSNorm with a fused residual add.
+//! kernels/layernorm.cu: LayerNorm and RMSNorm with a fused residual add; L2 normalisation.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
@@ -36,7 +36,57 @@ const _: () = assert!(std::mem::size_of::<NormParams>() == 64);
 // SAFETY: see GemmParams (mirrors layernorm.cu NormParams).
 unsafe impl DeviceRepr for NormParams {}
 
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct L2Params {
+    x: u64,
+    y: u64,
+    rows: i32,
+    dim: i32,
+    out_f32: i32,
+    pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<L2Params>() == 32);
+// SAFETY: see GemmParams (mirrors layernorm.cu L2Params).
+unsafe impl DeviceRepr for L2Params {}
+
 impl CudaDevice {
+    /// y = x / ||x||₂ per row of `dim` (fp32 sum of squares); x fp16, y fp16 or fp32.
+    pub fn l2_normalize<O: ActElem>(
+        &self,
+        x: &DevSlice<f16>,
+        y: &DevSlice<O>,
+        rows: usize,
+        dim: usize,
+    ) -> GpuResult<()> {
+        const KERNEL: &str = "l2norm_f16";
+        if rows == 0 || dim == 0 {
+            return Err(bad(KERNEL, "empty shape"));
+        }
+        need(KERNEL, "x", x, rows * dim)?;
+        need(KERNEL, "y", y, rows * dim)?;
+        if O::F32 && !y.is_aligned(4) {
+            return Err(bad(KERNEL, "fp32 y must be 4-byte aligned"));
+        }
+        disjoint(KERNEL, "y", y, "x", x)?;
+        let grid = to_i32(KERNEL, "rows", rows)? as u32;
+        let threads = (dim.div_ceil(32) * 32).clamp(32, 256) as u32;
+        let p = L2Params {
+            x: x.ptr(),
+            y: y.ptr(),
+            rows: grid as i32,
+            dim: to_i32(KERNEL, "dim", dim)?,
+            out_f32: O::F32 as i32,
+            pad: 0,
+        };
+        let f = self.func("layernorm", KERNEL)?;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x and y hold >= rows*dim elements of their types (checked), y is disjoint from
+        // x and 4-byte aligned when fp32; one block (multiple of 32 threads, <= 256) per row.
+        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(KERNEL))?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn norm<I: ActElem>(
         &self,
