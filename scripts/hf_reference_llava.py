@@ -23,7 +23,8 @@ template around glimpse's default instruction), a few tokens longer: compare wit
 
 --glimpse BIN: the CPU parity check. Answers the prompt about a deterministic PNG with
 transformers (fp32, CPU, eager, greedy) and with `BIN ask --model DIR --device cpu --json`, and
-fails unless the generated tokens are identical.
+fails unless the generated tokens are identical. --offload keeps transformers' decoder weights on
+disk (accelerate), for full-size checkpoints whose fp32 copy does not fit in memory.
 """
 from __future__ import annotations
 
@@ -138,9 +139,14 @@ def run_timings(model_dir: str, device: str, attn: str, args) -> dict:
     return {"label": attn, "attn": attn, "dtype": str(dtype), "prompt_tokens": ids.shape[1], "stages": stages}
 
 
-def parity(model_dir: str, binary: str, n: int, seed: int) -> dict:
+def parity(model_dir: str, binary: str, n: int, seed: int, offload: bool = False) -> dict:
+    # --offload: the decoder's weights stay in the fp16 safetensors and are read and widened to
+    # fp32 one layer at a time (accelerate's disk offload), so a 7b model's fp32 copy (28 GB)
+    # need not fit in memory. The arithmetic is the same fp32 forward.
+    extra = {"device_map": {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+                            "model.language_model": "disk", "lm_head": "cpu"}} if offload else {}
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+                                                          attn_implementation="eager", **extra).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "parity_257x181.png"
@@ -166,12 +172,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--glimpse", help="glimpse binary: check CPU greedy-token parity and exit")
+    ap.add_argument("--offload", action="store_true",
+                    help="parity: keep the decoder weights on disk (fp16 safetensors, widened per layer)")
     ap.add_argument("--out", help="JSON output file")
     args = ap.parse_args()
     args.repeats = args.repeats or (10 if args.device == "cuda" else 3)
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.glimpse:
-        report = {"parity": parity(args.model_dir, args.glimpse, args.new_tokens, args.seed)}
+        report = {"parity": parity(args.model_dir, args.glimpse, args.new_tokens, args.seed, args.offload)}
     else:
         report = {
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
