@@ -29,8 +29,21 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-# The output columns, in the order of the CLI's --json records.
-COLUMNS = ["image", "text", "tokens", "logprobs", "device", "error"]
+
+
+def schema():
+    """The output columns, in the order of the CLI's --json records. Typed, so that every
+    Parquet file has the same schema (a batch without failures has an all-null `error`)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image", pa.string()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.int64())),
+        ("logprobs", pa.list_(pa.float64())),
+        ("device", pa.string()),
+        ("error", pa.string()),
+    ])
 
 
 class Captioner:
@@ -42,7 +55,7 @@ class Captioner:
         self.model = glimpse.Model(model, device=device)
         self.options = dict(options or {})
 
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
+    def __call__(self, batch: Dict[str, np.ndarray]):
         names = [str(p) for p in batch["path"]]
         if "bytes" in batch:
             images = [bytes(b) for b in batch["bytes"]]
@@ -51,7 +64,10 @@ class Captioner:
         else:  # paths only (a Parquet of paths): read by glimpse on the actor's node
             images = names
         records = self.model.caption(images, names=names, errors="record", **self.options)
-        return {col: [r.get(col) for r in records] for col in COLUMNS}
+        import pyarrow as pa
+
+        out = schema()
+        return pa.table({f.name: [r.get(f.name) for r in records] for f in out}, schema=out)
 
 
 def read(args: argparse.Namespace):
@@ -76,7 +92,9 @@ def caption_dataset(ds, model: str, *, device: str = "auto", actors: Optional[in
         size = actors or gpus
     else:
         resources = {"num_cpus": cpus_per_actor}
-        size = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
+        # One CPU stays free for the read and write tasks, else they wait for the actors forever.
+        cpus = ray.cluster_resources().get("CPU", 1) - 1
+        size = actors or max(1, int(cpus // cpus_per_actor))
     return ds.map_batches(
         Captioner,
         fn_constructor_kwargs={"model": model, "device": "cuda" if use_gpu else device, "options": options},

@@ -51,10 +51,10 @@ def test_llava_matches_transformers(llava):
 def test_clip_classify_matches_transformers(clip):
     imgs = [image(i) for i in CLIP["images"]]
     records = clip.classify(imgs, CLIP["labels"])
-    flat = [p for rec in records for p in rec["probs"]]
-    assert len(flat) == len(CLIP["probs"])
-    for got, want in zip(flat, CLIP["probs"]):
-        assert abs(got - want) <= 1e-5
+    assert len(records) == len(CLIP["probs"])
+    for rec, want in zip(records, CLIP["probs"]):
+        assert len(rec["probs"]) == len(want)
+        assert all(abs(g - w) <= 1e-5 for g, w in zip(rec["probs"], want)), (rec["probs"], want)
     assert all(rec["labels"] == CLIP["labels"] for rec in records)
 
 

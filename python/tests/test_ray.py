@@ -17,7 +17,8 @@ import ray_caption  # noqa: E402
 @pytest.fixture(scope="module")
 def cluster():
     # The actors import ray_caption by name, so the examples folder is on their path too.
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(EXAMPLES)}})
+    # Two CPUs for the two captioning actors, one for the read and write tasks.
+    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(EXAMPLES)}})
     yield
     ray.shutdown()
 
