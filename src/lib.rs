@@ -31,6 +31,6 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use api::{Device, EmbedModel, Model, Output};
-pub use image::ImageInput;
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Sequence, Timings, TokenEvent};
+pub use image::ImageInput;

@@ -67,7 +67,8 @@ impl<'py> FromPyObject<'py> for Img {
     fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
         let t = ob.downcast::<PyTuple>()?;
         let tag: String = t.get_item(0)?.extract()?;
-        let bytes = |i: usize| -> PyResult<Vec<u8>> { Ok(t.get_item(i)?.downcast_into::<PyBytes>()?.as_bytes().to_vec()) };
+        let bytes =
+            |i: usize| -> PyResult<Vec<u8>> { Ok(t.get_item(i)?.downcast_into::<PyBytes>()?.as_bytes().to_vec()) };
         match tag.as_str() {
             "path" => Ok(Img::Path { path: t.get_item(1)?.extract()?, name: t.get_item(2)?.extract()? }),
             "bytes" => Ok(Img::Bytes { name: t.get_item(1)?.extract()?, data: bytes(2)? }),
@@ -89,9 +90,7 @@ impl Img {
         match self {
             Img::Path { path, .. } => ImageInput::Path(path),
             Img::Bytes { name, data } => ImageInput::Bytes { bytes: data, name },
-            Img::Rgb { name, width, height, data } => {
-                ImageInput::Rgb { width: *width, height: *height, data, name }
-            }
+            Img::Rgb { name, width, height, data } => ImageInput::Rgb { width: *width, height: *height, data, name },
         }
     }
 
@@ -295,7 +294,13 @@ impl NativeModel {
 /// Runs each image alone (a caption, or the answer to its question), in order, as the CLI does:
 /// one record per image. `raise_errors`: the first failure is returned; else it becomes that
 /// image's error record and the rest still run.
-fn generate_each(model: &Model, images: &[Img], questions: Option<&[String]>, opts: &GenerateOptions, raise: bool) -> Res<Vec<String>> {
+fn generate_each(
+    model: &Model,
+    images: &[Img],
+    questions: Option<&[String]>,
+    opts: &GenerateOptions,
+    raise: bool,
+) -> Res<Vec<String>> {
     let mut records = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
         let result = (|| -> Res<String> {
@@ -472,7 +477,8 @@ impl NativeModel {
             let model = self.generator("ask_images")?;
             let opts = options(model, kwargs)?;
             py.allow_threads(|| {
-                let pixels = images.iter().map(|i| model.preprocess_input(&i.input())).collect::<glimpse::Result<Vec<_>>>()?;
+                let pixels =
+                    images.iter().map(|i| model.preprocess_input(&i.input())).collect::<glimpse::Result<Vec<_>>>()?;
                 let out = model.ask_pixels(&pixels, &question, &opts, &mut |_| {})?;
                 let names: Vec<String> = images.iter().map(Img::name).collect();
                 Ok(output_record(names.into(), &out, model.load_seconds))
@@ -509,7 +515,10 @@ impl NativeModel {
                         Err(f) => Piece::Failed(f),
                     });
                 })
-                .map_err(|e| Failure { class: "GlimpseError", msg: format!("cannot start the stream's thread: {e}") })?;
+                .map_err(|e| Failure {
+                    class: "GlimpseError",
+                    msg: format!("cannot start the stream's thread: {e}"),
+                })?;
             Ok(Stream { rx: Mutex::new(rx), result: Mutex::new(None) })
         };
         start().map_err(|f| f.into_py(py))
@@ -518,7 +527,13 @@ impl NativeModel {
     /// Unit-length image embeddings, `batch_size` images per forward pass: JSON records
     /// `{"image", "embedding"}` as `glimpse embed --json`.
     #[pyo3(signature = (images, batch_size, raise_errors))]
-    fn embed_images(&self, py: Python<'_>, images: Vec<Img>, batch_size: usize, raise_errors: bool) -> PyResult<Vec<String>> {
+    fn embed_images(
+        &self,
+        py: Python<'_>,
+        images: Vec<Img>,
+        batch_size: usize,
+        raise_errors: bool,
+    ) -> PyResult<Vec<String>> {
         let run = || -> Res<Vec<String>> {
             let model = self.embedder("embed")?;
             let names: Vec<String> = images.iter().map(Img::name).collect();
@@ -539,12 +554,19 @@ impl NativeModel {
     /// Unit-length text embeddings: JSON records `{"text", "embedding"}` as
     /// `glimpse embed --text ... --json`.
     #[pyo3(signature = (texts, batch_size, raise_errors))]
-    fn embed_texts(&self, py: Python<'_>, texts: Vec<String>, batch_size: usize, raise_errors: bool) -> PyResult<Vec<String>> {
+    fn embed_texts(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        batch_size: usize,
+        raise_errors: bool,
+    ) -> PyResult<Vec<String>> {
         let run = || -> Res<Vec<String>> {
             let model = self.embedder("embed")?;
             py.allow_threads(|| {
                 batched(&texts, "text", batch_size, raise_errors, |r| {
-                    let ids: Vec<Res<Vec<u32>>> = texts[r].iter().map(|t| model.text_ids(t).map_err(Failure::from)).collect();
+                    let ids: Vec<Res<Vec<u32>>> =
+                        texts[r].iter().map(|t| model.text_ids(t).map_err(Failure::from)).collect();
                     run_oks(ids, |ids| model.text_id_features(ids))
                         .into_iter()
                         .map(|e| e.map(|e| fields(vec![("embedding", json!(glimpse::api::normalize(&e)))])))

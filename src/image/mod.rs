@@ -38,9 +38,17 @@ pub struct PixelValues {
 pub enum ImageInput<'a> {
     Path(&'a Path),
     /// Encoded PNG, JPEG, WebP, GIF or BMP bytes; `name` stands for the image in errors.
-    Bytes { bytes: &'a [u8], name: &'a str },
+    Bytes {
+        bytes: &'a [u8],
+        name: &'a str,
+    },
     /// 8-bit RGB, row-major, `height` rows of `width * 3` bytes (numpy's HWC uint8).
-    Rgb { width: usize, height: usize, data: &'a [u8], name: &'a str },
+    Rgb {
+        width: usize,
+        height: usize,
+        data: &'a [u8],
+        name: &'a str,
+    },
 }
 
 impl ImageInput<'_> {
@@ -103,7 +111,9 @@ impl ImageProcessor {
         match *input {
             ImageInput::Path(path) => self.preprocess_file(path),
             ImageInput::Bytes { bytes, name } => self.preprocess_bytes(bytes, name),
-            ImageInput::Rgb { width, height, data, name } => Ok(self.preprocess(&rgb_image(width, height, data, name)?)),
+            ImageInput::Rgb { width, height, data, name } => {
+                Ok(self.preprocess(&rgb_image(width, height, data, name)?))
+            }
         }
     }
 
