@@ -1,5 +1,6 @@
 """Type stubs of the native module (python/src/lib.rs). Use the `glimpse` package instead."""
 
+from pathlib import Path
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
 # ("path", PATH, NAME | None), ("bytes", NAME, BYTES) or ("rgb", NAME, WIDTH, HEIGHT, BYTES).
@@ -14,7 +15,7 @@ class NativeModel:
     @property
     def architecture(self) -> str: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def device(self) -> str: ...
     @property
