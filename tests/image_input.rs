@@ -36,7 +36,10 @@ fn caption_pixels_is_caption() {
     assert_eq!(streamed, want.tokens, "on_token sees every token");
     let answer = model.ask(&path, "what is it?", &opts).unwrap();
     let px = model.preprocess(&path).unwrap();
-    assert_eq!(model.ask_pixels(&[px.clone()], "what is it?", &opts, &mut |_| {}).unwrap().tokens, answer.tokens);
+    assert_eq!(
+        model.ask_pixels(std::slice::from_ref(&px), "what is it?", &opts, &mut |_| {}).unwrap().tokens,
+        answer.tokens
+    );
     let err = model.ask_pixels(&[px.clone(), px], "what?", &opts, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("one image at a time; got 2 images"), "{err}");
 }
