@@ -13,7 +13,7 @@ use crate::generate::{
     beam_rows, expand_for_beams, generate_batch, EarlyStopping, GenerateOptions, Plan, Prompts, Sequence, Timings,
     TokenEvent,
 };
-use crate::image::{ImageProcessor, PixelValues};
+use crate::image::{ImageInput, ImageProcessor, PixelValues};
 use crate::models::Family;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
@@ -185,42 +185,70 @@ impl Model {
         self.image_processor.preprocess_file(image)
     }
 
+    /// Pixel values of a file, encoded bytes or decoded pixels (the same pixels for each).
+    pub fn preprocess_input(&self, image: &ImageInput<'_>) -> Result<PixelValues> {
+        self.image_processor.preprocess_input(image)
+    }
+
     /// Captions an image file.
     pub fn caption(&self, image: &Path, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
+        self.caption_pixels(&self.preprocess(image)?, opts, &mut |_| {})
+    }
+
+    /// Captions a preprocessed image (chat families: the caption instruction through the chat
+    /// template); `on_token` sees each token as it is produced.
+    pub fn caption_pixels(
+        &self,
+        pixels: &PixelValues,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Output> {
+        opts.validate()?;
         if self.chat.is_some() {
-            return self.ask_images(&[image], crate::chat::CAPTION_INSTRUCTION, opts);
+            return self.ask_pixels(std::slice::from_ref(pixels), crate::chat::CAPTION_INSTRUCTION, opts, on_token);
         }
-        self.run(&[self.preprocess(image)?], None, opts, &mut |_| {}).map(|mut v| v.remove(0))
+        self.run(std::slice::from_ref(pixels), None, opts, on_token).map(|mut v| v.remove(0))
     }
 
     /// Answers a question about an image with the family's question template.
     pub fn ask(&self, image: &Path, question: &str, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
-        if self.chat.is_some() {
-            return self.ask_images(&[image], question, opts);
+        self.ask_pixels(&[self.preprocess(image)?], question, opts, &mut |_| {})
+    }
+
+    /// [`Model::ask_images`] on preprocessed images: chat families put every image in one user
+    /// message; other families take exactly one image and the family's question template.
+    pub fn ask_pixels(
+        &self,
+        pixels: &[PixelValues],
+        question: &str,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Output> {
+        opts.validate()?;
+        if self.chat.is_none() {
+            if pixels.len() != 1 {
+                return Err(one_image_only(pixels.len()));
+            }
+            let prompt = self.question_prompt(question);
+            return self.run(pixels, Some(&prompt), opts, on_token).map(|mut v| v.remove(0));
         }
-        let prompt = self.question_prompt(question);
-        self.run(&[self.preprocess(image)?], Some(&prompt), opts, &mut |_| {}).map(|mut v| v.remove(0))
+        let ids = self.chat_input_ids(pixels.len(), question)?;
+        let (mut seqs, timings, device) = self.run_ids(pixels, &ids, opts, on_token)?;
+        self.output(seqs.remove(0), &timings, &device)
     }
 
     /// Asks one question about several images (chat families: one user message holding every
     /// image, then the question; a single image on other families).
     pub fn ask_images(&self, images: &[&Path], question: &str, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
-        if self.chat.is_none() {
-            return match images {
-                [one] => self.ask(one, question, opts),
-                _ => Err(Error::InvalidInput(format!(
-                    "this model answers about one image at a time; got {} images (several images need a chat model such as LLaVA)",
-                    images.len()
-                ))),
-            };
+        if self.chat.is_none() && images.len() != 1 {
+            // Refused before any image is read: the count alone decides it.
+            return Err(one_image_only(images.len()));
         }
         let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
-        let ids = self.chat_input_ids(images.len(), question)?;
-        let (mut seqs, timings, device) = self.run_ids(&pixels, &ids, opts, &mut |_| {})?;
-        self.output(seqs.remove(0), &timings, &device)
+        self.ask_pixels(&pixels, question, opts, &mut |_| {})
     }
 
     /// Asks a different question about each image, in one batch: the prompts run left-padded
@@ -366,6 +394,13 @@ impl Model {
     }
 }
 
+/// The error of a question about several images on a family that takes one.
+fn one_image_only(images: usize) -> Error {
+    Error::InvalidInput(format!(
+        "this model answers about one image at a time; got {images} images (several images need a chat model such as LLaVA)"
+    ))
+}
+
 /// A model folder that embeds images and texts (CLIP: `CLIPModel`, `CLIPTextModelWithProjection`,
 /// `CLIPVisionModelWithProjection`), loaded once for any number of requests.
 ///
@@ -430,12 +465,18 @@ impl EmbedModel {
     }
 
     pub fn preprocess(&self, image: &Path) -> Result<PixelValues> {
-        self.image_processor
-            .as_ref()
-            .ok_or_else(|| {
-                Error::InvalidInput(format!("{} has no vision tower: it embeds texts only", self.dir.display()))
-            })?
-            .preprocess_file(image)
+        self.processor()?.preprocess_file(image)
+    }
+
+    /// Pixel values of a file, encoded bytes or decoded pixels (the same pixels for each).
+    pub fn preprocess_input(&self, image: &ImageInput<'_>) -> Result<PixelValues> {
+        self.processor()?.preprocess_input(image)
+    }
+
+    fn processor(&self) -> Result<&ImageProcessor> {
+        self.image_processor.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!("{} has no vision tower: it embeds texts only", self.dir.display()))
+        })
     }
 
     /// Token ids of `text` as `CLIPProcessor(text=...)` gives them (`<|startoftext|>`, the text,

@@ -31,6 +31,58 @@ pub struct PixelValues {
     pub data: Vec<f32>,
 }
 
+/// An image as the library takes it: a file, its encoded bytes, or pixels decoded elsewhere
+/// (PIL, numpy). Bytes go through the same decoder as files, so both give the same pixels;
+/// decoded pixels skip decoding (and EXIF orientation, as transformers does for a PIL image).
+#[derive(Debug, Clone, Copy)]
+pub enum ImageInput<'a> {
+    Path(&'a Path),
+    /// Encoded PNG, JPEG, WebP, GIF or BMP bytes; `name` stands for the image in errors.
+    Bytes {
+        bytes: &'a [u8],
+        name: &'a str,
+    },
+    /// 8-bit RGB, row-major, `height` rows of `width * 3` bytes (numpy's HWC uint8).
+    Rgb {
+        width: usize,
+        height: usize,
+        data: &'a [u8],
+        name: &'a str,
+    },
+}
+
+impl ImageInput<'_> {
+    /// What errors call the image: its path or its name.
+    pub fn name(&self) -> String {
+        match self {
+            ImageInput::Path(p) => p.display().to_string(),
+            ImageInput::Bytes { name, .. } | ImageInput::Rgb { name, .. } => name.to_string(),
+        }
+    }
+}
+
+/// Decoded pixels as an [`RgbImage`], checked as a decoded file is: a size that matches the
+/// data, at least one pixel, and no more than the decoder's pixel limit.
+fn rgb_image(width: usize, height: usize, data: &[u8], name: &str) -> Result<RgbImage> {
+    let err = |msg: String| crate::error::Error::Image { path: name.to_string(), msg };
+    if width == 0 || height == 0 {
+        return Err(err(format!("the pixels are {width}x{height}: an image needs at least one pixel")));
+    }
+    let limits = DecodeLimits::from_env()?;
+    let (w, h) = (u32::try_from(width).unwrap_or(u32::MAX), u32::try_from(height).unwrap_or(u32::MAX));
+    if (width as u64).saturating_mul(height as u64) > limits.max_pixels {
+        return Err(err(too_many_pixels(w, h, limits.max_pixels)));
+    }
+    let expected = width * height * 3;
+    if data.len() != expected {
+        return Err(err(format!(
+            "{} bytes of pixels for a {width}x{height} RGB image, which takes {expected} (height x width x 3, uint8)",
+            data.len()
+        )));
+    }
+    Ok(RgbImage::from_raw(w, h, data.to_vec()).expect("length checked above"))
+}
+
 /// An image processor configured from a checkpoint's preprocessor config.
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
@@ -52,6 +104,17 @@ impl ImageProcessor {
 
     pub fn preprocess_bytes(&self, bytes: &[u8], name: &str) -> Result<PixelValues> {
         Ok(self.preprocess(&decode_rgb(bytes, name)?))
+    }
+
+    /// Pixel values of an image given in memory: a file, encoded bytes, or decoded RGB pixels.
+    pub fn preprocess_input(&self, input: &ImageInput<'_>) -> Result<PixelValues> {
+        match *input {
+            ImageInput::Path(path) => self.preprocess_file(path),
+            ImageInput::Bytes { bytes, name } => self.preprocess_bytes(bytes, name),
+            ImageInput::Rgb { width, height, data, name } => {
+                Ok(self.preprocess(&rgb_image(width, height, data, name)?))
+            }
+        }
     }
 
     /// resize -> center crop -> rescale -> normalize, each only when the config asks for it.
