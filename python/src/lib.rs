@@ -567,9 +567,9 @@ impl NativeModel {
                 batched(&texts, "text", batch_size, raise_errors, |r| {
                     let ids: Vec<Res<Vec<u32>>> =
                         texts[r].iter().map(|t| model.text_ids(t).map_err(Failure::from)).collect();
-                    run_oks(ids, |ids| model.text_id_features(ids))
+                    run_oks(ids, |ids| model.embed_text_ids(ids))
                         .into_iter()
-                        .map(|e| e.map(|e| fields(vec![("embedding", json!(glimpse::api::normalize(&e)))])))
+                        .map(|e| e.map(|e| fields(vec![("embedding", json!(e))])))
                         .collect()
                 })
             })
