@@ -191,8 +191,10 @@ impl QFormer {
         let ffn = g.buffer("qformer.ffn", rows, self.cfg.intermediate_size);
         let (hq, xq) =
             (g.buffer("qformer.query_attended", batch * nq, d), g.buffer("qformer.query_out", batch * nq, d));
-        let (ht, xt) =
-            (g.buffer("qformer.text_attended", batch * text, d), g.buffer("qformer.text_out", batch * text, d));
+        // At least one row: an instruction-free plan (never from the tokenizer, which adds
+        // [CLS] and [SEP]) allocates no empty buffer.
+        let t_buf = batch * text.max(1);
+        let (ht, xt) = (g.buffer("qformer.text_attended", t_buf, d), g.buffer("qformer.text_out", t_buf, d));
         let (mut self_scratch, mut cross_scratch) = (None, None);
         let self_call = AttnCall { key_mask: Some(inp.key_mask), ..AttnCall::new(batch, t, Keys::Same) };
         let cross_call = AttnCall::new(batch, nq, Keys::Cross { src: image, kv_len: image_tokens });
