@@ -81,8 +81,9 @@ pub struct Model {
 /// A built plan with its executor, kept for the next request of the same shape.
 type CachedRun = (PlanKey, Plan, Box<dyn Executor>);
 
-/// (images, sequences, decoder input length, max new tokens): what a plan's buffers depend on.
-type PlanKey = (usize, usize, usize, usize);
+/// (images, sequences, decoder input length, max new tokens, encoder text rows): what a plan's
+/// buffers depend on.
+type PlanKey = (usize, usize, usize, usize, usize);
 
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
@@ -276,10 +277,11 @@ impl Model {
             ))
         })?;
         let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
-        let ids =
-            questions.iter().map(|q| self.input_ids(Some(&self.question_prompt(q)))).collect::<Result<Vec<_>>>()?;
+        let texts: Vec<String> = questions.iter().map(|q| self.question_prompt(q)).collect();
+        let ids = texts.iter().map(|t| self.input_ids(Some(t))).collect::<Result<Vec<_>>>()?;
         let prompts = Prompts::left_padded(&ids, pad_id)?;
-        let (seqs, timings, device) = self.run_prompts(&pixels, &prompts, opts, &mut |_| {})?;
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (seqs, timings, device) = self.run_request(&pixels, &prompts, &texts, opts, &mut |_| {})?;
         seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
     }
 
@@ -293,7 +295,11 @@ impl Model {
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
         let input_ids = self.input_ids(prompt)?;
-        let (seqs, timings, device) = self.run_ids(images, &input_ids, opts, on_token)?;
+        // The text goes to the encoders too where the family reads it (InstructBLIP's Q-Former).
+        let sequences = self.family.sequences_for(images.len(), &input_ids)?;
+        let texts = vec![prompt.unwrap_or(""); sequences];
+        let prompts = Prompts::shared(&input_ids, sequences);
+        let (seqs, timings, device) = self.run_request(images, &prompts, &texts, opts, on_token)?;
         seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
     }
 
@@ -344,6 +350,19 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
+        self.run_request(images, prompts, &[], opts, on_token)
+    }
+
+    /// [`Model::run_prompts`] with each sequence's prompt text for families whose encoders read
+    /// it ([`Family::text_inputs`]; empty: token ids only).
+    fn run_request(
+        &self,
+        images: &[PixelValues],
+        prompts: &Prompts,
+        texts: &[&str],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<(Vec<Sequence>, Timings, String)> {
         let size = self.family.image_size();
         let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
         for img in images {
@@ -362,24 +381,32 @@ impl Model {
         // prompt's images stay together), and its prompt with them.
         let pixels = expand_for_beams(&pixels, sequences, opts);
         let prompts = prompts.repeat_each(opts.num_beams);
-        let key = (beam_rows(images.len(), opts), beam_rows(sequences, opts), prompts.len(), new_tokens);
+        let text = self.family.text_inputs(texts)?;
+        let text_data: Vec<(&str, Vec<f32>)> = text
+            .iter()
+            .flat_map(|t| t.inputs.iter().map(|(name, data)| (*name, expand_for_beams(data, sequences, opts))))
+            .collect();
+        let inputs: Vec<(&str, &[f32])> = std::iter::once(("pixels", pixels.as_slice()))
+            .chain(text_data.iter().map(|(n, d)| (*n, d.as_slice())))
+            .collect();
+        let text_rows = text.as_ref().map_or(0, |t| t.rows);
+        let key = (beam_rows(images.len(), opts), beam_rows(sequences, opts), prompts.len(), new_tokens, text_rows);
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
-            let plan = self.family.plan_images(key.0, key.1, key.2, key.3, false)?;
+            let plan = self.family.plan_text(key.0, key.1, key.2, key.3, false, key.4)?;
             let mut exec = self.backend.executor(self.family.weights(), &plan.graph)?;
-            let (seqs, timings) =
-                generate_batch(&plan, exec.as_mut(), &[("pixels", &pixels)], &prompts, opts, on_token)?;
+            let (seqs, timings) = generate_batch(&plan, exec.as_mut(), &inputs, &prompts, opts, on_token)?;
             return Ok((seqs, timings, exec.device_name()));
         }
         let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|(k, _, _)| *k != key) {
             *slot = None; // free the old buffers before allocating new ones
-            let plan = self.family.plan_images(key.0, key.1, key.2, key.3, false)?;
+            let plan = self.family.plan_text(key.0, key.1, key.2, key.3, false, key.4)?;
             let exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             *slot = Some((key, plan, exec));
         }
         let (_, plan, exec) = slot.as_mut().expect("filled above");
-        let (seqs, timings) = generate_batch(plan, exec.as_mut(), &[("pixels", &pixels)], &prompts, opts, on_token)?;
+        let (seqs, timings) = generate_batch(plan, exec.as_mut(), &inputs, &prompts, opts, on_token)?;
         Ok((seqs, timings, exec.device_name()))
     }
 

@@ -289,6 +289,9 @@ pub struct QFormerConfig {
     pub encoder_hidden_size: usize,
     pub layer_norm_eps: f64,
     pub hidden_act: String,
+    /// Word and position embeddings of the instruction (InstructBLIP; BLIP-2 has no text input).
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
 }
 
 impl Default for QFormerConfig {
@@ -302,6 +305,8 @@ impl Default for QFormerConfig {
             encoder_hidden_size: 1408,
             layer_norm_eps: 1e-12,
             hidden_act: "gelu".into(),
+            vocab_size: 30522,
+            max_position_embeddings: 512,
         }
     }
 }
@@ -781,6 +786,7 @@ pub enum ModelConfig {
     Blip2(Blip2Config),
     Clip(ClipConfig),
     Llava(LlavaConfig),
+    InstructBlip(InstructBlipConfig),
 }
 
 impl ModelConfig {
@@ -810,6 +816,7 @@ impl ModelConfig {
             ModelConfig::Blip2(_) => "Blip2ForConditionalGeneration",
             ModelConfig::Clip(c) => &c.architecture,
             ModelConfig::Llava(_) => "LlavaForConditionalGeneration",
+            ModelConfig::InstructBlip(_) => "InstructBlipForConditionalGeneration",
         }
     }
 
@@ -956,6 +963,55 @@ impl LlavaConfig {
     }
 }
 
+/// The vision encoder, Q-Former and query count BLIP-2 and InstructBLIP share.
+fn check_blip_towers(v: &VisionConfig, q: &QFormerConfig, num_query_tokens: usize) -> Result<(), String> {
+    // Vision encoder.
+    check_heads("vision_config", v.hidden_size, v.num_attention_heads)?;
+    check_positive("vision_config.intermediate_size", v.intermediate_size)?;
+    check_positive("vision_config.patch_size", v.patch_size)?;
+    if v.image_size == 0 || v.image_size % v.patch_size != 0 {
+        return Err(field_error(
+            "vision_config.image_size",
+            v.image_size,
+            format!(
+                "it must be a positive multiple of vision_config.patch_size ({}), so the patches tile the image",
+                v.patch_size
+            ),
+        ));
+    }
+    if v.num_channels != 3 {
+        return Err(field_error(
+            "vision_config.num_channels",
+            v.num_channels,
+            "glimpse feeds RGB images: it must be 3",
+        ));
+    }
+    check_eps("vision_config.layer_norm_eps", v.layer_norm_eps)?;
+    check_activation("vision_config.hidden_act", &v.hidden_act, &["gelu", "gelu_python"])?;
+
+    // Q-Former.
+    check_heads("qformer_config", q.hidden_size, q.num_attention_heads)?;
+    check_positive("qformer_config.intermediate_size", q.intermediate_size)?;
+    if q.cross_attention_frequency == 0 {
+        return Err(field_error(
+                "qformer_config.cross_attention_frequency",
+                0,
+                "it must be at least 1 (layer i cross-attends to the image when i % cross_attention_frequency == 0; BLIP-2 uses 2)",
+            ));
+    }
+    if q.encoder_hidden_size != v.hidden_size {
+        return Err(field_error(
+            "qformer_config.encoder_hidden_size",
+            q.encoder_hidden_size,
+            format!("it must equal vision_config.hidden_size ({})", v.hidden_size),
+        ));
+    }
+    check_eps("qformer_config.layer_norm_eps", q.layer_norm_eps)?;
+    check_activation("qformer_config.hidden_act", &q.hidden_act, &["gelu", "gelu_python"])?;
+    check_positive("num_query_tokens", num_query_tokens)?;
+    Ok(())
+}
+
 impl Blip2Config {
     /// Parses the JSON of a BLIP-2 config as transformers' `Blip2Config` does, then validates it.
     /// The language model's kind is checked before its fields are read, so a T5 checkpoint gets
@@ -1041,50 +1097,7 @@ impl Blip2Config {
             ));
         }
 
-        // Vision encoder.
-        check_heads("vision_config", v.hidden_size, v.num_attention_heads)?;
-        check_positive("vision_config.intermediate_size", v.intermediate_size)?;
-        check_positive("vision_config.patch_size", v.patch_size)?;
-        if v.image_size == 0 || v.image_size % v.patch_size != 0 {
-            return Err(field_error(
-                "vision_config.image_size",
-                v.image_size,
-                format!(
-                    "it must be a positive multiple of vision_config.patch_size ({}), so the patches tile the image",
-                    v.patch_size
-                ),
-            ));
-        }
-        if v.num_channels != 3 {
-            return Err(field_error(
-                "vision_config.num_channels",
-                v.num_channels,
-                "glimpse feeds RGB images: it must be 3",
-            ));
-        }
-        check_eps("vision_config.layer_norm_eps", v.layer_norm_eps)?;
-        check_activation("vision_config.hidden_act", &v.hidden_act, &["gelu", "gelu_python"])?;
-
-        // Q-Former.
-        check_heads("qformer_config", q.hidden_size, q.num_attention_heads)?;
-        check_positive("qformer_config.intermediate_size", q.intermediate_size)?;
-        if q.cross_attention_frequency == 0 {
-            return Err(field_error(
-                "qformer_config.cross_attention_frequency",
-                0,
-                "it must be at least 1 (layer i cross-attends to the image when i % cross_attention_frequency == 0; BLIP-2 uses 2)",
-            ));
-        }
-        if q.encoder_hidden_size != v.hidden_size {
-            return Err(field_error(
-                "qformer_config.encoder_hidden_size",
-                q.encoder_hidden_size,
-                format!("it must equal vision_config.hidden_size ({})", v.hidden_size),
-            ));
-        }
-        check_eps("qformer_config.layer_norm_eps", q.layer_norm_eps)?;
-        check_activation("qformer_config.hidden_act", &q.hidden_act, &["gelu", "gelu_python"])?;
-        check_positive("num_query_tokens", self.num_query_tokens)?;
+        check_blip_towers(v, q, self.num_query_tokens)?;
 
         // OPT decoder.
         check_positive("text_config.vocab_size", t.vocab_size)?;
@@ -1142,6 +1155,99 @@ impl Blip2Config {
     pub fn image_token(&self) -> u32 {
         // validate() guarantees presence; a config that skipped validation gets OPT's id.
         self.image_token_index.unwrap_or(50265)
+    }
+}
+
+/// `config.json` of an `InstructBlipForConditionalGeneration` checkpoint (transformers 5.17
+/// `InstructBlipConfig`, design/instructblip.md): BLIP-2's towers, a Q-Former that also reads the
+/// instruction, and a language model (a LLaMA/Vicuna decoder; Flan-T5 is another `text_config`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct InstructBlipConfig {
+    #[serde(default)]
+    pub vision_config: VisionConfig,
+    #[serde(default)]
+    pub qformer_config: QFormerConfig,
+    #[serde(default)]
+    pub text_config: TextConfig,
+    #[serde(default = "default_num_query_tokens")]
+    pub num_query_tokens: usize,
+    #[serde(default, alias = "image_token_id")]
+    pub image_token_index: Option<u32>,
+    #[serde(default)]
+    pub use_decoder_only_language_model: Option<bool>,
+}
+
+impl InstructBlipConfig {
+    /// Parses as `InstructBlipConfig.__init__` does (a missing `text_config` is OPT's, which glimpse
+    /// refuses with the decoders it runs), then validates.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        let text_config = match value.get("text_config").filter(|t| !t.is_null()) {
+            Some(t) => TextConfig::from_value(t, path)?,
+            None => TextConfig::default(),
+        };
+        let mut rest = value.clone();
+        if let Some(obj) = rest.as_object_mut() {
+            obj.remove("text_config");
+        }
+        let mut cfg: InstructBlipConfig = from_json_value(&rest, path)?;
+        cfg.text_config = text_config;
+        // As in BLIP-2, transformers overwrites it with the vision width.
+        cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        cfg.check().map_err(|m| Error::config(path, m))?;
+        Ok(cfg)
+    }
+
+    /// The LLaMA decoder's config (`check` admits LLaMA only so far).
+    pub fn llama(&self) -> Result<&LlamaConfig> {
+        match &self.text_config {
+            TextConfig::Llama(t) => Ok(t),
+            other => Err(Error::Unsupported(format!(
+                "InstructBLIP with text_config.model_type `{}` is not supported yet: glimpse runs InstructBLIP with a LLaMA (Vicuna) decoder",
+                other.model_type()
+            ))),
+        }
+    }
+
+    /// `<image>`'s id (`check` guarantees it is set).
+    pub fn image_token(&self) -> u32 {
+        self.image_token_index.unwrap_or(0)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (v, q) = (&self.vision_config, &self.qformer_config);
+        check_blip_towers(v, q, self.num_query_tokens)?;
+        check_positive("qformer_config.vocab_size", q.vocab_size)?;
+        check_positive("qformer_config.max_position_embeddings", q.max_position_embeddings)?;
+        let t = match &self.text_config {
+            TextConfig::Llama(t) => t,
+            other => {
+                return Err(field_error(
+                    "text_config.model_type",
+                    format!("`{}`", other.model_type()),
+                    "glimpse runs InstructBLIP with a LLaMA (Vicuna) language model so far; set text_config.model_type to \"llama\" for a Vicuna checkpoint",
+                ))
+            }
+        };
+        if self.use_decoder_only_language_model == Some(false) {
+            return Err(field_error(
+                "use_decoder_only_language_model",
+                false,
+                "a LLaMA language model is decoder-only: set it to true or remove it",
+            ));
+        }
+        t.check()?;
+        match self.image_token_index {
+            // transformers would silently drop the image (no placeholder matches).
+            None => return Err("no `image_token_index`: without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32001 in Salesforce/instructblip-vicuna-7b)".into()),
+            Some(id) => check_token("image_token_index", id, t.vocab_size)?,
+        }
+        if let Some(id) = t.bos_token_id {
+            check_token("text_config.bos_token_id", id, t.vocab_size)?;
+        }
+        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, t.vocab_size)?;
+        }
+        Ok(())
     }
 }
 

@@ -237,6 +237,19 @@ pub enum Op {
     LastRows { x: Buf, out: Buf, batch: usize, rows_per_batch: usize },
     /// `out[b * n + i] = table[i]`: a parameter (e.g. query tokens) repeated for each batch item.
     Broadcast { table: W, out: Buf, batch: usize },
+    /// `out[b * out_rows_per_batch + out_start + i] = x[b * x_rows_per_batch + x_start + i]` for
+    /// `i < rows`, `b < batch` (equal widths, `x != out`): a block of each sequence's rows moved
+    /// (InstructBLIP's Q-Former splits its query and instruction rows and joins them again).
+    CopyRows {
+        x: Buf,
+        x_rows_per_batch: usize,
+        x_start: usize,
+        out: Buf,
+        out_rows_per_batch: usize,
+        out_start: usize,
+        rows: usize,
+        batch: usize,
+    },
     /// `out[r] = x[r]` for `rows` rows of equal width, converted to `out`'s [`DType`] (e.g. an
     /// fp16 embedding into an fp32 residual stream, or an fp32 stream back to fp16).
     Convert { x: Buf, out: Buf, rows: usize },
@@ -261,6 +274,7 @@ impl Op {
             | Op::ScatterTokens { out, .. }
             | Op::LastRows { out, .. }
             | Op::Broadcast { out, .. }
+            | Op::CopyRows { out, .. }
             | Op::Convert { out, .. }
             | Op::L2Normalize { out, .. } => vec![out],
             Op::Attention(ref a) => vec![a.out],
@@ -283,7 +297,11 @@ impl Op {
             Op::Attention(ref a) => {
                 [Some(a.q.buf), Some(a.k.buf), Some(a.v.buf), a.key_mask, a.head_bias].into_iter().flatten().collect()
             }
-            Op::SelectRows { x, .. } | Op::LastRows { x, .. } | Op::Convert { x, .. } | Op::L2Normalize { x, .. } => {
+            Op::SelectRows { x, .. }
+            | Op::LastRows { x, .. }
+            | Op::Convert { x, .. }
+            | Op::CopyRows { x, .. }
+            | Op::L2Normalize { x, .. } => {
                 vec![x]
             }
             Op::KvAppend { k, v, .. } => vec![k.buf, v.buf],
@@ -308,6 +326,7 @@ impl Op {
             | Op::KvAppend { .. }
             | Op::ScatterTokens { .. }
             | Op::LastRows { .. }
+            | Op::CopyRows { .. }
             | Op::Convert { .. }
             | Op::L2Normalize { .. } => vec![],
         }
@@ -329,6 +348,7 @@ impl Op {
             Op::ScatterTokens { .. } => "scatter_tokens",
             Op::AddPositions { .. } => "add_positions",
             Op::LastRows { .. } => "last_rows",
+            Op::CopyRows { .. } => "copy_rows",
             Op::Broadcast { .. } => "broadcast",
             Op::Convert { .. } => "convert",
             Op::L2Normalize { .. } => "l2_normalize",

@@ -32,7 +32,7 @@ use crate::weights::{Checkpoint, Weight};
 
 /// Names accepted by [`preset`]: BLIP-2 OPT (`tiny` is tests/fixtures/blip2-opt-tiny's dims),
 /// LLaVA-1.5 and CLIP, each family with a tiny variant for tests.
-pub const PRESETS: [&str; 8] = [
+pub const PRESETS: [&str; 10] = [
     "tiny",
     "blip2-opt-2.7b",
     "blip2-opt-6.7b",
@@ -41,6 +41,8 @@ pub const PRESETS: [&str; 8] = [
     "llava-tiny",
     "clip-vit-large-patch14",
     "clip-tiny",
+    "instructblip-vicuna-7b",
+    "instructblip-tiny",
 ];
 
 /// The VQA prompt the bench and hf_reference.py time (tokenizes to 8 tokens + BOS, as with OPT).
@@ -103,6 +105,7 @@ pub fn preset_json(name: &str) -> Result<Value> {
     match name {
         n if n.starts_with("llava-") => llava_json(n),
         n if n.starts_with("clip-") => clip_json(n),
+        n if n.starts_with("instructblip-") => instructblip_json(n),
         n => blip2_json(n),
     }
 }
@@ -254,6 +257,98 @@ fn llava_json(name: &str) -> Result<Value> {
     }))
 }
 
+/// `config.json` of an InstructBLIP preset, as transformers 5.17 writes
+/// Salesforce/instructblip-vicuna-7b: BLIP-2's EVA ViT-g and Q-Former (with the instruction's
+/// embeddings and text FFN, vocabulary 30523 with `[DEC]`), a Vicuna-7B (LLaMA) decoder. The
+/// synthetic LLM tokenizer puts `<image>` at 32000 and `<pad>` at 32001 (the hub's are `[PAD]`
+/// 32000, `<image>` 32001): same shapes, so the parameter count is the checkpoint's.
+fn instructblip_json(name: &str) -> Result<Value> {
+    // vision (hidden, intermediate, layers, heads, image, patch), qformer (hidden, intermediate,
+    // layers, heads, vocab, positions), text (hidden, intermediate, layers, heads, kv heads,
+    // vocab, image token, positions), query tokens
+    let ((vh, vi, vl, vn, vs, vp), (qh, qi, ql, qn, qv, qp), (th, ti, tl, tn, tk, vocab, image, positions), nq) =
+        match name {
+            "instructblip-vicuna-7b" => (
+                (1408, 6144, 39, 16, 224, 14),
+                (768, 3072, 12, 12, 30523, 512),
+                (4096, 11008, 32, 32, 32, 32002, 32000, 2048),
+                32,
+            ),
+            // tests/fixtures/instructblip-tiny's towers; room for the synthetic tokenizers.
+            "instructblip-tiny" => {
+                ((32, 48, 2, 4, 24, 6), (32, 48, 3, 4, 400, 48), (32, 48, 2, 4, 2, 1024, 1000, 512), 4)
+            }
+            _ => return Err(unknown(name)),
+        };
+    Ok(json!({
+        "architectures": ["InstructBlipForConditionalGeneration"],
+        "dtype": "float16",
+        "glimpse_synth": { "preset": name, "note": "random weights made by `glimpse synth`; not a trained model" },
+        "image_token_index": image,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "model_type": "instructblip",
+        "num_query_tokens": nq,
+        "qformer_config": {
+            "attention_probs_dropout_prob": 0.1,
+            "cross_attention_frequency": 2,
+            "encoder_hidden_size": vh,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1,
+            "hidden_size": qh,
+            "initializer_range": 0.02,
+            "intermediate_size": qi,
+            "layer_norm_eps": 1e-12,
+            "max_position_embeddings": qp,
+            "model_type": "instructblip_qformer",
+            "num_attention_heads": qn,
+            "num_hidden_layers": ql,
+            "pad_token_id": 0,
+            "vocab_size": qv
+        },
+        "text_config": {
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "head_dim": th / tn,
+            "hidden_act": "silu",
+            "hidden_size": th,
+            "initializer_range": 0.02,
+            "intermediate_size": ti,
+            "max_position_embeddings": positions,
+            "mlp_bias": false,
+            "model_type": "llama",
+            "num_attention_heads": tn,
+            "num_hidden_layers": tl,
+            "num_key_value_heads": tk,
+            "pad_token_id": image + 1,
+            "pretraining_tp": 1,
+            "rms_norm_eps": 1e-06,
+            "rope_parameters": { "rope_theta": 10000.0, "rope_type": "default" },
+            "tie_word_embeddings": false,
+            "use_cache": true,
+            "vocab_size": vocab
+        },
+        "transformers_version": "5.17.0",
+        "use_decoder_only_language_model": true,
+        "vision_config": {
+            "attention_dropout": 0.0,
+            "hidden_act": "gelu",
+            "hidden_size": vh,
+            "image_size": vs,
+            "initializer_range": 1e-10,
+            "intermediate_size": vi,
+            "layer_norm_eps": 1e-06,
+            "model_type": "instructblip_vision_model",
+            "num_attention_heads": vn,
+            "num_hidden_layers": vl,
+            "patch_size": vp,
+            "qkv_bias": true
+        }
+    }))
+}
+
 /// CLIP's `logit_scale_init_value` (ln(1 / 0.07), rounded as transformers writes it).
 const LOGIT_SCALE_INIT: f32 = 2.6592;
 
@@ -358,6 +453,7 @@ fn specs(cfg: &ModelConfig) -> Result<Vec<Spec>> {
             }
             crate::models::clip::Clip::load(c, &recorder)?;
         }
+        ModelConfig::InstructBlip(c) => drop(crate::models::instructblip::InstructBlip::load(c, &recorder)?),
         ModelConfig::Llava(c) => {
             crate::models::llava::Llava::load(c, &recorder)?;
             let v = &c.vision_config;
@@ -382,6 +478,7 @@ fn token_ids(cfg: &ModelConfig) -> (u32, u32) {
     match cfg {
         ModelConfig::Blip2(c) => (first(c.text_config.eos_token_id()), c.image_token()),
         ModelConfig::Llava(c) => (first(c.text_config.eos_token_id.as_ref()), c.image_token_index),
+        ModelConfig::InstructBlip(c) => (first(c.text_config.eos_token_id()), c.image_token()),
         ModelConfig::Clip(_) => (2, 0),
     }
 }
@@ -749,6 +846,54 @@ pub fn llama_tokenizer_json(image_token: u32) -> Result<Value> {
     }))
 }
 
+/// The Q-Former's BERT WordPiece `tokenizer.json` (bert-base-uncased's pipeline) of `vocab_size`
+/// entries: `[PAD]` `[UNK]` `[CLS]` `[SEP]` `[MASK]`, printable ASCII, `##` letters and digits, the
+/// synthetic words lower-cased, `[unused{i}]` fillers, and `[DEC]` (the InstructBLIP conversion's
+/// bos_token) as the last id.
+pub fn bert_tokenizer_json(vocab_size: usize) -> Result<Value> {
+    let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+    let mut vocab: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
+    vocab.extend((b'!'..=b'~').filter(|b| !b.is_ascii_uppercase()).map(|b| char::from(b).to_string()));
+    vocab.extend((b'a'..=b'z').chain(b'0'..=b'9').map(|b| format!("##{}", char::from(b))));
+    let mut seen: HashSet<String> = vocab.iter().cloned().collect();
+    for w in WORDS.iter().map(|w| w.trim_start_matches('Ġ').to_lowercase()) {
+        if w.chars().all(|c| c.is_ascii_alphabetic()) && seen.insert(w.clone()) {
+            vocab.push(w);
+        }
+    }
+    let dec = vocab_size.checked_sub(1).filter(|&d| d >= vocab.len()).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "qformer_config.vocab_size {vocab_size} is too small for the synthetic BERT tokenizer (at least {})",
+            vocab.len() + 1
+        ))
+    })?;
+    let fill = dec - vocab.len();
+    vocab.extend((0..fill).map(|i| format!("[unused{i}]")));
+    let mut added: Vec<Value> = (0..specials.len()).map(|i| added_token(i as u32, specials[i])).collect();
+    added.push(added_token(dec as u32, "[DEC]"));
+    let special = |t: &str, id: usize| json!({"id": t, "ids": [id], "tokens": [t]});
+    let tok = |t: &str, ty: u32| json!({"SpecialToken": {"id": t, "type_id": ty}});
+    let seq = |s: &str, ty: u32| json!({"Sequence": {"id": s, "type_id": ty}});
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [tok("[CLS]", 0), seq("A", 0), tok("[SEP]", 0)],
+            "pair": [tok("[CLS]", 0), seq("A", 0), tok("[SEP]", 0), seq("B", 1), tok("[SEP]", 1)],
+            "special_tokens": {"[CLS]": special("[CLS]", 2), "[SEP]": special("[SEP]", 3)}
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab_object(&vocab)}
+    }))
+}
+
 /// A CLIP `tokenizer.json` of `vocab_size` entries: byte characters, the same with `</w>` (word
 /// ends), word pieces, pseudo-words, then `<|startoftext|>` and `<|endoftext|>` as the last two ids.
 pub fn clip_tokenizer_json(vocab_size: u32) -> Result<Value> {
@@ -799,6 +944,16 @@ fn family_tokenizer_json(cfg: &ModelConfig) -> Result<Value> {
             tokenizer_json(c.image_token(), eos)
         }
         ModelConfig::Llava(c) => llama_tokenizer_json(c.image_token_index),
+        ModelConfig::InstructBlip(c) => {
+            // Vicuna's conversion makes `</s>` the BOS the template inserts.
+            let mut t = llama_tokenizer_json(c.image_token())?;
+            let bos = json!({"SpecialToken": {"id": "</s>", "type_id": 0}});
+            t["post_processor"]["single"][0] = bos.clone();
+            t["post_processor"]["pair"][0] = bos;
+            t["post_processor"]["pair"][2] = json!({"SpecialToken": {"id": "</s>", "type_id": 1}});
+            t["post_processor"]["special_tokens"] = json!({"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}});
+            Ok(t)
+        }
         ModelConfig::Clip(c) => {
             let vocab = c.text_config.as_ref().map_or(49408, |t| t.vocab_size);
             clip_tokenizer_json(
@@ -940,6 +1095,50 @@ pub fn folder_files(name: &str, cfg: &ModelConfig, seed: u64) -> Result<Vec<(&'s
                 ),
             ]);
         }
+        ModelConfig::InstructBlip(c) => {
+            let (image, s) = (c.image_token(), c.vision_config.image_size);
+            let added: serde_json::Map<String, Value> =
+                [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (image, "<image>"), (image + 1, "<pad>")]
+                    .into_iter()
+                    .map(|(id, t)| (id.to_string(), added_token(id, t)))
+                    .collect();
+            jsons.extend([
+                (
+                    "generation_config.json",
+                    json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
+                    "transformers_version": "5.17.0"}),
+                ),
+                ("tokenizer.json", family_tokenizer_json(cfg)?),
+                (
+                    "tokenizer_config.json",
+                    json!({
+                    "add_bos_token": true, "add_eos_token": false, "added_tokens_decoder": added,
+                    "bos_token": "</s>", "clean_up_tokenization_spaces": false, "eos_token": "</s>", "legacy": false,
+                    "model_max_length": 2048, "pad_token": "<pad>", "padding_side": "left",
+                    "processor_class": "InstructBlipProcessor", "tokenizer_class": "LlamaTokenizer",
+                    "truncation_side": "left", "unk_token": "</s>"}),
+                ),
+                (
+                    "processor_config.json",
+                    json!({"image_processor": {
+                        "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+                        "image_mean": crate::config::OPENAI_CLIP_MEAN, "image_processor_type": "BlipImageProcessor",
+                        "image_std": crate::config::OPENAI_CLIP_STD, "resample": 3, "rescale_factor": 1.0f64 / 255.0,
+                        "size": {"height": s, "width": s}},
+                    "num_query_tokens": c.num_query_tokens, "processor_class": "InstructBlipProcessor"}),
+                ),
+                ("qformer_tokenizer/tokenizer.json", bert_tokenizer_json(c.qformer_config.vocab_size)?),
+                (
+                    "qformer_tokenizer/tokenizer_config.json",
+                    json!({
+                    "backend": "tokenizers", "bos_token": "[DEC]", "cls_token": "[CLS]", "do_lower_case": true,
+                    "mask_token": "[MASK]", "model_max_length": 512, "pad_token": "[PAD]",
+                    "processor_class": "InstructBlipProcessor", "sep_token": "[SEP]", "strip_accents": null,
+                    "tokenize_chinese_chars": true, "tokenizer_class": "BertTokenizer", "truncation_side": "left",
+                    "unk_token": "[UNK]"}),
+                ),
+            ]);
+        }
         ModelConfig::Clip(c) => {
             let side = c.vision_config.as_ref().map_or(224, |v| v.image_size);
             jsons.extend([
@@ -1017,7 +1216,12 @@ pub fn write_folder(name: &str, out: &Path, seed: u64) -> Result<()> {
     let files = folder_files(name, &cfg, seed)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     for (file, text) in &files {
-        write_atomic(&out.join(file), text.as_bytes())?;
+        let path = out.join(file);
+        // InstructBLIP's Q-Former tokenizer lives in its own folder.
+        if let Some(dir) = path.parent().filter(|d| *d != out) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        write_atomic(&path, text.as_bytes())?;
     }
 
     let ckpt = random_checkpoint(&cfg, seed)?;

@@ -235,6 +235,38 @@ fn rope_gqa_masked_attention_match_cpu() {
     }
 }
 
+/// CopyRows: gather a block of each sequence's rows, scatter it back at another offset.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn copy_rows_match_cpu() {
+    let mut rng = Rng::new("copy_rows");
+    let (batch, seq, dim) = (3, 9, 24);
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let (block, back) = (g.buffer("block", batch * 4, dim), g.buffer("back", batch * seq, dim));
+    let copy = |x, xr, xs, out, or, os| Op::CopyRows {
+        x,
+        x_rows_per_batch: xr,
+        x_start: xs,
+        out,
+        out_rows_per_batch: or,
+        out_start: os,
+        rows: 4,
+        batch,
+    };
+    g.push(copy(x, seq, 2, block, 4, 0));
+    g.push(copy(block, 4, 0, back, seq, 5));
+    let p = g.take_phase("copy");
+    let Some((mut gpu, mut cpu)) = executors("copy_rows_match_cpu", Arc::new(WeightTable::default()), &g) else {
+        return;
+    };
+    write_both(gpu.as_mut(), &mut cpu, x, &rng.f32s(batch * seq * dim));
+    write_both(gpu.as_mut(), &mut cpu, back, &vec![0.0; batch * seq * dim]);
+    run_both(gpu.as_mut(), &mut cpu, &p);
+    assert_eq!(gpu.read(block, batch * 4).unwrap(), cpu.read(block, batch * 4).unwrap());
+    assert_eq!(gpu.read(back, batch * seq).unwrap(), cpu.read(back, batch * seq).unwrap());
+}
+
 /// SelectRows: drop CLS of every sequence, pool one host-chosen row per sequence.
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]

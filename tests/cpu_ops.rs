@@ -625,6 +625,49 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     close("gqa executor decode", &got, &want, &vec![1.0; got.len()]);
 }
 
+/// CopyRows: a block of each sequence's rows out of one layout and into another (InstructBLIP's
+/// query / instruction split); blocks past a sequence and a copy onto itself are errors.
+#[test]
+fn copy_rows_moves_blocks_and_validates() {
+    let (batch, seq, dim) = (3, 7, 4);
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * seq, dim);
+    let queries = g.buffer("queries", batch * 2, dim);
+    let back = g.buffer("back", batch * seq, dim);
+    let copy = |x, xr, xs, out, or, os, rows| Op::CopyRows {
+        x,
+        x_rows_per_batch: xr,
+        x_start: xs,
+        out,
+        out_rows_per_batch: or,
+        out_start: os,
+        rows,
+        batch,
+    };
+    g.push(copy(x, seq, 1, queries, 2, 0, 2)); // rows 1..3 of each sequence
+    g.push(copy(queries, 2, 0, back, seq, 4, 2)); // to rows 4..6 of each sequence
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+    let data: Vec<f32> = (0..batch * seq * dim).map(|i| i as f32).collect();
+    ex.write(x, &data).unwrap();
+    ex.run(&p).unwrap();
+    let picked = (0..batch).flat_map(|b| (1..3).map(move |i| Some(b * seq + i)));
+    assert_eq!(refs::f64s(&ex.read(queries, batch * 2).unwrap()), refs::select_rows(&data, dim, picked));
+    let placed = (0..batch).flat_map(|b| (0..seq).map(move |i| (4..6).contains(&i).then_some(b * seq + i - 3)));
+    assert_eq!(refs::f64s(&ex.read(back, batch * seq).unwrap()), refs::select_rows(&data, dim, placed));
+
+    for bad in [copy(x, seq, 6, queries, 2, 0, 2), copy(x, seq, 0, x, seq, 1, 2)] {
+        let mut g = Graph::new();
+        let (x2, q2) = (g.buffer("x", batch * seq, dim), g.buffer("queries", batch * 2, dim));
+        assert_eq!((x2, q2), (x, queries));
+        g.push(bad);
+        let p = phase(&mut g);
+        let mut ex = CpuExecutor::new(weight_table(vec![]), &g.buffers);
+        let err = ex.run(&p).unwrap_err().to_string();
+        assert!(err.contains("copy_rows") && err.contains("do not fit"), "{err}");
+    }
+}
+
 /// SelectRows: drop CLS, pool per-sequence rows; bad indices and shapes are errors.
 #[test]
 fn select_rows_and_run_time_validation() {

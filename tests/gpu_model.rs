@@ -345,3 +345,38 @@ fn lockstep_harness_accepts_the_f32_reference_on_llava() {
     });
     assert!(checked > 50, "{checked}");
 }
+
+/// InstructBLIP (instruction-aware Q-Former with its CopyRows splits, LLaMA decoder with a key
+/// mask) on the GPU against transformers' stages and the CPU's greedy run, on the tiny fixture:
+/// the caption (empty instruction), a question, and a padded batch of two questions.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_instructblip_matches_cpu() {
+    let Some(model) = gpu_model("cuda_instructblip_matches_cpu", "instructblip-tiny") else { return };
+    for (case, stage, max, rel) in common::instructblip_stage_errors(&model, |g| model.executor(g).unwrap()) {
+        println!("instructblip {case} {stage}: rel {rel:.2e} max {max:.2e}");
+        assert!(rel <= STAGE_REL, "instructblip {case} {stage}: rel {rel:e}");
+    }
+    let cpu = Model::load(common::model_dir("instructblip-tiny"), Device::Cpu).unwrap();
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), ..model.default_options() };
+    let (a, b) = (common::image("odd_257x181.png"), common::image("wide_301x97.png"));
+    let questions = ["What is unusual about this image?", "Describe it."];
+    let runs = [
+        (vec![model.caption(&a, &opts).unwrap()], vec![cpu.caption(&a, &opts).unwrap()]),
+        (vec![model.ask(&b, questions[0], &opts).unwrap()], vec![cpu.ask(&b, questions[0], &opts).unwrap()]),
+        (model.ask_batch(&[&a, &b], &questions, &opts).unwrap(), cpu.ask_batch(&[&a, &b], &questions, &opts).unwrap()),
+    ];
+    for (i, (gpu_outs, cpu_outs)) in runs.iter().enumerate() {
+        for (g, c) in gpu_outs.iter().zip(cpu_outs) {
+            assert!(g.device.starts_with("cuda"), "ran on {}", g.device);
+            // Token equality needs a clear top-2 margin at fp16; stop at the first divergence.
+            for (step, (gt, ct)) in g.tokens.iter().zip(&c.tokens).enumerate() {
+                assert!((g.logprobs[step] - c.logprobs[step]).abs() <= LOGPROB_ABS, "run {i} logprob step {step}");
+                if gt != ct {
+                    println!("run {i}: tokens diverge at step {step}");
+                    break;
+                }
+            }
+        }
+    }
+}

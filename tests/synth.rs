@@ -89,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(PRESETS.len(), 8);
+    assert_eq!(PRESETS.len(), 10);
 }
 
 #[test]
@@ -336,6 +336,40 @@ fn clip_tiny_folder_embeds_and_loads_in_transformers() {
     assert_eq!(texts[0].len(), 24);
     let ours = parameter_count(&preset("clip-tiny").unwrap()).unwrap();
     if let Some(theirs) = transformers_params(&dir, "CLIPModel") {
+        assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
+    }
+}
+
+#[test]
+fn instructblip_preset_has_the_real_shapes() {
+    let glimpse::config::ModelConfig::InstructBlip(c) = preset("instructblip-vicuna-7b").unwrap() else {
+        panic!("not InstructBLIP")
+    };
+    let (v, q, t) = (&c.vision_config, &c.qformer_config, c.llama().unwrap());
+    assert_eq!((v.hidden_size, v.num_hidden_layers, v.num_positions()), (1408, 39, 257));
+    assert_eq!((q.hidden_size, q.num_hidden_layers, q.vocab_size, q.max_position_embeddings), (768, 12, 30523, 512));
+    assert_eq!((t.hidden_size, t.num_hidden_layers, t.vocab_size, t.max_position_embeddings), (4096, 32, 32002, 2048));
+    assert_eq!((c.num_query_tokens, c.image_token()), (32, 32000));
+    // transformers 5.17's InstructBlipForConditionalGeneration at these shapes (meta device,
+    // 2026-11-30): sum of parameter numels (the hub card's 7.9 B).
+    assert_eq!(parameter_count(&preset("instructblip-vicuna-7b").unwrap()).unwrap(), 7_913_218_816);
+}
+
+#[test]
+fn instructblip_tiny_folder_generates_and_loads_in_transformers() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("instructblip");
+    write_folder("instructblip-tiny", &dir, 5).expect("write instructblip-tiny");
+    assert!(dir.join("qformer_tokenizer").join("tokenizer.json").is_file());
+    let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts an InstructBLIP synth folder");
+    let ids = model.input_ids(Some("what is this?")).unwrap();
+    assert_eq!(ids[..5], [1000, 1000, 1000, 1000, 2], "4 image tokens, then BOS </s>");
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(4), ..model.default_options() };
+    let out = model.ask(&common::image("odd_257x181.png"), "what is this?", &opts).expect("ask");
+    assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
+    model.caption(&common::image("odd_257x181.png"), &opts).expect("caption");
+    let ours = parameter_count(&preset("instructblip-tiny").unwrap()).unwrap();
+    if let Some(theirs) = transformers_params(&dir, "InstructBlipForConditionalGeneration") {
         assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
     }
 }

@@ -289,6 +289,25 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
             }
         }
         Op::Attention(a) => validate_attention(a, st, descs)?,
+        Op::CopyRows { x, x_rows_per_batch, x_start, out, out_rows_per_batch, out_start, rows, batch }
+            if x == out
+                || cols(*x) != cols(*out)
+                || x_start + rows > *x_rows_per_batch
+                || out_start + rows > *out_rows_per_batch
+                || rows_of(*x) < batch * x_rows_per_batch
+                || rows_of(*out) < batch * out_rows_per_batch =>
+        {
+            return Err(invalid(format!(
+                "copy_rows: rows {x_start}..{} of {x_rows_per_batch} per sequence of `{}` [{}, {}] -> rows {out_start}.. of {out_rows_per_batch} of `{}` [{}, {}] for {batch} sequences do not fit (or the buffers are one)",
+                x_start + rows,
+                descs[x.0].name,
+                rows_of(*x),
+                cols(*x),
+                descs[out.0].name,
+                rows_of(*out),
+                cols(*out)
+            )));
+        }
         Op::SelectRows { x, out, batch, rows_per_batch, select } => {
             let out_rows = match *select {
                 RowSelect::Skip(skip) => {

@@ -98,6 +98,22 @@ impl LlamaDecoder {
         all_logits: bool,
         tag: &str,
     ) -> DecoderPass {
+        self.build_masked(g, cache, seq, image, None, all_logits, tag)
+    }
+
+    /// [`LlamaDecoder::build`] with an additive key mask `[batch, capacity]` over the cache
+    /// (left-padded batches: 0, or `f32::MIN` on each sequence's pads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_masked(
+        &self,
+        g: &mut Graph,
+        cache: &KvCache,
+        seq: usize,
+        image: Option<(Buf, u32)>,
+        key_mask: Option<Buf>,
+        all_logits: bool,
+        tag: &str,
+    ) -> DecoderPass {
         let c = &self.cfg;
         let (h, batch) = (c.hidden_size, cache.batch);
         let rows = batch * seq;
@@ -118,7 +134,7 @@ impl LlamaDecoder {
         for (i, l) in self.layers.iter().enumerate() {
             let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
             // x += o_proj(CausalGQA(RoPE(q), RoPE(k), v of RMS(x)) over the cache)
-            let call = AttnCall::new(batch, seq, cache.keys(i)).causal();
+            let call = AttnCall { key_mask, ..AttnCall::new(batch, seq, cache.keys(i)).causal() };
             pre_norm(g, &l.input_layernorm, x, normed, rows, |g, n, r| l.self_attn.emit(g, &s, n, &call, r));
             // x += down(silu(gate(RMS(x))) * up(RMS(x)))
             pre_norm(g, &l.post_attention_layernorm, x, normed, rows, |g, n, r| l.mlp.emit(g, n, &gated, r, rows));

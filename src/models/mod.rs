@@ -12,6 +12,7 @@ pub mod blip2;
 pub mod clip;
 pub mod clip_text;
 pub mod clip_vision;
+pub mod instructblip;
 pub mod layers;
 pub mod llama;
 pub mod llava;
@@ -76,11 +77,45 @@ pub trait Family: Send + Sync {
     fn sequences_for(&self, images: usize, _input_ids: &[u32]) -> Result<usize> {
         Ok(images)
     }
+    /// Host inputs the encoders read from each sequence's prompt text besides the image
+    /// (InstructBLIP: the Q-Former's instruction), one text per sequence; None (the default)
+    /// when the encoders see the image only.
+    fn text_inputs(&self, _texts: &[&str]) -> Result<Option<TextInputs>> {
+        Ok(None)
+    }
+    /// [`Family::plan_images`] for encoders that also read `text_rows` rows per sequence
+    /// ([`TextInputs::rows`]; 0 for families without [`Family::text_inputs`]).
+    #[allow(clippy::too_many_arguments)]
+    fn plan_text(
+        &self,
+        images: usize,
+        sequences: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        all_prefill_logits: bool,
+        text_rows: usize,
+    ) -> Result<Plan> {
+        if text_rows != 0 {
+            return Err(Error::InvalidInput(format!(
+                "this model's encoders read no text, but {text_rows} text rows per sequence were given"
+            )));
+        }
+        self.plan_images(images, sequences, prompt_len, max_new_tokens, all_prefill_logits)
+    }
     /// True for chat models: prompts come from the checkpoint's chat template and processor
     /// (`crate::chat`), generation settings from generation_config.json.
     fn chat(&self) -> bool {
         false
     }
+}
+
+/// What [`Family::text_inputs`] gives the encoders: named host data (each `[sequences * ..]`,
+/// sequence-major, so beam search can repeat each sequence's block) and the text rows per
+/// sequence the plan is built for ([`Family::plan_text`]).
+#[derive(Debug)]
+pub struct TextInputs {
+    pub rows: usize,
+    pub inputs: Vec<(&'static str, Vec<f32>)>,
 }
 
 /// A loaded model that embeds images and texts into one space instead of generating (CLIP):
@@ -172,6 +207,12 @@ pub const FAMILIES: &[Entry] = &[
         label: "llava (LLaMA)",
         parse: |v, p| Ok(ModelConfig::Llava(crate::config::LlavaConfig::from_value(v, p)?)),
     },
+    Entry {
+        model_type: "instructblip",
+        architectures: &["InstructBlipForConditionalGeneration"],
+        label: "instructblip (LLaMA/Vicuna)",
+        parse: |v, p| Ok(ModelConfig::InstructBlip(crate::config::InstructBlipConfig::from_value(v, p)?)),
+    },
 ];
 
 fn parse_clip(v: &Value, p: &Path) -> Result<ModelConfig> {
@@ -203,6 +244,7 @@ pub fn load_any(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Loaded> {
         ModelConfig::Blip2(c) => Loaded::Generates(Box::new(blip2::Blip2::load(c, ckpt)?)),
         ModelConfig::Clip(c) => Loaded::Embeds(Box::new(clip::Clip::load(c, ckpt)?)),
         ModelConfig::Llava(c) => Loaded::Generates(Box::new(llava::Llava::load(c, ckpt)?)),
+        ModelConfig::InstructBlip(c) => Loaded::Generates(Box::new(instructblip::InstructBlip::load(c, ckpt)?)),
     })
 }
 

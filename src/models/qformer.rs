@@ -1,13 +1,19 @@
 //! BLIP-2's Q-Former (`Blip2QFormerModel`, BERT-style post-norm): learned query tokens attend to
 //! themselves and, every `cross_attention_frequency` layers, to the image embeddings.
+//!
+//! InstructBLIP's (`InstructBlipQFormerModel`, design/instructblip.md 2.2) also reads the
+//! instruction: `[queries ; word + position embeddings of its BERT tokens]` under one LayerNorm,
+//! self-attention over both (padding-masked), cross-attention and `*_query` FFN on the query rows
+//! only, a separate `intermediate`/`output` FFN on the text rows; the query rows come out.
 
 use super::layers::{
     load_attention, load_mlp, post_norm, AttentionLayer, AttnCall, AttnScratch, AttnSpec, Keys, Mlp, NormLayer,
 };
 use super::Loader;
 use crate::config::QFormerConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::{Activation, Buf, Graph, Op, W};
+use crate::weights::Weight;
 
 /// query/key/value projections and output dense, then the post-norm, of one attention block.
 struct AttentionBlock {
@@ -50,6 +56,8 @@ struct QFormerLayer {
     /// intermediate_query -> GELU -> output_query, then its post-norm.
     ffn: Mlp,
     output_layer_norm: NormLayer,
+    /// InstructBLIP: intermediate -> GELU -> output and its post-norm, for the instruction rows.
+    text_ffn: Option<(Mlp, NormLayer)>,
 }
 
 pub struct QFormer {
@@ -61,32 +69,53 @@ pub struct QFormer {
 }
 
 impl QFormer {
-    /// `query_tokens` lives at the top level of the checkpoint, the rest under `prefix`.
+    /// BLIP-2's Q-Former: `query_tokens` lives at the top level of the checkpoint, the rest
+    /// under `prefix`.
     pub fn load(cfg: &QFormerConfig, num_query_tokens: usize, ld: &mut Loader, prefix: &str) -> Result<Self> {
+        Self::load_with(cfg, num_query_tokens, ld, prefix, false)
+    }
+
+    /// InstructBLIP's: the LayerNorm is `embeddings.layernorm` and every layer has the text FFN
+    /// (the word and position embeddings are read by [`Instruction::load`]).
+    pub fn load_instruct(cfg: &QFormerConfig, num_query_tokens: usize, ld: &mut Loader, prefix: &str) -> Result<Self> {
+        Self::load_with(cfg, num_query_tokens, ld, prefix, true)
+    }
+
+    fn load_with(
+        cfg: &QFormerConfig,
+        num_query_tokens: usize,
+        ld: &mut Loader,
+        prefix: &str,
+        instruct: bool,
+    ) -> Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let query_tokens = ld.tensor("query_tokens", &[1, num_query_tokens, d])?;
-        let layernorm = ld.norm(&format!("{prefix}.layernorm"), d, eps)?.into();
+        let norm_name = if instruct { "embeddings.layernorm" } else { "layernorm" };
+        let layernorm = ld.norm(&format!("{prefix}.{norm_name}"), d, eps)?.into();
+        let ffn = |ld: &mut Loader, l: &str, inter: &str, out: &str| -> Result<(Mlp, NormLayer)> {
+            let mlp = load_mlp(
+                ld,
+                &format!("{l}.{inter}.dense"),
+                &format!("{l}.{out}.dense"),
+                d,
+                cfg.intermediate_size,
+                true,
+                Activation::Gelu,
+            )?;
+            Ok((mlp, ld.norm(&format!("{l}.{out}.LayerNorm"), d, eps)?.into()))
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = format!("{prefix}.encoder.layer.{i}");
-                Ok(QFormerLayer {
-                    self_attention: AttentionBlock::load(ld, cfg, &format!("{l}.attention"), d)?,
-                    cross_attention: if cfg.has_cross_attention(i) {
-                        Some(AttentionBlock::load(ld, cfg, &format!("{l}.crossattention"), cfg.encoder_hidden_size)?)
-                    } else {
-                        None
-                    },
-                    ffn: load_mlp(
-                        ld,
-                        &format!("{l}.intermediate_query.dense"),
-                        &format!("{l}.output_query.dense"),
-                        d,
-                        cfg.intermediate_size,
-                        true,
-                        Activation::Gelu,
-                    )?,
-                    output_layer_norm: ld.norm(&format!("{l}.output_query.LayerNorm"), d, eps)?.into(),
-                })
+                let self_attention = AttentionBlock::load(ld, cfg, &format!("{l}.attention"), d)?;
+                let cross_attention = if cfg.has_cross_attention(i) {
+                    Some(AttentionBlock::load(ld, cfg, &format!("{l}.crossattention"), cfg.encoder_hidden_size)?)
+                } else {
+                    None
+                };
+                let (ffn_q, output_layer_norm) = ffn(ld, &l, "intermediate_query", "output_query")?;
+                let text_ffn = if instruct { Some(ffn(ld, &l, "intermediate", "output")?) } else { None };
+                Ok(QFormerLayer { self_attention, cross_attention, ffn: ffn_q, output_layer_norm, text_ffn })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { cfg: cfg.clone(), num_query_tokens, query_tokens, layernorm, layers })
@@ -128,5 +157,174 @@ impl QFormer {
             post_norm(g, &l.output_layer_norm, h, dense, x, rows, |g, h, r| l.ffn.emit(g, h, ffn, r, rows));
         }
         x
+    }
+}
+
+/// Buffers of one InstructBLIP Q-Former run over `batch` sequences of `rows_per_seq` rows
+/// (`num_query_tokens` queries, then the padded instruction).
+pub struct InstructInputs {
+    /// `[batch * rows_per_seq, hidden]` fp32: query tokens then word + position embeddings,
+    /// before the embeddings' LayerNorm (written by the host, [`Instruction::embed`]).
+    pub embeds: Buf,
+    /// `[batch, rows_per_seq]` additive key mask: 0, or `f32::MIN` on instruction padding.
+    pub key_mask: Buf,
+    pub rows_per_seq: usize,
+}
+
+impl QFormer {
+    /// Emits InstructBLIP's Q-Former over `image` (`[batch * image_tokens, encoder_hidden]`) and
+    /// the instruction rows of `inp`; returns the query outputs `[batch * num_query_tokens, hidden]`.
+    pub fn build_instruct(
+        &self,
+        g: &mut Graph,
+        image: Buf,
+        batch: usize,
+        image_tokens: usize,
+        inp: &InstructInputs,
+    ) -> Buf {
+        let (d, nq, t) = (self.cfg.hidden_size, self.num_query_tokens, inp.rows_per_seq);
+        let text = t - nq;
+        let rows = batch * t;
+        let x = g.buffer("qformer.hidden", rows, d);
+        let h = g.buffer("qformer.attended", rows, d);
+        let dense = g.buffer("qformer.dense", rows, d);
+        let ffn = g.buffer("qformer.ffn", rows, self.cfg.intermediate_size);
+        let (hq, xq) =
+            (g.buffer("qformer.query_attended", batch * nq, d), g.buffer("qformer.query_out", batch * nq, d));
+        // At least one row: an instruction-free plan (never from the tokenizer, which adds
+        // [CLS] and [SEP]) allocates no empty buffer.
+        let t_buf = batch * text.max(1);
+        let (ht, xt) = (g.buffer("qformer.text_attended", t_buf, d), g.buffer("qformer.text_out", t_buf, d));
+        let (mut self_scratch, mut cross_scratch) = (None, None);
+        let self_call = AttnCall { key_mask: Some(inp.key_mask), ..AttnCall::new(batch, t, Keys::Same) };
+        let cross_call = AttnCall::new(batch, nq, Keys::Cross { src: image, kv_len: image_tokens });
+        // Moves `n` rows per sequence from row `from` of `src` (`src_rows` per sequence) to row
+        // `to` of `dst` (`dst_rows` per sequence).
+        let copy =
+            |g: &mut Graph, src: Buf, src_rows: usize, from: usize, dst: Buf, dst_rows: usize, to: usize, n: usize| {
+                g.push(Op::CopyRows {
+                    x: src,
+                    x_rows_per_batch: src_rows,
+                    x_start: from,
+                    out: dst,
+                    out_rows_per_batch: dst_rows,
+                    out_start: to,
+                    rows: n,
+                    batch,
+                })
+            };
+
+        // x = LayerNorm([queries ; word + position embeddings])   [B*(Nq+L), D]
+        self.layernorm.emit(g, inp.embeds, None, x, rows);
+        let last = self.layers.len().saturating_sub(1);
+        for (i, l) in self.layers.iter().enumerate() {
+            let s = *self_scratch.get_or_insert_with(|| l.self_attention.attention.scratch(g, "qformer", rows, rows));
+            // h = LN(dense(SelfAttn(x, padding mask)) + x) over queries and instruction
+            l.self_attention.emit(g, &s, x, &self_call, dense, h);
+            // Query rows: h_q = LN(dense(CrossAttn(h_q, image)) + h_q), then the query FFN.
+            copy(g, h, t, 0, hq, nq, 0, nq);
+            if let Some(cross) = &l.cross_attention {
+                let cs = *cross_scratch.get_or_insert_with(|| {
+                    let (kv_rows, kv_width) = (batch * image_tokens, cross.attention.kv_width());
+                    let k = g.buffer("qformer.cross_k", kv_rows, kv_width);
+                    AttnScratch { k, v: g.buffer("qformer.cross_v", kv_rows, kv_width), ..s }
+                });
+                cross.emit(g, &cs, hq, &cross_call, dense, hq);
+            }
+            let q_rows = batch * nq;
+            post_norm(g, &l.output_layer_norm, hq, dense, xq, q_rows, |g, h, r| l.ffn.emit(g, h, ffn, r, q_rows));
+            // The last layer's instruction rows are discarded (transformers computes them).
+            if i == last || text == 0 {
+                continue;
+            }
+            copy(g, xq, nq, 0, x, t, 0, nq);
+            // Instruction rows: x_t = LN(output(GELU(intermediate(h_t))) + h_t); no cross-attention.
+            let (text_ffn, text_norm) = l.text_ffn.as_ref().expect("load_instruct loads the text FFN");
+            let t_rows = batch * text;
+            copy(g, h, t, nq, ht, text, 0, text);
+            post_norm(g, text_norm, ht, dense, xt, t_rows, |g, h, r| text_ffn.emit(g, h, ffn, r, t_rows));
+            copy(g, xt, text, 0, x, t, nq, text);
+        }
+        xq
+    }
+}
+
+/// The host side of InstructBLIP's Q-Former input: the query tokens and the word and position
+/// embeddings of the instruction (a table lookup and one add, done on the host so the encoders
+/// need no token ids), fp16 weights widened to f32 as the graph reads them.
+pub struct Instruction {
+    hidden: usize,
+    query_tokens: Weight,
+    word_embeddings: Weight,
+    position_embeddings: Weight,
+    pad_token_id: u32,
+}
+
+impl Instruction {
+    /// Reads `{prefix}.embeddings.word_embeddings` / `position_embeddings` and `query_tokens`.
+    pub fn load(
+        cfg: &QFormerConfig,
+        num_query_tokens: usize,
+        ckpt: &crate::weights::Checkpoint,
+        prefix: &str,
+    ) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            hidden: d,
+            query_tokens: ckpt.f16("query_tokens", &[1, num_query_tokens, d])?,
+            word_embeddings: ckpt.f16(&format!("{prefix}.embeddings.word_embeddings.weight"), &[cfg.vocab_size, d])?,
+            position_embeddings: ckpt
+                .f16(&format!("{prefix}.embeddings.position_embeddings.weight"), &[cfg.max_position_embeddings, d])?,
+            pad_token_id: 0,
+        })
+    }
+
+    /// The longest instruction the position table holds.
+    pub fn max_len(&self) -> usize {
+        self.position_embeddings.shape[0]
+    }
+
+    /// Rows per sequence for instructions of at most `longest` tokens.
+    pub fn rows_per_seq(&self, longest: usize) -> usize {
+        self.query_tokens.shape[1] + longest
+    }
+
+    /// The host data of [`InstructInputs`] for one tokenized instruction per sequence, padded to
+    /// the longest with `[PAD]` on the LEFT and masked there: `(embeds [B*(Nq+L), D], key_mask
+    /// [B, Nq+L])`. InstructBlipProcessor calls the Q-Former tokenizer with the LLM tokenizer's
+    /// init kwargs, so it pads on that side (Vicuna's: left), and the Q-Former's positions run
+    /// from 0 at the first pad (`position_ids = arange(L)`), as transformers 5.17 computes them.
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = self.hidden;
+        let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+        if longest > self.max_len() {
+            return Err(Error::InvalidInput(format!(
+                "the instruction is {longest} Q-Former tokens, more than its {} positions (qformer_config.max_position_embeddings; transformers fails on it too): shorten the prompt",
+                self.max_len()
+            )));
+        }
+        let vocab = self.word_embeddings.shape[0];
+        let (queries, words, positions) =
+            (self.query_tokens.as_slice(), self.word_embeddings.as_slice(), self.position_embeddings.as_slice());
+        let t = self.rows_per_seq(longest);
+        let (mut embeds, mut mask) = (Vec::with_capacity(ids.len() * t * d), Vec::with_capacity(ids.len() * t));
+        for seq in ids {
+            embeds.extend(queries.iter().map(|v| v.to_f32()));
+            let pad = longest - seq.len();
+            for j in 0..longest {
+                let id = if j < pad { self.pad_token_id } else { seq[j - pad] } as usize;
+                if id >= vocab {
+                    return Err(Error::InvalidInput(format!(
+                        "Q-Former token id {id} is outside its vocabulary (qformer_config.vocab_size {vocab}): the qformer_tokenizer does not belong to this checkpoint"
+                    )));
+                }
+                let (w, p) = (&words[id * d..(id + 1) * d], &positions[j * d..(j + 1) * d]);
+                embeds.extend(w.iter().zip(p).map(|(w, p)| w.to_f32() + p.to_f32()));
+            }
+            mask.extend(std::iter::repeat_n(0.0, t - longest));
+            mask.extend(std::iter::repeat_n(f32::MIN, pad));
+            mask.extend(std::iter::repeat_n(0.0, seq.len()));
+        }
+        Ok((embeds, mask))
     }
 }

@@ -127,3 +127,48 @@ pub fn stage_errors(
     }
     out
 }
+
+/// InstructBLIP's stage errors on an executor made by `make`, for every golden case of
+/// goldens/instructblip_tiny.*: vision output, Q-Former query rows, projector output, and the
+/// last prefill logit rows. The Q-Former's inputs come from the family's own tokenizer and
+/// embedding tables (checked against the goldens' ids), the decoder's from `Model::input_ids`.
+pub fn instructblip_stage_errors(
+    model: &glimpse::Model,
+    make: impl Fn(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
+) -> Vec<StageError> {
+    let goldens = goldens("instructblip_tiny.safetensors");
+    let g = golden_json("instructblip_tiny.json");
+    let mut out = Vec::new();
+    for case in g["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().unwrap().to_string();
+        let text = case["text"].as_str().unwrap();
+        let px = model.preprocess(&image(case["image"].as_str().unwrap())).unwrap();
+        let ids = model.input_ids(Some(text)).unwrap();
+        assert_eq!(ids, self::ids(&case["input_ids"]), "{name}: decoder input ids");
+        let text_in = model.family.text_inputs(&[text]).unwrap().expect("InstructBLIP reads the text");
+        assert_eq!(text_in.rows, case["qformer_input_ids"].as_array().unwrap().len(), "{name}: Q-Former ids");
+        let plan = model.family.plan_text(1, 1, ids.len(), 1, true, text_in.rows).unwrap();
+        let mut exec = make(&plan.graph);
+        exec.write(plan.input("pixels").unwrap(), &px.data).unwrap();
+        for (input, data) in &text_in.inputs {
+            exec.write(plan.input(input).unwrap(), data).unwrap();
+        }
+        for phase in &plan.encoders {
+            exec.run(phase).unwrap();
+        }
+        for (key, output) in [("vision", "vision_out"), ("qformer", "qformer_out"), ("image_features", "image_embeds")]
+        {
+            let (want, shape) = goldens.f32(&format!("{name}.{key}")).unwrap();
+            let (max, rel) = errors(&exec.read(plan.output(output).unwrap(), shape[0]).unwrap(), &want);
+            out.push((name.clone(), key, max, rel));
+        }
+        exec.set_tokens(&ids);
+        exec.set_position(0);
+        exec.run(&plan.prefill.phase).unwrap();
+        let (want, shape) = goldens.f32(&format!("{name}.logits")).unwrap();
+        let all = exec.read(plan.prefill.logits, ids.len()).unwrap();
+        let (max, rel) = errors(&all[(ids.len() - shape[0]) * shape[1]..], &want);
+        out.push((name, "logits", max, rel));
+    }
+    out
+}

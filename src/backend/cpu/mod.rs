@@ -220,6 +220,15 @@ impl CpuExecutor {
                     self.bufs[out.0][b * dim..(b + 1) * dim].copy_from_slice(&row);
                 }
             }
+            Op::CopyRows { x, x_rows_per_batch, x_start, out, out_rows_per_batch, out_start, rows, batch } => {
+                let (dim, src) = (self.cols(x), std::mem::take(&mut self.bufs[x.0]));
+                for b in 0..batch {
+                    let from = (b * x_rows_per_batch + x_start) * dim;
+                    let to = (b * out_rows_per_batch + out_start) * dim;
+                    self.bufs[out.0][to..to + rows * dim].copy_from_slice(&src[from..from + rows * dim]);
+                }
+                self.bufs[x.0] = src;
+            }
             Op::Broadcast { table, out, batch } => {
                 let t = wt(table);
                 let o = &mut self.bufs[out.0];

@@ -590,6 +590,20 @@ impl CudaExecutor {
                     }
                 }
             }
+            Op::CopyRows { x, x_rows_per_batch, x_start, out, out_rows_per_batch, out_start, rows, batch } => {
+                // One 2D copy: a sequence's block of rows is contiguous on both sides.
+                let dim = self.cols(x) * self.slots(x);
+                dev.copy_rows(
+                    &self.bufs[x.0],
+                    x_start * dim,
+                    x_rows_per_batch * dim,
+                    &self.bufs[out.0],
+                    out_start * dim,
+                    out_rows_per_batch * dim,
+                    batch,
+                    rows * dim,
+                )?;
+            }
             Op::Broadcast { table, out, batch } => {
                 let t = self.w(table).clone();
                 for b in 0..batch {

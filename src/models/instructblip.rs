@@ -1,0 +1,349 @@
+//! `InstructBlipForConditionalGeneration` (design/instructblip.md): BLIP-2's vision encoder, a
+//! Q-Former that reads the instruction besides its query tokens ([`QFormer::build_instruct`]),
+//! `language_projection`, and a language model whose input starts with `num_query_tokens`
+//! `<image>` placeholders that the projected queries replace (5.17's `masked_scatter`).
+//!
+//! The prompt is what `InstructBlipProcessor` builds: the LLM tokenizer's ids of the raw
+//! instruction (BOS first; Vicuna's BOS is `</s>`) after the placeholders, and the same text
+//! through the Q-Former's own BERT tokenizer (`qformer_tokenizer/`, `[CLS] .. [SEP]`). transformers
+//! 5.17 cannot generate without a text, so captioning is the empty instruction.
+//!
+//! The language model is a [`LanguageModel`]; Flan-T5 (`text_config.model_type` "t5") plugs in as
+//! one more arm there: its load in [`InstructBlip::load`], its steps in
+//! [`InstructBlip::language_steps`] (the T5 encoder over the scattered input as an encoder phase,
+//! the decoder's prefill from `decoder_start_token_id`), its prompt in [`Family::input_ids`]
+//! (placeholders, the prompt, then `</s>`; no BOS), and `InstructBlipConfig::check` admitting it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::llama::LlamaDecoder;
+use super::qformer::{InstructInputs, Instruction, QFormer};
+use super::vit::VisionModel;
+use super::{Family, Loader, TextInputs};
+use crate::config::{InstructBlipConfig, ModelConfig, PreprocessorConfig, TokenIds};
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
+use crate::graph::{Activation, Buf, DType, Graph, Linear, Phase, WeightTable};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Checkpoint;
+
+/// Where `InstructBlipProcessor.save_pretrained` puts the Q-Former's tokenizer.
+pub const QFORMER_TOKENIZER_DIR: &str = "qformer_tokenizer";
+
+/// The language model the projected queries prefix.
+pub enum LanguageModel {
+    /// Vicuna: a LLaMA causal LM (`language_model.model.*`, `language_model.lm_head.weight`).
+    Llama(LlamaDecoder),
+}
+
+pub struct InstructBlip {
+    pub cfg: InstructBlipConfig,
+    config: ModelConfig,
+    pub weights: Arc<WeightTable>,
+    vision: VisionModel,
+    qformer: QFormer,
+    instruction: Instruction,
+    /// None when the checkpoint folder has no `qformer_tokenizer/` (in-memory checkpoints).
+    qformer_tokenizer: Option<Tokenizer>,
+    qformer_tokenizer_dir: PathBuf,
+    language_projection: Linear,
+    pub lm: LanguageModel,
+}
+
+impl InstructBlip {
+    pub fn load(cfg: &InstructBlipConfig, ckpt: &Checkpoint) -> Result<Self> {
+        let mut table = WeightTable::default();
+        let mut ld = Loader { ckpt, table: &mut table };
+        let vision = VisionModel::load(&cfg.vision_config, &mut ld, "vision_model")?;
+        let q = &cfg.qformer_config;
+        let qformer = QFormer::load_instruct(q, cfg.num_query_tokens, &mut ld, "qformer")?;
+        let instruction = Instruction::load(q, cfg.num_query_tokens, ckpt, "qformer")?;
+        let text = cfg.llama()?;
+        let language_projection = ld.linear("language_projection", q.hidden_size, text.hidden_size, true)?;
+        let lm = LanguageModel::Llama(LlamaDecoder::load(
+            text,
+            &mut ld,
+            "language_model.model.",
+            "language_model.lm_head.weight",
+            text.tie_word_embeddings,
+        )?);
+        let qformer_tokenizer_dir = ckpt.origin().parent().unwrap_or(Path::new(".")).join(QFORMER_TOKENIZER_DIR);
+        let qformer_tokenizer =
+            if qformer_tokenizer_dir.is_dir() { Some(Tokenizer::from_dir(&qformer_tokenizer_dir)?) } else { None };
+        Ok(Self {
+            cfg: cfg.clone(),
+            config: ModelConfig::InstructBlip(cfg.clone()),
+            weights: Arc::new(table),
+            vision,
+            qformer,
+            instruction,
+            qformer_tokenizer,
+            qformer_tokenizer_dir,
+            language_projection,
+            lm,
+        })
+    }
+
+    /// The Q-Former's token ids of `text` (`[CLS] .. [SEP]`, as the processor's qformer_tokenizer).
+    pub fn qformer_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let tok = self.qformer_tokenizer.as_ref().ok_or_else(|| {
+            Error::MissingFile {
+                path: self.qformer_tokenizer_dir.clone(),
+                hint: " (InstructBLIP's Q-Former tokenizer, which InstructBlipProcessor.save_pretrained writes there; copy it from the hub repo)".into(),
+            }
+        })?;
+        tok.encode(text)
+    }
+
+    /// The host inputs of the Q-Former for tokenized instructions (one per sequence):
+    /// `qformer_embeds` and `qformer_mask`, and the instruction rows the plan takes.
+    pub fn instruction_inputs(&self, ids: &[Vec<u32>]) -> Result<TextInputs> {
+        let (embeds, mask) = self.instruction.embed(ids)?;
+        let rows = ids.iter().map(Vec::len).max().unwrap_or(0);
+        Ok(TextInputs { rows, inputs: vec![("qformer_embeds", embeds), ("qformer_mask", mask)] })
+    }
+
+    fn max_positions(&self) -> usize {
+        match &self.lm {
+            LanguageModel::Llama(d) => d.max_positions(),
+        }
+    }
+
+    /// The phases for `batch` images with one instruction of `text_rows` Q-Former tokens
+    /// (padded) each, a decoder input of `prompt_len` tokens and up to `max_new_tokens` new ones.
+    pub fn plan_instructed(
+        &self,
+        batch: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        all_prefill_logits: bool,
+        text_rows: usize,
+    ) -> Result<Plan> {
+        if max_new_tokens == 0 {
+            return Err(Error::InvalidInput(
+                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
+            ));
+        }
+        if batch == 0 {
+            return Err(Error::InvalidInput("no images given".into()));
+        }
+        let max_pos = self.max_positions();
+        // The last generated token is never fed back, so the cache needs one row less.
+        let capacity = prompt_len.saturating_add(max_new_tokens - 1);
+        if capacity > max_pos {
+            return Err(Error::InvalidInput(format!(
+                "the prompt ({prompt_len} tokens, {} of them image queries) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions (text_config.max_position_embeddings): {}",
+                self.cfg.num_query_tokens,
+                match (max_pos + 1).checked_sub(prompt_len) {
+                    Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
+                    _ => "shorten the prompt".to_string(),
+                }
+            )));
+        }
+        let (v, q) = (&self.cfg.vision_config, &self.cfg.qformer_config);
+        let nq = self.cfg.num_query_tokens;
+        let mut g = Graph::new();
+        let pixels = g.buffer("pixels", batch, 3 * v.image_size * v.image_size);
+
+        // Vision: pixels -> [B*T, Dv].
+        let vision_out = self.vision.build(&mut g, pixels, batch);
+        let vision = g.take_phase("vision");
+
+        // Q-Former over [queries ; instruction] + projection -> [B*Nq, H]. The embeddings stay
+        // fp32 up to their LayerNorm (transformers keeps query_tokens fp32 under fp16).
+        let rows_per_seq = self.instruction.rows_per_seq(text_rows);
+        let inp = InstructInputs {
+            embeds: g.typed_buffer("qformer_embeds", batch * rows_per_seq, q.hidden_size, DType::F32),
+            key_mask: g.buffer("qformer_mask", batch, rows_per_seq),
+            rows_per_seq,
+        };
+        let qformer_out = self.qformer.build_instruct(&mut g, vision_out, batch, v.num_positions(), &inp);
+        let image_embeds = g.buffer("image_embeds", batch * nq, self.language_projection.out_dim);
+        let p = &self.language_projection;
+        g.linear(qformer_out, p.weight, p.bias, Activation::None, None, image_embeds, batch * nq);
+        let qformer = g.take_phase("qformer");
+
+        let (prefill, decode, kv, key_mask) =
+            self.language_steps(&mut g, batch, prompt_len, capacity, image_embeds, all_prefill_logits);
+        Ok(Plan {
+            graph: g,
+            batch,
+            prompt_len,
+            capacity,
+            max_new_tokens,
+            inputs: vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)],
+            encoders: vec![vision, qformer],
+            outputs: vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)],
+            prefill,
+            decode,
+            kv,
+            key_mask,
+        })
+    }
+
+    /// The language model's prefill and decode steps over `image_embeds` scattered into the
+    /// placeholder rows, its KV caches and its key mask.
+    fn language_steps(
+        &self,
+        g: &mut Graph,
+        batch: usize,
+        prompt_len: usize,
+        capacity: usize,
+        image_embeds: Buf,
+        all_prefill_logits: bool,
+    ) -> (Step, Step, KvCaches, Option<Buf>) {
+        match &self.lm {
+            LanguageModel::Llama(dec) => {
+                let cache = dec.kv_cache(g, batch, capacity.max(1));
+                // Left-padded batches (instructions of different lengths): pad keys masked out.
+                let key_mask = g.buffer("key_mask", batch, cache.capacity);
+                let image = Some((image_embeds, self.cfg.image_token()));
+                let pre = dec.build_masked(g, &cache, prompt_len, image, Some(key_mask), all_prefill_logits, "prefill");
+                let prefill = g.take_phase("prefill");
+                let step = dec.build_masked(g, &cache, 1, None, Some(key_mask), false, "decode");
+                let decode = Phase { replayable: true, ..g.take_phase("decode") };
+                let kv = KvCaches {
+                    bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),
+                    rows_per_seq: cache.capacity,
+                };
+                (
+                    Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
+                    Step { phase: decode, logits: step.logits, rows_per_seq: 1 },
+                    kv,
+                    Some(key_mask),
+                )
+            }
+        }
+    }
+}
+
+impl Family for InstructBlip {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn weights(&self) -> &Arc<WeightTable> {
+        &self.weights
+    }
+
+    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
+        super::check_square_input(pre, path, self.image_size())
+    }
+
+    fn image_size(&self) -> usize {
+        self.cfg.vision_config.image_size
+    }
+
+    fn max_positions(&self) -> usize {
+        InstructBlip::max_positions(self)
+    }
+
+    /// `num_query_tokens` `<image>` ids, then the LLM tokenizer's ids of the prompt (BOS first):
+    /// the processor puts the placeholders before BOS.
+    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
+        let mut ids = vec![self.cfg.image_token(); self.cfg.num_query_tokens];
+        ids.extend_from_slice(prompt_ids);
+        ids
+    }
+
+    /// The instruction verbatim: InstructBLIP has no template (the same text feeds the Q-Former).
+    fn question_prompt(&self, question: &str) -> String {
+        question.to_string()
+    }
+
+    /// As BLIP-2: transformers 5.17's `generate()` hands over to the language model, whose
+    /// generation config comes from `text_config` (generation_config.json is not consulted): EOS
+    /// `text_config.eos_token_id`, 20 new tokens unless `text_config.max_new_tokens` says more,
+    /// greedy.
+    fn default_options(&self) -> GenerateOptions {
+        match &self.cfg.text_config {
+            crate::config::TextConfig::Llama(t) => GenerateOptions {
+                max_new_tokens: t.max_new_tokens,
+                eos_token_ids: t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+                ..GenerateOptions::default()
+            },
+            _ => GenerateOptions::default(),
+        }
+    }
+
+    /// For callers without a text (bench, parity): the empty instruction's `[CLS] [SEP]`.
+    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
+        self.plan_instructed(batch, prompt_len, max_new_tokens, all_prefill_logits, 2)
+    }
+
+    fn text_inputs(&self, texts: &[&str]) -> Result<Option<TextInputs>> {
+        if texts.is_empty() {
+            return Err(Error::InvalidInput(
+                "InstructBLIP's Q-Former reads the prompt text, not only its token ids: run it through caption, ask, ask_batch or Model::run".into(),
+            ));
+        }
+        let ids = texts.iter().map(|t| self.qformer_ids(t)).collect::<Result<Vec<_>>>()?;
+        self.instruction_inputs(&ids).map(Some)
+    }
+
+    fn plan_text(
+        &self,
+        images: usize,
+        sequences: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        all_prefill_logits: bool,
+        text_rows: usize,
+    ) -> Result<Plan> {
+        if images != sequences {
+            return Err(Error::InvalidInput(format!(
+                "InstructBLIP takes one image per prompt; got {images} images for {sequences} prompts"
+            )));
+        }
+        self.plan_instructed(sequences, prompt_len, max_new_tokens, all_prefill_logits, text_rows)
+    }
+
+    fn describe(&self) -> Vec<String> {
+        let cfg = &self.cfg;
+        let (v, q) = (&cfg.vision_config, &cfg.qformer_config);
+        let mut lines = vec![
+            "family:     InstructBLIP (InstructBlipForConditionalGeneration)".to_string(),
+            format!(
+                "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
+                v.num_hidden_layers,
+                v.hidden_size,
+                v.num_attention_heads,
+                v.head_dim(),
+                v.intermediate_size,
+                v.image_size,
+                v.patch_size,
+                v.num_positions()
+            ),
+            format!(
+                "q-former:   {} layers, hidden {}, {} heads x {}, cross-attention every {} layers, {} queries + instruction (vocab {}, {} positions)",
+                q.num_hidden_layers,
+                q.hidden_size,
+                q.num_attention_heads,
+                q.head_dim(),
+                q.cross_attention_frequency,
+                cfg.num_query_tokens,
+                q.vocab_size,
+                q.max_position_embeddings
+            ),
+        ];
+        match &self.lm {
+            LanguageModel::Llama(d) => {
+                let t = &d.cfg;
+                let (theta, scaling) = t.rope().unwrap_or((0.0, crate::graph::RopeScaling::Default));
+                lines.push(format!(
+                    "decoder:    LLaMA, {} layers, hidden {}, {} heads ({} kv) x {}, mlp {}, vocab {}, {} positions, rope theta {theta} {scaling:?}",
+                    t.num_hidden_layers,
+                    t.hidden_size,
+                    t.num_attention_heads,
+                    t.kv_heads(),
+                    t.head_dim(),
+                    t.intermediate_size,
+                    t.vocab_size,
+                    t.max_position_embeddings
+                ));
+            }
+        }
+        lines
+    }
+}
