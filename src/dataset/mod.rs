@@ -189,7 +189,7 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
     let batch_size = opts.batch_size;
     let items = input.items;
     let result = std::thread::scope(|s| -> Result<()> {
-        let reader = s.spawn(move || -> usize {
+        let reader = s.spawn(move || -> (usize, bool) {
             read_batches(task, items, &done, batch_size, stop, |b| tx.send(b).is_ok())
         });
         let mut batches = 0usize;
@@ -219,7 +219,10 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
             }
         }
         drop(rx);
-        summary.skipped = reader.join().unwrap_or(0);
+        let (skipped, finished) = reader.join().unwrap_or((0, false));
+        summary.skipped = skipped;
+        // The reader may have seen the flag first and stopped handing out batches.
+        summary.interrupted |= !finished && stop.load(Ordering::SeqCst);
         Ok(())
     });
     progress.finish();
@@ -230,7 +233,8 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
 }
 
 /// The reader thread: skips inputs already done, cuts batches, preprocesses each on the rayon
-/// pool and hands it to `send` (false: the consumer stopped). Returns the inputs skipped.
+/// pool and hands it to `send` (false: the consumer stopped). Returns the inputs skipped and
+/// whether every input was handed out.
 fn read_batches(
     task: &Task,
     items: Box<dyn Iterator<Item = Result<Item>> + Send>,
@@ -238,7 +242,7 @@ fn read_batches(
     batch_size: usize,
     stop: &AtomicBool,
     mut send: impl FnMut(Result<Ready>) -> bool,
-) -> usize {
+) -> (usize, bool) {
     let mut skipped = 0;
     let mut batch = Vec::with_capacity(batch_size);
     let mut items = items.peekable();
@@ -247,7 +251,7 @@ fn read_batches(
             Ok(i) => i,
             Err(e) => {
                 send(Err(e));
-                return skipped;
+                return (skipped, false);
             }
         };
         if done.contains(item.key()) {
@@ -257,7 +261,7 @@ fn read_batches(
         }
         if batch.len() == batch_size || (items.peek().is_none() && !batch.is_empty()) {
             if stop.load(Ordering::SeqCst) {
-                return skipped;
+                return (skipped, false);
             }
             let items = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
             let pixels = items
@@ -268,11 +272,11 @@ fn read_batches(
                 })
                 .collect();
             if !send(Ok(Ready { items, pixels })) {
-                return skipped;
+                return (skipped, false);
             }
         }
     }
-    skipped
+    (skipped, true)
 }
 
 /// One record per input of `ready`, in order: its fields, or its error.
