@@ -664,13 +664,21 @@ fn run_dataset(task: &Task, d: PreparedDataset, batch_size: u64) -> Result<ExitC
         );
     }
     if s.interrupted {
-        diagnostic("error", &format!("interrupted: {dst} holds every finished batch; run the same command with --resume to continue"));
+        diagnostic(
+            "error",
+            &format!("interrupted: {dst} holds every finished batch; run the same command with --resume to continue"),
+        );
         return Ok(ExitCode::from(130));
     }
     if let Some((image, msg)) = &s.first_error {
         diagnostic(
             "error",
-            &format!("{} of {} inputs failed (their records in {dst} hold `error`); the first: {}", s.failed, s.written, cli::output::image_error(Path::new(image), msg)),
+            &format!(
+                "{} of {} inputs failed (their records in {dst} hold `error`); the first: {}",
+                s.failed,
+                s.written,
+                cli::output::image_error(Path::new(image), msg)
+            ),
         );
         return Ok(ExitCode::FAILURE);
     }

@@ -247,7 +247,21 @@ fn jsonl_input_with_questions_runs_batches_of_different_questions() {
     let m = model("blip2-opt-tiny");
     let default_q = "how many are there?";
     let o = glimpse(
-        &["ask", "--device", "cpu", "-m", &m, "--input", &s(&src), "--output", &s(&dst), "--batch-size", "3", "--question", default_q],
+        &[
+            "ask",
+            "--device",
+            "cpu",
+            "-m",
+            &m,
+            "--input",
+            &s(&src),
+            "--output",
+            &s(&dst),
+            "--batch-size",
+            "3",
+            "--question",
+            default_q,
+        ],
         &[],
     );
     assert_eq!(o.status.code(), Some(1), "the missing image fails: {}", stderr(&o));
@@ -305,7 +319,19 @@ fn embed_to_parquet_equals_single_embeddings() {
     let dst = tmp.path().join("emb.parquet");
     let m = model("clip-tiny");
     let o = glimpse(
-        &["embed", "--device", "cpu", "-m", &m, "--input", &s(&tmp.path().join("imgs")), "--output", &s(&dst), "--batch-size", "3"],
+        &[
+            "embed",
+            "--device",
+            "cpu",
+            "-m",
+            &m,
+            "--input",
+            &s(&tmp.path().join("imgs")),
+            "--output",
+            &s(&dst),
+            "--batch-size",
+            "3",
+        ],
         &[],
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -314,7 +340,8 @@ fn embed_to_parquet_equals_single_embeddings() {
     let mut args = vec!["embed", "--device", "cpu", "--json", "-m", &m];
     args.extend(paths.iter().map(String::as_str));
     let o = glimpse(&args, &[]);
-    let want: Vec<Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let want: Vec<Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_same(g, w);
@@ -337,7 +364,8 @@ fn parquet_input_of_image_bytes_keyed_by_id() {
     ])
     .unwrap();
     let src = tmp.path().join("table.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&src).unwrap(), batch.schema(), None).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&src).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
     let dst = tmp.path().join("out.jsonl");
@@ -392,4 +420,40 @@ fn parquet_parts_left_after_consolidation_are_not_counted_twice() {
     let got = read_records(&dst).unwrap();
     assert_eq!(got, (0..4).map(record).collect::<Vec<_>>(), "each record once, in order");
     assert!(!parts.exists());
+}
+
+/// Ctrl-C (SIGINT) finishes the batch in flight, says how to continue and exits 130; DST holds
+/// only whole records, and `--resume` completes it.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_after_the_batch_in_flight_and_resume_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..60 {
+        std::fs::copy(common::image("wide_301x97.png"), src.join(format!("{i:03}.png"))).unwrap();
+    }
+    let dst = tmp.path().join("out.jsonl");
+    let m = model("blip2-opt-tiny");
+    let child = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["caption", "--device", "cpu", "-m", &m, "--input", &s(&src), "--output", &s(&dst), "--batch-size", "1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first record is on disk.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::metadata(&dst).map_or(0, |m| m.len()) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted") && stderr(&o).contains("--resume"), "{}", stderr(&o));
+    let first = read_records(&dst).unwrap();
+    assert!(!first.is_empty() && first.len() < 60, "stopped early: {} records", first.len());
+    let o = caption_dataset(&src, &dst, &["--resume", "--quiet"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let all = read_records(&dst).unwrap();
+    let want: Vec<String> = (0..60).map(|i| s(&src.join(format!("{i:03}.png")))).collect();
+    assert_eq!(keys(&all), want);
 }

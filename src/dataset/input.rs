@@ -226,9 +226,10 @@ fn open_parquet(src: &Path, base: PathBuf, opts: &InputOptions) -> Result<Input>
                 schema.fields().iter().map(|f| format!("`{}`", f.name())).collect::<Vec<_>>().join(", ")
             ))
         })?,
-        None => PATH_COLUMNS.iter().find_map(|c| find(c)).ok_or_else(|| {
-            Error::InvalidInput(format!("{}: {}", src.display(), missing_column(None, &None)))
-        })?,
+        None => PATH_COLUMNS
+            .iter()
+            .find_map(|c| find(c))
+            .ok_or_else(|| Error::InvalidInput(format!("{}: {}", src.display(), missing_column(None, &None))))?,
     };
     let id_col = ID_COLUMNS.iter().find_map(|c| find(c));
     let question_col = find(QUESTION_COLUMN);
@@ -336,7 +337,9 @@ fn image_cell(a: &ArrayRef, r: usize) -> Cell {
         }
         t => match text_cell(a, r) {
             Some(p) => Cell::Path(p),
-            None => Cell::Bad(format!("the image column is {t}: expected a path string, bytes, or a {{bytes, path}} struct")),
+            None => Cell::Bad(format!(
+                "the image column is {t}: expected a path string, bytes, or a {{bytes, path}} struct"
+            )),
         },
     }
 }

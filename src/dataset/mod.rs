@@ -38,10 +38,19 @@ pub const CRASH_AFTER_ENV: &str = "GLIMPSE_DATASET_CRASH_AFTER_BATCHES";
 
 /// What runs on each batch.
 pub enum Task<'a> {
-    Caption { model: &'a Model, opts: &'a GenerateOptions },
+    Caption {
+        model: &'a Model,
+        opts: &'a GenerateOptions,
+    },
     /// Each row's question, or `question` for rows without one.
-    Ask { model: &'a Model, opts: &'a GenerateOptions, question: Option<&'a str> },
-    Embed { model: &'a EmbedModel },
+    Ask {
+        model: &'a Model,
+        opts: &'a GenerateOptions,
+        question: Option<&'a str>,
+    },
+    Embed {
+        model: &'a EmbedModel,
+    },
 }
 
 /// The `--json` fields of one generated output (after `image`): text, tokens, logprobs, device,
@@ -86,8 +95,7 @@ impl Task<'_> {
         match self {
             Task::Caption { model, opts } => outputs(model.run(pixels, None, opts, &mut |_| {})),
             Task::Ask { model, opts, question } => {
-                let questions: Vec<Option<&str>> =
-                    items.iter().map(|i| i.question.as_deref().or(*question)).collect();
+                let questions: Vec<Option<&str>> = items.iter().map(|i| i.question.as_deref().or(*question)).collect();
                 if questions.iter().any(Option::is_none) {
                     return questions
                         .iter()

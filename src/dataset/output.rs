@@ -284,9 +284,8 @@ impl ParquetSink {
             parquet_keys(&path, key_field, &mut keys)?;
             next_part = next_part.max(i + 1);
         }
-        let schema = Arc::new(Schema::new(
-            columns.iter().map(|(n, k)| Field::new(n, data_type(*k), true)).collect::<Vec<_>>(),
-        ));
+        let schema =
+            Arc::new(Schema::new(columns.iter().map(|(n, k)| Field::new(n, data_type(*k), true)).collect::<Vec<_>>()));
         Ok((Self { dst: dst.to_path_buf(), parts, schema, columns: columns.clone(), next_part, folded }, keys))
     }
 
@@ -295,7 +294,13 @@ impl ParquetSink {
     }
 
     /// Writes `batch` to `tmp` through `props`, fsyncs it and renames it to `path`.
-    fn write_file(&self, path: &Path, tmp: &Path, batches: &mut dyn FnMut(&mut ArrowWriter<File>) -> Result<()>, props: WriterProperties) -> Result<()> {
+    fn write_file(
+        &self,
+        path: &Path,
+        tmp: &Path,
+        batches: &mut dyn FnMut(&mut ArrowWriter<File>) -> Result<()>,
+        props: WriterProperties,
+    ) -> Result<()> {
         let file = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         let mut w = ArrowWriter::try_new(file, self.schema.clone(), Some(props)).map_err(|e| parquet_err(tmp, e))?;
         batches(&mut w)?;
@@ -358,9 +363,9 @@ fn column(records: &[Record], name: &str, kind: Kind) -> ArrayRef {
             }
             Arc::new(b.finish())
         }
-        Kind::ListU32 => list::<UInt32Builder>(values, |b, x| {
-            b.append_option(x.as_u64().and_then(|v| u32::try_from(v).ok()))
-        }),
+        Kind::ListU32 => {
+            list::<UInt32Builder>(values, |b, x| b.append_option(x.as_u64().and_then(|v| u32::try_from(v).ok())))
+        }
         Kind::ListF64 => list::<Float64Builder>(values, |b, x| b.append_option(x.as_f64())),
         Kind::ListF32 => list::<Float32Builder>(values, |b, x| b.append_option(x.as_f64().map(|v| v as f32))),
     }
@@ -376,7 +381,12 @@ impl Sink for ParquetSink {
         }
         let path = self.part_path(self.next_part);
         let tmp = path.with_extension("parquet.tmp");
-        self.write_file(&path, &tmp, &mut |w| w.write(&batch).map_err(|e| parquet_err(&tmp, e)), WriterProperties::builder().build())?;
+        self.write_file(
+            &path,
+            &tmp,
+            &mut |w| w.write(&batch).map_err(|e| parquet_err(&tmp, e)),
+            WriterProperties::builder().build(),
+        )?;
         self.next_part += 1;
         Ok(())
     }
