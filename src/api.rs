@@ -270,18 +270,51 @@ impl Model {
                 questions.len()
             )));
         }
+        let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
+        self.ask_batch_pixels(&pixels, questions, opts)
+    }
+
+    /// [`Model::ask_batch`] on preprocessed images, one question each. Chat families run each
+    /// stretch of equal consecutive questions as one batch (their prompts are never padded).
+    pub fn ask_batch_pixels(
+        &self,
+        pixels: &[PixelValues],
+        questions: &[&str],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Output>> {
+        opts.validate()?;
+        if pixels.len() != questions.len() || pixels.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "ask_batch takes one question per image; got {} images and {} questions",
+                pixels.len(),
+                questions.len()
+            )));
+        }
+        if self.chat.is_some() {
+            let mut out = Vec::with_capacity(pixels.len());
+            let mut start = 0;
+            while start < questions.len() {
+                let end = start + questions[start..].iter().take_while(|q| **q == questions[start]).count();
+                let ids = self.chat_input_ids(1, questions[start])?;
+                let (seqs, timings, device) = self.run_ids(&pixels[start..end], &ids, opts, &mut |_| {})?;
+                for s in seqs {
+                    out.push(self.output(s, &timings, &device)?);
+                }
+                start = end;
+            }
+            return Ok(out);
+        }
         let pad_id = self.tokenizer.pad_token_id().ok_or_else(|| {
             Error::InvalidInput(format!(
                 "the tokenizer in {} has no pad_token, needed to batch questions of different lengths: set pad_token in tokenizer_config.json or ask one question at a time",
                 self.dir.display()
             ))
         })?;
-        let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
         let texts: Vec<String> = questions.iter().map(|q| self.question_prompt(q)).collect();
         let ids = texts.iter().map(|t| self.input_ids(Some(t))).collect::<Result<Vec<_>>>()?;
         let prompts = Prompts::left_padded(&ids, pad_id)?;
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let (seqs, timings, device) = self.run_request(&pixels, &prompts, &texts, opts, &mut |_| {})?;
+        let (seqs, timings, device) = self.run_request(pixels, &prompts, &texts, opts, &mut |_| {})?;
         seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
     }
 

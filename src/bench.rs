@@ -64,6 +64,37 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Dataset mode: caption the first --dataset-images images of this folder through the whole
+    /// dataset pipeline (read, decode and preprocess overlapped with the model, records written)
+    /// and the same images preprocessed beforehand through the model alone, in the same run;
+    /// the stage timings are skipped.
+    #[arg(long, value_name = "DIR")]
+    pub dataset: Option<std::path::PathBuf>,
+    /// Images of --dataset to run (the first in sorted order).
+    #[arg(long, default_value_t = 256, requires = "dataset")]
+    pub dataset_images: usize,
+    /// Batch size of --dataset mode.
+    #[arg(long, default_value_t = 32, requires = "dataset")]
+    pub dataset_batch: usize,
+}
+
+/// `--dataset` mode: images/s of the whole pipeline against the model alone.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatasetBench {
+    pub dir: String,
+    pub images: usize,
+    pub batch: usize,
+    /// Read + decode + preprocess of every image, on the whole thread pool, nothing else running.
+    pub preprocess_images_per_s: f64,
+    /// The model alone on pixels already in memory, batch by batch.
+    pub model_only_images_per_s: f64,
+    /// `dataset::run` from the files to the records on disk.
+    pub pipeline_images_per_s: f64,
+    /// pipeline / model only (1.0: preprocessing fully hidden behind the model).
+    pub fraction_of_model_only: f64,
+    /// `1 / (1/model + 1/preprocess)`: the best rate when the model and the preprocessing share
+    /// the same cores (the CPU backend), where overlapping cannot hide any work.
+    pub shared_cores_images_per_s: f64,
 }
 
 /// Beams of the beam-search latency row.
@@ -132,6 +163,8 @@ pub struct Report {
     pub stages: Vec<Stage>,
     pub throughput: Vec<Throughput>,
     pub notes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetBench>,
 }
 
 /// The largest preset whose weights (fp16) plus room for batch-32 activations and KV cache
@@ -297,6 +330,9 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         Device::Auto if crate::backend::cuda_unavailable_reason().is_none() => Device::Cuda,
         _ => Device::Cpu,
     };
+    if let Some(dir) = &args.dataset {
+        return run_dataset(args, dir, device, setup);
+    }
     let subject = load_subject(args, device)?;
     let family = subject.family.as_ref();
     let backend = Backend::new(device, family.weights())?;
@@ -491,6 +527,141 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         stages,
         throughput,
         notes,
+        dataset: None,
+    })
+}
+
+/// `--dataset` mode: a model folder (`--model`, or the preset written to a temporary folder, as
+/// the pipeline needs its image processor and tokenizer files), then the same images through
+/// the model alone and through `dataset::run`.
+fn run_dataset(args: &BenchArgs, dir: &std::path::Path, device: Device, setup: Instant) -> Result<Report> {
+    if args.dataset_images == 0 || args.dataset_batch == 0 {
+        return Err(Error::InvalidInput("--dataset-images and --dataset-batch must be at least 1".into()));
+    }
+    let (model_dir, temp, label, preset) = match &args.model {
+        Some(m) => (crate::hub::resolve_model(m)?, None, m.clone(), None),
+        None => {
+            let name = args.preset.clone().unwrap_or_else(|| "tiny".into());
+            let tmp = std::env::temp_dir().join(format!("glimpse-bench-dataset-{name}-{}", std::process::id()));
+            // A folder of this name that exists already is someone else's: refuse rather than reuse it.
+            std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let label = format!("preset {name} (random weights, seed {})", args.seed);
+            (tmp.clone(), Some(tmp), label, Some(name))
+        }
+    };
+    let result = (|| {
+        if let Some(name) = &preset {
+            crate::synth::write_folder(name, &model_dir, args.seed)?;
+        }
+        let model = crate::api::Model::load(&model_dir, device)?;
+        dataset_report(args, dir, &model, label, preset.clone(), setup)
+    })();
+    if let Some(tmp) = temp {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    result
+}
+
+fn dataset_report(
+    args: &BenchArgs,
+    dir: &std::path::Path,
+    model: &crate::api::Model,
+    label: String,
+    preset: Option<String>,
+    setup: Instant,
+) -> Result<Report> {
+    use crate::dataset::{input, RunOptions, Task};
+    use rayon::prelude::*;
+    let open = || -> Result<input::Input> {
+        let mut inp = input::open(dir, &input::InputOptions::default())?;
+        let n = inp.total.unwrap_or(0).min(args.dataset_images);
+        inp.total = Some(n);
+        inp.items = Box::new(inp.items.take(n));
+        Ok(inp)
+    };
+    let items: Vec<input::Item> = open()?.items.collect::<Result<_>>()?;
+    if items.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "--dataset {}: no images in it (extensions {})",
+            dir.display(),
+            input::IMAGE_EXTENSIONS.join(", ")
+        )));
+    }
+    let n = items.len();
+    let batch = args.dataset_batch;
+    // No EOS: every caption runs --new-tokens steps, the same work in both measurements.
+    let opts = GenerateOptions { max_new_tokens: Some(args.new_tokens), ..Default::default() };
+    let task = Task::Caption { model, opts: &opts };
+    let setup_s = setup.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let pixels: Vec<crate::image::PixelValues> = items
+        .par_iter()
+        .map(|i| match &i.source {
+            Ok(input::ImageRef::Path(p)) => model.preprocess(p),
+            _ => Err(Error::InvalidInput(format!("{}: not a readable image path", i.image))),
+        })
+        .collect::<Result<_>>()?;
+    let preprocess_s = t.elapsed().as_secs_f64();
+    // Warm-up at the measured batch size, then the model alone.
+    model.run(&pixels[..batch.min(n)], None, &opts, &mut |_| {})?;
+    let t = Instant::now();
+    for chunk in pixels.chunks(batch) {
+        model.run(chunk, None, &opts, &mut |_| {})?;
+    }
+    let model_s = t.elapsed().as_secs_f64();
+    drop(pixels);
+
+    let out_dir = std::env::temp_dir().join(format!("glimpse-bench-records-{}", std::process::id()));
+    std::fs::create_dir(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let run_opts = RunOptions { batch_size: batch, resume: false, progress: false };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let pipeline =
+        open().and_then(|inp| crate::dataset::run(&task, inp, &out_dir.join("records.jsonl"), &run_opts, &stop));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let summary = pipeline?;
+    let rate = |s: f64| n as f64 / s.max(1e-9);
+    let (model_only, piped) = (rate(model_s), rate(summary.seconds));
+    let weights = model.family.weights();
+    Ok(Report {
+        date: utc_now(),
+        commit: git_commit(),
+        device: if model.backend_name() == "cpu" { "cpu".into() } else { "cuda".into() },
+        device_name: if model.backend_name() == "cpu" { cpu_name() } else { model.backend_name() },
+        threads: rayon::current_num_threads(),
+        model: label,
+        preset,
+        seed: args.seed,
+        parameters: weights.parameters(),
+        weight_bytes: weights.parameters() * 2,
+        batch,
+        new_tokens: args.new_tokens,
+        repeats: 1,
+        caption_prompt_tokens: model.input_ids(None)?.len(),
+        vqa_prompt_tokens: 0,
+        setup_s,
+        rates: Rates {
+            copy_gbs: f64::NAN,
+            copy_source: "not measured in --dataset mode".into(),
+            matrix_gflops: None,
+            matrix_source: "not measured in --dataset mode".into(),
+        },
+        stages: Vec::new(),
+        throughput: Vec::new(),
+        notes: vec![format!("{} of the images failed in the pipeline", summary.failed)]
+            .into_iter()
+            .filter(|_| summary.failed > 0)
+            .collect(),
+        dataset: Some(DatasetBench {
+            dir: dir.display().to_string(),
+            images: n,
+            batch,
+            preprocess_images_per_s: rate(preprocess_s),
+            model_only_images_per_s: model_only,
+            pipeline_images_per_s: piped,
+            fraction_of_model_only: piped / model_only,
+            shared_cores_images_per_s: 1.0 / (1.0 / model_only + 1.0 / rate(preprocess_s)),
+        }),
     })
 }
 
@@ -838,6 +1009,35 @@ impl Report {
             self.parameters as f64 / 1e9,
             self.weight_bytes as f64 / 1e9
         );
+        if let Some(d) = &self.dataset {
+            let _ = writeln!(
+                s,
+                "dataset: {} images of {}, batch {}, {} new tokens (EOS ignored)",
+                d.images, d.dir, d.batch, self.new_tokens
+            );
+            let _ =
+                writeln!(s, "{:<34} {:>10.2} images/s", "read + decode + preprocess alone", d.preprocess_images_per_s);
+            let _ =
+                writeln!(s, "{:<34} {:>10.2} images/s", "model alone (pixels in memory)", d.model_only_images_per_s);
+            let _ = writeln!(
+                s,
+                "{:<34} {:>10.2} images/s  ({:.1}% of model alone)",
+                "whole pipeline (files to records)",
+                d.pipeline_images_per_s,
+                100.0 * d.fraction_of_model_only
+            );
+            if self.device == "cpu" {
+                let _ = writeln!(
+                    s,
+                    "{:<34} {:>10.2} images/s  (model and preprocessing on the same cores)",
+                    "bound on shared cores", d.shared_cores_images_per_s
+                );
+            }
+            for n in &self.notes {
+                let _ = writeln!(s, "note: {n}");
+            }
+            return s;
+        }
         let _ = writeln!(
             s,
             "batch {}, {} new tokens (EOS ignored), median of {} runs after a warm-up",

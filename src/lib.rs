@@ -16,6 +16,7 @@ pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod cost;
+pub mod dataset;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use cli::output::{diagnostic, Stdout, Stop};
+use glimpse::dataset::Task;
 use glimpse::{Device, GenerateOptions, Model, Output};
 
 #[derive(Parser)]
@@ -51,6 +52,30 @@ struct RunArgs {
     json: bool,
     #[command(flatten)]
     gen: cli::generate::GenArgs,
+    /// With --input: images per model batch.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..), requires = "input")]
+    batch_size: u64,
+}
+
+/// Dataset mode of caption, ask and embed: every image of SRC, one record each, into DST
+/// (see README, "Datasets").
+#[derive(Args)]
+struct DatasetArgs {
+    /// A folder of images (recursive, sorted), a text file of paths (one per line, relative to
+    /// its folder), or a .jsonl / .parquet table with a `path`, `image` or `file_name` column
+    /// (paths, or image bytes in Parquet); an `id` or `key` column names the records.
+    #[arg(long, value_name = "SRC", requires = "output")]
+    input: Option<PathBuf>,
+    /// Where the records go: Parquet when it ends in .parquet, else JSONL. Written batch by
+    /// batch, durably; an existing DST is refused unless --resume.
+    #[arg(long, value_name = "DST", requires = "input")]
+    output: Option<PathBuf>,
+    /// Continue an interrupted run: inputs whose key (id, else image) DST holds are skipped.
+    #[arg(long, requires = "input")]
+    resume: bool,
+    /// The input table's column of image paths or bytes (default: path, image, file_name).
+    #[arg(long, value_name = "COLUMN", requires = "input")]
+    path_column: Option<String>,
 }
 
 #[derive(Args)]
@@ -81,7 +106,7 @@ struct HubArgs {
     /// Use the local cache only, never the network (as HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
-    /// No download progress bars.
+    /// No download progress bars (nor, with --input, the dataset progress line and summary).
     #[arg(long, short)]
     quiet: bool,
 }
@@ -104,8 +129,10 @@ enum Command {
     Caption {
         #[command(flatten)]
         run: RunArgs,
-        #[arg(required = true)]
+        #[arg(required_unless_present = "input", conflicts_with = "input")]
         images: Vec<PathBuf>,
+        #[command(flatten)]
+        data: DatasetArgs,
     },
     /// Answer a question about an image: BLIP-2 uses "Question: {q} Answer:"; chat models
     /// (LLaVA) apply the checkpoint's chat template to one user message (the images, then the
@@ -117,8 +144,13 @@ enum Command {
         #[arg(long = "image")]
         images: Vec<PathBuf>,
         /// IMAGE QUESTION, or QUESTION alone with --image.
-        #[arg(required = true, num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
+        #[arg(required_unless_present = "input", conflicts_with = "input", num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
         args: Vec<String>,
+        /// With --input: the question for rows without a `question` column.
+        #[arg(long, requires = "input")]
+        question: Option<String>,
+        #[command(flatten)]
+        data: DatasetArgs,
     },
     /// Embed images (or texts with --text) with a CLIP model: one record per input, in order,
     /// each the unit-length embedding (`CLIPModel`'s image_embeds / text_embeds). Plain output is
@@ -128,9 +160,12 @@ enum Command {
         args: EmbedArgs,
         /// A text to embed instead of images (repeat for several); tokenized as CLIPProcessor
         /// does, without truncation: a text over the model's positions (77) is that record's error.
-        #[arg(long = "text", value_name = "TEXT", conflicts_with = "images", required_unless_present = "images")]
+        #[arg(long = "text", value_name = "TEXT", conflicts_with_all = ["images", "input"], required_unless_present_any = ["images", "input"])]
         texts: Vec<String>,
+        #[arg(conflicts_with = "input")]
         images: Vec<PathBuf>,
+        #[command(flatten)]
+        data: DatasetArgs,
     },
     /// Zero-shot classification with a CLIP model: per image, the softmax over the labels of
     /// exp(logit_scale) * cosine similarity. Labels are used verbatim as texts (write templates
@@ -298,28 +333,13 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
 }
 
 fn json_record(model: &Model, image: &Path, out: &Output) -> String {
-    let mut record = serde_json::json!({
-        "image": image.display().to_string(),
-        "text": out.text,
-        "tokens": out.tokens,
-        "logprobs": out.logprobs,
-        "timings": out.timings,
-        "device": out.device,
-        "load_seconds": model.load_seconds,
-    });
-    // Beam search: transformers' sequences_scores, and every returned hypothesis, best first.
-    if let Some(score) = out.score {
-        record["score"] = score.into();
-    }
-    if !out.alternatives.is_empty() {
-        let best = serde_json::json!({ "text": out.text, "tokens": out.tokens, "score": out.score });
-        let rest = out
-            .alternatives
-            .iter()
-            .map(|h| serde_json::json!({ "text": h.text, "tokens": h.tokens, "score": h.score }));
-        record["sequences"] = std::iter::once(best).chain(rest).collect();
-    }
-    record.to_string()
+    let mut record = serde_json::Map::new();
+    record.insert("image".into(), image.display().to_string().into());
+    record.insert("timings".into(), serde_json::json!(out.timings));
+    record.insert("load_seconds".into(), model.load_seconds.into());
+    // text, tokens, logprobs, device; beam search: score and sequences (best first).
+    record.extend(glimpse::dataset::output_fields(out));
+    serde_json::Value::Object(record).to_string()
 }
 
 /// `--stream`: one image's text printed as it is generated (escaped as the plain output is,
@@ -599,13 +619,85 @@ fn refuse_hub_cache(output: &Path) -> glimpse::Result<()> {
     Ok(())
 }
 
+/// A dataset run checked before its model loads: the input opened, the output allowed.
+struct PreparedDataset {
+    input: glimpse::dataset::input::Input,
+    output: PathBuf,
+    resume: bool,
+    quiet: bool,
+}
+
+/// `Some` in dataset mode (--input): opens the input and refuses an existing output without
+/// --resume, so that such mistakes show before a large model loads.
+fn prepare_dataset(data: &DatasetArgs, quiet: bool) -> glimpse::Result<Option<PreparedDataset>> {
+    let (Some(src), Some(dst)) = (&data.input, &data.output) else { return Ok(None) };
+    glimpse::dataset::output::check_new(dst, data.resume)?;
+    let opts = glimpse::dataset::input::InputOptions { path_column: data.path_column.clone() };
+    let input = glimpse::dataset::input::open(src, &opts)?;
+    Ok(Some(PreparedDataset { input, output: dst.clone(), resume: data.resume, quiet }))
+}
+
+/// Runs a dataset to its output and reports on stderr. Exit status 1 if any input failed (its
+/// record holds `error`), 130 when Ctrl-C stopped it (the output holds every finished batch).
+fn run_dataset(task: &Task, d: PreparedDataset, batch_size: u64) -> Result<ExitCode, CliError> {
+    let opts = glimpse::dataset::RunOptions {
+        batch_size: usize::try_from(batch_size).unwrap_or(usize::MAX),
+        resume: d.resume,
+        progress: !d.quiet,
+    };
+    let s = glimpse::dataset::run(task, d.input, &d.output, &opts, glimpse::dataset::interrupt_flag())?;
+    let dst = d.output.display();
+    if !d.quiet {
+        let skipped = if s.skipped > 0 { format!(", {} skipped as already in it", s.skipped) } else { String::new() };
+        diagnostic(
+            "note",
+            &format!(
+                "wrote {} records to {dst} ({} failed{skipped}) in {:.1} s, {:.1} images/s",
+                s.written,
+                s.failed,
+                s.seconds,
+                s.written as f64 / s.seconds.max(1e-9)
+            ),
+        );
+    }
+    if s.interrupted {
+        diagnostic(
+            "error",
+            &format!("interrupted: {dst} holds every finished batch; run the same command with --resume to continue"),
+        );
+        return Ok(ExitCode::from(130));
+    }
+    if let Some((image, msg)) = &s.first_error {
+        diagnostic(
+            "error",
+            &format!(
+                "{} of {} inputs failed (their records in {dst} hold `error`); the first: {}",
+                s.failed,
+                s.written,
+                cli::output::image_error(Path::new(image), msg)
+            ),
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(command: Command) -> Result<ExitCode, CliError> {
     match command {
-        Command::Caption { run, images } => {
+        Command::Caption { run, images, data } => {
+            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet)? {
+                let (model, opts) = load(&run)?;
+                return run_dataset(&Task::Caption { model: &model, opts: &opts }, prepared, run.batch_size);
+            }
             let (model, opts) = load(&run)?;
             run_images(&model, &opts, &images, None, &run)
         }
-        Command::Ask { run, images, args } => {
+        Command::Ask { run, images, args, question, data } => {
+            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet)? {
+                let (model, opts) = load(&run)?;
+                let task = Task::Ask { model: &model, opts: &opts, question: question.as_deref() };
+                return run_dataset(&task, prepared, run.batch_size);
+            }
             let (images, question) = match (images.is_empty(), &args[..]) {
                 (true, [image, question]) => (vec![PathBuf::from(image)], question.clone()),
                 (false, [question]) => (images, question.clone()),
@@ -619,7 +711,10 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             }
             run_images(&model, &opts, &images, Some(&question), &run)
         }
-        Command::Embed { args, texts, images } => run_embed(&args, &texts, &images),
+        Command::Embed { args, texts, images, data } => match prepare_dataset(&data, args.hub.quiet)? {
+            Some(prepared) => run_dataset(&Task::Embed { model: &load_embedder(&args)? }, prepared, args.batch_size),
+            None => run_embed(&args, &texts, &images),
+        },
         Command::Classify { args, images, labels } => run_classify(&args, &images, &labels),
         Command::Download { model, hub } => {
             let fetched = glimpse::hub::download(&model, &hub.options())?;
