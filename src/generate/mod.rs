@@ -391,7 +391,8 @@ impl Timings {
 /// A token as it is produced, for streaming.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenEvent {
-    /// Which image of the batch.
+    /// Which input of the batch (with several sampled sequences per input, the first of them is
+    /// the one streamed).
     pub sequence: usize,
     pub step: usize,
     pub token: u32,

@@ -7,7 +7,9 @@
 //! reproduced outside torch): a seeded [`Rng`] per sequence, so a seed gives the same tokens on
 //! every executor and machine as long as the logits agree. Sequence `b` of a request draws from
 //! `Rng::new(seed, b)`, one uniform per generated token; finished sequences draw nothing.
-//! Log-probs are recorded as greedy records them: log-softmax of the raw logits.
+//! Log-probs are recorded as greedy records them: log-softmax of the raw logits. With
+//! `num_return_sequences > 1` each input's rows (expanded by the caller, as transformers) are
+//! independent sequences drawing their own streams; only the first of each is streamed.
 
 use std::time::Instant;
 
