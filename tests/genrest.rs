@@ -142,12 +142,12 @@ fn stop_strings_need_the_tokenizer() {
     // Byte-level vocabularies hold every byte, so even an emoji can be completed: it runs.
     assert!(model.caption(&img, &opts).is_ok());
     // Without the tokenizer the library asks for it instead of ignoring the stop strings.
-    let plan = glimpse::generate::GenerateOptions { stop_strings: vec!["x".into()], ..Default::default() };
+    let bare = GenerateOptions { stop_strings: vec!["x".into()], ..Default::default() };
     let tiny = model.input_ids(None).unwrap();
     let px = model.preprocess(&img).unwrap();
     let gplan = model.family.plan(1, tiny.len(), 3, false).unwrap();
     let mut exec = model.executor(&gplan.graph).unwrap();
-    let opts = GenerateOptions { max_new_tokens: Some(3), ..plan };
+    let opts = GenerateOptions { max_new_tokens: Some(3), ..bare };
     let e = glimpse::generate::generate(&gplan, exec.as_mut(), &[("pixels", &px.data)], &tiny, &opts, &mut |_| {})
         .unwrap_err()
         .to_string();
