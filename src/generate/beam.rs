@@ -238,12 +238,15 @@ fn ranked(cands: Vec<Vec<Candidate>>, step: usize, opts: &GenerateOptions) -> Ve
         .collect()
 }
 
+/// A beam's token history: `(running, input, beam, extra token)` to its `input_ids`.
+type History<'a> = dyn Fn(&[Vec<Hyp>], usize, usize, Option<u32>) -> Vec<u32> + 'a;
+
 /// Host rows `[beams, vocab]`: raw log-softmax and the processors applied to it, each beam with
 /// its own history.
 fn score_rows(
     mut raw: Vec<f32>,
     running: &[Vec<Hyp>],
-    history: &dyn Fn(&[Vec<Hyp>], usize, usize, Option<u32>) -> Vec<u32>,
+    history: &History<'_>,
     processors: &LogitsProcessorList,
 ) -> Result<Scored> {
     let n = running.first().map_or(1, Vec::len);
