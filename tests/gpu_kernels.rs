@@ -835,8 +835,8 @@ fn top_k_logprobs_match_host() {
                 dev.top_k_logprobs(&dev.upload(&logits).unwrap(), &idx, &lp, rows, vocab, k).unwrap();
             }
             let (gi, gl) = (dev.download(&idx).unwrap(), dev.download(&lp).unwrap());
-            for r in 0..rows {
-                for (t, c) in want[r].iter().enumerate() {
+            for (r, cands) in want.iter().enumerate() {
+                for (t, c) in cands.iter().enumerate() {
                     let at = r * k + t;
                     assert_eq!(
                         gi[at], c.token as i32,
