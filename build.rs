@@ -49,6 +49,8 @@ const FAST_MATH: &[(&str, bool)] = &[
     ("pointwise", false),
     // log-softmax value of the chosen token is returned in fp32 to the host: keep expf/logf exact.
     ("sampling", false),
+    // integer copies only.
+    ("reorder", true),
 ];
 
 const DEFAULT_ARCHS: &[&str] = &["80", "86", "89", "90a"];

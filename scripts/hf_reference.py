@@ -19,6 +19,10 @@ the median of --repeats, each measured with torch.cuda.Event on CUDA (perf_count
                (N-1 steps after the prefill token, EOS ignored)
   first_token  model.generate(max_new_tokens=1): pixels in -> first token
   caption      model.generate(max_new_tokens=N, min_new_tokens=N): pixels in -> N tokens
+  decode_sampled  ms/token of sampled generation (do_sample, top_p 0.9, temperature 0.7, top_k 50
+               as transformers defaults it, seeded): (caption - first_token) / (N - 1) of
+               generate() with those settings, so the logits processors and the draw are in it
+               (glimpse bench's decode_sampled row runs the same settings)
   throughput   images/s of caption at each batch size of --batches (skipped on OOM)
 With --compile: static cache + torch.compile(mode="reduce-overhead") of the language model forward,
 timing first_token, caption and the generate-derived decode ms/token
@@ -171,10 +175,23 @@ def decode_steps(model, embeds, n_new: int, timer: Timer) -> list[float]:
     return times
 
 
+# The sampled-decode settings of glimpse bench's decode_sampled row.
+SAMPLED = dict(do_sample=True, top_p=0.9, temperature=0.7)
+
+
 @torch.no_grad()
 def gen(model, pv, ids, n: int, **kw):
+    kw = {"do_sample": False, **kw}
     return model.generate(pixel_values=pv, input_ids=ids, attention_mask=torch.ones_like(ids),
-                          max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, **kw)
+                          max_new_tokens=n, min_new_tokens=n, num_beams=1, **kw)
+
+
+def seeded(fn, seed: int):
+    """`fn` with torch's RNG reseeded first, so every timed sampled run draws the same stream."""
+    def run():
+        torch.manual_seed(seed)
+        return fn()
+    return run
 
 
 def is_oom(e: Exception) -> bool:
@@ -209,6 +226,10 @@ def run_timings(model, processor, device, dtype, args, label) -> dict:
     stages["caption"] = summary(timer.samples(lambda: gen(model, pv, ids_c, n)))
     stages["decode_from_generate"] = {
         "median_ms": (stages["caption"]["median_ms"] - stages["first_token"]["median_ms"]) / max(n - 1, 1)}
+    first_s = summary(timer.samples(seeded(lambda: gen(model, pv, ids_c, 1, **SAMPLED), args.seed)))
+    cap_s = summary(timer.samples(seeded(lambda: gen(model, pv, ids_c, n, **SAMPLED), args.seed)))
+    stages["decode_sampled"] = {
+        "median_ms": (cap_s["median_ms"] - first_s["median_ms"]) / max(n - 1, 1), "settings": SAMPLED}
     res["stages"] = stages
     thr = []
     for bb in args.batches:
@@ -394,7 +415,8 @@ def main():
 def print_summary(report):
     print(f"transformers {report['transformers']} on {report['device_name']} ({report.get('dtype')}), "
           f"{report['new_tokens']} new tokens, median of {report['repeats']}")
-    names = ["vision", "qformer", "prefill", "prefill_vqa", "decode", "decode_from_generate", "first_token", "caption"]
+    names = ["vision", "qformer", "prefill", "prefill_vqa", "decode", "decode_from_generate", "decode_sampled",
+             "first_token", "caption"]
     for run in report["runs"]:
         if "error" in run:
             print(f"  {run['label']}: {run['error']}")

@@ -992,6 +992,7 @@ def main() -> None:
     __import__("fixtures_llava").main()  # tests/fixtures/llava-tiny*/, goldens/llava_* (its own README)
     __import__("fixtures_padbatch").main()  # goldens/padbatch_blip2-opt-tiny.json (scripts/fixtures_padbatch.py)
     __import__("fixtures_instructblip").main()  # tests/fixtures/instructblip-tiny/, goldens/instructblip_* (its own README)
+    __import__("fixtures_genrest").main()  # goldens/genrest_cases.json (scripts/fixtures_genrest.py)
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 
@@ -1201,6 +1202,18 @@ Batched `generate()` on `blip2-opt-tiny` with a different question per image (th
 question lengths), `Blip2Processor(..., padding=True)` with `tokenizer.padding_side="left"`,
 greedy: per sequence the new ids (cut after EOS) and their log-probs. tests/padded_batch.rs checks
 `Model::ask_batch` against it.
+
+### `genrest_cases.json` (scripts/fixtures_genrest.py)
+
+The rest of `generate()` on `blip2-opt-tiny`: `generate(do_sample=False, output_scores=True,
+return_dict_in_generate=True, tokenizer=..., **options)` with `stop_strings` (ending inside a
+token, spanning two and three tokens, a non-ASCII string on byte-level tokens, never matching,
+a batch of 2 where one stops first, with an EOS, and in beam search) and beam search with logits
+processors (repetition_penalty 1.3 / 0.8 / 1.2, no_repeat_ngram_size 2 / 3, min_new_tokens, 2
+returned hypotheses, a VQA prompt, a batch of 2). Each case `{{name, images, prompt, options,
+sequences, texts, scores}}`: `sequences` are the new ids of every returned sequence (batch-major,
+cut after the first EOS, trailing pad fill dropped), `scores` are `sequences_scores` (null for
+greedy). tests/genrest.rs checks them.
 
 ### `beam_cases.json` (scripts/fixtures_beam.py)
 

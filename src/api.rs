@@ -10,7 +10,7 @@ use crate::backend::{Backend, Executor};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::generate::{
-    beam_rows, expand_for_beams, generate_batch, EarlyStopping, GenerateOptions, Plan, Prompts, Sequence, Timings,
+    beam_rows, expand_for_beams, generate_prompts, EarlyStopping, GenerateOptions, Plan, Prompts, Sequence, Timings,
     TokenEvent,
 };
 use crate::image::{ImageInput, ImageProcessor, PixelValues};
@@ -138,6 +138,9 @@ impl Model {
             o.num_beams = g.num_beams.unwrap_or(o.num_beams);
             o.length_penalty = g.length_penalty.unwrap_or(o.length_penalty);
             o.num_return_sequences = g.num_return_sequences.unwrap_or(o.num_return_sequences);
+            if let Some(stop) = &g.stop_strings {
+                o.stop_strings = stop.to_vec();
+            }
             match &g.early_stopping {
                 Some(serde_json::Value::Bool(true)) => o.early_stopping = EarlyStopping::Done,
                 Some(serde_json::Value::Bool(false)) => o.early_stopping = EarlyStopping::Heuristic,
@@ -413,7 +416,7 @@ impl Model {
         // Beam search: each sequence's images repeated per beam, as one block (all of a chat
         // prompt's images stay together), and its prompt with them.
         let pixels = expand_for_beams(&pixels, sequences, opts);
-        let prompts = prompts.repeat_each(opts.num_beams);
+        let prompts = prompts.repeat_each(opts.expansion());
         let text = self.family.text_inputs(texts)?;
         let text_data: Vec<(&str, Vec<f32>)> = text
             .iter()
@@ -423,12 +426,19 @@ impl Model {
             .chain(text_data.iter().map(|(n, d)| (*n, d.as_slice())))
             .collect();
         let text_rows = text.as_ref().map_or(0, |t| t.rows);
+        // Stop strings are matched on this tokenizer's token strings.
+        let stop = match opts.stop_strings.is_empty() {
+            true => None,
+            false => Some(crate::generate::StopStrings::new(&opts.stop_strings, &self.tokenizer)?),
+        };
+        let mut hooks = crate::generate::Hooks { on_token, on_phase: None };
         let key = (beam_rows(images.len(), opts), beam_rows(sequences, opts), prompts.len(), new_tokens, text_rows);
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
             let plan = self.family.plan_text(key.0, key.1, key.2, key.3, false, key.4)?;
             let mut exec = self.backend.executor(self.family.weights(), &plan.graph)?;
-            let (seqs, timings) = generate_batch(&plan, exec.as_mut(), &inputs, &prompts, opts, on_token)?;
+            let (seqs, timings) =
+                generate_prompts(&plan, exec.as_mut(), &inputs, &prompts, opts, stop.as_ref(), &mut hooks)?;
             return Ok((seqs, timings, exec.device_name()));
         }
         let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
@@ -439,7 +449,7 @@ impl Model {
             *slot = Some((key, plan, exec));
         }
         let (_, plan, exec) = slot.as_mut().expect("filled above");
-        let (seqs, timings) = generate_batch(plan, exec.as_mut(), &inputs, &prompts, opts, on_token)?;
+        let (seqs, timings) = generate_prompts(plan, exec.as_mut(), &inputs, &prompts, opts, stop.as_ref(), &mut hooks)?;
         Ok((seqs, timings, exec.device_name()))
     }
 

@@ -99,6 +99,9 @@ pub struct DatasetBench {
 
 /// Beams of the beam-search latency row.
 pub const BENCH_BEAMS: usize = 5;
+/// Settings of the sampled-decode row (scripts/hf_reference.py's `SAMPLED` runs the same).
+pub const SAMPLED_TOP_P: f64 = 0.9;
+pub const SAMPLED_TEMPERATURE: f64 = 0.7;
 
 /// One timed stage.
 #[derive(Debug, Clone, Serialize)]
@@ -397,6 +400,26 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     };
     drop(plan_beam);
 
+    // Sampled decode on the caption plan: the logits rows come to the host every step, through
+    // the processors (temperature, top-k 50 as transformers defaults it, top-p) and the draw.
+    let sampled_opts = GenerateOptions {
+        do_sample: true,
+        top_p: SAMPLED_TOP_P,
+        temperature: SAMPLED_TEMPERATURE,
+        seed: Some(args.seed),
+        ..opts.clone()
+    };
+    let mut exec = backend.executor(weights, &plan.graph)?;
+    let mut t_sampled = Vec::new();
+    for r in 0..=repeats {
+        let (_, timings) =
+            generate(&plan, exec.as_mut(), &[("pixels", &pixels)], &subject.caption_ids, &sampled_opts, &mut |_| {})?;
+        if r > 0 && timings.decode_steps > 0 {
+            t_sampled.push(timings.decode_ms / timings.decode_steps as f64);
+        }
+    }
+    drop(exec);
+
     // Composite stages: the sum of their parts' floors (the parts run one after another).
     let costs = PlanCosts::new(&plan, weights, act_bytes);
     let decode_parts: Vec<Cost> = (0..n - 1).map(|s| costs.decode(p_cap + s)).collect();
@@ -432,6 +455,16 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
             "decode",
             format!("ms per token, median over {} steps x {repeats} runs", n - 1),
             &t.decode,
+            &decode_parts,
+            n - 1,
+            &rates,
+        ),
+        stage(
+            "decode_sampled",
+            format!(
+                "ms per token of the sampled loop (do_sample, top_p {SAMPLED_TOP_P}, temperature {SAMPLED_TEMPERATURE}): step, logits to the host, processors, draw; median of {repeats} runs"
+            ),
+            &t_sampled,
             &decode_parts,
             n - 1,
             &rates,

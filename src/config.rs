@@ -1445,6 +1445,25 @@ pub struct GenerationConfig {
     /// `true`, `false` or `"never"`.
     pub early_stopping: Option<Value>,
     pub num_return_sequences: Option<usize>,
+    /// A string or a list of strings (transformers accepts both).
+    pub stop_strings: Option<StopStringsField>,
+}
+
+/// `stop_strings` of generation_config.json: one string or a list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StopStringsField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopStringsField {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
 }
 
 impl GenerationConfig {

@@ -137,6 +137,12 @@ impl Tokenizer {
         Ok(py_strip(&self.decode(ids, true)?).to_string())
     }
 
+    /// The `tokenizers` tokenizer underneath (transformers' `backend_tokenizer`): its vocabulary
+    /// and decoder resolve stop strings (generate/stop.rs).
+    pub fn backend(&self) -> &HfTokenizer {
+        &self.inner
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -24,7 +24,17 @@ fn bench_tiny_cpu_json_has_every_stage() {
     let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["vision", "qformer", "prefill", "prefill_vqa", "decode", "first_token", "caption", "caption_beam5"]
+        [
+            "vision",
+            "qformer",
+            "prefill",
+            "prefill_vqa",
+            "decode",
+            "decode_sampled",
+            "first_token",
+            "caption",
+            "caption_beam5"
+        ]
     );
     for s in stages {
         for key in ["median_ms", "min_ms", "floor_ms", "memory_floor_ms", "bytes", "flops", "fraction_of_floor"] {
@@ -54,7 +64,7 @@ fn bench_table_names_device_and_stages() {
     assert!(out.starts_with("glimpse bench"), "{out}");
     assert!(out.contains("preset tiny"), "the CPU default is the tiny preset: {out}");
     assert!(out.contains("\n2      "), "throughput row for batch 2: {out}");
-    for stage in ["vision", "qformer", "prefill", "decode", "first_token", "caption", "% of floor"] {
+    for stage in ["vision", "qformer", "prefill", "decode", "decode_sampled", "first_token", "caption", "% of floor"] {
         assert!(out.contains(stage), "{stage} missing: {out}");
     }
 }
@@ -182,7 +192,17 @@ fn bench_model_runs_a_llava_folder() {
     let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["vision", "projector", "prefill", "prefill_vqa", "decode", "first_token", "caption", "caption_beam5"]
+        [
+            "vision",
+            "projector",
+            "prefill",
+            "prefill_vqa",
+            "decode",
+            "decode_sampled",
+            "first_token",
+            "caption",
+            "caption_beam5"
+        ]
     );
     for s in stages {
         assert!(s["floor_ms"].as_f64().unwrap() > 0.0 && s["flops"].as_f64().unwrap() > 0.0, "{s}");

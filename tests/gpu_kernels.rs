@@ -832,6 +832,115 @@ fn argmax_matches_reference() {
     }
 }
 
+/// Beam search's device top-k (kernels/sampling.cu `topk_*`) against the host ranking the CPU
+/// executor uses (`host_top_k`: torch.topk order, log_softmax values), on planted ties, NaN and
+/// all -inf rows, fp16 and fp32 logits, k from 1 to 64.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn top_k_logprobs_match_host() {
+    let Some(dev) = device("top_k_logprobs_match_host") else { return };
+    let mut rng = Rng::new("top_k");
+    for &(rows, vocab, k) in &[(1usize, 50272usize, 10usize), (5, 50272, 11), (8, 777, 64), (3, 7, 7), (2, 32000, 2)] {
+        let mut logits: Vec<f32> = (0..rows * vocab).map(|_| rng.uni(8.0)).collect();
+        for r in 0..rows {
+            // ties at the top and inside the top k: lower index first
+            for _ in 0..3 {
+                let a = rng.below(vocab as u64) as usize;
+                logits[r * vocab + a] = 20.0;
+            }
+            let a = rng.below(vocab as u64) as usize;
+            logits[r * vocab + a] = 19.5;
+        }
+        let lh: Vec<f16> = logits.iter().map(|&x| f16::from_f32(x)).collect();
+        for half_in in [false, true] {
+            let vals: Vec<f32> = if half_in { lh.iter().map(|h| h.to_f32()).collect() } else { logits.clone() };
+            let want = glimpse::backend::host_top_k(&vals, rows, k);
+            let idx = dev.alloc::<i32>(rows * k).unwrap();
+            let lp = dev.alloc::<f32>(rows * k).unwrap();
+            dev.fill_u32(&idx, 0xFFFF_FFFF).unwrap();
+            if half_in {
+                dev.top_k_logprobs(&dev.upload(&lh).unwrap(), &idx, &lp, rows, vocab, k).unwrap();
+            } else {
+                dev.top_k_logprobs(&dev.upload(&logits).unwrap(), &idx, &lp, rows, vocab, k).unwrap();
+            }
+            let (gi, gl) = (dev.download(&idx).unwrap(), dev.download(&lp).unwrap());
+            for (r, cands) in want.iter().enumerate() {
+                for (t, c) in cands.iter().enumerate() {
+                    let at = r * k + t;
+                    assert_eq!(
+                        gi[at], c.token as i32,
+                        "rows={rows} vocab={vocab} k={k} half={half_in} row {r} rank {t}"
+                    );
+                    assert!(
+                        (gl[at] as f64 - c.logprob).abs() <= 1e-5 * (1.0 + c.logprob.abs()),
+                        "logprob {} vs {}",
+                        gl[at],
+                        c.logprob
+                    );
+                }
+            }
+            println!("  top_k rows={rows} vocab={vocab} k={k} half={half_in}: ok");
+        }
+    }
+    // NaN first (lowest index among NaNs), then values; an all -inf row ranks by index.
+    let vocab = 3000usize;
+    let mut logits: Vec<f32> = (0..2 * vocab).map(|_| rng.uni(8.0)).collect();
+    logits[2500] = f32::NAN;
+    logits[100] = f32::NAN;
+    logits[vocab..].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    let idx = dev.alloc::<i32>(2 * 4).unwrap();
+    let lp = dev.alloc::<f32>(2 * 4).unwrap();
+    dev.top_k_logprobs(&dev.upload(&logits).unwrap(), &idx, &lp, 2, vocab, 4).unwrap();
+    let gi = dev.download(&idx).unwrap();
+    let want = glimpse::backend::host_top_k(&logits, 2, 4);
+    assert_eq!(&gi[..2], &[100, 2500], "NaNs first");
+    assert_eq!(&gi[4..], &[0, 1, 2, 3], "all -inf: by index");
+    assert_eq!(
+        gi[..4].iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        want[0].iter().map(|c| c.token).collect::<Vec<_>>()
+    );
+    // k outside 1..=vocab is refused.
+    assert!(dev.top_k_logprobs(&dev.upload(&logits).unwrap(), &idx, &lp, 1, 3, 4).is_err());
+}
+
+/// The KV reorder gather (kernels/reorder.cu) against a host permutation: whole sequences move,
+/// through a scratch and back, with 16-byte and 2-byte moves; bad indices are refused.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn gather_sequences_matches_host() {
+    let Some(dev) = device("gather_sequences_matches_host") else { return };
+    let mut rng = Rng::new("gather_sequences");
+    for &(seqs, len) in &[(5usize, 64usize), (5, 63), (8, 4096), (3, 1)] {
+        let host: Vec<f16> = (0..seqs * len).map(|_| f16::from_f32(rng.uni(4.0))).collect();
+        let from: Vec<usize> = (0..seqs).map(|_| rng.below(seqs as u64) as usize).collect();
+        let moved: Vec<usize> = (0..seqs).filter(|&t| from[t] != t).collect();
+        let sources: Vec<usize> = moved.iter().map(|&t| from[t]).collect();
+        let slots: Vec<usize> = (0..moved.len()).collect();
+        let buf = dev.upload(&host).unwrap();
+        let scratch = dev.alloc::<f16>((moved.len() * len).max(1)).unwrap();
+        let up = |v: &[usize]| dev.upload(&v.iter().map(|&x| x as i32).collect::<Vec<_>>()).unwrap();
+        let (s_dev, l_dev, m_dev) = (up(&sources), up(&slots), up(&moved));
+        if !moved.is_empty() {
+            dev.gather_sequences(&buf, &scratch, len, &s_dev, &sources, &l_dev, &slots).unwrap();
+            dev.gather_sequences(&scratch, &buf, len, &l_dev, &slots, &m_dev, &moved).unwrap();
+        }
+        let got = dev.download(&buf).unwrap();
+        let want: Vec<f16> = (0..seqs).flat_map(|t| host[from[t] * len..(from[t] + 1) * len].to_vec()).collect();
+        assert_eq!(
+            got.iter().map(|h| h.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|h| h.to_bits()).collect::<Vec<_>>(),
+            "seqs={seqs} len={len} from={from:?}"
+        );
+        println!("  gather seqs={seqs} len={len} from={from:?}: ok");
+    }
+    let buf = dev.alloc::<f16>(64).unwrap();
+    let other = dev.alloc::<f16>(64).unwrap();
+    let i = dev.upload(&[0i32, 0]).unwrap();
+    assert!(dev.gather_sequences(&buf, &other, 32, &i, &[0, 2], &i, &[0, 1]).is_err(), "source 2 out of range");
+    assert!(dev.gather_sequences(&buf, &other, 32, &i, &[0, 1], &i, &[1, 1]).is_err(), "repeated destination");
+    assert!(dev.gather_sequences(&buf, &buf, 32, &i, &[0], &i, &[1]).is_err(), "src overlaps dst");
+}
+
 // ---------------------------------------------------------------------------------------------
 // launchers reject bad arguments instead of launching
 

@@ -31,30 +31,6 @@ fn rng_is_xoshiro256starstar() {
     assert!((0.0..1.0).contains(&u));
 }
 
-/// Pearson's chi-square of `counts` against `probs` (categories with probability 0 must have
-/// count 0) and its degrees of freedom.
-fn chi_square(counts: &[u64], probs: &[f64]) -> (f64, usize) {
-    let n: u64 = counts.iter().sum();
-    let mut chi = 0.0;
-    let mut cats = 0;
-    for (&c, &p) in counts.iter().zip(probs) {
-        if p == 0.0 {
-            assert_eq!(c, 0, "a token of probability 0 was drawn");
-            continue;
-        }
-        let e = p * n as f64;
-        assert!(e >= 5.0, "expected count {e} too small for the chi-square approximation");
-        chi += (c as f64 - e).powi(2) / e;
-        cats += 1;
-    }
-    (chi, cats - 1)
-}
-
-/// The 0.999 quantiles of the chi-square distribution (significance 0.001), by degrees of freedom.
-fn critical_0_001(df: usize) -> f64 {
-    [0.0, 10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588][df]
-}
-
 /// A processed row: raw logits through temperature, top-k and top-p, as generate() would.
 fn processed_row(temperature: f64) -> Vec<f32> {
     let raw: Vec<f32> = (0..40).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
@@ -83,9 +59,13 @@ fn draws_follow_the_processed_distribution() {
         stream[draw(&row, &mut rng).unwrap() as usize] += 1;
     }
     for (what, counts) in [("one draw per seed", &per_seed), ("one stream", &stream)] {
-        let (chi, df) = chi_square(counts, &probs);
-        assert!(chi < critical_0_001(df), "{what}: chi-square {chi:.2} with {df} df >= {}", critical_0_001(df));
-        eprintln!("{what}: chi-square {chi:.2}, {df} df (critical {})", critical_0_001(df));
+        let (chi, df) = common::chi_square(counts, &probs);
+        assert!(
+            chi < common::critical_0_001(df),
+            "{what}: chi-square {chi:.2} with {df} df >= {}",
+            common::critical_0_001(df)
+        );
+        eprintln!("{what}: chi-square {chi:.2}, {df} df (critical {})", common::critical_0_001(df));
     }
     // The test has power: the same draws are rejected against a slightly different distribution
     // (temperature 0.8 instead of 0.7, same surviving tokens).
@@ -95,8 +75,8 @@ fn draws_follow_the_processed_distribution() {
         row.iter().map(|s| s.is_finite()).collect::<Vec<_>>()
     );
     let near_probs: Vec<f64> = softmax(&near).iter().map(|&p| p as f64).collect();
-    let (chi, df) = chi_square(&per_seed, &near_probs);
-    assert!(chi > critical_0_001(df), "chi-square {chi:.2} against temperature 0.8 does not reject");
+    let (chi, df) = common::chi_square(&per_seed, &near_probs);
+    assert!(chi > common::critical_0_001(df), "chi-square {chi:.2} against temperature 0.8 does not reject");
 }
 
 /// Edge cases of the draw: a single surviving token is always drawn; what torch's multinomial

@@ -37,7 +37,8 @@ pub struct GenArgs {
     /// Beam search stopping: true, false (default) or never, as transformers.
     #[arg(long)]
     pub early_stopping: Option<String>,
-    /// Hypotheses returned per image, best first (at most --num-beams).
+    /// Sequences returned per image: beam search's best hypotheses (at most --num-beams), or
+    /// with --do-sample that many independent samples.
     #[arg(long)]
     pub num_return_sequences: Option<usize>,
     /// Seed of the sampling random generator.
@@ -46,7 +47,8 @@ pub struct GenArgs {
     /// No EOS before this many new tokens.
     #[arg(long)]
     pub min_new_tokens: Option<usize>,
-    /// Stop when the text ends with this string (repeatable).
+    /// Stop a sequence once its tokens complete this string (repeatable; transformers'
+    /// stop_strings: matched on the tokenizer's token strings, the string stays in the output).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
     /// Print the text as it is generated (plain output, one beam).
@@ -81,7 +83,10 @@ impl GenArgs {
             opts.seed = self.seed;
         }
         set(&mut opts.min_new_tokens, &self.min_new_tokens);
-        opts.stop_strings.extend(self.stop.iter().cloned());
+        // Given stop strings replace the checkpoint's (a call kwarg overrides generation_config).
+        if !self.stop.is_empty() {
+            opts.stop_strings = self.stop.clone();
+        }
         Ok(())
     }
 
@@ -100,6 +105,12 @@ impl GenArgs {
             return Err(glimpse::Error::InvalidInput(format!(
                 "--stream with --num-beams {}: beam search only knows its best hypothesis at the end; drop --stream or use one beam",
                 opts.num_beams
+            )));
+        }
+        if opts.num_return_sequences > 1 {
+            return Err(glimpse::Error::InvalidInput(format!(
+                "--stream with --num-return-sequences {}: the stream prints one sequence; drop --stream to get all of them",
+                opts.num_return_sequences
             )));
         }
         Ok(())

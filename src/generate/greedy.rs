@@ -1,5 +1,6 @@
 //! Greedy decoding (transformers' `_sample` without sampling): each sequence takes its most
-//! likely token until EOS or `max_new_tokens`; finished sequences keep feeding their EOS.
+//! likely token until EOS, a stop string or `max_new_tokens`; finished sequences keep feeding
+//! their last token (their outputs are ignored).
 
 use std::time::Instant;
 
@@ -24,13 +25,15 @@ pub(super) fn run(
     // the best non-EOS token among the 1 + n_eos best.
     let k = |step: usize| if step < opts.min_new_tokens { 1 + opts.eos_token_ids.len() } else { 1 };
     let Some(mut picks) = s.prefill(&tokens, k(0))? else { return Ok(seqs) };
+    // transformers' `input_ids` of each sequence, for the stop strings.
+    let mut history: Vec<Vec<u32>> = (0..batch).map(|b| prompts.row(b).to_vec()).collect();
 
     let decode_start = Instant::now();
     for step in 0..plan.max_new_tokens {
         let mut next = vec![0u32; batch];
         for (b, seq) in seqs.iter_mut().enumerate() {
-            if seq.stopped_by_eos {
-                // Finished sequences keep feeding their EOS; their outputs are ignored.
+            if seq.finished() {
+                // Finished sequences keep feeding their last token; their outputs are ignored.
                 next[b] = *seq.tokens.last().unwrap_or(&0);
                 continue;
             }
@@ -39,13 +42,15 @@ pub(super) fn run(
             seq.tokens.push(best.token);
             seq.logprobs.push(best.logprob);
             seq.stopped_by_eos = opts.eos_token_ids.contains(&best.token);
+            history[b].push(best.token);
+            seq.stopped_by_string = s.stops(&history[b]);
             next[b] = best.token;
             s.token(&TokenEvent { sequence: b, step, token: best.token, logprob: best.logprob });
         }
         if step == 0 {
             s.timings.first_token_ms = s.elapsed_ms();
         }
-        if step + 1 == plan.max_new_tokens || seqs.iter().all(|q| q.stopped_by_eos) {
+        if step + 1 == plan.max_new_tokens || seqs.iter().all(Sequence::finished) {
             break;
         }
         // Feed the chosen tokens back: one decode step at position prompt_len + step.

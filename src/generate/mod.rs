@@ -2,19 +2,21 @@
 //! inputs, encoders, prefill and decode steps, timing hooks) and the decoding strategies on top
 //! of the executor's primitives (`top_k`, `reorder_sequences`, positions): greedy (greedy.rs),
 //! beam search (beam.rs), and sampling or greedy with logits processors (sample.rs over
-//! processors.rs).
+//! processors.rs), with transformers' stopping criteria (EOS, length, stop strings: stop.rs).
 
 mod beam;
 mod greedy;
 mod plan;
 pub mod processors;
 pub mod sample;
+pub mod stop;
 pub mod stream;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use plan::{KvCaches, Plan, Step};
+pub use stop::StopStrings;
 
 use crate::backend::{Candidate, Executor};
 use crate::error::{Error, Result};
@@ -80,7 +82,10 @@ pub struct GenerateOptions {
     pub num_return_sequences: usize,
     /// Generation stops for a sequence when it produces any of these (the token is kept).
     pub eos_token_ids: Vec<u32>,
-    /// Generation stops for a sequence when its text ends with one of these.
+    /// Generation stops for a sequence when its tokens end with one of these (transformers'
+    /// `StopStringCriteria`, matched on the tokenizer's token strings: see stop.rs); the
+    /// completing token is kept. Needs the tokenizer: [`crate::Model`] resolves them, direct
+    /// callers pass a [`StopStrings`] to [`generate_prompts`].
     pub stop_strings: Vec<String>,
     /// Seed of the sampling RNG.
     pub seed: Option<u64>,
@@ -174,23 +179,18 @@ impl GenerateOptions {
         Ok(())
     }
 
-    /// The one place that refuses what glimpse does not run yet (sampling and the logits
-    /// processors arrive with the sampling strategy).
+    /// The one place that refuses what glimpse does not run yet. Every option above now runs
+    /// (beam search with processors and sampling, several sampled sequences, stop strings), so
+    /// nothing is refused; callers keep calling it so a future option has one place to land.
     pub fn check_available(&self) -> Result<()> {
-        let beams = self.num_beams > 1;
-        let missing = [
-            (beams && self.do_sample, "do_sample with num_beams > 1 (beam sampling)"),
-            (beams && self.repetition_penalty != 1.0, "repetition_penalty with num_beams > 1"),
-            (beams && self.no_repeat_ngram_size > 0, "no_repeat_ngram_size with num_beams > 1"),
-            (!self.stop_strings.is_empty(), "stop_strings"),
-            (self.do_sample && self.num_return_sequences > 1, "num_return_sequences > 1 with sampling"),
-        ];
-        match missing.iter().find(|(on, _)| *on) {
-            Some((_, what)) => Err(Error::Unsupported(format!(
-                "{what} is not available yet in glimpse: greedy, sampling and the logits processors with one beam, and plain beam search, are"
-            ))),
-            None => Ok(()),
-        }
+        Ok(())
+    }
+
+    /// Sequences the plan runs per input: transformers expands its inputs
+    /// `max(num_beams, num_return_sequences)` times (beam search: one per beam; sampling with
+    /// several returned sequences: one per sequence, each drawing its own tokens).
+    pub fn expansion(&self) -> usize {
+        self.num_beams.max(self.num_return_sequences).max(1)
     }
 
     /// True when one-beam decoding goes through the logits processors (sample.rs): sampling,
@@ -352,8 +352,18 @@ pub struct Sequence {
     /// Beam search: transformers' `sequences_scores`, `sum(logprobs) / len(tokens) ^
     /// length_penalty`. None for greedy decoding.
     pub score: Option<f64>,
-    /// Beam search with `num_return_sequences > 1`: the other returned hypotheses, best first.
+    /// `num_return_sequences > 1`: the other returned hypotheses (beam search: best first;
+    /// sampling: the other draws).
     pub alternatives: Vec<Sequence>,
+    /// The sequence ended by completing one of the stop strings (its last token completed it).
+    pub stopped_by_string: bool,
+}
+
+impl Sequence {
+    /// Ended by EOS or a stop string (transformers' stopping criteria other than the length).
+    pub fn finished(&self) -> bool {
+        self.stopped_by_eos || self.stopped_by_string
+    }
 }
 
 /// Wall-clock milliseconds of each stage of one request.
@@ -381,7 +391,8 @@ impl Timings {
 /// A token as it is produced, for streaming.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenEvent {
-    /// Which image of the batch.
+    /// Which input of the batch (with several sampled sequences per input, the first of them is
+    /// the one streamed).
     pub sequence: usize,
     pub step: usize,
     pub token: u32,
@@ -415,6 +426,8 @@ pub struct Session<'a, 'h> {
     pub timings: Timings,
     /// Left pad count of each sequence, set for every decoder step.
     pads: Vec<usize>,
+    /// Stop strings resolved against the tokenizer (None: no stop strings).
+    stop: Option<&'a StopStrings>,
 }
 
 impl<'a, 'h> Session<'a, 'h> {
@@ -527,6 +540,12 @@ impl<'a, 'h> Session<'a, 'h> {
         Ok(Some(self.exec.read(plan.decode.logits, plan.batch)?))
     }
 
+    /// transformers' `StopStringCriteria` on one sequence's `input_ids` (decoder input, then what
+    /// was generated): false without stop strings.
+    pub fn stops(&self, history: &[u32]) -> bool {
+        self.stop.is_some_and(|s| s.matches(history))
+    }
+
     /// Milliseconds since the request started.
     pub fn elapsed_ms(&self) -> f64 {
         ms(self.start)
@@ -566,7 +585,21 @@ pub fn generate_batch(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent),
 ) -> Result<(Vec<Sequence>, Timings)> {
-    run_prompts(plan, exec, inputs, prompts, opts, &mut Hooks { on_token, on_phase: None })
+    run_prompts(plan, exec, inputs, prompts, opts, None, &mut Hooks { on_token, on_phase: None })
+}
+
+/// [`generate_batch`] with every hook and the stop strings of `opts.stop_strings` resolved
+/// against the tokenizer ([`StopStrings::new`]; required when there are stop strings).
+pub fn generate_prompts(
+    plan: &Plan,
+    exec: &mut dyn Executor,
+    inputs: &[(&str, &[f32])],
+    prompts: &Prompts,
+    opts: &GenerateOptions,
+    stop: Option<&StopStrings>,
+    hooks: &mut Hooks<'_>,
+) -> Result<(Vec<Sequence>, Timings)> {
+    run_prompts(plan, exec, inputs, prompts, opts, stop, hooks)
 }
 
 /// [`generate`] with every hook (e.g. per-phase timing for `bench`).
@@ -578,7 +611,7 @@ pub fn generate_with(
     opts: &GenerateOptions,
     hooks: &mut Hooks<'_>,
 ) -> Result<(Vec<Sequence>, Timings)> {
-    run_prompts(plan, exec, inputs, &Prompts::shared(input_ids, plan.batch), opts, hooks)
+    run_prompts(plan, exec, inputs, &Prompts::shared(input_ids, plan.batch), opts, None, hooks)
 }
 
 fn run_prompts(
@@ -587,9 +620,16 @@ fn run_prompts(
     inputs: &[(&str, &[f32])],
     prompts: &Prompts,
     opts: &GenerateOptions,
+    stop: Option<&StopStrings>,
     hooks: &mut Hooks<'_>,
 ) -> Result<(Vec<Sequence>, Timings)> {
     opts.validate()?;
+    if !opts.stop_strings.is_empty() && stop.is_none() {
+        return Err(Error::InvalidInput(format!(
+            "stop strings {:?} need the tokenizer's token strings: generate through Model (which resolves them) or pass StopStrings::new(stop_strings, tokenizer) to generate_prompts",
+            opts.stop_strings
+        )));
+    }
     if opts.max_new_tokens.is_some_and(|n| n != plan.max_new_tokens) {
         return Err(Error::InvalidInput(format!(
             "plan built for {} new tokens, asked for {:?}",
@@ -617,11 +657,12 @@ fn run_prompts(
     }
     opts.check_available()?;
     let pads = prompts.pads().to_vec();
-    let mut session = Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default(), pads };
+    let mut session = Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default(), pads, stop };
     let seqs = if opts.num_beams > 1 {
         beam::run(&mut session, inputs, prompts, opts)?
     } else if opts.uses_processors() {
-        sample::run(&mut session, inputs, prompts, opts, &opts.processor_settings(), opts.sampling_seed())?
+        let seqs = sample::run(&mut session, inputs, prompts, opts, &opts.processor_settings(), opts.sampling_seed())?;
+        group_returned(seqs, opts.expansion())
     } else {
         greedy::run(&mut session, inputs, prompts, opts)?
     };
@@ -629,15 +670,32 @@ fn run_prompts(
     Ok((seqs, session.timings))
 }
 
-/// The plan batch for `inputs` inputs: beam search runs `num_beams` sequences per input.
-pub fn beam_rows(inputs: usize, opts: &GenerateOptions) -> usize {
-    inputs * opts.num_beams.max(1)
+/// Sampled rows of one input (`per` in a row) as one [`Sequence`]: the first, with the others as
+/// its alternatives (transformers returns them flattened, input-major).
+fn group_returned(seqs: Vec<Sequence>, per: usize) -> Vec<Sequence> {
+    if per <= 1 {
+        return seqs;
+    }
+    let mut out = Vec::with_capacity(seqs.len() / per);
+    let mut rows = seqs.into_iter();
+    while let Some(mut first) = rows.next() {
+        first.alternatives = rows.by_ref().take(per - 1).collect();
+        out.push(first);
+    }
+    out
 }
 
-/// Repeats each of the `inputs` rows of `data` (`[inputs, cols]`) `num_beams` times in a row
-/// (transformers' `repeat_interleave` of the inputs for beam search); unchanged for one beam.
+/// The plan batch for `inputs` inputs: [`GenerateOptions::expansion`] sequences per input
+/// (beam search: `num_beams`; sampling: `num_return_sequences`).
+pub fn beam_rows(inputs: usize, opts: &GenerateOptions) -> usize {
+    inputs * opts.expansion()
+}
+
+/// Repeats each of the `inputs` rows of `data` (`[inputs, cols]`) [`GenerateOptions::expansion`]
+/// times in a row (transformers' `repeat_interleave` of the inputs for beam search and for
+/// several sampled sequences); unchanged for one sequence per input.
 pub fn expand_for_beams(data: &[f32], inputs: usize, opts: &GenerateOptions) -> Vec<f32> {
-    let n = opts.num_beams.max(1);
+    let n = opts.expansion();
     let cols = data.len() / inputs.max(1);
     data.chunks(cols.max(1)).flat_map(|row| std::iter::repeat_n(row, n).flatten().copied()).collect()
 }

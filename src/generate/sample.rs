@@ -7,7 +7,9 @@
 //! reproduced outside torch): a seeded [`Rng`] per sequence, so a seed gives the same tokens on
 //! every executor and machine as long as the logits agree. Sequence `b` of a request draws from
 //! `Rng::new(seed, b)`, one uniform per generated token; finished sequences draw nothing.
-//! Log-probs are recorded as greedy records them: log-softmax of the raw logits.
+//! Log-probs are recorded as greedy records them: log-softmax of the raw logits. With
+//! `num_return_sequences > 1` each input's rows (expanded by the caller, as transformers) are
+//! independent sequences drawing their own streams; only the first of each is streamed.
 
 use std::time::Instant;
 
@@ -99,6 +101,44 @@ pub fn draw(scores: &[f32], rng: &mut Rng) -> Result<u32> {
     Ok(last as u32)
 }
 
+/// Draws `k` distinct indices from `softmax(scores)` without replacement (torch's
+/// `multinomial(probs, k)`, as beam sampling uses it): one uniform of `rng` per draw, each over the
+/// weights not drawn yet, in draw order. Errors as torch does when fewer than `k` indices have a
+/// positive weight, or a score is NaN / +inf.
+pub fn draw_distinct(scores: &[f64], k: usize, rng: &mut Rng) -> Result<Vec<usize>> {
+    if let Some(i) = scores.iter().position(|s| s.is_nan() || *s == f64::INFINITY) {
+        return Err(Error::InvalidInput(format!("cannot sample: score {i} is {}", scores[i])));
+    }
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut weights: Vec<f64> = scores.iter().map(|&s| (s - max).exp()).collect();
+    let positive = weights.iter().filter(|&&w| w > 0.0).count();
+    if positive < k {
+        return Err(Error::InvalidInput(format!(
+            "cannot sample {k} distinct candidates: only {positive} have a non-zero probability (as torch.multinomial without replacement); loosen the processors (top_k, top_p, min_p) or use fewer beams"
+        )));
+    }
+    let mut out = Vec::with_capacity(k);
+    for _ in 0..k {
+        let target = rng.next_f64() * weights.iter().sum::<f64>();
+        let mut cum = 0.0;
+        let mut pick = None;
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                cum += w;
+                pick = Some(i);
+                if cum > target {
+                    break;
+                }
+            }
+        }
+        let i =
+            pick.ok_or_else(|| Error::InvalidInput("cannot sample: no candidate left with a positive weight".into()))?;
+        weights[i] = 0.0;
+        out.push(i);
+    }
+    Ok(out)
+}
+
 pub(super) fn run(
     s: &mut Session<'_, '_>,
     inputs: &[(&str, &[f32])],
@@ -110,6 +150,7 @@ pub(super) fn run(
     let plan = s.plan;
     let batch = plan.batch;
     let processors = LogitsProcessorList::new(settings, plan.prompt_len)?;
+    let per = opts.expansion();
     let mut seqs = vec![Sequence::default(); batch];
     if !s.encode(inputs)? {
         return Ok(seqs);
@@ -125,8 +166,8 @@ pub(super) fn run(
         let vocab = rows.len() / batch.max(1);
         let mut next = vec![0u32; batch];
         for (b, seq) in seqs.iter_mut().enumerate() {
-            if seq.stopped_by_eos {
-                // Finished sequences keep feeding their EOS; their outputs are ignored.
+            if seq.finished() {
+                // Finished sequences keep feeding their last token; their outputs are ignored.
                 next[b] = *seq.tokens.last().unwrap_or(&0);
                 continue;
             }
@@ -144,13 +185,17 @@ pub(super) fn run(
             seq.logprobs.push(logprob);
             seq.stopped_by_eos = opts.eos_token_ids.contains(&token);
             history[b].push(token);
+            seq.stopped_by_string = s.stops(&history[b]);
             next[b] = token;
-            s.token(&TokenEvent { sequence: b, step, token, logprob });
+            // Several sequences per input (num_return_sequences): the first of each is streamed.
+            if b % per == 0 {
+                s.token(&TokenEvent { sequence: b / per, step, token, logprob });
+            }
         }
         if step == 0 {
             s.timings.first_token_ms = s.elapsed_ms();
         }
-        if step + 1 == plan.max_new_tokens || seqs.iter().all(|q| q.stopped_by_eos) {
+        if step + 1 == plan.max_new_tokens || seqs.iter().all(Sequence::finished) {
             break;
         }
         match s.decode_logits(&next, plan.prompt_len + step)? {

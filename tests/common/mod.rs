@@ -172,3 +172,27 @@ pub fn instructblip_stage_errors(
     }
     out
 }
+
+/// Pearson's chi-square of `counts` against `probs` (categories with probability 0 must have
+/// count 0) and its degrees of freedom.
+pub fn chi_square(counts: &[u64], probs: &[f64]) -> (f64, usize) {
+    let n: u64 = counts.iter().sum();
+    let mut chi = 0.0;
+    let mut cats = 0;
+    for (&c, &p) in counts.iter().zip(probs) {
+        if p == 0.0 {
+            assert_eq!(c, 0, "a token of probability 0 was drawn");
+            continue;
+        }
+        let e = p * n as f64;
+        assert!(e >= 5.0, "expected count {e} too small for the chi-square approximation");
+        chi += (c as f64 - e).powi(2) / e;
+        cats += 1;
+    }
+    (chi, cats - 1)
+}
+
+/// The 0.999 quantiles of the chi-square distribution (significance 0.001), by degrees of freedom.
+pub fn critical_0_001(df: usize) -> f64 {
+    [0.0, 10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588][df]
+}

@@ -208,6 +208,16 @@ pub struct CudaExecutor {
     freqs: HashMap<usize, (Arc<[f32]>, DevSlice<f32>)>,
     argmax_idx: DevSlice<i32>,
     argmax_logprob: DevSlice<f32>,
+    /// Beam search's candidates (`top_k` with 1 < k <= TOPK_MAX): max_rows * TOPK_MAX each.
+    topk_idx: DevSlice<i32>,
+    topk_logprob: DevSlice<f32>,
+    /// `reorder_sequences`' sequence indices (3 * max_rows) and its scratch (grown on demand to
+    /// the moved sequences of the largest buffer; kept between steps).
+    reorder_idx: DevSlice<i32>,
+    reorder_scratch: Option<DevSlice<f16>>,
+    /// `GLIMPSE_BEAM_OPS=host`: the previous beam-search paths (top-k over logits read back to the
+    /// host; reorder through a whole-buffer temporary and a sync), for comparison and bisection.
+    beam_ops_on_host: bool,
     scratch: Scratch,
     tokens: Vec<u32>,
     position: usize,
@@ -230,7 +240,44 @@ pub struct CudaExecutor {
 // graph execs as long as calls are not concurrent.
 unsafe impl Send for CudaExecutor {}
 
+/// The most candidates per row `top_k` ranks on the device (beam search asks for
+/// `max(2, 1 + n_eos) * num_beams + n_eos`); more fall back to the host.
+const TOPK_MAX: usize = 64;
+
 impl CudaExecutor {
+    /// [`Executor::reorder_sequences`] by the gather kernel (kernels/reorder.cu).
+    fn gather_sequences(&mut self, bufs: &[Buf], rows_per_seq: usize, from: &[usize]) -> Result<()> {
+        let moved: Vec<usize> = (0..from.len()).filter(|&t| from[t] != t).collect();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let count = moved.len();
+        let sources: Vec<usize> = moved.iter().map(|&t| from[t]).collect();
+        let slots: Vec<usize> = (0..count).collect();
+        let dev = self.dev.clone();
+        let idx = |i: usize| self.reorder_idx.slice(i * count, count).expect("3 * max_rows indices");
+        let (src_seq, slot_seq, dst_seq) = (idx(0), idx(1), idx(2));
+        let as_i32 = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        dev.copy_to_device(&as_i32(&sources), &src_seq)?;
+        dev.copy_to_device(&as_i32(&slots), &slot_seq)?;
+        dev.copy_to_device(&as_i32(&moved), &dst_seq)?;
+        for &b in bufs {
+            // fp16 slots: an fp32 buffer has two per element.
+            let len = rows_per_seq * self.cols(b) * self.slots(b);
+            if self.reorder_scratch.as_ref().is_none_or(|s| s.len() < count * len) {
+                // Earlier gathers may still read the smaller one: let them finish, then free it.
+                dev.synchronize()?;
+                self.reorder_scratch = None;
+                self.reorder_scratch = Some(dev.alloc::<f16>(count * len)?);
+            }
+            let scratch = self.reorder_scratch.as_ref().expect("allocated above");
+            let buf = &self.bufs[b.0];
+            dev.gather_sequences(buf, scratch, len, &src_seq, &sources, &slot_seq, &slots)?;
+            dev.gather_sequences(scratch, buf, len, &slot_seq, &slots, &dst_seq, &moved)?;
+        }
+        Ok(())
+    }
+
     /// Allocates every graph buffer (one arena) plus the small device-resident run state.
     pub fn new(weights: Arc<CudaWeights>, host: Arc<WeightTable>, buffers: &[BufferDesc]) -> Result<Self> {
         let dev = Arc::new(weights.dev.with_new_stream()?);
@@ -255,6 +302,11 @@ impl CudaExecutor {
             freqs: HashMap::new(),
             argmax_idx: dev.alloc::<i32>(max_rows)?,
             argmax_logprob: dev.alloc::<f32>(max_rows)?,
+            topk_idx: dev.alloc::<i32>(max_rows * TOPK_MAX)?,
+            topk_logprob: dev.alloc::<f32>(max_rows * TOPK_MAX)?,
+            reorder_idx: dev.alloc::<i32>(3 * max_rows)?,
+            reorder_scratch: None,
+            beam_ops_on_host: std::env::var("GLIMPSE_BEAM_OPS").is_ok_and(|v| v == "host"),
             dev,
             weights,
             host,
@@ -851,11 +903,31 @@ impl Executor for CudaExecutor {
     /// Larger `k` (beam search, sampling) downloads the rows and ranks them on the host for
     /// now: correct, but it moves `rows x vocab` halves per step.
     fn top_k(&mut self, logits: Buf, rows: usize, k: usize) -> Result<Vec<Vec<Candidate>>> {
-        if k != 1 {
-            let all = self.read(logits, rows)?;
-            return Ok(crate::backend::host_top_k(&all, rows, k));
-        }
         let vocab = self.cols(logits);
+        if k != 1 {
+            if self.beam_ops_on_host || k > TOPK_MAX || k > vocab {
+                let all = self.read(logits, rows)?;
+                return Ok(crate::backend::host_top_k(&all, rows, k));
+            }
+            // Log-softmax and the k best per row on the device: 8 bytes per candidate come back.
+            let dev = self.dev.clone();
+            let (idx, lp) = (&self.topk_idx, &self.topk_logprob);
+            if self.is_f32(logits) {
+                dev.top_k_logprobs(&self.f32_buf(logits), idx, lp, rows, vocab, k)?;
+            } else {
+                dev.top_k_logprobs(&self.bufs[logits.0], idx, lp, rows, vocab, k)?;
+            }
+            let n = rows * k;
+            let ids = dev.download(&self.topk_idx.slice(0, n).expect("rows <= max rows, k <= TOPK_MAX"))?;
+            let lps = dev.download(&self.topk_logprob.slice(0, n).expect("rows <= max rows, k <= TOPK_MAX"))?;
+            return Ok(ids
+                .chunks(k)
+                .zip(lps.chunks(k))
+                .map(|(i, l)| {
+                    i.iter().zip(l).map(|(&t, &p)| Candidate { token: t as u32, logprob: f64::from(p) }).collect()
+                })
+                .collect());
+        }
         let dev = self.dev.clone();
         if self.is_f32(logits) {
             dev.argmax(&self.f32_buf(logits), &self.argmax_idx, &self.argmax_logprob, rows, vocab)?;
@@ -867,10 +939,14 @@ impl Executor for CudaExecutor {
         Ok(idx.into_iter().zip(lp).map(|(i, l)| vec![Candidate { token: i as u32, logprob: f64::from(l) }]).collect())
     }
 
-    /// Device-to-device: each buffer is copied whole to a temporary, then each sequence's rows
-    /// are copied back from their source sequence.
+    /// Device-to-device gather of the sequences that move (`from[to] != to`): into a persistent
+    /// scratch and back, two kernel launches per buffer, no allocation or sync after the first
+    /// step. `GLIMPSE_BEAM_OPS=host` keeps the previous whole-buffer temporary path.
     fn reorder_sequences(&mut self, bufs: &[Buf], rows_per_seq: usize, from: &[usize]) -> Result<()> {
         crate::backend::validate_reorder(&self.descs, bufs, rows_per_seq, from)?;
+        if !self.beam_ops_on_host {
+            return self.gather_sequences(bufs, rows_per_seq, from);
+        }
         let dev = self.dev.clone();
         for &b in bufs {
             // Copied as fp16 slots: an fp32 buffer has two per element.

@@ -1,5 +1,5 @@
 //! One typed launcher per kernel, one file per kernel family mirroring kernels/*.cu (gemm,
-//! gemv, layernorm, attention, elementwise, sampling), each with its `#[repr(C)]` parameter
+//! gemv, layernorm, attention, elementwise, sampling, reorder), each with its `#[repr(C)]` parameter
 //! struct beside it (sizes asserted on both sides). Each launcher checks every precondition the
 //! kernel's SAFETY comment lists - buffer lengths versus what the grid touches, alignment for
 //! 16-byte loads, aliasing, grid limits - and returns `GpuError::Launch` instead of launching
@@ -11,6 +11,7 @@ mod gemm;
 mod gemv;
 mod layernorm;
 mod pointwise;
+mod reorder;
 mod sampling;
 
 pub use attention::{decode_workspace_len, AttnMask, HeadsView};
