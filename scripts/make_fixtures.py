@@ -991,6 +991,7 @@ def main() -> None:
     write_readme(summary, model_stats, pngs)
     __import__("fixtures_llava").main()  # tests/fixtures/llava-tiny*/, goldens/llava_* (its own README)
     __import__("fixtures_padbatch").main()  # goldens/padbatch_blip2-opt-tiny.json (scripts/fixtures_padbatch.py)
+    __import__("fixtures_t5").main()  # tests/fixtures/blip2-flan-t5-tiny/, goldens/t5_* (its own README)
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 

@@ -193,3 +193,65 @@ fn info_describes_the_t5_decoder() {
     assert!(lines.contains("2 encoder + 2 decoder layers, d_model 32, 3 heads x 16, ff 48 (gated gelu)"), "{lines}");
     assert!(lines.contains("8 buckets / max distance 20, head unscaled"), "{lines}");
 }
+
+/// The fixture's config.json with `edit` applied to its text_config, parsed.
+fn text_config(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> glimpse::Result<glimpse::config::T5Config> {
+    let path = common::model_dir(NAME).join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(v["text_config"].as_object_mut().unwrap());
+    match glimpse::config::ModelConfig::from_slice(v.to_string().as_bytes(), &path)? {
+        glimpse::config::ModelConfig::Blip2(c) => match c.text_config {
+            glimpse::config::TextConfig::T5(t) => Ok(t),
+            other => panic!("parsed as {}", other.model_type()),
+        },
+        _ => panic!("not BLIP-2"),
+    }
+}
+
+/// transformers 5.17's T5Config rules (design/t5.md §1, §4): an explicit `dense_act_fn` beats
+/// `feed_forward_proj` ("gated-gelu" alone means gelu_new); output scaling follows
+/// `scale_decoder_outputs`, else `tie_word_embeddings != false`; the decoder starts from
+/// `decoder_start_token_id`, else `bos_token_id`.
+#[test]
+fn t5_config_resolves_as_transformers() {
+    let t = text_config(|_| {}).unwrap();
+    assert_eq!((t.act_name().as_str(), t.is_gated(), t.scale_outputs(), t.decoder_start()), ("gelu", true, false, Some(0)));
+    let t = text_config(|c| drop(c.remove("dense_act_fn"))).unwrap();
+    assert_eq!(t.act_name(), "gelu_new");
+    let t = text_config(|c| {
+        c.remove("scale_decoder_outputs");
+        c.insert("feed_forward_proj".into(), "relu".into());
+        c.remove("dense_act_fn");
+    })
+    .unwrap();
+    assert_eq!((t.act_name().as_str(), t.is_gated(), t.scale_outputs()), ("relu", false, true));
+    let t = text_config(|c| {
+        c.remove("scale_decoder_outputs");
+        c.insert("tie_word_embeddings".into(), false.into());
+    })
+    .unwrap();
+    assert!(!t.scale_outputs());
+    let t = text_config(|c| drop(c.remove("decoder_start_token_id"))).unwrap();
+    assert_eq!(t.decoder_start(), Some(1));
+}
+
+#[test]
+fn bad_t5_configs_name_the_field() {
+    for (key, value, needle) in [
+        ("feed_forward_proj", serde_json::json!("gated-gelu-x"), "text_config.feed_forward_proj"),
+        ("dense_act_fn", serde_json::json!("swish"), "text_config.dense_act_fn"),
+        ("relative_attention_num_buckets", serde_json::json!(2), "relative_attention_num_buckets"),
+        ("d_kv", serde_json::json!(0), "text_config.d_kv"),
+        ("eos_token_id", serde_json::json!(5000), "text_config.eos_token_id"),
+    ] {
+        let err = text_config(|c| drop(c.insert(key.into(), value.clone()))).unwrap_err().to_string();
+        assert!(err.contains(needle), "{key}={value}: {err}");
+    }
+    let err = text_config(|c| {
+        c.remove("decoder_start_token_id");
+        c.remove("bos_token_id");
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("decoder_start_token_id"), "{err}");
+}
