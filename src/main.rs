@@ -160,7 +160,7 @@ enum Command {
     Convert { input: String, output: PathBuf },
     /// Write a model with random weights at real shapes as an HF checkpoint folder.
     Synth {
-        /// tiny, blip2-opt-2.7b, blip2-opt-6.7b, llava-1.5-7b, llava-1.5-13b, llava-tiny,
+        /// tiny, blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, blip2-flan-t5-tiny, llava-1.5-7b, llava-1.5-13b, llava-tiny,
         /// clip-vit-large-patch14 or clip-tiny.
         #[arg(long)]
         preset: String,
