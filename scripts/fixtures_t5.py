@@ -15,7 +15,8 @@ Writes only tests/fixtures/blip2-flan-t5-tiny/ and tests/fixtures/goldens/t5_*:
   goldens/t5_blip2-flan-t5-tiny.json + .safetensors: per case the prompt, encoder input ids,
                     vision / Q-Former / projection / encoder outputs, the first decoder logits and
                     greedy tokens / log-probs / text (transformers' default of 20 new tokens); a
-                    batch-2 case; the relative-position buckets of transformers for both directions.
+                    batch-2 case; 3-beam tokens and score of one caption; the relative-position
+                    buckets of transformers for both directions; T5 tokenizer encodings.
 
 Pixels are the BLIP goldens (goldens/pixels_blip.safetensors, BlipImageProcessor PIL path).
 Goldens run in fp32 on the fp16-rounded weights. Deterministic: fixed seeds, one CPU thread.
