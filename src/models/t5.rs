@@ -224,8 +224,6 @@ impl T5 {
         let capacity = cache.capacity;
         let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads, capacity);
         let normed_out = g.buffer(format!("{phase}.final"), batch, d);
-        let cross = |i: usize| enc.cross[i];
-        let enc_len = enc.len;
         self.run_stack(
             g,
             &self.decoder,
@@ -235,7 +233,7 @@ impl T5 {
             1,
             |i| cache.keys(i),
             bias,
-            Some((&cross as &dyn Fn(usize) -> (Buf, Buf), enc_len)),
+            Some((&enc.cross, enc.len)),
             phase,
         );
         let logits = g.buffer(format!("{phase}.logits"), batch, self.cfg.vocab_size);
@@ -249,7 +247,7 @@ impl T5 {
 
     /// One stack over `rows_per_item` rows per item: fp32 residual stream from `embeds`, each
     /// block's self-attention (keys from `keys(i)`, relative bias `bias`), cross-attention when
-    /// `cross` is given, FFN; `out = final_layer_norm(x)` (fp16).
+    /// `cross` (per-layer K/V, keys per item) is given, FFN; `out = final_layer_norm(x)` (fp16).
     #[allow(clippy::too_many_arguments)]
     fn run_stack(
         &self,
@@ -261,7 +259,7 @@ impl T5 {
         rows_per_item: usize,
         keys: impl Fn(usize) -> Keys,
         bias: Buf,
-        cross: Option<(&dyn Fn(usize) -> (Buf, Buf), usize)>,
+        cross: Option<(&[(Buf, Buf)], usize)>,
         phase: &str,
     ) {
         let c = &self.cfg;
@@ -279,7 +277,7 @@ impl T5 {
             let call = AttnCall { head_bias: Some(bias), causal: cross.is_some(), ..AttnCall::new(batch, rows_per_item, keys(i)) };
             pre_norm(g, &b.self_norm, x, normed, rows, |g, n, r| b.self_attn.emit(g, &s, n, &call, r));
             if let (Some((norm, attn)), Some((kv, kv_len))) = (&b.cross, &cross) {
-                let (k, v) = kv(i);
+                let (k, v) = kv[i];
                 let call = AttnCall::new(batch, rows_per_item, Keys::Projected { k, v, kv_len: *kv_len });
                 pre_norm(g, norm, x, normed, rows, |g, n, r| attn.emit(g, &s, n, &call, r));
             }
