@@ -205,7 +205,9 @@ fn blip2_t5_json(name: &str) -> Result<Value> {
     v["image_token_index"] = json!(image);
     v["is_encoder_decoder"] = json!(true);
     v["use_decoder_only_language_model"] = json!(false);
-    for (key, value) in [("hidden_size", vh), ("intermediate_size", vi), ("num_hidden_layers", vl), ("num_attention_heads", vn)] {
+    for (key, value) in
+        [("hidden_size", vh), ("intermediate_size", vi), ("num_hidden_layers", vl), ("num_attention_heads", vn)]
+    {
         v["vision_config"][key] = json!(value);
     }
     for (key, value) in [

@@ -344,9 +344,18 @@ fn clip_tiny_folder_embeds_and_loads_in_transformers() {
 fn blip2_flan_t5_presets_have_the_real_shapes() {
     let glimpse::config::ModelConfig::Blip2(c) = preset("blip2-flan-t5-xl").unwrap() else { panic!("not BLIP-2") };
     let glimpse::config::TextConfig::T5(t) = &c.text_config else { panic!("not T5") };
-    assert_eq!((t.d_model, t.d_kv, t.d_ff, t.num_layers, t.decoder_layers(), t.num_heads), (2048, 64, 5120, 24, 24, 32));
-    assert_eq!((t.vocab_size, c.image_token(), t.act_name().as_str(), t.is_gated(), t.scale_outputs()), (32128, 32100, "gelu", true, false));
-    assert_eq!((c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.qformer_config.num_hidden_layers), (1408, 39, 12));
+    assert_eq!(
+        (t.d_model, t.d_kv, t.d_ff, t.num_layers, t.decoder_layers(), t.num_heads),
+        (2048, 64, 5120, 24, 24, 32)
+    );
+    assert_eq!(
+        (t.vocab_size, c.image_token(), t.act_name().as_str(), t.is_gated(), t.scale_outputs()),
+        (32128, 32100, "gelu", true, false)
+    );
+    assert_eq!(
+        (c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.qformer_config.num_hidden_layers),
+        (1408, 39, 12)
+    );
     // transformers 5.17's Blip2ForConditionalGeneration at these shapes on the meta device
     // (2026-11-30): 3,876,648,448 with the fresh model's head tied to `shared`, plus the stored
     // untied Flan head (32128 x 2048) that from_pretrained keeps apart: 3,942,446,592, the
@@ -354,7 +363,12 @@ fn blip2_flan_t5_presets_have_the_real_shapes() {
     assert_eq!(parameter_count(&preset("blip2-flan-t5-xl").unwrap()).unwrap(), 3_942_446_592);
     let tok = tokenizer(&preset("blip2-flan-t5-xl").unwrap()).unwrap();
     assert_eq!(
-        (tok.token_to_id("<pad>"), tok.token_to_id("</s>"), tok.token_to_id("<extra_id_0>"), tok.token_to_id("<image>")),
+        (
+            tok.token_to_id("<pad>"),
+            tok.token_to_id("</s>"),
+            tok.token_to_id("<extra_id_0>"),
+            tok.token_to_id("<image>")
+        ),
         (Some(0), Some(1), Some(32099), Some(32100))
     );
 }

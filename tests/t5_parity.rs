@@ -31,9 +31,12 @@ fn load() -> Model {
 fn relative_position_buckets_match_transformers() {
     let b = &golden()["buckets"];
     let rel: Vec<i64> = b["relative_position"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    for (key, bidirectional, nb, maxd) in
-        [("bi_32_128", true, 32, 128), ("causal_32_128", false, 32, 128), ("bi_8_20", true, 8, 20), ("causal_8_20", false, 8, 20)]
-    {
+    for (key, bidirectional, nb, maxd) in [
+        ("bi_32_128", true, 32, 128),
+        ("causal_32_128", false, 32, 128),
+        ("bi_8_20", true, 8, 20),
+        ("causal_8_20", false, 8, 20),
+    ] {
         let want = common::ids(&b[key]);
         for (r, w) in rel.iter().zip(want) {
             assert_eq!(relative_position_bucket(*r, bidirectional, nb, maxd) as u32, w, "{key}: relative position {r}");
@@ -124,10 +127,8 @@ fn generation_matches_transformers() {
     for case in golden()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let items = case["items"].as_array().unwrap();
-        let pixels: Vec<_> = items
-            .iter()
-            .map(|it| model.preprocess(&common::image(it["image"].as_str().unwrap())).unwrap())
-            .collect();
+        let pixels: Vec<_> =
+            items.iter().map(|it| model.preprocess(&common::image(it["image"].as_str().unwrap())).unwrap()).collect();
         let outs = model.run(&pixels, case["prompt"].as_str(), &opts, &mut |_| {}).unwrap();
         for (b, (out, it)) in outs.iter().zip(items).enumerate() {
             assert_eq!(out.tokens, common::ids(&it["generated_ids"]), "{name}[{b}]: greedy tokens");
@@ -196,7 +197,9 @@ fn info_describes_the_t5_decoder() {
 }
 
 /// The fixture's config.json with `edit` applied to its text_config, parsed.
-fn text_config(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> glimpse::Result<glimpse::config::T5Config> {
+fn text_config(
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> glimpse::Result<glimpse::config::T5Config> {
     let path = common::model_dir(NAME).join("config.json");
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(v["text_config"].as_object_mut().unwrap());
@@ -216,7 +219,10 @@ fn text_config(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>
 #[test]
 fn t5_config_resolves_as_transformers() {
     let t = text_config(|_| {}).unwrap();
-    assert_eq!((t.act_name().as_str(), t.is_gated(), t.scale_outputs(), t.decoder_start()), ("gelu", true, false, Some(0)));
+    assert_eq!(
+        (t.act_name().as_str(), t.is_gated(), t.scale_outputs(), t.decoder_start()),
+        ("gelu", true, false, Some(0))
+    );
     let t = text_config(|c| drop(c.remove("dense_act_fn"))).unwrap();
     assert_eq!(t.act_name(), "gelu_new");
     let t = text_config(|c| {

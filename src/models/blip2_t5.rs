@@ -35,7 +35,8 @@ impl Blip2T5 {
         let mut ld = Loader { ckpt, table: &mut table };
         let vision = VisionModel::load(&cfg.vision_config, &mut ld, "vision_model")?;
         let qformer = QFormer::load(&cfg.qformer_config, cfg.num_query_tokens, &mut ld, "qformer")?;
-        let language_projection = ld.linear("language_projection", cfg.qformer_config.hidden_size, text.d_model, true)?;
+        let language_projection =
+            ld.linear("language_projection", cfg.qformer_config.hidden_size, text.d_model, true)?;
         let t5 = T5::load(text, &mut ld, "language_model")?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -69,8 +70,13 @@ impl Blip2T5 {
         let start = self.text().decoder_start().expect("checked by Blip2Config::validate");
         let mut g = Graph::new();
         let img = ImagePhases::build(&mut g, &self.cfg, &self.vision, &self.qformer, &self.language_projection, batch);
-        let (enc, enc_bias) =
-            self.t5.build_encoder(&mut g, batch, input_len, Some((img.image_embeds, self.cfg.image_token())), "encoder");
+        let (enc, enc_bias) = self.t5.build_encoder(
+            &mut g,
+            batch,
+            input_len,
+            Some((img.image_embeds, self.cfg.image_token())),
+            "encoder",
+        );
         let encoder = g.take_phase("encoder");
 
         // The decoder input is the start token, then each generated token but the last.

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use super::layers::{
-    load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, KvCache, Keys, Mlp, NormLayer,
+    load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, Keys, KvCache, Mlp, NormLayer,
 };
 pub use super::opt::DecoderPass;
 use super::Loader;
@@ -152,7 +152,9 @@ impl T5 {
         if cfg.scale_outputs() {
             // `h * d_model**-0.5` after the final norm, folded into its weight (one fp16
             // rounding of the product; only original tied T5 scales, Flan does not).
-            let NormLayer::RmsNorm { weight, eps } = t5.decoder.final_layer_norm else { unreachable!("T5 norms are RMS") };
+            let NormLayer::RmsNorm { weight, eps } = t5.decoder.final_layer_norm else {
+                unreachable!("T5 norms are RMS")
+            };
             let s = (d as f64).powf(-0.5) as f32;
             let scaled: Vec<half::f16> =
                 ld.table.get(weight).as_slice().iter().map(|x| half::f16::from_f32(x.to_f32() * s)).collect();
@@ -217,7 +219,13 @@ impl T5 {
     /// position, self-attention over `cache`, cross-attention over `enc`. The returned
     /// [`StepInput`] (the decoder's relative bias for the step's position) is written before
     /// every run of phase `phase`.
-    pub fn build_decoder(&self, g: &mut Graph, cache: &KvCache, enc: &EncoderOut, phase: &'static str) -> (DecoderPass, StepInput) {
+    pub fn build_decoder(
+        &self,
+        g: &mut Graph,
+        cache: &KvCache,
+        enc: &EncoderOut,
+        phase: &'static str,
+    ) -> (DecoderPass, StepInput) {
         let (d, batch) = (self.cfg.d_model, cache.batch);
         let embeds = g.buffer(format!("{phase}.embeds"), batch, d);
         g.push(Op::Embed { table: self.shared, out: embeds });
@@ -274,7 +282,11 @@ impl T5 {
         };
         let s = stack.blocks[0].self_attn.scratch(g, phase, rows, rows);
         for (i, b) in stack.blocks.iter().enumerate() {
-            let call = AttnCall { head_bias: Some(bias), causal: cross.is_some(), ..AttnCall::new(batch, rows_per_item, keys(i)) };
+            let call = AttnCall {
+                head_bias: Some(bias),
+                causal: cross.is_some(),
+                ..AttnCall::new(batch, rows_per_item, keys(i))
+            };
             pre_norm(g, &b.self_norm, x, normed, rows, |g, n, r| b.self_attn.emit(g, &s, n, &call, r));
             if let (Some((norm, attn)), Some((kv, kv_len))) = (&b.cross, &cross) {
                 let (k, v) = kv[i];
@@ -290,7 +302,14 @@ impl T5 {
     }
 }
 
-fn load_stack(cfg: &T5Config, ld: &mut Loader, p: &str, layers: usize, decoder: bool, act: Activation) -> Result<Stack> {
+fn load_stack(
+    cfg: &T5Config,
+    ld: &mut Loader,
+    p: &str,
+    layers: usize,
+    decoder: bool,
+    act: Activation,
+) -> Result<Stack> {
     let (d, ff) = (cfg.d_model, cfg.d_ff);
     let eps = cfg.layer_norm_epsilon as f32;
     let rms = |ld: &mut Loader, name: String| -> Result<NormLayer> {
@@ -314,7 +333,8 @@ fn load_stack(cfg: &T5Config, ld: &mut Loader, p: &str, layers: usize, decoder: 
         )
     };
     let (nb, heads) = (cfg.relative_attention_num_buckets, cfg.num_heads);
-    let bias_w = ld.tensor(&format!("{p}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"), &[nb, heads])?;
+    let bias_w =
+        ld.tensor(&format!("{p}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"), &[nb, heads])?;
     let table: Arc<[f32]> = ld.table.get(bias_w).as_slice().iter().map(|x| x.to_f32()).collect();
     let blocks = (0..layers)
         .map(|i| {
