@@ -624,12 +624,167 @@ impl LlamaConfig {
     }
 }
 
+/// `text_config` of a T5 encoder-decoder (`T5Config`, transformers 5.17 defaults; design/t5.md §1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    /// None: `num_layers`.
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    pub feed_forward_proj: String,
+    /// An explicit key wins over the one derived from `feed_forward_proj`.
+    pub dense_act_fn: Option<String>,
+    pub tie_word_embeddings: Option<bool>,
+    /// Written by 5.17's save_pretrained; when absent, `tie_word_embeddings != false`.
+    pub scale_decoder_outputs: Option<bool>,
+    pub decoder_start_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub pad_token_id: Option<u32>,
+    /// Kept on the config like OPT's (the language model's generation config reads it).
+    pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        Self {
+            model_type: "t5".into(),
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            dense_act_fn: None,
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            decoder_start_token_id: None,
+            bos_token_id: None,
+            eos_token_id: Some(TokenIds::One(1)),
+            pad_token_id: Some(0),
+            max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
+        }
+    }
+}
+
+impl T5Config {
+    /// `feed_forward_proj` "gated-gelu" style: `wi_0`, `wi_1`, `wo`; else `wi`, `wo`.
+    pub fn is_gated(&self) -> bool {
+        self.feed_forward_proj.starts_with("gated-")
+    }
+
+    /// The FFN activation as 5.17's `__post_init__` resolves it: the last part of
+    /// `feed_forward_proj` ("gated-gelu" meaning `gelu_new`) unless `dense_act_fn` is written.
+    pub fn act_name(&self) -> String {
+        if let Some(a) = &self.dense_act_fn {
+            return a.clone();
+        }
+        match self.feed_forward_proj.as_str() {
+            "gated-gelu" => "gelu_new".into(),
+            f => f.rsplit('-').next().unwrap_or(f).to_string(),
+        }
+    }
+
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// Width of the attention projections (`num_heads * d_kv`, may differ from `d_model`).
+    pub fn inner_dim(&self) -> usize {
+        self.num_heads * self.d_kv
+    }
+
+    /// `h * d_model**-0.5` before the head (original tied T5, not Flan): design/t5.md §4.
+    pub fn scale_outputs(&self) -> bool {
+        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
+    }
+
+    /// transformers' `decoder_start_token_id`, falling back to `bos_token_id` (encoder-decoders).
+    pub fn decoder_start(&self) -> Option<u32> {
+        self.decoder_start_token_id.or(self.bos_token_id)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        check_positive("text_config.vocab_size", self.vocab_size)?;
+        check_positive("text_config.d_model", self.d_model)?;
+        check_positive("text_config.d_kv", self.d_kv)?;
+        check_positive("text_config.d_ff", self.d_ff)?;
+        check_positive("text_config.num_heads", self.num_heads)?;
+        check_positive("text_config.num_layers", self.num_layers)?;
+        check_positive("text_config.num_decoder_layers", self.decoder_layers())?;
+        if self.relative_attention_num_buckets < 4 {
+            return Err(field_error(
+                "text_config.relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+                "it must be at least 4 (T5 uses 32): the encoder halves it, then half of that is exact",
+            ));
+        }
+        if self.relative_attention_max_distance * 4 <= self.relative_attention_num_buckets {
+            return Err(field_error(
+                "text_config.relative_attention_max_distance",
+                self.relative_attention_max_distance,
+                format!(
+                    "it must exceed a quarter of relative_attention_num_buckets ({}), so the log-spaced buckets are well defined (T5 uses 128)",
+                    self.relative_attention_num_buckets
+                ),
+            ));
+        }
+        check_eps("text_config.layer_norm_epsilon", self.layer_norm_epsilon)?;
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        if parts.len() > 2 || (parts.len() == 2 && parts[0] != "gated") {
+            return Err(field_error(
+                "text_config.feed_forward_proj",
+                format!("`{}`", self.feed_forward_proj),
+                "it must be `{ACT_FN}` or `gated-{ACT_FN}` (transformers refuses it too), e.g. \"gated-gelu\"",
+            ));
+        }
+        check_activation("text_config.dense_act_fn", &self.act_name(), &["gelu", "gelu_new", "relu"])?;
+        let vocab = self.vocab_size;
+        match self.decoder_start() {
+            Some(id) => check_token("text_config.decoder_start_token_id", id, vocab)?,
+            None => {
+                return Err("neither `text_config.decoder_start_token_id` nor `text_config.bos_token_id` is set: transformers cannot start the T5 decoder either; add \"decoder_start_token_id\": 0 (T5's <pad>)".into())
+            }
+        }
+        for id in self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, vocab)?;
+        }
+        if self.max_new_tokens == Some(0) {
+            return Err(field_error(
+                "text_config.max_new_tokens",
+                0,
+                "transformers rejects it (it must be at least 1); remove it for the default of 20",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `text_config`: the language model, one variant per decoder kind glimpse runs. LLaMA and T5
 /// decoders are parsed to a clear "not supported yet" until their families land.
 #[derive(Debug, Clone)]
 pub enum TextConfig {
     Opt(OptConfig),
     Llama(LlamaConfig),
+    T5(T5Config),
 }
 
 impl Default for TextConfig {
@@ -642,7 +797,7 @@ impl Default for TextConfig {
 impl TextConfig {
     /// The decoder kinds transformers may name in `text_config.model_type` that glimpse knows of
     /// but does not run yet.
-    const NOT_YET: &'static [&'static str] = &["mistral", "vicuna", "t5", "mt5"];
+    const NOT_YET: &'static [&'static str] = &["mistral", "vicuna", "mt5"];
 
     /// Parses a `text_config` object by its `model_type` (`opt` when absent, as transformers);
     /// `path` names the file in errors.
@@ -663,6 +818,11 @@ impl TextConfig {
                 c.model_type = "llama".into();
                 Ok(TextConfig::Llama(c))
             }
+            "t5" => {
+                let mut c: T5Config = from_json_value_at(value, path, "text_config.")?;
+                c.model_type = "t5".into();
+                Ok(TextConfig::T5(c))
+            }
             other => Err(Error::Unsupported(format!("{}: {}", path.display(), Self::unsupported(other)))),
         }
     }
@@ -677,37 +837,43 @@ impl TextConfig {
 
     fn unsupported(kind: &str) -> String {
         let known = if Self::NOT_YET.contains(&kind) { " (planned)" } else { "" };
-        format!("text_config.model_type `{kind}` is not supported yet{known}: glimpse runs OPT and LLaMA language models so far")
+        format!("text_config.model_type `{kind}` is not supported yet{known}: glimpse runs OPT, LLaMA and T5 language models so far")
     }
 
     pub fn model_type(&self) -> &str {
         match self {
             TextConfig::Opt(c) => &c.model_type,
             TextConfig::Llama(c) => &c.model_type,
+            TextConfig::T5(c) => &c.model_type,
         }
     }
     pub fn hidden_size(&self) -> usize {
         match self {
             TextConfig::Opt(c) => c.hidden_size,
             TextConfig::Llama(c) => c.hidden_size,
+            TextConfig::T5(c) => c.d_model,
         }
     }
     pub fn vocab_size(&self) -> usize {
         match self {
             TextConfig::Opt(c) => c.vocab_size,
             TextConfig::Llama(c) => c.vocab_size,
+            TextConfig::T5(c) => c.vocab_size,
         }
     }
     pub fn max_position_embeddings(&self) -> usize {
         match self {
             TextConfig::Opt(c) => c.max_position_embeddings,
             TextConfig::Llama(c) => c.max_position_embeddings,
+            // Relative positions: no table bounds the length (transformers' default length applies).
+            TextConfig::T5(_) => usize::MAX / 4,
         }
     }
     pub fn eos_token_id(&self) -> Option<&TokenIds> {
         match self {
             TextConfig::Opt(c) => c.eos_token_id.as_ref(),
             TextConfig::Llama(c) => c.eos_token_id.as_ref(),
+            TextConfig::T5(c) => c.eos_token_id.as_ref(),
         }
     }
     /// `max_new_tokens` kept on the text config (the language model's generation config reads it).
@@ -715,6 +881,7 @@ impl TextConfig {
         match self {
             TextConfig::Opt(c) => c.max_new_tokens,
             TextConfig::Llama(c) => c.max_new_tokens,
+            TextConfig::T5(c) => c.max_new_tokens,
         }
     }
     /// `min_new_tokens` and `min_p` kept on the text config (see [`OptConfig::min_new_tokens`]).
@@ -722,12 +889,14 @@ impl TextConfig {
     pub fn min_new_tokens(&self) -> Option<usize> {
         match self {
             TextConfig::Opt(c) => c.min_new_tokens,
+            TextConfig::T5(c) => c.min_new_tokens,
             TextConfig::Llama(_) => None,
         }
     }
     pub fn min_p(&self) -> Option<f64> {
         match self {
             TextConfig::Opt(c) => c.min_p,
+            TextConfig::T5(c) => c.min_p,
             TextConfig::Llama(_) => None,
         }
     }
@@ -752,6 +921,7 @@ impl<'de> Deserialize<'de> for TextConfig {
         match Self::kind(&value).map_err(D::Error::custom)?.as_str() {
             "opt" => serde_json::from_value(value).map(TextConfig::Opt).map_err(D::Error::custom),
             "llama" => serde_json::from_value(value).map(TextConfig::Llama).map_err(D::Error::custom),
+            "t5" => serde_json::from_value(value).map(TextConfig::T5).map_err(D::Error::custom),
             other => Err(D::Error::custom(Self::unsupported(other))),
         }
     }
@@ -1036,10 +1206,12 @@ impl Blip2Config {
                     "`use_decoder_only_language_model` is false, which asks for an encoder-decoder (T5) language model, but text_config.model_type is `opt` (transformers fails to build this model too): set it to true or remove it",
                 ));
             }
-            return Err(Error::Unsupported(format!(
-                "{}: `use_decoder_only_language_model` is false (text_config.model_type `{text_type}`): BLIP-2 with an encoder-decoder language model (Flan-T5) is not supported yet; glimpse runs BLIP-2 with OPT",
-                path.display()
-            )));
+            if text_type != "t5" {
+                return Err(Error::Unsupported(format!(
+                    "{}: `use_decoder_only_language_model` is false (text_config.model_type `{text_type}`): glimpse runs BLIP-2's encoder-decoder language model with T5 only",
+                    path.display()
+                )));
+            }
         }
         // The language model is parsed by its kind, so a T5 text config gets "not supported"
         // rather than a field error about OPT. LLaMA decoders run in LLaVA, not yet in BLIP-2.
@@ -1070,10 +1242,32 @@ impl Blip2Config {
         self.check().map_err(|msg| Error::config(path, msg))
     }
 
+    /// Vision encoder and Q-Former (shared by the OPT and T5 variants).
+    fn check_towers(&self) -> Result<(), String> {
+        check_blip_towers(&self.vision_config, &self.qformer_config, self.num_query_tokens)
+    }
+
+    /// BLIP-2 Flan-T5 (design/t5.md): the T5 config and the token ids the model looks up.
+    fn check_t5(&self, t: &T5Config) -> Result<(), String> {
+        if self.use_decoder_only_language_model == Some(true) {
+            return Err(field_error(
+                "use_decoder_only_language_model",
+                true,
+                "text_config.model_type is `t5`, an encoder-decoder (transformers fails to build this model too): set it to false or remove it",
+            ));
+        }
+        t.check()?;
+        match self.image_token_index {
+            None => Err("no `image_token_index`: checkpoints saved before transformers 4.47 lack it; add \"image_token_index\": <id of <image>> to config.json (32100 for Salesforce/blip2-flan-t5-*)".into()),
+            Some(id) => check_token("image_token_index", id, t.vocab_size),
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
-        let (v, q) = (&self.vision_config, &self.qformer_config);
+        self.check_towers()?;
         let t = match &self.text_config {
             TextConfig::Opt(t) => t,
+            TextConfig::T5(t) => return self.check_t5(t),
             other => {
                 return Err(field_error(
                     "text_config.model_type",
@@ -1096,8 +1290,6 @@ impl Blip2Config {
                 "not supported yet; glimpse runs BLIP-2 with OPT",
             ));
         }
-
-        check_blip_towers(v, q, self.num_query_tokens)?;
 
         // OPT decoder.
         check_positive("text_config.vocab_size", t.vocab_size)?;

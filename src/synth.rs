@@ -30,12 +30,14 @@ use crate::config::{Blip2Config, ModelConfig};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, Weight};
 
-/// Names accepted by [`preset`]: BLIP-2 OPT (`tiny` is tests/fixtures/blip2-opt-tiny's dims),
-/// LLaVA-1.5 and CLIP, each family with a tiny variant for tests.
-pub const PRESETS: [&str; 10] = [
+/// Names accepted by [`preset`]: BLIP-2 OPT (`tiny` is tests/fixtures/blip2-opt-tiny's dims) and Flan-T5,
+/// LLaVA-1.5, CLIP and InstructBLIP (Vicuna), each family with a tiny variant for tests.
+pub const PRESETS: [&str; 12] = [
     "tiny",
     "blip2-opt-2.7b",
     "blip2-opt-6.7b",
+    "blip2-flan-t5-xl",
+    "blip2-flan-t5-tiny",
     "llava-1.5-7b",
     "llava-1.5-13b",
     "llava-tiny",
@@ -106,6 +108,7 @@ pub fn preset_json(name: &str) -> Result<Value> {
         n if n.starts_with("llava-") => llava_json(n),
         n if n.starts_with("clip-") => clip_json(n),
         n if n.starts_with("instructblip-") => instructblip_json(n),
+        n if n.starts_with("blip2-flan-t5-") => blip2_t5_json(n),
         n => blip2_json(n),
     }
 }
@@ -185,6 +188,69 @@ fn blip2_json(name: &str) -> Result<Value> {
             "qkv_bias": true
         }
     }))
+}
+
+/// `config.json` of a BLIP-2 Flan-T5 preset, as transformers 5.17 writes Salesforce/blip2-flan-t5-xl
+/// (design/t5.md §1: gated GELU with `dense_act_fn` "gelu", untied head, no output scaling,
+/// `<image>` = 32100). The tiny preset has tests/fixtures/blip2-flan-t5-tiny's T5 and 32100-token
+/// vocabulary layout at small widths.
+fn blip2_t5_json(name: &str) -> Result<Value> {
+    // text: d_model, d_kv, d_ff, layers, heads; vocab, image token
+    let (vision, qformer, (dm, dkv, dff, tl, tn), (vocab, image)) = match name {
+        "blip2-flan-t5-xl" => ((1408, 6144, 39, 16), (768, 3072, 12, 12, 2), (2048, 64, 5120, 24, 32), (32128, 32100)),
+        "blip2-flan-t5-tiny" => ((32, 64, 1, 2), (32, 64, 2, 2, 1), (32, 16, 48, 2, 3), (32128, 32100)),
+        _ => return Err(unknown(name)),
+    };
+    let mut v = blip2_json("tiny")?;
+    let (vh, vi, vl, vn) = vision;
+    let (qh, qi, ql, qn, qf) = qformer;
+    v["glimpse_synth"]["preset"] = json!(name);
+    v["image_token_index"] = json!(image);
+    v["is_encoder_decoder"] = json!(true);
+    v["use_decoder_only_language_model"] = json!(false);
+    for (key, value) in
+        [("hidden_size", vh), ("intermediate_size", vi), ("num_hidden_layers", vl), ("num_attention_heads", vn)]
+    {
+        v["vision_config"][key] = json!(value);
+    }
+    for (key, value) in [
+        ("hidden_size", qh),
+        ("intermediate_size", qi),
+        ("num_hidden_layers", ql),
+        ("num_attention_heads", qn),
+        ("cross_attention_frequency", qf),
+        ("encoder_hidden_size", vh),
+    ] {
+        v["qformer_config"][key] = json!(value);
+    }
+    v["text_config"] = json!({
+        "bos_token_id": 1,
+        "classifier_dropout": 0.0,
+        "d_ff": dff,
+        "d_kv": dkv,
+        "d_model": dm,
+        "decoder_start_token_id": 0,
+        "dense_act_fn": "gelu",
+        "dropout_rate": 0.1,
+        "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu",
+        "initializer_factor": 1.0,
+        "is_decoder": false,
+        "is_gated_act": true,
+        "layer_norm_epsilon": 1e-06,
+        "model_type": "t5",
+        "num_decoder_layers": tl,
+        "num_heads": tn,
+        "num_layers": tl,
+        "pad_token_id": 0,
+        "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": 32,
+        "scale_decoder_outputs": false,
+        "tie_word_embeddings": false,
+        "use_cache": true,
+        "vocab_size": vocab
+    });
+    Ok(v)
 }
 
 /// `config.json` of a LLaVA-1.5 preset, as transformers 5.17 writes llava-hf/llava-1.5-*-hf:
@@ -439,6 +505,12 @@ struct Spec {
 fn specs(cfg: &ModelConfig) -> Result<Vec<Spec>> {
     let recorder = Checkpoint::recording("<glimpse synth>");
     match cfg {
+        ModelConfig::Blip2(c) if matches!(c.text_config, crate::config::TextConfig::T5(_)) => {
+            // The untied Flan head is stored (Blip2T5 reads it only when present).
+            let t = &c.text_config;
+            recorder.f16("language_model.lm_head.weight", &[t.vocab_size(), t.hidden_size()])?;
+            drop(crate::models::blip2_t5::Blip2T5::load(c, &recorder)?)
+        }
         ModelConfig::Blip2(c) => drop(crate::models::blip2::Blip2::load(c, &recorder)?),
         ModelConfig::Clip(c) => {
             // Clip::load asks whether the projections exist before reading them (a bare tower has
@@ -495,6 +567,9 @@ fn init_for((eos, image_token): (u32, u32), name: &str, shape: &[usize]) -> Resu
             Init::Embed { std: 0.25, cols: *cols, eos: eos as usize, pad_from: (image_token as usize + 1).min(*rows) }
         }
         _ if name.ends_with(".token_embedding.weight") => normal(0.25),
+        // T5 (unscaled input embeddings, as Flan's are O(1..10)); its relative bias table.
+        _ if name.ends_with(".shared.weight") => normal(1.0),
+        _ if name.ends_with(".relative_attention_bias.weight") => normal(0.5),
         _ if name.ends_with(".embed_positions.weight") => normal(1.0),
         _ if name.ends_with(".position_embedding.weight") => normal(0.5),
         ("class_embedding" | "query_tokens", _) => normal(1.0),
@@ -503,7 +578,9 @@ fn init_for((eos, image_token): (u32, u32), name: &str, shape: &[usize]) -> Resu
         ("weight", [_]) => Init::Normal { mean: 1.0, std: 0.1 },
         // Linear [out, in] and Conv2d [out, c, kh, kw]: gain / sqrt(fan_in).
         ("weight", [_, fan_in @ ..]) => {
-            let gain = if name.starts_with("language_model.") { 3.0 } else { 1.0 };
+            // T5 keeps gain 1: its pre-norm residual stream with unscaled attention grows fast.
+            let t5 = name.starts_with("language_model.encoder.") || name.starts_with("language_model.decoder.");
+            let gain = if name.starts_with("language_model.") && !t5 { 3.0 } else { 1.0 };
             normal(gain / (fan_in.iter().product::<usize>() as f32).sqrt())
         }
         _ => {
@@ -939,6 +1016,9 @@ pub fn clip_tokenizer_json(vocab_size: u32) -> Result<Value> {
 /// `tokenizer.json` of a preset's family.
 fn family_tokenizer_json(cfg: &ModelConfig) -> Result<Value> {
     match cfg {
+        ModelConfig::Blip2(c) if matches!(c.text_config, crate::config::TextConfig::T5(_)) => {
+            Ok(t5_tokenizer_json(c.image_token()))
+        }
         ModelConfig::Blip2(c) => {
             let eos = c.text_config.eos_token_id().and_then(|e| e.to_vec().first().copied()).unwrap_or(2);
             tokenizer_json(c.image_token(), eos)
@@ -961,6 +1041,64 @@ fn family_tokenizer_json(cfg: &ModelConfig) -> Result<Value> {
             )
         }
     }
+}
+
+/// A T5-style Unigram tokenizer.json as transformers 5.17's `T5Tokenizer` saves it (design/t5.md
+/// §6): `<pad>` 0, `</s>` 1, `<unk>` 2, pieces, 100 `<extra_id_*>` (reversed) up to
+/// `image_token`, then `<image>`; WhitespaceSplit + Metaspace, `$A </s>`. The pieces are
+/// `▁`, the printable ASCII characters, `▁`-words of common English, then fillers
+/// that never match text, so the ids of real Flan-T5 checkpoints' special tokens hold.
+pub fn t5_tokenizer_json(image_token: u32) -> Value {
+    const EXTRA: u32 = 100;
+    const WORDS: &str = "the a an of in on at to is are what this that picture image photo question answer how many \
+        where who why color man woman dog cat people standing sitting with and there it";
+    let mut vocab: Vec<(String, f64)> = ["<pad>", "</s>", "<unk>"].iter().map(|t| (t.to_string(), 0.0)).collect();
+    vocab.push(("\u{2581}".into(), -2.0));
+    let mut seen: HashSet<String> = vocab.iter().map(|(p, _)| p.clone()).collect();
+    let mut push = |piece: String, score: f64, vocab: &mut Vec<(String, f64)>| {
+        if seen.insert(piece.clone()) {
+            vocab.push((piece, score));
+        }
+    };
+    for w in WORDS.split_whitespace() {
+        push(format!("\u{2581}{w}"), -6.0, &mut vocab);
+        let mut cap = w.to_string();
+        cap[..1].make_ascii_uppercase();
+        push(format!("\u{2581}{cap}"), -7.0, &mut vocab);
+    }
+    for c in (33u8..127).map(char::from) {
+        push(c.to_string(), -10.0, &mut vocab);
+        push(format!("\u{2581}{c}"), -11.0, &mut vocab);
+    }
+    let base = image_token.saturating_sub(EXTRA) as usize;
+    let mut i = 0;
+    while vocab.len() < base {
+        push(format!("\u{2581}\u{e000}{i}"), -30.0, &mut vocab);
+        i += 1;
+    }
+    let special = |id: usize, t: &str| {
+        json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+               "normalized": false, "special": true})
+    };
+    let mut added: Vec<Value> = ["<pad>", "</s>", "<unk>"].iter().enumerate().map(|(i, t)| special(i, t)).collect();
+    for e in (0..EXTRA).rev() {
+        let t = format!("<extra_id_{e}>");
+        added.push(special(vocab.len(), &t));
+        vocab.push((t, 0.0));
+    }
+    added.push(special(vocab.len(), "<image>"));
+    let metaspace = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+        "decoder": metaspace,
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false}
+    })
 }
 
 /// The tokenizer of a preset, in memory (for `glimpse bench --preset`).
@@ -1046,6 +1184,20 @@ pub fn folder_files(name: &str, cfg: &ModelConfig, seed: u64) -> Result<Vec<(&'s
     config["glimpse_synth"]["seed"] = json!(seed);
     let mut jsons: Vec<(&'static str, Value)> = vec![("config.json", config)];
     match cfg {
+        ModelConfig::Blip2(c) if matches!(c.text_config, crate::config::TextConfig::T5(_)) => jsons.extend([
+            (
+                "generation_config.json",
+                json!({"bos_token_id": 1, "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
+                       "transformers_version": "5.17.0"}),
+            ),
+            ("tokenizer.json", family_tokenizer_json(cfg)?),
+            (
+                "tokenizer_config.json",
+                json!({"backend": "tokenizers", "eos_token": "</s>", "extra_ids": 100, "pad_token": "<pad>",
+                       "processor_class": "Blip2Processor", "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}),
+            ),
+            ("processor_config.json", processor_config_json(c)),
+        ]),
         ModelConfig::Blip2(c) => jsons.extend([
             ("generation_config.json", generation_config_json(c)),
             ("tokenizer.json", family_tokenizer_json(cfg)?),

@@ -149,21 +149,22 @@ fn text_max_new_tokens_zero_is_rejected() {
     assert!(parse_err(&cfg).contains("`text_config.max_new_tokens` is 0"));
 }
 
+/// BLIP-2's encoder-decoder language model is T5 (tests/t5_parity.rs runs it); other
+/// encoder-decoders are refused, and a T5 field of the wrong type is named with its section.
 #[test]
-fn encoder_decoder_language_model_is_unsupported() {
+fn encoder_decoder_language_model_must_be_t5() {
     let mut cfg = fixture_config();
-    cfg["text_config"] = json!({"model_type": "t5", "d_model": 32});
+    cfg["text_config"] = json!({"model_type": "mt5", "d_model": 32});
     cfg["use_decoder_only_language_model"] = json!(false);
     let err = parse_err(&cfg);
-    assert!(
-        err.contains("unsupported model") && err.contains("encoder-decoder") && err.contains("not supported yet"),
-        "{err}"
-    );
-    // A T5 text config with fields OPT would misread still says "not supported", not a field error.
-    cfg["use_decoder_only_language_model"] = Value::Null;
-    cfg["text_config"]["hidden_size"] = json!("big");
+    assert!(err.contains("unsupported model") && err.contains("with T5 only"), "{err}");
+    cfg["text_config"] = json!({"model_type": "t5", "d_model": "big"});
     let err = parse_err(&cfg);
-    assert!(err.contains("`t5` is not supported yet"), "{err}");
+    assert!(err.contains("`text_config.d_model`"), "{err}");
+    // An OPT text config cannot be an encoder-decoder (transformers fails to build it too).
+    let mut cfg = fixture_config();
+    cfg["use_decoder_only_language_model"] = json!(false);
+    assert!(parse_err(&cfg).contains("use_decoder_only_language_model"));
 }
 
 #[test]

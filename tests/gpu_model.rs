@@ -380,3 +380,57 @@ fn cuda_instructblip_matches_cpu() {
         }
     }
 }
+
+/// BLIP-2 Flan-T5 on the GPU against the fp16-emulating CPU executor, phase by phase on a batch
+/// of two: the encoder output (T5 encoder with its host-written relative bias, fp32 residual
+/// stream, cross-attention K/V), then four decoder steps teacher-forced with the CPU's argmax
+/// (the decode step is recorded and replayed with the bias rewritten before each replay).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_blip2_t5_matches_cpu() {
+    use glimpse::backend::cpu::CpuExecutor;
+    use glimpse::backend::Executor;
+    let Some(model) = gpu_model("cuda_blip2_t5_matches_cpu", "blip2-flan-t5-tiny") else { return };
+    let ids = model.input_ids(Some("Question: what is on the plate? Answer:")).unwrap();
+    let images = ["tall_83x311.png", "rgba_150x120.png"];
+    let pixels: Vec<f32> = images.iter().flat_map(|i| model.preprocess(&common::image(i)).unwrap().data).collect();
+    let steps = 4;
+    let plan = model.family.plan(2, ids.len(), steps, false).unwrap();
+    let mut gpu = model.executor(&plan.graph).unwrap();
+    let mut cpu = CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &plan.graph.buffers);
+    cpu.emulate_fp16(|_| false);
+    let run = |exec: &mut dyn Executor, phase: &glimpse::graph::Phase, position: usize| {
+        for s in plan.step_inputs.iter().filter(|s| s.phase == phase.name) {
+            exec.write(s.buf, &(s.fill)(position)).unwrap();
+        }
+        exec.set_position(position);
+        exec.run(phase).unwrap();
+    };
+    for exec in [&mut *gpu as &mut dyn Executor, &mut cpu] {
+        exec.write(plan.input("pixels").unwrap(), &pixels).unwrap();
+        exec.set_tokens(&ids.repeat(2));
+        for phase in &plan.encoders {
+            run(exec, phase, 0);
+        }
+    }
+    let enc = plan.output("encoder_out").unwrap();
+    let rows = 2 * ids.len();
+    let (_, rel) = common::errors(&gpu.read(enc, rows).unwrap(), &cpu.read(enc, rows).unwrap());
+    assert!(rel <= STAGE_REL, "encoder output: rel {rel:e}");
+    let mut tokens = vec![0u32; 2];
+    for step in 0..steps {
+        let s = if step == 0 { &plan.prefill } else { &plan.decode };
+        for exec in [&mut *gpu as &mut dyn Executor, &mut cpu] {
+            exec.set_tokens(&tokens);
+            run(exec, &s.phase, step);
+        }
+        let (g, c) = (gpu.read(s.logits, 2).unwrap(), cpu.read(s.logits, 2).unwrap());
+        let (_, rel) = common::errors(&g, &c);
+        assert!(rel <= STAGE_REL, "decoder step {step}: logits rel {rel:e}");
+        let vocab = c.len() / 2;
+        tokens = c
+            .chunks(vocab)
+            .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32))
+            .collect();
+    }
+}

@@ -89,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(PRESETS.len(), 10);
+    assert_eq!(PRESETS.len(), 12);
 }
 
 #[test]
@@ -370,6 +370,55 @@ fn instructblip_tiny_folder_generates_and_loads_in_transformers() {
     model.caption(&common::image("odd_257x181.png"), &opts).expect("caption");
     let ours = parameter_count(&preset("instructblip-tiny").unwrap()).unwrap();
     if let Some(theirs) = transformers_params(&dir, "InstructBlipForConditionalGeneration") {
+        assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
+    }
+}
+
+#[test]
+fn blip2_flan_t5_presets_have_the_real_shapes() {
+    let glimpse::config::ModelConfig::Blip2(c) = preset("blip2-flan-t5-xl").unwrap() else { panic!("not BLIP-2") };
+    let glimpse::config::TextConfig::T5(t) = &c.text_config else { panic!("not T5") };
+    assert_eq!(
+        (t.d_model, t.d_kv, t.d_ff, t.num_layers, t.decoder_layers(), t.num_heads),
+        (2048, 64, 5120, 24, 24, 32)
+    );
+    assert_eq!(
+        (t.vocab_size, c.image_token(), t.act_name().as_str(), t.is_gated(), t.scale_outputs()),
+        (32128, 32100, "gelu", true, false)
+    );
+    assert_eq!(
+        (c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.qformer_config.num_hidden_layers),
+        (1408, 39, 12)
+    );
+    // transformers 5.17's Blip2ForConditionalGeneration at these shapes on the meta device
+    // (2026-11-30): 3,876,648,448 with the fresh model's head tied to `shared`, plus the stored
+    // untied Flan head (32128 x 2048) that from_pretrained keeps apart: 3,942,446,592, the
+    // hub card's 3.94 B.
+    assert_eq!(parameter_count(&preset("blip2-flan-t5-xl").unwrap()).unwrap(), 3_942_446_592);
+    let tok = tokenizer(&preset("blip2-flan-t5-xl").unwrap()).unwrap();
+    assert_eq!(
+        (
+            tok.token_to_id("<pad>"),
+            tok.token_to_id("</s>"),
+            tok.token_to_id("<extra_id_0>"),
+            tok.token_to_id("<image>")
+        ),
+        (Some(0), Some(1), Some(32099), Some(32100))
+    );
+}
+
+#[test]
+fn blip2_flan_t5_tiny_folder_generates_and_loads_in_transformers() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("t5");
+    write_folder("blip2-flan-t5-tiny", &dir, 7).expect("write blip2-flan-t5-tiny");
+    let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts a BLIP-2 Flan-T5 synth folder");
+    let ids = model.input_ids(Some("Question: what is this? Answer:")).unwrap();
+    assert_eq!((ids[31], ids[32], ids.len(), ids.last()), (32100, 37, 41, Some(&1)), "{ids:?}");
+    let out = model.ask(&common::image("odd_257x181.png"), "what is this?", &model.default_options()).expect("ask");
+    assert!(!out.tokens.is_empty() && out.tokens.len() <= 20, "{:?}", out.tokens);
+    let ours = parameter_count(&preset("blip2-flan-t5-tiny").unwrap()).unwrap();
+    if let Some(theirs) = transformers_params(&dir, "Blip2ForConditionalGeneration") {
         assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
     }
 }

@@ -15,7 +15,7 @@ pub mod stream;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-pub use plan::{KvCaches, Plan, Step};
+pub use plan::{EncoderInput, KvCaches, Plan, Step, StepInput};
 pub use stop::StopStrings;
 
 use crate::backend::{Candidate, Executor};
@@ -428,6 +428,8 @@ pub struct Session<'a, 'h> {
     pads: Vec<usize>,
     /// Stop strings resolved against the tokenizer (None: no stop strings).
     stop: Option<&'a StopStrings>,
+    /// Encoder-decoder plans: the request's input ids, the encoders' tokens.
+    encoder_tokens: Option<Vec<u32>>,
 }
 
 impl<'a, 'h> Session<'a, 'h> {
@@ -465,7 +467,12 @@ impl<'a, 'h> Session<'a, 'h> {
         }
         // The encoders see no padding (it belongs to the decoder input).
         self.exec.set_left_padding(&[]);
+        if let Some(tokens) = &self.encoder_tokens {
+            self.exec.set_tokens(tokens);
+            self.exec.set_position(0);
+        }
         for phase in &self.plan.encoders {
+            self.write_step_inputs(phase.name, 0)?;
             let s = Instant::now();
             let go = self.run(phase)?;
             self.timings.encoders_ms.insert(format!("{}_ms", phase.name), ms(s));
@@ -511,8 +518,17 @@ impl<'a, 'h> Session<'a, 'h> {
         Ok(Some(rows))
     }
 
+    /// Writes the plan's step inputs of phase `phase` for `position`.
+    fn write_step_inputs(&mut self, phase: &str, position: usize) -> Result<()> {
+        for input in self.plan.step_inputs.iter().filter(|i| i.phase == phase) {
+            self.exec.write(input.buf, &(input.fill)(position))?;
+        }
+        Ok(())
+    }
+
     /// Feeds `tokens` (one row each) to `step` at `position`. False: a hook stopped the run.
     fn run_step(&mut self, step: &Step, tokens: &[u32], position: usize) -> Result<bool> {
+        self.write_step_inputs(step.phase.name, position)?;
         self.exec.set_tokens(tokens);
         self.exec.set_left_padding(&self.pads);
         self.exec.set_position(position);
@@ -636,10 +652,10 @@ fn run_prompts(
             plan.max_new_tokens, opts.max_new_tokens
         )));
     }
-    if prompts.len() != plan.prompt_len {
+    if prompts.len() != plan.input_len() {
         return Err(Error::InvalidInput(format!(
             "plan built for {} input tokens, got {}",
-            plan.prompt_len,
+            plan.input_len(),
             prompts.len()
         )));
     }
@@ -657,7 +673,22 @@ fn run_prompts(
     }
     opts.check_available()?;
     let pads = prompts.pads().to_vec();
-    let mut session = Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default(), pads, stop };
+    // An encoder-decoder's input ids feed its encoder; its decoder starts from one token.
+    let (encoder_tokens, decoder_prompts) = match plan.encoder_input {
+        Some(e) => (Some(prompts.ids().to_vec()), Some(Prompts::shared(&[e.decoder_start], plan.batch))),
+        None => (None, None),
+    };
+    let prompts = decoder_prompts.as_ref().unwrap_or(prompts);
+    let mut session = Session {
+        plan,
+        exec,
+        hooks,
+        start: Instant::now(),
+        timings: Timings::default(),
+        pads,
+        stop,
+        encoder_tokens,
+    };
     let seqs = if opts.num_beams > 1 {
         beam::run(&mut session, inputs, prompts, opts)?
     } else if opts.uses_processors() {

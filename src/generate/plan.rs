@@ -21,13 +21,36 @@ pub struct KvCaches {
     pub rows_per_seq: usize,
 }
 
+/// Host data a family computes from the position of each run of one phase (T5's relative
+/// position bias), written before every run of that phase: encoders at position 0, prefill and
+/// decode steps at theirs. A host write into a fixed buffer keeps a replayed decode step valid.
+pub struct StepInput {
+    /// The phase it is written before (an encoder's name, `prefill` or `decode`).
+    pub phase: &'static str,
+    pub buf: Buf,
+    /// `[rows, cols]` of `buf`: `fill` returns `rows * cols` values.
+    pub rows: usize,
+    pub fill: Box<dyn Fn(usize) -> Vec<f32> + Send + Sync>,
+}
+
+/// The encoder side of an encoder-decoder plan (T5): the request's input ids (image
+/// placeholders and prompt) are the encoder's tokens, set before the encoders run; every
+/// sequence's decoder then starts from `decoder_start` alone (the plan's `prompt_len` is 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderInput {
+    /// Encoder tokens per sequence.
+    pub len: usize,
+    /// transformers' `decoder_start_token_id`.
+    pub decoder_start: u32,
+}
+
 /// One request shape (batch, decoder input length, new tokens) of one model, built once and run
 /// by any executor: host inputs are written, encoders run once, then the prefill over the
 /// decoder input and one-token decode steps over the shared caches.
 pub struct Plan {
     pub graph: Graph,
     pub batch: usize,
-    /// Decoder input tokens per sequence (image placeholders included).
+    /// Decoder input tokens per sequence (image placeholders included; 1 for an encoder-decoder).
     pub prompt_len: usize,
     /// KV positions per sequence.
     pub capacity: usize,
@@ -46,9 +69,19 @@ pub struct Plan {
     /// `[batch, capacity]` additive mask over the decoder's keys (0, or `f32::MIN` for left
     /// padding), written by the generation loop; None: the plan runs equal-length prompts only.
     pub key_mask: Option<Buf>,
+    /// Encoder-decoder plans (T5): where the request's input ids go; None for decoder-only.
+    pub encoder_input: Option<EncoderInput>,
+    /// Host data written before the phases that read it, from their position.
+    pub step_inputs: Vec<StepInput>,
 }
 
 impl Plan {
+    /// Input ids per sequence a request brings: the encoder's for an encoder-decoder, else the
+    /// decoder's.
+    pub fn input_len(&self) -> usize {
+        self.encoder_input.map_or(self.prompt_len, |e| e.len)
+    }
+
     /// The buffer of host input `name`.
     pub fn input(&self, name: &str) -> Result<Buf> {
         lookup(&self.inputs, name, "input")

@@ -11,7 +11,7 @@ use super::{Family, Loader};
 use crate::config::{Blip2Config, ModelConfig, PreprocessorConfig, TextConfig};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
-use crate::graph::{Activation, Graph, Linear, Phase, WeightTable};
+use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
 use crate::weights::Checkpoint;
 
 pub struct Blip2 {
@@ -20,7 +20,7 @@ pub struct Blip2 {
     pub weights: Arc<WeightTable>,
     pub vision: VisionModel,
     pub qformer: QFormer,
-    language_projection: Linear,
+    pub language_projection: Linear,
     pub decoder: OptDecoder,
 }
 
@@ -86,29 +86,9 @@ impl Blip2 {
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
         }
-        let v = &self.cfg.vision_config;
         let mut g = Graph::new();
-        let pixels = g.buffer("pixels", batch, 3 * v.image_size * v.image_size);
-
-        // Vision: pixels -> [B*257, Dv].
-        let vision_out = self.vision.build(&mut g, pixels, batch);
-        let vision = g.take_phase("vision");
-
-        // Q-Former + projection: [B*257, Dv] -> [B*32, Dq] -> [B*32, Dt].
-        let qformer_out = self.qformer.build(&mut g, vision_out, batch, v.num_positions());
-        let image_embeds =
-            g.buffer("image_embeds", batch * self.cfg.num_query_tokens, self.cfg.text_config.hidden_size());
-        let p = &self.language_projection;
-        g.linear(
-            qformer_out,
-            p.weight,
-            p.bias,
-            Activation::None,
-            None,
-            image_embeds,
-            batch * self.cfg.num_query_tokens,
-        );
-        let qformer = g.take_phase("qformer");
+        let img = ImagePhases::build(&mut g, &self.cfg, &self.vision, &self.qformer, &self.language_projection, batch);
+        let (pixels, image_embeds) = (img.pixels, img.image_embeds);
 
         // Decoder: prefill over the whole input, then one-token steps over the shared cache.
         let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
@@ -136,13 +116,60 @@ impl Blip2 {
             capacity,
             max_new_tokens,
             inputs: vec![("pixels", pixels)],
-            encoders: vec![vision, qformer],
-            outputs: vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)],
+            outputs: img.outputs(),
+            encoders: img.phases,
             prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
             decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
             kv,
             key_mask: Some(key_mask),
+            encoder_input: None,
+            step_inputs: Vec::new(),
         })
+    }
+}
+
+/// The image side shared by BLIP-2's OPT and T5 variants: pixels -> vision encoder -> Q-Former
+/// -> `language_projection`, as the phases `vision` and `qformer`.
+pub(crate) struct ImagePhases {
+    /// `[batch, 3*S*S]` host input.
+    pub pixels: Buf,
+    /// `[batch*positions, vision hidden]`.
+    pub vision_out: Buf,
+    /// `[batch*queries, qformer hidden]`.
+    pub qformer_out: Buf,
+    /// `[batch*queries, text hidden]`: what replaces the image tokens' embeddings.
+    pub image_embeds: Buf,
+    pub phases: Vec<Phase>,
+}
+
+impl ImagePhases {
+    pub fn build(
+        g: &mut Graph,
+        cfg: &Blip2Config,
+        vision: &VisionModel,
+        qformer: &QFormer,
+        projection: &Linear,
+        batch: usize,
+    ) -> Self {
+        let v = &cfg.vision_config;
+        let pixels = g.buffer("pixels", batch, 3 * v.image_size * v.image_size);
+
+        // Vision: pixels -> [B*257, Dv].
+        let vision_out = vision.build(g, pixels, batch);
+        let vision_phase = g.take_phase("vision");
+
+        // Q-Former + projection: [B*257, Dv] -> [B*32, Dq] -> [B*32, Dt].
+        let qformer_out = qformer.build(g, vision_out, batch, v.num_positions());
+        let rows = batch * cfg.num_query_tokens;
+        let image_embeds = g.buffer("image_embeds", rows, cfg.text_config.hidden_size());
+        g.linear(qformer_out, projection.weight, projection.bias, Activation::None, None, image_embeds, rows);
+        let qformer_phase = g.take_phase("qformer");
+        Self { pixels, vision_out, qformer_out, image_embeds, phases: vec![vision_phase, qformer_phase] }
+    }
+
+    /// The plan outputs tests read.
+    pub fn outputs(&self) -> Vec<(&'static str, Buf)> {
+        vec![("vision_out", self.vision_out), ("qformer_out", self.qformer_out), ("image_embeds", self.image_embeds)]
     }
 }
 

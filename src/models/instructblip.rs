@@ -179,6 +179,8 @@ impl InstructBlip {
             decode,
             kv,
             key_mask,
+            encoder_input: None,
+            step_inputs: Vec::new(),
         })
     }
 

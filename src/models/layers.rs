@@ -173,6 +173,9 @@ pub enum Keys {
     /// The layer's own rows appended to a KV cache, then attention over the cache (the
     /// executor's `position` says how many rows it already holds).
     Cache { k: Buf, v: Buf, capacity: usize },
+    /// Keys and values projected earlier by [`AttentionLayer::project_kv`] (T5's cross-attention
+    /// over the encoder output, computed once per request): `kv_len` rows per batch item.
+    Projected { k: Buf, v: Buf, kv_len: usize },
 }
 
 /// How one attention call is laid out: `batch` items of `q_len` query rows.
@@ -227,13 +230,23 @@ impl AttentionLayer {
         }
     }
 
+    /// Emits the key and value projections of `src` (`rows` rows) into `k` and `v`, for later
+    /// [`Keys::Projected`] calls (separate projections only).
+    pub fn project_kv(&self, g: &mut Graph, src: Buf, k: Buf, v: Buf, rows: usize) {
+        let Qkv::Separate { k: kp, v: vp, .. } = &self.qkv else {
+            panic!("project_kv needs separate k/v projections (a fused qkv projects its own input)")
+        };
+        linear(g, kp, src, Activation::None, None, k, rows);
+        linear(g, vp, src, Activation::None, None, v, rows);
+    }
+
     /// Emits `r.out = out_proj(attention(q(x), k(kv), v(kv))) + r.add`: projections, RoPE, KV
     /// cache append, attention, output projection.
     pub fn emit(&self, g: &mut Graph, s: &AttnScratch, x: Buf, call: &AttnCall, r: Residual) {
         let rows = call.batch * call.q_len;
         let (kv_src, kv_len) = match call.keys {
             Keys::Same | Keys::Cache { .. } => (x, call.q_len),
-            Keys::Cross { src, kv_len } => (src, kv_len),
+            Keys::Cross { src, kv_len } | Keys::Projected { k: src, kv_len, .. } => (src, kv_len),
         };
         let kv_rows = call.batch * kv_len;
         let (q, k, v) = match &self.qkv {
@@ -248,9 +261,13 @@ impl AttentionLayer {
             }
             Qkv::Separate { q, k, v } => {
                 linear(g, q, x, Activation::None, None, s.q, rows);
-                linear(g, k, kv_src, Activation::None, None, s.k, kv_rows);
-                linear(g, v, kv_src, Activation::None, None, s.v, kv_rows);
-                (View::from(s.q), View::from(s.k), View::from(s.v))
+                if let Keys::Projected { k, v, .. } = call.keys {
+                    (View::from(s.q), View::from(k), View::from(v))
+                } else {
+                    linear(g, k, kv_src, Activation::None, None, s.k, kv_rows);
+                    linear(g, v, kv_src, Activation::None, None, s.v, kv_rows);
+                    (View::from(s.q), View::from(s.k), View::from(s.v))
+                }
             }
         };
         if let Some(inv_freq) = &self.rope {
@@ -266,7 +283,7 @@ impl AttentionLayer {
             });
         }
         let (k, v, kv_len, kv_batch_stride) = match call.keys {
-            Keys::Same | Keys::Cross { .. } => (k, v, KvLen::Fixed(kv_len), kv_len),
+            Keys::Same | Keys::Cross { .. } | Keys::Projected { .. } => (k, v, KvLen::Fixed(kv_len), kv_len),
             Keys::Cache { k: cache_k, v: cache_v, capacity } => {
                 g.push(Op::KvAppend {
                     k,

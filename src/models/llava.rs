@@ -171,6 +171,8 @@ impl Llava {
             decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
             kv,
             key_mask: None,
+            encoder_input: None,
+            step_inputs: Vec::new(),
         })
     }
 }

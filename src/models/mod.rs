@@ -9,6 +9,7 @@
 //! (docs/adding-a-model.md).
 
 pub mod blip2;
+pub mod blip2_t5;
 pub mod clip;
 pub mod clip_text;
 pub mod clip_vision;
@@ -18,6 +19,7 @@ pub mod llama;
 pub mod llava;
 pub mod opt;
 pub mod qformer;
+pub mod t5;
 pub mod vit;
 
 use std::path::Path;
@@ -185,7 +187,7 @@ pub const FAMILIES: &[Entry] = &[
     Entry {
         model_type: "blip-2",
         architectures: &["Blip2ForConditionalGeneration"],
-        label: "blip-2 (OPT)",
+        label: "blip-2 (OPT, Flan-T5)",
         parse: |v, p| Ok(ModelConfig::Blip2(crate::config::Blip2Config::from_value(v, p)?)),
     },
     Entry { model_type: "clip", architectures: &["CLIPModel"], label: "clip", parse: parse_clip },
@@ -241,6 +243,9 @@ pub fn parse_config(value: &Value, path: &Path) -> Result<ModelConfig> {
 /// Loads the weights of the family `cfg` belongs to.
 pub fn load_any(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Loaded> {
     Ok(match cfg {
+        ModelConfig::Blip2(c) if matches!(c.text_config, crate::config::TextConfig::T5(_)) => {
+            Loaded::Generates(Box::new(blip2_t5::Blip2T5::load(c, ckpt)?))
+        }
         ModelConfig::Blip2(c) => Loaded::Generates(Box::new(blip2::Blip2::load(c, ckpt)?)),
         ModelConfig::Clip(c) => Loaded::Embeds(Box::new(clip::Clip::load(c, ckpt)?)),
         ModelConfig::Llava(c) => Loaded::Generates(Box::new(llava::Llava::load(c, ckpt)?)),

@@ -1,0 +1,383 @@
+//! The T5 encoder-decoder (`T5ForConditionalGeneration`, transformers 5.17; design/t5.md):
+//! RMS layer norms (T5LayerNorm), attention without 1/sqrt(d) scaling plus a learned bucketed
+//! relative-position bias held by block 0 of each stack (bidirectional in the encoder, causal in
+//! the decoder, none in cross-attention), gated or plain FFN, untied or tied head with the
+//! `scale_decoder_outputs` rule.
+//!
+//! The residual streams are fp32 buffers: transformers keeps `wo` in fp32 under fp16, which
+//! promotes its residual stream to fp32 from block 0's FFN on, and Flan-T5 overflows fp16
+//! without it (tests/t5_parity.rs measures what fp16 would cost).
+//!
+//! The relative-position bias is written by the host ([`StepInput`]): the encoder's once per
+//! request, the decoder's before every step from its position (a write into a fixed buffer, so
+//! the decode step stays replayable). The decoder's cross-attention keys and values are
+//! projected once, in the encoder phase.
+
+use std::sync::Arc;
+
+use super::layers::{
+    load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, Keys, KvCache, Mlp, NormLayer,
+};
+pub use super::opt::DecoderPass;
+use super::Loader;
+use crate::config::T5Config;
+use crate::error::{Error, Result};
+use crate::generate::StepInput;
+use crate::graph::{Activation, Buf, DType, Graph, Op, W};
+use crate::weights::Weight;
+
+/// transformers' `T5Attention._relative_position_bucket` for one relative position
+/// (`key_pos - query_pos`), in the f32 arithmetic torch uses.
+pub fn relative_position_bucket(rel: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> usize {
+    let mut nb = num_buckets as i64;
+    let mut ret = 0i64;
+    let n = if bidirectional {
+        nb /= 2;
+        if rel > 0 {
+            ret += nb;
+        }
+        rel.abs()
+    } else {
+        (-rel).max(0)
+    };
+    let max_exact = nb / 2;
+    if n < max_exact {
+        return (ret + n) as usize;
+    }
+    // torch: log(n.float() / max_exact) / math.log(max_distance / max_exact) * (nb - max_exact),
+    // the Python float cast to f32, truncated toward zero.
+    let log_ratio = (n as f32 / max_exact as f32).ln();
+    let log_range = (max_distance as f64 / max_exact as f64).ln() as f32;
+    let large = max_exact + (log_ratio / log_range * (nb - max_exact) as f32) as i64;
+    (ret + large.min(nb - 1)) as usize
+}
+
+/// A block-0 relative-attention-bias table `[num_buckets, heads]` on the host.
+#[derive(Clone)]
+struct RelBias {
+    table: Arc<[f32]>,
+    heads: usize,
+    num_buckets: usize,
+    max_distance: usize,
+    bidirectional: bool,
+}
+
+impl RelBias {
+    /// `[heads * q_len, kv_cols]`: element (h, i, j) = table[bucket(j - (first + i)), h] for
+    /// keys `j < kv_len`, 0 beyond (those columns are never read).
+    fn values(&self, first: usize, q_len: usize, kv_len: usize, kv_cols: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.heads * q_len * kv_cols];
+        for i in 0..q_len {
+            for j in 0..kv_len.min(kv_cols) {
+                let rel = j as i64 - (first + i) as i64;
+                let b = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance);
+                for h in 0..self.heads {
+                    out[(h * q_len + i) * kv_cols + j] = self.table[b * self.heads + h];
+                }
+            }
+        }
+        out
+    }
+}
+
+enum Ffn {
+    /// `wo(act(wi_0(x)) * wi_1(x))` (`gated-*`).
+    Gated(GatedMlp),
+    /// `wo(act(wi(x)))` (original T5: relu).
+    Plain(Mlp),
+}
+
+struct Block {
+    self_norm: NormLayer,
+    self_attn: AttentionLayer,
+    /// Decoder blocks: `layer.1.EncDecAttention` and its norm.
+    cross: Option<(NormLayer, AttentionLayer)>,
+    ff_norm: NormLayer,
+    ff: Ffn,
+}
+
+struct Stack {
+    blocks: Vec<Block>,
+    final_layer_norm: NormLayer,
+    bias: RelBias,
+}
+
+pub struct T5 {
+    pub cfg: T5Config,
+    pub shared: W,
+    encoder: Stack,
+    decoder: Stack,
+    lm_head: W,
+}
+
+/// What the encoder phase leaves for the decoder.
+pub struct EncoderOut {
+    /// `[batch * len, d_model]` (fp16) encoder output.
+    pub hidden: Buf,
+    /// Per decoder layer, the cross-attention keys and values `[batch * len, num_heads * d_kv]`.
+    pub cross: Vec<(Buf, Buf)>,
+    pub batch: usize,
+    pub len: usize,
+    /// `[batch * len, d_model]` input embeddings (image rows scattered in).
+    pub embeds: Buf,
+}
+
+impl T5 {
+    /// `prefix` is the `T5ForConditionalGeneration` module (`language_model` in BLIP-2).
+    pub fn load(cfg: &T5Config, ld: &mut Loader, prefix: &str) -> Result<Self> {
+        let (d, v) = (cfg.d_model, cfg.vocab_size);
+        let act = match cfg.act_name().as_str() {
+            "gelu" => Activation::Gelu,
+            "gelu_new" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(Error::config(
+                    ld.ckpt.origin(),
+                    format!("text_config.dense_act_fn `{other}`: glimpse runs T5 with gelu, gelu_new or relu"),
+                ))
+            }
+        };
+        // transformers ties encoder/decoder embed_tokens to `shared`; either may be what is stored.
+        let shared_name = [format!("{prefix}.shared.weight"), format!("{prefix}.encoder.embed_tokens.weight")]
+            .into_iter()
+            .find(|n| ld.ckpt.contains(n))
+            .unwrap_or_else(|| format!("{prefix}.shared.weight"));
+        let shared = ld.tensor(&shared_name, &[v, d])?;
+        let encoder = load_stack(cfg, ld, &format!("{prefix}.encoder"), cfg.num_layers, false, act)?;
+        let decoder = load_stack(cfg, ld, &format!("{prefix}.decoder"), cfg.decoder_layers(), true, act)?;
+        // design/t5.md §4: a stored head is used as it is (Flan: distinct from `shared`).
+        let head_name = format!("{prefix}.lm_head.weight");
+        let lm_head = if ld.ckpt.contains(&head_name) { ld.tensor(&head_name, &[v, d])? } else { shared };
+        let mut t5 = Self { cfg: cfg.clone(), shared, encoder, decoder, lm_head };
+        if cfg.scale_outputs() {
+            // `h * d_model**-0.5` after the final norm, folded into its weight (one fp16
+            // rounding of the product; only original tied T5 scales, Flan does not).
+            let NormLayer::RmsNorm { weight, eps } = t5.decoder.final_layer_norm else {
+                unreachable!("T5 norms are RMS")
+            };
+            let s = (d as f64).powf(-0.5) as f32;
+            let scaled: Vec<half::f16> =
+                ld.table.get(weight).as_slice().iter().map(|x| half::f16::from_f32(x.to_f32() * s)).collect();
+            let name = format!("{prefix}.decoder.final_layer_norm.weight*d_model^-0.5");
+            let weight = ld.table.add(name, Weight::from_vec(vec![d], scaled));
+            t5.decoder.final_layer_norm = NormLayer::RmsNorm { weight, eps };
+        }
+        Ok(t5)
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+
+    /// The decoder's self-attention caches.
+    pub fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
+        KvCache::new(g, "t5", self.decoder.blocks.len(), batch, capacity, self.cfg.inner_dim())
+    }
+
+    /// Emits the encoder over `len` tokens per item (the executor's tokens), `image` rows (when
+    /// given) scattered over the rows holding the image token, then every decoder layer's
+    /// cross-attention keys and values. `phase` names the phase these ops end up in: the
+    /// returned [`StepInput`] (the encoder's relative bias) is written before it.
+    pub fn build_encoder(
+        &self,
+        g: &mut Graph,
+        batch: usize,
+        len: usize,
+        image: Option<(Buf, u32)>,
+        phase: &'static str,
+    ) -> (EncoderOut, StepInput) {
+        let (d, rows) = (self.cfg.d_model, batch * len);
+        let embeds = g.buffer(format!("{phase}.embeds"), rows, d);
+        g.push(Op::Embed { table: self.shared, out: embeds });
+        if let Some((src, token)) = image {
+            g.push(Op::ScatterTokens { src, token, out: embeds, batch, rows_per_batch: len });
+        }
+        let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads * len, len);
+        let hidden = g.buffer(format!("{phase}.hidden"), rows, d);
+        self.run_stack(g, &self.encoder, embeds, hidden, batch, len, |_| Keys::Same, bias, None, phase);
+        let inner = self.cfg.inner_dim();
+        let cross = self
+            .decoder
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let (_, attn) = b.cross.as_ref().expect("decoder blocks cross-attend");
+                let k = g.buffer(format!("{phase}.{i}.cross_k"), rows, inner);
+                let v = g.buffer(format!("{phase}.{i}.cross_v"), rows, inner);
+                attn.project_kv(g, hidden, k, v, rows);
+                (k, v)
+            })
+            .collect();
+        let rb = self.encoder.bias.clone();
+        let fill = Box::new(move |_position: usize| rb.values(0, len, len, len));
+        let rows = self.cfg.num_heads * len;
+        (EncoderOut { hidden, cross, batch, len, embeds }, StepInput { phase, buf: bias, rows, fill })
+    }
+
+    /// Emits one decoder step: one token per sequence (the executor's tokens) at the executor's
+    /// position, self-attention over `cache`, cross-attention over `enc`. The returned
+    /// [`StepInput`] (the decoder's relative bias for the step's position) is written before
+    /// every run of phase `phase`.
+    pub fn build_decoder(
+        &self,
+        g: &mut Graph,
+        cache: &KvCache,
+        enc: &EncoderOut,
+        phase: &'static str,
+    ) -> (DecoderPass, StepInput) {
+        let (d, batch) = (self.cfg.d_model, cache.batch);
+        let embeds = g.buffer(format!("{phase}.embeds"), batch, d);
+        g.push(Op::Embed { table: self.shared, out: embeds });
+        let capacity = cache.capacity;
+        let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads, capacity);
+        let normed_out = g.buffer(format!("{phase}.final"), batch, d);
+        self.run_stack(
+            g,
+            &self.decoder,
+            embeds,
+            normed_out,
+            batch,
+            1,
+            |i| cache.keys(i),
+            bias,
+            Some((&enc.cross, enc.len)),
+            phase,
+        );
+        let logits = g.buffer(format!("{phase}.logits"), batch, self.cfg.vocab_size);
+        g.linear(normed_out, self.lm_head, None, Activation::None, None, logits, batch);
+        let rb = self.decoder.bias.clone();
+        // Query at `position` over keys 0..=position (the cache after this step's append).
+        let fill = Box::new(move |position: usize| rb.values(position, 1, position + 1, capacity));
+        let heads = self.cfg.num_heads;
+        (DecoderPass { embeds, logits, logit_rows: batch }, StepInput { phase, buf: bias, rows: heads, fill })
+    }
+
+    /// One stack over `rows_per_item` rows per item: fp32 residual stream from `embeds`, each
+    /// block's self-attention (keys from `keys(i)`, relative bias `bias`), cross-attention when
+    /// `cross` (per-layer K/V, keys per item) is given, FFN; `out = final_layer_norm(x)` (fp16).
+    #[allow(clippy::too_many_arguments)]
+    fn run_stack(
+        &self,
+        g: &mut Graph,
+        stack: &Stack,
+        embeds: Buf,
+        out: Buf,
+        batch: usize,
+        rows_per_item: usize,
+        keys: impl Fn(usize) -> Keys,
+        bias: Buf,
+        cross: Option<(&[(Buf, Buf)], usize)>,
+        phase: &str,
+    ) {
+        let c = &self.cfg;
+        let rows = batch * rows_per_item;
+        let x = g.typed_buffer(format!("{phase}.residual"), rows, c.d_model, DType::F32);
+        g.push(Op::Convert { x: embeds, out: x, rows });
+        let normed = g.buffer(format!("{phase}.normed"), rows, c.d_model);
+        let ff = GatedScratch {
+            gate: g.buffer(format!("{phase}.wi_0"), rows, c.d_ff),
+            up: g.buffer(format!("{phase}.wi_1"), rows, c.d_ff),
+            hidden: g.buffer(format!("{phase}.ff"), rows, c.d_ff),
+        };
+        let s = stack.blocks[0].self_attn.scratch(g, phase, rows, rows);
+        for (i, b) in stack.blocks.iter().enumerate() {
+            let call = AttnCall {
+                head_bias: Some(bias),
+                causal: cross.is_some(),
+                ..AttnCall::new(batch, rows_per_item, keys(i))
+            };
+            pre_norm(g, &b.self_norm, x, normed, rows, |g, n, r| b.self_attn.emit(g, &s, n, &call, r));
+            if let (Some((norm, attn)), Some((kv, kv_len))) = (&b.cross, &cross) {
+                let (k, v) = kv[i];
+                let call = AttnCall::new(batch, rows_per_item, Keys::Projected { k, v, kv_len: *kv_len });
+                pre_norm(g, norm, x, normed, rows, |g, n, r| attn.emit(g, &s, n, &call, r));
+            }
+            pre_norm(g, &b.ff_norm, x, normed, rows, |g, n, r| match &b.ff {
+                Ffn::Gated(m) => m.emit(g, n, &ff, r, rows),
+                Ffn::Plain(m) => m.emit(g, n, ff.hidden, r, rows),
+            });
+        }
+        stack.final_layer_norm.emit(g, x, None, out, rows);
+    }
+}
+
+fn load_stack(
+    cfg: &T5Config,
+    ld: &mut Loader,
+    p: &str,
+    layers: usize,
+    decoder: bool,
+    act: Activation,
+) -> Result<Stack> {
+    let (d, ff) = (cfg.d_model, cfg.d_ff);
+    let eps = cfg.layer_norm_epsilon as f32;
+    let rms = |ld: &mut Loader, name: String| -> Result<NormLayer> {
+        Ok(NormLayer::RmsNorm { weight: ld.tensor(&name, &[d])?, eps })
+    };
+    let attention = |ld: &mut Loader, prefix: String| {
+        let names = ["q", "k", "v", "o"].map(|n| format!("{prefix}.{n}"));
+        load_attention(
+            ld,
+            &AttnSpec {
+                names: names.each_ref().map(String::as_str),
+                q_in: d,
+                kv_in: d,
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_heads,
+                head_dim: cfg.d_kv,
+                bias: false,
+                // T5 has no 1/sqrt(d_kv): its initialisation absorbs it.
+                scale: 1.0,
+            },
+        )
+    };
+    let (nb, heads) = (cfg.relative_attention_num_buckets, cfg.num_heads);
+    let bias_w =
+        ld.tensor(&format!("{p}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"), &[nb, heads])?;
+    let table: Arc<[f32]> = ld.table.get(bias_w).as_slice().iter().map(|x| x.to_f32()).collect();
+    let blocks = (0..layers)
+        .map(|i| {
+            let l = format!("{p}.block.{i}.layer");
+            let ff_layer = if decoder { 2 } else { 1 };
+            let cross = if decoder {
+                Some((rms(ld, format!("{l}.1.layer_norm.weight"))?, attention(ld, format!("{l}.1.EncDecAttention"))?))
+            } else {
+                None
+            };
+            let dense = format!("{l}.{ff_layer}.DenseReluDense");
+            let ff = if cfg.is_gated() {
+                Ffn::Gated(GatedMlp {
+                    gate: ld.linear(&format!("{dense}.wi_0"), d, ff, false)?,
+                    up: ld.linear(&format!("{dense}.wi_1"), d, ff, false)?,
+                    down: ld.linear(&format!("{dense}.wo"), ff, d, false)?,
+                    act,
+                })
+            } else {
+                Ffn::Plain(Mlp {
+                    fc1: ld.linear(&format!("{dense}.wi"), d, ff, false)?,
+                    fc2: ld.linear(&format!("{dense}.wo"), ff, d, false)?,
+                    act,
+                })
+            };
+            Ok(Block {
+                self_norm: rms(ld, format!("{l}.0.layer_norm.weight"))?,
+                self_attn: attention(ld, format!("{l}.0.SelfAttention"))?,
+                cross,
+                ff_norm: rms(ld, format!("{l}.{ff_layer}.layer_norm.weight"))?,
+                ff,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Stack {
+        blocks,
+        final_layer_norm: rms(ld, format!("{p}.final_layer_norm.weight"))?,
+        bias: RelBias {
+            table,
+            heads,
+            num_buckets: nb,
+            max_distance: cfg.relative_attention_max_distance,
+            bidirectional: !decoder,
+        },
+    })
+}
