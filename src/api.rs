@@ -449,7 +449,8 @@ impl Model {
             *slot = Some((key, plan, exec));
         }
         let (_, plan, exec) = slot.as_mut().expect("filled above");
-        let (seqs, timings) = generate_prompts(plan, exec.as_mut(), &inputs, &prompts, opts, stop.as_ref(), &mut hooks)?;
+        let (seqs, timings) =
+            generate_prompts(plan, exec.as_mut(), &inputs, &prompts, opts, stop.as_ref(), &mut hooks)?;
         Ok((seqs, timings, exec.device_name()))
     }
 

@@ -457,3 +457,70 @@ fn ctrl_c_stops_after_the_batch_in_flight_and_resume_completes() {
     let want: Vec<String> = (0..60).map(|i| s(&src.join(format!("{i:03}.png")))).collect();
     assert_eq!(keys(&all), want);
 }
+
+/// The scale: a folder of 2,000 mixed images (PNG, WebP, BMP, GIF of many sizes in 20
+/// nested folders, 40 of them corrupt) captioned to Parquet in one command, crashed after 10
+/// batches and resumed: 2,000 records in input order, each key once, the corrupt ones as `error`
+/// records, and the first records equal the single-image command's.
+#[test]
+fn two_thousand_mixed_images_to_parquet_crash_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    let mut paths = Vec::new();
+    for i in 0..2000u32 {
+        let dir = src.join(format!("part{:02}", i % 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (w, h) = (8 + (i * 7) % 41, 8 + (i * 13) % 37);
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9 + i) as u8, (y * 5) as u8, (i % 251) as u8]));
+        let path = match i % 50 {
+            0 => {
+                let p = dir.join(format!("img{i:04}.png"));
+                std::fs::write(&p, b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+                p
+            }
+            k => {
+                let ext = ["png", "webp", "bmp", "gif"][k as usize % 4];
+                let p = dir.join(format!("img{i:04}.{ext}"));
+                img.save(&p).unwrap();
+                p
+            }
+        };
+        paths.push(path);
+    }
+    paths.sort();
+    let dst = tmp.path().join("captions.parquet");
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let m = model("blip2-opt-tiny");
+        let (src, dst) = (s(&src), s(&dst));
+        let mut args = vec!["caption", "--device", "cpu", "-m", &m, "--input", &src, "--output", &dst];
+        args.extend(["--batch-size", "64", "--max-new-tokens", "2"]);
+        args.extend(extra);
+        glimpse(&args, env)
+    };
+    let o = run(&["--quiet"], &[(glimpse::dataset::CRASH_AFTER_ENV, "10")]);
+    assert!(o.status.code().is_none() || o.status.code() == Some(134), "expected an abort: {:?}", o.status);
+    assert!(!dst.exists(), "DST is only ever written whole");
+    let o = run(&["--resume"], &[]);
+    assert_eq!(o.status.code(), Some(1), "the corrupt images fail: {}", stderr(&o));
+    assert!(stderr(&o).contains("640 skipped as already in it"), "{}", stderr(&o));
+    let got = read_records(&dst).unwrap();
+    assert_eq!(keys(&got), paths.iter().map(|p| s(p)).collect::<Vec<_>>(), "every input once, in order");
+    let failed: Vec<&Record> = got.iter().filter(|r| r.get("error").is_some()).collect();
+    assert_eq!(failed.len(), 40, "the 40 corrupt PNGs (every 50th image) and nothing else");
+    assert!(failed.iter().all(|r| r["image"].as_str().unwrap().ends_with(".png") && r.get("text").is_none()));
+    let ok: Vec<&Record> = got.iter().filter(|r| r.get("error").is_none()).collect();
+    assert!(ok.iter().all(|r| r["tokens"].as_array().is_some_and(|t| t.len() == 2)), "2 tokens each");
+    let first: Vec<PathBuf> = ok.iter().take(3).map(|r| PathBuf::from(r["image"].as_str().unwrap())).collect();
+    let m = model("blip2-opt-tiny");
+    let mut args = vec!["caption", "--device", "cpu", "--json", "--max-new-tokens", "2", "-m", &m];
+    let names: Vec<String> = first.iter().map(|p| s(p)).collect();
+    args.extend(names.iter().map(String::as_str));
+    let single = glimpse(&args, &[]);
+    let lines: Vec<String> = String::from_utf8_lossy(&single.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 3, "{}", stderr(&single));
+    for (line, r) in lines.iter().zip(&ok) {
+        let want: Value = serde_json::from_str(line).unwrap();
+        assert_same(r, &want);
+    }
+}

@@ -679,16 +679,8 @@ fn run_prompts(
         None => (None, None),
     };
     let prompts = decoder_prompts.as_ref().unwrap_or(prompts);
-    let mut session = Session {
-        plan,
-        exec,
-        hooks,
-        start: Instant::now(),
-        timings: Timings::default(),
-        pads,
-        stop,
-        encoder_tokens,
-    };
+    let mut session =
+        Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default(), pads, stop, encoder_tokens };
     let seqs = if opts.num_beams > 1 {
         beam::run(&mut session, inputs, prompts, opts)?
     } else if opts.uses_processors() {
