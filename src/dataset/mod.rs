@@ -200,8 +200,7 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
         let reader = s.spawn(move || -> (usize, bool) {
             read_batches(task, items, &done, batch_size, stop, |b| tx.send(b).is_ok())
         });
-        let mut batches = 0usize;
-        for ready in rx.iter() {
+        for (batches, ready) in rx.iter().enumerate() {
             let ready = ready?;
             let records = records_for(task, &ready, id_field.as_deref());
             if crash_after == Some(batches) {
@@ -209,7 +208,6 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
                 std::process::abort();
             }
             sink.write(&records)?;
-            batches += 1;
             for r in &records {
                 if let Some(e) = r.get("error").and_then(Value::as_str) {
                     summary.failed += 1;
