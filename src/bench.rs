@@ -324,15 +324,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
             args.throughput_batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
         )));
     }
-    let requested: Device = args.device.parse()?;
-    let device = match requested {
-        Device::Cuda => match crate::backend::cuda_unavailable_reason() {
-            Some(e) => return Err(Error::InvalidInput(format!("--device cuda: {e}"))),
-            None => Device::Cuda,
-        },
-        Device::Auto if crate::backend::cuda_unavailable_reason().is_none() => Device::Cuda,
-        _ => Device::Cpu,
-    };
+    let device = pick_device(&args.device)?;
     if let Some(dir) = &args.dataset {
         return run_dataset(args, dir, device, setup);
     }
@@ -1028,20 +1020,47 @@ pub fn utc_now() -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// The first lines of every bench table: date, commit, device, model and its size.
+fn write_header(
+    s: &mut String,
+    date: &str,
+    commit: Option<&str>,
+    device_name: &str,
+    model: &str,
+    parameters: usize,
+    weight_bytes: usize,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(s, "glimpse bench  {date}  commit {}", commit.unwrap_or("unknown"));
+    let _ = writeln!(s, "device: {device_name}");
+    let _ = writeln!(
+        s,
+        "model:  {model} ({:.3} B parameters, {:.2} GB fp16)",
+        parameters as f64 / 1e9,
+        weight_bytes as f64 / 1e9
+    );
+}
+
+/// The device `--device` names: cuda (an error naming why when there is none), cpu, or auto
+/// (cuda when usable).
+fn pick_device(arg: &str) -> Result<Device> {
+    Ok(match arg.parse::<Device>()? {
+        Device::Cuda => match crate::backend::cuda_unavailable_reason() {
+            Some(e) => return Err(Error::InvalidInput(format!("--device cuda: {e}"))),
+            None => Device::Cuda,
+        },
+        Device::Auto if crate::backend::cuda_unavailable_reason().is_none() => Device::Cuda,
+        _ => Device::Cpu,
+    })
+}
+
 impl Report {
     /// The readable form: header, rates, one row per stage, the throughput table.
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "glimpse bench  {}  commit {}", self.date, self.commit.as_deref().unwrap_or("unknown"));
-        let _ = writeln!(s, "device: {}", self.device_name);
-        let _ = writeln!(
-            s,
-            "model:  {} ({:.3} B parameters, {:.2} GB fp16)",
-            self.model,
-            self.parameters as f64 / 1e9,
-            self.weight_bytes as f64 / 1e9
-        );
+        let (commit, name) = (self.commit.as_deref(), &self.device_name);
+        write_header(&mut s, &self.date, commit, name, &self.model, self.parameters, self.weight_bytes);
         if let Some(d) = &self.dataset {
             let _ = writeln!(
                 s,

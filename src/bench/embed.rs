@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{cpu_name, floor_ms, git_commit, measure_rates, median, utc_now, BenchArgs, Rates};
-use crate::backend::{Backend, Device, Executor};
+use super::{
+    cpu_name, floor_ms, git_commit, measure_rates, median, pick_device, utc_now, write_header, BenchArgs, Rates,
+};
+use crate::backend::{Backend, Executor};
 use crate::config::ModelConfig;
 use crate::cost::GraphCost;
 use crate::error::{Error, Result};
@@ -103,16 +105,8 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
     if args.throughput_batches.is_empty() || args.throughput_batches.contains(&0) {
         return Err(Error::InvalidInput("--throughput-batches: give batch sizes of at least 1 (e.g. 1,8,32)".into()));
     }
-    let device = match args.device.parse::<Device>()? {
-        Device::Cuda => match crate::backend::cuda_unavailable_reason() {
-            Some(e) => return Err(Error::InvalidInput(format!("--device cuda: {e}"))),
-            None => Device::Cuda,
-        },
-        Device::Auto if crate::backend::cuda_unavailable_reason().is_none() => Device::Cuda,
-        _ => Device::Cpu,
-    };
     let (family, model, preset) = load(args)?;
-    let backend = Backend::new(device, family.weights())?;
+    let backend = Backend::new(pick_device(&args.device)?, family.weights())?;
     let act_bytes = if backend.is_cuda() { 2.0 } else { 4.0 };
     let repeats = args.repeats.unwrap_or(if backend.is_cuda() { 10 } else { 3 });
     let rates = measure_rates(&backend)?;
@@ -273,15 +267,8 @@ impl EmbedReport {
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "glimpse bench  {}  commit {}", self.date, self.commit.as_deref().unwrap_or("unknown"));
-        let _ = writeln!(s, "device: {}", self.device_name);
-        let _ = writeln!(
-            s,
-            "model:  {} ({:.3} B parameters, {:.2} GB fp16)",
-            self.model,
-            self.parameters as f64 / 1e9,
-            self.weight_bytes as f64 / 1e9
-        );
+        let (commit, name) = (self.commit.as_deref(), &self.device_name);
+        write_header(&mut s, &self.date, commit, name, &self.model, self.parameters, self.weight_bytes);
         let _ =
             writeln!(s, "median of {} requests after a warm-up; texts of {} tokens", self.repeats, self.text_tokens);
         let _ = writeln!(s, "copy bandwidth {:.1} GB/s ({})", self.rates.copy_gbs, self.rates.copy_source);
