@@ -113,8 +113,8 @@ def test_bad_options_raise_with_the_cli_message(blip2):
         blip2.caption(image("tiny_13x9.png"), top_k="many")
     with pytest.raises(glimpse.InvalidInputError, match=r"beam search only knows its best hypothesis"):
         blip2.caption(image("tiny_13x9.png"), stream=True, num_beams=2)
-    with pytest.raises(glimpse.UnsupportedError, match=r"stop_strings is not available yet"):
-        blip2.caption(image("tiny_13x9.png"), stop_strings=["x"])
+    with pytest.raises(glimpse.InvalidInputError, match=r"generation option stop_strings=3"):
+        blip2.caption(image("tiny_13x9.png"), stop_strings=3)
 
 
 def test_wrong_method_names_the_family_and_the_methods_to_use(blip2, clip):

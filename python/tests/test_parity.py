@@ -66,6 +66,7 @@ def test_clip_classify_matches_transformers(clip):
         ({"num_beams": 3, "num_return_sequences": 2, "length_penalty": 0.5}, ["--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5"]),
         ({"do_sample": True, "seed": 7, "top_k": 20, "temperature": 0.8}, ["--do-sample", "--seed", "7", "--top-k", "20", "--temperature", "0.8"]),
         ({"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}, ["--repetition-penalty", "1.3", "--no-repeat-ngram-size", "2"]),
+        ({"stop_strings": ["e", "th"]}, ["--stop", "e", "--stop", "th"]),
     ],
 )
 def test_caption_records_equal_the_cli(blip2, options, flags):
