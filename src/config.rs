@@ -1182,6 +1182,29 @@ fn check_blip_towers(v: &VisionConfig, q: &QFormerConfig, num_query_tokens: usiz
     Ok(())
 }
 
+/// A T5 language model behind (Instruct)BLIP's image side: an encoder-decoder, its own
+/// config, and the placeholder id the image rows replace (`missing_image_token`: the fix when
+/// the config lacks it).
+fn check_t5_language_model(
+    t: &T5Config,
+    decoder_only: Option<bool>,
+    image_token_index: Option<u32>,
+    missing_image_token: &str,
+) -> Result<(), String> {
+    if decoder_only == Some(true) {
+        return Err(field_error(
+            "use_decoder_only_language_model",
+            true,
+            "text_config.model_type is `t5`, an encoder-decoder (transformers fails to build this model too): set it to false or remove it",
+        ));
+    }
+    t.check()?;
+    match image_token_index {
+        None => Err(format!("no `image_token_index`: {missing_image_token}")),
+        Some(id) => check_token("image_token_index", id, t.vocab_size),
+    }
+}
+
 impl Blip2Config {
     /// Parses the JSON of a BLIP-2 config as transformers' `Blip2Config` does, then validates it.
     /// The language model's kind is checked before its fields are read, so a T5 checkpoint gets
@@ -1249,18 +1272,12 @@ impl Blip2Config {
 
     /// BLIP-2 Flan-T5 (design/t5.md): the T5 config and the token ids the model looks up.
     fn check_t5(&self, t: &T5Config) -> Result<(), String> {
-        if self.use_decoder_only_language_model == Some(true) {
-            return Err(field_error(
-                "use_decoder_only_language_model",
-                true,
-                "text_config.model_type is `t5`, an encoder-decoder (transformers fails to build this model too): set it to false or remove it",
-            ));
-        }
-        t.check()?;
-        match self.image_token_index {
-            None => Err("no `image_token_index`: checkpoints saved before transformers 4.47 lack it; add \"image_token_index\": <id of <image>> to config.json (32100 for Salesforce/blip2-flan-t5-*)".into()),
-            Some(id) => check_token("image_token_index", id, t.vocab_size),
-        }
+        check_t5_language_model(
+            t,
+            self.use_decoder_only_language_model,
+            self.image_token_index,
+            "checkpoints saved before transformers 4.47 lack it; add \"image_token_index\": <id of <image>> to config.json (32100 for Salesforce/blip2-flan-t5-*)",
+        )
     }
 
     fn check(&self) -> Result<(), String> {
@@ -1389,12 +1406,12 @@ impl InstructBlipConfig {
         Ok(cfg)
     }
 
-    /// The LLaMA decoder's config (`check` admits LLaMA only so far).
+    /// The LLaMA decoder's config (Vicuna checkpoints).
     pub fn llama(&self) -> Result<&LlamaConfig> {
         match &self.text_config {
             TextConfig::Llama(t) => Ok(t),
             other => Err(Error::Unsupported(format!(
-                "InstructBLIP with text_config.model_type `{}` is not supported yet: glimpse runs InstructBLIP with a LLaMA (Vicuna) decoder",
+                "InstructBLIP with text_config.model_type `{}` has no LLaMA decoder (glimpse runs InstructBLIP with LLaMA (Vicuna) or T5 (Flan-T5))",
                 other.model_type()
             ))),
         }
@@ -1412,11 +1429,19 @@ impl InstructBlipConfig {
         check_positive("qformer_config.max_position_embeddings", q.max_position_embeddings)?;
         let t = match &self.text_config {
             TextConfig::Llama(t) => t,
+            TextConfig::T5(t) => {
+                return check_t5_language_model(
+                    t,
+                    self.use_decoder_only_language_model,
+                    self.image_token_index,
+                    "without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32100 in Salesforce/instructblip-flan-t5-xl)",
+                )
+            }
             other => {
                 return Err(field_error(
                     "text_config.model_type",
                     format!("`{}`", other.model_type()),
-                    "glimpse runs InstructBLIP with a LLaMA (Vicuna) language model so far; set text_config.model_type to \"llama\" for a Vicuna checkpoint",
+                    "glimpse runs InstructBLIP with a LLaMA (Vicuna) or T5 (Flan-T5) language model; set text_config.model_type to \"llama\" for a Vicuna checkpoint or \"t5\" for a Flan-T5 one",
                 ))
             }
         };

@@ -353,7 +353,9 @@ fn lockstep_harness_accepts_the_f32_reference_on_llava() {
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn cuda_instructblip_matches_cpu() {
     let Some(model) = gpu_model("cuda_instructblip_matches_cpu", "instructblip-tiny") else { return };
-    for (case, stage, max, rel) in common::instructblip_stage_errors(&model, |g| model.executor(g).unwrap()) {
+    for (case, stage, max, rel) in
+        common::instructblip_stage_errors(&model, "instructblip_tiny", |g| model.executor(g).unwrap())
+    {
         println!("instructblip {case} {stage}: rel {rel:.2e} max {max:.2e}");
         assert!(rel <= STAGE_REL, "instructblip {case} {stage}: rel {rel:e}");
     }

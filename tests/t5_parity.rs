@@ -151,6 +151,35 @@ fn ask_uses_the_blip2_question_template() {
     assert_eq!(out.tokens, common::ids(&item["generated_ids"]));
 }
 
+/// Questions of different lengths in one batch: the encoder inputs are left-padded and masked
+/// (encoder self-attention and the decoder's cross-attention), which T5's relative positions
+/// make equal to transformers' right padding; each row must give what its question gives alone
+/// (the golden's question_tall answer among them), with its log-probs.
+#[test]
+fn padded_questions_answer_as_alone() {
+    let model = load();
+    let g = golden();
+    let case = g["cases"].as_array().unwrap().iter().find(|c| c["name"] == "question_tall").unwrap();
+    let item = &case["items"][0];
+    let q = case["prompt"].as_str().unwrap().strip_prefix("Question: ").unwrap().strip_suffix(" Answer:").unwrap();
+    let images = [common::image(item["image"].as_str().unwrap()), common::image("wide_301x97.png")];
+    let questions = [q, "why?"];
+    let ids: Vec<usize> =
+        questions.iter().map(|q| model.input_ids(Some(&model.question_prompt(q))).unwrap().len()).collect();
+    assert_ne!(ids[0], ids[1], "the questions must pad");
+    let opts = model.default_options();
+    let refs: Vec<&std::path::Path> = images.iter().map(|p| p.as_path()).collect();
+    let batch = model.ask_batch(&refs, &questions, &opts).unwrap();
+    assert_eq!(batch[0].tokens, common::ids(&item["generated_ids"]), "the golden answer in a padded batch");
+    for (i, (image, q)) in images.iter().zip(questions).enumerate() {
+        let alone = model.ask(image, q, &opts).unwrap();
+        assert_eq!(batch[i].tokens, alone.tokens, "row {i}: tokens");
+        for (a, b) in batch[i].logprobs.iter().zip(&alone.logprobs) {
+            assert!((a - b).abs() <= 1e-9, "row {i}: logprob {a} vs {b} (masked keys weigh exactly 0)");
+        }
+    }
+}
+
 /// Beam search reorders the decoder's self-attention caches; the cross-attention keys and
 /// values are shared by an input's beams. transformers: 3 beams on caption_wide.
 #[test]

@@ -428,8 +428,9 @@ pub struct Session<'a, 'h> {
     pads: Vec<usize>,
     /// Stop strings resolved against the tokenizer (None: no stop strings).
     stop: Option<&'a StopStrings>,
-    /// Encoder-decoder plans: the request's input ids, the encoders' tokens.
-    encoder_tokens: Option<Vec<u32>>,
+    /// Encoder-decoder plans: the request's input ids (the encoders' tokens) and their left
+    /// pad counts.
+    encoder_tokens: Option<(Vec<u32>, Vec<usize>)>,
 }
 
 impl<'a, 'h> Session<'a, 'h> {
@@ -467,7 +468,8 @@ impl<'a, 'h> Session<'a, 'h> {
         }
         // The encoders see no padding (it belongs to the decoder input).
         self.exec.set_left_padding(&[]);
-        if let Some(tokens) = &self.encoder_tokens {
+        if let (Some((tokens, pads)), Some(enc)) = (&self.encoder_tokens, self.plan.encoder_input) {
+            self.exec.write(enc.key_mask, &pad_mask(pads, enc.len))?;
             self.exec.set_tokens(tokens);
             self.exec.set_position(0);
         }
@@ -666,19 +668,23 @@ fn run_prompts(
             prompts.batch()
         )));
     }
-    if prompts.padded() && plan.key_mask.is_none() {
+    if prompts.padded() && plan.key_mask.is_none() && plan.encoder_input.is_none() {
         return Err(Error::Unsupported(
             "this model runs prompts of one length per batch only (its plan has no key mask): send prompts of different lengths one at a time".into(),
         ));
     }
     opts.check_available()?;
-    let pads = prompts.pads().to_vec();
-    // An encoder-decoder's input ids feed its encoder; its decoder starts from one token.
+    // An encoder-decoder's input ids (and their padding) feed its encoder; its decoder starts
+    // from one token, unpadded.
     let (encoder_tokens, decoder_prompts) = match plan.encoder_input {
-        Some(e) => (Some(prompts.ids().to_vec()), Some(Prompts::shared(&[e.decoder_start], plan.batch))),
+        Some(e) => (
+            Some((prompts.ids().to_vec(), prompts.pads().to_vec())),
+            Some(Prompts::shared(&[e.decoder_start], plan.batch)),
+        ),
         None => (None, None),
     };
     let prompts = decoder_prompts.as_ref().unwrap_or(prompts);
+    let pads = prompts.pads().to_vec();
     let mut session =
         Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default(), pads, stop, encoder_tokens };
     let seqs = if opts.num_beams > 1 {

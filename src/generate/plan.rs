@@ -42,6 +42,11 @@ pub struct EncoderInput {
     pub len: usize,
     /// transformers' `decoder_start_token_id`.
     pub decoder_start: u32,
+    /// Additive `[batch, len]` mask over the encoder's keys (its self-attention and the
+    /// decoder's cross-attention), written before the encoders run: `finfo.min` on a padded
+    /// input's pad rows, 0 elsewhere. Padding sits on the left here, where transformers' T5
+    /// tokenizer pads on the right: T5's relative positions make the two the same.
+    pub key_mask: Buf,
 }
 
 /// One request shape (batch, decoder input length, new tokens) of one model, built once and run

@@ -227,31 +227,11 @@ impl Family for Blip2 {
     }
 
     fn describe(&self) -> Vec<String> {
-        let cfg = &self.cfg;
-        let (v, q) = (&cfg.vision_config, &cfg.qformer_config);
-        let TextConfig::Opt(t) = &cfg.text_config else { unreachable!("Blip2Config::validate admits OPT only") };
+        let TextConfig::Opt(t) = &self.cfg.text_config else { unreachable!("Blip2Config::validate admits OPT only") };
         vec![
             "family:     BLIP-2 (Blip2ForConditionalGeneration) with an OPT decoder".to_string(),
-            format!(
-                "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
-                v.num_hidden_layers,
-                v.hidden_size,
-                v.num_attention_heads,
-                v.head_dim(),
-                v.intermediate_size,
-                v.image_size,
-                v.patch_size,
-                v.num_positions()
-            ),
-            format!(
-                "q-former:   {} layers, hidden {}, {} heads x {}, cross-attention every {} layers, {} queries",
-                q.num_hidden_layers,
-                q.hidden_size,
-                q.num_attention_heads,
-                q.head_dim(),
-                q.cross_attention_frequency,
-                cfg.num_query_tokens
-            ),
+            self.vision.describe(),
+            self.qformer.describe(),
             format!(
                 "decoder:    OPT, {} layers, hidden {}, {} heads x {}, ffn {}, vocab {}, {} positions",
                 t.num_hidden_layers,

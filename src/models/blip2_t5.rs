@@ -14,8 +14,8 @@ use super::vit::VisionModel;
 use super::{Family, Loader};
 use crate::config::{Blip2Config, ModelConfig, PreprocessorConfig, T5Config, TextConfig};
 use crate::error::{Error, Result};
-use crate::generate::{EncoderInput, GenerateOptions, KvCaches, Plan, Step};
-use crate::graph::{Graph, Linear, Phase, WeightTable};
+use crate::generate::{GenerateOptions, Plan};
+use crate::graph::{Graph, Linear, WeightTable};
 use crate::weights::Checkpoint;
 
 pub struct Blip2T5 {
@@ -49,10 +49,6 @@ impl Blip2T5 {
         })
     }
 
-    fn text(&self) -> &T5Config {
-        t5_config(&self.cfg).expect("checked by load")
-    }
-
     /// The encoder phases of `batch` images with `input_len` encoder tokens, one decoder step
     /// as prefill (the decoder start token at position 0) and one as decode.
     pub fn plan(&self, batch: usize, input_len: usize, max_new_tokens: usize) -> Result<Plan> {
@@ -64,53 +60,34 @@ impl Blip2T5 {
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
         }
-        if input_len == 0 {
-            return Err(Error::InvalidInput("the encoder input is empty: it needs at least one token".into()));
-        }
-        let start = self.text().decoder_start().expect("checked by Blip2Config::validate");
         let mut g = Graph::new();
         let img = ImagePhases::build(&mut g, &self.cfg, &self.vision, &self.qformer, &self.language_projection, batch);
-        let (enc, enc_bias) = self.t5.build_encoder(
+        let t5 = self.t5.build_phases(
             &mut g,
             batch,
             input_len,
-            Some((img.image_embeds, self.cfg.image_token())),
-            "encoder",
-        );
-        let encoder = g.take_phase("encoder");
-
-        // The decoder input is the start token, then each generated token but the last.
-        let capacity = max_new_tokens;
-        let cache = self.t5.kv_cache(&mut g, batch, capacity);
-        let (pre, pre_bias) = self.t5.build_decoder(&mut g, &cache, &enc, "prefill");
-        let prefill = g.take_phase("prefill");
-        let (dec, dec_bias) = self.t5.build_decoder(&mut g, &cache, &enc, "decode");
-        let decode = Phase { replayable: true, ..g.take_phase("decode") };
-
-        // Only the self-attention caches follow beams: the cross-attention keys and values are
-        // the same for every beam of an input (its encoder inputs are repeated per beam), and
-        // beams move only among their input's rows.
-        let kv =
-            KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };
+            max_new_tokens,
+            (img.image_embeds, self.cfg.image_token()),
+        )?;
         let mut outputs = img.outputs();
-        outputs.extend([("encoder_embeds", enc.embeds), ("encoder_out", enc.hidden)]);
+        outputs.extend([("encoder_embeds", t5.encoder_embeds), ("encoder_out", t5.encoder_out)]);
         let mut encoders = img.phases;
-        encoders.push(encoder);
+        encoders.push(t5.encoder);
         Ok(Plan {
             graph: g,
             batch,
             prompt_len: 1,
-            capacity,
+            capacity: max_new_tokens,
             max_new_tokens,
             inputs: vec![("pixels", img.pixels)],
             encoders,
             outputs,
-            prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: 1 },
-            decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
-            kv,
+            prefill: t5.prefill,
+            decode: t5.decode,
+            kv: t5.kv,
             key_mask: None,
-            encoder_input: Some(EncoderInput { len: input_len, decoder_start: start }),
-            step_inputs: vec![enc_bias, pre_bias, dec_bias],
+            encoder_input: Some(t5.encoder_input),
+            step_inputs: t5.step_inputs,
         })
     }
 }
@@ -160,18 +137,9 @@ impl Family for Blip2T5 {
         format!("Question: {question} Answer:")
     }
 
-    /// As BLIP-2 OPT: transformers' generate() hands over to the T5 language model, whose
-    /// generation config comes from `text_config` (EOS `</s>` = 1, 20 new tokens after the
-    /// decoder start token).
+    /// As BLIP-2 OPT: the language model's generation config, from `text_config`.
     fn default_options(&self) -> GenerateOptions {
-        let t = self.text();
-        GenerateOptions {
-            max_new_tokens: t.max_new_tokens,
-            min_new_tokens: t.min_new_tokens.unwrap_or(0),
-            min_p: t.min_p,
-            eos_token_ids: t.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
-            ..Default::default()
-        }
+        self.t5.default_options()
     }
 
     /// `prompt_len` is the encoder input's length; the decoder's default length does not depend
@@ -181,45 +149,11 @@ impl Family for Blip2T5 {
     }
 
     fn describe(&self) -> Vec<String> {
-        let cfg = &self.cfg;
-        let (v, q, t) = (&cfg.vision_config, &cfg.qformer_config, self.text());
         vec![
             "family:     BLIP-2 (Blip2ForConditionalGeneration) with a T5 encoder-decoder".to_string(),
-            format!(
-                "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
-                v.num_hidden_layers,
-                v.hidden_size,
-                v.num_attention_heads,
-                v.head_dim(),
-                v.intermediate_size,
-                v.image_size,
-                v.patch_size,
-                v.num_positions()
-            ),
-            format!(
-                "q-former:   {} layers, hidden {}, {} heads x {}, cross-attention every {} layers, {} queries",
-                q.num_hidden_layers,
-                q.hidden_size,
-                q.num_attention_heads,
-                q.head_dim(),
-                q.cross_attention_frequency,
-                cfg.num_query_tokens
-            ),
-            format!(
-                "t5:         {} encoder + {} decoder layers, d_model {}, {} heads x {}, ff {} ({}{}), vocab {}, {} buckets / max distance {}, head {}",
-                t.num_layers,
-                t.decoder_layers(),
-                t.d_model,
-                t.num_heads,
-                t.d_kv,
-                t.d_ff,
-                if t.is_gated() { "gated " } else { "" },
-                t.act_name(),
-                t.vocab_size,
-                t.relative_attention_num_buckets,
-                t.relative_attention_max_distance,
-                if t.scale_outputs() { "scaled by d_model^-0.5" } else { "unscaled" }
-            ),
+            self.vision.describe(),
+            self.qformer.describe(),
+            self.t5.describe(),
         ]
     }
 }

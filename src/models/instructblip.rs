@@ -8,23 +8,22 @@
 //! through the Q-Former's own BERT tokenizer (`qformer_tokenizer/`, `[CLS] .. [SEP]`). transformers
 //! 5.17 cannot generate without a text, so captioning is the empty instruction.
 //!
-//! The language model is a [`LanguageModel`]; Flan-T5 (`text_config.model_type` "t5") plugs in as
-//! one more arm there: its load in [`InstructBlip::load`], its steps in
-//! [`InstructBlip::language_steps`] (the T5 encoder over the scattered input as an encoder phase,
-//! the decoder's prefill from `decoder_start_token_id`), its prompt in [`Family::input_ids`]
-//! (placeholders, the prompt, then `</s>`; no BOS), and `InstructBlipConfig::check` admitting it.
+//! The language model is a [`LanguageModel`]: Vicuna (a LLaMA causal LM whose prompt the
+//! placeholders prefix) or Flan-T5 (an encoder-decoder: the placeholders, the prompt and `</s>`
+//! are the encoder's input, no BOS; the decoder generates from `decoder_start_token_id`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::llama::LlamaDecoder;
 use super::qformer::{InstructInputs, Instruction, QFormer};
+use super::t5::T5;
 use super::vit::VisionModel;
 use super::{Family, Loader, TextInputs};
-use crate::config::{InstructBlipConfig, ModelConfig, PreprocessorConfig, TokenIds};
+use crate::config::{InstructBlipConfig, ModelConfig, PreprocessorConfig, TextConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
-use crate::graph::{Activation, Buf, DType, Graph, Linear, Phase, WeightTable};
+use crate::graph::{Activation, DType, Graph, Linear, Phase, WeightTable};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -35,6 +34,9 @@ pub const QFORMER_TOKENIZER_DIR: &str = "qformer_tokenizer";
 pub enum LanguageModel {
     /// Vicuna: a LLaMA causal LM (`language_model.model.*`, `language_model.lm_head.weight`).
     Llama(LlamaDecoder),
+    /// Flan-T5: `T5ForConditionalGeneration` (`language_model.shared.weight`,
+    /// `language_model.{encoder,decoder}.*`, `language_model.lm_head.weight`).
+    T5(T5),
 }
 
 pub struct InstructBlip {
@@ -47,6 +49,8 @@ pub struct InstructBlip {
     /// None when the checkpoint folder has no `qformer_tokenizer/` (in-memory checkpoints).
     qformer_tokenizer: Option<Tokenizer>,
     qformer_tokenizer_dir: PathBuf,
+    /// The side the processor pads a batch's instructions on ([`instruction_padding_left`]).
+    instruction_pad_left: bool,
     language_projection: Linear,
     pub lm: LanguageModel,
 }
@@ -59,18 +63,25 @@ impl InstructBlip {
         let q = &cfg.qformer_config;
         let qformer = QFormer::load_instruct(q, cfg.num_query_tokens, &mut ld, "qformer")?;
         let instruction = Instruction::load(q, cfg.num_query_tokens, ckpt, "qformer")?;
-        let text = cfg.llama()?;
-        let language_projection = ld.linear("language_projection", q.hidden_size, text.hidden_size, true)?;
-        let lm = LanguageModel::Llama(LlamaDecoder::load(
-            text,
-            &mut ld,
-            "language_model.model.",
-            "language_model.lm_head.weight",
-            text.tie_word_embeddings,
-        )?);
+        let language_projection =
+            ld.linear("language_projection", q.hidden_size, cfg.text_config.hidden_size(), true)?;
+        let lm = match &cfg.text_config {
+            TextConfig::T5(t) => LanguageModel::T5(T5::load(t, &mut ld, "language_model")?),
+            _ => {
+                let text = cfg.llama()?;
+                LanguageModel::Llama(LlamaDecoder::load(
+                    text,
+                    &mut ld,
+                    "language_model.model.",
+                    "language_model.lm_head.weight",
+                    text.tie_word_embeddings,
+                )?)
+            }
+        };
         let qformer_tokenizer_dir = ckpt.origin().parent().unwrap_or(Path::new(".")).join(QFORMER_TOKENIZER_DIR);
         let qformer_tokenizer =
             if qformer_tokenizer_dir.is_dir() { Some(Tokenizer::from_dir(&qformer_tokenizer_dir)?) } else { None };
+        let instruction_pad_left = instruction_padding_left(&qformer_tokenizer_dir)?;
         Ok(Self {
             cfg: cfg.clone(),
             config: ModelConfig::InstructBlip(cfg.clone()),
@@ -80,6 +91,7 @@ impl InstructBlip {
             instruction,
             qformer_tokenizer,
             qformer_tokenizer_dir,
+            instruction_pad_left,
             language_projection,
             lm,
         })
@@ -99,15 +111,14 @@ impl InstructBlip {
     /// The host inputs of the Q-Former for tokenized instructions (one per sequence):
     /// `qformer_embeds` and `qformer_mask`, and the instruction rows the plan takes.
     pub fn instruction_inputs(&self, ids: &[Vec<u32>]) -> Result<TextInputs> {
-        let (embeds, mask) = self.instruction.embed(ids)?;
+        let (embeds, mask) = self.instruction.embed(ids, self.instruction_pad_left)?;
         let rows = ids.iter().map(Vec::len).max().unwrap_or(0);
         Ok(TextInputs { rows, inputs: vec![("qformer_embeds", embeds), ("qformer_mask", mask)] })
     }
 
     fn max_positions(&self) -> usize {
-        match &self.lm {
-            LanguageModel::Llama(d) => d.max_positions(),
-        }
+        // T5's relative positions: no table bounds the length.
+        self.cfg.text_config.max_position_embeddings()
     }
 
     /// The phases for `batch` images with one instruction of `text_rows` Q-Former tokens
@@ -127,19 +138,6 @@ impl InstructBlip {
         }
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
-        }
-        let max_pos = self.max_positions();
-        // The last generated token is never fed back, so the cache needs one row less.
-        let capacity = prompt_len.saturating_add(max_new_tokens - 1);
-        if capacity > max_pos {
-            return Err(Error::InvalidInput(format!(
-                "the prompt ({prompt_len} tokens, {} of them image queries) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions (text_config.max_position_embeddings): {}",
-                self.cfg.num_query_tokens,
-                match (max_pos + 1).checked_sub(prompt_len) {
-                    Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
-                    _ => "shorten the prompt".to_string(),
-                }
-            )));
         }
         let (v, q) = (&self.cfg.vision_config, &self.cfg.qformer_config);
         let nq = self.cfg.num_query_tokens;
@@ -164,60 +162,119 @@ impl InstructBlip {
         g.linear(qformer_out, p.weight, p.bias, Activation::None, None, image_embeds, batch * nq);
         let qformer = g.take_phase("qformer");
 
-        let (prefill, decode, kv, key_mask) =
-            self.language_steps(&mut g, batch, prompt_len, capacity, image_embeds, all_prefill_logits);
-        Ok(Plan {
-            graph: g,
-            batch,
-            prompt_len,
-            capacity,
-            max_new_tokens,
-            inputs: vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)],
-            encoders: vec![vision, qformer],
-            outputs: vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)],
-            prefill,
-            decode,
-            kv,
-            key_mask,
-            encoder_input: None,
-            step_inputs: Vec::new(),
-        })
-    }
-
-    /// The language model's prefill and decode steps over `image_embeds` scattered into the
-    /// placeholder rows, its KV caches and its key mask.
-    fn language_steps(
-        &self,
-        g: &mut Graph,
-        batch: usize,
-        prompt_len: usize,
-        capacity: usize,
-        image_embeds: Buf,
-        all_prefill_logits: bool,
-    ) -> (Step, Step, KvCaches, Option<Buf>) {
+        let inputs = vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)];
+        let outputs = vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)];
+        let image = (image_embeds, self.cfg.image_token());
         match &self.lm {
             LanguageModel::Llama(dec) => {
-                let cache = dec.kv_cache(g, batch, capacity.max(1));
+                let capacity = self.check_capacity(prompt_len, max_new_tokens)?;
+                let cache = dec.kv_cache(&mut g, batch, capacity.max(1));
                 // Left-padded batches (instructions of different lengths): pad keys masked out.
                 let key_mask = g.buffer("key_mask", batch, cache.capacity);
-                let image = Some((image_embeds, self.cfg.image_token()));
-                let pre = dec.build_masked(g, &cache, prompt_len, image, Some(key_mask), all_prefill_logits, "prefill");
+                let pre = dec.build_masked(
+                    &mut g,
+                    &cache,
+                    prompt_len,
+                    Some(image),
+                    Some(key_mask),
+                    all_prefill_logits,
+                    "prefill",
+                );
                 let prefill = g.take_phase("prefill");
-                let step = dec.build_masked(g, &cache, 1, None, Some(key_mask), false, "decode");
+                let step = dec.build_masked(&mut g, &cache, 1, None, Some(key_mask), false, "decode");
                 let decode = Phase { replayable: true, ..g.take_phase("decode") };
                 let kv = KvCaches {
                     bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),
                     rows_per_seq: cache.capacity,
                 };
-                (
-                    Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
-                    Step { phase: decode, logits: step.logits, rows_per_seq: 1 },
+                Ok(Plan {
+                    graph: g,
+                    batch,
+                    prompt_len,
+                    capacity,
+                    max_new_tokens,
+                    inputs,
+                    encoders: vec![vision, qformer],
+                    outputs,
+                    prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
+                    decode: Step { phase: decode, logits: step.logits, rows_per_seq: 1 },
                     kv,
-                    Some(key_mask),
-                )
+                    key_mask: Some(key_mask),
+                    encoder_input: None,
+                    step_inputs: Vec::new(),
+                })
+            }
+            // The prompt feeds the encoder; the decoder starts from one token.
+            LanguageModel::T5(t5) => {
+                let t5 = t5.build_phases(&mut g, batch, prompt_len, max_new_tokens, image)?;
+                let mut outputs = outputs;
+                outputs.extend([("encoder_embeds", t5.encoder_embeds), ("encoder_out", t5.encoder_out)]);
+                Ok(Plan {
+                    graph: g,
+                    batch,
+                    prompt_len: 1,
+                    capacity: max_new_tokens,
+                    max_new_tokens,
+                    inputs,
+                    encoders: vec![vision, qformer, t5.encoder],
+                    outputs,
+                    prefill: t5.prefill,
+                    decode: t5.decode,
+                    kv: t5.kv,
+                    key_mask: None,
+                    encoder_input: Some(t5.encoder_input),
+                    step_inputs: t5.step_inputs,
+                })
             }
         }
     }
+
+    /// The decoder-only cache rows for a prompt and `max_new_tokens`, within the positions.
+    fn check_capacity(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
+        let max_pos = self.max_positions();
+        // The last generated token is never fed back, so the cache needs one row less.
+        let capacity = prompt_len.saturating_add(max_new_tokens - 1);
+        if capacity > max_pos {
+            return Err(Error::InvalidInput(format!(
+                "the prompt ({prompt_len} tokens, {} of them image queries) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions (text_config.max_position_embeddings): {}",
+                self.cfg.num_query_tokens,
+                match (max_pos + 1).checked_sub(prompt_len) {
+                    Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
+                    _ => "shorten the prompt".to_string(),
+                }
+            )));
+        }
+        Ok(capacity)
+    }
+}
+
+/// Whether InstructBlipProcessor left-pads a batch's Q-Former instructions: it calls the
+/// Q-Former tokenizer with the LLM tokenizer's init kwargs, so the LLM tokenizer_config.json's
+/// `padding_side` wins when it is written (Vicuna: "left"); else the Q-Former tokenizer's own
+/// (its tokenizer_config.json, BERT's default "right"; a Flan-T5 tokenizer writes none).
+fn instruction_padding_left(qformer_tokenizer_dir: &Path) -> Result<bool> {
+    let llm_dir = qformer_tokenizer_dir.parent().unwrap_or(Path::new("."));
+    for dir in [llm_dir, qformer_tokenizer_dir] {
+        let path = dir.join("tokenizer_config.json");
+        if !path.is_file() {
+            continue;
+        }
+        let config: serde_json::Value = crate::config::read_json(&path)?;
+        match config.get("padding_side") {
+            None | Some(serde_json::Value::Null) => continue,
+            Some(serde_json::Value::String(s)) if s == "left" => return Ok(true),
+            Some(serde_json::Value::String(s)) if s == "right" => return Ok(false),
+            Some(other) => {
+                return Err(Error::config(
+                    &path,
+                    format!(
+                        "`padding_side` is {other}: it must be \"left\" or \"right\" (transformers refuses it too)"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(false)
 }
 
 impl Family for InstructBlip {
@@ -259,13 +316,13 @@ impl Family for InstructBlip {
     /// `text_config.eos_token_id`, 20 new tokens unless `text_config.max_new_tokens` says more,
     /// greedy.
     fn default_options(&self) -> GenerateOptions {
-        match &self.cfg.text_config {
-            crate::config::TextConfig::Llama(t) => GenerateOptions {
-                max_new_tokens: t.max_new_tokens,
-                eos_token_ids: t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+        match &self.lm {
+            LanguageModel::Llama(d) => GenerateOptions {
+                max_new_tokens: d.cfg.max_new_tokens,
+                eos_token_ids: d.cfg.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
                 ..GenerateOptions::default()
             },
-            _ => GenerateOptions::default(),
+            LanguageModel::T5(t5) => t5.default_options(),
         }
     }
 
@@ -303,20 +360,20 @@ impl Family for InstructBlip {
 
     fn describe(&self) -> Vec<String> {
         let cfg = &self.cfg;
-        let (v, q) = (&cfg.vision_config, &cfg.qformer_config);
-        let mut lines = vec![
-            "family:     InstructBLIP (InstructBlipForConditionalGeneration)".to_string(),
+        let q = &cfg.qformer_config;
+        let language_model = match &self.lm {
+            LanguageModel::Llama(d) => d.describe(),
+            LanguageModel::T5(t5) => t5.describe(),
+        };
+        vec![
             format!(
-                "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
-                v.num_hidden_layers,
-                v.hidden_size,
-                v.num_attention_heads,
-                v.head_dim(),
-                v.intermediate_size,
-                v.image_size,
-                v.patch_size,
-                v.num_positions()
+                "family:     InstructBLIP (InstructBlipForConditionalGeneration) with {}",
+                match self.lm {
+                    LanguageModel::Llama(_) => "a LLaMA (Vicuna) decoder",
+                    LanguageModel::T5(_) => "a T5 encoder-decoder",
+                }
             ),
+            self.vision.describe(),
             format!(
                 "q-former:   {} layers, hidden {}, {} heads x {}, cross-attention every {} layers, {} queries + instruction (vocab {}, {} positions)",
                 q.num_hidden_layers,
@@ -328,24 +385,7 @@ impl Family for InstructBlip {
                 q.vocab_size,
                 q.max_position_embeddings
             ),
-        ];
-        match &self.lm {
-            LanguageModel::Llama(d) => {
-                let t = &d.cfg;
-                let (theta, scaling) = t.rope().unwrap_or((0.0, crate::graph::RopeScaling::Default));
-                lines.push(format!(
-                    "decoder:    LLaMA, {} layers, hidden {}, {} heads ({} kv) x {}, mlp {}, vocab {}, {} positions, rope theta {theta} {scaling:?}",
-                    t.num_hidden_layers,
-                    t.hidden_size,
-                    t.num_attention_heads,
-                    t.kv_heads(),
-                    t.head_dim(),
-                    t.intermediate_size,
-                    t.vocab_size,
-                    t.max_position_embeddings
-                ));
-            }
-        }
-        lines
+            language_model,
+        ]
     }
 }

@@ -154,4 +154,21 @@ impl LlamaDecoder {
     pub fn max_positions(&self) -> usize {
         self.cfg.max_position_embeddings
     }
+
+    /// The `describe` line of the decoder.
+    pub fn describe(&self) -> String {
+        let t = &self.cfg;
+        let (theta, scaling) = t.rope().unwrap_or((0.0, crate::graph::RopeScaling::Default));
+        format!(
+            "decoder:    LLaMA, {} layers, hidden {}, {} heads ({} kv) x {}, mlp {}, vocab {}, {} positions, rope theta {theta} {scaling:?}",
+            t.num_hidden_layers,
+            t.hidden_size,
+            t.num_attention_heads,
+            t.kv_heads(),
+            t.head_dim(),
+            t.intermediate_size,
+            t.vocab_size,
+            t.max_position_embeddings
+        )
+    }
 }

@@ -254,8 +254,7 @@ impl Family for Llava {
     }
 
     fn describe(&self) -> Vec<String> {
-        let (v, t) = (&self.cfg.vision_config, &self.cfg.text_config);
-        let (theta, scaling) = t.rope().unwrap_or((0.0, crate::graph::RopeScaling::Default));
+        let v = &self.cfg.vision_config;
         vec![
             "family:     LLaVA (LlavaForConditionalGeneration) with a LLaMA decoder".to_string(),
             format!(
@@ -279,17 +278,7 @@ impl Family for Llava {
                 self.cfg.projector_hidden_act,
                 self.cfg.image_rows()
             ),
-            format!(
-                "decoder:    LLaMA, {} layers, hidden {}, {} heads ({} kv) x {}, mlp {}, vocab {}, {} positions, rope theta {theta} {scaling:?}",
-                t.num_hidden_layers,
-                t.hidden_size,
-                t.num_attention_heads,
-                t.kv_heads(),
-                t.head_dim(),
-                t.intermediate_size,
-                t.vocab_size,
-                t.max_position_embeddings
-            ),
+            self.decoder.describe(),
         ]
     }
 }

@@ -69,6 +69,20 @@ pub struct QFormer {
 }
 
 impl QFormer {
+    /// The `describe` line of BLIP-2's Q-Former.
+    pub fn describe(&self) -> String {
+        let q = &self.cfg;
+        format!(
+            "q-former:   {} layers, hidden {}, {} heads x {}, cross-attention every {} layers, {} queries",
+            q.num_hidden_layers,
+            q.hidden_size,
+            q.num_attention_heads,
+            q.head_dim(),
+            q.cross_attention_frequency,
+            self.num_query_tokens
+        )
+    }
+
     /// BLIP-2's Q-Former: `query_tokens` lives at the top level of the checkpoint, the rest
     /// under `prefix`.
     pub fn load(cfg: &QFormerConfig, num_query_tokens: usize, ld: &mut Loader, prefix: &str) -> Result<Self> {
@@ -290,11 +304,11 @@ impl Instruction {
     }
 
     /// The host data of [`InstructInputs`] for one tokenized instruction per sequence, padded to
-    /// the longest with `[PAD]` on the LEFT and masked there: `(embeds [B*(Nq+L), D], key_mask
-    /// [B, Nq+L])`. InstructBlipProcessor calls the Q-Former tokenizer with the LLM tokenizer's
-    /// init kwargs, so it pads on that side (Vicuna's: left), and the Q-Former's positions run
-    /// from 0 at the first pad (`position_ids = arange(L)`), as transformers 5.17 computes them.
-    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// the longest with `[PAD]` (on the left when `pad_left`, else on the right) and masked
+    /// there: `(embeds [B*(Nq+L), D], key_mask [B, Nq+L])`. The Q-Former's positions run from 0
+    /// at the first row, pad or not (`position_ids = arange(L)`), as transformers 5.17 computes
+    /// them, so left padding moves a shorter instruction's positions.
+    pub fn embed(&self, ids: &[Vec<u32>], pad_left: bool) -> Result<(Vec<f32>, Vec<f32>)> {
         let d = self.hidden;
         let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
         if longest > self.max_len() {
@@ -311,8 +325,9 @@ impl Instruction {
         for seq in ids {
             embeds.extend(queries.iter().map(|v| v.to_f32()));
             let pad = longest - seq.len();
+            let first = if pad_left { pad } else { 0 };
             for j in 0..longest {
-                let id = if j < pad { self.pad_token_id } else { seq[j - pad] } as usize;
+                let id = seq.get(j.wrapping_sub(first)).copied().unwrap_or(self.pad_token_id) as usize;
                 if id >= vocab {
                     return Err(Error::InvalidInput(format!(
                         "Q-Former token id {id} is outside its vocabulary (qformer_config.vocab_size {vocab}): the qformer_tokenizer does not belong to this checkpoint"
@@ -322,8 +337,7 @@ impl Instruction {
                 embeds.extend(w.iter().zip(p).map(|(w, p)| w.to_f32() + p.to_f32()));
             }
             mask.extend(std::iter::repeat_n(0.0, t - longest));
-            mask.extend(std::iter::repeat_n(f32::MIN, pad));
-            mask.extend(std::iter::repeat_n(0.0, seq.len()));
+            mask.extend((0..longest).map(|j| if (first..first + seq.len()).contains(&j) { 0.0 } else { f32::MIN }));
         }
         Ok((embeds, mask))
     }

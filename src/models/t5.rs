@@ -22,8 +22,8 @@ pub use super::opt::DecoderPass;
 use super::Loader;
 use crate::config::T5Config;
 use crate::error::{Error, Result};
-use crate::generate::StepInput;
-use crate::graph::{Activation, Buf, DType, Graph, Op, W};
+use crate::generate::{EncoderInput, KvCaches, Step, StepInput};
+use crate::graph::{Activation, Buf, DType, Graph, Op, Phase, W};
 use crate::weights::Weight;
 
 /// transformers' `T5Attention._relative_position_bucket` for one relative position
@@ -120,6 +120,38 @@ pub struct EncoderOut {
     pub len: usize,
     /// `[batch * len, d_model]` input embeddings (image rows scattered in).
     pub embeds: Buf,
+    /// Additive `[batch, len]` padding mask over the encoder rows, when the input may be padded.
+    pub key_mask: Option<Buf>,
+}
+
+/// What one stack's attention reads: each block's self-attention keys and their padding mask,
+/// and for the decoder the per-layer cross-attention keys and values over `len` encoder rows
+/// with the encoder's padding mask.
+struct StackKeys<'a> {
+    keys: &'a dyn Fn(usize) -> Keys,
+    mask: Option<Buf>,
+    cross: Option<(&'a [(Buf, Buf)], usize, Option<Buf>)>,
+}
+
+/// The T5 half of a vision-language plan (BLIP-2 Flan-T5, InstructBLIP Flan-T5): what
+/// [`T5::build_phases`] emits after the image phases.
+pub struct T5Phases {
+    /// The encoder over the input ids with the image rows scattered in, then every decoder
+    /// layer's cross-attention keys and values.
+    pub encoder: Phase,
+    /// The decoder's first step (the start token at position 0) and every later one.
+    pub prefill: Step,
+    pub decode: Step,
+    /// The decoder's self-attention caches. Only these follow beams: the cross-attention keys and
+    /// values are the same for every beam of an input (its encoder inputs are repeated per beam),
+    /// and beams move only among their input's rows.
+    pub kv: KvCaches,
+    /// The relative biases the host writes before the encoder and each decoder step.
+    pub step_inputs: Vec<StepInput>,
+    pub encoder_input: EncoderInput,
+    /// `[batch * input_len, d_model]` encoder input embeddings and encoder output.
+    pub encoder_embeds: Buf,
+    pub encoder_out: Buf,
 }
 
 impl T5 {
@@ -169,6 +201,82 @@ impl T5 {
         self.cfg.d_model
     }
 
+    /// The encoder phase over `input_len` tokens per item (`image`'s rows replacing the
+    /// placeholder token's embeddings), and decoder steps for up to `max_new_tokens` new tokens:
+    /// the decoder input is the start token, then each generated token but the last.
+    pub fn build_phases(
+        &self,
+        g: &mut Graph,
+        batch: usize,
+        input_len: usize,
+        max_new_tokens: usize,
+        image: (Buf, u32),
+    ) -> Result<T5Phases> {
+        if input_len == 0 {
+            return Err(Error::InvalidInput("the encoder input is empty: it needs at least one token".into()));
+        }
+        let decoder_start = self.cfg.decoder_start().ok_or_else(|| {
+            Error::InvalidInput(
+                "the T5 config has neither decoder_start_token_id nor bos_token_id: add \"decoder_start_token_id\": 0"
+                    .into(),
+            )
+        })?;
+        let key_mask = g.buffer("encoder.key_mask", batch, input_len);
+        let (enc, enc_bias) = self.build_encoder(g, batch, input_len, Some(image), Some(key_mask), "encoder");
+        let encoder = g.take_phase("encoder");
+        let cache = self.kv_cache(g, batch, max_new_tokens);
+        let (pre, pre_bias) = self.build_decoder(g, &cache, &enc, "prefill");
+        let prefill = g.take_phase("prefill");
+        let (dec, dec_bias) = self.build_decoder(g, &cache, &enc, "decode");
+        let decode = Phase { replayable: true, ..g.take_phase("decode") };
+        Ok(T5Phases {
+            encoder,
+            prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: 1 },
+            decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
+            kv: KvCaches {
+                bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),
+                rows_per_seq: cache.capacity,
+            },
+            step_inputs: vec![enc_bias, pre_bias, dec_bias],
+            encoder_input: EncoderInput { len: input_len, decoder_start, key_mask },
+            encoder_embeds: enc.embeds,
+            encoder_out: enc.hidden,
+        })
+    }
+
+    /// The `describe` line of the language model.
+    pub fn describe(&self) -> String {
+        let t = &self.cfg;
+        format!(
+            "t5:         {} encoder + {} decoder layers, d_model {}, {} heads x {}, ff {} ({}{}), vocab {}, {} buckets / max distance {}, head {}",
+            t.num_layers,
+            t.decoder_layers(),
+            t.d_model,
+            t.num_heads,
+            t.d_kv,
+            t.d_ff,
+            if t.is_gated() { "gated " } else { "" },
+            t.act_name(),
+            t.vocab_size,
+            t.relative_attention_num_buckets,
+            t.relative_attention_max_distance,
+            if t.scale_outputs() { "scaled by d_model^-0.5" } else { "unscaled" }
+        )
+    }
+
+    /// transformers' generate() hands over to the T5 language model, whose generation config
+    /// comes from `text_config` (EOS `</s>` = 1, 20 new tokens after the decoder start token).
+    pub fn default_options(&self) -> crate::generate::GenerateOptions {
+        let t = &self.cfg;
+        crate::generate::GenerateOptions {
+            max_new_tokens: t.max_new_tokens,
+            min_new_tokens: t.min_new_tokens.unwrap_or(0),
+            min_p: t.min_p,
+            eos_token_ids: t.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
     /// The decoder's self-attention caches.
     pub fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
         KvCache::new(g, "t5", self.decoder.blocks.len(), batch, capacity, self.cfg.inner_dim())
@@ -184,6 +292,7 @@ impl T5 {
         batch: usize,
         len: usize,
         image: Option<(Buf, u32)>,
+        key_mask: Option<Buf>,
         phase: &'static str,
     ) -> (EncoderOut, StepInput) {
         let (d, rows) = (self.cfg.d_model, batch * len);
@@ -194,7 +303,8 @@ impl T5 {
         }
         let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads * len, len);
         let hidden = g.buffer(format!("{phase}.hidden"), rows, d);
-        self.run_stack(g, &self.encoder, embeds, hidden, batch, len, |_| Keys::Same, bias, None, phase);
+        let keys = StackKeys { keys: &|_| Keys::Same, mask: key_mask, cross: None };
+        self.run_stack(g, &self.encoder, embeds, hidden, batch, len, &keys, bias, phase);
         let inner = self.cfg.inner_dim();
         let cross = self
             .decoder
@@ -212,7 +322,7 @@ impl T5 {
         let rb = self.encoder.bias.clone();
         let fill = Box::new(move |_position: usize| rb.values(0, len, len, len));
         let rows = self.cfg.num_heads * len;
-        (EncoderOut { hidden, cross, batch, len, embeds }, StepInput { phase, buf: bias, rows, fill })
+        (EncoderOut { hidden, cross, batch, len, embeds, key_mask }, StepInput { phase, buf: bias, rows, fill })
     }
 
     /// Emits one decoder step: one token per sequence (the executor's tokens) at the executor's
@@ -232,18 +342,9 @@ impl T5 {
         let capacity = cache.capacity;
         let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads, capacity);
         let normed_out = g.buffer(format!("{phase}.final"), batch, d);
-        self.run_stack(
-            g,
-            &self.decoder,
-            embeds,
-            normed_out,
-            batch,
-            1,
-            |i| cache.keys(i),
-            bias,
-            Some((&enc.cross, enc.len)),
-            phase,
-        );
+        // The decoder's own input is never padded; its cross-attention masks the encoder's pads.
+        let keys = StackKeys { keys: &|i| cache.keys(i), mask: None, cross: Some((&enc.cross, enc.len, enc.key_mask)) };
+        self.run_stack(g, &self.decoder, embeds, normed_out, batch, 1, &keys, bias, phase);
         let logits = g.buffer(format!("{phase}.logits"), batch, self.cfg.vocab_size);
         g.linear(normed_out, self.lm_head, None, Activation::None, None, logits, batch);
         let rb = self.decoder.bias.clone();
@@ -265,9 +366,8 @@ impl T5 {
         out: Buf,
         batch: usize,
         rows_per_item: usize,
-        keys: impl Fn(usize) -> Keys,
+        keys: &StackKeys,
         bias: Buf,
-        cross: Option<(&[(Buf, Buf)], usize)>,
         phase: &str,
     ) {
         let c = &self.cfg;
@@ -284,13 +384,17 @@ impl T5 {
         for (i, b) in stack.blocks.iter().enumerate() {
             let call = AttnCall {
                 head_bias: Some(bias),
-                causal: cross.is_some(),
-                ..AttnCall::new(batch, rows_per_item, keys(i))
+                causal: keys.cross.is_some(),
+                key_mask: keys.mask,
+                ..AttnCall::new(batch, rows_per_item, (keys.keys)(i))
             };
             pre_norm(g, &b.self_norm, x, normed, rows, |g, n, r| b.self_attn.emit(g, &s, n, &call, r));
-            if let (Some((norm, attn)), Some((kv, kv_len))) = (&b.cross, &cross) {
+            if let (Some((norm, attn)), Some((kv, kv_len, mask))) = (&b.cross, &keys.cross) {
                 let (k, v) = kv[i];
-                let call = AttnCall::new(batch, rows_per_item, Keys::Projected { k, v, kv_len: *kv_len });
+                let call = AttnCall {
+                    key_mask: *mask,
+                    ..AttnCall::new(batch, rows_per_item, Keys::Projected { k, v, kv_len: *kv_len })
+                };
                 pre_norm(g, norm, x, normed, rows, |g, n, r| attn.emit(g, &s, n, &call, r));
             }
             pre_norm(g, &b.ff_norm, x, normed, rows, |g, n, r| match &b.ff {

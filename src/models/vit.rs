@@ -28,6 +28,22 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
+    /// The `describe` line of the tower.
+    pub fn describe(&self) -> String {
+        let v = &self.cfg;
+        format!(
+            "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
+            v.num_hidden_layers,
+            v.hidden_size,
+            v.num_attention_heads,
+            v.head_dim(),
+            v.intermediate_size,
+            v.image_size,
+            v.patch_size,
+            v.num_positions()
+        )
+    }
+
     pub fn load(cfg: &VisionConfig, ld: &mut Loader, prefix: &str) -> Result<Self> {
         let (d, p) = (cfg.hidden_size, cfg.patch_size);
         let e = format!("{prefix}.embeddings");

@@ -77,6 +77,20 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
     v.as_array().expect("array").iter().map(|x| x.as_f64().expect("float")).collect()
 }
 
+/// Copies the folder `from` (recursively) into `to`.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// A scratch folder removed at drop.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
@@ -129,22 +143,25 @@ pub fn stage_errors(
 }
 
 /// InstructBLIP's stage errors on an executor made by `make`, for every golden case of
-/// goldens/instructblip_tiny.*: vision output, Q-Former query rows, projector output, and the
-/// last prefill logit rows. The Q-Former's inputs come from the family's own tokenizer and
-/// embedding tables (checked against the goldens' ids), the decoder's from `Model::input_ids`.
+/// goldens/`golden`.*: vision output, Q-Former query rows, projector output, then for Vicuna
+/// (`instructblip_tiny`) the last prefill logit rows, for Flan-T5 (`instructblip-flan-t5_tiny`)
+/// the T5 encoder output and the first decoder step's logits. The Q-Former's inputs come from
+/// the family's own tokenizer and embedding tables (checked against the goldens' ids), the
+/// language model's from `Model::input_ids`.
 pub fn instructblip_stage_errors(
     model: &glimpse::Model,
+    golden: &str,
     make: impl Fn(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
 ) -> Vec<StageError> {
-    let goldens = goldens("instructblip_tiny.safetensors");
-    let g = golden_json("instructblip_tiny.json");
+    let goldens = goldens(&format!("{golden}.safetensors"));
+    let g = golden_json(&format!("{golden}.json"));
     let mut out = Vec::new();
     for case in g["cases"].as_array().expect("cases") {
         let name = case["name"].as_str().unwrap().to_string();
         let text = case["text"].as_str().unwrap();
         let px = model.preprocess(&image(case["image"].as_str().unwrap())).unwrap();
         let ids = model.input_ids(Some(text)).unwrap();
-        assert_eq!(ids, self::ids(&case["input_ids"]), "{name}: decoder input ids");
+        assert_eq!(ids, self::ids(&case["input_ids"]), "{name}: language model input ids");
         let text_in = model.family.text_inputs(&[text]).unwrap().expect("InstructBLIP reads the text");
         assert_eq!(text_in.rows, case["qformer_input_ids"].as_array().unwrap().len(), "{name}: Q-Former ids");
         let plan = model.family.plan_text(1, 1, ids.len(), 1, true, text_in.rows).unwrap();
@@ -153,22 +170,48 @@ pub fn instructblip_stage_errors(
         for (input, data) in &text_in.inputs {
             exec.write(plan.input(input).unwrap(), data).unwrap();
         }
+        // The T5 encoder embeds the prompt ids; its relative bias is a host-written input.
+        exec.set_tokens(&ids);
+        exec.set_position(0);
+        let write_step = |exec: &mut Box<dyn glimpse::backend::Executor>, phase: &str| {
+            for s in plan.step_inputs.iter().filter(|s| s.phase == phase) {
+                exec.write(s.buf, &(s.fill)(0)).unwrap();
+            }
+        };
         for phase in &plan.encoders {
+            write_step(&mut exec, phase.name);
             exec.run(phase).unwrap();
         }
-        for (key, output) in [("vision", "vision_out"), ("qformer", "qformer_out"), ("image_features", "image_embeds")]
-        {
+        let encoder_decoder = plan.encoder_input.is_some();
+        let stages: &[(&'static str, &str)] = if encoder_decoder {
+            &[
+                ("vision", "vision_out"),
+                ("qformer", "qformer_out"),
+                ("image_features", "image_embeds"),
+                ("encoder", "encoder_out"),
+            ]
+        } else {
+            &[("vision", "vision_out"), ("qformer", "qformer_out"), ("image_features", "image_embeds")]
+        };
+        for &(key, output) in stages {
             let (want, shape) = goldens.f32(&format!("{name}.{key}")).unwrap();
             let (max, rel) = errors(&exec.read(plan.output(output).unwrap(), shape[0]).unwrap(), &want);
             out.push((name.clone(), key, max, rel));
         }
-        exec.set_tokens(&ids);
-        exec.set_position(0);
-        exec.run(&plan.prefill.phase).unwrap();
-        let (want, shape) = goldens.f32(&format!("{name}.logits")).unwrap();
-        let all = exec.read(plan.prefill.logits, ids.len()).unwrap();
-        let (max, rel) = errors(&all[(ids.len() - shape[0]) * shape[1]..], &want);
-        out.push((name, "logits", max, rel));
+        write_step(&mut exec, "prefill");
+        if let Some(enc) = plan.encoder_input {
+            exec.set_tokens(&[enc.decoder_start]);
+            exec.run(&plan.prefill.phase).unwrap();
+            let (want, _) = goldens.f32(&format!("{name}.first_logits")).unwrap();
+            let (max, rel) = errors(&exec.read(plan.prefill.logits, 1).unwrap(), &want);
+            out.push((name, "first_logits", max, rel));
+        } else {
+            exec.run(&plan.prefill.phase).unwrap();
+            let (want, shape) = goldens.f32(&format!("{name}.logits")).unwrap();
+            let all = exec.read(plan.prefill.logits, ids.len()).unwrap();
+            let (max, rel) = errors(&all[(ids.len() - shape[0]) * shape[1]..], &want);
+            out.push((name, "logits", max, rel));
+        }
     }
     out
 }
