@@ -352,14 +352,28 @@ fn lockstep_harness_accepts_the_f32_reference_on_llava() {
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
 fn cuda_instructblip_matches_cpu() {
-    let Some(model) = gpu_model("cuda_instructblip_matches_cpu", "instructblip-tiny") else { return };
-    for (case, stage, max, rel) in
-        common::instructblip_stage_errors(&model, "instructblip_tiny", |g| model.executor(g).unwrap())
-    {
-        println!("instructblip {case} {stage}: rel {rel:.2e} max {max:.2e}");
-        assert!(rel <= STAGE_REL, "instructblip {case} {stage}: rel {rel:e}");
+    instructblip_matches_cpu("cuda_instructblip_matches_cpu", "instructblip-tiny", "instructblip_tiny");
+}
+
+/// InstructBLIP Flan-T5: stages (T5 encoder output and first decoder logits included), then
+/// caption, a question and a padded batch of two questions (encoder key mask) against the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_instructblip_flan_t5_matches_cpu() {
+    instructblip_matches_cpu(
+        "cuda_instructblip_flan_t5_matches_cpu",
+        "instructblip-flan-t5-tiny",
+        "instructblip-flan-t5_tiny",
+    );
+}
+
+fn instructblip_matches_cpu(test: &str, name: &str, golden: &str) {
+    let Some(model) = gpu_model(test, name) else { return };
+    for (case, stage, max, rel) in common::instructblip_stage_errors(&model, golden, |g| model.executor(g).unwrap()) {
+        println!("{name} {case} {stage}: rel {rel:.2e} max {max:.2e}");
+        assert!(rel <= STAGE_REL, "{name} {case} {stage}: rel {rel:e}");
     }
-    let cpu = Model::load(common::model_dir("instructblip-tiny"), Device::Cpu).unwrap();
+    let cpu = Model::load(common::model_dir(name), Device::Cpu).unwrap();
     let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), ..model.default_options() };
     let (a, b) = (common::image("odd_257x181.png"), common::image("wide_301x97.png"));
     let questions = ["What is unusual about this image?", "Describe it."];
@@ -410,6 +424,7 @@ fn cuda_blip2_t5_matches_cpu() {
     };
     for exec in [&mut *gpu as &mut dyn Executor, &mut cpu] {
         exec.write(plan.input("pixels").unwrap(), &pixels).unwrap();
+        exec.write(plan.encoder_input.unwrap().key_mask, &vec![0.0; 2 * ids.len()]).unwrap();
         exec.set_tokens(&ids.repeat(2));
         for phase in &plan.encoders {
             run(exec, phase, 0);

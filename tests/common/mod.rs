@@ -170,7 +170,11 @@ pub fn instructblip_stage_errors(
         for (input, data) in &text_in.inputs {
             exec.write(plan.input(input).unwrap(), data).unwrap();
         }
-        // The T5 encoder embeds the prompt ids; its relative bias is a host-written input.
+        // The T5 encoder embeds the prompt ids; its relative bias and (unpadded) key mask are
+        // host-written inputs.
+        if let Some(enc) = plan.encoder_input {
+            exec.write(enc.key_mask, &vec![0.0; ids.len()]).unwrap();
+        }
         exec.set_tokens(&ids);
         exec.set_position(0);
         let write_step = |exec: &mut Box<dyn glimpse::backend::Executor>, phase: &str| {
