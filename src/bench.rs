@@ -188,13 +188,45 @@ pub fn pick_preset(free_bytes: usize) -> &'static str {
 /// BLIP-2 template).
 const VQA_QUESTION: &str = "what is this?";
 
-/// The model to benchmark: config, weights and the two prompts' ids.
+/// The model to benchmark: config, weights and the two prompts' ids and texts (the texts feed
+/// encoders that read the prompt: InstructBLIP's Q-Former).
 struct Subject {
     label: String,
     preset: Option<String>,
     family: Box<dyn Family>,
     caption_ids: Vec<u32>,
     vqa_ids: Vec<u32>,
+    caption_text: String,
+    vqa_text: String,
+}
+
+/// One request shape to time: its plan and host inputs (pixels, then any text inputs).
+struct Request {
+    plan: Plan,
+    inputs: Vec<(&'static str, Vec<f32>)>,
+}
+
+impl Request {
+    fn inputs(&self) -> Vec<(&str, &[f32])> {
+        self.inputs.iter().map(|(n, d)| (*n, d.as_slice())).collect()
+    }
+}
+
+impl Subject {
+    /// The plan of `pixels` (one image per sequence) with the caption or the VQA prompt and up
+    /// to `n` new tokens, and its inputs.
+    fn request(&self, pixels: Vec<f32>, batch: usize, vqa: bool, n: usize) -> Result<Request> {
+        let (ids, text) = if vqa { (&self.vqa_ids, &self.vqa_text) } else { (&self.caption_ids, &self.caption_text) };
+        let mut inputs = vec![("pixels", pixels)];
+        let plan = match self.family.text_inputs(&vec![text.as_str(); batch])? {
+            Some(t) => {
+                inputs.extend(t.inputs);
+                self.family.plan_text(batch, batch, ids.len(), n, false, t.rows)?
+            }
+            None => self.family.plan(batch, ids.len(), n, false)?,
+        };
+        Ok(Request { plan, inputs })
+    }
 }
 
 fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
@@ -203,12 +235,21 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         // The prompts as `caption` and `ask` build them (chat families: through the template).
         let model = crate::api::Model::load(&dir, Device::Cpu)?;
         let caption_ids = model.input_ids(None)?;
+        let vqa_text = model.question_prompt(VQA_QUESTION);
         let vqa_ids = match model.chat {
             Some(_) => model.chat_input_ids(1, VQA_QUESTION)?,
-            None => model.input_ids(Some(&model.question_prompt(VQA_QUESTION)))?,
+            None => model.input_ids(Some(&vqa_text))?,
         };
         let family = model.family;
-        return Ok(Subject { label: dir.display().to_string(), preset: None, family, caption_ids, vqa_ids });
+        return Ok(Subject {
+            label: dir.display().to_string(),
+            preset: None,
+            family,
+            caption_ids,
+            vqa_ids,
+            caption_text: String::new(),
+            vqa_text,
+        });
     }
     let name = match &args.preset {
         Some(p) => p.clone(),
@@ -222,8 +263,12 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
             cfg.architecture()
         )));
     }
-    let ckpt = crate::synth::random_checkpoint(&cfg, args.seed)?;
-    let family = crate::models::load(&cfg, &ckpt)?;
+    // The family loads next to the preset's folder files (tokenizers; no weights), so files it
+    // reads at load time (InstructBLIP's qformer_tokenizer/) are there.
+    let family = with_preset_folder(&name, &cfg, args.seed, |dir| {
+        let ckpt = crate::synth::random_checkpoint(&cfg, args.seed)?.with_origin(dir.join("model.safetensors"));
+        crate::models::load(&cfg, &ckpt)
+    })?;
     let (caption_ids, vqa_ids) = if family.chat() {
         preset_chat_prompts(&name, &cfg, args.seed, family.as_ref())?
     } else {
@@ -239,6 +284,8 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         family,
         caption_ids,
         vqa_ids,
+        caption_text: String::new(),
+        vqa_text: crate::synth::VQA_PROMPT.to_string(),
     })
 }
 
@@ -246,17 +293,34 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
 /// chat template (the preset's folder files, without weights, in a temporary folder) render one
 /// user message with one image.
 fn preset_chat_prompts(name: &str, cfg: &ModelConfig, seed: u64, family: &dyn Family) -> Result<(Vec<u32>, Vec<u32>)> {
+    with_preset_folder(name, cfg, seed, |dir| {
+        let chat = crate::chat::ChatProcessor::load_from_dir(dir)?;
+        let tok = crate::tokenizer::Tokenizer::from_dir(dir)?;
+        let ids = |q: &str| crate::api::chat_prompt_ids(&chat, &tok, family, &chat.user_prompt(1, q)?);
+        Ok((ids(crate::chat::CAPTION_INSTRUCTION)?, ids(VQA_QUESTION)?))
+    })
+}
+
+/// Runs `f` on a temporary folder holding preset `name`'s folder files without weights
+/// (config, tokenizers, processor, chat template), removed afterwards.
+fn with_preset_folder<T>(
+    name: &str,
+    cfg: &ModelConfig,
+    seed: u64,
+    f: impl FnOnce(&std::path::Path) -> Result<T>,
+) -> Result<T> {
     let dir = std::env::temp_dir().join(format!("glimpse-bench-{name}-{}", std::process::id()));
     // A folder of this name that exists already is someone else's: refuse rather than delete it.
     std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
     let result = (|| {
         for (file, text) in crate::synth::folder_files(name, cfg, seed)? {
-            std::fs::write(dir.join(file), text).map_err(|e| Error::io(dir.join(file), e))?;
+            let path = dir.join(file);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
         }
-        let chat = crate::chat::ChatProcessor::load_from_dir(&dir)?;
-        let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
-        let ids = |q: &str| crate::api::chat_prompt_ids(&chat, &tok, family, &chat.user_prompt(1, q)?);
-        Ok((ids(crate::chat::CAPTION_INSTRUCTION)?, ids(VQA_QUESTION)?))
+        f(&dir)
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -346,51 +410,47 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
 
     // Caption-prompt plan: vision, Q-Former, prefill, decode, first token, caption.
     let (p_cap, p_vqa) = (subject.caption_ids.len(), subject.vqa_ids.len());
-    let plan = family.plan(b, p_cap, n, false)?;
+    let caption = subject.request(pixels.clone(), b, false, n)?;
+    let plan = &caption.plan;
     let mut exec = backend.executor(weights, &plan.graph)?;
-    let t = time_stages(exec.as_mut(), &plan, &pixels, &subject.caption_ids, &opts, repeats)?;
+    let t = time_stages(exec.as_mut(), plan, &caption.inputs(), &subject.caption_ids, &opts, repeats)?;
     drop(exec);
     // VQA-prompt prefill (its own plan: buffers are sized by prompt length).
-    let plan_vqa = family.plan(b, p_vqa, n, false)?;
+    let vqa = subject.request(pixels.clone(), b, true, n)?;
+    let plan_vqa = &vqa.plan;
     let mut exec = backend.executor(weights, &plan_vqa.graph)?;
-    let t_vqa = time_prefill(exec.as_mut(), &plan_vqa, &pixels, &subject.vqa_ids, &opts, repeats)?;
+    let t_vqa = time_prefill(exec.as_mut(), plan_vqa, &vqa.inputs(), &subject.vqa_ids, &opts, repeats)?;
     drop(exec);
 
     // Beam search through the same loop: BENCH_BEAMS beams per image, no EOS so every step runs.
     let beam_opts = GenerateOptions { num_beams: BENCH_BEAMS, ..opts.clone() };
     let bb = b * BENCH_BEAMS;
-    let plan_beam = family.plan(bb, p_cap, n, false)?;
-    let t_beam = match does_not_fit(&backend, &plan_beam, act_bytes) {
+    let beam = subject.request(expand_for_beams(&pixels, b, &beam_opts), bb, false, n)?;
+    let plan_beam = &beam.plan;
+    let t_beam = match does_not_fit(&backend, plan_beam, act_bytes) {
         Some(why) => {
             notes.push(format!("caption_beam{BENCH_BEAMS} skipped: {why}"));
             None
         }
         None => {
             let mut exec = backend.executor(weights, &plan_beam.graph)?;
-            let px = expand_for_beams(&pixels, b, &beam_opts);
             let mut samples = Vec::new();
             for r in 0..=repeats {
-                let (_, timings) = generate(
-                    &plan_beam,
-                    exec.as_mut(),
-                    &[("pixels", &px)],
-                    &subject.caption_ids,
-                    &beam_opts,
-                    &mut |_| {},
-                )?;
+                let (_, timings) =
+                    generate(plan_beam, exec.as_mut(), &beam.inputs(), &subject.caption_ids, &beam_opts, &mut |_| {})?;
                 if r > 0 {
                     samples.push(timings.total_ms);
                 }
             }
             // Floor: the model's work at batch x beams (the host-side candidate merge and the KV
             // reorder between steps are not in it).
-            let costs = PlanCosts::new(&plan_beam, weights, act_bytes);
+            let costs = PlanCosts::new(plan_beam, weights, act_bytes);
             let parts: Vec<Cost> =
                 costs.first_token().into_iter().chain((0..n - 1).map(|s| costs.decode(p_cap + s))).collect();
             Some((samples, parts))
         }
     };
-    drop(plan_beam);
+    drop(beam);
 
     // Sampled decode on the caption plan: the logits rows come to the host every step, through
     // the processors (temperature, top-k 50 as transformers defaults it, top-p) and the draw.
@@ -405,7 +465,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let mut t_sampled = Vec::new();
     for r in 0..=repeats {
         let (_, timings) =
-            generate(&plan, exec.as_mut(), &[("pixels", &pixels)], &subject.caption_ids, &sampled_opts, &mut |_| {})?;
+            generate(plan, exec.as_mut(), &caption.inputs(), &subject.caption_ids, &sampled_opts, &mut |_| {})?;
         if r > 0 && timings.decode_steps > 0 {
             t_sampled.push(timings.decode_ms / timings.decode_steps as f64);
         }
@@ -413,7 +473,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     drop(exec);
 
     // Composite stages: the sum of their parts' floors (the parts run one after another).
-    let costs = PlanCosts::new(&plan, weights, act_bytes);
+    let costs = PlanCosts::new(plan, weights, act_bytes);
     let decode_parts: Vec<Cost> = (0..n - 1).map(|s| costs.decode(p_cap + s)).collect();
     let first_parts = costs.first_token();
     let caption_parts: Vec<Cost> = first_parts.iter().chain(&decode_parts).copied().collect();
@@ -429,7 +489,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     stages.extend([
         stage(
             "prefill",
-            format!("{p_cap} decoder input tokens (caption prompt)"),
+            prompt_label(plan, p_cap, "caption"),
             &t.prefill,
             &[costs.prefill()],
             1,
@@ -437,9 +497,9 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         ),
         stage(
             "prefill_vqa",
-            format!("{p_vqa} decoder input tokens (VQA prompt)"),
+            prompt_label(plan_vqa, p_vqa, "VQA"),
             &t_vqa,
-            &[PlanCosts::new(&plan_vqa, weights, act_bytes).prefill()],
+            &[PlanCosts::new(plan_vqa, weights, act_bytes).prefill()],
             1,
             &rates,
         ),
@@ -472,13 +532,15 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     // Throughput at batch 1, 8, 32: whole captions, one executor per batch size.
     let mut throughput = Vec::new();
     for &tb in &args.throughput_batches {
-        let plan = family.plan(tb, p_cap, n, false)?;
-        let costs = PlanCosts::new(&plan, weights, act_bytes);
+        let px = crate::synth::random_normal(tb * 3 * family.image_size().pow(2), args.seed ^ tb as u64);
+        let request = subject.request(px, tb, false, n)?;
+        let plan = &request.plan;
+        let costs = PlanCosts::new(plan, weights, act_bytes);
         let parts: Vec<Cost> =
             costs.first_token().into_iter().chain((0..n - 1).map(|s| costs.decode(p_cap + s))).collect();
         let floor_s = parts.iter().map(|c| floor_ms(c, &rates).0).sum::<f64>() / 1e3;
         let floor_ips = tb as f64 / floor_s;
-        if let Some(why) = does_not_fit(&backend, &plan, act_bytes) {
+        if let Some(why) = does_not_fit(&backend, plan, act_bytes) {
             throughput.push(Throughput {
                 batch: tb,
                 images_per_s: None,
@@ -490,11 +552,10 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
             continue;
         }
         let result = backend.executor(weights, &plan.graph).and_then(|mut exec| {
-            let px = crate::synth::random_normal(tb * 3 * family.image_size().pow(2), args.seed ^ tb as u64);
             let mut samples = Vec::new();
             for r in 0..=repeats.min(5) {
                 let (_, timings) =
-                    generate(&plan, exec.as_mut(), &[("pixels", &px)], &subject.caption_ids, &opts, &mut |_| {})?;
+                    generate(plan, exec.as_mut(), &request.inputs(), &subject.caption_ids, &opts, &mut |_| {})?;
                 if r > 0 {
                     samples.push(timings.total_ms);
                 }
@@ -690,6 +751,15 @@ fn dataset_report(
     })
 }
 
+/// What a prefill stage runs over: the prompt, or for an encoder-decoder the start token (the
+/// prompt went through the encoder phase).
+fn prompt_label(plan: &Plan, tokens: usize, prompt: &str) -> String {
+    match plan.encoder_input {
+        Some(_) => format!("decoder start token ({prompt} prompt: {tokens} encoder input tokens)"),
+        None => format!("{tokens} decoder input tokens ({prompt} prompt)"),
+    }
+}
+
 /// Raw samples of each stage, ms.
 #[derive(Default)]
 struct StageTimes {
@@ -706,7 +776,7 @@ struct StageTimes {
 fn time_stages(
     exec: &mut dyn Executor,
     plan: &Plan,
-    pixels: &[f32],
+    inputs: &[(&str, &[f32])],
     ids: &[u32],
     opts: &GenerateOptions,
     repeats: usize,
@@ -714,7 +784,7 @@ fn time_stages(
     let mut t = StageTimes::default();
     // Whole captions: warm-up (also warms every phase for the per-stage timings), then timed.
     for r in 0..=repeats {
-        let (_, timings) = generate(plan, exec, &[("pixels", pixels)], ids, opts, &mut |_| {})?;
+        let (_, timings) = generate(plan, exec, inputs, ids, opts, &mut |_| {})?;
         if r > 0 {
             t.first_token.push(timings.first_token_ms);
             t.caption.push(timings.total_ms);
@@ -734,7 +804,7 @@ fn time_stages(
             true
         };
         let mut hooks = Hooks { on_token: &mut |_| {}, on_phase: Some(&mut on_phase) };
-        generate_with(plan, exec, &[("pixels", pixels)], ids, opts, &mut hooks)?;
+        generate_with(plan, exec, inputs, ids, opts, &mut hooks)?;
     }
     Ok(t)
 }
@@ -743,7 +813,7 @@ fn time_stages(
 fn time_prefill(
     exec: &mut dyn Executor,
     plan: &Plan,
-    pixels: &[f32],
+    inputs: &[(&str, &[f32])],
     ids: &[u32],
     opts: &GenerateOptions,
     repeats: usize,
@@ -760,7 +830,7 @@ fn time_prefill(
             false
         };
         let mut hooks = Hooks { on_token: &mut |_| {}, on_phase: Some(&mut on_phase) };
-        generate_with(plan, exec, &[("pixels", pixels)], ids, opts, &mut hooks)?;
+        generate_with(plan, exec, inputs, ids, opts, &mut hooks)?;
     }
     Ok(out)
 }

@@ -307,6 +307,13 @@ impl Checkpoint {
         }
     }
 
+    /// The same checkpoint named after `origin`: families that read files next to the weights
+    /// (InstructBLIP's `qformer_tokenizer/`) look for them in its folder.
+    pub fn with_origin(mut self, origin: impl Into<PathBuf>) -> Self {
+        self.origin = origin.into();
+        self
+    }
+
     /// A checkpoint that holds nothing and answers every [`Checkpoint::f16`] with zeros of the
     /// asked shape, logging (name, shape, dtype): running a model's `load` on it lists exactly
     /// the tensors that model reads (`glimpse synth` writes those). `contains` is true only for

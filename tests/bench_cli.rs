@@ -235,6 +235,34 @@ fn bench_takes_llava_presets() {
     assert!(stages.contains(&"vision") && stages.contains(&"projector") && stages.contains(&"decode"), "{stages:?}");
 }
 
+/// InstructBLIP's Q-Former reads the prompt text: the bench feeds it each prompt's instruction
+/// inputs (folders: the folder's qformer_tokenizer/; presets: the preset's folder files), for
+/// both language models (Vicuna and the Flan-T5 encoder phase).
+#[test]
+fn bench_runs_instructblip_folders_and_presets() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let cases = [
+        (vec!["--model".to_string(), format!("{root}/tests/fixtures/instructblip-tiny")], "prefill"),
+        (vec!["--model".to_string(), format!("{root}/tests/fixtures/instructblip-flan-t5-tiny")], "encoder"),
+        (vec!["--preset".to_string(), "instructblip-tiny".to_string()], "prefill"),
+    ];
+    for (which, stage) in cases {
+        let mut args: Vec<&str> = vec!["bench"];
+        args.extend(which.iter().map(String::as_str));
+        args.extend(["--device", "cpu", "--repeats", "1", "--new-tokens", "3", "--throughput-batches", "2", "--json"]);
+        let o = glimpse(&args);
+        assert!(o.status.success(), "{which:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let names: Vec<&str> = v["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+        assert!(
+            names.contains(&"qformer") && names.contains(&stage) && names.contains(&"caption_beam5"),
+            "{which:?}: {names:?}"
+        );
+        let t = &v["throughput"][0];
+        assert!(t["images_per_s"].as_f64().unwrap() > 0.0, "{which:?}: {t}");
+    }
+}
+
 /// An embedding model (preset or folder) gets images/s and texts/s rows at each batch size, each
 /// with a floor read off its graph.
 #[test]
