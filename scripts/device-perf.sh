@@ -8,7 +8,9 @@
 # 3. the transformers baseline on the same folder, eager, 3 repeats: scripts/hf_reference.py at
 #    batch 1 without numerics or torch.compile (those are in the full scripts/device-e2e.sh);
 #    PRESET=llava-1.5-7b: scripts/hf_reference_llava.py; PRESET=clip-vit-large-patch14:
-#    scripts/hf_reference_clip.py at batch 1 and 32 (bench then times images/s and texts/s),
+#    scripts/hf_reference_clip.py at batch 1 and 32 (bench then times images/s and texts/s);
+#    PRESET=blip2-flan-t5-xl or instructblip-vicuna-7b: scripts/hf_reference_blip_family.py
+#    (whole-request stages and images/s at batch 1 and 32),
 # 4. the side-by-side table (scripts/device_summary.py).
 # The copy bandwidth is measured by glimpse bench itself; the matrix rate is left to bench's
 # default unless GLIMPSE_MATRIX_TFLOPS is set. Logs go to $OUT when set (else
@@ -54,6 +56,7 @@ echo "glimpse bench exit status $rc" | tee -a "$LOG/log.txt"
 case "$PRESET" in
     clip-*) REF=(hf_reference_clip.py --batches 1,32) ;;
     llava-*) REF=(hf_reference_llava.py) ;;
+    blip2-flan-t5-*|instructblip-*) REF=(hf_reference_blip_family.py --batches 1,32) ;;
     *) REF=(hf_reference.py --batches 1 --no-numerics) ;;
 esac
 step "${REF[0]} eager"

@@ -48,7 +48,7 @@ if "rates" in g:
 print("| stage | floor ms | " + " | ".join(c for c, _ in cols) + " |")
 print("|---|---|" + "---|" * len(cols))
 gst = {s["stage"]: s for s in g.get("stages", [])}
-for st in ["vision", "qformer", "prefill", "prefill_vqa", "decode", "first_token", "caption"]:
+for st in ["vision", "qformer", "image_features", "encoder", "prefill", "prefill_vqa", "decode", "first_token", "caption"]:
     floor = gst.get(st, {}).get("floor_ms")
     cells = []
     for name, run in cols:
