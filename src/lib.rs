@@ -33,5 +33,5 @@ pub mod weights;
 
 pub use api::{Device, EmbedModel, Model, Output};
 pub use error::{Error, Result};
-pub use generate::{GenerateOptions, Sequence, Timings, TokenEvent};
+pub use generate::{Cancel, GenerateOptions, Sequence, Timings, TokenEvent};
 pub use image::ImageInput;

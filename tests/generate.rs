@@ -107,6 +107,43 @@ fn phase_hook_reports_each_phase_and_can_stop() {
     assert!(err.contains("`pixels`"), "{err}");
 }
 
+/// A cancelled request stops before its next phase and returns what it generated: cancelling
+/// from the first token's callback leaves exactly that token (greedy and sampled), and a flag
+/// cancelled up front runs nothing.
+#[test]
+fn cancel_stops_the_request_at_the_next_phase() {
+    let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
+    let image = common::image("odd_257x181.png");
+    let px = model.preprocess(&image).unwrap();
+    for do_sample in [false, true] {
+        let cancel = glimpse::Cancel::new();
+        let opts = glimpse::GenerateOptions {
+            max_new_tokens: Some(12),
+            min_new_tokens: 12,
+            do_sample,
+            seed: Some(3),
+            cancel: Some(cancel.clone()),
+            ..model.default_options()
+        };
+        let mut seen = 0;
+        let out = model
+            .caption_pixels(&px, &opts, &mut |_| {
+                seen += 1;
+                cancel.cancel();
+            })
+            .unwrap();
+        assert_eq!((out.tokens.len(), seen), (1, 1), "do_sample {do_sample}: {:?}", out.tokens);
+        let full = model.caption_pixels(&px, &glimpse::GenerateOptions { cancel: None, ..opts }, &mut |_| {}).unwrap();
+        assert_eq!(full.tokens.len(), 12);
+        assert_eq!(full.tokens[0], out.tokens[0]);
+    }
+    let cancel = glimpse::Cancel::new();
+    cancel.cancel();
+    let opts = glimpse::GenerateOptions { cancel: Some(cancel), ..model.default_options() };
+    let out = model.caption(&image, &opts).unwrap();
+    assert!(out.tokens.is_empty(), "{:?}", out.tokens);
+}
+
 /// Timings keep their JSON shape: one `{phase}_ms` per encoder beside the decoder stages.
 #[test]
 fn timings_serialize_encoders_by_phase_name() {

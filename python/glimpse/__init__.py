@@ -127,6 +127,18 @@ class Stream:
         raw = self._native.result
         return None if raw is None else json.loads(raw)
 
+    def close(self) -> None:
+        """Stops generating at the next step and waits for it: ``result`` is then the record
+        of what was generated so far. Dropping the stream (or ``break`` out of a ``for`` over
+        it and letting it go) also stops the generation."""
+        self._native.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 class Model:
     """A model folder (or hub id such as ``Salesforce/blip2-opt-2.7b``) loaded once.

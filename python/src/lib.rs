@@ -11,7 +11,7 @@ use glimpse::config::ModelConfig;
 use glimpse::generate::stream::TextStreamer;
 use glimpse::generate::EarlyStopping;
 use glimpse::image::PixelValues;
-use glimpse::{Device, EmbedModel, Error, GenerateOptions, ImageInput, Model, Output, TokenEvent};
+use glimpse::{Cancel, Device, EmbedModel, Error, GenerateOptions, ImageInput, Model, Output, TokenEvent};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 use serde_json::{json, Map, Value};
@@ -505,7 +505,11 @@ impl NativeModel {
                     opts.num_beams
                 )));
             }
-            let (tx, rx) = mpsc::channel();
+            // A bounded channel: the worker runs at most a few pieces ahead of the consumer, and
+            // a consumer that goes away (iterator dropped or closed) cancels the request.
+            let (tx, rx) = mpsc::sync_channel(STREAM_AHEAD);
+            let cancel = Cancel::new();
+            let opts = GenerateOptions { cancel: Some(cancel.clone()), ..opts };
             std::thread::Builder::new()
                 .name("glimpse-stream".into())
                 .spawn(move || {
@@ -519,7 +523,7 @@ impl NativeModel {
                     class: "GlimpseError",
                     msg: format!("cannot start the stream's thread: {e}"),
                 })?;
-            Ok(Stream { rx: Mutex::new(rx), result: Mutex::new(None) })
+            Ok(Stream { rx: Mutex::new(Some(rx)), result: Mutex::new(None), cancel })
         };
         start().map_err(|f| f.into_py(py))
     }
@@ -614,6 +618,9 @@ impl NativeModel {
     }
 }
 
+/// Text pieces the stream's worker may send before the consumer takes them.
+const STREAM_AHEAD: usize = 4;
+
 /// What the stream's worker thread sends.
 enum Piece {
     Text(String),
@@ -629,7 +636,7 @@ fn stream_one(
     image: &Img,
     question: Option<&str>,
     opts: &GenerateOptions,
-    tx: &mpsc::Sender<Piece>,
+    tx: &mpsc::SyncSender<Piece>,
 ) -> Res<String> {
     let pixels = model.preprocess_input(&image.input())?;
     let mut streamer = TextStreamer::new(&model.tokenizer);
@@ -639,8 +646,14 @@ fn stream_one(
             return;
         }
         match streamer.put(ev.token) {
-            // A dropped iterator stops listening; generation finishes on its own.
-            Ok(text) if !text.is_empty() => drop(tx.send(Piece::Text(text))),
+            // The consumer went away: stop the request before its next step.
+            Ok(text) if !text.is_empty() => {
+                if tx.send(Piece::Text(text)).is_err() {
+                    if let Some(c) = &opts.cancel {
+                        c.cancel();
+                    }
+                }
+            }
             Ok(_) => {}
             Err(e) => failed = Some(e),
         }
@@ -663,8 +676,10 @@ fn stream_one(
 /// the iteration ended.
 #[pyclass(frozen, module = "glimpse._glimpse")]
 struct Stream {
-    rx: Mutex<mpsc::Receiver<Piece>>,
+    /// None once closed.
+    rx: Mutex<Option<mpsc::Receiver<Piece>>>,
     result: Mutex<Option<String>>,
+    cancel: Cancel,
 }
 
 #[pymethods]
@@ -675,7 +690,10 @@ impl Stream {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
         // Waits for the worker with the GIL released.
-        let piece = py.allow_threads(|| self.rx.lock().unwrap_or_else(|p| p.into_inner()).recv());
+        let piece = py.allow_threads(|| match self.rx.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(rx) => rx.recv(),
+            None => Err(mpsc::RecvError),
+        });
         match piece {
             Ok(Piece::Text(t)) => Ok(Some(t)),
             Ok(Piece::Done(record)) => {
@@ -692,6 +710,31 @@ impl Stream {
     #[getter]
     fn result(&self) -> Option<String> {
         self.result.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops the request at its next step and waits for the worker to finish: `result` is
+    /// then the record of what was generated so far (None if it failed). Iterating afterwards
+    /// ends at once. Dropping the stream also cancels, without waiting.
+    fn close(&self, py: Python<'_>) {
+        self.cancel.cancel();
+        let Some(rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        // Drain until the worker's last message (its record or its error), GIL released.
+        let record = py.allow_threads(move || {
+            rx.iter().find_map(|piece| match piece {
+                Piece::Text(_) => None,
+                Piece::Done(record) => Some(Some(record)),
+                Piece::Failed(_) => Some(None),
+            })
+        });
+        if let Some(Some(record)) = record {
+            *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 

@@ -118,6 +118,21 @@ def test_stream_pieces_join_to_the_caption(blip2, llava):
     assert "".join(stream) == blip2.ask(image("rgba_150x120.png"), "what is it?")["text"]
 
 
+def test_closing_a_stream_stops_generation(blip2):
+    # 60 tokens forced (no EOS before): the worker runs only a few pieces ahead of the reader,
+    # so closing after the first piece stops it long before the end; result holds the tokens
+    # generated so far, a prefix of the full caption.
+    opts = {"max_new_tokens": 60, "min_new_tokens": 60}
+    full = blip2.caption(image("odd_257x181.png"), **opts)
+    assert len(full["tokens"]) == 60
+    with blip2.caption(image("odd_257x181.png"), stream=True, **opts) as stream:
+        first = next(stream)
+    assert first and full["text"].startswith(first)
+    part = stream.result["tokens"]
+    assert 0 < len(part) < 60 and part == full["tokens"][: len(part)], part
+    assert list(stream) == []
+
+
 def test_options_follow_the_cli_defaults_rule(blip2, llava):
     assert blip2.options()["max_new_tokens"] is None
     assert blip2.options(max_new_tokens=4, num_beams=2)["num_beams"] == 2

@@ -89,6 +89,34 @@ pub struct GenerateOptions {
     pub stop_strings: Vec<String>,
     /// Seed of the sampling RNG.
     pub seed: Option<u64>,
+    /// Stops the request before its next phase once cancelled (a streaming consumer that went
+    /// away); what was generated so far is returned. Not a transformers option.
+    pub cancel: Option<Cancel>,
+}
+
+/// A flag that stops a running request at its next phase ([`GenerateOptions::cancel`]); clones
+/// share it. Two flags are equal when they are the same flag.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for Cancel {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Default for GenerateOptions {
@@ -112,6 +140,7 @@ impl Default for GenerateOptions {
             eos_token_ids: Vec::new(),
             stop_strings: Vec::new(),
             seed: None,
+            cancel: None,
         }
     }
 }
@@ -431,11 +460,16 @@ pub struct Session<'a, 'h> {
     /// Encoder-decoder plans: the request's input ids (the encoders' tokens) and their left
     /// pad counts.
     encoder_tokens: Option<(Vec<u32>, Vec<usize>)>,
+    /// [`GenerateOptions::cancel`], checked before every phase.
+    cancel: Option<Cancel>,
 }
 
 impl<'a, 'h> Session<'a, 'h> {
     /// Runs one phase, timed through the hook when it is set. `Ok(false)`: the hook stopped the run.
     fn run(&mut self, phase: &crate::graph::Phase) -> Result<bool> {
+        if self.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+            return Ok(false);
+        }
         match self.hooks.on_phase.as_mut() {
             None => {
                 self.exec.run(phase)?;
@@ -685,8 +719,17 @@ fn run_prompts(
     };
     let prompts = decoder_prompts.as_ref().unwrap_or(prompts);
     let pads = prompts.pads().to_vec();
-    let mut session =
-        Session { plan, exec, hooks, start: Instant::now(), timings: Timings::default(), pads, stop, encoder_tokens };
+    let mut session = Session {
+        plan,
+        exec,
+        hooks,
+        start: Instant::now(),
+        timings: Timings::default(),
+        pads,
+        stop,
+        encoder_tokens,
+        cancel: opts.cancel.clone(),
+    };
     let seqs = if opts.num_beams > 1 {
         beam::run(&mut session, inputs, prompts, opts)?
     } else if opts.uses_processors() {
