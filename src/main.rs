@@ -196,8 +196,8 @@ enum Command {
     /// Write a model with random weights at real shapes as an HF checkpoint folder.
     Synth {
         /// tiny, blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, blip2-flan-t5-tiny, llava-1.5-7b,
-        /// llava-1.5-13b, llava-tiny, clip-vit-large-patch14, clip-tiny, instructblip-vicuna-7b or
-        /// instructblip-tiny.
+        /// llava-1.5-13b, llava-tiny, clip-vit-large-patch14, clip-tiny, instructblip-vicuna-7b,
+        /// instructblip-tiny, instructblip-flan-t5-xl or instructblip-flan-t5-tiny.
         #[arg(long)]
         preset: String,
         /// New or empty folder to write.

@@ -31,8 +31,8 @@ use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, Weight};
 
 /// Names accepted by [`preset`]: BLIP-2 OPT (`tiny` is tests/fixtures/blip2-opt-tiny's dims) and Flan-T5,
-/// LLaVA-1.5, CLIP and InstructBLIP (Vicuna), each family with a tiny variant for tests.
-pub const PRESETS: [&str; 12] = [
+/// LLaVA-1.5, CLIP and InstructBLIP (Vicuna and Flan-T5), each family with a tiny variant for tests.
+pub const PRESETS: [&str; 14] = [
     "tiny",
     "blip2-opt-2.7b",
     "blip2-opt-6.7b",
@@ -45,6 +45,8 @@ pub const PRESETS: [&str; 12] = [
     "clip-tiny",
     "instructblip-vicuna-7b",
     "instructblip-tiny",
+    "instructblip-flan-t5-xl",
+    "instructblip-flan-t5-tiny",
 ];
 
 /// The VQA prompt the bench and hf_reference.py time (tokenizes to 8 tokens + BOS, as with OPT).
@@ -107,6 +109,7 @@ pub fn preset_json(name: &str) -> Result<Value> {
     match name {
         n if n.starts_with("llava-") => llava_json(n),
         n if n.starts_with("clip-") => clip_json(n),
+        n if n.starts_with("instructblip-flan-t5-") => instructblip_t5_json(n),
         n if n.starts_with("instructblip-") => instructblip_json(n),
         n if n.starts_with("blip2-flan-t5-") => blip2_t5_json(n),
         n => blip2_json(n),
@@ -223,7 +226,15 @@ fn blip2_t5_json(name: &str) -> Result<Value> {
     ] {
         v["qformer_config"][key] = json!(value);
     }
-    v["text_config"] = json!({
+    v["text_config"] = t5_text_json(dm, dkv, dff, tl, tn, vocab);
+    Ok(v)
+}
+
+/// `text_config` of a Flan-T5 language model as the BLIP-2 / InstructBLIP conversions write it
+/// (design/t5.md §1): gated GELU with `dense_act_fn` "gelu" (erf), untied head, no output
+/// scaling, decoder start 0, EOS 1.
+fn t5_text_json(dm: usize, dkv: usize, dff: usize, tl: usize, tn: usize, vocab: usize) -> Value {
+    json!({
         "bos_token_id": 1,
         "classifier_dropout": 0.0,
         "d_ff": dff,
@@ -249,7 +260,24 @@ fn blip2_t5_json(name: &str) -> Result<Value> {
         "tie_word_embeddings": false,
         "use_cache": true,
         "vocab_size": vocab
-    });
+    })
+}
+
+/// `config.json` of an InstructBLIP Flan-T5 preset, as transformers 5.17 writes
+/// Salesforce/instructblip-flan-t5-xl: InstructBLIP's vision encoder and Q-Former (the Vicuna
+/// preset's, or the tiny one's), a Flan-T5-XL language model (blip2-flan-t5-xl's), `<image>` at
+/// 32100 of the T5 tokenizer.
+fn instructblip_t5_json(name: &str) -> Result<Value> {
+    let (base, (dm, dkv, dff, tl, tn)) = match name {
+        "instructblip-flan-t5-xl" => ("instructblip-vicuna-7b", (2048, 64, 5120, 24, 32)),
+        "instructblip-flan-t5-tiny" => ("instructblip-tiny", (32, 16, 48, 2, 3)),
+        _ => return Err(unknown(name)),
+    };
+    let mut v = instructblip_json(base)?;
+    v["glimpse_synth"]["preset"] = json!(name);
+    v["image_token_index"] = json!(32100);
+    v["use_decoder_only_language_model"] = json!(false);
+    v["text_config"] = t5_text_json(dm, dkv, dff, tl, tn, 32128);
     Ok(v)
 }
 
@@ -525,7 +553,14 @@ fn specs(cfg: &ModelConfig) -> Result<Vec<Spec>> {
             }
             crate::models::clip::Clip::load(c, &recorder)?;
         }
-        ModelConfig::InstructBlip(c) => drop(crate::models::instructblip::InstructBlip::load(c, &recorder)?),
+        ModelConfig::InstructBlip(c) => {
+            if matches!(c.text_config, crate::config::TextConfig::T5(_)) {
+                // The untied Flan head is stored, as for BLIP-2 Flan-T5.
+                let t = &c.text_config;
+                recorder.f16("language_model.lm_head.weight", &[t.vocab_size(), t.hidden_size()])?;
+            }
+            drop(crate::models::instructblip::InstructBlip::load(c, &recorder)?)
+        }
         ModelConfig::Llava(c) => {
             crate::models::llava::Llava::load(c, &recorder)?;
             let v = &c.vision_config;
@@ -1024,6 +1059,9 @@ fn family_tokenizer_json(cfg: &ModelConfig) -> Result<Value> {
             tokenizer_json(c.image_token(), eos)
         }
         ModelConfig::Llava(c) => llama_tokenizer_json(c.image_token_index),
+        ModelConfig::InstructBlip(c) if matches!(c.text_config, crate::config::TextConfig::T5(_)) => {
+            Ok(t5_tokenizer_json(c.image_token()))
+        }
         ModelConfig::InstructBlip(c) => {
             // Vicuna's conversion makes `</s>` the BOS the template inserts.
             let mut t = llama_tokenizer_json(c.image_token())?;
@@ -1109,6 +1147,24 @@ pub fn tokenizer(cfg: &ModelConfig) -> Result<tokenizers::Tokenizer> {
         .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
+/// A Flan-T5 language model's tokenizer and generation files (the T5 tokenizer with `<image>`,
+/// `tokenizer_class` T5Tokenizer as 5.17 saves it) for a processor of class `processor`.
+fn t5_language_files(cfg: &ModelConfig, processor: &str) -> Result<Vec<(&'static str, Value)>> {
+    Ok(vec![
+        (
+            "generation_config.json",
+            json!({"bos_token_id": 1, "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
+                   "transformers_version": "5.17.0"}),
+        ),
+        ("tokenizer.json", family_tokenizer_json(cfg)?),
+        (
+            "tokenizer_config.json",
+            json!({"backend": "tokenizers", "eos_token": "</s>", "extra_ids": 100, "pad_token": "<pad>",
+                   "processor_class": processor, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}),
+        ),
+    ])
+}
+
 fn tokenizer_config_json() -> Value {
     json!({
         "add_prefix_space": false,
@@ -1184,20 +1240,10 @@ pub fn folder_files(name: &str, cfg: &ModelConfig, seed: u64) -> Result<Vec<(&'s
     config["glimpse_synth"]["seed"] = json!(seed);
     let mut jsons: Vec<(&'static str, Value)> = vec![("config.json", config)];
     match cfg {
-        ModelConfig::Blip2(c) if matches!(c.text_config, crate::config::TextConfig::T5(_)) => jsons.extend([
-            (
-                "generation_config.json",
-                json!({"bos_token_id": 1, "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
-                       "transformers_version": "5.17.0"}),
-            ),
-            ("tokenizer.json", family_tokenizer_json(cfg)?),
-            (
-                "tokenizer_config.json",
-                json!({"backend": "tokenizers", "eos_token": "</s>", "extra_ids": 100, "pad_token": "<pad>",
-                       "processor_class": "Blip2Processor", "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}),
-            ),
-            ("processor_config.json", processor_config_json(c)),
-        ]),
+        ModelConfig::Blip2(c) if matches!(c.text_config, crate::config::TextConfig::T5(_)) => {
+            jsons.extend(t5_language_files(cfg, "Blip2Processor")?);
+            jsons.push(("processor_config.json", processor_config_json(c)));
+        }
         ModelConfig::Blip2(c) => jsons.extend([
             ("generation_config.json", generation_config_json(c)),
             ("tokenizer.json", family_tokenizer_json(cfg)?),
@@ -1249,27 +1295,33 @@ pub fn folder_files(name: &str, cfg: &ModelConfig, seed: u64) -> Result<Vec<(&'s
         }
         ModelConfig::InstructBlip(c) => {
             let (image, s) = (c.image_token(), c.vision_config.image_size);
-            let added: serde_json::Map<String, Value> =
-                [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (image, "<image>"), (image + 1, "<pad>")]
-                    .into_iter()
-                    .map(|(id, t)| (id.to_string(), added_token(id, t)))
-                    .collect();
+            if matches!(c.text_config, crate::config::TextConfig::T5(_)) {
+                jsons.extend(t5_language_files(cfg, "InstructBlipProcessor")?);
+            } else {
+                let added: serde_json::Map<String, Value> =
+                    [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (image, "<image>"), (image + 1, "<pad>")]
+                        .into_iter()
+                        .map(|(id, t)| (id.to_string(), added_token(id, t)))
+                        .collect();
+                jsons.extend([
+                    (
+                        "generation_config.json",
+                        json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
+                        "transformers_version": "5.17.0"}),
+                    ),
+                    ("tokenizer.json", family_tokenizer_json(cfg)?),
+                    (
+                        "tokenizer_config.json",
+                        json!({
+                        "add_bos_token": true, "add_eos_token": false, "added_tokens_decoder": added,
+                        "bos_token": "</s>", "clean_up_tokenization_spaces": false, "eos_token": "</s>", "legacy": false,
+                        "model_max_length": 2048, "pad_token": "<pad>", "padding_side": "left",
+                        "processor_class": "InstructBlipProcessor", "tokenizer_class": "LlamaTokenizer",
+                        "truncation_side": "left", "unk_token": "</s>"}),
+                    ),
+                ]);
+            }
             jsons.extend([
-                (
-                    "generation_config.json",
-                    json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
-                    "transformers_version": "5.17.0"}),
-                ),
-                ("tokenizer.json", family_tokenizer_json(cfg)?),
-                (
-                    "tokenizer_config.json",
-                    json!({
-                    "add_bos_token": true, "add_eos_token": false, "added_tokens_decoder": added,
-                    "bos_token": "</s>", "clean_up_tokenization_spaces": false, "eos_token": "</s>", "legacy": false,
-                    "model_max_length": 2048, "pad_token": "<pad>", "padding_side": "left",
-                    "processor_class": "InstructBlipProcessor", "tokenizer_class": "LlamaTokenizer",
-                    "truncation_side": "left", "unk_token": "</s>"}),
-                ),
                 (
                     "processor_config.json",
                     json!({"image_processor": {

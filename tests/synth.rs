@@ -89,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(PRESETS.len(), 12);
+    assert_eq!(PRESETS.len(), 14);
 }
 
 #[test]
@@ -369,6 +369,47 @@ fn instructblip_tiny_folder_generates_and_loads_in_transformers() {
     assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
     model.caption(&common::image("odd_257x181.png"), &opts).expect("caption");
     let ours = parameter_count(&preset("instructblip-tiny").unwrap()).unwrap();
+    if let Some(theirs) = transformers_params(&dir, "InstructBlipForConditionalGeneration") {
+        assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
+    }
+}
+
+/// InstructBLIP Flan-T5-XL: the Vicuna preset's image side, blip2-flan-t5-xl's T5.
+#[test]
+fn instructblip_flan_t5_preset_has_the_real_shapes() {
+    let glimpse::config::ModelConfig::InstructBlip(c) = preset("instructblip-flan-t5-xl").unwrap() else {
+        panic!("not InstructBLIP")
+    };
+    let glimpse::config::TextConfig::T5(t) = &c.text_config else { panic!("not T5") };
+    assert_eq!((t.d_model, t.d_kv, t.d_ff, t.num_layers, t.num_heads, t.vocab_size), (2048, 64, 5120, 24, 32, 32128));
+    assert_eq!(
+        (t.act_name().as_str(), t.scale_outputs(), c.image_token(), c.num_query_tokens),
+        ("gelu", false, 32100, 32)
+    );
+    assert_eq!((c.vision_config.num_hidden_layers, c.qformer_config.vocab_size), (39, 30523));
+    // transformers 5.17's InstructBlipForConditionalGeneration at these shapes on the meta device
+    // (2026-11-30): 3,957,170,944 with the fresh model's head tied to `shared`, plus the stored
+    // untied Flan head (32128 x 2048): 4,022,969,088 (the hub card's 4.02 B).
+    assert_eq!(parameter_count(&preset("instructblip-flan-t5-xl").unwrap()).unwrap(), 4_022_969_088);
+}
+
+#[test]
+fn instructblip_flan_t5_tiny_folder_generates_and_loads_in_transformers() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("ib-t5");
+    write_folder("instructblip-flan-t5-tiny", &dir, 5).expect("write instructblip-flan-t5-tiny");
+    assert!(dir.join("qformer_tokenizer").join("tokenizer.json").is_file());
+    let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts an InstructBLIP Flan-T5 synth folder");
+    let ids = model.input_ids(Some("what is this?")).unwrap();
+    assert_eq!(
+        (ids[..4].to_vec(), ids.last()),
+        (vec![32100; 4], Some(&1)),
+        "4 image tokens, the prompt, </s>: {ids:?}"
+    );
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(4), ..model.default_options() };
+    let out = model.ask(&common::image("odd_257x181.png"), "what is this?", &opts).expect("ask");
+    assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
+    let ours = parameter_count(&preset("instructblip-flan-t5-tiny").unwrap()).unwrap();
     if let Some(theirs) = transformers_params(&dir, "InstructBlipForConditionalGeneration") {
         assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
     }

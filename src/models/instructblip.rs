@@ -78,10 +78,18 @@ impl InstructBlip {
                 )?)
             }
         };
-        let qformer_tokenizer_dir = ckpt.origin().parent().unwrap_or(Path::new(".")).join(QFORMER_TOKENIZER_DIR);
-        let qformer_tokenizer =
-            if qformer_tokenizer_dir.is_dir() { Some(Tokenizer::from_dir(&qformer_tokenizer_dir)?) } else { None };
-        let instruction_pad_left = instruction_padding_left(&qformer_tokenizer_dir)?;
+        // The folder's files; an in-memory checkpoint (no folder) has none, and the working
+        // directory is never consulted in its place.
+        let folder = ckpt.origin().parent().filter(|p| !p.as_os_str().is_empty() && p.is_dir());
+        let qformer_tokenizer_dir = folder.unwrap_or(Path::new("<model folder>")).join(QFORMER_TOKENIZER_DIR);
+        let qformer_tokenizer = match folder {
+            Some(_) if qformer_tokenizer_dir.is_dir() => Some(Tokenizer::from_dir(&qformer_tokenizer_dir)?),
+            _ => None,
+        };
+        let instruction_pad_left = match folder {
+            Some(dir) => instruction_padding_left(dir)?,
+            None => false,
+        };
         Ok(Self {
             cfg: cfg.clone(),
             config: ModelConfig::InstructBlip(cfg.clone()),
@@ -252,9 +260,8 @@ impl InstructBlip {
 /// Q-Former tokenizer with the LLM tokenizer's init kwargs, so the LLM tokenizer_config.json's
 /// `padding_side` wins when it is written (Vicuna: "left"); else the Q-Former tokenizer's own
 /// (its tokenizer_config.json, BERT's default "right"; a Flan-T5 tokenizer writes none).
-fn instruction_padding_left(qformer_tokenizer_dir: &Path) -> Result<bool> {
-    let llm_dir = qformer_tokenizer_dir.parent().unwrap_or(Path::new("."));
-    for dir in [llm_dir, qformer_tokenizer_dir] {
+fn instruction_padding_left(model_dir: &Path) -> Result<bool> {
+    for dir in [model_dir.to_path_buf(), model_dir.join(QFORMER_TOKENIZER_DIR)] {
         let path = dir.join("tokenizer_config.json");
         if !path.is_file() {
             continue;
