@@ -9,7 +9,8 @@
 #    batch 1 without numerics or torch.compile (those are in the full scripts/device-e2e.sh);
 #    PRESET=llava-1.5-7b: scripts/hf_reference_llava.py; PRESET=clip-vit-large-patch14:
 #    scripts/hf_reference_clip.py at batch 1 and 32 (bench then times images/s and texts/s);
-#    PRESET=blip2-flan-t5-xl or instructblip-vicuna-7b: scripts/hf_reference_blip_family.py
+#    PRESET=blip2-flan-t5-xl, instructblip-vicuna-7b or instructblip-flan-t5-xl:
+#    scripts/hf_reference_blip_family.py
 #    (whole-request stages and images/s at batch 1 and 32),
 # 4. the side-by-side table (scripts/device_summary.py).
 # The copy bandwidth is measured by glimpse bench itself; the matrix rate is left to bench's
