@@ -75,9 +75,13 @@ fn prompts_match_the_processor() {
 
 #[test]
 fn pixels_match_blip_image_processor() {
-    let model = load();
-    let goldens = common::goldens("instructblip_tiny.safetensors");
-    for case in cases() {
+    check_pixels(&load(), "instructblip_tiny", &cases());
+}
+
+/// BlipImageProcessor's pixels of each golden case (`{golden}.safetensors`, `{case}.pixels`).
+fn check_pixels(model: &Model, golden: &str, cases: &[serde_json::Value]) {
+    let goldens = common::goldens(&format!("{golden}.safetensors"));
+    for case in cases {
         let name = case["name"].as_str().unwrap();
         let px = model.preprocess(&common::image(case["image"].as_str().unwrap())).unwrap();
         let (want, _) = goldens.f32(&format!("{name}.pixels")).unwrap();
@@ -154,15 +158,19 @@ fn check(out: &glimpse::api::Output, case: &serde_json::Value) {
 /// sends the question verbatim to both the Q-Former and the LLM.
 #[test]
 fn generation_matches_transformers() {
-    let model = load();
     assert!(golden()["generate_without_text"].as_str().unwrap().contains("ones_like"));
-    for case in cases() {
+    check_generation(&load(), &cases());
+}
+
+/// Each golden case through `caption` (the empty text) or `ask`: tokens, log-probs, text.
+fn check_generation(model: &Model, cases: &[serde_json::Value]) {
+    for case in cases {
         let image = common::image(case["image"].as_str().unwrap());
         let out = match case["text"].as_str().unwrap() {
-            "" => model.caption(&image, &opts(&model)).unwrap(),
-            q => model.ask(&image, q, &opts(&model)).unwrap(),
+            "" => model.caption(&image, &opts(model)).unwrap(),
+            q => model.ask(&image, q, &opts(model)).unwrap(),
         };
-        check(&out, &case);
+        check(&out, case);
     }
 }
 
@@ -170,12 +178,19 @@ fn generation_matches_transformers() {
 /// batched (and single) answer.
 #[test]
 fn batch_matches_transformers() {
-    let model = load();
-    let b = &golden()["batch"];
+    check_batch(&load(), &golden()["batch"]);
+}
+
+/// `ask_batch` over golden batch `b` (its images, and its `texts` or one `text` for all) gives
+/// transformers' tokens and log-probs row by row.
+fn check_batch(model: &Model, b: &serde_json::Value) {
     let paths: Vec<_> = b["images"].as_array().unwrap().iter().map(|i| common::image(i.as_str().unwrap())).collect();
     let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
-    let texts: Vec<&str> = b["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-    let outs = model.ask_batch(&refs, &texts, &opts(&model)).unwrap();
+    let texts: Vec<&str> = match b["texts"].as_array() {
+        Some(t) => t.iter().map(|t| t.as_str().unwrap()).collect(),
+        None => vec![b["text"].as_str().unwrap(); paths.len()],
+    };
+    let outs = model.ask_batch(&refs, &texts, &opts(model)).unwrap();
     for (i, out) in outs.iter().enumerate() {
         assert_eq!(out.tokens, common::ids(&b["generated_ids"][i]), "row {i}: greedy tokens");
         for (got, want) in out.logprobs.iter().zip(common::floats(&b["logprobs"][i])) {
@@ -300,15 +315,7 @@ mod flan_t5 {
 
     #[test]
     fn pixels_match_blip_image_processor() {
-        let model = load();
-        let goldens = common::goldens(&format!("{GOLDEN}.safetensors"));
-        for case in cases() {
-            let name = case["name"].as_str().unwrap();
-            let px = model.preprocess(&common::image(case["image"].as_str().unwrap())).unwrap();
-            let (want, _) = goldens.f32(&format!("{name}.pixels")).unwrap();
-            let (max, _) = common::errors(&px.data, &want);
-            assert!(max <= 1e-6, "{name}: pixels differ by {max:e}");
-        }
+        check_pixels(&load(), GOLDEN, &cases());
     }
 
     /// Vision, Q-Former, projector, T5 encoder output and first decoder logits.
@@ -327,33 +334,13 @@ mod flan_t5 {
     /// Greedy tokens after the decoder start token (cut after `</s>`), log-probs and text.
     #[test]
     fn generation_matches_transformers() {
-        let model = load();
-        for case in cases() {
-            let image = common::image(case["image"].as_str().unwrap());
-            let out = match case["text"].as_str().unwrap() {
-                "" => model.caption(&image, &opts(&model)).unwrap(),
-                q => model.ask(&image, q, &opts(&model)).unwrap(),
-            };
-            check(&out, &case);
-        }
+        check_generation(&load(), &cases());
     }
 
     /// Two images with one question, as one batch (every encoder input has one length).
     #[test]
     fn batch_matches_transformers() {
-        let model = load();
-        let b = &golden()["batch"];
-        let paths: Vec<_> =
-            b["images"].as_array().unwrap().iter().map(|i| common::image(i.as_str().unwrap())).collect();
-        let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
-        let q = b["text"].as_str().unwrap();
-        let outs = model.ask_batch(&refs, &[q, q], &opts(&model)).unwrap();
-        for (i, out) in outs.iter().enumerate() {
-            assert_eq!(out.tokens, common::ids(&b["generated_ids"][i]), "row {i}: greedy tokens");
-            for (got, want) in out.logprobs.iter().zip(common::floats(&b["logprobs"][i])) {
-                assert!((got - want).abs() <= LOGPROB_ABS, "row {i}: logprob {got} vs {want}");
-            }
-        }
+        check_batch(&load(), &golden()["batch"]);
     }
 
     fn family() -> InstructBlip {
@@ -377,19 +364,7 @@ mod flan_t5 {
     /// transformers' batched (and single) answer.
     #[test]
     fn padded_batch_matches_transformers() {
-        let model = load();
-        let b = &golden()["padded_batch"];
-        let paths: Vec<_> =
-            b["images"].as_array().unwrap().iter().map(|i| common::image(i.as_str().unwrap())).collect();
-        let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
-        let texts: Vec<&str> = b["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-        let outs = model.ask_batch(&refs, &texts, &opts(&model)).unwrap();
-        for (i, out) in outs.iter().enumerate() {
-            assert_eq!(out.tokens, common::ids(&b["generated_ids"][i]), "row {i}: greedy tokens");
-            for (got, want) in out.logprobs.iter().zip(common::floats(&b["logprobs"][i])) {
-                assert!((got - want).abs() <= LOGPROB_ABS, "row {i}: logprob {got} vs {want}");
-            }
-        }
+        check_batch(&load(), &golden()["padded_batch"]);
     }
 
     /// Beam search repeats the Q-Former inputs and the encoder input per beam.
