@@ -412,6 +412,16 @@ def main():
     print_summary(report)
 
 
+def finish(report: dict, out: str | None) -> None:
+    """Writes `report` to `out` (when given) and stdout as JSON; exits 1 when its parity check failed."""
+    text = json.dumps(report, indent=1)
+    if out:
+        Path(out).write_text(text)
+    print(text)
+    if "parity" in report and not report["parity"]["ok"]:
+        sys.exit(1)
+
+
 def print_summary(report):
     print(f"transformers {report['transformers']} on {report['device_name']} ({report.get('dtype')}), "
           f"{report['new_tokens']} new tokens, median of {report['repeats']}")

@@ -36,7 +36,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_reference import Timer, log, summary  # noqa: E402
+from hf_reference import finish, Timer, log, summary  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TEXT_TOKENS = 16
@@ -135,12 +135,7 @@ def main():
                 run_timings(args.model_dir, args.device, a, batches, repeats, args.seed) for a in args.attn.split(",")
             ],
         }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    if "parity" in report and not report["parity"]["ok"]:
-        sys.exit(1)
+    finish(report, args.out)
 
 
 if __name__ == "__main__":
