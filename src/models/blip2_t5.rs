@@ -69,26 +69,8 @@ impl Blip2T5 {
             max_new_tokens,
             (img.image_embeds, self.cfg.image_token()),
         )?;
-        let mut outputs = img.outputs();
-        outputs.extend([("encoder_embeds", t5.encoder_embeds), ("encoder_out", t5.encoder_out)]);
-        let mut encoders = img.phases;
-        encoders.push(t5.encoder);
-        Ok(Plan {
-            graph: g,
-            batch,
-            prompt_len: 1,
-            capacity: max_new_tokens,
-            max_new_tokens,
-            inputs: vec![("pixels", img.pixels)],
-            encoders,
-            outputs,
-            prefill: t5.prefill,
-            decode: t5.decode,
-            kv: t5.kv,
-            key_mask: None,
-            encoder_input: Some(t5.encoder_input),
-            step_inputs: t5.step_inputs,
-        })
+        let outputs = img.outputs();
+        Ok(t5.into_plan(g, batch, max_new_tokens, vec![("pixels", img.pixels)], img.phases, outputs))
     }
 }
 

@@ -215,24 +215,7 @@ impl InstructBlip {
             // The prompt feeds the encoder; the decoder starts from one token.
             LanguageModel::T5(t5) => {
                 let t5 = t5.build_phases(&mut g, batch, prompt_len, max_new_tokens, image)?;
-                let mut outputs = outputs;
-                outputs.extend([("encoder_embeds", t5.encoder_embeds), ("encoder_out", t5.encoder_out)]);
-                Ok(Plan {
-                    graph: g,
-                    batch,
-                    prompt_len: 1,
-                    capacity: max_new_tokens,
-                    max_new_tokens,
-                    inputs,
-                    encoders: vec![vision, qformer, t5.encoder],
-                    outputs,
-                    prefill: t5.prefill,
-                    decode: t5.decode,
-                    kv: t5.kv,
-                    key_mask: None,
-                    encoder_input: Some(t5.encoder_input),
-                    step_inputs: t5.step_inputs,
-                })
+                Ok(t5.into_plan(g, batch, max_new_tokens, inputs, vec![vision, qformer], outputs))
             }
         }
     }

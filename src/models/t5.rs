@@ -154,6 +154,40 @@ pub struct T5Phases {
     pub encoder_out: Buf,
 }
 
+impl T5Phases {
+    /// The whole plan: the image `encoders` (their `inputs` and `outputs`), then the T5 encoder
+    /// phase, the decoder from its start token (`prompt_len` 1) with a cache of
+    /// `max_new_tokens` rows.
+    pub fn into_plan(
+        self,
+        graph: Graph,
+        batch: usize,
+        max_new_tokens: usize,
+        inputs: Vec<(&'static str, Buf)>,
+        mut encoders: Vec<Phase>,
+        mut outputs: Vec<(&'static str, Buf)>,
+    ) -> crate::generate::Plan {
+        encoders.push(self.encoder);
+        outputs.extend([("encoder_embeds", self.encoder_embeds), ("encoder_out", self.encoder_out)]);
+        crate::generate::Plan {
+            graph,
+            batch,
+            prompt_len: 1,
+            capacity: max_new_tokens,
+            max_new_tokens,
+            inputs,
+            encoders,
+            outputs,
+            prefill: self.prefill,
+            decode: self.decode,
+            kv: self.kv,
+            key_mask: None,
+            encoder_input: Some(self.encoder_input),
+            step_inputs: self.step_inputs,
+        }
+    }
+}
+
 impl T5 {
     /// `prefix` is the `T5ForConditionalGeneration` module (`language_model` in BLIP-2).
     pub fn load(cfg: &T5Config, ld: &mut Loader, prefix: &str) -> Result<Self> {
