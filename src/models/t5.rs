@@ -130,7 +130,15 @@ pub struct EncoderOut {
 struct StackKeys<'a> {
     keys: &'a dyn Fn(usize) -> Keys,
     mask: Option<Buf>,
-    cross: Option<(&'a [(Buf, Buf)], usize, Option<Buf>)>,
+    cross: Option<CrossKeys<'a>>,
+}
+
+/// The decoder's cross-attention keys: per layer the projected K and V over `len` encoder rows
+/// per item, and the encoder's padding mask.
+struct CrossKeys<'a> {
+    kv: &'a [(Buf, Buf)],
+    len: usize,
+    mask: Option<Buf>,
 }
 
 /// The T5 half of a vision-language plan (BLIP-2 Flan-T5, InstructBLIP Flan-T5): what
@@ -377,7 +385,11 @@ impl T5 {
         let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads, capacity);
         let normed_out = g.buffer(format!("{phase}.final"), batch, d);
         // The decoder's own input is never padded; its cross-attention masks the encoder's pads.
-        let keys = StackKeys { keys: &|i| cache.keys(i), mask: None, cross: Some((&enc.cross, enc.len, enc.key_mask)) };
+        let keys = StackKeys {
+            keys: &|i| cache.keys(i),
+            mask: None,
+            cross: Some(CrossKeys { kv: &enc.cross, len: enc.len, mask: enc.key_mask }),
+        };
         self.run_stack(g, &self.decoder, embeds, normed_out, batch, 1, &keys, bias, phase);
         let logits = g.buffer(format!("{phase}.logits"), batch, self.cfg.vocab_size);
         g.linear(normed_out, self.lm_head, None, Activation::None, None, logits, batch);
@@ -423,11 +435,11 @@ impl T5 {
                 ..AttnCall::new(batch, rows_per_item, (keys.keys)(i))
             };
             pre_norm(g, &b.self_norm, x, normed, rows, |g, n, r| b.self_attn.emit(g, &s, n, &call, r));
-            if let (Some((norm, attn)), Some((kv, kv_len, mask))) = (&b.cross, &keys.cross) {
-                let (k, v) = kv[i];
+            if let (Some((norm, attn)), Some(cross)) = (&b.cross, &keys.cross) {
+                let (k, v) = cross.kv[i];
                 let call = AttnCall {
-                    key_mask: *mask,
-                    ..AttnCall::new(batch, rows_per_item, Keys::Projected { k, v, kv_len: *kv_len })
+                    key_mask: cross.mask,
+                    ..AttnCall::new(batch, rows_per_item, Keys::Projected { k, v, kv_len: cross.len })
                 };
                 pre_norm(g, norm, x, normed, rows, |g, n, r| attn.emit(g, &s, n, &call, r));
             }
