@@ -369,7 +369,12 @@ fn t5_rebuild(mut spec: Value, config: &Value) -> std::result::Result<Value, Str
         ));
     }
     let vocab = model.get_mut("vocab").map(Value::take).unwrap_or(Value::Null);
-    let pieces = vocab.as_array().filter(|v| v.len() > 2).ok_or("T5Tokenizer needs a Unigram vocab of more than 3 pieces (unk_id is 2)")?;
+    let pieces = vocab.as_array().filter(|v| v.len() > 2).ok_or_else(|| {
+        format!(
+            "T5Tokenizer needs a Unigram vocab of at least 3 pieces (unk_id is 2), this file has {}",
+            vocab.as_array().map_or(0, Vec::len)
+        )
+    })?;
     let mut added = t5_added_tokens(&spec, config);
     // Ids as the backend's `add_tokens` gives them: a piece's own id, else the next free one.
     let piece_ids: HashMap<&str, usize> =
@@ -383,11 +388,9 @@ fn t5_rebuild(mut spec: Value, config: &Value) -> std::result::Result<Value, Str
         tok["id"] = id.into();
     }
     let eos = config.get("eos_token").and_then(token_content).unwrap_or_else(|| "</s>".into());
-    let eos_id = added
-        .iter()
-        .find(|t| t["content"] == eos.as_str())
-        .map(|t| t["id"].clone())
-        .ok_or_else(|| format!("the EOS token `{eos}` is neither a piece nor an added token; set eos_token in tokenizer_config.json"))?;
+    let eos_id = added.iter().find(|t| t["content"] == eos.as_str()).map(|t| t["id"].clone()).ok_or_else(|| {
+        format!("the EOS token `{eos}` is neither a piece nor an added token; set eos_token in tokenizer_config.json")
+    })?;
     let normalizer = match &spec["normalizer"] {
         Value::Object(n) if n.get("type").and_then(Value::as_str) == Some("Sequence") => {
             n.get("normalizers").and_then(Value::as_array).cloned().unwrap_or_default()
@@ -398,10 +401,11 @@ fn t5_rebuild(mut spec: Value, config: &Value) -> std::result::Result<Value, Str
     .into_iter()
     .find(|n| n["type"] == "Precompiled" && n.get("precompiled_charsmap").is_some())
     .unwrap_or(Value::Null);
-    let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
+    let metaspace =
+        serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
     let seq = |id: &str| serde_json::json!({"Sequence": {"id": id, "type_id": 0}});
     let end = serde_json::json!({"SpecialToken": {"id": "</s>", "type_id": 0}});
-    spec = serde_json::json!({
+    Ok(serde_json::json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -412,8 +416,7 @@ fn t5_rebuild(mut spec: Value, config: &Value) -> std::result::Result<Value, Str
             "special_tokens": {"</s>": {"id": "</s>", "ids": [eos_id], "tokens": ["</s>"]}}},
         "decoder": metaspace,
         "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false},
-    });
-    Ok(spec)
+    }))
 }
 
 /// The added tokens a 5.17 `TokenizersBackend` class ends up with, in the order it adds them
@@ -430,10 +433,7 @@ fn t5_added_tokens(spec: &Value, config: &Value) -> Vec<Value> {
             "normalized": flag("normalized", !special), "special": special})
     };
     let mut added: Vec<(u64, Value)> = match config.get("added_tokens_decoder").and_then(Value::as_object) {
-        Some(m) => m
-            .iter()
-            .filter_map(|(id, v)| Some((id.parse().ok()?, flags(&token_content(v)?, v))))
-            .collect(),
+        Some(m) => m.iter().filter_map(|(id, v)| Some((id.parse().ok()?, flags(&token_content(v)?, v)))).collect(),
         None => spec["added_tokens"]
             .as_array()
             .into_iter()
