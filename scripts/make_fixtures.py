@@ -995,6 +995,7 @@ def main() -> None:
     __import__("fixtures_genrest").main()  # goldens/genrest_cases.json (scripts/fixtures_genrest.py)
     __import__("fixtures_t5").main()  # tests/fixtures/blip2-flan-t5-tiny/, goldens/t5_* (its own README)
     __import__("fixtures_instructblip_t5").main()  # tests/fixtures/instructblip-flan-t5-tiny/, goldens/instructblip-flan-t5_* (its own README)
+    __import__("fixtures_t5_tokenizer").main()  # tests/fixtures/t5-tokenizer-legacy/, goldens/t5-tokenizer-legacy_* (its own README)
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 

@@ -2,6 +2,7 @@
 //! `merges.txt`), encoding with its template (OPT prepends `</s>`), decoding as transformers'
 //! `batch_decode(skip_special_tokens=True)` followed by `.strip()`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::Value;
@@ -43,16 +44,16 @@ impl Tokenizer {
         let clean_up_spaces = config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
 
         let json = dir.join("tokenizer.json");
-        let llama = matches!(
-            config.get("tokenizer_class").and_then(Value::as_str),
-            Some("LlamaTokenizer" | "LlamaTokenizerFast")
-        ) && !hub_class_ignored(dir);
+        let class = config.get("tokenizer_class").and_then(Value::as_str);
+        let llama = matches!(class, Some("LlamaTokenizer" | "LlamaTokenizerFast")) && !hub_class_ignored(dir);
+        let t5 = matches!(class, Some("T5Tokenizer" | "T5TokenizerFast")) && !hub_class_ignored(dir);
         let inner = if json.exists() && is_clip(&config) && !hub_class_ignored(dir) {
             clip_tokenizer(&json, &config)?
-        } else if json.exists() && llama {
+        } else if json.exists() && (llama || t5) {
             let spec: Value = crate::config::read_json(&json)?;
-            HfTokenizer::from_str(&llama_rebuild(spec, &config).to_string())
-                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
+            let err = |e: String| Error::Tokenizer(format!("{}: {e}", json.display()));
+            let spec = if t5 { t5_rebuild(spec, &config).map_err(err)? } else { llama_rebuild(spec, &config) };
+            HfTokenizer::from_str(&spec.to_string()).map_err(|e| err(e.to_string()))?
         } else if json.exists() {
             HfTokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
         } else {
@@ -351,6 +352,133 @@ fn llama_rebuild(mut spec: Value, config: &Value) -> Value {
         spec["post_processor"] = serde_json::json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials});
     }
     spec
+}
+
+/// transformers 5.17's `T5Tokenizer.__init__` applied to a tokenizer.json (design/t5.md §6): only
+/// the Unigram vocabulary with its scores and the file's `Precompiled` charsmap are kept (hub
+/// Flan-T5 files wrap it in a Sequence with `Replace(" {2,}")`, which is dropped, as are the file's
+/// lone Metaspace pre-tokenizer, decoder and template). The class rebuilds `unk_id` 2 without byte
+/// fallback, whitespace-split + Metaspace (so newlines, tabs and leading / trailing spaces only
+/// separate words), a Metaspace decoder and `$A </s>` with the EOS token's id.
+fn t5_rebuild(mut spec: Value, config: &Value) -> std::result::Result<Value, String> {
+    let model = spec.get_mut("model").and_then(Value::as_object_mut).ok_or("no `model` object")?;
+    if model.get("type").and_then(Value::as_str) != Some("Unigram") {
+        return Err(format!(
+            "T5Tokenizer needs a Unigram model, this file has {}; name another tokenizer_class in tokenizer_config.json",
+            model.get("type").unwrap_or(&Value::Null)
+        ));
+    }
+    let vocab = model.get_mut("vocab").map(Value::take).unwrap_or(Value::Null);
+    let pieces = vocab.as_array().filter(|v| v.len() > 2).ok_or_else(|| {
+        format!(
+            "T5Tokenizer needs a Unigram vocab of at least 3 pieces (unk_id is 2), this file has {}",
+            vocab.as_array().map_or(0, Vec::len)
+        )
+    })?;
+    let mut added = t5_added_tokens(&spec, config);
+    // Ids as the backend's `add_tokens` gives them: a piece's own id, else the next free one.
+    let piece_ids: HashMap<&str, usize> =
+        pieces.iter().enumerate().filter_map(|(i, p)| Some((p.get(0)?.as_str()?, i))).collect();
+    let mut next = pieces.len();
+    for tok in &mut added {
+        let id = tok["content"].as_str().and_then(|c| piece_ids.get(c).copied()).unwrap_or_else(|| {
+            next += 1;
+            next - 1
+        });
+        tok["id"] = id.into();
+    }
+    let eos = config.get("eos_token").and_then(token_content).unwrap_or_else(|| "</s>".into());
+    let eos_id = added.iter().find(|t| t["content"] == eos.as_str()).map(|t| t["id"].clone()).ok_or_else(|| {
+        format!("the EOS token `{eos}` is neither a piece nor an added token; set eos_token in tokenizer_config.json")
+    })?;
+    let normalizer = match &spec["normalizer"] {
+        Value::Object(n) if n.get("type").and_then(Value::as_str) == Some("Sequence") => {
+            n.get("normalizers").and_then(Value::as_array).cloned().unwrap_or_default()
+        }
+        Value::Null => Vec::new(),
+        other => vec![other.clone()],
+    }
+    .into_iter()
+    .find(|n| n["type"] == "Precompiled" && n.get("precompiled_charsmap").is_some())
+    .unwrap_or(Value::Null);
+    let metaspace =
+        serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
+    let seq = |id: &str| serde_json::json!({"Sequence": {"id": id, "type_id": 0}});
+    let end = serde_json::json!({"SpecialToken": {"id": "</s>", "type_id": 0}});
+    Ok(serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]},
+        "post_processor": {"type": "TemplateProcessing", "single": [seq("A"), end], "pair": [seq("A"), end, seq("B"), end],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [eos_id], "tokens": ["</s>"]}}},
+        "decoder": metaspace,
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false},
+    }))
+}
+
+/// The added tokens a 5.17 `TokenizersBackend` class ends up with, in the order it adds them
+/// (ids are assigned afterwards): tokenizer_config.json's `added_tokens_decoder` by id, or when the
+/// config has none the tokenizer.json's `added_tokens`; then the named special tokens (T5's
+/// defaults `</s>`, `<unk>`, `<pad>`) and the extra special tokens (the config's list, else
+/// `<extra_id_0>`..`<extra_id_{extra_ids-1}>`) not already among them, as special unnormalized tokens.
+fn t5_added_tokens(spec: &Value, config: &Value) -> Vec<Value> {
+    let flags = |content: &str, v: &Value| {
+        let flag = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
+        let special = flag("special", false);
+        serde_json::json!({"id": 0, "content": content, "single_word": flag("single_word", false),
+            "lstrip": flag("lstrip", false), "rstrip": flag("rstrip", false),
+            "normalized": flag("normalized", !special), "special": special})
+    };
+    let mut added: Vec<(u64, Value)> = match config.get("added_tokens_decoder").and_then(Value::as_object) {
+        Some(m) => m.iter().filter_map(|(id, v)| Some((id.parse().ok()?, flags(&token_content(v)?, v)))).collect(),
+        None => spec["added_tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| Some((v.get("id")?.as_u64()?, flags(v.get("content")?.as_str()?, v))))
+            .collect(),
+    };
+    added.sort_by_key(|(id, _)| *id);
+    let mut added: Vec<Value> = added.into_iter().map(|(_, v)| v).collect();
+    let named = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+    let defaults = |key: &str| match key {
+        "eos_token" => Some("</s>".to_string()),
+        "unk_token" => Some("<unk>".into()),
+        "pad_token" => Some("<pad>".into()),
+        _ => None,
+    };
+    let mut specials: Vec<(String, Value)> = named
+        .iter()
+        .filter_map(|k| match config.get(*k) {
+            Some(v) => token_content(v).map(|c| (c, v.clone())),
+            None => defaults(k).map(|c| (c, Value::Null)),
+        })
+        .collect();
+    let listed = ["extra_special_tokens", "additional_special_tokens"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(Value::as_array));
+    match listed {
+        Some(list) => specials.extend(list.iter().filter_map(|v| Some((token_content(v)?, v.clone())))),
+        None => {
+            let n = config.get("extra_ids").and_then(Value::as_u64).unwrap_or(100);
+            specials.extend((0..n).map(|i| (format!("<extra_id_{i}>"), Value::Null)));
+        }
+    }
+    for (content, v) in specials {
+        if !added.iter().any(|t| t["content"] == content.as_str()) {
+            let mut tok = flags(&content, &v);
+            tok["special"] = true.into();
+            // A token named as a string becomes `AddedToken(content, special=True)`: unnormalized.
+            if !v.is_object() {
+                tok["normalized"] = false.into();
+            }
+            added.push(tok);
+        }
+    }
+    added
 }
 
 /// Python's `str.strip()` with no argument: `str.isspace` also counts U+001C..U+001F.
