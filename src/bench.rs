@@ -96,7 +96,8 @@ pub struct DatasetBench {
     /// the same cores (the CPU backend), where overlapping cannot hide any work.
     pub shared_cores_images_per_s: f64,
     /// CPU time of this process (user + system, all threads) per image in each measurement, ms.
-    /// Unlike the rates it barely moves when other jobs load the machine; NaN where unknown.
+    /// Other jobs on the machine move it less than the rates (they still share caches and
+    /// hyperthreads with it); NaN where unknown.
     pub preprocess_cpu_ms_per_image: f64,
     pub model_only_cpu_ms_per_image: f64,
     pub pipeline_cpu_ms_per_image: f64,
