@@ -2,7 +2,7 @@
 //! straightforward implementations they replaced, kept here as references: the same bytes and
 //! the same float bits on random images of odd sizes, upscaled and downscaled, cropped and padded.
 
-use glimpse::config::{PreprocessorConfig, SizeSpec};
+use glimpse::config::{PreprocessorConfig, SizeSpec, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 use glimpse::image::{resize_bicubic, resize_bicubic_with, ImageProcessor};
 use image::RgbImage;
 
@@ -236,8 +236,8 @@ fn preprocess_equals_the_reference_bit_for_bit() {
             do_rescale: rng.below(4) != 0,
             rescale_factor: [1.0 / 255.0, 0.5, 0.003_921_568_627_451][rng.below(3)],
             do_normalize: rng.below(4) != 0,
-            image_mean: vec![0.481_454_66, 0.457_827_5, 0.408_210_73],
-            image_std: vec![0.268_629_54, 0.261_302_58, 0.275_777_11],
+            image_mean: OPENAI_CLIP_MEAN.to_vec(),
+            image_std: OPENAI_CLIP_STD.to_vec(),
             ..PreprocessorConfig::default()
         };
         let (w, h) = (1 + rng.below(70), 1 + rng.below(70));
