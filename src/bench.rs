@@ -95,6 +95,30 @@ pub struct DatasetBench {
     /// `1 / (1/model + 1/preprocess)`: the best rate when the model and the preprocessing share
     /// the same cores (the CPU backend), where overlapping cannot hide any work.
     pub shared_cores_images_per_s: f64,
+    /// CPU time of this process (user + system, all threads) per image in each measurement, ms.
+    /// Other jobs on the machine move it less than the rates (they still share caches and
+    /// hyperthreads with it); NaN where unknown.
+    pub preprocess_cpu_ms_per_image: f64,
+    pub model_only_cpu_ms_per_image: f64,
+    pub pipeline_cpu_ms_per_image: f64,
+    /// model-only CPU time / pipeline CPU time: the share of the pipeline's work that is the
+    /// model's, which is the fraction of the model-only rate it reaches when the model keeps
+    /// every core busy.
+    pub cpu_fraction_of_model_only: f64,
+}
+
+/// CPU seconds (user + system) this process has used so far, all threads; NaN where unknown.
+fn process_cpu_s() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            return tv(u.ru_utime) + tv(u.ru_stime);
+        }
+    }
+    f64::NAN
 }
 
 /// Beams of the beam-search latency row.
@@ -680,7 +704,7 @@ fn dataset_report(
     let task = Task::Caption { model, opts: &opts };
     let setup_s = setup.elapsed().as_secs_f64();
 
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), process_cpu_s());
     let pixels: Vec<crate::image::PixelValues> = items
         .par_iter()
         .map(|i| match &i.source {
@@ -688,22 +712,24 @@ fn dataset_report(
             _ => Err(Error::InvalidInput(format!("{}: not a readable image path", i.image))),
         })
         .collect::<Result<_>>()?;
-    let preprocess_s = t.elapsed().as_secs_f64();
+    let (preprocess_s, preprocess_cpu) = (t.elapsed().as_secs_f64(), process_cpu_s() - cpu);
     // Warm-up at the measured batch size, then the model alone.
     model.run(&pixels[..batch.min(n)], None, &opts, &mut |_| {})?;
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), process_cpu_s());
     for chunk in pixels.chunks(batch) {
         model.run(chunk, None, &opts, &mut |_| {})?;
     }
-    let model_s = t.elapsed().as_secs_f64();
+    let (model_s, model_cpu) = (t.elapsed().as_secs_f64(), process_cpu_s() - cpu);
     drop(pixels);
 
     let out_dir = std::env::temp_dir().join(format!("glimpse-bench-records-{}", std::process::id()));
     std::fs::create_dir(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     let run_opts = RunOptions { batch_size: batch, resume: false, progress: false };
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let cpu = process_cpu_s();
     let pipeline =
         open().and_then(|inp| crate::dataset::run(&task, inp, &out_dir.join("records.jsonl"), &run_opts, &stop));
+    let pipeline_cpu = process_cpu_s() - cpu;
     let _ = std::fs::remove_dir_all(&out_dir);
     let summary = pipeline?;
     let rate = |s: f64| n as f64 / s.max(1e-9);
@@ -747,6 +773,10 @@ fn dataset_report(
             pipeline_images_per_s: piped,
             fraction_of_model_only: piped / model_only,
             shared_cores_images_per_s: 1.0 / (1.0 / model_only + 1.0 / rate(preprocess_s)),
+            preprocess_cpu_ms_per_image: 1e3 * preprocess_cpu / n as f64,
+            model_only_cpu_ms_per_image: 1e3 * model_cpu / n as f64,
+            pipeline_cpu_ms_per_image: 1e3 * pipeline_cpu / n as f64,
+            cpu_fraction_of_model_only: model_cpu / pipeline_cpu,
         }),
     })
 }
@@ -1153,6 +1183,17 @@ impl Report {
                     s,
                     "{:<34} {:>10.2} images/s  (model and preprocessing on the same cores)",
                     "bound on shared cores", d.shared_cores_images_per_s
+                );
+            }
+            if d.pipeline_cpu_ms_per_image.is_finite() {
+                let _ = writeln!(
+                    s,
+                    "{:<34} {:>10.2} ms preprocess alone, {:.2} model alone, {:.2} pipeline ({:.1}% model)",
+                    "CPU time per image (all threads)",
+                    d.preprocess_cpu_ms_per_image,
+                    d.model_only_cpu_ms_per_image,
+                    d.pipeline_cpu_ms_per_image,
+                    100.0 * d.cpu_fraction_of_model_only
                 );
             }
             for n in &self.notes {

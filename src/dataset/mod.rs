@@ -202,7 +202,7 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
         });
         for (batches, ready) in rx.iter().enumerate() {
             let ready = ready?;
-            let records = records_for(task, &ready, id_field.as_deref());
+            let records = records_for(task, ready, id_field.as_deref());
             if crash_after == Some(batches) {
                 sink.tear();
                 std::process::abort();
@@ -285,29 +285,35 @@ fn read_batches(
     (skipped, true)
 }
 
-/// One record per input of `ready`, in order: its fields, or its error.
-fn records_for(task: &Task, ready: &Ready, id_field: Option<&str>) -> Vec<Record> {
-    let (mut ok_items, mut ok_pixels) = (Vec::new(), Vec::new());
-    for (item, px) in ready.items.iter().zip(&ready.pixels) {
-        if let Ok(px) = px {
-            ok_items.push(item);
-            ok_pixels.push(px.clone());
+/// One record per input of `ready`, in order: its fields, or its error. The pixels are moved to
+/// the model, not copied (a batch of them is tens of megabytes).
+fn records_for(task: &Task, ready: Ready, id_field: Option<&str>) -> Vec<Record> {
+    let Ready { items, pixels } = ready;
+    let (mut ok_items, mut ok_pixels, mut failed) = (Vec::new(), Vec::new(), Vec::with_capacity(items.len()));
+    for (item, px) in items.iter().zip(pixels) {
+        match px {
+            Ok(px) => {
+                ok_items.push(item);
+                ok_pixels.push(px);
+                failed.push(None);
+            }
+            Err(e) => failed.push(Some(e)),
         }
     }
     let mut results = if ok_pixels.is_empty() { Vec::new() } else { task.run(&ok_items, &ok_pixels) }.into_iter();
-    ready
-        .items
+    drop(ok_pixels);
+    items
         .iter()
-        .zip(&ready.pixels)
-        .map(|(item, px)| {
+        .zip(failed)
+        .map(|(item, failure)| {
             let mut r = Record::new();
             r.insert("image".into(), json!(item.image));
             if let Some(f) = id_field {
                 r.insert(f.into(), item.id.as_ref().map_or(Value::Null, |v| json!(v)));
             }
-            let fields = match px {
-                Ok(_) => results.next().unwrap_or_else(|| Err("the model returned no result for this input".into())),
-                Err(e) => Err(e.clone()),
+            let fields = match failure {
+                None => results.next().unwrap_or_else(|| Err("the model returned no result for this input".into())),
+                Some(e) => Err(e),
             };
             match fields {
                 Ok(f) => r.extend(f),

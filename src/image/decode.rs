@@ -188,7 +188,8 @@ fn to_rgb8(img: DynamicImage) -> RgbImage {
         DynamicImage::ImageRgba16(c) => {
             c.as_raw().chunks_exact(4).flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]).collect()
         }
-        _ => return img.to_rgb8(),
+        // 8-bit RGB is moved out as it is; other 8-bit modes are converted.
+        _ => return img.into_rgb8(),
     };
     RgbImage::from_raw(w, h, rgb).expect("buffer sized for the image")
 }

@@ -12,10 +12,14 @@ use crate::error::Result;
 mod decode;
 mod jpeg;
 mod orientation;
+mod resize;
 
 pub(crate) use decode::too_many_pixels;
 pub use decode::{decode_rgb, decode_rgb_with, load_rgb, load_rgb_with, DecodeLimits};
 pub use jpeg::MAX_SCANS as MAX_JPEG_SCANS;
+#[doc(hidden)]
+pub use resize::resize_bicubic_with;
+pub use resize::resize_bicubic;
 
 /// Pillow's `Image.MAX_IMAGE_PIXELS` (89.5 megapixels): above it Pillow warns of a possible
 /// decompression bomb, above twice it (`MAX_PIXELS`) it raises `DecompressionBombError`.
@@ -128,26 +132,29 @@ impl ImageProcessor {
             img = &resized;
         }
         let (h, w) = (img.height() as usize, img.width() as usize);
-        // Channels-first u8 planes; center crop may pad with zeros as transformers does.
-        let (out_h, out_w, planes) = match (&cfg.crop_size, cfg.do_center_crop) {
-            (Some(crop), true) => {
-                let (ch, cw) = (crop.height.unwrap_or(h), crop.width.unwrap_or(w));
-                (ch, cw, center_crop_chw(img, ch, cw))
-            }
-            _ => (h, w, to_chw(img)),
+        let (out_h, out_w) = match (&cfg.crop_size, cfg.do_center_crop) {
+            (Some(crop), true) => (crop.height.unwrap_or(h), crop.width.unwrap_or(w)),
+            _ => (h, w),
         };
-        let mut data = Vec::with_capacity(planes.len());
-        let plane = out_h * out_w;
-        for (i, &v) in planes.iter().enumerate() {
-            let c = i / plane;
-            // numpy: float64 multiply then cast to float32; normalize in float32.
-            let mut x = if cfg.do_rescale { (f64::from(v) * cfg.rescale_factor) as f32 } else { f32::from(v) };
-            if cfg.do_normalize {
-                x = (x - cfg.image_mean[c]) / cfg.image_std[c];
-            }
-            data.push(x);
-        }
+        let data = center_crop_values(img, out_h, out_w, &self.value_table());
         PixelValues { height: out_h, width: out_w, data }
+    }
+
+    /// The float value of each byte of each channel after rescale and normalize. Both act on
+    /// one value at a time, so a table of 3 x 256 entries gives every pixel its exact value.
+    fn value_table(&self) -> [[f32; 256]; 3] {
+        let cfg = &self.cfg;
+        let mut table = [[0f32; 256]; 3];
+        for (c, values) in table.iter_mut().enumerate() {
+            for (v, x) in values.iter_mut().enumerate() {
+                // numpy: float64 multiply then cast to float32; normalize in float32.
+                *x = if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
+                if cfg.do_normalize {
+                    *x = (*x - cfg.image_mean[c]) / cfg.image_std[c];
+                }
+            }
+        }
+        table
     }
 
     /// Output (height, width) of the resize step for an input of (h, w).
@@ -171,167 +178,42 @@ impl ImageProcessor {
     }
 }
 
-fn to_chw(img: &RgbImage) -> Vec<u8> {
+/// transformers' `center_crop` to `ch x cw` (the whole image when that is its size), channels
+/// first, each byte through `table`: top = (H - ch) // 2 and left = (W - cw) // 2 (floor
+/// division); where the crop reaches outside a smaller image, transformers zero-pads it, so those
+/// pixels take the value of a 0 byte.
+fn center_crop_values(img: &RgbImage, ch: usize, cw: usize, table: &[[f32; 256]; 3]) -> Vec<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let raw = img.as_raw();
-    let mut out = vec![0u8; 3 * h * w];
-    for (p, px) in raw.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * h * w + p] = px[c];
-        }
+    let top = (h as i64 - ch as i64).div_euclid(2);
+    let left = (w as i64 - cw as i64).div_euclid(2);
+    let plane = ch * cw;
+    let mut out = vec![0f32; 3 * plane];
+    for (c, values) in out.chunks_exact_mut(plane.max(1)).enumerate() {
+        values.fill(table[c][0]);
     }
-    out
-}
-
-/// transformers' `center_crop`: top = (H - ch) // 2 and left = (W - cw) // 2 (floor division);
-/// where the crop reaches outside a smaller image, transformers zero-pads it, so those pixels are 0.
-fn center_crop_chw(img: &RgbImage, ch: usize, cw: usize) -> Vec<u8> {
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    let top = (h - ch as i64).div_euclid(2);
-    let left = (w - cw as i64).div_euclid(2);
+    // The output columns whose source column lies inside the image, and where they start.
+    let ox0 = (-left).clamp(0, cw as i64) as usize;
+    let ox1 = (w as i64 - left).clamp(ox0 as i64, cw as i64) as usize;
+    if ox0 == ox1 {
+        return out;
+    }
     let raw = img.as_raw();
-    let mut out = vec![0u8; 3 * ch * cw];
+    let (r_plane, rest) = out.split_at_mut(plane);
+    let (g_plane, b_plane) = rest.split_at_mut(plane);
     for oy in 0..ch {
         let sy = top + oy as i64;
-        if !(0..h).contains(&sy) {
+        if !(0..h as i64).contains(&sy) {
             continue;
         }
-        for ox in 0..cw {
-            let sx = left + ox as i64;
-            if !(0..w).contains(&sx) {
-                continue;
-            }
-            let src = ((sy * w + sx) * 3) as usize;
-            for c in 0..3 {
-                out[c * ch * cw + oy * cw + ox] = raw[src + c];
-            }
+        let sx0 = (left + ox0 as i64) as usize;
+        let src = &raw[(sy as usize * w + sx0) * 3..(sy as usize * w + sx0 + (ox1 - ox0)) * 3];
+        let row = oy * cw + ox0..oy * cw + ox1;
+        let planes = r_plane[row.clone()].iter_mut().zip(&mut g_plane[row.clone()]).zip(&mut b_plane[row]);
+        for (((r, g), b), px) in planes.zip(src.chunks_exact(3)) {
+            *r = table[0][usize::from(px[0])];
+            *g = table[1][usize::from(px[1])];
+            *b = table[2][usize::from(px[2])];
         }
     }
     out
-}
-
-// ---- Pillow's resampling (libImaging/Resample.c), 8 bits per channel ------------------------
-
-/// Fixed-point fraction bits of the coefficients (32 - 8 - 2, as in Pillow).
-const PRECISION_BITS: u32 = 22;
-
-/// Pillow's bicubic kernel with a = -0.5 and support 2.
-fn bicubic_filter(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
-    }
-}
-
-/// Per output pixel: first input index, tap count, and fixed-point weights (`ksize` per pixel).
-struct Coeffs {
-    ksize: usize,
-    bounds: Vec<(usize, usize)>,
-    weights: Vec<i32>,
-}
-
-/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the full-image box.
-fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
-    const SUPPORT: f64 = 2.0;
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        // C casts truncate toward zero; negative values are clamped to 0 right after.
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
-        let mut ww = 0.0;
-        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
-            *kx = bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
-            ww += *kx;
-        }
-        for (x, &kx) in k.iter().enumerate().take(xmax) {
-            let w = if ww != 0.0 { kx / ww } else { kx };
-            let scaled = w * f64::from(1u32 << PRECISION_BITS);
-            weights[xx * ksize + x] = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
-        }
-        bounds.push((xmin, xmax));
-    }
-    Coeffs { ksize, bounds, weights }
-}
-
-fn clip8(v: i32) -> u8 {
-    if v >= (1 << PRECISION_BITS << 8) {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
-}
-
-/// Resizes like Pillow's `Image.resize((w, h), BICUBIC)` on an RGB image: two separable passes
-/// with a uint8 intermediate. Pillow 13 runs the vertical pass first when the height shrinks
-/// by more than twice as many pixels as the width (python-pillow/Pillow#9549), else the
-/// horizontal one; the order changes the rounding of the intermediate, so it is mirrored here.
-pub fn resize_bicubic(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    let (in_w, in_h) = (src.width() as usize, src.height() as usize);
-    let need_h = in_w != out_w;
-    let need_v = in_h != out_h;
-    let vertical_first = out_h < in_h && (in_h - out_h) as i64 > 2 * (in_w as i64 - out_w as i64);
-    let mut pixels = src.as_raw().clone();
-    let (mut w, mut h) = (in_w, in_h);
-    let horizontal = |pixels: &mut Vec<u8>, w: &mut usize, h: usize| {
-        if need_h {
-            *pixels = resample_pass(pixels, *w, h, out_w, true);
-            *w = out_w;
-        }
-    };
-    if vertical_first {
-        pixels = resample_pass(&pixels, w, h, out_h, false);
-        h = out_h;
-        horizontal(&mut pixels, &mut w, h);
-    } else {
-        horizontal(&mut pixels, &mut w, h);
-        if need_v {
-            pixels = resample_pass(&pixels, w, h, out_h, false);
-            h = out_h;
-        }
-    }
-    RgbImage::from_raw(w as u32, h as u32, pixels).expect("buffer sized for the image")
-}
-
-/// One Pillow 8-bit pass over an RGB `w x h` image, along x (`along_x`) or y, to `out` pixels.
-fn resample_pass(src: &[u8], w: usize, h: usize, out: usize, along_x: bool) -> Vec<u8> {
-    let coeffs = precompute_coeffs(if along_x { w } else { h }, out);
-    let (ow, oh) = if along_x { (out, h) } else { (w, out) };
-    // Pixel (x, y) of the source; the pass reads consecutive taps along one axis.
-    let step = if along_x { 3 } else { w * 3 };
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let mut dst = vec![0u8; ow * oh * 3];
-    for y in 0..oh {
-        for x in 0..ow {
-            let o = if along_x { x } else { y };
-            let (first, taps) = coeffs.bounds[o];
-            let k = &coeffs.weights[o * coeffs.ksize..o * coeffs.ksize + taps];
-            let base = if along_x { (y * w + first) * 3 } else { (first * w + x) * 3 };
-            let mut ss = [half; 3];
-            for (t, &kw) in k.iter().enumerate() {
-                let px = &src[base + t * step..base + t * step + 3];
-                for c in 0..3 {
-                    ss[c] = ss[c].wrapping_add(i32::from(px[c]).wrapping_mul(kw));
-                }
-            }
-            for c in 0..3 {
-                dst[(y * ow + x) * 3 + c] = clip8(ss[c]);
-            }
-        }
-    }
-    dst
 }
