@@ -17,9 +17,9 @@ mod resize;
 pub(crate) use decode::too_many_pixels;
 pub use decode::{decode_rgb, decode_rgb_with, load_rgb, load_rgb_with, DecodeLimits};
 pub use jpeg::MAX_SCANS as MAX_JPEG_SCANS;
+pub use resize::resize_bicubic;
 #[doc(hidden)]
 pub use resize::resize_bicubic_with;
-pub use resize::resize_bicubic;
 
 /// Pillow's `Image.MAX_IMAGE_PIXELS` (89.5 megapixels): above it Pillow warns of a possible
 /// decompression bomb, above twice it (`MAX_PIXELS`) it raises `DecompressionBombError`.

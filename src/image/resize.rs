@@ -204,7 +204,8 @@ unsafe fn horizontal_avx2(src: &[u8], w: usize, out_w: usize, coeffs: &Coeffs, d
                         &buf
                     }
                 };
-                let px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(bytes.as_ptr().cast())), spread);
+                let px =
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(bytes.as_ptr().cast())), spread);
                 hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, _mm256_loadu_si256(weights.as_ptr().cast())));
                 lo = _mm256_add_epi32(lo, _mm256_madd_epi16(px, _mm256_loadu_si256(weights[16..].as_ptr().cast())));
             }
