@@ -51,6 +51,8 @@ const FAST_MATH: &[(&str, bool)] = &[
     ("sampling", false),
     // integer copies only.
     ("reorder", true),
+    // the probe of the PTX wrappers (tests only): no arithmetic outside mma.sync.
+    ("ptx_probe", false),
 ];
 
 const DEFAULT_ARCHS: &[&str] = &["80", "86", "89", "90a"];

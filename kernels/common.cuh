@@ -73,15 +73,6 @@ GLIMPSE_DEVICE float block_sum(float v, float* scratch) {
 // Vector loads / half helpers
 GLIMPSE_DEVICE uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
-// Streaming 16-byte load that does not allocate in L1 (weights read once per launch).
-GLIMPSE_DEVICE uint4 ldg16_stream(const void* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
-
 // Unpacks 8 halves (one uint4) to fp32.
 GLIMPSE_DEVICE void unpack8(const uint4& v, float* f) {
     const __half2* h = reinterpret_cast<const __half2*>(&v);
@@ -103,7 +94,29 @@ GLIMPSE_DEVICE float to_f32(__half v) { return __half2float(v); }
 GLIMPSE_DEVICE float to_f32(float v) { return v; }
 
 // ---------------------------------------------------------------------------------------------
-// sm_80+ PTX wrappers
+// sm_80+ PTX wrappers. On the simulated device (sim/glimpse_sim.h: kernels compiled as host C++)
+// each instruction is the simulator's implementation of its PTX ISA definition.
+#ifdef GLIMPSE_SIM
+GLIMPSE_DEVICE uint4 ldg16_stream(const void* p) { return gsim::ptx_ld_global_nc_v4(p); }
+GLIMPSE_DEVICE uint32_t smem_u32(const void* p) { return __cvta_generic_to_shared(p); }
+GLIMPSE_DEVICE void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+    gsim::ptx_cp_async_cg16(dst, src, src_bytes);
+}
+GLIMPSE_DEVICE void cp_async_commit() { gsim::ptx_cp_async_commit(); }
+template <int N>
+GLIMPSE_DEVICE void cp_async_wait() { gsim::ptx_cp_async_wait(N); }
+GLIMPSE_DEVICE void ldmatrix_x4(uint32_t* r, uint32_t addr) { gsim::ptx_ldmatrix_x4(r, addr); }
+GLIMPSE_DEVICE void mma_16816(float* d, const uint32_t* a, const uint32_t* b) { gsim::ptx_mma_16816_f32(d, a, b); }
+#else
+// Streaming 16-byte load that does not allocate in L1 (weights read once per launch).
+GLIMPSE_DEVICE uint4 ldg16_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
 GLIMPSE_DEVICE uint32_t smem_u32(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -132,6 +145,8 @@ GLIMPSE_DEVICE void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+#endif  // GLIMPSE_SIM
 
 // Element `off` of an activation buffer held as fp16, or as fp32 when `f32` is set (a buffer the
 // graph keeps in fp32, e.g. a residual stream: `graph::DType::F32`). Kernels take such buffers

@@ -961,3 +961,100 @@ fn launchers_validate_arguments() {
         "d too large for buffer"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The inline-PTX wrappers against the PTX ISA (kernels/ptx_probe.cu). The expected registers are
+// computed here from the ISA's definitions alone, so on the simulated device this checks the
+// simulation, and on a card it checks that the simulation's semantics are the hardware's.
+
+/// The ISA's fragment layouts (group g = lane / 4, t = lane % 4): A register r of lane l holds
+/// elements (row g + 8 (r % 2), cols 2t + 8 (r / 2) + {0, 1}); B register r holds (rows 2t + 8r +
+/// {0, 1}, col g); a register's low half is the lower column / row.
+fn isa_fragments(a: &[f16], bt: &[f16]) -> Vec<u32> {
+    let pair = |lo: f16, hi: f16| lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16);
+    let mut out = Vec::with_capacity(32 * 6);
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        for r in 0..4 {
+            let (row, col) = (g + 8 * (r % 2), 2 * t + 8 * (r / 2));
+            out.push(pair(a[row * 16 + col], a[row * 16 + col + 1]));
+        }
+        for r in 0..2 {
+            let k = 2 * t + 8 * r;
+            out.push(pair(bt[g * 16 + k], bt[g * 16 + k + 1]));
+        }
+    }
+    out
+}
+
+fn run_probe(dev: &CudaDevice, a: &[f16], bt: &[f16], c: &[f32], src: &[f16]) -> (Vec<f32>, Vec<u32>, Vec<f16>) {
+    let (da, db, dc, ds) = (dev.upload(a).unwrap(), dev.upload(bt).unwrap(), dev.upload(c).unwrap(), dev.upload(src).unwrap());
+    let d = dev.alloc::<f32>(128).unwrap();
+    let frag = dev.alloc::<i32>(32 * 6).unwrap();
+    let copied = poisoned(dev, 256);
+    dev.fill_u32(&d, 0x7FC0_0000).unwrap();
+    dev.fill_u32(&frag, 0xDEAD_BEEF).unwrap();
+    dev.ptx_probe(&da, &db, &dc, &ds, glimpse::backend::cuda::PtxProbeOut { d: &d, frag: &frag, copied: &copied })
+        .unwrap();
+    let frag = dev.download(&frag).unwrap().into_iter().map(|v| v as u32).collect();
+    (dev.download(&d).unwrap(), frag, dev.download(&copied).unwrap())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn ptx_wrappers_match_the_isa() {
+    let Some(dev) = device("ptx_wrappers_match_the_isa") else { return };
+    let mut rng = Rng::new("ptx_probe");
+    let src = rng.halves(256, 4.0);
+    // Round 0: small multiples of 1/4 (every product and partial sum exact in fp32, so any
+    // summation order gives the same bits); round 1: random values, checked within the fp32
+    // rounding of a 16-term sum.
+    for round in 0..2 {
+        let value = |rng: &mut Rng| {
+            if round == 0 {
+                f16::from_f32((rng.below(17) as f32 - 8.0) / 4.0)
+            } else {
+                f16::from_f32(rng.uni(2.0))
+            }
+        };
+        let a: Vec<f16> = (0..256).map(|_| value(&mut rng)).collect();
+        let bt: Vec<f16> = (0..128).map(|_| value(&mut rng)).collect();
+        let c: Vec<f32> = (0..128).map(|_| if round == 0 { rng.below(9) as f32 - 4.0 } else { rng.uni(4.0) }).collect();
+        let (d, frag, copied) = run_probe(&dev, &a, &bt, &c, &src);
+
+        let want_frag = isa_fragments(&a, &bt);
+        for (i, (g, w)) in frag.iter().zip(&want_frag).enumerate() {
+            assert_eq!(g, w, "round {round}: lane {} register {}: ldmatrix gave {g:#010x}, the ISA layout {w:#010x}", i / 6, i % 6);
+        }
+        for row in 0..16 {
+            for col in 0..8 {
+                let terms: Vec<f64> =
+                    (0..16).map(|k| a[row * 16 + k].to_f64() * bt[col * 16 + k].to_f64()).collect();
+                let want = c[row * 8 + col] as f64 + terms.iter().sum::<f64>();
+                let got = d[row * 8 + col] as f64;
+                let bound = if round == 0 {
+                    0.0
+                } else {
+                    // 17 fp32 roundings of partial sums at most |C| + sum |A B|.
+                    17.0 * f32::EPSILON as f64 * (c[row * 8 + col].abs() as f64 + terms.iter().map(|t| t.abs()).sum::<f64>())
+                };
+                assert!((got - want).abs() <= bound, "round {round}: mma D[{row}][{col}] = {got}, want {want} (bound {bound})");
+            }
+        }
+        for lane in 0..32 {
+            let n = (lane % 18).min(16); // bytes read from the source (little-endian), zero-filled after
+            for i in 0..8 {
+                let bits = src[lane * 8 + i].to_bits();
+                let want = if 2 * i + 1 < n {
+                    bits
+                } else if 2 * i < n {
+                    bits & 0x00FF
+                } else {
+                    0
+                };
+                let got = copied[lane * 8 + i].to_bits();
+                assert_eq!(got, want, "round {round}: cp.async lane {lane} (src-size {n}) half {i}: {got:#06x}, want {want:#06x}");
+            }
+        }
+    }
+}

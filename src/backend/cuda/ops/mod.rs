@@ -1,5 +1,5 @@
 //! One typed launcher per kernel, one file per kernel family mirroring kernels/*.cu (gemm,
-//! gemv, layernorm, attention, elementwise, sampling, reorder), each with its `#[repr(C)]` parameter
+//! gemv, layernorm, attention, elementwise, sampling, reorder, ptx_probe), each with its `#[repr(C)]` parameter
 //! struct beside it (sizes asserted on both sides). Each launcher checks every precondition the
 //! kernel's SAFETY comment lists - buffer lengths versus what the grid touches, alignment for
 //! 16-byte loads, aliasing, grid limits - and returns `GpuError::Launch` instead of launching
@@ -11,6 +11,7 @@ mod gemm;
 mod gemv;
 mod layernorm;
 mod pointwise;
+mod ptx_probe;
 mod reorder;
 mod sampling;
 
@@ -20,6 +21,7 @@ pub use gemm::GemmTile;
 pub use gemv::gemv_threads_per_row;
 pub use layernorm::SumOut;
 pub use pointwise::RowsView;
+pub use ptx_probe::PtxProbeOut;
 pub use sampling::LogitType;
 
 use cudarc::driver::LaunchConfig;
