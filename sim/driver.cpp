@@ -28,7 +28,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
-#include <set>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -135,10 +135,18 @@ Context g_ctx;
 Stream g_default_stream;
 thread_local Context* t_current = nullptr;
 
-std::mutex g_streams_mu;  // guards g_streams and every Stream::capture
-std::set<Stream*>& streams() {
-    static std::set<Stream*> s{&g_default_stream};
+// Live streams by handle. Waiting on a stream holds a reference, so a stream destroyed by one
+// thread while another drains every stream (cuCtxSynchronize) stays alive until that drain ends.
+std::mutex g_streams_mu;  // guards streams() and every Stream::capture
+std::map<Stream*, std::shared_ptr<Stream>>& streams() {
+    static std::map<Stream*, std::shared_ptr<Stream>> s{
+        {&g_default_stream, std::shared_ptr<Stream>(&g_default_stream, [](Stream*) {})}};
     return s;
+}
+std::shared_ptr<Stream> live(Stream* s) {
+    std::lock_guard<std::mutex> g(g_streams_mu);
+    auto it = streams().find(s);
+    return it == streams().end() ? nullptr : it->second;
 }
 
 void note(const char* fmt, ...) {
@@ -165,7 +173,7 @@ bool unsafe_during_capture(Stream* on) {
     std::lock_guard<std::mutex> g(g_streams_mu);
     bool bad = false;
     const auto me = std::this_thread::get_id();
-    for (Stream* s : streams()) {
+    for (auto& [s, keep] : streams()) {
         Capture& c = s->capture;
         if (!c.active) continue;
         const bool hits = s == on || (c.mode == 0) || (c.mode == 1 && c.owner == me);
@@ -235,8 +243,11 @@ void run_op(Stream* s, Op& op) {
     }
 }
 
-// Runs everything queued on `s`; returns (and clears) the first failure.
-int flush(Stream* s) {
+// Runs everything queued on `s` (if it still exists); returns (and clears) the first failure.
+int flush(Stream* handle) {
+    const std::shared_ptr<Stream> keep = live(handle);
+    if (!keep) return 0;  // destroyed: its work ran when it was destroyed
+    Stream* s = keep.get();
     std::lock_guard<std::mutex> g(s->mu);
     while (!s->queue.empty()) {
         Op op = std::move(s->queue.front());
@@ -251,14 +262,14 @@ int flush(Stream* s) {
 }
 
 int flush_all() {
-    std::vector<Stream*> all;
+    std::vector<std::shared_ptr<Stream>> all;
     {
         std::lock_guard<std::mutex> g(g_streams_mu);
-        all.assign(streams().begin(), streams().end());
+        for (auto& [s, keep] : streams()) all.push_back(keep);
     }
     int first = 0;
-    for (Stream* s : all) {
-        const int e = flush(s);
+    for (auto& s : all) {
+        const int e = flush(s.get());
         if (!first) first = e;
     }
     return first;
@@ -553,20 +564,20 @@ CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) { return memset_op(
 
 // Streams.
 CUresult cuStreamCreate(void** s, unsigned) {
-    auto* st = new Stream();
+    auto st = std::make_shared<Stream>();
     std::lock_guard<std::mutex> g(g_streams_mu);
-    streams().insert(st);
-    *s = st;
+    streams()[st.get()] = st;
+    *s = st.get();
     return CUDA_SUCCESS;
 }
 CUresult cuStreamCreateWithPriority(void** s, unsigned flags, int) { return cuStreamCreate(s, flags); }
 CUresult cuStreamDestroy_v2(void* h) {
     if (is_legacy(h)) return CUDA_ERROR_INVALID_HANDLE;
     Stream* s = stream_of(h);
+    if (!live(s)) return CUDA_ERROR_INVALID_HANDLE;
     flush(s);  // queued work still completes
     std::lock_guard<std::mutex> g(g_streams_mu);
-    streams().erase(s);
-    delete s;
+    streams().erase(s);  // freed when the last waiter lets go
     return CUDA_SUCCESS;
 }
 CUresult cuStreamSynchronize(void* h) {

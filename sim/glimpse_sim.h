@@ -116,6 +116,7 @@ constexpr int kWarpWords = 10;
 struct WarpView {
     unsigned participants;
     uint32_t words[32][kWarpWords];
+    float mma_d[32][4];  // mma.sync: each lane's D fragment, computed once by the runtime
 };
 
 enum WarpOpKind : int {
@@ -468,32 +469,15 @@ inline void ptx_ldmatrix_x4(uint32_t* r, uint32_t addr) {
     for (int m = 0; m < 4; ++m) r[m] = v->words[m * 8 + lane / 4][lane % 4];
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: D = A(16x16) * B(16x8) + C, with the ISA's
-// fragment layouts (group g = lane/4, t = lane%4):
-//   A: a[0] = (row g, cols 2t..2t+1), a[1] = (row g+8, ..), a[2] = (row g, cols 2t+8..), a[3] = (row g+8, cols 2t+8..)
-//   B: b[0] = (rows 2t..2t+1, col g), b[1] = (rows 2t+8..2t+9, col g)
-//   C/D: d[0..1] = (row g, cols 2t..2t+1), d[2..3] = (row g+8, cols 2t..2t+1)
-// Products of fp16 values are exact in fp32; they are summed in k order with fp32 fma onto C.
-inline float mma_a(const WarpView* v, int r, int k) {
-    const int lane = (r % 8) * 4 + (k % 8) / 2, reg = (r / 8) + 2 * (k / 8);
-    const uint16_t bits = (uint16_t)(v->words[lane][reg] >> (16 * (k % 2)));
-    return f16_bits_to_f32(bits);
-}
-inline float mma_b(const WarpView* v, int k, int n) {
-    const int lane = n * 4 + (k % 8) / 2, reg = 4 + k / 8;
-    const uint16_t bits = (uint16_t)(v->words[lane][reg] >> (16 * (k % 2)));
-    return f16_bits_to_f32(bits);
-}
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: D = A(16x16) * B(16x8) + C. Each lane
+// deposits its A, B and C fragments; the runtime (sim/runtime.cpp, `mma_16816`) assembles the
+// matrices from the ISA's fragment layouts, computes D once for the warp, and each lane takes its
+// D fragment.
 inline void ptx_mma_16816_f32(float* d, const uint32_t* a, const uint32_t* b) {
-    uint32_t in[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-    const WarpView* v = api->warp_op(WOP_MMA_16816, 0xffffffffu, in, 6);
+    uint32_t in[10] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    memcpy(in + 6, d, 16);
+    const WarpView* v = api->warp_op(WOP_MMA_16816, 0xffffffffu, in, 10);
     if (v->participants != 0xffffffffu) api->fail("mma.sync.aligned: every lane of the warp must execute it");
-    const int lane = (int)self()->lane, g = lane / 4, t = lane % 4;
-    for (int i = 0; i < 4; ++i) {
-        const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
-        float acc = d[i];
-        for (int k = 0; k < 16; ++k) acc = fmaf(mma_a(v, row, k), mma_b(v, k, col), acc);
-        d[i] = acc;
-    }
+    memcpy(d, v->mma_d[self()->lane], 16);
 }
 }  // namespace gsim

@@ -317,8 +317,40 @@ void release_view(Exec& e, Lane* l) {
     }
 }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 for the whole warp (PTX ISA, "Matrix
+// fragments for mma.m16n8k16"; group g = lane / 4, t = lane % 4). Lane words: 0-3 the A
+// registers, 4-5 the B registers, 6-9 the C floats.
+//   A register r of lane l: (row g + 8 (r % 2), cols 2t + 8 (r / 2) + {0, 1}), low half first;
+//   B register r: (rows 2t + 8r + {0, 1}, col g);
+//   C/D element i: (row g + 8 (i / 2), col 2t + i % 2).
+// Products of fp16 values are exact in fp32; each D element sums its 16 products in k order with
+// fp32 fma onto C (hardware accumulates within a few fp32 ulps of this; docs/simulated-device.md).
+void mma_16816(WarpView& v) {
+    float a[16][16], b[16][8], c[16][8];
+    auto half = [](uint32_t word, int hi) { return f16_bits_to_f32((uint16_t)(word >> (16 * hi))); };
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        const uint32_t* w = v.words[lane];
+        for (int r = 0; r < 4; ++r)
+            for (int h = 0; h < 2; ++h) a[g + 8 * (r % 2)][2 * t + 8 * (r / 2) + h] = half(w[r], h);
+        for (int r = 0; r < 2; ++r)
+            for (int h = 0; h < 2; ++h) b[2 * t + 8 * r + h][g] = half(w[4 + r], h);
+        for (int i = 0; i < 4; ++i) memcpy(&c[g + 8 * (i / 2)][2 * t + i % 2], &w[6 + i], 4);
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int i = 0; i < 4; ++i) {
+            const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+            float acc = c[row][col];
+            for (int k = 0; k < 16; ++k) acc = fmaf(a[row][k], b[k][col], acc);
+            v.mma_d[lane][i] = acc;
+        }
+    }
+}
+
 void complete_group(Exec& e, Warp& w, Group* g, Lane* waking_self) {
     g->view.participants = g->arrived;
+    if (g->kind == WOP_MMA_16816 && g->arrived == 0xffffffffu) mma_16816(g->view);
     g->readers = __builtin_popcount(g->arrived);
     for (size_t i = 0; i < w.open.size(); ++i)
         if (w.open[i] == g) {

@@ -231,7 +231,15 @@ fn rope_gqa_masked_attention_match_cpu() {
         write_both(gpu.as_mut(), &mut cpu, bias, &rng.f32s(heads * cap));
         run_both(gpu.as_mut(), &mut cpu, &decode);
         compare(&format!("decode step {t} attention"), gpu.as_mut(), &mut cpu, out, batch);
-        compare(&format!("decode step {t} k cache"), gpu.as_mut(), &mut cpu, ck, batch * cap);
+        // The cache rows written so far (positions 0..=seq+t of each sequence); the rest of a
+        // device allocation holds whatever was there (the simulated device fills it with NaN).
+        let (gk, ckv) = (gpu.read(ck, batch * cap).unwrap(), cpu.read(ck, batch * cap).unwrap());
+        for row in (0..batch * cap).filter(|r| r % cap <= seq + t) {
+            for c in 0..kw {
+                let (a, b) = (gk[row * kw + c], ckv[row * kw + c]);
+                assert!((a - b).abs() <= 4e-3 + 4e-3 * b.abs(), "decode step {t} k cache row {row} col {c}: cuda {a} vs cpu {b}");
+            }
+        }
     }
 }
 
@@ -327,8 +335,10 @@ fn fp32_stream_matches_cpu() {
     }
     let Some((mut gpu, mut cpu)) = executors("fp32_stream_matches_cpu", weights, &g) else { return };
     for (p, &(rows, x, emb, stream, ln, rms, back, logits)) in phases.iter().zip(&bufs) {
-        // x ~ 300 against weights ~ 1: Linear outputs ~ 1e3 .. 1e4, the stream past 65504.
-        let xs: Vec<f32> = rng.f32s(rows * k).into_iter().map(|v| 3000.0 * v).collect();
+        // x up to 8000 against weights up to 1 (k = 64): Linear outputs with a standard deviation
+        // ~2e4; the final stream silu(xW) + xW is ~4e4 and passes 65504 in ~12% of its elements,
+        // so in every seed (all of 144 below it: ~1e-8). With x up to 3000 it missed in some seeds.
+        let xs: Vec<f32> = rng.f32s(rows * k).into_iter().map(|v| 8000.0 * v).collect();
         write_both(gpu.as_mut(), &mut cpu, x, &xs);
         write_both(gpu.as_mut(), &mut cpu, emb, &rng.f32s(rows * dim).into_iter().map(|v| 6e4 * v).collect::<Vec<_>>());
         run_both(gpu.as_mut(), &mut cpu, p);

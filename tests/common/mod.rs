@@ -102,6 +102,15 @@ pub type StageError = (String, &'static str, f64, f64);
 /// Runs every golden case of fixture model `name` on an executor made by `make` and measures
 /// vision, Q-Former, projection (once per image) and full prefill logits (every case) against
 /// the transformers goldens. Also checks the decoder input ids equal transformers'.
+/// The decoder's additive key mask for an unpadded prompt (all zeros), written as generation
+/// writes it on every request: device memory starts undefined (the simulated device fills it
+/// with NaN), so a harness that runs phases by hand must write every input the plan reads.
+pub fn write_no_padding_mask(exec: &mut Box<dyn glimpse::backend::Executor>, plan: &glimpse::generate::Plan) {
+    if let Some(mask) = plan.key_mask {
+        exec.write(mask, &vec![0.0; plan.batch * plan.capacity.max(1)]).unwrap();
+    }
+}
+
 pub fn stage_errors(
     model: &glimpse::Model,
     name: &str,
@@ -118,6 +127,7 @@ pub fn stage_errors(
         let plan = model.family.plan(1, ids.len(), 1, true).unwrap();
         let mut exec = make(&plan.graph);
         exec.write(plan.input("pixels").unwrap(), &px.data).unwrap();
+        write_no_padding_mask(&mut exec, &plan);
         for phase in &plan.encoders {
             exec.run(phase).unwrap();
         }
@@ -175,6 +185,7 @@ pub fn instructblip_stage_errors(
         if let Some(enc) = plan.encoder_input {
             exec.write(enc.key_mask, &vec![0.0; ids.len()]).unwrap();
         }
+        write_no_padding_mask(&mut exec, &plan);
         exec.set_tokens(&ids);
         exec.set_position(0);
         let write_step = |exec: &mut Box<dyn glimpse::backend::Executor>, phase: &str| {
