@@ -13,6 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TSAN="${GLIMPSE_SIM_TSAN:-0}"
+# Another copy of kernels/ (scripts/sim-mutants.sh builds planted bugs this way).
+KDIR="${GLIMPSE_SIM_KERNELS_DIR:-kernels}"
 SUFFIX=""
 [ "$TSAN" = 1 ] && SUFFIX=-tsan
 OUT="${1:-target/sim$SUFFIX}"
@@ -20,18 +22,20 @@ CXX="${CXX:-g++}"
 mkdir -p "$OUT/gen" "$OUT/obj"
 
 COMMON=(-std=c++17 -g -fPIC -Wall -Wno-unused-function -Wno-unused-variable -fno-extern-tls-init -Isim)
-KFLAGS=(-O2 -fno-strict-aliasing -Wno-unknown-pragmas -include sim/glimpse_sim.h -Isim/include -Ikernels)
+# fmaf as one instruction where the CPU has FMA (same results: fmaf is exact either way).
+grep -qw fma /proc/cpuinfo 2>/dev/null && COMMON+=(-mfma)
+KFLAGS=(-O2 -fno-strict-aliasing -Wno-unknown-pragmas -include sim/glimpse_sim.h -Isim/include -I"$KDIR")
 if [ "$TSAN" = 1 ]; then
     KFLAGS+=(-fsanitize=thread)
 fi
 
-modules=$(python3 sim/gen_registry.py kernels "$OUT/gen" "$CXX")
+modules=$(python3 sim/gen_registry.py "$KDIR" "$OUT/gen" "$CXX")
 
 # Rebuilds $2 from $1 when $1 or any shared header is newer.
 needs() {
     local src="$1" obj="$2"
     [ ! -f "$obj" ] && return 0
-    for dep in "$src" sim/glimpse_sim.h sim/kernel_registry.h sim/sim.h kernels/common.cuh "$0"; do
+    for dep in "$src" sim/glimpse_sim.h sim/kernel_registry.h sim/sim.h "$KDIR/common.cuh" "$0"; do
         [ "$dep" -nt "$obj" ] && return 0
     done
     return 1
@@ -43,7 +47,7 @@ for m in $modules index; do
     src="$OUT/gen/$m.cpp"
     obj="$OUT/obj/$m.o"
     objs+=("$obj")
-    dep_cu="kernels/$m.cu"
+    dep_cu="$KDIR/$m.cu"
     if needs "$src" "$obj" || { [ -f "$dep_cu" ] && [ "$dep_cu" -nt "$obj" ]; }; then
         echo "sim-build: compiling kernels/$m" >&2
         "$CXX" "${COMMON[@]}" "${KFLAGS[@]}" -c "$src" -o "$obj" &

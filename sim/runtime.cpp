@@ -137,6 +137,7 @@ struct Exec {
     std::vector<Lane> lanes;  // capacity kept across launches (stacks reused)
     std::vector<Warp> warps;
     std::vector<Group*> pool;
+    size_t groups_made = 0;
     int nthreads = 0, exited = 0, at_bar = 0;
     unsigned bar_gen = 0;
     uint3 bid{};
@@ -325,9 +326,19 @@ void release_view(Exec& e, Lane* l) {
 //   C/D element i: (row g + 8 (i / 2), col 2t + i % 2).
 // Products of fp16 values are exact in fp32; each D element sums its 16 products in k order with
 // fp32 fma onto C (hardware accumulates within a few fp32 ulps of this; docs/simulated-device.md).
+const float* f16_table() {  // every fp16 bit pattern as fp32 (exact)
+    static const std::vector<float> t = [] {
+        std::vector<float> v(65536);
+        for (uint32_t i = 0; i < 65536; ++i) v[i] = f16_bits_to_f32((uint16_t)i);
+        return v;
+    }();
+    return t.data();
+}
+
 void mma_16816(WarpView& v) {
     float a[16][16], b[16][8], c[16][8];
-    auto half = [](uint32_t word, int hi) { return f16_bits_to_f32((uint16_t)(word >> (16 * hi))); };
+    const float* f16 = f16_table();
+    auto half = [f16](uint32_t word, int hi) { return f16[(word >> (16 * hi)) & 0xffffu]; };
     for (int lane = 0; lane < 32; ++lane) {
         const int g = lane / 4, t = lane % 4;
         const uint32_t* w = v.words[lane];
@@ -488,12 +499,11 @@ const WarpView* api_warp_op(int kind, unsigned mask, const uint32_t* words, int 
         fail_current(buf);
     }
     if (!g) {
-        if (e.pool.empty()) {
-            g = new Group();
-        } else {
-            g = e.pool.back();
-            e.pool.pop_back();
-        }
+        // The pool is filled before the block starts (run_kernel): enough for every lane to hold
+        // one view while every mask of its warp has an operation open.
+        if (e.pool.empty()) fail_current("more warp operations in flight than the simulator provides");
+        g = e.pool.back();
+        e.pool.pop_back();
         g->kind = kind;
         g->mask = mask;
         g->arrived = 0;
@@ -708,6 +718,16 @@ int run_kernel(const KernelInfo& k, const LaunchConfig& cfg, void* const* params
     e.nthreads = (int)threads;
     if (e.lanes.size() < threads) e.lanes.resize(threads);  // Lane has no owning members: copies are fine
     e.warps.resize(((size_t)threads + 31) / 32);
+    // Warp-operation records, made here on the scheduler's side (under TSan, memory a fiber
+    // allocated would count as that fiber's write to the views other lanes read): per warp, one
+    // view held by each lane plus two operations open.
+    const size_t want = e.warps.size() * 34;
+    while (e.groups_made < want) {
+        constexpr size_t kChunk = 64;
+        Group* chunk = new Group[kChunk];
+        for (size_t i = 0; i < kChunk; ++i) e.pool.push_back(&chunk[i]);
+        e.groups_made += kChunk;
+    }
     e.error.clear();
     e.error_code = 0;
     if (tsan() && !e.sched_fiber) e.sched_fiber = __tsan_get_current_fiber();

@@ -237,7 +237,10 @@ fn rope_gqa_masked_attention_match_cpu() {
         for row in (0..batch * cap).filter(|r| r % cap <= seq + t) {
             for c in 0..kw {
                 let (a, b) = (gk[row * kw + c], ckv[row * kw + c]);
-                assert!((a - b).abs() <= 4e-3 + 4e-3 * b.abs(), "decode step {t} k cache row {row} col {c}: cuda {a} vs cpu {b}");
+                assert!(
+                    (a - b).abs() <= 4e-3 + 4e-3 * b.abs(),
+                    "decode step {t} k cache row {row} col {c}: cuda {a} vs cpu {b}"
+                );
             }
         }
     }

@@ -177,6 +177,13 @@ fn gemm_matches_reference() {
             }
         }
     }
+    // The simulated device's repeat passes (random thread order, ThreadSanitizer) leave out the
+    // real shapes below: the same code paths as the awkward shapes above, at 100x the cost. The
+    // first pass of scripts/sim-check.sh and every GPU run check them.
+    if std::env::var("GLIMPSE_SIM_QUICK").is_ok_and(|v| v == "1") {
+        println!("gemm_matches_reference: GLIMPSE_SIM_QUICK=1, real shapes left out");
+        return;
+    }
     // real shapes: ViT qkv / fc1 / fc2 at 257 tokens, Q-Former, OPT prefill
     for &(m, n, k, act) in &[
         (257, 4224, 1408, Activation::None),
@@ -199,16 +206,24 @@ fn gemv_matches_reference() {
         run_linear(&dev, &mut rng, Kind::Gemv, m, 37, 8, m % 2 == 0, Activation::None, Res::No);
         run_linear(&dev, &mut rng, Kind::Gemv, m, 1000, 264, true, Activation::Gelu, Res::Add);
     }
-    for &(n, k, act) in &[
+    // Real OPT-2.7b decode shapes; left out of the simulated device's repeat passes (see gemm).
+    let quick = std::env::var("GLIMPSE_SIM_QUICK").is_ok_and(|v| v == "1");
+    if quick {
+        println!("gemv_matches_reference: GLIMPSE_SIM_QUICK=1, real shapes left out");
+    }
+    let real_shapes: &[(usize, usize, Activation)] = &[
         (7680, 2560, Activation::None),
         (10240, 2560, Activation::Relu),
         (2560, 10240, Activation::None),
         (2560, 2560, Activation::Silu),
         (50272, 2560, Activation::None),
-    ] {
+    ];
+    for &(n, k, act) in if quick { &[] } else { real_shapes } {
         run_linear(&dev, &mut rng, Kind::Gemv, 1, n, k, true, act, Res::InPlace);
     }
-    run_linear(&dev, &mut rng, Kind::Gemv, 8, 2560, 10240, true, Activation::QuickGelu, Res::Add);
+    if !quick {
+        run_linear(&dev, &mut rng, Kind::Gemv, 8, 2560, 10240, true, Activation::QuickGelu, Res::Add);
+    }
     // N not a multiple of the columns per block (256 / T) and K/8 not a multiple of T: with up
     // to 256 SMs the heuristic picks T = 32 (8 columns per block) for n = 4097, k = 512 and
     // T = 64 (4 columns per block) for n = 2051, k = 2568 (321 chunks), so the last block has
@@ -413,7 +428,15 @@ fn attention_matches_reference() {
         (1, 4, 33, 33, 80, Some(-40), false), // every row fully masked (tiles skipped, or all -inf)
         (2, 2, 50, 70, 96, Some(20), false),  // d = 96 exactly, causal kv_end mid-tile
     ];
-    for &(b, h, sq, skv, d, causal, masks) in cases {
+    // The simulated device's repeat passes leave out the two real-model cases (see gemm).
+    let quick = std::env::var("GLIMPSE_SIM_QUICK").is_ok_and(|v| v == "1");
+    if quick {
+        println!("attention_matches_reference: GLIMPSE_SIM_QUICK=1, the EVA ViT and OPT prefill cases left out");
+    }
+    for &(b, h, sq, skv, d, causal, masks) in if quick { &cases[2..] } else { cases } {
+        if quick && (b, h, sq) == (1, 32, 40) {
+            continue;
+        }
         let q = rng.halves(b * sq * h * d, 1.0);
         let k = rng.halves(b * skv * h * d, 1.0);
         let v = rng.halves(b * skv * h * d, 1.0);
@@ -988,7 +1011,8 @@ fn isa_fragments(a: &[f16], bt: &[f16]) -> Vec<u32> {
 }
 
 fn run_probe(dev: &CudaDevice, a: &[f16], bt: &[f16], c: &[f32], src: &[f16]) -> (Vec<f32>, Vec<u32>, Vec<f16>) {
-    let (da, db, dc, ds) = (dev.upload(a).unwrap(), dev.upload(bt).unwrap(), dev.upload(c).unwrap(), dev.upload(src).unwrap());
+    let (da, db, dc, ds) =
+        (dev.upload(a).unwrap(), dev.upload(bt).unwrap(), dev.upload(c).unwrap(), dev.upload(src).unwrap());
     let d = dev.alloc::<f32>(128).unwrap();
     let frag = dev.alloc::<i32>(32 * 6).unwrap();
     let copied = poisoned(dev, 256);
@@ -1024,21 +1048,30 @@ fn ptx_wrappers_match_the_isa() {
 
         let want_frag = isa_fragments(&a, &bt);
         for (i, (g, w)) in frag.iter().zip(&want_frag).enumerate() {
-            assert_eq!(g, w, "round {round}: lane {} register {}: ldmatrix gave {g:#010x}, the ISA layout {w:#010x}", i / 6, i % 6);
+            assert_eq!(
+                g,
+                w,
+                "round {round}: lane {} register {}: ldmatrix gave {g:#010x}, the ISA layout {w:#010x}",
+                i / 6,
+                i % 6
+            );
         }
         for row in 0..16 {
             for col in 0..8 {
-                let terms: Vec<f64> =
-                    (0..16).map(|k| a[row * 16 + k].to_f64() * bt[col * 16 + k].to_f64()).collect();
+                let terms: Vec<f64> = (0..16).map(|k| a[row * 16 + k].to_f64() * bt[col * 16 + k].to_f64()).collect();
                 let want = c[row * 8 + col] as f64 + terms.iter().sum::<f64>();
                 let got = d[row * 8 + col] as f64;
                 let bound = if round == 0 {
                     0.0
                 } else {
                     // 17 fp32 roundings of partial sums at most |C| + sum |A B|.
-                    17.0 * f32::EPSILON as f64 * (c[row * 8 + col].abs() as f64 + terms.iter().map(|t| t.abs()).sum::<f64>())
+                    17.0 * f32::EPSILON as f64
+                        * (c[row * 8 + col].abs() as f64 + terms.iter().map(|t| t.abs()).sum::<f64>())
                 };
-                assert!((got - want).abs() <= bound, "round {round}: mma D[{row}][{col}] = {got}, want {want} (bound {bound})");
+                assert!(
+                    (got - want).abs() <= bound,
+                    "round {round}: mma D[{row}][{col}] = {got}, want {want} (bound {bound})"
+                );
             }
         }
         for lane in 0..32 {
@@ -1053,7 +1086,10 @@ fn ptx_wrappers_match_the_isa() {
                     0
                 };
                 let got = copied[lane * 8 + i].to_bits();
-                assert_eq!(got, want, "round {round}: cp.async lane {lane} (src-size {n}) half {i}: {got:#06x}, want {want:#06x}");
+                assert_eq!(
+                    got, want,
+                    "round {round}: cp.async lane {lane} (src-size {n}) half {i}: {got:#06x}, want {want:#06x}"
+                );
             }
         }
     }
