@@ -119,6 +119,12 @@ def main():
             elem = strip_attributes(decl)
             lines.append(f"// dynamic shared memory `{name}`")
             lines.append(f"__attribute__((weak)) thread_local {decl} {name}[GSIM_MAX_DYNAMIC_SMEM / sizeof({elem})];")
+        lines.append(f'extern "C" int gsim_dynamic_smem_{module}(void** out) {{')
+        lines.append("    int n = 0;")
+        for name in sorted(shared):
+            lines.append(f"    out[n++] = (void*){name};")
+        lines.append("    return n;")
+        lines.append("}")
         lines.append("namespace {")
         lines.append("const gsim::KernelInfo kKernels[] = {")
         for name, bound in kernels:
@@ -140,6 +146,7 @@ def main():
     ]
     for module in modules:
         idx.append(f'extern "C" const gsim::KernelInfo* gsim_kernels_{module}(int* n);')
+        idx.append(f'extern "C" int gsim_dynamic_smem_{module}(void** out);')
     idx += [
         'extern "C" void gsim_bind(const gsim::Api* api) { gsim::api = api; }',
         'extern "C" const gsim::KernelInfo* gsim_kernel_table(int* n) {',
@@ -156,6 +163,18 @@ def main():
         "    }();",
         "    *n = (int)all.size();",
         "    return all.data();",
+        "}",
+        "// The calling thread's dynamic shared memory arrays (each GSIM_MAX_DYNAMIC_SMEM bytes; a",
+        "// name defined by several kernel files is one array, listed more than once).",
+        'extern "C" int gsim_dynamic_smem(void** out, int max) {',
+        "    void* all[64];",
+        "    int n = 0;",
+    ]
+    for module in modules:
+        idx.append(f"    n += gsim_dynamic_smem_{module}(all + n);")
+    idx += [
+        "    for (int i = 0; i < n && i < max; ++i) out[i] = all[i];",
+        "    return n;",
         "}",
         "// Touching it allocates the calling thread's block of this library's TLS (its shared memory).",
         "thread_local char gsim_tls_anchor_byte;",

@@ -112,8 +112,8 @@ struct Group {  // one warp operation in progress: the lanes of `mask` meeting
 };
 
 struct Lane {
+    LaneState state;  // first: the scheduler scans it for every lane at every pass
     Thread t;
-    LaneState state;
     void* sp;
     unsigned char* stack;  // mapping: guard page + stack
     size_t stack_bytes;
@@ -151,6 +151,9 @@ struct Exec {
     void* volatile fault_addr = nullptr;
     unsigned char* tls_base = nullptr;
     size_t tls_bytes = 0;
+    // What to fill at every block start: the static shared variables and the bytes of the
+    // dynamic arrays this launch uses (not the rest of their 227 KiB).
+    std::vector<std::pair<unsigned char*, size_t>> poison;
     std::mt19937_64 rng;
     int sched_mode = 0;  // 0 ascending, 1 random, 2 descending
     // TSan synchronisation objects (addresses only).
@@ -175,6 +178,7 @@ struct KernelLib {
     const KernelInfo* kernels = nullptr;
     int count = 0;
     void* (*tls_anchor)() = nullptr;
+    int (*dynamic_smem)(void**, int) = nullptr;
     size_t tls_memsz = 0;
     std::string error;
 };
@@ -216,8 +220,9 @@ KernelLib& lib() {
         auto bind = (void (*)(const Api*))dlsym(l.handle, "gsim_bind");
         auto table = (const KernelInfo* (*)(int*))dlsym(l.handle, "gsim_kernel_table");
         l.tls_anchor = (void* (*)())dlsym(l.handle, "gsim_tls_anchor");
-        if (!bind || !table || !l.tls_anchor) {
-            l.error = path + " lacks gsim_bind / gsim_kernel_table / gsim_tls_anchor";
+        l.dynamic_smem = (int (*)(void**, int))dlsym(l.handle, "gsim_dynamic_smem");
+        if (!bind || !table || !l.tls_anchor || !l.dynamic_smem) {
+            l.error = path + " lacks gsim_bind / gsim_kernel_table / gsim_tls_anchor / gsim_dynamic_smem";
             l.handle = nullptr;
             return;
         }
@@ -605,9 +610,9 @@ std::string describe_deadlock(const Exec& e) {
 
 // Runs one block; returns false when the launch must stop (e.error set).
 bool run_block(Exec& e) {
-    // Fresh shared memory: every byte 0xff (NaN), written so that TSan does not see it.
-    volatile unsigned char* s = e.tls_base;
-    for (size_t i = 0; i < e.tls_bytes; ++i) s[i] = 0xff;
+    // Fresh shared memory: every byte 0xff (NaN). (Under TSan these writes happen before the
+    // block's threads start, by the block_start release below.)
+    for (const auto& [p, n] : e.poison) memset(p, 0xff, n);
     const dim3 bd = e.cfg.block;
     for (int i = 0; i < e.nthreads; ++i) {
         Lane& l = e.lanes[(size_t)i];
@@ -708,6 +713,22 @@ int run_kernel(const KernelInfo& k, const LaunchConfig& cfg, void* const* params
     dlinfo(l.handle, RTLD_DI_TLS_DATA, &base);
     e.tls_base = static_cast<unsigned char*>(base);
     e.tls_bytes = l.tls_memsz;
+    {
+        void* dyn[64];
+        const int n = std::min(l.dynamic_smem(dyn, 64), 64);
+        std::vector<unsigned char*> starts;
+        for (int i = 0; i < n; ++i) starts.push_back(static_cast<unsigned char*>(dyn[i]));
+        std::sort(starts.begin(), starts.end());
+        starts.erase(std::unique(starts.begin(), starts.end()), starts.end());
+        e.poison.clear();
+        unsigned char* at = e.tls_base;
+        for (unsigned char* d : starts) {
+            if (d > at) e.poison.emplace_back(at, (size_t)(d - at));
+            e.poison.emplace_back(d, std::min<size_t>(cfg.dynamic_smem, GSIM_MAX_DYNAMIC_SMEM));
+            at = std::max(at, d + GSIM_MAX_DYNAMIC_SMEM - 16);  // the array ends within its last 16 bytes
+        }
+        if (at < e.tls_base + e.tls_bytes) e.poison.emplace_back(at, (size_t)(e.tls_base + e.tls_bytes - at));
+    }
     uint64_t seed;
     e.sched_mode = sched_mode_from_env(&seed);
     static std::atomic<uint64_t> launches{0};
