@@ -198,39 +198,40 @@ fn lockstep(
     lockstep_ids(model, &ids, make_candidate)
 }
 
-/// [`lockstep`] for one image and the decoder input `ids` (a chat model's templated prompt).
-fn lockstep_ids(
-    model: &Model,
-    ids: &[u32],
-    make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
+/// One step of a lockstep run: a phase, the tokens and position it runs at, and the host inputs
+/// written to both executors just before it (T5's per-step relative-position bias).
+type LockstepStep<'a> = (&'a glimpse::graph::Phase, Vec<u32>, usize, Vec<(glimpse::graph::Buf, Vec<f32>)>);
+
+/// The lockstep core: `setup` writes a request's inputs into the CPU executor, the candidate
+/// starts from a copy of every CPU buffer (device memory starts undefined), then every op of
+/// every step runs on both and each output is compared, the candidate's then overwritten with the
+/// CPU's so the next op starts from the same values.
+fn lockstep_steps(
+    weights: &std::sync::Arc<glimpse::graph::WeightTable>,
+    graph: &glimpse::graph::Graph,
+    mut cand: Box<dyn glimpse::backend::Executor>,
+    setup: impl FnOnce(&mut glimpse::backend::cpu::CpuExecutor),
+    steps: &[LockstepStep<'_>],
 ) -> usize {
     use glimpse::backend::cpu::CpuExecutor;
     use glimpse::backend::Executor;
     use glimpse::graph::{Buf, Phase};
     const OP_REL: f64 = 4e-3;
-    let px = model.preprocess(&common::image("rgba_150x120.png")).unwrap();
-    let ids = ids.to_vec();
-    let new_tokens = 3;
-    let plan = model.family.plan(1, ids.len(), new_tokens, false).unwrap();
-    let mut cand = make_candidate(&plan.graph);
-    let mut cpu = CpuExecutor::new(std::sync::Arc::clone(model.family.weights()), &plan.graph.buffers);
+    let mut cpu = CpuExecutor::new(std::sync::Arc::clone(weights), &graph.buffers);
     cpu.emulate_fp16(|_| false);
-    let rows = |b: Buf| plan.graph.buffers[b.0].rows;
-    cpu.write(plan.input("pixels").unwrap(), &px.data).unwrap();
-    // Same starting contents everywhere (device memory starts undefined).
-    for i in 0..plan.graph.buffers.len() {
+    let rows = |b: Buf| graph.buffers[b.0].rows;
+    setup(&mut cpu);
+    for i in 0..graph.buffers.len() {
         cand.write(Buf(i), &cpu.read(Buf(i), rows(Buf(i))).unwrap()).unwrap();
     }
-    let mut steps: Vec<(&Phase, Vec<u32>, usize)> = plan.encoders.iter().map(|p| (p, vec![], 0)).collect();
-    steps.push((&plan.prefill.phase, ids.clone(), 0));
-    for s in 0..new_tokens - 1 {
-        steps.push((&plan.decode.phase, vec![5 + s as u32], ids.len() + s));
-    }
     let mut checked = 0;
-    for (phase, tokens, position) in steps {
+    for (phase, tokens, position, inputs) in steps {
         for exec in [&mut *cand as &mut dyn Executor, &mut cpu] {
-            exec.set_tokens(&tokens);
-            exec.set_position(position);
+            exec.set_tokens(tokens);
+            exec.set_position(*position);
+            for (buf, data) in inputs {
+                exec.write(*buf, data).unwrap();
+            }
         }
         for (i, op) in phase.ops.iter().enumerate() {
             let single = Phase { name: phase.name, ops: vec![op.clone()], replayable: false };
@@ -245,7 +246,7 @@ fn lockstep_ids(
                     "{} op {i} ({}) `{}`: rel {rel:e}, max abs {max:e}",
                     phase.name,
                     op.kind(),
-                    plan.graph.buffers[out.0].name
+                    graph.buffers[out.0].name
                 );
                 cand.write(out, &want).unwrap();
                 checked += 1;
@@ -253,6 +254,63 @@ fn lockstep_ids(
         }
     }
     checked
+}
+
+/// [`lockstep`] for one image and the request text: `ids` are the decoder's input (a chat
+/// model's templated prompt) or, for an encoder-decoder, the encoder's; InstructBLIP's Q-Former
+/// also reads `text`. Encoders, prefill and two decode steps.
+fn lockstep_ids(
+    model: &Model,
+    ids: &[u32],
+    make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
+) -> usize {
+    lockstep_request(model, ids, None, make_candidate)
+}
+
+fn lockstep_request(
+    model: &Model,
+    ids: &[u32],
+    text: Option<&str>,
+    make_candidate: impl FnOnce(&glimpse::graph::Graph) -> Box<dyn glimpse::backend::Executor>,
+) -> usize {
+    use glimpse::backend::Executor;
+    let px = model.preprocess(&common::image("rgba_150x120.png")).unwrap();
+    let new_tokens = 3;
+    let text_in = text.and_then(|t| model.family.text_inputs(&[t]).unwrap());
+    let plan = match &text_in {
+        Some(t) => model.family.plan_text(1, 1, ids.len(), new_tokens, false, t.rows).unwrap(),
+        None => model.family.plan(1, ids.len(), new_tokens, false).unwrap(),
+    };
+    let cand = make_candidate(&plan.graph);
+    let setup = |cpu: &mut glimpse::backend::cpu::CpuExecutor| {
+        cpu.write(plan.input("pixels").unwrap(), &px.data).unwrap();
+        for (input, data) in text_in.iter().flat_map(|t| &t.inputs) {
+            cpu.write(plan.input(input).unwrap(), data).unwrap();
+        }
+        if let Some(enc) = plan.encoder_input {
+            cpu.write(enc.key_mask, &vec![0.0; ids.len()]).unwrap();
+        }
+        if let Some(mask) = plan.key_mask {
+            cpu.write(mask, &vec![0.0; plan.capacity.max(1)]).unwrap();
+        }
+    };
+    let inputs = |phase: &str, position: usize| -> Vec<(glimpse::graph::Buf, Vec<f32>)> {
+        plan.step_inputs.iter().filter(|s| s.phase == phase).map(|s| (s.buf, (s.fill)(position))).collect()
+    };
+    // An encoder-decoder encodes `ids` and decodes from its start token; a decoder-only model
+    // prefills `ids`.
+    let (encoder_tokens, prefill_tokens, first_decode) = match plan.encoder_input {
+        Some(enc) => (ids.to_vec(), vec![enc.decoder_start], 1),
+        None => (vec![], ids.to_vec(), ids.len()),
+    };
+    let mut steps: Vec<LockstepStep<'_>> =
+        plan.encoders.iter().map(|p| (p, encoder_tokens.clone(), 0, inputs(p.name, 0))).collect();
+    steps.push((&plan.prefill.phase, prefill_tokens, 0, inputs("prefill", 0)));
+    for s in 0..new_tokens - 1 {
+        let position = first_decode + s;
+        steps.push((&plan.decode.phase, vec![5 + s as u32], position, inputs("decode", position)));
+    }
+    lockstep_steps(model.family.weights(), &plan.graph, cand, setup, &steps)
 }
 
 /// Every op of every phase on the GPU against the CPU, in lockstep (see `lockstep`).
@@ -286,6 +344,72 @@ fn cuda_llava_matches_cpu_in_lockstep() {
         let checked = lockstep_ids(&model, &ids, |g| model.executor(g).unwrap());
         println!("{name} lockstep: {checked} op outputs agree");
     }
+}
+
+/// The encoder-decoder and instruction-aware families op by op: BLIP-2 Flan-T5 (T5 encoder with
+/// relative-position bias, decoder with cross-attention), InstructBLIP with Vicuna (Q-Former over
+/// the instruction) and with Flan-T5.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_t5_and_instructblip_match_cpu_in_lockstep() {
+    let question = "What is unusual about this image?";
+    for name in ["blip2-flan-t5-tiny", "instructblip-tiny", "instructblip-flan-t5-tiny"] {
+        let Some(model) = gpu_model("cuda_t5_and_instructblip_match_cpu_in_lockstep", name) else { return };
+        let ids = model.input_ids(Some(question)).unwrap();
+        let checked = lockstep_request(&model, &ids, Some(question), |g| model.executor(g).unwrap());
+        println!("{name} lockstep: {checked} op outputs agree");
+        assert!(checked > 30, "{name}: only {checked} outputs compared");
+    }
+}
+
+/// CLIP's image and text towers op by op (the text tower with a padded batch: its key mask and
+/// pooled rows).
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_clip_matches_cpu_in_lockstep() {
+    use glimpse::api::EmbedModel;
+    if let Some(reason) = glimpse::backend::cuda_unavailable_reason() {
+        skip("cuda_clip_matches_cpu_in_lockstep", &reason.to_string());
+        return;
+    }
+    let model = EmbedModel::load(common::model_dir("clip-tiny"), Device::Cuda).unwrap();
+    let px: Vec<f32> = ["rgba_150x120.png", "odd_257x181.png"]
+        .iter()
+        .flat_map(|n| model.preprocess(&common::image(n)).unwrap().data)
+        .collect();
+    let images = model.family.image_plan(2).unwrap();
+    let cand = model.executor(&images.graph).unwrap();
+    let input = images.inputs[0].1;
+    let checked = lockstep_steps(
+        model.family.weights(),
+        &images.graph,
+        cand,
+        |cpu| glimpse::backend::Executor::write(cpu, input, &px).unwrap(),
+        &[(&images.phase, vec![], 0, vec![])],
+    );
+    // Two texts of different lengths, padded to the longer: the shorter's pad keys masked.
+    let ids = [vec![5u32, 9, 11, 2], vec![7u32, 2]];
+    let len = 4;
+    let texts = model.family.text_plan(2, len).unwrap();
+    let mut mask = vec![0.0f32; 2 * len];
+    mask[len + 2..].fill(f32::MIN);
+    let tokens: Vec<u32> = ids.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(len)).collect();
+    let rows = model.family.pool_rows(&ids);
+    let mut cand = model.executor(&texts.graph).unwrap();
+    cand.set_row_indices(&rows);
+    let key_mask = texts.inputs.iter().find(|(n, _)| *n == "key_mask").expect("text plans take a key mask").1;
+    let checked_text = lockstep_steps(
+        model.family.weights(),
+        &texts.graph,
+        cand,
+        |cpu| {
+            glimpse::backend::Executor::write(cpu, key_mask, &mask).unwrap();
+            glimpse::backend::Executor::set_row_indices(cpu, &rows);
+        },
+        &[(&texts.phase, tokens, 0, vec![])],
+    );
+    println!("clip lockstep: {checked} image and {checked_text} text op outputs agree");
+    assert!(checked > 10 && checked_text > 10);
 }
 
 /// LLaVA greedy tokens on the GPU equal transformers' where the reference margin is clear.

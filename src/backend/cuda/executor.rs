@@ -360,8 +360,12 @@ impl CudaExecutor {
         Error::Gpu(format!("CUDA executor: {what}"))
     }
 
-    /// Copies tokens and positions to the device (never during graph recording).
-    fn sync_state(&mut self, batch: usize) -> Result<()> {
+    /// Copies tokens and positions to the device (never during graph recording). Every row of
+    /// the position, KV-length and RoPE-start arrays is written, not just the running phase's
+    /// batch: the state is written once per change, and a later phase may have a larger batch
+    /// than the one that consumed the change (an image tower over fewer images than the
+    /// decoder's sequences, or one op at a time), whose rows would otherwise keep stale values.
+    fn sync_state(&mut self) -> Result<()> {
         if !self.dirty {
             return Ok(());
         }
@@ -374,7 +378,7 @@ impl CudaExecutor {
                 .ok_or_else(|| self.unsupported(format!("{} tokens exceed the id buffer", ids.len())))?;
             dev.copy_to_device(&ids, &dst)?;
         }
-        let n = batch.min(self.pos.len());
+        let n = self.pos.len();
         let pos = vec![self.position as i32; n];
         dev.copy_to_device(&pos, &self.pos.slice(0, n).expect("n <= len"))?;
         let kv = vec![self.position as i32 + 1; n];
@@ -408,18 +412,6 @@ impl CudaExecutor {
             }
         }
         Ok(())
-    }
-
-    fn batch_of(phase: &Phase) -> usize {
-        phase
-            .ops
-            .iter()
-            .find_map(|op| match *op {
-                Op::KvAppend { batch, .. } | Op::AddPositions { batch, .. } | Op::Rope { batch, .. } => Some(batch),
-                Op::Attention(ref a) => Some(a.batch),
-                _ => None,
-            })
-            .unwrap_or(1)
     }
 
     fn heads(&self, v: View, batch_rows: usize) -> HeadsView<'_> {
@@ -878,7 +870,7 @@ impl Executor for CudaExecutor {
 
     fn run(&mut self, phase: &Phase) -> Result<()> {
         self.prepare(phase)?;
-        self.sync_state(Self::batch_of(phase))?;
+        self.sync_state()?;
         self.launch_phase(phase)
     }
 
@@ -886,7 +878,7 @@ impl Executor for CudaExecutor {
     /// uploads happen before the first event).
     fn run_timed(&mut self, phase: &Phase) -> Result<f64> {
         self.prepare(phase)?;
-        self.sync_state(Self::batch_of(phase))?;
+        self.sync_state()?;
         let stream = self.dev().stream().clone();
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let start = stream.record_event(timing).map_err(GpuError::from)?;
