@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TSAN="${GLIMPSE_SIM_TSAN:-0}"
-# Another copy of kernels/ (scripts/sim-mutants.sh builds planted bugs this way).
+# Another copy of kernels/ (scripts/sim-mutants.py builds planted bugs this way).
 KDIR="${GLIMPSE_SIM_KERNELS_DIR:-kernels}"
 SUFFIX=""
 [ "$TSAN" = 1 ] && SUFFIX=-tsan

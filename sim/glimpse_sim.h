@@ -381,27 +381,29 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
     return gsim::shfl_from(gsim::WOP_SHFL_XOR, mask, var, lane_mask, width);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred) {
+namespace gsim {
+// A vote: the lanes that took part, and among them those whose predicate is true.
+inline unsigned vote(int kind, unsigned mask, int pred, unsigned* participants) {
     const uint32_t in = pred != 0;
-    const gsim::WarpView* v = gsim::api->warp_op(gsim::WOP_BALLOT, mask, &in, 1);
-    unsigned r = 0;
+    const WarpView* v = api->warp_op(kind, mask, &in, 1);
+    unsigned yes = 0;
     for (int l = 0; l < 32; ++l)
-        if (((v->participants >> l) & 1u) && v->words[l][0]) r |= 1u << l;
-    return r;
+        if (((v->participants >> l) & 1u) && v->words[l][0]) yes |= 1u << l;
+    *participants = v->participants;
+    return yes;
+}
+}  // namespace gsim
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    unsigned took_part;
+    return gsim::vote(gsim::WOP_BALLOT, mask, pred, &took_part);
 }
 inline int __any_sync(unsigned mask, int pred) {
-    const uint32_t in = pred != 0;
-    const gsim::WarpView* v = gsim::api->warp_op(gsim::WOP_ANY, mask, &in, 1);
-    for (int l = 0; l < 32; ++l)
-        if (((v->participants >> l) & 1u) && v->words[l][0]) return 1;
-    return 0;
+    unsigned took_part;
+    return gsim::vote(gsim::WOP_ANY, mask, pred, &took_part) != 0;
 }
 inline int __all_sync(unsigned mask, int pred) {
-    const uint32_t in = pred != 0;
-    const gsim::WarpView* v = gsim::api->warp_op(gsim::WOP_ALL, mask, &in, 1);
-    for (int l = 0; l < 32; ++l)
-        if (((v->participants >> l) & 1u) && !v->words[l][0]) return 0;
-    return 1;
+    unsigned took_part;
+    return gsim::vote(gsim::WOP_ALL, mask, pred, &took_part) == took_part;
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { gsim::api->warp_op(gsim::WOP_SYNCWARP, mask, nullptr, 0); }
 
