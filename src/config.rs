@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 
 /// Reads and parses a JSON file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)?;
     from_json_slice(&bytes, path)
 }
 
@@ -961,7 +961,7 @@ pub enum ModelConfig {
 
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)?;
         Self::from_slice(&bytes, path)
     }
 
@@ -1687,10 +1687,10 @@ impl GenerationConfig {
     /// An absent file gives the defaults. So does a file that is not JSON: transformers then
     /// falls back to a generation config made from config.json (the load succeeds).
     pub fn load_or_default(path: &Path) -> Result<Self> {
-        match std::fs::read(path) {
+        match crate::files::read(path, crate::files::MAX_CONFIG_BYTES) {
             Ok(bytes) => Self::from_slice(&bytes, path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(Error::io(path, e)),
+            Err(Error::MissingFile { .. }) => Ok(Self::default()),
+            Err(e) => Err(e),
         }
     }
 
@@ -1779,13 +1779,13 @@ impl PreprocessorConfig {
         let pre = dir.join("preprocessor_config.json");
         let proc = dir.join("processor_config.json");
         if proc.exists() {
-            let bytes = std::fs::read(&proc).map_err(|e| Error::io(&proc, e))?;
+            let bytes = crate::files::read(&proc, crate::files::MAX_CONFIG_BYTES)?;
             if let Some(cfg) = Self::from_processor_slice(&bytes, &proc)? {
                 return Ok((cfg, proc));
             }
         }
         if pre.exists() {
-            let bytes = std::fs::read(&pre).map_err(|e| Error::io(&pre, e))?;
+            let bytes = crate::files::read(&pre, crate::files::MAX_CONFIG_BYTES)?;
             return Ok((Self::from_slice(&bytes, &pre)?, pre));
         }
         Err(Error::MissingFile {

@@ -55,7 +55,8 @@ impl Tokenizer {
             let spec = if t5 { t5_rebuild(spec, &config).map_err(err)? } else { llama_rebuild(spec, &config) };
             HfTokenizer::from_str(&spec.to_string()).map_err(|e| err(e.to_string()))?
         } else if json.exists() {
-            HfTokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
+            HfTokenizer::from_bytes(crate::files::read(&json, crate::files::MAX_CONFIG_BYTES)?)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
         } else {
             Self::from_vocab_merges(dir, &config)?
         };
@@ -78,6 +79,13 @@ impl Tokenizer {
                     path: dir.join("tokenizer.json"),
                     hint: format!(" (nor the fallback {})", p.display()),
                 });
+            }
+            if crate::files::check_regular(p)?.len() > crate::files::MAX_CONFIG_BYTES {
+                return Err(Error::Tokenizer(format!(
+                    "{}: larger than {} MiB",
+                    p.display(),
+                    crate::files::MAX_CONFIG_BYTES >> 20
+                )));
             }
         }
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
@@ -281,7 +289,7 @@ const HUB_CLASS_IGNORED: [&str; 45] = [
 
 /// Whether the model folder's config.json `model_type` is in [`HUB_CLASS_IGNORED`].
 fn hub_class_ignored(dir: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(dir.join("config.json")) else { return false };
+    let Ok(bytes) = crate::files::read(&dir.join("config.json"), crate::files::MAX_CONFIG_BYTES) else { return false };
     let Ok(v) = serde_json::from_slice::<Value>(&bytes) else { return false };
     v.get("model_type").and_then(Value::as_str).is_some_and(|t| HUB_CLASS_IGNORED.contains(&t))
 }

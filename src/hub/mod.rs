@@ -79,7 +79,7 @@ fn token_from_env() -> Option<String> {
         return Some(t);
     }
     let file = std::env::var_os("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| hf_home().map(|h| h.join("token")))?;
-    std::fs::read_to_string(file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+    crate::files::read_to_string(&file, 1 << 20).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// A folder as given, or the snapshot of a hub id, downloaded on first use unless offline
@@ -190,18 +190,31 @@ fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Res
             )))
         };
     }
-    let named = std::fs::read_to_string(repo.join("refs").join(revision)).ok().map(|h| h.trim().to_string());
+    let ref_path = repo.join("refs").join(revision);
+    let named = crate::files::read_to_string(&ref_path, 4096).ok().map(|h| h.trim().to_string());
     if let Some(hash) = &named {
+        // Trusted only as a commit: a ref is a 40-hex hash naming a folder of `snapshots`, never
+        // a path (`../../outside`) that would load a model from outside the cache.
+        if !is_commit(hash) {
+            return Err(Error::InvalidInput(format!(
+                "model `{id}`: {} holds `{}`, not a 40-hex commit: the cache entry is damaged; run `glimpse download {id}{rev_flag}` to repair it, or pass a model folder",
+                ref_path.display(),
+                hash.escape_debug()
+            )));
+        }
         let dir = snapshots.join(hash);
         if dir.is_dir() {
             return Ok(dir);
         }
+        return Err(Error::InvalidInput(format!(
+            "model `{id}`: refs/{revision} names snapshot {hash}, which is not in {}; {get}",
+            snapshots.display()
+        )));
     }
     if revision != "main" {
         return Err(Error::InvalidInput(format!(
-            "model `{id}`: revision `{revision}` is not in the Hugging Face cache ({} has no refs/{revision}{}); {get}",
+            "model `{id}`: revision `{revision}` is not in the Hugging Face cache ({} has no refs/{revision}); {get}",
             repo.display(),
-            if named.is_some() { " snapshot" } else { "" }
         )));
     }
     let mut found: Vec<String> = std::fs::read_dir(&snapshots)
@@ -213,10 +226,7 @@ fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Res
         })
         .unwrap_or_default();
     found.sort();
-    let main_note = match &named {
-        Some(hash) => format!("refs/main names snapshot {hash}, which is missing"),
-        None => "there is no refs/main to pick one".to_string(),
-    };
+    let main_note = "there is no refs/main to pick one";
     match found.len() {
         1 => Ok(snapshots.join(&found[0])),
         0 => Err(Error::InvalidInput(format!("model `{id}`: the Hugging Face cache has {} but no snapshot in it; {get}", repo.display()))),
