@@ -1882,9 +1882,24 @@ impl SizeSpec {
     }
 }
 
-/// A size needs a positive height and width, or a positive shortest_edge.
+/// The largest side an image processor may resize or crop to: far above any vision tower's
+/// input, and small enough that the resized image's buffers stay bounded.
+pub const MAX_PROCESSOR_SIDE: usize = 8192;
+
+/// A size needs a positive height and width, or a positive shortest_edge, none past
+/// [`MAX_PROCESSOR_SIDE`].
 fn check_size(field: &str, s: &SizeSpec) -> Result<(), String> {
-    let positive = |name: &str, v: usize| check_positive(&format!("{field}.{name}"), v);
+    let positive = |name: &str, v: usize| {
+        check_positive(&format!("{field}.{name}"), v)?;
+        if v > MAX_PROCESSOR_SIDE {
+            return Err(field_error(
+                &format!("{field}.{name}"),
+                v,
+                &format!("glimpse resizes images to at most {MAX_PROCESSOR_SIDE} pixels a side (the resized image is held in memory)"),
+            ));
+        }
+        Ok(())
+    };
     match (s.height, s.width, s.shortest_edge) {
         (Some(h), Some(w), _) => positive("height", h).and(positive("width", w)),
         (_, _, Some(e)) => positive("shortest_edge", e),

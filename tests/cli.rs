@@ -389,6 +389,29 @@ fn non_finite_logits_are_an_error_naming_the_phase() {
     }
 }
 
+/// A processor size read from the checkpoint is bounded before anything is allocated: a
+/// `shortest_edge` of 1000000 is refused naming the field, and a resize that would make an
+/// elongated image larger than the pixel limit fails that image (it used to abort allocating
+/// terabytes).
+#[test]
+fn processor_sizes_are_bounded_before_allocating() {
+    for (edge, needle) in [(1_000_000, "`size.shortest_edge` is 1000000"), (8192, "over the 178956970-pixel limit")] {
+        let dir = edited_fixture("clip-tiny", |d| {
+            let p = d.join("processor_config.json");
+            let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            v["image_processor"]["size"]["shortest_edge"] = edge.into();
+            std::fs::write(p, v.to_string()).unwrap();
+        });
+        let d = dir.path().display().to_string();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+        cmd.args(["embed", "--model", &d, "--device", "cpu", &img("wide_301x97.png")]);
+        let o = common::output_within(&mut cmd, 60);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
+    }
+}
+
 /// A chat template that loops without end stops with an error naming the template.
 #[test]
 fn runaway_chat_template_is_stopped() {

@@ -172,13 +172,15 @@ impl OutputLock {
         let path = lock_path(dst);
         // The holder removes the file as it lets go: a lock taken on a removed file is retaken.
         for _ in 0..10 {
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| Error::io(&path, e))?;
+            let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(
+                |e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Error::InvalidInput(format!(
+                        "--output {}: its folder does not exist; create it first",
+                        dst.display()
+                    )),
+                    _ => Error::io(&path, e),
+                },
+            )?;
             if !try_lock(&file).map_err(|e| Error::io(&path, e))? {
                 let mut pid = String::new();
                 let _ = (&file).take(32).read_to_string(&mut pid);
