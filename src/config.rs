@@ -1895,7 +1895,7 @@ fn check_size(field: &str, s: &SizeSpec) -> Result<(), String> {
             return Err(field_error(
                 &format!("{field}.{name}"),
                 v,
-                &format!("glimpse resizes images to at most {MAX_PROCESSOR_SIDE} pixels a side (the resized image is held in memory)"),
+                format!("glimpse resizes images to at most {MAX_PROCESSOR_SIDE} pixels a side (the resized image is held in memory)"),
             ));
         }
         Ok(())
