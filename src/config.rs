@@ -1716,6 +1716,15 @@ impl GenerationConfig {
         }
         Ok(cfg)
     }
+
+    /// Refuses an `eos_token_id` outside a vocabulary of `vocab_size`, as config.json's is
+    /// refused: the language model never produces it, so generation would never stop on it.
+    pub fn check_tokens(&self, vocab_size: usize, path: &Path) -> Result<()> {
+        for id in self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("eos_token_id", id, vocab_size).map_err(|e| Error::config(path, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Size field of an image-processor config: `{height, width}` or `{shortest_edge}`.

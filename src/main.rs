@@ -144,8 +144,9 @@ enum Command {
         #[arg(long = "image")]
         images: Vec<PathBuf>,
         /// IMAGE QUESTION, or QUESTION alone with --image.
+        /// (A path need not be UTF-8, as with caption's images.)
         #[arg(required_unless_present = "input", conflicts_with = "input", num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
-        args: Vec<String>,
+        args: Vec<std::ffi::OsString>,
         /// With --input: the question for rows without a `question` column.
         #[arg(long, requires = "input")]
         question: Option<String>,
@@ -633,6 +634,18 @@ struct PreparedDataset {
 /// `Some` in dataset mode (--input): opens the input and refuses an existing output without
 /// --resume, so that such mistakes show before a large model loads.
 fn prepare_dataset(data: &DatasetArgs, quiet: bool, batch_size: u64) -> glimpse::Result<Option<PreparedDataset>> {
+    if data.input.is_none() {
+        let given = [
+            ("--output", data.output.is_some()),
+            ("--resume", data.resume),
+            ("--path-column", data.path_column.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, on)| *on) {
+            return Err(glimpse::Error::InvalidInput(format!(
+                "{flag} works in dataset mode only, with --input SRC: add --input, or drop {flag} (records of images given as arguments go to stdout; redirect it to a file)"
+            )));
+        }
+    }
     let (Some(src), Some(dst)) = (&data.input, &data.output) else { return Ok(None) };
     let batch_size = glimpse::dataset::batch_size(batch_size)?;
     glimpse::dataset::output::check_new(dst, data.resume)?;
@@ -699,9 +712,14 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
                 let task = Task::Ask { model: &model, opts: &opts, question: question.as_deref() };
                 return run_dataset(&task, prepared);
             }
+            let text = |q: &std::ffi::OsString| {
+                q.clone().into_string().map_err(|q| {
+                    glimpse::Error::InvalidInput(format!("the question {q:?} is not UTF-8 text: pass it as UTF-8"))
+                })
+            };
             let (images, question) = match (images.is_empty(), &args[..]) {
-                (true, [image, question]) => (vec![PathBuf::from(image)], question.clone()),
-                (false, [question]) => (images, question.clone()),
+                (true, [image, question]) => (vec![PathBuf::from(image)], text(question)?),
+                (false, [question]) => (images, text(question)?),
                 _ => Cli::command()
                     .error(ErrorKind::WrongNumberOfValues, "ask takes IMAGE QUESTION, or --image IMAGE ... QUESTION")
                     .exit(),

@@ -60,6 +60,13 @@ impl Tokenizer {
         } else {
             Self::from_vocab_merges(dir, &config)?
         };
+        if inner.get_vocab_size(false) == 0 {
+            let source = if json.exists() { json } else { dir.join("vocab.json") };
+            return Err(Error::Tokenizer(format!(
+                "{}: the tokenizer's vocabulary is empty: the model's text cannot be tokenized; restore the checkpoint's tokenizer files",
+                source.display()
+            )));
+        }
         let pad_id = config.get("pad_token").and_then(token_content).and_then(|t| inner.token_to_id(&t));
         Ok(Self { inner, clean_up_spaces, pad_id })
     }

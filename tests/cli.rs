@@ -412,6 +412,37 @@ fn processor_sizes_are_bounded_before_allocating() {
     }
 }
 
+/// Checkpoint values glimpse could not use are refused at load, naming the file: an
+/// `eos_token_id` outside the vocabulary in a chat model's generation_config.json, and an empty
+/// tokenizer vocabulary.
+#[test]
+fn unusable_generation_and_tokenizer_files_are_refused() {
+    let eos = edited_fixture("llava-tiny", |d| {
+        let p = d.join("generation_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["eos_token_id"] = 1_000_000.into();
+        std::fs::write(p, v.to_string()).unwrap();
+    });
+    let empty = edited_fixture("instructblip-tiny", |d| {
+        let p = d.join("tokenizer.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["model"]["vocab"] = serde_json::json!({});
+        v["model"]["merges"] = serde_json::json!([]);
+        std::fs::write(p, v.to_string()).unwrap();
+    });
+    for (dir, needles) in [
+        (eos, ["generation_config.json", "`eos_token_id` is 1000000"]),
+        (empty, ["tokenizer.json", "vocabulary is empty"]),
+    ] {
+        let d = dir.path().display().to_string();
+        let o =
+            glimpse(&["caption", "--model", &d, "--device", "cpu", "--max-new-tokens", "2", &img("wide_301x97.png")]);
+        for n in needles {
+            assert_clean_error(&o, n);
+        }
+    }
+}
+
 /// A chat template that loops without end stops with an error naming the template.
 #[test]
 fn runaway_chat_template_is_stopped() {
@@ -636,6 +667,26 @@ fn missing_image() {
 }
 
 /// transformers formats a whitespace-only question like any other; so does glimpse.
+/// `ask` takes an image path that is not UTF-8, as `caption` does.
+#[cfg(target_os = "linux")]
+#[test]
+fn ask_takes_a_non_utf8_image_path() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = common::tempdir();
+    let path = dir.path().join(std::ffi::OsStr::from_bytes(b"a\xff.png"));
+    std::fs::copy(common::image("wide_301x97.png"), &path).unwrap();
+    for args in [&["caption"][..], &["ask"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(args)
+            .args(["--model", &model(), "--device", "cpu", "--max-new-tokens", "2"])
+            .arg(&path)
+            .args(&["what?"][..args.len().min(1) * usize::from(args[0] == "ask")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+}
+
 #[test]
 fn whitespace_question_is_answered() {
     let o = glimpse(&["ask", "--model", &model(), "--max-new-tokens", "2", &img("wide_301x97.png"), "   "]);

@@ -901,3 +901,42 @@ fn ask_rows_succeed_or_fail_alone() {
         assert_same(&got[i], &want);
     }
 }
+
+/// A consolidation temporary left by a writer killed while consolidating (`DST.tmp-PID`) is
+/// removed by the next run on that output.
+#[test]
+fn parquet_consolidation_leftovers_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    make_images(&src);
+    let dst = tmp.path().join("out.parquet");
+    let stale = tmp.path().join("out.parquet.tmp-4194303");
+    std::fs::write(&stale, b"PAR1 half written").unwrap();
+    let other = tmp.path().join("out.parquet.tmp-notes");
+    std::fs::write(&other, b"user file").unwrap();
+    let o = caption_dataset(&src, &dst, &["--max-new-tokens", "1"], &[]);
+    assert_eq!(read_records(&dst).unwrap().len(), 7, "{}", stderr(&o));
+    assert!(!stale.exists(), "the stale temporary is removed");
+    assert!(other.exists(), "a file that is not one is kept");
+}
+
+/// Dataset flags without `--input` are refused (a usage error, or one line naming the flag)
+/// instead of silently ignored.
+#[test]
+fn dataset_flags_without_input_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = s(&common::image("wide_301x97.png"));
+    let (m, clip) = (model("blip2-opt-tiny"), model("clip-tiny"));
+    let dst = s(&tmp.path().join("out.jsonl"));
+    for flags in [&["--output", dst.as_str()][..], &["--resume"], &["--path-column", "file"]] {
+        let caption = ["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "1", &img];
+        let embed = ["embed", "--device", "cpu", "-m", &clip, &img];
+        for base in [&caption[..], &embed[..]] {
+            let o = glimpse(&[base, flags].concat(), &[]);
+            let err = stderr(&o);
+            assert!(matches!(o.status.code(), Some(1 | 2)) && !err.contains("panicked"), "{flags:?}: {err}");
+            assert!(err.starts_with("error: ") && err.contains("--input") && o.stdout.is_empty(), "{flags:?}: {err}");
+        }
+    }
+    assert!(!tmp.path().join("out.jsonl").exists());
+}

@@ -426,6 +426,27 @@ fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::InvalidInput(format!("{}: Parquet: {e}", path.display()))
 }
 
+/// Removes the `DST.tmp-PID` files a writer killed while consolidating left behind. The caller
+/// holds the output's [`OutputLock`], so no other run is writing one.
+fn remove_stale_consolidations(dst: &Path) -> Result<()> {
+    let mut prefix = dst.file_name().unwrap_or_default().to_os_string();
+    prefix.push(".tmp-");
+    let prefix = prefix.to_string_lossy().into_owned();
+    let dir = parent(dst);
+    let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(&prefix).filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        if pid.is_some() && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The part files in `dir` with their indices, in order; leftover temporaries are removed.
 fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut parts = Vec::new();
@@ -482,6 +503,7 @@ impl ParquetSink {
     fn open(dst: &Path, resume: bool, columns: &Columns, key_field: &str) -> Result<(Self, Keys)> {
         let parts = parts_dir(dst);
         check_new(dst, resume)?;
+        remove_stale_consolidations(dst)?;
         let mut keys = Keys::default();
         let mut folded = None;
         let schema =
