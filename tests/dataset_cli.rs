@@ -940,3 +940,43 @@ fn dataset_flags_without_input_are_refused() {
     }
     assert!(!tmp.path().join("out.jsonl").exists());
 }
+
+/// Parquet inputs compressed with every codec writers use (Polars' default is zstd) and with
+/// dictionary-encoded string columns are read.
+#[test]
+fn parquet_input_codecs_and_dictionary_columns() {
+    use arrow_array::{ArrayRef, DictionaryArray, RecordBatch, StringArray};
+    use parquet::basic::{BrotliLevel, Compression, GzipLevel, ZstdLevel};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let images = make_images(&tmp.path().join("imgs"));
+    let paths: Vec<String> = [&images[0], &images[2]].iter().map(|p| s(p)).collect();
+    let dict: DictionaryArray<arrow_array::types::Int32Type> = paths.iter().map(String::as_str).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("path", Arc::new(dict) as ArrayRef),
+        ("id", Arc::new(StringArray::from(vec!["p", "q"])) as ArrayRef),
+    ])
+    .unwrap();
+    for codec in [
+        Compression::UNCOMPRESSED,
+        Compression::SNAPPY,
+        Compression::ZSTD(ZstdLevel::default()),
+        Compression::GZIP(GzipLevel::default()),
+        Compression::BROTLI(BrotliLevel::default()),
+        Compression::LZ4_RAW,
+        Compression::LZ4,
+    ] {
+        let src = tmp.path().join(format!("{codec:?}.parquet").replace(['(', ')', ' '], "_"));
+        let props = parquet::file::properties::WriterProperties::builder().set_compression(codec).build();
+        let file = std::fs::File::create(&src).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let dst = src.with_extension("jsonl");
+        let o = caption_dataset(&src, &dst, &["--max-new-tokens", "1"], &[]);
+        assert_eq!(o.status.code(), Some(0), "{codec:?}: {}", stderr(&o));
+        let got = read_records(&dst).unwrap();
+        assert_eq!(keys(&got), paths, "{codec:?}");
+        assert_eq!(got.iter().map(|r| r["id"].as_str().unwrap()).collect::<Vec<_>>(), ["p", "q"]);
+    }
+}

@@ -369,7 +369,14 @@ fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static>(
             Ok(b) => b,
             Err(e) => return vec![Err(Error::InvalidInput(format!("{}: cannot read: {e}", path.display())))],
         };
-        let col = |n: &Option<String>| n.as_deref().and_then(|n| batch.column_by_name(n)).cloned();
+        // A dictionary-encoded column (pyarrow, Polars) as its values.
+        let col = |n: &Option<String>| {
+            let a = n.as_deref().and_then(|n| batch.column_by_name(n)).cloned()?;
+            match a.data_type() {
+                DataType::Dictionary(_, values) => arrow_cast::cast(&a, values).ok(),
+                _ => Some(a),
+            }
+        };
         let (image, id, question) = (col(&image_name), col(&id_name), col(&question_name));
         let out = (0..batch.num_rows())
             .map(|r| {
