@@ -472,7 +472,7 @@ fn a_failed_write_leaves_no_partial_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"));
-    cmd.args(["synth", "tiny"]).arg(&out);
+    cmd.args(["synth", "--preset", "tiny", "--out"]).arg(&out);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -483,7 +483,8 @@ fn a_failed_write_leaves_no_partial_files() {
         });
     }
     let o = cmd.output().unwrap();
-    assert!(!o.status.success(), "the write must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("File too large"), "the write must fail: {err}");
     let left: Vec<_> = walk(&out).into_iter().filter(|p| p.to_string_lossy().ends_with(".partial")).collect();
     assert!(left.is_empty(), "{left:?}");
 }
