@@ -35,12 +35,17 @@ pub const QUEUE_BATCHES: usize = 2;
 /// each), [`QUEUE_BATCHES`] more wait behind it, and the model's activations grow with it too.
 pub const MAX_BATCH: usize = 1024;
 
-/// `n` as a batch size, refused past [`MAX_BATCH`] or at 0 with the reason.
+/// `n` as a `--batch-size`, refused past [`MAX_BATCH`] or at 0 with the reason.
 pub fn batch_size(n: u64) -> Result<usize> {
+    check_batch("--batch-size", n)
+}
+
+/// `n` as the batch size of option `flag`, refused past [`MAX_BATCH`] or at 0 with the reason.
+pub fn check_batch(flag: &str, n: u64) -> Result<usize> {
     match usize::try_from(n) {
         Ok(b @ 1..=MAX_BATCH) => Ok(b),
         _ => Err(Error::InvalidInput(format!(
-            "--batch-size {n} is out of range: it must be 1 to {MAX_BATCH} (each batch's images are held preprocessed in memory, a few MB each, with up to {QUEUE_BATCHES} more batches queued); larger batches gain nothing once the device is busy"
+            "{flag} {n} is out of range: it must be 1 to {MAX_BATCH} (each batch's images are held preprocessed in memory, a few MB each, with up to {QUEUE_BATCHES} more batches queued); larger batches gain nothing once the device is busy"
         ))),
     }
 }
