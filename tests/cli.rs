@@ -718,6 +718,10 @@ fn absurd_sampling_and_beam_settings_are_refused() {
     }
     assert!(run(&["--do-sample", "--top-p", "1", "--seed", "1"]).status.success());
     assert_clean_error(&run(&["--num-beams", "100000"]), "num_beams is 100000: glimpse runs at most 256");
+    // An encoder-decoder's relative positions set no bound: the cache would take 192 GB.
+    let t5 = common::model_dir("blip2-flan-t5-tiny").display().to_string();
+    let o = glimpse(&["caption", "--model", &t5, "--device", "cpu", "--max-new-tokens", "1000000000", &image]);
+    assert_clean_error(&o, "max_new_tokens is 1000000000: glimpse generates at most 16384 new tokens");
     assert_clean_error(
         &run(&["--do-sample", "--num-return-sequences", "1000000"]),
         "num_return_sequences is 1000000: glimpse runs at most 256",

@@ -149,6 +149,10 @@ fn invalid(msg: String) -> Error {
     Error::InvalidInput(msg)
 }
 
+/// The most new tokens one sequence generates: the key/value cache of every sequence is
+/// allocated for all of them up front (an encoder-decoder's relative positions set no bound).
+pub const MAX_NEW_TOKENS: usize = 16384;
+
 /// The most sequences one input runs at once (`num_beams`, `num_return_sequences`): each holds
 /// its own key/value cache and a vocabulary-size row of scores, so memory grows with them.
 pub const MAX_SEQUENCES: usize = 256;
@@ -163,6 +167,9 @@ impl GenerateOptions {
             return Err(invalid(
                 "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too); leave it unset for the default of up to 20".into(),
             ));
+        }
+        if let Some(n) = self.max_new_tokens.filter(|&n| n > MAX_NEW_TOKENS) {
+            return Err(invalid(too_many_new_tokens(&format!("max_new_tokens is {n}"))));
         }
         if self.num_beams == 0 {
             return Err(invalid("num_beams is 0: it must be at least 1 (1 is greedy decoding)".into()));
@@ -283,7 +290,12 @@ impl GenerateOptions {
                     "the decoder input ({input_len} tokens) reaches max_length {max_length} (generation_config.json), leaving no room to generate: raise max_length or set max_new_tokens"
                 )));
             }
-            return Ok(max_length - input_len);
+            let n = max_length - input_len;
+            if n > MAX_NEW_TOKENS {
+                let what = format!("max_length {max_length} (generation_config.json) leaves {n} new tokens");
+                return Err(invalid(too_many_new_tokens(&what)));
+            }
+            return Ok(n);
         }
         let max_length = (input_len + DEFAULT_NEW_TOKENS).min(max_positions);
         if input_len >= max_length {
@@ -293,6 +305,12 @@ impl GenerateOptions {
         }
         Ok(max_length - input_len)
     }
+}
+
+fn too_many_new_tokens(what: &str) -> String {
+    format!(
+        "{what}: glimpse generates at most {MAX_NEW_TOKENS} new tokens per sequence (the key/value cache of every sequence is allocated for all of them up front); ask for fewer"
+    )
 }
 
 /// The decoder inputs of a batch, one row of [`Prompts::len`] tokens per sequence: prompts of
