@@ -989,3 +989,17 @@ fn parquet_input_codecs_and_dictionary_columns() {
         assert_eq!(got.iter().map(|r| r["id"].as_str().unwrap()).collect::<Vec<_>>(), ["p", "q"]);
     }
 }
+
+/// `--batch-size` times the sequences each input runs is bounded too, before anything runs.
+#[test]
+fn batch_times_beams_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    make_images(&src);
+    let dst = tmp.path().join("out.jsonl");
+    let (m, src_s, dst_s) = (model("blip2-opt-tiny"), s(&src), s(&dst));
+    let args = ["caption", "--device", "cpu", "-m", &m, "--input", &src_s, "--output", &dst_s];
+    let o = glimpse(&[&args[..], &["--batch-size", "1024", "--num-beams", "256"]].concat(), &[]);
+    assert_error_line(&o, &["--batch-size 1024 inputs x 256 sequences each", "4096", "lower --batch-size"]);
+    assert!(!dst.exists());
+}

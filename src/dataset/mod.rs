@@ -35,6 +35,11 @@ pub const QUEUE_BATCHES: usize = 2;
 /// each), [`QUEUE_BATCHES`] more wait behind it, and the model's activations grow with it too.
 pub const MAX_BATCH: usize = 1024;
 
+/// The most sequences one model batch of a dataset run holds: `--batch-size` inputs times the
+/// sequences each runs (`--num-beams`, `--num-return-sequences`), each with its own cache and
+/// vocabulary-size scores.
+pub const MAX_BATCH_SEQUENCES: usize = 4096;
+
 /// `n` as a `--batch-size`, refused past [`MAX_BATCH`] or at 0 with the reason.
 pub fn batch_size(n: u64) -> Result<usize> {
     check_batch("--batch-size", n)
@@ -203,6 +208,16 @@ struct Ready {
 /// order. Stops after the batch in flight once `stop` is set.
 pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<Summary> {
     batch_size(opts.batch_size as u64)?;
+    if let Task::Caption { opts: gen, .. } | Task::Ask { opts: gen, .. } = task {
+        let seqs = opts.batch_size.saturating_mul(gen.expansion());
+        if seqs > MAX_BATCH_SEQUENCES {
+            return Err(Error::InvalidInput(format!(
+                "--batch-size {} inputs x {} sequences each (--num-beams / --num-return-sequences) = {seqs} sequences in one model batch, over the {MAX_BATCH_SEQUENCES} glimpse runs at once (each holds its own cache and vocabulary-size scores): lower --batch-size",
+                opts.batch_size,
+                gen.expansion()
+            )));
+        }
+    }
     let start = Instant::now();
     let key_field = input.key_field().to_string();
     let mut columns: Columns = vec![("image".into(), Kind::Str)];
