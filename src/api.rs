@@ -99,7 +99,12 @@ impl Model {
         let tokenizer = Tokenizer::from_dir(dir)?;
         let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
         family.check_preprocessor(&pre, &pre_path)?;
-        let generation = GenerationConfig::load_or_default(&dir.join("generation_config.json"))?;
+        let generation_path = dir.join("generation_config.json");
+        let generation = GenerationConfig::load_or_default(&generation_path)?;
+        if let ModelConfig::Llava(c) = &cfg {
+            // A chat family generates with these ids (`default_options`).
+            generation.check_tokens(c.text_config.vocab_size, &generation_path)?;
+        }
         let chat = if family.chat() { Some(crate::chat::ChatProcessor::load_from_dir(dir)?) } else { None };
         let backend = Backend::new(device, family.weights())?;
         Ok(Self {

@@ -382,6 +382,12 @@ impl Outcome {
 
 /// Runs the benchmark of the model `args` names: [`embed::run`] for an embedding model, else [`run`].
 pub fn run_any(args: &BenchArgs) -> Result<Outcome> {
+    let batches = [("--batch", args.batch), ("--dataset-batch", args.dataset_batch)];
+    let table = args.throughput_batches.iter().map(|&b| ("--throughput-batches", b));
+    // Zeros get their own messages below.
+    for (flag, b) in batches.into_iter().chain(table).filter(|(_, b)| *b != 0) {
+        crate::dataset::check_batch(flag, b as u64)?;
+    }
     if embed::embeds(args)? {
         Ok(Outcome::Embed(embed::run(args)?))
     } else {

@@ -54,6 +54,9 @@ fn strip_generation_tags(t: &str) -> String {
     out
 }
 
+/// The most template instructions one render runs (minijinja's fuel).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 impl ChatProcessor {
     /// The template as transformers 5.17 finds it: chat_template.jinja, else chat_template.json
     /// (`chat_template` field), else tokenizer_config.json's `chat_template` (a string, or a list
@@ -63,7 +66,7 @@ impl ChatProcessor {
             (dir.join("chat_template.jinja"), dir.join("chat_template.json"), dir.join("tokenizer_config.json"));
         let tok_cfg: Value = if tok_path.exists() { read_json(&tok_path)? } else { Value::Null };
         let (template, source) = if jinja.exists() {
-            (std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?, jinja)
+            (crate::files::read_to_string(&jinja, crate::files::MAX_CONFIG_BYTES)?, jinja)
         } else if json_path.exists() {
             let v: Value = read_json(&json_path)?;
             match v.get("chat_template").and_then(Value::as_str) {
@@ -127,6 +130,9 @@ impl ChatProcessor {
     /// Renders `messages` with `add_generation_prompt`, as `apply_chat_template(tokenize=False)`.
     pub fn render(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
+        // A shipped template renders in a few thousand instructions; a runaway one (nested
+        // `range(100000)` loops) stops here with an error instead of running for hours.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

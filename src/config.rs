@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 
 /// Reads and parses a JSON file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)?;
     from_json_slice(&bytes, path)
 }
 
@@ -961,7 +961,7 @@ pub enum ModelConfig {
 
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)?;
         Self::from_slice(&bytes, path)
     }
 
@@ -1687,10 +1687,10 @@ impl GenerationConfig {
     /// An absent file gives the defaults. So does a file that is not JSON: transformers then
     /// falls back to a generation config made from config.json (the load succeeds).
     pub fn load_or_default(path: &Path) -> Result<Self> {
-        match std::fs::read(path) {
+        match crate::files::read(path, crate::files::MAX_CONFIG_BYTES) {
             Ok(bytes) => Self::from_slice(&bytes, path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(Error::io(path, e)),
+            Err(Error::MissingFile { .. }) => Ok(Self::default()),
+            Err(e) => Err(e),
         }
     }
 
@@ -1715,6 +1715,15 @@ impl GenerationConfig {
             ));
         }
         Ok(cfg)
+    }
+
+    /// Refuses an `eos_token_id` outside a vocabulary of `vocab_size`, as config.json's is
+    /// refused: the language model never produces it, so generation would never stop on it.
+    pub fn check_tokens(&self, vocab_size: usize, path: &Path) -> Result<()> {
+        for id in self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("eos_token_id", id, vocab_size).map_err(|e| Error::config(path, e))?;
+        }
+        Ok(())
     }
 }
 
@@ -1779,13 +1788,13 @@ impl PreprocessorConfig {
         let pre = dir.join("preprocessor_config.json");
         let proc = dir.join("processor_config.json");
         if proc.exists() {
-            let bytes = std::fs::read(&proc).map_err(|e| Error::io(&proc, e))?;
+            let bytes = crate::files::read(&proc, crate::files::MAX_CONFIG_BYTES)?;
             if let Some(cfg) = Self::from_processor_slice(&bytes, &proc)? {
                 return Ok((cfg, proc));
             }
         }
         if pre.exists() {
-            let bytes = std::fs::read(&pre).map_err(|e| Error::io(&pre, e))?;
+            let bytes = crate::files::read(&pre, crate::files::MAX_CONFIG_BYTES)?;
             return Ok((Self::from_slice(&bytes, &pre)?, pre));
         }
         Err(Error::MissingFile {
@@ -1882,9 +1891,24 @@ impl SizeSpec {
     }
 }
 
-/// A size needs a positive height and width, or a positive shortest_edge.
+/// The largest side an image processor may resize or crop to: far above any vision tower's
+/// input, and small enough that the resized image's buffers stay bounded.
+pub const MAX_PROCESSOR_SIDE: usize = 8192;
+
+/// A size needs a positive height and width, or a positive shortest_edge, none past
+/// [`MAX_PROCESSOR_SIDE`].
 fn check_size(field: &str, s: &SizeSpec) -> Result<(), String> {
-    let positive = |name: &str, v: usize| check_positive(&format!("{field}.{name}"), v);
+    let positive = |name: &str, v: usize| {
+        check_positive(&format!("{field}.{name}"), v)?;
+        if v > MAX_PROCESSOR_SIDE {
+            return Err(field_error(
+                &format!("{field}.{name}"),
+                v,
+                format!("glimpse resizes images to at most {MAX_PROCESSOR_SIDE} pixels a side (the resized image is held in memory)"),
+            ));
+        }
+        Ok(())
+    };
     match (s.height, s.width, s.shortest_edge) {
         (Some(h), Some(w), _) => positive("height", h).and(positive("width", w)),
         (_, _, Some(e)) => positive("shortest_edge", e),

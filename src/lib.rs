@@ -18,6 +18,7 @@ pub mod convert;
 pub mod cost;
 pub mod dataset;
 pub mod error;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod generate;

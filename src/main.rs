@@ -144,8 +144,9 @@ enum Command {
         #[arg(long = "image")]
         images: Vec<PathBuf>,
         /// IMAGE QUESTION, or QUESTION alone with --image.
+        /// (A path need not be UTF-8, as with caption's images.)
         #[arg(required_unless_present = "input", conflicts_with = "input", num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
-        args: Vec<String>,
+        args: Vec<std::ffi::OsString>,
         /// With --input: the question for rows without a `question` column.
         #[arg(long, requires = "input")]
         question: Option<String>,
@@ -528,8 +529,8 @@ fn embedding_outcome(e: Vec<f32>) -> Outcome {
 }
 
 fn run_embed(args: &EmbedArgs, texts: &[String], images: &[PathBuf]) -> Result<ExitCode, CliError> {
+    let batch = glimpse::dataset::batch_size(args.batch_size)?;
     let model = load_embedder(args)?;
-    let batch = args.batch_size as usize;
     if !texts.is_empty() {
         return embed_records(texts, "text", args.json, batch, |r| {
             let ids = texts[r].iter().map(|t| model.text_ids(t).map_err(|e| e.to_string())).collect();
@@ -544,12 +545,13 @@ fn run_embed(args: &EmbedArgs, texts: &[String], images: &[PathBuf]) -> Result<E
 }
 
 fn run_classify(args: &EmbedArgs, images: &[PathBuf], labels: &[String]) -> Result<ExitCode, CliError> {
+    let batch = glimpse::dataset::batch_size(args.batch_size)?;
     let model = load_embedder(args)?;
     let label_refs: Vec<&str> = labels.iter().map(String::as_str).collect();
     // Every record needs the labels: embedding them is the command's own step, not a record's.
     let label_embeds = model.embed_texts(&label_refs)?;
     let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
-    embed_records(&names, "image", args.json, args.batch_size as usize, |r| {
+    embed_records(&names, "image", args.json, batch, |r| {
         let px = images[r].iter().map(|p| model.preprocess(p).map_err(|e| e.to_string())).collect();
         batched(px, |px| {
             let logits = model.logits(&model.embed_images(px)?, &label_embeds)?;
@@ -626,26 +628,37 @@ struct PreparedDataset {
     output: PathBuf,
     resume: bool,
     quiet: bool,
+    batch_size: usize,
 }
 
 /// `Some` in dataset mode (--input): opens the input and refuses an existing output without
 /// --resume, so that such mistakes show before a large model loads.
-fn prepare_dataset(data: &DatasetArgs, quiet: bool) -> glimpse::Result<Option<PreparedDataset>> {
+fn prepare_dataset(data: &DatasetArgs, quiet: bool, batch_size: u64) -> glimpse::Result<Option<PreparedDataset>> {
+    if data.input.is_none() {
+        let given = [
+            ("--output", data.output.is_some()),
+            ("--resume", data.resume),
+            ("--path-column", data.path_column.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, on)| *on) {
+            return Err(glimpse::Error::InvalidInput(format!(
+                "{flag} works in dataset mode only, with --input SRC: add --input, or drop {flag} (records of images given as arguments go to stdout; redirect it to a file)"
+            )));
+        }
+    }
     let (Some(src), Some(dst)) = (&data.input, &data.output) else { return Ok(None) };
+    let batch_size = glimpse::dataset::batch_size(batch_size)?;
     glimpse::dataset::output::check_new(dst, data.resume)?;
+    glimpse::dataset::output::check_not_input(src, dst)?;
     let opts = glimpse::dataset::input::InputOptions { path_column: data.path_column.clone() };
     let input = glimpse::dataset::input::open(src, &opts)?;
-    Ok(Some(PreparedDataset { input, output: dst.clone(), resume: data.resume, quiet }))
+    Ok(Some(PreparedDataset { input, output: dst.clone(), resume: data.resume, quiet, batch_size }))
 }
 
 /// Runs a dataset to its output and reports on stderr. Exit status 1 if any input failed (its
 /// record holds `error`), 130 when Ctrl-C stopped it (the output holds every finished batch).
-fn run_dataset(task: &Task, d: PreparedDataset, batch_size: u64) -> Result<ExitCode, CliError> {
-    let opts = glimpse::dataset::RunOptions {
-        batch_size: usize::try_from(batch_size).unwrap_or(usize::MAX),
-        resume: d.resume,
-        progress: !d.quiet,
-    };
+fn run_dataset(task: &Task, d: PreparedDataset) -> Result<ExitCode, CliError> {
+    let opts = glimpse::dataset::RunOptions { batch_size: d.batch_size, resume: d.resume, progress: !d.quiet };
     let s = glimpse::dataset::run(task, d.input, &d.output, &opts, glimpse::dataset::interrupt_flag())?;
     let dst = d.output.display();
     if !d.quiet {
@@ -686,22 +699,27 @@ fn run_dataset(task: &Task, d: PreparedDataset, batch_size: u64) -> Result<ExitC
 fn run(command: Command) -> Result<ExitCode, CliError> {
     match command {
         Command::Caption { run, images, data } => {
-            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet)? {
+            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet, run.batch_size)? {
                 let (model, opts) = load(&run)?;
-                return run_dataset(&Task::Caption { model: &model, opts: &opts }, prepared, run.batch_size);
+                return run_dataset(&Task::Caption { model: &model, opts: &opts }, prepared);
             }
             let (model, opts) = load(&run)?;
             run_images(&model, &opts, &images, None, &run)
         }
         Command::Ask { run, images, args, question, data } => {
-            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet)? {
+            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet, run.batch_size)? {
                 let (model, opts) = load(&run)?;
                 let task = Task::Ask { model: &model, opts: &opts, question: question.as_deref() };
-                return run_dataset(&task, prepared, run.batch_size);
+                return run_dataset(&task, prepared);
             }
+            let text = |q: &std::ffi::OsString| {
+                q.clone().into_string().map_err(|q| {
+                    glimpse::Error::InvalidInput(format!("the question {q:?} is not UTF-8 text: pass it as UTF-8"))
+                })
+            };
             let (images, question) = match (images.is_empty(), &args[..]) {
-                (true, [image, question]) => (vec![PathBuf::from(image)], question.clone()),
-                (false, [question]) => (images, question.clone()),
+                (true, [image, question]) => (vec![PathBuf::from(image)], text(question)?),
+                (false, [question]) => (images, text(question)?),
                 _ => Cli::command()
                     .error(ErrorKind::WrongNumberOfValues, "ask takes IMAGE QUESTION, or --image IMAGE ... QUESTION")
                     .exit(),
@@ -712,10 +730,12 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             }
             run_images(&model, &opts, &images, Some(&question), &run)
         }
-        Command::Embed { args, texts, images, data } => match prepare_dataset(&data, args.hub.quiet)? {
-            Some(prepared) => run_dataset(&Task::Embed { model: &load_embedder(&args)? }, prepared, args.batch_size),
-            None => run_embed(&args, &texts, &images),
-        },
+        Command::Embed { args, texts, images, data } => {
+            match prepare_dataset(&data, args.hub.quiet, args.batch_size)? {
+                Some(prepared) => run_dataset(&Task::Embed { model: &load_embedder(&args)? }, prepared),
+                None => run_embed(&args, &texts, &images),
+            }
+        }
         Command::Classify { args, images, labels } => run_classify(&args, &images, &labels),
         Command::Download { model, hub } => {
             let fetched = glimpse::hub::download(&model, &hub.options())?;

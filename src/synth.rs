@@ -1397,9 +1397,19 @@ impl safetensors::View for F16View<'_> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .map_err(|e| Error::io(&tmp, e));
+    removing_on_error(written, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// `result`, with the temporary `tmp` removed when it failed (a full disk leaves no `.partial`).
+fn removing_on_error<T>(result: Result<T>, tmp: &Path) -> Result<T> {
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
 }
 
 /// Writes preset `name` with random weights (`seed`) as an HF model folder: config.json,
@@ -1433,8 +1443,9 @@ pub fn write_folder(name: &str, out: &Path, seed: u64) -> Result<()> {
     let path = out.join("model.safetensors");
     let partial = out.join("model.safetensors.partial");
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), &partial)
-        .map_err(|e| Error::safetensors(&partial, format!("writing failed: {e}")))?;
+    let written = safetensors::serialize_to_file(views, Some(meta), &partial)
+        .map_err(|e| Error::safetensors(&partial, format!("writing failed: {e}")));
+    removing_on_error(written, &partial)?;
     std::fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))?;
     Ok(())
 }

@@ -55,10 +55,18 @@ impl Tokenizer {
             let spec = if t5 { t5_rebuild(spec, &config).map_err(err)? } else { llama_rebuild(spec, &config) };
             HfTokenizer::from_str(&spec.to_string()).map_err(|e| err(e.to_string()))?
         } else if json.exists() {
-            HfTokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
+            HfTokenizer::from_bytes(crate::files::read(&json, crate::files::MAX_CONFIG_BYTES)?)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
         } else {
             Self::from_vocab_merges(dir, &config)?
         };
+        if inner.get_vocab_size(false) == 0 {
+            let source = if json.exists() { json } else { dir.join("vocab.json") };
+            return Err(Error::Tokenizer(format!(
+                "{}: the tokenizer's vocabulary is empty: the model's text cannot be tokenized; restore the checkpoint's tokenizer files",
+                source.display()
+            )));
+        }
         let pad_id = config.get("pad_token").and_then(token_content).and_then(|t| inner.token_to_id(&t));
         Ok(Self { inner, clean_up_spaces, pad_id })
     }
@@ -78,6 +86,13 @@ impl Tokenizer {
                     path: dir.join("tokenizer.json"),
                     hint: format!(" (nor the fallback {})", p.display()),
                 });
+            }
+            if crate::files::check_regular(p)?.len() > crate::files::MAX_CONFIG_BYTES {
+                return Err(Error::Tokenizer(format!(
+                    "{}: larger than {} MiB",
+                    p.display(),
+                    crate::files::MAX_CONFIG_BYTES >> 20
+                )));
             }
         }
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
@@ -281,7 +296,7 @@ const HUB_CLASS_IGNORED: [&str; 45] = [
 
 /// Whether the model folder's config.json `model_type` is in [`HUB_CLASS_IGNORED`].
 fn hub_class_ignored(dir: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(dir.join("config.json")) else { return false };
+    let Ok(bytes) = crate::files::read(&dir.join("config.json"), crate::files::MAX_CONFIG_BYTES) else { return false };
     let Ok(v) = serde_json::from_slice::<Value>(&bytes) else { return false };
     v.get("model_type").and_then(Value::as_str).is_some_and(|t| HUB_CLASS_IGNORED.contains(&t))
 }

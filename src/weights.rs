@@ -249,7 +249,7 @@ impl Checkpoint {
 
     /// Opens a sharded checkpoint from its `model.safetensors.index.json`.
     pub fn open_index(index_path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+        let bytes = crate::files::read(index_path, crate::files::MAX_CONFIG_BYTES)?;
         let index = parse_shard_index(&bytes, index_path)?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut ckpt = Checkpoint {
@@ -504,6 +504,7 @@ fn read_f32_le(bytes: &[u8]) -> Vec<f32> {
 
 /// Maps a safetensors file and validates its header (see [`parse_safetensors`]).
 fn map_and_parse(path: &Path, file_idx: usize) -> Result<(MappedFile, Vec<(String, TensorInfo)>)> {
+    crate::files::check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if file_len < 8 {

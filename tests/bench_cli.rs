@@ -98,6 +98,27 @@ fn bench_rejects_bad_arguments() {
             &["bench", "--preset", "tiny", "--device", "cpu", "--throughput-batches", "1,0"][..],
             "--throughput-batches 1,0: batch sizes must be at least 1",
         ),
+        // Absurd batch sizes are refused with their bound (they used to panic or abort).
+        (
+            &["bench", "--preset", "tiny", "--device", "cpu", "--batch", "18446744073709551615"][..],
+            "--batch 18446744073709551615 is out of range: it must be 1 to 1024",
+        ),
+        (
+            &["bench", "--preset", "tiny", "--device", "cpu", "--batch", "1000000000"][..],
+            "--batch 1000000000 is out of range",
+        ),
+        (
+            &["bench", "--preset", "tiny", "--device", "cpu", "--throughput-batches", "1,1000000000"][..],
+            "--throughput-batches 1000000000 is out of range",
+        ),
+        (
+            &["bench", "--preset", "clip-tiny", "--device", "cpu", "--throughput-batches", "5000"][..],
+            "--throughput-batches 5000 is out of range",
+        ),
+        (
+            &["bench", "--preset", "tiny", "--device", "cpu", "--dataset", "imgs", "--dataset-batch", "5000"][..],
+            "--dataset-batch 5000 is out of range",
+        ),
     ] {
         let o = glimpse(args);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -288,6 +288,177 @@ fn info_rejects_what_caption_rejects() {
     }
 }
 
+/// A copy of fixture `model` with `edit` applied.
+fn edited_fixture(model: &str, edit: impl Fn(&Path)) -> tempfile::TempDir {
+    let dir = common::tempdir();
+    common::copy_dir(&common::model_dir(model), dir.path());
+    edit(dir.path());
+    dir
+}
+
+/// Each model file glimpse reads (configs, tokenizer, chat template, weights) replaced by
+/// /dev/zero, a FIFO or a folder fails at once with one line naming it, instead of reading
+/// without end or blocking.
+#[cfg(unix)]
+#[test]
+fn model_files_that_are_not_regular_files_are_refused() {
+    let cases = [
+        ("blip2-opt-tiny", "config.json"),
+        ("blip2-opt-tiny", "generation_config.json"),
+        ("blip2-opt-tiny", "processor_config.json"),
+        ("blip2-opt-tiny", "tokenizer.json"),
+        ("blip2-opt-tiny", "tokenizer_config.json"),
+        ("blip2-opt-tiny", "model.safetensors"),
+        ("llava-tiny", "chat_template.jinja"),
+    ];
+    for (model, file) in cases {
+        for kind in ["/dev/zero", "fifo", "folder"] {
+            let dir = edited_fixture(model, |d| {
+                let p = d.join(file);
+                std::fs::remove_file(&p).unwrap();
+                match kind {
+                    "fifo" => {
+                        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+                        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+                    }
+                    "folder" => std::fs::create_dir(&p).unwrap(),
+                    dev => std::os::unix::fs::symlink(dev, &p).unwrap(),
+                }
+            });
+            let d = dir.path().display().to_string();
+            let image = img("wide_301x97.png");
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+            cmd.args(["caption", "--model", &d, "--device", "cpu", "--max-new-tokens", "2", &image]);
+            let o = common::output_within(&mut cmd, 60);
+            assert_clean_error(&o, file);
+            assert!(stderr(&o).contains("not a regular file"), "{model}/{file} as {kind}: {}", stderr(&o));
+        }
+    }
+}
+
+/// Every float tensor of `dir`'s model.safetensors set to NaN, in place.
+fn poison_weights(dir: &Path) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for (name, t) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        let nan: &[u8] = match t["dtype"].as_str().unwrap() {
+            "F16" => &[0x00, 0x7e],
+            "BF16" => &[0xc0, 0x7f],
+            "F32" => &[0x00, 0x00, 0xc0, 0x7f],
+            _ => continue,
+        };
+        let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+        for chunk in bytes[8 + n + a..8 + n + b].chunks_mut(nan.len()) {
+            chunk.copy_from_slice(nan);
+        }
+    }
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// NaN weights are an error naming the phase, in every family (they used to give exit 0, empty
+/// text, tokens [0, ...] and null log-probs), for greedy decoding and beam search.
+#[test]
+fn non_finite_logits_are_an_error_naming_the_phase() {
+    for model in ["blip2-opt-tiny", "blip2-flan-t5-tiny", "instructblip-tiny", "llava-tiny"] {
+        let dir = edited_fixture(model, poison_weights);
+        let d = dir.path().display().to_string();
+        for beams in ["1", "2"] {
+            let o = glimpse(&[
+                "caption",
+                "--model",
+                &d,
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "3",
+                "--num-beams",
+                beams,
+                "--json",
+                &img("wide_301x97.png"),
+            ]);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{model}: {err}");
+            assert!(err.contains("logits are not finite") && err.contains("prefill"), "{model}: {err}");
+            assert!(!stdout(&o).contains("\"text\":\"\""), "{model}: {}", stdout(&o));
+        }
+    }
+}
+
+/// A processor size read from the checkpoint is bounded before anything is allocated: a
+/// `shortest_edge` of 1000000 is refused naming the field, and a resize that would make an
+/// elongated image larger than the pixel limit fails that image (it used to abort allocating
+/// terabytes).
+#[test]
+fn processor_sizes_are_bounded_before_allocating() {
+    for (edge, needle) in [(1_000_000, "`size.shortest_edge` is 1000000"), (8192, "over the 178956970-pixel limit")] {
+        let dir = edited_fixture("clip-tiny", |d| {
+            let p = d.join("processor_config.json");
+            let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            v["image_processor"]["size"]["shortest_edge"] = edge.into();
+            std::fs::write(p, v.to_string()).unwrap();
+        });
+        let d = dir.path().display().to_string();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+        cmd.args(["embed", "--model", &d, "--device", "cpu", &img("wide_301x97.png")]);
+        let o = common::output_within(&mut cmd, 60);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
+    }
+}
+
+/// Checkpoint values glimpse could not use are refused at load, naming the file: an
+/// `eos_token_id` outside the vocabulary in a chat model's generation_config.json, and an empty
+/// tokenizer vocabulary.
+#[test]
+fn unusable_generation_and_tokenizer_files_are_refused() {
+    let eos = edited_fixture("llava-tiny", |d| {
+        let p = d.join("generation_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["eos_token_id"] = 1_000_000.into();
+        std::fs::write(p, v.to_string()).unwrap();
+    });
+    let empty = edited_fixture("instructblip-tiny", |d| {
+        let p = d.join("tokenizer.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["model"]["vocab"] = serde_json::json!({});
+        v["model"]["merges"] = serde_json::json!([]);
+        std::fs::write(p, v.to_string()).unwrap();
+    });
+    for (dir, needles) in [
+        (eos, ["generation_config.json", "`eos_token_id` is 1000000"]),
+        (empty, ["tokenizer.json", "vocabulary is empty"]),
+    ] {
+        let d = dir.path().display().to_string();
+        let o =
+            glimpse(&["caption", "--model", &d, "--device", "cpu", "--max-new-tokens", "2", &img("wide_301x97.png")]);
+        for n in needles {
+            assert_clean_error(&o, n);
+        }
+    }
+}
+
+/// A chat template that loops without end stops with an error naming the template.
+#[test]
+fn runaway_chat_template_is_stopped() {
+    let dir = edited_fixture("llava-tiny", |d| {
+        let t = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}";
+        std::fs::write(d.join("chat_template.jinja"), t).unwrap();
+    });
+    let d = dir.path().display().to_string();
+    let image = img("wide_301x97.png");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    cmd.args(["caption", "--model", &d, "--device", "cpu", "--max-new-tokens", "2", &image]);
+    let o = common::output_within(&mut cmd, 60);
+    assert!(stderr(&o).contains("chat_template.jinja") && stderr(&o).contains("fuel"), "{}", stderr(&o));
+    assert!(!o.status.success() && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
 #[test]
 fn auto_device_says_when_it_falls_back_to_the_cpu() {
     let Some(reason) = glimpse::backend::cuda_unavailable_reason() else {
@@ -320,10 +491,10 @@ fn hub_id_resolves_from_the_cache() {
     // Lay the fixture out as huggingface_hub does: models--org--name/{refs/main, snapshots/<hash>/}.
     let cache = common::tempdir();
     let repo = cache.path().join("models--tiny--blip2");
-    let snap = repo.join("snapshots/0123abcd");
+    let snap = repo.join("snapshots/0123abcd0123abcd0123abcd0123abcd0123abcd");
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd0123abcd0123abcd0123abcd0123abcd").unwrap();
     for f in std::fs::read_dir(common::model_dir("blip2-opt-tiny")).unwrap() {
         let f = f.unwrap();
         std::fs::copy(f.path(), snap.join(f.file_name())).unwrap();
@@ -339,6 +510,35 @@ fn hub_id_resolves_from_the_cache() {
         unescape(stdout(&o).trim_end_matches('\n')),
         golden_case("caption_odd_257x181")["text"].as_str().unwrap()
     );
+}
+
+/// A `refs/<revision>` is trusted only as a 40-hex commit naming a snapshot of the cache: a path
+/// (relative or absolute) to a model elsewhere is refused, and a ref to a missing snapshot does
+/// not fall back to another snapshot.
+#[test]
+fn hub_refs_must_name_a_cached_snapshot() {
+    let cache = common::tempdir();
+    let repo = cache.path().join("models--tiny--blip2");
+    let snap = repo.join("snapshots/1111111111111111111111111111111111111111");
+    common::copy_dir(&common::model_dir("blip2-opt-tiny"), &snap);
+    common::copy_dir(&common::model_dir("blip2-opt-tiny"), &cache.path().join("outside_model"));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    let outside = cache.path().join("outside_model").display().to_string();
+    let missing = "2222222222222222222222222222222222222222";
+    for (content, needle) in [
+        ("../../../outside_model", "not a 40-hex commit"),
+        (outside.as_str(), "not a 40-hex commit"),
+        (missing, "names snapshot 2222222222222222222222222222222222222222, which is not in"),
+    ] {
+        std::fs::write(repo.join("refs/main"), content).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(["caption", "--model", "tiny/blip2", "--device", "cpu", &img("wide_301x97.png")])
+            .env("HF_HUB_CACHE", cache.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert_clean_error(&o, needle);
+    }
 }
 
 /// Good images and bad ones (missing, corrupt PNG, a directory), interleaved: (path, golden case
@@ -467,6 +667,26 @@ fn missing_image() {
 }
 
 /// transformers formats a whitespace-only question like any other; so does glimpse.
+/// `ask` takes an image path that is not UTF-8, as `caption` does.
+#[cfg(target_os = "linux")]
+#[test]
+fn ask_takes_a_non_utf8_image_path() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = common::tempdir();
+    let path = dir.path().join(std::ffi::OsStr::from_bytes(b"a\xff.png"));
+    std::fs::copy(common::image("wide_301x97.png"), &path).unwrap();
+    for args in [&["caption"][..], &["ask"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+            .args(args)
+            .args(["--model", &model(), "--device", "cpu", "--max-new-tokens", "2"])
+            .arg(&path)
+            .args(&["what?"][..args.len().min(1) * usize::from(args[0] == "ask")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+}
+
 #[test]
 fn whitespace_question_is_answered() {
     let o = glimpse(&["ask", "--model", &model(), "--max-new-tokens", "2", &img("wide_301x97.png"), "   "]);
@@ -478,6 +698,33 @@ fn zero_new_tokens_is_an_error() {
     assert_clean_error(
         &glimpse(&["caption", "--model", &model(), "--max-new-tokens", "0", &img("wide_301x97.png")]),
         "max_new_tokens is 0",
+    );
+}
+
+/// `top_p` past 1 is refused as transformers' TopPLogitsWarper refuses it; beams and returned
+/// sequences past the stated bound are refused with the reason instead of exhausting memory.
+#[test]
+fn absurd_sampling_and_beam_settings_are_refused() {
+    let (m, image) = (model(), img("wide_301x97.png"));
+    let run = |flags: &[&str]| {
+        let mut args = vec!["caption", "--model", &m, "--device", "cpu", "--max-new-tokens", "2"];
+        args.extend(flags);
+        args.push(&image);
+        glimpse(&args)
+    };
+    for p in ["1.5", "2", "NaN"] {
+        let want = format!("`top_p` has to be a float > 0 and < 1, but is {}", p.parse::<f64>().unwrap());
+        assert_clean_error(&run(&["--do-sample", "--top-p", p]), &want);
+    }
+    assert!(run(&["--do-sample", "--top-p", "1", "--seed", "1"]).status.success());
+    assert_clean_error(&run(&["--num-beams", "100000"]), "num_beams is 100000: glimpse runs at most 256");
+    // An encoder-decoder's relative positions set no bound: the cache would take 192 GB.
+    let t5 = common::model_dir("blip2-flan-t5-tiny").display().to_string();
+    let o = glimpse(&["caption", "--model", &t5, "--device", "cpu", "--max-new-tokens", "1000000000", &image]);
+    assert_clean_error(&o, "max_new_tokens is 1000000000: glimpse generates at most 16384 new tokens");
+    assert_clean_error(
+        &run(&["--do-sample", "--num-return-sequences", "1000000"]),
+        "num_return_sequences is 1000000: glimpse runs at most 256",
     );
 }
 

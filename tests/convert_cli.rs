@@ -159,10 +159,10 @@ fn convert_into_a_read_only_folder_fails_cleanly() {
 fn convert_takes_hub_ids_and_never_writes_into_the_cache() {
     let cache = common::tempdir();
     let repo = cache.path().join("models--tiny--blip2-proj");
-    let snap = repo.join("snapshots/0123abcd");
+    let snap = repo.join("snapshots/0123abcd0123abcd0123abcd0123abcd0123abcd");
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd0123abcd0123abcd0123abcd0123abcd").unwrap();
     for f in std::fs::read_dir(common::model_dir("blip2-opt-tiny-proj")).unwrap() {
         let f = f.unwrap();
         std::fs::copy(f.path(), snap.join(f.file_name())).unwrap();

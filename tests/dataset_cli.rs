@@ -524,3 +524,482 @@ fn two_thousand_mixed_images_to_parquet_crash_and_resume() {
         assert_same(r, &want);
     }
 }
+
+/// Writes `columns` as a Parquet table at `path`.
+fn write_parquet(path: &Path, columns: Vec<(&str, arrow_array::ArrayRef)>) {
+    let batch = arrow_array::RecordBatch::try_from_iter(columns).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// A Parquet input with neither an id nor a question column (a plain `{path}` table, or a
+/// Hugging Face `{image: {bytes, path}, label}` table) runs every row, for caption, ask and
+/// embed, to JSONL and Parquet.
+#[test]
+fn parquet_input_without_id_or_question_columns() {
+    use arrow_array::{ArrayRef, BinaryArray, Int64Array, StringArray, StructArray};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let images = make_images(&tmp.path().join("imgs"));
+    let chosen = [&images[0], &images[2]];
+    let paths: Vec<String> = chosen.iter().map(|p| s(p)).collect();
+    let plain = tmp.path().join("plain.parquet");
+    write_parquet(&plain, vec![("path", Arc::new(StringArray::from(paths.clone())) as ArrayRef)]);
+    let bytes: Vec<Vec<u8>> = chosen.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let image = StructArray::from(vec![
+        (
+            Arc::new(arrow_schema::Field::new("bytes", arrow_schema::DataType::Binary, true)),
+            Arc::new(BinaryArray::from_iter_values(bytes.iter())) as ArrayRef,
+        ),
+        (
+            Arc::new(arrow_schema::Field::new("path", arrow_schema::DataType::Utf8, true)),
+            Arc::new(StringArray::from(vec!["a.png", "c.jpg"])) as ArrayRef,
+        ),
+    ]);
+    let hf = tmp.path().join("hf.parquet");
+    write_parquet(&hf, vec![("image", Arc::new(image) as ArrayRef), ("label", Arc::new(Int64Array::from(vec![3, 7])))]);
+    let (blip, clip) = (model("blip2-opt-tiny"), model("clip-tiny"));
+    for src in [&plain, &hf] {
+        for (i, cmd) in ["caption", "ask", "embed"].into_iter().enumerate() {
+            for ext in ["jsonl", "parquet"] {
+                let dst = tmp.path().join(format!("{}-{cmd}.{ext}", src.file_stem().unwrap().to_string_lossy()));
+                let m = if cmd == "embed" { &clip } else { &blip };
+                let (src_s, dst_s) = (s(src), s(&dst));
+                let mut args = vec![cmd, "--device", "cpu", "-m", m, "--input", &src_s, "--output", &dst_s];
+                args.extend(["--max-new-tokens", "2"].iter().take(if cmd == "embed" { 0 } else { 2 }));
+                if i == 1 {
+                    args.extend(["--question", "what?"]);
+                }
+                let o = glimpse(&args, &[]);
+                let err = stderr(&o);
+                assert_eq!(o.status.code(), Some(0), "{cmd} {src_s} -> {ext}: {err}");
+                assert!(!err.contains("panicked"), "{err}");
+                let got = read_records(&dst).unwrap();
+                assert_eq!(got.len(), 2, "{cmd} {src_s} -> {ext}");
+                assert!(got.iter().all(|r| r.get("error").is_none()), "{got:?}");
+            }
+        }
+    }
+}
+
+/// One `error: ` line and no panic.
+fn assert_error_line(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+    for n in needles {
+        assert!(line.contains(n), "{n:?} not in {line}");
+    }
+}
+
+/// An absurd `--batch-size` is refused up front with its bound, before any output is created
+/// (it used to overflow a capacity, or abort allocating 104 GB).
+#[test]
+fn absurd_batch_size_is_refused_with_its_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    make_images(&src);
+    let dst = tmp.path().join("out.jsonl");
+    let (m, clip, img) = (model("blip2-opt-tiny"), model("clip-tiny"), s(&src.join("a.png")));
+    let (src, dst_s) = (s(&src), s(&dst));
+    let caption = |n: &str| {
+        glimpse(&["caption", "--device", "cpu", "-m", &m, "--input", &src, "--output", &dst_s, "--batch-size", n], &[])
+    };
+    for n in ["18446744073709551615", "1000000000", "1025"] {
+        assert_error_line(&caption(n), &["--batch-size", n, "1024"]);
+        assert!(!dst.exists());
+        let o = glimpse(&["embed", "--device", "cpu", "-m", &clip, "--batch-size", n, &img], &[]);
+        assert_error_line(&o, &["--batch-size", n, "1024"]);
+    }
+    let o = caption("1024");
+    assert_eq!(read_records(&dst).unwrap().len(), 7, "{}", stderr(&o));
+}
+
+/// Runs glimpse in `dir` with `stdin` piped in, killed (and the test failed) after 60 s: a
+/// regression here would otherwise hang or grow without bound.
+fn glimpse_in(dir: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    c.args(args).current_dir(dir).env("RUST_BACKTRACE", "1").stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().expect("run glimpse");
+    if let Some(data) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("glimpse {args:?} ran past 60 s: {:?}", child.wait_with_output().map(|o| stderr(&o)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A piped list (`--input /dev/stdin`, as `ls *.png | glimpse ...`) is read once and runs every
+/// input; a device as input or output is refused at once instead of read without end.
+#[cfg(unix)]
+#[test]
+fn piped_input_is_read_once_and_devices_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = make_images(&tmp.path().join("imgs"));
+    let list: String = images[..3].iter().map(|p| s(p) + "\n").collect();
+    let m = model("blip2-opt-tiny");
+    let dst = tmp.path().join("out.jsonl");
+    let run = |src: &str, dst: &str, extra: &[&str], stdin: Option<&[u8]>| {
+        let mut args = vec!["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "2", "--input", src];
+        args.extend(["--output", dst]);
+        args.extend(extra);
+        glimpse_in(tmp.path(), &args, &[], stdin)
+    };
+    let o = run("/dev/stdin", &s(&dst), &[], Some(list.as_bytes()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(keys(&read_records(&dst).unwrap()), images[..3].iter().map(|p| s(p)).collect::<Vec<_>>());
+
+    let o = run("/dev/zero", "zero.jsonl", &[], None);
+    assert_error_line(&o, &["/dev/zero", "not a regular file"]);
+    for dev in ["/dev/full", "/dev/zero"] {
+        let o = run(&s(&tmp.path().join("imgs")), dev, &["--resume"], None);
+        assert_error_line(&o, &[dev, "not a regular file"]);
+    }
+}
+
+/// `--output` naming the input itself (another spelling, or a hard link) is refused: the run
+/// would read its own records back forever.
+#[test]
+fn output_that_is_the_input_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let src = tmp.path().join("list.jsonl");
+    std::fs::write(&src, "{\"image\": \"imgs/a.png\"}\n").unwrap();
+    std::fs::hard_link(&src, tmp.path().join("link.jsonl")).unwrap();
+    let m = model("blip2-opt-tiny");
+    for dst in ["./list.jsonl", "link.jsonl"] {
+        let args = ["caption", "--device", "cpu", "-m", &m, "--input", "list.jsonl", "--output", dst, "--resume"];
+        let o = glimpse_in(tmp.path(), &args, &[], None);
+        assert_error_line(&o, &[dst, "is the input file", "list.jsonl"]);
+    }
+    assert_eq!(std::fs::read_to_string(&src).unwrap(), "{\"image\": \"imgs/a.png\"}\n");
+}
+
+/// A crash after `batches` batches of 1, then `--resume`: the image/id pairs of the records,
+/// which must be the input's rows, each once, in order.
+fn crash_then_resume(dir: &Path, src: &str, dst: &str, resume_src: &str, batches: &str) -> Vec<(String, Value)> {
+    let m = model("blip2-opt-tiny");
+    let run = |src: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "1", "--input", src];
+        args.extend(["--output", dst, "--batch-size", "1", "--quiet"]);
+        args.extend(extra);
+        glimpse_in(dir, &args, env, None)
+    };
+    let o = run(src, &[], &[(glimpse::dataset::CRASH_AFTER_ENV, batches)]);
+    assert!(o.status.code().is_none() || o.status.code() == Some(134), "expected an abort: {}", stderr(&o));
+    let o = run(resume_src, &["--resume"], &[]);
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    let got = read_records(&dir.join(dst)).unwrap();
+    got.iter()
+        .map(|r| (r["image"].as_str().unwrap().to_string(), r.get("id").cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// `--resume` after a crash loses no input that shares its key with another: duplicate ids in a
+/// table, and file names that read the same as text (non-UTF-8 bytes).
+#[test]
+fn resume_keeps_inputs_that_share_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let rows = [("x", "imgs/a.png"), ("x", "imgs/b.webp"), ("y", "imgs/sub/c.jpg"), ("x", "imgs/sub/d.png")];
+    let lines: String =
+        rows.iter().map(|(id, p)| serde_json::json!({ "id": id, "image": p }).to_string() + "\n").collect();
+    std::fs::write(tmp.path().join("dup.jsonl"), lines).unwrap();
+    let got = crash_then_resume(tmp.path(), "dup.jsonl", "dup-out.jsonl", "dup.jsonl", "2");
+    let want: Vec<(String, Value)> = rows.iter().map(|(id, p)| (p.to_string(), Value::from(*id))).collect();
+    assert_eq!(got, want);
+
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tmp.path().join("odd");
+        std::fs::create_dir(&dir).unwrap();
+        for b in [0xfe, 0xff] {
+            let name = [b'a', b, b'.', b'p', b'n', b'g'];
+            std::fs::copy(common::image("odd_257x181.png"), dir.join(std::ffi::OsStr::from_bytes(&name))).unwrap();
+        }
+        let got = crash_then_resume(tmp.path(), "odd", "odd-out.jsonl", "odd", "1");
+        assert_eq!(got.len(), 2, "{got:?}");
+    }
+}
+
+/// `--resume` writes no input twice when some rows have an id and others do not, when a
+/// Parquet id column is float or bool, or when the input folder is spelled another way.
+#[test]
+fn resume_never_duplicates_records() {
+    use arrow_array::{ArrayRef, BooleanArray, Float64Array, StringArray};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let images = make_images(&tmp.path().join("imgs"));
+    let rows = [Some("p"), None, None, Some("q")];
+    let paths = ["imgs/a.png", "imgs/b.webp", "imgs/sub/c.jpg", "imgs/sub/d.png"];
+    let lines: String = rows
+        .iter()
+        .zip(paths)
+        .map(|(id, p)| {
+            let mut v = serde_json::json!({ "image": p });
+            if let Some(id) = id {
+                v["id"] = Value::from(*id);
+            }
+            v.to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(tmp.path().join("mixed.jsonl"), lines).unwrap();
+    let got = crash_then_resume(tmp.path(), "mixed.jsonl", "mixed-out.jsonl", "mixed.jsonl", "2");
+    assert_eq!(got.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(), paths);
+
+    let ids: [(&str, ArrayRef); 2] = [
+        ("float", Arc::new(Float64Array::from(vec![1.5, 2.5, 3.5, 4.5]))),
+        ("bool", Arc::new(BooleanArray::from(vec![true, false, true, false]))),
+    ];
+    for (name, id) in ids {
+        let src = format!("{name}.parquet");
+        let path = Arc::new(StringArray::from(paths.to_vec())) as ArrayRef;
+        write_parquet(&tmp.path().join(&src), vec![("id", id), ("path", path)]);
+        let got = crash_then_resume(tmp.path(), &src, &format!("{name}-out.parquet"), &src, "2");
+        assert_eq!(got.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(), paths, "{name}");
+        assert!(got.iter().all(|g| g.1.is_string()), "{name} ids are kept: {got:?}");
+    }
+
+    let abs = s(&tmp.path().join("imgs"));
+    let got = crash_then_resume(tmp.path(), "./imgs", "folder-out.jsonl", &abs, "3");
+    assert_eq!(got.len(), images.len(), "{got:?}");
+}
+
+/// A second run on an output another run is writing is refused, naming it; the lock goes with
+/// the run that held it.
+#[cfg(unix)]
+#[test]
+fn a_second_writer_of_an_output_is_refused() {
+    use std::os::unix::io::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    make_images(&src);
+    let dst = tmp.path().join("out.jsonl");
+    let lock = std::fs::File::create(tmp.path().join("out.jsonl.lock")).unwrap();
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let o = caption_dataset(&src, &dst, &["--max-new-tokens", "1"], &[]);
+    assert_error_line(&o, &["another glimpse run", &s(&dst)]);
+    assert!(std::fs::metadata(&dst).map_or(true, |m| m.len() == 0), "nothing written");
+    drop(lock);
+    std::fs::remove_file(&dst).ok();
+    // A process another test forks in the meantime shares the lock until it execs: retry then.
+    let mut o = caption_dataset(&src, &dst, &["--max-new-tokens", "1"], &[]);
+    for _ in 0..20 {
+        if !stderr(&o).contains("another glimpse run") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        o = caption_dataset(&src, &dst, &["--max-new-tokens", "1"], &[]);
+    }
+    assert_eq!(o.status.code(), Some(1), "the corrupt image fails: {}", stderr(&o));
+    assert_eq!(read_records(&dst).unwrap().len(), 7, "{}", stderr(&o));
+    assert!(!tmp.path().join("out.jsonl.lock").exists(), "the lock file is removed at the end");
+}
+
+/// `--resume` refuses an output another command wrote (or one rewritten with other column
+/// types) before running any input.
+#[test]
+fn resume_refuses_an_incompatible_output_up_front() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    make_images(&src);
+    let clip = model("clip-tiny");
+    for ext in ["jsonl", "parquet"] {
+        let dst = tmp.path().join(format!("captions.{ext}"));
+        caption_dataset(&src, &dst, &["--max-new-tokens", "1", "--quiet"], &[]);
+        let before = std::fs::read(&dst).unwrap();
+        let args = ["embed", "--device", "cpu", "-m", &clip, "--input", &s(&src), "--output", &s(&dst), "--resume"];
+        let o = glimpse(&args, &[]);
+        assert_error_line(&o, &[&s(&dst), "--resume"]);
+        assert_eq!(std::fs::read(&dst).unwrap(), before, "{ext} unchanged");
+        assert!(!tmp.path().join(format!("captions.{ext}.parts")).exists(), "nothing ran");
+    }
+    // As pyarrow re-saves it: list items named `element`.
+    let dst = tmp.path().join("captions.parquet");
+    let batches: Vec<RecordBatch> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&dst).unwrap())
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let renamed: Vec<(String, ArrayRef)> = batches[0]
+        .schema()
+        .fields()
+        .iter()
+        .zip(batches[0].columns())
+        .map(|(f, c)| {
+            let c = match c.as_list_opt::<i32>() {
+                Some(l) => {
+                    let item = Arc::new(arrow_schema::Field::new("element", l.value_type(), true));
+                    Arc::new(ListArray::new(item, l.offsets().clone(), l.values().clone(), l.nulls().cloned()))
+                }
+                None => c.clone(),
+            };
+            (f.name().clone(), c as ArrayRef)
+        })
+        .collect();
+    std::fs::remove_file(&dst).unwrap();
+    write_parquet(&dst, renamed.iter().map(|(n, c)| (n.as_str(), c.clone())).collect());
+    std::fs::remove_dir_all(src.join("sub")).unwrap();
+    for i in 0..3 {
+        std::fs::copy(common::image("odd_257x181.png"), src.join(format!("new{i}.png"))).unwrap();
+    }
+    let o = caption_dataset(&src, &dst, &["--max-new-tokens", "1", "--resume"], &[]);
+    assert_error_line(&o, &[&s(&dst), "other columns"]);
+    assert!(!tmp.path().join("captions.parquet.parts").exists(), "nothing ran");
+}
+
+/// In dataset `ask`, each row succeeds or fails alone: a question past the positions and a row
+/// without a question fail only their own records, not the rest of their batch.
+#[test]
+fn ask_rows_succeed_or_fail_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let long = "a very long question ".repeat(40);
+    let rows = [
+        serde_json::json!({ "image": "imgs/a.png", "question": "what?" }),
+        serde_json::json!({ "image": "imgs/sub/c.jpg", "question": long }),
+        serde_json::json!({ "image": "imgs/sub/d.png" }),
+        serde_json::json!({ "image": "imgs/b.webp", "question": "how many?" }),
+    ];
+    let src = tmp.path().join("q.jsonl");
+    std::fs::write(&src, rows.iter().map(|r| r.to_string() + "\n").collect::<String>()).unwrap();
+    let dst = tmp.path().join("a.jsonl");
+    let m = model("blip2-opt-tiny");
+    let args = ["ask", "--device", "cpu", "-m", &m, "--input", &s(&src), "--output", &s(&dst), "--batch-size", "4"];
+    let o = glimpse(&args, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let got = read_records(&dst).unwrap();
+    assert_eq!(got.len(), 4);
+    let error = |i: usize| got[i].get("error").and_then(Value::as_str).unwrap_or_default().to_string();
+    assert!(error(1).contains("positions"), "{:?}", got[1]);
+    assert!(error(2).contains("no question"), "{:?}", got[2]);
+    for i in [0, 3] {
+        assert!(got[i].get("error").is_none() && got[i]["text"].is_string(), "{:?}", got[i]);
+        let path = tmp.path().join(rows[i]["image"].as_str().unwrap());
+        let o = glimpse(
+            &["ask", "--device", "cpu", "--json", "-m", &m, &s(&path), rows[i]["question"].as_str().unwrap()],
+            &[],
+        );
+        let mut want: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+        want["image"] = rows[i]["image"].clone();
+        assert_same(&got[i], &want);
+    }
+}
+
+/// A consolidation temporary left by a writer killed while consolidating (`DST.tmp-PID`) is
+/// removed by the next run on that output.
+#[test]
+fn parquet_consolidation_leftovers_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    make_images(&src);
+    let dst = tmp.path().join("out.parquet");
+    let stale = tmp.path().join("out.parquet.tmp-4194303");
+    std::fs::write(&stale, b"PAR1 half written").unwrap();
+    let other = tmp.path().join("out.parquet.tmp-notes");
+    std::fs::write(&other, b"user file").unwrap();
+    let o = caption_dataset(&src, &dst, &["--max-new-tokens", "1"], &[]);
+    assert_eq!(read_records(&dst).unwrap().len(), 7, "{}", stderr(&o));
+    assert!(!stale.exists(), "the stale temporary is removed");
+    assert!(other.exists(), "a file that is not one is kept");
+}
+
+/// Dataset flags without `--input` are refused (a usage error, or one line naming the flag)
+/// instead of silently ignored.
+#[test]
+fn dataset_flags_without_input_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = s(&common::image("wide_301x97.png"));
+    let (m, clip) = (model("blip2-opt-tiny"), model("clip-tiny"));
+    let dst = s(&tmp.path().join("out.jsonl"));
+    for flags in [&["--output", dst.as_str()][..], &["--resume"], &["--path-column", "file"]] {
+        let caption = ["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "1", &img];
+        let embed = ["embed", "--device", "cpu", "-m", &clip, &img];
+        for base in [&caption[..], &embed[..]] {
+            let o = glimpse(&[base, flags].concat(), &[]);
+            let err = stderr(&o);
+            assert!(matches!(o.status.code(), Some(1 | 2)) && !err.contains("panicked"), "{flags:?}: {err}");
+            assert!(err.starts_with("error: ") && err.contains("--input") && o.stdout.is_empty(), "{flags:?}: {err}");
+        }
+    }
+    assert!(!tmp.path().join("out.jsonl").exists());
+}
+
+/// Parquet inputs compressed with every codec writers use (Polars' default is zstd) and with
+/// dictionary-encoded string columns are read.
+#[test]
+fn parquet_input_codecs_and_dictionary_columns() {
+    use arrow_array::{ArrayRef, DictionaryArray, RecordBatch, StringArray};
+    use parquet::basic::{BrotliLevel, Compression, GzipLevel, ZstdLevel};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let images = make_images(&tmp.path().join("imgs"));
+    let paths: Vec<String> = [&images[0], &images[2]].iter().map(|p| s(p)).collect();
+    let dict: DictionaryArray<arrow_array::types::Int32Type> = paths.iter().map(String::as_str).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("path", Arc::new(dict) as ArrayRef),
+        ("id", Arc::new(StringArray::from(vec!["p", "q"])) as ArrayRef),
+    ])
+    .unwrap();
+    for codec in [
+        Compression::UNCOMPRESSED,
+        Compression::SNAPPY,
+        Compression::ZSTD(ZstdLevel::default()),
+        Compression::GZIP(GzipLevel::default()),
+        Compression::BROTLI(BrotliLevel::default()),
+        Compression::LZ4_RAW,
+        Compression::LZ4,
+    ] {
+        let src = tmp.path().join(format!("{codec:?}.parquet").replace(['(', ')', ' '], "_"));
+        let props = parquet::file::properties::WriterProperties::builder().set_compression(codec).build();
+        let file = std::fs::File::create(&src).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let dst = src.with_extension("jsonl");
+        let o = caption_dataset(&src, &dst, &["--max-new-tokens", "1"], &[]);
+        assert_eq!(o.status.code(), Some(0), "{codec:?}: {}", stderr(&o));
+        let got = read_records(&dst).unwrap();
+        assert_eq!(keys(&got), paths, "{codec:?}");
+        assert_eq!(got.iter().map(|r| r["id"].as_str().unwrap()).collect::<Vec<_>>(), ["p", "q"]);
+    }
+}
+
+/// `--batch-size` times the sequences each input runs is bounded too, before anything runs.
+#[test]
+fn batch_times_beams_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("imgs");
+    make_images(&src);
+    let dst = tmp.path().join("out.jsonl");
+    let (m, src_s, dst_s) = (model("blip2-opt-tiny"), s(&src), s(&dst));
+    let args = ["caption", "--device", "cpu", "-m", &m, "--input", &src_s, "--output", &dst_s];
+    let o = glimpse(&[&args[..], &["--batch-size", "1024", "--num-beams", "256"]].concat(), &[]);
+    assert_error_line(&o, &["--batch-size 1024 inputs x 256 sequences each", "4096", "lower --batch-size"]);
+    assert!(!dst.exists());
+}

@@ -261,3 +261,31 @@ fn file_limit_env_var_is_honoured() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("GLIMPSE_MAX_IMAGE_BYTES"), "{err}");
 }
+
+/// `png` with a chunk `kind` holding `data` inserted after IHDR.
+fn with_chunk(png: &[u8], kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    let crc = crc32(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    [&png[..33], &chunk[..], &png[33..]].concat()
+}
+
+/// A PNG whose iCCP or zTXt chunk inflates past 1 MiB is refused as Pillow refuses it
+/// ("Decompressed Data Too Large") before anything inflates it (a 4 MB chunk could take 4 GB);
+/// one under the bound decodes to the same pixels.
+#[test]
+fn png_compressed_metadata_is_bounded_as_pillow() {
+    let png = std::fs::read(common::image("odd_257x181.png")).unwrap();
+    assert_eq!(&png[12..16], b"IHDR");
+    let plain = decode_rgb(&png, "odd.png").unwrap();
+    let zlib = |n: usize| miniz_oxide::deflate::compress_to_vec_zlib(&vec![0u8; n], 6);
+    for (kind, prefix) in [(b"iCCP", &b"icc\0\0"[..]), (b"zTXt", &b"Comment\0\0"[..])] {
+        let big = with_chunk(&png, kind, &[prefix, &zlib(64 << 20)].concat());
+        let e = decode_rgb(&big, "big.png").unwrap_err().to_string();
+        assert!(e.contains("Decompressed Data Too Large") && e.contains("big.png"), "{e}");
+        let small = with_chunk(&png, kind, &[prefix, &zlib(512 << 10)].concat());
+        assert_eq!(decode_rgb(&small, "small.png").unwrap(), plain);
+    }
+}

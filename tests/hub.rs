@@ -176,6 +176,7 @@ impl Hub {
             endpoint: self.url.clone(),
             token: None,
             cache: Some(cache.to_path_buf()),
+            metadata_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -545,6 +546,29 @@ fn auth_and_missing_repos_name_the_fix() {
     assert!(e.contains("`tiny/nope`") && e.contains("404"), "{e}");
 }
 
+/// A hub that accepts connections and never answers delays a cached model by the metadata
+/// timeout only (huggingface_hub's HF_HUB_ETAG_TIMEOUT), not by the minute-long read timeout.
+#[test]
+fn an_unresponsive_hub_falls_back_to_the_cache_quickly() {
+    let hub = start_hub();
+    let cache = common::tempdir();
+    let dir = resolve_model_with("tiny/blip2", &hub.opts(cache.path())).unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let start = Instant::now();
+    let opts = HubOptions { endpoint, metadata_timeout: Duration::from_secs(1), ..hub.opts(cache.path()) };
+    assert_eq!(resolve_model_with("tiny/blip2", &opts).unwrap(), dir);
+    assert!(start.elapsed() < Duration::from_secs(8), "took {:?}", start.elapsed());
+    assert!(!held.lock().unwrap().is_empty(), "the hub was asked");
+}
+
 #[test]
 fn offline_and_unreachable_without_a_cached_copy() {
     let hub = start_hub();
@@ -661,6 +685,22 @@ fn cli_reads_the_token_from_the_environment_and_the_token_file() {
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("offline"));
+}
+
+/// `download --offline` answers with a complete cached snapshot (as huggingface_hub's
+/// `snapshot_download` offline) without a request, and still refuses when there is none.
+#[test]
+fn offline_download_of_a_complete_cached_snapshot_succeeds() {
+    let hub = start_hub();
+    let cache = common::tempdir();
+    let dir = resolve_model_with("tiny/blip2", &hub.opts(cache.path())).unwrap();
+    hub.clear_log();
+    let o = glimpse_cmd(&hub, cache.path()).args(["download", "--offline", "-q", "tiny/blip2"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end(), dir.display().to_string());
+    assert!(hub.log().is_empty(), "offline: no request");
+    let o = glimpse_cmd(&hub, cache.path()).args(["download", "--offline", "tiny/gated"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("offline"));
 }
 

@@ -463,3 +463,40 @@ fn blip2_flan_t5_tiny_folder_generates_and_loads_in_transformers() {
         assert_eq!(theirs, ours, "transformers holds exactly the tensors synth wrote");
     }
 }
+
+/// A write that fails (a full disk; here a 4 KiB file-size limit) leaves no `.partial` file.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_failed_write_leaves_no_partial_files() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    cmd.args(["synth", "--preset", "tiny", "--out"]).arg(&out);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: 4096, rlim_max: 4096 };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("File too large"), "the write must fail: {err}");
+    let left: Vec<_> = walk(&out).into_iter().filter(|p| p.to_string_lossy().ends_with(".partial")).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}

@@ -58,12 +58,26 @@ pub struct Input {
     /// `id` or `key` when the input names its records with that column (records carry it).
     pub id_field: Option<String>,
     pub items: Box<dyn Iterator<Item = Result<Item>> + Send>,
+    /// Keys are the paths a folder walk spelled (from the folder as given): `--resume` matches
+    /// them by canonical path, so `./imgs` and `/abs/imgs` name the same inputs.
+    pub path_keys: bool,
 }
 
 impl Input {
     /// The output field `--resume` reads keys from.
     pub fn key_field(&self) -> &str {
         self.id_field.as_deref().unwrap_or("image")
+    }
+
+    /// `key` (an [`Item::key`], or one read back from an output) as `--resume` compares it.
+    pub fn match_key(path_keys: bool, key: &str) -> String {
+        if !path_keys {
+            return key.to_string();
+        }
+        let p = Path::new(key);
+        std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .map_or_else(|_| key.to_string(), |p| p.to_string_lossy().into_owned())
     }
 }
 
@@ -74,11 +88,25 @@ pub struct InputOptions {
     pub path_column: Option<String>,
 }
 
+/// The most a pipe (`--input /dev/stdin`, `<(ls ...)`) is read into memory: it can be read only
+/// once, so it is held whole (a regular file is streamed instead).
+pub const MAX_PIPED_INPUT: u64 = 256 << 20;
+/// The longest line of a text or JSONL input (and of a JSONL output read by `--resume`).
+pub const MAX_LINE: usize = 64 << 20;
+
 /// Opens `src`: a folder (walked recursively for [`IMAGE_EXTENSIONS`], sorted), a `.jsonl` /
 /// `.ndjson` or `.parquet` table, or else a text file of paths (one per line). Relative paths in
-/// a file resolve against that file's folder.
+/// a file resolve against that file's folder. A pipe is read once, into memory (at most
+/// [`MAX_PIPED_INPUT`]); devices and other special files are refused.
 pub fn open(src: &Path, opts: &InputOptions) -> Result<Input> {
-    if src.is_dir() {
+    let meta = std::fs::metadata(src).map_err(|e| match Error::io(src, e) {
+        Error::MissingFile { path, .. } => Error::MissingFile {
+            path,
+            hint: " (--input takes a folder of images, a text file of paths, or a .jsonl / .parquet table)".into(),
+        },
+        e => e,
+    })?;
+    if meta.is_dir() {
         let mut paths = Vec::new();
         walk(src, &mut paths)?;
         paths.sort();
@@ -86,20 +114,61 @@ pub fn open(src: &Path, opts: &InputOptions) -> Result<Input> {
             Ok(Item { image: p.display().to_string(), id: None, source: Ok(ImageRef::Path(p)), question: None })
         });
         let total = items.len();
-        return Ok(Input { total: Some(total), id_field: None, items: Box::new(items) });
+        return Ok(Input { total: Some(total), id_field: None, items: Box::new(items), path_keys: true });
     }
-    if !src.exists() {
-        return Err(Error::MissingFile {
-            path: src.to_path_buf(),
-            hint: " (--input takes a folder of images, a text file of paths, or a .jsonl / .parquet table)".into(),
-        });
-    }
+    let data = if meta.is_file() { Source::File(src.to_path_buf()) } else { Source::Memory(read_pipe(src, &meta)?) };
     let base = src.parent().map(Path::to_path_buf).unwrap_or_default();
     match extension(src).as_str() {
-        "jsonl" | "ndjson" => open_jsonl(src, base, opts),
-        "parquet" => open_parquet(src, base, opts),
-        _ => open_list(src, base),
+        "jsonl" | "ndjson" => open_jsonl(src, &data, base, opts),
+        "parquet" => open_parquet(src, data, base, opts),
+        _ => open_list(&data, base),
     }
+}
+
+/// The bytes of a list or table: its file (read as often as needed), or a pipe's whole content.
+#[derive(Clone)]
+enum Source {
+    File(PathBuf),
+    Memory(bytes::Bytes),
+}
+
+impl Source {
+    fn reader(&self) -> Result<Box<dyn BufRead + Send>> {
+        Ok(match self {
+            Source::File(p) => Box::new(BufReader::new(File::open(p).map_err(|e| Error::io(p, e))?)),
+            Source::Memory(b) => Box::new(std::io::Cursor::new(b.clone())),
+        })
+    }
+}
+
+/// The whole content of a pipe or socket `src`, refused past [`MAX_PIPED_INPUT`]; any other
+/// special file (a device such as /dev/zero or a terminal) is refused.
+fn read_pipe(src: &Path, meta: &std::fs::Metadata) -> Result<bytes::Bytes> {
+    #[cfg(unix)]
+    let pipe = {
+        use std::os::unix::fs::FileTypeExt;
+        meta.file_type().is_fifo() || meta.file_type().is_socket()
+    };
+    #[cfg(not(unix))]
+    let pipe = false;
+    if !pipe {
+        return Err(Error::InvalidInput(format!(
+            "--input {} is not a regular file, a folder or a pipe (a device or other special file): pass a folder of images, a text file of paths, or a .jsonl / .parquet table",
+            src.display()
+        )));
+    }
+    let mut data = Vec::new();
+    let file = File::open(src).map_err(|e| Error::io(src, e))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_PIPED_INPUT + 1), &mut data)
+        .map_err(|e| Error::io(src, e))?;
+    if data.len() as u64 > MAX_PIPED_INPUT {
+        return Err(Error::InvalidInput(format!(
+            "--input {} is a pipe of more than {} MiB, read into memory as it can be read only once: write it to a file and pass that",
+            src.display(),
+            MAX_PIPED_INPUT >> 20
+        )));
+    }
+    Ok(data.into())
 }
 
 fn extension(p: &Path) -> String {
@@ -132,46 +201,79 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
-/// Lines of a text file with their 1-based numbers, without line ends; blank lines dropped.
-fn lines(src: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>> + Send> {
-    let file = File::open(src).map_err(|e| Error::io(src, e))?;
-    let src = src.to_path_buf();
-    Ok(BufReader::new(file).lines().enumerate().filter_map(move |(i, l)| match l {
-        Ok(l) => {
-            let l = l.strip_suffix('\r').unwrap_or(&l).to_string();
-            (!l.trim().is_empty()).then_some(Ok((i + 1, l)))
+/// Lines of a list or table with their 1-based numbers, without line ends (`\n` or `\r\n`);
+/// blank lines dropped. A line past [`MAX_LINE`] bytes is an error.
+fn lines(src: &Source) -> Result<impl Iterator<Item = Result<(usize, Vec<u8>)>> + Send> {
+    let mut reader = src.reader()?;
+    let mut n = 0;
+    Ok(std::iter::from_fn(move || loop {
+        let mut line = Vec::new();
+        n += 1;
+        let read = std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line);
+        match read {
+            Ok(0) => return None,
+            Err(e) => return Some(Err(Error::InvalidInput(format!("line {n}: cannot read: {e}")))),
+            Ok(_) if line.len() > MAX_LINE && line.last() != Some(&b'\n') => {
+                return Some(Err(Error::InvalidInput(format!(
+                    "line {n} is longer than {} MiB: not a list of paths or a JSONL table",
+                    MAX_LINE >> 20
+                ))))
+            }
+            Ok(_) => {}
         }
-        Err(e) => Some(Err(Error::io(&src, e))),
+        let end = line.strip_suffix(b"\n").map_or(line.len(), <[u8]>::len);
+        let end = line[..end].strip_suffix(b"\r").map_or(end, <[u8]>::len);
+        line.truncate(end);
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            return Some(Ok((n, line)));
+        }
     }))
 }
 
 /// Non-blank lines: a first pass for the progress total (cheap next to decoding the images).
-fn count_lines(src: &Path) -> Result<usize> {
+fn count_lines(src: &Source) -> Result<usize> {
     lines(src)?.try_fold(0, |n, l| l.map(|_| n + 1))
 }
 
-fn open_list(src: &Path, base: PathBuf) -> Result<Input> {
+/// A list line as a path: its bytes as they are (a file name need not be UTF-8 on Unix).
+fn line_path(line: &[u8]) -> PathBuf {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        PathBuf::from(std::ffi::OsStr::from_bytes(line))
+    }
+    #[cfg(not(unix))]
+    PathBuf::from(String::from_utf8_lossy(line).into_owned())
+}
+
+fn open_list(src: &Source, base: PathBuf) -> Result<Input> {
     let total = count_lines(src)?;
     let items = lines(src)?.map(move |l| {
         let (_, line) = l?;
-        Ok(Item { source: Ok(ImageRef::Path(resolve(&base, &line))), image: line, id: None, question: None })
+        let path = line_path(&line);
+        Ok(Item {
+            source: Ok(ImageRef::Path(if path.is_relative() { base.join(&path) } else { path })),
+            image: String::from_utf8_lossy(&line).into_owned(),
+            id: None,
+            question: None,
+        })
     });
-    Ok(Input { total: Some(total), id_field: None, items: Box::new(items) })
+    Ok(Input { total: Some(total), id_field: None, items: Box::new(items), path_keys: false })
 }
 
-fn open_jsonl(src: &Path, base: PathBuf, opts: &InputOptions) -> Result<Input> {
-    let total = count_lines(src)?;
+fn open_jsonl(src: &Path, data: &Source, base: PathBuf, opts: &InputOptions) -> Result<Input> {
+    let total = count_lines(data)?;
     // The id column is the first line's: every record of one output has the same fields.
-    let first = lines(src)?.next().transpose()?;
+    let first = lines(data)?.next().transpose()?;
     let id_field = first
-        .and_then(|(_, l)| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .and_then(|(_, l)| serde_json::from_slice::<serde_json::Value>(&l).ok())
         .and_then(|v| ID_COLUMNS.iter().find(|c| v.get(**c).is_some()).map(|c| c.to_string()));
     let name = src.display().to_string();
     let (path_column, idf) = (opts.path_column.clone(), id_field.clone());
-    let items = lines(src)?.map(move |l| {
+    let items = lines(data)?.map(move |l| {
         let (n, line) = l?;
         let here = format!("{name}:{n}");
-        let v: serde_json::Value = match serde_json::from_str(&line) {
+        let v: serde_json::Value = match serde_json::from_slice(&line) {
             Ok(v @ serde_json::Value::Object(_)) => v,
             Ok(_) => return Ok(bad_row(here, "the line is not a JSON object".into())),
             Err(e) => return Ok(bad_row(here, format!("the line is not JSON: {e}"))),
@@ -194,7 +296,7 @@ fn open_jsonl(src: &Path, base: PathBuf, opts: &InputOptions) -> Result<Input> {
         };
         Ok(Item { image, id, source, question })
     });
-    Ok(Input { total: Some(total), id_field, items: Box::new(items) })
+    Ok(Input { total: Some(total), id_field, items: Box::new(items), path_keys: false })
 }
 
 fn bad_row(here: String, msg: String) -> Item {
@@ -212,10 +314,25 @@ fn missing_column(found: Option<&str>, asked: &Option<String>) -> String {
     }
 }
 
-fn open_parquet(src: &Path, base: PathBuf, opts: &InputOptions) -> Result<Input> {
-    let file = File::open(src).map_err(|e| Error::io(src, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::InvalidInput(format!("{}: not a readable Parquet file: {e}", src.display())))?;
+fn open_parquet(src: &Path, data: Source, base: PathBuf, opts: &InputOptions) -> Result<Input> {
+    let not_parquet = |e| Error::InvalidInput(format!("{}: not a readable Parquet file: {e}", src.display()));
+    match data {
+        Source::File(p) => {
+            let file = File::open(&p).map_err(|e| Error::io(&p, e))?;
+            open_parquet_from(src, ParquetRecordBatchReaderBuilder::try_new(file).map_err(not_parquet)?, base, opts)
+        }
+        Source::Memory(b) => {
+            open_parquet_from(src, ParquetRecordBatchReaderBuilder::try_new(b).map_err(not_parquet)?, base, opts)
+        }
+    }
+}
+
+fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static>(
+    src: &Path,
+    builder: ParquetRecordBatchReaderBuilder<R>,
+    base: PathBuf,
+    opts: &InputOptions,
+) -> Result<Input> {
     let schema = builder.schema().clone();
     let find = |name: &str| schema.fields().iter().position(|f| f.name() == name);
     let image_col = match &opts.path_column {
@@ -242,19 +359,25 @@ fn open_parquet(src: &Path, base: PathBuf, opts: &InputOptions) -> Result<Input>
         .with_batch_size(64)
         .build()
         .map_err(|e| Error::InvalidInput(format!("{}: cannot read: {e}", src.display())))?;
-    let names: Vec<String> = wanted.iter().map(|&i| schema.field(i).name().clone()).collect();
-    let id_field = id_col.map(|i| schema.field(i).name().clone());
+    let name_of = |i: Option<usize>| i.map(|i| schema.field(i).name().clone());
+    let (image_name, id_field, question_name) = (name_of(Some(image_col)), name_of(id_col), name_of(question_col));
     let (name, path) = (src.display().to_string(), src.to_path_buf());
     let mut row = 0usize;
+    let id_name = id_field.clone();
     let items = reader.flat_map(move |batch| -> Vec<Result<Item>> {
         let batch: RecordBatch = match batch {
             Ok(b) => b,
             Err(e) => return vec![Err(Error::InvalidInput(format!("{}: cannot read: {e}", path.display())))],
         };
-        let col = |n: &str| batch.column_by_name(n).cloned();
-        let image = col(&names[0]);
-        let id = id_col.and(col(&names[1]));
-        let question = question_col.and(col(names.last().map_or("", String::as_str)));
+        // A dictionary-encoded column (pyarrow, Polars) as its values.
+        let col = |n: &Option<String>| {
+            let a = n.as_deref().and_then(|n| batch.column_by_name(n)).cloned()?;
+            match a.data_type() {
+                DataType::Dictionary(_, values) => arrow_cast::cast(&a, values).ok(),
+                _ => Some(a),
+            }
+        };
+        let (image, id, question) = (col(&image_name), col(&id_name), col(&question_name));
         let out = (0..batch.num_rows())
             .map(|r| {
                 let here = format!("{name}#{}", row + r);
@@ -264,7 +387,7 @@ fn open_parquet(src: &Path, base: PathBuf, opts: &InputOptions) -> Result<Input>
                     Some(Cell::Missing(why)) | Some(Cell::Bad(why)) => (here, Err(why)),
                     None => (here, Err("no image column".into())),
                 };
-                let id = id.as_ref().and_then(|a| text_cell(a, r));
+                let id = id.as_ref().and_then(|a| id_cell(a, r));
                 let question = question.as_ref().and_then(|a| text_cell(a, r));
                 Ok(Item { image: label, id, source, question })
             })
@@ -272,7 +395,7 @@ fn open_parquet(src: &Path, base: PathBuf, opts: &InputOptions) -> Result<Input>
         row += batch.num_rows();
         out
     });
-    Ok(Input { total: Some(total), id_field, items: Box::new(items) })
+    Ok(Input { total: Some(total), id_field, items: Box::new(items), path_keys: false })
 }
 
 enum Cell {
@@ -300,6 +423,28 @@ fn text_cell(a: &ArrayRef, r: usize) -> Option<String> {
         DataType::UInt32 => a.as_primitive::<UInt32Type>().value(r).to_string(),
         _ => return None,
     })
+}
+
+/// An id cell as text: a string or integer as [`text_cell`], a float or bool as its JSON text
+/// (as a JSONL id of that value), None for null or other types.
+fn id_cell(a: &ArrayRef, r: usize) -> Option<String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, Float64Type, Int16Type, Int8Type, UInt16Type, UInt8Type};
+    use serde_json::Value;
+    if a.is_null(r) {
+        return None;
+    }
+    let v = match a.data_type() {
+        DataType::Int8 => Value::from(a.as_primitive::<Int8Type>().value(r)),
+        DataType::Int16 => Value::from(a.as_primitive::<Int16Type>().value(r)),
+        DataType::UInt8 => Value::from(a.as_primitive::<UInt8Type>().value(r)),
+        DataType::UInt16 => Value::from(a.as_primitive::<UInt16Type>().value(r)),
+        DataType::Float32 => Value::from(a.as_primitive::<Float32Type>().value(r)),
+        DataType::Float64 => Value::from(a.as_primitive::<Float64Type>().value(r)),
+        DataType::Boolean => Value::from(a.as_boolean().value(r)),
+        _ => return text_cell(a, r),
+    };
+    Some(v.to_string())
 }
 
 fn bytes_cell(a: &ArrayRef, r: usize) -> Option<Vec<u8>> {

@@ -12,7 +12,6 @@
 pub mod input;
 pub mod output;
 
-use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,10 +26,34 @@ use crate::error::{Error, Result};
 use crate::generate::GenerateOptions;
 use crate::image::PixelValues;
 use input::{ImageRef, Input, Item};
-use output::{Columns, Kind, Record};
+use output::{Columns, Keys, Kind, Record};
 
 /// Preprocessed batches allowed to wait for the model (besides the one being prepared).
 pub const QUEUE_BATCHES: usize = 2;
+
+/// The largest `--batch-size`: a batch's images are held decoded and preprocessed (a few MB
+/// each), [`QUEUE_BATCHES`] more wait behind it, and the model's activations grow with it too.
+pub const MAX_BATCH: usize = 1024;
+
+/// The most sequences one model batch of a dataset run holds: `--batch-size` inputs times the
+/// sequences each runs (`--num-beams`, `--num-return-sequences`), each with its own cache and
+/// vocabulary-size scores.
+pub const MAX_BATCH_SEQUENCES: usize = 4096;
+
+/// `n` as a `--batch-size`, refused past [`MAX_BATCH`] or at 0 with the reason.
+pub fn batch_size(n: u64) -> Result<usize> {
+    check_batch("--batch-size", n)
+}
+
+/// `n` as the batch size of option `flag`, refused past [`MAX_BATCH`] or at 0 with the reason.
+pub fn check_batch(flag: &str, n: u64) -> Result<usize> {
+    match usize::try_from(n) {
+        Ok(b @ 1..=MAX_BATCH) => Ok(b),
+        _ => Err(Error::InvalidInput(format!(
+            "{flag} {n} is out of range: it must be 1 to {MAX_BATCH} (each batch's images are held preprocessed in memory, a few MB each, with up to {QUEUE_BATCHES} more batches queued); larger batches gain nothing once the device is busy"
+        ))),
+    }
+}
 
 /// Test hook: after this many batches are written, the next write is torn and the process
 /// aborts, as a crash (power loss, OOM kill) would leave the output.
@@ -95,20 +118,28 @@ impl Task<'_> {
         match self {
             Task::Caption { model, opts } => outputs(model.run(pixels, None, opts, &mut |_| {})),
             Task::Ask { model, opts, question } => {
+                // Each row succeeds or fails alone: the batch runs whole when every row has a
+                // question; rows run one by one when some have none, or when the batch fails
+                // (a question past the positions fails only its own row).
                 let questions: Vec<Option<&str>> = items.iter().map(|i| i.question.as_deref().or(*question)).collect();
-                if questions.iter().any(Option::is_none) {
-                    return questions
+                let all: Option<Vec<&str>> = questions.iter().copied().collect();
+                let batch = all.as_ref().map(|qs| model.ask_batch_pixels(pixels, qs, opts));
+                let mut records: Vec<_> = match batch {
+                    Some(Ok(v)) if v.len() == pixels.len() => v.iter().map(|o| Ok(output_fields(o))).collect(),
+                    _ => questions
                         .iter()
-                        .map(|q| match q {
-                            Some(_) => Err("not run: another input of its batch has no question".into()),
+                        .zip(pixels)
+                        .map(|(q, px)| match q {
                             None => Err("no question: the input has no `question` column; pass --question".into()),
+                            Some(q) => match model.ask_batch_pixels(std::slice::from_ref(px), &[q], opts) {
+                                Ok(v) => v.first().map(output_fields).ok_or_else(|| "no output".into()),
+                                Err(e) => Err(e.to_string()),
+                            },
                         })
-                        .collect();
-                }
-                let questions: Vec<&str> = questions.into_iter().flatten().collect();
-                let mut records: Vec<_> = outputs(model.ask_batch_pixels(pixels, &questions, opts));
+                        .collect(),
+                };
                 for (r, q) in records.iter_mut().zip(&questions) {
-                    if let Ok(r) = r {
+                    if let (Ok(r), Some(q)) = (r, q) {
                         r.insert("question".into(), json!(q));
                     }
                 }
@@ -176,8 +207,16 @@ struct Ready {
 /// Runs `task` over every input of `input`, writing one record per input to `dst` in input
 /// order. Stops after the batch in flight once `stop` is set.
 pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<Summary> {
-    if opts.batch_size == 0 {
-        return Err(Error::InvalidInput("--batch-size must be at least 1".into()));
+    batch_size(opts.batch_size as u64)?;
+    if let Task::Caption { opts: gen, .. } | Task::Ask { opts: gen, .. } = task {
+        let seqs = opts.batch_size.saturating_mul(gen.expansion());
+        if seqs > MAX_BATCH_SEQUENCES {
+            return Err(Error::InvalidInput(format!(
+                "--batch-size {} inputs x {} sequences each (--num-beams / --num-return-sequences) = {seqs} sequences in one model batch, over the {MAX_BATCH_SEQUENCES} glimpse runs at once (each holds its own cache and vocabulary-size scores): lower --batch-size",
+                opts.batch_size,
+                gen.expansion()
+            )));
+        }
     }
     let start = Instant::now();
     let key_field = input.key_field().to_string();
@@ -187,7 +226,10 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
     }
     columns.extend(task.columns());
     columns.push(("error".into(), Kind::Str));
+    let _lock = output::OutputLock::acquire(dst)?;
     let (mut sink, done) = output::open(dst, opts.resume, &columns, &key_field)?;
+    let path_keys = input.path_keys;
+    let done = if path_keys { done.map(|k| Input::match_key(true, k)) } else { done };
     let crash_after: Option<usize> = std::env::var(CRASH_AFTER_ENV).ok().and_then(|v| v.parse().ok());
     let mut progress = Progress::new(opts.progress && std::io::stderr().is_terminal(), input.total);
     let mut summary = Summary::default();
@@ -198,7 +240,7 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
     let items = input.items;
     let result = std::thread::scope(|s| -> Result<()> {
         let reader = s.spawn(move || -> (usize, bool) {
-            read_batches(task, items, &done, batch_size, stop, |b| tx.send(b).is_ok())
+            read_batches(task, items, done, path_keys, batch_size, stop, |b| tx.send(b).is_ok())
         });
         for (batches, ready) in rx.iter().enumerate() {
             let ready = ready?;
@@ -244,12 +286,14 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
 fn read_batches(
     task: &Task,
     items: Box<dyn Iterator<Item = Result<Item>> + Send>,
-    done: &HashSet<String>,
+    mut done: Keys,
+    path_keys: bool,
     batch_size: usize,
     stop: &AtomicBool,
     mut send: impl FnMut(Result<Ready>) -> bool,
 ) -> (usize, bool) {
     let mut skipped = 0;
+    let resuming = !done.is_empty();
     let mut batch = Vec::with_capacity(batch_size);
     let mut items = items.peekable();
     while let Some(item) = items.next() {
@@ -260,7 +304,7 @@ fn read_batches(
                 return (skipped, false);
             }
         };
-        if done.contains(item.key()) {
+        if resuming && done.take(&Input::match_key(path_keys, item.key())) {
             skipped += 1;
         } else {
             batch.push(item);

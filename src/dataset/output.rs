@@ -11,9 +11,9 @@
 //!   in its metadata (`glimpse.last_part`) the last part it holds, so parts left behind by a crash
 //!   between the rename and the removal are recognised and dropped, never counted twice.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,6 +46,56 @@ pub enum Kind {
 /// The columns of a Parquet output, in order (every column nullable).
 pub type Columns = Vec<(String, Kind)>;
 
+/// The keys of the records an output holds, each with its count: inputs may share a key
+/// (duplicate ids, file names that read the same as text), and the output holds them in input
+/// order, so the first `count` inputs of a key are the ones done.
+#[derive(Debug, Default, Clone)]
+pub struct Keys(HashMap<String, usize>);
+
+impl Keys {
+    pub fn add(&mut self, key: String) {
+        *self.0.entry(key).or_default() += 1;
+    }
+
+    /// Takes one occurrence of `key`: true when the output held it (that input is done).
+    pub fn take(&mut self, key: &str) -> bool {
+        match self.0.get_mut(key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The same keys through `f` (occurrences of keys that `f` maps together add up).
+    pub fn map(self, f: impl Fn(&str) -> String) -> Keys {
+        let mut out = Keys::default();
+        for (k, n) in self.0 {
+            *out.0.entry(f(&k)).or_default() += n;
+        }
+        out
+    }
+
+    /// Records in all.
+    pub fn len(&self) -> usize {
+        self.0.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Each key as many times as the output holds it.
+impl IntoIterator for Keys {
+    type Item = String;
+    type IntoIter = Box<dyn Iterator<Item = String>>;
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.0.into_iter().flat_map(|(k, n)| std::iter::repeat_n(k, n)))
+    }
+}
+
 /// Where records go.
 pub trait Sink: Send {
     /// Writes one batch durably: after it returns, a crash keeps these records.
@@ -63,19 +113,28 @@ pub fn is_parquet(dst: &Path) -> bool {
 
 /// Opens `dst` (JSONL, or Parquet by extension) and, with `resume`, returns the `key_field`
 /// values of the records it already holds. Without `resume` an existing output is refused.
-pub fn open(dst: &Path, resume: bool, columns: &Columns, key_field: &str) -> Result<(Box<dyn Sink>, HashSet<String>)> {
+pub fn open(dst: &Path, resume: bool, columns: &Columns, key_field: &str) -> Result<(Box<dyn Sink>, Keys)> {
     if is_parquet(dst) {
         let (sink, keys) = ParquetSink::open(dst, resume, columns, key_field)?;
         Ok((Box::new(sink), keys))
     } else {
-        let (sink, keys) = JsonlSink::open(dst, resume, key_field)?;
+        let (sink, keys) = JsonlSink::open(dst, resume, columns, key_field)?;
         Ok((Box::new(sink), keys))
     }
 }
 
-/// Without `resume`, refuses a `dst` that exists (or, for Parquet, its parts folder): glimpse
-/// never overwrites an output.
+/// Refuses a `dst` that exists but is not a regular file (a device such as /dev/full, a pipe, a
+/// folder), and without `resume` one that exists at all (or, for Parquet, its parts folder):
+/// glimpse never overwrites an output.
 pub fn check_new(dst: &Path, resume: bool) -> Result<()> {
+    if let Ok(meta) = std::fs::metadata(dst) {
+        if !meta.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "--output {} exists and is not a regular file (a folder, device or pipe): --output takes the path of a .jsonl or .parquet file",
+                dst.display()
+            )));
+        }
+    }
     if resume {
         return Ok(());
     }
@@ -92,6 +151,119 @@ pub fn check_new(dst: &Path, resume: bool) -> Result<()> {
     Ok(())
 }
 
+/// `DST.lock`, next to DST.
+fn lock_path(dst: &Path) -> PathBuf {
+    let mut name = dst.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    dst.with_file_name(name)
+}
+
+/// An exclusive lock on an output (a flock on `DST.lock`, which holds the writer's pid), held
+/// while a run writes it: a second run on the same DST is refused instead of interleaving its
+/// records. Released, and the lock file removed, when dropped; a crashed writer's lock is
+/// released by the system, and its file is taken over.
+pub struct OutputLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl OutputLock {
+    pub fn acquire(dst: &Path) -> Result<Self> {
+        let path = lock_path(dst);
+        // The holder removes the file as it lets go: a lock taken on a removed file is retaken.
+        for _ in 0..10 {
+            let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(
+                |e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Error::InvalidInput(format!(
+                        "--output {}: its folder does not exist; create it first",
+                        dst.display()
+                    )),
+                    _ => Error::io(&path, e),
+                },
+            )?;
+            if !try_lock(&file).map_err(|e| Error::io(&path, e))? {
+                let mut pid = String::new();
+                let _ = (&file).take(32).read_to_string(&mut pid);
+                let pid = pid.trim();
+                let who = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
+                return Err(Error::InvalidInput(format!(
+                    "another glimpse run{who} is writing {} (it holds {}): wait for it to finish (then --resume continues its output), or choose another --output",
+                    dst.display(),
+                    path.display()
+                )));
+            }
+            if same_file(&file, &path) {
+                let _ = file.set_len(0).and_then(|()| write!(file, "{}", std::process::id()));
+                return Ok(Self { path, _file: file });
+            }
+        }
+        Err(Error::InvalidInput(format!("{}: could not take the output's lock: try again", path.display())))
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still held (the file closes after), so no other run sees a stale lock.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// flock(LOCK_EX | LOCK_NB): false when another open file holds it.
+fn try_lock(file: &File) -> std::io::Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor `file` owns for the whole call; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Ok(false);
+        }
+        Err(e)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        Ok(true)
+    }
+}
+
+/// Whether `path` still names the open `file` (it was not removed or replaced meanwhile).
+fn same_file(file: &File, path: &Path) -> bool {
+    cfg!(not(unix)) || same_inode(file.metadata(), std::fs::metadata(path))
+}
+
+/// Whether both exist and are one file (one inode: links and other spellings included).
+fn same_inode(a: std::io::Result<std::fs::Metadata>, b: std::io::Result<std::fs::Metadata>) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        matches!((a, b), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (a, b);
+        false
+    }
+}
+
+/// Refuses an output that is the input (`--input X.jsonl --output X.jsonl --resume` would read
+/// its own records back forever).
+pub fn check_not_input(src: &Path, dst: &Path) -> Result<()> {
+    let same = same_inode(std::fs::metadata(src), std::fs::metadata(dst))
+        || (cfg!(not(unix)) && src.canonicalize().ok().is_some_and(|s| dst.canonicalize().ok() == Some(s)));
+    if same {
+        return Err(Error::InvalidInput(format!(
+            "--output {} is the input file {}: the records would be appended to the input; choose another --output",
+            dst.display(),
+            src.display()
+        )));
+    }
+    Ok(())
+}
+
 /// fsync of a folder, so a rename or a new file in it survives a crash.
 fn sync_dir(dir: &Path) -> Result<()> {
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
@@ -104,12 +276,15 @@ fn parent(p: &Path) -> &Path {
     p.parent().unwrap_or(Path::new(""))
 }
 
+/// The key of `record`: its `key_field`, or its `image` where that is null (an input row
+/// without an id), as [`super::input::Item::key`].
 fn key_of(record: &Record, key_field: &str) -> Option<String> {
-    match record.get(key_field)? {
+    let text = |f: &str| match record.get(f)? {
         Value::String(s) => Some(s.clone()),
         Value::Null => None,
         v => Some(v.to_string()),
-    }
+    };
+    text(key_field).or_else(|| text("image"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,12 +296,12 @@ struct JsonlSink {
 }
 
 impl JsonlSink {
-    fn open(dst: &Path, resume: bool, key_field: &str) -> Result<(Self, HashSet<String>)> {
-        let mut keys = HashSet::new();
+    fn open(dst: &Path, resume: bool, columns: &Columns, key_field: &str) -> Result<(Self, Keys)> {
+        let mut keys = Keys::default();
         check_new(dst, resume)?;
         let file = if dst.exists() {
             let mut file = OpenOptions::new().read(true).write(true).open(dst).map_err(|e| Error::io(dst, e))?;
-            let complete = read_jsonl_keys(dst, &file, key_field, &mut keys)?;
+            let complete = read_jsonl_keys(dst, &file, columns, key_field, &mut keys)?;
             // A torn last line (a crash in the middle of a write): cut it away.
             if file.metadata().map_err(|e| Error::io(dst, e))?.len() > complete {
                 file.set_len(complete).and_then(|()| file.sync_all()).map_err(|e| Error::io(dst, e))?;
@@ -142,14 +317,50 @@ impl JsonlSink {
     }
 }
 
-/// Collects the keys of `file`'s complete lines; returns the byte length of those lines.
-fn read_jsonl_keys(dst: &Path, file: &File, key_field: &str, keys: &mut HashSet<String>) -> Result<u64> {
+/// The field every record of this run has unless it failed: the task's first column (`text`,
+/// `question`, `embedding`), after `image` and the key.
+fn result_field<'a>(columns: &'a Columns, key_field: &str) -> Option<&'a str> {
+    columns.iter().map(|(n, _)| n.as_str()).find(|n| *n != "image" && *n != key_field && *n != "error")
+}
+
+/// Refuses a record another command, or this command on another input, wrote: one with a field
+/// this run does not write, without the input's id column, or (unless it failed) without the
+/// task's result. `at` names the record.
+fn check_record(record: &Record, columns: &Columns, key_field: &str, at: &dyn Fn() -> String) -> Result<()> {
+    let has = |f: &str| record.contains_key(f);
+    let foreign = record.keys().find(|k| !columns.iter().any(|(n, _)| n == *k));
+    let why = match (foreign, result_field(columns, key_field)) {
+        (Some(f), _) => format!("holds field `{f}`, which this run does not write"),
+        (None, _) if key_field != "image" && !has(key_field) => {
+            format!("has no `{key_field}` field, which this input has")
+        }
+        (None, Some(r)) if !has("error") && !has(r) => format!("has no `{r}` field, which this run writes"),
+        _ => return Ok(()),
+    };
+    Err(Error::InvalidInput(format!(
+        "{} {why}: --resume continues an output of the same command, options and input; finish it with that command, or choose another --output",
+        at()
+    )))
+}
+
+/// Collects the keys of `file`'s complete lines, each checked against this run's `columns`;
+/// returns the byte length of those lines.
+fn read_jsonl_keys(dst: &Path, file: &File, columns: &Columns, key_field: &str, keys: &mut Keys) -> Result<u64> {
     let mut reader = BufReader::new(file);
     let (mut complete, mut line, mut n) = (0u64, Vec::new(), 0usize);
     loop {
         line.clear();
-        let read = reader.read_until(b'\n', &mut line).map_err(|e| Error::io(dst, e))?;
+        let limit = super::input::MAX_LINE as u64 + 1;
+        let read = (&mut reader).take(limit).read_until(b'\n', &mut line).map_err(|e| Error::io(dst, e))?;
         if read == 0 || line.last() != Some(&b'\n') {
+            if line.len() > super::input::MAX_LINE {
+                return Err(Error::InvalidInput(format!(
+                    "{} line {} is longer than {} MiB: not an output glimpse wrote; choose another --output",
+                    dst.display(),
+                    n + 1,
+                    super::input::MAX_LINE >> 20
+                )));
+            }
             return Ok(complete);
         }
         n += 1;
@@ -160,7 +371,10 @@ fn read_jsonl_keys(dst: &Path, file: &File, key_field: &str, keys: &mut HashSet<
                 dst.display()
             ))
         })?;
-        keys.extend(key_of(&record, key_field));
+        check_record(&record, columns, key_field, &|| format!("{} line {n}", dst.display()))?;
+        if let Some(k) = key_of(&record, key_field) {
+            keys.add(k);
+        }
     }
 }
 
@@ -212,6 +426,27 @@ fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::InvalidInput(format!("{}: Parquet: {e}", path.display()))
 }
 
+/// Removes the `DST.tmp-PID` files a writer killed while consolidating left behind. The caller
+/// holds the output's [`OutputLock`], so no other run is writing one.
+fn remove_stale_consolidations(dst: &Path) -> Result<()> {
+    let mut prefix = dst.file_name().unwrap_or_default().to_os_string();
+    prefix.push(".tmp-");
+    let prefix = prefix.to_string_lossy().into_owned();
+    let dir = parent(dst);
+    let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(&prefix).filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        if pid.is_some() && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The part files in `dir` with their indices, in order; leftover temporaries are removed.
 fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut parts = Vec::new();
@@ -238,34 +473,44 @@ fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))
 }
 
-/// The values of column `key_field` of a Parquet file.
-fn parquet_keys(path: &Path, key_field: &str, keys: &mut HashSet<String>) -> Result<()> {
+/// The keys of a Parquet file's records: column `key_field`, else (null) `image`.
+fn parquet_keys(path: &Path, key_field: &str, keys: &mut Keys) -> Result<()> {
     let b = reader(path)?;
-    let Some(i) = b.schema().fields().iter().position(|f| f.name() == key_field) else {
-        return Err(Error::InvalidInput(format!(
-            "{} has no column `{key_field}` to resume by: --resume continues an output of the same command and input; choose another --output",
-            path.display()
-        )));
+    let find = |name: &str| {
+        b.schema().fields().iter().position(|f| f.name() == name).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{} has no column `{name}` to resume by: --resume continues an output of the same command and input; choose another --output",
+                path.display()
+            ))
+        })
     };
-    let mask = ProjectionMask::roots(b.parquet_schema(), [i]);
+    let (k, i) = (find(key_field)?, find("image")?);
+    let mask = ProjectionMask::roots(b.parquet_schema(), [k, i]);
     for batch in b.with_projection(mask).build().map_err(|e| parquet_err(path, e))? {
         let batch = batch.map_err(|e| parquet_err(path, e))?;
-        let col = batch.column(0);
-        if let Some(s) = col.as_string_opt::<i32>() {
-            keys.extend(s.iter().flatten().map(str::to_string));
+        let text = |name: &str| batch.column_by_name(name).and_then(|c| c.as_string_opt::<i32>().cloned());
+        let (Some(key), Some(image)) = (text(key_field), text("image")) else { continue };
+        for (k, i) in key.iter().zip(image.iter()) {
+            if let Some(k) = k.or(i) {
+                keys.add(k.to_string());
+            }
         }
     }
     Ok(())
 }
 
 impl ParquetSink {
-    fn open(dst: &Path, resume: bool, columns: &Columns, key_field: &str) -> Result<(Self, HashSet<String>)> {
+    fn open(dst: &Path, resume: bool, columns: &Columns, key_field: &str) -> Result<(Self, Keys)> {
         let parts = parts_dir(dst);
         check_new(dst, resume)?;
-        let mut keys = HashSet::new();
+        remove_stale_consolidations(dst)?;
+        let mut keys = Keys::default();
         let mut folded = None;
+        let schema =
+            Arc::new(Schema::new(columns.iter().map(|(n, k)| Field::new(n, data_type(*k), true)).collect::<Vec<_>>()));
         if dst.exists() {
             let b = reader(dst)?;
+            check_schema(dst, b.schema(), &schema)?;
             folded = b
                 .metadata()
                 .file_metadata()
@@ -281,11 +526,10 @@ impl ParquetSink {
                 std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
                 continue;
             }
+            check_schema(&path, reader(&path)?.schema(), &schema)?;
             parquet_keys(&path, key_field, &mut keys)?;
             next_part = next_part.max(i + 1);
         }
-        let schema =
-            Arc::new(Schema::new(columns.iter().map(|(n, k)| Field::new(n, data_type(*k), true)).collect::<Vec<_>>()));
         Ok((Self { dst: dst.to_path_buf(), parts, schema, columns: columns.clone(), next_part, folded }, keys))
     }
 
@@ -310,6 +554,18 @@ impl ParquetSink {
         std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
         sync_dir(parent(path))
     }
+}
+
+/// Refuses a Parquet file `src` whose columns (names, types, list item names) are not `want`'s.
+fn check_schema(src: &Path, found: &SchemaRef, want: &SchemaRef) -> Result<()> {
+    if found.fields() == want.fields() {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "{} holds other columns than this run writes ({}): it comes from another command or other options (or was rewritten by another tool), and --resume continues an output of the same command, options and input; finish it with that command, or choose another --output",
+        src.display(),
+        want.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
+    )))
 }
 
 fn data_type(k: Kind) -> DataType {
@@ -418,13 +674,7 @@ impl Sink for ParquetSink {
                     let r = reader(src)?.with_batch_size(ROW_GROUP).build().map_err(|e| parquet_err(src, e))?;
                     for batch in r {
                         let batch = batch.map_err(|e| parquet_err(src, e))?;
-                        if batch.schema().fields() != schema.fields() {
-                            return Err(Error::InvalidInput(format!(
-                                "{} holds other columns than this run writes ({}): it comes from another command or other options; finish it with the same command, or choose another --output",
-                                src.display(),
-                                schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
-                            )));
-                        }
+                        check_schema(src, &batch.schema(), &schema)?;
                         w.write(&batch).map_err(|e| parquet_err(&tmp, e))?;
                     }
                 }

@@ -149,6 +149,14 @@ fn invalid(msg: String) -> Error {
     Error::InvalidInput(msg)
 }
 
+/// The most new tokens one sequence generates: the key/value cache of every sequence is
+/// allocated for all of them up front (an encoder-decoder's relative positions set no bound).
+pub const MAX_NEW_TOKENS: usize = 16384;
+
+/// The most sequences one input runs at once (`num_beams`, `num_return_sequences`): each holds
+/// its own key/value cache and a vocabulary-size row of scores, so memory grows with them.
+pub const MAX_SEQUENCES: usize = 256;
+
 impl GenerateOptions {
     /// transformers' checks, raised where transformers raises (`GenerationConfig.validate` and
     /// the logits processors' constructors); combinations transformers only warns about
@@ -160,11 +168,21 @@ impl GenerateOptions {
                 "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too); leave it unset for the default of up to 20".into(),
             ));
         }
+        if let Some(n) = self.max_new_tokens.filter(|&n| n > MAX_NEW_TOKENS) {
+            return Err(invalid(too_many_new_tokens(&format!("max_new_tokens is {n}"))));
+        }
         if self.num_beams == 0 {
             return Err(invalid("num_beams is 0: it must be at least 1 (1 is greedy decoding)".into()));
         }
         if self.num_return_sequences == 0 {
             return Err(invalid("num_return_sequences is 0: it must be at least 1".into()));
+        }
+        for (name, n) in [("num_beams", self.num_beams), ("num_return_sequences", self.num_return_sequences)] {
+            if n > MAX_SEQUENCES {
+                return Err(invalid(format!(
+                    "{name} is {n}: glimpse runs at most {MAX_SEQUENCES} sequences per input (each one holds its own key/value cache and a vocabulary-size row of scores at every step, so memory grows with it); use at most {MAX_SEQUENCES}"
+                )));
+            }
         }
         if self.num_return_sequences > 1 && self.num_beams == 1 && !self.do_sample {
             return Err(invalid(format!(
@@ -195,9 +213,9 @@ impl GenerateOptions {
                     self.temperature
                 )));
             }
-            if self.top_p < 0.0 || self.top_p.is_nan() {
+            if !(0.0..=1.0).contains(&self.top_p) {
                 return Err(invalid(format!(
-                    "top_p has to be a float in [0, 1] (1 disables it), but is {}",
+                    "`top_p` has to be a float > 0 and < 1, but is {} (transformers refuses it too): use a value in [0, 1], 1 disables it",
                     self.top_p
                 )));
             }
@@ -272,7 +290,12 @@ impl GenerateOptions {
                     "the decoder input ({input_len} tokens) reaches max_length {max_length} (generation_config.json), leaving no room to generate: raise max_length or set max_new_tokens"
                 )));
             }
-            return Ok(max_length - input_len);
+            let n = max_length - input_len;
+            if n > MAX_NEW_TOKENS {
+                let what = format!("max_length {max_length} (generation_config.json) leaves {n} new tokens");
+                return Err(invalid(too_many_new_tokens(&what)));
+            }
+            return Ok(n);
         }
         let max_length = (input_len + DEFAULT_NEW_TOKENS).min(max_positions);
         if input_len >= max_length {
@@ -282,6 +305,12 @@ impl GenerateOptions {
         }
         Ok(max_length - input_len)
     }
+}
+
+fn too_many_new_tokens(what: &str) -> String {
+    format!(
+        "{what}: glimpse generates at most {MAX_NEW_TOKENS} new tokens per sequence (the key/value cache of every sequence is allocated for all of them up front); ask for fewer"
+    )
 }
 
 /// The decoder inputs of a batch, one row of [`Prompts::len`] tokens per sequence: prompts of
@@ -532,6 +561,7 @@ impl<'a, 'h> Session<'a, 'h> {
         if per != 1 {
             ranked = ranked.into_iter().skip(per - 1).step_by(per).collect();
         }
+        check_finite(&ranked, "the prefill (first new token)")?;
         self.timings.prefill_ms = ms(s);
         Ok(Some(ranked))
     }
@@ -579,7 +609,12 @@ impl<'a, 'h> Session<'a, 'h> {
             return Ok(None);
         }
         self.timings.decode_steps += 1;
-        Ok(Some(self.exec.top_k(plan.decode.logits, plan.batch, k)?))
+        let ranked = self.exec.top_k(plan.decode.logits, plan.batch, k)?;
+        check_finite(
+            &ranked,
+            &format!("decode step {} (new token {})", self.timings.decode_steps, self.timings.decode_steps + 1),
+        )?;
+        Ok(Some(ranked))
     }
 
     /// [`Session::decode`] returning the logits rows (`[batch, vocab]`, on the host).
@@ -740,6 +775,18 @@ fn run_prompts(
     };
     session.timings.total_ms = session.elapsed_ms();
     Ok((seqs, session.timings))
+}
+
+/// Refuses logits that are not finite: a row whose best candidate has a NaN log-probability
+/// holds NaN or +inf (or only -inf), which greedy and beam search would turn silently into
+/// token 0 and null log-probs. `phase` names where they appeared.
+fn check_finite(ranked: &[Vec<crate::backend::Candidate>], phase: &str) -> Result<()> {
+    match ranked.iter().position(|row| row.first().is_some_and(|c| c.logprob.is_nan())) {
+        None => Ok(()),
+        Some(row) => Err(Error::InvalidInput(format!(
+            "the model's logits are not finite (NaN or infinite) at {phase}, sequence {row}: the checkpoint holds NaN/Inf weights, or the model overflowed; check the weights"
+        ))),
+    }
 }
 
 /// Sampled rows of one input (`per` in a row) as one [`Sequence`]: the first, with the others as

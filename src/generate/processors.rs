@@ -318,10 +318,10 @@ impl LogitsProcessorList {
             if s.top_k != 0 {
                 p.push(Processor::TopK { top_k: s.top_k.max(keep) });
             }
+            if !(0.0..=1.0).contains(&s.top_p) {
+                return bad(format!("top_p {} is invalid: it must be in [0, 1] (1.0 = off)", s.top_p));
+            }
             if s.top_p < 1.0 {
-                if s.top_p < 0.0 {
-                    return bad(format!("top_p {} is invalid: it must be in [0, 1] (1.0 = off)", s.top_p));
-                }
                 p.push(Processor::TopP { top_p: s.top_p, min_tokens_to_keep: keep });
             }
             if let Some(m) = s.min_p {

@@ -101,7 +101,8 @@ pub(super) fn fetch(id: &str, opts: &HubOptions, cache: &Path) -> Result<Fetched
         });
     }
     let client = Client::new(opts)?;
-    let info = match client.repo_info(id, rev) {
+    let cached = cached_snapshot(id, rev, cache, false).is_ok();
+    let info = match client.repo_info(id, rev, cached.then_some(opts.metadata_timeout)) {
         Ok(info) => info,
         Err(Failure::Fatal(e)) => return Err(e),
         Err(Failure::Unreachable(cause)) => {
@@ -562,10 +563,23 @@ impl Client {
     /// GET with redirects followed (at most 5); the token goes only to the endpoint's own origin
     /// (scheme, host and port), never to the CDN an LFS file redirects to.
     fn get(&self, url: &str, from: Option<u64>) -> Result<ureq::http::Response<ureq::Body>, Failure> {
+        self.get_within(url, from, None)
+    }
+
+    /// [`Self::get`] with the whole request (connect, headers, body) bounded by `timeout`.
+    fn get_within(
+        &self,
+        url: &str,
+        from: Option<u64>,
+        timeout: Option<Duration>,
+    ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
         let own = origin_of(&self.endpoint).to_ascii_lowercase();
         let mut url = url.to_string();
         for _ in 0..6 {
             let mut req = self.agent.get(&url).header("Accept-Encoding", "identity");
+            if let Some(t) = timeout {
+                req = req.config().timeout_global(Some(t)).build();
+            }
             if let Some(from) = from {
                 req = req.header("Range", format!("bytes={from}-"));
             }
@@ -599,9 +613,10 @@ impl Client {
         Err(Failure::Fatal(hub_error(format!("too many redirects from {url}"))))
     }
 
-    fn repo_info(&self, id: &str, rev: &str) -> Result<RepoInfo, Failure> {
+    /// The listing of `id` at `rev`, within `timeout` when given.
+    fn repo_info(&self, id: &str, rev: &str, timeout: Option<Duration>) -> Result<RepoInfo, Failure> {
         let url = format!("{}/api/models/{id}/revision/{}?blobs=true", self.endpoint, quote(rev, false));
-        let resp = self.get(&url, None)?;
+        let resp = self.get_within(&url, None, timeout)?;
         if resp.status().as_u16() != 200 {
             let what =
                 if rev == "main" { format!("model `{id}`") } else { format!("model `{id}` at revision `{rev}`") };

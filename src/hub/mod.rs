@@ -49,6 +49,10 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// The cache folder (see [`cache_dir`]); `None` when no folder can be named.
     pub cache: Option<PathBuf>,
+    /// How long the revision listing may take when a cached snapshot can serve instead
+    /// (`$HF_HUB_ETAG_TIMEOUT` seconds, default 10, as huggingface_hub's metadata requests): an
+    /// unresponsive hub then delays a cached model by that long, not by the read timeout.
+    pub metadata_timeout: std::time::Duration,
 }
 
 impl HubOptions {
@@ -65,6 +69,14 @@ impl HubOptions {
                 .to_string(),
             token: token_from_env(),
             cache: cache_dir(),
+            metadata_timeout: std::time::Duration::from_secs_f64(
+                std::env::var("HF_HUB_ETAG_TIMEOUT")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .unwrap_or(10.0)
+                    .min(3600.0),
+            ),
         }
     }
 }
@@ -79,7 +91,7 @@ fn token_from_env() -> Option<String> {
         return Some(t);
     }
     let file = std::env::var_os("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| hf_home().map(|h| h.join("token")))?;
-    std::fs::read_to_string(file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+    crate::files::read_to_string(&file, 1 << 20).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// A folder as given, or the snapshot of a hub id, downloaded on first use unless offline
@@ -119,16 +131,12 @@ pub fn resolve_model_with(arg: &str, opts: &HubOptions) -> Result<PathBuf> {
 }
 
 /// Downloads (or finds complete in the cache) what hub id `id` needs at `opts.revision`, for
-/// `glimpse download`. Fails when offline.
+/// `glimpse download`. Offline, a complete cached snapshot is the answer (as huggingface_hub's
+/// `snapshot_download` offline); anything else fails.
 pub fn download(id: &str, opts: &HubOptions) -> Result<Fetched> {
     if !looks_like_id(id) {
         return Err(Error::InvalidInput(format!(
             "`{id}` is not a hub id: pass org/name, e.g. Salesforce/blip2-opt-2.7b"
-        )));
-    }
-    if opts.offline {
-        return Err(Error::InvalidInput(format!(
-            "cannot download `{id}` while offline (HF_HUB_OFFLINE or --offline is set): unset it to download"
         )));
     }
     let cache = opts.cache.as_deref().ok_or_else(|| {
@@ -136,6 +144,16 @@ pub fn download(id: &str, opts: &HubOptions) -> Result<Fetched> {
             "no folder for the Hugging Face cache (HOME is not set): set HF_HUB_CACHE or HF_HOME".to_string(),
         )
     })?;
+    if opts.offline {
+        let snapshot = cached_snapshot(id, &opts.revision, cache, true).ok().filter(|d| download::snapshot_complete(d));
+        let Some(snapshot) = snapshot else {
+            return Err(Error::InvalidInput(format!(
+                "cannot download `{id}` while offline (HF_HUB_OFFLINE or --offline is set), and the cache holds no complete snapshot of it: unset it to download"
+            )));
+        };
+        let commit = snapshot.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Ok(Fetched { snapshot, commit, downloaded: vec![], bytes: 0 });
+    }
     download::fetch(id, opts, cache)
 }
 
@@ -190,18 +208,31 @@ fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Res
             )))
         };
     }
-    let named = std::fs::read_to_string(repo.join("refs").join(revision)).ok().map(|h| h.trim().to_string());
+    let ref_path = repo.join("refs").join(revision);
+    let named = crate::files::read_to_string(&ref_path, 4096).ok().map(|h| h.trim().to_string());
     if let Some(hash) = &named {
+        // Trusted only as a commit: a ref is a 40-hex hash naming a folder of `snapshots`, never
+        // a path (`../../outside`) that would load a model from outside the cache.
+        if !is_commit(hash) {
+            return Err(Error::InvalidInput(format!(
+                "model `{id}`: {} holds `{}`, not a 40-hex commit: the cache entry is damaged; run `glimpse download {id}{rev_flag}` to repair it, or pass a model folder",
+                ref_path.display(),
+                hash.escape_debug()
+            )));
+        }
         let dir = snapshots.join(hash);
         if dir.is_dir() {
             return Ok(dir);
         }
+        return Err(Error::InvalidInput(format!(
+            "model `{id}`: refs/{revision} names snapshot {hash}, which is not in {}; {get}",
+            snapshots.display()
+        )));
     }
     if revision != "main" {
         return Err(Error::InvalidInput(format!(
-            "model `{id}`: revision `{revision}` is not in the Hugging Face cache ({} has no refs/{revision}{}); {get}",
+            "model `{id}`: revision `{revision}` is not in the Hugging Face cache ({} has no refs/{revision}); {get}",
             repo.display(),
-            if named.is_some() { " snapshot" } else { "" }
         )));
     }
     let mut found: Vec<String> = std::fs::read_dir(&snapshots)
@@ -213,10 +244,7 @@ fn cached_snapshot(id: &str, revision: &str, cache: &Path, offline: bool) -> Res
         })
         .unwrap_or_default();
     found.sort();
-    let main_note = match &named {
-        Some(hash) => format!("refs/main names snapshot {hash}, which is missing"),
-        None => "there is no refs/main to pick one".to_string(),
-    };
+    let main_note = "there is no refs/main to pick one";
     match found.len() {
         1 => Ok(snapshots.join(&found[0])),
         0 => Err(Error::InvalidInput(format!("model `{id}`: the Hugging Face cache has {} but no snapshot in it; {get}", repo.display()))),

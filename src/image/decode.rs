@@ -107,6 +107,9 @@ fn decode_unguarded(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<
     if probe.format().is_none() {
         return Err("not a recognised image format (PNG, JPEG, WebP, GIF, BMP)".into());
     }
+    if bytes.starts_with(PNG_SIGNATURE) {
+        png_check_compressed_chunks(bytes)?;
+    }
     let (w, h) = probe.into_dimensions().map_err(|e| format!("cannot decode: {e}"))?;
     if w == 0 || h == 0 {
         return Err(format!("image is {w}x{h}: it has no pixels"));
@@ -132,6 +135,67 @@ fn decode_unguarded(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<
             Ok(to_rgb8(decoded))
         }
     }
+}
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+/// Pillow's `MAX_TEXT_CHUNK` (`ImageFile.SAFEBLOCK`): the most one compressed PNG chunk (iCCP,
+/// zTXt, compressed iTXt) may inflate to.
+const PNG_MAX_CHUNK_INFLATED: usize = 1 << 20;
+/// Pillow's `MAX_TEXT_MEMORY`: the most the text chunks of one PNG may hold in all.
+const PNG_MAX_TEXT_MEMORY: usize = 64 << 20;
+
+/// Pillow's checks on a PNG's compressed metadata, made before the decoder inflates it (a 4 MB
+/// iCCP chunk can inflate to 4 GB): an iCCP, zTXt or compressed iTXt chunk that inflates past
+/// [`PNG_MAX_CHUNK_INFLATED`] is refused ("Decompressed Data Too Large", as Pillow), and so is
+/// text past [`PNG_MAX_TEXT_MEMORY`] in all. A chunk that does not inflate is left to the decoder
+/// (Pillow ignores it).
+fn png_check_compressed_chunks(b: &[u8]) -> std::result::Result<(), String> {
+    let mut at = PNG_SIGNATURE.len();
+    let mut text = 0usize;
+    while at + 8 <= b.len() {
+        let len = u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+        let kind = &b[at + 4..at + 8];
+        let data = &b[at + 8..b.len().min((at + 8).saturating_add(len))];
+        at = at.saturating_add(12).saturating_add(len);
+        let nul = data.iter().position(|&c| c == 0);
+        // The compressed bytes after "keyword\0 method" (iTXt: "keyword\0 flag method
+        // language\0 translated\0", compressed only when flag is 1).
+        let compressed = match (kind, nul) {
+            (b"iCCP" | b"zTXt", Some(n)) => data.get(n + 2..),
+            (b"iTXt", Some(n)) if data.get(n + 1) == Some(&1) => {
+                let rest = data.get(n + 3..).unwrap_or_default();
+                let lang = rest.iter().position(|&c| c == 0);
+                let rest = lang.and_then(|l| rest.get(l + 1..)).unwrap_or_default();
+                rest.iter().position(|&c| c == 0).and_then(|t| rest.get(t + 1..))
+            }
+            (b"tEXt" | b"iTXt", _) => {
+                text += data.len();
+                None
+            }
+            _ => None,
+        };
+        let Some(compressed) = compressed else { continue };
+        let inflated = match miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(compressed, PNG_MAX_CHUNK_INFLATED) {
+            Ok(v) => v.len(),
+            Err(e) if e.status == miniz_oxide::inflate::TINFLStatus::HasMoreOutput => {
+                return Err(format!(
+                    "cannot decode: Decompressed Data Too Large: its {} chunk inflates past {} bytes (Pillow refuses it too)",
+                    String::from_utf8_lossy(kind),
+                    PNG_MAX_CHUNK_INFLATED
+                ))
+            }
+            Err(_) => 0,
+        };
+        if kind != b"iCCP" {
+            text += inflated;
+        }
+        if text > PNG_MAX_TEXT_MEMORY {
+            return Err(format!(
+                "cannot decode: Too much memory used in text chunks: over {PNG_MAX_TEXT_MEMORY} bytes (Pillow refuses it too)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A PNG whose last chunk is cut short, or that lacks IEND, with that chunk's length and CRC

@@ -103,11 +103,33 @@ impl ImageProcessor {
     }
 
     pub fn preprocess_file(&self, path: &Path) -> Result<PixelValues> {
-        Ok(self.preprocess(&load_rgb(path)?))
+        self.preprocess_checked(&load_rgb(path)?, &path.display().to_string())
     }
 
     pub fn preprocess_bytes(&self, bytes: &[u8], name: &str) -> Result<PixelValues> {
-        Ok(self.preprocess(&decode_rgb(bytes, name)?))
+        self.preprocess_checked(&decode_rgb(bytes, name)?, name)
+    }
+
+    /// [`Self::preprocess`], refusing an image the resize would make larger than the decoder's
+    /// pixel limit (a `shortest_edge` resize of a very elongated image), before allocating it.
+    pub fn preprocess_checked(&self, rgb: &RgbImage, name: &str) -> Result<PixelValues> {
+        if self.cfg.do_resize {
+            let (h, w) = self.resize_target(rgb.height() as usize, rgb.width() as usize);
+            let max = DecodeLimits::from_env()?.max_pixels;
+            if (h as u64).saturating_mul(w as u64) > max {
+                return Err(crate::error::Error::Image {
+                    path: name.to_string(),
+                    msg: format!(
+                        "the processor's resize ({}) makes this {}x{} image {w}x{h}, over the {max}-pixel limit; set {} to raise it",
+                        self.cfg.size.describe(),
+                        rgb.width(),
+                        rgb.height(),
+                        decode::MAX_PIXELS_ENV
+                    ),
+                });
+            }
+        }
+        Ok(self.preprocess(rgb))
     }
 
     /// Pixel values of an image given in memory: a file, encoded bytes, or decoded RGB pixels.
@@ -116,7 +138,7 @@ impl ImageProcessor {
             ImageInput::Path(path) => self.preprocess_file(path),
             ImageInput::Bytes { bytes, name } => self.preprocess_bytes(bytes, name),
             ImageInput::Rgb { width, height, data, name } => {
-                Ok(self.preprocess(&rgb_image(width, height, data, name)?))
+                self.preprocess_checked(&rgb_image(width, height, data, name)?, name)
             }
         }
     }
