@@ -753,6 +753,11 @@ int run_kernel(const KernelInfo& k, const LaunchConfig& cfg, void* const* params
     e.error_code = 0;
     if (tsan() && !e.sched_fiber) e.sched_fiber = __tsan_get_current_fiber();
 
+    // Launches are ordered for TSan as they happen: each one's start sees every launch that had
+    // ended (on any OS thread). The driver's own locks are invisible to TSan (not instrumented),
+    // so without this a buffer freed by one test and reused by another would look shared.
+    static char launch_order;
+    if (tsan()) __tsan_acquire(&launch_order);
     const int sig = sigsetjmp(e.jmp, 1);
     if (sig == 0) {
         e.in_kernel = 1;
@@ -770,6 +775,7 @@ int run_kernel(const KernelInfo& k, const LaunchConfig& cfg, void* const* params
                   thread_name(e, e.cur) + ")";
         e.error_code = 700;
     }
+    if (tsan()) __tsan_release(&launch_order);
     if (e.error.empty()) {
         const std::string guards = check_guards();
         if (!guards.empty()) {
