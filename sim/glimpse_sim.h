@@ -261,26 +261,19 @@ inline float __sinf(float x) { return sinf(x); }
 inline float __cosf(float x) { return cosf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
-inline float __int_as_float(int v) {
-    float f;
-    memcpy(&f, &v, 4);
-    return f;
+namespace gsim {
+template <typename To, typename From>
+inline To bits_as(From v) {
+    static_assert(sizeof(To) == sizeof(From), "same size");
+    To r;
+    memcpy(&r, &v, sizeof r);
+    return r;
 }
-inline int __float_as_int(float f) {
-    int v;
-    memcpy(&v, &f, 4);
-    return v;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned v;
-    memcpy(&v, &f, 4);
-    return v;
-}
-inline float __uint_as_float(unsigned v) {
-    float f;
-    memcpy(&f, &v, 4);
-    return f;
-}
+}  // namespace gsim
+inline float __int_as_float(int v) { return gsim::bits_as<float>(v); }
+inline int __float_as_int(float f) { return gsim::bits_as<int>(f); }
+inline unsigned __float_as_uint(float f) { return gsim::bits_as<unsigned>(f); }
+inline float __uint_as_float(unsigned v) { return gsim::bits_as<float>(v); }
 using std::isinf;
 using std::isnan;
 using std::isfinite;
