@@ -7,7 +7,7 @@ use std::time::Instant;
 
 pub use crate::backend::Device;
 use crate::backend::{Backend, Executor};
-use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
+use crate::config::{GenerationConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::generate::{
     beam_rows, expand_for_beams, generate_prompts, EarlyStopping, GenerateOptions, Plan, Prompts, Sequence, Timings,
@@ -15,6 +15,7 @@ use crate::generate::{
 };
 use crate::image::{ImageInput, ImageProcessor, PixelValues};
 use crate::models::Family;
+use crate::models::ModelConfig;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -101,10 +102,7 @@ impl Model {
         family.check_preprocessor(&pre, &pre_path)?;
         let generation_path = dir.join("generation_config.json");
         let generation = GenerationConfig::load_or_default(&generation_path)?;
-        if let ModelConfig::Llava(c) = &cfg {
-            // A chat family generates with these ids (`default_options`).
-            generation.check_tokens(c.text_config.vocab_size, &generation_path)?;
-        }
+        cfg.family().check_generation_config(&generation, &generation_path)?;
         let chat = if family.chat() { Some(crate::chat::ChatProcessor::load_from_dir(dir)?) } else { None };
         let backend = Backend::new(device, family.weights())?;
         Ok(Self {

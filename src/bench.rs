@@ -26,12 +26,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, Device, Executor};
-use crate::config::ModelConfig;
 use crate::cost::{Cost, GraphCost};
 use crate::error::{Error, Result};
 use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
 use crate::graph::{Phase, WeightTable};
 use crate::models::Family;
+use crate::models::ModelConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {

@@ -11,7 +11,7 @@ use crate::weights::Checkpoint;
 /// A human-readable description of a model folder. The folder is first loaded (on the CPU) by
 /// the same [`Model::load`] that `caption` uses, so a model `info` describes is one that loads.
 pub fn describe(dir: &Path) -> Result<String> {
-    let config = crate::config::ModelConfig::load(&dir.join("config.json"))?;
+    let config = crate::models::ModelConfig::load(&dir.join("config.json"))?;
     let family_lines = if config.embeds() {
         crate::api::EmbedModel::load(dir, Device::Cpu)?.family.describe()
     } else {

@@ -26,6 +26,7 @@ pub mod graph;
 pub mod hub;
 pub mod image;
 pub mod info;
+pub mod json;
 pub mod models;
 pub mod parity;
 pub mod synth;

@@ -40,7 +40,7 @@ impl Tokenizer {
     /// Loads the tokenizer of an HF model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
-        let config: Value = if config_path.exists() { crate::config::read_json(&config_path)? } else { Value::Null };
+        let config: Value = if config_path.exists() { crate::json::read_json(&config_path)? } else { Value::Null };
         let clean_up_spaces = config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
 
         let json = dir.join("tokenizer.json");
@@ -50,7 +50,7 @@ impl Tokenizer {
         let inner = if json.exists() && is_clip(&config) && !hub_class_ignored(dir) {
             clip_tokenizer(&json, &config)?
         } else if json.exists() && (llama || t5) {
-            let spec: Value = crate::config::read_json(&json)?;
+            let spec: Value = crate::json::read_json(&json)?;
             let err = |e: String| Error::Tokenizer(format!("{}: {e}", json.display()));
             let spec = if t5 { t5_rebuild(spec, &config).map_err(err)? } else { llama_rebuild(spec, &config) };
             HfTokenizer::from_str(&spec.to_string()).map_err(|e| err(e.to_string()))?
@@ -181,7 +181,7 @@ fn is_clip(config: &Value) -> bool {
 /// around every text. No truncation: a text past the model's positions is the model's error.
 fn clip_tokenizer(json: &Path, config: &Value) -> Result<HfTokenizer> {
     let err = |msg: String| Error::Tokenizer(format!("{}: {msg}", json.display()));
-    let mut v: Value = crate::config::read_json(json)?;
+    let mut v: Value = crate::json::read_json(json)?;
     let token = |key: &str, default: &str| config.get(key).and_then(token_content).unwrap_or_else(|| default.into());
     let (bos, eos, unk) = (
         token("bos_token", "<|startoftext|>"),

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::Executor;
-use glimpse::config::ModelConfig;
 use glimpse::models::instructblip::InstructBlip;
+use glimpse::models::ModelConfig;
 use glimpse::weights::Checkpoint;
 use glimpse::{Device, GenerateOptions, Model};
 
@@ -35,7 +35,11 @@ fn cases() -> Vec<serde_json::Value> {
 
 fn family() -> InstructBlip {
     let dir = common::model_dir(NAME);
-    let ModelConfig::InstructBlip(cfg) = ModelConfig::load(&dir.join("config.json")).unwrap() else {
+    let Some(cfg) = ModelConfig::load(&dir.join("config.json"))
+        .unwrap()
+        .get::<glimpse::models::instructblip::InstructBlipConfig>()
+        .cloned()
+    else {
         panic!("an InstructBLIP config")
     };
     InstructBlip::load(&cfg, &Checkpoint::open_dir(&dir).unwrap()).unwrap()
@@ -345,7 +349,11 @@ mod flan_t5 {
 
     fn family() -> InstructBlip {
         let dir = common::model_dir(NAME);
-        let ModelConfig::InstructBlip(cfg) = ModelConfig::load(&dir.join("config.json")).unwrap() else {
+        let Some(cfg) = ModelConfig::load(&dir.join("config.json"))
+            .unwrap()
+            .get::<glimpse::models::instructblip::InstructBlipConfig>()
+            .cloned()
+        else {
             panic!("an InstructBLIP config")
         };
         InstructBlip::load(&cfg, &Checkpoint::open_dir(&dir).unwrap()).unwrap()

@@ -228,16 +228,14 @@ fn info_describes_the_t5_decoder() {
 /// The fixture's config.json with `edit` applied to its text_config, parsed.
 fn text_config(
     edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
-) -> glimpse::Result<glimpse::config::T5Config> {
+) -> glimpse::Result<glimpse::models::t5::T5Config> {
     let path = common::model_dir(NAME).join("config.json");
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(v["text_config"].as_object_mut().unwrap());
-    match glimpse::config::ModelConfig::from_slice(v.to_string().as_bytes(), &path)? {
-        glimpse::config::ModelConfig::Blip2(c) => match c.text_config {
-            glimpse::config::TextConfig::T5(t) => Ok(t),
-            other => panic!("parsed as {}", other.model_type()),
-        },
-        _ => panic!("not BLIP-2"),
+    let cfg = glimpse::models::ModelConfig::from_slice(v.to_string().as_bytes(), &path)?;
+    match &cfg.get::<glimpse::models::blip2::Blip2Config>().expect("not BLIP-2").text_config {
+        glimpse::models::language_model::TextConfig::T5(t) => Ok(t.clone()),
+        other => panic!("parsed as {}", other.model_type()),
     }
 }
 

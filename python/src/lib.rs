@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 
-use glimpse::config::ModelConfig;
+use glimpse::models::ModelConfig;
 use glimpse::generate::stream::TextStreamer;
 use glimpse::generate::EarlyStopping;
 use glimpse::image::PixelValues;

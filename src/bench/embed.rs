@@ -17,9 +17,9 @@ use super::{
     cpu_name, floor_ms, git_commit, measure_rates, median, pick_device, utc_now, write_header, BenchArgs, Rates,
 };
 use crate::backend::{Backend, Executor};
-use crate::config::ModelConfig;
 use crate::cost::GraphCost;
 use crate::error::{Error, Result};
+use crate::models::ModelConfig;
 use crate::models::{EmbedPlan, Embedder};
 
 /// Tokens per text of the text rows (BOS and EOS included).
@@ -167,15 +167,12 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
 /// `batch` texts of `len` ids: BOS, random ordinary ids, EOS, pooled where the model's rule
 /// finds the EOS.
 fn text_ids(family: &dyn Embedder, batch: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
-    let text = match family.config() {
-        ModelConfig::Clip(c) => c.text_config.as_ref(),
-        _ => None,
-    };
-    let vocab = text.map_or(3, |t| t.vocab_size).max(3) as u32;
+    let text = family.text_vocab();
+    let vocab = text.map_or(3, |(vocab, _)| vocab).max(3) as u32;
     // CLIP's tokenizers put <|startoftext|> and <|endoftext|> last; eos_token_id 2 is the legacy
     // config value that means "pool at the largest id", i.e. at that last id too.
     let bos = vocab - 2;
-    let eos = match text.and_then(|t| t.eos_token_id) {
+    let eos = match text.and_then(|(_, eos)| eos) {
         Some(e) if e != 2 && e < vocab => e,
         _ => vocab - 1,
     };

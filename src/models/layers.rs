@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::Loader;
+use super::family::Loader;
 use crate::error::Result;
 use crate::graph::{self, Activation, Buf, Graph, KvLen, Linear, Norm, Op, View, W};
 

@@ -1,12 +1,85 @@
 //! The OPT decoder (`OPTForCausalLM`): learned positions offset by 2, pre-norm layers with ReLU
 //! FFN, optional project_in/project_out, lm_head tied to embed_tokens unless stored.
 
+use super::family::Loader;
 pub use super::layers::KvCache;
 use super::layers::{load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnSpec, Mlp, NormLayer};
-use super::Loader;
-use crate::config::OptConfig;
+use serde::Deserialize;
+
+use crate::config::TokenIds;
 use crate::error::Result;
 use crate::graph::{Activation, Buf, Graph, Linear, Op, W};
+
+/// `text_config` for an OPT decoder (the only BLIP-2 language model glimpse runs so far).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OptConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub ffn_dim: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub word_embed_proj_dim: Option<usize>,
+    pub do_layer_norm_before: bool,
+    pub activation_function: String,
+    pub enable_bias: bool,
+    pub layer_norm_elementwise_affine: bool,
+    #[serde(rename = "_remove_final_layer_norm")]
+    pub remove_final_layer_norm: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub pad_token_id: Option<u32>,
+    /// Not an OPT field, but transformers keeps it on the config and the language model's
+    /// generation config picks it up (`GenerationConfig.from_model_config(text_config)`).
+    /// (`max_length` is dropped from model configs, so it has no counterpart here.)
+    pub max_new_tokens: Option<usize>,
+    /// Kept the same way. transformers 5.17 drops every other generation parameter from model
+    /// configs (`GenerationConfig._get_default_generation_params()`: num_beams, length_penalty,
+    /// do_sample, temperature, top_k, top_p, ...), so only these reach the language model.
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
+}
+
+impl Default for OptConfig {
+    fn default() -> Self {
+        Self {
+            model_type: "opt".into(),
+            vocab_size: 50272,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            ffn_dim: 3072,
+            num_attention_heads: 12,
+            max_position_embeddings: 2048,
+            word_embed_proj_dim: None,
+            do_layer_norm_before: true,
+            activation_function: "relu".into(),
+            enable_bias: true,
+            layer_norm_elementwise_affine: true,
+            remove_final_layer_norm: false,
+            tie_word_embeddings: true,
+            bos_token_id: Some(2),
+            eos_token_id: Some(TokenIds::One(2)),
+            pad_token_id: Some(1),
+            max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
+        }
+    }
+}
+
+impl OptConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+    pub fn embed_dim(&self) -> usize {
+        self.word_embed_proj_dim.unwrap_or(self.hidden_size)
+    }
+    /// OPT's learned positions are offset by 2 (fairseq legacy).
+    pub const POSITION_OFFSET: usize = 2;
+}
 
 struct OptLayer {
     self_attn_layer_norm: NormLayer,

@@ -15,16 +15,172 @@
 
 use std::sync::Arc;
 
+use super::family::Loader;
 use super::layers::{
     load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, Keys, KvCache, Mlp, NormLayer,
 };
 pub use super::opt::DecoderPass;
-use super::Loader;
-use crate::config::T5Config;
+use serde::Deserialize;
+
+use crate::config::{check_activation, check_eps, check_positive, check_token, field_error, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{EncoderInput, KvCaches, Step, StepInput};
 use crate::graph::{Activation, Buf, DType, Graph, Op, Phase, W};
 use crate::weights::Weight;
+
+/// `text_config` of a T5 encoder-decoder (`T5Config`, transformers 5.17 defaults; design/t5.md §1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    /// None: `num_layers`.
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    pub feed_forward_proj: String,
+    /// An explicit key wins over the one derived from `feed_forward_proj`.
+    pub dense_act_fn: Option<String>,
+    pub tie_word_embeddings: Option<bool>,
+    /// Written by 5.17's save_pretrained; when absent, `tie_word_embeddings != false`.
+    pub scale_decoder_outputs: Option<bool>,
+    pub decoder_start_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub pad_token_id: Option<u32>,
+    /// Kept on the config like OPT's (the language model's generation config reads it).
+    pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        Self {
+            model_type: "t5".into(),
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            dense_act_fn: None,
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            decoder_start_token_id: None,
+            bos_token_id: None,
+            eos_token_id: Some(TokenIds::One(1)),
+            pad_token_id: Some(0),
+            max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
+        }
+    }
+}
+
+impl T5Config {
+    /// `feed_forward_proj` "gated-gelu" style: `wi_0`, `wi_1`, `wo`; else `wi`, `wo`.
+    pub fn is_gated(&self) -> bool {
+        self.feed_forward_proj.starts_with("gated-")
+    }
+
+    /// The FFN activation as 5.17's `__post_init__` resolves it: the last part of
+    /// `feed_forward_proj` ("gated-gelu" meaning `gelu_new`) unless `dense_act_fn` is written.
+    pub fn act_name(&self) -> String {
+        if let Some(a) = &self.dense_act_fn {
+            return a.clone();
+        }
+        match self.feed_forward_proj.as_str() {
+            "gated-gelu" => "gelu_new".into(),
+            f => f.rsplit('-').next().unwrap_or(f).to_string(),
+        }
+    }
+
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// Width of the attention projections (`num_heads * d_kv`, may differ from `d_model`).
+    pub fn inner_dim(&self) -> usize {
+        self.num_heads * self.d_kv
+    }
+
+    /// `h * d_model**-0.5` before the head (original tied T5, not Flan): design/t5.md §4.
+    pub fn scale_outputs(&self) -> bool {
+        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
+    }
+
+    /// transformers' `decoder_start_token_id`, falling back to `bos_token_id` (encoder-decoders).
+    pub fn decoder_start(&self) -> Option<u32> {
+        self.decoder_start_token_id.or(self.bos_token_id)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        check_positive("text_config.vocab_size", self.vocab_size)?;
+        check_positive("text_config.d_model", self.d_model)?;
+        check_positive("text_config.d_kv", self.d_kv)?;
+        check_positive("text_config.d_ff", self.d_ff)?;
+        check_positive("text_config.num_heads", self.num_heads)?;
+        check_positive("text_config.num_layers", self.num_layers)?;
+        check_positive("text_config.num_decoder_layers", self.decoder_layers())?;
+        if self.relative_attention_num_buckets < 4 {
+            return Err(field_error(
+                "text_config.relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+                "it must be at least 4 (T5 uses 32): the encoder halves it, then half of that is exact",
+            ));
+        }
+        if self.relative_attention_max_distance * 4 <= self.relative_attention_num_buckets {
+            return Err(field_error(
+                "text_config.relative_attention_max_distance",
+                self.relative_attention_max_distance,
+                format!(
+                    "it must exceed a quarter of relative_attention_num_buckets ({}), so the log-spaced buckets are well defined (T5 uses 128)",
+                    self.relative_attention_num_buckets
+                ),
+            ));
+        }
+        check_eps("text_config.layer_norm_epsilon", self.layer_norm_epsilon)?;
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        if parts.len() > 2 || (parts.len() == 2 && parts[0] != "gated") {
+            return Err(field_error(
+                "text_config.feed_forward_proj",
+                format!("`{}`", self.feed_forward_proj),
+                "it must be `{ACT_FN}` or `gated-{ACT_FN}` (transformers refuses it too), e.g. \"gated-gelu\"",
+            ));
+        }
+        check_activation("text_config.dense_act_fn", &self.act_name(), &["gelu", "gelu_new", "relu"])?;
+        let vocab = self.vocab_size;
+        match self.decoder_start() {
+            Some(id) => check_token("text_config.decoder_start_token_id", id, vocab)?,
+            None => {
+                return Err("neither `text_config.decoder_start_token_id` nor `text_config.bos_token_id` is set: transformers cannot start the T5 decoder either; add \"decoder_start_token_id\": 0 (T5's <pad>)".into())
+            }
+        }
+        for id in self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, vocab)?;
+        }
+        if self.max_new_tokens == Some(0) {
+            return Err(field_error(
+                "text_config.max_new_tokens",
+                0,
+                "transformers rejects it (it must be at least 1); remove it for the default of 20",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// transformers' `T5Attention._relative_position_bucket` for one relative position
 /// (`key_pos - query_pos`), in the f32 arithmetic torch uses.

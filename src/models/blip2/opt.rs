@@ -4,14 +4,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::opt::{KvCache, OptDecoder};
-use super::qformer::QFormer;
-use super::vit::VisionModel;
-use super::{Family, Loader};
-use crate::config::{Blip2Config, ModelConfig, PreprocessorConfig, TextConfig};
+use super::config::Blip2Config;
+use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
 use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
+use crate::models::family::ModelConfig;
+use crate::models::family::{Family, Loader};
+use crate::models::language_model::TextConfig;
+use crate::models::opt::{KvCache, OptDecoder};
+use crate::models::qformer::QFormer;
+use crate::models::vit::VisionModel;
 use crate::weights::Checkpoint;
 
 pub struct Blip2 {
@@ -36,7 +39,7 @@ impl Blip2 {
         let decoder = OptDecoder::load(text, &mut ld, "language_model")?;
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::Blip2(cfg.clone()),
+            config: ModelConfig::new(cfg.clone()),
             weights: Arc::new(table),
             vision,
             qformer,
@@ -183,7 +186,7 @@ impl Family for Blip2 {
     }
 
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::check_square_input(pre, path, self.image_size())
+        crate::models::family::check_square_input(pre, path, self.image_size())
     }
 
     fn image_size(&self) -> usize {

@@ -7,15 +7,19 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::blip2::ImagePhases;
-use super::qformer::QFormer;
-use super::t5::T5;
-use super::vit::VisionModel;
-use super::{Family, Loader};
-use crate::config::{Blip2Config, ModelConfig, PreprocessorConfig, T5Config, TextConfig};
+use super::config::Blip2Config;
+use super::opt::ImagePhases;
+use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, Plan};
 use crate::graph::{Graph, Linear, WeightTable};
+use crate::models::family::ModelConfig;
+use crate::models::family::{Family, Loader};
+use crate::models::language_model::TextConfig;
+use crate::models::qformer::QFormer;
+use crate::models::t5::T5Config;
+use crate::models::t5::T5;
+use crate::models::vit::VisionModel;
 use crate::weights::Checkpoint;
 
 pub struct Blip2T5 {
@@ -40,7 +44,7 @@ impl Blip2T5 {
         let t5 = T5::load(text, &mut ld, "language_model")?;
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::Blip2(cfg.clone()),
+            config: ModelConfig::new(cfg.clone()),
             weights: Arc::new(table),
             vision,
             qformer,
@@ -94,7 +98,7 @@ impl Family for Blip2T5 {
     }
 
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::check_square_input(pre, path, self.cfg.vision_config.image_size)
+        crate::models::family::check_square_input(pre, path, self.cfg.vision_config.image_size)
     }
 
     fn image_size(&self) -> usize {

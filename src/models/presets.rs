@@ -1,0 +1,105 @@
+//! What the families' `glimpse synth` presets share: the processor and tokenizer files
+//! transformers writes for the towers and decoders several families use. Each family's own
+//! presets (names, dims, config.json) live in its file.
+
+use serde_json::{json, Value};
+
+use super::preset_tokenizers::t5_tokenizer_json;
+use crate::error::{Error, Result};
+
+/// The error for a preset name a family does not offer (the registry checks names first).
+pub(crate) fn not_a_preset(name: &str) -> Error {
+    Error::InvalidInput(format!("unknown preset `{name}`"))
+}
+
+/// `BlipImageProcessor` of BLIP-2 and InstructBLIP: bicubic resize to `side` x `side`, CLIP's
+/// mean and std.
+pub(crate) fn blip_image_processor(side: usize) -> Value {
+    json!({
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": crate::config::OPENAI_CLIP_MEAN,
+        "image_processor_type": "BlipImageProcessor",
+        "image_std": crate::config::OPENAI_CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1.0f64 / 255.0,
+        "size": {"height": side, "width": side}
+    })
+}
+
+/// `vocab_size` as a token id bound, or an error naming it.
+pub(crate) fn vocab_u32(vocab: usize) -> Result<u32> {
+    u32::try_from(vocab).map_err(|_| Error::InvalidInput(format!("vocab_size {vocab} is too large")))
+}
+
+/// `text_config` of a Flan-T5 language model as the BLIP-2 / InstructBLIP conversions write it
+/// (docs/models/t5.md): gated GELU with `dense_act_fn` "gelu" (erf), untied head, no output
+/// scaling, decoder start 0, EOS 1.
+pub(crate) fn t5_text_json(dm: usize, dkv: usize, dff: usize, tl: usize, tn: usize, vocab: usize) -> Value {
+    json!({
+        "bos_token_id": 1,
+        "classifier_dropout": 0.0,
+        "d_ff": dff,
+        "d_kv": dkv,
+        "d_model": dm,
+        "decoder_start_token_id": 0,
+        "dense_act_fn": "gelu",
+        "dropout_rate": 0.1,
+        "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu",
+        "initializer_factor": 1.0,
+        "is_decoder": false,
+        "is_gated_act": true,
+        "layer_norm_epsilon": 1e-06,
+        "model_type": "t5",
+        "num_decoder_layers": tl,
+        "num_heads": tn,
+        "num_layers": tl,
+        "pad_token_id": 0,
+        "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": 32,
+        "scale_decoder_outputs": false,
+        "tie_word_embeddings": false,
+        "use_cache": true,
+        "vocab_size": vocab
+    })
+}
+
+/// A Flan-T5 language model's tokenizer and generation files (the T5 tokenizer with `<image>`,
+/// `tokenizer_class` T5Tokenizer as 5.17 saves it, `<image>` at `image_token`) for a processor of
+/// class `processor`.
+pub(crate) fn t5_language_files(image_token: u32, processor: &str) -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "generation_config.json",
+            json!({"bos_token_id": 1, "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
+                   "transformers_version": "5.17.0"}),
+        ),
+        ("tokenizer.json", t5_tokenizer_json(image_token)),
+        (
+            "tokenizer_config.json",
+            json!({"backend": "tokenizers", "eos_token": "</s>", "extra_ids": 100, "pad_token": "<pad>",
+                   "processor_class": processor, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}),
+        ),
+    ]
+}
+
+/// `CLIPImageProcessor` of CLIP and LLaVA-1.5: shortest edge to `side`, centre crop `side`.
+pub(crate) fn clip_image_processor(side: usize) -> Value {
+    json!({
+        "crop_size": {"height": side, "width": side},
+        "do_center_crop": true,
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": crate::config::OPENAI_CLIP_MEAN,
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": crate::config::OPENAI_CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1.0f64 / 255.0,
+        "size": {"shortest_edge": side}
+    })
+}
