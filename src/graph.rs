@@ -132,7 +132,7 @@ pub enum RopeScaling {
 
 /// transformers 5.17 `inv_freq` for RoPE over `dim` rotated dims (even), bit-exact: the exponent
 /// `f32(2i) / f32(dim)` in f32, `base ** e` in f64 rounded to f32, the reciprocal in f32
-/// (design/llama.md 2.2). Scaling follows the fp32 torch expressions: a python scalar divided by
+/// (docs/models/llama.md#rope). Scaling follows the fp32 torch expressions: a python scalar divided by
 /// a tensor is `tensor.reciprocal() * scalar`, comparisons cast the scalar to f32.
 pub fn rope_inv_freq(dim: usize, base: f64, scaling: RopeScaling) -> Vec<f32> {
     let inv: Vec<f32> = (0..dim / 2)

@@ -301,7 +301,7 @@ fn hub_class_ignored(dir: &Path) -> bool {
     v.get("model_type").and_then(Value::as_str).is_some_and(|t| HUB_CLASS_IGNORED.contains(&t))
 }
 
-/// transformers 5.17's `LlamaTokenizer.__init__` applied to a tokenizer.json (design/llava.md 4.3):
+/// transformers 5.17's `LlamaTokenizer.__init__` applied to a tokenizer.json (docs/models/llama.md#tokenizer):
 /// only the vocabulary, merges and added tokens are kept; the file's normalizer, pre-tokenizer and
 /// decoder are replaced by Metaspace (`prepend_scheme` "first" unless `legacy` is true: "always";
 /// "never" when `add_prefix_space` is false, without splitting), byte fallback and a decoder that
@@ -369,7 +369,7 @@ fn llama_rebuild(mut spec: Value, config: &Value) -> Value {
     spec
 }
 
-/// transformers 5.17's `T5Tokenizer.__init__` applied to a tokenizer.json (design/t5.md §6): only
+/// transformers 5.17's `T5Tokenizer.__init__` applied to a tokenizer.json (docs/models/t5.md#tokenizer): only
 /// the Unigram vocabulary with its scores and the file's `Precompiled` charsmap are kept (hub
 /// Flan-T5 files wrap it in a Sequence with `Replace(" {2,}")`, which is dropped, as are the file's
 /// lone Metaspace pre-tokenizer, decoder and template). The class rebuilds `unk_id` 2 without byte

@@ -319,7 +319,7 @@ fn l2_normalize_matches_definition() {
 }
 
 /// transformers 5.17's inv_freq: the exponent in f32, the power in f64 rounded to f32, the
-/// reciprocal in f32 (design/llama.md 2.2); linear divides by the factor; llama3 keeps high
+/// reciprocal in f32 (docs/models/llama.md#rope); linear divides by the factor; llama3 keeps high
 /// frequencies, divides low ones by the factor and interpolates the band between.
 #[test]
 fn rope_inv_freq_follows_transformers() {

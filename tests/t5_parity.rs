@@ -42,7 +42,7 @@ fn relative_position_buckets_match_transformers() {
             assert_eq!(relative_position_bucket(*r, bidirectional, nb, maxd) as u32, w, "{key}: relative position {r}");
         }
     }
-    // design/t5.md's tables: encoder n=91 is the last log bucket, decoder n=113 saturates.
+    // docs/models/t5.md#relative-position-bias's tables: encoder n=91 is the last log bucket, decoder n=113 saturates.
     assert_eq!(relative_position_bucket(-91, true, 32, 128), 15);
     assert_eq!(relative_position_bucket(-90, true, 32, 128), 14);
     assert_eq!(relative_position_bucket(100, true, 32, 128), 31);
@@ -239,7 +239,7 @@ fn text_config(
     }
 }
 
-/// transformers 5.17's T5Config rules (design/t5.md §1, §4): an explicit `dense_act_fn` beats
+/// transformers 5.17's T5Config rules (docs/models/t5.md#config, #lm-head): an explicit `dense_act_fn` beats
 /// `feed_forward_proj` ("gated-gelu" alone means gelu_new); output scaling follows
 /// `scale_decoder_outputs`, else `tie_word_embeddings != false`; the decoder starts from
 /// `decoder_start_token_id`, else `bos_token_id`.

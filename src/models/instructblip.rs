@@ -1,4 +1,4 @@
-//! `InstructBlipForConditionalGeneration` (design/instructblip.md): BLIP-2's vision encoder, a
+//! `InstructBlipForConditionalGeneration` (docs/models/instructblip.md): BLIP-2's vision encoder, a
 //! Q-Former that reads the instruction besides its query tokens ([`QFormer::build_instruct`]),
 //! `language_projection`, and a language model whose input starts with `num_query_tokens`
 //! `<image>` placeholders that the projected queries replace (5.17's `masked_scatter`).
@@ -41,7 +41,7 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
 /// `config.json` of an `InstructBlipForConditionalGeneration` checkpoint (transformers 5.17
-/// `InstructBlipConfig`, design/instructblip.md): BLIP-2's towers, a Q-Former that also reads the
+/// `InstructBlipConfig`, docs/models/instructblip.md#config): BLIP-2's towers, a Q-Former that also reads the
 /// instruction, and a language model (a LLaMA/Vicuna decoder; Flan-T5 is another `text_config`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct InstructBlipConfig {

@@ -1,4 +1,4 @@
-//! The LLaMA decoder (`LlamaModel` + `lm_head`, transformers 5.17; design/llama.md): RMSNorm,
+//! The LLaMA decoder (`LlamaModel` + `lm_head`, transformers 5.17; docs/models/llama.md): RMSNorm,
 //! RoPE (default / linear / llama3, half-split pairing), grouped-query attention over a KV cache,
 //! SwiGLU MLP, optional attention / MLP biases, tied or untied head, head_dim from the config.
 

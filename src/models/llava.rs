@@ -1,4 +1,4 @@
-//! `LlavaForConditionalGeneration` (LLaVA-1.5, design/llava.md): CLIP vision tower run up to
+//! `LlavaForConditionalGeneration` (LLaVA-1.5, docs/models/llava.md): CLIP vision tower run up to
 //! `vision_feature_layer` -> (CLS dropped under the "default" strategy) -> MLP projector
 //! (`linear_1`, GELU, `linear_2`) -> rows scattered over the `<image>` tokens of a LLaMA decoder's
 //! input. The prompt (chat template, `<image>` expansion) is built by [`crate::chat`].

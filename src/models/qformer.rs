@@ -1,7 +1,7 @@
 //! BLIP-2's Q-Former (`Blip2QFormerModel`, BERT-style post-norm): learned query tokens attend to
 //! themselves and, every `cross_attention_frequency` layers, to the image embeddings.
 //!
-//! InstructBLIP's (`InstructBlipQFormerModel`, design/instructblip.md 2.2) also reads the
+//! InstructBLIP's (`InstructBlipQFormerModel`, docs/models/instructblip.md#q-former) also reads the
 //! instruction: `[queries ; word + position embeddings of its BERT tokens]` under one LayerNorm,
 //! self-attention over both (padding-masked), cross-attention and `*_query` FFN on the query rows
 //! only, a separate `intermediate`/`output` FFN on the text rows; the query rows come out.

@@ -1,4 +1,4 @@
-//! The T5 encoder-decoder (`T5ForConditionalGeneration`, transformers 5.17; design/t5.md):
+//! The T5 encoder-decoder (`T5ForConditionalGeneration`, transformers 5.17; docs/models/t5.md):
 //! RMS layer norms (T5LayerNorm), attention without 1/sqrt(d) scaling plus a learned bucketed
 //! relative-position bias held by block 0 of each stack (bidirectional in the encoder, causal in
 //! the decoder, none in cross-attention), gated or plain FFN, untied or tied head with the
@@ -28,7 +28,7 @@ use crate::generate::{EncoderInput, KvCaches, Step, StepInput};
 use crate::graph::{Activation, Buf, DType, Graph, Op, Phase, W};
 use crate::weights::Weight;
 
-/// `text_config` of a T5 encoder-decoder (`T5Config`, transformers 5.17 defaults; design/t5.md §1).
+/// `text_config` of a T5 encoder-decoder (`T5Config`, transformers 5.17 defaults; docs/models/t5.md#config).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct T5Config {
@@ -116,7 +116,7 @@ impl T5Config {
         self.num_heads * self.d_kv
     }
 
-    /// `h * d_model**-0.5` before the head (original tied T5, not Flan): design/t5.md §4.
+    /// `h * d_model**-0.5` before the head (original tied T5, not Flan): docs/models/t5.md#lm-head.
     pub fn scale_outputs(&self) -> bool {
         self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
     }
@@ -375,7 +375,7 @@ impl T5 {
         let shared = ld.tensor(&shared_name, &[v, d])?;
         let encoder = load_stack(cfg, ld, &format!("{prefix}.encoder"), cfg.num_layers, false, act)?;
         let decoder = load_stack(cfg, ld, &format!("{prefix}.decoder"), cfg.decoder_layers(), true, act)?;
-        // design/t5.md §4: a stored head is used as it is (Flan: distinct from `shared`).
+        // docs/models/t5.md#lm-head: a stored head is used as it is (Flan: distinct from `shared`).
         let head_name = format!("{prefix}.lm_head.weight");
         let lm_head = if ld.ckpt.contains(&head_name) { ld.tensor(&head_name, &[v, d])? } else { shared };
         let mut t5 = Self { cfg: cfg.clone(), shared, encoder, decoder, lm_head };

@@ -175,7 +175,7 @@ impl Blip2Config {
         check_blip_towers(&self.vision_config, &self.qformer_config, self.num_query_tokens)
     }
 
-    /// BLIP-2 Flan-T5 (design/t5.md): the T5 config and the token ids the model looks up.
+    /// BLIP-2 Flan-T5 (docs/models/blip2-t5.md#config): the T5 config and the token ids the model looks up.
     fn check_t5(&self, t: &T5Config) -> Result<(), String> {
         check_t5_language_model(
             t,

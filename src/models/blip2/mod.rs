@@ -213,7 +213,7 @@ fn blip2_json(name: &str) -> Result<Value> {
 }
 
 /// `config.json` of a BLIP-2 Flan-T5 preset, as transformers 5.17 writes Salesforce/blip2-flan-t5-xl
-/// (docs/models/t5.md: gated GELU with `dense_act_fn` "gelu", untied head, no output scaling,
+/// (docs/models/blip2-t5.md#config: gated GELU with `dense_act_fn` "gelu", untied head, no output scaling,
 /// `<image>` = 32100). The tiny preset has tests/fixtures/blip2-flan-t5-tiny's T5 and 32100-token
 /// vocabulary layout at small widths.
 fn blip2_t5_json(name: &str) -> Result<Value> {

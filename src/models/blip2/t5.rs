@@ -1,5 +1,5 @@
 //! BLIP-2 with a Flan-T5 language model (`Blip2ForConditionalGeneration`, text_config
-//! `model_type` t5; design/t5.md §2.2): the image side of BLIP-2 OPT (vision encoder, Q-Former,
+//! `model_type` t5; docs/models/blip2-t5.md#encoder-input): the image side of BLIP-2 OPT (vision encoder, Q-Former,
 //! `language_projection`), whose 32 query outputs replace the `<image>` placeholder embeddings
 //! at the start of the T5 *encoder* input; the decoder then generates from
 //! `decoder_start_token_id` alone.
