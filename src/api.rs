@@ -10,8 +10,8 @@ use crate::backend::{Backend, Executor};
 use crate::config::{GenerationConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::generate::{
-    beam_rows, expand_for_beams, generate_prompts, EarlyStopping, GenerateOptions, Plan, Prompts, Sequence, Timings,
-    TokenEvent,
+    beam_rows, expand_for_beams, generate_prompts, GenerateOptions, GenerationOverrides, Plan, PlanShape, Prompts,
+    Sequence, Timings, TokenEvent,
 };
 use crate::image::{ImageInput, ImageProcessor, PixelValues};
 use crate::models::Family;
@@ -80,11 +80,7 @@ pub struct Model {
 }
 
 /// A built plan with its executor, kept for the next request of the same shape.
-type CachedRun = (PlanKey, Plan, Box<dyn Executor>);
-
-/// (images, sequences, decoder input length, max new tokens, encoder text rows): what a plan's
-/// buffers depend on.
-type PlanKey = (usize, usize, usize, usize, usize);
+type CachedRun = (PlanShape, Plan, Box<dyn Executor>);
 
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
@@ -124,34 +120,19 @@ impl Model {
         let mut o = self.family.default_options();
         // Chat families generate with their own generation_config.json (LLaVA: eos 2).
         if self.chat.is_some() {
-            let g = &self.generation;
-            if let Some(eos) = &g.eos_token_id {
-                o.eos_token_ids = eos.to_vec();
-            }
-            o.max_new_tokens = g.max_new_tokens.or(o.max_new_tokens);
-            o.max_length = g.max_length;
-            o.min_new_tokens = g.min_new_tokens.unwrap_or(o.min_new_tokens);
-            o.do_sample = g.do_sample.unwrap_or(o.do_sample);
-            o.temperature = g.temperature.unwrap_or(o.temperature);
-            o.top_k = g.top_k.unwrap_or(o.top_k);
-            o.top_p = g.top_p.unwrap_or(o.top_p);
-            o.min_p = g.min_p.or(o.min_p);
-            o.repetition_penalty = g.repetition_penalty.unwrap_or(o.repetition_penalty);
-            o.no_repeat_ngram_size = g.no_repeat_ngram_size.unwrap_or(o.no_repeat_ngram_size);
-            o.num_beams = g.num_beams.unwrap_or(o.num_beams);
-            o.length_penalty = g.length_penalty.unwrap_or(o.length_penalty);
-            o.num_return_sequences = g.num_return_sequences.unwrap_or(o.num_return_sequences);
-            if let Some(stop) = &g.stop_strings {
-                o.stop_strings = stop.to_vec();
-            }
-            match &g.early_stopping {
-                Some(serde_json::Value::Bool(true)) => o.early_stopping = EarlyStopping::Done,
-                Some(serde_json::Value::Bool(false)) => o.early_stopping = EarlyStopping::Heuristic,
-                Some(serde_json::Value::String(v)) if v == "never" => o.early_stopping = EarlyStopping::Never,
-                _ => {}
-            }
+            GenerationOverrides::from_generation_config(&self.generation).apply(&mut o);
         }
         o
+    }
+
+    /// [`Model::default_options`] with `overrides` applied, validated: the settings a request
+    /// runs with (the CLI's flags and Python's keyword arguments both come through here).
+    pub fn options(&self, overrides: &GenerationOverrides) -> Result<GenerateOptions> {
+        let mut o = self.default_options();
+        overrides.apply(&mut o);
+        o.validate()?;
+        o.check_available()?;
+        Ok(o)
     }
 
     /// The family's question template applied to `question` (BLIP-2: `"Question: {q} Answer:"`).
@@ -435,10 +416,17 @@ impl Model {
             false => Some(crate::generate::StopStrings::new(&opts.stop_strings, &self.tokenizer)?),
         };
         let mut hooks = crate::generate::Hooks { on_token, on_phase: None };
-        let key = (beam_rows(images.len(), opts), beam_rows(sequences, opts), prompts.len(), new_tokens, text_rows);
+        let key = PlanShape {
+            images: beam_rows(images.len(), opts),
+            sequences: beam_rows(sequences, opts),
+            prompt_len: prompts.len(),
+            max_new_tokens: new_tokens,
+            text_rows,
+            all_prefill_logits: false,
+        };
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
-            let plan = self.family.plan_text(key.0, key.1, key.2, key.3, false, key.4)?;
+            let plan = self.family.plan_for(&key)?;
             let mut exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             let (seqs, timings) =
                 generate_prompts(&plan, exec.as_mut(), &inputs, &prompts, opts, stop.as_ref(), &mut hooks)?;
@@ -447,7 +435,7 @@ impl Model {
         let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|(k, _, _)| *k != key) {
             *slot = None; // free the old buffers before allocating new ones
-            let plan = self.family.plan_text(key.0, key.1, key.2, key.3, false, key.4)?;
+            let plan = self.family.plan_for(&key)?;
             let exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             *slot = Some((key, plan, exec));
         }

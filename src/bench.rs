@@ -242,13 +242,12 @@ impl Subject {
     fn request(&self, pixels: Vec<f32>, batch: usize, vqa: bool, n: usize) -> Result<Request> {
         let (ids, text) = if vqa { (&self.vqa_ids, &self.vqa_text) } else { (&self.caption_ids, &self.caption_text) };
         let mut inputs = vec![("pixels", pixels)];
-        let plan = match self.family.text_inputs(&vec![text.as_str(); batch])? {
-            Some(t) => {
-                inputs.extend(t.inputs);
-                self.family.plan_text(batch, batch, ids.len(), n, false, t.rows)?
-            }
-            None => self.family.plan(batch, ids.len(), n, false)?,
-        };
+        let mut shape = crate::generate::PlanShape::new(batch, ids.len(), n);
+        if let Some(t) = self.family.text_inputs(&vec![text.as_str(); batch])? {
+            inputs.extend(t.inputs);
+            shape.text_rows = t.rows;
+        }
+        let plan = self.family.plan_for(&shape)?;
         Ok(Request { plan, inputs })
     }
 }

@@ -18,6 +18,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use cli::output::{diagnostic, Stdout, Stop};
 use glimpse::dataset::Task;
+use glimpse::generate::GenerationOverrides;
 use glimpse::{Device, GenerateOptions, Model, Output};
 
 #[derive(Parser)]
@@ -323,13 +324,7 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     if device == Device::Auto && model.backend_name() == "cpu" {
         note_cpu_fallback();
     }
-    let mut opts = model.default_options();
-    if let Some(n) = args.max_new_tokens {
-        opts.max_new_tokens = Some(n);
-    }
-    args.gen.apply(&mut opts)?;
-    opts.validate()?;
-    opts.check_available()?;
+    let opts = model.options(&GenerationOverrides { max_new_tokens: args.max_new_tokens, ..args.gen.overrides()? })?;
     args.gen.check_stream(&opts, args.json)?;
     Ok((model, opts))
 }

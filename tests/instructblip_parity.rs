@@ -128,7 +128,8 @@ fn padded_qformer_errors(fam: &InstructBlip, b: &serde_json::Value, golden: &str
         })
         .collect();
     let text = fam.instruction_inputs(&ids).unwrap();
-    let plan = fam.plan_instructed(2, 40, 1, false, text.rows).unwrap();
+    let shape = glimpse::generate::PlanShape { text_rows: text.rows, ..glimpse::generate::PlanShape::new(2, 40, 1) };
+    let plan = glimpse::models::Family::plan_for(fam, &shape).unwrap();
     let preprocess = Model::load(common::model_dir(NAME), Device::Cpu).unwrap();
     let px: Vec<f32> = b["images"]
         .as_array()

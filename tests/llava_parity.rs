@@ -185,7 +185,17 @@ fn check_stages(name: &str) {
         let pixels: Vec<f32> = images(&case).iter().flat_map(|p| model.preprocess(p).unwrap().data).collect();
         let ids = common::ids(&case["input_ids"]);
         let n = case["images"].as_array().unwrap().len();
-        let plan = model.family.plan_images(n, 1, ids.len(), 1, true).unwrap();
+        let plan = model
+            .family
+            .plan_for(&glimpse::generate::PlanShape {
+                images: n,
+                sequences: 1,
+                prompt_len: ids.len(),
+                max_new_tokens: 1,
+                text_rows: 0,
+                all_prefill_logits: true,
+            })
+            .unwrap();
         let mut exec = CpuExecutor::new(Arc::clone(model.family.weights()), &plan.graph.buffers);
         exec.write(plan.input("pixels").unwrap(), &pixels).unwrap();
         for phase in &plan.encoders {

@@ -9,9 +9,9 @@ use super::layers::{AttnCall, Keys, NormLayer};
 use serde::Deserialize;
 
 use crate::config::{check_activation, check_eps, check_heads, check_positive, check_token, field_error};
+use crate::error::Result;
 use crate::graph::{Buf, Graph, Op, RowSelect, W};
 use crate::weights::Checkpoint;
-use crate::Result;
 
 /// `text_config` of CLIP (`CLIPTextConfig`, 5.17 defaults: ViT-B/32's text tower).
 #[derive(Debug, Clone, Deserialize)]

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::config::{GenerationConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, Plan};
+use crate::generate::{GenerateOptions, Plan, PlanShape};
 use crate::graph::{Linear, Norm, WeightTable, W};
 use crate::weights::Checkpoint;
 
@@ -108,28 +108,21 @@ pub trait Family: Send + Sync {
     fn question_prompt(&self, question: &str) -> String;
     /// Generation settings as transformers' `generate()` resolves them for this family.
     fn default_options(&self) -> GenerateOptions;
-    /// The phases for `batch` inputs, a decoder input of `prompt_len` tokens and up to
-    /// `max_new_tokens` new tokens; `all_prefill_logits` keeps every prefill row's logits.
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan>;
+    /// The phases for a request of `shape`, which [`Family::plan_for`] has checked.
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan>;
+    /// The plan for a request of `shape`: the checks every family shares, then the family's own
+    /// [`Family::build_plan`]. The one entry point; [`Family::plan`] is a shorthand.
+    fn plan_for(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.check()?;
+        self.build_plan(shape)
+    }
+    /// [`Family::plan_for`] for `batch` one-image sequences of `prompt_len` decoder input tokens
+    /// and up to `max_new_tokens` new tokens; `all_prefill_logits` keeps every prefill row's logits.
+    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
+        self.plan_for(&PlanShape { all_prefill_logits, ..PlanShape::new(batch, prompt_len, max_new_tokens) })
+    }
     /// `info` lines after the model path: family, towers, decoder (label padded to 12 columns).
     fn describe(&self) -> Vec<String>;
-    /// [`Family::plan`] for `images` images spread over `sequences` decoder sequences (chat
-    /// families put all of a request's images in one prompt). One image per sequence by default.
-    fn plan_images(
-        &self,
-        images: usize,
-        sequences: usize,
-        prompt_len: usize,
-        max_new_tokens: usize,
-        all_prefill_logits: bool,
-    ) -> Result<Plan> {
-        if images != sequences {
-            return Err(Error::InvalidInput(format!(
-                "this model takes one image per prompt; got {images} images for {sequences} prompts"
-            )));
-        }
-        self.plan(sequences, prompt_len, max_new_tokens, all_prefill_logits)
-    }
     /// Decoder sequences for `images` images and one decoder input `input_ids` (default: one
     /// sequence per image, as BLIP-2 batches).
     fn sequences_for(&self, images: usize, _input_ids: &[u32]) -> Result<usize> {
@@ -141,25 +134,6 @@ pub trait Family: Send + Sync {
     fn text_inputs(&self, _texts: &[&str]) -> Result<Option<TextInputs>> {
         Ok(None)
     }
-    /// [`Family::plan_images`] for encoders that also read `text_rows` rows per sequence
-    /// ([`TextInputs::rows`]; 0 for families without [`Family::text_inputs`]).
-    #[allow(clippy::too_many_arguments)]
-    fn plan_text(
-        &self,
-        images: usize,
-        sequences: usize,
-        prompt_len: usize,
-        max_new_tokens: usize,
-        all_prefill_logits: bool,
-        text_rows: usize,
-    ) -> Result<Plan> {
-        if text_rows != 0 {
-            return Err(Error::InvalidInput(format!(
-                "this model's encoders read no text, but {text_rows} text rows per sequence were given"
-            )));
-        }
-        self.plan_images(images, sequences, prompt_len, max_new_tokens, all_prefill_logits)
-    }
     /// True for chat models: prompts come from the checkpoint's chat template and processor
     /// (`crate::chat`), generation settings from generation_config.json.
     fn chat(&self) -> bool {
@@ -169,7 +143,7 @@ pub trait Family: Send + Sync {
 
 /// What [`Family::text_inputs`] gives the encoders: named host data (each `[sequences * ..]`,
 /// sequence-major, so beam search can repeat each sequence's block) and the text rows per
-/// sequence the plan is built for ([`Family::plan_text`]).
+/// sequence the plan is built for ([`PlanShape::text_rows`]).
 #[derive(Debug)]
 pub struct TextInputs {
     pub rows: usize,

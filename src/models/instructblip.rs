@@ -34,7 +34,7 @@ use super::vit::VisionConfig;
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_positive, check_token, field_error, PreprocessorConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
+use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Activation, DType, Graph, Linear, Phase, WeightTable};
 use crate::json::from_json_value;
 use crate::tokenizer::Tokenizer;
@@ -348,7 +348,7 @@ impl InstructBlip {
 
     /// The phases for `batch` images with one instruction of `text_rows` Q-Former tokens
     /// (padded) each, a decoder input of `prompt_len` tokens and up to `max_new_tokens` new ones.
-    pub fn plan_instructed(
+    fn plan_instructed(
         &self,
         batch: usize,
         prompt_len: usize,
@@ -356,11 +356,6 @@ impl InstructBlip {
         all_prefill_logits: bool,
         text_rows: usize,
     ) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
         }
@@ -533,9 +528,22 @@ impl Family for InstructBlip {
         }
     }
 
-    /// For callers without a text (bench, parity): the empty instruction's `[CLS] [SEP]`.
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
-        self.plan_instructed(batch, prompt_len, max_new_tokens, all_prefill_logits, 2)
+    /// A shape without text rows (bench, parity) gets the empty instruction's `[CLS] [SEP]`.
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        if shape.images != shape.sequences {
+            return Err(Error::InvalidInput(format!(
+                "InstructBLIP takes one image per prompt; got {} images for {} prompts",
+                shape.images, shape.sequences
+            )));
+        }
+        let text_rows = if shape.text_rows == 0 { 2 } else { shape.text_rows };
+        self.plan_instructed(
+            shape.sequences,
+            shape.prompt_len,
+            shape.max_new_tokens,
+            shape.all_prefill_logits,
+            text_rows,
+        )
     }
 
     fn text_inputs(&self, texts: &[&str]) -> Result<Option<TextInputs>> {
@@ -546,23 +554,6 @@ impl Family for InstructBlip {
         }
         let ids = texts.iter().map(|t| self.qformer_ids(t)).collect::<Result<Vec<_>>>()?;
         self.instruction_inputs(&ids).map(Some)
-    }
-
-    fn plan_text(
-        &self,
-        images: usize,
-        sequences: usize,
-        prompt_len: usize,
-        max_new_tokens: usize,
-        all_prefill_logits: bool,
-        text_rows: usize,
-    ) -> Result<Plan> {
-        if images != sequences {
-            return Err(Error::InvalidInput(format!(
-                "InstructBLIP takes one image per prompt; got {images} images for {sequences} prompts"
-            )));
-        }
-        self.plan_instructed(sequences, prompt_len, max_new_tokens, all_prefill_logits, text_rows)
     }
 
     fn describe(&self) -> Vec<String> {

@@ -23,7 +23,7 @@ use super::presets::{clip_image_processor, not_a_preset};
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_activation, check_token, field_error, GenerationConfig, PreprocessorConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
+use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Activation, Graph, Linear, Phase, WeightTable, W};
 use crate::json::{from_json_value, from_json_value_at};
 use crate::weights::{Checkpoint, Weight};
@@ -326,7 +326,7 @@ impl Llava {
 
     /// The phases for `images` images spread over `sequences` decoder sequences of `prompt_len`
     /// tokens (image `i` fills the `i`-th run of image tokens in flattened order).
-    pub fn plan_images(
+    fn plan_images(
         &self,
         images: usize,
         sequences: usize,
@@ -334,11 +334,6 @@ impl Llava {
         max_new_tokens: usize,
         all_prefill_logits: bool,
     ) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
         if images == 0 || sequences == 0 {
             return Err(Error::InvalidInput("no images given: LLaVA prompts hold at least one image".into()));
         }
@@ -458,19 +453,10 @@ impl Family for Llava {
         }
     }
 
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
-        self.plan_images(batch, batch, prompt_len, max_new_tokens, all_prefill_logits)
-    }
-
-    fn plan_images(
-        &self,
-        images: usize,
-        sequences: usize,
-        prompt_len: usize,
-        max_new_tokens: usize,
-        all_prefill_logits: bool,
-    ) -> Result<Plan> {
-        Llava::plan_images(self, images, sequences, prompt_len, max_new_tokens, all_prefill_logits)
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.image_only()?;
+        let s = shape;
+        self.plan_images(s.images, s.sequences, s.prompt_len, s.max_new_tokens, s.all_prefill_logits)
     }
 
     fn chat(&self) -> bool {

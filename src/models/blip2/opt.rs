@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::config::Blip2Config;
 use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
+use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
 use crate::models::family::ModelConfig;
 use crate::models::family::{Family, Loader};
@@ -61,18 +61,13 @@ impl Blip2 {
 
     /// Builds the phases for `batch` images, a decoder input of `prompt_len` tokens (image
     /// tokens included) and up to `max_new_tokens` generated tokens.
-    pub fn plan(
+    fn plan_phases(
         &self,
         batch: usize,
         prompt_len: usize,
         max_new_tokens: usize,
         all_prefill_logits: bool,
     ) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
         let max_pos = self.decoder.max_positions();
         // The last generated token is never fed back, so the cache needs one row less.
         let capacity = prompt_len.saturating_add(max_new_tokens - 1);
@@ -225,8 +220,10 @@ impl Family for Blip2 {
         }
     }
 
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
-        Blip2::plan(self, batch, prompt_len, max_new_tokens, all_prefill_logits)
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.one_image_per_sequence()?;
+        shape.image_only()?;
+        self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens, shape.all_prefill_logits)
     }
 
     fn describe(&self) -> Vec<String> {

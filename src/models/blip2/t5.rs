@@ -11,7 +11,7 @@ use super::config::Blip2Config;
 use super::opt::ImagePhases;
 use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, Plan};
+use crate::generate::{GenerateOptions, Plan, PlanShape};
 use crate::graph::{Graph, Linear, WeightTable};
 use crate::models::family::ModelConfig;
 use crate::models::family::{Family, Loader};
@@ -55,12 +55,7 @@ impl Blip2T5 {
 
     /// The encoder phases of `batch` images with `input_len` encoder tokens, one decoder step
     /// as prefill (the decoder start token at position 0) and one as decode.
-    pub fn plan(&self, batch: usize, input_len: usize, max_new_tokens: usize) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
+    fn plan_phases(&self, batch: usize, input_len: usize, max_new_tokens: usize) -> Result<Plan> {
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
         }
@@ -130,8 +125,10 @@ impl Family for Blip2T5 {
 
     /// `prompt_len` is the encoder input's length; the decoder's default length does not depend
     /// on it (transformers counts the decoder's one start token).
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, _all_prefill_logits: bool) -> Result<Plan> {
-        Blip2T5::plan(self, batch, prompt_len, max_new_tokens)
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.one_image_per_sequence()?;
+        shape.image_only()?;
+        self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens)
     }
 
     fn describe(&self) -> Vec<String> {
