@@ -82,6 +82,30 @@ pub struct Model {
 /// A built plan with its executor, kept for the next request of the same shape.
 type CachedRun = (PlanShape, Plan, Box<dyn Executor>);
 
+/// What a [`Request`] asks of the model's text side.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    /// A caption (chat families: the caption instruction through the chat template).
+    Caption,
+    /// One question about the request's images: the family's question template (one image), or
+    /// for chat families one user message holding every image, then the question.
+    Question(&'a str),
+    /// One question per image, run as one batch (left-padded prompts; chat families batch each
+    /// stretch of equal consecutive questions).
+    PerImage(&'a [&'a str]),
+    /// A prompt as the model's processor takes it, without a template (None: no prompt).
+    Raw(Option<&'a str>),
+}
+
+/// One generation request: preprocessed images, what to ask and how to generate
+/// ([`Model::generate`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub images: &'a [PixelValues],
+    pub prompt: Prompt<'a>,
+    pub options: &'a GenerateOptions,
+}
+
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
@@ -178,25 +202,48 @@ impl Model {
         self.image_processor.preprocess_input(image)
     }
 
+    /// The one entry point: runs `request` and returns one output per decoder sequence (per
+    /// image, or one for a chat prompt holding every image); `on_token` sees each token as it is
+    /// produced. The methods below are conveniences over it.
+    pub fn generate(&self, request: &Request<'_>, on_token: &mut dyn FnMut(&TokenEvent)) -> Result<Vec<Output>> {
+        let (images, opts) = (request.images, request.options);
+        opts.validate()?;
+        match request.prompt {
+            // Chat families caption through their chat template with the caption instruction.
+            Prompt::Caption if self.chat.is_some() => self.generate(
+                &Request { prompt: Prompt::Question(crate::chat::CAPTION_INSTRUCTION), ..*request },
+                on_token,
+            ),
+            Prompt::Caption => self.run_text(images, None, opts, on_token),
+            Prompt::Question(question) => match &self.chat {
+                None if images.len() != 1 => Err(one_image_only(images.len())),
+                None => self.run_text(images, Some(&self.question_prompt(question)), opts, on_token),
+                Some(chat) => {
+                    let ids = self.chat_ids(chat, &chat.user_prompt(images.len(), question)?)?;
+                    let (seqs, timings, device) = self.run_ids(images, &ids, opts, on_token)?;
+                    seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
+                }
+            },
+            Prompt::PerImage(questions) => self.run_per_image(images, questions, opts, on_token),
+            Prompt::Raw(prompt) => self.run_text(images, prompt, opts, on_token),
+        }
+    }
+
     /// Captions an image file.
     pub fn caption(&self, image: &Path, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
         self.caption_pixels(&self.preprocess(image)?, opts, &mut |_| {})
     }
 
-    /// Captions a preprocessed image (chat families: the caption instruction through the chat
-    /// template); `on_token` sees each token as it is produced.
+    /// Captions a preprocessed image; `on_token` sees each token as it is produced.
     pub fn caption_pixels(
         &self,
         pixels: &PixelValues,
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Output> {
-        opts.validate()?;
-        if self.chat.is_some() {
-            return self.ask_pixels(std::slice::from_ref(pixels), crate::chat::CAPTION_INSTRUCTION, opts, on_token);
-        }
-        self.run(std::slice::from_ref(pixels), None, opts, on_token).map(|mut v| v.remove(0))
+        let request = Request { images: std::slice::from_ref(pixels), prompt: Prompt::Caption, options: opts };
+        self.generate(&request, on_token).map(|mut v| v.remove(0))
     }
 
     /// Answers a question about an image with the family's question template.
@@ -214,17 +261,8 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Output> {
-        opts.validate()?;
-        if self.chat.is_none() {
-            if pixels.len() != 1 {
-                return Err(one_image_only(pixels.len()));
-            }
-            let prompt = self.question_prompt(question);
-            return self.run(pixels, Some(&prompt), opts, on_token).map(|mut v| v.remove(0));
-        }
-        let ids = self.chat_input_ids(pixels.len(), question)?;
-        let (mut seqs, timings, device) = self.run_ids(pixels, &ids, opts, on_token)?;
-        self.output(seqs.remove(0), &timings, &device)
+        let request = Request { images: pixels, prompt: Prompt::Question(question), options: opts };
+        self.generate(&request, on_token).map(|mut v| v.remove(0))
     }
 
     /// Asks one question about several images (chat families: one user message holding every
@@ -250,13 +288,7 @@ impl Model {
                 "ask_batch runs one question per image on non-chat families (BLIP-2); for a chat model, ask each question with ask_images".into(),
             ));
         }
-        if images.len() != questions.len() || images.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "ask_batch takes one question per image; got {} images and {} questions",
-                images.len(),
-                questions.len()
-            )));
-        }
+        check_per_image(images.len(), questions.len())?;
         let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
         self.ask_batch_pixels(&pixels, questions, opts)
     }
@@ -269,21 +301,37 @@ impl Model {
         questions: &[&str],
         opts: &GenerateOptions,
     ) -> Result<Vec<Output>> {
-        opts.validate()?;
-        if pixels.len() != questions.len() || pixels.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "ask_batch takes one question per image; got {} images and {} questions",
-                pixels.len(),
-                questions.len()
-            )));
-        }
-        if self.chat.is_some() {
+        self.generate(&Request { images: pixels, prompt: Prompt::PerImage(questions), options: opts }, &mut |_| {})
+    }
+
+    /// Runs preprocessed images as one batch with one raw prompt (no template); `on_token` sees
+    /// each token as it is produced.
+    pub fn run(
+        &self,
+        images: &[PixelValues],
+        prompt: Option<&str>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Vec<Output>> {
+        self.generate(&Request { images, prompt: Prompt::Raw(prompt), options: opts }, on_token)
+    }
+
+    /// [`Prompt::PerImage`]: one question per image (see [`Model::ask_batch_pixels`]).
+    fn run_per_image(
+        &self,
+        pixels: &[PixelValues],
+        questions: &[&str],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Vec<Output>> {
+        check_per_image(pixels.len(), questions.len())?;
+        if let Some(chat) = &self.chat {
             let mut out = Vec::with_capacity(pixels.len());
             let mut start = 0;
             while start < questions.len() {
                 let end = start + questions[start..].iter().take_while(|q| **q == questions[start]).count();
-                let ids = self.chat_input_ids(1, questions[start])?;
-                let (seqs, timings, device) = self.run_ids(&pixels[start..end], &ids, opts, &mut |_| {})?;
+                let ids = self.chat_ids(chat, &chat.user_prompt(1, questions[start])?)?;
+                let (seqs, timings, device) = self.run_ids(&pixels[start..end], &ids, opts, on_token)?;
                 for s in seqs {
                     out.push(self.output(s, &timings, &device)?);
                 }
@@ -301,13 +349,13 @@ impl Model {
         let ids = texts.iter().map(|t| self.input_ids(Some(t))).collect::<Result<Vec<_>>>()?;
         let prompts = Prompts::left_padded(&ids, pad_id)?;
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let (seqs, timings, device) = self.run_request(pixels, &prompts, &texts, opts, &mut |_| {})?;
+        let (seqs, timings, device) = self.run_request(pixels, &prompts, &texts, opts, on_token)?;
         seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
     }
 
-    /// Runs preprocessed images as one batch with one raw prompt; `on_token` sees each token
-    /// as it is produced.
-    pub fn run(
+    /// [`Prompt::Raw`] and the non-chat templates: the images as one batch with one prompt text,
+    /// which the encoders read too where the family does (InstructBLIP's Q-Former).
+    fn run_text(
         &self,
         images: &[PixelValues],
         prompt: Option<&str>,
@@ -315,7 +363,6 @@ impl Model {
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
         let input_ids = self.input_ids(prompt)?;
-        // The text goes to the encoders too where the family reads it (InstructBLIP's Q-Former).
         let sequences = self.family.sequences_for(images.len(), &input_ids)?;
         let texts = vec![prompt.unwrap_or(""); sequences];
         let prompts = Prompts::shared(&input_ids, sequences);
@@ -457,6 +504,16 @@ impl Model {
 }
 
 /// The error of a question about several images on a family that takes one.
+/// `ask_batch`'s shape: one question per image, at least one.
+fn check_per_image(images: usize, questions: usize) -> Result<()> {
+    if images != questions || images == 0 {
+        return Err(Error::InvalidInput(format!(
+            "ask_batch takes one question per image; got {images} images and {questions} questions"
+        )));
+    }
+    Ok(())
+}
+
 fn one_image_only(images: usize) -> Error {
     Error::InvalidInput(format!(
         "this model answers about one image at a time; got {images} images (several images need a chat model such as LLaVA)"

@@ -330,13 +330,7 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
 }
 
 fn json_record(model: &Model, image: &Path, out: &Output) -> String {
-    let mut record = serde_json::Map::new();
-    record.insert("image".into(), image.display().to_string().into());
-    record.insert("timings".into(), serde_json::json!(out.timings));
-    record.insert("load_seconds".into(), model.load_seconds.into());
-    // text, tokens, logprobs, device; beam search: score and sequences (best first).
-    record.extend(glimpse::dataset::output_fields(out));
-    serde_json::Value::Object(record).to_string()
+    glimpse::dataset::json_record(image.display().to_string().into(), out, model.load_seconds).to_string()
 }
 
 /// `--stream`: one image's text printed as it is generated (escaped as the plain output is,
@@ -585,16 +579,8 @@ fn run_multi(
     let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
     let out = model.ask_images(&paths, question, opts)?;
     let line = if json {
-        serde_json::json!({
-            "image": images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "text": out.text,
-            "tokens": out.tokens,
-            "logprobs": out.logprobs,
-            "timings": out.timings,
-            "device": out.device,
-            "load_seconds": model.load_seconds,
-        })
-        .to_string()
+        let names = images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        glimpse::dataset::json_record(names.into(), &out, model.load_seconds).to_string()
     } else {
         cli::output::plain_record(&images[0], Ok(&out.text), false).unwrap_or_default()
     };

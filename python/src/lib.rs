@@ -189,24 +189,7 @@ fn arg<'py, T: FromPyObject<'py>>(key: &str, v: &Bound<'py, PyAny>, what: &str) 
 
 /// The CLI's `--json` record of one generated output (`glimpse caption/ask --json`).
 fn output_record(image: Value, out: &Output, load_seconds: f64) -> String {
-    let mut record = json!({
-        "image": image,
-        "text": out.text,
-        "tokens": out.tokens,
-        "logprobs": out.logprobs,
-        "timings": out.timings,
-        "device": out.device,
-        "load_seconds": load_seconds,
-    });
-    if let Some(score) = out.score {
-        record["score"] = score.into();
-    }
-    if !out.alternatives.is_empty() {
-        let best = json!({ "text": out.text, "tokens": out.tokens, "score": out.score });
-        let rest = out.alternatives.iter().map(|h| json!({ "text": h.text, "tokens": h.tokens, "score": h.score }));
-        record["sequences"] = std::iter::once(best).chain(rest).collect();
-    }
-    record.to_string()
+    glimpse::dataset::json_record(image, out, load_seconds).to_string()
 }
 
 /// A failed input's record, as the CLI writes it: `{"image": NAME, "error": MESSAGE}`.

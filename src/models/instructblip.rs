@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::family::{Family, Loader, TextInputs};
-use super::llama::LlamaDecoder;
+use super::llama::{LlamaDecoder, PassSpec};
 use super::qformer::{InstructInputs, Instruction, QFormer};
 use super::t5::T5;
 use super::vit::VisionModel;
@@ -391,17 +391,10 @@ impl InstructBlip {
                 let cache = dec.kv_cache(&mut g, batch, capacity.max(1));
                 // Left-padded batches (instructions of different lengths): pad keys masked out.
                 let key_mask = g.buffer("key_mask", batch, cache.capacity);
-                let pre = dec.build_masked(
-                    &mut g,
-                    &cache,
-                    prompt_len,
-                    Some(image),
-                    Some(key_mask),
-                    all_prefill_logits,
-                    "prefill",
-                );
+                let pass = PassSpec::prefill(prompt_len, Some(image), Some(key_mask), all_prefill_logits);
+                let pre = dec.build(&mut g, &cache, &pass);
                 let prefill = g.take_phase("prefill");
-                let step = dec.build_masked(&mut g, &cache, 1, None, Some(key_mask), false, "decode");
+                let step = dec.build(&mut g, &cache, &PassSpec::decode(Some(key_mask)));
                 let decode = Phase { replayable: true, ..g.take_phase("decode") };
                 let kv = KvCaches {
                     bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),

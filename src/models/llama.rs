@@ -7,13 +7,13 @@ use std::sync::Arc;
 use super::family::Loader;
 pub use super::layers::KvCache;
 use super::layers::{load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, NormLayer};
-pub use super::opt::DecoderPass;
+pub use super::opt::{DecoderPass, PassSpec};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::{check_activation, check_heads, check_positive, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::graph::{rope_inv_freq, Activation, Buf, Graph, Op, W};
+use crate::graph::{rope_inv_freq, Activation, Graph, Op, W};
 
 /// `text_config` of a LLaMA decoder (`LlamaConfig`, transformers 5.17 defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -273,34 +273,9 @@ impl LlamaDecoder {
         KvCache::new(g, "llama", self.layers.len(), batch, capacity, kv_width)
     }
 
-    /// Emits one pass over `seq` new tokens per sequence from the executor's position (prefill, or
-    /// a decode step with seq = 1). `image` rows (when given) replace the rows whose token is the
-    /// image token, in order (`masked_scatter`). With `all_logits` every row gets logits.
-    pub fn build(
-        &self,
-        g: &mut Graph,
-        cache: &KvCache,
-        seq: usize,
-        image: Option<(Buf, u32)>,
-        all_logits: bool,
-        tag: &str,
-    ) -> DecoderPass {
-        self.build_masked(g, cache, seq, image, None, all_logits, tag)
-    }
-
-    /// [`LlamaDecoder::build`] with an additive key mask `[batch, capacity]` over the cache
-    /// (left-padded batches: 0, or `f32::MIN` on each sequence's pads).
-    #[allow(clippy::too_many_arguments)]
-    pub fn build_masked(
-        &self,
-        g: &mut Graph,
-        cache: &KvCache,
-        seq: usize,
-        image: Option<(Buf, u32)>,
-        key_mask: Option<Buf>,
-        all_logits: bool,
-        tag: &str,
-    ) -> DecoderPass {
+    /// Emits one pass ([`PassSpec`]) over the cache, starting at the executor's position.
+    pub fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
+        let PassSpec { seq, image, key_mask, all_logits, tag } = *pass;
         let c = &self.cfg;
         let (h, batch) = (c.hidden_size, cache.batch);
         let rows = batch * seq;

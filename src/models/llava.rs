@@ -10,7 +10,7 @@ use half::f16;
 
 use super::clip_vision::{find_prefix, ClipVision, VisionRequest};
 use super::family::{Family, Loader};
-use super::llama::{KvCache, LlamaDecoder};
+use super::llama::{KvCache, LlamaDecoder, PassSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -379,16 +379,10 @@ impl Llava {
 
         let cache: KvCache = self.decoder.kv_cache(&mut g, sequences, capacity.max(1));
         let token = self.cfg.image_token_index;
-        let pre = self.decoder.build(
-            &mut g,
-            &cache,
-            prompt_len,
-            Some((image_features, token)),
-            all_prefill_logits,
-            "prefill",
-        );
+        let pass = PassSpec::prefill(prompt_len, Some((image_features, token)), None, all_prefill_logits);
+        let pre = self.decoder.build(&mut g, &cache, &pass);
         let prefill = g.take_phase("prefill");
-        let dec = self.decoder.build(&mut g, &cache, 1, None, false, "decode");
+        let dec = self.decoder.build(&mut g, &cache, &PassSpec::decode(None));
         let decode = Phase { replayable: true, ..g.take_phase("decode") };
         let kv =
             KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };

@@ -100,6 +100,34 @@ pub struct OptDecoder {
     lm_head: W,
 }
 
+/// One decoder pass to emit: `seq` new tokens per sequence from the executor's position (a
+/// prefill over the prompt, or a decode step with `seq` 1).
+#[derive(Debug, Clone, Copy)]
+pub struct PassSpec<'a> {
+    pub seq: usize,
+    /// Rows scattered over the tokens holding this id (the image features), in order
+    /// (`masked_scatter`).
+    pub image: Option<(Buf, u32)>,
+    /// Additive `[batch, capacity]` mask over the cache: 0, or `f32::MIN` on each left-padded
+    /// sequence's pad keys.
+    pub key_mask: Option<Buf>,
+    /// Logits for every row, not only each sequence's last.
+    pub all_logits: bool,
+    /// Name of the pass's phase and prefix of its buffers (`prefill`, `decode`).
+    pub tag: &'a str,
+}
+
+impl PassSpec<'static> {
+    /// The prefill over `seq` prompt tokens.
+    pub fn prefill(seq: usize, image: Option<(Buf, u32)>, key_mask: Option<Buf>, all_logits: bool) -> Self {
+        Self { seq, image, key_mask, all_logits, tag: "prefill" }
+    }
+    /// One decode step.
+    pub fn decode(key_mask: Option<Buf>) -> Self {
+        Self { seq: 1, image: None, key_mask, all_logits: false, tag: "decode" }
+    }
+}
+
 /// Where a built decoder pass reads its input and leaves its logits.
 pub struct DecoderPass {
     /// `[rows, embed_dim]` token embeddings (image rows overwritten by the caller's scatter).
@@ -186,22 +214,9 @@ impl OptDecoder {
         KvCache::new(g, "opt", self.layers.len(), batch, capacity, self.cfg.hidden_size)
     }
 
-    /// Emits one pass over `seq` new tokens per batch item, starting at the executor's position:
-    /// a prefill (seq = prompt length) or a decode step (seq = 1). `image` (when given) is
-    /// scattered over the rows holding `image_token`. With `all_logits` every row gets logits,
-    /// else only the last row of each batch item. `key_mask` (`[batch, capacity]`, 0 or
-    /// `f32::MIN` per cache row) hides left-padding keys from self-attention.
-    #[allow(clippy::too_many_arguments)]
-    pub fn build(
-        &self,
-        g: &mut Graph,
-        cache: &KvCache,
-        seq: usize,
-        image: Option<(Buf, u32)>,
-        key_mask: Option<Buf>,
-        all_logits: bool,
-        tag: &str,
-    ) -> DecoderPass {
+    /// Emits one pass ([`PassSpec`]) over the cache, starting at the executor's position.
+    pub fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
+        let PassSpec { seq, image, key_mask, all_logits, tag } = *pass;
         let c = &self.cfg;
         let (h, e, batch) = (c.hidden_size, c.embed_dim(), cache.batch);
         let rows = batch * seq;

@@ -280,13 +280,24 @@ pub struct EncoderOut {
     pub key_mask: Option<Buf>,
 }
 
-/// What one stack's attention reads: each block's self-attention keys and their padding mask,
-/// and for the decoder the per-layer cross-attention keys and values over `len` encoder rows
-/// with the encoder's padding mask.
+/// What one stack's attention reads: each block's self-attention keys, their padding mask and
+/// the relative position bias `[heads, keys]`, and for the decoder the per-layer cross-attention
+/// keys and values over `len` encoder rows with the encoder's padding mask.
 struct StackKeys<'a> {
     keys: &'a dyn Fn(usize) -> Keys,
     mask: Option<Buf>,
+    bias: Buf,
     cross: Option<CrossKeys<'a>>,
+}
+
+/// The rows one stack runs over: `rows_per_item` rows of each of `batch` items, read from
+/// `input` (fp16 embeddings) and left normalised in `output`.
+#[derive(Clone, Copy)]
+struct StackRows {
+    input: Buf,
+    output: Buf,
+    batch: usize,
+    rows_per_item: usize,
 }
 
 /// The decoder's cross-attention keys: per layer the projected K and V over `len` encoder rows
@@ -501,8 +512,9 @@ impl T5 {
         }
         let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads * len, len);
         let hidden = g.buffer(format!("{phase}.hidden"), rows, d);
-        let keys = StackKeys { keys: &|_| Keys::Same, mask: key_mask, cross: None };
-        self.run_stack(g, &self.encoder, embeds, hidden, batch, len, &keys, bias, phase);
+        let keys = StackKeys { keys: &|_| Keys::Same, mask: key_mask, bias, cross: None };
+        let rows_in = StackRows { input: embeds, output: hidden, batch, rows_per_item: len };
+        self.run_stack(g, &self.encoder, &rows_in, &keys, phase);
         let inner = self.cfg.inner_dim();
         let cross = self
             .decoder
@@ -544,9 +556,11 @@ impl T5 {
         let keys = StackKeys {
             keys: &|i| cache.keys(i),
             mask: None,
+            bias,
             cross: Some(CrossKeys { kv: &enc.cross, len: enc.len, mask: enc.key_mask }),
         };
-        self.run_stack(g, &self.decoder, embeds, normed_out, batch, 1, &keys, bias, phase);
+        let rows_in = StackRows { input: embeds, output: normed_out, batch, rows_per_item: 1 };
+        self.run_stack(g, &self.decoder, &rows_in, &keys, phase);
         let logits = g.buffer(format!("{phase}.logits"), batch, self.cfg.vocab_size);
         g.linear(normed_out, self.lm_head, None, Activation::None, None, logits, batch);
         let rb = self.decoder.bias.clone();
@@ -556,22 +570,13 @@ impl T5 {
         (DecoderPass { embeds, logits, logit_rows: batch }, StepInput { phase, buf: bias, rows: heads, fill })
     }
 
-    /// One stack over `rows_per_item` rows per item: fp32 residual stream from `embeds`, each
-    /// block's self-attention (keys from `keys(i)`, relative bias `bias`), cross-attention when
-    /// `cross` (per-layer K/V, keys per item) is given, FFN; `out = final_layer_norm(x)` (fp16).
-    #[allow(clippy::too_many_arguments)]
-    fn run_stack(
-        &self,
-        g: &mut Graph,
-        stack: &Stack,
-        embeds: Buf,
-        out: Buf,
-        batch: usize,
-        rows_per_item: usize,
-        keys: &StackKeys,
-        bias: Buf,
-        phase: &str,
-    ) {
+    /// One stack over [`StackRows`]: fp32 residual stream from the input, each block's
+    /// self-attention (keys from `keys.keys(i)`, relative bias `keys.bias`), cross-attention when
+    /// `keys.cross` (per-layer K/V, keys per item) is given, FFN; `output = final_layer_norm(x)`
+    /// (fp16).
+    fn run_stack(&self, g: &mut Graph, stack: &Stack, rows_in: &StackRows, keys: &StackKeys, phase: &str) {
+        let StackRows { input: embeds, output: out, batch, rows_per_item } = *rows_in;
+        let bias = keys.bias;
         let c = &self.cfg;
         let rows = batch * rows_per_item;
         let x = g.typed_buffer(format!("{phase}.residual"), rows, c.d_model, DType::F32);

@@ -12,7 +12,7 @@ use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
 use crate::models::family::ModelConfig;
 use crate::models::family::{Family, Loader};
 use crate::models::language_model::TextConfig;
-use crate::models::opt::{KvCache, OptDecoder};
+use crate::models::opt::{KvCache, OptDecoder, PassSpec};
 use crate::models::qformer::QFormer;
 use crate::models::vit::VisionModel;
 use crate::weights::Checkpoint;
@@ -92,17 +92,14 @@ impl Blip2 {
         let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
         // Left-padded batches (prompts of different lengths): pad keys masked out.
         let key_mask = g.buffer("key_mask", batch, cache.capacity);
+        let image = Some((image_embeds, self.cfg.image_token()));
         let pre = self.decoder.build(
             &mut g,
             &cache,
-            prompt_len,
-            Some((image_embeds, self.cfg.image_token())),
-            Some(key_mask),
-            all_prefill_logits,
-            "prefill",
+            &PassSpec::prefill(prompt_len, image, Some(key_mask), all_prefill_logits),
         );
         let prefill = g.take_phase("prefill");
-        let dec = self.decoder.build(&mut g, &cache, 1, None, Some(key_mask), false, "decode");
+        let dec = self.decoder.build(&mut g, &cache, &PassSpec::decode(Some(key_mask)));
         let decode = Phase { replayable: true, ..g.take_phase("decode") };
 
         let kv =
