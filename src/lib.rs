@@ -1,5 +1,6 @@
-//! glimpse: vision-language models (BLIP-2 first) from Hugging Face checkpoints, on a reference
-//! CPU executor and on hand-written CUDA kernels.
+//! glimpse: vision-language models (BLIP-2, InstructBLIP, LLaVA, CLIP) from Hugging Face
+//! checkpoints, on a reference CPU executor and on hand-written CUDA kernels. The layers are
+//! described in docs/architecture.md; each family lives in its own file under [`models`].
 //!
 //! ```no_run
 //! let model = glimpse::Model::load("blip2-opt-2.7b", glimpse::Device::Auto)?;

@@ -25,7 +25,7 @@ use glimpse::{Device, GenerateOptions, Model, Output};
 #[command(
     name = "glimpse",
     version,
-    about = "Fast, faithful vision-language inference (BLIP-2) from Hugging Face checkpoints"
+    about = "Fast, faithful vision-language inference (BLIP-2, InstructBLIP, LLaVA, CLIP) from Hugging Face checkpoints"
 )]
 struct Cli {
     #[command(subcommand)]

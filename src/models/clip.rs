@@ -17,7 +17,7 @@ use super::clip_text::ClipTextConfig;
 use super::clip_vision::ClipVisionConfig;
 use super::family::{FamilyConfig, Loaded, ModelConfig};
 use super::preset_tokenizers::clip_tokenizer_json;
-use super::presets::{clip_image_processor, not_a_preset, vocab_u32};
+use super::presets::{clip_image_processor, clip_vision_json, not_a_preset, vocab_u32, Widths};
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_positive, field_error, PreprocessorConfig};
 use crate::error::{Error, Result};
@@ -150,9 +150,6 @@ impl FamilyConfig for ClipConfig {
     }
     fn load(&self, ckpt: &Checkpoint) -> Result<Loaded> {
         Ok(Loaded::Embeds(Box::new(Clip::load(self, ckpt)?)))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
     fn record_tensors(&self, recorder: &Checkpoint) -> Result<()> {
         // Clip::load asks whether the projections exist before reading them (a bare tower has
@@ -440,21 +437,6 @@ fn clip_json(name: &str) -> Result<Value> {
             "vocab_size": vocab
         },
         "transformers_version": "5.17.0",
-        "vision_config": {
-            "attention_dropout": 0.0,
-            "hidden_act": "quick_gelu",
-            "hidden_size": vh,
-            "image_size": vs,
-            "initializer_factor": 1.0,
-            "initializer_range": 0.02,
-            "intermediate_size": vi,
-            "layer_norm_eps": 1e-05,
-            "model_type": "clip_vision_model",
-            "num_attention_heads": vn,
-            "num_channels": 3,
-            "num_hidden_layers": vl,
-            "patch_size": vp,
-            "projection_dim": proj
-        }
+        "vision_config": clip_vision_json(Widths { hidden: vh, intermediate: vi, layers: vl, heads: vn }, vs, vp, proj)
     }))
 }

@@ -18,10 +18,10 @@ use crate::weights::Checkpoint;
 
 /// A family's parsed, validated config.json: what glimpse asks of a checkpoint before reading a
 /// weight (loading it, messages) and what `glimpse synth` needs to write one.
-pub trait FamilyConfig: Any + fmt::Debug + Send + Sync {
+pub trait FamilyConfig: AsAny + fmt::Debug + Send + Sync {
     /// The transformers class the checkpoint loads as, for messages.
     fn architecture(&self) -> &str;
-    /// Whether the family embeds (CLIP) rather than generates (BLIP-2).
+    /// Whether the family embeds (CLIP) rather than generates text (BLIP-2, LLaVA, ...).
     fn embeds(&self) -> bool {
         false
     }
@@ -32,7 +32,6 @@ pub trait FamilyConfig: Any + fmt::Debug + Send + Sync {
     fn check_generation_config(&self, _generation: &GenerationConfig, _path: &Path) -> Result<()> {
         Ok(())
     }
-    fn as_any(&self) -> &dyn Any;
 
     // `glimpse synth`: what a random checkpoint of this config holds besides its config.json.
 
@@ -57,6 +56,17 @@ pub trait FamilyConfig: Any + fmt::Debug + Send + Sync {
     }
 }
 
+/// `&dyn Any` of any type, so [`ModelConfig::get`] can downcast a family's config.
+pub trait AsAny: Any {
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// The parsed config.json of any family (cheap to clone). [`ModelConfig::load`] parses it
 /// through the registry; [`ModelConfig::get`] gives the family's own config type.
 #[derive(Clone)]
@@ -70,7 +80,7 @@ impl ModelConfig {
     pub fn get<T: FamilyConfig>(&self) -> Option<&T> {
         self.0.as_any().downcast_ref()
     }
-    /// Whether the family embeds (CLIP) rather than generates (BLIP-2).
+    /// Whether the family embeds (CLIP) rather than generates text (BLIP-2, LLaVA, ...).
     pub fn embeds(&self) -> bool {
         self.0.embeds()
     }
@@ -96,8 +106,10 @@ pub trait Family: Send + Sync {
     /// Every weight, uploaded once per backend.
     fn weights(&self) -> &Arc<WeightTable>;
     /// Checks the image processor's output against what the vision tower takes (`path` names
-    /// the preprocessor file in errors).
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()>;
+    /// the preprocessor file in errors): by default the square [`Family::image_size`].
+    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
+        check_square_input(pre, path, self.image_size())
+    }
     /// Side of the square pixel input of the plan's `pixels` input.
     fn image_size(&self) -> usize;
     /// Decoder positions (`text_config.max_position_embeddings`): bounds prompt + new tokens.
@@ -196,7 +208,7 @@ pub struct EmbedPlan {
 
 /// What a loaded checkpoint does.
 pub enum Loaded {
-    /// Generates text from images and prompts (BLIP-2): `caption`, `ask`.
+    /// Generates text from images and prompts (BLIP-2, InstructBLIP, LLaVA): `caption`, `ask`.
     Generates(Box<dyn Family>),
     /// Embeds images and texts (CLIP): `embed`, `classify`.
     Embeds(Box<dyn Embedder>),

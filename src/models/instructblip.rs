@@ -28,11 +28,11 @@ use super::family::{FamilyConfig, Loaded, ModelConfig};
 use super::language_model::TextConfig;
 use super::llama::LlamaConfig;
 use super::preset_tokenizers::{added_token, bert_tokenizer_json, llama_tokenizer_json, t5_tokenizer_json};
-use super::presets::{blip_image_processor, not_a_preset, t5_language_files, t5_text_json};
+use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_language_files, t5_text_json, Widths};
 use super::qformer::QFormerConfig;
 use super::vit::VisionConfig;
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_token, field_error, PreprocessorConfig, TokenIds};
+use crate::config::{check_positive, check_token, field_error, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Activation, DType, Graph, Linear, Phase, WeightTable};
@@ -155,12 +155,6 @@ pub const FAMILY: FamilyEntry = FamilyEntry {
     },
 };
 
-impl InstructBlipConfig {
-    fn is_t5(&self) -> bool {
-        matches!(self.text_config, TextConfig::T5(_))
-    }
-}
-
 impl FamilyConfig for InstructBlipConfig {
     fn architecture(&self) -> &str {
         "InstructBlipForConditionalGeneration"
@@ -168,22 +162,15 @@ impl FamilyConfig for InstructBlipConfig {
     fn load(&self, ckpt: &Checkpoint) -> Result<Loaded> {
         Ok(Loaded::Generates(Box::new(InstructBlip::load(self, ckpt)?)))
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
     fn record_tensors(&self, recorder: &Checkpoint) -> Result<()> {
-        if self.is_t5() {
-            // The untied Flan head is stored, as for BLIP-2 Flan-T5.
-            let t = &self.text_config;
-            recorder.f16("language_model.lm_head.weight", &[t.vocab_size(), t.hidden_size()])?;
-        }
+        self.text_config.record_untied_head(recorder)?;
         self.load(recorder).map(drop)
     }
     fn synth_token_ids(&self) -> (u32, u32) {
         (self.text_config.first_eos().unwrap_or(2), self.image_token())
     }
     fn synth_tokenizer(&self) -> Result<Value> {
-        if self.is_t5() {
+        if self.text_config.is_t5() {
             return Ok(t5_tokenizer_json(self.image_token()));
         }
         // Vicuna's conversion makes `</s>` the BOS the template inserts.
@@ -197,7 +184,7 @@ impl FamilyConfig for InstructBlipConfig {
     }
     fn synth_files(&self) -> Result<Vec<(&'static str, Value)>> {
         let image = self.image_token();
-        let mut files = if self.is_t5() {
+        let mut files = if self.text_config.is_t5() {
             t5_language_files(image, "InstructBlipProcessor")
         } else {
             let added: serde_json::Map<String, Value> =
@@ -481,10 +468,6 @@ impl Family for InstructBlip {
         &self.weights
     }
 
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::family::check_square_input(pre, path, self.image_size())
-    }
-
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
     }
@@ -633,30 +616,7 @@ fn instructblip_json(name: &str) -> Result<Value> {
             "pad_token_id": 0,
             "vocab_size": qv
         },
-        "text_config": {
-            "attention_bias": false,
-            "attention_dropout": 0.0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "head_dim": th / tn,
-            "hidden_act": "silu",
-            "hidden_size": th,
-            "initializer_range": 0.02,
-            "intermediate_size": ti,
-            "max_position_embeddings": positions,
-            "mlp_bias": false,
-            "model_type": "llama",
-            "num_attention_heads": tn,
-            "num_hidden_layers": tl,
-            "num_key_value_heads": tk,
-            "pad_token_id": image + 1,
-            "pretraining_tp": 1,
-            "rms_norm_eps": 1e-06,
-            "rope_parameters": { "rope_theta": 10000.0, "rope_type": "default" },
-            "tie_word_embeddings": false,
-            "use_cache": true,
-            "vocab_size": vocab
-        },
+        "text_config": llama_text_json(Widths { hidden: th, intermediate: ti, layers: tl, heads: tn }, tk, positions, vocab, image + 1, 1e-06),
         "transformers_version": "5.17.0",
         "use_decoder_only_language_model": true,
         "vision_config": {

@@ -12,9 +12,11 @@ use crate::json::from_json_value_at;
 use crate::models::llama::LlamaConfig;
 use crate::models::opt::OptConfig;
 use crate::models::t5::T5Config;
+use crate::weights::Checkpoint;
 
-/// `text_config`: the language model, one variant per decoder kind glimpse runs. LLaMA and T5
-/// decoders are parsed to a clear "not supported yet" until their families land.
+/// `text_config`: the language model, one variant per decoder kind glimpse runs; other kinds
+/// are a clear "not supported yet" naming the kind. Which kinds a family accepts is the family's
+/// check (BLIP-2 runs OPT and T5, InstructBLIP LLaMA and T5, LLaVA LLaMA).
 #[derive(Debug, Clone)]
 pub enum TextConfig {
     Opt(OptConfig),
@@ -111,6 +113,19 @@ impl TextConfig {
             TextConfig::T5(c) => c.eos_token_id.as_ref(),
         }
     }
+    pub fn is_t5(&self) -> bool {
+        matches!(self, TextConfig::T5(_))
+    }
+
+    /// For synth: declares the untied Flan-T5 head a T5 checkpoint stores (the BLIP loaders read
+    /// it only when present); nothing for the other kinds.
+    pub fn record_untied_head(&self, recorder: &Checkpoint) -> Result<()> {
+        if self.is_t5() {
+            recorder.f16("language_model.lm_head.weight", &[self.vocab_size(), self.hidden_size()])?;
+        }
+        Ok(())
+    }
+
     /// The first of `eos_token_id` (synth scales its embedding row).
     pub fn first_eos(&self) -> Option<u32> {
         self.eos_token_id().and_then(|e| e.to_vec().first().copied())

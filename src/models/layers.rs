@@ -1,4 +1,4 @@
-//! Layer builders shared by every tower and decoder (ViT, Q-Former, OPT; next CLIP, LLaMA, T5):
+//! Layer builders shared by every tower and decoder (ViT, Q-Former, OPT, CLIP, LLaMA, T5):
 //! norms, multi-head / grouped-query attention (self, cross or over a KV cache), plain and gated
 //! MLPs, pre- and post-norm residual blocks, and the KV cache. Models load their weights under
 //! their Hugging Face names and describe a block by composing these; only this file constructs

@@ -19,9 +19,9 @@ use super::family::{FamilyConfig, Loaded, ModelConfig};
 use super::language_model::TextConfig;
 use super::llama::LlamaConfig;
 use super::preset_tokenizers::llama_tokenizer_json;
-use super::presets::{clip_image_processor, not_a_preset};
+use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, not_a_preset, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_activation, check_token, field_error, GenerationConfig, PreprocessorConfig, TokenIds};
+use crate::config::{check_activation, check_token, field_error, GenerationConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Activation, Graph, Linear, Phase, WeightTable, W};
@@ -183,9 +183,6 @@ impl FamilyConfig for LlavaConfig {
     fn check_generation_config(&self, generation: &GenerationConfig, path: &Path) -> Result<()> {
         // A chat family generates with these ids (`default_options`).
         generation.check_tokens(self.text_config.vocab_size, path)
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
     /// The model's tensors plus the vision layers past `vision_feature_layer` and
     /// `post_layernorm`, which glimpse never runs but transformers' `CLIPVisionModel` holds.
@@ -414,10 +411,6 @@ impl Family for Llava {
         &self.weights
     }
 
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::family::check_square_input(pre, path, self.image_size())
-    }
-
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
     }
@@ -528,48 +521,10 @@ fn llava_json(name: &str) -> Result<Value> {
         "multimodal_projector_bias": true,
         "pad_token_id": pad,
         "projector_hidden_act": "gelu",
-        "text_config": {
-            "attention_bias": false,
-            "attention_dropout": 0.0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "head_dim": th / tn,
-            "hidden_act": "silu",
-            "hidden_size": th,
-            "initializer_range": 0.02,
-            "intermediate_size": ti,
-            "max_position_embeddings": positions,
-            "mlp_bias": false,
-            "model_type": "llama",
-            "num_attention_heads": tn,
-            "num_hidden_layers": tl,
-            "num_key_value_heads": tn,
-            "pad_token_id": pad,
-            "pretraining_tp": 1,
-            "rms_norm_eps": 1e-05,
-            "rope_parameters": { "rope_theta": 10000.0, "rope_type": "default" },
-            "tie_word_embeddings": false,
-            "use_cache": true,
-            "vocab_size": vocab
-        },
+        "text_config": llama_text_json(Widths { hidden: th, intermediate: ti, layers: tl, heads: tn }, tn, positions, vocab, pad, 1e-05),
         "tie_word_embeddings": false,
         "transformers_version": "5.17.0",
-        "vision_config": {
-            "attention_dropout": 0.0,
-            "hidden_act": "quick_gelu",
-            "hidden_size": vh,
-            "image_size": vs,
-            "initializer_factor": 1.0,
-            "initializer_range": 0.02,
-            "intermediate_size": vi,
-            "layer_norm_eps": 1e-05,
-            "model_type": "clip_vision_model",
-            "num_attention_heads": vn,
-            "num_channels": 3,
-            "num_hidden_layers": vl,
-            "patch_size": vp,
-            "projection_dim": 768
-        },
+        "vision_config": clip_vision_json(Widths { hidden: vh, intermediate: vi, layers: vl, heads: vn }, vs, vp, 768),
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "default"
     }))

@@ -10,7 +10,7 @@ use crate::config::TokenIds;
 use crate::error::Result;
 use crate::graph::{Activation, Buf, Graph, Linear, Op, W};
 
-/// `text_config` for an OPT decoder (the only BLIP-2 language model glimpse runs so far).
+/// `text_config` of an OPT decoder (BLIP-2 OPT's language model).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct OptConfig {

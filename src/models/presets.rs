@@ -103,3 +103,69 @@ pub(crate) fn clip_image_processor(side: usize) -> Value {
         "size": {"shortest_edge": side}
     })
 }
+
+/// The widths of a decoder or tower preset: hidden, intermediate, layers, attention heads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Widths {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+}
+
+/// `text_config` of a LLaMA decoder as transformers 5.17 writes it (Vicuna, LLaMA-2): SiLU,
+/// default RoPE, untied head, BOS 1, EOS 2, `pad` the pad id.
+pub(crate) fn llama_text_json(
+    w: Widths,
+    kv_heads: usize,
+    positions: usize,
+    vocab: usize,
+    pad: u32,
+    rms_norm_eps: f64,
+) -> Value {
+    json!({
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "head_dim": w.hidden / w.heads,
+        "hidden_act": "silu",
+        "hidden_size": w.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": w.intermediate,
+        "max_position_embeddings": positions,
+        "mlp_bias": false,
+        "model_type": "llama",
+        "num_attention_heads": w.heads,
+        "num_hidden_layers": w.layers,
+        "num_key_value_heads": kv_heads,
+        "pad_token_id": pad,
+        "pretraining_tp": 1,
+        "rms_norm_eps": rms_norm_eps,
+        "rope_parameters": { "rope_theta": 10000.0, "rope_type": "default" },
+        "tie_word_embeddings": false,
+        "use_cache": true,
+        "vocab_size": vocab
+    })
+}
+
+/// `vision_config` of a CLIP vision tower (`CLIPVisionConfig` as 5.17 writes it): quick GELU,
+/// `image` pixels in `patch` patches.
+pub(crate) fn clip_vision_json(w: Widths, image: usize, patch: usize, projection_dim: usize) -> Value {
+    json!({
+        "attention_dropout": 0.0,
+        "hidden_act": "quick_gelu",
+        "hidden_size": w.hidden,
+        "image_size": image,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": w.intermediate,
+        "layer_norm_eps": 1e-05,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": w.heads,
+        "num_channels": 3,
+        "num_hidden_layers": w.layers,
+        "patch_size": patch,
+        "projection_dim": projection_dim
+    })
+}

@@ -15,7 +15,6 @@ pub use t5::Blip2T5;
 
 use crate::error::Result;
 use crate::models::family::{FamilyConfig, Loaded, ModelConfig};
-use crate::models::language_model::TextConfig;
 use crate::models::preset_tokenizers::{t5_tokenizer_json, tokenizer_json};
 use crate::models::presets::{blip_image_processor, not_a_preset, t5_language_files, t5_text_json};
 use crate::models::{FamilyEntry, ModelType};
@@ -35,45 +34,32 @@ pub const FAMILY: FamilyEntry = FamilyEntry {
     },
 };
 
-impl Blip2Config {
-    fn is_t5(&self) -> bool {
-        matches!(self.text_config, TextConfig::T5(_))
-    }
-}
-
 impl FamilyConfig for Blip2Config {
     fn architecture(&self) -> &str {
         "Blip2ForConditionalGeneration"
     }
     fn load(&self, ckpt: &Checkpoint) -> Result<Loaded> {
-        Ok(Loaded::Generates(if self.is_t5() {
+        Ok(Loaded::Generates(if self.text_config.is_t5() {
             Box::new(Blip2T5::load(self, ckpt)?)
         } else {
             Box::new(Blip2::load(self, ckpt)?)
         }))
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
     fn record_tensors(&self, recorder: &Checkpoint) -> Result<()> {
-        if self.is_t5() {
-            // The untied Flan head is stored (Blip2T5 reads it only when present).
-            let t = &self.text_config;
-            recorder.f16("language_model.lm_head.weight", &[t.vocab_size(), t.hidden_size()])?;
-        }
+        self.text_config.record_untied_head(recorder)?;
         self.load(recorder).map(drop)
     }
     fn synth_token_ids(&self) -> (u32, u32) {
         (self.text_config.first_eos().unwrap_or(2), self.image_token())
     }
     fn synth_tokenizer(&self) -> Result<Value> {
-        if self.is_t5() {
+        if self.text_config.is_t5() {
             return Ok(t5_tokenizer_json(self.image_token()));
         }
         tokenizer_json(self.image_token(), self.text_config.first_eos().unwrap_or(2))
     }
     fn synth_files(&self) -> Result<Vec<(&'static str, Value)>> {
-        let mut files = if self.is_t5() {
+        let mut files = if self.text_config.is_t5() {
             t5_language_files(self.image_token(), "Blip2Processor")
         } else {
             vec![

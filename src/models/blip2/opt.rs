@@ -1,11 +1,9 @@
 //! `Blip2ForConditionalGeneration`: vision encoder -> Q-Former -> language projection, whose
 //! outputs replace the image-token embeddings of the OPT decoder's input.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use super::config::Blip2Config;
-use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
@@ -175,10 +173,6 @@ impl Family for Blip2 {
 
     fn weights(&self) -> &Arc<WeightTable> {
         &self.weights
-    }
-
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        crate::models::family::check_square_input(pre, path, self.image_size())
     }
 
     fn image_size(&self) -> usize {

@@ -4,12 +4,10 @@
 //! at the start of the T5 *encoder* input; the decoder then generates from
 //! `decoder_start_token_id` alone.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use super::config::Blip2Config;
 use super::opt::ImagePhases;
-use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, Plan, PlanShape};
 use crate::graph::{Graph, Linear, WeightTable};
@@ -90,10 +88,6 @@ impl Family for Blip2T5 {
 
     fn weights(&self) -> &Arc<WeightTable> {
         &self.weights
-    }
-
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        crate::models::family::check_square_input(pre, path, self.cfg.vision_config.image_size)
     }
 
     fn image_size(&self) -> usize {
