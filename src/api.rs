@@ -220,8 +220,7 @@ impl Model {
                 None => self.run_text(images, Some(&self.question_prompt(question)), opts, on_token),
                 Some(chat) => {
                     let ids = self.chat_ids(chat, &chat.user_prompt(images.len(), question)?)?;
-                    let (seqs, timings, device) = self.run_ids(images, &ids, opts, on_token)?;
-                    seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
+                    self.outputs(self.run_ids(images, &ids, opts, on_token)?)
                 }
             },
             Prompt::PerImage(questions) => self.run_per_image(images, questions, opts, on_token),
@@ -331,10 +330,7 @@ impl Model {
             while start < questions.len() {
                 let end = start + questions[start..].iter().take_while(|q| **q == questions[start]).count();
                 let ids = self.chat_ids(chat, &chat.user_prompt(1, questions[start])?)?;
-                let (seqs, timings, device) = self.run_ids(&pixels[start..end], &ids, opts, on_token)?;
-                for s in seqs {
-                    out.push(self.output(s, &timings, &device)?);
-                }
+                out.extend(self.outputs(self.run_ids(&pixels[start..end], &ids, opts, on_token)?)?);
                 start = end;
             }
             return Ok(out);
@@ -349,8 +345,7 @@ impl Model {
         let ids = texts.iter().map(|t| self.input_ids(Some(t))).collect::<Result<Vec<_>>>()?;
         let prompts = Prompts::left_padded(&ids, pad_id)?;
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let (seqs, timings, device) = self.run_request(pixels, &prompts, &texts, opts, on_token)?;
-        seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
+        self.outputs(self.run_request(pixels, &prompts, &texts, opts, on_token)?)
     }
 
     /// [`Prompt::Raw`] and the non-chat templates: the images as one batch with one prompt text,
@@ -366,7 +361,11 @@ impl Model {
         let sequences = self.family.sequences_for(images.len(), &input_ids)?;
         let texts = vec![prompt.unwrap_or(""); sequences];
         let prompts = Prompts::shared(&input_ids, sequences);
-        let (seqs, timings, device) = self.run_request(images, &prompts, &texts, opts, on_token)?;
+        self.outputs(self.run_request(images, &prompts, &texts, opts, on_token)?)
+    }
+
+    /// Every sequence of a run as the caller sees it ([`Model::output`]).
+    fn outputs(&self, (seqs, timings, device): (Vec<Sequence>, Timings, String)) -> Result<Vec<Output>> {
         seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
     }
 
