@@ -92,7 +92,7 @@ fn init_for((eos, image_token): (u32, u32), name: &str, shape: &[usize]) -> Resu
     let leaf = name.rsplit('.').next().unwrap_or(name);
     Ok(match (leaf, shape) {
         ("bias", _) => normal(0.1),
-        ("logit_scale", []) => Init::Normal { mean: crate::models::clip::LOGIT_SCALE_INIT, std: 0.0 },
+        ("logit_scale", []) => Init::Normal { mean: crate::models::presets::LOGIT_SCALE_INIT, std: 0.0 },
         (_, [rows, cols]) if name.ends_with(".embed_tokens.weight") => {
             Init::Embed { std: 0.25, cols: *cols, eos: eos as usize, pad_from: (image_token as usize + 1).min(*rows) }
         }

@@ -17,7 +17,7 @@ use super::clip_text::ClipTextConfig;
 use super::clip_vision::ClipVisionConfig;
 use super::family::{FamilyConfig, Loaded, ModelConfig};
 use super::preset_tokenizers::clip_tokenizer_json;
-use super::presets::{clip_image_processor, clip_vision_json, not_a_preset, vocab_u32, Widths};
+use super::presets::{clip_image_processor, clip_vision_json, not_a_preset, vocab_u32, Widths, LOGIT_SCALE_INIT};
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_positive, field_error, PreprocessorConfig};
 use crate::error::{Error, Result};
@@ -395,9 +395,6 @@ impl Embedder for Clip {
 
 // ---------------------------------------------------------------------------------------------
 // `glimpse synth` presets.
-
-/// CLIP's `logit_scale_init_value` (ln(1 / 0.07), rounded as transformers writes it).
-pub const LOGIT_SCALE_INIT: f32 = 2.6592;
 
 /// `config.json` of a CLIP preset (`CLIPModel`, as transformers 5.17 writes
 /// openai/clip-vit-large-patch14: both towers, quick GELU, BOS/EOS the last two ids).

@@ -7,6 +7,10 @@ use serde_json::{json, Value};
 use super::preset_tokenizers::t5_tokenizer_json;
 use crate::error::{Error, Result};
 
+/// CLIP's `logit_scale_init_value`, ln(1 / 0.07) rounded as transformers writes it: what synth
+/// writes into CLIP presets and initialises `logit_scale` with.
+pub const LOGIT_SCALE_INIT: f32 = 2.6592;
+
 /// The error for a preset name a family does not offer (the registry checks names first).
 pub(crate) fn not_a_preset(name: &str) -> Error {
     Error::InvalidInput(format!("unknown preset `{name}`"))
