@@ -1034,7 +1034,8 @@ fn cpu_matrix_gflops() -> (f64, String) {
     let mut best = f64::INFINITY;
     for _ in 0..4 {
         let s = Instant::now();
-        crate::backend::cpu::ops::linear(&x, M, M, &w, M, None, crate::graph::Activation::None, &mut out, false);
+        let dims = crate::backend::GemmDims { m: M, n: M, k: M };
+        crate::backend::cpu::ops::linear(&x, &w, None, crate::graph::Activation::None, &mut out, false, dims);
         best = best.min(s.elapsed().as_secs_f64());
     }
     std::hint::black_box(&out);
