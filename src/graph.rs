@@ -423,19 +423,32 @@ impl Graph {
         Phase { name, ops: std::mem::take(&mut self.ops), replayable: false }
     }
 
-    /// `out = act(x · Wᵀ + b) + residual`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear(
-        &mut self,
-        x: impl Into<View>,
-        weight: W,
-        bias: Option<W>,
-        act: Activation,
-        residual: Option<Buf>,
-        out: Buf,
-        rows: usize,
-    ) {
+    /// `out = act(x · Wᵀ + b) + residual` over `rows` rows ([`Fused`]: the activation and
+    /// residual applied to the product).
+    pub fn linear(&mut self, x: impl Into<View>, weight: W, bias: Option<W>, then: Fused, out: Buf, rows: usize) {
+        let Fused { act, residual } = then;
         self.push(Op::Linear { x: x.into(), weight, bias, act, residual, out, rows });
+    }
+}
+
+/// What a Linear applies after its product and bias: an activation, then a residual add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fused {
+    pub act: Activation,
+    pub residual: Option<Buf>,
+}
+
+impl Fused {
+    /// The bare product (plus bias).
+    pub const NONE: Fused = Fused { act: Activation::None, residual: None };
+
+    pub fn act(act: Activation) -> Self {
+        Self { act, residual: None }
+    }
+
+    /// `act(..) + residual`.
+    pub fn add(act: Activation, residual: Option<Buf>) -> Self {
+        Self { act, residual }
     }
 }
 

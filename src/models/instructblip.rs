@@ -35,7 +35,7 @@ use super::{FamilyEntry, ModelType};
 use crate::config::{check_positive, check_token, field_error, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
-use crate::graph::{Activation, DType, Graph, Linear, Phase, WeightTable};
+use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
 use crate::json::from_json_value;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
@@ -366,7 +366,7 @@ impl InstructBlip {
         let qformer_out = self.qformer.build_instruct(&mut g, vision_out, batch, v.num_positions(), &inp);
         let image_embeds = g.buffer("image_embeds", batch * nq, self.language_projection.out_dim);
         let p = &self.language_projection;
-        g.linear(qformer_out, p.weight, p.bias, Activation::None, None, image_embeds, batch * nq);
+        g.linear(qformer_out, p.weight, p.bias, Fused::NONE, image_embeds, batch * nq);
         let qformer = g.take_phase("qformer");
 
         let inputs = vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)];

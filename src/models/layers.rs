@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::family::Loader;
 use crate::error::Result;
-use crate::graph::{self, Activation, Buf, Graph, KvLen, Linear, Norm, Op, View, W};
+use crate::graph::{self, Activation, Buf, Fused, Graph, KvLen, Linear, Norm, Op, View, W};
 
 /// A normalisation layer's parameters.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +45,7 @@ pub fn linear(
     out: Buf,
     rows: usize,
 ) {
-    g.linear(x, l.weight, l.bias, act, residual, out, rows);
+    g.linear(x, l.weight, l.bias, Fused::add(act, residual), out, rows);
 }
 
 /// Where a block body's last Linear writes: `out = body(..) + add`.

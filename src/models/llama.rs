@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::config::{check_activation, check_heads, check_positive, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::graph::{rope_inv_freq, Activation, Graph, Op, W};
+use crate::graph::{rope_inv_freq, Activation, Fused, Graph, Op, W};
 
 /// `text_config` of a LLaMA decoder (`LlamaConfig`, transformers 5.17 defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -309,7 +309,7 @@ impl LlamaDecoder {
             g.push(Op::LastRows { x: normed, out: head_in, batch, rows_per_batch: seq });
         }
         let logits = g.buffer(format!("{tag}.logits"), logit_rows, c.vocab_size);
-        g.linear(head_in, self.lm_head, None, Activation::None, None, logits, logit_rows);
+        g.linear(head_in, self.lm_head, None, Fused::NONE, logits, logit_rows);
         DecoderPass { embeds: x, logits, logit_rows }
     }
 

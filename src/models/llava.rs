@@ -24,7 +24,7 @@ use super::{FamilyEntry, ModelType};
 use crate::config::{check_activation, check_token, field_error, GenerationConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
-use crate::graph::{Activation, Graph, Linear, Phase, WeightTable, W};
+use crate::graph::{Activation, Fused, Graph, Linear, Phase, WeightTable, W};
 use crate::json::{from_json_value, from_json_value_at};
 use crate::weights::{Checkpoint, Weight};
 
@@ -360,7 +360,7 @@ impl Llava {
         } else {
             let cat = g.buffer("features", rows, d * taps.len());
             for (j, (&tap, &w)) in taps.iter().zip(&self.concat).enumerate() {
-                g.linear(tap, w, None, Activation::None, (j > 0).then_some(cat), cat, rows);
+                g.linear(tap, w, None, Fused::add(Activation::None, (j > 0).then_some(cat)), cat, rows);
             }
             cat
         };
@@ -369,9 +369,9 @@ impl Llava {
         // Projector: linear_2(gelu(linear_1(features)))   [N*(T-skip), H]
         let hidden = g.buffer("projector.hidden", rows, h);
         let (l1, l2) = (&self.linear_1, &self.linear_2);
-        g.linear(features, l1.weight, l1.bias, Activation::Gelu, None, hidden, rows);
+        g.linear(features, l1.weight, l1.bias, Fused::act(Activation::Gelu), hidden, rows);
         let image_features = g.buffer("image_features", rows, h);
-        g.linear(hidden, l2.weight, l2.bias, Activation::None, None, image_features, rows);
+        g.linear(hidden, l2.weight, l2.bias, Fused::NONE, image_features, rows);
         let projector = g.take_phase("projector");
 
         let cache: KvCache = self.decoder.kv_cache(&mut g, sequences, capacity.max(1));

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::config::TokenIds;
 use crate::error::Result;
-use crate::graph::{Activation, Buf, Graph, Linear, Op, W};
+use crate::graph::{Activation, Buf, Fused, Graph, Linear, Op, W};
 
 /// `text_config` of an OPT decoder (BLIP-2 OPT's language model).
 #[derive(Debug, Clone, Deserialize)]
@@ -232,7 +232,7 @@ impl OptDecoder {
             g.push(Op::ScatterTokens { src, token, out: embeds, batch, rows_per_batch: seq });
         }
         if let Some(p) = &self.project_in {
-            g.linear(embeds, p.weight, p.bias, Activation::None, None, x, rows);
+            g.linear(embeds, p.weight, p.bias, Fused::NONE, x, rows);
         }
         g.push(Op::AddPositions {
             table: self.embed_positions,
@@ -260,11 +260,11 @@ impl OptDecoder {
         }
         if let Some(p) = &self.project_out {
             let projected = g.buffer(format!("{tag}.projected"), logit_rows, e);
-            g.linear(head_in, p.weight, p.bias, Activation::None, None, projected, logit_rows);
+            g.linear(head_in, p.weight, p.bias, Fused::NONE, projected, logit_rows);
             head_in = projected;
         }
         let logits = g.buffer(format!("{tag}.logits"), logit_rows, c.vocab_size);
-        g.linear(head_in, self.lm_head, None, Activation::None, None, logits, logit_rows);
+        g.linear(head_in, self.lm_head, None, Fused::NONE, logits, logit_rows);
         DecoderPass { embeds, logits, logit_rows }
     }
 

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use crate::config::{check_activation, check_eps, check_positive, check_token, field_error, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{EncoderInput, KvCaches, Step, StepInput};
-use crate::graph::{Activation, Buf, DType, Graph, Op, Phase, W};
+use crate::graph::{Activation, Buf, DType, Fused, Graph, Op, Phase, W};
 use crate::weights::Weight;
 
 /// `text_config` of a T5 encoder-decoder (`T5Config`, transformers 5.17 defaults; docs/models/t5.md#config).
@@ -562,7 +562,7 @@ impl T5 {
         let rows_in = StackRows { input: embeds, output: normed_out, batch, rows_per_item: 1 };
         self.run_stack(g, &self.decoder, &rows_in, &keys, phase);
         let logits = g.buffer(format!("{phase}.logits"), batch, self.cfg.vocab_size);
-        g.linear(normed_out, self.lm_head, None, Activation::None, None, logits, batch);
+        g.linear(normed_out, self.lm_head, None, Fused::NONE, logits, batch);
         let rb = self.decoder.bias.clone();
         // Query at `position` over keys 0..=position (the cache after this step's append).
         let fill = Box::new(move |position: usize| rb.values(position, 1, position + 1, capacity));

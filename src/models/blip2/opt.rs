@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::config::Blip2Config;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
-use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
+use crate::graph::{Buf, Fused, Graph, Linear, Phase, WeightTable};
 use crate::models::family::ModelConfig;
 use crate::models::family::{Family, Loader};
 use crate::models::language_model::TextConfig;
@@ -155,7 +155,7 @@ impl ImagePhases {
         let qformer_out = qformer.build(g, vision_out, batch, v.num_positions());
         let rows = batch * cfg.num_query_tokens;
         let image_embeds = g.buffer("image_embeds", rows, cfg.text_config.hidden_size());
-        g.linear(qformer_out, projection.weight, projection.bias, Activation::None, None, image_embeds, rows);
+        g.linear(qformer_out, projection.weight, projection.bias, Fused::NONE, image_embeds, rows);
         let qformer_phase = g.take_phase("qformer");
         Self { pixels, vision_out, qformer_out, image_embeds, phases: vec![vision_phase, qformer_phase] }
     }
