@@ -78,7 +78,8 @@ impl ModelConfig {
     }
     /// The family's config, when it is a `T`.
     pub fn get<T: FamilyConfig>(&self) -> Option<&T> {
-        self.0.as_any().downcast_ref()
+        // `(*self.0)`: the blanket `AsAny` impl would otherwise answer for the `Arc` itself.
+        (*self.0).as_any().downcast_ref()
     }
     /// Whether the family embeds (CLIP) rather than generates text (BLIP-2, LLaVA, ...).
     pub fn embeds(&self) -> bool {
