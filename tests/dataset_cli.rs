@@ -412,7 +412,7 @@ fn parquet_parts_left_after_consolidation_are_not_counted_twice() {
     std::fs::rename(&saved, &parts).unwrap();
 
     let (mut sink, keys) = output::open(&dst, true, &columns, "image").unwrap();
-    let mut keys: Vec<String> = keys.into_iter().collect();
+    let mut keys: Vec<String> = keys.into_iter().map(|k| String::from_utf8(k).unwrap()).collect();
     keys.sort();
     assert_eq!(keys, ["img0.png", "img1.png", "img2.png"]);
     sink.write(&[record(3)]).unwrap();
@@ -1002,4 +1002,85 @@ fn batch_times_beams_is_bounded() {
     let o = glimpse(&[&args[..], &["--batch-size", "1024", "--num-beams", "256"]].concat(), &[]);
     assert_error_line(&o, &["--batch-size 1024 inputs x 256 sequences each", "4096", "lower --batch-size"]);
     assert!(!dst.exists());
+}
+
+/// The (`image`, exact path bytes) of each record of `path`: `image_bytes` decoded where a
+/// record has it, else None.
+fn images_and_bytes(path: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    read_records(path)
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let raw = r.get("image_bytes").map(|b| b64.decode(b.as_str().expect("image_bytes is text")).unwrap());
+            (r["image"].as_str().unwrap().to_string(), raw)
+        })
+        .collect()
+}
+
+/// File names that are not UTF-8 round-trip exactly: `image` shows each invalid byte as `\xHH`,
+/// `image_bytes` holds the path's exact bytes (base64), and `--resume` matches by those bytes.
+/// Two names that differ only in an invalid byte, and a UTF-8 name that reads the same as one of
+/// them (`a\xff.png` with a real backslash), are each written exactly once: in a full run, a
+/// `--resume` of it, and a crash then `--resume`, to JSONL and Parquet, from a folder and a list.
+#[cfg(target_os = "linux")]
+#[test]
+fn non_utf8_file_names_round_trip_and_resume_exactly_once() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("odd");
+    std::fs::create_dir(&dir).unwrap();
+    let names: [&[u8]; 4] = [b"a\xfe.png", b"a\xff.png", b"a\\xff.png", b"b.png"];
+    for name in names {
+        std::fs::copy(common::image("odd_257x181.png"), dir.join(std::ffi::OsStr::from_bytes(name))).unwrap();
+    }
+    // Folder order: by bytes (`\` is 0x5c).
+    let want: Vec<(String, Option<Vec<u8>>)> = vec![
+        ("odd/a\\xff.png".into(), None),
+        ("odd/a\\xfe.png".into(), Some(b"odd/a\xfe.png".to_vec())),
+        ("odd/a\\xff.png".into(), Some(b"odd/a\xff.png".to_vec())),
+        ("odd/b.png".into(), None),
+    ];
+    let m = model("blip2-opt-tiny");
+    let run = |src: &str, dst: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "1", "--input", src];
+        args.extend(["--output", dst, "--batch-size", "1", "--quiet"]);
+        args.extend(extra);
+        glimpse_in(tmp.path(), &args, env, None)
+    };
+    let list: Vec<u8> = want
+        .iter()
+        .flat_map(|(t, raw)| [raw.clone().unwrap_or(t.clone().into_bytes()), b"\n".to_vec()].concat())
+        .collect();
+    std::fs::write(tmp.path().join("list.txt"), list).unwrap();
+    for (src, ext) in [("odd", "jsonl"), ("odd", "parquet"), ("list.txt", "jsonl"), ("list.txt", "parquet")] {
+        let what = format!("{src} -> {ext}");
+        let full = format!("full-{src}.{ext}");
+        let o = run(src, &full, &[], &[]);
+        assert_eq!(o.status.code(), Some(0), "{what}: {}", stderr(&o));
+        assert_eq!(images_and_bytes(&tmp.path().join(&full)), want, "{what}: a full run");
+        let o = run(src, &full, &["--resume"], &[]);
+        assert_eq!(o.status.code(), Some(0), "{what}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{what}: {}", stderr(&o));
+        assert_eq!(images_and_bytes(&tmp.path().join(&full)), want, "{what}: --resume of a finished output");
+
+        for batches in ["1", "3"] {
+            let dst = format!("crash-{batches}-{src}.{ext}");
+            let o = run(src, &dst, &[], &[(glimpse::dataset::CRASH_AFTER_ENV, batches)]);
+            assert!(o.status.code().is_none() || o.status.code() == Some(134), "expected an abort: {}", stderr(&o));
+            let o = run(src, &dst, &["--resume"], &[]);
+            assert_eq!(o.status.code(), Some(0), "{what}: {}", stderr(&o));
+            assert_eq!(images_and_bytes(&tmp.path().join(&dst)), want, "{what}: crash after {batches}, then --resume");
+        }
+    }
+    // A JSONL output of UTF-8 names is what it was: no `image_bytes` field.
+    let text = std::fs::read_to_string(tmp.path().join("full-odd.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(first.get("image_bytes").is_none(), "{first}");
+    // A record whose `image_bytes` is not base64 is refused by --resume, naming it.
+    let bad = text.replacen("\"image_bytes\":\"", "\"image_bytes\":\"!", 1);
+    std::fs::write(tmp.path().join("bad.jsonl"), bad).unwrap();
+    let o = run("odd", "bad.jsonl", &["--resume"], &[]);
+    assert_error_line(&o, &["bad.jsonl line 2", "image_bytes", "not base64"]);
 }

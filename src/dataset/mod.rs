@@ -221,6 +221,9 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
     let start = Instant::now();
     let key_field = input.key_field().to_string();
     let mut columns: Columns = vec![("image".into(), Kind::Str)];
+    if input.raw_names {
+        columns.push((input::RAW_PATH_FIELD.into(), Kind::Str));
+    }
     if let Some(id) = &input.id_field {
         columns.push((id.clone(), Kind::Str));
     }
@@ -352,6 +355,9 @@ fn records_for(task: &Task, ready: Ready, id_field: Option<&str>) -> Vec<Record>
         .map(|(item, failure)| {
             let mut r = Record::new();
             r.insert("image".into(), json!(item.image));
+            if let Some(raw) = &item.raw {
+                r.insert(input::RAW_PATH_FIELD.into(), json!(output::base64(raw)));
+            }
             if let Some(f) = id_field {
                 r.insert(f.into(), item.id.as_ref().map_or(Value::Null, |v| json!(v)));
             }
