@@ -1084,3 +1084,180 @@ fn non_utf8_file_names_round_trip_and_resume_exactly_once() {
     let o = run("odd", "bad.jsonl", &["--resume"], &[]);
     assert_error_line(&o, &["bad.jsonl line 2", "image_bytes", "not base64"]);
 }
+
+/// A Parquet table of one `path` column holding `rows` varied strings: snappy-compressed and
+/// without a dictionary, so its one column chunk is one data page. Returns the file's bytes.
+fn one_page_parquet(path: &Path, rows: usize) -> Vec<u8> {
+    use arrow_array::{ArrayRef, StringArray};
+    use parquet::file::properties::WriterProperties;
+    let paths: Vec<String> =
+        (0..rows as u64).map(|i| format!("imgs/{:016x}.png", i.wrapping_mul(0x9e37_79b9_7f4a_7c15))).collect();
+    let batch =
+        arrow_array::RecordBatch::try_from_iter([("path", std::sync::Arc::new(StringArray::from(paths)) as ArrayRef)])
+            .unwrap();
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_dictionary_enabled(false)
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), Some(props))
+        .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Thrift compact integers, written independently of glimpse's reader.
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn zigzag(v: i64) -> Vec<u8> {
+    varint(((v << 1) ^ (v >> 63)) as u64)
+}
+
+/// The integer at the start of `b` and its length in bytes.
+fn read_zigzag(b: &[u8]) -> (i64, usize) {
+    let (mut v, mut n) = (0u64, 0);
+    while {
+        v |= u64::from(b[n] & 0x7f) << (7 * n);
+        n += 1;
+        b[n - 1] & 0x80 != 0
+    } {}
+    ((v >> 1) as i64 ^ -((v & 1) as i64), n)
+}
+
+/// `file` (a Parquet file's bytes) with `old` replaced by `new` in its footer, where `old`
+/// occurs exactly once; the footer length is rewritten.
+fn patch_footer(file: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
+    let len = file.len();
+    let footer_len = u32::from_le_bytes(file[len - 8..len - 4].try_into().unwrap()) as usize;
+    let start = len - 8 - footer_len;
+    let footer = &file[start..len - 8];
+    let hits: Vec<usize> = footer.windows(old.len()).enumerate().filter(|(_, w)| *w == old).map(|(i, _)| i).collect();
+    assert_eq!(hits.len(), 1, "{old:02x?} must be once in the footer");
+    let footer = [&footer[..hits[0]], new, &footer[hits[0] + old.len()..]].concat();
+    [&file[..start], &footer, &(footer.len() as u32).to_le_bytes(), b"PAR1"].concat()
+}
+
+/// Runs glimpse in `dir` with at most `limit` bytes of address space (and few threads and
+/// malloc arenas, which reserve address space they do not use), killed after 60 s.
+#[cfg(target_os = "linux")]
+fn glimpse_limited(dir: &Path, args: &[&str], limit: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    c.args(args).current_dir(dir).env("MALLOC_ARENA_MAX", "2").env("RAYON_NUM_THREADS", "2");
+    // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    common::output_within(&mut c, 60)
+}
+
+/// A Parquet input declaring sizes it does not hold is refused before the parquet crate
+/// allocates them, naming the file, the column, the size and the limit, in 1 GiB of address
+/// space (the crate used to reserve 2 GiB for a page header's uncompressed size and abort, to
+/// panic on a negative column offset, and to abort reserving a footer list of 2^31 items); the
+/// same run on an honest table passes in that space.
+#[cfg(target_os = "linux")]
+#[test]
+fn hostile_parquet_sizes_are_refused_before_allocating() {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let m = model("blip2-opt-tiny");
+    let limit = 1 << 30;
+    let run = |src: &str| {
+        let dst = format!("{src}.jsonl");
+        let args = ["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "1", "--input", src, "--output", &dst];
+        glimpse_limited(tmp.path(), &args, limit)
+    };
+    write_parquet(
+        &tmp.path().join("honest.parquet"),
+        vec![("path", std::sync::Arc::new(arrow_array::StringArray::from(vec!["imgs/a.png", "imgs/b.webp"])) as _)],
+    );
+    let o = run("honest.parquet");
+    assert_eq!(o.status.code(), Some(0), "an honest table runs within the limit: {}", stderr(&o));
+
+    let clean = one_page_parquet(&tmp.path().join("clean.parquet"), 40);
+    let meta = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(tmp.path().join("clean.parquet")).unwrap())
+        .unwrap()
+        .metadata()
+        .clone();
+    let col = meta.row_group(0).column(0);
+    assert!(col.dictionary_page_offset().is_none());
+
+    // A page header claiming 2^31 - 1 bytes uncompressed: parquet-rs writes its fields in order
+    // (type, uncompressed size, compressed size, ...); the header grows by the longer integer and
+    // the page's compressed size shrinks by as much, so every offset of the file still holds.
+    let at = col.data_page_offset() as usize;
+    assert_eq!(&clean[at..at + 3], &[0x15u8, 0x00, 0x15][..], "a data page header");
+    let (_, ulen) = read_zigzag(&clean[at + 3..]);
+    assert_eq!(clean[at + 3 + ulen], 0x15);
+    let (compressed, clen) = read_zigzag(&clean[at + 4 + ulen..]);
+    let huge = zigzag(i32::MAX.into());
+    let grow = huge.len() - ulen;
+    let shrunk = zigzag(compressed - grow as i64);
+    assert_eq!(shrunk.len(), clen, "the compressed size keeps its length");
+    // The rest of the header: the data page header struct (field 5) of i32 fields, then the end.
+    let mut end = at + 4 + ulen + clen;
+    assert_eq!(clean[end], 0x2c, "a data page header struct");
+    end += 1;
+    while clean[end] != 0 {
+        assert_eq!(clean[end] & 0x0f, 5, "i32 fields only (no statistics)");
+        end += 1 + read_zigzag(&clean[end + 1..]).1;
+    }
+    assert_eq!(clean[end + 1], 0, "the header's end");
+    let data = end + 2;
+    let page =
+        [&clean[..at + 3], &huge, &[0x15], &shrunk, &clean[at + 4 + ulen + clen..data], &clean[data + grow..]].concat();
+    assert_eq!(page.len(), clean.len());
+    std::fs::write(tmp.path().join("page.parquet"), page).unwrap();
+    assert_error_line(
+        &run("page.parquet"),
+        &["page.parquet", "column `path`", "2147483647 bytes uncompressed", "256 MiB"],
+    );
+
+    // Column chunks placed outside the file: a negative offset, and a huge length.
+    let size = zigzag(col.compressed_size());
+    let here = [&[0x16], &size[..], &[0x26], &zigzag(col.data_page_offset())[..]].concat();
+    let negative = [&[0x16], &size[..], &[0x26], &zigzag(-1)[..]].concat();
+    std::fs::write(tmp.path().join("negative.parquet"), patch_footer(&clean, &here, &negative)).unwrap();
+    assert_error_line(
+        &run("negative.parquet"),
+        &["negative.parquet", "column `path`", "at offset -1", "outside the file"],
+    );
+    let long = [&[0x16], &zigzag(1 << 40)[..], &[0x26], &zigzag(col.data_page_offset())[..]].concat();
+    std::fs::write(tmp.path().join("long.parquet"), patch_footer(&clean, &here, &long)).unwrap();
+    assert_error_line(
+        &run("long.parquet"),
+        &["long.parquet", "column `path`", "declares 1099511627776 bytes", "outside the file"],
+    );
+
+    // A footer declaring 2^31 - 1 schema elements in the 0 bytes left of it.
+    let footer = [&[0x15u8, 0x02, 0x19, 0xfc][..], &varint(i32::MAX as u64)].concat();
+    let file = [&b"PAR1"[..], &footer, &(footer.len() as u32).to_le_bytes(), b"PAR1"].concat();
+    std::fs::write(tmp.path().join("footer.parquet"), file).unwrap();
+    assert_error_line(&run("footer.parquet"), &["footer.parquet", "footer", "a list of 2147483647 items"]);
+
+    // The library refuses them when the input is opened, before any row is read.
+    for name in ["page", "negative", "long", "footer"] {
+        let src = tmp.path().join(format!("{name}.parquet"));
+        let err = glimpse::dataset::input::open(&src, &Default::default()).err().map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains(&s(&src))), "{name}: {err:?}");
+    }
+}

@@ -375,24 +375,28 @@ fn missing_column(found: Option<&str>, asked: &Option<String>) -> String {
 }
 
 fn open_parquet(src: &Path, data: Source, base: PathBuf, opts: &InputOptions) -> Result<Input> {
-    let not_parquet = |e| Error::InvalidInput(format!("{}: not a readable Parquet file: {e}", src.display()));
     match data {
         Source::File(p) => {
             let file = File::open(&p).map_err(|e| Error::io(&p, e))?;
-            open_parquet_from(src, ParquetRecordBatchReaderBuilder::try_new(file).map_err(not_parquet)?, base, opts)
+            let check = file.try_clone().map_err(|e| Error::io(&p, e))?;
+            open_parquet_from(src, file, &check, base, opts)
         }
-        Source::Memory(b) => {
-            open_parquet_from(src, ParquetRecordBatchReaderBuilder::try_new(b).map_err(not_parquet)?, base, opts)
-        }
+        Source::Memory(b) => open_parquet_from(src, b.clone(), &b, base, opts),
     }
 }
 
-fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static>(
+/// Opens the Parquet table `reader` (`check`: the same bytes, for the size checks of
+/// [`super::parquet_check`], made before the parquet crate parses or reads anything).
+fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static, C: parquet::file::reader::ChunkReader>(
     src: &Path,
-    builder: ParquetRecordBatchReaderBuilder<R>,
+    reader: R,
+    check: &C,
     base: PathBuf,
     opts: &InputOptions,
 ) -> Result<Input> {
+    super::parquet_check::check_footer(src, check)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(reader)
+        .map_err(|e| Error::InvalidInput(format!("{}: not a readable Parquet file: {e}", src.display())))?;
     let schema = builder.schema().clone();
     let find = |name: &str| schema.fields().iter().position(|f| f.name() == name);
     let image_col = match &opts.path_column {
@@ -412,6 +416,8 @@ fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static>(
     let question_col = find(QUESTION_COLUMN);
     let wanted: Vec<usize> = [Some(image_col), id_col, question_col].into_iter().flatten().collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), wanted.iter().copied());
+    let scan = super::parquet_check::leaves_of(builder.metadata(), &wanted);
+    super::parquet_check::check_chunks(src, check, builder.metadata(), &scan)?;
     let total = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
     // Small record batches: image bytes can be large, and only a few batches are held at once.
     let reader = builder

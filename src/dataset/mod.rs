@@ -11,6 +11,7 @@
 
 pub mod input;
 pub mod output;
+pub mod parquet_check;
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;

@@ -498,9 +498,16 @@ fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(parts)
 }
 
+/// A reader of the Parquet file `path` (an output, or one of its parts), its declared sizes
+/// checked first ([`super::parquet_check`]).
 fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))
+    let check = file.try_clone().map_err(|e| Error::io(path, e))?;
+    super::parquet_check::check_footer(path, &check)?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
+    let all = vec![true; b.parquet_schema().num_columns()];
+    super::parquet_check::check_chunks(path, &check, b.metadata(), &all)?;
+    Ok(b)
 }
 
 /// The keys of a Parquet file's records, as [`key_of`]: column `key_field`, else (null, or the
