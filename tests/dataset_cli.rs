@@ -1261,3 +1261,25 @@ fn hostile_parquet_sizes_are_refused_before_allocating() {
         assert!(err.as_deref().is_some_and(|e| e.contains(&s(&src))), "{name}: {err:?}");
     }
 }
+
+/// A panic while the input is read (a decoder's, on a corrupt file) fails the run with an error
+/// naming it, keeping the records written before; it used to end the inputs early and report a
+/// complete run (exit 0, the remaining inputs never written).
+#[test]
+fn a_panic_while_reading_the_input_is_an_error() {
+    use glimpse::dataset::input::Item;
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let model = glimpse::EmbedModel::load(common::model_dir("clip-tiny"), glimpse::Device::Cpu).unwrap();
+    let task = glimpse::dataset::Task::Embed { model: &model };
+    let mut input = glimpse::dataset::input::open(&tmp.path().join("imgs"), &Default::default()).unwrap();
+    let items = std::mem::replace(&mut input.items, Box::new(std::iter::empty()));
+    let exploding = std::iter::from_fn(|| -> Option<glimpse::Result<Item>> { panic!("the decoder exploded") });
+    input.items = Box::new(items.take(2).chain(exploding));
+    let opts = glimpse::dataset::RunOptions { batch_size: 1, resume: false, progress: false };
+    let dst = tmp.path().join("out.jsonl");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let err = glimpse::dataset::run(&task, input, &dst, &opts, &stop).err().map(|e| e.to_string());
+    assert!(err.as_deref().is_some_and(|e| e.contains("the decoder exploded") && e.contains("--resume")), "{err:?}");
+    assert_eq!(read_records(&dst).unwrap().len(), 2, "the records before it are kept");
+}

@@ -271,7 +271,19 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
             }
         }
         drop(rx);
-        let (skipped, finished) = reader.join().unwrap_or((0, false));
+        // A panic while reading (a bug, or a decoder's on a corrupt input) ends the inputs
+        // early: an error, never a run that looks complete.
+        let (skipped, finished) = reader.join().map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Error::InvalidInput(format!(
+                "reading the input failed after {} records ({what}): this is a bug in glimpse or a library it uses, please report it; the records written are kept (--resume continues)",
+                summary.written
+            ))
+        })?;
         summary.skipped = skipped;
         // The reader may have seen the flag first and stopped handing out batches.
         summary.interrupted |= !finished && stop.load(Ordering::SeqCst);
