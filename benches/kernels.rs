@@ -4,7 +4,8 @@
 
 use cudarc::driver::sys::CUevent_flags;
 use glimpse::backend::cuda::{
-    decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, HeadsView, Residual, RowsView, SumOut,
+    decode_workspace_len, Activation, AttnDims, AttnMask, AttnViews, CudaDevice, DevSlice, Epilogue, GemmDims,
+    HeadsView, NormInput, NormShape, Residual, RopeDims, RowsView, SumOut,
 };
 use half::f16;
 
@@ -81,7 +82,8 @@ fn main() {
         let w = rand_halves(&dev, n * k, 2);
         let b = rand_halves(&dev, n, 3);
         let y = dev.alloc::<f16>(n).unwrap();
-        let ms = time(&dev, || dev.gemv(&x, &w, Some(&b), Activation::None, Residual::None, &y, 1, n, k).unwrap());
+        let epilogue = Epilogue { bias: Some(&b), ..Epilogue::default() };
+        let ms = time(&dev, || dev.gemv(&x, &w, epilogue, &y, GemmDims { m: 1, n, k }).unwrap());
         let gbs = (2 * (n * k + k + 2 * n)) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row {
             name: format!("gemv m=1 n={n} k={k}"),
@@ -106,7 +108,8 @@ fn main() {
         let w = rand_halves(&dev, n * k, 5);
         let b = rand_halves(&dev, n, 6);
         let y = dev.alloc::<f16>(m * n).unwrap();
-        let ms = time(&dev, || dev.gemm(&x, &w, Some(&b), Activation::Gelu, Residual::None, &y, m, n, k).unwrap());
+        let epilogue = Epilogue { bias: Some(&b), act: Activation::Gelu, residual: Residual::None };
+        let ms = time(&dev, || dev.gemm(&x, &w, epilogue, &y, GemmDims { m, n, k }).unwrap());
         let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
         rows.push(Row {
             name: format!("gemm m={m} n={n} k={k} +bias+gelu"),
@@ -130,9 +133,9 @@ fn main() {
         let o = dev.alloc::<f16>(b * sq * h * d).unwrap();
         let hv = |buf, rows| HeadsView { buf, offset: 0, batch_stride: rows * h * d, row_stride: h * d };
         let mask = AttnMask { causal: causal.then_some(0), ..Default::default() };
-        let ms = time(&dev, || {
-            dev.attention(hv(&q, sq), hv(&kk, skv), hv(&v, skv), hv(&o, sq), b, h, sq, skv, d, 0.1, mask).unwrap()
-        });
+        let views = AttnViews { q: hv(&q, sq), k: hv(&kk, skv), v: hv(&v, skv), o: hv(&o, sq) };
+        let dims = AttnDims { batch: b, heads: h, q_len: sq, kv_len: skv, head_dim: d, scale: 0.1 };
+        let ms = time(&dev, || dev.attention(views, dims, mask).unwrap());
         let tf = 4.0 * (b * h * sq * skv * d) as f64 / (ms * 1e-3) / 1e12;
         rows.push(Row {
             name: format!("attention {name} b={b} h={h} sq={sq} skv={skv} d={d}"),
@@ -152,23 +155,9 @@ fn main() {
         let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
         let o = dev.alloc::<f16>(b * h * d).unwrap();
         let hv = |buf, rows| HeadsView { buf, offset: 0, batch_stride: rows * h * d, row_stride: h * d };
-        let ms = time(&dev, || {
-            dev.decode_attention(
-                hv(&q, 1),
-                hv(&kc, max_len),
-                hv(&vc, max_len),
-                &lens,
-                hv(&o, 1),
-                &ws,
-                b,
-                h,
-                max_len,
-                d,
-                0.1,
-                AttnMask::default(),
-            )
-            .unwrap()
-        });
+        let views = AttnViews { q: hv(&q, 1), k: hv(&kc, max_len), v: hv(&vc, max_len), o: hv(&o, 1) };
+        let dims = AttnDims { batch: b, heads: h, q_len: 1, kv_len: max_len, head_dim: d, scale: 0.1 };
+        let ms = time(&dev, || dev.decode_attention(views, &lens, &ws, dims, AttnMask::default()).unwrap());
         let gbs = (2 * 2 * b * max_len * h * d) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row {
             name: "decode attention h=32 d=80 len=2048".into(),
@@ -187,7 +176,9 @@ fn main() {
         let bb = rand_halves(&dev, dim, 16);
         let y = dev.alloc::<f16>(r * dim).unwrap();
         let s = dev.alloc::<f16>(r * dim).unwrap();
-        let ms = time(&dev, || dev.layernorm(&x, Some(&res), SumOut::To(&s), &w, Some(&bb), &y, r, dim, 1e-5).unwrap());
+        let input = NormInput { x: &x, residual: Some(&res), sum_out: SumOut::To(&s) };
+        let shape = NormShape { rows: r, dim, eps: 1e-5 };
+        let ms = time(&dev, || dev.layernorm(input, &w, Some(&bb), &y, shape).unwrap());
         let gbs = (2 * 4 * r * dim) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row {
             name: format!("layernorm+residual rows={r} dim={dim}"),
@@ -218,7 +209,8 @@ fn main() {
         let dim = 4096;
         let (x, w, y) =
             (rand_halves(&dev, r * dim, 17), rand_halves(&dev, dim, 18), dev.alloc::<f16>(r * dim).unwrap());
-        let ms = time(&dev, || dev.rmsnorm(&x, None, SumOut::None, &w, &y, r, dim, 1e-6).unwrap());
+        let input = NormInput { x: &x, residual: None, sum_out: SumOut::None };
+        let ms = time(&dev, || dev.rmsnorm(input, &w, &y, NormShape { rows: r, dim, eps: 1e-6 }).unwrap());
         let gbs = (2 * 2 * r * dim) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row {
             name: format!("rmsnorm rows={r} dim={dim}"),
@@ -248,7 +240,8 @@ fn main() {
         let inv = dev.upload(&inv).unwrap();
         let start = dev.upload(&[7i32]).unwrap();
         let view = RowsView { buf: &q, offset: 0, row_stride: heads * d };
-        let ms = time(&dev, || dev.rope(view, &inv, &start, 1, r, heads, d).unwrap());
+        let dims = RopeDims { batch: 1, seq: r, heads, head_dim: d };
+        let ms = time(&dev, || dev.rope(view, &inv, &start, dims).unwrap());
         let gbs = (2 * 2 * r * heads * d) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row {
             name: format!("rope rows={r} heads={heads} d={d}"),
@@ -273,23 +266,9 @@ fn main() {
             row_stride: heads * d,
         };
         let mask = AttnMask { kv_heads: Some(kvh), ..AttnMask::default() };
-        let ms = time(&dev, || {
-            dev.decode_attention(
-                hv(&q, 1, h),
-                hv(&k, len, kvh),
-                hv(&v, len, kvh),
-                &kv_len,
-                hv(&o, 1, h),
-                &ws,
-                b,
-                h,
-                len,
-                d,
-                0.088,
-                mask,
-            )
-            .unwrap()
-        });
+        let views = AttnViews { q: hv(&q, 1, h), k: hv(&k, len, kvh), v: hv(&v, len, kvh), o: hv(&o, 1, h) };
+        let dims = AttnDims { batch: b, heads: h, q_len: 1, kv_len: len, head_dim: d, scale: 0.088 };
+        let ms = time(&dev, || dev.decode_attention(views, &kv_len, &ws, dims, mask).unwrap());
         let gbs = (2 * 2 * b * len * kvh * d) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row {
             name: format!("gqa decode attention h={h}/{kvh} d={d} len={len}"),

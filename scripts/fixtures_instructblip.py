@@ -27,8 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fixtures_llava as fl  # noqa: E402  (the LLaMA-style tokenizer builder)
-import make_fixtures as mf  # noqa: E402  (version checks, corpus, helpers)
+import fixtures_common as fc  # noqa: E402  (version checks, corpus, helpers, the LLaMA tokenizer and init)
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -47,7 +46,7 @@ from transformers import (  # noqa: E402
     LlamaTokenizer,
 )
 
-FIX = mf.FIX
+FIX = fc.FIX
 GOLD = FIX / "goldens"
 NAME = "instructblip-tiny"
 SEED = 4321
@@ -71,7 +70,7 @@ def bert_tokenizer(work: Path) -> BertTokenizer:
     with `##` continuations, [CLS] $A [SEP]; then [DEC] added as bos_token (conversion script)."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     common = "what is unusual about this image describe the picture in detail please shown here bright or dark at top"
-    corpus = sorted({w for line in mf.CORPUS for w in line.lower().split() if w.isascii() and w.isalpha()})
+    corpus = sorted({w for line in fc.CORPUS for w in line.lower().split() if w.isascii() and w.isalpha()})
     words = sorted(set(common.split()) | set(corpus[:120]))
     letters = sorted({c for w in words for c in w})
     pieces = specials + list("?,.!'") + letters + ["##" + c for c in letters] + ["##s", "##ing", "##ed"] + words
@@ -97,7 +96,7 @@ def bert_tokenizer(work: Path) -> BertTokenizer:
 def llama_tokenizer(work: Path) -> LlamaTokenizer:
     """The llava fixture's tokenizer with the Vicuna conversion's special tokens: bos and unk `</s>`
     (so the BOS the processor inserts is id 2), pad `<pad>`, `<image>` already in the vocabulary."""
-    fl.build_tokenizer(work)
+    fc.llama_bpe_tokenizer(work)
     cfg = json.loads((work / "tokenizer_config.json").read_text(encoding="utf-8"))
     cfg.update(bos_token="</s>", unk_token="</s>", truncation_side="left")
     (work / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -132,7 +131,7 @@ def build_config(vocab: int, qvocab: int, image_id: int, pad_id: int) -> Instruc
 
 def make_processor(tok, qtok) -> InstructBlipProcessor:
     ip = BlipImageProcessorPil(size={"height": IMAGE, "width": IMAGE}, resample=Image.Resampling.BICUBIC,
-                               image_mean=mf.OPENAI_CLIP_MEAN, image_std=mf.OPENAI_CLIP_STD, do_convert_rgb=True)
+                               image_mean=fc.OPENAI_CLIP_MEAN, image_std=fc.OPENAI_CLIP_STD, do_convert_rgb=True)
     return InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
                                  num_query_tokens=NUM_QUERY)
 
@@ -184,7 +183,7 @@ def main() -> None:
     vocab = (len(tok) + 15) // 16 * 16
     cfg = build_config(vocab, len(qtok), image_id, pad_id)
     model = InstructBlipForConditionalGeneration(cfg).eval()
-    fl.reinit_(model, SEED)
+    fc.reinit_randn_(model, SEED)
     out = FIX / NAME
     model.to(torch.float16).save_pretrained(out)
     make_processor(tok, qtok).save_pretrained(out)
@@ -201,7 +200,7 @@ def main() -> None:
         no_text = "generates"
     except Exception as e:  # noqa: BLE001  (recorded in the goldens)
         no_text = f"{type(e).__name__}: {e}"
-    mf.log(f"  generate without text: {no_text}")
+    fc.log(f"  generate without text: {no_text}")
 
     tensors, cases = {}, []
     for cname, image, text in CASES:
@@ -210,17 +209,17 @@ def main() -> None:
         with torch.no_grad():
             logits = model(**inputs).logits[0]
         (new, lps, margin), = generate(model, inputs)
-        tensors[f"{cname}.pixels"] = mf.f32(inputs["pixel_values"])
+        tensors[f"{cname}.pixels"] = fc.f32(inputs["pixel_values"])
         for k, v in s.items():
-            tensors[f"{cname}.{k}"] = mf.f32(v[0])
-        tensors[f"{cname}.logits"] = mf.f32(logits[-LOGIT_ROWS:])
+            tensors[f"{cname}.{k}"] = fc.f32(v[0])
+        tensors[f"{cname}.logits"] = fc.f32(logits[-LOGIT_ROWS:])
         cases.append({"name": cname, "image": image, "text": text,
                       "input_ids": inputs["input_ids"][0].tolist(),
                       "qformer_input_ids": inputs["qformer_input_ids"][0].tolist(),
                       "generated_ids": new, "logprobs": lps,
                       "decoded": proc.decode(new, skip_special_tokens=True).strip(),
                       "min_top2_margin": margin, "logit_rows": LOGIT_ROWS})
-        mf.log(f"  {cname}: {len(inputs['input_ids'][0])} ids, q-former {inputs['qformer_input_ids'][0].tolist()}, "
+        fc.log(f"  {cname}: {len(inputs['input_ids'][0])} ids, q-former {inputs['qformer_input_ids'][0].tolist()}, "
                f"generated {new}, margin {margin:.4f}")
 
     images, texts = BATCH
@@ -232,15 +231,15 @@ def main() -> None:
              "qformer_attention_mask": inputs["qformer_attention_mask"].tolist(),
              "generated_ids": [r[0] for r in rows], "logprobs": [r[1] for r in rows],
              "min_top2_margin": min(r[2] for r in rows)}
-    tensors["batch.qformer"] = mf.f32(stages(model, inputs)["qformer"])
+    tensors["batch.qformer"] = fc.f32(stages(model, inputs)["qformer"])
     # Each row alone gives the same tokens (transformers' left padding is exact).
     for b, (image, text) in enumerate(zip(images, texts)):
         alone = proc(images=Image.open(img_dir / image), text=text, return_tensors="pt")
         assert generate(model, alone)[0][0] == rows[b][0], f"batch row {b} differs from its single run"
-    mf.log(f"  batch: generated {batch['generated_ids']}")
+    fc.log(f"  batch: generated {batch['generated_ids']}")
 
     np_save_file(tensors, str(GOLD / "instructblip_tiny.safetensors"))
-    mf.write_json(GOLD / "instructblip_tiny.json", {
+    fc.write_json(GOLD / "instructblip_tiny.json", {
         "model": NAME,
         "reference": "InstructBlipForConditionalGeneration.from_pretrained(dir, dtype=float32, attn_implementation="
                      "'eager'), CPU; InstructBlipProcessor(images=..., text=...); generate(do_sample=False, "
@@ -251,7 +250,7 @@ def main() -> None:
     shutil.rmtree(work)
     (out / "README.md").write_text(README, encoding="utf-8")
     total = sum(p.stat().st_size for p in list(out.rglob("*")) + list(GOLD.glob("instructblip_*")) if p.is_file())
-    mf.log(f"instructblip fixtures: {total / 1e3:.0f} KB")
+    fc.log(f"instructblip fixtures: {total / 1e3:.0f} KB")
 
 
 README = f"""\

@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures_common as fc  # noqa: E402  (version checks, paths, helpers)
 import fixtures_instructblip as fib  # noqa: E402  (image side, Q-Former tokenizer, processor)
 import fixtures_t5 as ft5  # noqa: E402  (T5 tokenizer, init, untied head)
-import make_fixtures as mf  # noqa: E402
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -47,7 +47,7 @@ from transformers import (  # noqa: E402
     T5Config,
 )
 
-FIX = mf.FIX
+FIX = fc.FIX
 GOLD = FIX / "goldens"
 NAME = "instructblip-flan-t5-tiny"
 GOLDEN = "instructblip-flan-t5_tiny"
@@ -143,16 +143,16 @@ def main() -> None:
             encoder = lm.encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).last_hidden_state
         assert torch.allclose(encoder, first.language_model_outputs.encoder_last_hidden_state), "encoder replica"
         (new, lps, margin), = generate(model, inputs)
-        arrays[f"{cname}.pixels"] = mf.f32(inputs["pixel_values"])
+        arrays[f"{cname}.pixels"] = fc.f32(inputs["pixel_values"])
         for k, v in s.items():
-            arrays[f"{cname}.{k}"] = mf.f32(v[0])
-        arrays[f"{cname}.encoder"] = mf.f32(encoder[0])
-        arrays[f"{cname}.first_logits"] = mf.f32(first.logits[0])
+            arrays[f"{cname}.{k}"] = fc.f32(v[0])
+        arrays[f"{cname}.encoder"] = fc.f32(encoder[0])
+        arrays[f"{cname}.first_logits"] = fc.f32(first.logits[0])
         cases.append({"name": cname, "image": image, "text": text, "input_ids": ids,
                       "qformer_input_ids": inputs["qformer_input_ids"][0].tolist(),
                       "generated_ids": new, "logprobs": lps,
                       "decoded": proc.decode(new, skip_special_tokens=True).strip(), "min_top2_margin": margin})
-        mf.log(f"  {cname}: {len(ids)} ids, generated {new}, margin {margin:.4f}")
+        fc.log(f"  {cname}: {len(ids)} ids, generated {new}, margin {margin:.4f}")
 
     images, question = BATCH
     inputs = proc(images=[Image.open(img_dir / i) for i in images], text=[question] * len(images),
@@ -163,7 +163,7 @@ def main() -> None:
         assert generate(model, alone)[0][0] == rows[b][0], f"batch row {b} differs from its single run"
     batch = {"images": images, "text": question, "generated_ids": [r[0] for r in rows],
              "logprobs": [r[1] for r in rows], "min_top2_margin": min(r[2] for r in rows)}
-    mf.log(f"  batch: generated {batch['generated_ids']}")
+    fc.log(f"  batch: generated {batch['generated_ids']}")
 
     images, texts = PADDED
     inputs = proc(images=[Image.open(img_dir / i) for i in images], text=texts, padding=True, return_tensors="pt")
@@ -179,11 +179,11 @@ def main() -> None:
               "qformer_attention_mask": inputs["qformer_attention_mask"].tolist(),
               "generated_ids": [r[0] for r in rows], "logprobs": [r[1] for r in rows],
               "min_top2_margin": min(r[2] for r in rows)}
-    arrays["padded.qformer"] = mf.f32(fib.stages(model, inputs)["qformer"])
-    mf.log(f"  padded batch: generated {padded['generated_ids']}")
+    arrays["padded.qformer"] = fc.f32(fib.stages(model, inputs)["qformer"])
+    fc.log(f"  padded batch: generated {padded['generated_ids']}")
 
     np_save_file(arrays, str(GOLD / f"{GOLDEN}.safetensors"))
-    mf.write_json(GOLD / f"{GOLDEN}.json", {
+    fc.write_json(GOLD / f"{GOLDEN}.json", {
         "model": NAME,
         "reference": "InstructBlipForConditionalGeneration.from_pretrained(dir, dtype=float32, attn_implementation="
                      "'eager'), CPU; InstructBlipProcessor(images=..., text=...); generate(do_sample=False, "
@@ -193,7 +193,7 @@ def main() -> None:
     shutil.rmtree(work)
     (out / "README.md").write_text(__doc__, encoding="utf-8")
     total = sum(p.stat().st_size for p in list(out.rglob("*")) + list(GOLD.glob(f"{GOLDEN}.*")) if p.is_file())
-    mf.log(f"instructblip flan-t5 fixtures: {total / 1e3:.0f} KB")
+    fc.log(f"instructblip flan-t5 fixtures: {total / 1e3:.0f} KB")
 
 
 if __name__ == "__main__":

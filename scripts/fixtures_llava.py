@@ -24,31 +24,27 @@ Deterministic: fixed seeds, one CPU thread.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_fixtures as mf  # noqa: E402  (version checks, corpus, helpers)
+import fixtures_common as fc  # noqa: E402  (version checks, helpers, the LLaMA tokenizer and init)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.numpy import save_file as np_save_file  # noqa: E402
-from tokenizers import Tokenizer, models  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
-    LlamaTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
 
-FIX = mf.FIX
+FIX = fc.FIX
 GOLD = FIX / "goldens"
 SEED = 1234
 MAX_NEW_TOKENS = 8
@@ -84,78 +80,10 @@ TOKEN_TEXTS = [
 ]
 
 
-def build_tokenizer(workdir: Path) -> LlamaTokenizer:
-    """A SentencePiece-BPE-like tokenizer: ▁ word prefix, byte fallback for characters outside a
-    small alphabet (accents, CJK, emoji), <unk>/<s>/</s> = 0/1/2, then <0x00>..<0xFF>."""
-    # Trained here by a few lines of deterministic BPE (the tokenizers trainer breaks ties by hash
-    # order, so its merges change from run to run).
-    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    lines = [s for s in mf.CORPUS if s] + mf.MULTILINE_CORPUS + ["USER: ASSISTANT: Describe the image"] * 3
-    words = Counter("▁" + w for line in lines for w in line.split())
-    chars = Counter(c for w, n in words.items() for c in w for _ in range(n))
-    alphabet = sorted(sorted(chars, key=lambda c: (-chars[c], c))[:60])
-    seqs = {w: list(w) for w in words if all(c in alphabet for c in w)}
-    merges = []
-    while len(merges) < 40:
-        pairs = Counter()
-        for w, sym in seqs.items():
-            for a, b in zip(sym, sym[1:]):
-                pairs[(a, b)] += words[w]
-        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-        merges.append((a, b))
-        for w, sym in seqs.items():
-            i, out = 0, []
-            while i < len(sym):
-                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(sym[i])
-                    i += 1
-            seqs[w] = out
-    pieces = specials + alphabet + [a + b for a, b in merges]
-    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    spec = json.loads(tok.to_str())
-    spec["model"].update(byte_fallback=True, fuse_unk=True, unk_token="<unk>")
-    # The classic hub file: legacy normalizer, no pre-tokenizer (5.17 discards both and rebuilds).
-    spec["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
-    spec["pre_tokenizer"] = None
-    spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
-        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
-    n = len(vocab)
-    spec["added_tokens"] = [
-        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": True} for i, c in [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (n, "<image>"), (n + 1, "<pad>")]]
-    spec["post_processor"] = {"type": "TemplateProcessing",
-                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                                         {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                                       {"Sequence": {"id": "A", "type_id": 0}},
-                                       {"SpecialToken": {"id": "<s>", "type_id": 1}},
-                                       {"Sequence": {"id": "B", "type_id": 1}}],
-                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
-    added = {str(i): {k: v for k, v in t.items() if k != "id"} for t in spec["added_tokens"] for i in [t["id"]]}
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    (workdir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "padding_side": "left", "clean_up_tokenization_spaces": False, "added_tokens_decoder": added,
-        "model_max_length": 4096}, indent=1, ensure_ascii=False), encoding="utf-8")
-    t = LlamaTokenizer.from_pretrained(workdir)
-    assert [t.convert_tokens_to_ids(s) for s in ("<unk>", "<s>", "</s>", "<image>", "<pad>")] == [0, 1, 2, n, n + 1]
-    assert t.encode("é", add_special_tokens=False) != [0], "byte fallback expected"
-    assert t.encode("x")[0] == 1, "BOS expected"
-    return t
-
-
 def make_processor(tok, strategy: str) -> LlavaProcessor:
     ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
-                               do_center_crop=True, resample=3, image_mean=mf.OPENAI_CLIP_MEAN,
-                               image_std=mf.OPENAI_CLIP_STD)
+                               do_center_crop=True, resample=3, image_mean=fc.OPENAI_CLIP_MEAN,
+                               image_std=fc.OPENAI_CLIP_STD)
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, num_additional_image_tokens=1,
                           vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE)
 
@@ -179,20 +107,6 @@ def build_config(variant: bool, vocab: int, image_id: int, pad_id: int) -> Llava
                        vision_feature_layer=[-1, 1] if variant else -2,
                        multimodal_projector_bias=not variant, image_seq_length=16,
                        tie_word_embeddings=variant, pad_token_id=pad_id)
-
-
-def reinit_(model, seed: int) -> None:
-    """Larger-than-default random weights so every path moves the logits (fixed seed)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias") or "norm" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p.shape[-1] if p.dim() > 1 else p.shape[0]
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in ** 0.5))
 
 
 def model_goldens(model, proc, name: str, img_dir: Path, full: bool) -> tuple[dict, list]:
@@ -227,19 +141,19 @@ def model_goldens(model, proc, name: str, img_dir: Path, full: bool) -> tuple[di
         lps = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(gen.logits, new)]
         margins = [float((lambda s: s[0] - s[1])(torch.topk(l[0], 2).values)) for l in gen.logits]
         if full and cname != "multi":  # the variant shares the processor: pixels and tower outputs once
-            tensors[f"{cname}.pixels"] = mf.f32(px)
+            tensors[f"{cname}.pixels"] = fc.f32(px)
         if full and cname == "single":
             for i, h in enumerate(hs):
-                tensors[f"{cname}.hidden_states.{i}"] = mf.f32(h)
-            tensors[f"{cname}.pooled"] = mf.f32(vo.pooler_output)
-        tensors[f"{cname}.features"] = mf.f32(feat)
-        tensors[f"{cname}.image_features"] = mf.f32(proj)
-        tensors[f"{cname}.logits"] = mf.f32(logits[-LOGIT_ROWS:])  # the text after the last image
+                tensors[f"{cname}.hidden_states.{i}"] = fc.f32(h)
+            tensors[f"{cname}.pooled"] = fc.f32(vo.pooler_output)
+        tensors[f"{cname}.features"] = fc.f32(feat)
+        tensors[f"{cname}.image_features"] = fc.f32(proj)
+        tensors[f"{cname}.logits"] = fc.f32(logits[-LOGIT_ROWS:])  # the text after the last image
         cases.append({"name": cname, "images": images, "text": text, "prompt": prompt,
                       "input_ids": ids[0].tolist(), "generated_ids": new, "logprobs": lps,
                       "decoded": proc.decode(new, skip_special_tokens=True).strip(),
                       "min_top2_margin": min(margins), "logit_rows": LOGIT_ROWS})
-        mf.log(f"  {name} {cname}: {len(ids[0])} ids, generated {new}, min margin {min(margins):.4f}")
+        fc.log(f"  {name} {cname}: {len(ids[0])} ids, generated {new}, min margin {min(margins):.4f}")
     return tensors, cases
 
 
@@ -288,14 +202,14 @@ def main() -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     img_dir = FIX / "images"
     work = FIX / "llava-tiny-work"
-    tok = build_tokenizer(work)
+    tok = fc.llama_bpe_tokenizer(work)
     image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
     vocab = (len(tok) + 15) // 16 * 16 + 16  # padded like 32064: ids past the tokenizer exist
     for name, variant in [("llava-tiny", False), ("llava-tiny-variant", True)]:
         cfg = build_config(variant, vocab, image_id, pad_id)
         torch.manual_seed(SEED + variant)
         model = LlavaForConditionalGeneration(cfg).eval()
-        reinit_(model, SEED + 7 * variant)
+        fc.reinit_randn_(model, SEED + 7 * variant)
         out = FIX / name
         model.to(torch.float16).save_pretrained(out)
         make_processor(tok, cfg.vision_feature_select_strategy).save_pretrained(out)
@@ -304,12 +218,12 @@ def main() -> None:
             shutil.copy(work / f, out / f)
         proc = LlavaProcessor.from_pretrained(out)
         if not variant:
-            mf.write_json(GOLD / "llava_tokens.json", all_token_goldens(tok, proc.tokenizer))
+            fc.write_json(GOLD / "llava_tokens.json", all_token_goldens(tok, proc.tokenizer))
         model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
         tensors, cases = model_goldens(model, proc, name, img_dir, full=not variant)
         np_save_file(tensors, str(GOLD / f"llava_{name}.safetensors"))
-        mf.write_json(GOLD / f"llava_{name}.json", {
+        fc.write_json(GOLD / f"llava_{name}.json", {
             "model": name,
             "reference": "LlavaForConditionalGeneration.from_pretrained(dir, dtype=float32, attn_implementation="
                          "'eager'), CPU; processor.apply_chat_template(one user message: images then text, "
@@ -320,7 +234,7 @@ def main() -> None:
     shutil.rmtree(work)
     (FIX / "llava-tiny" / "README.md").write_text(README, encoding="utf-8")
     total = sum(p.stat().st_size for p in list(FIX.glob("llava-tiny*/*")) + list(GOLD.glob("llava_*")))
-    mf.log(f"llava fixtures: {total / 1e3:.0f} KB")
+    fc.log(f"llava fixtures: {total / 1e3:.0f} KB")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_fixtures as mf  # noqa: E402  (version checks, corpus, helpers)
+import fixtures_common as fc  # noqa: E402  (version checks, corpus, helpers, BLIP-2's processor)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -53,7 +53,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
 
-FIX = mf.FIX
+FIX = fc.FIX
 GOLD = FIX / "goldens"
 NAME = "blip2-flan-t5-tiny"
 SEED = 4321
@@ -80,7 +80,7 @@ def build_tokenizer() -> T5Tokenizer:
     """A Unigram vocabulary counted from the corpus (deterministic, unlike the Unigram trainer):
     the 80 most frequent words with their `▁`, frequent `▁`-less suffixes, and every character,
     scored by log relative frequency (so Viterbi prefers whole words)."""
-    corpus = [l for l in mf.CORPUS if l.isascii()] + [l for l in mf.MULTILINE_CORPUS if l.isascii()]
+    corpus = [l for l in fc.CORPUS if l.isascii()] + [l for l in fc.MULTILINE_CORPUS if l.isascii()]
     words = Counter(w for line in corpus for w in line.split())
     total = sum(words.values())
     chars = Counter(c for w, n in words.items() for c in w for _ in range(n))
@@ -153,12 +153,12 @@ def main() -> None:
     out_dir.mkdir(parents=True)
 
     tokenizer = build_tokenizer()
-    image_processor = mf.make_processor(mf.build_tokenizer(64), NUM_QUERY).image_processor
+    image_processor = fc.blip2_processor(fc.opt_bpe_tokenizer(64), NUM_QUERY).image_processor
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=NUM_QUERY)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     vocab = (len(tok) + 7) // 8 * 8
-    mf.log(f"t5 tokenizer: {len(tok)} tokens, <image> = {image_id}, model vocab {vocab}")
+    fc.log(f"t5 tokenizer: {len(tok)} tokens, <image> = {image_id}, model vocab {vocab}")
 
     text = T5Config(vocab_size=vocab, tie_word_embeddings=False, decoder_start_token_id=0, bos_token_id=1,
                     eos_token_id=1, pad_token_id=0, **TEXT)
@@ -186,7 +186,7 @@ def main() -> None:
     lm = model.language_model
     assert not torch.equal(lm.lm_head.weight, lm.shared.weight), "the head must stay untied"
     assert lm.config.scale_decoder_outputs is False
-    mf.log(f"params: {sum(p.numel() for p in model.parameters())}")
+    fc.log(f"params: {sum(p.numel() for p in model.parameters())}")
 
     pixels_all = np_load_file(str(GOLD / "pixels_blip.safetensors"))
     caught = {}
@@ -221,8 +221,8 @@ def main() -> None:
             for key in ["vision", "qformer", "image_embeds", "encoder"][(name != CASES[0][0]):]:
                 v = caught[key]
                 v = v.last_hidden_state if hasattr(v, "last_hidden_state") else v
-                arrays[f"{name}.{key}"] = mf.f32(v.reshape(-1, v.shape[-1]))
-            arrays[f"{name}.first_logits"] = mf.f32(first.logits[:, 0])
+                arrays[f"{name}.{key}"] = fc.f32(v.reshape(-1, v.shape[-1]))
+            arrays[f"{name}.first_logits"] = fc.f32(first.logits[:, 0])
             gen = model.generate(pixel_values=px, input_ids=None if prompt is None else ids,
                                  attention_mask=None if prompt is None else mask,
                                  return_dict_in_generate=True, output_logits=True)
@@ -247,19 +247,19 @@ def main() -> None:
             bt = beam.sequences[0, 1:].tolist()
             bt = bt[: bt.index(1) + 1] if 1 in bt else bt
             case["beam3"] = {"generated_ids": bt, "score": beam.sequences_scores[0].item()}
-            mf.log(f"  {name} beam3: {bt}")
+            fc.log(f"  {name} beam3: {bt}")
         cases.append(case)
-        mf.log(f"  {name}: {[it['generated_ids'] for it in items]} {[it['text'] for it in items]}")
+        fc.log(f"  {name}: {[it['generated_ids'] for it in items]} {[it['text'] for it in items]}")
     for h in hooks:
         h.remove()
     np_save_file(arrays, str(GOLD / f"t5_{NAME}.safetensors"))
     tokens = {t: tok(t).input_ids for t in ["", "a dog", "  two   cats\nand a dog ", "Question: what is it? Answer:",
                                              "<image>x", "zebra qq"]}
-    mf.write_json(GOLD / f"t5_{NAME}.json", {"cases": cases, "buckets": relative_buckets(), "tokens": tokens,
+    fc.write_json(GOLD / f"t5_{NAME}.json", {"cases": cases, "buckets": relative_buckets(), "tokens": tokens,
                                              "num_parameters": sum(p.numel() for p in model.parameters())})
     (out_dir / "README.md").write_text(__doc__, encoding="utf-8")
     size = sum(f.stat().st_size for f in out_dir.iterdir()) + sum(f.stat().st_size for f in GOLD.glob("t5_*"))
-    mf.log(f"t5 fixtures: {size / 1e3:.0f} KB")
+    fc.log(f"t5 fixtures: {size / 1e3:.0f} KB")
 
 
 if __name__ == "__main__":

@@ -37,13 +37,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_fixtures as mf  # noqa: E402
+import fixtures_common as fc  # noqa: E402  (version checks, paths, helpers)
 
 import sentencepiece as spm  # noqa: E402
 from tokenizers import Tokenizer, normalizers  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-FIX = mf.FIX
+FIX = fc.FIX
 GOLD = FIX / "goldens"
 NAME = "t5-tokenizer-legacy"
 EXTRA_IDS = 100
@@ -218,10 +218,10 @@ def main() -> None:
     tok_json = legacy_tokenizer_json(sp, cmap)
     (out / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False), encoding="utf-8")
     extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
-    mf.write_json(out / "tokenizer_config.json", {
+    fc.write_json(out / "tokenizer_config.json", {
         "additional_special_tokens": extra, "eos_token": "</s>", "extra_ids": EXTRA_IDS, "model_max_length": 512,
         "pad_token": "<pad>", "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"})
-    mf.write_json(out / "special_tokens_map.json", {
+    fc.write_json(out / "special_tokens_map.json", {
         "additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
     (out / "README.md").write_text(__doc__, encoding="utf-8")
 
@@ -243,12 +243,12 @@ def main() -> None:
     variant["added_tokens_decoder"][str(tok.convert_tokens_to_ids("<image>"))].update(normalized=True, special=False)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(out / "tokenizer.json", tmp)
-        mf.write_json(Path(tmp) / "tokenizer_config.json", variant)
+        fc.write_json(Path(tmp) / "tokenizer_config.json", variant)
         vtok = AutoTokenizer.from_pretrained(tmp)
         vcases = encodings(vtok, ["<image> a photo of <image> two", " <image> x <extra_id_0> "], None)
     assert "<image>" in vcases[0]["decoded"], vcases[0]
 
-    mf.write_json(GOLD / f"{NAME}_tokens.json", {
+    fc.write_json(GOLD / f"{NAME}_tokens.json", {
         "transformers": __import__("transformers").__version__,
         "vocab_size": len(tok),
         "texts_differing_from_file_pipeline": differ,
@@ -256,7 +256,7 @@ def main() -> None:
         "added_tokens_decoder_variant": {"tokenizer_config": variant, "cases": vcases},
     })
     size = sum(p.stat().st_size for p in out.iterdir())
-    mf.log(f"{NAME}: {len(tok)} tokens, {len(cmap)} B charsmap, folder {size / 1e3:.1f} KB, "
+    fc.log(f"{NAME}: {len(tok)} tokens, {len(cmap)} B charsmap, folder {size / 1e3:.1f} KB, "
            f"{differ}/{len(TEXTS)} texts differ from the file's own pipeline")
 
 

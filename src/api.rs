@@ -7,14 +7,15 @@ use std::time::Instant;
 
 pub use crate::backend::Device;
 use crate::backend::{Backend, Executor};
-use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
+use crate::config::{GenerationConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::generate::{
-    beam_rows, expand_for_beams, generate_prompts, EarlyStopping, GenerateOptions, Plan, Prompts, Sequence, Timings,
-    TokenEvent,
+    beam_rows, expand_for_beams, generate_prompts, GenerateOptions, GenerationOverrides, Plan, PlanShape, Prompts,
+    Sequence, Timings, TokenEvent,
 };
 use crate::image::{ImageInput, ImageProcessor, PixelValues};
 use crate::models::Family;
+use crate::models::ModelConfig;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -79,11 +80,31 @@ pub struct Model {
 }
 
 /// A built plan with its executor, kept for the next request of the same shape.
-type CachedRun = (PlanKey, Plan, Box<dyn Executor>);
+type CachedRun = (PlanShape, Plan, Box<dyn Executor>);
 
-/// (images, sequences, decoder input length, max new tokens, encoder text rows): what a plan's
-/// buffers depend on.
-type PlanKey = (usize, usize, usize, usize, usize);
+/// What a [`Request`] asks of the model's text side.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    /// A caption (chat families: the caption instruction through the chat template).
+    Caption,
+    /// One question about the request's images: the family's question template (one image), or
+    /// for chat families one user message holding every image, then the question.
+    Question(&'a str),
+    /// One question per image, run as one batch (left-padded prompts; chat families batch each
+    /// stretch of equal consecutive questions).
+    PerImage(&'a [&'a str]),
+    /// A prompt as the model's processor takes it, without a template (None: no prompt).
+    Raw(Option<&'a str>),
+}
+
+/// One generation request: preprocessed images, what to ask and how to generate
+/// ([`Model::generate`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub images: &'a [PixelValues],
+    pub prompt: Prompt<'a>,
+    pub options: &'a GenerateOptions,
+}
 
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
@@ -101,10 +122,7 @@ impl Model {
         family.check_preprocessor(&pre, &pre_path)?;
         let generation_path = dir.join("generation_config.json");
         let generation = GenerationConfig::load_or_default(&generation_path)?;
-        if let ModelConfig::Llava(c) = &cfg {
-            // A chat family generates with these ids (`default_options`).
-            generation.check_tokens(c.text_config.vocab_size, &generation_path)?;
-        }
+        cfg.family().check_generation_config(&generation, &generation_path)?;
         let chat = if family.chat() { Some(crate::chat::ChatProcessor::load_from_dir(dir)?) } else { None };
         let backend = Backend::new(device, family.weights())?;
         Ok(Self {
@@ -126,34 +144,19 @@ impl Model {
         let mut o = self.family.default_options();
         // Chat families generate with their own generation_config.json (LLaVA: eos 2).
         if self.chat.is_some() {
-            let g = &self.generation;
-            if let Some(eos) = &g.eos_token_id {
-                o.eos_token_ids = eos.to_vec();
-            }
-            o.max_new_tokens = g.max_new_tokens.or(o.max_new_tokens);
-            o.max_length = g.max_length;
-            o.min_new_tokens = g.min_new_tokens.unwrap_or(o.min_new_tokens);
-            o.do_sample = g.do_sample.unwrap_or(o.do_sample);
-            o.temperature = g.temperature.unwrap_or(o.temperature);
-            o.top_k = g.top_k.unwrap_or(o.top_k);
-            o.top_p = g.top_p.unwrap_or(o.top_p);
-            o.min_p = g.min_p.or(o.min_p);
-            o.repetition_penalty = g.repetition_penalty.unwrap_or(o.repetition_penalty);
-            o.no_repeat_ngram_size = g.no_repeat_ngram_size.unwrap_or(o.no_repeat_ngram_size);
-            o.num_beams = g.num_beams.unwrap_or(o.num_beams);
-            o.length_penalty = g.length_penalty.unwrap_or(o.length_penalty);
-            o.num_return_sequences = g.num_return_sequences.unwrap_or(o.num_return_sequences);
-            if let Some(stop) = &g.stop_strings {
-                o.stop_strings = stop.to_vec();
-            }
-            match &g.early_stopping {
-                Some(serde_json::Value::Bool(true)) => o.early_stopping = EarlyStopping::Done,
-                Some(serde_json::Value::Bool(false)) => o.early_stopping = EarlyStopping::Heuristic,
-                Some(serde_json::Value::String(v)) if v == "never" => o.early_stopping = EarlyStopping::Never,
-                _ => {}
-            }
+            GenerationOverrides::from_generation_config(&self.generation).apply(&mut o);
         }
         o
+    }
+
+    /// [`Model::default_options`] with `overrides` applied, validated: the settings a request
+    /// runs with (the CLI's flags and Python's keyword arguments both come through here).
+    pub fn options(&self, overrides: &GenerationOverrides) -> Result<GenerateOptions> {
+        let mut o = self.default_options();
+        overrides.apply(&mut o);
+        o.validate()?;
+        o.check_available()?;
+        Ok(o)
     }
 
     /// The family's question template applied to `question` (BLIP-2: `"Question: {q} Answer:"`).
@@ -199,25 +202,47 @@ impl Model {
         self.image_processor.preprocess_input(image)
     }
 
+    /// The one entry point: runs `request` and returns one output per decoder sequence (per
+    /// image, or one for a chat prompt holding every image); `on_token` sees each token as it is
+    /// produced. The methods below are conveniences over it.
+    pub fn generate(&self, request: &Request<'_>, on_token: &mut dyn FnMut(&TokenEvent)) -> Result<Vec<Output>> {
+        let (images, opts) = (request.images, request.options);
+        opts.validate()?;
+        match request.prompt {
+            // Chat families caption through their chat template with the caption instruction.
+            Prompt::Caption if self.chat.is_some() => self.generate(
+                &Request { prompt: Prompt::Question(crate::chat::CAPTION_INSTRUCTION), ..*request },
+                on_token,
+            ),
+            Prompt::Caption => self.run_text(images, None, opts, on_token),
+            Prompt::Question(question) => match &self.chat {
+                None if images.len() != 1 => Err(one_image_only(images.len())),
+                None => self.run_text(images, Some(&self.question_prompt(question)), opts, on_token),
+                Some(chat) => {
+                    let ids = self.chat_ids(chat, &chat.user_prompt(images.len(), question)?)?;
+                    self.outputs(self.run_ids(images, &ids, opts, on_token)?)
+                }
+            },
+            Prompt::PerImage(questions) => self.run_per_image(images, questions, opts, on_token),
+            Prompt::Raw(prompt) => self.run_text(images, prompt, opts, on_token),
+        }
+    }
+
     /// Captions an image file.
     pub fn caption(&self, image: &Path, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
         self.caption_pixels(&self.preprocess(image)?, opts, &mut |_| {})
     }
 
-    /// Captions a preprocessed image (chat families: the caption instruction through the chat
-    /// template); `on_token` sees each token as it is produced.
+    /// Captions a preprocessed image; `on_token` sees each token as it is produced.
     pub fn caption_pixels(
         &self,
         pixels: &PixelValues,
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Output> {
-        opts.validate()?;
-        if self.chat.is_some() {
-            return self.ask_pixels(std::slice::from_ref(pixels), crate::chat::CAPTION_INSTRUCTION, opts, on_token);
-        }
-        self.run(std::slice::from_ref(pixels), None, opts, on_token).map(|mut v| v.remove(0))
+        let request = Request { images: std::slice::from_ref(pixels), prompt: Prompt::Caption, options: opts };
+        self.generate(&request, on_token).map(|mut v| v.remove(0))
     }
 
     /// Answers a question about an image with the family's question template.
@@ -235,17 +260,8 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Output> {
-        opts.validate()?;
-        if self.chat.is_none() {
-            if pixels.len() != 1 {
-                return Err(one_image_only(pixels.len()));
-            }
-            let prompt = self.question_prompt(question);
-            return self.run(pixels, Some(&prompt), opts, on_token).map(|mut v| v.remove(0));
-        }
-        let ids = self.chat_input_ids(pixels.len(), question)?;
-        let (mut seqs, timings, device) = self.run_ids(pixels, &ids, opts, on_token)?;
-        self.output(seqs.remove(0), &timings, &device)
+        let request = Request { images: pixels, prompt: Prompt::Question(question), options: opts };
+        self.generate(&request, on_token).map(|mut v| v.remove(0))
     }
 
     /// Asks one question about several images (chat families: one user message holding every
@@ -271,13 +287,7 @@ impl Model {
                 "ask_batch runs one question per image on non-chat families (BLIP-2); for a chat model, ask each question with ask_images".into(),
             ));
         }
-        if images.len() != questions.len() || images.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "ask_batch takes one question per image; got {} images and {} questions",
-                images.len(),
-                questions.len()
-            )));
-        }
+        check_per_image(images.len(), questions.len())?;
         let pixels = images.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
         self.ask_batch_pixels(&pixels, questions, opts)
     }
@@ -290,24 +300,37 @@ impl Model {
         questions: &[&str],
         opts: &GenerateOptions,
     ) -> Result<Vec<Output>> {
-        opts.validate()?;
-        if pixels.len() != questions.len() || pixels.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "ask_batch takes one question per image; got {} images and {} questions",
-                pixels.len(),
-                questions.len()
-            )));
-        }
-        if self.chat.is_some() {
+        self.generate(&Request { images: pixels, prompt: Prompt::PerImage(questions), options: opts }, &mut |_| {})
+    }
+
+    /// Runs preprocessed images as one batch with one raw prompt (no template); `on_token` sees
+    /// each token as it is produced.
+    pub fn run(
+        &self,
+        images: &[PixelValues],
+        prompt: Option<&str>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Vec<Output>> {
+        self.generate(&Request { images, prompt: Prompt::Raw(prompt), options: opts }, on_token)
+    }
+
+    /// [`Prompt::PerImage`]: one question per image (see [`Model::ask_batch_pixels`]).
+    fn run_per_image(
+        &self,
+        pixels: &[PixelValues],
+        questions: &[&str],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Vec<Output>> {
+        check_per_image(pixels.len(), questions.len())?;
+        if let Some(chat) = &self.chat {
             let mut out = Vec::with_capacity(pixels.len());
             let mut start = 0;
             while start < questions.len() {
                 let end = start + questions[start..].iter().take_while(|q| **q == questions[start]).count();
-                let ids = self.chat_input_ids(1, questions[start])?;
-                let (seqs, timings, device) = self.run_ids(&pixels[start..end], &ids, opts, &mut |_| {})?;
-                for s in seqs {
-                    out.push(self.output(s, &timings, &device)?);
-                }
+                let ids = self.chat_ids(chat, &chat.user_prompt(1, questions[start])?)?;
+                out.extend(self.outputs(self.run_ids(&pixels[start..end], &ids, opts, on_token)?)?);
                 start = end;
             }
             return Ok(out);
@@ -322,13 +345,12 @@ impl Model {
         let ids = texts.iter().map(|t| self.input_ids(Some(t))).collect::<Result<Vec<_>>>()?;
         let prompts = Prompts::left_padded(&ids, pad_id)?;
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let (seqs, timings, device) = self.run_request(pixels, &prompts, &texts, opts, &mut |_| {})?;
-        seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
+        self.outputs(self.run_request(pixels, &prompts, &texts, opts, on_token)?)
     }
 
-    /// Runs preprocessed images as one batch with one raw prompt; `on_token` sees each token
-    /// as it is produced.
-    pub fn run(
+    /// [`Prompt::Raw`] and the non-chat templates: the images as one batch with one prompt text,
+    /// which the encoders read too where the family does (InstructBLIP's Q-Former).
+    fn run_text(
         &self,
         images: &[PixelValues],
         prompt: Option<&str>,
@@ -336,11 +358,14 @@ impl Model {
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
         let input_ids = self.input_ids(prompt)?;
-        // The text goes to the encoders too where the family reads it (InstructBLIP's Q-Former).
         let sequences = self.family.sequences_for(images.len(), &input_ids)?;
         let texts = vec![prompt.unwrap_or(""); sequences];
         let prompts = Prompts::shared(&input_ids, sequences);
-        let (seqs, timings, device) = self.run_request(images, &prompts, &texts, opts, on_token)?;
+        self.outputs(self.run_request(images, &prompts, &texts, opts, on_token)?)
+    }
+
+    /// Every sequence of a run as the caller sees it ([`Model::output`]).
+    fn outputs(&self, (seqs, timings, device): (Vec<Sequence>, Timings, String)) -> Result<Vec<Output>> {
         seqs.into_iter().map(|s| self.output(s, &timings, &device)).collect()
     }
 
@@ -437,10 +462,17 @@ impl Model {
             false => Some(crate::generate::StopStrings::new(&opts.stop_strings, &self.tokenizer)?),
         };
         let mut hooks = crate::generate::Hooks { on_token, on_phase: None };
-        let key = (beam_rows(images.len(), opts), beam_rows(sequences, opts), prompts.len(), new_tokens, text_rows);
+        let key = PlanShape {
+            images: beam_rows(images.len(), opts),
+            sequences: beam_rows(sequences, opts),
+            prompt_len: prompts.len(),
+            max_new_tokens: new_tokens,
+            text_rows,
+            all_prefill_logits: false,
+        };
         if !self.backend.is_cuda() {
             // CPU requests run in parallel, each with its own buffers.
-            let plan = self.family.plan_text(key.0, key.1, key.2, key.3, false, key.4)?;
+            let plan = self.family.plan_for(&key)?;
             let mut exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             let (seqs, timings) =
                 generate_prompts(&plan, exec.as_mut(), &inputs, &prompts, opts, stop.as_ref(), &mut hooks)?;
@@ -449,7 +481,7 @@ impl Model {
         let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|(k, _, _)| *k != key) {
             *slot = None; // free the old buffers before allocating new ones
-            let plan = self.family.plan_text(key.0, key.1, key.2, key.3, false, key.4)?;
+            let plan = self.family.plan_for(&key)?;
             let exec = self.backend.executor(self.family.weights(), &plan.graph)?;
             *slot = Some((key, plan, exec));
         }
@@ -471,6 +503,16 @@ impl Model {
 }
 
 /// The error of a question about several images on a family that takes one.
+/// `ask_batch`'s shape: one question per image, at least one.
+fn check_per_image(images: usize, questions: usize) -> Result<()> {
+    if images != questions || images == 0 {
+        return Err(Error::InvalidInput(format!(
+            "ask_batch takes one question per image; got {images} images and {questions} questions"
+        )));
+    }
+    Ok(())
+}
+
 fn one_image_only(images: usize) -> Error {
     Error::InvalidInput(format!(
         "this model answers about one image at a time; got {images} images (several images need a chat model such as LLaVA)"

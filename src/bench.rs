@@ -26,12 +26,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, Device, Executor};
-use crate::config::ModelConfig;
 use crate::cost::{Cost, GraphCost};
 use crate::error::{Error, Result};
 use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
 use crate::graph::{Phase, WeightTable};
 use crate::models::Family;
+use crate::models::ModelConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -242,13 +242,12 @@ impl Subject {
     fn request(&self, pixels: Vec<f32>, batch: usize, vqa: bool, n: usize) -> Result<Request> {
         let (ids, text) = if vqa { (&self.vqa_ids, &self.vqa_text) } else { (&self.caption_ids, &self.caption_text) };
         let mut inputs = vec![("pixels", pixels)];
-        let plan = match self.family.text_inputs(&vec![text.as_str(); batch])? {
-            Some(t) => {
-                inputs.extend(t.inputs);
-                self.family.plan_text(batch, batch, ids.len(), n, false, t.rows)?
-            }
-            None => self.family.plan(batch, ids.len(), n, false)?,
-        };
+        let mut shape = crate::generate::PlanShape::new(batch, ids.len(), n);
+        if let Some(t) = self.family.text_inputs(&vec![text.as_str(); batch])? {
+            inputs.extend(t.inputs);
+            shape.text_rows = t.rows;
+        }
+        let plan = self.family.plan_for(&shape)?;
         Ok(Request { plan, inputs })
     }
 }
@@ -1035,7 +1034,8 @@ fn cpu_matrix_gflops() -> (f64, String) {
     let mut best = f64::INFINITY;
     for _ in 0..4 {
         let s = Instant::now();
-        crate::backend::cpu::ops::linear(&x, M, M, &w, M, None, crate::graph::Activation::None, &mut out, false);
+        let dims = crate::backend::GemmDims { m: M, n: M, k: M };
+        crate::backend::cpu::ops::linear(&x, &w, None, crate::graph::Activation::None, &mut out, false, dims);
         best = best.min(s.elapsed().as_secs_f64());
     }
     std::hint::black_box(&out);

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::config::read_json;
 use crate::error::{Error, Result};
+use crate::json::read_json;
 
 /// What `glimpse caption` asks a chat model: one user message with the image and this text.
 pub const CAPTION_INSTRUCTION: &str = "Describe the image in one sentence.";

@@ -3,6 +3,10 @@
 
 use std::path::PathBuf;
 
+mod gpu;
+
+pub use gpu::GpuError;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +52,7 @@ pub enum Error {
     Gpu(String),
 
     #[error(transparent)]
-    Cuda(#[from] crate::backend::cuda::GpuError),
+    Cuda(#[from] GpuError),
 }
 
 impl Error {

@@ -25,7 +25,7 @@ pub enum Target {
     Safetensors,
     /// `weights::parse_shard_index`: model.safetensors.index.json.
     ShardIndex,
-    /// `config::ModelConfig::from_slice`: config.json, parsed and validated.
+    /// `models::ModelConfig::from_slice`: config.json, parsed and validated.
     Config,
     /// `config::GenerationConfig::from_slice`.
     GenerationConfig,
@@ -73,7 +73,7 @@ impl Target {
         let _ = match self {
             Target::Safetensors => crate::weights::parse_safetensors(input, path).map(drop),
             Target::ShardIndex => crate::weights::parse_shard_index(input, path).map(drop),
-            Target::Config => crate::config::ModelConfig::from_slice(input, path).map(drop),
+            Target::Config => crate::models::ModelConfig::from_slice(input, path).map(drop),
             Target::GenerationConfig => crate::config::GenerationConfig::from_slice(input, path).map(drop),
             Target::Preprocessor => {
                 let a = crate::config::PreprocessorConfig::from_slice(input, path).map(drop);
@@ -116,7 +116,7 @@ impl Target {
             Target::Config => {
                 seeds.push(read("blip2-opt-tiny/config.json")?);
                 seeds.push(read("blip2-opt-tiny-proj/config.json")?);
-                for preset in crate::synth::PRESETS {
+                for preset in crate::synth::presets() {
                     seeds.push(json_seed(crate::synth::preset_json(preset)?));
                 }
             }

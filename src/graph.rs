@@ -132,7 +132,7 @@ pub enum RopeScaling {
 
 /// transformers 5.17 `inv_freq` for RoPE over `dim` rotated dims (even), bit-exact: the exponent
 /// `f32(2i) / f32(dim)` in f32, `base ** e` in f64 rounded to f32, the reciprocal in f32
-/// (design/llama.md 2.2). Scaling follows the fp32 torch expressions: a python scalar divided by
+/// (docs/models/llama.md#rope). Scaling follows the fp32 torch expressions: a python scalar divided by
 /// a tensor is `tensor.reciprocal() * scalar`, comparisons cast the scalar to f32.
 pub fn rope_inv_freq(dim: usize, base: f64, scaling: RopeScaling) -> Vec<f32> {
     let inv: Vec<f32> = (0..dim / 2)
@@ -423,19 +423,32 @@ impl Graph {
         Phase { name, ops: std::mem::take(&mut self.ops), replayable: false }
     }
 
-    /// `out = act(x · Wᵀ + b) + residual`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear(
-        &mut self,
-        x: impl Into<View>,
-        weight: W,
-        bias: Option<W>,
-        act: Activation,
-        residual: Option<Buf>,
-        out: Buf,
-        rows: usize,
-    ) {
+    /// `out = act(x · Wᵀ + b) + residual` over `rows` rows ([`Fused`]: the activation and
+    /// residual applied to the product).
+    pub fn linear(&mut self, x: impl Into<View>, weight: W, bias: Option<W>, then: Fused, out: Buf, rows: usize) {
+        let Fused { act, residual } = then;
         self.push(Op::Linear { x: x.into(), weight, bias, act, residual, out, rows });
+    }
+}
+
+/// What a Linear applies after its product and bias: an activation, then a residual add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fused {
+    pub act: Activation,
+    pub residual: Option<Buf>,
+}
+
+impl Fused {
+    /// The bare product (plus bias).
+    pub const NONE: Fused = Fused { act: Activation::None, residual: None };
+
+    pub fn act(act: Activation) -> Self {
+        Self { act, residual: None }
+    }
+
+    /// `act(..) + residual`.
+    pub fn add(act: Activation, residual: Option<Buf>) -> Self {
+        Self { act, residual }
     }
 }
 

@@ -18,7 +18,7 @@ pub fn describe(dir: &Path) -> Result<String> {
 /// ([`Checkpoint::non_finite`]): the description then ends with a `weights:` line (and one line
 /// per such tensor), and they are returned.
 pub fn describe_with(dir: &Path, check_weights: bool) -> Result<(String, Vec<NonFinite>)> {
-    let config = crate::config::ModelConfig::load(&dir.join("config.json"))?;
+    let config = crate::models::ModelConfig::load(&dir.join("config.json"))?;
     let family_lines = if config.embeds() {
         crate::api::EmbedModel::load(dir, Device::Cpu)?.family.describe()
     } else {

@@ -1,5 +1,6 @@
-//! glimpse: vision-language models (BLIP-2 first) from Hugging Face checkpoints, on a reference
-//! CPU executor and on hand-written CUDA kernels.
+//! glimpse: vision-language models (BLIP-2, InstructBLIP, LLaVA, CLIP) from Hugging Face
+//! checkpoints, on a reference CPU executor and on hand-written CUDA kernels. The layers are
+//! described in docs/architecture.md; each family lives in its own file under [`models`].
 //!
 //! ```no_run
 //! let model = glimpse::Model::load("blip2-opt-2.7b", glimpse::Device::Auto)?;
@@ -26,13 +27,14 @@ pub mod graph;
 pub mod hub;
 pub mod image;
 pub mod info;
+pub mod json;
 pub mod models;
 pub mod parity;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use api::{Device, EmbedModel, Model, Output};
+pub use api::{Device, EmbedModel, Model, Output, Prompt, Request};
 pub use error::{Error, Result};
 pub use generate::{Cancel, GenerateOptions, Sequence, Timings, TokenEvent};
 pub use image::ImageInput;

@@ -18,13 +18,14 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use cli::output::{diagnostic, Stdout, Stop};
 use glimpse::dataset::Task;
+use glimpse::generate::GenerationOverrides;
 use glimpse::{Device, GenerateOptions, Model, Output};
 
 #[derive(Parser)]
 #[command(
     name = "glimpse",
     version,
-    about = "Fast, faithful vision-language inference (BLIP-2) from Hugging Face checkpoints"
+    about = "Fast, faithful vision-language inference (BLIP-2, InstructBLIP, LLaVA, CLIP) from Hugging Face checkpoints"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -329,25 +330,13 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
     if device == Device::Auto && model.backend_name() == "cpu" {
         note_cpu_fallback();
     }
-    let mut opts = model.default_options();
-    if let Some(n) = args.max_new_tokens {
-        opts.max_new_tokens = Some(n);
-    }
-    args.gen.apply(&mut opts)?;
-    opts.validate()?;
-    opts.check_available()?;
+    let opts = model.options(&GenerationOverrides { max_new_tokens: args.max_new_tokens, ..args.gen.overrides()? })?;
     args.gen.check_stream(&opts, args.json)?;
     Ok((model, opts))
 }
 
 fn json_record(model: &Model, image: &Path, out: &Output) -> String {
-    let mut record = serde_json::Map::new();
-    record.insert("image".into(), image.display().to_string().into());
-    record.insert("timings".into(), serde_json::json!(out.timings));
-    record.insert("load_seconds".into(), model.load_seconds.into());
-    // text, tokens, logprobs, device; beam search: score and sequences (best first).
-    record.extend(glimpse::dataset::output_fields(out));
-    serde_json::Value::Object(record).to_string()
+    glimpse::dataset::json_record(image.display().to_string().into(), out, model.load_seconds).to_string()
 }
 
 /// `--stream`: one image's text printed as it is generated (escaped as the plain output is,
@@ -596,16 +585,8 @@ fn run_multi(
     let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
     let out = model.ask_images(&paths, question, opts)?;
     let line = if json {
-        serde_json::json!({
-            "image": images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "text": out.text,
-            "tokens": out.tokens,
-            "logprobs": out.logprobs,
-            "timings": out.timings,
-            "device": out.device,
-            "load_seconds": model.load_seconds,
-        })
-        .to_string()
+        let names = images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        glimpse::dataset::json_record(names.into(), &out, model.load_seconds).to_string()
     } else {
         cli::output::plain_record(&images[0], Ok(&out.text), false).unwrap_or_default()
     };

@@ -40,7 +40,7 @@ impl Tokenizer {
     /// Loads the tokenizer of an HF model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
-        let config: Value = if config_path.exists() { crate::config::read_json(&config_path)? } else { Value::Null };
+        let config: Value = if config_path.exists() { crate::json::read_json(&config_path)? } else { Value::Null };
         let clean_up_spaces = config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
 
         let json = dir.join("tokenizer.json");
@@ -50,7 +50,7 @@ impl Tokenizer {
         let inner = if json.exists() && is_clip(&config) && !hub_class_ignored(dir) {
             clip_tokenizer(&json, &config)?
         } else if json.exists() && (llama || t5) {
-            let spec: Value = crate::config::read_json(&json)?;
+            let spec: Value = crate::json::read_json(&json)?;
             let err = |e: String| Error::Tokenizer(format!("{}: {e}", json.display()));
             let spec = if t5 { t5_rebuild(spec, &config).map_err(err)? } else { llama_rebuild(spec, &config) };
             HfTokenizer::from_str(&spec.to_string()).map_err(|e| err(e.to_string()))?
@@ -181,7 +181,7 @@ fn is_clip(config: &Value) -> bool {
 /// around every text. No truncation: a text past the model's positions is the model's error.
 fn clip_tokenizer(json: &Path, config: &Value) -> Result<HfTokenizer> {
     let err = |msg: String| Error::Tokenizer(format!("{}: {msg}", json.display()));
-    let mut v: Value = crate::config::read_json(json)?;
+    let mut v: Value = crate::json::read_json(json)?;
     let token = |key: &str, default: &str| config.get(key).and_then(token_content).unwrap_or_else(|| default.into());
     let (bos, eos, unk) = (
         token("bos_token", "<|startoftext|>"),
@@ -301,7 +301,7 @@ fn hub_class_ignored(dir: &Path) -> bool {
     v.get("model_type").and_then(Value::as_str).is_some_and(|t| HUB_CLASS_IGNORED.contains(&t))
 }
 
-/// transformers 5.17's `LlamaTokenizer.__init__` applied to a tokenizer.json (design/llava.md 4.3):
+/// transformers 5.17's `LlamaTokenizer.__init__` applied to a tokenizer.json (docs/models/llama.md#tokenizer):
 /// only the vocabulary, merges and added tokens are kept; the file's normalizer, pre-tokenizer and
 /// decoder are replaced by Metaspace (`prepend_scheme` "first" unless `legacy` is true: "always";
 /// "never" when `add_prefix_space` is false, without splitting), byte fallback and a decoder that
@@ -369,7 +369,7 @@ fn llama_rebuild(mut spec: Value, config: &Value) -> Value {
     spec
 }
 
-/// transformers 5.17's `T5Tokenizer.__init__` applied to a tokenizer.json (design/t5.md §6): only
+/// transformers 5.17's `T5Tokenizer.__init__` applied to a tokenizer.json (docs/models/t5.md#tokenizer): only
 /// the Unigram vocabulary with its scores and the file's `Precompiled` charsmap are kept (hub
 /// Flan-T5 files wrap it in a Sequence with `Replace(" {2,}")`, which is dropped, as are the file's
 /// lone Metaspace pre-tokenizer, decoder and template). The class rebuilds `unk_id` 2 without byte

@@ -194,7 +194,7 @@ impl ShardIndex {
 /// Public for the fuzzer.
 #[doc(hidden)]
 pub fn parse_shard_index(bytes: &[u8], path: &Path) -> Result<ShardIndex> {
-    let index: ShardIndex = crate::config::from_json_slice(bytes, path)?;
+    let index: ShardIndex = crate::json::from_json_slice(bytes, path)?;
     for shard in index.shards() {
         if shard.is_empty() || shard.contains('/') || shard.contains('\\') || shard == ".." || shard == "." {
             return Err(Error::safetensors(

@@ -14,7 +14,7 @@ use glimpse::api::Device;
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::{Backend, Executor};
 use glimpse::graph::{
-    rope_inv_freq, Activation, Attention, Buf, DType, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View,
+    rope_inv_freq, Activation, Attention, Buf, DType, Fused, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View,
     WeightTable, W,
 };
 use glimpse::weights::Weight;
@@ -94,7 +94,7 @@ fn norms_activations_and_views_match_cpu() {
     g.push(Op::RmsNorm { x, residual: Some(r), weight: W(0), eps: 1e-6, out: rms, rows });
     g.push(Op::L2Normalize { x: ln, out: unit16, rows });
     g.push(Op::L2Normalize { x: ln, out: unit32, rows });
-    g.linear(View { buf: wide, col: 8 }, W(1), None, Activation::GeluTanh, None, fused, rows);
+    g.linear(View { buf: wide, col: 8 }, W(1), None, Fused::act(Activation::GeluTanh), fused, rows);
     let mut phases = vec![g.take_phase("norms")];
     for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
         g.push(Op::GatedAct {
@@ -326,13 +326,13 @@ fn fp32_stream_matches_cpu() {
         let (ln, rms, back) = (g.buffer("ln", rows, dim), g.buffer("rms", rows, dim), g.buffer("back", rows, dim));
         let logits = g.typed_buffer("logits", rows, vocab, DType::F32);
         g.push(Op::Convert { x: emb, out: stream, rows });
-        g.linear(x, W(0), None, Activation::Gelu, Some(stream), stream, rows);
-        g.linear(x, W(0), None, Activation::None, None, other, rows);
-        g.linear(x, W(0), None, Activation::Silu, Some(other), stream, rows);
+        g.linear(x, W(0), None, Fused::add(Activation::Gelu, Some(stream)), stream, rows);
+        g.linear(x, W(0), None, Fused::NONE, other, rows);
+        g.linear(x, W(0), None, Fused::add(Activation::Silu, Some(other)), stream, rows);
         g.push(Op::LayerNorm { x: stream, residual: Some(other), weight: W(1), bias: None, eps: 1e-5, out: ln, rows });
         g.push(Op::RmsNorm { x: stream, residual: None, weight: W(1), eps: 1e-6, out: rms, rows });
         g.push(Op::Convert { x: stream, out: back, rows });
-        g.linear(x, W(2), None, Activation::None, None, logits, rows);
+        g.linear(x, W(2), None, Fused::NONE, logits, rows);
         phases.push(g.take_phase("fp32_stream"));
         bufs.push((rows, x, emb, stream, ln, rms, back, logits));
     }

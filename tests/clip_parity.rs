@@ -185,15 +185,15 @@ fn text_config_dict_replaces_text_config_with_defaults() {
         "text_config": {"eos_token_id": 2, "bos_token_id": 0, "hidden_size": 768, "num_attention_heads": 12},
         "text_config_dict": {"hidden_size": 768, "num_attention_heads": 12, "projection_dim": 768},
         "vision_config": {"hidden_size": 1024, "num_attention_heads": 16, "patch_size": 14}}"#;
-    let cfg = glimpse::config::ModelConfig::from_slice(json.as_bytes(), std::path::Path::new("config.json")).unwrap();
-    let glimpse::config::ModelConfig::Clip(c) = cfg else { panic!("a CLIP config") };
+    let cfg = glimpse::models::ModelConfig::from_slice(json.as_bytes(), std::path::Path::new("config.json")).unwrap();
+    let Some(c) = cfg.get::<glimpse::models::clip::ClipConfig>().cloned() else { panic!("a CLIP config") };
     let t = c.text_config.unwrap();
     assert_eq!((t.eos_token_id, t.bos_token_id, t.hidden_size), (Some(49407), Some(49406), 768));
     assert_eq!(c.vision_config.unwrap().patch_size, 14);
     // Without the dict, text_config's own (legacy) eos 2 stays.
     let json = json.replace(r#""text_config_dict""#, r#""unused""#);
-    let cfg = glimpse::config::ModelConfig::from_slice(json.as_bytes(), std::path::Path::new("config.json")).unwrap();
-    let glimpse::config::ModelConfig::Clip(c) = cfg else { panic!("a CLIP config") };
+    let cfg = glimpse::models::ModelConfig::from_slice(json.as_bytes(), std::path::Path::new("config.json")).unwrap();
+    let Some(c) = cfg.get::<glimpse::models::clip::ClipConfig>().cloned() else { panic!("a CLIP config") };
     assert_eq!(c.text_config.unwrap().eos_token_id, Some(2));
 }
 

@@ -6,7 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use glimpse::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
+use glimpse::config::{GenerationConfig, PreprocessorConfig};
+use glimpse::models::ModelConfig;
 use glimpse::{Device, GenerateOptions, Model};
 use serde_json::{json, Value};
 
@@ -34,7 +35,7 @@ fn parse_err(cfg: &Value) -> String {
 
 #[test]
 fn fixture_config_is_valid() {
-    let cfg = parse(&fixture_config()).unwrap().as_blip2().cloned().unwrap();
+    let cfg = parse(&fixture_config()).unwrap().get::<glimpse::models::blip2::Blip2Config>().cloned().unwrap();
     assert_eq!(
         (cfg.vision_config.image_size, cfg.qformer_config.cross_attention_frequency, cfg.image_token()),
         (224, 2, 800)
@@ -177,7 +178,9 @@ fn other_model_types_and_non_configs() {
         Path::new("config.json"),
     )
     .unwrap();
-    assert!(matches!(llava, ModelConfig::Llava(ref c) if c.vision_config.image_size == 336 && c.image_rows() == 576));
+    assert!(
+        matches!(llava.get::<glimpse::models::llava::LlavaConfig>(), Some(c) if c.vision_config.image_size == 336 && c.image_rows() == 576)
+    );
     assert!(parse_err(&json!({"hidden_size": 4})).contains("no `model_type`"));
     assert!(parse_err(&json!([1, 2])).contains("not a JSON object"));
     let err =
@@ -189,7 +192,11 @@ fn other_model_types_and_non_configs() {
 /// config.json says.
 #[test]
 fn qformer_encoder_hidden_size_follows_the_vision_model() {
-    let cfg = parse(&mutated("/qformer_config/encoder_hidden_size", json!(999))).unwrap().as_blip2().cloned().unwrap();
+    let cfg = parse(&mutated("/qformer_config/encoder_hidden_size", json!(999)))
+        .unwrap()
+        .get::<glimpse::models::blip2::Blip2Config>()
+        .cloned()
+        .unwrap();
     assert_eq!(cfg.qformer_config.encoder_hidden_size, 176);
 }
 
@@ -198,7 +205,11 @@ fn qformer_encoder_hidden_size_follows_the_vision_model() {
 fn repeated_keys_keep_the_last_value() {
     let text = std::fs::read_to_string(common::model_dir("blip2-opt-tiny").join("config.json")).unwrap();
     let text = text.replacen("\"num_query_tokens\": 32,", "\"num_query_tokens\": 0, \"num_query_tokens\": 32,", 1);
-    let cfg = ModelConfig::from_slice(text.as_bytes(), Path::new("config.json")).unwrap().as_blip2().cloned().unwrap();
+    let cfg = ModelConfig::from_slice(text.as_bytes(), Path::new("config.json"))
+        .unwrap()
+        .get::<glimpse::models::blip2::Blip2Config>()
+        .cloned()
+        .unwrap();
     assert_eq!(cfg.num_query_tokens, 32);
 }
 

@@ -2,7 +2,7 @@
 //! counted by hand here, and on the BLIP-2 tiny plan against its known closed form.
 
 use glimpse::cost::{op_flops, GraphCost};
-use glimpse::graph::{Activation, Attention, Graph, KvLen, Op, WeightTable};
+use glimpse::graph::{Activation, Attention, Fused, Graph, KvLen, Op, WeightTable};
 use glimpse::weights::Weight;
 use half::f16;
 
@@ -65,8 +65,8 @@ fn phase_bytes_are_weights_inputs_outputs_and_cache() {
     let h = g.buffer("h", 3, 6);
     let logits = g.buffer("logits", 3, 50);
     g.push(Op::Embed { table: emb, out: x });
-    g.linear(x, fc, Some(fc_b), Activation::Gelu, Some(prev), h, 3);
-    g.linear(h, head, None, Activation::None, None, logits, 3);
+    g.linear(x, fc, Some(fc_b), Fused::add(Activation::Gelu, Some(prev)), h, 3);
+    g.linear(h, head, None, Fused::NONE, logits, 3);
     let phase = g.take_phase("step");
     let cost = GraphCost { graph: &g, weights: &w, act_bytes: 4.0 };
 
@@ -89,7 +89,7 @@ fn a_tied_head_reads_the_whole_table_once() {
     let x = g.buffer("x", 2, 4);
     let logits = g.buffer("logits", 2, 50);
     g.push(Op::Embed { table: emb, out: x });
-    g.linear(x, emb, None, Activation::None, None, logits, 2);
+    g.linear(x, emb, None, Fused::NONE, logits, 2);
     let phase = g.take_phase("step");
     let c = GraphCost { graph: &g, weights: &w, act_bytes: 2.0 }.phase(&phase, 0, &[], &[]);
     assert_eq!(c.bytes, 50.0 * 4.0 * 2.0);

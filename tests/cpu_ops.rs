@@ -16,7 +16,7 @@ use std::sync::Arc;
 use common::reference::{self as refs, Attn, Rows, NONE};
 use glimpse::backend::cpu::ops::{self, AttnExtras, AttnShape, HeadBias, KeyMask};
 use glimpse::backend::cpu::CpuExecutor;
-use glimpse::backend::Executor;
+use glimpse::backend::{Executor, GemmDims, NormShape};
 use glimpse::graph::{
     rope_inv_freq, Activation, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable,
 };
@@ -57,7 +57,7 @@ fn linear_matches_definition() {
                 let (x, w, b) = (rng.f32s(rows * k), rng.f16s(n * k), rng.f16s(n));
                 let mut out = rng.f32s(rows * n);
                 let before = out.clone();
-                ops::linear(&x, rows, k, &w, n, Some(&b), act, &mut out, accumulate);
+                ops::linear(&x, &w, Some(&b), act, &mut out, accumulate, GemmDims { m: rows, n, k });
                 let want = refs::linear(&x, &w, Some(&b), act, accumulate.then_some(&before[..]), (rows, n, k));
                 let mag: Vec<f64> = refs::linear_abs(&x, &w, Some(&b), (rows, n, k))
                     .iter()
@@ -77,7 +77,7 @@ fn layer_norm_matches_definition() {
         let (x, r, w, b) = (rng.f32s(rows * dim), rng.f32s(rows * dim), rng.f16s(dim), rng.f16s(dim));
         for residual in [None, Some(&r[..])] {
             let mut out = vec![f32::NAN; rows * dim];
-            ops::layer_norm(&x, residual, &w, Some(&b), 1e-5, rows, dim, &mut out);
+            ops::layer_norm(&x, residual, &w, Some(&b), &mut out, NormShape { rows, dim, eps: 1e-5 });
             let want = refs::layer_norm(&f32_sum(&x, residual), &w, Some(&b), 1e-5, dim);
             close(&format!("layer_norm {rows}x{dim}"), &out, &want, &vec![4.0; rows * dim]);
         }
@@ -286,8 +286,8 @@ fn norms_without_bias_match_definition() {
         let (x, r, w) = (rng.f32s(rows * dim), rng.f32s(rows * dim), rng.f16s(dim));
         for residual in [None, Some(&r[..])] {
             let (mut ln, mut rms) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim]);
-            ops::layer_norm(&x, residual, &w, None, 1e-5, rows, dim, &mut ln);
-            ops::rms_norm(&x, residual, &w, 1e-6, rows, dim, &mut rms);
+            ops::layer_norm(&x, residual, &w, None, &mut ln, NormShape { rows, dim, eps: 1e-5 });
+            ops::rms_norm(&x, residual, &w, &mut rms, NormShape { rows, dim, eps: 1e-6 });
             let s = f32_sum(&x, residual);
             let (want_ln, want_rms) = (refs::layer_norm(&s, &w, NONE, 1e-5, dim), refs::rms_norm(&s, &w, 1e-6, dim));
             close(&format!("layer_norm (no bias) {rows}x{dim}"), &ln, &want_ln, &vec![4.0; rows * dim]);
@@ -319,7 +319,7 @@ fn l2_normalize_matches_definition() {
 }
 
 /// transformers 5.17's inv_freq: the exponent in f32, the power in f64 rounded to f32, the
-/// reciprocal in f32 (design/llama.md 2.2); linear divides by the factor; llama3 keeps high
+/// reciprocal in f32 (docs/models/llama.md#rope); linear divides by the factor; llama3 keeps high
 /// frequencies, divides low ones by the factor and interpolates the band between.
 #[test]
 fn rope_inv_freq_follows_transformers() {
@@ -769,8 +769,8 @@ fn norm_ops_run_on_the_executor() {
     ex.write(r, &rv).unwrap();
     ex.run(&p).unwrap();
     let (mut want_ln, mut want_rms) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim]);
-    ops::layer_norm(&xv, Some(&rv), &w, None, 1e-5, rows, dim, &mut want_ln);
-    ops::rms_norm(&xv, Some(&rv), &w, 1e-6, rows, dim, &mut want_rms);
+    ops::layer_norm(&xv, Some(&rv), &w, None, &mut want_ln, NormShape { rows, dim, eps: 1e-5 });
+    ops::rms_norm(&xv, Some(&rv), &w, &mut want_rms, NormShape { rows, dim, eps: 1e-6 });
     assert_eq!(ex.read(ln, rows).unwrap(), want_ln);
     assert_eq!(ex.read(rms, rows).unwrap(), want_rms);
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::Executor;
-use glimpse::graph::{Activation, Attention, Buf, DType, Graph, KvLen, Op, Phase, WeightTable, W};
+use glimpse::graph::{Activation, Attention, Buf, DType, Fused, Graph, KvLen, Op, Phase, WeightTable, W};
 use glimpse::synth::random_normal;
 use glimpse::weights::Weight;
 use half::f16;
@@ -44,7 +44,7 @@ fn stream_graph(dtype: DType) -> StreamGraph {
     let back = g.buffer("back", ROWS, D);
     g.push(Op::Convert { x, out: stream, rows: ROWS });
     for _ in 0..2 {
-        g.linear(x, W(0), None, Activation::None, Some(stream), stream, ROWS);
+        g.linear(x, W(0), None, Fused::add(Activation::None, Some(stream)), stream, ROWS);
     }
     g.push(Op::RmsNorm { x: stream, residual: None, weight: W(1), eps: 1e-6, out: y, rows: ROWS });
     g.push(Op::Convert { x: stream, out: back, rows: ROWS });

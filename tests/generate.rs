@@ -158,7 +158,7 @@ fn timings_serialize_encoders_by_phase_name() {
 }
 
 fn parse_err(v: &Value) -> String {
-    glimpse::config::ModelConfig::from_slice(&serde_json::to_vec(v).unwrap(), Path::new("config.json"))
+    glimpse::models::ModelConfig::from_slice(&serde_json::to_vec(v).unwrap(), Path::new("config.json"))
         .unwrap_err()
         .to_string()
 }
@@ -167,9 +167,8 @@ fn parse_err(v: &Value) -> String {
 /// is "not supported yet" naming its model_type; unknown model types list what runs.
 #[test]
 fn registry_routes_by_model_type() {
-    assert!(glimpse::models::FAMILIES
-        .iter()
-        .any(|e| e.model_type == "blip-2" && e.architectures.contains(&"Blip2ForConditionalGeneration")));
+    assert!(glimpse::models::model_types()
+        .any(|e| e.name == "blip-2" && e.architectures.contains(&"Blip2ForConditionalGeneration")));
     let text = std::fs::read_to_string(common::model_dir("blip2-opt-tiny").join("config.json")).unwrap();
     let mut cfg: Value = serde_json::from_str(&text).unwrap();
     cfg["text_config"] = json!({"model_type": "llama", "hidden_size": "not an OPT field"});
@@ -179,7 +178,7 @@ fn registry_routes_by_model_type() {
     cfg["text_config"] = json!({"model_type": "t5", "d_ff": "not a number"});
     let err = parse_err(&cfg);
     assert!(err.contains("`text_config.d_ff`"), "{err}");
-    assert!(glimpse::models::FAMILIES.iter().any(|e| e.model_type == "llava"));
+    assert!(glimpse::models::model_types().any(|e| e.name == "llava"));
     let err = parse_err(&json!({"model_type": "idefics2", "architectures": ["Idefics2ForConditionalGeneration"]}));
     assert!(err.contains("model_type `idefics2`") && err.contains("blip-2 (OPT, Flan-T5)"), "{err}");
     // A text_config field of the wrong type is named with its section.

@@ -20,7 +20,8 @@ mod common;
 
 use common::reference::{self as refs, f64s, Attn, Rows, NONE};
 use glimpse::backend::cuda::{
-    decode_workspace_len, Activation, AttnMask, CudaDevice, DevSlice, GemmTile, HeadsView, Residual, SumOut,
+    decode_workspace_len, Activation, AttnDims, AttnMask, AttnViews, CudaDevice, DevSlice, Epilogue, GemmDims,
+    GemmTile, HeadsView, ImageDims, KvRows, NormInput, NormShape, Residual, SeqDims, SeqIndices, SumOut,
 };
 use half::f16;
 
@@ -178,10 +179,10 @@ fn run_linear(
         Res::Add => Residual::Add(&dr),
         Res::InPlace => Residual::InPlace,
     };
-    let bias_opt = bias.then_some(&db);
+    let (epilogue, dims) = (Epilogue { bias: bias.then_some(&db), act, residual }, GemmDims { m, n, k });
     match kind {
-        Kind::Gemm(tile) => dev.gemm_with_tile(&dx, &dw, bias_opt, act, residual, &y, m, n, k, tile).unwrap(),
-        Kind::Gemv => dev.gemv(&dx, &dw, bias_opt, act, residual, &y, m, n, k).unwrap(),
+        Kind::Gemm(tile) => dev.gemm_with_tile(&dx, &dw, epilogue, &y, dims, tile).unwrap(),
+        Kind::Gemv => dev.gemv(&dx, &dw, epilogue, &y, dims).unwrap(),
     }
     let got = dev.download(&y).unwrap();
     let want = refs::linear(&x, &w, bias.then_some(&b[..]), act, (res != Res::No).then_some(&r[..]), (m, n, k));
@@ -297,7 +298,8 @@ fn linear_dispatch_matches_reference() {
         let b = rng.halves(n, 0.5);
         let (dx, dw, db) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
         let y = poisoned(&dev, m * n);
-        dev.linear(&dx, &dw, Some(&db), Activation::Gelu, Residual::None, &y, m, n, k).unwrap();
+        let epilogue = Epilogue { bias: Some(&db), act: Activation::Gelu, residual: Residual::None };
+        dev.linear(&dx, &dw, epilogue, &y, GemmDims { m, n, k }).unwrap();
         let want = refs::linear(&x, &w, Some(&b), Activation::Gelu, NONE, (m, n, k));
         check(&format!("linear m={m} n={n} k={k}"), &dev.download(&y).unwrap(), &want, None);
     }
@@ -308,7 +310,7 @@ fn linear_dispatch_matches_reference() {
     let dx = dev.upload(&x).unwrap();
     let dx1 = dx.slice(1, m * k).unwrap();
     let y = poisoned(&dev, m * n);
-    dev.linear(&dx1, &dev.upload(&w).unwrap(), None, Activation::None, Residual::None, &y, m, n, k).unwrap();
+    dev.linear(&dx1, &dev.upload(&w).unwrap(), Epilogue::default(), &y, GemmDims { m, n, k }).unwrap();
     let want = refs::linear(&x[1..], &w, NONE, Activation::None, NONE, (m, n, k));
     check("linear misaligned x -> gemm scalar path", &dev.download(&y).unwrap(), &want, None);
 }
@@ -334,7 +336,8 @@ fn norms_match_reference() {
                 (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
             // layernorm with residual, sum written in place into x
             let y = poisoned(&dev, rows * dim);
-            dev.layernorm(&dx, Some(&dr), SumOut::InPlace, &dw, Some(&db), &y, rows, dim, eps).unwrap();
+            let input = NormInput { x: &dx, residual: Some(&dr), sum_out: SumOut::InPlace };
+            dev.layernorm(input, &dw, Some(&db), &y, NormShape { rows, dim, eps }).unwrap();
             let want = refs::layer_norm(&s, &w, Some(&b), f64::from(eps), dim);
             check(&format!("layernorm rows={rows} dim={dim}"), &dev.download(&y).unwrap(), &want, None);
             let sum_back = dev.download(&dx).unwrap();
@@ -342,7 +345,8 @@ fn norms_match_reference() {
             // rmsnorm on s (no residual), no sum output
             let ds = dev.upload(&s).unwrap();
             let y2 = poisoned(&dev, rows * dim);
-            dev.rmsnorm(&ds, None, SumOut::None, &dw, &y2, rows, dim, eps).unwrap();
+            let input = NormInput { x: &ds, residual: None, sum_out: SumOut::None };
+            dev.rmsnorm(input, &dw, &y2, NormShape { rows, dim, eps }).unwrap();
             check_rms_norm(
                 &format!("rmsnorm rows={rows} dim={dim}"),
                 &dev.download(&y2).unwrap(),
@@ -365,7 +369,8 @@ fn norms_match_reference() {
         let s: Vec<f16> = x.iter().zip(&r).map(|(a, c)| f16::from_f32(a.to_f32() + c.to_f32())).collect();
         let (dx, dr, dw) = (dev.upload(&x).unwrap(), dev.upload(&r).unwrap(), dev.upload(&w).unwrap());
         let (y, sum) = (poisoned(&dev, rows * dim), poisoned(&dev, rows * dim));
-        dev.layernorm(&dx, Some(&dr), SumOut::To(&sum), &dw, None, &y, rows, dim, eps).unwrap();
+        let input = NormInput { x: &dx, residual: Some(&dr), sum_out: SumOut::To(&sum) };
+        dev.layernorm(input, &dw, None, &y, NormShape { rows, dim, eps }).unwrap();
         let want_ln = refs::layer_norm(&s, &w, NONE, f64::from(eps), dim);
         check(
             &format!("layernorm no bias, sum_out separate rows={rows} dim={dim}"),
@@ -376,7 +381,8 @@ fn norms_match_reference() {
         assert!(same_bits(&dev.download(&sum).unwrap(), &s), "layernorm sum_out (separate) != half(x + r)");
         assert!(same_bits(&dev.download(&dx).unwrap(), &x), "layernorm with sum_out elsewhere modified x");
         let y2 = poisoned(&dev, rows * dim);
-        dev.rmsnorm(&dx, Some(&dr), SumOut::InPlace, &dw, &y2, rows, dim, eps).unwrap();
+        let input = NormInput { x: &dx, residual: Some(&dr), sum_out: SumOut::InPlace };
+        dev.rmsnorm(input, &dw, &y2, NormShape { rows, dim, eps }).unwrap();
         check_rms_norm(
             &format!("rmsnorm residual in place rows={rows} dim={dim}"),
             &dev.download(&y2).unwrap(),
@@ -442,8 +448,10 @@ fn run_attention(
 ) -> Vec<f16> {
     let (dq, dk, dv) = (dev.upload(q).unwrap(), dev.upload(k).unwrap(), dev.upload(v).unwrap());
     let o = poisoned(dev, b * sq * h * d);
-    let (qv, kv, vv, ov) = (view(&dq, sq, h, d), view(&dk, skv, h, d), view(&dv, skv, h, d), view(&o, sq, h, d));
-    dev.attention(qv, kv, vv, ov, b, h, sq, skv, d, scale as f32, mask).unwrap();
+    let views =
+        AttnViews { q: view(&dq, sq, h, d), k: view(&dk, skv, h, d), v: view(&dv, skv, h, d), o: view(&o, sq, h, d) };
+    let dims = AttnDims { batch: b, heads: h, q_len: sq, kv_len: skv, head_dim: d, scale: scale as f32 };
+    dev.attention(views, dims, mask).unwrap();
     dev.download(&o).unwrap()
 }
 
@@ -517,7 +525,9 @@ fn attention_matches_reference() {
     let o = poisoned(&dev, s * h * d);
     let part =
         |p: usize| HeadsView { buf: &dqkv, offset: p * h * d, batch_stride: s * 3 * h * d, row_stride: 3 * h * d };
-    dev.attention(part(0), part(1), part(2), view(&o, s, h, d), 1, h, s, s, d, 0.1066, AttnMask::default()).unwrap();
+    let views = AttnViews { q: part(0), k: part(1), v: part(2), o: view(&o, s, h, d) };
+    let dims = AttnDims { batch: 1, heads: h, q_len: s, kv_len: s, head_dim: d, scale: 0.1066 };
+    dev.attention(views, dims, AttnMask::default()).unwrap();
     let part = |p: usize| Rows { stride: 3 * h * d, col: p * h * d, batch_stride: s };
     let want = refs::attention(
         &qkv,
@@ -642,21 +652,15 @@ fn check_decode(
     let ws = dev.alloc::<f32>(decode_workspace_len(b, h, d, max_len)).unwrap();
     let o = poisoned(dev, b * h * d);
     let scale = 1.0 / (d as f64).sqrt();
-    dev.decode_attention(
-        view(&dq, 1, h, d),
-        view(&dk, max_len, h, d),
-        view(&dv, max_len, h, d),
-        &dl,
-        view(&o, 1, h, d),
-        &ws,
-        b,
-        h,
-        max_len,
-        d,
-        scale as f32,
-        AttnMask { additive: dm.as_ref().map(|(m, stride)| (m, *stride)), ..AttnMask::default() },
-    )
-    .unwrap();
+    let views = AttnViews {
+        q: view(&dq, 1, h, d),
+        k: view(&dk, max_len, h, d),
+        v: view(&dv, max_len, h, d),
+        o: view(&o, 1, h, d),
+    };
+    let dims = AttnDims { batch: b, heads: h, q_len: 1, kv_len: max_len, head_dim: d, scale: scale as f32 };
+    let additive = AttnMask { additive: dm.as_ref().map(|(m, stride)| (m, *stride)), ..AttnMask::default() };
+    dev.decode_attention(views, &dl, &ws, dims, additive).unwrap();
     let attn = Attn { kv_valid: Some(lens), key_mask: mask, ..Attn::contiguous(b, h, 1, max_len, d, scale) };
     check(what, &dev.download(&o).unwrap(), &refs::attention(q, kc, vc, &attn), Some(1.0));
 }
@@ -685,7 +689,8 @@ fn elementwise_matches_reference() {
     let pe = rng.halves(npos * dim, 1.0);
     let x0 = rng.halves(b * s * dim, 1.0);
     let x = dev.upload(&x0).unwrap();
-    dev.add_positions(&x, &dev.upload(&pe).unwrap(), &dev.upload(&start).unwrap(), b, s, dim, 2).unwrap();
+    let dims = SeqDims { batch: b, seq: s, dim };
+    dev.add_positions(&x, &dev.upload(&pe).unwrap(), &dev.upload(&start).unwrap(), dims, 2).unwrap();
     let mut want = vec![0.0; b * s * dim];
     for (bb, &first) in start.iter().enumerate().take(b) {
         for i in 0..s {
@@ -716,7 +721,8 @@ fn elementwise_matches_reference() {
     let emb = rng.halves(b * s * d, 1.0);
     let img = rng.halves(b * n_img * d, 1.0);
     let demb = dev.upload(&emb).unwrap();
-    dev.image_scatter(&dev.upload(&ids).unwrap(), &demb, &dev.upload(&img).unwrap(), b, s, d, n_img, img_tok).unwrap();
+    let dims = SeqDims { batch: b, seq: s, dim: d };
+    dev.image_scatter(&dev.upload(&ids).unwrap(), &demb, &dev.upload(&img).unwrap(), dims, n_img, img_tok).unwrap();
     let mut want = f64s(&emb);
     for bb in 0..b {
         let mut kk = 0;
@@ -739,11 +745,12 @@ fn elementwise_matches_reference() {
     let cols = c * p * p;
     // Both kernels write fp16: the f32 pixels' columns rounded, i.e. those of `pxh`.
     let want = refs::im2col(&pxh, (bsz, c, hh, ww), p);
+    let image = ImageDims { batch: bsz, channels: c, height: hh, width: ww };
     let out = poisoned(&dev, bsz * np * cols);
-    dev.patch_im2col(&dev.upload(&px).unwrap(), &out, bsz, c, hh, ww, p).unwrap();
+    dev.patch_im2col(&dev.upload(&px).unwrap(), &out, image, p).unwrap();
     check("patch_im2col_f32", &dev.download(&out).unwrap(), &want, None);
     let out = poisoned(&dev, bsz * np * cols);
-    dev.patch_im2col(&dev.upload(&pxh).unwrap(), &out, bsz, c, hh, ww, p).unwrap();
+    dev.patch_im2col(&dev.upload(&pxh).unwrap(), &out, image, p).unwrap();
     check("patch_im2col_f16", &dev.download(&out).unwrap(), &want, None);
 
     // ViT embeddings: class + position
@@ -757,9 +764,7 @@ fn elementwise_matches_reference() {
         &dev.upload(&cls).unwrap(),
         &dev.upload(&pe).unwrap(),
         &out,
-        bsz,
-        np,
-        d,
+        SeqDims { batch: bsz, seq: np, dim: d },
     )
     .unwrap();
     let mut want = vec![0.0; bsz * (np + 1) * d];
@@ -809,7 +814,8 @@ fn elementwise_matches_reference() {
     );
     let kn = dn.slice(row, dn.len() - row).unwrap();
     let vn = dn.slice(2 * row, dn.len() - 2 * row).unwrap();
-    dev.kv_append(&kn, &vn, 3 * row, &dk, &dv, &dp, b, max_len, row).unwrap();
+    let new = KvRows { k: &kn, v: &vn, row_stride: 3 * row };
+    dev.kv_append(new, &dk, &dv, &dp, SeqDims { batch: b, seq: max_len, dim: row }).unwrap();
     let (mut wk, mut wv) = (f64s(&kcache), f64s(&vcache));
     for bb in 0..b {
         if (pos[bb] as usize) < max_len {
@@ -983,8 +989,13 @@ fn gather_sequences_matches_host() {
         let up = |v: &[usize]| dev.upload(&v.iter().map(|&x| x as i32).collect::<Vec<_>>()).unwrap();
         let (s_dev, l_dev, m_dev) = (up(&sources), up(&slots), up(&moved));
         if !moved.is_empty() {
-            dev.gather_sequences(&buf, &scratch, len, &s_dev, &sources, &l_dev, &slots).unwrap();
-            dev.gather_sequences(&scratch, &buf, len, &l_dev, &slots, &m_dev, &moved).unwrap();
+            let (sources, slots, moved) = (
+                SeqIndices { dev: &s_dev, host: &sources },
+                SeqIndices { dev: &l_dev, host: &slots },
+                SeqIndices { dev: &m_dev, host: &moved },
+            );
+            dev.gather_sequences(&buf, &scratch, len, sources, slots).unwrap();
+            dev.gather_sequences(&scratch, &buf, len, slots, moved).unwrap();
         }
         let got = dev.download(&buf).unwrap();
         let want: Vec<f16> = (0..seqs).flat_map(|t| host[from[t] * len..(from[t] + 1) * len].to_vec()).collect();
@@ -998,9 +1009,10 @@ fn gather_sequences_matches_host() {
     let buf = dev.alloc::<f16>(64).unwrap();
     let other = dev.alloc::<f16>(64).unwrap();
     let i = dev.upload(&[0i32, 0]).unwrap();
-    assert!(dev.gather_sequences(&buf, &other, 32, &i, &[0, 2], &i, &[0, 1]).is_err(), "source 2 out of range");
-    assert!(dev.gather_sequences(&buf, &other, 32, &i, &[0, 1], &i, &[1, 1]).is_err(), "repeated destination");
-    assert!(dev.gather_sequences(&buf, &buf, 32, &i, &[0], &i, &[1]).is_err(), "src overlaps dst");
+    let idx = |host| SeqIndices { dev: &i, host };
+    assert!(dev.gather_sequences(&buf, &other, 32, idx(&[0, 2]), idx(&[0, 1])).is_err(), "source 2 out of range");
+    assert!(dev.gather_sequences(&buf, &other, 32, idx(&[0, 1]), idx(&[1, 1])).is_err(), "repeated destination");
+    assert!(dev.gather_sequences(&buf, &buf, 32, idx(&[0]), idx(&[1])).is_err(), "src overlaps dst");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1013,15 +1025,15 @@ fn launchers_validate_arguments() {
     let x = dev.alloc::<f16>(64).unwrap();
     let w = dev.alloc::<f16>(64).unwrap();
     let y = dev.alloc::<f16>(64).unwrap();
-    assert!(dev.gemm(&x, &w, None, Activation::None, Residual::None, &y, 8, 8, 9).is_err(), "x too short");
-    assert!(dev.gemm(&x, &w, None, Activation::None, Residual::None, &x, 8, 8, 8).is_err(), "y aliases x");
-    assert!(dev.gemv(&x, &w, None, Activation::None, Residual::None, &y, 9, 1, 8).is_err(), "m > 8");
-    assert!(dev.gemv(&x, &w, None, Activation::None, Residual::None, &y, 1, 4, 12).is_err(), "k % 8");
+    let bare = Epilogue::default();
+    assert!(dev.gemm(&x, &w, bare, &y, GemmDims { m: 8, n: 8, k: 9 }).is_err(), "x too short");
+    assert!(dev.gemm(&x, &w, bare, &x, GemmDims { m: 8, n: 8, k: 8 }).is_err(), "y aliases x");
+    assert!(dev.gemv(&x, &w, bare, &y, GemmDims { m: 9, n: 1, k: 8 }).is_err(), "m > 8");
+    assert!(dev.gemv(&x, &w, bare, &y, GemmDims { m: 1, n: 4, k: 12 }).is_err(), "k % 8");
     let hv = HeadsView { buf: &x, offset: 0, batch_stride: 64, row_stride: 64 };
-    assert!(
-        dev.attention(hv, hv, hv, HeadsView { buf: &y, ..hv }, 1, 1, 1, 1, 72 + 8, 1.0, AttnMask::default()).is_err(),
-        "d too large for buffer"
-    );
+    let views = AttnViews { q: hv, k: hv, v: hv, o: HeadsView { buf: &y, ..hv } };
+    let dims = AttnDims { batch: 1, heads: 1, q_len: 1, kv_len: 1, head_dim: 72 + 8, scale: 1.0 };
+    assert!(dev.attention(views, dims, AttnMask::default()).is_err(), "d too large for buffer");
 }
 
 // ---------------------------------------------------------------------------------------------

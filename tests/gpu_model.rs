@@ -278,7 +278,13 @@ fn lockstep_request(
     let new_tokens = 3;
     let text_in = text.and_then(|t| model.family.text_inputs(&[t]).unwrap());
     let plan = match &text_in {
-        Some(t) => model.family.plan_text(1, 1, ids.len(), new_tokens, false, t.rows).unwrap(),
+        Some(t) => model
+            .family
+            .plan_for(&glimpse::generate::PlanShape {
+                text_rows: t.rows,
+                ..glimpse::generate::PlanShape::new(1, ids.len(), new_tokens)
+            })
+            .unwrap(),
         None => model.family.plan(1, ids.len(), new_tokens, false).unwrap(),
     };
     let cand = make_candidate(&plan.graph);

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::Executor;
-use glimpse::config::ModelConfig;
 use glimpse::models::instructblip::InstructBlip;
+use glimpse::models::ModelConfig;
 use glimpse::weights::Checkpoint;
 use glimpse::{Device, GenerateOptions, Model};
 
@@ -35,7 +35,11 @@ fn cases() -> Vec<serde_json::Value> {
 
 fn family() -> InstructBlip {
     let dir = common::model_dir(NAME);
-    let ModelConfig::InstructBlip(cfg) = ModelConfig::load(&dir.join("config.json")).unwrap() else {
+    let Some(cfg) = ModelConfig::load(&dir.join("config.json"))
+        .unwrap()
+        .get::<glimpse::models::instructblip::InstructBlipConfig>()
+        .cloned()
+    else {
         panic!("an InstructBLIP config")
     };
     InstructBlip::load(&cfg, &Checkpoint::open_dir(&dir).unwrap()).unwrap()
@@ -124,7 +128,8 @@ fn padded_qformer_errors(fam: &InstructBlip, b: &serde_json::Value, golden: &str
         })
         .collect();
     let text = fam.instruction_inputs(&ids).unwrap();
-    let plan = fam.plan_instructed(2, 40, 1, false, text.rows).unwrap();
+    let shape = glimpse::generate::PlanShape { text_rows: text.rows, ..glimpse::generate::PlanShape::new(2, 40, 1) };
+    let plan = glimpse::models::Family::plan_for(fam, &shape).unwrap();
     let preprocess = Model::load(common::model_dir(NAME), Device::Cpu).unwrap();
     let px: Vec<f32> = b["images"]
         .as_array()
@@ -345,7 +350,11 @@ mod flan_t5 {
 
     fn family() -> InstructBlip {
         let dir = common::model_dir(NAME);
-        let ModelConfig::InstructBlip(cfg) = ModelConfig::load(&dir.join("config.json")).unwrap() else {
+        let Some(cfg) = ModelConfig::load(&dir.join("config.json"))
+            .unwrap()
+            .get::<glimpse::models::instructblip::InstructBlipConfig>()
+            .cloned()
+        else {
             panic!("an InstructBLIP config")
         };
         InstructBlip::load(&cfg, &Checkpoint::open_dir(&dir).unwrap()).unwrap()

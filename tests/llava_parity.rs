@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::Executor;
-use glimpse::config::ClipVisionConfig;
 use glimpse::graph::{Graph, Phase, WeightTable};
+use glimpse::models::clip_vision::ClipVisionConfig;
 use glimpse::models::clip_vision::{find_prefix, ClipVision, VisionRequest};
 use glimpse::models::Loader;
 use glimpse::weights::Checkpoint;
@@ -185,7 +185,17 @@ fn check_stages(name: &str) {
         let pixels: Vec<f32> = images(&case).iter().flat_map(|p| model.preprocess(p).unwrap().data).collect();
         let ids = common::ids(&case["input_ids"]);
         let n = case["images"].as_array().unwrap().len();
-        let plan = model.family.plan_images(n, 1, ids.len(), 1, true).unwrap();
+        let plan = model
+            .family
+            .plan_for(&glimpse::generate::PlanShape {
+                images: n,
+                sequences: 1,
+                prompt_len: ids.len(),
+                max_new_tokens: 1,
+                text_rows: 0,
+                all_prefill_logits: true,
+            })
+            .unwrap();
         let mut exec = CpuExecutor::new(Arc::clone(model.family.weights()), &plan.graph.buffers);
         exec.write(plan.input("pixels").unwrap(), &pixels).unwrap();
         for phase in &plan.encoders {
@@ -322,13 +332,13 @@ fn config_errors_name_the_field() {
     let text = std::fs::read_to_string(common::model_dir("llava-tiny").join("config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["vision_feature_layer"] = serde_json::json!(-5);
-    let err = glimpse::config::ModelConfig::from_slice(v.to_string().as_bytes(), std::path::Path::new("config.json"))
+    let err = glimpse::models::ModelConfig::from_slice(v.to_string().as_bytes(), std::path::Path::new("config.json"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("`vision_feature_layer` is -5"), "{err}");
     v["vision_feature_layer"] = serde_json::json!(-2);
     v["text_config"]["rope_parameters"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0});
-    let err = glimpse::config::ModelConfig::from_slice(v.to_string().as_bytes(), std::path::Path::new("config.json"))
+    let err = glimpse::models::ModelConfig::from_slice(v.to_string().as_bytes(), std::path::Path::new("config.json"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("rope_type") && err.contains("dynamic"), "{err}");

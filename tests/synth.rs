@@ -3,13 +3,13 @@
 
 mod common;
 
-use glimpse::synth::{parameter_count, preset, random_checkpoint, tokenizer, write_folder, PRESETS};
+use glimpse::synth::{parameter_count, preset, random_checkpoint, tokenizer, write_folder};
 use glimpse::weights::{Checkpoint, Dtype, Requested};
 use glimpse::{Device, Model};
 
 /// A BLIP-2 preset's config.
-fn blip2(name: &str) -> glimpse::config::Blip2Config {
-    preset(name).unwrap().as_blip2().expect("a BLIP-2 preset").clone()
+fn blip2(name: &str) -> glimpse::models::blip2::Blip2Config {
+    preset(name).unwrap().get::<glimpse::models::blip2::Blip2Config>().expect("a BLIP-2 preset").clone()
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(PRESETS.len(), 14);
+    assert_eq!(glimpse::synth::presets().len(), 14);
 }
 
 #[test]
@@ -136,7 +136,8 @@ fn random_weights_are_deterministic_and_scaled() {
     let (ln, _) = a.f32("qformer.layernorm.weight").unwrap();
     assert!(ln.iter().all(|&x| (0.5..1.5).contains(&x)));
     // Every tensor Blip2::load reads is there with the right shape: loading succeeds.
-    glimpse::models::blip2::Blip2::load(cfg.as_blip2().unwrap(), &a).expect("Blip2::load on the random checkpoint");
+    glimpse::models::blip2::Blip2::load(cfg.get::<glimpse::models::blip2::Blip2Config>().unwrap(), &a)
+        .expect("Blip2::load on the random checkpoint");
 }
 
 #[test]
@@ -244,7 +245,9 @@ fn transformers_params(dir: &std::path::Path, class: &str) -> Option<usize> {
 #[test]
 fn llava_presets_have_the_real_shapes() {
     for (name, (h, i, l, n)) in [("llava-1.5-7b", (4096, 11008, 32, 32)), ("llava-1.5-13b", (5120, 13824, 40, 40))] {
-        let glimpse::config::ModelConfig::Llava(c) = preset(name).unwrap() else { panic!("{name} is not LLaVA") };
+        let Some(c) = preset(name).unwrap().get::<glimpse::models::llava::LlavaConfig>().cloned() else {
+            panic!("{name} is not LLaVA")
+        };
         let (v, t) = (&c.vision_config, &c.text_config);
         assert_eq!(
             (
@@ -277,7 +280,9 @@ fn llava_presets_have_the_real_shapes() {
 
 #[test]
 fn clip_preset_has_the_real_shapes() {
-    let glimpse::config::ModelConfig::Clip(c) = preset("clip-vit-large-patch14").unwrap() else { panic!("not CLIP") };
+    let Some(c) = preset("clip-vit-large-patch14").unwrap().get::<glimpse::models::clip::ClipConfig>().cloned() else {
+        panic!("not CLIP")
+    };
     let (v, t) = (c.vision_config.as_ref().unwrap(), c.text_config.as_ref().unwrap());
     assert_eq!(
         (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size),
@@ -342,7 +347,9 @@ fn clip_tiny_folder_embeds_and_loads_in_transformers() {
 
 #[test]
 fn instructblip_preset_has_the_real_shapes() {
-    let glimpse::config::ModelConfig::InstructBlip(c) = preset("instructblip-vicuna-7b").unwrap() else {
+    let Some(c) =
+        preset("instructblip-vicuna-7b").unwrap().get::<glimpse::models::instructblip::InstructBlipConfig>().cloned()
+    else {
         panic!("not InstructBLIP")
     };
     let (v, q, t) = (&c.vision_config, &c.qformer_config, c.llama().unwrap());
@@ -377,10 +384,12 @@ fn instructblip_tiny_folder_generates_and_loads_in_transformers() {
 /// InstructBLIP Flan-T5-XL: the Vicuna preset's image side, blip2-flan-t5-xl's T5.
 #[test]
 fn instructblip_flan_t5_preset_has_the_real_shapes() {
-    let glimpse::config::ModelConfig::InstructBlip(c) = preset("instructblip-flan-t5-xl").unwrap() else {
+    let Some(c) =
+        preset("instructblip-flan-t5-xl").unwrap().get::<glimpse::models::instructblip::InstructBlipConfig>().cloned()
+    else {
         panic!("not InstructBLIP")
     };
-    let glimpse::config::TextConfig::T5(t) = &c.text_config else { panic!("not T5") };
+    let glimpse::models::language_model::TextConfig::T5(t) = &c.text_config else { panic!("not T5") };
     assert_eq!((t.d_model, t.d_kv, t.d_ff, t.num_layers, t.num_heads, t.vocab_size), (2048, 64, 5120, 24, 32, 32128));
     assert_eq!(
         (t.act_name().as_str(), t.scale_outputs(), c.image_token(), c.num_query_tokens),
@@ -417,8 +426,10 @@ fn instructblip_flan_t5_tiny_folder_generates_and_loads_in_transformers() {
 
 #[test]
 fn blip2_flan_t5_presets_have_the_real_shapes() {
-    let glimpse::config::ModelConfig::Blip2(c) = preset("blip2-flan-t5-xl").unwrap() else { panic!("not BLIP-2") };
-    let glimpse::config::TextConfig::T5(t) = &c.text_config else { panic!("not T5") };
+    let Some(c) = preset("blip2-flan-t5-xl").unwrap().get::<glimpse::models::blip2::Blip2Config>().cloned() else {
+        panic!("not BLIP-2")
+    };
+    let glimpse::models::language_model::TextConfig::T5(t) = &c.text_config else { panic!("not T5") };
     assert_eq!(
         (t.d_model, t.d_kv, t.d_ff, t.num_layers, t.decoder_layers(), t.num_heads),
         (2048, 64, 5120, 24, 24, 32)

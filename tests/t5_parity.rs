@@ -42,7 +42,7 @@ fn relative_position_buckets_match_transformers() {
             assert_eq!(relative_position_bucket(*r, bidirectional, nb, maxd) as u32, w, "{key}: relative position {r}");
         }
     }
-    // design/t5.md's tables: encoder n=91 is the last log bucket, decoder n=113 saturates.
+    // docs/models/t5.md#relative-position-bias's tables: encoder n=91 is the last log bucket, decoder n=113 saturates.
     assert_eq!(relative_position_bucket(-91, true, 32, 128), 15);
     assert_eq!(relative_position_bucket(-90, true, 32, 128), 14);
     assert_eq!(relative_position_bucket(100, true, 32, 128), 31);
@@ -228,20 +228,18 @@ fn info_describes_the_t5_decoder() {
 /// The fixture's config.json with `edit` applied to its text_config, parsed.
 fn text_config(
     edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
-) -> glimpse::Result<glimpse::config::T5Config> {
+) -> glimpse::Result<glimpse::models::t5::T5Config> {
     let path = common::model_dir(NAME).join("config.json");
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(v["text_config"].as_object_mut().unwrap());
-    match glimpse::config::ModelConfig::from_slice(v.to_string().as_bytes(), &path)? {
-        glimpse::config::ModelConfig::Blip2(c) => match c.text_config {
-            glimpse::config::TextConfig::T5(t) => Ok(t),
-            other => panic!("parsed as {}", other.model_type()),
-        },
-        _ => panic!("not BLIP-2"),
+    let cfg = glimpse::models::ModelConfig::from_slice(v.to_string().as_bytes(), &path)?;
+    match &cfg.get::<glimpse::models::blip2::Blip2Config>().expect("not BLIP-2").text_config {
+        glimpse::models::language_model::TextConfig::T5(t) => Ok(t.clone()),
+        other => panic!("parsed as {}", other.model_type()),
     }
 }
 
-/// transformers 5.17's T5Config rules (design/t5.md §1, §4): an explicit `dense_act_fn` beats
+/// transformers 5.17's T5Config rules (docs/models/t5.md#config, #lm-head): an explicit `dense_act_fn` beats
 /// `feed_forward_proj` ("gated-gelu" alone means gelu_new); output scaling follows
 /// `scale_decoder_outputs`, else `tie_word_embeddings != false`; the decoder starts from
 /// `decoder_start_token_id`, else `bos_token_id`.

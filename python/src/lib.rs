@@ -7,9 +7,9 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 
-use glimpse::config::ModelConfig;
+use glimpse::models::ModelConfig;
 use glimpse::generate::stream::TextStreamer;
-use glimpse::generate::EarlyStopping;
+use glimpse::generate::{EarlyStopping, GenerationOverrides};
 use glimpse::image::PixelValues;
 use glimpse::{Cancel, Device, EmbedModel, Error, GenerateOptions, ImageInput, Model, Output, TokenEvent};
 use pyo3::prelude::*;
@@ -107,7 +107,7 @@ impl Img {
 /// transformers-style keyword arguments over the checkpoint's defaults (`Model::default_options`),
 /// the rule of the CLI's flags: each option given replaces the default, `None` keeps it.
 fn options(model: &Model, kwargs: Option<&Bound<'_, PyDict>>) -> Res<GenerateOptions> {
-    let mut o = model.default_options();
+    let mut o = GenerationOverrides::default();
     for (key, value) in kwargs.into_iter().flat_map(|d| d.iter()) {
         let key: String = key.extract().map_err(|_| Failure::invalid("generation option names are strings".into()))?;
         if value.is_none() {
@@ -117,36 +117,36 @@ fn options(model: &Model, kwargs: Option<&Bound<'_, PyDict>>) -> Res<GenerateOpt
         match key.as_str() {
             "max_new_tokens" => o.max_new_tokens = Some(arg(&key, v, "a positive integer")?),
             "max_length" => o.max_length = Some(arg(&key, v, "a positive integer")?),
-            "min_new_tokens" => o.min_new_tokens = arg(&key, v, "an integer >= 0")?,
-            "num_beams" => o.num_beams = arg(&key, v, "a positive integer")?,
-            "do_sample" => o.do_sample = arg(&key, v, "True or False")?,
-            "temperature" => o.temperature = arg(&key, v, "a number")?,
-            "top_k" => o.top_k = arg(&key, v, "an integer >= 0")?,
-            "top_p" => o.top_p = arg(&key, v, "a number")?,
+            "min_new_tokens" => o.min_new_tokens = Some(arg(&key, v, "an integer >= 0")?),
+            "num_beams" => o.num_beams = Some(arg(&key, v, "a positive integer")?),
+            "do_sample" => o.do_sample = Some(arg(&key, v, "True or False")?),
+            "temperature" => o.temperature = Some(arg(&key, v, "a number")?),
+            "top_k" => o.top_k = Some(arg(&key, v, "an integer >= 0")?),
+            "top_p" => o.top_p = Some(arg(&key, v, "a number")?),
             "min_p" => o.min_p = Some(arg(&key, v, "a number")?),
-            "repetition_penalty" => o.repetition_penalty = arg(&key, v, "a number")?,
-            "no_repeat_ngram_size" => o.no_repeat_ngram_size = arg(&key, v, "an integer >= 0")?,
-            "length_penalty" => o.length_penalty = arg(&key, v, "a number")?,
-            "num_return_sequences" => o.num_return_sequences = arg(&key, v, "a positive integer")?,
+            "repetition_penalty" => o.repetition_penalty = Some(arg(&key, v, "a number")?),
+            "no_repeat_ngram_size" => o.no_repeat_ngram_size = Some(arg(&key, v, "an integer >= 0")?),
+            "length_penalty" => o.length_penalty = Some(arg(&key, v, "a number")?),
+            "num_return_sequences" => o.num_return_sequences = Some(arg(&key, v, "a positive integer")?),
             "seed" => o.seed = Some(arg(&key, v, "an integer >= 0")?),
             "eos_token_id" => {
-                o.eos_token_ids = match v.extract::<u32>() {
+                o.eos_token_ids = Some(match v.extract::<u32>() {
                     Ok(one) => vec![one],
                     Err(_) => arg(&key, v, "a token id or a list of token ids")?,
-                }
+                })
             }
             "stop_strings" => {
-                o.stop_strings = match v.extract::<String>() {
+                o.stop_strings = Some(match v.extract::<String>() {
                     Ok(one) => vec![one],
                     Err(_) => arg(&key, v, "a string or a list of strings")?,
-                }
+                })
             }
             "early_stopping" => {
-                o.early_stopping = match v.extract::<bool>() {
+                o.early_stopping = Some(match v.extract::<bool>() {
                     Ok(true) => EarlyStopping::Done,
                     Ok(false) => EarlyStopping::Heuristic,
                     Err(_) => arg::<String>(&key, v, "True, False or \"never\"")?.parse()?,
-                }
+                })
             }
             _ => {
                 return Err(Failure::invalid(format!(
@@ -156,9 +156,7 @@ fn options(model: &Model, kwargs: Option<&Bound<'_, PyDict>>) -> Res<GenerateOpt
             }
         }
     }
-    o.validate()?;
-    o.check_available()?;
-    Ok(o)
+    Ok(model.options(&o)?)
 }
 
 const OPTION_NAMES: &[&str] = &[
@@ -191,24 +189,7 @@ fn arg<'py, T: FromPyObject<'py>>(key: &str, v: &Bound<'py, PyAny>, what: &str) 
 
 /// The CLI's `--json` record of one generated output (`glimpse caption/ask --json`).
 fn output_record(image: Value, out: &Output, load_seconds: f64) -> String {
-    let mut record = json!({
-        "image": image,
-        "text": out.text,
-        "tokens": out.tokens,
-        "logprobs": out.logprobs,
-        "timings": out.timings,
-        "device": out.device,
-        "load_seconds": load_seconds,
-    });
-    if let Some(score) = out.score {
-        record["score"] = score.into();
-    }
-    if !out.alternatives.is_empty() {
-        let best = json!({ "text": out.text, "tokens": out.tokens, "score": out.score });
-        let rest = out.alternatives.iter().map(|h| json!({ "text": h.text, "tokens": h.tokens, "score": h.score }));
-        record["sequences"] = std::iter::once(best).chain(rest).collect();
-    }
-    record.to_string()
+    glimpse::dataset::json_record(image, out, load_seconds).to_string()
 }
 
 /// A failed input's record, as the CLI writes it: `{"image": NAME, "error": MESSAGE}`.

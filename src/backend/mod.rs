@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod cuda;
+mod shape;
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::graph::{Attention, Buf, BufferDesc, DType, Graph, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
 pub use crate::graph::Activation;
+pub use shape::{GemmDims, NormShape};
 
 /// Runs the phases of a graph over buffers it allocated once.
 pub trait Executor: Send {

@@ -17,9 +17,9 @@ use super::{
     cpu_name, floor_ms, git_commit, measure_rates, median, pick_device, utc_now, write_header, BenchArgs, Rates,
 };
 use crate::backend::{Backend, Executor};
-use crate::config::ModelConfig;
 use crate::cost::GraphCost;
 use crate::error::{Error, Result};
+use crate::models::ModelConfig;
 use crate::models::{EmbedPlan, Embedder};
 
 /// Tokens per text of the text rows (BOS and EOS included).
@@ -110,6 +110,7 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
     let act_bytes = if backend.is_cuda() { 2.0 } else { 4.0 };
     let repeats = args.repeats.unwrap_or(if backend.is_cuda() { 10 } else { 3 });
     let rates = measure_rates(&backend)?;
+    let timer = RowTimer { family: family.as_ref(), backend: &backend, act_bytes, rates: &rates, repeats };
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for &batch in &args.throughput_batches {
@@ -120,7 +121,7 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
                 exec.write(input(&plan, "pixels")?, &pixels)?;
                 Ok(())
             };
-            rows.push(time_row("image", &plan, family.as_ref(), &backend, act_bytes, &rates, repeats, &request));
+            rows.push(timer.time_row("image", &plan, &request));
         }
         if let Some(positions) = family.text_positions() {
             let len = BENCH_TEXT_TOKENS.min(positions);
@@ -135,7 +136,7 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
                 exec.set_row_indices(&rows_at);
                 Ok(())
             };
-            rows.push(time_row("text", &plan, family.as_ref(), &backend, act_bytes, &rates, repeats, &request));
+            rows.push(timer.time_row("text", &plan, &request));
         }
     }
     if rates.matrix_gflops.is_none() {
@@ -167,15 +168,12 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
 /// `batch` texts of `len` ids: BOS, random ordinary ids, EOS, pooled where the model's rule
 /// finds the EOS.
 fn text_ids(family: &dyn Embedder, batch: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
-    let text = match family.config() {
-        ModelConfig::Clip(c) => c.text_config.as_ref(),
-        _ => None,
-    };
-    let vocab = text.map_or(3, |t| t.vocab_size).max(3) as u32;
+    let text = family.text_vocab();
+    let vocab = text.map_or(3, |(vocab, _)| vocab).max(3) as u32;
     // CLIP's tokenizers put <|startoftext|> and <|endoftext|> last; eos_token_id 2 is the legacy
     // config value that means "pool at the largest id", i.e. at that last id too.
     let bos = vocab - 2;
-    let eos = match text.and_then(|t| t.eos_token_id) {
+    let eos = match text.and_then(|(_, eos)| eos) {
         Some(e) if e != 2 && e < vocab => e,
         _ => vocab - 1,
     };
@@ -202,64 +200,72 @@ fn input(plan: &EmbedPlan, name: &str) -> Result<crate::graph::Buf> {
         .ok_or_else(|| Error::InvalidInput(format!("the embedding plan has no input `{name}`")))
 }
 
-/// Times one row: an executor for the plan, a warm-up request, then `repeats` requests.
-#[allow(clippy::too_many_arguments)]
-fn time_row(
-    kind: &'static str,
-    plan: &EmbedPlan,
-    family: &dyn Embedder,
-    backend: &Backend,
+/// What every row of one report is timed with: the model, the backend it runs on, the bytes per
+/// activation element and device rates its floors are read with, and the timed requests per row.
+struct RowTimer<'a> {
+    family: &'a dyn Embedder,
+    backend: &'a Backend,
     act_bytes: f64,
-    rates: &Rates,
+    rates: &'a Rates,
     repeats: usize,
-    prepare: &dyn Fn(&mut dyn Executor) -> Result<()>,
-) -> EmbedRow {
-    let weights = family.weights();
-    let cost = GraphCost { graph: &plan.graph, weights, act_bytes }.phase(&plan.phase, 0, &[], &[plan.output]);
-    let (floor, mem, comp) = floor_ms(&cost, rates);
-    let mut row = EmbedRow {
-        input: kind,
-        batch: plan.batch,
-        phase_ms: None,
-        request_ms: None,
-        per_s: None,
-        floor_ms: floor,
-        memory_floor_ms: mem,
-        compute_floor_ms: comp,
-        bytes: cost.bytes,
-        flops: cost.flops,
-        fraction_of_floor: None,
-        skipped: None,
-    };
-    let timed = (|| -> Result<(f64, f64)> {
-        let mut exec = backend.executor(weights, &plan.graph)?;
-        let (mut phase, mut request) = (Vec::new(), Vec::new());
-        for r in 0..=repeats {
-            prepare(exec.as_mut())?;
-            let ms = exec.run_timed(&plan.phase)?;
-            exec.read(plan.output, plan.batch)?;
-            // The whole request again by wall clock, as a caller sees it.
-            let start = Instant::now();
-            prepare(exec.as_mut())?;
-            exec.run(&plan.phase)?;
-            exec.read(plan.output, plan.batch)?;
-            if r > 0 {
-                phase.push(ms);
-                request.push(start.elapsed().as_secs_f64() * 1e3);
+}
+
+impl RowTimer<'_> {
+    /// Times one row: an executor for the plan, a warm-up request, then `repeats` requests.
+    fn time_row(
+        &self,
+        kind: &'static str,
+        plan: &EmbedPlan,
+        prepare: &dyn Fn(&mut dyn Executor) -> Result<()>,
+    ) -> EmbedRow {
+        let RowTimer { family, backend, act_bytes, rates, repeats } = *self;
+        let weights = family.weights();
+        let cost = GraphCost { graph: &plan.graph, weights, act_bytes }.phase(&plan.phase, 0, &[], &[plan.output]);
+        let (floor, mem, comp) = floor_ms(&cost, rates);
+        let mut row = EmbedRow {
+            input: kind,
+            batch: plan.batch,
+            phase_ms: None,
+            request_ms: None,
+            per_s: None,
+            floor_ms: floor,
+            memory_floor_ms: mem,
+            compute_floor_ms: comp,
+            bytes: cost.bytes,
+            flops: cost.flops,
+            fraction_of_floor: None,
+            skipped: None,
+        };
+        let timed = (|| -> Result<(f64, f64)> {
+            let mut exec = backend.executor(weights, &plan.graph)?;
+            let (mut phase, mut request) = (Vec::new(), Vec::new());
+            for r in 0..=repeats {
+                prepare(exec.as_mut())?;
+                let ms = exec.run_timed(&plan.phase)?;
+                exec.read(plan.output, plan.batch)?;
+                // The whole request again by wall clock, as a caller sees it.
+                let start = Instant::now();
+                prepare(exec.as_mut())?;
+                exec.run(&plan.phase)?;
+                exec.read(plan.output, plan.batch)?;
+                if r > 0 {
+                    phase.push(ms);
+                    request.push(start.elapsed().as_secs_f64() * 1e3);
+                }
             }
+            Ok((median(&phase), median(&request)))
+        })();
+        match timed {
+            Ok((phase, request)) => {
+                row.phase_ms = Some(phase);
+                row.request_ms = Some(request);
+                row.per_s = Some(plan.batch as f64 / (request / 1e3));
+                row.fraction_of_floor = Some(floor / phase);
+            }
+            Err(e) => row.skipped = Some(format!("failed: {e}")),
         }
-        Ok((median(&phase), median(&request)))
-    })();
-    match timed {
-        Ok((phase, request)) => {
-            row.phase_ms = Some(phase);
-            row.request_ms = Some(request);
-            row.per_s = Some(plan.batch as f64 / (request / 1e3));
-            row.fraction_of_floor = Some(floor / phase);
-        }
-        Err(e) => row.skipped = Some(format!("failed: {e}")),
+        row
     }
-    row
 }
 
 impl EmbedReport {

@@ -2,7 +2,7 @@
 //! (`Model::default_options`, resolved as transformers resolves its GenerationConfig).
 
 use clap::Args;
-use glimpse::generate::EarlyStopping;
+use glimpse::generate::{EarlyStopping, GenerationOverrides};
 use glimpse::GenerateOptions;
 
 #[derive(Args, Debug, Default)]
@@ -57,37 +57,26 @@ pub struct GenArgs {
 }
 
 impl GenArgs {
-    /// Applies the flags given over the checkpoint's defaults.
-    pub fn apply(&self, opts: &mut GenerateOptions) -> glimpse::Result<()> {
-        fn set<T: Clone>(field: &mut T, v: &Option<T>) {
-            if let Some(v) = v {
-                *field = v.clone();
-            }
-        }
-        set(&mut opts.num_beams, &self.num_beams);
-        opts.do_sample |= self.do_sample;
-        set(&mut opts.temperature, &self.temperature);
-        set(&mut opts.top_k, &self.top_k);
-        set(&mut opts.top_p, &self.top_p);
-        if self.min_p.is_some() {
-            opts.min_p = self.min_p;
-        }
-        set(&mut opts.repetition_penalty, &self.repetition_penalty);
-        set(&mut opts.no_repeat_ngram_size, &self.no_repeat_ngram_size);
-        set(&mut opts.length_penalty, &self.length_penalty);
-        if let Some(es) = &self.early_stopping {
-            opts.early_stopping = es.parse::<EarlyStopping>()?;
-        }
-        set(&mut opts.num_return_sequences, &self.num_return_sequences);
-        if self.seed.is_some() {
-            opts.seed = self.seed;
-        }
-        set(&mut opts.min_new_tokens, &self.min_new_tokens);
-        // Given stop strings replace the checkpoint's (a call kwarg overrides generation_config).
-        if !self.stop.is_empty() {
-            opts.stop_strings = self.stop.clone();
-        }
-        Ok(())
+    /// The flags given, as overrides of the checkpoint's defaults.
+    pub fn overrides(&self) -> glimpse::Result<GenerationOverrides> {
+        Ok(GenerationOverrides {
+            num_beams: self.num_beams,
+            do_sample: self.do_sample.then_some(true),
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram_size: self.no_repeat_ngram_size,
+            length_penalty: self.length_penalty,
+            early_stopping: self.early_stopping.as_deref().map(str::parse::<EarlyStopping>).transpose()?,
+            num_return_sequences: self.num_return_sequences,
+            seed: self.seed,
+            min_new_tokens: self.min_new_tokens,
+            // Given stop strings replace the checkpoint's (a call kwarg overrides generation_config).
+            stop_strings: (!self.stop.is_empty()).then(|| self.stop.clone()),
+            ..GenerationOverrides::default()
+        })
     }
 
     /// --stream prints one sequence as it grows: plain output of greedy decoding or sampling.

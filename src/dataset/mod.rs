@@ -79,6 +79,18 @@ pub enum Task<'a> {
 
 /// The `--json` fields of one generated output (after `image`): text, tokens, logprobs, device,
 /// and with beam search `score` and `sequences` (every returned hypothesis, best first).
+/// The `--json` record of one generated output, as `glimpse caption/ask --json` and Python's
+/// `Model` write it: `image` (a name, or a list for a multi-image question), `timings`,
+/// `load_seconds`, then [`output_fields`].
+pub fn json_record(image: Value, out: &Output, load_seconds: f64) -> Value {
+    let mut record = Record::new();
+    record.insert("image".into(), image);
+    record.insert("timings".into(), json!(out.timings));
+    record.insert("load_seconds".into(), load_seconds.into());
+    record.extend(output_fields(out));
+    Value::Object(record)
+}
+
 pub fn output_fields(out: &Output) -> Record {
     let mut r = Record::new();
     r.insert("text".into(), json!(out.text));

@@ -1,5 +1,5 @@
-//! Beam search as transformers 5.17's `GenerationMixin._beam_search` (docs: shared design note
-//! generation.md §4): fixed `num_beams` running beams per input, `K = max(2, 1 + n_eos) *
+//! Beam search as transformers 5.17's `GenerationMixin._beam_search` (docs/architecture.md#beam-search):
+//! fixed `num_beams` running beams per input, `K = max(2, 1 + n_eos) *
 //! num_beams` candidates a step, finished hypotheses scored `sum(logprobs) / gen_len ^
 //! length_penalty`, and transformers' `early_stopping` heuristics.
 //!

@@ -6,6 +6,7 @@
 
 mod beam;
 mod greedy;
+pub mod overrides;
 mod plan;
 pub mod processors;
 pub mod sample;
@@ -15,7 +16,8 @@ pub mod stream;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-pub use plan::{EncoderInput, KvCaches, Plan, Step, StepInput};
+pub use overrides::GenerationOverrides;
+pub use plan::{EncoderInput, KvCaches, Plan, PlanShape, Step, StepInput};
 pub use stop::StopStrings;
 
 use crate::backend::{Candidate, Executor};

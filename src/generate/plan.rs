@@ -49,6 +49,66 @@ pub struct EncoderInput {
     pub key_mask: Buf,
 }
 
+/// The request shape a [`Plan`] is built for (and the key of a model's cached plan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlanShape {
+    /// Images the encoders read.
+    pub images: usize,
+    /// Decoder sequences: one per image for BLIP-2; chat families may put several images in one.
+    pub sequences: usize,
+    /// Decoder input tokens per sequence (image placeholders included).
+    pub prompt_len: usize,
+    /// Tokens generated at most per sequence (at least 1).
+    pub max_new_tokens: usize,
+    /// Text rows per sequence the encoders read besides the image (InstructBLIP's Q-Former
+    /// instruction, `crate::models::TextInputs::rows`); 0 for the image only.
+    pub text_rows: usize,
+    /// Keep every prefill row's logits (parity tests), not only each sequence's last.
+    pub all_prefill_logits: bool,
+}
+
+impl PlanShape {
+    /// `batch` sequences of one image each, image only, last-row logits.
+    pub fn new(batch: usize, prompt_len: usize, max_new_tokens: usize) -> Self {
+        Self { images: batch, sequences: batch, prompt_len, max_new_tokens, text_rows: 0, all_prefill_logits: false }
+    }
+
+    /// What every family requires, checked once before a family builds its plan.
+    pub fn check(&self) -> Result<()> {
+        if self.max_new_tokens == 0 {
+            return Err(Error::InvalidInput(
+                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
+            ));
+        }
+        if self.images == 0 || self.sequences == 0 {
+            return Err(Error::InvalidInput("no images given".into()));
+        }
+        Ok(())
+    }
+
+    /// For families whose prompts hold one image each.
+    pub fn one_image_per_sequence(&self) -> Result<()> {
+        if self.images != self.sequences {
+            return Err(Error::InvalidInput(format!(
+                "this model takes one image per prompt; got {} images for {} prompts",
+                self.images, self.sequences
+            )));
+        }
+        Ok(())
+    }
+
+    /// For families whose encoders read the image only.
+    pub fn image_only(&self) -> Result<()> {
+        if self.text_rows != 0 {
+            return Err(Error::InvalidInput(format!(
+                "this model's encoders read no text, but {} text rows per sequence were given",
+                self.text_rows
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// One request shape (batch, decoder input length, new tokens) of one model, built once and run
 /// by any executor: host inputs are written, encoders run once, then the prefill over the
 /// decoder input and one-token decode steps over the shared caches.

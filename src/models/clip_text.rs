@@ -4,12 +4,89 @@
 //! [`pool_rows`]).
 
 use super::clip_vision::{load_layers, ClipLayer, ClipLayerDims, LayerBufs};
+use super::family::Loader;
 use super::layers::{AttnCall, Keys, NormLayer};
-use super::Loader;
-use crate::config::ClipTextConfig;
+use serde::Deserialize;
+
+use crate::config::{check_activation, check_eps, check_heads, check_positive, check_token, field_error};
+use crate::error::Result;
 use crate::graph::{Buf, Graph, Op, RowSelect, W};
 use crate::weights::Checkpoint;
-use crate::Result;
+
+/// `text_config` of CLIP (`CLIPTextConfig`, 5.17 defaults: ViT-B/32's text tower).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub projection_dim: usize,
+    pub bos_token_id: Option<u32>,
+    /// Decides the pooling rule: 2 is transformers' legacy value (pool at the largest id),
+    /// anything else pools at the first occurrence of this id.
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            projection_dim: 512,
+            bos_token_id: Some(49406),
+            eos_token_id: Some(49407),
+            pad_token_id: Some(1),
+        }
+    }
+}
+
+impl ClipTextConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Checks every field the tower reads; `section` prefixes field names (`text_config`).
+    pub fn check(&self, section: &str) -> Result<(), String> {
+        check_positive(&format!("{section}.vocab_size"), self.vocab_size)?;
+        check_heads(section, self.hidden_size, self.num_attention_heads)?;
+        check_positive(&format!("{section}.intermediate_size"), self.intermediate_size)?;
+        check_positive(&format!("{section}.num_hidden_layers"), self.num_hidden_layers)?;
+        check_positive(&format!("{section}.max_position_embeddings"), self.max_position_embeddings)?;
+        check_eps(&format!("{section}.layer_norm_eps"), self.layer_norm_eps)?;
+        check_activation(&format!("{section}.hidden_act"), &self.hidden_act, &["quick_gelu", "gelu", "gelu_python"])?;
+        match self.eos_token_id {
+            None => Err(field_error(
+                &format!("{section}.eos_token_id"),
+                "missing",
+                "CLIP pools each text at its EOS token: set it to the id of <|endoftext|>",
+            )),
+            // 2 is the legacy marker (pool at the largest id), not a token that must exist.
+            Some(2) => Ok(()),
+            Some(id) => check_token(&format!("{section}.eos_token_id"), id, self.vocab_size),
+        }
+    }
+
+    /// The MLP activation (`check` has accepted the name).
+    pub fn activation(&self) -> crate::graph::Activation {
+        if self.hidden_act == "quick_gelu" {
+            crate::graph::Activation::QuickGelu
+        } else {
+            crate::graph::Activation::Gelu
+        }
+    }
+}
 
 pub struct ClipText {
     pub cfg: ClipTextConfig,

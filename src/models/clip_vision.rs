@@ -5,14 +5,111 @@
 
 use half::f16;
 
+use super::family::Loader;
 use super::layers::{
     load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnScratch, AttnSpec, Keys, Mlp, NormLayer,
 };
-use super::Loader;
-use crate::config::ClipVisionConfig;
+use serde::Deserialize;
+
+use crate::config::{check_activation, check_eps, check_heads, check_positive, field_error};
 use crate::error::{Error, Result};
 use crate::graph::{Buf, Graph, Op, RowSelect, W};
 use crate::weights::{Checkpoint, Weight};
+
+/// `vision_config` of a CLIP vision tower (`CLIPVisionConfig`, 5.17 defaults: ViT-B/32).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+    pub projection_dim: usize,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            image_size: 224,
+            patch_size: 32,
+            num_channels: 3,
+            layer_norm_eps: 1e-5,
+            hidden_act: "quick_gelu".into(),
+            projection_dim: 512,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    /// LlavaConfig's vision tower when config.json has no `vision_config` (CLIP ViT-L/14-336).
+    pub fn llava_default() -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            image_size: 336,
+            patch_size: 14,
+            projection_dim: 768,
+            ..Self::default()
+        }
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+    /// Patches plus the class token.
+    pub fn num_positions(&self) -> usize {
+        self.patches_per_side() * self.patches_per_side() + 1
+    }
+
+    /// Checks every field the tower reads; `section` prefixes field names (`vision_config`).
+    pub fn check(&self, section: &str) -> Result<(), String> {
+        check_heads(section, self.hidden_size, self.num_attention_heads)?;
+        check_positive(&format!("{section}.intermediate_size"), self.intermediate_size)?;
+        check_positive(&format!("{section}.num_hidden_layers"), self.num_hidden_layers)?;
+        check_positive(&format!("{section}.patch_size"), self.patch_size)?;
+        if self.image_size == 0 || self.image_size % self.patch_size != 0 {
+            return Err(field_error(
+                &format!("{section}.image_size"),
+                self.image_size,
+                format!(
+                    "it must be a positive multiple of {section}.patch_size ({}), so the patches tile the image",
+                    self.patch_size
+                ),
+            ));
+        }
+        if self.num_channels != 3 {
+            return Err(field_error(
+                &format!("{section}.num_channels"),
+                self.num_channels,
+                "glimpse feeds RGB images: it must be 3",
+            ));
+        }
+        check_eps(&format!("{section}.layer_norm_eps"), self.layer_norm_eps)?;
+        check_activation(&format!("{section}.hidden_act"), &self.hidden_act, &["quick_gelu", "gelu", "gelu_python"])
+    }
+
+    /// The MLP activation (`check` has accepted the name).
+    pub fn activation(&self) -> crate::graph::Activation {
+        if self.hidden_act == "quick_gelu" {
+            crate::graph::Activation::QuickGelu
+        } else {
+            crate::graph::Activation::Gelu
+        }
+    }
+}
 
 /// One `CLIPEncoderLayer` (both CLIP towers): pre-norm self-attention with separate biased
 /// q/k/v/out projections, then a pre-norm MLP.

@@ -1,4 +1,4 @@
-//! `InstructBlipForConditionalGeneration` (design/instructblip.md): BLIP-2's vision encoder, a
+//! `InstructBlipForConditionalGeneration` (docs/models/instructblip.md): BLIP-2's vision encoder, a
 //! Q-Former that reads the instruction besides its query tokens ([`QFormer::build_instruct`]),
 //! `language_projection`, and a language model whose input starts with `num_query_tokens`
 //! `<image>` placeholders that the projected queries replace (5.17's `masked_scatter`).
@@ -15,17 +15,221 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::llama::LlamaDecoder;
+use super::family::{Family, Loader, TextInputs};
+use super::llama::{LlamaDecoder, PassSpec};
 use super::qformer::{InstructInputs, Instruction, QFormer};
 use super::t5::T5;
 use super::vit::VisionModel;
-use super::{Family, Loader, TextInputs};
-use crate::config::{InstructBlipConfig, ModelConfig, PreprocessorConfig, TextConfig, TokenIds};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::blip2::config::{check_blip_towers, check_t5_language_model, default_num_query_tokens};
+use super::family::{FamilyConfig, Loaded, ModelConfig};
+use super::language_model::TextConfig;
+use super::llama::LlamaConfig;
+use super::preset_tokenizers::{added_token, bert_tokenizer_json, llama_tokenizer_json, t5_tokenizer_json};
+use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_language_files, t5_text_json, Widths};
+use super::qformer::QFormerConfig;
+use super::vit::VisionConfig;
+use super::{FamilyEntry, ModelType};
+use crate::config::{check_positive, check_token, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
-use crate::graph::{Activation, DType, Graph, Linear, Phase, WeightTable};
+use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
+use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
+use crate::json::from_json_value;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
+
+/// `config.json` of an `InstructBlipForConditionalGeneration` checkpoint (transformers 5.17
+/// `InstructBlipConfig`, docs/models/instructblip.md#config): BLIP-2's towers, a Q-Former that also reads the
+/// instruction, and a language model (a LLaMA/Vicuna decoder; Flan-T5 is another `text_config`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct InstructBlipConfig {
+    #[serde(default)]
+    pub vision_config: VisionConfig,
+    #[serde(default)]
+    pub qformer_config: QFormerConfig,
+    #[serde(default)]
+    pub text_config: TextConfig,
+    #[serde(default = "default_num_query_tokens")]
+    pub num_query_tokens: usize,
+    #[serde(default, alias = "image_token_id")]
+    pub image_token_index: Option<u32>,
+    #[serde(default)]
+    pub use_decoder_only_language_model: Option<bool>,
+}
+
+impl InstructBlipConfig {
+    /// Parses as `InstructBlipConfig.__init__` does (a missing `text_config` is OPT's, which glimpse
+    /// refuses with the decoders it runs), then validates.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        let text_config = match value.get("text_config").filter(|t| !t.is_null()) {
+            Some(t) => TextConfig::from_value(t, path)?,
+            None => TextConfig::default(),
+        };
+        let mut rest = value.clone();
+        if let Some(obj) = rest.as_object_mut() {
+            obj.remove("text_config");
+        }
+        let mut cfg: InstructBlipConfig = from_json_value(&rest, path)?;
+        cfg.text_config = text_config;
+        // As in BLIP-2, transformers overwrites it with the vision width.
+        cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        cfg.check().map_err(|m| Error::config(path, m))?;
+        Ok(cfg)
+    }
+
+    /// The LLaMA decoder's config (Vicuna checkpoints).
+    pub fn llama(&self) -> Result<&LlamaConfig> {
+        match &self.text_config {
+            TextConfig::Llama(t) => Ok(t),
+            other => Err(Error::Unsupported(format!(
+                "InstructBLIP with text_config.model_type `{}` has no LLaMA decoder (glimpse runs InstructBLIP with LLaMA (Vicuna) or T5 (Flan-T5))",
+                other.model_type()
+            ))),
+        }
+    }
+
+    /// `<image>`'s id (`check` guarantees it is set).
+    pub fn image_token(&self) -> u32 {
+        self.image_token_index.unwrap_or(0)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (v, q) = (&self.vision_config, &self.qformer_config);
+        check_blip_towers(v, q, self.num_query_tokens)?;
+        check_positive("qformer_config.vocab_size", q.vocab_size)?;
+        check_positive("qformer_config.max_position_embeddings", q.max_position_embeddings)?;
+        let t = match &self.text_config {
+            TextConfig::Llama(t) => t,
+            TextConfig::T5(t) => {
+                return check_t5_language_model(
+                    t,
+                    self.use_decoder_only_language_model,
+                    self.image_token_index,
+                    "without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32100 in Salesforce/instructblip-flan-t5-xl)",
+                )
+            }
+            other => {
+                return Err(field_error(
+                    "text_config.model_type",
+                    format!("`{}`", other.model_type()),
+                    "glimpse runs InstructBLIP with a LLaMA (Vicuna) or T5 (Flan-T5) language model; set text_config.model_type to \"llama\" for a Vicuna checkpoint or \"t5\" for a Flan-T5 one",
+                ))
+            }
+        };
+        if self.use_decoder_only_language_model == Some(false) {
+            return Err(field_error(
+                "use_decoder_only_language_model",
+                false,
+                "a LLaMA language model is decoder-only: set it to true or remove it",
+            ));
+        }
+        t.check()?;
+        match self.image_token_index {
+            // transformers would silently drop the image (no placeholder matches).
+            None => return Err("no `image_token_index`: without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32001 in Salesforce/instructblip-vicuna-7b)".into()),
+            Some(id) => check_token("image_token_index", id, t.vocab_size)?,
+        }
+        if let Some(id) = t.bos_token_id {
+            check_token("text_config.bos_token_id", id, t.vocab_size)?;
+        }
+        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, t.vocab_size)?;
+        }
+        Ok(())
+    }
+}
+
+pub const FAMILY: FamilyEntry = FamilyEntry {
+    model_types: &[ModelType {
+        name: "instructblip",
+        architectures: &["InstructBlipForConditionalGeneration"],
+        label: "instructblip (LLaMA/Vicuna)",
+        parse: |v, p| Ok(ModelConfig::new(InstructBlipConfig::from_value(v, p)?)),
+    }],
+    presets: &["instructblip-vicuna-7b", "instructblip-tiny", "instructblip-flan-t5-xl", "instructblip-flan-t5-tiny"],
+    preset_config: |name| match name {
+        n if n.starts_with("instructblip-flan-t5-") => instructblip_t5_json(n),
+        n => instructblip_json(n),
+    },
+};
+
+impl FamilyConfig for InstructBlipConfig {
+    fn architecture(&self) -> &str {
+        "InstructBlipForConditionalGeneration"
+    }
+    fn load(&self, ckpt: &Checkpoint) -> Result<Loaded> {
+        Ok(Loaded::Generates(Box::new(InstructBlip::load(self, ckpt)?)))
+    }
+    fn record_tensors(&self, recorder: &Checkpoint) -> Result<()> {
+        self.text_config.record_untied_head(recorder)?;
+        self.load(recorder).map(drop)
+    }
+    fn synth_token_ids(&self) -> (u32, u32) {
+        (self.text_config.first_eos().unwrap_or(2), self.image_token())
+    }
+    fn synth_tokenizer(&self) -> Result<Value> {
+        if self.text_config.is_t5() {
+            return Ok(t5_tokenizer_json(self.image_token()));
+        }
+        // Vicuna's conversion makes `</s>` the BOS the template inserts.
+        let mut t = llama_tokenizer_json(self.image_token())?;
+        let bos = json!({"SpecialToken": {"id": "</s>", "type_id": 0}});
+        t["post_processor"]["single"][0] = bos.clone();
+        t["post_processor"]["pair"][0] = bos;
+        t["post_processor"]["pair"][2] = json!({"SpecialToken": {"id": "</s>", "type_id": 1}});
+        t["post_processor"]["special_tokens"] = json!({"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}});
+        Ok(t)
+    }
+    fn synth_files(&self) -> Result<Vec<(&'static str, Value)>> {
+        let image = self.image_token();
+        let mut files = if self.text_config.is_t5() {
+            t5_language_files(image, "InstructBlipProcessor")
+        } else {
+            let added: serde_json::Map<String, Value> =
+                [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (image, "<image>"), (image + 1, "<pad>")]
+                    .into_iter()
+                    .map(|(id, t)| (id.to_string(), added_token(id, t)))
+                    .collect();
+            vec![
+                (
+                    "generation_config.json",
+                    json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
+                    "transformers_version": "5.17.0"}),
+                ),
+                ("tokenizer.json", self.synth_tokenizer()?),
+                (
+                    "tokenizer_config.json",
+                    json!({
+                    "add_bos_token": true, "add_eos_token": false, "added_tokens_decoder": added,
+                    "bos_token": "</s>", "clean_up_tokenization_spaces": false, "eos_token": "</s>", "legacy": false,
+                    "model_max_length": 2048, "pad_token": "<pad>", "padding_side": "left",
+                    "processor_class": "InstructBlipProcessor", "tokenizer_class": "LlamaTokenizer",
+                    "truncation_side": "left", "unk_token": "</s>"}),
+                ),
+            ]
+        };
+        files.extend([
+            (
+                "processor_config.json",
+                json!({"image_processor": blip_image_processor(self.vision_config.image_size),
+                "num_query_tokens": self.num_query_tokens, "processor_class": "InstructBlipProcessor"}),
+            ),
+            ("qformer_tokenizer/tokenizer.json", bert_tokenizer_json(self.qformer_config.vocab_size)?),
+            (
+                "qformer_tokenizer/tokenizer_config.json",
+                json!({
+                "backend": "tokenizers", "bos_token": "[DEC]", "cls_token": "[CLS]", "do_lower_case": true,
+                "mask_token": "[MASK]", "model_max_length": 512, "pad_token": "[PAD]",
+                "processor_class": "InstructBlipProcessor", "sep_token": "[SEP]", "strip_accents": null,
+                "tokenize_chinese_chars": true, "tokenizer_class": "BertTokenizer", "truncation_side": "left",
+                "unk_token": "[UNK]"}),
+            ),
+        ]);
+        Ok(files)
+    }
+}
 
 /// Where `InstructBlipProcessor.save_pretrained` puts the Q-Former's tokenizer.
 pub const QFORMER_TOKENIZER_DIR: &str = "qformer_tokenizer";
@@ -92,7 +296,7 @@ impl InstructBlip {
         };
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::InstructBlip(cfg.clone()),
+            config: ModelConfig::new(cfg.clone()),
             weights: Arc::new(table),
             vision,
             qformer,
@@ -131,7 +335,7 @@ impl InstructBlip {
 
     /// The phases for `batch` images with one instruction of `text_rows` Q-Former tokens
     /// (padded) each, a decoder input of `prompt_len` tokens and up to `max_new_tokens` new ones.
-    pub fn plan_instructed(
+    fn plan_instructed(
         &self,
         batch: usize,
         prompt_len: usize,
@@ -139,11 +343,6 @@ impl InstructBlip {
         all_prefill_logits: bool,
         text_rows: usize,
     ) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
         }
@@ -167,7 +366,7 @@ impl InstructBlip {
         let qformer_out = self.qformer.build_instruct(&mut g, vision_out, batch, v.num_positions(), &inp);
         let image_embeds = g.buffer("image_embeds", batch * nq, self.language_projection.out_dim);
         let p = &self.language_projection;
-        g.linear(qformer_out, p.weight, p.bias, Activation::None, None, image_embeds, batch * nq);
+        g.linear(qformer_out, p.weight, p.bias, Fused::NONE, image_embeds, batch * nq);
         let qformer = g.take_phase("qformer");
 
         let inputs = vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)];
@@ -179,17 +378,10 @@ impl InstructBlip {
                 let cache = dec.kv_cache(&mut g, batch, capacity.max(1));
                 // Left-padded batches (instructions of different lengths): pad keys masked out.
                 let key_mask = g.buffer("key_mask", batch, cache.capacity);
-                let pre = dec.build_masked(
-                    &mut g,
-                    &cache,
-                    prompt_len,
-                    Some(image),
-                    Some(key_mask),
-                    all_prefill_logits,
-                    "prefill",
-                );
+                let pass = PassSpec::prefill(prompt_len, Some(image), Some(key_mask), all_prefill_logits);
+                let pre = dec.build(&mut g, &cache, &pass);
                 let prefill = g.take_phase("prefill");
-                let step = dec.build_masked(&mut g, &cache, 1, None, Some(key_mask), false, "decode");
+                let step = dec.build(&mut g, &cache, &PassSpec::decode(Some(key_mask)));
                 let decode = Phase { replayable: true, ..g.take_phase("decode") };
                 let kv = KvCaches {
                     bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),
@@ -249,7 +441,7 @@ fn instruction_padding_left(model_dir: &Path) -> Result<bool> {
         if !path.is_file() {
             continue;
         }
-        let config: serde_json::Value = crate::config::read_json(&path)?;
+        let config: serde_json::Value = crate::json::read_json(&path)?;
         match config.get("padding_side") {
             None | Some(serde_json::Value::Null) => continue,
             Some(serde_json::Value::String(s)) if s == "left" => return Ok(true),
@@ -274,10 +466,6 @@ impl Family for InstructBlip {
 
     fn weights(&self) -> &Arc<WeightTable> {
         &self.weights
-    }
-
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::check_square_input(pre, path, self.image_size())
     }
 
     fn image_size(&self) -> usize {
@@ -316,9 +504,22 @@ impl Family for InstructBlip {
         }
     }
 
-    /// For callers without a text (bench, parity): the empty instruction's `[CLS] [SEP]`.
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
-        self.plan_instructed(batch, prompt_len, max_new_tokens, all_prefill_logits, 2)
+    /// A shape without text rows (bench, parity) gets the empty instruction's `[CLS] [SEP]`.
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        if shape.images != shape.sequences {
+            return Err(Error::InvalidInput(format!(
+                "InstructBLIP takes one image per prompt; got {} images for {} prompts",
+                shape.images, shape.sequences
+            )));
+        }
+        let text_rows = if shape.text_rows == 0 { 2 } else { shape.text_rows };
+        self.plan_instructed(
+            shape.sequences,
+            shape.prompt_len,
+            shape.max_new_tokens,
+            shape.all_prefill_logits,
+            text_rows,
+        )
     }
 
     fn text_inputs(&self, texts: &[&str]) -> Result<Option<TextInputs>> {
@@ -329,23 +530,6 @@ impl Family for InstructBlip {
         }
         let ids = texts.iter().map(|t| self.qformer_ids(t)).collect::<Result<Vec<_>>>()?;
         self.instruction_inputs(&ids).map(Some)
-    }
-
-    fn plan_text(
-        &self,
-        images: usize,
-        sequences: usize,
-        prompt_len: usize,
-        max_new_tokens: usize,
-        all_prefill_logits: bool,
-        text_rows: usize,
-    ) -> Result<Plan> {
-        if images != sequences {
-            return Err(Error::InvalidInput(format!(
-                "InstructBLIP takes one image per prompt; got {images} images for {sequences} prompts"
-            )));
-        }
-        self.plan_instructed(sequences, prompt_len, max_new_tokens, all_prefill_logits, text_rows)
     }
 
     fn describe(&self) -> Vec<String> {
@@ -378,4 +562,94 @@ impl Family for InstructBlip {
             language_model,
         ]
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `glimpse synth` presets.
+
+/// `config.json` of an InstructBLIP preset, as transformers 5.17 writes
+/// Salesforce/instructblip-vicuna-7b: BLIP-2's EVA ViT-g and Q-Former (with the instruction's
+/// embeddings and text FFN, vocabulary 30523 with `[DEC]`), a Vicuna-7B (LLaMA) decoder. The
+/// synthetic LLM tokenizer puts `<image>` at 32000 and `<pad>` at 32001 (the hub's are `[PAD]`
+/// 32000, `<image>` 32001): same shapes, so the parameter count is the checkpoint's.
+fn instructblip_json(name: &str) -> Result<Value> {
+    // vision (hidden, intermediate, layers, heads, image, patch), qformer (hidden, intermediate,
+    // layers, heads, vocab, positions), text (hidden, intermediate, layers, heads, kv heads,
+    // vocab, image token, positions), query tokens
+    let ((vh, vi, vl, vn, vs, vp), (qh, qi, ql, qn, qv, qp), (th, ti, tl, tn, tk, vocab, image, positions), nq) =
+        match name {
+            "instructblip-vicuna-7b" => (
+                (1408, 6144, 39, 16, 224, 14),
+                (768, 3072, 12, 12, 30523, 512),
+                (4096, 11008, 32, 32, 32, 32002, 32000, 2048),
+                32,
+            ),
+            // tests/fixtures/instructblip-tiny's towers; room for the synthetic tokenizers.
+            "instructblip-tiny" => {
+                ((32, 48, 2, 4, 24, 6), (32, 48, 3, 4, 400, 48), (32, 48, 2, 4, 2, 1024, 1000, 512), 4)
+            }
+            _ => return Err(not_a_preset(name)),
+        };
+    Ok(json!({
+        "architectures": ["InstructBlipForConditionalGeneration"],
+        "dtype": "float16",
+        "glimpse_synth": { "preset": name, "note": "random weights made by `glimpse synth`; not a trained model" },
+        "image_token_index": image,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "model_type": "instructblip",
+        "num_query_tokens": nq,
+        "qformer_config": {
+            "attention_probs_dropout_prob": 0.1,
+            "cross_attention_frequency": 2,
+            "encoder_hidden_size": vh,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1,
+            "hidden_size": qh,
+            "initializer_range": 0.02,
+            "intermediate_size": qi,
+            "layer_norm_eps": 1e-12,
+            "max_position_embeddings": qp,
+            "model_type": "instructblip_qformer",
+            "num_attention_heads": qn,
+            "num_hidden_layers": ql,
+            "pad_token_id": 0,
+            "vocab_size": qv
+        },
+        "text_config": llama_text_json(Widths { hidden: th, intermediate: ti, layers: tl, heads: tn }, tk, positions, vocab, image + 1, 1e-06),
+        "transformers_version": "5.17.0",
+        "use_decoder_only_language_model": true,
+        "vision_config": {
+            "attention_dropout": 0.0,
+            "hidden_act": "gelu",
+            "hidden_size": vh,
+            "image_size": vs,
+            "initializer_range": 1e-10,
+            "intermediate_size": vi,
+            "layer_norm_eps": 1e-06,
+            "model_type": "instructblip_vision_model",
+            "num_attention_heads": vn,
+            "num_hidden_layers": vl,
+            "patch_size": vp,
+            "qkv_bias": true
+        }
+    }))
+}
+
+/// `config.json` of an InstructBLIP Flan-T5 preset, as transformers 5.17 writes
+/// Salesforce/instructblip-flan-t5-xl: InstructBLIP's vision encoder and Q-Former (the Vicuna
+/// preset's, or the tiny one's), a Flan-T5-XL language model (blip2-flan-t5-xl's), `<image>` at
+/// 32100 of the T5 tokenizer.
+fn instructblip_t5_json(name: &str) -> Result<Value> {
+    let (base, (dm, dkv, dff, tl, tn)) = match name {
+        "instructblip-flan-t5-xl" => ("instructblip-vicuna-7b", (2048, 64, 5120, 24, 32)),
+        "instructblip-flan-t5-tiny" => ("instructblip-tiny", (32, 16, 48, 2, 3)),
+        _ => return Err(not_a_preset(name)),
+    };
+    let mut v = instructblip_json(base)?;
+    v["glimpse_synth"]["preset"] = json!(name);
+    v["image_token_index"] = json!(32100);
+    v["use_decoder_only_language_model"] = json!(false);
+    v["text_config"] = t5_text_json(dm, dkv, dff, tl, tn, 32128);
+    Ok(v)
 }

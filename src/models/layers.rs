@@ -1,4 +1,4 @@
-//! Layer builders shared by every tower and decoder (ViT, Q-Former, OPT; next CLIP, LLaMA, T5):
+//! Layer builders shared by every tower and decoder (ViT, Q-Former, OPT, CLIP, LLaMA, T5):
 //! norms, multi-head / grouped-query attention (self, cross or over a KV cache), plain and gated
 //! MLPs, pre- and post-norm residual blocks, and the KV cache. Models load their weights under
 //! their Hugging Face names and describe a block by composing these; only this file constructs
@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use super::Loader;
+use super::family::Loader;
 use crate::error::Result;
-use crate::graph::{self, Activation, Buf, Graph, KvLen, Linear, Norm, Op, View, W};
+use crate::graph::{self, Activation, Buf, Fused, Graph, KvLen, Linear, Norm, Op, View, W};
 
 /// A normalisation layer's parameters.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +45,7 @@ pub fn linear(
     out: Buf,
     rows: usize,
 ) {
-    g.linear(x, l.weight, l.bias, act, residual, out, rows);
+    g.linear(x, l.weight, l.bias, Fused::add(act, residual), out, rows);
 }
 
 /// Where a block body's last Linear writes: `out = body(..) + add`.

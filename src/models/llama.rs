@@ -1,16 +1,203 @@
-//! The LLaMA decoder (`LlamaModel` + `lm_head`, transformers 5.17; design/llama.md): RMSNorm,
+//! The LLaMA decoder (`LlamaModel` + `lm_head`, transformers 5.17; docs/models/llama.md): RMSNorm,
 //! RoPE (default / linear / llama3, half-split pairing), grouped-query attention over a KV cache,
 //! SwiGLU MLP, optional attention / MLP biases, tied or untied head, head_dim from the config.
 
 use std::sync::Arc;
 
+use super::family::Loader;
 pub use super::layers::KvCache;
 use super::layers::{load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, NormLayer};
-pub use super::opt::DecoderPass;
-use super::Loader;
-use crate::config::LlamaConfig;
+pub use super::opt::{DecoderPass, PassSpec};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{check_activation, check_heads, check_positive, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::graph::{rope_inv_freq, Activation, Buf, Graph, Op, W};
+use crate::graph::{rope_inv_freq, Activation, Fused, Graph, Op, W};
+
+/// `text_config` of a LLaMA decoder (`LlamaConfig`, transformers 5.17 defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LlamaConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// None: `num_attention_heads` (no grouping).
+    pub num_key_value_heads: Option<usize>,
+    /// None: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    /// 5.17's form: `{"rope_type", "rope_theta", ...}`.
+    pub rope_parameters: Option<Value>,
+    /// Legacy keys, folded into `rope_parameters` as transformers does (see [`LlamaConfig::rope`]).
+    pub rope_scaling: Option<Value>,
+    pub rope_theta: Option<f64>,
+    pub partial_rotary_factor: Option<f64>,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub pad_token_id: Option<u32>,
+    /// Kept on the config like OPT's (the language model's generation config reads it).
+    pub max_new_tokens: Option<usize>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            model_type: "llama".into(),
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            hidden_act: "silu".into(),
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-6,
+            rope_parameters: None,
+            rope_scaling: None,
+            rope_theta: None,
+            partial_rotary_factor: None,
+            attention_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(TokenIds::One(2)),
+            pad_token_id: None,
+            max_new_tokens: None,
+        }
+    }
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE base and scaling as transformers 5.17 resolves them: `rope_parameters`, with a legacy
+    /// `rope_scaling` object merged over it (`type` is an alias of `rope_type`) and a legacy
+    /// top-level `rope_theta` filling a missing theta; defaults `default` / 10000.
+    pub fn rope(&self) -> Result<(f64, crate::graph::RopeScaling), String> {
+        use crate::graph::RopeScaling;
+        let mut p = serde_json::Map::new();
+        for src in [&self.rope_parameters, &self.rope_scaling].into_iter().flatten() {
+            match src {
+                Value::Object(m) => p.extend(m.clone()),
+                Value::Null => {}
+                other => {
+                    return Err(field_error(
+                        "text_config.rope_parameters",
+                        other,
+                        "it must be an object such as {\"rope_type\": \"default\", \"rope_theta\": 10000.0}",
+                    ))
+                }
+            }
+        }
+        let num = |key: &str| -> Result<Option<f64>, String> {
+            match p.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    field_error(&format!("text_config.rope_parameters.{key}"), v, "it must be a number")
+                }),
+            }
+        };
+        let theta = num("rope_theta")?.or(self.rope_theta).unwrap_or(10000.0);
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(field_error("text_config.rope_parameters.rope_theta", theta, "it must be a positive number"));
+        }
+        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let need = |key: &str| -> Result<f64, String> {
+            num(key)?.ok_or_else(|| {
+                field_error(
+                    &format!("text_config.rope_parameters.{key}"),
+                    "missing",
+                    format!("rope_type `{kind}` needs it"),
+                )
+            })
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: need("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?
+                    .unwrap_or(self.max_position_embeddings as f64),
+            },
+            other => {
+                return Err(field_error(
+                    "text_config.rope_parameters.rope_type",
+                    format!("`{other}`"),
+                    "glimpse implements default, linear and llama3 RoPE",
+                ))
+            }
+        };
+        Ok((theta, scaling))
+    }
+
+    /// Checks every field the decoder reads.
+    pub fn check(&self) -> Result<(), String> {
+        check_positive("text_config.vocab_size", self.vocab_size)?;
+        check_positive("text_config.hidden_size", self.hidden_size)?;
+        check_positive("text_config.num_attention_heads", self.num_attention_heads)?;
+        check_positive("text_config.intermediate_size", self.intermediate_size)?;
+        check_positive("text_config.num_hidden_layers", self.num_hidden_layers)?;
+        check_positive("text_config.max_position_embeddings", self.max_position_embeddings)?;
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(field_error(
+                "text_config.num_key_value_heads",
+                kv,
+                format!(
+                    "it must divide num_attention_heads ({}): each key/value head serves a whole group of query heads",
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            check_heads("text_config", self.hidden_size, self.num_attention_heads)?;
+        }
+        let hd = self.head_dim();
+        if hd == 0 || hd % 2 != 0 {
+            return Err(field_error("text_config.head_dim", hd, "RoPE needs an even, positive head_dim"));
+        }
+        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            return Err(field_error(
+                "text_config.partial_rotary_factor",
+                self.partial_rotary_factor.unwrap_or(1.0),
+                "glimpse rotates every head dimension (1.0)",
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(field_error(
+                "text_config.rms_norm_eps",
+                self.rms_norm_eps,
+                "it must be a positive number (LLaVA-1.5 uses 1e-5)",
+            ));
+        }
+        check_activation("text_config.hidden_act", &self.hidden_act, &["silu", "swish"])?;
+        if self.max_new_tokens == Some(0) {
+            return Err(field_error(
+                "text_config.max_new_tokens",
+                0,
+                "transformers rejects it (it must be at least 1); remove it for the default of 20",
+            ));
+        }
+        self.rope().map(|_| ())
+    }
+}
 
 struct LlamaLayer {
     input_layernorm: NormLayer,
@@ -86,34 +273,9 @@ impl LlamaDecoder {
         KvCache::new(g, "llama", self.layers.len(), batch, capacity, kv_width)
     }
 
-    /// Emits one pass over `seq` new tokens per sequence from the executor's position (prefill, or
-    /// a decode step with seq = 1). `image` rows (when given) replace the rows whose token is the
-    /// image token, in order (`masked_scatter`). With `all_logits` every row gets logits.
-    pub fn build(
-        &self,
-        g: &mut Graph,
-        cache: &KvCache,
-        seq: usize,
-        image: Option<(Buf, u32)>,
-        all_logits: bool,
-        tag: &str,
-    ) -> DecoderPass {
-        self.build_masked(g, cache, seq, image, None, all_logits, tag)
-    }
-
-    /// [`LlamaDecoder::build`] with an additive key mask `[batch, capacity]` over the cache
-    /// (left-padded batches: 0, or `f32::MIN` on each sequence's pads).
-    #[allow(clippy::too_many_arguments)]
-    pub fn build_masked(
-        &self,
-        g: &mut Graph,
-        cache: &KvCache,
-        seq: usize,
-        image: Option<(Buf, u32)>,
-        key_mask: Option<Buf>,
-        all_logits: bool,
-        tag: &str,
-    ) -> DecoderPass {
+    /// Emits one pass ([`PassSpec`]) over the cache, starting at the executor's position.
+    pub fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
+        let PassSpec { seq, image, key_mask, all_logits, tag } = *pass;
         let c = &self.cfg;
         let (h, batch) = (c.hidden_size, cache.batch);
         let rows = batch * seq;
@@ -147,7 +309,7 @@ impl LlamaDecoder {
             g.push(Op::LastRows { x: normed, out: head_in, batch, rows_per_batch: seq });
         }
         let logits = g.buffer(format!("{tag}.logits"), logit_rows, c.vocab_size);
-        g.linear(head_in, self.lm_head, None, Activation::None, None, logits, logit_rows);
+        g.linear(head_in, self.lm_head, None, Fused::NONE, logits, logit_rows);
         DecoderPass { embeds: x, logits, logit_rows }
     }
 

@@ -1,4 +1,4 @@
-//! `LlavaForConditionalGeneration` (LLaVA-1.5, design/llava.md): CLIP vision tower run up to
+//! `LlavaForConditionalGeneration` (LLaVA-1.5, docs/models/llava.md): CLIP vision tower run up to
 //! `vision_feature_layer` -> (CLS dropped under the "default" strategy) -> MLP projector
 //! (`linear_1`, GELU, `linear_2`) -> rows scattered over the `<image>` tokens of a LLaMA decoder's
 //! input. The prompt (chat template, `<image>` expansion) is built by [`crate::chat`].
@@ -9,13 +9,249 @@ use std::sync::Arc;
 use half::f16;
 
 use super::clip_vision::{find_prefix, ClipVision, VisionRequest};
-use super::llama::{KvCache, LlamaDecoder};
-use super::{Family, Loader};
-use crate::config::{LlavaConfig, ModelConfig, PreprocessorConfig, TokenIds};
+use super::family::{Family, Loader};
+use super::llama::{KvCache, LlamaDecoder, PassSpec};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::clip_vision::ClipVisionConfig;
+use super::family::{FamilyConfig, Loaded, ModelConfig};
+use super::language_model::TextConfig;
+use super::llama::LlamaConfig;
+use super::preset_tokenizers::llama_tokenizer_json;
+use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, not_a_preset, Widths};
+use super::{FamilyEntry, ModelType};
+use crate::config::{check_activation, check_token, field_error, GenerationConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
-use crate::graph::{Activation, Graph, Linear, Phase, WeightTable, W};
+use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
+use crate::graph::{Activation, Fused, Graph, Linear, Phase, WeightTable, W};
+use crate::json::{from_json_value, from_json_value_at};
 use crate::weights::{Checkpoint, Weight};
+
+/// `vision_feature_layer`: one hidden-state index or a list (concatenated on the feature axis).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum FeatureLayers {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+/// `config.json` of a `LlavaForConditionalGeneration` checkpoint (transformers 5.17 `LlavaConfig`).
+#[derive(Debug, Clone)]
+pub struct LlavaConfig {
+    pub vision_config: ClipVisionConfig,
+    pub text_config: LlamaConfig,
+    pub image_token_index: u32,
+    pub projector_hidden_act: String,
+    /// `default` drops the CLS row of every selected hidden state, `full` keeps it.
+    pub vision_feature_select_strategy: String,
+    pub vision_feature_layer: FeatureLayers,
+    pub multimodal_projector_bias: bool,
+    /// True when config.json or text_config ties the head to the input embeddings.
+    pub tie_word_embeddings: bool,
+}
+
+impl LlavaConfig {
+    /// Parses as `LlavaConfig.__init__` does: a missing vision_config is CLIP ViT-L/14-336, a
+    /// present one fills missing keys with CLIPVisionConfig defaults; text_config defaults to llama.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        #[serde(default)]
+        struct Top {
+            #[serde(alias = "image_token_id")]
+            image_token_index: u32,
+            projector_hidden_act: String,
+            vision_feature_select_strategy: String,
+            vision_feature_layer: FeatureLayers,
+            multimodal_projector_bias: bool,
+            tie_word_embeddings: bool,
+        }
+        impl Default for Top {
+            fn default() -> Self {
+                Self {
+                    image_token_index: 32000,
+                    projector_hidden_act: "gelu".into(),
+                    vision_feature_select_strategy: "default".into(),
+                    vision_feature_layer: FeatureLayers::One(-2),
+                    multimodal_projector_bias: true,
+                    tie_word_embeddings: false,
+                }
+            }
+        }
+        let mut rest = value.clone();
+        let (mut vision, mut text) = (None, None);
+        if let Some(obj) = rest.as_object_mut() {
+            vision = obj.remove("vision_config").filter(|v| !v.is_null());
+            text = obj.remove("text_config").filter(|v| !v.is_null());
+        }
+        let top: Top = from_json_value(&rest, path)?;
+        let vision_config = match vision {
+            Some(v) => from_json_value_at(&v, path, "vision_config.")?,
+            None => ClipVisionConfig::llava_default(),
+        };
+        let text_config = match text.map(|t| TextConfig::from_value_or(&t, path, "llama")).transpose()? {
+            None => LlamaConfig::default(),
+            Some(TextConfig::Llama(c)) => c,
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: text_config.model_type `{}`: glimpse runs LLaVA with a LLaMA decoder",
+                    path.display(),
+                    other.model_type()
+                )))
+            }
+        };
+        let cfg = Self {
+            tie_word_embeddings: top.tie_word_embeddings || text_config.tie_word_embeddings,
+            vision_config,
+            text_config,
+            image_token_index: top.image_token_index,
+            projector_hidden_act: top.projector_hidden_act,
+            vision_feature_select_strategy: top.vision_feature_select_strategy,
+            vision_feature_layer: top.vision_feature_layer,
+            multimodal_projector_bias: top.multimodal_projector_bias,
+        };
+        cfg.check().map_err(|m| Error::config(path, m))?;
+        Ok(cfg)
+    }
+
+    /// The selected `hidden_states` indices (non-negative), in config order.
+    pub fn feature_layers(&self) -> Result<Vec<usize>, String> {
+        let raw = match &self.vision_feature_layer {
+            FeatureLayers::One(i) => vec![*i],
+            FeatureLayers::Many(v) => v.clone(),
+        };
+        if raw.is_empty() {
+            return Err(field_error(
+                "vision_feature_layer",
+                "[]",
+                "it needs at least one layer index (LLaVA-1.5 uses -2)",
+            ));
+        }
+        let n = self.vision_config.num_hidden_layers;
+        raw.iter().map(|&i| crate::models::clip_vision::resolve_layer(i, n, "vision_feature_layer")).collect()
+    }
+
+    /// Rows dropped from each image's hidden states: 1 (CLS) for `default`, 0 for `full`.
+    pub fn skip_rows(&self) -> usize {
+        usize::from(self.vision_feature_select_strategy == "default")
+    }
+
+    /// Decoder rows per image: patches, plus CLS under `full`.
+    pub fn image_rows(&self) -> usize {
+        self.vision_config.num_positions() - self.skip_rows()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.vision_config.check("vision_config")?;
+        self.text_config.check()?;
+        if !["default", "full"].contains(&self.vision_feature_select_strategy.as_str()) {
+            return Err(field_error(
+                "vision_feature_select_strategy",
+                format!("`{}`", self.vision_feature_select_strategy),
+                "it must be \"default\" (drop CLS) or \"full\"",
+            ));
+        }
+        check_activation("projector_hidden_act", &self.projector_hidden_act, &["gelu", "gelu_python"])?;
+        self.feature_layers()?;
+        let t = &self.text_config;
+        check_token("image_token_index", self.image_token_index, t.vocab_size)?;
+        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, t.vocab_size)?;
+        }
+        Ok(())
+    }
+}
+
+pub const FAMILY: FamilyEntry = FamilyEntry {
+    model_types: &[ModelType {
+        name: "llava",
+        architectures: &["LlavaForConditionalGeneration"],
+        label: "llava (LLaMA)",
+        parse: |v, p| Ok(ModelConfig::new(LlavaConfig::from_value(v, p)?)),
+    }],
+    presets: &["llava-1.5-7b", "llava-1.5-13b", "llava-tiny"],
+    preset_config: llava_json,
+};
+
+impl FamilyConfig for LlavaConfig {
+    fn architecture(&self) -> &str {
+        "LlavaForConditionalGeneration"
+    }
+    fn load(&self, ckpt: &Checkpoint) -> Result<Loaded> {
+        Ok(Loaded::Generates(Box::new(Llava::load(self, ckpt)?)))
+    }
+    fn check_generation_config(&self, generation: &GenerationConfig, path: &Path) -> Result<()> {
+        // A chat family generates with these ids (`default_options`).
+        generation.check_tokens(self.text_config.vocab_size, path)
+    }
+    /// The model's tensors plus the vision layers past `vision_feature_layer` and
+    /// `post_layernorm`, which glimpse never runs but transformers' `CLIPVisionModel` holds.
+    fn record_tensors(&self, recorder: &Checkpoint) -> Result<()> {
+        Llava::load(self, recorder)?;
+        let v = &self.vision_config;
+        let prefix = find_prefix(recorder, &VISION_PREFIXES)
+            .ok_or_else(|| Error::InvalidInput("Llava::load read no vision tower".into()))?;
+        let mut table = WeightTable::default();
+        let mut ld = Loader { ckpt: recorder, table: &mut table };
+        ClipVision::load(v, &mut ld, prefix, v.num_hidden_layers, true)?;
+        Ok(())
+    }
+    fn synth_token_ids(&self) -> (u32, u32) {
+        (
+            self.text_config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied()).unwrap_or(2),
+            self.image_token_index,
+        )
+    }
+    fn synth_tokenizer(&self) -> Result<Value> {
+        llama_tokenizer_json(self.image_token_index)
+    }
+    fn synth_files(&self) -> Result<Vec<(&'static str, Value)>> {
+        let (image, v) = (self.image_token_index, &self.vision_config);
+        let special = |id: u32, t: &str| {
+            (
+                id.to_string(),
+                json!({"content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}),
+            )
+        };
+        let added: serde_json::Map<String, Value> = [
+            special(0, "<unk>"),
+            special(1, "<s>"),
+            special(2, "</s>"),
+            special(image, "<image>"),
+            special(image + 1, "<pad>"),
+        ]
+        .into_iter()
+        .collect();
+        Ok(vec![
+            (
+                "generation_config.json",
+                json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
+                "transformers_version": "5.17.0"}),
+            ),
+            ("tokenizer.json", self.synth_tokenizer()?),
+            (
+                "tokenizer_config.json",
+                json!({
+                "add_bos_token": true, "add_eos_token": false, "added_tokens_decoder": added,
+                "bos_token": "<s>", "clean_up_tokenization_spaces": false, "eos_token": "</s>", "legacy": false,
+                "model_max_length": self.text_config.max_position_embeddings, "pad_token": "<pad>",
+                "padding_side": "left", "processor_class": "LlavaProcessor", "tokenizer_class": "LlamaTokenizer",
+                "unk_token": "<unk>"}),
+            ),
+            (
+                "processor_config.json",
+                json!({
+                "image_processor": clip_image_processor(v.image_size), "image_token": "<image>",
+                "num_additional_image_tokens": 1, "patch_size": v.patch_size, "processor_class": "LlavaProcessor",
+                "vision_feature_select_strategy": self.vision_feature_select_strategy}),
+            ),
+        ])
+    }
+    fn synth_chat_template(&self) -> Option<&'static str> {
+        Some(LLAVA_CHAT_TEMPLATE)
+    }
+}
 
 /// Where each part lives on disk: the hub layout (transformers 4.36), what 5.17's
 /// `save_pretrained` writes (no `vision_model.`), and the 5.17 module tree (`model.` first).
@@ -74,7 +310,7 @@ impl Llava {
         let decoder = LlamaDecoder::load(&cfg.text_config, &mut ld, lm, head, cfg.tie_word_embeddings)?;
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::Llava(cfg.clone()),
+            config: ModelConfig::new(cfg.clone()),
             weights: Arc::new(table),
             vision,
             layers,
@@ -87,7 +323,7 @@ impl Llava {
 
     /// The phases for `images` images spread over `sequences` decoder sequences of `prompt_len`
     /// tokens (image `i` fills the `i`-th run of image tokens in flattened order).
-    pub fn plan_images(
+    fn plan_images(
         &self,
         images: usize,
         sequences: usize,
@@ -95,11 +331,6 @@ impl Llava {
         max_new_tokens: usize,
         all_prefill_logits: bool,
     ) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
         if images == 0 || sequences == 0 {
             return Err(Error::InvalidInput("no images given: LLaVA prompts hold at least one image".into()));
         }
@@ -129,7 +360,7 @@ impl Llava {
         } else {
             let cat = g.buffer("features", rows, d * taps.len());
             for (j, (&tap, &w)) in taps.iter().zip(&self.concat).enumerate() {
-                g.linear(tap, w, None, Activation::None, (j > 0).then_some(cat), cat, rows);
+                g.linear(tap, w, None, Fused::add(Activation::None, (j > 0).then_some(cat)), cat, rows);
             }
             cat
         };
@@ -138,23 +369,17 @@ impl Llava {
         // Projector: linear_2(gelu(linear_1(features)))   [N*(T-skip), H]
         let hidden = g.buffer("projector.hidden", rows, h);
         let (l1, l2) = (&self.linear_1, &self.linear_2);
-        g.linear(features, l1.weight, l1.bias, Activation::Gelu, None, hidden, rows);
+        g.linear(features, l1.weight, l1.bias, Fused::act(Activation::Gelu), hidden, rows);
         let image_features = g.buffer("image_features", rows, h);
-        g.linear(hidden, l2.weight, l2.bias, Activation::None, None, image_features, rows);
+        g.linear(hidden, l2.weight, l2.bias, Fused::NONE, image_features, rows);
         let projector = g.take_phase("projector");
 
         let cache: KvCache = self.decoder.kv_cache(&mut g, sequences, capacity.max(1));
         let token = self.cfg.image_token_index;
-        let pre = self.decoder.build(
-            &mut g,
-            &cache,
-            prompt_len,
-            Some((image_features, token)),
-            all_prefill_logits,
-            "prefill",
-        );
+        let pass = PassSpec::prefill(prompt_len, Some((image_features, token)), None, all_prefill_logits);
+        let pre = self.decoder.build(&mut g, &cache, &pass);
         let prefill = g.take_phase("prefill");
-        let dec = self.decoder.build(&mut g, &cache, 1, None, false, "decode");
+        let dec = self.decoder.build(&mut g, &cache, &PassSpec::decode(None));
         let decode = Phase { replayable: true, ..g.take_phase("decode") };
         let kv =
             KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };
@@ -186,10 +411,6 @@ impl Family for Llava {
         &self.weights
     }
 
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::check_square_input(pre, path, self.image_size())
-    }
-
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
     }
@@ -219,19 +440,10 @@ impl Family for Llava {
         }
     }
 
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
-        self.plan_images(batch, batch, prompt_len, max_new_tokens, all_prefill_logits)
-    }
-
-    fn plan_images(
-        &self,
-        images: usize,
-        sequences: usize,
-        prompt_len: usize,
-        max_new_tokens: usize,
-        all_prefill_logits: bool,
-    ) -> Result<Plan> {
-        Llava::plan_images(self, images, sequences, prompt_len, max_new_tokens, all_prefill_logits)
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.image_only()?;
+        let s = shape;
+        self.plan_images(s.images, s.sequences, s.prompt_len, s.max_new_tokens, s.all_prefill_logits)
     }
 
     fn chat(&self) -> bool {
@@ -282,3 +494,41 @@ impl Family for Llava {
         ]
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `glimpse synth` presets.
+
+/// `config.json` of a LLaVA-1.5 preset, as transformers 5.17 writes llava-hf/llava-1.5-*-hf:
+/// CLIP ViT-L/14-336 (hidden state -2, CLS dropped), a GELU projector, a LLaMA-2 decoder.
+fn llava_json(name: &str) -> Result<Value> {
+    // vision (hidden, intermediate, layers, heads, image, patch), text (hidden, intermediate,
+    // layers, heads, vocab, image token, max positions)
+    let ((vh, vi, vl, vn, vs, vp), (th, ti, tl, tn, vocab, image, positions)) = match name {
+        "llava-1.5-7b" => ((1024, 4096, 24, 16, 336, 14), (4096, 11008, 32, 32, 32064, 32000, 4096)),
+        "llava-1.5-13b" => ((1024, 4096, 24, 16, 336, 14), (5120, 13824, 40, 40, 32064, 32000, 4096)),
+        // tests/fixtures/llava-tiny's towers; room for the synthetic tokenizer's base entries.
+        "llava-tiny" => ((32, 48, 3, 4, 24, 6), (32, 48, 2, 4, 1024, 1000, 512)),
+        _ => return Err(not_a_preset(name)),
+    };
+    let pad = image + 1;
+    Ok(json!({
+        "architectures": ["LlavaForConditionalGeneration"],
+        "dtype": "float16",
+        "glimpse_synth": { "preset": name, "note": "random weights made by `glimpse synth`; not a trained model" },
+        "image_seq_length": (vs / vp) * (vs / vp),
+        "image_token_index": image,
+        "model_type": "llava",
+        "multimodal_projector_bias": true,
+        "pad_token_id": pad,
+        "projector_hidden_act": "gelu",
+        "text_config": llama_text_json(Widths { hidden: th, intermediate: ti, layers: tl, heads: tn }, tn, positions, vocab, pad, 1e-05),
+        "tie_word_embeddings": false,
+        "transformers_version": "5.17.0",
+        "vision_config": clip_vision_json(Widths { hidden: vh, intermediate: vi, layers: vl, heads: vn }, vs, vp, 768),
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default"
+    }))
+}
+
+/// The chat template llava-hf/llava-1.5-*-hf ship ("USER: <image>\n... ASSISTANT:").
+const LLAVA_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}";

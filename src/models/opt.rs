@@ -1,12 +1,85 @@
 //! The OPT decoder (`OPTForCausalLM`): learned positions offset by 2, pre-norm layers with ReLU
 //! FFN, optional project_in/project_out, lm_head tied to embed_tokens unless stored.
 
+use super::family::Loader;
 pub use super::layers::KvCache;
 use super::layers::{load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnSpec, Mlp, NormLayer};
-use super::Loader;
-use crate::config::OptConfig;
+use serde::Deserialize;
+
+use crate::config::TokenIds;
 use crate::error::Result;
-use crate::graph::{Activation, Buf, Graph, Linear, Op, W};
+use crate::graph::{Activation, Buf, Fused, Graph, Linear, Op, W};
+
+/// `text_config` of an OPT decoder (BLIP-2 OPT's language model).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OptConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub ffn_dim: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub word_embed_proj_dim: Option<usize>,
+    pub do_layer_norm_before: bool,
+    pub activation_function: String,
+    pub enable_bias: bool,
+    pub layer_norm_elementwise_affine: bool,
+    #[serde(rename = "_remove_final_layer_norm")]
+    pub remove_final_layer_norm: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub pad_token_id: Option<u32>,
+    /// Not an OPT field, but transformers keeps it on the config and the language model's
+    /// generation config picks it up (`GenerationConfig.from_model_config(text_config)`).
+    /// (`max_length` is dropped from model configs, so it has no counterpart here.)
+    pub max_new_tokens: Option<usize>,
+    /// Kept the same way. transformers 5.17 drops every other generation parameter from model
+    /// configs (`GenerationConfig._get_default_generation_params()`: num_beams, length_penalty,
+    /// do_sample, temperature, top_k, top_p, ...), so only these reach the language model.
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
+}
+
+impl Default for OptConfig {
+    fn default() -> Self {
+        Self {
+            model_type: "opt".into(),
+            vocab_size: 50272,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            ffn_dim: 3072,
+            num_attention_heads: 12,
+            max_position_embeddings: 2048,
+            word_embed_proj_dim: None,
+            do_layer_norm_before: true,
+            activation_function: "relu".into(),
+            enable_bias: true,
+            layer_norm_elementwise_affine: true,
+            remove_final_layer_norm: false,
+            tie_word_embeddings: true,
+            bos_token_id: Some(2),
+            eos_token_id: Some(TokenIds::One(2)),
+            pad_token_id: Some(1),
+            max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
+        }
+    }
+}
+
+impl OptConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+    pub fn embed_dim(&self) -> usize {
+        self.word_embed_proj_dim.unwrap_or(self.hidden_size)
+    }
+    /// OPT's learned positions are offset by 2 (fairseq legacy).
+    pub const POSITION_OFFSET: usize = 2;
+}
 
 struct OptLayer {
     self_attn_layer_norm: NormLayer,
@@ -25,6 +98,34 @@ pub struct OptDecoder {
     layers: Vec<OptLayer>,
     final_layer_norm: NormLayer,
     lm_head: W,
+}
+
+/// One decoder pass to emit: `seq` new tokens per sequence from the executor's position (a
+/// prefill over the prompt, or a decode step with `seq` 1).
+#[derive(Debug, Clone, Copy)]
+pub struct PassSpec<'a> {
+    pub seq: usize,
+    /// Rows scattered over the tokens holding this id (the image features), in order
+    /// (`masked_scatter`).
+    pub image: Option<(Buf, u32)>,
+    /// Additive `[batch, capacity]` mask over the cache: 0, or `f32::MIN` on each left-padded
+    /// sequence's pad keys.
+    pub key_mask: Option<Buf>,
+    /// Logits for every row, not only each sequence's last.
+    pub all_logits: bool,
+    /// Name of the pass's phase and prefix of its buffers (`prefill`, `decode`).
+    pub tag: &'a str,
+}
+
+impl PassSpec<'static> {
+    /// The prefill over `seq` prompt tokens.
+    pub fn prefill(seq: usize, image: Option<(Buf, u32)>, key_mask: Option<Buf>, all_logits: bool) -> Self {
+        Self { seq, image, key_mask, all_logits, tag: "prefill" }
+    }
+    /// One decode step.
+    pub fn decode(key_mask: Option<Buf>) -> Self {
+        Self { seq: 1, image: None, key_mask, all_logits: false, tag: "decode" }
+    }
 }
 
 /// Where a built decoder pass reads its input and leaves its logits.
@@ -113,22 +214,9 @@ impl OptDecoder {
         KvCache::new(g, "opt", self.layers.len(), batch, capacity, self.cfg.hidden_size)
     }
 
-    /// Emits one pass over `seq` new tokens per batch item, starting at the executor's position:
-    /// a prefill (seq = prompt length) or a decode step (seq = 1). `image` (when given) is
-    /// scattered over the rows holding `image_token`. With `all_logits` every row gets logits,
-    /// else only the last row of each batch item. `key_mask` (`[batch, capacity]`, 0 or
-    /// `f32::MIN` per cache row) hides left-padding keys from self-attention.
-    #[allow(clippy::too_many_arguments)]
-    pub fn build(
-        &self,
-        g: &mut Graph,
-        cache: &KvCache,
-        seq: usize,
-        image: Option<(Buf, u32)>,
-        key_mask: Option<Buf>,
-        all_logits: bool,
-        tag: &str,
-    ) -> DecoderPass {
+    /// Emits one pass ([`PassSpec`]) over the cache, starting at the executor's position.
+    pub fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
+        let PassSpec { seq, image, key_mask, all_logits, tag } = *pass;
         let c = &self.cfg;
         let (h, e, batch) = (c.hidden_size, c.embed_dim(), cache.batch);
         let rows = batch * seq;
@@ -144,7 +232,7 @@ impl OptDecoder {
             g.push(Op::ScatterTokens { src, token, out: embeds, batch, rows_per_batch: seq });
         }
         if let Some(p) = &self.project_in {
-            g.linear(embeds, p.weight, p.bias, Activation::None, None, x, rows);
+            g.linear(embeds, p.weight, p.bias, Fused::NONE, x, rows);
         }
         g.push(Op::AddPositions {
             table: self.embed_positions,
@@ -172,11 +260,11 @@ impl OptDecoder {
         }
         if let Some(p) = &self.project_out {
             let projected = g.buffer(format!("{tag}.projected"), logit_rows, e);
-            g.linear(head_in, p.weight, p.bias, Activation::None, None, projected, logit_rows);
+            g.linear(head_in, p.weight, p.bias, Fused::NONE, projected, logit_rows);
             head_in = projected;
         }
         let logits = g.buffer(format!("{tag}.logits"), logit_rows, c.vocab_size);
-        g.linear(head_in, self.lm_head, None, Activation::None, None, logits, logit_rows);
+        g.linear(head_in, self.lm_head, None, Fused::NONE, logits, logit_rows);
         DecoderPass { embeds, logits, logit_rows }
     }
 

@@ -1,19 +1,64 @@
 //! BLIP-2's Q-Former (`Blip2QFormerModel`, BERT-style post-norm): learned query tokens attend to
 //! themselves and, every `cross_attention_frequency` layers, to the image embeddings.
 //!
-//! InstructBLIP's (`InstructBlipQFormerModel`, design/instructblip.md 2.2) also reads the
+//! InstructBLIP's (`InstructBlipQFormerModel`, docs/models/instructblip.md#q-former) also reads the
 //! instruction: `[queries ; word + position embeddings of its BERT tokens]` under one LayerNorm,
 //! self-attention over both (padding-masked), cross-attention and `*_query` FFN on the query rows
 //! only, a separate `intermediate`/`output` FFN on the text rows; the query rows come out.
 
+use super::family::Loader;
 use super::layers::{
     load_attention, load_mlp, post_norm, AttentionLayer, AttnCall, AttnScratch, AttnSpec, Keys, Mlp, NormLayer,
 };
-use super::Loader;
-use crate::config::QFormerConfig;
+use serde::Deserialize;
+
 use crate::error::{Error, Result};
 use crate::graph::{Activation, Buf, Graph, Op, W};
 use crate::weights::Weight;
+
+/// `qformer_config` (BERT-style, post-norm).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct QFormerConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub cross_attention_frequency: usize,
+    pub encoder_hidden_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+    /// Word and position embeddings of the instruction (InstructBLIP; BLIP-2 has no text input).
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+}
+
+impl Default for QFormerConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            cross_attention_frequency: 2,
+            encoder_hidden_size: 1408,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+            vocab_size: 30522,
+            max_position_embeddings: 512,
+        }
+    }
+}
+
+impl QFormerConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+    /// transformers: `layer_idx % cross_attention_frequency == 0`.
+    pub fn has_cross_attention(&self, layer: usize) -> bool {
+        self.cross_attention_frequency != 0 && layer % self.cross_attention_frequency == 0
+    }
+}
 
 /// query/key/value projections and output dense, then the post-norm, of one attention block.
 struct AttentionBlock {

@@ -1,4 +1,4 @@
-//! The T5 encoder-decoder (`T5ForConditionalGeneration`, transformers 5.17; design/t5.md):
+//! The T5 encoder-decoder (`T5ForConditionalGeneration`, transformers 5.17; docs/models/t5.md):
 //! RMS layer norms (T5LayerNorm), attention without 1/sqrt(d) scaling plus a learned bucketed
 //! relative-position bias held by block 0 of each stack (bidirectional in the encoder, causal in
 //! the decoder, none in cross-attention), gated or plain FFN, untied or tied head with the
@@ -15,16 +15,172 @@
 
 use std::sync::Arc;
 
+use super::family::Loader;
 use super::layers::{
     load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, Keys, KvCache, Mlp, NormLayer,
 };
 pub use super::opt::DecoderPass;
-use super::Loader;
-use crate::config::T5Config;
+use serde::Deserialize;
+
+use crate::config::{check_activation, check_eps, check_positive, check_token, field_error, TokenIds};
 use crate::error::{Error, Result};
 use crate::generate::{EncoderInput, KvCaches, Step, StepInput};
-use crate::graph::{Activation, Buf, DType, Graph, Op, Phase, W};
+use crate::graph::{Activation, Buf, DType, Fused, Graph, Op, Phase, W};
 use crate::weights::Weight;
+
+/// `text_config` of a T5 encoder-decoder (`T5Config`, transformers 5.17 defaults; docs/models/t5.md#config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    /// None: `num_layers`.
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    pub feed_forward_proj: String,
+    /// An explicit key wins over the one derived from `feed_forward_proj`.
+    pub dense_act_fn: Option<String>,
+    pub tie_word_embeddings: Option<bool>,
+    /// Written by 5.17's save_pretrained; when absent, `tie_word_embeddings != false`.
+    pub scale_decoder_outputs: Option<bool>,
+    pub decoder_start_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub pad_token_id: Option<u32>,
+    /// Kept on the config like OPT's (the language model's generation config reads it).
+    pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        Self {
+            model_type: "t5".into(),
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            dense_act_fn: None,
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            decoder_start_token_id: None,
+            bos_token_id: None,
+            eos_token_id: Some(TokenIds::One(1)),
+            pad_token_id: Some(0),
+            max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
+        }
+    }
+}
+
+impl T5Config {
+    /// `feed_forward_proj` "gated-gelu" style: `wi_0`, `wi_1`, `wo`; else `wi`, `wo`.
+    pub fn is_gated(&self) -> bool {
+        self.feed_forward_proj.starts_with("gated-")
+    }
+
+    /// The FFN activation as 5.17's `__post_init__` resolves it: the last part of
+    /// `feed_forward_proj` ("gated-gelu" meaning `gelu_new`) unless `dense_act_fn` is written.
+    pub fn act_name(&self) -> String {
+        if let Some(a) = &self.dense_act_fn {
+            return a.clone();
+        }
+        match self.feed_forward_proj.as_str() {
+            "gated-gelu" => "gelu_new".into(),
+            f => f.rsplit('-').next().unwrap_or(f).to_string(),
+        }
+    }
+
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// Width of the attention projections (`num_heads * d_kv`, may differ from `d_model`).
+    pub fn inner_dim(&self) -> usize {
+        self.num_heads * self.d_kv
+    }
+
+    /// `h * d_model**-0.5` before the head (original tied T5, not Flan): docs/models/t5.md#lm-head.
+    pub fn scale_outputs(&self) -> bool {
+        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
+    }
+
+    /// transformers' `decoder_start_token_id`, falling back to `bos_token_id` (encoder-decoders).
+    pub fn decoder_start(&self) -> Option<u32> {
+        self.decoder_start_token_id.or(self.bos_token_id)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        check_positive("text_config.vocab_size", self.vocab_size)?;
+        check_positive("text_config.d_model", self.d_model)?;
+        check_positive("text_config.d_kv", self.d_kv)?;
+        check_positive("text_config.d_ff", self.d_ff)?;
+        check_positive("text_config.num_heads", self.num_heads)?;
+        check_positive("text_config.num_layers", self.num_layers)?;
+        check_positive("text_config.num_decoder_layers", self.decoder_layers())?;
+        if self.relative_attention_num_buckets < 4 {
+            return Err(field_error(
+                "text_config.relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+                "it must be at least 4 (T5 uses 32): the encoder halves it, then half of that is exact",
+            ));
+        }
+        if self.relative_attention_max_distance * 4 <= self.relative_attention_num_buckets {
+            return Err(field_error(
+                "text_config.relative_attention_max_distance",
+                self.relative_attention_max_distance,
+                format!(
+                    "it must exceed a quarter of relative_attention_num_buckets ({}), so the log-spaced buckets are well defined (T5 uses 128)",
+                    self.relative_attention_num_buckets
+                ),
+            ));
+        }
+        check_eps("text_config.layer_norm_epsilon", self.layer_norm_epsilon)?;
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        if parts.len() > 2 || (parts.len() == 2 && parts[0] != "gated") {
+            return Err(field_error(
+                "text_config.feed_forward_proj",
+                format!("`{}`", self.feed_forward_proj),
+                "it must be `{ACT_FN}` or `gated-{ACT_FN}` (transformers refuses it too), e.g. \"gated-gelu\"",
+            ));
+        }
+        check_activation("text_config.dense_act_fn", &self.act_name(), &["gelu", "gelu_new", "relu"])?;
+        let vocab = self.vocab_size;
+        match self.decoder_start() {
+            Some(id) => check_token("text_config.decoder_start_token_id", id, vocab)?,
+            None => {
+                return Err("neither `text_config.decoder_start_token_id` nor `text_config.bos_token_id` is set: transformers cannot start the T5 decoder either; add \"decoder_start_token_id\": 0 (T5's <pad>)".into())
+            }
+        }
+        for id in self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
+            check_token("text_config.eos_token_id", id, vocab)?;
+        }
+        if self.max_new_tokens == Some(0) {
+            return Err(field_error(
+                "text_config.max_new_tokens",
+                0,
+                "transformers rejects it (it must be at least 1); remove it for the default of 20",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// transformers' `T5Attention._relative_position_bucket` for one relative position
 /// (`key_pos - query_pos`), in the f32 arithmetic torch uses.
@@ -124,13 +280,24 @@ pub struct EncoderOut {
     pub key_mask: Option<Buf>,
 }
 
-/// What one stack's attention reads: each block's self-attention keys and their padding mask,
-/// and for the decoder the per-layer cross-attention keys and values over `len` encoder rows
-/// with the encoder's padding mask.
+/// What one stack's attention reads: each block's self-attention keys, their padding mask and
+/// the relative position bias `[heads, keys]`, and for the decoder the per-layer cross-attention
+/// keys and values over `len` encoder rows with the encoder's padding mask.
 struct StackKeys<'a> {
     keys: &'a dyn Fn(usize) -> Keys,
     mask: Option<Buf>,
+    bias: Buf,
     cross: Option<CrossKeys<'a>>,
+}
+
+/// The rows one stack runs over: `rows_per_item` rows of each of `batch` items, read from
+/// `input` (fp16 embeddings) and left normalised in `output`.
+#[derive(Clone, Copy)]
+struct StackRows {
+    input: Buf,
+    output: Buf,
+    batch: usize,
+    rows_per_item: usize,
 }
 
 /// The decoder's cross-attention keys: per layer the projected K and V over `len` encoder rows
@@ -219,7 +386,7 @@ impl T5 {
         let shared = ld.tensor(&shared_name, &[v, d])?;
         let encoder = load_stack(cfg, ld, &format!("{prefix}.encoder"), cfg.num_layers, false, act)?;
         let decoder = load_stack(cfg, ld, &format!("{prefix}.decoder"), cfg.decoder_layers(), true, act)?;
-        // design/t5.md §4: a stored head is used as it is (Flan: distinct from `shared`).
+        // docs/models/t5.md#lm-head: a stored head is used as it is (Flan: distinct from `shared`).
         let head_name = format!("{prefix}.lm_head.weight");
         let lm_head = if ld.ckpt.contains(&head_name) { ld.tensor(&head_name, &[v, d])? } else { shared };
         let mut t5 = Self { cfg: cfg.clone(), shared, encoder, decoder, lm_head };
@@ -345,8 +512,9 @@ impl T5 {
         }
         let bias = g.buffer(format!("{phase}.position_bias"), self.cfg.num_heads * len, len);
         let hidden = g.buffer(format!("{phase}.hidden"), rows, d);
-        let keys = StackKeys { keys: &|_| Keys::Same, mask: key_mask, cross: None };
-        self.run_stack(g, &self.encoder, embeds, hidden, batch, len, &keys, bias, phase);
+        let keys = StackKeys { keys: &|_| Keys::Same, mask: key_mask, bias, cross: None };
+        let rows_in = StackRows { input: embeds, output: hidden, batch, rows_per_item: len };
+        self.run_stack(g, &self.encoder, &rows_in, &keys, phase);
         let inner = self.cfg.inner_dim();
         let cross = self
             .decoder
@@ -388,11 +556,13 @@ impl T5 {
         let keys = StackKeys {
             keys: &|i| cache.keys(i),
             mask: None,
+            bias,
             cross: Some(CrossKeys { kv: &enc.cross, len: enc.len, mask: enc.key_mask }),
         };
-        self.run_stack(g, &self.decoder, embeds, normed_out, batch, 1, &keys, bias, phase);
+        let rows_in = StackRows { input: embeds, output: normed_out, batch, rows_per_item: 1 };
+        self.run_stack(g, &self.decoder, &rows_in, &keys, phase);
         let logits = g.buffer(format!("{phase}.logits"), batch, self.cfg.vocab_size);
-        g.linear(normed_out, self.lm_head, None, Activation::None, None, logits, batch);
+        g.linear(normed_out, self.lm_head, None, Fused::NONE, logits, batch);
         let rb = self.decoder.bias.clone();
         // Query at `position` over keys 0..=position (the cache after this step's append).
         let fill = Box::new(move |position: usize| rb.values(position, 1, position + 1, capacity));
@@ -400,22 +570,13 @@ impl T5 {
         (DecoderPass { embeds, logits, logit_rows: batch }, StepInput { phase, buf: bias, rows: heads, fill })
     }
 
-    /// One stack over `rows_per_item` rows per item: fp32 residual stream from `embeds`, each
-    /// block's self-attention (keys from `keys(i)`, relative bias `bias`), cross-attention when
-    /// `cross` (per-layer K/V, keys per item) is given, FFN; `out = final_layer_norm(x)` (fp16).
-    #[allow(clippy::too_many_arguments)]
-    fn run_stack(
-        &self,
-        g: &mut Graph,
-        stack: &Stack,
-        embeds: Buf,
-        out: Buf,
-        batch: usize,
-        rows_per_item: usize,
-        keys: &StackKeys,
-        bias: Buf,
-        phase: &str,
-    ) {
+    /// One stack over [`StackRows`]: fp32 residual stream from the input, each block's
+    /// self-attention (keys from `keys.keys(i)`, relative bias `keys.bias`), cross-attention when
+    /// `keys.cross` (per-layer K/V, keys per item) is given, FFN; `output = final_layer_norm(x)`
+    /// (fp16).
+    fn run_stack(&self, g: &mut Graph, stack: &Stack, rows_in: &StackRows, keys: &StackKeys, phase: &str) {
+        let StackRows { input: embeds, output: out, batch, rows_per_item } = *rows_in;
+        let bias = keys.bias;
         let c = &self.cfg;
         let rows = batch * rows_per_item;
         let x = g.typed_buffer(format!("{phase}.residual"), rows, c.d_model, DType::F32);

@@ -3,12 +3,59 @@
 
 use half::f16;
 
+use super::family::Loader;
 use super::layers::{pre_norm, AttentionLayer, AttnCall, Keys, Mlp, NormLayer, Qkv};
-use super::Loader;
-use crate::config::VisionConfig;
+use serde::Deserialize;
+
 use crate::error::{Error, Result};
 use crate::graph::{Activation, Buf, Graph, Op, W};
 use crate::weights::Weight;
+
+/// `vision_config` of a BLIP-2 checkpoint (EVA ViT-g defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+    pub qkv_bias: bool,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 1408,
+            intermediate_size: 6144,
+            num_hidden_layers: 39,
+            num_attention_heads: 16,
+            image_size: 224,
+            patch_size: 14,
+            num_channels: 3,
+            layer_norm_eps: 1e-6,
+            hidden_act: "gelu".into(),
+            qkv_bias: true,
+        }
+    }
+}
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+    /// Patches plus the class token.
+    pub fn num_positions(&self) -> usize {
+        self.patches_per_side() * self.patches_per_side() + 1
+    }
+}
 
 struct VitLayer {
     layer_norm1: NormLayer,

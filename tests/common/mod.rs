@@ -174,7 +174,14 @@ pub fn instructblip_stage_errors(
         assert_eq!(ids, self::ids(&case["input_ids"]), "{name}: language model input ids");
         let text_in = model.family.text_inputs(&[text]).unwrap().expect("InstructBLIP reads the text");
         assert_eq!(text_in.rows, case["qformer_input_ids"].as_array().unwrap().len(), "{name}: Q-Former ids");
-        let plan = model.family.plan_text(1, 1, ids.len(), 1, true, text_in.rows).unwrap();
+        let plan = model
+            .family
+            .plan_for(&glimpse::generate::PlanShape {
+                text_rows: text_in.rows,
+                all_prefill_logits: true,
+                ..glimpse::generate::PlanShape::new(1, ids.len(), 1)
+            })
+            .unwrap();
         let mut exec = make(&plan.graph);
         exec.write(plan.input("pixels").unwrap(), &px.data).unwrap();
         for (input, data) in &text_in.inputs {

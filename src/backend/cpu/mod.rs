@@ -5,7 +5,7 @@ mod simd;
 
 use std::sync::Arc;
 
-use crate::backend::{rope_position, validate_op, Executor, RunState};
+use crate::backend::{rope_position, validate_op, Executor, GemmDims, NormShape, RunState};
 use crate::error::{Error, Result};
 use crate::graph::{Attention, Buf, BufferDesc, DType, KvLen, Op, Phase, RowSelect, View, WeightTable};
 
@@ -101,21 +101,22 @@ impl CpuExecutor {
                 if let Some(r) = residual.filter(|r| *r != out) {
                     o[..rows * n].copy_from_slice(&self.bufs[r.0][..rows * n]);
                 }
-                ops::linear(&xs, rows, k, w.as_slice(), n, bias.map(wt), act, &mut o, residual.is_some());
+                let dims = GemmDims { m: rows, n, k };
+                ops::linear(&xs, w.as_slice(), bias.map(wt), act, &mut o, residual.is_some(), dims);
                 self.bufs[out.0] = o;
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
                 let dim = self.cols(out);
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
                 let res = residual.map(|r| &self.bufs[r.0][..]);
-                ops::layer_norm(&self.bufs[x.0], res, wt(weight), bias.map(wt), eps, rows, dim, &mut o);
+                ops::layer_norm(&self.bufs[x.0], res, wt(weight), bias.map(wt), &mut o, NormShape { rows, dim, eps });
                 self.bufs[out.0] = o;
             }
             Op::RmsNorm { x, residual, weight, eps, out, rows } => {
                 let dim = self.cols(out);
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
                 let res = residual.map(|r| &self.bufs[r.0][..]);
-                ops::rms_norm(&self.bufs[x.0], res, wt(weight), eps, rows, dim, &mut o);
+                ops::rms_norm(&self.bufs[x.0], res, wt(weight), &mut o, NormShape { rows, dim, eps });
                 self.bufs[out.0] = o;
             }
             Op::GatedAct { gate, up, act, out, rows } => {

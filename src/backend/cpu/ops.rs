@@ -9,6 +9,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::backend::{GemmDims, NormShape};
 use crate::graph::{Activation, ATTN_MASK_FLOOR};
 
 /// Bytes of f32 weights one [`linear`] task widens at a time (about a core's L2).
@@ -16,21 +17,19 @@ const L2_BLOCK_BYTES: usize = 1 << 20;
 /// Up to this many rows a Linear runs as matrix-vector products (decode), above it as a GEMM.
 const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
 
-/// `out[r, j] (+)= act(sum_k x[r, k] * w[j, k] + bias[j])` for `rows` rows; `x` is contiguous
-/// `[rows, k]`, `w` is `[n, k]` (PyTorch Linear layout), `out` is `[rows, n]`. With
-/// `accumulate` the result is added to `out` (a fused residual), else it overwrites it.
-#[allow(clippy::too_many_arguments)]
+/// `out[r, j] (+)= act(sum_k x[r, k] * w[j, k] + bias[j])` for `dims.m` rows; `x` is contiguous
+/// `[m, k]`, `w` is `[n, k]` (PyTorch Linear layout), `out` is `[m, n]`. With `accumulate` the
+/// result is added to `out` (a fused residual), else it overwrites it.
 pub fn linear(
     x: &[f32],
-    rows: usize,
-    k: usize,
     w: &[f16],
-    n: usize,
     bias: Option<&[f16]>,
     act: Activation,
     out: &mut [f32],
     accumulate: bool,
+    dims: GemmDims,
 ) {
+    let GemmDims { m: rows, n, k } = dims;
     assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
     let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
     // out[j] (+)= act(acc[j] + bias[j]) over one output row's columns `cols`.
@@ -108,17 +107,15 @@ pub fn linear(
 
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w (+ b)` with `s = x[r] (+ residual[r])`;
 /// statistics in f64 (biased variance, as torch).
-#[allow(clippy::too_many_arguments)]
 pub fn layer_norm(
     x: &[f32],
     residual: Option<&[f32]>,
     w: &[f16],
     b: Option<&[f16]>,
-    eps: f32,
-    rows: usize,
-    dim: usize,
     out: &mut [f32],
+    shape: NormShape,
 ) {
+    let NormShape { rows, dim, eps } = shape;
     out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
         let xr = &x[r * dim..(r + 1) * dim];
         for (i, v) in o.iter_mut().enumerate() {
@@ -136,8 +133,8 @@ pub fn layer_norm(
 /// HF Llama / T5 RMSNorm: `out[r] = f32(s * rsqrt(mean(s²) + eps)) * w` with
 /// `s = x[r] (+ residual[r])`: the normalised value is cast to the activation dtype (f32 here,
 /// fp16 on the GPU) before the weight multiplies it. Statistics in f64.
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], eps: f32, rows: usize, dim: usize, out: &mut [f32]) {
+pub fn rms_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], out: &mut [f32], shape: NormShape) {
+    let NormShape { rows, dim, eps } = shape;
     out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
         let xr = &x[r * dim..(r + 1) * dim];
         for (i, v) in o.iter_mut().enumerate() {
@@ -382,7 +379,7 @@ pub fn patch_embed(
             }
         }
     });
-    linear(&cols, side * side, kdim, w, dim, Some(bias), Activation::None, out, false);
+    linear(&cols, w, Some(bias), Activation::None, out, false, GemmDims { m: side * side, n: dim, k: kdim });
 }
 
 /// log_softmax(logits)[token], in f64.

@@ -28,7 +28,10 @@ use cudarc::driver::sys;
 use cudarc::driver::CudaGraph;
 use half::f16;
 
-use super::{decode_workspace_len, AttnMask, CudaDevice, DevSlice, GpuError, HeadsView, Residual, RowsView, SumOut};
+use super::{
+    decode_workspace_len, AttnDims, AttnMask, AttnViews, CudaDevice, DevSlice, Epilogue, GemmDims, GpuError, HeadsView,
+    ImageDims, KvRows, NormInput, NormShape, Residual, RopeDims, RowsView, SeqDims, SeqIndices, SumOut,
+};
 use crate::backend::{validate_op, Candidate, Executor, RunState};
 use crate::error::{Error, Result};
 use crate::graph::{Attention, Buf, BufferDesc, DType, KvLen, Op, Phase, RowSelect, View, WeightTable};
@@ -272,8 +275,13 @@ impl CudaExecutor {
             }
             let scratch = self.reorder_scratch.as_ref().expect("allocated above");
             let buf = &self.bufs[b.0];
-            dev.gather_sequences(buf, scratch, len, &src_seq, &sources, &slot_seq, &slots)?;
-            dev.gather_sequences(scratch, buf, len, &slot_seq, &slots, &dst_seq, &moved)?;
+            let (sources, slots, moved) = (
+                SeqIndices { dev: &src_seq, host: &sources },
+                SeqIndices { dev: &slot_seq, host: &slots },
+                SeqIndices { dev: &dst_seq, host: &moved },
+            );
+            dev.gather_sequences(buf, scratch, len, sources, slots)?;
+            dev.gather_sequences(scratch, buf, len, slots, moved)?;
         }
         Ok(())
     }
@@ -427,19 +435,12 @@ impl CudaExecutor {
                 let (p, kdim, dim) = (side * side, 3 * patch * patch, self.cols(out));
                 let cols = ensure(&dev, &mut self.scratch.im2col, batch * p * kdim)?;
                 let patches = ensure(&dev, &mut self.scratch.patches, batch * p * dim)?;
-                dev.patch_im2col(&self.bufs[pixels.0], &cols, batch, 3, image_size, image_size, patch)?;
-                dev.gemm(
-                    &cols,
-                    self.w(weight),
-                    Some(self.w(bias)),
-                    crate::graph::Activation::None,
-                    Residual::None,
-                    &patches,
-                    batch * p,
-                    dim,
-                    kdim,
-                )?;
-                dev.vit_embed(&patches, self.w(class), self.w(positions), &self.bufs[out.0], batch, p, dim)?;
+                let image = ImageDims { batch, channels: 3, height: image_size, width: image_size };
+                dev.patch_im2col(&self.bufs[pixels.0], &cols, image, patch)?;
+                let epilogue = Epilogue { bias: Some(self.w(bias)), ..Epilogue::default() };
+                dev.gemm(&cols, self.w(weight), epilogue, &patches, GemmDims { m: batch * p, n: dim, k: kdim })?;
+                let dims = SeqDims { batch, seq: p, dim };
+                dev.vit_embed(&patches, self.w(class), self.w(positions), &self.bufs[out.0], dims)?;
             }
             Op::Linear { x, weight, bias, act, residual, out, rows } => {
                 let shape = &self.host.get(weight).shape;
@@ -447,12 +448,12 @@ impl CudaExecutor {
                 // A column view (e.g. a slice of a fused buffer) is first copied to contiguous rows.
                 let input = if x.col != 0 || self.cols(x.buf) != k {
                     let tmp = ensure(&dev, &mut self.scratch.linear_in, rows * k)?;
-                    dev.copy_rows(&self.bufs[x.buf.0], x.col, self.cols(x.buf), &tmp, 0, k, rows, k)?;
+                    dev.copy_rows(self.rows_view(x), RowsView { buf: &tmp, offset: 0, row_stride: k }, rows, k)?;
                     tmp
                 } else {
                     self.bufs[x.buf.0].clone()
                 };
-                let (w, bias) = (self.w(weight), bias.map(|b| self.w(b)));
+                let (w, bias, dims) = (self.w(weight), bias.map(|b| self.w(b)), GemmDims { m: rows, n, k });
                 if self.is_f32(out) {
                     // An fp32 stream (its residual is fp32 too: `check_dtypes`).
                     let r32 = residual.filter(|&r| r != out).map(|r| self.f32_buf(r));
@@ -461,34 +462,40 @@ impl CudaExecutor {
                         (Some(_), Some(r)) => Residual::Add(r),
                         (Some(_), None) => Residual::InPlace,
                     };
-                    dev.linear(&input, w, bias, act, res, &self.f32_buf(out), rows, n, k)?;
+                    dev.linear(&input, w, Epilogue { bias, act, residual: res }, &self.f32_buf(out), dims)?;
                 } else {
                     let res = match residual {
                         None => Residual::None,
                         Some(r) if r == out => Residual::InPlace,
                         Some(r) => Residual::Add(&self.bufs[r.0]),
                     };
-                    dev.linear(&input, w, bias, act, res, &self.bufs[out.0], rows, n, k)?;
+                    dev.linear(&input, w, Epilogue { bias, act, residual: res }, &self.bufs[out.0], dims)?;
                 }
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
-                let (dim, w, b, y) = (self.cols(out), self.w(weight), bias.map(|b| self.w(b)), &self.bufs[out.0]);
+                let (w, b, y) = (self.w(weight), bias.map(|b| self.w(b)), &self.bufs[out.0]);
+                let shape = NormShape { rows, dim: self.cols(out), eps };
                 if self.is_f32(x) {
-                    let res = residual.map(|r| self.f32_buf(r));
-                    dev.layernorm(&self.f32_buf(x), res.as_ref(), SumOut::None, w, b, y, rows, dim, eps)?;
+                    let (x, res) = (self.f32_buf(x), residual.map(|r| self.f32_buf(r)));
+                    let input = NormInput { x: &x, residual: res.as_ref(), sum_out: SumOut::None };
+                    dev.layernorm(input, w, b, y, shape)?;
                 } else {
                     let res = residual.map(|r| &self.bufs[r.0]);
-                    dev.layernorm(&self.bufs[x.0], res, SumOut::None, w, b, y, rows, dim, eps)?;
+                    let input = NormInput { x: &self.bufs[x.0], residual: res, sum_out: SumOut::None };
+                    dev.layernorm(input, w, b, y, shape)?;
                 }
             }
             Op::RmsNorm { x, residual, weight, eps, out, rows } => {
-                let (dim, w, y) = (self.cols(out), self.w(weight), &self.bufs[out.0]);
+                let (w, y) = (self.w(weight), &self.bufs[out.0]);
+                let shape = NormShape { rows, dim: self.cols(out), eps };
                 if self.is_f32(x) {
-                    let res = residual.map(|r| self.f32_buf(r));
-                    dev.rmsnorm(&self.f32_buf(x), res.as_ref(), SumOut::None, w, y, rows, dim, eps)?;
+                    let (x, res) = (self.f32_buf(x), residual.map(|r| self.f32_buf(r)));
+                    let input = NormInput { x: &x, residual: res.as_ref(), sum_out: SumOut::None };
+                    dev.rmsnorm(input, w, y, shape)?;
                 } else {
                     let res = residual.map(|r| &self.bufs[r.0]);
-                    dev.rmsnorm(&self.bufs[x.0], res, SumOut::None, w, y, rows, dim, eps)?;
+                    let input = NormInput { x: &self.bufs[x.0], residual: res, sum_out: SumOut::None };
+                    dev.rmsnorm(input, w, y, shape)?;
                 }
             }
             Op::Convert { x, out, rows } => {
@@ -500,7 +507,8 @@ impl CudaExecutor {
                     _ if x == out => {}
                     _ => {
                         let k = n * self.slots(x);
-                        dev.copy_rows(&self.bufs[x.0], 0, k, &self.bufs[out.0], 0, k, 1, k)?;
+                        let whole = |buf| RowsView { buf, offset: 0, row_stride: k };
+                        dev.copy_rows(whole(&self.bufs[x.0]), whole(&self.bufs[out.0]), 1, k)?;
                     }
                 }
             }
@@ -518,7 +526,8 @@ impl CudaExecutor {
             }
             Op::Rope { x, batch, rows_per_batch, heads, head_dim, ref inv_freq } => {
                 let table = &self.freqs.get(&(inv_freq.as_ptr() as usize)).expect("uploaded by prepare").1;
-                dev.rope(self.rows_view(x), table, &self.rope_start, batch, rows_per_batch, heads, head_dim)?;
+                let dims = RopeDims { batch, seq: rows_per_batch, heads, head_dim };
+                dev.rope(self.rows_view(x), table, &self.rope_start, dims)?;
             }
             Op::Attention(ref a) => self.attention(a)?,
             Op::SelectRows { x, out, batch, rows_per_batch, select } => {
@@ -530,12 +539,8 @@ impl CudaExecutor {
                         RowSelect::Indexed => (self.row_indices[b], 1, b),
                     };
                     dev.copy_rows(
-                        &self.bufs[x.0],
-                        (b * rows_per_batch + first) * dim,
-                        dim,
-                        &self.bufs[out.0],
-                        to * dim,
-                        dim,
+                        RowsView { buf: &self.bufs[x.0], offset: (b * rows_per_batch + first) * dim, row_stride: dim },
+                        RowsView { buf: &self.bufs[out.0], offset: to * dim, row_stride: dim },
                         n,
                         dim,
                     )?;
@@ -550,15 +555,11 @@ impl CudaExecutor {
                     );
                     let (kn, vn) = (kn.expect("col inside buffer"), vn.expect("col inside buffer"));
                     dev.kv_append(
-                        &kn,
-                        &vn,
-                        self.cols(k.buf),
+                        KvRows { k: &kn, v: &vn, row_stride: self.cols(k.buf) },
                         &self.bufs[cache_k.0],
                         &self.bufs[cache_v.0],
                         &self.pos,
-                        batch,
-                        capacity,
-                        width,
+                        SeqDims { batch, seq: capacity, dim: width },
                     )?;
                 } else {
                     // Prefill: each sequence's rows (whole buffers or column views) copied at the
@@ -569,12 +570,8 @@ impl CudaExecutor {
                             let from = b * rows_per_batch * stride + src.col;
                             let to = (b * capacity + self.position) * width;
                             dev.copy_rows(
-                                &self.bufs[src.buf.0],
-                                from,
-                                stride,
-                                &self.bufs[cache.0],
-                                to,
-                                width,
+                                RowsView { buf: &self.bufs[src.buf.0], offset: from, row_stride: stride },
+                                RowsView { buf: &self.bufs[cache.0], offset: to, row_stride: width },
                                 rows_per_batch,
                                 width,
                             )?;
@@ -603,9 +600,7 @@ impl CudaExecutor {
                         &self.ids,
                         &self.bufs[out.0],
                         &self.bufs[src.0],
-                        batch,
-                        rows_per_batch,
-                        dim,
+                        SeqDims { batch, seq: rows_per_batch, dim },
                         n_img,
                         token as i32,
                     )?;
@@ -617,9 +612,7 @@ impl CudaExecutor {
                     &self.bufs[x.0],
                     self.w(table),
                     &self.rope_start,
-                    batch,
-                    rows_per_batch,
-                    self.cols(x),
+                    SeqDims { batch, seq: rows_per_batch, dim: self.cols(x) },
                     offset as i32,
                 )?;
             }
@@ -638,12 +631,8 @@ impl CudaExecutor {
                 // One 2D copy: a sequence's block of rows is contiguous on both sides.
                 let dim = self.cols(x) * self.slots(x);
                 dev.copy_rows(
-                    &self.bufs[x.0],
-                    x_start * dim,
-                    x_rows_per_batch * dim,
-                    &self.bufs[out.0],
-                    out_start * dim,
-                    out_rows_per_batch * dim,
+                    RowsView { buf: &self.bufs[x.0], offset: x_start * dim, row_stride: x_rows_per_batch * dim },
+                    RowsView { buf: &self.bufs[out.0], offset: out_start * dim, row_stride: out_rows_per_batch * dim },
                     batch,
                     rows * dim,
                 )?;
@@ -695,6 +684,14 @@ impl CudaExecutor {
         let (q, k, v) =
             (self.heads(a.q, a.q_len), self.heads(a.k, a.kv_batch_stride), self.heads(a.v, a.kv_batch_stride));
         let o = self.heads(View::from(a.out), a.q_len);
+        let dims = |q_len, kv_len| AttnDims {
+            batch: a.batch,
+            heads: a.heads,
+            q_len,
+            kv_len,
+            head_dim: a.head_dim,
+            scale: a.scale,
+        };
         match a.kv_len {
             // One new token against the cache: split-KV decode, KV length read on the device.
             KvLen::Cache if a.q_len == 1 => {
@@ -705,20 +702,7 @@ impl CudaExecutor {
                     self.heads(a.v, a.kv_batch_stride),
                     self.heads(View::from(a.out), 1),
                 );
-                dev.decode_attention(
-                    q,
-                    k,
-                    v,
-                    &self.kv_len,
-                    o,
-                    &ws,
-                    a.batch,
-                    a.heads,
-                    a.kv_batch_stride,
-                    a.head_dim,
-                    a.scale,
-                    extra,
-                )?;
+                dev.decode_attention(AttnViews { q, k, v, o }, &self.kv_len, &ws, dims(1, a.kv_batch_stride), extra)?;
             }
             kv => {
                 let skv = match kv {
@@ -726,7 +710,7 @@ impl CudaExecutor {
                     KvLen::Cache => self.position + a.q_len,
                 };
                 let mask = AttnMask { causal: a.causal.then_some(self.position as i32), ..extra };
-                dev.attention(q, k, v, o, a.batch, a.heads, a.q_len, skv, a.head_dim, a.scale, mask)?;
+                dev.attention(AttnViews { q, k, v, o }, dims(a.q_len, skv), mask)?;
             }
         }
         Ok(())
@@ -945,10 +929,12 @@ impl Executor for CudaExecutor {
             let cols = self.cols(b) * self.slots(b);
             let len = self.descs[b.0].rows * cols;
             let tmp = dev.alloc::<f16>(len.max(1))?;
-            dev.copy_rows(&self.bufs[b.0], 0, len, &tmp, 0, len, 1, len)?;
+            let whole = |buf| RowsView { buf, offset: 0, row_stride: len };
+            dev.copy_rows(whole(&self.bufs[b.0]), whole(&tmp), 1, len)?;
             for (to, &src) in from.iter().enumerate() {
                 let n = rows_per_seq * cols;
-                dev.copy_rows(&tmp, src * n, n, &self.bufs[b.0], to * n, n, 1, n)?;
+                let seq = |buf, i: usize| RowsView { buf, offset: i * n, row_stride: n };
+                dev.copy_rows(seq(&tmp, src), seq(&self.bufs[b.0], to), 1, n)?;
             }
             // The temporary is freed on drop: let the copies out of it finish first.
             dev.synchronize()?;

@@ -19,6 +19,31 @@ pub struct HeadsView<'a> {
     pub row_stride: usize,
 }
 
+/// The four operands of an attention launch, each a [`HeadsView`]: queries, keys, values and the
+/// output. For [`CudaDevice::decode_attention`] `k` and `v` are the KV caches `[B, max_len,
+/// kv_heads, d]` and `q` / `o` hold one row per sequence.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnViews<'a> {
+    pub q: HeadsView<'a>,
+    pub k: HeadsView<'a>,
+    pub v: HeadsView<'a>,
+    pub o: HeadsView<'a>,
+}
+
+/// The sizes of one attention launch and its score scale: `batch` sequences of `q_len` query
+/// rows against `kv_len` key rows, `heads` query heads of `head_dim`, scores `scale * q·k`.
+/// Decode attention takes `q_len = 1` and `kv_len` = the cache capacity (`max_len`; the
+/// live lengths are in device memory).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
 /// Attention masking options (combinable).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttnMask<'a> {
@@ -188,22 +213,10 @@ impl HeadsView<'_> {
 impl CudaDevice {
     /// Flash-style attention, O[b,i,h,:] = softmax(scale * q·k + mask) · v. Head dims with
     /// d % 8 == 0 and d <= 128 (64, 80, 88, 128, ...).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention(
-        &self,
-        q: HeadsView<'_>,
-        k: HeadsView<'_>,
-        v: HeadsView<'_>,
-        o: HeadsView<'_>,
-        batch: usize,
-        heads: usize,
-        sq: usize,
-        skv: usize,
-        head_dim: usize,
-        scale: f32,
-        mask: AttnMask<'_>,
-    ) -> GpuResult<()> {
+    pub fn attention(&self, views: AttnViews<'_>, dims: AttnDims, mask: AttnMask<'_>) -> GpuResult<()> {
         const K: &str = "attention";
+        let AttnViews { q, k, v, o } = views;
+        let AttnDims { batch, heads, q_len: sq, kv_len: skv, head_dim, scale } = dims;
         if batch == 0 || heads == 0 || sq == 0 || skv == 0 {
             return Err(bad(K, "empty shape"));
         }
@@ -306,25 +319,23 @@ impl CudaDevice {
     /// `[B, max_len, H, d]` whose current lengths `kv_len[b]` live in device memory; the launch
     /// depends only on `max_len`, so it can be captured in a CUDA graph. `workspace` needs
     /// [`decode_workspace_len`] floats. Masks: `additive` (stride >= max_len), `bias` (`[H, stride]`) and `kv_heads` are used.
-    #[allow(clippy::too_many_arguments)]
+    /// `views.k` / `views.v` are the caches; `dims.kv_len` is `max_len` and `dims.q_len` is 1.
     pub fn decode_attention(
         &self,
-        q: HeadsView<'_>,
-        k_cache: HeadsView<'_>,
-        v_cache: HeadsView<'_>,
+        views: AttnViews<'_>,
         kv_len: &DevSlice<i32>,
-        o: HeadsView<'_>,
         workspace: &DevSlice<f32>,
-        batch: usize,
-        heads: usize,
-        max_len: usize,
-        head_dim: usize,
-        scale: f32,
+        dims: AttnDims,
         mask: AttnMask<'_>,
     ) -> GpuResult<()> {
         const K: &str = "decode_attention";
+        let AttnViews { q, k: k_cache, v: v_cache, o } = views;
+        let AttnDims { batch, heads, q_len, kv_len: max_len, head_dim, scale } = dims;
         if batch == 0 || heads == 0 || max_len == 0 {
             return Err(bad(K, "empty shape"));
+        }
+        if q_len != 1 {
+            return Err(bad(K, format!("q_len = {q_len}: decode attention takes one query row per sequence")));
         }
         let dp = padded_head_dim(K, head_dim)?;
         let group = mask.kv_group(K, heads)?;

@@ -20,6 +20,33 @@ impl PixelType for f16 {
     const IM2COL: &'static str = "patch_im2col_f16";
 }
 
+/// A batch of sequences in one row-major buffer `[batch, seq, dim]`: `seq` rows of `dim`
+/// elements per sequence (tokens, patches, or the slots of a KV cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub dim: usize,
+}
+
+/// A batch of images `[batch, channels, height, width]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageDims {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// One new K row and one new V row per sequence: those of sequence `b` start at element
+/// `b * row_stride` of `k` and of `v` (e.g. column slices of a fused qkv buffer).
+#[derive(Clone, Copy, Debug)]
+pub struct KvRows<'a> {
+    pub k: &'a DevSlice<f16>,
+    pub v: &'a DevSlice<f16>,
+    pub row_stride: usize,
+}
+
 impl CudaDevice {
     /// Token embeddings: out[t] = table[ids[t]] for `tokens` ids (device memory).
     pub fn embed_rows(
@@ -51,20 +78,19 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Learned positions in place: x[b, i] += table[max(pos[b] + i, 0) + offset] for i < seq,
-    /// with the signed start positions `pos` [batch] (position - left pad) in device memory.
-    #[allow(clippy::too_many_arguments)]
+    /// Learned positions in place on x `[batch, seq, dim]`: x[b, i] += table[max(pos[b] + i, 0) +
+    /// offset] for i < seq, with the signed start positions `pos` [batch] (position - left pad)
+    /// in device memory.
     pub fn add_positions(
         &self,
         x: &DevSlice<f16>,
         table: &DevSlice<f16>,
         pos: &DevSlice<i32>,
-        batch: usize,
-        seq: usize,
-        dim: usize,
+        dims: SeqDims,
         offset: i32,
     ) -> GpuResult<()> {
         const K: &str = "add_positions";
+        let SeqDims { batch, seq, dim } = dims;
         if batch == 0 || seq == 0 || dim == 0 || table.len() < dim {
             return Err(bad(K, "empty shape or table smaller than one row"));
         }
@@ -98,20 +124,18 @@ impl CudaDevice {
     }
 
     /// Overwrites, per sequence, the rows whose id == image_token with consecutive rows of
-    /// `image_embeds` [B, n_img, D] (in place on `embeds` [B, S, D]).
-    #[allow(clippy::too_many_arguments)]
+    /// `image_embeds` [B, n_img, D] (in place on `embeds` [B, S, D], the sizes `dims`).
     pub fn image_scatter(
         &self,
         ids: &DevSlice<i32>,
         embeds: &DevSlice<f16>,
         image_embeds: &DevSlice<f16>,
-        batch: usize,
-        seq: usize,
-        dim: usize,
+        dims: SeqDims,
         n_img: usize,
         image_token: i32,
     ) -> GpuResult<()> {
         const K: &str = "image_scatter";
+        let SeqDims { batch, seq, dim } = dims;
         if batch == 0 || seq == 0 || dim == 0 {
             return Err(bad(K, "empty shape"));
         }
@@ -146,18 +170,15 @@ impl CudaDevice {
 
     /// im2col for a patch x patch, stride patch conv over pixels [B, C, H, W] (f32 or f16) into
     /// out [B * (H/patch) * (W/patch), C*patch*patch] fp16.
-    #[allow(clippy::too_many_arguments)]
     pub fn patch_im2col<T: PixelType>(
         &self,
         pixels: &DevSlice<T>,
         out: &DevSlice<f16>,
-        batch: usize,
-        channels: usize,
-        height: usize,
-        width: usize,
+        image: ImageDims,
         patch: usize,
     ) -> GpuResult<()> {
         const K: &str = "patch_im2col";
+        let ImageDims { batch, channels, height, width } = image;
         if batch == 0 || channels == 0 || patch == 0 || height < patch || width < patch {
             return Err(bad(K, "empty shape or image smaller than one patch"));
         }
@@ -186,19 +207,18 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// ViT embeddings: out[b,0] = cls + pos[0]; out[b,1+p] = patches[b,p] + pos[1+p].
-    #[allow(clippy::too_many_arguments)]
+    /// ViT embeddings: out[b,0] = cls + pos[0]; out[b,1+p] = patches[b,p] + pos[1+p], with
+    /// patches `[batch, seq, dim]` (`seq` = patches per image) and out `[batch, seq + 1, dim]`.
     pub fn vit_embed(
         &self,
         patches: &DevSlice<f16>,
         cls: &DevSlice<f16>,
         pos: &DevSlice<f16>,
         out: &DevSlice<f16>,
-        batch: usize,
-        num_patches: usize,
-        dim: usize,
+        dims: SeqDims,
     ) -> GpuResult<()> {
         const K: &str = "vit_embed";
+        let SeqDims { batch, seq: num_patches, dim } = dims;
         if batch == 0 || dim == 0 {
             return Err(bad(K, "empty shape"));
         }
@@ -279,22 +299,19 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Appends one token's k/v rows per sequence at position pos[b] (device memory) of caches
-    /// `[B, max_len, row]`; `k_new`/`v_new` rows start at element b*new_row_stride.
-    #[allow(clippy::too_many_arguments)]
+    /// Appends one token's k/v rows per sequence (`new`) at position pos[b] (device memory) of
+    /// caches `[B, max_len, row]` (`cache`: `seq` = max_len, `dim` = row).
     pub fn kv_append(
         &self,
-        k_new: &DevSlice<f16>,
-        v_new: &DevSlice<f16>,
-        new_row_stride: usize,
+        new: KvRows<'_>,
         k_cache: &DevSlice<f16>,
         v_cache: &DevSlice<f16>,
         pos: &DevSlice<i32>,
-        batch: usize,
-        max_len: usize,
-        row: usize,
+        cache: SeqDims,
     ) -> GpuResult<()> {
         const K: &str = "kv_append";
+        let KvRows { k: k_new, v: v_new, row_stride: new_row_stride } = new;
+        let SeqDims { batch, seq: max_len, dim: row } = cache;
         if batch == 0 || max_len == 0 || row == 0 || new_row_stride < row {
             return Err(bad(K, "empty shape or new_row_stride < row"));
         }

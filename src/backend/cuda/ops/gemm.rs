@@ -40,47 +40,39 @@ unsafe impl DeviceRepr for GemmParams {}
 impl CudaDevice {
     /// Y[M,N] = act(X[M,K] · W[N,K]^T + bias) + residual on tensor cores (any M, N, K >= 1);
     /// Y and the residual are fp16, or fp32 for a stream kept in fp32.
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
-        bias: Option<&DevSlice<f16>>,
-        act: Activation,
-        residual: Residual<'_, O>,
+        epilogue: Epilogue<'_, O>,
         y: &DevSlice<O>,
-        m: usize,
-        n: usize,
-        k: usize,
+        dims: GemmDims,
     ) -> GpuResult<()> {
+        let GemmDims { m, n, .. } = dims;
         let tile = if m.div_ceil(128) * n.div_ceil(128) >= self.num_sms() as usize {
             GemmTile::Large
         } else {
             GemmTile::Small
         };
-        self.gemm_with_tile(x, w, bias, act, residual, y, m, n, k, tile)
+        self.gemm_with_tile(x, w, epilogue, y, dims, tile)
     }
 
     /// [`gemm`](Self::gemm) with an explicit tile config (tests exercise both).
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm_with_tile<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
-        bias: Option<&DevSlice<f16>>,
-        act: Activation,
-        residual: Residual<'_, O>,
+        epilogue: Epilogue<'_, O>,
         y: &DevSlice<O>,
-        m: usize,
-        n: usize,
-        k: usize,
+        dims: GemmDims,
         tile: GemmTile,
     ) -> GpuResult<()> {
         const K: &str = "gemm";
+        let (GemmDims { m, n, k }, Epilogue { bias, act, .. }) = (dims, epilogue);
         if m == 0 || n == 0 || k == 0 {
             return Err(bad(K, format!("empty shape m={m} n={n} k={k}")));
         }
-        let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
+        let res_ptr = check_linear_operands(K, x, w, &epilogue, y, dims)?;
         let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
         let pair =
             !O::F32 && n % 2 == 0 && y.is_aligned(4) && bias.is_none_or(|b| b.is_aligned(4)) && (res_ptr % 4 == 0);
@@ -142,23 +134,18 @@ impl CudaDevice {
     }
 
     /// Linear layer: GEMV for m <= 8 when its preconditions hold, else GEMM.
-    #[allow(clippy::too_many_arguments)]
     pub fn linear<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
-        bias: Option<&DevSlice<f16>>,
-        act: Activation,
-        residual: Residual<'_, O>,
+        epilogue: Epilogue<'_, O>,
         y: &DevSlice<O>,
-        m: usize,
-        n: usize,
-        k: usize,
+        dims: GemmDims,
     ) -> GpuResult<()> {
-        if m <= 8 && k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16) {
-            self.gemv(x, w, bias, act, residual, y, m, n, k)
+        if dims.m <= 8 && dims.k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16) {
+            self.gemv(x, w, epilogue, y, dims)
         } else {
-            self.gemm(x, w, bias, act, residual, y, m, n, k)
+            self.gemm(x, w, epilogue, y, dims)
         }
     }
 }

@@ -40,27 +40,23 @@ pub fn gemv_threads_per_row(n: usize, k: usize, num_sms: u32) -> u32 {
 impl CudaDevice {
     /// Decode GEMV (M = 1..=8): same math as [`gemm`](Self::gemm), weight-streaming kernel.
     /// Needs k % 8 == 0 and 16-byte aligned x, w ([`linear`](Self::linear) falls back to gemm).
-    #[allow(clippy::too_many_arguments)]
     pub fn gemv<O: ActElem>(
         &self,
         x: &DevSlice<f16>,
         w: &DevSlice<f16>,
-        bias: Option<&DevSlice<f16>>,
-        act: Activation,
-        residual: Residual<'_, O>,
+        epilogue: Epilogue<'_, O>,
         y: &DevSlice<O>,
-        m: usize,
-        n: usize,
-        k: usize,
+        dims: GemmDims,
     ) -> GpuResult<()> {
         const K: &str = "gemv";
+        let (GemmDims { m, n, k }, Epilogue { bias, act, .. }) = (dims, epilogue);
         if !(1..=8).contains(&m) || n == 0 || k == 0 {
             return Err(bad(K, format!("shape m={m} n={n} k={k}: needs 1 <= m <= 8, n, k >= 1")));
         }
         if k % 8 != 0 || !x.is_aligned(16) || !w.is_aligned(16) {
             return Err(bad(K, "needs k % 8 == 0 and 16-byte aligned x, w"));
         }
-        let res_ptr = check_linear_operands(K, x, w, bias, residual, y, m, n, k)?;
+        let res_ptr = check_linear_operands(K, x, w, &epilogue, y, dims)?;
         let t = gemv_threads_per_row(n, k, self.num_sms());
         let cols_per_block = (256 / t) as usize;
         let grid = to_i32(K, "grid", n.div_ceil(cols_per_block))? as u32;

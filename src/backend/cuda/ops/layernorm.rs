@@ -18,6 +18,15 @@ pub enum SumOut<'a, T: ActElem = f16> {
     InPlace,
 }
 
+/// What a norm reads, `s = x + residual`, and where it writes that sum (the pre-norm residual
+/// stream); all of x's element type (fp16, or fp32 for a stream kept in fp32).
+#[derive(Clone, Copy, Debug)]
+pub struct NormInput<'a, T: ActElem = f16> {
+    pub x: &'a DevSlice<T>,
+    pub residual: Option<&'a DevSlice<T>>,
+    pub sum_out: SumOut<'a, T>,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct NormParams {
@@ -87,20 +96,16 @@ impl CudaDevice {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn norm<I: ActElem>(
         &self,
         kernel: &'static str,
-        x: &DevSlice<I>,
-        residual: Option<&DevSlice<I>>,
-        sum_out: SumOut<'_, I>,
+        input: NormInput<'_, I>,
         w: &DevSlice<f16>,
         b: Option<&DevSlice<f16>>,
         y: &DevSlice<f16>,
-        rows: usize,
-        dim: usize,
-        eps: f32,
+        shape: NormShape,
     ) -> GpuResult<()> {
+        let (NormInput { x, residual, sum_out }, NormShape { rows, dim, eps }) = (input, shape);
         if rows == 0 || dim == 0 {
             return Err(bad(kernel, "empty shape"));
         }
@@ -178,35 +183,25 @@ impl CudaDevice {
 
     /// y = LayerNorm(x + residual) * w + b per row of `dim`; optionally writes x + residual.
     /// x, the residual and the sum are fp16, or fp32 for a stream kept in fp32; y is fp16.
-    #[allow(clippy::too_many_arguments)]
     pub fn layernorm<I: ActElem>(
         &self,
-        x: &DevSlice<I>,
-        residual: Option<&DevSlice<I>>,
-        sum_out: SumOut<'_, I>,
+        input: NormInput<'_, I>,
         w: &DevSlice<f16>,
         b: Option<&DevSlice<f16>>,
         y: &DevSlice<f16>,
-        rows: usize,
-        dim: usize,
-        eps: f32,
+        shape: NormShape,
     ) -> GpuResult<()> {
-        self.norm("layernorm_f16", x, residual, sum_out, w, b, y, rows, dim, eps)
+        self.norm("layernorm_f16", input, w, b, y, shape)
     }
 
     /// y = half(s * rsqrt(mean(s^2) + eps)) * w with s = x + residual (Llama RMSNorm).
-    #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm<I: ActElem>(
         &self,
-        x: &DevSlice<I>,
-        residual: Option<&DevSlice<I>>,
-        sum_out: SumOut<'_, I>,
+        input: NormInput<'_, I>,
         w: &DevSlice<f16>,
         y: &DevSlice<f16>,
-        rows: usize,
-        dim: usize,
-        eps: f32,
+        shape: NormShape,
     ) -> GpuResult<()> {
-        self.norm("rmsnorm_f16", x, residual, sum_out, w, None, y, rows, dim, eps)
+        self.norm("rmsnorm_f16", input, w, None, y, shape)
     }
 }

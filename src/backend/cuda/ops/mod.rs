@@ -15,13 +15,14 @@ mod ptx_probe;
 mod reorder;
 mod sampling;
 
-pub use attention::{decode_workspace_len, AttnMask, HeadsView};
-pub use elementwise::PixelType;
+pub use attention::{decode_workspace_len, AttnDims, AttnMask, AttnViews, HeadsView};
+pub use elementwise::{ImageDims, KvRows, PixelType, SeqDims};
 pub use gemm::GemmTile;
 pub use gemv::gemv_threads_per_row;
-pub use layernorm::SumOut;
-pub use pointwise::RowsView;
+pub use layernorm::{NormInput, SumOut};
+pub use pointwise::{RopeDims, RowsView};
 pub use ptx_probe::PtxProbeOut;
+pub use reorder::SeqIndices;
 pub use sampling::LogitType;
 
 use cudarc::driver::LaunchConfig;
@@ -33,6 +34,8 @@ use super::memory::{overlaps, DevSlice, DeviceScalar};
 /// Epilogue activation: the crate-wide enum (`crate::graph::Activation`, re-exported by
 /// `crate::backend`); codes below match `ActCode` in kernels/common.cuh.
 pub use crate::backend::Activation;
+/// Sizes shared with the CPU ops (`crate::backend`), re-exported beside the launchers.
+pub use crate::backend::{GemmDims, NormShape};
 
 fn act_code(a: Activation) -> i32 {
     match a {
@@ -79,6 +82,22 @@ pub enum Residual<'a, T: ActElem = f16> {
     InPlace,
 }
 
+/// What gemm and gemv fuse after the product: `y = act(x · wᵀ + bias) + residual`.
+/// `Epilogue::default()` is the bare product (no bias, no activation, no residual).
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a, O: ActElem = f16> {
+    /// `[n]`, added before the activation.
+    pub bias: Option<&'a DevSlice<f16>>,
+    pub act: Activation,
+    pub residual: Residual<'a, O>,
+}
+
+impl<O: ActElem> Default for Epilogue<'_, O> {
+    fn default() -> Self {
+        Self { bias: None, act: Activation::None, residual: Residual::None }
+    }
+}
+
 fn need<T: DeviceScalar>(kernel: &'static str, what: &str, s: &DevSlice<T>, elems: usize) -> GpuResult<()> {
     if s.len() < elems {
         return Err(bad(kernel, format!("{what} has {} elements, needs {elems}", s.len())));
@@ -122,18 +141,15 @@ fn lerr(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> super::
 /// Shared checks of gemm and gemv: X [m,k], W [n,k], Y [m,n], bias [n], residual [m,n] hold
 /// enough elements; Y is disjoint from X, W and the bias; the residual is Y itself or disjoint.
 /// Returns the residual pointer (0 = none).
-#[allow(clippy::too_many_arguments)]
 fn check_linear_operands<O: ActElem>(
     kernel: &'static str,
     x: &DevSlice<f16>,
     w: &DevSlice<f16>,
-    bias: Option<&DevSlice<f16>>,
-    residual: Residual<'_, O>,
+    epilogue: &Epilogue<'_, O>,
     y: &DevSlice<O>,
-    m: usize,
-    n: usize,
-    k: usize,
+    dims: GemmDims,
 ) -> GpuResult<u64> {
+    let (GemmDims { m, n, k }, bias) = (dims, epilogue.bias);
     need(kernel, "x", x, m * k)?;
     need(kernel, "w", w, n * k)?;
     need(kernel, "y", y, m * n)?;
@@ -146,7 +162,7 @@ fn check_linear_operands<O: ActElem>(
     if O::F32 && !y.is_aligned(4) {
         return Err(bad(kernel, "an fp32 y must be 4-byte aligned"));
     }
-    Ok(match residual {
+    Ok(match epilogue.residual {
         Residual::None => 0,
         Residual::InPlace => y.ptr(),
         Residual::Add(r) => {

@@ -5,7 +5,7 @@ use half::f16;
 
 use super::*;
 use crate::backend::cuda::error::{bad, GpuResult};
-use crate::backend::cuda::memory::DevSlice;
+use crate::backend::cuda::memory::{DevSlice, DeviceScalar};
 use crate::backend::cuda::CudaDevice;
 
 #[repr(C)]
@@ -45,13 +45,23 @@ unsafe impl DeviceRepr for RopeParams {}
 
 /// A column view of rows: row `r` starts at element `offset + r * row_stride` of `buf`.
 #[derive(Clone, Copy, Debug)]
-pub struct RowsView<'a> {
-    pub buf: &'a DevSlice<f16>,
+pub struct RowsView<'a, T: DeviceScalar = f16> {
+    pub buf: &'a DevSlice<T>,
     pub offset: usize,
     pub row_stride: usize,
 }
 
-impl RowsView<'_> {
+/// The sizes of a RoPE launch: rows `b * seq + i` (b < batch, i < seq), each holding `heads`
+/// heads of `head_dim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl<T: DeviceScalar> RowsView<'_, T> {
     /// Checks that `rows` rows of `width` elements fit; returns the device address of row 0 and
     /// the byte range the rows span.
     fn check(&self, kernel: &'static str, what: &str, rows: usize, width: usize) -> GpuResult<(u64, (u64, u64))> {
@@ -111,18 +121,15 @@ impl CudaDevice {
     /// HF rotate_half RoPE in place on `heads` heads of `head_dim` in rows `b * seq + i` of
     /// `x`, at position `max(start[b] + i, 0)` (`start` in device memory), with the rotated
     /// dims `2 * inv_freq.len() <= head_dim`.
-    #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
         x: RowsView<'_>,
         inv_freq: &DevSlice<f32>,
         start: &DevSlice<i32>,
-        batch: usize,
-        seq: usize,
-        heads: usize,
-        head_dim: usize,
+        dims: RopeDims,
     ) -> GpuResult<()> {
         const K: &str = "rope";
+        let RopeDims { batch, seq, heads, head_dim } = dims;
         let nfreq = inv_freq.len();
         if batch == 0 || seq == 0 || heads == 0 || nfreq == 0 || 2 * nfreq > head_dim {
             return Err(bad(

@@ -8,22 +8,27 @@ use crate::backend::cuda::error::{bad, GpuResult};
 use crate::backend::cuda::memory::DevSlice;
 use crate::backend::cuda::CudaDevice;
 
+/// A list of sequence indices twice: in device memory for the kernel, and the host values it
+/// was written from, which the launcher checks (the kernel cannot).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqIndices<'a> {
+    pub dev: &'a DevSlice<i32>,
+    pub host: &'a [usize],
+}
+
 impl CudaDevice {
-    /// For i < count: sequence `dst_seq[i]` of `dst` = sequence `src_seq[i]` of `src`, sequences
-    /// being `len` fp16 slots. `src_seq` / `dst_seq` are device copies of `src_host` /
-    /// `dst_host` (checked here on the host: in range, no duplicate destination).
-    #[allow(clippy::too_many_arguments)]
+    /// For i < count: sequence `to[i]` of `dst` = sequence `from[i]` of `src`, sequences being
+    /// `len` fp16 slots (the host copies are checked here: in range, no duplicate destination).
     pub fn gather_sequences(
         &self,
         src: &DevSlice<f16>,
         dst: &DevSlice<f16>,
         len: usize,
-        src_seq: &DevSlice<i32>,
-        src_host: &[usize],
-        dst_seq: &DevSlice<i32>,
-        dst_host: &[usize],
+        from: SeqIndices<'_>,
+        to: SeqIndices<'_>,
     ) -> GpuResult<()> {
         const K: &str = "gather_seqs";
+        let (SeqIndices { dev: src_seq, host: src_host }, SeqIndices { dev: dst_seq, host: dst_host }) = (from, to);
         let count = src_host.len();
         if count != dst_host.len() {
             return Err(bad(K, format!("{count} sources for {} destinations", dst_host.len())));

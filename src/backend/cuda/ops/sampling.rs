@@ -62,7 +62,6 @@ impl CudaDevice {
     /// The `k` best entries of each row of logits [rows, vocab] in torch.topk order (value
     /// descending, ties -> lowest index, NaN first) with their log_softmax values:
     /// idx[r*k + t], logprob[r*k + t] (fp32).
-    #[allow(clippy::too_many_arguments)]
     pub fn top_k_logprobs<T: LogitType>(
         &self,
         logits: &DevSlice<T>,

@@ -1,21 +1,23 @@
 //! BLIP-2 with a Flan-T5 language model (`Blip2ForConditionalGeneration`, text_config
-//! `model_type` t5; design/t5.md §2.2): the image side of BLIP-2 OPT (vision encoder, Q-Former,
+//! `model_type` t5; docs/models/blip2-t5.md#encoder-input): the image side of BLIP-2 OPT (vision encoder, Q-Former,
 //! `language_projection`), whose 32 query outputs replace the `<image>` placeholder embeddings
 //! at the start of the T5 *encoder* input; the decoder then generates from
 //! `decoder_start_token_id` alone.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use super::blip2::ImagePhases;
-use super::qformer::QFormer;
-use super::t5::T5;
-use super::vit::VisionModel;
-use super::{Family, Loader};
-use crate::config::{Blip2Config, ModelConfig, PreprocessorConfig, T5Config, TextConfig};
+use super::config::Blip2Config;
+use super::opt::ImagePhases;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, Plan};
+use crate::generate::{GenerateOptions, Plan, PlanShape};
 use crate::graph::{Graph, Linear, WeightTable};
+use crate::models::family::ModelConfig;
+use crate::models::family::{Family, Loader};
+use crate::models::language_model::TextConfig;
+use crate::models::qformer::QFormer;
+use crate::models::t5::T5Config;
+use crate::models::t5::T5;
+use crate::models::vit::VisionModel;
 use crate::weights::Checkpoint;
 
 pub struct Blip2T5 {
@@ -40,7 +42,7 @@ impl Blip2T5 {
         let t5 = T5::load(text, &mut ld, "language_model")?;
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::Blip2(cfg.clone()),
+            config: ModelConfig::new(cfg.clone()),
             weights: Arc::new(table),
             vision,
             qformer,
@@ -51,12 +53,7 @@ impl Blip2T5 {
 
     /// The encoder phases of `batch` images with `input_len` encoder tokens, one decoder step
     /// as prefill (the decoder start token at position 0) and one as decode.
-    pub fn plan(&self, batch: usize, input_len: usize, max_new_tokens: usize) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
+    fn plan_phases(&self, batch: usize, input_len: usize, max_new_tokens: usize) -> Result<Plan> {
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
         }
@@ -93,10 +90,6 @@ impl Family for Blip2T5 {
         &self.weights
     }
 
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::check_square_input(pre, path, self.cfg.vision_config.image_size)
-    }
-
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
     }
@@ -126,8 +119,10 @@ impl Family for Blip2T5 {
 
     /// `prompt_len` is the encoder input's length; the decoder's default length does not depend
     /// on it (transformers counts the decoder's one start token).
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, _all_prefill_logits: bool) -> Result<Plan> {
-        Blip2T5::plan(self, batch, prompt_len, max_new_tokens)
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.one_image_per_sequence()?;
+        shape.image_only()?;
+        self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens)
     }
 
     fn describe(&self) -> Vec<String> {

@@ -1,17 +1,18 @@
 //! `Blip2ForConditionalGeneration`: vision encoder -> Q-Former -> language projection, whose
 //! outputs replace the image-token embeddings of the OPT decoder's input.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use super::opt::{KvCache, OptDecoder};
-use super::qformer::QFormer;
-use super::vit::VisionModel;
-use super::{Family, Loader};
-use crate::config::{Blip2Config, ModelConfig, PreprocessorConfig, TextConfig};
+use super::config::Blip2Config;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, Step};
-use crate::graph::{Activation, Buf, Graph, Linear, Phase, WeightTable};
+use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
+use crate::graph::{Buf, Fused, Graph, Linear, Phase, WeightTable};
+use crate::models::family::ModelConfig;
+use crate::models::family::{Family, Loader};
+use crate::models::language_model::TextConfig;
+use crate::models::opt::{KvCache, OptDecoder, PassSpec};
+use crate::models::qformer::QFormer;
+use crate::models::vit::VisionModel;
 use crate::weights::Checkpoint;
 
 pub struct Blip2 {
@@ -36,7 +37,7 @@ impl Blip2 {
         let decoder = OptDecoder::load(text, &mut ld, "language_model")?;
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::Blip2(cfg.clone()),
+            config: ModelConfig::new(cfg.clone()),
             weights: Arc::new(table),
             vision,
             qformer,
@@ -58,18 +59,13 @@ impl Blip2 {
 
     /// Builds the phases for `batch` images, a decoder input of `prompt_len` tokens (image
     /// tokens included) and up to `max_new_tokens` generated tokens.
-    pub fn plan(
+    fn plan_phases(
         &self,
         batch: usize,
         prompt_len: usize,
         max_new_tokens: usize,
         all_prefill_logits: bool,
     ) -> Result<Plan> {
-        if max_new_tokens == 0 {
-            return Err(Error::InvalidInput(
-                "max_new_tokens is 0: it must be at least 1 (transformers refuses 0 too)".into(),
-            ));
-        }
         let max_pos = self.decoder.max_positions();
         // The last generated token is never fed back, so the cache needs one row less.
         let capacity = prompt_len.saturating_add(max_new_tokens - 1);
@@ -94,17 +90,14 @@ impl Blip2 {
         let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
         // Left-padded batches (prompts of different lengths): pad keys masked out.
         let key_mask = g.buffer("key_mask", batch, cache.capacity);
+        let image = Some((image_embeds, self.cfg.image_token()));
         let pre = self.decoder.build(
             &mut g,
             &cache,
-            prompt_len,
-            Some((image_embeds, self.cfg.image_token())),
-            Some(key_mask),
-            all_prefill_logits,
-            "prefill",
+            &PassSpec::prefill(prompt_len, image, Some(key_mask), all_prefill_logits),
         );
         let prefill = g.take_phase("prefill");
-        let dec = self.decoder.build(&mut g, &cache, 1, None, Some(key_mask), false, "decode");
+        let dec = self.decoder.build(&mut g, &cache, &PassSpec::decode(Some(key_mask)));
         let decode = Phase { replayable: true, ..g.take_phase("decode") };
 
         let kv =
@@ -162,7 +155,7 @@ impl ImagePhases {
         let qformer_out = qformer.build(g, vision_out, batch, v.num_positions());
         let rows = batch * cfg.num_query_tokens;
         let image_embeds = g.buffer("image_embeds", rows, cfg.text_config.hidden_size());
-        g.linear(qformer_out, projection.weight, projection.bias, Activation::None, None, image_embeds, rows);
+        g.linear(qformer_out, projection.weight, projection.bias, Fused::NONE, image_embeds, rows);
         let qformer_phase = g.take_phase("qformer");
         Self { pixels, vision_out, qformer_out, image_embeds, phases: vec![vision_phase, qformer_phase] }
     }
@@ -180,10 +173,6 @@ impl Family for Blip2 {
 
     fn weights(&self) -> &Arc<WeightTable> {
         &self.weights
-    }
-
-    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
-        super::check_square_input(pre, path, self.image_size())
     }
 
     fn image_size(&self) -> usize {
@@ -222,8 +211,10 @@ impl Family for Blip2 {
         }
     }
 
-    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
-        Blip2::plan(self, batch, prompt_len, max_new_tokens, all_prefill_logits)
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.one_image_per_sequence()?;
+        shape.image_only()?;
+        self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens, shape.all_prefill_logits)
     }
 
     fn describe(&self) -> Vec<String> {

@@ -1,0 +1,42 @@
+//! JSON files as glimpse reads them: bounded reads, Python's repeated-key rule, and errors that
+//! name the file and the field.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Reads and parses a JSON file, naming the file in every error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)?;
+    from_json_slice(&bytes, path)
+}
+
+/// Parses JSON bytes as `T`. The text goes through a [`Value`] first, so a repeated key keeps
+/// its last value as Python's `json` does; type errors name the field (`vision_config.image_size`).
+pub fn from_json_slice<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+    from_json_value(&value, path)
+}
+
+/// Deserializes an already parsed JSON value, naming the offending field in the error.
+pub fn from_json_value<T: DeserializeOwned>(value: &Value, path: &Path) -> Result<T> {
+    from_json_value_at(value, path, "")
+}
+
+/// [`from_json_value`] for a section of a file: field names in errors get `prefix` (`text_config.`).
+pub fn from_json_value_at<T: DeserializeOwned>(value: &Value, path: &Path, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        // Valid JSON holding a value of the wrong type: a config error about that field.
+        let msg = match (field.as_str(), prefix) {
+            (".", "") => e.inner().to_string(),
+            (".", p) => format!("`{}`: {}", p.trim_end_matches('.'), e.inner()),
+            (f, p) => format!("`{p}{f}`: {}", e.inner()),
+        };
+        Error::config(path, msg)
+    })
+}

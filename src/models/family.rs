@@ -1,0 +1,261 @@
+//! What every family implements and what the rest of glimpse sees of a model: the parsed
+//! config ([`ModelConfig`] over a family's [`FamilyConfig`]), the loaded model ([`Family`] for
+//! generating, [`Embedder`] for embedding) and the helpers families load with. The registry
+//! ([`super::FAMILIES`]) is the only place that names families.
+
+use std::any::Any;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::config::{GenerationConfig, PreprocessorConfig};
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOptions, Plan, PlanShape};
+use crate::graph::{Linear, Norm, WeightTable, W};
+use crate::weights::Checkpoint;
+
+/// A family's parsed, validated config.json: what glimpse asks of a checkpoint before reading a
+/// weight (loading it, messages) and what `glimpse synth` needs to write one.
+pub trait FamilyConfig: AsAny + fmt::Debug + Send + Sync {
+    /// The transformers class the checkpoint loads as, for messages.
+    fn architecture(&self) -> &str;
+    /// Whether the family embeds (CLIP) rather than generates text (BLIP-2, LLaVA, ...).
+    fn embeds(&self) -> bool {
+        false
+    }
+    /// Loads the weights of this config's model from `ckpt`.
+    fn load(&self, ckpt: &Checkpoint) -> Result<Loaded>;
+    /// Checks generation_config.json's token ids against the model (chat families generate with
+    /// them; the others take their ids from config.json).
+    fn check_generation_config(&self, _generation: &GenerationConfig, _path: &Path) -> Result<()> {
+        Ok(())
+    }
+
+    // `glimpse synth`: what a random checkpoint of this config holds besides its config.json.
+
+    /// Reads every tensor a checkpoint of this config stores from `recorder` (a recording
+    /// checkpoint): the model's own loader, plus any tensor transformers stores that glimpse does
+    /// not read. Tensors a loader only reads when present are declared before it runs.
+    fn record_tensors(&self, recorder: &Checkpoint) -> Result<()> {
+        self.load(recorder).map(drop)
+    }
+    /// (EOS, image token) of the decoder: the embedding rows synth scales; (2, 0) without one.
+    fn synth_token_ids(&self) -> (u32, u32) {
+        (2, 0)
+    }
+    /// The family's `tokenizer.json` for this config.
+    fn synth_tokenizer(&self) -> Result<Value>;
+    /// Every JSON file of a synth folder besides config.json (tokenizer, processor, generation
+    /// config), as (file name, contents).
+    fn synth_files(&self) -> Result<Vec<(&'static str, Value)>>;
+    /// The `chat_template.jinja` a chat family's folder holds.
+    fn synth_chat_template(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// `&dyn Any` of any type, so [`ModelConfig::get`] can downcast a family's config.
+pub trait AsAny: Any {
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The parsed config.json of any family (cheap to clone). [`ModelConfig::load`] parses it
+/// through the registry; [`ModelConfig::get`] gives the family's own config type.
+#[derive(Clone)]
+pub struct ModelConfig(Arc<dyn FamilyConfig>);
+
+impl ModelConfig {
+    pub fn new(config: impl FamilyConfig) -> Self {
+        Self(Arc::new(config))
+    }
+    /// The family's config, when it is a `T`.
+    pub fn get<T: FamilyConfig>(&self) -> Option<&T> {
+        self.0.as_any().downcast_ref()
+    }
+    /// Whether the family embeds (CLIP) rather than generates text (BLIP-2, LLaVA, ...).
+    pub fn embeds(&self) -> bool {
+        self.0.embeds()
+    }
+    /// The transformers class the checkpoint loads as, for messages.
+    pub fn architecture(&self) -> &str {
+        self.0.architecture()
+    }
+    pub fn family(&self) -> &dyn FamilyConfig {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A loaded model of one family: everything above the graph that differs between families.
+pub trait Family: Send + Sync {
+    /// The parsed config.json.
+    fn config(&self) -> &ModelConfig;
+    /// Every weight, uploaded once per backend.
+    fn weights(&self) -> &Arc<WeightTable>;
+    /// Checks the image processor's output against what the vision tower takes (`path` names
+    /// the preprocessor file in errors): by default the square [`Family::image_size`].
+    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
+        check_square_input(pre, path, self.image_size())
+    }
+    /// Side of the square pixel input of the plan's `pixels` input.
+    fn image_size(&self) -> usize;
+    /// Decoder positions (`text_config.max_position_embeddings`): bounds prompt + new tokens.
+    fn max_positions(&self) -> usize;
+    /// The decoder input for tokenized prompt `prompt_ids` (image placeholders, then the prompt).
+    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32>;
+    /// The family's question-answering prompt template applied to `question`.
+    fn question_prompt(&self, question: &str) -> String;
+    /// Generation settings as transformers' `generate()` resolves them for this family.
+    fn default_options(&self) -> GenerateOptions;
+    /// The phases for a request of `shape`, which [`Family::plan_for`] has checked.
+    fn build_plan(&self, shape: &PlanShape) -> Result<Plan>;
+    /// The plan for a request of `shape`: the checks every family shares, then the family's own
+    /// [`Family::build_plan`]. The one entry point; [`Family::plan`] is a shorthand.
+    fn plan_for(&self, shape: &PlanShape) -> Result<Plan> {
+        shape.check()?;
+        self.build_plan(shape)
+    }
+    /// [`Family::plan_for`] for `batch` one-image sequences of `prompt_len` decoder input tokens
+    /// and up to `max_new_tokens` new tokens; `all_prefill_logits` keeps every prefill row's logits.
+    fn plan(&self, batch: usize, prompt_len: usize, max_new_tokens: usize, all_prefill_logits: bool) -> Result<Plan> {
+        self.plan_for(&PlanShape { all_prefill_logits, ..PlanShape::new(batch, prompt_len, max_new_tokens) })
+    }
+    /// `info` lines after the model path: family, towers, decoder (label padded to 12 columns).
+    fn describe(&self) -> Vec<String>;
+    /// Decoder sequences for `images` images and one decoder input `input_ids` (default: one
+    /// sequence per image, as BLIP-2 batches).
+    fn sequences_for(&self, images: usize, _input_ids: &[u32]) -> Result<usize> {
+        Ok(images)
+    }
+    /// Host inputs the encoders read from each sequence's prompt text besides the image
+    /// (InstructBLIP: the Q-Former's instruction), one text per sequence; None (the default)
+    /// when the encoders see the image only.
+    fn text_inputs(&self, _texts: &[&str]) -> Result<Option<TextInputs>> {
+        Ok(None)
+    }
+    /// True for chat models: prompts come from the checkpoint's chat template and processor
+    /// (`crate::chat`), generation settings from generation_config.json.
+    fn chat(&self) -> bool {
+        false
+    }
+}
+
+/// What [`Family::text_inputs`] gives the encoders: named host data (each `[sequences * ..]`,
+/// sequence-major, so beam search can repeat each sequence's block) and the text rows per
+/// sequence the plan is built for ([`PlanShape::text_rows`]).
+#[derive(Debug)]
+pub struct TextInputs {
+    pub rows: usize,
+    pub inputs: Vec<(&'static str, Vec<f32>)>,
+}
+
+/// A loaded model that embeds images and texts into one space instead of generating (CLIP):
+/// the family builds one graph per request shape and says how its text inputs are padded and
+/// pooled; `api::Embedder` runs them.
+pub trait Embedder: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn weights(&self) -> &Arc<WeightTable>;
+    /// Checks the image processor's output against the vision tower (vision models only).
+    fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()>;
+    /// Side of the square pixel input; None when the model has no vision tower.
+    fn image_size(&self) -> Option<usize>;
+    /// Token positions of the text tower; None when the model has no text tower.
+    fn text_positions(&self) -> Option<usize>;
+    /// Width of the embeddings both towers produce.
+    fn embed_dim(&self) -> usize;
+    /// `exp(logit_scale)`, the factor of image-text similarities (None: single-tower model).
+    fn logit_scale(&self) -> Option<f32>;
+    /// The graph for `batch` images: input `pixels` `[batch, 3*S*S]`, outputs `[batch, embed_dim]`
+    /// embeddings and their unit vectors.
+    fn image_plan(&self, batch: usize) -> Result<EmbedPlan>;
+    /// The graph for `batch` texts of `len` tokens (padded): tokens through `set_tokens`, input
+    /// `key_mask` `[batch, len]` (0 or `f32::MIN` per key), pooling rows through
+    /// `set_row_indices` ([`Embedder::pool_rows`]); output `[batch, embed_dim]`.
+    fn text_plan(&self, batch: usize, len: usize) -> Result<EmbedPlan>;
+    /// The text tower's vocabulary size and `eos_token_id` (None: no text tower).
+    fn text_vocab(&self) -> Option<(usize, Option<u32>)>;
+    /// The row each padded id sequence is pooled at.
+    fn pool_rows(&self, ids: &[Vec<u32>]) -> Vec<usize>;
+    /// `info` lines after the model path.
+    fn describe(&self) -> Vec<String>;
+}
+
+/// One embedding request shape: a graph, its single phase, named host inputs and the output.
+pub struct EmbedPlan {
+    pub graph: crate::graph::Graph,
+    pub phase: crate::graph::Phase,
+    pub batch: usize,
+    pub inputs: Vec<(&'static str, crate::graph::Buf)>,
+    /// `[batch, embed_dim]`: the projected embeddings (`get_image_features` / `get_text_features`).
+    pub output: crate::graph::Buf,
+    /// `[batch, embed_dim]` fp32: the same rows L2-normalised on the device (`CLIPModel`'s
+    /// `image_embeds` / `text_embeds`).
+    pub normalized: crate::graph::Buf,
+}
+
+/// What a loaded checkpoint does.
+pub enum Loaded {
+    /// Generates text from images and prompts (BLIP-2, InstructBLIP, LLaVA): `caption`, `ask`.
+    Generates(Box<dyn Family>),
+    /// Embeds images and texts (CLIP): `embed`, `classify`.
+    Embeds(Box<dyn Embedder>),
+}
+
+/// Checks that the image processor's output (`crop_size` when it center-crops, else `size`) is
+/// the `expected` x `expected` input the vision tower takes (`path` names the file in errors).
+pub fn check_square_input(pre: &PreprocessorConfig, path: &Path, expected: usize) -> Result<()> {
+    let out = pre.crop_size.as_ref().filter(|_| pre.do_center_crop).unwrap_or(&pre.size);
+    if (out.height, out.width) != (Some(expected), Some(expected)) {
+        let field = if pre.do_center_crop { "crop_size" } else { "size" };
+        return Err(Error::config(
+            path,
+            format!(
+                "`{field}` is {}, but the vision model takes {expected}x{expected} images (vision_config.image_size in config.json): set {field} to {{\"height\": {expected}, \"width\": {expected}}}",
+                out.describe()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads named tensors of a checkpoint into a weight table, checking every shape.
+pub struct Loader<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub table: &'a mut WeightTable,
+}
+
+impl Loader<'_> {
+    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<W> {
+        let w = self.ckpt.f16(name, shape)?;
+        Ok(self.table.add(name, w))
+    }
+
+    /// `{prefix}.weight` `[out, in]` and, when `bias`, `{prefix}.bias` `[out]`.
+    pub fn linear(&mut self, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let weight = self.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { weight, bias, in_dim, out_dim })
+    }
+
+    /// `{prefix}.weight` and `{prefix}.bias`, both `[dim]`.
+    pub fn norm(&mut self, prefix: &str, dim: usize, eps: f64) -> Result<Norm> {
+        Ok(Norm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[dim])?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+}
