@@ -6,11 +6,18 @@ use std::path::Path;
 
 use crate::api::{Device, Model};
 use crate::error::{Error, Result};
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, NonFinite};
 
 /// A human-readable description of a model folder. The folder is first loaded (on the CPU) by
 /// the same [`Model::load`] that `caption` uses, so a model `info` describes is one that loads.
 pub fn describe(dir: &Path) -> Result<String> {
+    describe_with(dir, false).map(|(text, _)| text)
+}
+
+/// [`describe`], and with `check_weights` every weight read for NaN and infinite values
+/// ([`Checkpoint::non_finite`]): the description then ends with a `weights:` line (and one line
+/// per such tensor), and they are returned.
+pub fn describe_with(dir: &Path, check_weights: bool) -> Result<(String, Vec<NonFinite>)> {
     let config = crate::models::ModelConfig::load(&dir.join("config.json"))?;
     let family_lines = if config.embeds() {
         crate::api::EmbedModel::load(dir, Device::Cpu)?.family.describe()
@@ -45,5 +52,21 @@ pub fn describe(dir: &Path) -> Result<String> {
         ckpt.names().count(),
         ckpt.origin().display()
     );
-    Ok(s)
+    if !check_weights {
+        return Ok((s, Vec::new()));
+    }
+    let start = std::time::Instant::now();
+    let found = ckpt.non_finite();
+    let (secs, gb) = (start.elapsed().as_secs_f64(), ckpt.data_bytes() as f64 / 1e9);
+    let checked = format!("{} tensors ({gb:.2} GB) read in {secs:.1} s", ckpt.names().count());
+    if found.is_empty() {
+        let _ = write!(s, "\nweights:    all finite ({checked})");
+    } else {
+        let plural = if found.len() == 1 { "" } else { "s" };
+        let _ = write!(s, "\nweights:    NaN or infinite values in {} tensor{plural} ({checked}):", found.len());
+        for t in &found {
+            let _ = write!(s, "\n            {t}");
+        }
+    }
+    Ok((s, found))
 }

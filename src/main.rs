@@ -191,7 +191,13 @@ enum Command {
         hub: HubArgs,
     },
     /// Describe a model folder: family, dimensions, parameters, dtypes, size on disk.
-    Info { model: String },
+    Info {
+        model: String,
+        /// Also read every weight for NaN and infinite values, naming each tensor that holds any
+        /// (exit status 1 then). Reads the whole checkpoint: seconds for a 7B model from memory.
+        #[arg(long)]
+        check_weights: bool,
+    },
     /// Write an fp16 copy of a checkpoint (a folder or a cached hub id) into a new folder outside
     /// it, so later loads are zero-copy.
     Convert { input: String, output: PathBuf },
@@ -731,9 +737,20 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             Stdout::new().line(&fetched.snapshot.display().to_string())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Info { model } => {
+        Command::Info { model, check_weights } => {
             let dir = glimpse::hub::resolve_model(&model)?;
-            Stdout::new().line(&glimpse::info::describe(&dir)?)?;
+            let (text, non_finite) = glimpse::info::describe_with(&dir, check_weights)?;
+            Stdout::new().line(&text)?;
+            if let Some(first) = non_finite.first() {
+                let n = non_finite.len();
+                return Err(glimpse::Error::InvalidInput(format!(
+                    "{} holds NaN or infinite values in {n} tensor{} (listed above; the first is `{}`): the checkpoint is corrupt or was saved from a diverged run; download or convert it again",
+                    dir.display(),
+                    if n == 1 { "" } else { "s" },
+                    first.name
+                ))
+                .into());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { input, output } => {

@@ -360,6 +360,81 @@ fn poison_weights(dir: &Path) {
     std::fs::write(&path, bytes).unwrap();
 }
 
+/// Sets values of tensor `name` in safetensors file `file`: `(index, little-endian bytes)`.
+fn poison_tensor(file: &Path, name: &str, values: &[(usize, &[u8])]) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    for (i, v) in values {
+        bytes[start + i * v.len()..start + (i + 1) * v.len()].copy_from_slice(v);
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// `info --check-weights` names each tensor holding NaN or infinite values (count, dtype,
+/// shape) and exits 1; a clean checkpoint reads "all finite"; plain `info` reads no weight.
+/// An fp16 single file and an fp32 sharded checkpoint, one tensor poisoned in a copy of each.
+#[test]
+fn info_check_weights_names_non_finite_tensors() {
+    // (model, file, tensor or "" for its first F32 tensor, values set, what its line says)
+    type Values = &'static [(usize, &'static [u8])];
+    let cases: [(&str, &str, &str, Values, &str); 2] = [
+        (
+            "blip2-opt-tiny",
+            "model.safetensors",
+            "language_projection.weight",
+            &[(0, &[0x00, 0x7e]), (5, &[0x01, 0xfc]), (7, &[0x00, 0x7c])],
+            "(F16 [160, 128]): 2 NaN, 1 infinite of 20480 values",
+        ),
+        (
+            "blip2-opt-tiny-proj",
+            "model-00001-of-00003.safetensors",
+            "",
+            &[(3, &[0x00, 0x00, 0x80, 0xff])],
+            ": 0 NaN, 1 infinite of",
+        ),
+    ];
+    for (model, file, name, values, needle) in cases {
+        let clean = common::model_dir(model).display().to_string();
+        let o = glimpse(&["info", "--check-weights", &clean]);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        assert!(stdout(&o).contains("weights:    all finite ("), "{model}: {}", stdout(&o));
+
+        let dir = edited_fixture(model, |d| {
+            let path = d.join(file);
+            let name = if name.is_empty() { first_float_tensor(&path) } else { name.to_string() };
+            poison_tensor(&path, &name, values);
+        });
+        let d = dir.path().display().to_string();
+        let name = if name.is_empty() { first_float_tensor(&dir.path().join(file)) } else { name.to_string() };
+        let o = glimpse(&["info", "--check-weights", &d]);
+        assert_clean_error(&o, "holds NaN or infinite values in 1 tensor (");
+        let err = stderr(&o);
+        assert!(err.contains(&d) && err.contains(&format!("`{name}`")), "{model}: {err}");
+        let out = stdout(&o);
+        assert!(out.contains("weights:    NaN or infinite values in 1 tensor ("), "{model}: {out}");
+        let line = out.lines().find(|l| l.contains(&format!(" {name} ("))).unwrap_or_else(|| panic!("{name}: {out}"));
+        assert!(line.contains(needle), "{model}: {line}");
+        // Plain info reads no weight: no scan, no warning, exit 0.
+        let o = glimpse(&["info", &d]);
+        assert!(o.status.success() && !stdout(&o).contains("weights:"), "{model}: {}", stderr(&o));
+        // The library call behind it.
+        let found = glimpse::weights::Checkpoint::open_dir(dir.path()).unwrap().non_finite();
+        assert_eq!(found.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), [name.as_str()], "{model}");
+    }
+}
+
+/// The name of the first F32 tensor of safetensors file `path` (in name order).
+fn first_float_tensor(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut names: Vec<&String> = header.iter().filter(|(_, t)| t["dtype"] == "F32").map(|(k, _)| k).collect();
+    names.sort();
+    names.first().expect("an F32 tensor").to_string()
+}
+
 /// NaN weights are an error naming the phase, in every family (they used to give exit 0, empty
 /// text, tokens [0, ...] and null log-probs), for greedy decoding and beam search.
 #[test]

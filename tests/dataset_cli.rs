@@ -412,7 +412,7 @@ fn parquet_parts_left_after_consolidation_are_not_counted_twice() {
     std::fs::rename(&saved, &parts).unwrap();
 
     let (mut sink, keys) = output::open(&dst, true, &columns, "image").unwrap();
-    let mut keys: Vec<String> = keys.into_iter().collect();
+    let mut keys: Vec<String> = keys.into_iter().map(|k| String::from_utf8(k).unwrap()).collect();
     keys.sort();
     assert_eq!(keys, ["img0.png", "img1.png", "img2.png"]);
     sink.write(&[record(3)]).unwrap();
@@ -1002,4 +1002,284 @@ fn batch_times_beams_is_bounded() {
     let o = glimpse(&[&args[..], &["--batch-size", "1024", "--num-beams", "256"]].concat(), &[]);
     assert_error_line(&o, &["--batch-size 1024 inputs x 256 sequences each", "4096", "lower --batch-size"]);
     assert!(!dst.exists());
+}
+
+/// The (`image`, exact path bytes) of each record of `path`: `image_bytes` decoded where a
+/// record has it, else None.
+fn images_and_bytes(path: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    read_records(path)
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let raw = r.get("image_bytes").map(|b| b64.decode(b.as_str().expect("image_bytes is text")).unwrap());
+            (r["image"].as_str().unwrap().to_string(), raw)
+        })
+        .collect()
+}
+
+/// File names that are not UTF-8 round-trip exactly: `image` shows each invalid byte as `\xHH`,
+/// `image_bytes` holds the path's exact bytes (base64), and `--resume` matches by those bytes.
+/// Two names that differ only in an invalid byte, and a UTF-8 name that reads the same as one of
+/// them (`a\xff.png` with a real backslash), are each written exactly once: in a full run, a
+/// `--resume` of it, and a crash then `--resume`, to JSONL and Parquet, from a folder and a list.
+#[cfg(target_os = "linux")]
+#[test]
+fn non_utf8_file_names_round_trip_and_resume_exactly_once() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("odd");
+    std::fs::create_dir(&dir).unwrap();
+    let names: [&[u8]; 4] = [b"a\xfe.png", b"a\xff.png", b"a\\xff.png", b"b.png"];
+    for name in names {
+        std::fs::copy(common::image("odd_257x181.png"), dir.join(std::ffi::OsStr::from_bytes(name))).unwrap();
+    }
+    // Folder order: by bytes (`\` is 0x5c).
+    let want: Vec<(String, Option<Vec<u8>>)> = vec![
+        ("odd/a\\xff.png".into(), None),
+        ("odd/a\\xfe.png".into(), Some(b"odd/a\xfe.png".to_vec())),
+        ("odd/a\\xff.png".into(), Some(b"odd/a\xff.png".to_vec())),
+        ("odd/b.png".into(), None),
+    ];
+    let m = model("blip2-opt-tiny");
+    let run = |src: &str, dst: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "1", "--input", src];
+        args.extend(["--output", dst, "--batch-size", "1", "--quiet"]);
+        args.extend(extra);
+        glimpse_in(tmp.path(), &args, env, None)
+    };
+    let list: Vec<u8> = want
+        .iter()
+        .flat_map(|(t, raw)| [raw.clone().unwrap_or(t.clone().into_bytes()), b"\n".to_vec()].concat())
+        .collect();
+    std::fs::write(tmp.path().join("list.txt"), list).unwrap();
+    for (src, ext) in [("odd", "jsonl"), ("odd", "parquet"), ("list.txt", "jsonl"), ("list.txt", "parquet")] {
+        let what = format!("{src} -> {ext}");
+        let full = format!("full-{src}.{ext}");
+        let o = run(src, &full, &[], &[]);
+        assert_eq!(o.status.code(), Some(0), "{what}: {}", stderr(&o));
+        assert_eq!(images_and_bytes(&tmp.path().join(&full)), want, "{what}: a full run");
+        let o = run(src, &full, &["--resume"], &[]);
+        assert_eq!(o.status.code(), Some(0), "{what}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{what}: {}", stderr(&o));
+        assert_eq!(images_and_bytes(&tmp.path().join(&full)), want, "{what}: --resume of a finished output");
+
+        for batches in ["1", "3"] {
+            let dst = format!("crash-{batches}-{src}.{ext}");
+            let o = run(src, &dst, &[], &[(glimpse::dataset::CRASH_AFTER_ENV, batches)]);
+            assert!(o.status.code().is_none() || o.status.code() == Some(134), "expected an abort: {}", stderr(&o));
+            let o = run(src, &dst, &["--resume"], &[]);
+            assert_eq!(o.status.code(), Some(0), "{what}: {}", stderr(&o));
+            assert_eq!(images_and_bytes(&tmp.path().join(&dst)), want, "{what}: crash after {batches}, then --resume");
+        }
+    }
+    // A JSONL output of UTF-8 names is what it was: no `image_bytes` field.
+    let text = std::fs::read_to_string(tmp.path().join("full-odd.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(first.get("image_bytes").is_none(), "{first}");
+    // A record whose `image_bytes` is not base64 is refused by --resume, naming it.
+    let bad = text.replacen("\"image_bytes\":\"", "\"image_bytes\":\"!", 1);
+    std::fs::write(tmp.path().join("bad.jsonl"), bad).unwrap();
+    let o = run("odd", "bad.jsonl", &["--resume"], &[]);
+    assert_error_line(&o, &["bad.jsonl line 2", "image_bytes", "not base64"]);
+}
+
+/// A Parquet table of one `path` column holding `rows` varied strings: snappy-compressed and
+/// without a dictionary, so its one column chunk is one data page. Returns the file's bytes.
+fn one_page_parquet(path: &Path, rows: usize) -> Vec<u8> {
+    use arrow_array::{ArrayRef, StringArray};
+    use parquet::file::properties::WriterProperties;
+    let paths: Vec<String> =
+        (0..rows as u64).map(|i| format!("imgs/{:016x}.png", i.wrapping_mul(0x9e37_79b9_7f4a_7c15))).collect();
+    let batch =
+        arrow_array::RecordBatch::try_from_iter([("path", std::sync::Arc::new(StringArray::from(paths)) as ArrayRef)])
+            .unwrap();
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_dictionary_enabled(false)
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), Some(props))
+        .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Thrift compact integers, written independently of glimpse's reader.
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn zigzag(v: i64) -> Vec<u8> {
+    varint(((v << 1) ^ (v >> 63)) as u64)
+}
+
+/// The integer at the start of `b` and its length in bytes.
+fn read_zigzag(b: &[u8]) -> (i64, usize) {
+    let (mut v, mut n) = (0u64, 0);
+    while {
+        v |= u64::from(b[n] & 0x7f) << (7 * n);
+        n += 1;
+        b[n - 1] & 0x80 != 0
+    } {}
+    ((v >> 1) as i64 ^ -((v & 1) as i64), n)
+}
+
+/// `file` (a Parquet file's bytes) with `old` replaced by `new` in its footer, where `old`
+/// occurs exactly once; the footer length is rewritten.
+fn patch_footer(file: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
+    let len = file.len();
+    let footer_len = u32::from_le_bytes(file[len - 8..len - 4].try_into().unwrap()) as usize;
+    let start = len - 8 - footer_len;
+    let footer = &file[start..len - 8];
+    let hits: Vec<usize> = footer.windows(old.len()).enumerate().filter(|(_, w)| *w == old).map(|(i, _)| i).collect();
+    assert_eq!(hits.len(), 1, "{old:02x?} must be once in the footer");
+    let footer = [&footer[..hits[0]], new, &footer[hits[0] + old.len()..]].concat();
+    [&file[..start], &footer, &(footer.len() as u32).to_le_bytes(), b"PAR1"].concat()
+}
+
+/// Runs glimpse in `dir` with at most `limit` bytes of address space (and few threads and
+/// malloc arenas, which reserve address space they do not use), killed after 60 s.
+#[cfg(target_os = "linux")]
+fn glimpse_limited(dir: &Path, args: &[&str], limit: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_glimpse"));
+    c.args(args).current_dir(dir).env("MALLOC_ARENA_MAX", "2").env("RAYON_NUM_THREADS", "2");
+    // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    common::output_within(&mut c, 60)
+}
+
+/// A Parquet input declaring sizes it does not hold is refused before the parquet crate
+/// allocates them, naming the file, the column, the size and the limit, in 1 GiB of address
+/// space (the crate used to reserve 2 GiB for a page header's uncompressed size and abort, to
+/// panic on a negative column offset, and to abort reserving a footer list of 2^31 items); the
+/// same run on an honest table passes in that space.
+#[cfg(target_os = "linux")]
+#[test]
+fn hostile_parquet_sizes_are_refused_before_allocating() {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let m = model("blip2-opt-tiny");
+    let limit = 1 << 30;
+    let run = |src: &str| {
+        let dst = format!("{src}.jsonl");
+        let args = ["caption", "--device", "cpu", "-m", &m, "--max-new-tokens", "1", "--input", src, "--output", &dst];
+        glimpse_limited(tmp.path(), &args, limit)
+    };
+    write_parquet(
+        &tmp.path().join("honest.parquet"),
+        vec![("path", std::sync::Arc::new(arrow_array::StringArray::from(vec!["imgs/a.png", "imgs/b.webp"])) as _)],
+    );
+    let o = run("honest.parquet");
+    assert_eq!(o.status.code(), Some(0), "an honest table runs within the limit: {}", stderr(&o));
+
+    let clean = one_page_parquet(&tmp.path().join("clean.parquet"), 40);
+    let meta = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(tmp.path().join("clean.parquet")).unwrap())
+        .unwrap()
+        .metadata()
+        .clone();
+    let col = meta.row_group(0).column(0);
+    assert!(col.dictionary_page_offset().is_none());
+
+    // A page header claiming 2^31 - 1 bytes uncompressed: parquet-rs writes its fields in order
+    // (type, uncompressed size, compressed size, ...); the header grows by the longer integer and
+    // the page's compressed size shrinks by as much, so every offset of the file still holds.
+    let at = col.data_page_offset() as usize;
+    assert_eq!(&clean[at..at + 3], &[0x15u8, 0x00, 0x15][..], "a data page header");
+    let (_, ulen) = read_zigzag(&clean[at + 3..]);
+    assert_eq!(clean[at + 3 + ulen], 0x15);
+    let (compressed, clen) = read_zigzag(&clean[at + 4 + ulen..]);
+    let huge = zigzag(i32::MAX.into());
+    let grow = huge.len() - ulen;
+    let shrunk = zigzag(compressed - grow as i64);
+    assert_eq!(shrunk.len(), clen, "the compressed size keeps its length");
+    // The rest of the header: the data page header struct (field 5) of i32 fields, then the end.
+    let mut end = at + 4 + ulen + clen;
+    assert_eq!(clean[end], 0x2c, "a data page header struct");
+    end += 1;
+    while clean[end] != 0 {
+        assert_eq!(clean[end] & 0x0f, 5, "i32 fields only (no statistics)");
+        end += 1 + read_zigzag(&clean[end + 1..]).1;
+    }
+    assert_eq!(clean[end + 1], 0, "the header's end");
+    let data = end + 2;
+    let page =
+        [&clean[..at + 3], &huge, &[0x15], &shrunk, &clean[at + 4 + ulen + clen..data], &clean[data + grow..]].concat();
+    assert_eq!(page.len(), clean.len());
+    std::fs::write(tmp.path().join("page.parquet"), page).unwrap();
+    assert_error_line(
+        &run("page.parquet"),
+        &["page.parquet", "column `path`", "2147483647 bytes uncompressed", "256 MiB"],
+    );
+
+    // Column chunks placed outside the file: a negative offset, and a huge length.
+    let size = zigzag(col.compressed_size());
+    let here = [&[0x16], &size[..], &[0x26], &zigzag(col.data_page_offset())[..]].concat();
+    let negative = [&[0x16], &size[..], &[0x26], &zigzag(-1)[..]].concat();
+    std::fs::write(tmp.path().join("negative.parquet"), patch_footer(&clean, &here, &negative)).unwrap();
+    assert_error_line(
+        &run("negative.parquet"),
+        &["negative.parquet", "column `path`", "at offset -1", "outside the file"],
+    );
+    let long = [&[0x16], &zigzag(1 << 40)[..], &[0x26], &zigzag(col.data_page_offset())[..]].concat();
+    std::fs::write(tmp.path().join("long.parquet"), patch_footer(&clean, &here, &long)).unwrap();
+    assert_error_line(
+        &run("long.parquet"),
+        &["long.parquet", "column `path`", "declares 1099511627776 bytes", "outside the file"],
+    );
+
+    // A footer declaring 2^31 - 1 schema elements in the 0 bytes left of it.
+    let footer = [&[0x15u8, 0x02, 0x19, 0xfc][..], &varint(i32::MAX as u64)].concat();
+    let file = [&b"PAR1"[..], &footer, &(footer.len() as u32).to_le_bytes(), b"PAR1"].concat();
+    std::fs::write(tmp.path().join("footer.parquet"), file).unwrap();
+    assert_error_line(&run("footer.parquet"), &["footer.parquet", "footer", "a list of 2147483647 items"]);
+
+    // The library refuses them when the input is opened, before any row is read.
+    for name in ["page", "negative", "long", "footer"] {
+        let src = tmp.path().join(format!("{name}.parquet"));
+        let err = glimpse::dataset::input::open(&src, &Default::default()).err().map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains(&s(&src))), "{name}: {err:?}");
+    }
+}
+
+/// A panic while the input is read (a decoder's, on a corrupt file) fails the run with an error
+/// naming it, keeping the records written before; it used to end the inputs early and report a
+/// complete run (exit 0, the remaining inputs never written).
+#[test]
+fn a_panic_while_reading_the_input_is_an_error() {
+    use glimpse::dataset::input::Item;
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let model = glimpse::EmbedModel::load(common::model_dir("clip-tiny"), glimpse::Device::Cpu).unwrap();
+    let task = glimpse::dataset::Task::Embed { model: &model };
+    let mut input = glimpse::dataset::input::open(&tmp.path().join("imgs"), &Default::default()).unwrap();
+    let items = std::mem::replace(&mut input.items, Box::new(std::iter::empty()));
+    let exploding = std::iter::from_fn(|| -> Option<glimpse::Result<Item>> { panic!("the decoder exploded") });
+    input.items = Box::new(items.take(2).chain(exploding));
+    let opts = glimpse::dataset::RunOptions { batch_size: 1, resume: false, progress: false };
+    let dst = tmp.path().join("out.jsonl");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let err = glimpse::dataset::run(&task, input, &dst, &opts, &stop).err().map(|e| e.to_string());
+    assert!(err.as_deref().is_some_and(|e| e.contains("the decoder exploded") && e.contains("--resume")), "{err:?}");
+    assert_eq!(read_records(&dst).unwrap().len(), 2, "the records before it are kept");
 }

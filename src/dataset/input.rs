@@ -35,8 +35,11 @@ pub enum ImageRef {
 #[derive(Debug, Clone)]
 pub struct Item {
     /// The record's `image` field: the path as the input gives it, or `SOURCE#ROW` for bytes that
-    /// come without a path.
+    /// come without a path. A path that is not UTF-8 is shown as [`path_label`] writes it.
     pub image: String,
+    /// The path's exact bytes when they are not UTF-8 (a folder or list input on Unix): the
+    /// record's `image_bytes` (base64), and what `--resume` matches such an input by.
+    pub raw: Option<Vec<u8>>,
     /// The `id` / `key` column's value, when the input has that column.
     pub id: Option<String>,
     /// The image, or why this row has none (that row's record gets the error).
@@ -45,10 +48,53 @@ pub struct Item {
 }
 
 impl Item {
-    /// What `--resume` matches against the output: the id when the input has one, else the image.
-    pub fn key(&self) -> &str {
-        self.id.as_deref().unwrap_or(&self.image)
+    /// What `--resume` matches against the output: the id when the input has one, else the
+    /// path's exact bytes (`image`, or the bytes of a path that is not UTF-8).
+    pub fn key(&self) -> &[u8] {
+        match (&self.id, &self.raw) {
+            (Some(id), _) => id.as_bytes(),
+            (None, Some(raw)) => raw,
+            (None, None) => self.image.as_bytes(),
+        }
     }
+}
+
+/// The record field holding the exact bytes (base64) of a path that is not UTF-8.
+pub const RAW_PATH_FIELD: &str = "image_bytes";
+
+/// A path's bytes as record text, and its exact bytes when the text cannot hold them: a UTF-8
+/// path is itself (and no bytes); in any other, each byte that is not part of a UTF-8 character
+/// is written `\xHH` (two lowercase hex digits, as Python's `backslashreplace`), readable but not
+/// unique (a UTF-8 name may read the same), so the exact bytes come beside it.
+pub fn path_label(bytes: &[u8]) -> (String, Option<Vec<u8>>) {
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        return (s.to_string(), None);
+    }
+    let mut text = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            text.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    (text, Some(bytes.to_vec()))
+}
+
+/// The bytes of a path as the system spells it (on Unix, exactly the file name's bytes).
+pub fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_encoded_bytes()
+}
+
+/// A path from its bytes ([`path_bytes`]); elsewhere than on Unix, bytes that are not UTF-8 are
+/// replaced (no such path came from this system).
+fn bytes_path(b: &[u8]) -> PathBuf {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        PathBuf::from(std::ffi::OsStr::from_bytes(b))
+    }
+    #[cfg(not(unix))]
+    PathBuf::from(String::from_utf8_lossy(b).into_owned())
 }
 
 /// An opened input.
@@ -61,6 +107,9 @@ pub struct Input {
     /// Keys are the paths a folder walk spelled (from the folder as given): `--resume` matches
     /// them by canonical path, so `./imgs` and `/abs/imgs` name the same inputs.
     pub path_keys: bool,
+    /// Some path of this input is not UTF-8: its records carry [`RAW_PATH_FIELD`] (a Parquet
+    /// output gets that column).
+    pub raw_names: bool,
 }
 
 impl Input {
@@ -69,15 +118,16 @@ impl Input {
         self.id_field.as_deref().unwrap_or("image")
     }
 
-    /// `key` (an [`Item::key`], or one read back from an output) as `--resume` compares it.
-    pub fn match_key(path_keys: bool, key: &str) -> String {
+    /// `key` (an [`Item::key`], or one read back from an output) as `--resume` compares it: its
+    /// bytes, or with `path_keys` the bytes of the canonical path it names.
+    pub fn match_key(path_keys: bool, key: &[u8]) -> Vec<u8> {
         if !path_keys {
-            return key.to_string();
+            return key.to_vec();
         }
-        let p = Path::new(key);
-        std::fs::canonicalize(p)
-            .or_else(|_| std::path::absolute(p))
-            .map_or_else(|_| key.to_string(), |p| p.to_string_lossy().into_owned())
+        let p = bytes_path(key);
+        std::fs::canonicalize(&p)
+            .or_else(|_| std::path::absolute(&p))
+            .map_or_else(|_| key.to_vec(), |p| path_bytes(&p).to_vec())
     }
 }
 
@@ -110,11 +160,13 @@ pub fn open(src: &Path, opts: &InputOptions) -> Result<Input> {
         let mut paths = Vec::new();
         walk(src, &mut paths)?;
         paths.sort();
+        let raw_names = paths.iter().any(|p| p.to_str().is_none());
         let items = paths.into_iter().map(|p| {
-            Ok(Item { image: p.display().to_string(), id: None, source: Ok(ImageRef::Path(p)), question: None })
+            let (image, raw) = path_label(path_bytes(&p));
+            Ok(Item { image, raw, id: None, source: Ok(ImageRef::Path(p)), question: None })
         });
         let total = items.len();
-        return Ok(Input { total: Some(total), id_field: None, items: Box::new(items), path_keys: true });
+        return Ok(Input { total: Some(total), id_field: None, items: Box::new(items), path_keys: true, raw_names });
     }
     let data = if meta.is_file() { Source::File(src.to_path_buf()) } else { Source::Memory(read_pipe(src, &meta)?) };
     let base = src.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -235,6 +287,12 @@ fn count_lines(src: &Source) -> Result<usize> {
     lines(src)?.try_fold(0, |n, l| l.map(|_| n + 1))
 }
 
+/// [`count_lines`], and whether some line is not UTF-8 (a list of paths: that input's records
+/// carry [`RAW_PATH_FIELD`]).
+fn count_list_lines(src: &Source) -> Result<(usize, bool)> {
+    lines(src)?.try_fold((0, false), |(n, raw), l| l.map(|(_, l)| (n + 1, raw || std::str::from_utf8(&l).is_err())))
+}
+
 /// A list line as a path: its bytes as they are (a file name need not be UTF-8 on Unix).
 fn line_path(line: &[u8]) -> PathBuf {
     #[cfg(unix)]
@@ -247,18 +305,20 @@ fn line_path(line: &[u8]) -> PathBuf {
 }
 
 fn open_list(src: &Source, base: PathBuf) -> Result<Input> {
-    let total = count_lines(src)?;
+    let (total, raw_names) = count_list_lines(src)?;
     let items = lines(src)?.map(move |l| {
         let (_, line) = l?;
         let path = line_path(&line);
+        let (image, raw) = path_label(&line);
         Ok(Item {
             source: Ok(ImageRef::Path(if path.is_relative() { base.join(&path) } else { path })),
-            image: String::from_utf8_lossy(&line).into_owned(),
+            image,
+            raw,
             id: None,
             question: None,
         })
     });
-    Ok(Input { total: Some(total), id_field: None, items: Box::new(items), path_keys: false })
+    Ok(Input { total: Some(total), id_field: None, items: Box::new(items), path_keys: false, raw_names })
 }
 
 fn open_jsonl(src: &Path, data: &Source, base: PathBuf, opts: &InputOptions) -> Result<Input> {
@@ -294,13 +354,13 @@ fn open_jsonl(src: &Path, data: &Source, base: PathBuf, opts: &InputOptions) -> 
             Some(p) => (p.to_string(), Ok(ImageRef::Path(resolve(&base, p)))),
             None => (here, Err(missing_column(column, &path_column))),
         };
-        Ok(Item { image, id, source, question })
+        Ok(Item { image, raw: None, id, source, question })
     });
-    Ok(Input { total: Some(total), id_field, items: Box::new(items), path_keys: false })
+    Ok(Input { total: Some(total), id_field, items: Box::new(items), path_keys: false, raw_names: false })
 }
 
 fn bad_row(here: String, msg: String) -> Item {
-    Item { image: here, id: None, source: Err(msg), question: None }
+    Item { image: here, raw: None, id: None, source: Err(msg), question: None }
 }
 
 fn missing_column(found: Option<&str>, asked: &Option<String>) -> String {
@@ -315,24 +375,28 @@ fn missing_column(found: Option<&str>, asked: &Option<String>) -> String {
 }
 
 fn open_parquet(src: &Path, data: Source, base: PathBuf, opts: &InputOptions) -> Result<Input> {
-    let not_parquet = |e| Error::InvalidInput(format!("{}: not a readable Parquet file: {e}", src.display()));
     match data {
         Source::File(p) => {
             let file = File::open(&p).map_err(|e| Error::io(&p, e))?;
-            open_parquet_from(src, ParquetRecordBatchReaderBuilder::try_new(file).map_err(not_parquet)?, base, opts)
+            let check = file.try_clone().map_err(|e| Error::io(&p, e))?;
+            open_parquet_from(src, file, &check, base, opts)
         }
-        Source::Memory(b) => {
-            open_parquet_from(src, ParquetRecordBatchReaderBuilder::try_new(b).map_err(not_parquet)?, base, opts)
-        }
+        Source::Memory(b) => open_parquet_from(src, b.clone(), &b, base, opts),
     }
 }
 
-fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static>(
+/// Opens the Parquet table `reader` (`check`: the same bytes, for the size checks of
+/// [`super::parquet_check`], made before the parquet crate parses or reads anything).
+fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static, C: parquet::file::reader::ChunkReader>(
     src: &Path,
-    builder: ParquetRecordBatchReaderBuilder<R>,
+    reader: R,
+    check: &C,
     base: PathBuf,
     opts: &InputOptions,
 ) -> Result<Input> {
+    super::parquet_check::check_footer(src, check)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(reader)
+        .map_err(|e| Error::InvalidInput(format!("{}: not a readable Parquet file: {e}", src.display())))?;
     let schema = builder.schema().clone();
     let find = |name: &str| schema.fields().iter().position(|f| f.name() == name);
     let image_col = match &opts.path_column {
@@ -352,6 +416,8 @@ fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static>(
     let question_col = find(QUESTION_COLUMN);
     let wanted: Vec<usize> = [Some(image_col), id_col, question_col].into_iter().flatten().collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), wanted.iter().copied());
+    let scan = super::parquet_check::leaves_of(builder.metadata(), &wanted);
+    super::parquet_check::check_chunks(src, check, builder.metadata(), &scan)?;
     let total = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
     // Small record batches: image bytes can be large, and only a few batches are held at once.
     let reader = builder
@@ -389,13 +455,13 @@ fn open_parquet_from<R: parquet::file::reader::ChunkReader + 'static>(
                 };
                 let id = id.as_ref().and_then(|a| id_cell(a, r));
                 let question = question.as_ref().and_then(|a| text_cell(a, r));
-                Ok(Item { image: label, id, source, question })
+                Ok(Item { image: label, raw: None, id, source, question })
             })
             .collect();
         row += batch.num_rows();
         out
     });
-    Ok(Input { total: Some(total), id_field, items: Box::new(items), path_keys: false })
+    Ok(Input { total: Some(total), id_field, items: Box::new(items), path_keys: false, raw_names: false })
 }
 
 enum Cell {

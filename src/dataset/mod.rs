@@ -11,6 +11,7 @@
 
 pub mod input;
 pub mod output;
+pub mod parquet_check;
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -233,6 +234,9 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
     let start = Instant::now();
     let key_field = input.key_field().to_string();
     let mut columns: Columns = vec![("image".into(), Kind::Str)];
+    if input.raw_names {
+        columns.push((input::RAW_PATH_FIELD.into(), Kind::Str));
+    }
     if let Some(id) = &input.id_field {
         columns.push((id.clone(), Kind::Str));
     }
@@ -279,7 +283,19 @@ pub fn run(task: &Task, input: Input, dst: &Path, opts: &RunOptions, stop: &Atom
             }
         }
         drop(rx);
-        let (skipped, finished) = reader.join().unwrap_or((0, false));
+        // A panic while reading (a bug, or a decoder's on a corrupt input) ends the inputs
+        // early: an error, never a run that looks complete.
+        let (skipped, finished) = reader.join().map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Error::InvalidInput(format!(
+                "reading the input failed after {} records ({what}): this is a bug in glimpse or a library it uses, please report it; the records written are kept (--resume continues)",
+                summary.written
+            ))
+        })?;
         summary.skipped = skipped;
         // The reader may have seen the flag first and stopped handing out batches.
         summary.interrupted |= !finished && stop.load(Ordering::SeqCst);
@@ -364,6 +380,9 @@ fn records_for(task: &Task, ready: Ready, id_field: Option<&str>) -> Vec<Record>
         .map(|(item, failure)| {
             let mut r = Record::new();
             r.insert("image".into(), json!(item.image));
+            if let Some(raw) = &item.raw {
+                r.insert(input::RAW_PATH_FIELD.into(), json!(output::base64(raw)));
+            }
             if let Some(f) = id_field {
                 r.insert(f.into(), item.id.as_ref().map_or(Value::Null, |v| json!(v)));
             }

@@ -47,18 +47,19 @@ pub enum Kind {
 pub type Columns = Vec<(String, Kind)>;
 
 /// The keys of the records an output holds, each with its count: inputs may share a key
-/// (duplicate ids, file names that read the same as text), and the output holds them in input
-/// order, so the first `count` inputs of a key are the ones done.
+/// (duplicate ids), and the output holds them in input order, so the first `count` inputs of a
+/// key are the ones done. A key is bytes: an id's text, or a path's exact bytes (a file name need
+/// not be UTF-8), so two inputs share a key only when they name the same thing.
 #[derive(Debug, Default, Clone)]
-pub struct Keys(HashMap<String, usize>);
+pub struct Keys(HashMap<Vec<u8>, usize>);
 
 impl Keys {
-    pub fn add(&mut self, key: String) {
+    pub fn add(&mut self, key: Vec<u8>) {
         *self.0.entry(key).or_default() += 1;
     }
 
     /// Takes one occurrence of `key`: true when the output held it (that input is done).
-    pub fn take(&mut self, key: &str) -> bool {
+    pub fn take(&mut self, key: &[u8]) -> bool {
         match self.0.get_mut(key) {
             Some(n) if *n > 0 => {
                 *n -= 1;
@@ -69,7 +70,7 @@ impl Keys {
     }
 
     /// The same keys through `f` (occurrences of keys that `f` maps together add up).
-    pub fn map(self, f: impl Fn(&str) -> String) -> Keys {
+    pub fn map(self, f: impl Fn(&[u8]) -> Vec<u8>) -> Keys {
         let mut out = Keys::default();
         for (k, n) in self.0 {
             *out.0.entry(f(&k)).or_default() += n;
@@ -89,11 +90,30 @@ impl Keys {
 
 /// Each key as many times as the output holds it.
 impl IntoIterator for Keys {
-    type Item = String;
-    type IntoIter = Box<dyn Iterator<Item = String>>;
+    type Item = Vec<u8>;
+    type IntoIter = Box<dyn Iterator<Item = Vec<u8>>>;
     fn into_iter(self) -> Self::IntoIter {
         Box::new(self.0.into_iter().flat_map(|(k, n)| std::iter::repeat_n(k, n)))
     }
+}
+
+/// `bytes` as a record's `image_bytes`: base64, standard alphabet with padding (RFC 4648 §4;
+/// Python: `base64.b64decode(record["image_bytes"])` gives the path's bytes).
+pub fn base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The bytes of a record's `image_bytes`, or why it is not base64 (`at` names the record).
+fn unbase64(text: &str, at: &dyn Fn() -> String) -> Result<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| {
+        Error::InvalidInput(format!(
+            "{} holds `{}` {text:?}, which is not base64 ({e}): --resume continues an output glimpse wrote; choose another --output",
+            at(),
+            super::input::RAW_PATH_FIELD
+        ))
+    })
 }
 
 /// Where records go.
@@ -276,15 +296,23 @@ fn parent(p: &Path) -> &Path {
     p.parent().unwrap_or(Path::new(""))
 }
 
-/// The key of `record`: its `key_field`, or its `image` where that is null (an input row
-/// without an id), as [`super::input::Item::key`].
-fn key_of(record: &Record, key_field: &str) -> Option<String> {
+/// The key of `record`, as [`super::input::Item::key`]: its `key_field` (an id), else, where
+/// that is null or the key is the image, the path's exact bytes (`image_bytes`, else `image`).
+fn key_of(record: &Record, key_field: &str, at: &dyn Fn() -> String) -> Result<Option<Vec<u8>>> {
     let text = |f: &str| match record.get(f)? {
         Value::String(s) => Some(s.clone()),
         Value::Null => None,
         v => Some(v.to_string()),
     };
-    text(key_field).or_else(|| text("image"))
+    if key_field != "image" {
+        if let Some(id) = text(key_field) {
+            return Ok(Some(id.into_bytes()));
+        }
+    }
+    match record.get(super::input::RAW_PATH_FIELD) {
+        Some(Value::String(b)) => unbase64(b, at).map(Some),
+        _ => Ok(text("image").map(String::into_bytes)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,9 +346,10 @@ impl JsonlSink {
 }
 
 /// The field every record of this run has unless it failed: the task's first column (`text`,
-/// `question`, `embedding`), after `image` and the key.
+/// `question`, `embedding`), after `image`, `image_bytes` and the key.
 fn result_field<'a>(columns: &'a Columns, key_field: &str) -> Option<&'a str> {
-    columns.iter().map(|(n, _)| n.as_str()).find(|n| *n != "image" && *n != key_field && *n != "error")
+    let input_fields = ["image", super::input::RAW_PATH_FIELD, "error"];
+    columns.iter().map(|(n, _)| n.as_str()).find(|n| !input_fields.contains(n) && *n != key_field)
 }
 
 /// Refuses a record another command, or this command on another input, wrote: one with a field
@@ -371,8 +400,9 @@ fn read_jsonl_keys(dst: &Path, file: &File, columns: &Columns, key_field: &str, 
                 dst.display()
             ))
         })?;
-        check_record(&record, columns, key_field, &|| format!("{} line {n}", dst.display()))?;
-        if let Some(k) = key_of(&record, key_field) {
+        let at = || format!("{} line {n}", dst.display());
+        check_record(&record, columns, key_field, &at)?;
+        if let Some(k) = key_of(&record, key_field, &at)? {
             keys.add(k);
         }
     }
@@ -468,16 +498,27 @@ fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(parts)
 }
 
+/// A reader of the Parquet file `path` (an output, or one of its parts), its declared sizes
+/// checked first ([`super::parquet_check`]).
 fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))
+    let check = file.try_clone().map_err(|e| Error::io(path, e))?;
+    super::parquet_check::check_footer(path, &check)?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
+    let all = vec![true; b.parquet_schema().num_columns()];
+    super::parquet_check::check_chunks(path, &check, b.metadata(), &all)?;
+    Ok(b)
 }
 
-/// The keys of a Parquet file's records: column `key_field`, else (null) `image`.
+/// The keys of a Parquet file's records, as [`key_of`]: column `key_field`, else (null, or the
+/// key is the image) `image_bytes` where the file has that column and the row a value, else
+/// `image`.
 fn parquet_keys(path: &Path, key_field: &str, keys: &mut Keys) -> Result<()> {
+    let raw_field = super::input::RAW_PATH_FIELD;
     let b = reader(path)?;
+    let position = |name: &str| b.schema().fields().iter().position(|f| f.name() == name);
     let find = |name: &str| {
-        b.schema().fields().iter().position(|f| f.name() == name).ok_or_else(|| {
+        position(name).ok_or_else(|| {
             Error::InvalidInput(format!(
                 "{} has no column `{name}` to resume by: --resume continues an output of the same command and input; choose another --output",
                 path.display()
@@ -485,16 +526,26 @@ fn parquet_keys(path: &Path, key_field: &str, keys: &mut Keys) -> Result<()> {
         })
     };
     let (k, i) = (find(key_field)?, find("image")?);
-    let mask = ProjectionMask::roots(b.parquet_schema(), [k, i]);
+    let roots = [Some(k), Some(i), position(raw_field)].into_iter().flatten();
+    let mask = ProjectionMask::roots(b.parquet_schema(), roots);
+    let mut row = 0usize;
     for batch in b.with_projection(mask).build().map_err(|e| parquet_err(path, e))? {
         let batch = batch.map_err(|e| parquet_err(path, e))?;
         let text = |name: &str| batch.column_by_name(name).and_then(|c| c.as_string_opt::<i32>().cloned());
         let (Some(key), Some(image)) = (text(key_field), text("image")) else { continue };
-        for (k, i) in key.iter().zip(image.iter()) {
-            if let Some(k) = k.or(i) {
-                keys.add(k.to_string());
+        let raw = text(raw_field);
+        for (r, (k, i)) in key.iter().zip(image.iter()).enumerate() {
+            let at = || format!("{} row {}", path.display(), row + r);
+            let key = match (k.filter(|_| key_field != "image"), raw.as_ref().filter(|c| c.is_valid(r))) {
+                (Some(id), _) => Some(id.as_bytes().to_vec()),
+                (None, Some(raw)) => Some(unbase64(raw.value(r), &at)?),
+                (None, None) => i.map(|i| i.as_bytes().to_vec()),
+            };
+            if let Some(k) = key {
+                keys.add(k);
             }
         }
+        row += batch.num_rows();
     }
     Ok(())
 }

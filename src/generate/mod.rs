@@ -786,7 +786,7 @@ fn check_finite(ranked: &[Vec<crate::backend::Candidate>], phase: &str) -> Resul
     match ranked.iter().position(|row| row.first().is_some_and(|c| c.logprob.is_nan())) {
         None => Ok(()),
         Some(row) => Err(Error::InvalidInput(format!(
-            "the model's logits are not finite (NaN or infinite) at {phase}, sequence {row}: the checkpoint holds NaN/Inf weights, or the model overflowed; check the weights"
+            "the model's logits are not finite (NaN or infinite) at {phase}, sequence {row}: the checkpoint holds NaN/Inf weights (`glimpse info --check-weights MODEL` names them), or the model overflowed"
         ))),
     }
 }
