@@ -7,10 +7,10 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 
-use glimpse::models::ModelConfig;
 use glimpse::generate::stream::TextStreamer;
 use glimpse::generate::{EarlyStopping, GenerationOverrides};
 use glimpse::image::PixelValues;
+use glimpse::models::ModelConfig;
 use glimpse::{Cancel, Device, EmbedModel, Error, GenerateOptions, ImageInput, Model, Output, TokenEvent};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
