@@ -91,3 +91,81 @@ impl GenerationOverrides {
         set_optional(&mut o.seed, &self.seed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GenerationConfig, StopStringsField, TokenIds};
+
+    fn defaults() -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: Some(7),
+            min_p: Some(0.1),
+            top_k: 50,
+            seed: Some(3),
+            eos_token_ids: vec![2],
+            stop_strings: vec!["x".into()],
+            ..GenerateOptions::default()
+        }
+    }
+
+    #[test]
+    fn unset_values_keep_the_defaults() {
+        let mut o = defaults();
+        GenerationOverrides::default().apply(&mut o);
+        assert_eq!(o, defaults());
+    }
+
+    #[test]
+    fn given_values_replace_the_defaults() {
+        let mut o = defaults();
+        let given = GenerationOverrides {
+            max_new_tokens: Some(9),
+            min_p: Some(0.2),
+            top_k: Some(0),
+            num_beams: Some(4),
+            early_stopping: Some(EarlyStopping::Never),
+            eos_token_ids: Some(vec![5, 6]),
+            stop_strings: Some(vec![]),
+            seed: Some(11),
+            ..GenerationOverrides::default()
+        };
+        given.apply(&mut o);
+        let want = GenerateOptions {
+            max_new_tokens: Some(9),
+            min_p: Some(0.2),
+            top_k: 0,
+            num_beams: 4,
+            early_stopping: EarlyStopping::Never,
+            eos_token_ids: vec![5, 6],
+            stop_strings: vec![],
+            seed: Some(11),
+            ..defaults()
+        };
+        assert_eq!(o, want);
+    }
+
+    #[test]
+    fn generation_config_fields_map_one_to_one() {
+        let g = GenerationConfig {
+            max_length: Some(30),
+            eos_token_id: Some(TokenIds::Many(vec![2, 7])),
+            do_sample: Some(true),
+            temperature: Some(0.5),
+            early_stopping: Some(Value::Bool(true)),
+            stop_strings: Some(StopStringsField::One("END".into())),
+            ..GenerationConfig::default()
+        };
+        let over = GenerationOverrides::from_generation_config(&g);
+        assert_eq!(over.max_length, Some(30));
+        assert_eq!(over.eos_token_ids, Some(vec![2, 7]));
+        assert_eq!((over.do_sample, over.temperature), (Some(true), Some(0.5)));
+        assert_eq!(over.early_stopping, Some(EarlyStopping::Done));
+        assert_eq!(over.stop_strings, Some(vec!["END".to_string()]));
+        // Unset fields stay unset; a value transformers ignores is ignored.
+        assert_eq!((over.max_new_tokens, over.num_beams, over.seed), (None, None, None));
+        let odd =
+            GenerationConfig { early_stopping: Some(Value::String("sometimes".into())), ..GenerationConfig::default() };
+        assert_eq!(GenerationOverrides::from_generation_config(&odd).early_stopping, None);
+    }
+}
