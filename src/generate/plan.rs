@@ -179,3 +179,22 @@ fn lookup(list: &[(&'static str, Buf)], name: &str, what: &str) -> Result<Buf> {
         Error::InvalidInput(format!("the plan has no {what} `{name}` (it has {})", names.join(", ")))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PlanShape;
+
+    #[test]
+    fn shapes_every_family_refuses_are_errors_naming_the_value() {
+        assert!(PlanShape::new(2, 8, 1).check().is_ok());
+        let err = |r: crate::error::Result<()>| r.unwrap_err().to_string();
+        assert!(err(PlanShape::new(1, 8, 0).check()).contains("max_new_tokens is 0"));
+        assert!(err(PlanShape::new(0, 8, 4).check()).contains("no images given"));
+        let two_per_prompt = PlanShape { images: 4, sequences: 2, ..PlanShape::new(2, 8, 4) };
+        assert!(two_per_prompt.check().is_ok());
+        assert!(err(two_per_prompt.one_image_per_sequence()).contains("got 4 images for 2 prompts"));
+        let with_text = PlanShape { text_rows: 3, ..PlanShape::new(1, 8, 4) };
+        assert!(err(with_text.image_only()).contains("3 text rows"));
+        assert!(PlanShape::new(1, 8, 4).image_only().is_ok());
+    }
+}
