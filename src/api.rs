@@ -106,16 +106,36 @@ pub struct Request<'a> {
     pub options: &'a GenerateOptions,
 }
 
+/// The pixel values of `images`, one after another, each checked to be the `size` x `size` the
+/// vision tower takes.
+fn stack_pixels(images: &[PixelValues], size: usize) -> Result<Vec<f32>> {
+    let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
+    for img in images {
+        if (img.height, img.width) != (size, size) {
+            return Err(Error::InvalidInput(format!(
+                "pixel values are {}x{}, the vision model takes {size}x{size}",
+                img.height, img.width
+            )));
+        }
+        pixels.extend_from_slice(&img.data);
+    }
+    Ok(pixels)
+}
+
+/// A model folder's config.json, parsed and checked, and its safetensors, opened.
+fn open_model_dir(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
+    if !dir.is_dir() {
+        return Err(Error::MissingFile { path: dir.to_path_buf(), hint: " (expected a model folder)".into() });
+    }
+    Ok((ModelConfig::load(&dir.join("config.json"))?, Checkpoint::open_dir(dir)?))
+}
+
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         let start = Instant::now();
         let dir = dir.as_ref();
-        if !dir.is_dir() {
-            return Err(Error::MissingFile { path: dir.to_path_buf(), hint: " (expected a model folder)".into() });
-        }
-        let cfg = ModelConfig::load(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open_dir(dir)?;
+        let (cfg, ckpt) = open_model_dir(dir)?;
         let family = crate::models::load(&cfg, &ckpt)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
@@ -429,17 +449,7 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
-        let size = self.family.image_size();
-        let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
-        for img in images {
-            if (img.height, img.width) != (size, size) {
-                return Err(Error::InvalidInput(format!(
-                    "pixel values are {}x{}, the vision model takes {size}x{size}",
-                    img.height, img.width
-                )));
-            }
-            pixels.extend_from_slice(&img.data);
-        }
+        let pixels = stack_pixels(images, self.family.image_size())?;
         opts.check_available()?;
         let new_tokens = opts.new_tokens(prompts.len(), self.family.max_positions())?;
         let sequences = prompts.batch();
@@ -543,11 +553,7 @@ impl EmbedModel {
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         let start = Instant::now();
         let dir = dir.as_ref();
-        if !dir.is_dir() {
-            return Err(Error::MissingFile { path: dir.to_path_buf(), hint: " (expected a model folder)".into() });
-        }
-        let cfg = ModelConfig::load(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open_dir(dir)?;
+        let (cfg, ckpt) = open_model_dir(dir)?;
         let family = crate::models::load_embedder(&cfg, &ckpt)?;
         let tokenizer = match family.text_positions() {
             Some(_) => Some(Tokenizer::from_dir(dir)?),
@@ -561,7 +567,7 @@ impl EmbedModel {
             }
             None => None,
         };
-        let backend = Backend::new(device, family.weights())?;
+        let backend = Backend::new(device, &family.core().weights)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             family,
@@ -579,7 +585,7 @@ impl EmbedModel {
 
     /// An executor for `graph` on this model's backend (for tests).
     pub fn executor(&self, graph: &crate::graph::Graph) -> Result<Box<dyn Executor>> {
-        self.backend.executor(self.family.weights(), graph)
+        self.backend.executor(&self.family.core().weights, graph)
     }
 
     pub fn preprocess(&self, image: &Path) -> Result<PixelValues> {
@@ -621,17 +627,7 @@ impl EmbedModel {
     }
 
     fn run_images(&self, images: &[PixelValues], which: EmbedOutput) -> Result<Vec<Vec<f32>>> {
-        let size = self.family.image_size().unwrap_or(0);
-        let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
-        for img in images {
-            if (img.height, img.width) != (size, size) {
-                return Err(Error::InvalidInput(format!(
-                    "pixel values are {}x{}, the vision model takes {size}x{size}",
-                    img.height, img.width
-                )));
-            }
-            pixels.extend_from_slice(&img.data);
-        }
+        let pixels = stack_pixels(images, self.family.image_size().unwrap_or(0))?;
         let plan = self.family.image_plan(images.len())?;
         let mut exec = self.executor(&plan.graph)?;
         exec.write(input(&plan, "pixels")?, &pixels)?;

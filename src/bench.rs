@@ -168,8 +168,10 @@ pub struct Rates {
     pub matrix_source: String,
 }
 
+/// Who ran what, where: the fields every bench report opens with (flattened into its JSON, so
+/// the keys stand at the top level).
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub struct RunHeader {
     pub date: String,
     pub commit: Option<String>,
     pub device: String,
@@ -180,6 +182,53 @@ pub struct Report {
     pub seed: u64,
     pub parameters: usize,
     pub weight_bytes: usize,
+}
+
+impl RunHeader {
+    /// The header of a run of `weights` on the backend named `backend_name` ("cpu" or
+    /// "cuda:<card>"), now, at this checkout's commit.
+    pub fn new(backend_name: &str, model: String, preset: Option<String>, seed: u64, weights: &WeightTable) -> Self {
+        let cpu = backend_name == "cpu";
+        Self {
+            date: utc_now(),
+            commit: git_commit(),
+            device: if cpu { "cpu" } else { "cuda" }.into(),
+            device_name: if cpu { cpu_name() } else { backend_name.to_string() },
+            threads: rayon::current_num_threads(),
+            model,
+            preset,
+            seed,
+            parameters: weights.parameters(),
+            weight_bytes: weights.parameters() * 2,
+        }
+    }
+
+    /// The first lines of a report's readable form.
+    fn write(&self, s: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(s, "glimpse bench  {}  commit {}", self.date, self.commit.as_deref().unwrap_or("unknown"));
+        let _ = writeln!(s, "device: {}", self.device_name);
+        let _ = writeln!(
+            s,
+            "model:  {} ({:.3} B parameters, {:.2} GB fp16)",
+            self.model,
+            self.parameters as f64 / 1e9,
+            self.weight_bytes as f64 / 1e9
+        );
+    }
+}
+
+/// The note a report carries when the device has no matrix rate (its floors are memory-only).
+fn matrix_rate_note(rates: &Rates) -> Option<String> {
+    rates.matrix_gflops.is_none().then(|| {
+        "no matrix rate for this device: floors are memory floors only (set GLIMPSE_MATRIX_TFLOPS)".to_string()
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub header: RunHeader,
     pub batch: usize,
     pub new_tokens: usize,
     pub repeats: usize,
@@ -613,25 +662,15 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
             }),
         }
     }
-    if rates.matrix_gflops.is_none() {
-        notes.push("no matrix rate for this device: floors are memory floors only (set GLIMPSE_MATRIX_TFLOPS)".into());
-    }
-
-    let (device_name, dev_label) = match &backend {
-        Backend::Cpu => (cpu_name(), "cpu".to_string()),
-        Backend::Cuda(_) => (backend.name(), "cuda".to_string()),
-    };
+    notes.extend(matrix_rate_note(&rates));
     Ok(Report {
-        date: utc_now(),
-        commit: git_commit(),
-        device: dev_label,
-        device_name,
-        threads: rayon::current_num_threads(),
-        model: subject.label.clone(),
-        preset: subject.preset.clone(),
-        seed: args.seed,
-        parameters: family.weights().parameters(),
-        weight_bytes: family.weights().parameters() * 2,
+        header: RunHeader::new(
+            &backend.name(),
+            subject.label.clone(),
+            subject.preset.clone(),
+            args.seed,
+            family.weights(),
+        ),
         batch: b,
         new_tokens: n,
         repeats,
@@ -739,18 +778,8 @@ fn dataset_report(
     let summary = pipeline?;
     let rate = |s: f64| n as f64 / s.max(1e-9);
     let (model_only, piped) = (rate(model_s), rate(summary.seconds));
-    let weights = model.family.weights();
     Ok(Report {
-        date: utc_now(),
-        commit: git_commit(),
-        device: if model.backend_name() == "cpu" { "cpu".into() } else { "cuda".into() },
-        device_name: if model.backend_name() == "cpu" { cpu_name() } else { model.backend_name() },
-        threads: rayon::current_num_threads(),
-        model: label,
-        preset,
-        seed: args.seed,
-        parameters: weights.parameters(),
-        weight_bytes: weights.parameters() * 2,
+        header: RunHeader::new(&model.backend_name(), label, preset, args.seed, model.family.weights()),
         batch,
         new_tokens: args.new_tokens,
         repeats: 1,
@@ -1127,26 +1156,6 @@ pub fn utc_now() -> String {
 }
 
 /// The first lines of every bench table: date, commit, device, model and its size.
-fn write_header(
-    s: &mut String,
-    date: &str,
-    commit: Option<&str>,
-    device_name: &str,
-    model: &str,
-    parameters: usize,
-    weight_bytes: usize,
-) {
-    use std::fmt::Write;
-    let _ = writeln!(s, "glimpse bench  {date}  commit {}", commit.unwrap_or("unknown"));
-    let _ = writeln!(s, "device: {device_name}");
-    let _ = writeln!(
-        s,
-        "model:  {model} ({:.3} B parameters, {:.2} GB fp16)",
-        parameters as f64 / 1e9,
-        weight_bytes as f64 / 1e9
-    );
-}
-
 /// The device `--device` names: cuda (an error naming why when there is none), cpu, or auto
 /// (cuda when usable).
 fn pick_device(arg: &str) -> Result<Device> {
@@ -1165,8 +1174,7 @@ impl Report {
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let (commit, name) = (self.commit.as_deref(), &self.device_name);
-        write_header(&mut s, &self.date, commit, name, &self.model, self.parameters, self.weight_bytes);
+        self.header.write(&mut s);
         if let Some(d) = &self.dataset {
             let _ = writeln!(
                 s,
@@ -1184,7 +1192,7 @@ impl Report {
                 d.pipeline_images_per_s,
                 100.0 * d.fraction_of_model_only
             );
-            if self.device == "cpu" {
+            if self.header.device == "cpu" {
                 let _ = writeln!(
                     s,
                     "{:<34} {:>10.2} images/s  (model and preprocessing on the same cores)",

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::json::{from_json_slice, from_json_value};
+use crate::json::from_json_value;
 
 /// The error for one config field: its name, its value and what would fix it.
 pub(crate) fn field_error(field: &str, value: impl fmt::Display, fix: impl fmt::Display) -> String {
@@ -45,6 +45,61 @@ pub(crate) fn check_eps(field: &str, eps: f64) -> Result<(), String> {
             field,
             eps,
             "it must be a positive finite number (BLIP-2 uses 1e-6 for the vision model, 1e-12 for the Q-Former)",
+        ));
+    }
+    Ok(())
+}
+
+/// The checks a language model's `text_config` shares whatever its kind: every special token id
+/// it names (`(field, id)`, unset ones skipped) and each id of `eos_token_id` is inside the
+/// vocabulary, and `max_new_tokens`, when set, is at least 1 (transformers refuses 0).
+pub(crate) fn check_text_tokens(
+    ids: &[(&str, Option<u32>)],
+    eos: Option<&TokenIds>,
+    vocab_size: usize,
+    max_new_tokens: Option<usize>,
+) -> Result<(), String> {
+    for &(field, id) in ids {
+        if let Some(id) = id {
+            check_token(field, id, vocab_size)?;
+        }
+    }
+    for id in eos.map(TokenIds::to_vec).unwrap_or_default() {
+        check_token("text_config.eos_token_id", id, vocab_size)?;
+    }
+    if max_new_tokens == Some(0) {
+        return Err(field_error(
+            "text_config.max_new_tokens",
+            0,
+            "transformers rejects it (it must be at least 1); remove it for the default of 20",
+        ));
+    }
+    Ok(())
+}
+
+/// The patch embedding of a ViT tower (`section`: `vision_config`): `patch_size` > 0 tiles
+/// `image_size`, and the input has 3 channels (glimpse feeds RGB).
+pub(crate) fn check_patches(
+    section: &str,
+    image_size: usize,
+    patch_size: usize,
+    channels: usize,
+) -> Result<(), String> {
+    check_positive(&format!("{section}.patch_size"), patch_size)?;
+    if image_size == 0 || image_size % patch_size != 0 {
+        return Err(field_error(
+            &format!("{section}.image_size"),
+            image_size,
+            format!(
+                "it must be a positive multiple of {section}.patch_size ({patch_size}), so the patches tile the image"
+            ),
+        ));
+    }
+    if channels != 3 {
+        return Err(field_error(
+            &format!("{section}.num_channels"),
+            channels,
+            "glimpse feeds RGB images: it must be 3",
         ));
     }
     Ok(())
@@ -324,7 +379,10 @@ impl PreprocessorConfig {
 
     /// Parses and validates preprocessor_config.json bytes.
     pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
-        let cfg: Self = from_json_slice(bytes, path)?;
+        let mut value: Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+        expand_legacy_sizes(&mut value);
+        let cfg: Self = from_json_value(&value, path)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -332,11 +390,12 @@ impl PreprocessorConfig {
     /// The `image_processor` section of processor_config.json bytes; `None` when the file has
     /// none (or it is null), in which case transformers reads preprocessor_config.json.
     pub fn from_processor_slice(bytes: &[u8], path: &Path) -> Result<Option<Self>> {
-        let value: Value =
+        let mut value: Value =
             serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
-        match value.get("image_processor") {
+        match value.get_mut("image_processor") {
             None | Some(Value::Null) => Ok(None),
-            Some(_) => {
+            Some(section) => {
+                expand_legacy_sizes(section);
                 // Through the whole file, so errors name `image_processor.<field>`.
                 #[derive(Deserialize)]
                 struct Processor {
@@ -395,6 +454,32 @@ impl PreprocessorConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Rewrites the legacy shorthands of `size` and `crop_size` in an image-processor config into
+/// the mappings they stand for, as transformers' `get_size_dict` does when it loads one:
+/// `[height, width]` is that; an integer `n` is `{"height": n, "width": n}`, except `size` for
+/// the processors built with `default_to_square = False` (CLIP's and LLaVA's), where it is
+/// `{"shortest_edge": n}`. openai/clip-vit-base-patch32's preprocessor_config.json is written
+/// this way (`"size": 224, "crop_size": 224`, `feature_extractor_type` CLIPFeatureExtractor).
+fn expand_legacy_sizes(config: &mut Value) {
+    let class = ["image_processor_type", "feature_extractor_type"]
+        .iter()
+        .find_map(|key| config.get(*key).and_then(Value::as_str))
+        .map(|name| name.trim_end_matches("Fast").replace("FeatureExtractor", "ImageProcessor"));
+    let size_is_shortest_edge = matches!(class.as_deref(), Some("CLIPImageProcessor" | "LlavaImageProcessor"));
+    let Some(obj) = config.as_object_mut() else { return };
+    for (field, edge) in [("size", size_is_shortest_edge), ("crop_size", false)] {
+        let expanded = match obj.get(field) {
+            Some(Value::Number(n)) if n.is_u64() && edge => serde_json::json!({ "shortest_edge": n }),
+            Some(Value::Number(n)) if n.is_u64() => serde_json::json!({ "height": n, "width": n }),
+            Some(Value::Array(hw)) if hw.len() == 2 && hw.iter().all(Value::is_u64) => {
+                serde_json::json!({ "height": hw[0], "width": hw[1] })
+            }
+            _ => continue,
+        };
+        obj.insert(field.to_string(), expanded);
     }
 }
 

@@ -34,15 +34,8 @@ struct Cli {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Model folder, or a hub id (e.g. Salesforce/blip2-opt-2.7b), downloaded on first use into
-    /// the Hugging Face cache.
-    #[arg(long, short)]
-    model: String,
     #[command(flatten)]
-    hub: HubArgs,
-    /// cpu, cuda, or auto (CUDA when usable, else CPU).
-    #[arg(long, default_value = "auto")]
-    device: String,
+    source: ModelSource,
     /// New tokens to generate at most (default: generation_config.json, else 20).
     #[arg(long)]
     max_new_tokens: Option<usize>,
@@ -81,14 +74,8 @@ struct DatasetArgs {
 
 #[derive(Args)]
 struct EmbedArgs {
-    /// CLIP model folder, or a hub id (e.g. openai/clip-vit-base-patch32).
-    #[arg(long, short)]
-    model: String,
     #[command(flatten)]
-    hub: HubArgs,
-    /// cpu, cuda, or auto (CUDA when usable, else CPU).
-    #[arg(long, default_value = "auto")]
-    device: String,
+    source: ModelSource,
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
@@ -96,6 +83,38 @@ struct EmbedArgs {
     /// `probs`); or the input and `error` for an input that failed.
     #[arg(long)]
     json: bool,
+}
+
+/// Which model runs where: a folder or hub id, how a hub id is fetched, and the device.
+#[derive(Args)]
+struct ModelSource {
+    /// Model folder, or a hub id (e.g. Salesforce/blip2-opt-2.7b; for embed a CLIP model such as
+    /// openai/clip-vit-base-patch32), downloaded on first use into the Hugging Face cache.
+    #[arg(long, short)]
+    model: String,
+    #[command(flatten)]
+    hub: HubArgs,
+    /// cpu, cuda, or auto (CUDA when usable, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+impl ModelSource {
+    /// Resolves the model (a hub id is downloaded first) and loads it with `load` on the device
+    /// asked for; says on stderr when `auto` fell back to the CPU.
+    fn load<M>(
+        &self,
+        load: impl FnOnce(&Path, Device) -> glimpse::Result<M>,
+        backend_name: impl Fn(&M) -> String,
+    ) -> glimpse::Result<M> {
+        let device = self.device.parse::<Device>()?;
+        let dir = glimpse::hub::resolve_model_with(&self.model, &self.hub.options())?;
+        let model = load(&dir, device)?;
+        if device == Device::Auto && backend_name(&model) == "cpu" {
+            note_cpu_fallback();
+        }
+        Ok(model)
+    }
 }
 
 /// Where a hub id comes from (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE apply too).
@@ -324,12 +343,7 @@ fn note_if_auto_falls_back(device: &str) {
 }
 
 fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
-    let device = args.device.parse::<Device>()?;
-    let dir = glimpse::hub::resolve_model_with(&args.model, &args.hub.options())?;
-    let model = Model::load(&dir, device)?;
-    if device == Device::Auto && model.backend_name() == "cpu" {
-        note_cpu_fallback();
-    }
+    let model = args.source.load(|dir, device| Model::load(dir, device), Model::backend_name)?;
     let opts = model.options(&GenerationOverrides { max_new_tokens: args.max_new_tokens, ..args.gen.overrides()? })?;
     args.gen.check_stream(&opts, args.json)?;
     Ok((model, opts))
@@ -438,13 +452,7 @@ fn run_images(
 }
 
 fn load_embedder(args: &EmbedArgs) -> glimpse::Result<glimpse::EmbedModel> {
-    let device = args.device.parse::<Device>()?;
-    let dir = glimpse::hub::resolve_model_with(&args.model, &args.hub.options())?;
-    let model = glimpse::EmbedModel::load(&dir, device)?;
-    if device == Device::Auto && model.backend_name() == "cpu" {
-        note_cpu_fallback();
-    }
-    Ok(model)
+    args.source.load(|dir, device| glimpse::EmbedModel::load(dir, device), glimpse::EmbedModel::backend_name)
 }
 
 /// What one input produced: its JSON fields and its plain text.
@@ -686,7 +694,7 @@ fn run_dataset(task: &Task, d: PreparedDataset) -> Result<ExitCode, CliError> {
 fn run(command: Command) -> Result<ExitCode, CliError> {
     match command {
         Command::Caption { run, images, data } => {
-            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet, run.batch_size)? {
+            if let Some(prepared) = prepare_dataset(&data, run.source.hub.quiet, run.batch_size)? {
                 let (model, opts) = load(&run)?;
                 return run_dataset(&Task::Caption { model: &model, opts: &opts }, prepared);
             }
@@ -694,7 +702,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             run_images(&model, &opts, &images, None, &run)
         }
         Command::Ask { run, images, args, question, data } => {
-            if let Some(prepared) = prepare_dataset(&data, run.hub.quiet, run.batch_size)? {
+            if let Some(prepared) = prepare_dataset(&data, run.source.hub.quiet, run.batch_size)? {
                 let (model, opts) = load(&run)?;
                 let task = Task::Ask { model: &model, opts: &opts, question: question.as_deref() };
                 return run_dataset(&task, prepared);
@@ -718,7 +726,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             run_images(&model, &opts, &images, Some(&question), &run)
         }
         Command::Embed { args, texts, images, data } => {
-            match prepare_dataset(&data, args.hub.quiet, args.batch_size)? {
+            match prepare_dataset(&data, args.source.hub.quiet, args.batch_size)? {
                 Some(prepared) => run_dataset(&Task::Embed { model: &load_embedder(&args)? }, prepared),
                 None => run_embed(&args, &texts, &images),
             }

@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use glimpse::config::{GenerationConfig, PreprocessorConfig};
+use glimpse::image::ImageProcessor;
 use glimpse::models::ModelConfig;
 use glimpse::{Device, GenerateOptions, Model};
 use serde_json::{json, Value};
@@ -471,4 +472,58 @@ fn question_is_kept_verbatim() {
             .unwrap();
         assert_eq!(out.tokens, direct[0].tokens, "{q:?}");
     }
+}
+
+/// transformers' legacy size shorthands (`get_size_dict`), as openai/clip-vit-base-patch32's
+/// preprocessor_config.json writes them: an integer `size` is the shortest edge for CLIP's
+/// processor and a square for BLIP's, an integer `crop_size` a square, `[h, w]` a height and
+/// width; each gives the same settings, and so the same pixels, as the mapping it stands for.
+#[test]
+fn legacy_integer_and_pair_sizes_mean_what_transformers_reads() {
+    let path = Path::new("preprocessor_config.json");
+    let parse = |v: &Value| PreprocessorConfig::from_slice(&serde_json::to_vec(v).unwrap(), path).unwrap();
+    let clip = |size: Value, crop: Value, class: (&str, &str)| {
+        json!({"crop_size": crop, "do_center_crop": true, "do_normalize": true, "do_resize": true,
+               class.0: class.1, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+               "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": size})
+    };
+    let legacy = parse(&clip(json!(224), json!(224), ("feature_extractor_type", "CLIPFeatureExtractor")));
+    let mapped = parse(&clip(
+        json!({"shortest_edge": 224}),
+        json!({"height": 224, "width": 224}),
+        ("image_processor_type", "CLIPImageProcessor"),
+    ));
+    assert_eq!((&legacy.size, &legacy.crop_size), (&mapped.size, &mapped.crop_size));
+    assert_eq!(legacy.size.shortest_edge, Some(224));
+
+    // The same pixels from both, on an image that needs the resize and the crop.
+    let img = image::RgbImage::from_fn(301, 197, |x, y| {
+        image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8])
+    });
+    let (a, b) = (ImageProcessor::new(legacy).preprocess(&img), ImageProcessor::new(mapped).preprocess(&img));
+    assert_eq!((a.height, a.width), (224, 224));
+    assert_eq!(a.data, b.data);
+
+    // CLIPImageProcessorFast is the same class; LLaVA's processor resizes the shortest edge too.
+    for class in ["CLIPImageProcessorFast", "LlavaImageProcessor"] {
+        let cfg = parse(&clip(json!(336), json!(336), ("image_processor_type", class)));
+        assert_eq!(cfg.size.shortest_edge, Some(336), "{class}");
+    }
+    // BLIP's processor squares an integer size; a pair is height then width.
+    let blip = |size: Value| {
+        json!({"image_processor_type": "BlipImageProcessor", "size": size, "resample": 3,
+               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_resize": true})
+    };
+    let square = parse(&blip(json!(384)));
+    assert_eq!((square.size.height, square.size.width, square.size.shortest_edge), (Some(384), Some(384), None));
+    let pair = parse(&blip(json!([240, 320])));
+    assert_eq!((pair.size.height, pair.size.width), (Some(240), Some(320)));
+    // The same shorthand inside processor_config.json's image_processor section.
+    let section = serde_json::to_vec(&json!({"image_processor": blip(json!(384))})).unwrap();
+    let from_section =
+        PreprocessorConfig::from_processor_slice(&section, Path::new("processor_config.json")).unwrap().unwrap();
+    assert_eq!(from_section.size, square.size);
+    // Anything else is still an error naming the field.
+    let bad = PreprocessorConfig::from_slice(&serde_json::to_vec(&blip(json!(-4))).unwrap(), path).unwrap_err();
+    assert!(bad.to_string().contains("`size`"), "{bad}");
 }

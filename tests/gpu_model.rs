@@ -387,7 +387,7 @@ fn cuda_clip_matches_cpu_in_lockstep() {
     let cand = model.executor(&images.graph).unwrap();
     let input = images.inputs[0].1;
     let checked = lockstep_steps(
-        model.family.weights(),
+        &model.family.core().weights,
         &images.graph,
         cand,
         |cpu| glimpse::backend::Executor::write(cpu, input, &px).unwrap(),
@@ -405,7 +405,7 @@ fn cuda_clip_matches_cpu_in_lockstep() {
     cand.set_row_indices(&rows);
     let key_mask = texts.inputs.iter().find(|(n, _)| *n == "key_mask").expect("text plans take a key mask").1;
     let checked_text = lockstep_steps(
-        model.family.weights(),
+        &model.family.core().weights,
         &texts.graph,
         cand,
         |cpu| {

@@ -137,7 +137,7 @@ fn padded_qformer_errors(fam: &InstructBlip, b: &serde_json::Value, golden: &str
         .iter()
         .flat_map(|i| preprocess.preprocess(&common::image(i.as_str().unwrap())).unwrap().data)
         .collect();
-    let mut exec = CpuExecutor::new(Arc::clone(&fam.weights), &plan.graph.buffers);
+    let mut exec = CpuExecutor::new(Arc::clone(&fam.core.weights), &plan.graph.buffers);
     exec.write(plan.input("pixels").unwrap(), &px).unwrap();
     for (name, data) in &text.inputs {
         exec.write(plan.input(name).unwrap(), data).unwrap();

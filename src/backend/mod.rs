@@ -232,16 +232,16 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
     check_dtypes(op, descs)?;
     let cols = |b: Buf| descs[b.0].cols;
     let rows_of = |b: Buf| descs[b.0].rows;
+    // A buffer as messages name it: `name` [rows, cols].
+    let shown = |b: Buf| format!("`{}` [{}, {}]", descs[b.0].name, rows_of(b), cols(b));
     let view_fits = |what: &str, v: View, rows: usize, width: usize| -> Result<()> {
         let d = &descs[v.buf.0];
         if v.col + width > d.cols || rows > d.rows {
             return Err(invalid(format!(
-                "{what}: columns {}..{} of {rows} rows do not fit buffer `{}` [{}, {}]",
+                "{what}: columns {}..{} of {rows} rows do not fit buffer {}",
                 v.col,
                 v.col + width,
-                d.name,
-                d.rows,
-                d.cols
+                shown(v.buf)
             )));
         }
         Ok(())
@@ -300,14 +300,10 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
                 || rows_of(*out) < batch * out_rows_per_batch =>
         {
             return Err(invalid(format!(
-                "copy_rows: rows {x_start}..{} of {x_rows_per_batch} per sequence of `{}` [{}, {}] -> rows {out_start}.. of {out_rows_per_batch} of `{}` [{}, {}] for {batch} sequences do not fit (or the buffers are one)",
+                "copy_rows: rows {x_start}..{} of {x_rows_per_batch} per sequence of {} -> rows {out_start}.. of {out_rows_per_batch} of {} for {batch} sequences do not fit (or the buffers are one)",
                 x_start + rows,
-                descs[x.0].name,
-                rows_of(*x),
-                cols(*x),
-                descs[out.0].name,
-                rows_of(*out),
-                cols(*out)
+                shown(*x),
+                shown(*out)
             )));
         }
         Op::SelectRows { x, out, batch, rows_per_batch, select } => {
@@ -345,29 +341,16 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
             };
             if cols(*x) != cols(*out) || rows_of(*x) < batch * rows_per_batch || rows_of(*out) < out_rows {
                 return Err(invalid(format!(
-                    "select_rows: `{}` [{}, {}] -> `{}` [{}, {}] cannot hold {batch} x {rows_per_batch} -> {out_rows} rows",
-                    descs[x.0].name,
-                    rows_of(*x),
-                    cols(*x),
-                    descs[out.0].name,
-                    rows_of(*out),
-                    cols(*out)
+                    "select_rows: {} -> {} cannot hold {batch} x {rows_per_batch} -> {out_rows} rows",
+                    shown(*x),
+                    shown(*out)
                 )));
             }
         }
         Op::Convert { x, out, rows } | Op::L2Normalize { x, out, rows }
             if cols(*x) != cols(*out) || rows_of(*x) < *rows || rows_of(*out) < *rows =>
         {
-            return Err(invalid(format!(
-                "{}: `{}` [{}, {}] -> `{}` [{}, {}] cannot map {rows} rows",
-                op.kind(),
-                descs[x.0].name,
-                rows_of(*x),
-                cols(*x),
-                descs[out.0].name,
-                rows_of(*out),
-                cols(*out)
-            )));
+            return Err(invalid(format!("{}: {} -> {} cannot map {rows} rows", op.kind(), shown(*x), shown(*out))));
         }
         _ => {}
     }

@@ -13,9 +13,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{
-    cpu_name, floor_ms, git_commit, measure_rates, median, pick_device, utc_now, write_header, BenchArgs, Rates,
-};
+use super::{floor_ms, matrix_rate_note, measure_rates, median, pick_device, BenchArgs, Rates, RunHeader};
 use crate::backend::{Backend, Executor};
 use crate::cost::GraphCost;
 use crate::error::{Error, Result};
@@ -50,16 +48,8 @@ pub struct EmbedRow {
 /// The embedding benchmark's report.
 #[derive(Debug, Clone, Serialize)]
 pub struct EmbedReport {
-    pub date: String,
-    pub commit: Option<String>,
-    pub device: String,
-    pub device_name: String,
-    pub threads: usize,
-    pub model: String,
-    pub preset: Option<String>,
-    pub seed: u64,
-    pub parameters: usize,
-    pub weight_bytes: usize,
+    #[serde(flatten)]
+    pub header: RunHeader,
     pub repeats: usize,
     pub text_tokens: usize,
     pub rates: Rates,
@@ -106,7 +96,7 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
         return Err(Error::InvalidInput("--throughput-batches: give batch sizes of at least 1 (e.g. 1,8,32)".into()));
     }
     let (family, model, preset) = load(args)?;
-    let backend = Backend::new(pick_device(&args.device)?, family.weights())?;
+    let backend = Backend::new(pick_device(&args.device)?, &family.core().weights)?;
     let act_bytes = if backend.is_cuda() { 2.0 } else { 4.0 };
     let repeats = args.repeats.unwrap_or(if backend.is_cuda() { 10 } else { 3 });
     let rates = measure_rates(&backend)?;
@@ -139,24 +129,9 @@ pub fn run(args: &BenchArgs) -> Result<EmbedReport> {
             rows.push(timer.time_row("text", &plan, &request));
         }
     }
-    if rates.matrix_gflops.is_none() {
-        notes.push("no matrix rate for this device: floors are memory floors only (set GLIMPSE_MATRIX_TFLOPS)".into());
-    }
-    let (device_name, dev_label) = match &backend {
-        Backend::Cpu => (cpu_name(), "cpu".to_string()),
-        Backend::Cuda(_) => (backend.name(), "cuda".to_string()),
-    };
+    notes.extend(matrix_rate_note(&rates));
     Ok(EmbedReport {
-        date: utc_now(),
-        commit: git_commit(),
-        device: dev_label,
-        device_name,
-        threads: rayon::current_num_threads(),
-        model,
-        preset,
-        seed: args.seed,
-        parameters: family.weights().parameters(),
-        weight_bytes: family.weights().parameters() * 2,
+        header: RunHeader::new(&backend.name(), model, preset, args.seed, &family.core().weights),
         repeats,
         text_tokens: BENCH_TEXT_TOKENS,
         rates,
@@ -219,7 +194,7 @@ impl RowTimer<'_> {
         prepare: &dyn Fn(&mut dyn Executor) -> Result<()>,
     ) -> EmbedRow {
         let RowTimer { family, backend, act_bytes, rates, repeats } = *self;
-        let weights = family.weights();
+        let weights = &family.core().weights;
         let cost = GraphCost { graph: &plan.graph, weights, act_bytes }.phase(&plan.phase, 0, &[], &[plan.output]);
         let (floor, mem, comp) = floor_ms(&cost, rates);
         let mut row = EmbedRow {
@@ -273,8 +248,7 @@ impl EmbedReport {
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let (commit, name) = (self.commit.as_deref(), &self.device_name);
-        write_header(&mut s, &self.date, commit, name, &self.model, self.parameters, self.weight_bytes);
+        self.header.write(&mut s);
         let _ =
             writeln!(s, "median of {} requests after a warm-up; texts of {} tokens", self.repeats, self.text_tokens);
         let _ = writeln!(s, "copy bandwidth {:.1} GB/s ({})", self.rates.copy_gbs, self.rates.copy_source);

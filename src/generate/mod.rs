@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use overrides::GenerationOverrides;
-pub use plan::{EncoderInput, KvCaches, Plan, PlanShape, Step, StepInput};
+pub use plan::{kv_capacity, EncoderInput, KvCaches, Plan, PlanShape, Step, StepInput};
 pub use stop::StopStrings;
 
 use crate::backend::{Candidate, Executor};
@@ -674,21 +674,7 @@ pub fn generate_batch(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent),
 ) -> Result<(Vec<Sequence>, Timings)> {
-    run_prompts(plan, exec, inputs, prompts, opts, None, &mut Hooks { on_token, on_phase: None })
-}
-
-/// [`generate_batch`] with every hook and the stop strings of `opts.stop_strings` resolved
-/// against the tokenizer ([`StopStrings::new`]; required when there are stop strings).
-pub fn generate_prompts(
-    plan: &Plan,
-    exec: &mut dyn Executor,
-    inputs: &[(&str, &[f32])],
-    prompts: &Prompts,
-    opts: &GenerateOptions,
-    stop: Option<&StopStrings>,
-    hooks: &mut Hooks<'_>,
-) -> Result<(Vec<Sequence>, Timings)> {
-    run_prompts(plan, exec, inputs, prompts, opts, stop, hooks)
+    generate_prompts(plan, exec, inputs, prompts, opts, None, &mut Hooks { on_token, on_phase: None })
 }
 
 /// [`generate`] with every hook (e.g. per-phase timing for `bench`).
@@ -700,10 +686,12 @@ pub fn generate_with(
     opts: &GenerateOptions,
     hooks: &mut Hooks<'_>,
 ) -> Result<(Vec<Sequence>, Timings)> {
-    run_prompts(plan, exec, inputs, &Prompts::shared(input_ids, plan.batch), opts, None, hooks)
+    generate_prompts(plan, exec, inputs, &Prompts::shared(input_ids, plan.batch), opts, None, hooks)
 }
 
-fn run_prompts(
+/// [`generate_batch`] with every hook and the stop strings of `opts.stop_strings` resolved
+/// against the tokenizer ([`StopStrings::new`]; required when there are stop strings).
+pub fn generate_prompts(
     plan: &Plan,
     exec: &mut dyn Executor,
     inputs: &[(&str, &[f32])],

@@ -109,6 +109,31 @@ impl PlanShape {
     }
 }
 
+/// The KV rows per sequence a decoder of `max_positions` positions needs for a prompt of
+/// `prompt_len` tokens and `max_new_tokens` new ones (the last new token is never fed back, so
+/// one row less), or an error saying how many new tokens fit. `prompt_holds` says what the
+/// prompt holds besides text ("32 of them image queries"); `otherwise` is the fix when no new
+/// token fits.
+pub fn kv_capacity(
+    prompt_len: usize,
+    max_new_tokens: usize,
+    max_positions: usize,
+    prompt_holds: &str,
+    otherwise: &str,
+) -> Result<usize> {
+    let capacity = prompt_len.saturating_add(max_new_tokens.saturating_sub(1));
+    if capacity > max_positions {
+        let fix = match (max_positions + 1).checked_sub(prompt_len) {
+            Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
+            _ => otherwise.to_string(),
+        };
+        return Err(Error::InvalidInput(format!(
+            "the prompt ({prompt_len} tokens, {prompt_holds}) plus {max_new_tokens} new tokens exceeds the model's {max_positions} positions (text_config.max_position_embeddings): {fix}"
+        )));
+    }
+    Ok(capacity)
+}
+
 /// One request shape (batch, decoder input length, new tokens) of one model, built once and run
 /// by any executor: host inputs are written, encoders run once, then the prefill over the
 /// decoder input and one-token decode steps over the shared caches.

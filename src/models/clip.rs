@@ -5,7 +5,6 @@
 //! hundred floats per input, in f64).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use super::clip_text::{self, ClipText};
 use super::clip_vision::{self, ClipVision, VisionRequest};
@@ -15,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::clip_text::ClipTextConfig;
 use super::clip_vision::ClipVisionConfig;
-use super::family::{FamilyConfig, Loaded, ModelConfig};
+use super::family::{FamilyConfig, Loaded, ModelConfig, ModelCore};
 use super::preset_tokenizers::clip_tokenizer_json;
 use super::presets::{clip_image_processor, clip_vision_json, not_a_preset, vocab_u32, Widths, LOGIT_SCALE_INIT};
 use super::{FamilyEntry, ModelType};
@@ -188,8 +187,7 @@ impl FamilyConfig for ClipConfig {
 
 pub struct Clip {
     pub cfg: ClipConfig,
-    config: ModelConfig,
-    pub weights: Arc<WeightTable>,
+    pub core: ModelCore,
     text: Option<(ClipText, Linear)>,
     vision: Option<(ClipVision, Linear)>,
     /// `exp(logit_scale)` in f32 as torch computes it, from the checkpoint's own dtype (not the
@@ -231,14 +229,7 @@ impl Clip {
         } else {
             None
         };
-        Ok(Self {
-            cfg: cfg.clone(),
-            config: ModelConfig::new(cfg.clone()),
-            weights: Arc::new(table),
-            text,
-            vision,
-            logit_scale,
-        })
+        Ok(Self { cfg: cfg.clone(), core: ModelCore::new(cfg.clone(), table), text, vision, logit_scale })
     }
 }
 
@@ -279,12 +270,8 @@ fn check_batch(batch: usize, what: &str) -> Result<()> {
 }
 
 impl Embedder for Clip {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn weights(&self) -> &Arc<WeightTable> {
-        &self.weights
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
@@ -355,18 +342,7 @@ impl Embedder for Clip {
         )];
         if let Some((v, _)) = &self.vision {
             let v = &v.cfg;
-            lines.push(format!(
-                "vision:     {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens, {}",
-                v.num_hidden_layers,
-                v.hidden_size,
-                v.num_attention_heads,
-                v.head_dim(),
-                v.intermediate_size,
-                v.image_size,
-                v.patch_size,
-                v.num_positions(),
-                v.hidden_act
-            ));
+            lines.push(format!("vision:     {}, {}", v.describe_sizes(), v.hidden_act));
         }
         if let Some((t, _)) = &self.text {
             let t = &t.cfg;

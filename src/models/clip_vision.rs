@@ -11,7 +11,7 @@ use super::layers::{
 };
 use serde::Deserialize;
 
-use crate::config::{check_activation, check_eps, check_heads, check_positive, field_error};
+use crate::config::{check_activation, check_eps, check_heads, check_patches, check_positive};
 use crate::error::{Error, Result};
 use crate::graph::{Buf, Graph, Op, RowSelect, W};
 use crate::weights::{Checkpoint, Weight};
@@ -74,29 +74,27 @@ impl ClipVisionConfig {
         self.patches_per_side() * self.patches_per_side() + 1
     }
 
+    /// The tower's sizes for `describe` lines (CLIP and LLaVA print the same).
+    pub fn describe_sizes(&self) -> String {
+        format!(
+            "{} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.num_attention_heads,
+            self.head_dim(),
+            self.intermediate_size,
+            self.image_size,
+            self.patch_size,
+            self.num_positions()
+        )
+    }
+
     /// Checks every field the tower reads; `section` prefixes field names (`vision_config`).
     pub fn check(&self, section: &str) -> Result<(), String> {
         check_heads(section, self.hidden_size, self.num_attention_heads)?;
         check_positive(&format!("{section}.intermediate_size"), self.intermediate_size)?;
         check_positive(&format!("{section}.num_hidden_layers"), self.num_hidden_layers)?;
-        check_positive(&format!("{section}.patch_size"), self.patch_size)?;
-        if self.image_size == 0 || self.image_size % self.patch_size != 0 {
-            return Err(field_error(
-                &format!("{section}.image_size"),
-                self.image_size,
-                format!(
-                    "it must be a positive multiple of {section}.patch_size ({}), so the patches tile the image",
-                    self.patch_size
-                ),
-            ));
-        }
-        if self.num_channels != 3 {
-            return Err(field_error(
-                &format!("{section}.num_channels"),
-                self.num_channels,
-                "glimpse feeds RGB images: it must be 3",
-            ));
-        }
+        check_patches(section, self.image_size, self.patch_size, self.num_channels)?;
         check_eps(&format!("{section}.layer_norm_eps"), self.layer_norm_eps)?;
         check_activation(&format!("{section}.hidden_act"), &self.hidden_act, &["quick_gelu", "gelu", "gelu_python"])
     }

@@ -100,12 +100,31 @@ impl fmt::Debug for ModelConfig {
     }
 }
 
+/// What every loaded model holds, whatever its family: the parsed config.json and every weight
+/// (uploaded once per backend).
+#[derive(Debug)]
+pub struct ModelCore {
+    pub config: ModelConfig,
+    pub weights: Arc<WeightTable>,
+}
+
+impl ModelCore {
+    pub fn new(config: impl FamilyConfig, weights: WeightTable) -> Self {
+        Self { config: ModelConfig::new(config), weights: Arc::new(weights) }
+    }
+}
+
 /// A loaded model of one family: everything above the graph that differs between families.
 pub trait Family: Send + Sync {
+    fn core(&self) -> &ModelCore;
     /// The parsed config.json.
-    fn config(&self) -> &ModelConfig;
+    fn config(&self) -> &ModelConfig {
+        &self.core().config
+    }
     /// Every weight, uploaded once per backend.
-    fn weights(&self) -> &Arc<WeightTable>;
+    fn weights(&self) -> &Arc<WeightTable> {
+        &self.core().weights
+    }
     /// Checks the image processor's output against what the vision tower takes (`path` names
     /// the preprocessor file in errors): by default the square [`Family::image_size`].
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
@@ -167,8 +186,8 @@ pub struct TextInputs {
 /// the family builds one graph per request shape and says how its text inputs are padded and
 /// pooled; `api::Embedder` runs them.
 pub trait Embedder: Send + Sync {
-    fn config(&self) -> &ModelConfig;
-    fn weights(&self) -> &Arc<WeightTable>;
+    /// The parsed config.json and every weight.
+    fn core(&self) -> &ModelCore;
     /// Checks the image processor's output against the vision tower (vision models only).
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()>;
     /// Side of the square pixel input; None when the model has no vision tower.

@@ -12,69 +12,48 @@
 //! placeholders prefix) or Flan-T5 (an encoder-decoder: the placeholders, the prompt and `</s>`
 //! are the encoder's input, no BOS; the decoder generates from `decoder_start_token_id`).
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::family::{Family, Loader, TextInputs};
 use super::llama::{LlamaDecoder, PassSpec};
 use super::qformer::{InstructInputs, Instruction, QFormer};
 use super::t5::T5;
 use super::vit::VisionModel;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::blip2::config::{check_blip_towers, check_t5_language_model, default_num_query_tokens};
-use super::family::{FamilyConfig, Loaded, ModelConfig};
+use super::blip2::config::{check_blip_towers, check_t5_language_model, BlipConfig};
+use super::family::{FamilyConfig, Loaded, ModelConfig, ModelCore};
 use super::language_model::TextConfig;
 use super::llama::LlamaConfig;
 use super::preset_tokenizers::{added_token, bert_tokenizer_json, llama_tokenizer_json, t5_tokenizer_json};
 use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_language_files, t5_text_json, Widths};
-use super::qformer::QFormerConfig;
-use super::vit::VisionConfig;
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_token, field_error, TokenIds};
+use crate::config::{check_positive, check_text_tokens, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
+use crate::generate::{kv_capacity, GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
-use crate::json::from_json_value;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
 /// `config.json` of an `InstructBlipForConditionalGeneration` checkpoint (transformers 5.17
 /// `InstructBlipConfig`, docs/models/instructblip.md#config): BLIP-2's towers, a Q-Former that also reads the
 /// instruction, and a language model (a LLaMA/Vicuna decoder; Flan-T5 is another `text_config`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct InstructBlipConfig {
-    #[serde(default)]
-    pub vision_config: VisionConfig,
-    #[serde(default)]
-    pub qformer_config: QFormerConfig,
-    #[serde(default)]
-    pub text_config: TextConfig,
-    #[serde(default = "default_num_query_tokens")]
-    pub num_query_tokens: usize,
-    #[serde(default, alias = "image_token_id")]
-    pub image_token_index: Option<u32>,
-    #[serde(default)]
-    pub use_decoder_only_language_model: Option<bool>,
+#[derive(Debug, Clone)]
+pub struct InstructBlipConfig(pub BlipConfig);
+
+impl Deref for InstructBlipConfig {
+    type Target = BlipConfig;
+    fn deref(&self) -> &BlipConfig {
+        &self.0
+    }
 }
 
 impl InstructBlipConfig {
     /// Parses as `InstructBlipConfig.__init__` does (a missing `text_config` is OPT's, which glimpse
     /// refuses with the decoders it runs), then validates.
     pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
-        let text_config = match value.get("text_config").filter(|t| !t.is_null()) {
-            Some(t) => TextConfig::from_value(t, path)?,
-            None => TextConfig::default(),
-        };
-        let mut rest = value.clone();
-        if let Some(obj) = rest.as_object_mut() {
-            obj.remove("text_config");
-        }
-        let mut cfg: InstructBlipConfig = from_json_value(&rest, path)?;
-        cfg.text_config = text_config;
-        // As in BLIP-2, transformers overwrites it with the vision width.
-        cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        let cfg = InstructBlipConfig(BlipConfig::parse(value, path)?);
         cfg.check().map_err(|m| Error::config(path, m))?;
         Ok(cfg)
     }
@@ -126,18 +105,16 @@ impl InstructBlipConfig {
             ));
         }
         t.check()?;
-        match self.image_token_index {
+        if self.image_token_index.is_none() {
             // transformers would silently drop the image (no placeholder matches).
-            None => return Err("no `image_token_index`: without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32001 in Salesforce/instructblip-vicuna-7b)".into()),
-            Some(id) => check_token("image_token_index", id, t.vocab_size)?,
+            return Err("no `image_token_index`: without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32001 in Salesforce/instructblip-vicuna-7b)".into());
         }
-        if let Some(id) = t.bos_token_id {
-            check_token("text_config.bos_token_id", id, t.vocab_size)?;
-        }
-        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
-            check_token("text_config.eos_token_id", id, t.vocab_size)?;
-        }
-        Ok(())
+        check_text_tokens(
+            &[("image_token_index", self.image_token_index), ("text_config.bos_token_id", t.bos_token_id)],
+            t.eos_token_id.as_ref(),
+            t.vocab_size,
+            None,
+        )
     }
 }
 
@@ -245,8 +222,7 @@ pub enum LanguageModel {
 
 pub struct InstructBlip {
     pub cfg: InstructBlipConfig,
-    config: ModelConfig,
-    pub weights: Arc<WeightTable>,
+    pub core: ModelCore,
     vision: VisionModel,
     qformer: QFormer,
     instruction: Instruction,
@@ -296,8 +272,7 @@ impl InstructBlip {
         };
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::new(cfg.clone()),
-            weights: Arc::new(table),
+            core: ModelCore::new(cfg.clone(), table),
             vision,
             qformer,
             instruction,
@@ -415,19 +390,8 @@ impl InstructBlip {
     /// The decoder-only cache rows for a prompt and `max_new_tokens`, within the positions.
     fn check_capacity(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
         let max_pos = self.max_positions();
-        // The last generated token is never fed back, so the cache needs one row less.
-        let capacity = prompt_len.saturating_add(max_new_tokens - 1);
-        if capacity > max_pos {
-            return Err(Error::InvalidInput(format!(
-                "the prompt ({prompt_len} tokens, {} of them image queries) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions (text_config.max_position_embeddings): {}",
-                self.cfg.num_query_tokens,
-                match (max_pos + 1).checked_sub(prompt_len) {
-                    Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
-                    _ => "shorten the prompt".to_string(),
-                }
-            )));
-        }
-        Ok(capacity)
+        let holds = format!("{} of them image queries", self.cfg.num_query_tokens);
+        kv_capacity(prompt_len, max_new_tokens, max_pos, &holds, "shorten the prompt")
     }
 }
 
@@ -460,12 +424,8 @@ fn instruction_padding_left(model_dir: &Path) -> Result<bool> {
 }
 
 impl Family for InstructBlip {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn weights(&self) -> &Arc<WeightTable> {
-        &self.weights
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
     fn image_size(&self) -> usize {

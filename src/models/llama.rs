@@ -11,7 +11,7 @@ pub use super::opt::{DecoderPass, PassSpec};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{check_activation, check_heads, check_positive, field_error, TokenIds};
+use crate::config::{check_activation, check_heads, check_positive, check_text_tokens, field_error, TokenIds};
 use crate::error::{Error, Result};
 use crate::graph::{rope_inv_freq, Activation, Fused, Graph, Op, W};
 
@@ -188,13 +188,7 @@ impl LlamaConfig {
             ));
         }
         check_activation("text_config.hidden_act", &self.hidden_act, &["silu", "swish"])?;
-        if self.max_new_tokens == Some(0) {
-            return Err(field_error(
-                "text_config.max_new_tokens",
-                0,
-                "transformers rejects it (it must be at least 1); remove it for the default of 20",
-            ));
-        }
+        check_text_tokens(&[], None, self.vocab_size, self.max_new_tokens)?;
         self.rope().map(|_| ())
     }
 }

@@ -4,7 +4,6 @@
 //! input. The prompt (chat template, `<image>` expansion) is built by [`crate::chat`].
 
 use std::path::Path;
-use std::sync::Arc;
 
 use half::f16;
 
@@ -15,15 +14,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::clip_vision::ClipVisionConfig;
-use super::family::{FamilyConfig, Loaded, ModelConfig};
+use super::family::{FamilyConfig, Loaded, ModelConfig, ModelCore};
 use super::language_model::TextConfig;
 use super::llama::LlamaConfig;
 use super::preset_tokenizers::llama_tokenizer_json;
 use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, not_a_preset, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_activation, check_token, field_error, GenerationConfig, TokenIds};
+use crate::config::{check_activation, check_text_tokens, field_error, GenerationConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
+use crate::generate::{kv_capacity, GenerateOptions, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Activation, Fused, Graph, Linear, Phase, WeightTable, W};
 use crate::json::{from_json_value, from_json_value_at};
 use crate::weights::{Checkpoint, Weight};
@@ -154,11 +153,12 @@ impl LlavaConfig {
         check_activation("projector_hidden_act", &self.projector_hidden_act, &["gelu", "gelu_python"])?;
         self.feature_layers()?;
         let t = &self.text_config;
-        check_token("image_token_index", self.image_token_index, t.vocab_size)?;
-        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
-            check_token("text_config.eos_token_id", id, t.vocab_size)?;
-        }
-        Ok(())
+        check_text_tokens(
+            &[("image_token_index", Some(self.image_token_index))],
+            t.eos_token_id.as_ref(),
+            t.vocab_size,
+            None,
+        )
     }
 }
 
@@ -263,8 +263,7 @@ const PROJECTOR_PREFIXES: [&str; 2] = ["multi_modal_projector.", "model.multi_mo
 
 pub struct Llava {
     pub cfg: LlavaConfig,
-    config: ModelConfig,
-    pub weights: Arc<WeightTable>,
+    pub core: ModelCore,
     pub vision: ClipVision,
     /// `hidden_states` indices feeding the projector.
     layers: Vec<usize>,
@@ -310,8 +309,7 @@ impl Llava {
         let decoder = LlamaDecoder::load(&cfg.text_config, &mut ld, lm, head, cfg.tie_word_embeddings)?;
         Ok(Self {
             cfg: cfg.clone(),
-            config: ModelConfig::new(cfg.clone()),
-            weights: Arc::new(table),
+            core: ModelCore::new(cfg.clone(), table),
             vision,
             layers,
             concat,
@@ -335,17 +333,9 @@ impl Llava {
             return Err(Error::InvalidInput("no images given: LLaVA prompts hold at least one image".into()));
         }
         let max_pos = self.decoder.max_positions();
-        let capacity = prompt_len.saturating_add(max_new_tokens - 1);
-        if capacity > max_pos {
-            return Err(Error::InvalidInput(format!(
-                "the prompt ({prompt_len} tokens, {} per image) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions (text_config.max_position_embeddings): {}",
-                self.cfg.image_rows(),
-                match (max_pos + 1).checked_sub(prompt_len) {
-                    Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
-                    _ => "use fewer images or a shorter prompt".to_string(),
-                }
-            )));
-        }
+        let holds = format!("{} per image", self.cfg.image_rows());
+        let capacity =
+            kv_capacity(prompt_len, max_new_tokens, max_pos, &holds, "use fewer images or a shorter prompt")?;
         let v = &self.cfg.vision_config;
         let (d, h) = (v.hidden_size, self.cfg.text_config.hidden_size);
         let rows = images * self.cfg.image_rows();
@@ -403,12 +393,8 @@ impl Llava {
 }
 
 impl Family for Llava {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn weights(&self) -> &Arc<WeightTable> {
-        &self.weights
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
     fn image_size(&self) -> usize {
@@ -470,15 +456,8 @@ impl Family for Llava {
         vec![
             "family:     LLaVA (LlavaForConditionalGeneration) with a LLaMA decoder".to_string(),
             format!(
-                "vision:     CLIP, {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens; features from hidden_states {:?} ({} strategy)",
-                v.num_hidden_layers,
-                v.hidden_size,
-                v.num_attention_heads,
-                v.head_dim(),
-                v.intermediate_size,
-                v.image_size,
-                v.patch_size,
-                v.num_positions(),
+                "vision:     CLIP, {}; features from hidden_states {:?} ({} strategy)",
+                v.describe_sizes(),
                 self.layers,
                 self.cfg.vision_feature_select_strategy
             ),

@@ -29,7 +29,7 @@ use std::path::Path;
 use serde_json::Value;
 
 pub use family::{
-    check_square_input, EmbedPlan, Embedder, Family, FamilyConfig, Loaded, Loader, ModelConfig, TextInputs,
+    check_square_input, EmbedPlan, Embedder, Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore, TextInputs,
 };
 
 use crate::error::{Error, Result};

@@ -22,7 +22,9 @@ use super::layers::{
 pub use super::opt::DecoderPass;
 use serde::Deserialize;
 
-use crate::config::{check_activation, check_eps, check_positive, check_token, field_error, TokenIds};
+use crate::config::{
+    check_activation, check_eps, check_positive, check_text_tokens, check_token, field_error, TokenIds,
+};
 use crate::error::{Error, Result};
 use crate::generate::{EncoderInput, KvCaches, Step, StepInput};
 use crate::graph::{Activation, Buf, DType, Fused, Graph, Op, Phase, W};
@@ -168,17 +170,7 @@ impl T5Config {
                 return Err("neither `text_config.decoder_start_token_id` nor `text_config.bos_token_id` is set: transformers cannot start the T5 decoder either; add \"decoder_start_token_id\": 0 (T5's <pad>)".into())
             }
         }
-        for id in self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
-            check_token("text_config.eos_token_id", id, vocab)?;
-        }
-        if self.max_new_tokens == Some(0) {
-            return Err(field_error(
-                "text_config.max_new_tokens",
-                0,
-                "transformers rejects it (it must be at least 1); remove it for the default of 20",
-            ));
-        }
-        Ok(())
+        check_text_tokens(&[], self.eos_token_id.as_ref(), vocab, self.max_new_tokens)
     }
 }
 

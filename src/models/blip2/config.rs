@@ -2,12 +2,16 @@
 //! the language model `text_config` names (OPT, LLaMA or T5), and their validation. InstructBLIP
 //! reuses the language-model choice and the towers' checks.
 
+use std::ops::Deref;
 use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{check_activation, check_eps, check_heads, check_positive, check_token, field_error, TokenIds};
+use crate::config::{
+    check_activation, check_eps, check_heads, check_patches, check_positive, check_text_tokens, check_token,
+    field_error,
+};
 use crate::error::{Error, Result};
 use crate::json::from_json_value;
 use crate::models::language_model::TextConfig;
@@ -15,9 +19,11 @@ use crate::models::qformer::QFormerConfig;
 use crate::models::t5::T5Config;
 use crate::models::vit::VisionConfig;
 
-/// `config.json` of a `Blip2ForConditionalGeneration` checkpoint.
+/// The `config.json` layout BLIP-2 and InstructBLIP share (the same keys and defaults in
+/// transformers 5.17): the vision encoder, the Q-Former, the language model `text_config` and
+/// the query count. Each family wraps it and validates it its own way.
 #[derive(Debug, Clone, Deserialize)]
-pub struct Blip2Config {
+pub struct BlipConfig {
     #[serde(default)]
     pub vision_config: VisionConfig,
     #[serde(default)]
@@ -34,6 +40,38 @@ pub struct Blip2Config {
     pub use_decoder_only_language_model: Option<bool>,
 }
 
+impl BlipConfig {
+    /// Parses the layout, `text_config` by its `model_type` (so its errors name its own fields;
+    /// absent, OPT's defaults as in transformers), without validating it.
+    pub(crate) fn parse(value: &Value, path: &Path) -> Result<Self> {
+        let text_config = match value.get("text_config").filter(|t| !t.is_null()) {
+            Some(t) => TextConfig::from_value(t, path)?,
+            None => TextConfig::default(),
+        };
+        let mut rest = value.clone();
+        if let Some(obj) = rest.as_object_mut() {
+            obj.remove("text_config");
+        }
+        let mut cfg: BlipConfig = from_json_value(&rest, path)?;
+        cfg.text_config = text_config;
+        // transformers overwrites it: the Q-Former cross-attends to the vision output.
+        cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        Ok(cfg)
+    }
+}
+
+/// `config.json` of a `Blip2ForConditionalGeneration` checkpoint (the shared layout, read as
+/// [`BlipConfig`]'s fields through `Deref`).
+#[derive(Debug, Clone)]
+pub struct Blip2Config(pub BlipConfig);
+
+impl Deref for Blip2Config {
+    type Target = BlipConfig;
+    fn deref(&self) -> &BlipConfig {
+        &self.0
+    }
+}
+
 pub(crate) fn default_num_query_tokens() -> usize {
     32
 }
@@ -43,24 +81,7 @@ pub(crate) fn check_blip_towers(v: &VisionConfig, q: &QFormerConfig, num_query_t
     // Vision encoder.
     check_heads("vision_config", v.hidden_size, v.num_attention_heads)?;
     check_positive("vision_config.intermediate_size", v.intermediate_size)?;
-    check_positive("vision_config.patch_size", v.patch_size)?;
-    if v.image_size == 0 || v.image_size % v.patch_size != 0 {
-        return Err(field_error(
-            "vision_config.image_size",
-            v.image_size,
-            format!(
-                "it must be a positive multiple of vision_config.patch_size ({}), so the patches tile the image",
-                v.patch_size
-            ),
-        ));
-    }
-    if v.num_channels != 3 {
-        return Err(field_error(
-            "vision_config.num_channels",
-            v.num_channels,
-            "glimpse feeds RGB images: it must be 3",
-        ));
-    }
+    check_patches("vision_config", v.image_size, v.patch_size, v.num_channels)?;
     check_eps("vision_config.layer_norm_eps", v.layer_norm_eps)?;
     check_activation("vision_config.hidden_act", &v.hidden_act, &["gelu", "gelu_python"])?;
 
@@ -149,18 +170,7 @@ impl Blip2Config {
                 path.display()
             )));
         }
-        let text_config = match text_value {
-            Some(t) => TextConfig::from_value(t, path)?,
-            None => TextConfig::default(),
-        };
-        let mut rest = value.clone();
-        if let Some(obj) = rest.as_object_mut() {
-            obj.remove("text_config");
-        }
-        let mut cfg: Blip2Config = from_json_value(&rest, path)?;
-        cfg.text_config = text_config;
-        // transformers' Blip2Config overwrites it: the Q-Former cross-attends to the vision output.
-        cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        let cfg = Blip2Config(BlipConfig::parse(value, path)?);
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -238,32 +248,20 @@ impl Blip2Config {
                 "OPT without its final layer norm is not implemented",
             ));
         }
-        if t.max_new_tokens == Some(0) {
-            return Err(field_error(
-                "text_config.max_new_tokens",
-                0,
-                "transformers rejects it (it must be at least 1); remove it for the default of 20",
-            ));
-        }
-
         // Token ids: every one is looked up in the embedding table.
-        let vocab = t.vocab_size;
-        match self.image_token_index {
-            None => {
-                return Err("no `image_token_index`: checkpoints saved before transformers 4.47 lack it; add \"image_token_index\": <id of <image>> to config.json".into())
-            }
-            Some(id) => check_token("image_token_index", id, vocab)?,
+        if self.image_token_index.is_none() {
+            return Err("no `image_token_index`: checkpoints saved before transformers 4.47 lack it; add \"image_token_index\": <id of <image>> to config.json".into());
         }
-        if let Some(id) = t.bos_token_id {
-            check_token("text_config.bos_token_id", id, vocab)?;
-        }
-        if let Some(id) = t.pad_token_id {
-            check_token("text_config.pad_token_id", id, vocab)?;
-        }
-        for id in t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default() {
-            check_token("text_config.eos_token_id", id, vocab)?;
-        }
-        Ok(())
+        check_text_tokens(
+            &[
+                ("image_token_index", self.image_token_index),
+                ("text_config.bos_token_id", t.bos_token_id),
+                ("text_config.pad_token_id", t.pad_token_id),
+            ],
+            t.eos_token_id.as_ref(),
+            t.vocab_size,
+            t.max_new_tokens,
+        )
     }
 
     pub fn image_token(&self) -> u32 {

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod opt;
 pub mod t5;
+pub mod towers;
 
 use serde_json::{json, Value};
 

@@ -1,27 +1,21 @@
 //! `Blip2ForConditionalGeneration`: vision encoder -> Q-Former -> language projection, whose
 //! outputs replace the image-token embeddings of the OPT decoder's input.
 
-use std::sync::Arc;
-
 use super::config::Blip2Config;
+use super::towers::BlipTowers;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, KvCaches, Plan, PlanShape, Step};
-use crate::graph::{Buf, Fused, Graph, Linear, Phase, WeightTable};
-use crate::models::family::ModelConfig;
+use crate::generate::{kv_capacity, GenerateOptions, KvCaches, Plan, PlanShape, Step};
+use crate::graph::{Graph, Phase, WeightTable};
+use crate::models::family::ModelCore;
 use crate::models::family::{Family, Loader};
 use crate::models::language_model::TextConfig;
 use crate::models::opt::{KvCache, OptDecoder, PassSpec};
-use crate::models::qformer::QFormer;
-use crate::models::vit::VisionModel;
 use crate::weights::Checkpoint;
 
 pub struct Blip2 {
     pub cfg: Blip2Config,
-    config: ModelConfig,
-    pub weights: Arc<WeightTable>,
-    pub vision: VisionModel,
-    pub qformer: QFormer,
-    pub language_projection: Linear,
+    pub core: ModelCore,
+    pub towers: BlipTowers,
     pub decoder: OptDecoder,
 }
 
@@ -29,21 +23,9 @@ impl Blip2 {
     pub fn load(cfg: &Blip2Config, ckpt: &Checkpoint) -> Result<Self> {
         let mut table = WeightTable::default();
         let mut ld = Loader { ckpt, table: &mut table };
-        let vision = VisionModel::load(&cfg.vision_config, &mut ld, "vision_model")?;
-        let qformer = QFormer::load(&cfg.qformer_config, cfg.num_query_tokens, &mut ld, "qformer")?;
-        let language_projection =
-            ld.linear("language_projection", cfg.qformer_config.hidden_size, cfg.text_config.hidden_size(), true)?;
-        let text = cfg.text_config.opt()?;
-        let decoder = OptDecoder::load(text, &mut ld, "language_model")?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            config: ModelConfig::new(cfg.clone()),
-            weights: Arc::new(table),
-            vision,
-            qformer,
-            language_projection,
-            decoder,
-        })
+        let towers = BlipTowers::load(cfg, &mut ld, cfg.text_config.hidden_size())?;
+        let decoder = OptDecoder::load(cfg.text_config.opt()?, &mut ld, "language_model")?;
+        Ok(Self { cfg: cfg.clone(), core: ModelCore::new(cfg.clone(), table), towers, decoder })
     }
 
     pub fn image_size(&self) -> usize {
@@ -67,23 +49,13 @@ impl Blip2 {
         all_prefill_logits: bool,
     ) -> Result<Plan> {
         let max_pos = self.decoder.max_positions();
-        // The last generated token is never fed back, so the cache needs one row less.
-        let capacity = prompt_len.saturating_add(max_new_tokens - 1);
-        if capacity > max_pos {
-            return Err(Error::InvalidInput(format!(
-                "the prompt ({prompt_len} tokens, {} of them image queries) plus {max_new_tokens} new tokens exceeds the model's {max_pos} positions: {}",
-                self.cfg.num_query_tokens,
-                match (max_pos + 1).checked_sub(prompt_len) {
-                    Some(n) if n > 0 => format!("ask for at most {n} new tokens"),
-                    _ => "shorten the prompt".to_string(),
-                }
-            )));
-        }
+        let holds = format!("{} of them image queries", self.cfg.num_query_tokens);
+        let capacity = kv_capacity(prompt_len, max_new_tokens, max_pos, &holds, "shorten the prompt")?;
         if batch == 0 {
             return Err(Error::InvalidInput("no images given".into()));
         }
         let mut g = Graph::new();
-        let img = ImagePhases::build(&mut g, &self.cfg, &self.vision, &self.qformer, &self.language_projection, batch);
+        let img = self.towers.build(&mut g, &self.cfg, batch);
         let (pixels, image_embeds) = (img.pixels, img.image_embeds);
 
         // Decoder: prefill over the whole input, then one-token steps over the shared cache.
@@ -121,58 +93,9 @@ impl Blip2 {
     }
 }
 
-/// The image side shared by BLIP-2's OPT and T5 variants: pixels -> vision encoder -> Q-Former
-/// -> `language_projection`, as the phases `vision` and `qformer`.
-pub(crate) struct ImagePhases {
-    /// `[batch, 3*S*S]` host input.
-    pub pixels: Buf,
-    /// `[batch*positions, vision hidden]`.
-    pub vision_out: Buf,
-    /// `[batch*queries, qformer hidden]`.
-    pub qformer_out: Buf,
-    /// `[batch*queries, text hidden]`: what replaces the image tokens' embeddings.
-    pub image_embeds: Buf,
-    pub phases: Vec<Phase>,
-}
-
-impl ImagePhases {
-    pub fn build(
-        g: &mut Graph,
-        cfg: &Blip2Config,
-        vision: &VisionModel,
-        qformer: &QFormer,
-        projection: &Linear,
-        batch: usize,
-    ) -> Self {
-        let v = &cfg.vision_config;
-        let pixels = g.buffer("pixels", batch, 3 * v.image_size * v.image_size);
-
-        // Vision: pixels -> [B*257, Dv].
-        let vision_out = vision.build(g, pixels, batch);
-        let vision_phase = g.take_phase("vision");
-
-        // Q-Former + projection: [B*257, Dv] -> [B*32, Dq] -> [B*32, Dt].
-        let qformer_out = qformer.build(g, vision_out, batch, v.num_positions());
-        let rows = batch * cfg.num_query_tokens;
-        let image_embeds = g.buffer("image_embeds", rows, cfg.text_config.hidden_size());
-        g.linear(qformer_out, projection.weight, projection.bias, Fused::NONE, image_embeds, rows);
-        let qformer_phase = g.take_phase("qformer");
-        Self { pixels, vision_out, qformer_out, image_embeds, phases: vec![vision_phase, qformer_phase] }
-    }
-
-    /// The plan outputs tests read.
-    pub fn outputs(&self) -> Vec<(&'static str, Buf)> {
-        vec![("vision_out", self.vision_out), ("qformer_out", self.qformer_out), ("image_embeds", self.image_embeds)]
-    }
-}
-
 impl Family for Blip2 {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn weights(&self) -> &Arc<WeightTable> {
-        &self.weights
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
     fn image_size(&self) -> usize {
@@ -221,8 +144,8 @@ impl Family for Blip2 {
         let TextConfig::Opt(t) = &self.cfg.text_config else { unreachable!("Blip2Config::validate admits OPT only") };
         vec![
             "family:     BLIP-2 (Blip2ForConditionalGeneration) with an OPT decoder".to_string(),
-            self.vision.describe(),
-            self.qformer.describe(),
+            self.towers.vision.describe(),
+            self.towers.qformer.describe(),
             format!(
                 "decoder:    OPT, {} layers, hidden {}, {} heads x {}, ffn {}, vocab {}, {} positions",
                 t.num_hidden_layers,

@@ -4,29 +4,22 @@
 //! at the start of the T5 *encoder* input; the decoder then generates from
 //! `decoder_start_token_id` alone.
 
-use std::sync::Arc;
-
 use super::config::Blip2Config;
-use super::opt::ImagePhases;
+use super::towers::BlipTowers;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, Plan, PlanShape};
-use crate::graph::{Graph, Linear, WeightTable};
-use crate::models::family::ModelConfig;
+use crate::graph::{Graph, WeightTable};
+use crate::models::family::ModelCore;
 use crate::models::family::{Family, Loader};
 use crate::models::language_model::TextConfig;
-use crate::models::qformer::QFormer;
 use crate::models::t5::T5Config;
 use crate::models::t5::T5;
-use crate::models::vit::VisionModel;
 use crate::weights::Checkpoint;
 
 pub struct Blip2T5 {
     pub cfg: Blip2Config,
-    config: ModelConfig,
-    pub weights: Arc<WeightTable>,
-    pub vision: VisionModel,
-    pub qformer: QFormer,
-    language_projection: Linear,
+    pub core: ModelCore,
+    pub towers: BlipTowers,
     pub t5: T5,
 }
 
@@ -35,20 +28,9 @@ impl Blip2T5 {
         let text = t5_config(cfg)?;
         let mut table = WeightTable::default();
         let mut ld = Loader { ckpt, table: &mut table };
-        let vision = VisionModel::load(&cfg.vision_config, &mut ld, "vision_model")?;
-        let qformer = QFormer::load(&cfg.qformer_config, cfg.num_query_tokens, &mut ld, "qformer")?;
-        let language_projection =
-            ld.linear("language_projection", cfg.qformer_config.hidden_size, text.d_model, true)?;
+        let towers = BlipTowers::load(cfg, &mut ld, text.d_model)?;
         let t5 = T5::load(text, &mut ld, "language_model")?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            config: ModelConfig::new(cfg.clone()),
-            weights: Arc::new(table),
-            vision,
-            qformer,
-            language_projection,
-            t5,
-        })
+        Ok(Self { cfg: cfg.clone(), core: ModelCore::new(cfg.clone(), table), towers, t5 })
     }
 
     /// The encoder phases of `batch` images with `input_len` encoder tokens, one decoder step
@@ -58,7 +40,7 @@ impl Blip2T5 {
             return Err(Error::InvalidInput("no images given".into()));
         }
         let mut g = Graph::new();
-        let img = ImagePhases::build(&mut g, &self.cfg, &self.vision, &self.qformer, &self.language_projection, batch);
+        let img = self.towers.build(&mut g, &self.cfg, batch);
         let t5 = self.t5.build_phases(
             &mut g,
             batch,
@@ -82,12 +64,8 @@ fn t5_config(cfg: &Blip2Config) -> Result<&T5Config> {
 }
 
 impl Family for Blip2T5 {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn weights(&self) -> &Arc<WeightTable> {
-        &self.weights
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
     fn image_size(&self) -> usize {
@@ -128,8 +106,8 @@ impl Family for Blip2T5 {
     fn describe(&self) -> Vec<String> {
         vec![
             "family:     BLIP-2 (Blip2ForConditionalGeneration) with a T5 encoder-decoder".to_string(),
-            self.vision.describe(),
-            self.qformer.describe(),
+            self.towers.vision.describe(),
+            self.towers.qformer.describe(),
             self.t5.describe(),
         ]
     }

@@ -1,6 +1,5 @@
 //! kernels/attention.cu: flash-style prefill/encoder attention and split-KV decode attention.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::*;
@@ -69,89 +68,66 @@ impl AttnMask<'_> {
         }
         Ok(heads / kv)
     }
+}
 
-    /// Checks the bias covers `rows` rows of `keys` keys; returns (pointer, stride).
-    fn bias_args(&self, kernel: &'static str, rows: usize, keys: usize, o: (u64, u64)) -> GpuResult<(u64, usize)> {
-        match self.bias {
-            Some((b, stride)) => {
-                if stride < keys {
-                    return Err(bad(kernel, format!("bias stride {stride} < {keys} keys")));
-                }
-                need(kernel, "bias", b, (rows - 1) * stride + keys)?;
-                if ranges_overlap(o, b.range()) {
-                    return Err(bad(kernel, "o overlaps bias"));
-                }
-                Ok((b.ptr(), stride))
-            }
-            None => Ok((0, 0)),
-        }
+kernel_params! {
+    struct AttnParams = 168 bytes {
+        q: u64,
+        k: u64,
+        v: u64,
+        o: u64,
+        mask: u64,
+        kv_valid: u64,
+        bias: u64,
+        q_bs: i64,
+        q_rs: i64,
+        k_bs: i64,
+        k_rs: i64,
+        v_bs: i64,
+        v_rs: i64,
+        o_bs: i64,
+        o_rs: i64,
+        mask_stride: i64,
+        bias_stride: i64,
+        heads: i32,
+        sq: i32,
+        skv: i32,
+        d: i32,
+        causal: i32,
+        kv_offset: i32,
+        scale: f32,
+        kv_group: i32,
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AttnParams {
-    q: u64,
-    k: u64,
-    v: u64,
-    o: u64,
-    mask: u64,
-    kv_valid: u64,
-    bias: u64,
-    q_bs: i64,
-    q_rs: i64,
-    k_bs: i64,
-    k_rs: i64,
-    v_bs: i64,
-    v_rs: i64,
-    o_bs: i64,
-    o_rs: i64,
-    mask_stride: i64,
-    bias_stride: i64,
-    heads: i32,
-    sq: i32,
-    skv: i32,
-    d: i32,
-    causal: i32,
-    kv_offset: i32,
-    scale: f32,
-    kv_group: i32,
+kernel_params! {
+    struct DecodeAttnParams = 160 bytes {
+        q: u64,
+        k_cache: u64,
+        v_cache: u64,
+        kv_len: u64,
+        mask: u64,
+        bias: u64,
+        partial: u64,
+        o: u64,
+        q_bs: i64,
+        k_bs: i64,
+        k_rs: i64,
+        v_bs: i64,
+        v_rs: i64,
+        o_bs: i64,
+        mask_stride: i64,
+        bias_stride: i64,
+        heads: i32,
+        d: i32,
+        max_len: i32,
+        chunk: i32,
+        nsplit: i32,
+        scale: f32,
+        kv_group: i32,
+        pad_: i32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 168);
-// SAFETY: see GemmParams (mirrors attention.cu AttnParams).
-unsafe impl DeviceRepr for AttnParams {}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct DecodeAttnParams {
-    q: u64,
-    k_cache: u64,
-    v_cache: u64,
-    kv_len: u64,
-    mask: u64,
-    bias: u64,
-    partial: u64,
-    o: u64,
-    q_bs: i64,
-    k_bs: i64,
-    k_rs: i64,
-    v_bs: i64,
-    v_rs: i64,
-    o_bs: i64,
-    mask_stride: i64,
-    bias_stride: i64,
-    heads: i32,
-    d: i32,
-    max_len: i32,
-    chunk: i32,
-    nsplit: i32,
-    scale: f32,
-    kv_group: i32,
-    pad_: i32,
-}
-const _: () = assert!(std::mem::size_of::<DecodeAttnParams>() == 160);
-// SAFETY: see GemmParams (mirrors attention.cu DecodeAttnParams).
-unsafe impl DeviceRepr for DecodeAttnParams {}
 
 const DECODE_CHUNK: usize = 256;
 
@@ -159,25 +135,38 @@ fn padded_head_dim(kernel: &'static str, d: usize) -> GpuResult<usize> {
     if d == 0 || d % 8 != 0 || d > 128 {
         return Err(bad(kernel, format!("head_dim {d} unsupported (needs d % 8 == 0, d <= 128)")));
     }
-    Ok(if d <= 64 {
-        64
-    } else if d <= 96 {
-        96
-    } else {
-        128
-    })
+    Ok(padded_dim(d))
+}
+
+/// The head dim of the kernel instance that runs `d` (64, 96 or 128).
+fn padded_dim(d: usize) -> usize {
+    match d {
+        0..=64 => 64,
+        65..=96 => 96,
+        _ => 128,
+    }
 }
 
 /// fp32 elements of workspace `decode_attention` needs for these shapes.
 pub fn decode_workspace_len(batch: usize, heads: usize, head_dim: usize, max_len: usize) -> usize {
-    let dp = if head_dim <= 64 {
-        64
-    } else if head_dim <= 96 {
-        96
-    } else {
-        128
-    };
-    batch * heads * max_len.div_ceil(DECODE_CHUNK).max(1) * (dp + 2)
+    batch * heads * max_len.div_ceil(DECODE_CHUNK).max(1) * (padded_dim(head_dim) + 2)
+}
+
+/// Checks an optional `[rows, stride]` operand (an additive mask or bias) covers `keys` keys in
+/// each of `rows` rows; returns (pointer, stride), (0, 0) when absent.
+fn strided_rows<T: DeviceScalar>(
+    kernel: &'static str,
+    what: &str,
+    operand: Option<(&DevSlice<T>, usize)>,
+    rows: usize,
+    keys: usize,
+) -> GpuResult<(u64, usize)> {
+    let Some((buf, stride)) = operand else { return Ok((0, 0)) };
+    if stride < keys {
+        return Err(bad(kernel, format!("{what} stride {stride} < {keys} keys")));
+    }
+    need(kernel, what, buf, (rows - 1) * stride + keys)?;
+    Ok((buf.ptr(), stride))
 }
 
 impl HeadsView<'_> {
@@ -228,26 +217,8 @@ impl CudaDevice {
         let vp = v.check(K, "v", batch, skv, kvh, head_dim)?;
         let op = o.check(K, "o", batch, sq, heads, head_dim)?;
         let orange = o.byte_range(batch, sq, heads, head_dim);
-        let (bias_ptr, bias_stride) = mask.bias_args(K, heads * sq, skv, orange)?;
-        for (name, r) in [
-            ("q", q.byte_range(batch, sq, heads, head_dim)),
-            ("k", k.byte_range(batch, skv, kvh, head_dim)),
-            ("v", v.byte_range(batch, skv, kvh, head_dim)),
-        ] {
-            if ranges_overlap(orange, r) {
-                return Err(bad(K, format!("o overlaps {name}")));
-            }
-        }
-        let (mask_ptr, mask_stride) = match mask.additive {
-            Some((m, stride)) => {
-                if stride < skv {
-                    return Err(bad(K, format!("mask stride {stride} < skv {skv}")));
-                }
-                need(K, "mask", m, (batch - 1) * stride + skv)?;
-                (m.ptr(), stride)
-            }
-            None => (0, 0),
-        };
+        let (bias_ptr, bias_stride) = strided_rows(K, "bias", mask.bias, heads * sq, skv)?;
+        let (mask_ptr, mask_stride) = strided_rows(K, "mask", mask.additive, batch, skv)?;
         let kv_valid = match mask.kv_valid {
             Some(kv) => {
                 need(K, "kv_valid", kv, batch)?;
@@ -255,14 +226,16 @@ impl CudaDevice {
             }
             None => 0,
         };
-        // Blocks read the mask / kv_valid while other blocks write o.
-        for (name, r) in
-            [("mask", mask.additive.map(|(m, _)| m.range())), ("kv_valid", mask.kv_valid.map(|kv| kv.range()))]
-        {
-            if r.is_some_and(|r| ranges_overlap(orange, r)) {
-                return Err(bad(K, format!("o overlaps {name}")));
-            }
-        }
+        // Blocks read every input (the mask and kv_valid too) while other blocks write o.
+        let reads = [
+            ("q", Some(q.byte_range(batch, sq, heads, head_dim))),
+            ("k", Some(k.byte_range(batch, skv, kvh, head_dim))),
+            ("v", Some(v.byte_range(batch, skv, kvh, head_dim))),
+            ("mask", mask.additive.map(|(m, _)| m.range())),
+            ("kv_valid", mask.kv_valid.map(|kv| kv.range())),
+            ("bias", mask.bias.map(|(b, _)| b.range())),
+        ];
+        written_apart(K, "o", orange, &reads)?;
         let p = AttnParams {
             q: qp,
             k: kp,
@@ -295,24 +268,15 @@ impl CudaDevice {
             96 => "attn_fwd_d96",
             _ => "attn_fwd_d128",
         };
-        let f = self.func("attention", name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                to_i32(K, "q blocks", sq.div_ceil(16))? as u32,
-                grid_yz(K, "heads", heads)?,
-                grid_yz(K, "batch", batch)?,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let q_blocks = to_i32(K, "q blocks", sq.div_ceil(16))? as u32;
+        let cfg = blocks_of((q_blocks, grid_yz(K, "heads", heads)?, grid_yz(K, "batch", batch)?), 128);
         // SAFETY: every (batch, row, head) row the grid reads or writes lies inside q/k/v/o
         // (HeadsView::check; k/v with heads / kv_group heads, the most a query head's
         // h / kv_group reaches); the bias holds (H*sq - 1)*stride + skv halves; d % 8 == 0, strides % 8 == 0 and base pointers 16-byte aligned for
         // the 16-byte loads; d <= padded dim of the chosen instance; o is disjoint from q, k, v;
         // mask holds (B-1)*stride + skv floats and kv_valid B ints (values clamped on device);
         // grid (ceil(sq/16), heads, batch) within limits, 128 threads as compiled.
-        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(name))?;
-        Ok(())
+        unsafe { self.launch("attention", name, cfg, &[&p]) }
     }
 
     /// Split-KV decode attention for one new token per sequence against a KV cache
@@ -348,46 +312,21 @@ impl CudaDevice {
         let nsplit = max_len.div_ceil(DECODE_CHUNK);
         need(K, "workspace", workspace, decode_workspace_len(batch, heads, head_dim, max_len))?;
         let orange = o.byte_range(batch, 1, heads, head_dim);
-        let (bias_ptr, bias_stride) = mask.bias_args(K, heads, max_len, orange)?;
-        if mask.bias.is_some_and(|(b, _)| ranges_overlap(workspace.range(), b.range())) {
-            return Err(bad(K, "workspace overlaps bias"));
-        }
-        for (name, r) in [
-            ("q", q.byte_range(batch, 1, heads, head_dim)),
-            ("k_cache", k_cache.byte_range(batch, max_len, kvh, head_dim)),
-            ("v_cache", v_cache.byte_range(batch, max_len, kvh, head_dim)),
-            ("workspace", workspace.range()),
-        ] {
-            if ranges_overlap(orange, r) {
-                return Err(bad(K, format!("o overlaps {name}")));
-            }
-        }
-        for (name, r) in [
-            ("q", q.byte_range(batch, 1, heads, head_dim)),
-            ("k_cache", k_cache.byte_range(batch, max_len, kvh, head_dim)),
-            ("v_cache", v_cache.byte_range(batch, max_len, kvh, head_dim)),
-            ("kv_len", kv_len.range()),
-        ] {
-            if ranges_overlap(workspace.range(), r) {
-                return Err(bad(K, format!("workspace overlaps {name}")));
-            }
-        }
-        let (mask_ptr, mask_stride) = match mask.additive {
-            Some((m, stride)) => {
-                if stride < max_len {
-                    return Err(bad(K, format!("mask stride {stride} < max_len {max_len}")));
-                }
-                need(K, "mask", m, (batch - 1) * stride + max_len)?;
-                if ranges_overlap(orange, m.range()) || ranges_overlap(workspace.range(), m.range()) {
-                    return Err(bad(K, "mask overlaps o or the workspace"));
-                }
-                (m.ptr(), stride)
-            }
-            None => (0, 0),
-        };
-        if ranges_overlap(orange, kv_len.range()) {
-            return Err(bad(K, "o overlaps kv_len"));
-        }
+        let (bias_ptr, bias_stride) = strided_rows(K, "bias", mask.bias, heads, max_len)?;
+        let (mask_ptr, mask_stride) = strided_rows(K, "mask", mask.additive, batch, max_len)?;
+        // The split kernel writes the workspace and the combine kernel o while other blocks
+        // read every input (and the combine reads the workspace).
+        let reads = [
+            ("q", Some(q.byte_range(batch, 1, heads, head_dim))),
+            ("k_cache", Some(k_cache.byte_range(batch, max_len, kvh, head_dim))),
+            ("v_cache", Some(v_cache.byte_range(batch, max_len, kvh, head_dim))),
+            ("kv_len", Some(kv_len.range())),
+            ("mask", mask.additive.map(|(m, _)| m.range())),
+            ("bias", mask.bias.map(|(b, _)| b.range())),
+        ];
+        written_apart(K, "workspace", workspace.range(), &reads)?;
+        written_apart(K, "o", orange, &reads)?;
+        written_apart(K, "o", orange, &[("workspace", Some(workspace.range()))])?;
         let p = DecodeAttnParams {
             q: qp,
             k_cache: kp,
@@ -419,12 +358,10 @@ impl CudaDevice {
             96 => "attn_decode_split_d96",
             _ => "attn_decode_split_d128",
         };
-        let f = self.func("attention", name)?;
-        let fc = self.func("attention", "attn_decode_combine")?;
         let gh = grid_yz(K, "heads", heads)?;
         let gb = grid_yz(K, "batch", batch)?;
-        let cfg = LaunchConfig { grid_dim: (nsplit as u32, gh, gb), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let cfg_c = LaunchConfig { grid_dim: (gh, gb, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((nsplit as u32, gh, gb), 128);
+        let cfg_c = blocks_of((gh, gb, 1), 128);
         let dp_i = dp as i32;
         // SAFETY: q/o rows for every (b, h) and cache rows 0..max_len of heads / kv_group kv heads
         // lie inside their buffers (HeadsView::check), the bias holds (H-1)*stride + max_len halves with 16-byte alignment and d % 8 == 0; kv_len has B ints (clamped to
@@ -433,9 +370,8 @@ impl CudaDevice {
         // grids (nsplit, H, B) and (H, B) within limits; the combine reads the workspace the
         // split kernel wrote earlier on the same stream, with the same padded dim.
         unsafe {
-            self.stream().launch_builder(&f).arg(&p).launch(cfg).map_err(lerr(name))?;
-            self.stream().launch_builder(&fc).arg(&p).arg(&dp_i).launch(cfg_c).map_err(lerr("attn_decode_combine"))?;
+            self.launch("attention", name, cfg, &[&p])?;
+            self.launch("attention", "attn_decode_combine", cfg_c, &[&p, &dp_i])
         }
-        Ok(())
     }
 }

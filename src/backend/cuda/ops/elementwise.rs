@@ -1,7 +1,6 @@
 //! kernels/elementwise.cu: embeddings, positions, image-token scatter, patch im2col, adds, casts,
 //! KV append.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::*;
@@ -67,15 +66,12 @@ impl CudaDevice {
         disjoint(K, "out", out, "ids", ids)?;
         let vocab = to_i32(K, "vocab", table.len() / dim)?;
         let (t, d) = (to_i32(K, "tokens", tokens)?, to_i32(K, "dim", dim)?);
-        let f = self.func("elementwise", K)?;
-        let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((t as u32, 1, 1), 256);
         let (ip, tp, op) = (ids.ptr(), table.ptr(), out.ptr());
         // SAFETY: ids hold >= tokens ints and out >= tokens*dim halves (checked); vocab is the
         // table's row count, so the device-side id check keeps the gather inside the table; out
         // is disjoint from the inputs; one block per token.
-        unsafe { self.stream().launch_builder(&f).arg(&ip).arg(&tp).arg(&op).arg(&t).arg(&d).arg(&vocab).launch(cfg) }
-            .map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("elementwise", K, cfg, &[&ip, &tp, &op, &t, &d, &vocab]) }
     }
 
     /// Learned positions in place on x `[batch, seq, dim]`: x[b, i] += table[max(pos[b] + i, 0) +
@@ -101,26 +97,12 @@ impl CudaDevice {
         let npos = to_i32(K, "npos", table.len() / dim)?;
         let (s, d) = (to_i32(K, "seq", seq)?, to_i32(K, "dim", dim)?);
         let rows = to_i32(K, "rows", batch * seq)?;
-        let f = self.func("elementwise", K)?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((rows as u32, 1, 1), 256);
         let (xp, tp, pp) = (x.ptr(), table.ptr(), pos.ptr());
         // SAFETY: x holds batch*seq*dim halves and pos batch ints (checked); npos is the table's
         // row count and the kernel skips positions outside it; x is disjoint from the table and
         // pos; one block per row of x.
-        unsafe {
-            self.stream()
-                .launch_builder(&f)
-                .arg(&xp)
-                .arg(&tp)
-                .arg(&pp)
-                .arg(&s)
-                .arg(&d)
-                .arg(&npos)
-                .arg(&offset)
-                .launch(cfg)
-        }
-        .map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("elementwise", K, cfg, &[&xp, &tp, &pp, &s, &d, &npos, &offset]) }
     }
 
     /// Overwrites, per sequence, the rows whose id == image_token with consecutive rows of
@@ -144,28 +126,13 @@ impl CudaDevice {
         need(K, "image_embeds", image_embeds, batch * n_img * dim)?;
         disjoint(K, "embeds", embeds, "image_embeds", image_embeds)?;
         disjoint(K, "embeds", embeds, "ids", ids)?;
-        let f = self.func("elementwise", "image_scatter")?;
-        let cfg =
-            LaunchConfig { grid_dim: (grid_yz(K, "batch", batch)?, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((grid_yz(K, "batch", batch)?, 1, 1), 32);
         let (s, d, n) = (to_i32(K, "seq", seq)?, to_i32(K, "dim", dim)?, to_i32(K, "n_img", n_img)?);
         let (ip, ep, mp) = (ids.ptr(), embeds.ptr(), image_embeds.ptr());
         // SAFETY: ids >= B*S, embeds >= B*S*D, image_embeds >= B*n_img*D (checked); the kernel
         // never uses an image row index >= n_img; embeds disjoint from the other inputs; one
         // warp per sequence.
-        unsafe {
-            self.stream()
-                .launch_builder(&f)
-                .arg(&ip)
-                .arg(&ep)
-                .arg(&mp)
-                .arg(&s)
-                .arg(&d)
-                .arg(&n)
-                .arg(&image_token)
-                .launch(cfg)
-        }
-        .map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("elementwise", "image_scatter", cfg, &[&ip, &ep, &mp, &s, &d, &n, &image_token]) }
     }
 
     /// im2col for a patch x patch, stride patch conv over pixels [B, C, H, W] (f32 or f16) into
@@ -188,7 +155,6 @@ impl CudaDevice {
         need(K, "out", out, total)?;
         disjoint(K, "out", out, "pixels", pixels)?;
         let name = T::IM2COL;
-        let f = self.func("elementwise", name)?;
         let cfg = elementwise_cfg(total, self.num_sms());
         let (b, c, h, w, pt) = (
             to_i32(K, "batch", batch)?,
@@ -200,11 +166,7 @@ impl CudaDevice {
         let (ip, op) = (pixels.ptr(), out.ptr());
         // SAFETY: pixels hold B*C*H*W elements and out B*P*C*patch^2 (checked); the grid-stride
         // loop stops at that total; out and pixels are disjoint.
-        unsafe {
-            self.stream().launch_builder(&f).arg(&ip).arg(&op).arg(&b).arg(&c).arg(&h).arg(&w).arg(&pt).launch(cfg)
-        }
-        .map_err(lerr(name))?;
-        Ok(())
+        unsafe { self.launch("elementwise", name, cfg, &[&ip, &op, &b, &c, &h, &w, &pt]) }
     }
 
     /// ViT embeddings: out[b,0] = cls + pos[0]; out[b,1+p] = patches[b,p] + pos[1+p], with
@@ -230,17 +192,12 @@ impl CudaDevice {
         disjoint(K, "out", out, "patches", patches)?;
         disjoint(K, "out", out, "cls", cls)?;
         disjoint(K, "out", out, "pos", pos)?;
-        let f = self.func("elementwise", "vit_embed")?;
         let cfg = elementwise_cfg(total, self.num_sms());
         let (b, np, d) = (to_i32(K, "batch", batch)?, to_i32(K, "num_patches", num_patches)?, to_i32(K, "dim", dim)?);
         let (pp, cp, ep, op) = (patches.ptr(), cls.ptr(), pos.ptr(), out.ptr());
         // SAFETY: all lengths checked against B*(P+1)*D / B*P*D / (P+1)*D / D; out disjoint from
         // the inputs; grid-stride loop bounded by the total.
-        unsafe {
-            self.stream().launch_builder(&f).arg(&pp).arg(&cp).arg(&ep).arg(&op).arg(&b).arg(&np).arg(&d).launch(cfg)
-        }
-        .map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("elementwise", "vit_embed", cfg, &[&pp, &cp, &ep, &op, &b, &np, &d]) }
     }
 
     /// y = a + b (n elements); y may be exactly a or b.
@@ -260,13 +217,11 @@ impl CudaDevice {
         if n == 0 {
             return Ok(());
         }
-        let f = self.func("elementwise", K)?;
         let cfg = elementwise_cfg(n, self.num_sms());
         let (ap, bp, yp, nn) = (a.ptr(), b.ptr(), y.ptr(), n as i64);
         // SAFETY: a, b, y hold >= n elements; y is exactly a/b or disjoint (same-thread
         // read-then-write); grid-stride loop bounded by n.
-        unsafe { self.stream().launch_builder(&f).arg(&ap).arg(&bp).arg(&yp).arg(&nn).launch(cfg) }.map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("elementwise", K, cfg, &[&ap, &bp, &yp, &nn]) }
     }
 
     /// f32 -> f16 (round to nearest even), n elements.
@@ -290,13 +245,11 @@ impl CudaDevice {
         if n == 0 {
             return Ok(());
         }
-        let f = self.func("elementwise", name)?;
         let cfg = elementwise_cfg(n, self.num_sms());
         let (xp, yp, nn) = (x.ptr(), y.ptr(), n as i64);
         // SAFETY: x and y hold >= n elements of the kernel's types, do not overlap; the
         // grid-stride loop is bounded by n.
-        unsafe { self.stream().launch_builder(&f).arg(&xp).arg(&yp).arg(&nn).launch(cfg) }.map_err(lerr(name))?;
-        Ok(())
+        unsafe { self.launch("elementwise", name, cfg, &[&xp, &yp, &nn]) }
     }
 
     /// Appends one token's k/v rows per sequence (`new`) at position pos[b] (device memory) of
@@ -327,30 +280,14 @@ impl CudaDevice {
             disjoint(K, cn, c, "pos", pos)?;
         }
         disjoint(K, "k_cache", k_cache, "v_cache", v_cache)?;
-        let f = self.func("elementwise", K)?;
-        let cfg =
-            LaunchConfig { grid_dim: (grid_yz(K, "batch", batch)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((grid_yz(K, "batch", batch)?, 1, 1), 256);
         let (kn, vn, rs, kc, vc, pp) =
             (k_new.ptr(), v_new.ptr(), new_row_stride as i64, k_cache.ptr(), v_cache.ptr(), pos.ptr());
         let (ml, r) = (to_i32(K, "max_len", max_len)?, to_i32(K, "row", row)?);
         // SAFETY: new rows (B-1)*stride + row and caches B*max_len*row elements fit (checked);
         // positions are range-checked on device (out-of-range sequences skipped); caches are
         // disjoint from the sources and each other; one block per sequence.
-        unsafe {
-            self.stream()
-                .launch_builder(&f)
-                .arg(&kn)
-                .arg(&vn)
-                .arg(&rs)
-                .arg(&kc)
-                .arg(&vc)
-                .arg(&pp)
-                .arg(&ml)
-                .arg(&r)
-                .launch(cfg)
-        }
-        .map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("elementwise", K, cfg, &[&kn, &vn, &rs, &kc, &vc, &pp, &ml, &r]) }
     }
 
     /// x[i] += delta for the first n ints (advance positions / KV lengths on device).
@@ -360,13 +297,10 @@ impl CudaDevice {
         if n == 0 {
             return Ok(());
         }
-        let f = self.func("elementwise", K)?;
         let nn = to_i32(K, "n", n)?;
-        let cfg =
-            LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of(((n as u32).div_ceil(256), 1, 1), 256);
         let xp = x.ptr();
         // SAFETY: x holds >= n ints; threads with i >= n do nothing.
-        unsafe { self.stream().launch_builder(&f).arg(&xp).arg(&delta).arg(&nn).launch(cfg) }.map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("elementwise", K, cfg, &[&xp, &delta, &nn]) }
     }
 }

@@ -1,6 +1,6 @@
 //! kernels/gemm.cu: tensor-core GEMM with fused epilogues; `linear` picks GEMV or GEMM.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::f16;
 
 use super::*;
@@ -17,25 +17,21 @@ pub enum GemmTile {
     Small,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GemmParams {
-    x: u64,
-    w: u64,
-    bias: u64,
-    residual: u64,
-    y: u64,
-    m: i32,
-    n: i32,
-    k: i32,
-    vec: i32,
-    pair: i32,
-    out_f32: i32,
+kernel_params! {
+    struct GemmParams = 64 bytes {
+        x: u64,
+        w: u64,
+        bias: u64,
+        residual: u64,
+        y: u64,
+        m: i32,
+        n: i32,
+        k: i32,
+        vec: i32,
+        pair: i32,
+        out_f32: i32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<GemmParams>() == 64);
-// SAFETY: plain #[repr(C)] data (u64 device addresses and i32), layout identical to the CUDA
-// struct (size asserted here and with static_assert in gemm.cu).
-unsafe impl DeviceRepr for GemmParams {}
 
 impl CudaDevice {
     /// Y[M,N] = act(X[M,K] · W[N,K]^T + bias) + residual on tensor cores (any M, N, K >= 1);
@@ -110,16 +106,16 @@ impl CudaDevice {
             (_, Activation::GeluTanh) => "gemm_s_gelu_tanh",
         };
         debug_assert!(name.ends_with(act_suffix(act)));
-        let f = self.func("gemm", name)?;
         if smem > 48 * 1024 {
             // Once per function: the first launch of each kernel is never inside a CUDA graph
             // recording (the executor runs a phase directly before it records it).
             self.once(name, || {
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(lerr(name))
+                self.func("gemm", name)?
+                    .set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(lerr(name))
             })?;
         }
         let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
@@ -129,8 +125,7 @@ impl CudaDevice {
         // 4-byte aligned y/bias/residual; y is disjoint from x, w, bias and the residual either
         // is y or is disjoint; grid covers ceil(n/BN) x ceil(m/BM) tiles with the block size and
         // dynamic smem the kernel was compiled for (attribute raised above 48 KiB).
-        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(name))?;
-        Ok(())
+        unsafe { self.launch("gemm", name, cfg, &[&p]) }
     }
 
     /// Linear layer: GEMV for m <= 8 when its preconditions hold, else GEMM.

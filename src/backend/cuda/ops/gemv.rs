@@ -1,6 +1,5 @@
 //! kernels/gemv.cu: weight-streaming matrix-vector products for decode (M = 1..=8).
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::*;
@@ -8,24 +7,21 @@ use crate::backend::cuda::error::{bad, GpuResult};
 use crate::backend::cuda::memory::DevSlice;
 use crate::backend::cuda::CudaDevice;
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GemvParams {
-    x: u64,
-    w: u64,
-    bias: u64,
-    residual: u64,
-    y: u64,
-    n: i32,
-    k: i32,
-    act: i32,
-    threads_per_row: i32,
-    out_f32: i32,
-    pad_: i32,
+kernel_params! {
+    struct GemvParams = 64 bytes {
+        x: u64,
+        w: u64,
+        bias: u64,
+        residual: u64,
+        y: u64,
+        n: i32,
+        k: i32,
+        act: i32,
+        threads_per_row: i32,
+        out_f32: i32,
+        pad_: i32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<GemvParams>() == 64);
-// SAFETY: see GemmParams (mirrors gemv.cu GemvParams, size asserted on both sides).
-unsafe impl DeviceRepr for GemvParams {}
 
 /// GEMV threads-per-output-column heuristic (see kernels/gemv.cu).
 pub fn gemv_threads_per_row(n: usize, k: usize, num_sms: u32) -> u32 {
@@ -76,13 +72,11 @@ impl CudaDevice {
         const NAMES: [&str; 8] =
             ["gemv_m1", "gemv_m2", "gemv_m3", "gemv_m4", "gemv_m5", "gemv_m6", "gemv_m7", "gemv_m8"];
         let name = NAMES[m - 1];
-        let f = self.func("gemv", name)?;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((grid, 1, 1), 256);
         // SAFETY: 1 <= m <= 8 selects the matching instance; k % 8 == 0 and x/w 16-byte aligned
         // (checked) for the 16-byte loads; x >= m*k, w >= n*k, y >= m*n, bias >= n, residual >=
         // m*n (checked); residual is y or disjoint; threads_per_row is a power of two in
         // [32, 256] dividing the 256-thread block; grid covers all n columns.
-        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(name))?;
-        Ok(())
+        unsafe { self.launch("gemv", name, cfg, &[&p]) }
     }
 }

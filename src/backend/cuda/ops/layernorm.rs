@@ -1,6 +1,5 @@
 //! kernels/layernorm.cu: LayerNorm and RMSNorm with a fused residual add; L2 normalisation.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::*;
@@ -27,37 +26,31 @@ pub struct NormInput<'a, T: ActElem = f16> {
     pub sum_out: SumOut<'a, T>,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct NormParams {
-    x: u64,
-    r: u64,
-    w: u64,
-    b: u64,
-    y: u64,
-    sum_out: u64,
-    rows: i32,
-    dim: i32,
-    eps: f32,
-    in_f32: i32,
+kernel_params! {
+    struct NormParams = 64 bytes {
+        x: u64,
+        r: u64,
+        w: u64,
+        b: u64,
+        y: u64,
+        sum_out: u64,
+        rows: i32,
+        dim: i32,
+        eps: f32,
+        in_f32: i32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<NormParams>() == 64);
-// SAFETY: see GemmParams (mirrors layernorm.cu NormParams).
-unsafe impl DeviceRepr for NormParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct L2Params {
-    x: u64,
-    y: u64,
-    rows: i32,
-    dim: i32,
-    out_f32: i32,
-    pad: i32,
+kernel_params! {
+    struct L2Params = 32 bytes {
+        x: u64,
+        y: u64,
+        rows: i32,
+        dim: i32,
+        out_f32: i32,
+        pad: i32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<L2Params>() == 32);
-// SAFETY: see GemmParams (mirrors layernorm.cu L2Params).
-unsafe impl DeviceRepr for L2Params {}
 
 impl CudaDevice {
     /// y = x / ||x||₂ per row of `dim` (fp32 sum of squares); x fp16, y fp16 or fp32.
@@ -88,12 +81,10 @@ impl CudaDevice {
             out_f32: O::F32 as i32,
             pad: 0,
         };
-        let f = self.func("layernorm", KERNEL)?;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((grid, 1, 1), threads);
         // SAFETY: x and y hold >= rows*dim elements of their types (checked), y is disjoint from
         // x and 4-byte aligned when fp32; one block (multiple of 32 threads, <= 256) per row.
-        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(KERNEL))?;
-        Ok(())
+        unsafe { self.launch("layernorm", KERNEL, cfg, &[&p]) }
     }
 
     fn norm<I: ActElem>(
@@ -172,13 +163,11 @@ impl CudaDevice {
             eps,
             in_f32: I::F32 as i32,
         };
-        let f = self.func("layernorm", kernel)?;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((grid, 1, 1), threads);
         // SAFETY: x, y (and residual, sum_out) hold >= rows*dim elements, weight/bias >= dim
         // (checked); y is disjoint from every input; sum_out is x itself or disjoint from x and
         // the residual; one block (multiple of 32 threads, <= 512) per row.
-        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr(kernel))?;
-        Ok(())
+        unsafe { self.launch("layernorm", kernel, cfg, &[&p]) }
     }
 
     /// y = LayerNorm(x + residual) * w + b per row of `dim`; optionally writes x + residual.

@@ -25,11 +25,31 @@ pub use ptx_probe::PtxProbeOut;
 pub use reorder::SeqIndices;
 pub use sampling::LogitType;
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::error::{bad, GpuResult};
 use super::memory::{overlaps, DevSlice, DeviceScalar};
+use super::CudaDevice;
+
+/// Declares a kernel's parameter struct: `#[repr(C)]` with the fields of the CUDA struct of the
+/// same name, its size asserted (the .cu side asserts it too with `static_assert`), passed to
+/// the kernel by value.
+macro_rules! kernel_params {
+    ($(#[$doc:meta])* struct $name:ident = $size:literal bytes { $($field:ident: $ty:ty),+ $(,)? }) => {
+        $(#[$doc])*
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct $name {
+            $($field: $ty),+
+        }
+        const _: () = assert!(std::mem::size_of::<$name>() == $size);
+        // SAFETY: plain #[repr(C)] data (u64 device addresses, i64/i32/f32 sizes and flags)
+        // laid out as the CUDA struct, whose size the .cu file asserts to be the same.
+        unsafe impl cudarc::driver::DeviceRepr for $name {}
+    };
+}
+pub(crate) use kernel_params;
 
 /// Epilogue activation: the crate-wide enum (`crate::graph::Activation`, re-exported by
 /// `crate::backend`); codes below match `ActCode` in kernels/common.cuh.
@@ -131,11 +151,50 @@ fn grid_yz(kernel: &'static str, what: &str, v: usize) -> GpuResult<u32> {
 
 fn elementwise_cfg(n: usize, num_sms: u32) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, num_sms as usize * 32) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    blocks_of((blocks, 1, 1), 256)
+}
+
+/// `grid` blocks of `threads` threads each, no dynamic shared memory.
+fn blocks_of(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn lerr(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> super::GpuError {
     move |e| bad(kernel, format!("launch failed: {e:?}"))
+}
+
+/// One kernel argument, passed by value: a parameter struct, a device address or a size.
+trait KernelArg {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>);
+}
+impl<T: DeviceRepr> KernelArg for T {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        args.arg(self);
+    }
+}
+
+impl CudaDevice {
+    /// Enqueues kernel `name` of module `module` (kernels/<module>.cu) with `cfg` and `args`, in
+    /// the kernel's parameter order, on this handle's stream.
+    ///
+    /// # Safety
+    /// Every precondition of the kernel holds for `cfg` and `args`: each launcher checks them
+    /// and states them in the SAFETY comment at its call.
+    unsafe fn launch(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: &[&dyn KernelArg],
+    ) -> GpuResult<()> {
+        let f = self.func(module, name)?;
+        let mut builder = self.stream().launch_builder(&f);
+        for arg in args {
+            arg.push(&mut builder);
+        }
+        // SAFETY: the caller's contract above.
+        unsafe { builder.launch(cfg) }.map(drop).map_err(lerr(name))
+    }
 }
 
 /// Shared checks of gemm and gemv: X [m,k], W [n,k], Y [m,n], bias [n], residual [m,n] hold
@@ -180,4 +239,18 @@ fn check_linear_operands<O: ActElem>(
 
 fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
+}
+
+/// Checks that the byte range a kernel writes, `written` (named `what`), shares no byte with any
+/// of the ranges it reads (None: an operand not given).
+fn written_apart(
+    kernel: &'static str,
+    what: &str,
+    written: (u64, u64),
+    reads: &[(&str, Option<(u64, u64)>)],
+) -> GpuResult<()> {
+    match reads.iter().find(|(_, r)| r.is_some_and(|r| ranges_overlap(written, r))) {
+        Some((name, _)) => Err(bad(kernel, format!("{what} overlaps {name}"))),
+        None => Ok(()),
+    }
 }

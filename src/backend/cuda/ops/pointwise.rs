@@ -1,6 +1,5 @@
 //! kernels/pointwise.cu: gated activations and rotary embeddings (exact libm math).
 
-use cudarc::driver::{DeviceRepr, PushKernelArg};
 use half::f16;
 
 use super::*;
@@ -8,40 +7,34 @@ use crate::backend::cuda::error::{bad, GpuResult};
 use crate::backend::cuda::memory::{DevSlice, DeviceScalar};
 use crate::backend::cuda::CudaDevice;
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GatedParams {
-    gate: u64,
-    up: u64,
-    out: u64,
-    gate_rs: i64,
-    up_rs: i64,
-    rows: i32,
-    cols: i32,
-    act: i32,
-    pad_: i32,
+kernel_params! {
+    struct GatedParams = 56 bytes {
+        gate: u64,
+        up: u64,
+        out: u64,
+        gate_rs: i64,
+        up_rs: i64,
+        rows: i32,
+        cols: i32,
+        act: i32,
+        pad_: i32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<GatedParams>() == 56);
-// SAFETY: see GemmParams (mirrors pointwise.cu GatedParams).
-unsafe impl DeviceRepr for GatedParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RopeParams {
-    x: u64,
-    inv_freq: u64,
-    start: u64,
-    row_stride: i64,
-    batch: i32,
-    seq: i32,
-    heads: i32,
-    head_dim: i32,
-    nfreq: i32,
-    pad_: i32,
+kernel_params! {
+    struct RopeParams = 56 bytes {
+        x: u64,
+        inv_freq: u64,
+        start: u64,
+        row_stride: i64,
+        batch: i32,
+        seq: i32,
+        heads: i32,
+        head_dim: i32,
+        nfreq: i32,
+        pad_: i32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<RopeParams>() == 56);
-// SAFETY: see GemmParams (mirrors pointwise.cu RopeParams).
-unsafe impl DeviceRepr for RopeParams {}
 
 /// A column view of rows: row `r` starts at element `offset + r * row_stride` of `buf`.
 #[derive(Clone, Copy, Debug)]
@@ -94,11 +87,7 @@ impl CudaDevice {
         let (gp, gr) = gate.check(K, "gate", rows, cols)?;
         let (up_ptr, ur) = up.check(K, "up", rows, cols)?;
         need(K, "out", out, rows * cols)?;
-        for (name, r) in [("gate", gr), ("up", ur)] {
-            if ranges_overlap(out.range(), r) {
-                return Err(bad(K, format!("out overlaps {name}")));
-            }
-        }
+        written_apart(K, "out", out.range(), &[("gate", Some(gr)), ("up", Some(ur))])?;
         let p = GatedParams {
             gate: gp,
             up: up_ptr,
@@ -110,12 +99,10 @@ impl CudaDevice {
             act: act_code(act),
             pad_: 0,
         };
-        let f = self.func("pointwise", "gated_act_f16")?;
         let cfg = elementwise_cfg(rows * cols, self.num_sms());
         // SAFETY: gate/up rows r < rows hold cols elements at their strides and out holds
         // rows*cols (checked); out is disjoint from gate and up; grid-stride loop.
-        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr("gated_act_f16"))?;
-        Ok(())
+        unsafe { self.launch("pointwise", "gated_act_f16", cfg, &[&p]) }
     }
 
     /// HF rotate_half RoPE in place on `heads` heads of `head_dim` in rows `b * seq + i` of
@@ -151,13 +138,11 @@ impl CudaDevice {
             nfreq: to_i32(K, "nfreq", nfreq)?,
             pad_: 0,
         };
-        let f = self.func("pointwise", "rope_f16")?;
         let cfg = elementwise_cfg(batch * seq * heads * nfreq, self.num_sms());
         // SAFETY: every row b*seq + i < batch*seq of x holds heads*head_dim elements at its
         // stride (checked); 2*nfreq <= head_dim so j + nfreq stays inside the head; inv_freq has
         // nfreq floats and start batch ints (different allocations from x: f32/i32 slices);
         // each thread updates its own pair in place; grid-stride loop.
-        unsafe { self.stream().launch_builder(&f).arg(&p).launch(cfg) }.map_err(lerr("rope_f16"))?;
-        Ok(())
+        unsafe { self.launch("pointwise", "rope_f16", cfg, &[&p]) }
     }
 }

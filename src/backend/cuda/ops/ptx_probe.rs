@@ -1,7 +1,6 @@
 //! kernels/ptx_probe.cu: one warp through the inline-PTX wrappers (cp.async, ldmatrix, mma.sync)
 //! on fixed inputs, so a test holds a real card and the simulated device to the PTX ISA's answers.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::*;
@@ -42,16 +41,11 @@ impl CudaDevice {
             return Err(bad(K, "a, b, src and copied must be 16-byte aligned"));
         }
         disjoint(K, "d", out.d, "c", c)?;
-        let f = self.func("ptx_probe", K)?;
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = blocks_of((1, 1, 1), 32);
         let (ap, bp, cp, dp, fp, op, sp) =
             (a.ptr(), b.ptr(), c.ptr(), out.d.ptr(), out.frag.ptr(), out.copied.ptr(), src.ptr());
         // SAFETY: every buffer holds what the kernel touches (checked above), a/b/src/copied are
         // 16-byte aligned for the 16-byte copies, the outputs do not overlap the inputs they follow.
-        unsafe {
-            self.stream().launch_builder(&f).arg(&ap).arg(&bp).arg(&cp).arg(&dp).arg(&fp).arg(&op).arg(&sp).launch(cfg)
-        }
-        .map_err(lerr(K))?;
-        Ok(())
+        unsafe { self.launch("ptx_probe", K, cfg, &[&ap, &bp, &cp, &dp, &fp, &op, &sp]) }
     }
 }

@@ -1,6 +1,5 @@
 //! kernels/reorder.cu: beam search's KV-cache reorder as a gather of whole sequences.
 
-use cudarc::driver::PushKernelArg;
 use half::f16;
 
 use super::*;
@@ -55,14 +54,11 @@ impl CudaDevice {
         let wide = len % 8 == 0 && src.is_aligned(16) && dst.is_aligned(16);
         let (name, units) = if wide { ("gather_seqs_u128", len / 8) } else { ("gather_seqs_u16", len) };
         let l = i64::try_from(units).map_err(|_| bad(K, format!("len {len} exceeds i64")))?;
-        let f = self.func("reorder", name)?;
         let cfg = elementwise_cfg(count * units, self.num_sms());
         let (sp, dp, ss, ds) = (src.ptr(), dst.ptr(), src_seq.ptr(), dst_seq.ptr());
         // SAFETY: src_seq/dst_seq hold `count` indices, each within its buffer's sequences (checked
         // above on the host copies the device ones were written from); src and dst are disjoint;
         // no destination repeats; the kernel's grid-stride loop covers count*units elements.
-        unsafe { self.stream().launch_builder(&f).arg(&sp).arg(&dp).arg(&ss).arg(&ds).arg(&c).arg(&l).launch(cfg) }
-            .map_err(lerr(name))?;
-        Ok(())
+        unsafe { self.launch("reorder", name, cfg, &[&sp, &dp, &ss, &ds, &c, &l]) }
     }
 }

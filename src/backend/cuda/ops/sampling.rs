@@ -1,7 +1,7 @@
 //! kernels/sampling.cu: greedy argmax with the chosen token's log-prob, and beam search's top-k
 //! log-probs per row.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::f16;
 
 use super::*;
@@ -23,6 +23,35 @@ impl LogitType for f16 {
     const TOPK: &'static str = "topk_f16";
 }
 
+/// The checks argmax and top-k share: `logits` `[rows, vocab]`, `k` picks per row in `idx` and
+/// `logprob` (both disjoint from the logits and each other), `1 <= k <= vocab`. Returns the
+/// launch (one 1024-thread block per row), the vocabulary as i32 and the three addresses.
+fn check_picks<T: LogitType>(
+    kernel: &'static str,
+    logits: &DevSlice<T>,
+    idx: &DevSlice<i32>,
+    logprob: &DevSlice<f32>,
+    rows: usize,
+    vocab: usize,
+    k: usize,
+) -> GpuResult<(LaunchConfig, i32, [u64; 3])> {
+    if rows == 0 || vocab == 0 {
+        return Err(bad(kernel, "empty shape"));
+    }
+    if k == 0 || k > vocab {
+        return Err(bad(kernel, format!("k = {k} must be in 1..={vocab} (the vocabulary)")));
+    }
+    need(kernel, "logits", logits, rows * vocab)?;
+    need(kernel, "idx", idx, rows * k)?;
+    need(kernel, "logprob", logprob, rows * k)?;
+    disjoint(kernel, "idx", idx, "logits", logits)?;
+    disjoint(kernel, "logprob", logprob, "logits", logits)?;
+    disjoint(kernel, "idx", idx, "logprob", logprob)?;
+    let v = to_i32(kernel, "vocab", vocab)?;
+    let cfg = blocks_of((to_i32(kernel, "rows", rows)? as u32, 1, 1), 1024);
+    Ok((cfg, v, [logits.ptr(), idx.ptr(), logprob.ptr()]))
+}
+
 impl CudaDevice {
     /// Greedy pick per row of logits [rows, vocab]: idx[r] = argmax (ties -> lowest index),
     /// logprob[r] = log_softmax(logits[r])[idx[r]] in fp32.
@@ -34,29 +63,10 @@ impl CudaDevice {
         rows: usize,
         vocab: usize,
     ) -> GpuResult<()> {
-        const K: &str = "argmax";
-        if rows == 0 || vocab == 0 {
-            return Err(bad(K, "empty shape"));
-        }
-        need(K, "logits", logits, rows * vocab)?;
-        need(K, "idx", idx, rows)?;
-        need(K, "logprob", logprob, rows)?;
-        disjoint(K, "idx", idx, "logits", logits)?;
-        disjoint(K, "logprob", logprob, "logits", logits)?;
-        disjoint(K, "idx", idx, "logprob", logprob)?;
-        let v = to_i32(K, "vocab", vocab)?;
-        let f = self.func("sampling", T::ARGMAX)?;
-        let cfg = LaunchConfig {
-            grid_dim: (to_i32(K, "rows", rows)? as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (lp, ip, pp) = (logits.ptr(), idx.ptr(), logprob.ptr());
+        let (cfg, v, [lp, ip, pp]) = check_picks("argmax", logits, idx, logprob, rows, vocab, 1)?;
         // SAFETY: logits hold rows*vocab elements of the instance's type, idx/logprob >= rows;
         // outputs disjoint from logits and each other; one 1024-thread block per row.
-        unsafe { self.stream().launch_builder(&f).arg(&lp).arg(&v).arg(&ip).arg(&pp).launch(cfg) }
-            .map_err(lerr(T::ARGMAX))?;
-        Ok(())
+        unsafe { self.launch("sampling", T::ARGMAX, cfg, &[&lp, &v, &ip, &pp]) }
     }
 
     /// The `k` best entries of each row of logits [rows, vocab] in torch.topk order (value
@@ -71,32 +81,10 @@ impl CudaDevice {
         vocab: usize,
         k: usize,
     ) -> GpuResult<()> {
-        const K: &str = "topk";
-        if rows == 0 || vocab == 0 {
-            return Err(bad(K, "empty shape"));
-        }
-        if k == 0 || k > vocab {
-            return Err(bad(K, format!("k = {k} must be in 1..={vocab} (the vocabulary)")));
-        }
-        need(K, "logits", logits, rows * vocab)?;
-        need(K, "idx", idx, rows * k)?;
-        need(K, "logprob", logprob, rows * k)?;
-        disjoint(K, "idx", idx, "logits", logits)?;
-        disjoint(K, "logprob", logprob, "logits", logits)?;
-        disjoint(K, "idx", idx, "logprob", logprob)?;
-        let v = to_i32(K, "vocab", vocab)?;
-        let kk = to_i32(K, "k", k)?;
-        let f = self.func("sampling", T::TOPK)?;
-        let cfg = LaunchConfig {
-            grid_dim: (to_i32(K, "rows", rows)? as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (lp, ip, pp) = (logits.ptr(), idx.ptr(), logprob.ptr());
+        let (cfg, v, [lp, ip, pp]) = check_picks("topk", logits, idx, logprob, rows, vocab, k)?;
+        let kk = k as i32;
         // SAFETY: logits hold rows*vocab elements of the instance's type, idx/logprob >= rows*k;
         // 1 <= k <= vocab; outputs disjoint from logits and each other; one 1024-thread block per row.
-        unsafe { self.stream().launch_builder(&f).arg(&lp).arg(&v).arg(&kk).arg(&ip).arg(&pp).launch(cfg) }
-            .map_err(lerr(T::TOPK))?;
-        Ok(())
+        unsafe { self.launch("sampling", T::TOPK, cfg, &[&lp, &v, &kk, &ip, &pp]) }
     }
 }
