@@ -350,7 +350,11 @@ fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
 }
 
 fn json_record(model: &Model, image: &Path, out: &Output) -> String {
-    glimpse::dataset::json_record(image.display().to_string().into(), out, model.load_seconds).to_string()
+    let mut record = glimpse::dataset::json_record(serde_json::Value::Null, out, model.load_seconds);
+    if let Some(fields) = record.as_object_mut() {
+        fields.extend(cli::output::image_fields(image));
+    }
+    record.to_string()
 }
 
 /// `--stream`: one image's text printed as it is generated (escaped as the plain output is,
@@ -473,30 +477,46 @@ fn batched<X, Y>(
     slots.into_iter().map(|s| s.and_then(|()| results.next().unwrap_or_else(|| Err("no result".into())))).collect()
 }
 
-/// Writes one record per input (`key`: "image" or "text"), in order, `batch` inputs per call of
+/// One input of `embed`: the fields that name it in its `--json` record (`text`, or `image`
+/// and, for a path that is not UTF-8, `image_bytes`) and how plain output and errors show it.
+struct EmbedInput {
+    fields: serde_json::Map<String, serde_json::Value>,
+    shown: String,
+}
+
+impl EmbedInput {
+    fn text(text: &str) -> Self {
+        let mut fields = serde_json::Map::new();
+        fields.insert("text".into(), text.into());
+        Self { fields, shown: text.to_string() }
+    }
+    fn image(path: &Path) -> Self {
+        Self { fields: cli::output::image_fields(path), shown: path.display().to_string() }
+    }
+}
+
+/// Writes one record per input, in order, `batch` inputs per call of
 /// `run`; failed inputs are reported and the rest still run. Exit status 1 if any failed.
 fn embed_records(
-    names: &[String],
-    key: &str,
+    inputs: &[EmbedInput],
     json: bool,
     batch: usize,
     mut run: impl FnMut(std::ops::Range<usize>) -> Vec<Result<Outcome, String>>,
 ) -> Result<ExitCode, CliError> {
     let mut stdout = Stdout::new();
-    let several = names.len() > 1;
+    let several = inputs.len() > 1;
     let mut failed = false;
     let mut start = 0;
-    while start < names.len() {
-        let end = (start + batch).min(names.len());
-        for (name, result) in names[start..end].iter().zip(run(start..end)) {
-            let path = Path::new(name);
-            let record = match result {
+    while start < inputs.len() {
+        let end = (start + batch).min(inputs.len());
+        for (input, result) in inputs[start..end].iter().zip(run(start..end)) {
+            let path = Path::new(&input.shown);
+            let mut record = input.fields.clone();
+            let line = match result {
                 Ok((fields, plain)) => {
                     if json {
-                        let mut obj = serde_json::Map::new();
-                        obj.insert(key.into(), name.clone().into());
-                        obj.extend(fields);
-                        Some(serde_json::Value::Object(obj).to_string())
+                        record.extend(fields);
+                        Some(serde_json::Value::Object(record).to_string())
                     } else {
                         cli::output::plain_record(path, Ok(&plain), several)
                     }
@@ -505,13 +525,14 @@ fn embed_records(
                     failed = true;
                     diagnostic("error", &cli::output::image_error(path, &msg));
                     if json {
-                        Some(serde_json::json!({ key: name, "error": msg }).to_string())
+                        record.insert("error".into(), msg.into());
+                        Some(serde_json::Value::Object(record).to_string())
                     } else {
                         cli::output::plain_record(path, Err(&msg), several)
                     }
                 }
             };
-            if let Some(line) = record {
+            if let Some(line) = line {
                 match stdout.line(&line) {
                     Ok(()) => {}
                     Err(Stop::Closed) => return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }),
@@ -535,13 +556,14 @@ fn run_embed(args: &EmbedArgs, texts: &[String], images: &[PathBuf]) -> Result<E
     let batch = glimpse::dataset::batch_size(args.batch_size)?;
     let model = load_embedder(args)?;
     if !texts.is_empty() {
-        return embed_records(texts, "text", args.json, batch, |r| {
+        let inputs: Vec<EmbedInput> = texts.iter().map(|t| EmbedInput::text(t)).collect();
+        return embed_records(&inputs, args.json, batch, |r| {
             let ids = texts[r].iter().map(|t| model.text_ids(t).map_err(|e| e.to_string())).collect();
             batched(ids, |ids| model.embed_text_ids(ids)).into_iter().map(|e| e.map(embedding_outcome)).collect()
         });
     }
-    let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
-    embed_records(&names, "image", args.json, batch, |r| {
+    let inputs: Vec<EmbedInput> = images.iter().map(|p| EmbedInput::image(p)).collect();
+    embed_records(&inputs, args.json, batch, |r| {
         let px = images[r].iter().map(|p| model.preprocess(p).map_err(|e| e.to_string())).collect();
         batched(px, |px| model.embed_images(px)).into_iter().map(|e| e.map(embedding_outcome)).collect()
     })
@@ -553,8 +575,8 @@ fn run_classify(args: &EmbedArgs, images: &[PathBuf], labels: &[String]) -> Resu
     let label_refs: Vec<&str> = labels.iter().map(String::as_str).collect();
     // Every record needs the labels: embedding them is the command's own step, not a record's.
     let label_embeds = model.embed_texts(&label_refs)?;
-    let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
-    embed_records(&names, "image", args.json, batch, |r| {
+    let inputs: Vec<EmbedInput> = images.iter().map(|p| EmbedInput::image(p)).collect();
+    embed_records(&inputs, args.json, batch, |r| {
         let px = images[r].iter().map(|p| model.preprocess(p).map_err(|e| e.to_string())).collect();
         batched(px, |px| {
             let logits = model.logits(&model.embed_images(px)?, &label_embeds)?;
@@ -593,7 +615,8 @@ fn run_multi(
     let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
     let out = model.ask_images(&paths, question, opts)?;
     let line = if json {
-        let names = images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        // The images' names as text (`\xHH` for a byte that is not UTF-8), in order.
+        let names = images.iter().map(|p| cli::output::image_fields(p)["image"].clone()).collect::<Vec<_>>();
         glimpse::dataset::json_record(names.into(), &out, model.load_seconds).to_string()
     } else {
         cli::output::plain_record(&images[0], Ok(&out.text), false).unwrap_or_default()

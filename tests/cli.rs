@@ -849,3 +849,66 @@ fn malformed_checkpoint() {
         "model.safetensors",
     );
 }
+
+/// `caption --json` and `embed --json` name a file whose name is not UTF-8 as dataset records
+/// do: `image` shows each invalid byte as `\xHH`, `image_bytes` holds the path's exact bytes
+/// (base64), in a result record and in an error record alike; a UTF-8 name has no
+/// `image_bytes`.
+#[cfg(target_os = "linux")]
+#[test]
+fn json_records_name_non_utf8_files_exactly() {
+    use base64::Engine;
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let odd = dir.join(std::ffi::OsStr::from_bytes(b"a\xff.png"));
+    std::fs::copy(common::image("odd_257x181.png"), &odd).unwrap();
+    let broken = dir.join(std::ffi::OsStr::from_bytes(b"b\xfe.png"));
+    std::fs::write(&broken, b"not an image").unwrap();
+    let plain = dir.join("c.png");
+    std::fs::copy(common::image("odd_257x181.png"), &plain).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let check = |line: &serde_json::Value, want_raw: Option<&[u8]>| {
+        let image = line["image"].as_str().unwrap();
+        match want_raw {
+            Some(raw) => {
+                assert!(!image.contains('\u{fffd}'), "{line}");
+                let got = b64.decode(line["image_bytes"].as_str().expect("image_bytes")).unwrap();
+                assert_eq!(got, raw, "{line}");
+            }
+            None => assert!(line.get("image_bytes").is_none(), "{line}"),
+        }
+    };
+    let raw = |p: &std::path::Path| p.as_os_str().as_bytes().to_vec();
+
+    let caption = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["caption", "--model", &model(), "--device", "cpu", "--json", "--max-new-tokens", "2"])
+        .args([&odd, &broken, &plain])
+        .output()
+        .unwrap();
+    assert_eq!(caption.status.code(), Some(1), "{}", stderr(&caption));
+    let lines: Vec<serde_json::Value> = stdout(&caption).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{}", stdout(&caption));
+    assert!(lines[0]["text"].is_string() && lines[1]["error"].is_string() && lines[2]["text"].is_string());
+    assert!(lines[0]["image"].as_str().unwrap().ends_with("a\\xff.png"), "{}", lines[0]);
+    assert!(lines[1]["image"].as_str().unwrap().ends_with("b\\xfe.png"), "{}", lines[1]);
+    check(&lines[0], Some(&raw(&odd)));
+    check(&lines[1], Some(&raw(&broken)));
+    check(&lines[2], None);
+
+    let embed = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["embed", "--model", &common::model_dir("clip-tiny").display().to_string(), "--device", "cpu", "--json"])
+        .args([&odd, &broken, &plain])
+        .output()
+        .unwrap();
+    assert_eq!(embed.status.code(), Some(1), "{}", stderr(&embed));
+    let lines: Vec<serde_json::Value> = stdout(&embed).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{}", stdout(&embed));
+    assert!(lines[0]["embedding"].is_array() && lines[1]["error"].is_string() && lines[2]["embedding"].is_array());
+    assert!(lines[0]["image"].as_str().unwrap().ends_with("a\\xff.png"), "{}", lines[0]);
+    check(&lines[0], Some(&raw(&odd)));
+    check(&lines[1], Some(&raw(&broken)));
+    check(&lines[2], None);
+    // The two embeddings of the same pixels are the same.
+    assert_eq!(lines[0]["embedding"], lines[2]["embedding"]);
+}

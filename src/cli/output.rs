@@ -110,7 +110,23 @@ pub fn plain_record(image: &Path, result: Result<&str, &str>, several: bool) -> 
 
 /// The `--json` record of one image that failed.
 pub fn json_error_record(image: &Path, msg: &str) -> String {
-    serde_json::json!({ "image": image.display().to_string(), "error": msg }).to_string()
+    let mut fields = image_fields(image);
+    fields.insert("error".into(), msg.into());
+    serde_json::Value::Object(fields).to_string()
+}
+
+/// The fields that name an input file in a `--json` record, as dataset records name it:
+/// `image`, the path as text (a byte that is not part of a UTF-8 character written `\xHH`),
+/// and, when that text cannot hold the path exactly, `image_bytes`: its bytes in base64.
+pub fn image_fields(image: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let (label, raw) = glimpse::dataset::input::path_label(image.as_os_str().as_encoded_bytes());
+    let mut fields = serde_json::Map::new();
+    fields.insert("image".into(), label.into());
+    if let Some(raw) = raw {
+        let field = glimpse::dataset::input::RAW_PATH_FIELD;
+        fields.insert(field.into(), glimpse::dataset::output::base64(&raw).into());
+    }
+    fields
 }
 
 /// The stderr message for a failed image: the error itself when it already names the image,
