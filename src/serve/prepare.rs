@@ -85,10 +85,14 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
             }
         }
     };
-    let mut options = model.options(&overrides(req)?).map_err(|e| ApiError::from_glimpse(&e, None))?;
-    if req.n > 1 && !options.do_sample {
-        return Err(ApiError::invalid("n", format!("`n` is {} but `temperature` is 0 (greedy decoding gives one answer): set temperature > 0 to draw {0} samples", req.n)));
+    // n > 1 samples unless the request asked for greedy decoding, which gives one answer.
+    if req.n > 1 && req.temperature == Some(0.0) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` is {} but `temperature` is 0 (greedy decoding gives one answer): set temperature > 0 to draw {0} samples", req.n),
+        ));
     }
+    let mut options = model.options(&overrides(req)).map_err(|e| ApiError::from_glimpse(&e, None))?;
     // The length it gets alone, fixed now: batched with longer prompts it must stay the same.
     let new_tokens = options
         .new_tokens(ids.len(), model.family.max_positions())
@@ -118,13 +122,13 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
 
 /// The request's settings over the model's defaults (generation_config.json, as `glimpse ask`).
 /// `temperature` 0 is greedy; a temperature above 0, a `top_p` or `n` > 1 samples.
-fn overrides(req: &ChatRequest) -> Result<GenerationOverrides, ApiError> {
+fn overrides(req: &ChatRequest) -> GenerationOverrides {
     let do_sample = match req.temperature {
         Some(t) => Some(t > 0.0),
         None if req.top_p.is_some() || req.n > 1 => Some(true),
         None => None,
     };
-    Ok(GenerationOverrides {
+    GenerationOverrides {
         max_new_tokens: req.max_tokens,
         do_sample,
         temperature: req.temperature.filter(|&t| t > 0.0),
@@ -134,7 +138,7 @@ fn overrides(req: &ChatRequest) -> Result<GenerationOverrides, ApiError> {
         stop_strings: (!req.stop.is_empty()).then(|| req.stop.clone()),
         num_return_sequences: (req.n > 1).then_some(req.n),
         ..GenerationOverrides::default()
-    })
+    }
 }
 
 /// The messages as transformers' chat templates take them: content as a list of `image` and
