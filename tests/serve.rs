@@ -298,6 +298,39 @@ fn concurrent_greedy_requests_each_equal_the_request_alone() {
 }
 
 #[test]
+fn instructblip_shares_calls_only_between_equal_questions() {
+    // InstructBLIP's Q-Former reads the question too, and padded batches of different
+    // questions do not yet equal each alone: only equal questions share a call.
+    let server = Server::start("instructblip-tiny", &["--debug-token-delay-ms", "20"]);
+    let model = Model::load(common::model_dir("instructblip-tiny"), Device::Cpu).unwrap();
+    let cases = [
+        ("photo_q90.jpg", "what is it?"),
+        ("wide_301x97.png", "what is it?"),
+        ("tall_83x311.png", ""),
+        ("odd_257x181.png", "what is it?"),
+        ("rgba_150x120.png", "which colour is the sky here?"),
+    ];
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(image, text)| {
+                let server = &server;
+                s.spawn(move || {
+                    server.post("/v1/chat/completions", &chat(&data_uri(image), text, json!({"max_tokens": 6})))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let opts = GenerateOptions { max_new_tokens: Some(6), ..model.default_options() };
+    for ((image, text), (status, v)) in cases.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(content(v), alone(&model, image, text, &opts).text, "{image} {text:?}");
+    }
+    assert!(server.metric("glimpse_batch_size_count") < cases.len() as f64);
+}
+
+#[test]
 fn llava_chats_through_its_template_and_batches_the_same_prompt() {
     let server = Server::start("llava-tiny", &["--debug-token-delay-ms", "20"]);
     let model = Model::load(common::model_dir("llava-tiny"), Device::Cpu).unwrap();
@@ -579,6 +612,26 @@ fn a_client_that_leaves_while_queued_is_dropped_before_its_request_runs() {
     assert_eq!(status, 200, "{v}");
     server.wait_for("glimpse_dropped_before_run_total", 1.0);
     assert_eq!(server.metric("glimpse_batch_size_count"), 1.0, "only the request whose client stayed ran");
+}
+
+#[test]
+fn a_stream_whose_client_leaves_stops_generating() {
+    let server = Server::start("blip2-opt-tiny", &["--debug-token-delay-ms", "50"]);
+    let body = chat(&data_uri("photo_q90.jpg"), "what?", json!({"max_tokens": 40, "stream": true})).to_string();
+    let mut raw = std::net::TcpStream::connect(server.addr()).unwrap();
+    write!(raw, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    // Read until the first token's chunk arrived, then leave.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("data: ").count() < 3 {
+        let n = std::io::Read::read(&mut raw, &mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(raw);
+    server.wait_for("glimpse_requests_running", 0.0);
+    let generated = server.metric("glimpse_generated_tokens_total");
+    assert!(generated < 40.0, "the run went on to its end after the client left ({generated} tokens)");
 }
 
 #[test]

@@ -117,7 +117,18 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
             ));
         }
     }
-    Ok(GenJob { images, prompt, options, prompt_tokens: ids.len(), logprobs: req.logprobs, stream: req.stream })
+    // Encoders that read the prompt (InstructBLIP's Q-Former) make padded batches inexact.
+    let pad_questions = model.chat.is_none()
+        && model.family.text_inputs(&[""]).map_err(|e| ApiError::from_glimpse(&e, None))?.is_none();
+    Ok(GenJob {
+        images,
+        prompt,
+        options,
+        prompt_tokens: ids.len(),
+        logprobs: req.logprobs,
+        stream: req.stream,
+        pad_questions,
+    })
 }
 
 /// The request's settings over the model's defaults (generation_config.json, as `glimpse ask`).

@@ -35,6 +35,11 @@ pub struct GenJob {
     pub logprobs: bool,
     /// Send each token's text as it is generated.
     pub stream: bool,
+    /// Different questions may share a call, left-padded to one length: true where padding is
+    /// exact (BLIP-2). Not where the encoders read the question too (InstructBLIP's Q-Former):
+    /// there padded batches do not yet equal each question alone, so only identical
+    /// questions share a call.
+    pub pad_questions: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -210,8 +215,8 @@ impl Queue {
 /// Whether `b` can run in `a`'s model call with each getting what it gets alone: greedy or
 /// beam search (sampling draws from per-row random streams, so a row's draws depend on its
 /// place in the batch), one choice each, the same settings, and prompts the family batches in
-/// one call (captions with captions, questions with questions, chat prompts with the same text
-/// and image count).
+/// one call (captions with captions, questions with questions where padding is exact, else the
+/// same question, chat prompts with the same text and image count).
 pub fn can_share(a: &Work, b: &Work) -> bool {
     let (Work::Generate(a), Work::Generate(b)) = (a, b) else { return false };
     let alone = |j: &GenJob| j.options.do_sample || j.options.num_return_sequences > 1;
@@ -219,7 +224,8 @@ pub fn can_share(a: &Work, b: &Work) -> bool {
         return false;
     }
     match (&a.prompt, &b.prompt) {
-        (PromptSpec::Caption, PromptSpec::Caption) | (PromptSpec::Question(_), PromptSpec::Question(_)) => true,
+        (PromptSpec::Caption, PromptSpec::Caption) => true,
+        (PromptSpec::Question(x), PromptSpec::Question(y)) => x == y || (a.pad_questions && b.pad_questions),
         (PromptSpec::Chat(x), PromptSpec::Chat(y)) => x == y && a.images.len() == b.images.len(),
         _ => false,
     }
@@ -451,6 +457,10 @@ mod tests {
     use super::*;
 
     fn job(prompt: PromptSpec, images: usize, options: GenerateOptions) -> Work {
+        job_padded(prompt, images, options, true)
+    }
+
+    fn job_padded(prompt: PromptSpec, images: usize, options: GenerateOptions, pad_questions: bool) -> Work {
         let px = PixelValues { height: 1, width: 1, data: vec![0.0; 3] };
         Work::Generate(Box::new(GenJob {
             images: vec![px; images],
@@ -459,6 +469,7 @@ mod tests {
             prompt_tokens: 1,
             logprobs: false,
             stream: false,
+            pad_questions,
         }))
     }
 
@@ -472,6 +483,10 @@ mod tests {
         assert!(can_share(&job(q("a"), 1, greedy()), &job(q("b"), 1, greedy())));
         assert!(can_share(&job(PromptSpec::Caption, 1, greedy()), &job(PromptSpec::Caption, 1, greedy())));
         assert!(!can_share(&job(PromptSpec::Caption, 1, greedy()), &job(q("b"), 1, greedy())));
+        // Where padding is not exact, only the same question shares a call.
+        let unpadded = |s: &str| job_padded(q(s), 1, greedy(), false);
+        assert!(!can_share(&unpadded("a"), &unpadded("b")));
+        assert!(can_share(&unpadded("a"), &unpadded("a")));
         let longer = GenerateOptions { max_new_tokens: Some(6), ..greedy() };
         assert!(!can_share(&job(q("a"), 1, greedy()), &job(q("a"), 1, longer)));
         let sampled = GenerateOptions { do_sample: true, seed: Some(1), ..greedy() };
