@@ -1,4 +1,5 @@
-//! The `glimpse` command line: caption, ask, embed, classify, info, convert, synth, bench, parity.
+//! The `glimpse` command line: caption, ask, embed, classify, serve, info, convert, synth, bench,
+//! parity.
 //!
 //! Exit status: 0 on success; 1 when anything failed (a bad argument, a model that does not
 //! load, any image that failed, a write error on stdout); 2 for usage errors (clap). When the
@@ -232,6 +233,15 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Serve the model over HTTP with OpenAI's API: POST /v1/chat/completions (generating
+    /// models), POST /v1/embeddings (CLIP), GET /v1/models, /health, /metrics. Prints
+    /// `listening on http://ADDR` on stdout; SIGTERM or Ctrl-C drains and exits. See docs/serve.md.
+    Serve {
+        #[command(flatten)]
+        args: glimpse::serve::ServeArgs,
+        #[command(flatten)]
+        hub: HubArgs,
     },
     /// Time every stage (vision, Q-Former, prefill, decode, latency, batch throughput) against
     /// the machine's bandwidth and FLOP floors.
@@ -804,6 +814,12 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
                 out.display(),
                 start.elapsed().as_secs_f64()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { args, hub } => {
+            note_if_auto_falls_back(&args.device);
+            let dir = glimpse::hub::resolve_model_with(&args.model, &hub.options())?;
+            glimpse::serve::run(&args, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
