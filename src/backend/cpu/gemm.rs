@@ -109,17 +109,10 @@ pub fn selected() -> Result<Isa, String> {
     SELECTED.get_or_init(|| Isa::from_env_value(std::env::var(ISA_ENV).ok().as_deref())).clone()
 }
 
-/// One task's product: rows `rows` x columns `cols` of `x · wᵀ`, row-major (row stride
-/// `cols.len()`).
-struct Block {
-    rows: Range<usize>,
-    cols: Range<usize>,
-    t: Vec<f32>,
-}
-
-/// `epilogue(out_row, acc, cols)` for every output row and column block, where `acc[c]` is
-/// `sum_k x[r, k] * w[cols.start + c, k]` accumulated in f32; `out` is `[m, n]` row-major. The
-/// epilogue runs in parallel over rows, once per (row, column block).
+/// `epilogue(out_segment, acc, cols)` for every output row r and column block `cols`, where
+/// `out_segment` is `out[r, cols]` (`out` is `[m, n]` row-major) and `acc[c]` is
+/// `sum_k x[r, k] * w[cols.start + c, k]` accumulated in f32. The epilogue runs in parallel, once
+/// per (row, column block).
 pub fn matmul<E>(isa: Isa, x: &[f32], w: &[f16], dims: GemmDims, out: &mut [f32], epilogue: E)
 where
     E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
@@ -128,29 +121,24 @@ where
     assert!(m > 0 && n > 0 && k > 0, "matmul: empty shape");
     assert!(isa.available(), "matmul: the {} path needs instructions this CPU lacks", isa.name());
     assert!(x.len() >= m * k && w.len() == n * k && out.len() >= m * n, "matmul: buffer sizes");
-    let (blocks, rows_per_block, blocks_per_row) = match isa {
-        Isa::Avx2 => gemm_crate_blocks(x, w, dims),
-        Isa::Avx512 | Isa::Portable => packed_blocks(isa, x, w, dims),
-    };
-    out[..m * n].par_chunks_mut(n).enumerate().for_each(|(r, out_row)| {
-        let row_block = &blocks[r / rows_per_block * blocks_per_row..][..blocks_per_row];
-        for b in row_block {
-            let width = b.cols.len();
-            let local = r - b.rows.start;
-            epilogue(out_row, &b.t[local * width..][..width], b.cols.clone());
-        }
-    });
+    match isa {
+        Isa::Avx2 => gemm_crate_matmul(x, w, dims, &mut out[..m * n], &epilogue),
+        Isa::Avx512 | Isa::Portable => packed_matmul(isa, x, w, dims, &mut out[..m * n], &epilogue),
+    }
 }
 
-/// The `avx2` path: blocks of output features, one per task; each task widens its slice of W to
-/// f32 into a buffer that stays in its core's L2 and multiplies it with the `gemm` crate. Returns
-/// the blocks (one row block of all `m` rows) with its row-block height and blocks per row.
-fn gemm_crate_blocks(x: &[f32], w: &[f16], dims: GemmDims) -> (Vec<Block>, usize, usize) {
+/// The `avx2` path, as before the AVX-512 kernel: blocks of output features, one per task; each
+/// task widens its slice of W to f32 into a buffer that stays in its core's L2 and multiplies it
+/// with the `gemm` crate; then one parallel pass over the rows applies the epilogue.
+fn gemm_crate_matmul<E>(x: &[f32], w: &[f16], dims: GemmDims, out: &mut [f32], epilogue: &E)
+where
+    E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
+{
     let GemmDims { m: rows, n, k } = dims;
     let block = (L2_BLOCK_BYTES / (k * 4)).clamp(16, 512);
     let starts: Vec<usize> = (0..n).step_by(block).collect();
     let inner = if starts.len() < rayon::current_num_threads() { Parallelism::Rayon(0) } else { Parallelism::None };
-    let blocks: Vec<Block> = starts
+    let products: Vec<Vec<f32>> = starts
         .par_iter()
         .map_init(
             || vec![0f32; block * k],
@@ -188,12 +176,16 @@ fn gemm_crate_blocks(x: &[f32], w: &[f16], dims: GemmDims) -> (Vec<Block>, usize
                         inner,
                     );
                 }
-                Block { rows: 0..rows, cols: j0..j0 + nb, t }
+                t
             },
         )
         .collect();
-    let per_row = blocks.len();
-    (blocks, rows, per_row)
+    out.par_chunks_mut(n).enumerate().for_each(|(r, out_row)| {
+        for (&j0, t) in starts.iter().zip(&products) {
+            let nb = t.len() / rows;
+            epilogue(&mut out_row[j0..j0 + nb], &t[r * nb..(r + 1) * nb], j0..j0 + nb);
+        }
+    });
 }
 
 thread_local! {
@@ -203,6 +195,8 @@ thread_local! {
     static PACKED_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Packed-weight panels of one task, per worker thread (at most 512 KiB), reused likewise.
     static PACKED_W: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One task's product block, per worker thread, reused likewise.
+    static BLOCK_PRODUCT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on a thread-local scratch of at least `len` floats (contents unspecified).
@@ -220,8 +214,35 @@ fn with_scratch<R>(
     r
 }
 
-/// The `avx512` and `portable` paths: see the module comment for the blocking.
-fn packed_blocks(isa: Isa, x: &[f32], w: &[f16], dims: GemmDims) -> (Vec<Block>, usize, usize) {
+/// `out` (`[m, n]` row-major) shared by tasks that each write their own block of it.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    n: usize,
+}
+
+// SAFETY: tasks only touch disjoint blocks (see `row_segment`), from any thread.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Row `r`, columns `cols`, of `out`.
+    ///
+    /// # Safety
+    /// `r < m`, `cols.end <= n`, and no other live reference overlaps the segment: each task
+    /// asks only for rows and columns of its own block, and blocks partition `out`.
+    unsafe fn row_segment<'a>(self, r: usize, cols: Range<usize>) -> &'a mut [f32] {
+        // SAFETY: in bounds and unaliased by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.n + cols.start), cols.len()) }
+    }
+}
+
+/// The `avx512` and `portable` paths: see the module comment for the blocking. Each task applies
+/// the epilogue to its block of `out` straight from its product, while it is in cache.
+fn packed_matmul<E>(isa: Isa, x: &[f32], w: &[f16], dims: GemmDims, out: &mut [f32], epilogue: &E)
+where
+    E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
+{
     let GemmDims { m, n, k } = dims;
     let row_tiles = m.div_ceil(MR);
     let panels = n.div_ceil(NR);
@@ -233,28 +254,35 @@ fn packed_blocks(isa: Isa, x: &[f32], w: &[f16], dims: GemmDims) -> (Vec<Block>,
     let col_blocks = panels.div_ceil(panels_per_block);
     let row_blocks = row_tiles.div_ceil(TILES_PER_ROW_BLOCK);
     let rows_per_block = TILES_PER_ROW_BLOCK * MR;
+    let shared = SharedOut { ptr: out.as_mut_ptr(), n };
     with_scratch(&PACKED_X, row_tiles * k * MR, |packed_x| {
         pack_x(x, m, k, packed_x);
         let packed_x: &[f32] = packed_x;
-        let blocks = (0..row_blocks * col_blocks)
-            .into_par_iter()
-            .map(|task| {
-                let (rb, cb) = (task / col_blocks, task % col_blocks);
-                let rows = rb * rows_per_block..((rb + 1) * rows_per_block).min(m);
-                let cols = cb * panels_per_block * NR..((cb + 1) * panels_per_block * NR).min(n);
-                let t = with_scratch(&PACKED_W, panels_per_block * KC * NR, |panel_buf| {
-                    block_product(isa, packed_x, w, k, rows.clone(), cols.clone(), panel_buf)
+        (0..row_blocks * col_blocks).into_par_iter().for_each(|task| {
+            let (rb, cb) = (task / col_blocks, task % col_blocks);
+            let rows = rb * rows_per_block..((rb + 1) * rows_per_block).min(m);
+            let cols = cb * panels_per_block * NR..((cb + 1) * panels_per_block * NR).min(n);
+            with_scratch(&BLOCK_PRODUCT, rows.len() * cols.len(), |t| {
+                with_scratch(&PACKED_W, panels_per_block * KC * NR, |panel_buf| {
+                    block_product(isa, packed_x, w, k, (rows.clone(), cols.clone()), panel_buf, t)
                 });
-                Block { rows, cols, t }
+                for (r, acc) in rows.clone().zip(t.chunks_exact(cols.len())) {
+                    // SAFETY: r < m and cols.end <= n; (rows, cols) is this task's block, and the
+                    // tasks' blocks partition out.
+                    let out_segment = unsafe { shared.row_segment(r, cols.clone()) };
+                    epilogue(out_segment, acc, cols.clone());
+                }
             })
-            .collect();
-        (blocks, rows_per_block, col_blocks)
+        });
     })
 }
 
 /// Packs x (`[m, k]`) into row tiles `[m.div_ceil(MR)][k][MR]`, rows past `m` zero.
 fn pack_x(x: &[f32], m: usize, k: usize, packed: &mut [f32]) {
-    packed.par_chunks_mut(k * MR).enumerate().for_each(|(tile, dst)| {
+    // Below this many floats a rayon round trip costs more than the copy.
+    const PARALLEL_FROM: usize = 1 << 16;
+    let min_tiles = if packed.len() < PARALLEL_FROM { usize::MAX } else { 1 };
+    packed.par_chunks_mut(k * MR).with_min_len(min_tiles).enumerate().for_each(|(tile, dst)| {
         let rows = MR.min(m - tile * MR);
         for (kk, group) in dst.chunks_exact_mut(MR).enumerate() {
             for (r, v) in group.iter_mut().enumerate() {
@@ -264,18 +292,18 @@ fn pack_x(x: &[f32], m: usize, k: usize, packed: &mut [f32]) {
     });
 }
 
-/// One task: the product block `rows x cols` of `x · wᵀ`, row-major.
+/// One task: the product block `rows x cols` of `x · wᵀ` into `t`, row-major (every element is
+/// written).
 fn block_product(
     isa: Isa,
     packed_x: &[f32],
     w: &[f16],
     k: usize,
-    rows: Range<usize>,
-    cols: Range<usize>,
+    (rows, cols): (Range<usize>, Range<usize>),
     panel_buf: &mut [f32],
-) -> Vec<f32> {
+    t: &mut [f32],
+) {
     let width = cols.len();
-    let mut t = vec![0f32; rows.len() * width];
     let panels = width.div_ceil(NR);
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
@@ -297,7 +325,6 @@ fn block_product(
             }
         }
     }
-    t
 }
 
 /// Operands of one microkernel call: `c[r * ldc + j] (+)= sum_kk a[kk * MR + r] * b[kk * NR + j]`
@@ -542,7 +569,7 @@ mod tests {
                 let w: Vec<f16> =
                     crate::synth::random_normal(n * k, 3 * seed as u64 + 2).into_iter().map(f16::from_f32).collect();
                 let mut out = vec![f32::NAN; m * n];
-                matmul(isa, &x, &w, dims, &mut out, |o, acc, cols| o[cols].copy_from_slice(acc));
+                matmul(isa, &x, &w, dims, &mut out, |o, acc, _| o.copy_from_slice(acc));
                 let ratio = worst_error_ratio(&x, &w, &out, dims);
                 assert!(ratio <= 1.0, "{} {dims:?}: error {ratio} x the f32 summation bound", isa.name());
             }
@@ -556,7 +583,7 @@ mod tests {
         let w: Vec<f16> = crate::synth::random_normal(dims.n * dims.k, 12).into_iter().map(f16::from_f32).collect();
         for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
             let mut out = vec![0f32; dims.m * dims.n];
-            matmul(isa, &x, &w, dims, &mut out, |o, _, cols| o[cols].iter_mut().for_each(|v| *v += 1.0));
+            matmul(isa, &x, &w, dims, &mut out, |o, _, _| o.iter_mut().for_each(|v| *v += 1.0));
             assert!(out.iter().all(|&v| v == 1.0), "{}: some output visited other than once", isa.name());
         }
     }

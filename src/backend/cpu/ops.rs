@@ -29,9 +29,9 @@ pub fn linear(
     let GemmDims { m: rows, n, k } = dims;
     assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
     let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
-    // out[j] (+)= act(acc[j] + bias[j]) over one output row's columns `cols`.
-    let epilogue = |out_row: &mut [f32], acc: &[f32], cols: std::ops::Range<usize>| {
-        for (o, (&a, &b)) in out_row[cols.clone()].iter_mut().zip(acc.iter().zip(&bias[cols])) {
+    // out[j] (+)= act(acc[j] + bias[j]) over the columns `cols` of one output row.
+    let epilogue = |out_cols: &mut [f32], acc: &[f32], cols: std::ops::Range<usize>| {
+        for (o, (&a, &b)) in out_cols.iter_mut().zip(acc.iter().zip(&bias[cols])) {
             let v = act.apply(a + b);
             *o = if accumulate { *o + v } else { v };
         }
