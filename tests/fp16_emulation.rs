@@ -67,12 +67,16 @@ fn fp16_greedy_tokens_meet_the_gpu_test_bars() {
             );
             total += want.len();
             for step in 0..want.len() {
-                assert_eq!(seqs[0].tokens.get(step), Some(&want[step]), "{name} {}: step {step}", case["name"]);
-                worst = worst.max((seqs[0].logprobs[step] - logprobs[step]).abs());
-                compared += 1;
+                // The bar (common::GPU_MARGIN): tokens agree at every step whose reference margin
+                // exceeds it. At the first smaller margin fp16 rounding may pick the runner-up
+                // (margin 0.018 at step 3 of caption_exact_224x224, log-prob errors up to 0.025),
+                // so that step's token is not asserted.
                 if margins[step] < MARGIN {
                     break;
                 }
+                assert_eq!(seqs[0].tokens.get(step), Some(&want[step]), "{name} {}: step {step}", case["name"]);
+                worst = worst.max((seqs[0].logprobs[step] - logprobs[step]).abs());
+                compared += 1;
             }
         }
         println!(

@@ -175,7 +175,10 @@ impl Backend {
     /// An executor for `graph`, with every buffer allocated.
     pub fn executor(&self, weights: &Arc<WeightTable>, graph: &Graph) -> Result<Box<dyn Executor>> {
         Ok(match self {
-            Backend::Cpu => Box::new(cpu::CpuExecutor::new(Arc::clone(weights), &graph.buffers)),
+            Backend::Cpu => {
+                cpu::gemm::selected().map_err(Error::InvalidInput)?;
+                Box::new(cpu::CpuExecutor::new(Arc::clone(weights), &graph.buffers))
+            }
             Backend::Cuda(w) => Box::new(cuda::CudaExecutor::new(Arc::clone(w), Arc::clone(weights), &graph.buffers)?),
         })
     }

@@ -6,14 +6,11 @@
 // (dst = alpha * dst + beta * lhs * rhs); conj_dst, conj_lhs, conj_rhs; parallelism.
 use gemm::Parallelism;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::{GemmDims, NormShape};
 use crate::graph::{Activation, ATTN_MASK_FLOOR};
 
-/// Bytes of f32 weights one [`linear`] task widens at a time (about a core's L2).
-const L2_BLOCK_BYTES: usize = 1 << 20;
 /// Up to this many rows a Linear runs as matrix-vector products (decode), above it as a GEMM.
 const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
 
@@ -32,9 +29,9 @@ pub fn linear(
     let GemmDims { m: rows, n, k } = dims;
     assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
     let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
-    // out[j] (+)= act(acc[j] + bias[j]) over one output row's columns `cols`.
-    let epilogue = |out_row: &mut [f32], acc: &[f32], cols: std::ops::Range<usize>| {
-        for (o, (&a, &b)) in out_row[cols.clone()].iter_mut().zip(acc.iter().zip(&bias[cols])) {
+    // out[j] (+)= act(acc[j] + bias[j]) over the columns `cols` of one output row.
+    let epilogue = |out_cols: &mut [f32], acc: &[f32], cols: std::ops::Range<usize>| {
+        for (o, (&a, &b)) in out_cols.iter_mut().zip(acc.iter().zip(&bias[cols])) {
             let v = act.apply(a + b);
             *o = if accumulate { *o + v } else { v };
         }
@@ -53,56 +50,8 @@ pub fn linear(
         }
         return;
     }
-    // GEMM over blocks of output features, one block per task: each task widens its slice of
-    // W to f32 into a buffer small enough to stay in its core's L2, so the widened copy never
-    // makes a round trip through DRAM, then multiplies it single-threaded.
-    let block = (L2_BLOCK_BYTES / (k * 4)).clamp(16, 512);
-    let starts: Vec<usize> = (0..n).step_by(block).collect();
-    let inner = if starts.len() < rayon::current_num_threads() { Parallelism::Rayon(0) } else { Parallelism::None };
-    let products: Vec<Vec<f32>> = starts
-        .par_iter()
-        .map_init(
-            || vec![0f32; block * k],
-            |wb, &j0| {
-                let nb = block.min(n - j0);
-                w[j0 * k..(j0 + nb) * k].convert_to_f32_slice(&mut wb[..nb * k]);
-                let mut t = vec![0f32; rows * nb];
-                // SAFETY: dst is rows x nb (row stride nb), lhs is rows x k (row stride k), rhs
-                // is the k x nb transpose of the nb x k block (element (kk, j) at j * k + kk);
-                // the slices hold exactly those extents and dst aliases neither input.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        nb,
-                        k,
-                        t.as_mut_ptr(),
-                        1,
-                        nb as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        wb.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        inner,
-                    );
-                }
-                t
-            },
-        )
-        .collect();
-    out[..rows * n].par_chunks_mut(n).enumerate().for_each(|(r, out_row)| {
-        for (&j0, t) in starts.iter().zip(&products) {
-            let nb = t.len() / rows;
-            epilogue(out_row, &t[r * nb..(r + 1) * nb], j0..j0 + nb);
-        }
-    });
+    let isa = super::gemm::selected().unwrap_or_else(|e| panic!("{e}"));
+    super::gemm::matmul(isa, x, w, dims, out, epilogue);
 }
 
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w (+ b)` with `s = x[r] (+ residual[r])`;
