@@ -912,3 +912,17 @@ fn json_records_name_non_utf8_files_exactly() {
     // The two embeddings of the same pixels are the same.
     assert_eq!(lines[0]["embedding"], lines[2]["embedding"]);
 }
+
+/// A `GLIMPSE_CPU_ISA` that names no GEMM path is one clear error naming the variable and the
+/// paths there are, with a failing exit status and no panic.
+#[test]
+fn unknown_cpu_isa_is_a_clear_error() {
+    let o = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["caption", "--model", &model(), "--device", "cpu", &img("odd_257x181.png")])
+        .env("GLIMPSE_CPU_ISA", "sse9")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "GLIMPSE_CPU_ISA=sse9: unknown CPU path (expected one of avx512, avx2, portable)");
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+}
