@@ -165,6 +165,15 @@ pub struct Plan {
     pub step_inputs: Vec<StepInput>,
 }
 
+/// What a plan runs before its language model, in order.
+pub struct Encoders {
+    /// Host data by name ([`Plan::inputs`]).
+    pub inputs: Vec<(&'static str, Buf)>,
+    pub phases: Vec<Phase>,
+    /// Intermediate results by name ([`Plan::outputs`]).
+    pub outputs: Vec<(&'static str, Buf)>,
+}
+
 impl Plan {
     /// Input ids per sequence a request brings: the encoder's for an encoder-decoder, else the
     /// decoder's.

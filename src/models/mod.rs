@@ -11,6 +11,7 @@ pub mod blip2;
 pub mod clip;
 pub mod clip_text;
 pub mod clip_vision;
+pub mod decoder;
 pub mod family;
 pub mod instructblip;
 pub mod language_model;
