@@ -13,6 +13,7 @@ pub mod clip_text;
 pub mod clip_vision;
 pub mod decoder;
 pub mod family;
+pub mod idefics3;
 pub mod instructblip;
 pub mod language_model;
 pub mod layers;
