@@ -1036,6 +1036,12 @@ fn launchers_validate_arguments() {
     let views = AttnViews { q: hv, k: hv, v: hv, o: HeadsView { buf: &y, ..hv } };
     let dims = AttnDims { batch: 1, heads: 1, q_len: 1, kv_len: 1, head_dim: 72 + 8, scale: 1.0 };
     assert!(dev.attention(views, dims, AttnMask::default()).is_err(), "d too large for buffer");
+    // Decode attention takes one query row per sequence; two is refused before any launch.
+    let kv_len = dev.upload(&[1i32]).unwrap();
+    let ws = dev.alloc::<f32>(decode_workspace_len(1, 1, 8, 1)).unwrap();
+    let dims = AttnDims { batch: 1, heads: 1, q_len: 2, kv_len: 1, head_dim: 8, scale: 1.0 };
+    let err = dev.decode_attention(views, &kv_len, &ws, dims, AttnMask::default()).unwrap_err().to_string();
+    assert!(err.contains("q_len = 2"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
