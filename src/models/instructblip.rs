@@ -431,11 +431,13 @@ impl Family for InstructBlip {
     /// As BLIP-2: transformers 5.17's `generate()` hands over to the language model, whose
     /// generation config comes from `text_config` (generation_config.json is not consulted): EOS
     /// `text_config.eos_token_id`, 20 new tokens unless `text_config.max_new_tokens` says more,
-    /// greedy.
+    /// `text_config.min_new_tokens` and `min_p` when set, greedy.
     fn default_options(&self) -> GenerateOptions {
         match &self.lm {
             LanguageModel::Llama(d) => GenerateOptions {
                 max_new_tokens: d.cfg.max_new_tokens,
+                min_new_tokens: d.cfg.min_new_tokens.unwrap_or(0),
+                min_p: d.cfg.min_p,
                 eos_token_ids: d.cfg.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
                 ..GenerateOptions::default()
             },

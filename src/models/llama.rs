@@ -44,8 +44,11 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<TokenIds>,
     pub pad_token_id: Option<u32>,
-    /// Kept on the config like OPT's (the language model's generation config reads it).
+    /// Kept on the config like OPT's (the language model's generation config reads it), with
+    /// `min_new_tokens` and `min_p`: InstructBLIP-Vicuna's language model generates with them.
     pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
 }
 
 impl Default for LlamaConfig {
@@ -73,6 +76,8 @@ impl Default for LlamaConfig {
             eos_token_id: Some(TokenIds::One(2)),
             pad_token_id: None,
             max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
         }
     }
 }
