@@ -162,8 +162,12 @@ impl Model {
     /// family (BLIP-2: EOS and length from `text_config`, not generation_config.json).
     pub fn default_options(&self) -> GenerateOptions {
         let mut o = self.family.default_options();
-        // Chat families generate with their own generation_config.json (LLaVA: eos 2).
-        if self.chat.is_some() {
+        // Chat families (LLaVA) generate with their generation_config.json when it is there
+        // (eos 2), and then the generation fields config.json's text_config keeps
+        // (max_new_tokens, min_new_tokens, min_p) do not apply; without the file, transformers
+        // builds the generation config from config.json, text_config's fields included.
+        if self.chat.is_some() && self.generation.from_file {
+            o = GenerateOptions { eos_token_ids: o.eos_token_ids, ..GenerateOptions::default() };
             GenerationOverrides::from_generation_config(&self.generation).apply(&mut o);
         }
         o

@@ -238,6 +238,10 @@ pub struct GenerationConfig {
     pub num_return_sequences: Option<usize>,
     /// A string or a list of strings (transformers accepts both).
     pub stop_strings: Option<StopStringsField>,
+    /// Read from a generation_config.json (false: the file is absent or not JSON, and
+    /// transformers builds the generation config from config.json instead).
+    #[serde(skip)]
+    pub from_file: bool,
 }
 
 /// `stop_strings` of generation_config.json: one string or a list.
@@ -276,7 +280,8 @@ impl GenerationConfig {
         if !value.is_object() {
             return Err(Error::config(path, "the file is not a JSON object"));
         }
-        let cfg: Self = from_json_value(&value, path)?;
+        let mut cfg: Self = from_json_value(&value, path)?;
+        cfg.from_file = true;
         if cfg.max_new_tokens == Some(0) {
             // GenerationConfig.validate() raises here, so transformers cannot load the model.
             return Err(Error::config(

@@ -549,3 +549,29 @@ fn instructblip_text_config_generation_settings_are_the_defaults() {
     let opts = Model::load(dir.path(), Device::Cpu).unwrap().default_options();
     assert_eq!((opts.min_new_tokens, opts.min_p, opts.max_new_tokens), (5, Some(0.1), Some(7)));
 }
+
+/// LLaVA generates with its generation_config.json when the folder has one, and then the
+/// generation fields of `text_config` do not apply; without the file they do. Checked with
+/// transformers 5.17 on this config: greedy generate() gives 20 new tokens with the fixture's
+/// file (`_from_model_config: true`, no length), 7 without it (`text_config.max_new_tokens`).
+#[test]
+fn llava_text_config_generation_fields_apply_only_without_generation_config_json() {
+    let dir = common::tempdir();
+    let src = common::model_dir("llava-tiny");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::os::unix::fs::symlink(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["min_new_tokens"] = json!(5);
+    cfg["text_config"]["min_p"] = json!(0.1);
+    cfg["text_config"]["max_new_tokens"] = json!(7);
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    write_json(dir.path(), "config.json", &cfg);
+    let with_file = Model::load(dir.path(), Device::Cpu).unwrap().default_options();
+    assert_eq!((with_file.min_new_tokens, with_file.min_p, with_file.max_new_tokens), (0, None, None));
+    assert_eq!(with_file.eos_token_ids, vec![2], "the file's EOS");
+    std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
+    let without = Model::load(dir.path(), Device::Cpu).unwrap().default_options();
+    assert_eq!((without.min_new_tokens, without.min_p, without.max_new_tokens), (5, Some(0.1), Some(7)));
+}

@@ -400,12 +400,15 @@ impl Family for Llava {
         question.to_string()
     }
 
-    /// EOS from `text_config` (generation_config.json, read by the api, takes precedence) and
-    /// transformers' default length.
+    /// What transformers builds from config.json when there is no generation_config.json
+    /// (`GenerationConfig.from_model_config`): EOS and the generation fields `text_config`
+    /// keeps, else transformers' defaults. With the file, the api generates with it instead.
     fn default_options(&self) -> GenerateOptions {
         let t = &self.cfg.text_config;
         GenerateOptions {
             max_new_tokens: t.max_new_tokens,
+            min_new_tokens: t.min_new_tokens.unwrap_or(0),
+            min_p: t.min_p,
             eos_token_ids: t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
             ..GenerateOptions::default()
         }
