@@ -143,7 +143,7 @@ fn alone(model: &Model, image: &str, text: &str, opts: &GenerateOptions) -> Outp
     let bytes = image_bytes(image);
     let px = model.preprocess_input(&ImageInput::Bytes { bytes: &bytes, name: image }).unwrap();
     let prompt = if text.is_empty() { Prompt::Caption } else { Prompt::Question(text) };
-    model.generate(&Request { images: &[px], prompt, options: opts }, &mut |_| {}).unwrap().remove(0)
+    model.generate(&Request::new(&[px], prompt, opts), &mut |_| {}).unwrap().remove(0)
 }
 
 /// OpenAI's error object, with `param` and a message holding `says`.

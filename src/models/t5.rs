@@ -351,6 +351,7 @@ impl T5Phases {
             key_mask: None,
             encoder_input: Some(self.encoder_input),
             step_inputs: self.step_inputs,
+            image_stage: None,
         }
     }
 }

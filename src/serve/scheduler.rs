@@ -334,7 +334,7 @@ impl Worker {
                     std::thread::sleep(self.token_delay);
                 }
             };
-            let request = Request { images: &images, prompt, options: &options };
+            let request = Request::new(&images, prompt, &options);
             std::panic::catch_unwind(AssertUnwindSafe(|| model.generate(&request, &mut on_token)))
         };
         let outputs = match result {

@@ -4,7 +4,7 @@
 use super::config::Blip2Config;
 use super::towers::BlipTowers;
 use crate::error::{Error, Result};
-use crate::generate::{kv_capacity, GenerateOptions, KvCaches, Plan, PlanShape, Step};
+use crate::generate::{kv_capacity, GenerateOptions, ImagePlan, KvCaches, Plan, PlanShape, Step};
 use crate::graph::{Graph, Phase, WeightTable};
 use crate::models::family::ModelCore;
 use crate::models::family::{Family, Loader};
@@ -56,7 +56,7 @@ impl Blip2 {
         }
         let mut g = Graph::new();
         let img = self.towers.build(&mut g, &self.cfg, batch);
-        let (pixels, image_embeds) = (img.pixels, img.image_embeds);
+        let (pixels, image_embeds, image_stage) = (img.pixels, img.image_embeds, img.stage());
 
         // Decoder: prefill over the whole input, then one-token steps over the shared cache.
         let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
@@ -89,6 +89,7 @@ impl Blip2 {
             key_mask: Some(key_mask),
             encoder_input: None,
             step_inputs: Vec::new(),
+            image_stage: Some(image_stage),
         })
     }
 }
@@ -138,6 +139,10 @@ impl Family for Blip2 {
         shape.one_image_per_sequence()?;
         shape.image_only()?;
         self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens, shape.all_prefill_logits)
+    }
+
+    fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
+        Ok(Some(self.towers.image_plan(&self.cfg, images)))
     }
 
     fn describe(&self) -> Vec<String> {

@@ -7,7 +7,7 @@
 use super::config::Blip2Config;
 use super::towers::BlipTowers;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, Plan, PlanShape};
+use crate::generate::{GenerateOptions, ImagePlan, Plan, PlanShape};
 use crate::graph::{Graph, WeightTable};
 use crate::models::family::ModelCore;
 use crate::models::family::{Family, Loader};
@@ -48,8 +48,10 @@ impl Blip2T5 {
             max_new_tokens,
             (img.image_embeds, self.cfg.image_token()),
         )?;
-        let outputs = img.outputs();
-        Ok(t5.into_plan(g, batch, max_new_tokens, vec![("pixels", img.pixels)], img.phases, outputs))
+        let (outputs, stage) = (img.outputs(), img.stage());
+        let mut plan = t5.into_plan(g, batch, max_new_tokens, vec![("pixels", img.pixels)], img.phases, outputs);
+        plan.image_stage = Some(stage);
+        Ok(plan)
     }
 }
 
@@ -101,6 +103,10 @@ impl Family for Blip2T5 {
         shape.one_image_per_sequence()?;
         shape.image_only()?;
         self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens)
+    }
+
+    fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
+        Ok(Some(self.towers.image_plan(&self.cfg, images)))
     }
 
     fn describe(&self) -> Vec<String> {
