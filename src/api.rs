@@ -136,6 +136,12 @@ impl ImageFeatures {
     }
 }
 
+impl From<Vec<f32>> for ImageFeatures {
+    fn from(values: Vec<f32>) -> Self {
+        Self(values.into())
+    }
+}
+
 /// A request's images inside [`Model::generate`]: the pixels, and their features when the
 /// request brings them.
 #[derive(Clone, Copy)]

@@ -550,6 +550,69 @@ fn send_async(server: &Server, body: Value) -> std::thread::JoinHandle<(u16, Val
 }
 
 #[test]
+fn the_image_cache_reuses_image_features_and_changes_no_answer() {
+    let server = Server::start("blip2-opt-tiny", &["--max-batch", "8", "--debug-token-delay-ms", "20"]);
+    let uncached = Server::start("blip2-opt-tiny", &["--image-cache-bytes", "0"]);
+    let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
+    let body = |image: &str, text: &str| chat(&data_uri(image), text, json!({"temperature": 0, "logprobs": true}));
+    let cache = |s: &Server| {
+        ["hits_total", "misses_total", "entries", "bytes"].map(|m| s.metric(&format!("glimpse_image_cache_{m}")))
+    };
+    // BLIP-2's features of one image: 32 projected queries of the decoder's width (160), f32.
+    let entry = (32 * 160 * 4) as f64;
+
+    let ask = body("photo_q90.jpg", "what is in the picture?");
+    let (status, first) = server.post("/v1/chat/completions", &ask);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(cache(&server), [0.0, 1.0, 1.0, entry]);
+    let (_, second) = server.post("/v1/chat/completions", &ask);
+    assert_eq!(cache(&server), [1.0, 1.0, 1.0, entry], "the same bytes again are a hit");
+    // Text, finish reason, usage and every log-probability: the same with and without the cache.
+    assert_eq!(second["choices"], first["choices"]);
+    assert_eq!(second["usage"], first["usage"]);
+    let (_, off) = uncached.post("/v1/chat/completions", &ask);
+    assert_eq!(off["choices"], first["choices"]);
+    assert_eq!(cache(&uncached), [0.0; 4], "--image-cache-bytes 0 turns it off");
+    let want = alone(&model, "photo_q90.jpg", "what is in the picture?", &model.default_options());
+    assert_eq!(content(&first), want.text);
+    let logprobs: Vec<f64> = first["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+    // serde_json's default float parsing may land one ulp off the printed shortest decimal.
+    assert_eq!(logprobs.len(), want.logprobs.len());
+    for (got, want) in logprobs.iter().zip(&want.logprobs) {
+        assert!((got - want).abs() <= 1e-15 * want.abs(), "{got} vs {want}");
+    }
+
+    // One model call mixing a hit and a miss: a first request holds the worker while the two
+    // queue, then they share the next call.
+    let hold = send_async(&server, chat(&data_uri("exact_224x224.png"), "hold", json!({"max_tokens": 8})));
+    server.wait_for("glimpse_requests_running", 1.0);
+    let mixed = [("photo_q90.jpg", "what colour is it?"), ("wide_301x97.png", "and this one?")];
+    let handles: Vec<_> = mixed.iter().map(|(image, text)| send_async(&server, body(image, text))).collect();
+    server.wait_for("glimpse_queue_depth", 2.0);
+    assert_eq!(hold.join().unwrap().0, 200);
+    let answers: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(server.metric("glimpse_batch_size_count"), 4.0, "the two shared one call");
+    assert_eq!(cache(&server), [2.0, 3.0, 3.0, 3.0 * entry]);
+    for ((image, text), (status, v)) in mixed.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{v}");
+        let (_, off) = uncached.post("/v1/chat/completions", &body(image, text));
+        assert_eq!(v["choices"], off["choices"], "{image}: the answer differs from the uncached server's");
+    }
+
+    // Bounded in bytes: room for one image's features, the least recently used goes.
+    let small = Server::start("blip2-opt-tiny", &["--image-cache-bytes", &(entry as usize + 100).to_string()]);
+    for image in ["photo_q90.jpg", "wide_301x97.png", "photo_q90.jpg"] {
+        assert_eq!(small.post("/v1/chat/completions", &body(image, "what?")).0, 200);
+    }
+    assert_eq!(cache(&small), [0.0, 3.0, 1.0, entry]);
+}
+
+#[test]
 fn a_full_queue_is_a_429_with_retry_after_and_the_queued_requests_still_run() {
     let server =
         Server::start("blip2-opt-tiny", &["--max-batch", "1", "--max-queue", "1", "--debug-token-delay-ms", "150"]);
