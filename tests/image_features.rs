@@ -40,13 +40,18 @@ fn run_with(
     model.generate(&request, &mut |_| {}).unwrap()
 }
 
-/// Text, tokens, log-probabilities (bit patterns) and returned hypotheses of each output.
-fn answers(outputs: &[Output]) -> Vec<(String, Vec<u32>, Vec<u64>, Option<u64>, usize)> {
+/// One output as compared: text, tokens, log-probabilities and beam score (as bit patterns),
+/// the tokens of the other returned hypotheses.
+type Answer = (String, Vec<u32>, Vec<u64>, Option<u64>, Vec<Vec<u32>>);
+
+/// Each output as an [`Answer`].
+fn answers(outputs: &[Output]) -> Vec<Answer> {
     outputs
         .iter()
         .map(|o| {
             let bits = o.logprobs.iter().map(|l| l.to_bits()).collect();
-            (o.text.clone(), o.tokens.clone(), bits, o.score.map(f64::to_bits), o.alternatives.len())
+            let others = o.alternatives.iter().map(|h| h.tokens.clone()).collect();
+            (o.text.clone(), o.tokens.clone(), bits, o.score.map(f64::to_bits), others)
         })
         .collect()
 }
