@@ -5,7 +5,7 @@
 use cudarc::driver::sys::CUevent_flags;
 use glimpse::backend::cuda::{
     decode_workspace_len, Activation, AttnDims, AttnMask, AttnViews, CudaDevice, DevSlice, Epilogue, GemmDims,
-    HeadsView, NormInput, NormShape, Residual, RopeDims, RowsView, SumOut,
+    HeadsView, LinearArgs, NormInput, NormShape, Residual, RopeDims, RowsView, SumOut,
 };
 use half::f16;
 
@@ -83,7 +83,9 @@ fn main() {
         let b = rand_halves(&dev, n, 3);
         let y = dev.alloc::<f16>(n).unwrap();
         let epilogue = Epilogue { bias: Some(&b), ..Epilogue::default() };
-        let ms = time(&dev, || dev.gemv(&x, &w, epilogue, &y, GemmDims { m: 1, n, k }).unwrap());
+        let ms = time(&dev, || {
+            dev.gemv(LinearArgs { x: &x, w: &w, epilogue, y: &y, dims: GemmDims { m: 1, n, k } }).unwrap()
+        });
         let gbs = (2 * (n * k + k + 2 * n)) as f64 / (ms * 1e-3) / 1e9;
         rows.push(Row {
             name: format!("gemv m=1 n={n} k={k}"),
@@ -109,7 +111,8 @@ fn main() {
         let b = rand_halves(&dev, n, 6);
         let y = dev.alloc::<f16>(m * n).unwrap();
         let epilogue = Epilogue { bias: Some(&b), act: Activation::Gelu, residual: Residual::None };
-        let ms = time(&dev, || dev.gemm(&x, &w, epilogue, &y, GemmDims { m, n, k }).unwrap());
+        let ms =
+            time(&dev, || dev.gemm(LinearArgs { x: &x, w: &w, epilogue, y: &y, dims: GemmDims { m, n, k } }).unwrap());
         let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
         rows.push(Row {
             name: format!("gemm m={m} n={n} k={k} +bias+gelu"),

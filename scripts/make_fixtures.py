@@ -24,6 +24,7 @@ rewriting only its own files. Every generator but fixtures_blip2 also runs alone
   fixtures_t5               blip2-flan-t5-tiny/, goldens/t5_*
   fixtures_instructblip_t5  instructblip-flan-t5-tiny/, goldens/instructblip-flan-t5_*
   fixtures_t5_tokenizer     t5-tokenizer-legacy/, goldens/t5-tokenizer-legacy_*
+  fixtures_idefics3         idefics3-processor/, goldens/idefics3_* (SmolVLM's processor)
 
 Imports run one way: fixtures_images (torch-free) <- fixtures_common (environment checks, corpus,
 helpers, builders shared by families) <- the family modules <- this driver. A family module imports
@@ -56,6 +57,7 @@ def main() -> None:
     import fixtures_blip2
     import fixtures_clip
     import fixtures_genrest
+    import fixtures_idefics3
     import fixtures_instructblip
     import fixtures_instructblip_t5
     import fixtures_llava
@@ -77,6 +79,7 @@ def main() -> None:
     fixtures_t5.main()
     fixtures_instructblip_t5.main()
     fixtures_t5_tokenizer.main()
+    fixtures_idefics3.main()
     total = sum(p.stat().st_size for p in fc.FIX.rglob("*") if p.is_file())
     fc.log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 

@@ -1021,7 +1021,7 @@ fn measure_rates(backend: &Backend) -> Result<Rates> {
         Backend::Cpu => {
             let path = crate::backend::cpu::gemm::selected().map_err(Error::InvalidInput)?;
             let (gbs, copy_source) = cpu_copy_bandwidth();
-            let (gflops, matrix_source) = cpu_matrix_gflops(path);
+            let (gflops, matrix_source) = cpu_matrix_gflops(path)?;
             Ok(Rates { copy_gbs: gbs, copy_source, matrix_gflops: Some(gflops), matrix_source })
         }
         Backend::Cuda(w) => {
@@ -1057,7 +1057,7 @@ fn cpu_copy_bandwidth() -> (f64, String) {
 
 /// `backend::cpu::ops::linear` on 1024 x 1024 x 1024 (f32 activations, fp16 weights) through the
 /// GEMM `path` (named in the description), best of 4.
-fn cpu_matrix_gflops(path: crate::backend::cpu::gemm::Isa) -> (f64, String) {
+fn cpu_matrix_gflops(path: crate::backend::cpu::gemm::Isa) -> Result<(f64, String)> {
     const M: usize = 1024;
     let x = crate::synth::random_normal(M * M, 1);
     let w: Vec<half::f16> = crate::synth::random_normal(M * M, 2).into_iter().map(half::f16::from_f32).collect();
@@ -1066,15 +1066,15 @@ fn cpu_matrix_gflops(path: crate::backend::cpu::gemm::Isa) -> (f64, String) {
     for _ in 0..4 {
         let s = Instant::now();
         let dims = crate::backend::GemmDims { m: M, n: M, k: M };
-        crate::backend::cpu::ops::linear(&x, &w, None, crate::graph::Activation::None, &mut out, false, dims);
+        crate::backend::cpu::ops::linear(&x, &w, None, crate::graph::Activation::None, &mut out, false, dims)?;
         best = best.min(s.elapsed().as_secs_f64());
     }
     std::hint::black_box(&out);
     let path = path.name();
-    (
+    Ok((
         2.0 * (M * M * M) as f64 / best / 1e9,
         format!("backend::cpu::ops::linear 1024x1024x1024 ({path} GEMM), best of 4"),
-    )
+    ))
 }
 
 /// Device-to-device copy of 1 GiB, best of 10: (read + written) bytes / s. `GLIMPSE_COPY_GBS`

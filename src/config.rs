@@ -356,25 +356,13 @@ impl Default for PreprocessorConfig {
 
 impl PreprocessorConfig {
     /// The image-processor settings of a model folder, chosen as transformers 5.17 does
-    /// (`ImageProcessingMixin.get_image_processor_dict`): the `image_processor` section of
-    /// `processor_config.json` when there is one, else `preprocessor_config.json`.
+    /// ([`image_processor_section`]).
     pub fn load_from_dir(dir: &Path) -> Result<(Self, PathBuf)> {
-        let pre = dir.join("preprocessor_config.json");
-        let proc = dir.join("processor_config.json");
-        if proc.exists() {
-            let bytes = crate::files::read(&proc, crate::files::MAX_CONFIG_BYTES)?;
-            if let Some(cfg) = Self::from_processor_slice(&bytes, &proc)? {
-                return Ok((cfg, proc));
-            }
-        }
-        if pre.exists() {
-            let bytes = crate::files::read(&pre, crate::files::MAX_CONFIG_BYTES)?;
-            return Ok((Self::from_slice(&bytes, &pre)?, pre));
-        }
-        Err(Error::MissingFile {
-            path: pre,
-            hint: " (nor an `image_processor` section in processor_config.json)".into(),
-        })
+        let (mut value, path, prefix) = image_processor_section(dir)?;
+        expand_legacy_sizes(&mut value);
+        let cfg: Self = crate::json::from_json_value_at(&value, &path, prefix)?;
+        cfg.validate(&path)?;
+        Ok((cfg, path))
     }
 
     /// Parses and validates preprocessor_config.json bytes.
@@ -455,6 +443,33 @@ impl PreprocessorConfig {
         }
         Ok(())
     }
+}
+
+/// The image-processor settings of a model folder as transformers 5.17 chooses them
+/// (`ImageProcessingMixin.get_image_processor_dict`): the `image_processor` section of
+/// `processor_config.json` when it has one (not null), else `preprocessor_config.json`. Returns
+/// the settings, the file they came from and the prefix errors put before a field's name
+/// (`image_processor.`, or nothing).
+pub fn image_processor_section(dir: &Path) -> Result<(Value, PathBuf, &'static str)> {
+    let read = |path: &Path| -> Result<Value> {
+        let bytes = crate::files::read(path, crate::files::MAX_CONFIG_BYTES)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })
+    };
+    let proc = dir.join("processor_config.json");
+    if proc.exists() {
+        // A file that is not an object has no section (transformers' `"image_processor" in d`).
+        if let Value::Object(mut file) = read(&proc)? {
+            match file.remove("image_processor") {
+                None | Some(Value::Null) => {}
+                Some(section) => return Ok((section, proc, "image_processor.")),
+            }
+        }
+    }
+    let pre = dir.join("preprocessor_config.json");
+    if pre.exists() {
+        return Ok((read(&pre)?, pre, ""));
+    }
+    Err(Error::MissingFile { path: pre, hint: " (nor an `image_processor` section in processor_config.json)".into() })
 }
 
 /// Rewrites the legacy shorthands of `size` and `crop_size` in an image-processor config into

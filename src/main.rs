@@ -625,9 +625,20 @@ fn run_multi(
     let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
     let out = model.ask_images(&paths, question, opts)?;
     let line = if json {
-        // The images' names as text (`\xHH` for a byte that is not UTF-8), in order.
-        let names = images.iter().map(|p| cli::output::image_fields(p)["image"].clone()).collect::<Vec<_>>();
-        glimpse::dataset::json_record(names.into(), &out, model.load_seconds).to_string()
+        // The images' names as text (`\xHH` for a byte that is not UTF-8), in order, and where
+        // a name cannot hold its path exactly, `image_bytes`: each path's bytes in base64 (null
+        // for the names that are exact).
+        let fields: Vec<_> = images.iter().map(|p| cli::output::image_fields(p)).collect();
+        let names: Vec<_> = fields.iter().map(|f| f["image"].clone()).collect();
+        let mut record = glimpse::dataset::json_record(names.into(), &out, model.load_seconds);
+        let raw_field = glimpse::dataset::input::RAW_PATH_FIELD;
+        if fields.iter().any(|f| f.contains_key(raw_field)) {
+            let raw: Vec<_> = fields.iter().map(|f| f.get(raw_field).cloned().unwrap_or_default()).collect();
+            if let Some(obj) = record.as_object_mut() {
+                obj.insert(raw_field.into(), raw.into());
+            }
+        }
+        record.to_string()
     } else {
         cli::output::plain_record(&images[0], Ok(&out.text), false).unwrap_or_default()
     };

@@ -911,6 +911,27 @@ fn json_records_name_non_utf8_files_exactly() {
     check(&lines[2], None);
     // The two embeddings of the same pixels are the same.
     assert_eq!(lines[0]["embedding"], lines[2]["embedding"]);
+
+    // One question about several images: one record whose `image` lists the names and whose
+    // `image_bytes` lists each path's bytes where its name is not exact (null where it is).
+    let llava = common::model_dir("llava-tiny").display().to_string();
+    let multi = Command::new(env!("CARGO_BIN_EXE_glimpse"))
+        .args(["ask", "--model", &llava, "--device", "cpu", "--json", "--max-new-tokens", "2"])
+        .arg("--image")
+        .arg(&odd)
+        .arg("--image")
+        .arg(&plain)
+        .arg("what is it?")
+        .output()
+        .unwrap();
+    assert!(multi.status.success(), "{}", stderr(&multi));
+    let line: serde_json::Value = serde_json::from_str(stdout(&multi).trim()).unwrap();
+    let names = line["image"].as_array().expect("a list of names");
+    assert!(names[0].as_str().unwrap().ends_with("a\\xff.png") && names[1].as_str().unwrap().ends_with("c.png"));
+    let raws = line["image_bytes"].as_array().expect("image_bytes");
+    assert_eq!(b64.decode(raws[0].as_str().unwrap()).unwrap(), raw(&odd), "{line}");
+    assert!(raws[1].is_null(), "{line}");
+    assert!(line["text"].is_string(), "{line}");
 }
 
 /// A `GLIMPSE_CPU_ISA` that names no GEMM path is one clear error naming the variable and the

@@ -527,3 +527,25 @@ fn legacy_integer_and_pair_sizes_mean_what_transformers_reads() {
     let bad = PreprocessorConfig::from_slice(&serde_json::to_vec(&blip(json!(-4))).unwrap(), path).unwrap_err();
     assert!(bad.to_string().contains("`size`"), "{bad}");
 }
+
+/// InstructBLIP-Vicuna's language model generates with the generation settings its LLaMA
+/// `text_config` keeps, as transformers 5.17's `language_model.generation_config` does (checked
+/// there: `GenerationConfig.from_model_config(text_config)` gives min_new_tokens 5, min_p 0.1,
+/// max_new_tokens 7 for this config).
+#[test]
+fn instructblip_text_config_generation_settings_are_the_defaults() {
+    let dir = common::tempdir();
+    let src = common::model_dir("instructblip-tiny");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::os::unix::fs::symlink(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["min_new_tokens"] = json!(5);
+    cfg["text_config"]["min_p"] = json!(0.1);
+    cfg["text_config"]["max_new_tokens"] = json!(7);
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    write_json(dir.path(), "config.json", &cfg);
+    let opts = Model::load(dir.path(), Device::Cpu).unwrap().default_options();
+    assert_eq!((opts.min_new_tokens, opts.min_p, opts.max_new_tokens), (5, Some(0.1), Some(7)));
+}

@@ -57,7 +57,7 @@ fn linear_matches_definition() {
                 let (x, w, b) = (rng.f32s(rows * k), rng.f16s(n * k), rng.f16s(n));
                 let mut out = rng.f32s(rows * n);
                 let before = out.clone();
-                ops::linear(&x, &w, Some(&b), act, &mut out, accumulate, GemmDims { m: rows, n, k });
+                ops::linear(&x, &w, Some(&b), act, &mut out, accumulate, GemmDims { m: rows, n, k }).unwrap();
                 let want = refs::linear(&x, &w, Some(&b), act, accumulate.then_some(&before[..]), (rows, n, k));
                 let mag: Vec<f64> = refs::linear_abs(&x, &w, Some(&b), (rows, n, k))
                     .iter()
@@ -264,7 +264,7 @@ fn patch_embed_is_a_strided_conv() {
     let (w, b) = (rng.f16s(dim * 3 * patch * patch), rng.f16s(dim));
     let side = size / patch;
     let mut out = vec![f32::NAN; side * side * dim];
-    ops::patch_embed(&px, size, patch, &w, &b, dim, &mut out);
+    ops::patch_embed(&px, size, patch, &w, &b, dim, &mut out).unwrap();
     let cols = refs::im2col(&px, (1, 3, size, size), patch);
     let dims = (side * side, dim, 3 * patch * patch);
     let want = refs::linear(&cols, &w, Some(&b), Activation::None, NONE, dims);

@@ -1283,3 +1283,17 @@ fn a_panic_while_reading_the_input_is_an_error() {
     assert!(err.as_deref().is_some_and(|e| e.contains("the decoder exploded") && e.contains("--resume")), "{err:?}");
     assert_eq!(read_records(&dst).unwrap().len(), 2, "the records before it are kept");
 }
+
+/// An unusable `GLIMPSE_CPU_ISA` stops a dataset run before any input is read: one clear error,
+/// no output file (not one error record per input).
+#[test]
+fn unknown_cpu_isa_fails_a_dataset_run_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_images(&tmp.path().join("imgs"));
+    let out = tmp.path().join("out.jsonl");
+    let o = caption_dataset(&tmp.path().join("imgs"), &out, &["--quiet"], &[("GLIMPSE_CPU_ISA", "sse9")]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("GLIMPSE_CPU_ISA=sse9: unknown CPU path"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(!out.exists(), "no output is written");
+}

@@ -21,7 +21,7 @@ mod common;
 use common::reference::{self as refs, f64s, Attn, Rows, NONE};
 use glimpse::backend::cuda::{
     decode_workspace_len, Activation, AttnDims, AttnMask, AttnViews, CudaDevice, DevSlice, Epilogue, GemmDims,
-    GemmTile, HeadsView, ImageDims, KvRows, NormInput, NormShape, Residual, SeqDims, SeqIndices, SumOut,
+    GemmTile, HeadsView, ImageDims, KvRows, LinearArgs, NormInput, NormShape, Residual, SeqDims, SeqIndices, SumOut,
 };
 use half::f16;
 
@@ -181,8 +181,8 @@ fn run_linear(
     };
     let (epilogue, dims) = (Epilogue { bias: bias.then_some(&db), act, residual }, GemmDims { m, n, k });
     match kind {
-        Kind::Gemm(tile) => dev.gemm_with_tile(&dx, &dw, epilogue, &y, dims, tile).unwrap(),
-        Kind::Gemv => dev.gemv(&dx, &dw, epilogue, &y, dims).unwrap(),
+        Kind::Gemm(tile) => dev.gemm_with_tile(LinearArgs { x: &dx, w: &dw, epilogue, y: &y, dims }, tile).unwrap(),
+        Kind::Gemv => dev.gemv(LinearArgs { x: &dx, w: &dw, epilogue, y: &y, dims }).unwrap(),
     }
     let got = dev.download(&y).unwrap();
     let want = refs::linear(&x, &w, bias.then_some(&b[..]), act, (res != Res::No).then_some(&r[..]), (m, n, k));
@@ -299,7 +299,7 @@ fn linear_dispatch_matches_reference() {
         let (dx, dw, db) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
         let y = poisoned(&dev, m * n);
         let epilogue = Epilogue { bias: Some(&db), act: Activation::Gelu, residual: Residual::None };
-        dev.linear(&dx, &dw, epilogue, &y, GemmDims { m, n, k }).unwrap();
+        dev.linear(LinearArgs { x: &dx, w: &dw, epilogue, y: &y, dims: GemmDims { m, n, k } }).unwrap();
         let want = refs::linear(&x, &w, Some(&b), Activation::Gelu, NONE, (m, n, k));
         check(&format!("linear m={m} n={n} k={k}"), &dev.download(&y).unwrap(), &want, None);
     }
@@ -310,7 +310,9 @@ fn linear_dispatch_matches_reference() {
     let dx = dev.upload(&x).unwrap();
     let dx1 = dx.slice(1, m * k).unwrap();
     let y = poisoned(&dev, m * n);
-    dev.linear(&dx1, &dev.upload(&w).unwrap(), Epilogue::default(), &y, GemmDims { m, n, k }).unwrap();
+    let dw = dev.upload(&w).unwrap();
+    dev.linear(LinearArgs { x: &dx1, w: &dw, epilogue: Epilogue::default(), y: &y, dims: GemmDims { m, n, k } })
+        .unwrap();
     let want = refs::linear(&x[1..], &w, NONE, Activation::None, NONE, (m, n, k));
     check("linear misaligned x -> gemm scalar path", &dev.download(&y).unwrap(), &want, None);
 }
@@ -1025,15 +1027,21 @@ fn launchers_validate_arguments() {
     let x = dev.alloc::<f16>(64).unwrap();
     let w = dev.alloc::<f16>(64).unwrap();
     let y = dev.alloc::<f16>(64).unwrap();
-    let bare = Epilogue::default();
-    assert!(dev.gemm(&x, &w, bare, &y, GemmDims { m: 8, n: 8, k: 9 }).is_err(), "x too short");
-    assert!(dev.gemm(&x, &w, bare, &x, GemmDims { m: 8, n: 8, k: 8 }).is_err(), "y aliases x");
-    assert!(dev.gemv(&x, &w, bare, &y, GemmDims { m: 9, n: 1, k: 8 }).is_err(), "m > 8");
-    assert!(dev.gemv(&x, &w, bare, &y, GemmDims { m: 1, n: 4, k: 12 }).is_err(), "k % 8");
+    let args = |y, m, n, k| LinearArgs { x: &x, w: &w, epilogue: Epilogue::default(), y, dims: GemmDims { m, n, k } };
+    assert!(dev.gemm(args(&y, 8, 8, 9)).is_err(), "x too short");
+    assert!(dev.gemm(args(&x, 8, 8, 8)).is_err(), "y aliases x");
+    assert!(dev.gemv(args(&y, 9, 1, 8)).is_err(), "m > 8");
+    assert!(dev.gemv(args(&y, 1, 4, 12)).is_err(), "k % 8");
     let hv = HeadsView { buf: &x, offset: 0, batch_stride: 64, row_stride: 64 };
     let views = AttnViews { q: hv, k: hv, v: hv, o: HeadsView { buf: &y, ..hv } };
     let dims = AttnDims { batch: 1, heads: 1, q_len: 1, kv_len: 1, head_dim: 72 + 8, scale: 1.0 };
     assert!(dev.attention(views, dims, AttnMask::default()).is_err(), "d too large for buffer");
+    // Decode attention takes one query row per sequence; two is refused before any launch.
+    let kv_len = dev.upload(&[1i32]).unwrap();
+    let ws = dev.alloc::<f32>(decode_workspace_len(1, 1, 8, 1)).unwrap();
+    let dims = AttnDims { batch: 1, heads: 1, q_len: 2, kv_len: 1, head_dim: 8, scale: 1.0 };
+    let err = dev.decode_attention(views, &kv_len, &ws, dims, AttnMask::default()).unwrap_err().to_string();
+    assert!(err.contains("q_len = 2"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

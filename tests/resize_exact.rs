@@ -3,7 +3,7 @@
 //! the same float bits on random images of odd sizes, upscaled and downscaled, cropped and padded.
 
 use glimpse::config::{PreprocessorConfig, SizeSpec, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
-use glimpse::image::{resize_bicubic, resize_bicubic_with, ImageProcessor};
+use glimpse::image::{resize, resize_bicubic, resize_with, Filter, ImageProcessor};
 use image::RgbImage;
 
 /// xorshift64: deterministic random sizes and pixels.
@@ -27,7 +27,7 @@ impl Rng {
     }
 }
 
-// ---- Reference: Pillow's 8-bit bicubic resample, one output byte at a time ----------------
+// ---- Reference: Pillow's 8-bit resample (bicubic, Lanczos), one output byte at a time ------
 
 const PRECISION_BITS: u32 = 22;
 
@@ -43,18 +43,37 @@ fn bicubic_filter(x: f64) -> f64 {
     }
 }
 
+/// Pillow's `lanczos_filter`, written from its definition: sinc(x) sinc(x / 3) on [-3, 3).
+fn lanczos_filter(x: f64) -> f64 {
+    let sinc = |x: f64| if x == 0.0 { 1.0 } else { (x * std::f64::consts::PI).sin() / (x * std::f64::consts::PI) };
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// (kernel, support) of a filter.
+fn kernel(filter: Filter) -> (fn(f64) -> f64, f64) {
+    match filter {
+        Filter::Bicubic => (bicubic_filter, 2.0),
+        Filter::Lanczos => (lanczos_filter, 3.0),
+    }
+}
+
 /// (first, weights) of each output pixel, as Pillow's `precompute_coeffs` + 8-bit normalisation.
-fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, Vec<i32>)> {
+    let (kernel, support) = kernel(filter);
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = support * filterscale;
     (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
             let k: Vec<f64> =
-                (0..xmax).map(|x| bicubic_filter((x as f64 + xmin as f64 - center + 0.5) / filterscale)).collect();
+                (0..xmax).map(|x| kernel((x as f64 + xmin as f64 - center + 0.5) / filterscale)).collect();
             let ww: f64 = k.iter().sum();
             let weights = k
                 .iter()
@@ -84,8 +103,8 @@ fn clip8(v: i32) -> u8 {
 }
 
 /// One pass along x (`along_x`) or y of an RGB `w x h` image to `out` pixels.
-fn reference_pass(src: &[u8], w: usize, h: usize, out: usize, along_x: bool) -> Vec<u8> {
-    let coeffs = coeffs(if along_x { w } else { h }, out);
+fn reference_pass(src: &[u8], w: usize, h: usize, out: usize, along_x: bool, filter: Filter) -> Vec<u8> {
+    let coeffs = coeffs(if along_x { w } else { h }, out, filter);
     let (ow, oh) = if along_x { (out, h) } else { (w, out) };
     let mut dst = vec![0u8; ow * oh * 3];
     for y in 0..oh {
@@ -106,33 +125,37 @@ fn reference_pass(src: &[u8], w: usize, h: usize, out: usize, along_x: bool) -> 
 
 /// Pillow 13's pass order: vertical first when the height shrinks by more than twice as many
 /// pixels as the width.
-fn reference_resize(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+fn reference_resize(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> RgbImage {
     let (in_w, in_h) = (src.width() as usize, src.height() as usize);
     let vertical_first = out_h < in_h && (in_h - out_h) as i64 > 2 * (in_w as i64 - out_w as i64);
     let mut px = src.as_raw().clone();
     let (mut w, mut h) = (in_w, in_h);
     if vertical_first {
-        px = reference_pass(&px, w, h, out_h, false);
+        px = reference_pass(&px, w, h, out_h, false, filter);
         h = out_h;
     }
     if w != out_w {
-        px = reference_pass(&px, w, h, out_w, true);
+        px = reference_pass(&px, w, h, out_w, true, filter);
         w = out_w;
     }
     if h != out_h {
-        px = reference_pass(&px, w, h, out_h, false);
+        px = reference_pass(&px, w, h, out_h, false, filter);
         h = out_h;
     }
     RgbImage::from_raw(w as u32, h as u32, px).expect("sized")
 }
 
-/// Both paths of the fast resize equal the reference on one case, named in the failure.
+/// Both paths of the fast resize equal the reference on one case, with each filter, named in
+/// the failure.
 fn check_resize(img: &RgbImage, out_w: usize, out_h: usize) {
-    let want = reference_resize(img, out_w, out_h);
-    let case = format!("{}x{} -> {out_w}x{out_h}", img.width(), img.height());
-    assert_eq!((want.width() as usize, want.height() as usize), (out_w, out_h), "{case}: reference size");
-    assert!(resize_bicubic(img, out_w, out_h) == want, "{case}: default (SIMD where the CPU has it) path differs");
-    assert!(resize_bicubic_with(img, out_w, out_h, false) == want, "{case}: portable path differs");
+    for filter in [Filter::Bicubic, Filter::Lanczos] {
+        let want = reference_resize(img, out_w, out_h, filter);
+        let case = format!("{filter:?} {}x{} -> {out_w}x{out_h}", img.width(), img.height());
+        assert_eq!((want.width() as usize, want.height() as usize), (out_w, out_h), "{case}: reference size");
+        assert!(resize(img, out_w, out_h, filter) == want, "{case}: default (SIMD where the CPU has it) path differs");
+        assert!(resize_with(img, out_w, out_h, filter, false) == want, "{case}: portable path differs");
+    }
+    assert!(resize_bicubic(img, out_w, out_h) == resize(img, out_w, out_h, Filter::Bicubic));
 }
 
 #[test]
@@ -192,7 +215,7 @@ fn reference_preprocess(cfg: &PreprocessorConfig, img: &RgbImage) -> (usize, usi
     let resized;
     let mut img = img;
     if cfg.do_resize {
-        resized = reference_resize(img, cfg.size.width.expect("w"), cfg.size.height.expect("h"));
+        resized = reference_resize(img, cfg.size.width.expect("w"), cfg.size.height.expect("h"), Filter::Bicubic);
         img = &resized;
     }
     let (w, h) = (img.width() as i64, img.height() as i64);

@@ -156,15 +156,21 @@ impl Backend {
     /// Opens the backend for `device`: `Cuda` fails with the reason when no GPU can be used;
     /// `Auto` falls back to the CPU (callers report `name()`; [`auto_fallback_reason`] says
     /// why, e.g. a GPU is present but the weights do not fit in its memory).
+    /// The CPU backend fails here, at load, when `GLIMPSE_CPU_ISA` names no usable path.
     pub fn new(device: Device, weights: &WeightTable) -> Result<Self> {
         match device {
-            Device::Cpu => Ok(Backend::Cpu),
+            Device::Cpu => Self::cpu(),
             Device::Cuda => Self::cuda(weights),
-            Device::Auto => Ok(Self::cuda(weights).unwrap_or_else(|e| {
+            Device::Auto => Self::cuda(weights).or_else(|e| {
                 *AUTO_FALLBACK.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                Backend::Cpu
-            })),
+                Self::cpu()
+            }),
         }
+    }
+
+    fn cpu() -> Result<Self> {
+        cpu::gemm::selected().map_err(Error::InvalidInput)?;
+        Ok(Backend::Cpu)
     }
 
     fn cuda(weights: &WeightTable) -> Result<Self> {

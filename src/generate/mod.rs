@@ -17,7 +17,9 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use overrides::GenerationOverrides;
-pub use plan::{kv_capacity, EncoderInput, ImagePlan, ImageStage, KvCaches, Plan, PlanShape, Step, StepInput};
+pub use plan::{
+    kv_capacity, EncoderInput, Encoders, ImagePlan, ImageStage, KvCaches, Plan, PlanShape, Step, StepInput,
+};
 pub use stop::StopStrings;
 
 use crate::backend::{Candidate, Executor};

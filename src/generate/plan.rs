@@ -197,6 +197,17 @@ pub struct Plan {
     pub image_stage: Option<ImageStage>,
 }
 
+/// What a plan runs before its language model, in order.
+pub struct Encoders {
+    /// Host data by name ([`Plan::inputs`]).
+    pub inputs: Vec<(&'static str, Buf)>,
+    pub phases: Vec<Phase>,
+    /// Intermediate results by name ([`Plan::outputs`]).
+    pub outputs: Vec<(&'static str, Buf)>,
+    /// The first phases that read the pixels alone ([`Plan::image_stage`]).
+    pub image_stage: Option<ImageStage>,
+}
+
 impl Plan {
     /// Input ids per sequence a request brings: the encoder's for an encoder-decoder, else the
     /// decoder's.

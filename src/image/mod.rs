@@ -17,9 +17,9 @@ mod resize;
 pub(crate) use decode::too_many_pixels;
 pub use decode::{decode_rgb, decode_rgb_with, load_rgb, load_rgb_with, DecodeLimits};
 pub use jpeg::MAX_SCANS as MAX_JPEG_SCANS;
-pub use resize::resize_bicubic;
 #[doc(hidden)]
-pub use resize::resize_bicubic_with;
+pub use resize::resize_with;
+pub use resize::{resize, resize_bicubic, Filter};
 
 /// Pillow's `Image.MAX_IMAGE_PIXELS` (89.5 megapixels): above it Pillow warns of a possible
 /// decompression bomb, above twice it (`MAX_PIXELS`) it raises `DecompressionBombError`.
@@ -162,21 +162,11 @@ impl ImageProcessor {
         PixelValues { height: out_h, width: out_w, data }
     }
 
-    /// The float value of each byte of each channel after rescale and normalize. Both act on
-    /// one value at a time, so a table of 3 x 256 entries gives every pixel its exact value.
     fn value_table(&self) -> [[f32; 256]; 3] {
         let cfg = &self.cfg;
-        let mut table = [[0f32; 256]; 3];
-        for (c, values) in table.iter_mut().enumerate() {
-            for (v, x) in values.iter_mut().enumerate() {
-                // numpy: float64 multiply then cast to float32; normalize in float32.
-                *x = if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
-                if cfg.do_normalize {
-                    *x = (*x - cfg.image_mean[c]) / cfg.image_std[c];
-                }
-            }
-        }
-        table
+        let rescale = cfg.do_rescale.then_some(cfg.rescale_factor);
+        let normalize = cfg.do_normalize.then_some((&cfg.image_mean[..], &cfg.image_std[..]));
+        value_table(rescale, normalize)
     }
 
     /// Output (height, width) of the resize step for an input of (h, w).
@@ -198,6 +188,29 @@ impl ImageProcessor {
             _ => (h, w),
         }
     }
+}
+
+/// The float value of each byte of each channel after transformers' rescale (by the factor, when
+/// given) and normalize (by (mean, std), when given). Both act on one value at a time, so a table
+/// of 3 x 256 entries gives every pixel its exact value.
+pub fn value_table(rescale: Option<f64>, normalize: Option<(&[f32], &[f32])>) -> [[f32; 256]; 3] {
+    let mut table = [[0f32; 256]; 3];
+    for (c, values) in table.iter_mut().enumerate() {
+        for (v, x) in values.iter_mut().enumerate() {
+            // numpy: float64 multiply then cast to float32; normalize in float32.
+            *x = rescale.map_or(v as f32, |factor| (v as f64 * factor) as f32);
+            if let Some((mean, std)) = normalize {
+                *x = (*x - mean[c]) / std[c];
+            }
+        }
+    }
+    table
+}
+
+/// The whole image, channels first, each byte through `table` ([`value_table`]).
+pub fn channels_first(img: &RgbImage, table: &[[f32; 256]; 3]) -> PixelValues {
+    let (height, width) = (img.height() as usize, img.width() as usize);
+    PixelValues { height, width, data: center_crop_values(img, height, width, table) }
 }
 
 /// transformers' `center_crop` to `ch x cw` (the whole image when that is its size), channels

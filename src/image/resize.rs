@@ -1,4 +1,4 @@
-//! Pillow's resampling (libImaging/Resample.c), 8 bits per channel, bicubic filter.
+//! Pillow's resampling (libImaging/Resample.c), 8 bits per channel, bicubic and Lanczos filters.
 //!
 //! The arithmetic is Pillow's: fixed-point i32 coefficients computed once per output column (or
 //! row), `i32` sums of `pixel * coefficient` started at one half, clipped to a byte. Sums are
@@ -11,6 +11,58 @@ use image::RgbImage;
 const PRECISION_BITS: u32 = 22;
 /// Rounding term every sum starts from.
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// A Pillow resampling filter (`Image.Resampling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `BICUBIC` (3): a = -0.5, support 2 (BLIP, CLIP, LLaVA).
+    Bicubic,
+    /// `LANCZOS` (1): a 3-lobed windowed sinc, support 3 (Idefics3, SmolVLM).
+    Lanczos,
+}
+
+impl Filter {
+    /// The filter of Pillow's `Image.Resampling` value `resample`, if glimpse has it.
+    pub fn from_pil(resample: u32) -> Option<Self> {
+        match resample {
+            3 => Some(Filter::Bicubic),
+            1 => Some(Filter::Lanczos),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bicubic => bicubic_filter(x),
+            Filter::Lanczos => lanczos_filter(x),
+        }
+    }
+}
+
+/// Pillow's `sinc_filter`: sin(pi x) / (pi x), 1 at 0.
+fn sinc_filter(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
+}
+
+/// Pillow's `lanczos_filter`: sinc(x) * sinc(x / 3) on [-3, 3).
+fn lanczos_filter(x: f64) -> f64 {
+    if (-3.0..3.0).contains(&x) {
+        sinc_filter(x) * sinc_filter(x / 3.0)
+    } else {
+        0.0
+    }
+}
 
 /// Pillow's bicubic kernel with a = -0.5 and support 2.
 fn bicubic_filter(x: f64) -> f64 {
@@ -42,11 +94,10 @@ impl Coeffs {
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the full-image box.
 /// `in_size` and `out_size` are at least 1.
-fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
-    const SUPPORT: f64 = 2.0;
+fn precompute_coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * ksize];
@@ -59,7 +110,7 @@ fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(xmax) {
-            *kx = bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
             ww += *kx;
         }
         for (x, &kx) in k.iter().enumerate().take(xmax) {
@@ -87,13 +138,18 @@ fn clip8(v: i32) -> u8 {
 /// by more than twice as many pixels as the width (python-pillow/Pillow#9549), else the
 /// horizontal one; the order changes the rounding of the intermediate, so it is mirrored here.
 pub fn resize_bicubic(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    resize_bicubic_with(src, out_w, out_h, true)
+    resize(src, out_w, out_h, Filter::Bicubic)
 }
 
-/// [`resize_bicubic`] with the SIMD paths allowed (`simd`, used when the CPU has AVX2) or not;
-/// both give the same bytes. Public for the test that holds them to each other.
+/// Resizes like Pillow's `Image.resize((w, h), filter)` on an RGB image (see [`resize_bicubic`]).
+pub fn resize(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> RgbImage {
+    resize_with(src, out_w, out_h, filter, true)
+}
+
+/// [`resize`] with the SIMD paths allowed (`simd`, used when the CPU has AVX2) or not; both
+/// give the same bytes. Public for the test that holds them to each other.
 #[doc(hidden)]
-pub fn resize_bicubic_with(src: &RgbImage, out_w: usize, out_h: usize, simd: bool) -> RgbImage {
+pub fn resize_with(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter, simd: bool) -> RgbImage {
     let (in_w, in_h) = (src.width() as usize, src.height() as usize);
     let (w32, h32) = (u32::try_from(out_w).unwrap_or(u32::MAX), u32::try_from(out_h).unwrap_or(u32::MAX));
     if in_w == 0 || in_h == 0 || out_w == 0 || out_h == 0 {
@@ -105,10 +161,12 @@ pub fn resize_bicubic_with(src: &RgbImage, out_w: usize, out_h: usize, simd: boo
     let vertical_first = out_h < in_h && (in_h - out_h) as i64 > 2 * (in_w as i64 - out_w as i64);
     let pixels = match (in_w != out_w, in_h != out_h) {
         (false, false) => src.clone(),
-        (true, false) => horizontal(src, in_w, out_w, simd),
-        (false, true) => vertical(src, in_w, out_h, simd),
-        (true, true) if vertical_first => horizontal(&vertical(src, in_w, out_h, simd), in_w, out_w, simd),
-        (true, true) => vertical(&horizontal(src, in_w, out_w, simd), out_w, out_h, simd),
+        (true, false) => horizontal(src, in_w, out_w, filter, simd),
+        (false, true) => vertical(src, in_w, out_h, filter, simd),
+        (true, true) if vertical_first => {
+            horizontal(&vertical(src, in_w, out_h, filter, simd), in_w, out_w, filter, simd)
+        }
+        (true, true) => vertical(&horizontal(src, in_w, out_w, filter, simd), out_w, out_h, filter, simd),
     };
     RgbImage::from_raw(w32, h32, pixels).expect("buffer sized for the image")
 }
@@ -125,8 +183,8 @@ fn has_avx2() -> bool {
 }
 
 /// The horizontal pass: each row of the RGB `w`-pixel-wide image `src` to `out_w` pixels.
-fn horizontal(src: &[u8], w: usize, out_w: usize, simd: bool) -> Vec<u8> {
-    let coeffs = precompute_coeffs(w, out_w);
+fn horizontal(src: &[u8], w: usize, out_w: usize, filter: Filter, simd: bool) -> Vec<u8> {
+    let coeffs = precompute_coeffs(w, out_w, filter);
     let rows = src.len() / (w * 3);
     let mut dst = vec![0u8; out_w * rows * 3];
     // SAFETY: `simd` is only true when the CPU has AVX2 (checked by the caller).
@@ -224,26 +282,26 @@ unsafe fn horizontal_avx2(src: &[u8], w: usize, out_w: usize, coeffs: &Coeffs, d
 
 /// The vertical pass: the RGB image `src`, `w` pixels wide, to `out_h` rows. Each output row
 /// accumulates whole input rows, contiguous memory that the compiler vectorises.
-fn vertical(src: &[u8], w: usize, out_h: usize, simd: bool) -> Vec<u8> {
+fn vertical(src: &[u8], w: usize, out_h: usize, filter: Filter, simd: bool) -> Vec<u8> {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only true when the CPU has AVX2 (checked by the caller).
-        return unsafe { vertical_avx2(src, w, out_h) };
+        return unsafe { vertical_avx2(src, w, out_h, filter) };
     }
     let _ = simd;
-    vertical_rows(src, w, out_h)
+    vertical_rows(src, w, out_h, filter)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn vertical_avx2(src: &[u8], w: usize, out_h: usize) -> Vec<u8> {
-    vertical_rows(src, w, out_h)
+unsafe fn vertical_avx2(src: &[u8], w: usize, out_h: usize, filter: Filter) -> Vec<u8> {
+    vertical_rows(src, w, out_h, filter)
 }
 
 #[inline(always)]
-fn vertical_rows(src: &[u8], w: usize, out_h: usize) -> Vec<u8> {
+fn vertical_rows(src: &[u8], w: usize, out_h: usize, filter: Filter) -> Vec<u8> {
     let row = w * 3;
-    let coeffs = precompute_coeffs(src.len() / row, out_h);
+    let coeffs = precompute_coeffs(src.len() / row, out_h, filter);
     let mut dst = vec![0u8; row * out_h];
     let mut acc = vec![0i32; row];
     for (dst_row, (first, k)) in dst.chunks_exact_mut(row).zip(coeffs.taps()) {

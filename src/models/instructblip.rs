@@ -15,8 +15,9 @@
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
+use super::decoder::{CausalDecoder, PrefillSpec};
 use super::family::{Family, Loader, TextInputs};
-use super::llama::{LlamaDecoder, PassSpec};
+use super::llama::LlamaDecoder;
 use super::qformer::{InstructInputs, Instruction, QFormer};
 use super::t5::T5;
 use super::vit::VisionModel;
@@ -31,7 +32,7 @@ use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_lan
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_positive, check_text_tokens, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{kv_capacity, GenerateOptions, ImagePlan, ImageStage, KvCaches, Plan, PlanShape, Step};
+use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
@@ -351,48 +352,24 @@ impl InstructBlip {
         g.linear(qformer_out, p.weight, p.bias, Fused::NONE, image_embeds, batch * nq);
         let qformer = g.take_phase("qformer");
 
-        let inputs = vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)];
-        let outputs = vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)];
+        let encoders = Encoders {
+            inputs: vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)],
+            phases: vec![vision, qformer],
+            outputs: vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)],
+            image_stage: Some(image_stage),
+        };
         let image = (image_embeds, self.cfg.image_token());
         match &self.lm {
             LanguageModel::Llama(dec) => {
                 let capacity = self.check_capacity(prompt_len, max_new_tokens)?;
-                let cache = dec.kv_cache(&mut g, batch, capacity.max(1));
                 // Left-padded batches (instructions of different lengths): pad keys masked out.
-                let key_mask = g.buffer("key_mask", batch, cache.capacity);
-                let pass = PassSpec::prefill(prompt_len, Some(image), Some(key_mask), all_prefill_logits);
-                let pre = dec.build(&mut g, &cache, &pass);
-                let prefill = g.take_phase("prefill");
-                let step = dec.build(&mut g, &cache, &PassSpec::decode(Some(key_mask)));
-                let decode = Phase { replayable: true, ..g.take_phase("decode") };
-                let kv = KvCaches {
-                    bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),
-                    rows_per_seq: cache.capacity,
-                };
-                Ok(Plan {
-                    graph: g,
-                    batch,
-                    prompt_len,
-                    capacity,
-                    max_new_tokens,
-                    inputs,
-                    encoders: vec![vision, qformer],
-                    outputs,
-                    prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
-                    decode: Step { phase: decode, logits: step.logits, rows_per_seq: 1 },
-                    kv,
-                    key_mask: Some(key_mask),
-                    encoder_input: None,
-                    step_inputs: Vec::new(),
-                    image_stage: Some(image_stage),
-                })
+                let prompt = PrefillSpec { prompt_len, image, padded: true, all_logits: all_prefill_logits };
+                Ok(dec.plan(g, batch, capacity, max_new_tokens, prompt, encoders))
             }
             // The prompt feeds the encoder; the decoder starts from one token.
             LanguageModel::T5(t5) => {
                 let t5 = t5.build_phases(&mut g, batch, prompt_len, max_new_tokens, image)?;
-                let mut plan = t5.into_plan(g, batch, max_new_tokens, inputs, vec![vision, qformer], outputs);
-                plan.image_stage = Some(image_stage);
-                Ok(plan)
+                Ok(t5.into_plan(g, batch, max_new_tokens, encoders))
             }
         }
     }
@@ -462,11 +439,13 @@ impl Family for InstructBlip {
     /// As BLIP-2: transformers 5.17's `generate()` hands over to the language model, whose
     /// generation config comes from `text_config` (generation_config.json is not consulted): EOS
     /// `text_config.eos_token_id`, 20 new tokens unless `text_config.max_new_tokens` says more,
-    /// greedy.
+    /// `text_config.min_new_tokens` and `min_p` when set, greedy.
     fn default_options(&self) -> GenerateOptions {
         match &self.lm {
             LanguageModel::Llama(d) => GenerateOptions {
                 max_new_tokens: d.cfg.max_new_tokens,
+                min_new_tokens: d.cfg.min_new_tokens.unwrap_or(0),
+                min_p: d.cfg.min_p,
                 eos_token_ids: d.cfg.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
                 ..GenerateOptions::default()
             },

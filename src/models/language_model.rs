@@ -139,19 +139,20 @@ impl TextConfig {
         }
     }
     /// `min_new_tokens` and `min_p` kept on the text config (see [`OptConfig::min_new_tokens`]).
-    /// (LLaVA's LLaMA text config keeps neither: its settings come from generation_config.json.)
+    /// The families whose `generate()` hands over to the language model (BLIP-2, InstructBLIP)
+    /// use them; LLaVA's settings come from generation_config.json instead.
     pub fn min_new_tokens(&self) -> Option<usize> {
         match self {
             TextConfig::Opt(c) => c.min_new_tokens,
             TextConfig::T5(c) => c.min_new_tokens,
-            TextConfig::Llama(_) => None,
+            TextConfig::Llama(c) => c.min_new_tokens,
         }
     }
     pub fn min_p(&self) -> Option<f64> {
         match self {
             TextConfig::Opt(c) => c.min_p,
             TextConfig::T5(c) => c.min_p,
-            TextConfig::Llama(_) => None,
+            TextConfig::Llama(c) => c.min_p,
         }
     }
     /// The OPT config, or an error naming the decoder kind (for OPT-only code such as synth).

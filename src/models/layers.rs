@@ -337,6 +337,15 @@ impl KvCache {
         KvCache { layers, batch, capacity }
     }
 
+    /// Every layer's K and V buffers as the generation loop sees them (beam search moves whole
+    /// sequences of `capacity` rows).
+    pub fn caches(&self) -> crate::generate::KvCaches {
+        crate::generate::KvCaches {
+            bufs: self.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),
+            rows_per_seq: self.capacity,
+        }
+    }
+
     /// The [`Keys`] of layer `i`.
     pub fn keys(&self, i: usize) -> Keys {
         let (k, v) = self.layers[i];

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use super::decoder::{CausalDecoder, DecoderPass, PassSpec};
 use super::family::Loader;
 pub use super::layers::KvCache;
 use super::layers::{load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, NormLayer};
-pub use super::opt::{DecoderPass, PassSpec};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -44,8 +44,11 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<TokenIds>,
     pub pad_token_id: Option<u32>,
-    /// Kept on the config like OPT's (the language model's generation config reads it).
+    /// Kept on the config like OPT's (the language model's generation config reads it), with
+    /// `min_new_tokens` and `min_p`: InstructBLIP-Vicuna's language model generates with them.
     pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    pub min_p: Option<f64>,
 }
 
 impl Default for LlamaConfig {
@@ -73,6 +76,8 @@ impl Default for LlamaConfig {
             eos_token_id: Some(TokenIds::One(2)),
             pad_token_id: None,
             max_new_tokens: None,
+            min_new_tokens: None,
+            min_p: None,
         }
     }
 }
@@ -262,13 +267,31 @@ impl LlamaDecoder {
         Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head })
     }
 
-    pub fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
+    /// The `describe` line of the decoder.
+    pub fn describe(&self) -> String {
+        let t = &self.cfg;
+        let (theta, scaling) = t.rope().unwrap_or((0.0, crate::graph::RopeScaling::Default));
+        format!(
+            "decoder:    LLaMA, {} layers, hidden {}, {} heads ({} kv) x {}, mlp {}, vocab {}, {} positions, rope theta {theta} {scaling:?}",
+            t.num_hidden_layers,
+            t.hidden_size,
+            t.num_attention_heads,
+            t.kv_heads(),
+            t.head_dim(),
+            t.intermediate_size,
+            t.vocab_size,
+            t.max_position_embeddings
+        )
+    }
+}
+
+impl CausalDecoder for LlamaDecoder {
+    fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
         let kv_width = self.cfg.kv_heads() * self.cfg.head_dim();
         KvCache::new(g, "llama", self.layers.len(), batch, capacity, kv_width)
     }
 
-    /// Emits one pass ([`PassSpec`]) over the cache, starting at the executor's position.
-    pub fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
+    fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
         let PassSpec { seq, image, key_mask, all_logits, tag } = *pass;
         let c = &self.cfg;
         let (h, batch) = (c.hidden_size, cache.batch);
@@ -307,24 +330,7 @@ impl LlamaDecoder {
         DecoderPass { embeds: x, logits, logit_rows }
     }
 
-    pub fn max_positions(&self) -> usize {
+    fn max_positions(&self) -> usize {
         self.cfg.max_position_embeddings
-    }
-
-    /// The `describe` line of the decoder.
-    pub fn describe(&self) -> String {
-        let t = &self.cfg;
-        let (theta, scaling) = t.rope().unwrap_or((0.0, crate::graph::RopeScaling::Default));
-        format!(
-            "decoder:    LLaMA, {} layers, hidden {}, {} heads ({} kv) x {}, mlp {}, vocab {}, {} positions, rope theta {theta} {scaling:?}",
-            t.num_hidden_layers,
-            t.hidden_size,
-            t.num_attention_heads,
-            t.kv_heads(),
-            t.head_dim(),
-            t.intermediate_size,
-            t.vocab_size,
-            t.max_position_embeddings
-        )
     }
 }

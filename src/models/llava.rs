@@ -8,8 +8,9 @@ use std::path::Path;
 use half::f16;
 
 use super::clip_vision::{find_prefix, ClipVision, VisionRequest};
+use super::decoder::{CausalDecoder, PrefillSpec};
 use super::family::{Family, Loader};
-use super::llama::{KvCache, LlamaDecoder, PassSpec};
+use super::llama::LlamaDecoder;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -22,7 +23,7 @@ use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, no
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_activation, check_text_tokens, field_error, GenerationConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{kv_capacity, GenerateOptions, ImagePlan, ImageStage, KvCaches, Plan, PlanShape, Step};
+use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Activation, Buf, Fused, Graph, Linear, Phase, WeightTable, W};
 use crate::json::{from_json_value, from_json_value_at};
 use crate::weights::{Checkpoint, Weight};
@@ -377,35 +378,18 @@ impl Llava {
             kv_capacity(prompt_len, max_new_tokens, max_pos, &holds, "use fewer images or a shorter prompt")?;
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, images)?;
-        let (pixels, features, image_features) = (img.pixels, img.features, img.image_features);
-        let image_stage = img.stage();
+        let (features, image_features, image_stage) = (img.features, img.image_features, img.stage());
 
-        let cache: KvCache = self.decoder.kv_cache(&mut g, sequences, capacity.max(1));
-        let token = self.cfg.image_token_index;
-        let pass = PassSpec::prefill(prompt_len, Some((image_features, token)), None, all_prefill_logits);
-        let pre = self.decoder.build(&mut g, &cache, &pass);
-        let prefill = g.take_phase("prefill");
-        let dec = self.decoder.build(&mut g, &cache, &PassSpec::decode(None));
-        let decode = Phase { replayable: true, ..g.take_phase("decode") };
-        let kv =
-            KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };
-        Ok(Plan {
-            graph: g,
-            batch: sequences,
-            prompt_len,
-            capacity,
-            max_new_tokens,
-            inputs: vec![("pixels", pixels)],
-            encoders: img.phases,
+        // Decoder: every sequence's prompt has the same length (no key mask).
+        let image = (image_features, self.cfg.image_token_index);
+        let prompt = PrefillSpec { prompt_len, image, padded: false, all_logits: all_prefill_logits };
+        let encoders = Encoders {
+            inputs: vec![("pixels", img.pixels)],
+            phases: img.phases,
             outputs: vec![("features", features), ("image_features", image_features)],
-            prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / sequences },
-            decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
-            kv,
-            key_mask: None,
-            encoder_input: None,
-            step_inputs: Vec::new(),
             image_stage: Some(image_stage),
-        })
+        };
+        Ok(self.decoder.plan(g, sequences, capacity, max_new_tokens, prompt, encoders))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The OPT decoder (`OPTForCausalLM`): learned positions offset by 2, pre-norm layers with ReLU
 //! FFN, optional project_in/project_out, lm_head tied to embed_tokens unless stored.
 
+use super::decoder::{CausalDecoder, DecoderPass, PassSpec};
 use super::family::Loader;
 pub use super::layers::KvCache;
 use super::layers::{load_attention, load_mlp, pre_norm, AttentionLayer, AttnCall, AttnSpec, Mlp, NormLayer};
@@ -8,7 +9,7 @@ use serde::Deserialize;
 
 use crate::config::TokenIds;
 use crate::error::Result;
-use crate::graph::{Activation, Buf, Fused, Graph, Linear, Op, W};
+use crate::graph::{Activation, Fused, Graph, Linear, Op, W};
 
 /// `text_config` of an OPT decoder (BLIP-2 OPT's language model).
 #[derive(Debug, Clone, Deserialize)]
@@ -100,43 +101,6 @@ pub struct OptDecoder {
     lm_head: W,
 }
 
-/// One decoder pass to emit: `seq` new tokens per sequence from the executor's position (a
-/// prefill over the prompt, or a decode step with `seq` 1).
-#[derive(Debug, Clone, Copy)]
-pub struct PassSpec<'a> {
-    pub seq: usize,
-    /// Rows scattered over the tokens holding this id (the image features), in order
-    /// (`masked_scatter`).
-    pub image: Option<(Buf, u32)>,
-    /// Additive `[batch, capacity]` mask over the cache: 0, or `f32::MIN` on each left-padded
-    /// sequence's pad keys.
-    pub key_mask: Option<Buf>,
-    /// Logits for every row, not only each sequence's last.
-    pub all_logits: bool,
-    /// Name of the pass's phase and prefix of its buffers (`prefill`, `decode`).
-    pub tag: &'a str,
-}
-
-impl PassSpec<'static> {
-    /// The prefill over `seq` prompt tokens.
-    pub fn prefill(seq: usize, image: Option<(Buf, u32)>, key_mask: Option<Buf>, all_logits: bool) -> Self {
-        Self { seq, image, key_mask, all_logits, tag: "prefill" }
-    }
-    /// One decode step.
-    pub fn decode(key_mask: Option<Buf>) -> Self {
-        Self { seq: 1, image: None, key_mask, all_logits: false, tag: "decode" }
-    }
-}
-
-/// Where a built decoder pass reads its input and leaves its logits.
-pub struct DecoderPass {
-    /// `[rows, embed_dim]` token embeddings (image rows overwritten by the caller's scatter).
-    pub embeds: Buf,
-    /// `[logit_rows, vocab]`.
-    pub logits: Buf,
-    pub logit_rows: usize,
-}
-
 const LN_EPS: f64 = 1e-5;
 
 impl OptDecoder {
@@ -209,13 +173,14 @@ impl OptDecoder {
             lm_head,
         })
     }
+}
 
-    pub fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
+impl CausalDecoder for OptDecoder {
+    fn kv_cache(&self, g: &mut Graph, batch: usize, capacity: usize) -> KvCache {
         KvCache::new(g, "opt", self.layers.len(), batch, capacity, self.cfg.hidden_size)
     }
 
-    /// Emits one pass ([`PassSpec`]) over the cache, starting at the executor's position.
-    pub fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
+    fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
         let PassSpec { seq, image, key_mask, all_logits, tag } = *pass;
         let c = &self.cfg;
         let (h, e, batch) = (c.hidden_size, c.embed_dim(), cache.batch);
@@ -268,7 +233,7 @@ impl OptDecoder {
         DecoderPass { embeds, logits, logit_rows }
     }
 
-    pub fn max_positions(&self) -> usize {
+    fn max_positions(&self) -> usize {
         self.cfg.max_position_embeddings
     }
 }

@@ -15,18 +15,18 @@
 
 use std::sync::Arc;
 
+pub use super::decoder::DecoderPass;
 use super::family::Loader;
 use super::layers::{
     load_attention, pre_norm, AttentionLayer, AttnCall, AttnSpec, GatedMlp, GatedScratch, Keys, KvCache, Mlp, NormLayer,
 };
-pub use super::opt::DecoderPass;
 use serde::Deserialize;
 
 use crate::config::{
     check_activation, check_eps, check_positive, check_text_tokens, check_token, field_error, TokenIds,
 };
 use crate::error::{Error, Result};
-use crate::generate::{EncoderInput, KvCaches, Step, StepInput};
+use crate::generate::{EncoderInput, Encoders, KvCaches, Plan, Step, StepInput};
 use crate::graph::{Activation, Buf, DType, Fused, Graph, Op, Phase, W};
 use crate::weights::Weight;
 
@@ -322,36 +322,27 @@ pub struct T5Phases {
 }
 
 impl T5Phases {
-    /// The whole plan: the image `encoders` (their `inputs` and `outputs`), then the T5 encoder
-    /// phase, the decoder from its start token (`prompt_len` 1) with a cache of
-    /// `max_new_tokens` rows.
-    pub fn into_plan(
-        self,
-        graph: Graph,
-        batch: usize,
-        max_new_tokens: usize,
-        inputs: Vec<(&'static str, Buf)>,
-        mut encoders: Vec<Phase>,
-        mut outputs: Vec<(&'static str, Buf)>,
-    ) -> crate::generate::Plan {
-        encoders.push(self.encoder);
-        outputs.extend([("encoder_embeds", self.encoder_embeds), ("encoder_out", self.encoder_out)]);
-        crate::generate::Plan {
+    /// The whole plan: the image `encoders`, then the T5 encoder phase, the decoder from its
+    /// start token (`prompt_len` 1) with a cache of `max_new_tokens` rows.
+    pub fn into_plan(self, graph: Graph, batch: usize, max_new_tokens: usize, mut encoders: Encoders) -> Plan {
+        encoders.phases.push(self.encoder);
+        encoders.outputs.extend([("encoder_embeds", self.encoder_embeds), ("encoder_out", self.encoder_out)]);
+        Plan {
             graph,
             batch,
             prompt_len: 1,
             capacity: max_new_tokens,
             max_new_tokens,
-            inputs,
-            encoders,
-            outputs,
+            inputs: encoders.inputs,
+            encoders: encoders.phases,
+            outputs: encoders.outputs,
             prefill: self.prefill,
             decode: self.decode,
             kv: self.kv,
             key_mask: None,
             encoder_input: Some(self.encoder_input),
             step_inputs: self.step_inputs,
-            image_stage: None,
+            image_stage: encoders.image_stage,
         }
     }
 }
@@ -435,10 +426,7 @@ impl T5 {
             encoder,
             prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: 1 },
             decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
-            kv: KvCaches {
-                bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(),
-                rows_per_seq: cache.capacity,
-            },
+            kv: cache.caches(),
             step_inputs: vec![enc_bias, pre_bias, dec_bias],
             encoder_input: EncoderInput { len: input_len, decoder_start, key_mask },
             encoder_embeds: enc.embeds,

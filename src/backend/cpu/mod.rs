@@ -81,18 +81,24 @@ impl CpuExecutor {
                 let tokens = (image_size / patch).pow(2) + 1;
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
                 let (cls, pos) = (wt(class), wt(positions));
-                for b in 0..batch {
-                    let img = &self.bufs[pixels.0][b * per_image..(b + 1) * per_image];
-                    let dst = &mut o[b * tokens * dim..(b + 1) * tokens * dim];
-                    ops::patch_embed(img, image_size, patch, wt(weight), wt(bias), dim, &mut dst[dim..]);
-                    for (i, v) in dst[..dim].iter_mut().enumerate() {
-                        *v = cls[i].to_f32();
+                let embed = |o: &mut [f32]| -> Result<()> {
+                    for b in 0..batch {
+                        let img = &self.bufs[pixels.0][b * per_image..(b + 1) * per_image];
+                        let dst = &mut o[b * tokens * dim..(b + 1) * tokens * dim];
+                        ops::patch_embed(img, image_size, patch, wt(weight), wt(bias), dim, &mut dst[dim..])?;
+                        for (i, v) in dst[..dim].iter_mut().enumerate() {
+                            *v = cls[i].to_f32();
+                        }
+                        for (v, p) in dst.iter_mut().zip(pos) {
+                            *v += p.to_f32();
+                        }
                     }
-                    for (v, p) in dst.iter_mut().zip(pos) {
-                        *v += p.to_f32();
-                    }
-                }
+                    Ok(())
+                };
+                let done = embed(&mut o);
+                // The buffer goes back whatever happened: the executor stays usable after an error.
                 self.bufs[out.0] = o;
+                done?;
             }
             Op::Linear { x, weight, bias, act, residual, out, rows } => {
                 let w = weights.get(weight);
@@ -103,8 +109,9 @@ impl CpuExecutor {
                     o[..rows * n].copy_from_slice(&self.bufs[r.0][..rows * n]);
                 }
                 let dims = GemmDims { m: rows, n, k };
-                ops::linear(&xs, w.as_slice(), bias.map(wt), act, &mut o, residual.is_some(), dims);
+                let done = ops::linear(&xs, w.as_slice(), bias.map(wt), act, &mut o, residual.is_some(), dims);
                 self.bufs[out.0] = o;
+                done?;
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
                 let dim = self.cols(out);

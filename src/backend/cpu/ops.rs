@@ -9,6 +9,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::backend::{GemmDims, NormShape};
+use crate::error::{Error, Result};
 use crate::graph::{Activation, ATTN_MASK_FLOOR};
 
 /// Up to this many rows a Linear runs as matrix-vector products (decode), above it as a GEMM.
@@ -16,7 +17,8 @@ const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
 
 /// `out[r, j] (+)= act(sum_k x[r, k] * w[j, k] + bias[j])` for `dims.m` rows; `x` is contiguous
 /// `[m, k]`, `w` is `[n, k]` (PyTorch Linear layout), `out` is `[m, n]`. With `accumulate` the
-/// result is added to `out` (a fused residual), else it overwrites it.
+/// result is added to `out` (a fused residual), else it overwrites it. Fails (before computing
+/// anything) when a GEMM is needed and `GLIMPSE_CPU_ISA` names no usable path.
 pub fn linear(
     x: &[f32],
     w: &[f16],
@@ -25,7 +27,7 @@ pub fn linear(
     out: &mut [f32],
     accumulate: bool,
     dims: GemmDims,
-) {
+) -> Result<()> {
     let GemmDims { m: rows, n, k } = dims;
     assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
     let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
@@ -48,10 +50,11 @@ pub fn linear(
             let acc: Vec<f32> = cols.iter().map(|c| c[r]).collect();
             epilogue(out_row, &acc, 0..n);
         }
-        return;
+        return Ok(());
     }
-    let isa = super::gemm::selected().unwrap_or_else(|e| panic!("{e}"));
+    let isa = super::gemm::selected().map_err(Error::InvalidInput)?;
     super::gemm::matmul(isa, x, w, dims, out, epilogue);
+    Ok(())
 }
 
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w (+ b)` with `s = x[r] (+ residual[r])`;
@@ -315,7 +318,7 @@ pub fn patch_embed(
     bias: &[f16],
     dim: usize,
     out: &mut [f32],
-) {
+) -> Result<()> {
     let side = image_size / patch;
     let kdim = 3 * patch * patch;
     let mut cols = vec![0f32; side * side * kdim];
@@ -328,7 +331,7 @@ pub fn patch_embed(
             }
         }
     });
-    linear(&cols, w, Some(bias), Activation::None, out, false, GemmDims { m: side * side, n: dim, k: kdim });
+    linear(&cols, w, Some(bias), Activation::None, out, false, GemmDims { m: side * side, n: dim, k: kdim })
 }
 
 /// log_softmax(logits)[token], in f64.

@@ -30,7 +30,7 @@ use half::f16;
 
 use super::{
     decode_workspace_len, AttnDims, AttnMask, AttnViews, CudaDevice, DevSlice, Epilogue, GemmDims, GpuError, HeadsView,
-    ImageDims, KvRows, NormInput, NormShape, Residual, RopeDims, RowsView, SeqDims, SeqIndices, SumOut,
+    ImageDims, KvRows, LinearArgs, NormInput, NormShape, Residual, RopeDims, RowsView, SeqDims, SeqIndices, SumOut,
 };
 use crate::backend::{validate_op, Candidate, Executor, RunState};
 use crate::error::{Error, Result};
@@ -438,7 +438,8 @@ impl CudaExecutor {
                 let image = ImageDims { batch, channels: 3, height: image_size, width: image_size };
                 dev.patch_im2col(&self.bufs[pixels.0], &cols, image, patch)?;
                 let epilogue = Epilogue { bias: Some(self.w(bias)), ..Epilogue::default() };
-                dev.gemm(&cols, self.w(weight), epilogue, &patches, GemmDims { m: batch * p, n: dim, k: kdim })?;
+                let dims = GemmDims { m: batch * p, n: dim, k: kdim };
+                dev.gemm(LinearArgs { x: &cols, w: self.w(weight), epilogue, y: &patches, dims })?;
                 let dims = SeqDims { batch, seq: p, dim };
                 dev.vit_embed(&patches, self.w(class), self.w(positions), &self.bufs[out.0], dims)?;
             }
@@ -462,14 +463,16 @@ impl CudaExecutor {
                         (Some(_), Some(r)) => Residual::Add(r),
                         (Some(_), None) => Residual::InPlace,
                     };
-                    dev.linear(&input, w, Epilogue { bias, act, residual: res }, &self.f32_buf(out), dims)?;
+                    let epilogue = Epilogue { bias, act, residual: res };
+                    dev.linear(LinearArgs { x: &input, w, epilogue, y: &self.f32_buf(out), dims })?;
                 } else {
                     let res = match residual {
                         None => Residual::None,
                         Some(r) if r == out => Residual::InPlace,
                         Some(r) => Residual::Add(&self.bufs[r.0]),
                     };
-                    dev.linear(&input, w, Epilogue { bias, act, residual: res }, &self.bufs[out.0], dims)?;
+                    let epilogue = Epilogue { bias, act, residual: res };
+                    dev.linear(LinearArgs { x: &input, w, epilogue, y: &self.bufs[out.0], dims })?;
                 }
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {

@@ -4,12 +4,13 @@
 use super::config::Blip2Config;
 use super::towers::BlipTowers;
 use crate::error::{Error, Result};
-use crate::generate::{kv_capacity, GenerateOptions, ImagePlan, KvCaches, Plan, PlanShape, Step};
-use crate::graph::{Graph, Phase, WeightTable};
+use crate::generate::{kv_capacity, GenerateOptions, ImagePlan, Plan, PlanShape};
+use crate::graph::{Graph, WeightTable};
+use crate::models::decoder::{CausalDecoder, PrefillSpec};
 use crate::models::family::ModelCore;
 use crate::models::family::{Family, Loader};
 use crate::models::language_model::TextConfig;
-use crate::models::opt::{KvCache, OptDecoder, PassSpec};
+use crate::models::opt::OptDecoder;
 use crate::weights::Checkpoint;
 
 pub struct Blip2 {
@@ -56,41 +57,12 @@ impl Blip2 {
         }
         let mut g = Graph::new();
         let img = self.towers.build(&mut g, &self.cfg, batch);
-        let (pixels, image_embeds, image_stage) = (img.pixels, img.image_embeds, img.stage());
 
-        // Decoder: prefill over the whole input, then one-token steps over the shared cache.
-        let cache: KvCache = self.decoder.kv_cache(&mut g, batch, capacity.max(1));
-        // Left-padded batches (prompts of different lengths): pad keys masked out.
-        let key_mask = g.buffer("key_mask", batch, cache.capacity);
-        let image = Some((image_embeds, self.cfg.image_token()));
-        let pre = self.decoder.build(
-            &mut g,
-            &cache,
-            &PassSpec::prefill(prompt_len, image, Some(key_mask), all_prefill_logits),
-        );
-        let prefill = g.take_phase("prefill");
-        let dec = self.decoder.build(&mut g, &cache, &PassSpec::decode(Some(key_mask)));
-        let decode = Phase { replayable: true, ..g.take_phase("decode") };
-
-        let kv =
-            KvCaches { bufs: cache.layers.iter().flat_map(|&(k, v)| [k, v]).collect(), rows_per_seq: cache.capacity };
-        Ok(Plan {
-            graph: g,
-            batch,
-            prompt_len,
-            capacity,
-            max_new_tokens,
-            inputs: vec![("pixels", pixels)],
-            outputs: img.outputs(),
-            encoders: img.phases,
-            prefill: Step { phase: prefill, logits: pre.logits, rows_per_seq: pre.logit_rows / batch },
-            decode: Step { phase: decode, logits: dec.logits, rows_per_seq: 1 },
-            kv,
-            key_mask: Some(key_mask),
-            encoder_input: None,
-            step_inputs: Vec::new(),
-            image_stage: Some(image_stage),
-        })
+        // Decoder: prefill over the whole input, then one-token steps over the shared cache;
+        // left-padded batches (prompts of different lengths) mask out the pad keys.
+        let image = (img.image_embeds, self.cfg.image_token());
+        let prompt = PrefillSpec { prompt_len, image, padded: true, all_logits: all_prefill_logits };
+        Ok(self.decoder.plan(g, batch, capacity, max_new_tokens, prompt, img.encoders()))
     }
 }
 

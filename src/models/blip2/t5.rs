@@ -48,10 +48,7 @@ impl Blip2T5 {
             max_new_tokens,
             (img.image_embeds, self.cfg.image_token()),
         )?;
-        let (outputs, stage) = (img.outputs(), img.stage());
-        let mut plan = t5.into_plan(g, batch, max_new_tokens, vec![("pixels", img.pixels)], img.phases, outputs);
-        plan.image_stage = Some(stage);
-        Ok(plan)
+        Ok(t5.into_plan(g, batch, max_new_tokens, img.encoders()))
     }
 }
 

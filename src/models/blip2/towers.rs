@@ -3,7 +3,7 @@
 
 use super::config::Blip2Config;
 use crate::error::Result;
-use crate::generate::{ImagePlan, ImageStage};
+use crate::generate::{Encoders, ImagePlan, ImageStage};
 use crate::graph::{Buf, Fused, Graph, Linear, Phase};
 use crate::models::family::Loader;
 use crate::models::qformer::QFormer;
@@ -33,9 +33,19 @@ pub struct ImagePhases {
 }
 
 impl ImagePhases {
-    /// The plan outputs tests read.
-    pub fn outputs(&self) -> Vec<(&'static str, Buf)> {
-        vec![("vision_out", self.vision_out), ("qformer_out", self.qformer_out), ("image_embeds", self.image_embeds)]
+    /// The plan's encoders: the pixels in, the two phases, the outputs tests read.
+    pub fn encoders(self) -> Encoders {
+        let image_stage = Some(self.stage());
+        Encoders {
+            image_stage,
+            inputs: vec![("pixels", self.pixels)],
+            phases: self.phases,
+            outputs: vec![
+                ("vision_out", self.vision_out),
+                ("qformer_out", self.qformer_out),
+                ("image_embeds", self.image_embeds),
+            ],
+        }
     }
 
     /// Both phases read the pixels alone: `image_embeds` is what an image cache keeps.

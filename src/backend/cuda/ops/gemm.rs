@@ -1,11 +1,9 @@
 //! kernels/gemm.cu: tensor-core GEMM with fused epilogues; `linear` picks GEMV or GEMM.
 
 use cudarc::driver::LaunchConfig;
-use half::f16;
 
 use super::*;
 use crate::backend::cuda::error::{bad, GpuResult};
-use crate::backend::cuda::memory::DevSlice;
 use crate::backend::cuda::CudaDevice;
 
 /// GEMM tile config (see kernels/gemm.cu).
@@ -36,39 +34,24 @@ kernel_params! {
 impl CudaDevice {
     /// Y[M,N] = act(X[M,K] · W[N,K]^T + bias) + residual on tensor cores (any M, N, K >= 1);
     /// Y and the residual are fp16, or fp32 for a stream kept in fp32.
-    pub fn gemm<O: ActElem>(
-        &self,
-        x: &DevSlice<f16>,
-        w: &DevSlice<f16>,
-        epilogue: Epilogue<'_, O>,
-        y: &DevSlice<O>,
-        dims: GemmDims,
-    ) -> GpuResult<()> {
-        let GemmDims { m, n, .. } = dims;
+    pub fn gemm<O: ActElem>(&self, args: LinearArgs<'_, O>) -> GpuResult<()> {
+        let GemmDims { m, n, .. } = args.dims;
         let tile = if m.div_ceil(128) * n.div_ceil(128) >= self.num_sms() as usize {
             GemmTile::Large
         } else {
             GemmTile::Small
         };
-        self.gemm_with_tile(x, w, epilogue, y, dims, tile)
+        self.gemm_with_tile(args, tile)
     }
 
     /// [`gemm`](Self::gemm) with an explicit tile config (tests exercise both).
-    pub fn gemm_with_tile<O: ActElem>(
-        &self,
-        x: &DevSlice<f16>,
-        w: &DevSlice<f16>,
-        epilogue: Epilogue<'_, O>,
-        y: &DevSlice<O>,
-        dims: GemmDims,
-        tile: GemmTile,
-    ) -> GpuResult<()> {
+    pub fn gemm_with_tile<O: ActElem>(&self, args: LinearArgs<'_, O>, tile: GemmTile) -> GpuResult<()> {
         const K: &str = "gemm";
-        let (GemmDims { m, n, k }, Epilogue { bias, act, .. }) = (dims, epilogue);
+        let LinearArgs { x, w, epilogue: Epilogue { bias, act, .. }, y, dims: GemmDims { m, n, k } } = args;
         if m == 0 || n == 0 || k == 0 {
             return Err(bad(K, format!("empty shape m={m} n={n} k={k}")));
         }
-        let res_ptr = check_linear_operands(K, x, w, &epilogue, y, dims)?;
+        let res_ptr = check_linear_operands(K, &args)?;
         let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
         let pair =
             !O::F32 && n % 2 == 0 && y.is_aligned(4) && bias.is_none_or(|b| b.is_aligned(4)) && (res_ptr % 4 == 0);
@@ -129,18 +112,12 @@ impl CudaDevice {
     }
 
     /// Linear layer: GEMV for m <= 8 when its preconditions hold, else GEMM.
-    pub fn linear<O: ActElem>(
-        &self,
-        x: &DevSlice<f16>,
-        w: &DevSlice<f16>,
-        epilogue: Epilogue<'_, O>,
-        y: &DevSlice<O>,
-        dims: GemmDims,
-    ) -> GpuResult<()> {
+    pub fn linear<O: ActElem>(&self, args: LinearArgs<'_, O>) -> GpuResult<()> {
+        let LinearArgs { x, w, dims, .. } = args;
         if dims.m <= 8 && dims.k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16) {
-            self.gemv(x, w, epilogue, y, dims)
+            self.gemv(args)
         } else {
-            self.gemm(x, w, epilogue, y, dims)
+            self.gemm(args)
         }
     }
 }

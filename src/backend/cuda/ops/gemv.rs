@@ -1,10 +1,7 @@
 //! kernels/gemv.cu: weight-streaming matrix-vector products for decode (M = 1..=8).
 
-use half::f16;
-
 use super::*;
 use crate::backend::cuda::error::{bad, GpuResult};
-use crate::backend::cuda::memory::DevSlice;
 use crate::backend::cuda::CudaDevice;
 
 kernel_params! {
@@ -36,23 +33,16 @@ pub fn gemv_threads_per_row(n: usize, k: usize, num_sms: u32) -> u32 {
 impl CudaDevice {
     /// Decode GEMV (M = 1..=8): same math as [`gemm`](Self::gemm), weight-streaming kernel.
     /// Needs k % 8 == 0 and 16-byte aligned x, w ([`linear`](Self::linear) falls back to gemm).
-    pub fn gemv<O: ActElem>(
-        &self,
-        x: &DevSlice<f16>,
-        w: &DevSlice<f16>,
-        epilogue: Epilogue<'_, O>,
-        y: &DevSlice<O>,
-        dims: GemmDims,
-    ) -> GpuResult<()> {
+    pub fn gemv<O: ActElem>(&self, args: LinearArgs<'_, O>) -> GpuResult<()> {
         const K: &str = "gemv";
-        let (GemmDims { m, n, k }, Epilogue { bias, act, .. }) = (dims, epilogue);
+        let LinearArgs { x, w, epilogue: Epilogue { bias, act, .. }, y, dims: GemmDims { m, n, k } } = args;
         if !(1..=8).contains(&m) || n == 0 || k == 0 {
             return Err(bad(K, format!("shape m={m} n={n} k={k}: needs 1 <= m <= 8, n, k >= 1")));
         }
         if k % 8 != 0 || !x.is_aligned(16) || !w.is_aligned(16) {
             return Err(bad(K, "needs k % 8 == 0 and 16-byte aligned x, w"));
         }
-        let res_ptr = check_linear_operands(K, x, w, &epilogue, y, dims)?;
+        let res_ptr = check_linear_operands(K, &args)?;
         let t = gemv_threads_per_row(n, k, self.num_sms());
         let cols_per_block = (256 / t) as usize;
         let grid = to_i32(K, "grid", n.div_ceil(cols_per_block))? as u32;

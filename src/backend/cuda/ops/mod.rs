@@ -200,14 +200,21 @@ impl CudaDevice {
 /// Shared checks of gemm and gemv: X [m,k], W [n,k], Y [m,n], bias [n], residual [m,n] hold
 /// enough elements; Y is disjoint from X, W and the bias; the residual is Y itself or disjoint.
 /// Returns the residual pointer (0 = none).
-fn check_linear_operands<O: ActElem>(
-    kernel: &'static str,
-    x: &DevSlice<f16>,
-    w: &DevSlice<f16>,
-    epilogue: &Epilogue<'_, O>,
-    y: &DevSlice<O>,
-    dims: GemmDims,
-) -> GpuResult<u64> {
+/// The operands of `y[M,N] = act(x[M,K] · w[N,K]ᵀ + bias) + residual`: what
+/// [`gemm`](CudaDevice::gemm), [`gemv`](CudaDevice::gemv) and [`linear`](CudaDevice::linear) take.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearArgs<'a, O: ActElem = f16> {
+    pub x: &'a DevSlice<f16>,
+    /// `[N, K]`, PyTorch's Linear layout.
+    pub w: &'a DevSlice<f16>,
+    pub epilogue: Epilogue<'a, O>,
+    pub y: &'a DevSlice<O>,
+    pub dims: GemmDims,
+}
+
+/// Checks the operands' sizes, overlaps and alignment; returns the residual's pointer (0: none).
+fn check_linear_operands<O: ActElem>(kernel: &'static str, a: &LinearArgs<'_, O>) -> GpuResult<u64> {
+    let LinearArgs { x, w, epilogue, y, dims } = *a;
     let (GemmDims { m, n, k }, bias) = (dims, epilogue.bias);
     need(kernel, "x", x, m * k)?;
     need(kernel, "w", w, n * k)?;
