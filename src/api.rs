@@ -2,7 +2,7 @@
 //! or run raw prompts. A [`Model`] is `Send + Sync`; each request gets its own executor state.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub use crate::backend::Device;
@@ -104,6 +104,64 @@ pub struct Request<'a> {
     pub images: &'a [PixelValues],
     pub prompt: Prompt<'a>,
     pub options: &'a GenerateOptions,
+    /// The images' features computed earlier by [`Model::encode_images`], one per image in
+    /// order (an image cache): the family's image stage is then not run and the pixels are not
+    /// read. None: computed from the pixels. The answer is the same either way (on the CPU, to
+    /// the bit: an image's features do not depend on the batch it was computed in).
+    pub features: Option<&'a [ImageFeatures]>,
+}
+
+impl<'a> Request<'a> {
+    /// A request computing its image features from the pixels.
+    pub fn new(images: &'a [PixelValues], prompt: Prompt<'a>, options: &'a GenerateOptions) -> Self {
+        Self { images, prompt, options, features: None }
+    }
+}
+
+/// One image's output of its family's image stage ([`crate::generate::ImageStage`]): what the
+/// model computes from the pixels alone before anything reads the prompt (BLIP-2: the projected
+/// Q-Former queries; LLaVA: the projected patch features; InstructBLIP: the vision tower's
+/// output). From [`Model::encode_images`], for [`Request::features`]; cheap to clone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageFeatures(Arc<[f32]>);
+
+impl ImageFeatures {
+    pub fn values(&self) -> &[f32] {
+        &self.0
+    }
+
+    /// Bytes its values take (f32).
+    pub fn size_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.0)
+    }
+}
+
+impl From<Vec<f32>> for ImageFeatures {
+    fn from(values: Vec<f32>) -> Self {
+        Self(values.into())
+    }
+}
+
+/// A request's images inside [`Model::generate`]: the pixels, and their features when the
+/// request brings them.
+#[derive(Clone, Copy)]
+struct Images<'a> {
+    pixels: &'a [PixelValues],
+    features: Option<&'a [ImageFeatures]>,
+}
+
+impl<'a> Images<'a> {
+    fn pixels(pixels: &'a [PixelValues]) -> Self {
+        Self { pixels, features: None }
+    }
+
+    fn len(&self) -> usize {
+        self.pixels.len()
+    }
+
+    fn range(&self, r: std::ops::Range<usize>) -> Self {
+        Self { pixels: &self.pixels[r.clone()], features: self.features.map(|f| &f[r]) }
+    }
 }
 
 /// The pixel values of `images`, one after another, each checked to be the `size` x `size` the
@@ -120,6 +178,17 @@ fn stack_pixels(images: &[PixelValues], size: usize) -> Result<Vec<f32>> {
         pixels.extend_from_slice(&img.data);
     }
     Ok(pixels)
+}
+
+/// The features of a request's images, one after another (each of one length).
+fn stack_features(features: &[ImageFeatures]) -> Result<Vec<f32>> {
+    let len = features.first().map_or(0, |f| f.values().len());
+    if features.iter().any(|f| f.values().len() != len) {
+        return Err(Error::InvalidInput(
+            "the request's image features differ in size: compute them with this model's encode_images".into(),
+        ));
+    }
+    Ok(features.iter().flat_map(|f| f.values().iter().copied()).collect())
 }
 
 /// A model folder's config.json, parsed and checked, and its safetensors, opened.
@@ -230,8 +299,16 @@ impl Model {
     /// image, or one for a chat prompt holding every image); `on_token` sees each token as it is
     /// produced. The methods below are conveniences over it.
     pub fn generate(&self, request: &Request<'_>, on_token: &mut dyn FnMut(&TokenEvent)) -> Result<Vec<Output>> {
-        let (images, opts) = (request.images, request.options);
+        let opts = request.options;
         opts.validate()?;
+        if let Some(f) = request.features.filter(|f| f.len() != request.images.len()) {
+            return Err(Error::InvalidInput(format!(
+                "the request has {} images but features of {}: give one ImageFeatures per image",
+                request.images.len(),
+                f.len()
+            )));
+        }
+        let images = Images { pixels: request.images, features: request.features };
         match request.prompt {
             // Chat families caption through their chat template with the caption instruction.
             Prompt::Caption if self.chat.is_some() => self.generate(
@@ -244,7 +321,7 @@ impl Model {
                 None => self.run_text(images, Some(&self.question_prompt(question)), opts, on_token),
                 Some(chat) => {
                     let ids = self.chat_ids(chat, &chat.user_prompt(images.len(), question)?)?;
-                    self.outputs(self.run_ids(images, &ids, opts, on_token)?)
+                    self.outputs(self.run_image_ids(images, &ids, opts, on_token)?)
                 }
             },
             Prompt::PerImage(questions) => self.run_per_image(images, questions, opts, on_token),
@@ -265,7 +342,7 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Output> {
-        let request = Request { images: std::slice::from_ref(pixels), prompt: Prompt::Caption, options: opts };
+        let request = Request::new(std::slice::from_ref(pixels), Prompt::Caption, opts);
         self.generate(&request, on_token).map(|mut v| v.remove(0))
     }
 
@@ -284,7 +361,7 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Output> {
-        let request = Request { images: pixels, prompt: Prompt::Question(question), options: opts };
+        let request = Request::new(pixels, Prompt::Question(question), opts);
         self.generate(&request, on_token).map(|mut v| v.remove(0))
     }
 
@@ -324,7 +401,7 @@ impl Model {
         questions: &[&str],
         opts: &GenerateOptions,
     ) -> Result<Vec<Output>> {
-        self.generate(&Request { images: pixels, prompt: Prompt::PerImage(questions), options: opts }, &mut |_| {})
+        self.generate(&Request::new(pixels, Prompt::PerImage(questions), opts), &mut |_| {})
     }
 
     /// Runs preprocessed images as one batch with one raw prompt (no template); `on_token` sees
@@ -336,13 +413,13 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
-        self.generate(&Request { images, prompt: Prompt::Raw(prompt), options: opts }, on_token)
+        self.generate(&Request::new(images, Prompt::Raw(prompt), opts), on_token)
     }
 
     /// [`Prompt::PerImage`]: one question per image (see [`Model::ask_batch_pixels`]).
     fn run_per_image(
         &self,
-        pixels: &[PixelValues],
+        pixels: Images<'_>,
         questions: &[&str],
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
@@ -354,7 +431,7 @@ impl Model {
             while start < questions.len() {
                 let end = start + questions[start..].iter().take_while(|q| **q == questions[start]).count();
                 let ids = self.chat_ids(chat, &chat.user_prompt(1, questions[start])?)?;
-                out.extend(self.outputs(self.run_ids(&pixels[start..end], &ids, opts, on_token)?)?);
+                out.extend(self.outputs(self.run_image_ids(pixels.range(start..end), &ids, opts, on_token)?)?);
                 start = end;
             }
             return Ok(out);
@@ -376,7 +453,7 @@ impl Model {
     /// which the encoders read too where the family does (InstructBLIP's Q-Former).
     fn run_text(
         &self,
-        images: &[PixelValues],
+        images: Images<'_>,
         prompt: Option<&str>,
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
@@ -428,8 +505,19 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
+        self.run_image_ids(Images::pixels(images), input_ids, opts, on_token)
+    }
+
+    /// [`Model::run_ids`] on a request's images.
+    fn run_image_ids(
+        &self,
+        images: Images<'_>,
+        input_ids: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<(Vec<Sequence>, Timings, String)> {
         let sequences = self.family.sequences_for(images.len(), input_ids)?;
-        self.run_prompts(images, &Prompts::shared(input_ids, sequences), opts, on_token)
+        self.run_request(images, &Prompts::shared(input_ids, sequences), &[], opts, on_token)
     }
 
     /// [`Model::run_ids`] with a decoder input per sequence (left-padded to one length).
@@ -440,33 +528,37 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
-        self.run_request(images, prompts, &[], opts, on_token)
+        self.run_request(Images::pixels(images), prompts, &[], opts, on_token)
     }
 
     /// [`Model::run_prompts`] with each sequence's prompt text for families whose encoders read
     /// it ([`Family::text_inputs`]; empty: token ids only).
     fn run_request(
         &self,
-        images: &[PixelValues],
+        images: Images<'_>,
         prompts: &Prompts,
         texts: &[&str],
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
-        let pixels = stack_pixels(images, self.family.image_size())?;
+        // The pixels, or the image stage's features in their place.
+        let (image_input, image_data) = match images.features {
+            None => ("pixels", stack_pixels(images.pixels, self.family.image_size())?),
+            Some(features) => (crate::generate::IMAGE_FEATURES, stack_features(features)?),
+        };
         opts.check_available()?;
         let new_tokens = opts.new_tokens(prompts.len(), self.family.max_positions())?;
         let sequences = prompts.batch();
         // Beam search: each sequence's images repeated per beam, as one block (all of a chat
         // prompt's images stay together), and its prompt with them.
-        let pixels = expand_for_beams(&pixels, sequences, opts);
+        let image_data = expand_for_beams(&image_data, sequences, opts);
         let prompts = prompts.repeat_each(opts.expansion());
         let text = self.family.text_inputs(texts)?;
         let text_data: Vec<(&str, Vec<f32>)> = text
             .iter()
             .flat_map(|t| t.inputs.iter().map(|(name, data)| (*name, expand_for_beams(data, sequences, opts))))
             .collect();
-        let inputs: Vec<(&str, &[f32])> = std::iter::once(("pixels", pixels.as_slice()))
+        let inputs: Vec<(&str, &[f32])> = std::iter::once((image_input, image_data.as_slice()))
             .chain(text_data.iter().map(|(n, d)| (*n, d.as_slice())))
             .collect();
         let text_rows = text.as_ref().map_or(0, |t| t.rows);
@@ -503,6 +595,39 @@ impl Model {
         let (seqs, timings) =
             generate_prompts(plan, exec.as_mut(), &inputs, &prompts, opts, stop.as_ref(), &mut hooks)?;
         Ok((seqs, timings, exec.device_name()))
+    }
+
+    /// Each image's output of the family's image stage (what it computes from the pixels alone,
+    /// [`ImageFeatures`]), computed as one batch: give them back in [`Request::features`] to
+    /// answer about the same image again without running that stage (an image cache). An
+    /// error for a family without an image stage.
+    pub fn encode_images(&self, images: &[PixelValues]) -> Result<Vec<ImageFeatures>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pixels = stack_pixels(images, self.family.image_size())?;
+        let plan = self
+            .family
+            .image_plan(images.len())?
+            .ok_or_else(|| Error::Unsupported("this model has no image stage to compute image features with".into()))?;
+        let run = |exec: &mut dyn Executor| -> Result<Vec<f32>> {
+            exec.write(plan.pixels, &pixels)?;
+            exec.set_left_padding(&[]);
+            exec.set_position(0);
+            for phase in &plan.phases {
+                exec.run(phase)?;
+            }
+            exec.read(plan.features, images.len() * plan.rows_per_image)
+        };
+        let data = if self.backend.is_cuda() {
+            // One request at a time on the device, as generate.
+            let _device = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
+            run(self.backend.executor(self.family.weights(), &plan.graph)?.as_mut())?
+        } else {
+            run(self.backend.executor(self.family.weights(), &plan.graph)?.as_mut())?
+        };
+        let per = data.len() / images.len();
+        Ok(data.chunks(per.max(1)).map(|c| ImageFeatures(c.into())).collect())
     }
 
     /// An executor for `graph` on this model's backend (for stage-by-stage use and tests).

@@ -35,7 +35,7 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use api::{Device, EmbedModel, Model, Output, Prompt, Request};
+pub use api::{Device, EmbedModel, ImageFeatures, Model, Output, Prompt, Request};
 pub use error::{Error, Result};
 pub use generate::{Cancel, GenerateOptions, Sequence, Timings, TokenEvent};
 pub use image::ImageInput;

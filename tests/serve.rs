@@ -143,7 +143,7 @@ fn alone(model: &Model, image: &str, text: &str, opts: &GenerateOptions) -> Outp
     let bytes = image_bytes(image);
     let px = model.preprocess_input(&ImageInput::Bytes { bytes: &bytes, name: image }).unwrap();
     let prompt = if text.is_empty() { Prompt::Caption } else { Prompt::Question(text) };
-    model.generate(&Request { images: &[px], prompt, options: opts }, &mut |_| {}).unwrap().remove(0)
+    model.generate(&Request::new(&[px], prompt, opts), &mut |_| {}).unwrap().remove(0)
 }
 
 /// OpenAI's error object, with `param` and a message holding `says`.
@@ -295,6 +295,86 @@ fn concurrent_greedy_requests_each_equal_the_request_alone() {
     // Some requests really shared a model call.
     let calls = server.metric("glimpse_batch_size_count");
     assert!(calls < cases.len() as f64, "{calls} model calls for {} requests: nothing was batched", cases.len());
+}
+
+/// The load test: 64 concurrent greedy requests over 8 images and 8 questions (captions among
+/// them), each answer compared with the same request sent alone afterwards, one at a time, to a
+/// server without the image cache.
+///
+/// With calls of at most 4 requests (`--max-batch 4`) every answer is byte-identical: text,
+/// finish reason, usage, every log-probability. Above 4 sequences the CPU executor's decode step
+/// leaves its matrix-vector path (src/backend/cpu/ops.rs `GEMV_MAX_ROWS`) for the GEMM, whose
+/// summation order differs, and the fp16 rounding of activations can turn a last-bit difference
+/// into one fp16 step: with `--max-batch 16` the text and tokens are still those of the request
+/// alone here, the log-probabilities within about 3e-5 of them (measured), not equal.
+#[test]
+fn load_64_concurrent_greedy_requests_each_equal_the_request_sent_alone() {
+    let images = [
+        "photo_q90.jpg",
+        "wide_301x97.png",
+        "tall_83x311.png",
+        "odd_257x181.png",
+        "rgba_150x120.png",
+        "palette_100x80.png",
+        "grey_67x45.png",
+        "exact_224x224.png",
+    ];
+    let questions = [
+        "",
+        "what is this?",
+        "how many?",
+        "what colour is the big object in the middle?",
+        "who?",
+        "",
+        "is it a cat?",
+        "where?",
+    ];
+    let uris: Vec<String> = images.iter().map(|i| data_uri(i)).collect();
+    // Every image with every question, the image cycling faster, so each call mixes them.
+    let bodies: Vec<Value> = (0..64)
+        .map(|i| chat(&uris[i % 8], questions[(i / 8 + i) % 8], json!({"temperature": 0, "logprobs": true})))
+        .collect();
+    let loaded = |max_batch: &str| {
+        let server = Server::start("blip2-opt-tiny", &["--max-batch", max_batch, "--max-queue", "128"]);
+        let start = Instant::now();
+        let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+            let handles: Vec<_> = bodies
+                .iter()
+                .map(|body| {
+                    let server = &server;
+                    s.spawn(move || server.post("/v1/chat/completions", body))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let calls = server.metric("glimpse_batch_size_count");
+        eprintln!("--max-batch {max_batch}: 64 concurrent requests in {:?}, {calls} model calls", start.elapsed());
+        assert!(calls < 64.0, "{calls} model calls for 64 requests: nothing was batched");
+        assert!(server.metric("glimpse_image_cache_hits_total") > 0.0);
+        answers
+    };
+    let (exact, wide) = (loaded("4"), loaded("16"));
+
+    let alone = Server::start("blip2-opt-tiny", &["--max-batch", "1", "--image-cache-bytes", "0"]);
+    let logprobs = |v: &Value| -> Vec<f64> {
+        let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+        content.iter().map(|t| t["logprob"].as_f64().unwrap()).collect()
+    };
+    let mut widest = 0f64;
+    for (i, (body, ((s4, v4), (s16, v16)))) in bodies.iter().zip(exact.iter().zip(&wide)).enumerate() {
+        assert_eq!((*s4, *s16), (200, 200), "request {i}: {v4} {v16}");
+        let (status, want) = alone.post("/v1/chat/completions", body);
+        assert_eq!(status, 200, "{want}");
+        assert_eq!(v4["choices"], want["choices"], "request {i}: the answer under load differs from the request alone");
+        assert_eq!(v4["usage"], want["usage"], "request {i}");
+        assert_eq!(content(v16), content(&want), "request {i} in calls of up to 16");
+        assert_eq!(v16["usage"], want["usage"], "request {i} in calls of up to 16");
+        for (a, b) in logprobs(v16).iter().zip(logprobs(&want)) {
+            widest = widest.max((a - b).abs());
+        }
+    }
+    eprintln!("calls of up to 16: largest log-probability difference from the request alone {widest:e}");
+    assert!(widest < 1e-3, "{widest}");
 }
 
 #[test]
@@ -547,6 +627,69 @@ fn send_async(server: &Server, body: Value) -> std::thread::JoinHandle<(u16, Val
         let status = resp.status().as_u16();
         (status, serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap())
     })
+}
+
+#[test]
+fn the_image_cache_reuses_image_features_and_changes_no_answer() {
+    let server = Server::start("blip2-opt-tiny", &["--max-batch", "8", "--debug-token-delay-ms", "20"]);
+    let uncached = Server::start("blip2-opt-tiny", &["--image-cache-bytes", "0"]);
+    let model = Model::load(common::model_dir("blip2-opt-tiny"), Device::Cpu).unwrap();
+    let body = |image: &str, text: &str| chat(&data_uri(image), text, json!({"temperature": 0, "logprobs": true}));
+    let cache = |s: &Server| {
+        ["hits_total", "misses_total", "entries", "bytes"].map(|m| s.metric(&format!("glimpse_image_cache_{m}")))
+    };
+    // BLIP-2's features of one image: 32 projected queries of the decoder's width (160), f32.
+    let entry = (32 * 160 * 4) as f64;
+
+    let ask = body("photo_q90.jpg", "what is in the picture?");
+    let (status, first) = server.post("/v1/chat/completions", &ask);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(cache(&server), [0.0, 1.0, 1.0, entry]);
+    let (_, second) = server.post("/v1/chat/completions", &ask);
+    assert_eq!(cache(&server), [1.0, 1.0, 1.0, entry], "the same bytes again are a hit");
+    // Text, finish reason, usage and every log-probability: the same with and without the cache.
+    assert_eq!(second["choices"], first["choices"]);
+    assert_eq!(second["usage"], first["usage"]);
+    let (_, off) = uncached.post("/v1/chat/completions", &ask);
+    assert_eq!(off["choices"], first["choices"]);
+    assert_eq!(cache(&uncached), [0.0; 4], "--image-cache-bytes 0 turns it off");
+    let want = alone(&model, "photo_q90.jpg", "what is in the picture?", &model.default_options());
+    assert_eq!(content(&first), want.text);
+    let logprobs: Vec<f64> = first["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+    // serde_json's default float parsing may land one ulp off the printed shortest decimal.
+    assert_eq!(logprobs.len(), want.logprobs.len());
+    for (got, want) in logprobs.iter().zip(&want.logprobs) {
+        assert!((got - want).abs() <= 1e-15 * want.abs(), "{got} vs {want}");
+    }
+
+    // One model call mixing a hit and a miss: a first request holds the worker while the two
+    // queue, then they share the next call.
+    let hold = send_async(&server, chat(&data_uri("exact_224x224.png"), "hold", json!({"max_tokens": 8})));
+    server.wait_for("glimpse_requests_running", 1.0);
+    let mixed = [("photo_q90.jpg", "what colour is it?"), ("wide_301x97.png", "and this one?")];
+    let handles: Vec<_> = mixed.iter().map(|(image, text)| send_async(&server, body(image, text))).collect();
+    server.wait_for("glimpse_queue_depth", 2.0);
+    assert_eq!(hold.join().unwrap().0, 200);
+    let answers: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(server.metric("glimpse_batch_size_count"), 4.0, "the two shared one call");
+    assert_eq!(cache(&server), [2.0, 3.0, 3.0, 3.0 * entry]);
+    for ((image, text), (status, v)) in mixed.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{v}");
+        let (_, off) = uncached.post("/v1/chat/completions", &body(image, text));
+        assert_eq!(v["choices"], off["choices"], "{image}: the answer differs from the uncached server's");
+    }
+
+    // Bounded in bytes: room for one image's features, the least recently used goes.
+    let small = Server::start("blip2-opt-tiny", &["--image-cache-bytes", &(entry as usize + 100).to_string()]);
+    for image in ["photo_q90.jpg", "wide_301x97.png", "photo_q90.jpg"] {
+        assert_eq!(small.post("/v1/chat/completions", &body(image, "what?")).0, 200);
+    }
+    assert_eq!(cache(&small), [0.0, 3.0, 1.0, entry]);
 }
 
 #[test]

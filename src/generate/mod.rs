@@ -17,11 +17,18 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use overrides::GenerationOverrides;
-pub use plan::{kv_capacity, EncoderInput, Encoders, KvCaches, Plan, PlanShape, Step, StepInput};
+pub use plan::{
+    kv_capacity, EncoderInput, Encoders, ImagePlan, ImageStage, KvCaches, Plan, PlanShape, Step, StepInput,
+};
 pub use stop::StopStrings;
 
 use crate::backend::{Candidate, Executor};
 use crate::error::{Error, Result};
+
+/// The name of the host input that brings a plan's image features precomputed ([`ImageStage`],
+/// `[images * rows_per_image, cols]`) in place of its `pixels`: the image stage's phases are
+/// then skipped.
+pub const IMAGE_FEATURES: &str = "image_features";
 
 /// transformers' `max_length` when nothing sets a length: 20 tokens past the decoder input.
 pub const DEFAULT_NEW_TOKENS: usize = 20;
@@ -514,17 +521,46 @@ impl<'a, 'h> Session<'a, 'h> {
     }
 
     /// Writes the host inputs (each of the plan's inputs exactly once) and runs the encoders.
+    /// With [`IMAGE_FEATURES`] among the inputs, the plan's image stage is not run: its
+    /// features are written instead, and its `pixels` are not needed.
     pub fn encode(&mut self, inputs: &[(&str, &[f32])]) -> Result<bool> {
-        for (name, _) in &self.plan.inputs {
-            if inputs.iter().filter(|(n, _)| n == name).count() != 1 {
+        let count = |name: &str| inputs.iter().filter(|(n, _)| *n == name).count();
+        let stage =
+            match count(IMAGE_FEATURES) {
+                0 => None,
+                1 => Some(self.plan.image_stage.ok_or_else(|| {
+                    Error::Unsupported("this model's plan takes no precomputed image features".into())
+                })?),
+                n => return Err(Error::InvalidInput(format!("input `{IMAGE_FEATURES}` given {n} times"))),
+            };
+        for &(name, buf) in &self.plan.inputs {
+            let want = if stage.is_some_and(|s| s.pixels == buf) { 0 } else { 1 };
+            if count(name) != want {
                 return Err(Error::InvalidInput(format!(
-                    "the plan needs input `{name}` exactly once; got {} of it",
-                    inputs.iter().filter(|(n, _)| n == name).count()
+                    "the plan needs input `{name}` {}; got {} of it",
+                    if want == 1 { "exactly once" } else { "not at all with precomputed image features" },
+                    count(name)
                 )));
             }
         }
         for (name, data) in inputs {
-            let buf = self.plan.input(name)?;
+            let buf = match stage {
+                Some(s) if *name == IMAGE_FEATURES => {
+                    let d = self.plan.graph.desc(s.features);
+                    if data.len() != d.rows * d.cols {
+                        return Err(Error::InvalidInput(format!(
+                            "{} image feature values given, the plan's `{}` holds {} ({} rows of {})",
+                            data.len(),
+                            d.name,
+                            d.rows * d.cols,
+                            d.rows,
+                            d.cols
+                        )));
+                    }
+                    s.features
+                }
+                _ => self.plan.input(name)?,
+            };
             self.exec.write(buf, data)?;
         }
         // Written on every request (zeros without padding): a GPU executor is reused.
@@ -538,7 +574,8 @@ impl<'a, 'h> Session<'a, 'h> {
             self.exec.set_tokens(tokens);
             self.exec.set_position(0);
         }
-        for phase in &self.plan.encoders {
+        let skip = stage.map_or(0, |s| s.phases);
+        for phase in &self.plan.encoders[skip..] {
             self.write_step_inputs(phase.name, 0)?;
             let s = Instant::now();
             let go = self.run(phase)?;

@@ -134,6 +134,35 @@ pub fn kv_capacity(
     Ok(capacity)
 }
 
+/// The part of a plan's encoders that reads the pixels alone: its first `phases` encoders
+/// compute `features` (`[images * rows_per_image, cols]`, image-major) from host input `pixels`
+/// and nothing else (BLIP-2: vision, Q-Former and projection; LLaVA: vision and projector;
+/// InstructBLIP: vision only, its Q-Former reads the instruction too). A request that brings
+/// these features, computed earlier by the family's [`ImagePlan`] (an image cache), writes
+/// them into `features` and skips those phases; the later phases read nothing else of theirs
+/// ([`Plan::check_image_stage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageStage {
+    pub phases: usize,
+    pub pixels: Buf,
+    pub features: Buf,
+    pub rows_per_image: usize,
+}
+
+/// The image stage alone, for `images` images, in a graph of its own: the same ops the family's
+/// full plan runs in its [`ImageStage`] phases (built by the same code), so each image's
+/// features are the rows the full plan computes for it.
+pub struct ImagePlan {
+    pub graph: Graph,
+    pub images: usize,
+    /// `[images, 3*S*S]` host input.
+    pub pixels: Buf,
+    pub phases: Vec<Phase>,
+    /// `[images * rows_per_image, cols]`.
+    pub features: Buf,
+    pub rows_per_image: usize,
+}
+
 /// One request shape (batch, decoder input length, new tokens) of one model, built once and run
 /// by any executor: host inputs are written, encoders run once, then the prefill over the
 /// decoder input and one-token decode steps over the shared caches.
@@ -163,6 +192,9 @@ pub struct Plan {
     pub encoder_input: Option<EncoderInput>,
     /// Host data written before the phases that read it, from their position.
     pub step_inputs: Vec<StepInput>,
+    /// The encoders that read the pixels alone, and what they leave for the rest (None: the
+    /// family cannot take precomputed image features).
+    pub image_stage: Option<ImageStage>,
 }
 
 /// What a plan runs before its language model, in order.
@@ -172,6 +204,8 @@ pub struct Encoders {
     pub phases: Vec<Phase>,
     /// Intermediate results by name ([`Plan::outputs`]).
     pub outputs: Vec<(&'static str, Buf)>,
+    /// The first phases that read the pixels alone ([`Plan::image_stage`]).
+    pub image_stage: Option<ImageStage>,
 }
 
 impl Plan {
@@ -204,6 +238,52 @@ impl Plan {
     /// Every phase in run order (for op-by-op checks).
     pub fn phases(&self) -> impl Iterator<Item = &Phase> {
         self.encoders.iter().chain([&self.prefill.phase, &self.decode.phase])
+    }
+
+    /// Checks that skipping the [`ImageStage`] phases and writing its features instead leaves
+    /// every later phase with what it reads: no later phase reads a buffer the stage writes
+    /// other than its features, nor the pixels; the stage's phases read no host input but the
+    /// pixels.
+    pub fn check_image_stage(&self) -> Result<()> {
+        let Some(stage) = self.image_stage else { return Ok(()) };
+        if stage.phases == 0 || stage.phases > self.encoders.len() {
+            return Err(Error::InvalidInput(format!(
+                "the image stage spans {} phases of {} encoders",
+                stage.phases,
+                self.encoders.len()
+            )));
+        }
+        let (head, tail) = self.encoders.split_at(stage.phases);
+        let written: std::collections::HashSet<Buf> =
+            head.iter().flat_map(|p| &p.ops).flat_map(|op| op.outputs()).collect();
+        if !written.contains(&stage.features) {
+            return Err(Error::InvalidInput("the image stage does not write its features".into()));
+        }
+        let hosts: Vec<Buf> = self.inputs.iter().map(|&(_, b)| b).filter(|&b| b != stage.pixels).collect();
+        if let Some(op) = head.iter().flat_map(|p| &p.ops).find(|op| op.inputs().iter().any(|b| hosts.contains(b))) {
+            return Err(Error::InvalidInput(format!(
+                "the image stage's `{}` reads a host input besides the pixels",
+                op.kind()
+            )));
+        }
+        // Buffers a later phase wrote itself before reading them (shared scratch) are fine.
+        let mut fresh = std::collections::HashSet::new();
+        for phase in tail.iter().chain([&self.prefill.phase, &self.decode.phase]) {
+            for op in &phase.ops {
+                let stale =
+                    |b: &Buf| *b == stage.pixels || (*b != stage.features && written.contains(b) && !fresh.contains(b));
+                if let Some(b) = op.inputs().into_iter().find(stale) {
+                    return Err(Error::InvalidInput(format!(
+                        "phase `{}` ({}) reads `{}`, which the skipped image stage computes",
+                        phase.name,
+                        op.kind(),
+                        self.graph.desc(b).name
+                    )));
+                }
+                fresh.extend(op.outputs());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -102,6 +102,7 @@ pub trait CausalDecoder {
             key_mask,
             encoder_input: None,
             step_inputs: Vec::new(),
+            image_stage: encoders.image_stage,
         }
     }
 }

@@ -166,6 +166,12 @@ pub trait Family: Send + Sync {
     fn text_inputs(&self, _texts: &[&str]) -> Result<Option<TextInputs>> {
         Ok(None)
     }
+    /// The phases that compute a plan's [`crate::generate::ImageStage`] features from the
+    /// pixels alone, for `images` images, in a graph of their own (the server's image cache
+    /// runs them for the images it has not seen); None when the family has no such stage.
+    fn image_plan(&self, _images: usize) -> Result<Option<crate::generate::ImagePlan>> {
+        Ok(None)
+    }
     /// True for chat models: prompts come from the checkpoint's chat template and processor
     /// (`crate::chat`), generation settings from generation_config.json.
     fn chat(&self) -> bool {

@@ -32,8 +32,8 @@ use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_lan
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_positive, check_text_tokens, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{kv_capacity, Encoders, GenerateOptions, Plan, PlanShape};
-use crate::graph::{DType, Fused, Graph, Linear, WeightTable};
+use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
+use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -309,6 +309,16 @@ impl InstructBlip {
         self.cfg.text_config.max_position_embeddings()
     }
 
+    /// The `vision` phase of `batch` images (pixels -> `[B*T, Dv]`): what InstructBLIP computes
+    /// from the pixels alone (its Q-Former reads the instruction too). Returns the pixels,
+    /// the vision output and the phase.
+    fn vision_phase(&self, g: &mut Graph, batch: usize) -> (crate::graph::Buf, crate::graph::Buf, Phase) {
+        let v = &self.cfg.vision_config;
+        let pixels = g.buffer("pixels", batch, 3 * v.image_size * v.image_size);
+        let vision_out = self.vision.build(g, pixels, batch);
+        (pixels, vision_out, g.take_phase("vision"))
+    }
+
     /// The phases for `batch` images with one instruction of `text_rows` Q-Former tokens
     /// (padded) each, a decoder input of `prompt_len` tokens and up to `max_new_tokens` new ones.
     fn plan_instructed(
@@ -325,11 +335,8 @@ impl InstructBlip {
         let (v, q) = (&self.cfg.vision_config, &self.cfg.qformer_config);
         let nq = self.cfg.num_query_tokens;
         let mut g = Graph::new();
-        let pixels = g.buffer("pixels", batch, 3 * v.image_size * v.image_size);
-
-        // Vision: pixels -> [B*T, Dv].
-        let vision_out = self.vision.build(&mut g, pixels, batch);
-        let vision = g.take_phase("vision");
+        let (pixels, vision_out, vision) = self.vision_phase(&mut g, batch);
+        let image_stage = ImageStage { phases: 1, pixels, features: vision_out, rows_per_image: v.num_positions() };
 
         // Q-Former over [queries ; instruction] + projection -> [B*Nq, H]. The embeddings stay
         // fp32 up to their LayerNorm (transformers keeps query_tokens fp32 under fp16).
@@ -349,6 +356,7 @@ impl InstructBlip {
             inputs: vec![("pixels", pixels), ("qformer_embeds", inp.embeds), ("qformer_mask", inp.key_mask)],
             phases: vec![vision, qformer],
             outputs: vec![("vision_out", vision_out), ("qformer_out", qformer_out), ("image_embeds", image_embeds)],
+            image_stage: Some(image_stage),
         };
         let image = (image_embeds, self.cfg.image_token());
         match &self.lm {
@@ -461,6 +469,13 @@ impl Family for InstructBlip {
             shape.all_prefill_logits,
             text_rows,
         )
+    }
+
+    fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
+        let mut g = Graph::new();
+        let (pixels, features, vision) = self.vision_phase(&mut g, images);
+        let rows_per_image = self.cfg.vision_config.num_positions();
+        Ok(Some(ImagePlan { graph: g, images, pixels, phases: vec![vision], features, rows_per_image }))
     }
 
     fn text_inputs(&self, texts: &[&str]) -> Result<Option<TextInputs>> {

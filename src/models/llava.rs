@@ -23,8 +23,8 @@ use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, no
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_activation, check_text_tokens, field_error, GenerationConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::generate::{kv_capacity, Encoders, GenerateOptions, Plan, PlanShape};
-use crate::graph::{Activation, Fused, Graph, Linear, WeightTable, W};
+use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
+use crate::graph::{Activation, Buf, Fused, Graph, Linear, Phase, WeightTable, W};
 use crate::json::{from_json_value, from_json_value_at};
 use crate::weights::{Checkpoint, Weight};
 
@@ -320,32 +320,18 @@ impl Llava {
         })
     }
 
-    /// The phases for `images` images spread over `sequences` decoder sequences of `prompt_len`
-    /// tokens (image `i` fills the `i`-th run of image tokens in flattened order).
-    fn plan_images(
-        &self,
-        images: usize,
-        sequences: usize,
-        prompt_len: usize,
-        max_new_tokens: usize,
-        all_prefill_logits: bool,
-    ) -> Result<Plan> {
-        if images == 0 || sequences == 0 {
-            return Err(Error::InvalidInput("no images given: LLaVA prompts hold at least one image".into()));
-        }
-        let max_pos = self.decoder.max_positions();
-        let holds = format!("{} per image", self.cfg.image_rows());
-        let capacity =
-            kv_capacity(prompt_len, max_new_tokens, max_pos, &holds, "use fewer images or a shorter prompt")?;
+    /// The image side of `images` images: `vision` (pixels -> the selected hidden states
+    /// `[N*(T-skip), D]` each, concatenated) and `projector` (-> `[N*(T-skip), H]`), which read
+    /// the pixels alone.
+    fn image_phases(&self, g: &mut Graph, images: usize) -> Result<LlavaImagePhases> {
         let v = &self.cfg.vision_config;
         let (d, h) = (v.hidden_size, self.cfg.text_config.hidden_size);
         let rows = images * self.cfg.image_rows();
-        let mut g = Graph::new();
         let pixels = g.buffer("pixels", images, 3 * v.image_size * v.image_size);
 
         // Vision: pixels -> selected hidden states [N*(T-skip), D] each.
         let req = VisionRequest { hidden_states: self.layers.clone(), skip_rows: self.cfg.skip_rows(), pooled: false };
-        let taps = self.vision.emit(&mut g, "vision", pixels, images, &req)?.hidden_states;
+        let taps = self.vision.emit(g, "vision", pixels, images, &req)?.hidden_states;
         let features = if let [one] = taps[..] {
             one
         } else {
@@ -364,16 +350,68 @@ impl Llava {
         let image_features = g.buffer("image_features", rows, h);
         g.linear(hidden, l2.weight, l2.bias, Fused::NONE, image_features, rows);
         let projector = g.take_phase("projector");
+        Ok(LlavaImagePhases {
+            pixels,
+            features,
+            image_features,
+            phases: vec![vision, projector],
+            rows_per_image: self.cfg.image_rows(),
+        })
+    }
+
+    /// The phases for `images` images spread over `sequences` decoder sequences of `prompt_len`
+    /// tokens (image `i` fills the `i`-th run of image tokens in flattened order).
+    fn plan_images(
+        &self,
+        images: usize,
+        sequences: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        all_prefill_logits: bool,
+    ) -> Result<Plan> {
+        if images == 0 || sequences == 0 {
+            return Err(Error::InvalidInput("no images given: LLaVA prompts hold at least one image".into()));
+        }
+        let max_pos = self.decoder.max_positions();
+        let holds = format!("{} per image", self.cfg.image_rows());
+        let capacity =
+            kv_capacity(prompt_len, max_new_tokens, max_pos, &holds, "use fewer images or a shorter prompt")?;
+        let mut g = Graph::new();
+        let img = self.image_phases(&mut g, images)?;
+        let (features, image_features, image_stage) = (img.features, img.image_features, img.stage());
 
         // Decoder: every sequence's prompt has the same length (no key mask).
         let image = (image_features, self.cfg.image_token_index);
         let prompt = PrefillSpec { prompt_len, image, padded: false, all_logits: all_prefill_logits };
         let encoders = Encoders {
-            inputs: vec![("pixels", pixels)],
-            phases: vec![vision, projector],
+            inputs: vec![("pixels", img.pixels)],
+            phases: img.phases,
             outputs: vec![("features", features), ("image_features", image_features)],
+            image_stage: Some(image_stage),
         };
         Ok(self.decoder.plan(g, sequences, capacity, max_new_tokens, prompt, encoders))
+    }
+}
+
+/// LLaVA's image side in a graph: the `vision` and `projector` phases.
+struct LlavaImagePhases {
+    pixels: Buf,
+    /// The vision tower's selected hidden states (a plan output for tests).
+    features: Buf,
+    /// `[images * rows_per_image, H]`: what replaces the image tokens' embeddings.
+    image_features: Buf,
+    phases: Vec<Phase>,
+    rows_per_image: usize,
+}
+
+impl LlavaImagePhases {
+    fn stage(&self) -> ImageStage {
+        ImageStage {
+            phases: self.phases.len(),
+            pixels: self.pixels,
+            features: self.image_features,
+            rows_per_image: self.rows_per_image,
+        }
     }
 }
 
@@ -412,6 +450,19 @@ impl Family for Llava {
             eos_token_ids: t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
             ..GenerateOptions::default()
         }
+    }
+
+    fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
+        let mut g = Graph::new();
+        let img = self.image_phases(&mut g, images)?;
+        Ok(Some(ImagePlan {
+            graph: g,
+            images,
+            pixels: img.pixels,
+            phases: img.phases,
+            features: img.image_features,
+            rows_per_image: img.rows_per_image,
+        }))
     }
 
     fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {

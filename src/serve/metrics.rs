@@ -1,5 +1,6 @@
 //! Prometheus text metrics of the server (`GET /metrics`): requests by route and status, queue
-//! depth, requests running, time to first token and inter-token latency, tokens, batch sizes.
+//! depth, requests running, time to first token and inter-token latency, tokens, batch sizes,
+//! the image cache.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -57,6 +58,12 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     /// Requests whose client went away (or timed out) before the worker reached them.
     pub dropped_before_run: AtomicU64,
+    /// Images whose features came from the image cache / were computed (cache.rs).
+    pub image_cache_hits: AtomicU64,
+    pub image_cache_misses: AtomicU64,
+    /// What the image cache holds now.
+    pub image_cache_entries: AtomicU64,
+    pub image_cache_bytes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -71,6 +78,10 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             dropped_before_run: AtomicU64::new(0),
+            image_cache_hits: AtomicU64::new(0),
+            image_cache_misses: AtomicU64::new(0),
+            image_cache_entries: AtomicU64::new(0),
+            image_cache_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -117,6 +128,25 @@ impl Metrics {
                 "Requests dropped from the queue because their client went away or timed out.",
                 "counter",
                 &self.dropped_before_run,
+            ),
+            (
+                "glimpse_image_cache_hits_total",
+                "Images whose features the image cache held (the image stage did not run for them).",
+                "counter",
+                &self.image_cache_hits,
+            ),
+            (
+                "glimpse_image_cache_misses_total",
+                "Images whose features were computed while the image cache is on.",
+                "counter",
+                &self.image_cache_misses,
+            ),
+            ("glimpse_image_cache_entries", "Images the image cache holds.", "gauge", &self.image_cache_entries),
+            (
+                "glimpse_image_cache_bytes",
+                "Bytes of image features the image cache holds.",
+                "gauge",
+                &self.image_cache_bytes,
             ),
         ];
         for (name, help, kind, v) in gauges {

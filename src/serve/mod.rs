@@ -8,8 +8,10 @@
 //! - scheduler.rs: the bounded queue and the one worker thread that runs the model, batching
 //!   compatible requests into one call (request-level batching: requests do not join a running
 //!   decode; iteration-level continuous batching is the next step);
+//! - cache.rs: the image cache (image features by the SHA-256 of the image bytes, LRU);
 //! - text.rs: stop sequences and streamed text; metrics.rs: Prometheus metrics.
 
+mod cache;
 mod error;
 mod media;
 mod metrics;
@@ -62,6 +64,10 @@ pub struct ServeArgs {
     /// Seconds a request may take from arrival to its last token (408 after that).
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout_s: f64,
+    /// Bytes of image features kept for images seen before (identical bytes skip the vision
+    /// tower, Q-Former and projector); least recently used go first. 0 turns the cache off.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub image_cache_bytes: u64,
     /// Allow `file://` image URLs of files under this folder (none by default).
     #[arg(long, value_name = "DIR")]
     pub allowed_local_media: Option<PathBuf>,
@@ -148,6 +154,7 @@ async fn serve(args: &ServeArgs, served: Served, media: media::MediaPolicy) -> R
         queue: queue.clone(),
         metrics: metrics.clone(),
         max_batch: args.max_batch as usize,
+        cache: (args.image_cache_bytes > 0).then(|| cache::ImageCache::new(args.image_cache_bytes as usize)),
         token_delay: Duration::from_millis(args.debug_token_delay_ms),
     }
     .spawn()

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use super::cache::ImageKey;
 use super::error::ApiError;
 use super::media::MediaPolicy;
 use super::openai::{ChatRequest, EmbedInput, EmbeddingsRequest, Part, Role};
@@ -12,15 +13,17 @@ use crate::api::{EmbedModel, Model};
 use crate::generate::{GenerationOverrides, StopStrings};
 use crate::image::{ImageInput, PixelValues};
 
+/// An image's pixels and its image cache key.
 fn image(
     model_preprocess: impl Fn(&ImageInput<'_>) -> crate::Result<PixelValues>,
     media: &MediaPolicy,
     url: &str,
     param: &str,
-) -> Result<PixelValues, ApiError> {
+) -> Result<(PixelValues, ImageKey), ApiError> {
     let bytes = media.load(url, param)?;
-    model_preprocess(&ImageInput::Bytes { bytes: &bytes, name: param })
-        .map_err(|e| ApiError::from_glimpse(&e, Some(param)))
+    let pixels = model_preprocess(&ImageInput::Bytes { bytes: &bytes, name: param })
+        .map_err(|e| ApiError::from_glimpse(&e, Some(param)))?;
+    Ok((pixels, ImageKey::of(&bytes)))
 }
 
 /// A chat completion request as a generation job.
@@ -102,10 +105,12 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
         StopStrings::new(&options.stop_strings, &model.tokenizer)
             .map_err(|e| ApiError::from_glimpse(&e, Some("stop")))?;
     }
-    let images = image_parts
+    let (images, image_keys): (Vec<PixelValues>, Vec<ImageKey>) = image_parts
         .iter()
         .map(|(url, param)| image(|i| model.preprocess_input(i), media, url, param))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     if model.chat.is_some() {
         // One sequence: every image placeholder of the prompt gets one of the request's images.
         let sequences =
@@ -122,6 +127,7 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
         && model.family.text_inputs(&[""]).map_err(|e| ApiError::from_glimpse(&e, None))?.is_none();
     Ok(GenJob {
         images,
+        image_keys,
         prompt,
         options,
         prompt_tokens: ids.len(),
@@ -200,7 +206,7 @@ pub fn embed_job(
                     Ok(EmbedItem::Text(ids))
                 }
                 EmbedInput::Image(url) => {
-                    Ok(EmbedItem::Image(image(|i| model.preprocess_input(i), media, url, &param)?))
+                    Ok(EmbedItem::Image(image(|i| model.preprocess_input(i), media, url, &param)?.0))
                 }
             }
         })

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::cache::{ImageCache, ImageKey};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::text::{cut_at_stop, Release};
@@ -27,6 +28,8 @@ use crate::image::PixelValues;
 #[derive(Debug, Clone)]
 pub struct GenJob {
     pub images: Vec<PixelValues>,
+    /// The image cache's key of each image (the SHA-256 of its bytes).
+    pub image_keys: Vec<ImageKey>,
     pub prompt: PromptSpec,
     /// Resolved settings; `max_new_tokens` is always set (what the request gets alone), so
     /// requests that share a call share it.
@@ -237,6 +240,8 @@ pub struct Worker {
     pub queue: Arc<Queue>,
     pub metrics: Arc<Metrics>,
     pub max_batch: usize,
+    /// Image features by image bytes (None: off).
+    pub cache: Option<ImageCache>,
     /// Testing only (`--debug-token-delay-ms`): a pause after each generated token, so tests
     /// can hold the worker busy.
     pub token_delay: Duration,
@@ -307,6 +312,14 @@ impl Worker {
         let cancel = Cancel::new();
         let options = GenerateOptions { cancel: Some(cancel.clone()), ..first.options.clone() };
         let images: Vec<PixelValues> = jobs.iter().flat_map(|(j, _)| j.images.iter().cloned()).collect();
+        let keys: Vec<ImageKey> = jobs.iter().flat_map(|(j, _)| j.image_keys.iter().copied()).collect();
+        // The image cache's features, or the pixels alone where it is off or fails (the answer
+        // is the same either way).
+        let features = self
+            .cache
+            .as_ref()
+            .filter(|_| keys.len() == images.len())
+            .and_then(|c| c.features(model, &keys, &images, &self.metrics).ok());
         let questions: Vec<&str> = jobs
             .iter()
             .map(|(j, _)| match &j.prompt {
@@ -334,7 +347,7 @@ impl Worker {
                     std::thread::sleep(self.token_delay);
                 }
             };
-            let request = Request { images: &images, prompt, options: &options };
+            let request = Request { features: features.as_deref(), ..Request::new(&images, prompt, &options) };
             std::panic::catch_unwind(AssertUnwindSafe(|| model.generate(&request, &mut on_token)))
         };
         let outputs = match result {
@@ -464,6 +477,7 @@ mod tests {
         let px = PixelValues { height: 1, width: 1, data: vec![0.0; 3] };
         Work::Generate(Box::new(GenJob {
             images: vec![px; images],
+            image_keys: vec![ImageKey::of(b""); images],
             prompt,
             options,
             prompt_tokens: 1,

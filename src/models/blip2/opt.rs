@@ -4,7 +4,7 @@
 use super::config::Blip2Config;
 use super::towers::BlipTowers;
 use crate::error::{Error, Result};
-use crate::generate::{kv_capacity, GenerateOptions, Plan, PlanShape};
+use crate::generate::{kv_capacity, GenerateOptions, ImagePlan, Plan, PlanShape};
 use crate::graph::{Graph, WeightTable};
 use crate::models::decoder::{CausalDecoder, PrefillSpec};
 use crate::models::family::ModelCore;
@@ -111,6 +111,10 @@ impl Family for Blip2 {
         shape.one_image_per_sequence()?;
         shape.image_only()?;
         self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens, shape.all_prefill_logits)
+    }
+
+    fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
+        Ok(Some(self.towers.image_plan(&self.cfg, images)))
     }
 
     fn describe(&self) -> Vec<String> {

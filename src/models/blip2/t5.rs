@@ -7,7 +7,7 @@
 use super::config::Blip2Config;
 use super::towers::BlipTowers;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, Plan, PlanShape};
+use crate::generate::{GenerateOptions, ImagePlan, Plan, PlanShape};
 use crate::graph::{Graph, WeightTable};
 use crate::models::family::ModelCore;
 use crate::models::family::{Family, Loader};
@@ -100,6 +100,10 @@ impl Family for Blip2T5 {
         shape.one_image_per_sequence()?;
         shape.image_only()?;
         self.plan_phases(shape.sequences, shape.prompt_len, shape.max_new_tokens)
+    }
+
+    fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
+        Ok(Some(self.towers.image_plan(&self.cfg, images)))
     }
 
     fn describe(&self) -> Vec<String> {

@@ -3,7 +3,7 @@
 
 use super::config::Blip2Config;
 use crate::error::Result;
-use crate::generate::Encoders;
+use crate::generate::{Encoders, ImagePlan, ImageStage};
 use crate::graph::{Buf, Fused, Graph, Linear, Phase};
 use crate::models::family::Loader;
 use crate::models::qformer::QFormer;
@@ -28,12 +28,16 @@ pub struct ImagePhases {
     /// `[batch*queries, text hidden]`: what replaces the image tokens' embeddings.
     pub image_embeds: Buf,
     pub phases: Vec<Phase>,
+    /// Query tokens per image: rows of `image_embeds` per image.
+    pub queries: usize,
 }
 
 impl ImagePhases {
     /// The plan's encoders: the pixels in, the two phases, the outputs tests read.
     pub fn encoders(self) -> Encoders {
+        let image_stage = Some(self.stage());
         Encoders {
+            image_stage,
             inputs: vec![("pixels", self.pixels)],
             phases: self.phases,
             outputs: vec![
@@ -41,6 +45,28 @@ impl ImagePhases {
                 ("qformer_out", self.qformer_out),
                 ("image_embeds", self.image_embeds),
             ],
+        }
+    }
+
+    /// Both phases read the pixels alone: `image_embeds` is what an image cache keeps.
+    pub fn stage(&self) -> ImageStage {
+        ImageStage {
+            phases: self.phases.len(),
+            pixels: self.pixels,
+            features: self.image_embeds,
+            rows_per_image: self.queries,
+        }
+    }
+
+    /// The phases alone, in their graph `g`.
+    pub fn into_image_plan(self, g: Graph, images: usize) -> ImagePlan {
+        ImagePlan {
+            graph: g,
+            images,
+            pixels: self.pixels,
+            phases: self.phases,
+            features: self.image_embeds,
+            rows_per_image: self.queries,
         }
     }
 }
@@ -72,6 +98,20 @@ impl BlipTowers {
         let image_embeds = g.buffer("image_embeds", rows, cfg.text_config.hidden_size());
         g.linear(qformer_out, projection.weight, projection.bias, Fused::NONE, image_embeds, rows);
         let qformer_phase = g.take_phase("qformer");
-        ImagePhases { pixels, vision_out, qformer_out, image_embeds, phases: vec![vision_phase, qformer_phase] }
+        ImagePhases {
+            pixels,
+            vision_out,
+            qformer_out,
+            image_embeds,
+            phases: vec![vision_phase, qformer_phase],
+            queries: cfg.num_query_tokens,
+        }
+    }
+
+    /// The image phases of `images` images in a graph of their own (the image cache's).
+    pub fn image_plan(&self, cfg: &Blip2Config, images: usize) -> ImagePlan {
+        let mut g = Graph::new();
+        let img = self.build(&mut g, cfg, images);
+        img.into_image_plan(g, images)
     }
 }
