@@ -30,6 +30,7 @@ pub mod info;
 pub mod json;
 pub mod models;
 pub mod parity;
+pub mod quant;
 pub mod serve;
 pub mod synth;
 pub mod tokenizer;
