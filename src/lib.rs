@@ -36,7 +36,8 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use api::{Device, EmbedModel, Model, Output, Prompt, Request};
+pub use api::{Device, EmbedModel, LoadOptions, Model, Output, Prompt, Request};
 pub use error::{Error, Result};
 pub use generate::{Cancel, GenerateOptions, Sequence, Timings, TokenEvent};
 pub use image::ImageInput;
+pub use quant::Quantize;
