@@ -14,7 +14,11 @@ use glimpse::{Device, GenerateOptions, LoadOptions, Model};
 use half::f16;
 
 fn load(name: &str, quantize: Option<Quantize>) -> Model {
-    Model::load_with(common::model_dir(name), Device::Cpu, LoadOptions { quantize }).unwrap()
+    load_dir(&common::model_dir(name), quantize)
+}
+
+fn load_dir(dir: &std::path::Path, quantize: Option<Quantize>) -> Model {
+    Model::load_with(dir, Device::Cpu, LoadOptions { quantize }).unwrap()
 }
 
 /// `|w - deq(q(w))| <= s / 2` for every element, in exact (f64) arithmetic; the values in range
@@ -193,14 +197,22 @@ struct Measured {
     prefix: usize,
     steps: usize,
     /// max over the steps of ||logits_q - logits_deq16|| / ||logits_deq16||, where deq16 is the
-    /// fp16 model with each quantized weight replaced by its dequantized values rounded to fp16.
+    /// fp16 model with each quantized weight replaced by its dequantized values rounded to fp16
+    /// (NaN when not measured).
     kernel_rel: f64,
 }
 
 fn measure(name: &str, format: Quantize) -> Measured {
-    let (fp16, quant) = (load(name, None), load(name, Some(format)));
+    measure_dir(name, &common::model_dir(name), format, true)
+}
+
+/// [`measure`] on a model folder; `against_deq16` also runs the fp16(deq) model (one more copy
+/// of the decoder in memory).
+fn measure_dir(name: &str, dir: &std::path::Path, format: Quantize, against_deq16: bool) -> Measured {
+    let (fp16, quant) = (load_dir(dir, None), load_dir(dir, Some(format)));
     let px = fp16.preprocess(&common::image("exact_224x224.png")).unwrap();
-    let opts = GenerateOptions { max_new_tokens: Some(20), ..fp16.default_options() };
+    // 20 steps, EOS ignored (random synth models end early otherwise).
+    let opts = GenerateOptions { max_new_tokens: Some(20), eos_token_ids: Vec::new(), ..fp16.default_options() };
     let want = fp16.caption_pixels(&px, &opts, &mut |_| {}).unwrap();
     let got = quant.caption_pixels(&px, &opts, &mut |_| {}).unwrap();
     let prompt = fp16.input_ids(None).unwrap();
@@ -211,8 +223,8 @@ fn measure(name: &str, format: Quantize) -> Measured {
     let (lf, lq) = (all_logits(&fp16, &px.data, &ids), all_logits(&quant, &px.data, &ids));
     // The fp16 model run by the fp16 kernels on fp16(deq(q(w))): what the quantized kernels
     // compute, up to one fp16 rounding of each dequantized weight (2^-12 relative at most).
-    let mut deq16 = load(name, None);
-    {
+    let ld = if against_deq16 {
+        let mut deq16 = load_dir(dir, None);
         let table = Arc::make_mut(&mut deq16.family.core_mut().weights);
         for (dst, w) in table.weights.iter_mut().zip(&quant.family.weights().weights) {
             if let Some(q) = w.quantized() {
@@ -220,15 +232,19 @@ fn measure(name: &str, format: Quantize) -> Measured {
                 *dst = glimpse::weights::Weight::from_vec(vec![q.rows, q.cols], values);
             }
         }
-    }
-    let ld = all_logits(&deq16, &px.data, &ids);
-    let mut m =
-        Measured { max_rel: 0.0, mean_rel: 0.0, top1: 0, greedy_equal: 0, prefix: 0, steps: n, kernel_rel: 0.0 };
+        all_logits(&deq16, &px.data, &ids)
+    } else {
+        Vec::new()
+    };
+    let kernel_rel = if against_deq16 { 0.0 } else { f64::NAN };
+    let mut m = Measured { max_rel: 0.0, mean_rel: 0.0, top1: 0, greedy_equal: 0, prefix: 0, steps: n, kernel_rel };
     for step in 0..n {
         let row = prompt.len() - 1 + step;
         let (_, rel) = common::errors(&lq[row], &lf[row]);
         m.max_rel = m.max_rel.max(rel);
-        m.kernel_rel = m.kernel_rel.max(common::errors(&lq[row], &ld[row]).1);
+        if against_deq16 {
+            m.kernel_rel = m.kernel_rel.max(common::errors(&lq[row], &ld[row]).1);
+        }
         m.mean_rel += rel / n as f64;
         assert_eq!(argmax(&lf[row]), want.tokens[step] as usize, "{name}: teacher-forced fp16 argmax is its token");
         m.top1 += usize::from(argmax(&lq[row]) == argmax(&lf[row]));
@@ -324,4 +340,67 @@ fn cli_quantize_flag() {
     let o = glimpse(&["bench", "--model", clip.to_str().unwrap(), "--device", "cpu", "--quantize", "int8"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("embedding model"), "{err}");
+}
+
+/// The same measurement on a `glimpse synth` folder at real shapes (random weights), reported
+/// only: `GLIMPSE_QUANT_SYNTH=DIR cargo test --release --test quantize synth -- --ignored
+/// --nocapture` (BENCHMARKS.md has the blip2-opt-2.7b figures).
+#[test]
+#[ignore = "needs a glimpse synth folder in GLIMPSE_QUANT_SYNTH (e.g. blip2-opt-2.7b, 7.5 GB)"]
+fn synth_shapes_against_fp16() {
+    let Some(dir) = std::env::var_os("GLIMPSE_QUANT_SYNTH") else {
+        println!("SKIP: set GLIMPSE_QUANT_SYNTH to a glimpse synth folder");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    for format in [Quantize::Int8, Quantize::Int4] {
+        let m = measure_dir(&dir.display().to_string(), &dir, format, false);
+        assert!(m.max_rel.is_finite() && m.steps > 0);
+    }
+}
+
+/// Decode ms/token of fp16, int8 and int4 on a `glimpse synth` folder, alternating formats
+/// round by round in one process (so load from other jobs hits all three alike): median over
+/// the 19 intervals between the 20 tokens of a greedy caption (EOS ignored), per round, and
+/// the median of the rounds. Reported only (timings are not asserted): `GLIMPSE_QUANT_SYNTH=DIR
+/// cargo test --release --test quantize synth_decode -- --ignored --nocapture --test-threads 1`.
+#[test]
+#[ignore = "needs a glimpse synth folder in GLIMPSE_QUANT_SYNTH (e.g. blip2-opt-2.7b, 7.5 GB)"]
+fn synth_decode_ms_per_token() {
+    let Some(dir) = std::env::var_os("GLIMPSE_QUANT_SYNTH") else {
+        println!("SKIP: set GLIMPSE_QUANT_SYNTH to a glimpse synth folder");
+        return;
+    };
+    let rounds: usize = std::env::var("GLIMPSE_QUANT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let dir = std::path::PathBuf::from(dir);
+    let models: Vec<(&str, Model)> = vec![
+        ("fp16", load_dir(&dir, None)),
+        ("int8", load_dir(&dir, Some(Quantize::Int8))),
+        ("int4", load_dir(&dir, Some(Quantize::Int4))),
+    ];
+    let px = models[0].1.preprocess(&common::image("exact_224x224.png")).unwrap();
+    let opts = GenerateOptions { max_new_tokens: Some(20), eos_token_ids: Vec::new(), ..models[0].1.default_options() };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut per_format: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
+    for round in 0..=rounds {
+        for (i, (name, model)) in models.iter().enumerate() {
+            let mut stamps = Vec::new();
+            let out = model.caption_pixels(&px, &opts, &mut |_| stamps.push(std::time::Instant::now())).unwrap();
+            assert_eq!(out.tokens.len(), 20);
+            let mut steps: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+            let m = median(&mut steps);
+            // Round 0 warms every model up (page cache, allocations) and is not counted.
+            if round > 0 {
+                per_format[i].push(m);
+            }
+            println!("round {round} {name}: decode {m:.1} ms/token (median of {} steps)", steps.len());
+        }
+    }
+    let medians: Vec<f64> = per_format.iter_mut().map(median).collect();
+    for ((name, _), m) in models.iter().zip(&medians) {
+        println!("{name}: decode {m:.1} ms/token, median of {rounds} rounds ({:.2}x fp16)", m / medians[0]);
+    }
 }

@@ -511,7 +511,7 @@ unsafe fn pack_w_panel_avx512(w: &[f16], k: usize, rows: Range<usize>, k0: usize
 /// Transposes a 16 x 16 f32 block held as 16 rows: out[c] lane r = rows[r] lane c.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+pub(super) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
     use std::arch::x86_64::*;
     // Pairs of rows interleaved within each 128-bit lane: t[2i] = (r[2i], r[2i+1]) columns
     // 4L, 4L+1 of lane L; t[2i+1] the columns 4L+2, 4L+3.

@@ -67,21 +67,21 @@ pub fn dot_rows(isa: Isa, xs: &[&[f32]], w: &QuantTensor, j: usize) -> [f32; MAX
     assert!(xs.len() <= MAX_ROWS && xs.iter().all(|x| x.len() == k) && j < w.rows, "qgemm::dot_rows: shapes");
     let (rb, groups) = (w.row_bytes(), w.groups());
     let q = &w.data[j * rb..(j + 1) * rb];
-    let scales: Vec<f32> = w.scales[j * groups..(j + 1) * groups].iter().map(|s| s.to_f32()).collect();
+    let scales = &w.scales[j * groups..(j + 1) * groups];
     match (isa, w.format) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY (both AVX-512 arms): `Isa::Avx512` is only used where the CPU has AVX-512F
         // (`Isa::available`, checked by `selected()` and the tests); q holds row_bytes bytes for
         // k inputs and every x holds k values (asserted above).
-        (Isa::Avx512, Quantize::Int8) => unsafe { dot_int8_avx512(xs, q, scales[0]) },
+        (Isa::Avx512, Quantize::Int8) => unsafe { dot_int8_avx512(xs, q, scales[0].to_f32()) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, Quantize::Int4) => unsafe { dot_int4_avx512(xs, q, &scales, k) },
+        (Isa::Avx512, Quantize::Int4) => unsafe { dot_int4_avx512(xs, q, scales, k) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY (both AVX2 arms): `gemv_isa` only yields Avx2 where AVX2 and FMA were detected;
         // extents as above.
-        (Isa::Avx2, Quantize::Int8) if gemv_isa(isa) == Isa::Avx2 => unsafe { dot_int8_avx2(xs, q, scales[0]) },
+        (Isa::Avx2, Quantize::Int8) if gemv_isa(isa) == Isa::Avx2 => unsafe { dot_int8_avx2(xs, q, scales[0].to_f32()) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, Quantize::Int4) if gemv_isa(isa) == Isa::Avx2 => unsafe { dot_int4_avx2(xs, q, &scales, k) },
+        (Isa::Avx2, Quantize::Int4) if gemv_isa(isa) == Isa::Avx2 => unsafe { dot_int4_avx2(xs, q, scales, k) },
         _ => dot_portable(xs, w, j),
     }
 }
@@ -142,25 +142,27 @@ unsafe fn dot_int8_avx512(xs: &[&[f32]], q: &[u8], s: f32) -> [f32; MAX_ROWS] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_int4_avx512(xs: &[&[f32]], q: &[u8], scales: &[f32], k: usize) -> [f32; MAX_ROWS] {
+unsafe fn dot_int4_avx512(xs: &[&[f32]], q: &[u8], scales: &[half::f16], k: usize) -> [f32; MAX_ROWS] {
     use std::arch::x86_64::*;
     let rows = xs.len();
-    let (low, eight) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(8));
+    let low = _mm512_set1_epi32(0xF);
     let mut acc = [[_mm512_setzero_ps(); 2]; MAX_ROWS];
     let mut out = [0f32; MAX_ROWS];
     let qp = q.as_ptr();
-    for (g, &s) in scales.iter().enumerate() {
+    for (g, s) in scales.iter().enumerate() {
+        let s = s.to_f32();
         let end = ((g + 1) * crate::quant::INT4_GROUP).min(k);
-        let sv = _mm512_set1_ps(s);
+        // (n - 8) * s as n * s - 8 s in one FMA: exact, since the result q * s is an f32.
+        let (sv, off) = (_mm512_set1_ps(s), _mm512_set1_ps(-8.0 * s));
         let mut i = g * crate::quant::INT4_GROUP;
         while i + 32 <= end {
             // SAFETY (whole loop): inputs i..i+32 are bytes i/2..i/2+16 < row_bytes, and
             // i + 32 <= k = every x's length; unaligned loads.
             let (we, wo) = unsafe {
                 let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(i / 2) as *const __m128i));
-                let lo = _mm512_sub_epi32(_mm512_and_si512(b, low), eight);
-                let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(b), eight);
-                (_mm512_mul_ps(_mm512_cvtepi32_ps(lo), sv), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), sv))
+                let lo = _mm512_and_si512(b, low);
+                let hi = _mm512_srli_epi32::<4>(b);
+                (_mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), sv, off), _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), sv, off))
             };
             for r in 0..rows {
                 let xp = xs[r].as_ptr();
@@ -224,25 +226,27 @@ unsafe fn dot_int8_avx2(xs: &[&[f32]], q: &[u8], s: f32) -> [f32; MAX_ROWS] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_int4_avx2(xs: &[&[f32]], q: &[u8], scales: &[f32], k: usize) -> [f32; MAX_ROWS] {
+unsafe fn dot_int4_avx2(xs: &[&[f32]], q: &[u8], scales: &[half::f16], k: usize) -> [f32; MAX_ROWS] {
     use std::arch::x86_64::*;
     let rows = xs.len();
-    let (low, eight) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(8));
+    let low = _mm256_set1_epi32(0xF);
     let mut acc = [[_mm256_setzero_ps(); 2]; MAX_ROWS];
     let mut out = [0f32; MAX_ROWS];
     let qp = q.as_ptr();
-    for (g, &s) in scales.iter().enumerate() {
+    for (g, s) in scales.iter().enumerate() {
+        let s = s.to_f32();
         let end = ((g + 1) * crate::quant::INT4_GROUP).min(k);
-        let sv = _mm256_set1_ps(s);
+        // (n - 8) * s as n * s - 8 s in one FMA: exact, since the result q * s is an f32.
+        let (sv, off) = (_mm256_set1_ps(s), _mm256_set1_ps(-8.0 * s));
         let mut i = g * crate::quant::INT4_GROUP;
         while i + 16 <= end {
             // SAFETY (whole loop): inputs i..i+16 are bytes i/2..i/2+8 < row_bytes, and
             // i + 16 <= k = every x's length; unaligned loads.
             let (we, wo) = unsafe {
                 let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qp.add(i / 2) as *const __m128i));
-                let lo = _mm256_sub_epi32(_mm256_and_si256(b, low), eight);
-                let hi = _mm256_sub_epi32(_mm256_srli_epi32::<4>(b), eight);
-                (_mm256_mul_ps(_mm256_cvtepi32_ps(lo), sv), _mm256_mul_ps(_mm256_cvtepi32_ps(hi), sv))
+                let lo = _mm256_and_si256(b, low);
+                let hi = _mm256_srli_epi32::<4>(b);
+                (_mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), sv, off), _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), sv, off))
             };
             for r in 0..rows {
                 let xp = xs[r].as_ptr();
@@ -283,38 +287,100 @@ fn int4_at(q: &[u8], kk: usize) -> i32 {
     ((q[kk / 2] >> (4 * (kk % 2))) & 0xF) as i32 - 8
 }
 
+/// The scalar packing of panel rows `kks` (k offsets within the slice) for all NR columns (see
+/// [`WeightRows::pack_panel`]).
+fn pack_scalar(w: &QuantTensor, rows: Range<usize>, k0: usize, kks: Range<usize>, panel: &mut [f32]) {
+    for j in rows.len()..NR {
+        for kk in kks.clone() {
+            panel[kk * NR + j] = 0.0;
+        }
+    }
+    let (rb, groups, group) = (w.row_bytes(), w.groups(), w.group_len());
+    for (j, row) in rows.enumerate() {
+        let q = &w.data[row * rb..(row + 1) * rb];
+        let scales = &w.scales[row * groups..(row + 1) * groups];
+        match w.format {
+            Quantize::Int8 => {
+                let s = scales[0].to_f32();
+                for kk in kks.clone() {
+                    panel[kk * NR + j] = q[k0 + kk] as i8 as f32 * s;
+                }
+            }
+            Quantize::Int4 => {
+                for kk in kks.clone() {
+                    let e = k0 + kk;
+                    panel[kk * NR + j] = int4_at(q, e) as f32 * scales[e / group].to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// [`WeightRows::pack_panel`] with 16 x 16 blocks (16 weight rows x 16 inputs, inside one int4
+/// group since k0 and the block start are multiples of 16) widened, scaled and transposed in
+/// registers; the k remainder (< 16) through the scalar packing. `rows` is a full panel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_avx512(w: &QuantTensor, rows: Range<usize>, k0: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kc = panel.len() / NR;
+    let full_k = kc - kc % 16;
+    let (rb, groups, group) = (w.row_bytes(), w.groups(), w.group_len());
+    // int4: lane i takes byte i / 2, shifted right by 4 for odd i.
+    let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    let (low, eight) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(8));
+    for half in 0..2 {
+        let row0 = rows.start + half * 16;
+        for kb in (0..full_k).step_by(16) {
+            let e = k0 + kb;
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (i, vi) in v.iter_mut().enumerate() {
+                let row = row0 + i;
+                let s = _mm512_set1_ps(w.scales[row * groups + e / group].to_f32());
+                let q = match w.format {
+                    Quantize::Int8 => {
+                        let src = &w.data[row * rb + e..][..16];
+                        // SAFETY: src holds 16 bytes; loadu has no alignment requirement.
+                        _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(src.as_ptr() as *const __m128i) })
+                    }
+                    Quantize::Int4 => {
+                        // e is even (a multiple of 16): inputs e..e+16 are these 8 bytes.
+                        let src = &w.data[row * rb + e / 2..][..8];
+                        // SAFETY: src holds 8 bytes, what loadl reads.
+                        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadl_epi64(src.as_ptr() as *const __m128i) });
+                        let n = _mm512_srlv_epi32(_mm512_permutexvar_epi32(pairs, b), shifts);
+                        _mm512_sub_epi32(_mm512_and_si512(n, low), eight)
+                    }
+                };
+                *vi = _mm512_mul_ps(_mm512_cvtepi32_ps(q), s);
+            }
+            let t = super::gemm::transpose16(v);
+            for (c, tc) in t.iter().enumerate() {
+                let dst = &mut panel[(kb + c) * NR + half * 16..][..16];
+                // SAFETY: dst holds 16 floats.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *tc) };
+            }
+        }
+    }
+    pack_scalar(w, rows, k0, full_k..kc, panel);
+}
+
 impl WeightRows for QuantTensor {
     fn elements(&self) -> usize {
         self.rows * self.cols
     }
 
-    fn pack_panel(&self, _isa: Isa, k: usize, rows: Range<usize>, k0: usize, panel: &mut [f32]) {
+    fn pack_panel(&self, isa: Isa, k: usize, rows: Range<usize>, k0: usize, panel: &mut [f32]) {
         let kc = panel.len() / NR;
         assert!(rows.len() <= NR && k == self.cols && k0 + kc <= k && rows.end <= self.rows, "pack_panel: shapes");
-        for j in rows.len()..NR {
-            for kk in 0..kc {
-                panel[kk * NR + j] = 0.0;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && rows.len() == NR && k0 % 16 == 0 {
+            // SAFETY: Avx512 is only selected where the CPU has AVX-512F; shapes asserted above.
+            return unsafe { pack_avx512(self, rows, k0, panel) };
         }
-        let (rb, groups, group) = (self.row_bytes(), self.groups(), self.group_len());
-        for (j, row) in rows.enumerate() {
-            let q = &self.data[row * rb..(row + 1) * rb];
-            let scales = &self.scales[row * groups..(row + 1) * groups];
-            match self.format {
-                Quantize::Int8 => {
-                    let s = scales[0].to_f32();
-                    for (kk, &b) in q[k0..k0 + kc].iter().enumerate() {
-                        panel[kk * NR + j] = b as i8 as f32 * s;
-                    }
-                }
-                Quantize::Int4 => {
-                    for kk in 0..kc {
-                        let e = k0 + kk;
-                        panel[kk * NR + j] = int4_at(q, e) as f32 * scales[e / group].to_f32();
-                    }
-                }
-            }
-        }
+        let _ = isa;
+        pack_scalar(self, rows, k0, 0..kc, panel);
     }
 
     fn widen_rows(&self, k: usize, rows: Range<usize>, dst: &mut [f32]) {
