@@ -79,7 +79,9 @@ pub fn dot_rows(isa: Isa, xs: &[&[f32]], w: &QuantTensor, j: usize) -> [f32; MAX
         #[cfg(target_arch = "x86_64")]
         // SAFETY (both AVX2 arms): `gemv_isa` only yields Avx2 where AVX2 and FMA were detected;
         // extents as above.
-        (Isa::Avx2, Quantize::Int8) if gemv_isa(isa) == Isa::Avx2 => unsafe { dot_int8_avx2(xs, q, scales[0].to_f32()) },
+        (Isa::Avx2, Quantize::Int8) if gemv_isa(isa) == Isa::Avx2 => unsafe {
+            dot_int8_avx2(xs, q, scales[0].to_f32())
+        },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, Quantize::Int4) if gemv_isa(isa) == Isa::Avx2 => unsafe { dot_int4_avx2(xs, q, scales, k) },
         _ => dot_portable(xs, w, j),
@@ -175,10 +177,9 @@ unsafe fn dot_int4_avx512(xs: &[&[f32]], q: &[u8], scales: &[half::f16], k: usiz
             i += 32;
         }
         // The row's last inputs (fewer than 32, only in its last group), in natural order.
-        for kk in i..end {
-            let wv = int4_at(q, kk) as f32 * s;
-            for r in 0..rows {
-                out[r] += xs[r][kk] * wv;
+        for (o, x) in out.iter_mut().zip(xs) {
+            for (kk, &xv) in x.iter().enumerate().take(end).skip(i) {
+                *o += xv * (int4_at(q, kk) as f32 * s);
             }
         }
     }
@@ -258,10 +259,9 @@ unsafe fn dot_int4_avx2(xs: &[&[f32]], q: &[u8], scales: &[half::f16], k: usize)
             }
             i += 16;
         }
-        for kk in i..end {
-            let wv = int4_at(q, kk) as f32 * s;
-            for r in 0..rows {
-                out[r] += xs[r][kk] * wv;
+        for (o, x) in out.iter_mut().zip(xs) {
+            for (kk, &xv) in x.iter().enumerate().take(end).skip(i) {
+                *o += xv * (int4_at(q, kk) as f32 * s);
             }
         }
     }
