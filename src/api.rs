@@ -199,13 +199,30 @@ fn open_model_dir(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
     Ok((ModelConfig::load(&dir.join("config.json"))?, Checkpoint::open_dir(dir)?))
 }
 
+/// How [`Model::load_with`] loads a model ([`Model::load`]: the defaults).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Quantize the language decoder's Linear weights at load (weight-only int8 or int4, see
+    /// [`crate::quant`]); None keeps every weight fp16. CPU executor only for now.
+    pub quantize: Option<crate::quant::Quantize>,
+}
+
 impl Model {
     /// Loads an HF model folder (`config.json`, safetensors, tokenizer, preprocessor config).
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        Self::load_with(dir, device, LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options (quantization at load).
+    pub fn load_with(dir: impl AsRef<Path>, device: Device, options: LoadOptions) -> Result<Self> {
         let start = Instant::now();
         let dir = dir.as_ref();
         let (cfg, ckpt) = open_model_dir(dir)?;
-        let family = crate::models::load(&cfg, &ckpt)?;
+        let mut family = crate::models::load(&cfg, &ckpt)?;
+        if let Some(format) = options.quantize {
+            crate::backend::check_quantized_device(device, format)?;
+            crate::quant::quantize_family(family.as_mut(), format)?;
+        }
         let tokenizer = Tokenizer::from_dir(dir)?;
         let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
         family.check_preprocessor(&pre, &pre_path)?;

@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// Images of --dataset to run (the first in sorted order).
     #[arg(long, default_value_t = 256, requires = "dataset")]
     pub dataset_images: usize,
+    /// Quantize the language decoder's Linear weights at load (int8 or int4, CPU only for now):
+    /// the floors count the bytes the quantized weights occupy (values and fp16 scales).
+    #[arg(long, value_name = "int8|int4")]
+    pub quantize: Option<crate::quant::Quantize>,
     /// Batch size of --dataset mode.
     #[arg(long, default_value_t = 32, requires = "dataset")]
     pub dataset_batch: usize,
@@ -182,6 +186,8 @@ pub struct RunHeader {
     pub seed: u64,
     pub parameters: usize,
     pub weight_bytes: usize,
+    /// The decoder's weight format: fp16, or int8 / int4 with `--quantize`.
+    pub weights_format: String,
 }
 
 impl RunHeader {
@@ -199,7 +205,12 @@ impl RunHeader {
             preset,
             seed,
             parameters: weights.parameters(),
-            weight_bytes: weights.parameters() * 2,
+            weight_bytes: weights.weights.iter().map(|w| w.stored_bytes()).sum(),
+            weights_format: weights
+                .weights
+                .iter()
+                .find_map(|w| w.quantized().map(|q| format!("{} decoder", q.format)))
+                .unwrap_or_else(|| "fp16".into()),
         }
     }
 
@@ -210,10 +221,11 @@ impl RunHeader {
         let _ = writeln!(s, "device: {}", self.device_name);
         let _ = writeln!(
             s,
-            "model:  {} ({:.3} B parameters, {:.2} GB fp16)",
+            "model:  {} ({:.3} B parameters, {:.2} GB of weights, {})",
             self.model,
             self.parameters as f64 / 1e9,
-            self.weight_bytes as f64 / 1e9
+            self.weight_bytes as f64 / 1e9,
+            self.weights_format
         );
     }
 }
@@ -437,6 +449,11 @@ pub fn run_any(args: &BenchArgs) -> Result<Outcome> {
         crate::dataset::check_batch(flag, b as u64)?;
     }
     if embed::embeds(args)? {
+        if let Some(q) = args.quantize {
+            return Err(Error::InvalidInput(format!(
+                "--quantize {q} applies to generating models (their language decoder); this is an embedding model: bench it without --quantize"
+            )));
+        }
         Ok(Outcome::Embed(embed::run(args)?))
     } else {
         Ok(Outcome::Generate(run(args)?))
@@ -470,7 +487,11 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     if let Some(dir) = &args.dataset {
         return run_dataset(args, dir, device, setup);
     }
-    let subject = load_subject(args, device)?;
+    let mut subject = load_subject(args, device)?;
+    if let Some(format) = args.quantize {
+        crate::backend::check_quantized_device(device, format)?;
+        crate::quant::quantize_family(subject.family.as_mut(), format)?;
+    }
     let family = subject.family.as_ref();
     let backend = Backend::new(device, family.weights())?;
     let on_gpu = backend.is_cuda();
@@ -707,7 +728,8 @@ fn run_dataset(args: &BenchArgs, dir: &std::path::Path, device: Device, setup: I
         if let Some(name) = &preset {
             crate::synth::write_folder(name, &model_dir, args.seed)?;
         }
-        let model = crate::api::Model::load(&model_dir, device)?;
+        let model =
+            crate::api::Model::load_with(&model_dir, device, crate::api::LoadOptions { quantize: args.quantize })?;
         dataset_report(args, dir, &model, label, preset.clone(), setup)
     })();
     if let Some(tmp) = temp {

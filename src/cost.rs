@@ -5,7 +5,8 @@
 //! QKᵀ and PV over the keys each query row actually sees (causal rows see fewer); norms, RoPE
 //! and elementwise ops are ignored (they are not where the time can go).
 //!
-//! Bytes: every weight the phase reads, once (fp16), except gathers that read only the rows
+//! Bytes: every weight the phase reads, once (fp16, or the quantized values and scales of a
+//! weight quantized at load), except gathers that read only the rows
 //! they need (token embeddings: one row per token; learned positions: the step's rows); the KV
 //! cache rows attention reads and `KvAppend` writes; the phase's inputs (buffers it reads before
 //! writing them, e.g. pixels or the previous phase's result) and its outputs (buffers it writes
@@ -60,7 +61,7 @@ impl GraphCost<'_> {
                 }
             }
         }
-        let weight_bytes = full.iter().map(|&w| self.weights.get(w).numel() as f64 * 2.0).sum::<f64>()
+        let weight_bytes = full.iter().map(|&w| self.weights.get(w).stored_bytes() as f64).sum::<f64>()
             + gathered.iter().filter(|(w, _)| !full.contains(*w)).map(|(_, b)| b).sum::<f64>();
         let (inputs, written) = reads_before_writes(phase);
         let read_later: HashSet<Buf> =

@@ -470,7 +470,7 @@ pub struct Linear {
 }
 
 /// The weights a model's graph refers to, loaded once (fp16, zero-copy where possible).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct WeightTable {
     pub names: Vec<String>,
     pub weights: Vec<Weight>,

@@ -30,12 +30,14 @@ pub mod info;
 pub mod json;
 pub mod models;
 pub mod parity;
+pub mod quant;
 pub mod serve;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use api::{Device, EmbedModel, ImageFeatures, Model, Output, Prompt, Request};
+pub use api::{Device, EmbedModel, ImageFeatures, LoadOptions, Model, Output, Prompt, Request};
 pub use error::{Error, Result};
 pub use generate::{Cancel, GenerateOptions, Sequence, Timings, TokenEvent};
 pub use image::ImageInput;
+pub use quant::Quantize;

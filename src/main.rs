@@ -47,6 +47,10 @@ struct RunArgs {
     json: bool,
     #[command(flatten)]
     gen: cli::generate::GenArgs,
+    /// Quantize the language decoder's Linear weights at load: int8 (per output row) or int4
+    /// (groups of 128 inputs); weight-only, CPU only for now (see README "Quantization").
+    #[arg(long, value_name = "int8|int4")]
+    quantize: Option<glimpse::Quantize>,
     /// With --input: images per model batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..), requires = "input")]
     batch_size: u64,
@@ -353,7 +357,8 @@ fn note_if_auto_falls_back(device: &str) {
 }
 
 fn load(args: &RunArgs) -> glimpse::Result<(Model, GenerateOptions)> {
-    let model = args.source.load(|dir, device| Model::load(dir, device), Model::backend_name)?;
+    let options = glimpse::LoadOptions { quantize: args.quantize };
+    let model = args.source.load(|dir, device| Model::load_with(dir, device, options), Model::backend_name)?;
     let opts = model.options(&GenerationOverrides { max_new_tokens: args.max_new_tokens, ..args.gen.overrides()? })?;
     args.gen.check_stream(&opts, args.json)?;
     Ok((model, opts))

@@ -97,8 +97,14 @@ impl TensorInfo {
 /// fp16 data of one tensor: borrowed from the memory map when stored as aligned fp16, else owned.
 #[derive(Clone)]
 enum F16Data {
-    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
     Owned(Arc<Vec<f16>>),
+    /// Quantized at load (`crate::quant`): no fp16 data is kept.
+    Quantized(Arc<crate::quant::QuantTensor>),
 }
 
 /// One fp16 weight tensor with its shape.
@@ -110,7 +116,11 @@ pub struct Weight {
 
 impl std::fmt::Debug for Weight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Weight").field("shape", &self.shape).field("zero_copy", &self.is_mapped()).finish()
+        f.debug_struct("Weight")
+            .field("shape", &self.shape)
+            .field("zero_copy", &self.is_mapped())
+            .field("quantized", &self.quantized().map(|q| q.format))
+            .finish()
     }
 }
 
@@ -120,8 +130,31 @@ impl Weight {
         Weight { shape, data: F16Data::Owned(Arc::new(data)) }
     }
 
+    /// A weight quantized at load ([`crate::quant`]); its fp16 data is gone.
+    pub fn from_quantized(q: crate::quant::QuantTensor) -> Self {
+        Weight { shape: vec![q.rows, q.cols], data: F16Data::Quantized(Arc::new(q)) }
+    }
+
+    /// The quantized form, for weights quantized at load (None: an fp16 weight).
+    pub fn quantized(&self) -> Option<&crate::quant::QuantTensor> {
+        match &self.data {
+            F16Data::Quantized(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// Bytes a kernel reads to use the whole weight: 2 per element in fp16, the quantized
+    /// values and their fp16 scales otherwise.
+    pub fn stored_bytes(&self) -> usize {
+        self.quantized().map_or(self.numel() * 2, |q| q.bytes())
+    }
+
+    /// The fp16 values. A weight quantized at load has none and gives an empty slice: only
+    /// `Op::Linear` reads quantized weights, through [`Weight::quantized`] (`crate::quant` only
+    /// quantizes weights no other op reads; the CUDA executor refuses quantized tables).
     pub fn as_slice(&self) -> &[f16] {
         match &self.data {
+            F16Data::Quantized(_) => &[],
             // The range was checked against the file size when the header was parsed, and
             // `start` is even, so the cast cannot fail.
             F16Data::Mapped { map, start, len } => bytemuck::cast_slice(&map[*start..*start + *len]),

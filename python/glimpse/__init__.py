@@ -159,8 +159,11 @@ class Model:
         *,
         revision: Optional[str] = None,
         offline: Optional[bool] = None,
+        quantize: Optional[str] = None,
     ) -> None:
-        self._native = _glimpse.load(os.fsdecode(path), device, revision, offline)
+        # quantize: "int8" or "int4" quantizes a generating model's language decoder at load
+        # (weight-only, CPU only for now; README "Quantization"); None keeps fp16 weights.
+        self._native = _glimpse.load(os.fsdecode(path), device, revision, offline, quantize)
 
     @property
     def kind(self) -> str:

@@ -212,16 +212,18 @@ struct NativeModel {
 }
 
 #[pyfunction]
-#[pyo3(signature = (model, device = "auto", revision = None, offline = None))]
+#[pyo3(signature = (model, device = "auto", revision = None, offline = None, quantize = None))]
 fn load(
     py: Python<'_>,
     model: String,
     device: &str,
     revision: Option<String>,
     offline: Option<bool>,
+    quantize: Option<String>,
 ) -> PyResult<NativeModel> {
     let run = || -> Res<NativeModel> {
         let device = device.parse::<Device>()?;
+        let quantize = quantize.as_deref().map(str::parse::<glimpse::Quantize>).transpose()?;
         let mut hub = glimpse::hub::HubOptions::from_env();
         if let Some(r) = revision {
             hub.revision = r;
@@ -233,9 +235,18 @@ fn load(
         let config = ModelConfig::load(&dir.join("config.json")).ok();
         let architecture = config.as_ref().map(|c| c.architecture().to_string()).unwrap_or_default();
         let loaded = if config.as_ref().is_some_and(ModelConfig::embeds) {
+            if let Some(q) = quantize {
+                return Err(glimpse::Error::Unsupported(format!(
+                    "quantize={q:?} applies to generating models (their language decoder); {} is an embedding model: load it without quantize",
+                    dir.display(),
+                    q = q.name()
+                ))
+                .into());
+            }
             Loaded::Embeds(Arc::new(EmbedModel::load(&dir, device)?))
         } else {
-            Loaded::Generates(Arc::new(Model::load(&dir, device)?))
+            let options = glimpse::LoadOptions { quantize };
+            Loaded::Generates(Arc::new(Model::load_with(&dir, device, options)?))
         };
         Ok(NativeModel { loaded, dir, architecture })
     };

@@ -174,6 +174,13 @@ impl Backend {
     }
 
     fn cuda(weights: &WeightTable) -> Result<Self> {
+        if let Some(i) = weights.weights.iter().position(|w| w.quantized().is_some()) {
+            let format = weights.weights[i].quantized().map_or("", |q| q.format.name());
+            return Err(Error::Unsupported(format!(
+                "the CUDA executor does not run quantized weights yet (`{}` is {format}): run on the CPU (--device cpu) or load without --quantize",
+                weights.names[i]
+            )));
+        }
         let dev = Arc::new(cuda::CudaDevice::new(0)?);
         Ok(Backend::Cuda(Arc::new(cuda::CudaWeights::upload(dev, weights)?)))
     }
@@ -200,6 +207,17 @@ impl Backend {
             Backend::Cuda(w) => format!("cuda:{}", w.dev.name()),
         }
     }
+}
+
+/// Refuses, before any weight is quantized, a quantized load onto the CUDA executor (its
+/// kernels read fp16 weights only, for now); `Auto` runs a quantized model on the CPU.
+pub fn check_quantized_device(device: Device, format: crate::quant::Quantize) -> Result<()> {
+    if device == Device::Cuda {
+        return Err(Error::Unsupported(format!(
+            "--quantize {format} runs on the CPU executor only for now (the CUDA kernels read fp16 weights): use --device cpu (or auto), or load without --quantize"
+        )));
+    }
+    Ok(())
 }
 
 /// Why the latest `Device::Auto` backend in this process fell back to the CPU.

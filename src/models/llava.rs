@@ -419,6 +419,9 @@ impl Family for Llava {
     fn core(&self) -> &ModelCore {
         &self.core
     }
+    fn core_mut(&mut self) -> &mut ModelCore {
+        &mut self.core
+    }
 
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size

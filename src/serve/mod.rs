@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Allow `file://` image URLs of files under this folder (none by default).
     #[arg(long, value_name = "DIR")]
     pub allowed_local_media: Option<PathBuf>,
+    /// Quantize a generating model's language decoder at load: int8 or int4 (weight-only; CPU
+    /// only for now; see README "Quantization"). Refused for an embedding model.
+    #[arg(long, value_name = "int8|int4")]
+    pub quantize: Option<crate::quant::Quantize>,
     /// Testing only: pause this long after each generated token.
     #[arg(long, hide = true, default_value_t = 0)]
     pub debug_token_delay_ms: u64,
@@ -85,11 +89,22 @@ pub enum Served {
 
 impl Served {
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        Self::load_with(dir, device, crate::api::LoadOptions::default())
+    }
+
+    /// [`Served::load`] with load options (quantization: generating models only).
+    pub fn load_with(dir: &Path, device: Device, options: crate::api::LoadOptions) -> Result<Self> {
         let cfg = crate::models::ModelConfig::load(&dir.join("config.json"))?;
         Ok(if cfg.embeds() {
+            if let Some(q) = options.quantize {
+                return Err(Error::Unsupported(format!(
+                    "--quantize {q} applies to generating models (their language decoder); {} is an embedding model: serve it without --quantize",
+                    dir.display()
+                )));
+            }
             Served::Embed(Arc::new(EmbedModel::load(dir, device)?))
         } else {
-            Served::Generate(Arc::new(Model::load(dir, device)?))
+            Served::Generate(Arc::new(Model::load_with(dir, device, options)?))
         })
     }
 
@@ -128,7 +143,7 @@ pub fn run(args: &ServeArgs, dir: &Path) -> Result<()> {
     }
     let device = args.device.parse::<Device>()?;
     let media = media::MediaPolicy::new(args.allowed_local_media.as_deref(), args.max_body_bytes)?;
-    let served = Served::load(dir, device)?;
+    let served = Served::load_with(dir, device, crate::api::LoadOptions { quantize: args.quantize })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("glimpse-serve-http")

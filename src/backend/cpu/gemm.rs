@@ -27,11 +27,11 @@ use rayon::prelude::*;
 use crate::backend::GemmDims;
 
 /// Rows of x per microkernel tile (broadcast operand).
-const MR: usize = 14;
+pub(super) const MR: usize = 14;
 /// Output features per microkernel tile: two 16-lane vectors.
-const NR: usize = 32;
+pub(super) const NR: usize = 32;
 /// k per packed slice: a row tile of packed x (KC * MR * 4 = 14 KiB) stays in L1.
-const KC: usize = 256;
+pub(super) const KC: usize = 256;
 /// Row tiles per task block: bounds a task's product block, and lets big batches split by rows.
 const TILES_PER_ROW_BLOCK: usize = 24;
 /// Most weight panels per task: KC * NR * 4 * 16 = 512 KiB of packed weights, in a core's L2.
@@ -117,10 +117,45 @@ pub fn matmul<E>(isa: Isa, x: &[f32], w: &[f16], dims: GemmDims, out: &mut [f32]
 where
     E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
 {
+    matmul_rows(isa, x, w, dims, out, epilogue)
+}
+
+/// The weight operand of [`matmul_rows`]: `[n, k]` rows (PyTorch Linear layout) that are widened
+/// to f32 a panel or a block at a time, never as a whole: fp16 weights, or weights quantized at
+/// load (`super::qgemm`).
+pub trait WeightRows: Sync {
+    /// Elements held (`n * k`).
+    fn elements(&self) -> usize;
+    /// Packs weight rows `rows` (at most NR; columns past them zero), k slice `k0..k0 + kc`
+    /// (`kc = panel.len() / NR`), as the panel `[kc][NR]`:
+    /// `panel[kk * NR + j] = f32(w[rows.start + j, k0 + kk])`.
+    fn pack_panel(&self, isa: Isa, k: usize, rows: Range<usize>, k0: usize, panel: &mut [f32]);
+    /// Widens rows `rows` (all k) into `dst` (`[rows.len()][k]`).
+    fn widen_rows(&self, k: usize, rows: Range<usize>, dst: &mut [f32]);
+}
+
+impl WeightRows for [f16] {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+    fn pack_panel(&self, isa: Isa, k: usize, rows: Range<usize>, k0: usize, panel: &mut [f32]) {
+        pack_w_panel(isa, self, k, rows, k0, panel)
+    }
+    fn widen_rows(&self, k: usize, rows: Range<usize>, dst: &mut [f32]) {
+        self[rows.start * k..rows.end * k].convert_to_f32_slice(dst);
+    }
+}
+
+/// [`matmul`] over any [`WeightRows`].
+pub fn matmul_rows<W, E>(isa: Isa, x: &[f32], w: &W, dims: GemmDims, out: &mut [f32], epilogue: E)
+where
+    W: WeightRows + ?Sized,
+    E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
+{
     let GemmDims { m, n, k } = dims;
     assert!(m > 0 && n > 0 && k > 0, "matmul: empty shape");
     assert!(isa.available(), "matmul: the {} path needs instructions this CPU lacks", isa.name());
-    assert!(x.len() >= m * k && w.len() == n * k && out.len() >= m * n, "matmul: buffer sizes");
+    assert!(x.len() >= m * k && w.elements() == n * k && out.len() >= m * n, "matmul: buffer sizes");
     match isa {
         Isa::Avx2 => gemm_crate_matmul(x, w, dims, &mut out[..m * n], &epilogue),
         Isa::Avx512 | Isa::Portable => packed_matmul(isa, x, w, dims, &mut out[..m * n], &epilogue),
@@ -130,8 +165,9 @@ where
 /// The `avx2` path, as before the AVX-512 kernel: blocks of output features, one per task; each
 /// task widens its slice of W to f32 into a buffer that stays in its core's L2 and multiplies it
 /// with the `gemm` crate; then one parallel pass over the rows applies the epilogue.
-fn gemm_crate_matmul<E>(x: &[f32], w: &[f16], dims: GemmDims, out: &mut [f32], epilogue: &E)
+fn gemm_crate_matmul<W, E>(x: &[f32], w: &W, dims: GemmDims, out: &mut [f32], epilogue: &E)
 where
+    W: WeightRows + ?Sized,
     E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
 {
     let GemmDims { m: rows, n, k } = dims;
@@ -144,7 +180,7 @@ where
             || vec![0f32; block * k],
             |wb, &j0| {
                 let nb = block.min(n - j0);
-                w[j0 * k..(j0 + nb) * k].convert_to_f32_slice(&mut wb[..nb * k]);
+                w.widen_rows(k, j0..j0 + nb, &mut wb[..nb * k]);
                 let mut t = vec![0f32; rows * nb];
                 // gemm::gemm's arguments, in order: m, n, k; dst, dst column stride, dst row
                 // stride, read_dst; lhs, lhs column stride, lhs row stride; rhs, rhs column
@@ -239,8 +275,9 @@ impl SharedOut {
 
 /// The `avx512` and `portable` paths: see the module comment for the blocking. Each task applies
 /// the epilogue to its block of `out` straight from its product, while it is in cache.
-fn packed_matmul<E>(isa: Isa, x: &[f32], w: &[f16], dims: GemmDims, out: &mut [f32], epilogue: &E)
+fn packed_matmul<W, E>(isa: Isa, x: &[f32], w: &W, dims: GemmDims, out: &mut [f32], epilogue: &E)
 where
+    W: WeightRows + ?Sized,
     E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
 {
     let GemmDims { m, n, k } = dims;
@@ -294,10 +331,10 @@ fn pack_x(x: &[f32], m: usize, k: usize, packed: &mut [f32]) {
 
 /// One task: the product block `rows x cols` of `x · wᵀ` into `t`, row-major (every element is
 /// written).
-fn block_product(
+fn block_product<W: WeightRows + ?Sized>(
     isa: Isa,
     packed_x: &[f32],
-    w: &[f16],
+    w: &W,
     k: usize,
     (rows, cols): (Range<usize>, Range<usize>),
     panel_buf: &mut [f32],
@@ -310,7 +347,7 @@ fn block_product(
         let packed_w = &mut panel_buf[..panels * kc * NR];
         for (p, panel) in packed_w.chunks_exact_mut(kc * NR).enumerate() {
             let j0 = cols.start + p * NR;
-            pack_w_panel(isa, w, k, j0..(j0 + NR).min(cols.end), k0, panel);
+            w.pack_panel(isa, k, j0..(j0 + NR).min(cols.end), k0, panel);
         }
         for tile_row in (rows.start..rows.end).step_by(MR) {
             let tile_rows = MR.min(rows.end - tile_row);
@@ -474,7 +511,7 @@ unsafe fn pack_w_panel_avx512(w: &[f16], k: usize, rows: Range<usize>, k0: usize
 /// Transposes a 16 x 16 f32 block held as 16 rows: out[c] lane r = rows[r] lane c.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+pub(super) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
     use std::arch::x86_64::*;
     // Pairs of rows interleaved within each 128-bit lane: t[2i] = (r[2i], r[2i+1]) columns
     // 4L, 4L+1 of lane L; t[2i+1] the columns 4L+2, 4L+3.

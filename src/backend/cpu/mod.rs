@@ -2,6 +2,7 @@
 
 pub mod gemm;
 pub mod ops;
+pub mod qgemm;
 mod simd;
 
 use std::sync::Arc;
@@ -103,15 +104,19 @@ impl CpuExecutor {
             Op::Linear { x, weight, bias, act, residual, out, rows } => {
                 let w = weights.get(weight);
                 let (n, k) = (w.shape[0], w.shape[1]);
+                let isa = gemm::selected().map_err(Error::InvalidInput)?;
                 let xs = self.gather(x, rows, k);
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
                 if let Some(r) = residual.filter(|r| *r != out) {
                     o[..rows * n].copy_from_slice(&self.bufs[r.0][..rows * n]);
                 }
                 let dims = GemmDims { m: rows, n, k };
-                let done = ops::linear(&xs, w.as_slice(), bias.map(wt), act, &mut o, residual.is_some(), dims);
+                let wl = match w.quantized() {
+                    Some(q) => ops::LinearWeight::Quant(q),
+                    None => ops::LinearWeight::F16(w.as_slice()),
+                };
+                ops::linear_on(isa, &xs, wl, bias.map(wt), act, &mut o, residual.is_some(), dims);
                 self.bufs[out.0] = o;
-                done?;
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {
                 let dim = self.cols(out);

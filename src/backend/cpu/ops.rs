@@ -28,8 +28,41 @@ pub fn linear(
     accumulate: bool,
     dims: GemmDims,
 ) -> Result<()> {
+    let isa = super::gemm::selected().map_err(Error::InvalidInput)?;
+    linear_on(isa, x, LinearWeight::F16(w), bias, act, out, accumulate, dims);
+    Ok(())
+}
+
+/// The weight of a Linear: fp16, or quantized at load (`crate::quant`).
+#[derive(Clone, Copy)]
+pub enum LinearWeight<'a> {
+    F16(&'a [f16]),
+    Quant(&'a crate::quant::QuantTensor),
+}
+
+/// [`linear`] on the CPU path `isa` (`GLIMPSE_CPU_ISA`), for either kind of weight. fp16
+/// weights take the fused fp16 GEMV (its own feature detection) and [`super::gemm::matmul`];
+/// quantized ones take `super::qgemm`'s GEMV and the same GEMM over dequantized panels.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_on(
+    isa: super::gemm::Isa,
+    x: &[f32],
+    w: LinearWeight<'_>,
+    bias: Option<&[f16]>,
+    act: Activation,
+    out: &mut [f32],
+    accumulate: bool,
+    dims: GemmDims,
+) {
     let GemmDims { m: rows, n, k } = dims;
-    assert!(x.len() >= rows * k && w.len() == n * k && out.len() >= rows * n, "linear: buffer sizes");
+    let w_len = match w {
+        LinearWeight::F16(w) => w.len(),
+        LinearWeight::Quant(q) => {
+            assert!(q.rows == n && q.cols == k, "linear: quantized weight shape");
+            n * k
+        }
+    };
+    assert!(x.len() >= rows * k && w_len == n * k && out.len() >= rows * n, "linear: buffer sizes");
     let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
     // out[j] (+)= act(acc[j] + bias[j]) over the columns `cols` of one output row.
     let epilogue = |out_cols: &mut [f32], acc: &[f32], cols: std::ops::Range<usize>| {
@@ -40,21 +73,40 @@ pub fn linear(
     };
     if rows <= GEMV_MAX_ROWS {
         // One output column per task: stream each weight row once for all rows of x.
-        let xs: Vec<&[f32]> = (0..rows).map(|r| &x[r * k..(r + 1) * k]).collect();
-        let cols: Vec<[f32; GEMV_MAX_ROWS]> = (0..n)
-            .into_par_iter()
-            .with_min_len(16)
-            .map(|j| super::simd::dot_rows(&xs, &w[j * k..(j + 1) * k]))
-            .collect();
+        let cols: Vec<[f32; GEMV_MAX_ROWS]> = match w {
+            LinearWeight::F16(w) => {
+                let xs: Vec<&[f32]> = (0..rows).map(|r| &x[r * k..(r + 1) * k]).collect();
+                (0..n)
+                    .into_par_iter()
+                    .with_min_len(16)
+                    .map(|j| super::simd::dot_rows(&xs, &w[j * k..(j + 1) * k]))
+                    .collect()
+            }
+            LinearWeight::Quant(q) => {
+                let isa = super::qgemm::gemv_isa(isa);
+                let permuted: Vec<Vec<f32>> = (0..rows)
+                    .map(|r| {
+                        let xr = &x[r * k..(r + 1) * k];
+                        match q.format {
+                            crate::quant::Quantize::Int4 => super::qgemm::permute_for_int4(isa, xr),
+                            crate::quant::Quantize::Int8 => xr.to_vec(),
+                        }
+                    })
+                    .collect();
+                let xs: Vec<&[f32]> = permuted.iter().map(Vec::as_slice).collect();
+                (0..n).into_par_iter().with_min_len(16).map(|j| super::qgemm::dot_rows(isa, &xs, q, j)).collect()
+            }
+        };
         for (r, out_row) in out.chunks_mut(n).take(rows).enumerate() {
             let acc: Vec<f32> = cols.iter().map(|c| c[r]).collect();
             epilogue(out_row, &acc, 0..n);
         }
-        return Ok(());
+        return;
     }
-    let isa = super::gemm::selected().map_err(Error::InvalidInput)?;
-    super::gemm::matmul(isa, x, w, dims, out, epilogue);
-    Ok(())
+    match w {
+        LinearWeight::F16(w) => super::gemm::matmul(isa, x, w, dims, out, epilogue),
+        LinearWeight::Quant(q) => super::gemm::matmul_rows(isa, x, q, dims, out, epilogue),
+    }
 }
 
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w (+ b)` with `s = x[r] (+ residual[r])`;

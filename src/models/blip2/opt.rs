@@ -70,6 +70,9 @@ impl Family for Blip2 {
     fn core(&self) -> &ModelCore {
         &self.core
     }
+    fn core_mut(&mut self) -> &mut ModelCore {
+        &mut self.core
+    }
 
     fn image_size(&self) -> usize {
         Blip2::image_size(self)

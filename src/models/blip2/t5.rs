@@ -66,6 +66,9 @@ impl Family for Blip2T5 {
     fn core(&self) -> &ModelCore {
         &self.core
     }
+    fn core_mut(&mut self) -> &mut ModelCore {
+        &mut self.core
+    }
 
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
