@@ -221,7 +221,7 @@ impl Model {
         let mut family = crate::models::load(&cfg, &ckpt)?;
         if let Some(format) = options.quantize {
             crate::backend::check_quantized_device(device, format)?;
-            crate::quant::quantize_family(family.as_mut(), format)?;
+            crate::models::quantize::quantize_family(family.as_mut(), format)?;
         }
         let tokenizer = Tokenizer::from_dir(dir)?;
         let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;

@@ -490,7 +490,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let mut subject = load_subject(args, device)?;
     if let Some(format) = args.quantize {
         crate::backend::check_quantized_device(device, format)?;
-        crate::quant::quantize_family(subject.family.as_mut(), format)?;
+        crate::models::quantize::quantize_family(subject.family.as_mut(), format)?;
     }
     let family = subject.family.as_ref();
     let backend = Backend::new(device, family.weights())?;

@@ -117,7 +117,7 @@ impl ModelCore {
 /// A loaded model of one family: everything above the graph that differs between families.
 pub trait Family: Send + Sync {
     fn core(&self) -> &ModelCore;
-    /// The same, to change the weights after loading (`crate::quant::quantize_family`).
+    /// The same, to change the weights after loading (`crate::models::quantize::quantize_family`).
     fn core_mut(&mut self) -> &mut ModelCore;
     /// The parsed config.json.
     fn config(&self) -> &ModelConfig {

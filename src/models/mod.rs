@@ -23,6 +23,7 @@ pub mod opt;
 pub mod preset_tokenizers;
 pub mod presets;
 pub mod qformer;
+pub mod quantize;
 pub mod t5;
 pub mod vit;
 
