@@ -528,24 +528,32 @@ fn legacy_integer_and_pair_sizes_mean_what_transformers_reads() {
     assert!(bad.to_string().contains("`size`"), "{bad}");
 }
 
+/// A copy of fixture `model` (files linked, config.json rewritten) whose `text_config` keeps
+/// min_new_tokens 5, min_p 0.1 and max_new_tokens 7.
+fn with_text_config_generation_fields(model: &str) -> tempfile::TempDir {
+    let dir = common::tempdir();
+    let src = common::model_dir(model);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().is_some_and(|n| n != "config.json") {
+            std::os::unix::fs::symlink(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["min_new_tokens"] = json!(5);
+    cfg["text_config"]["min_p"] = json!(0.1);
+    cfg["text_config"]["max_new_tokens"] = json!(7);
+    write_json(dir.path(), "config.json", &cfg);
+    dir
+}
+
 /// InstructBLIP-Vicuna's language model generates with the generation settings its LLaMA
 /// `text_config` keeps, as transformers 5.17's `language_model.generation_config` does (checked
 /// there: `GenerationConfig.from_model_config(text_config)` gives min_new_tokens 5, min_p 0.1,
 /// max_new_tokens 7 for this config).
 #[test]
 fn instructblip_text_config_generation_settings_are_the_defaults() {
-    let dir = common::tempdir();
-    let src = common::model_dir("instructblip-tiny");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        std::os::unix::fs::symlink(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    let mut cfg: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
-    cfg["text_config"]["min_new_tokens"] = json!(5);
-    cfg["text_config"]["min_p"] = json!(0.1);
-    cfg["text_config"]["max_new_tokens"] = json!(7);
-    std::fs::remove_file(dir.path().join("config.json")).unwrap();
-    write_json(dir.path(), "config.json", &cfg);
+    let dir = with_text_config_generation_fields("instructblip-tiny");
     let opts = Model::load(dir.path(), Device::Cpu).unwrap().default_options();
     assert_eq!((opts.min_new_tokens, opts.min_p, opts.max_new_tokens), (5, Some(0.1), Some(7)));
 }
@@ -556,18 +564,7 @@ fn instructblip_text_config_generation_settings_are_the_defaults() {
 /// file (`_from_model_config: true`, no length), 7 without it (`text_config.max_new_tokens`).
 #[test]
 fn llava_text_config_generation_fields_apply_only_without_generation_config_json() {
-    let dir = common::tempdir();
-    let src = common::model_dir("llava-tiny");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        std::os::unix::fs::symlink(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    let mut cfg: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
-    cfg["text_config"]["min_new_tokens"] = json!(5);
-    cfg["text_config"]["min_p"] = json!(0.1);
-    cfg["text_config"]["max_new_tokens"] = json!(7);
-    std::fs::remove_file(dir.path().join("config.json")).unwrap();
-    write_json(dir.path(), "config.json", &cfg);
+    let dir = with_text_config_generation_fields("llava-tiny");
     let with_file = Model::load(dir.path(), Device::Cpu).unwrap().default_options();
     assert_eq!((with_file.min_new_tokens, with_file.min_p, with_file.max_new_tokens), (0, None, None));
     assert_eq!(with_file.eos_token_ids, vec![2], "the file's EOS");
