@@ -98,19 +98,21 @@ extern "C" __global__ void patch_im2col_f16(const __half* px, __half* out, int B
     im2col_body<__half>(px, out, B, C, H, W, patch);
 }
 
-// ViT embeddings: out[b, 0, :] = cls[:] + pos[0, :]; out[b, 1 + p, :] = patches[b, p, :] + pos[1 + p, :].
-// patches [B, P, D] (the patch-embedding GEMM output), cls [D], pos [P + 1, D], out [B, P + 1, D].
-// Grid-stride over B*(P+1)*D. out must not overlap the inputs.
+// ViT embeddings with C = 1 class token: out[b, 0, :] = cls[:] + pos[0, :];
+// out[b, C + p, :] = patches[b, p, :] + pos[C + p, :]. C = 0 (SigLIP): no class row, cls unused
+// (may be null). patches [B, P, D] (the patch-embedding GEMM output), cls [D], pos [P + C, D],
+// out [B, P + C, D]. Grid-stride over B*(P+C)*D. out must not overlap the inputs.
 extern "C" __global__ void vit_embed(const __half* __restrict__ patches, const __half* __restrict__ cls,
                                      const __half* __restrict__ pos, __half* __restrict__ out, int B,
-                                     int P, int D) {
-    const long long total = (long long)B * (P + 1) * D;
+                                     int P, int D, int C) {
+    const int T = P + C;
+    const long long total = (long long)B * T * D;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
         const int i = (int)(e % D);
         const long long r = e / D;
-        const int t = (int)(r % (P + 1)), b = (int)(r / (P + 1));
-        const float a = t == 0 ? __half2float(cls[i]) : __half2float(patches[((size_t)b * P + t - 1) * D + i]);
+        const int t = (int)(r % T), b = (int)(r / T);
+        const float a = t < C ? __half2float(cls[i]) : __half2float(patches[((size_t)b * P + t - C) * D + i]);
         out[e] = __float2half_rn(a + __half2float(pos[(size_t)t * D + i]));
     }
 }

@@ -43,16 +43,21 @@ pub struct Hypothesis {
 }
 
 /// Decoder input ids of a rendered chat prompt `text`: image placeholders expanded for
-/// `family`'s image size, tokenized as the processor does (special tokens added unless the text
+/// `family`'s image size (or, for a family whose expansion depends on the image, for each of
+/// `images` in order), tokenized as the processor does (special tokens added unless the text
 /// already starts with BOS, as apply_chat_template).
 pub fn chat_prompt_ids(
     chat: &crate::chat::ChatProcessor,
     tokenizer: &Tokenizer,
     family: &dyn Family,
     text: &str,
+    images: &[PixelValues],
 ) -> Result<Vec<u32>> {
     let size = family.image_size();
-    let expanded = chat.expand(text, chat.tokens_per_image(size, size)?);
+    let expanded = match family.expand_image_prompt(text, images)? {
+        Some(expanded) => expanded,
+        None => chat.expand(text, chat.tokens_per_image(size, size)?),
+    };
     let ids = if chat.bos_token().is_some_and(|b| expanded.starts_with(b)) {
         tokenizer.encode_plain(&expanded)?
     } else {
@@ -159,15 +164,21 @@ impl<'a> Images<'a> {
         self.pixels.len()
     }
 
+    /// Frames over all images: what the family's vision tower runs on (one per image except
+    /// for image-splitting families).
+    fn frames(&self) -> usize {
+        self.pixels.iter().map(PixelValues::frames).sum()
+    }
+
     fn range(&self, r: std::ops::Range<usize>) -> Self {
         Self { pixels: &self.pixels[r.clone()], features: self.features.map(|f| &f[r]) }
     }
 }
 
-/// The pixel values of `images`, one after another, each checked to be the `size` x `size` the
-/// vision tower takes.
+/// The pixel values of `images` (every frame of each), one after another, each checked to be
+/// the `size` x `size` the vision tower takes.
 fn stack_pixels(images: &[PixelValues], size: usize) -> Result<Vec<f32>> {
-    let mut pixels = Vec::with_capacity(images.len() * 3 * size * size);
+    let mut pixels = Vec::with_capacity(images.iter().map(|i| i.data.len()).sum());
     for img in images {
         if (img.height, img.width) != (size, size) {
             return Err(Error::InvalidInput(format!(
@@ -181,9 +192,14 @@ fn stack_pixels(images: &[PixelValues], size: usize) -> Result<Vec<f32>> {
 }
 
 /// The features of a request's images, one after another (each of one length).
-fn stack_features(features: &[ImageFeatures]) -> Result<Vec<f32>> {
-    let len = features.first().map_or(0, |f| f.values().len());
-    if features.iter().any(|f| f.values().len() != len) {
+fn stack_features(features: &[ImageFeatures], images: &[PixelValues]) -> Result<Vec<f32>> {
+    // Features per frame: a split image's features hold one block per frame.
+    let frames: Vec<usize> = images.iter().map(PixelValues::frames).collect();
+    let per_frame = |i: usize| features[i].values().len() / frames.get(i).copied().unwrap_or(1).max(1);
+    let len = if features.is_empty() { 0 } else { per_frame(0) };
+    if (0..features.len()).any(|i| {
+        per_frame(i) != len || per_frame(i) * frames.get(i).copied().unwrap_or(1) != features[i].values().len()
+    }) {
         return Err(Error::InvalidInput(
             "the request's image features differ in size: compute them with this model's encode_images".into(),
         ));
@@ -224,8 +240,7 @@ impl Model {
             crate::models::quantize::quantize_family(family.as_mut(), format)?;
         }
         let tokenizer = Tokenizer::from_dir(dir)?;
-        let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
-        family.check_preprocessor(&pre, &pre_path)?;
+        let image_processor = family.image_processor(dir)?;
         let generation_path = dir.join("generation_config.json");
         let generation = GenerationConfig::load_or_default(&generation_path)?;
         cfg.family().check_generation_config(&generation, &generation_path)?;
@@ -235,7 +250,7 @@ impl Model {
             dir: dir.to_path_buf(),
             family,
             tokenizer,
-            image_processor: ImageProcessor::new(pre),
+            image_processor,
             generation,
             chat,
             load_seconds: start.elapsed().as_secs_f64(),
@@ -278,12 +293,18 @@ impl Model {
     /// chat families the prompt is raw text whose image placeholders are expanded (`None`: the
     /// caption instruction through the chat template with one image).
     pub fn input_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
+        self.prompt_ids(prompt, &[])
+    }
+
+    /// [`Model::input_ids`] for a request's `images` (which a family that expands each image by
+    /// its own size needs).
+    fn prompt_ids(&self, prompt: Option<&str>, images: &[PixelValues]) -> Result<Vec<u32>> {
         if let Some(chat) = &self.chat {
             let text = match prompt {
                 Some(p) => p.to_string(),
-                None => chat.user_prompt(1, crate::chat::CAPTION_INSTRUCTION)?,
+                None => chat.user_prompt(images.len().max(1), crate::chat::CAPTION_INSTRUCTION)?,
             };
-            return self.chat_ids(chat, &text);
+            return self.chat_ids(chat, &text, images);
         }
         let ids = self.tokenizer.encode(prompt.unwrap_or(""))?;
         Ok(self.family.input_ids(&ids))
@@ -294,13 +315,13 @@ impl Model {
         let chat = self.chat.as_ref().ok_or_else(|| {
             Error::InvalidInput("this model has no chat template: ask about one image at a time".into())
         })?;
-        self.chat_ids(chat, &chat.user_prompt(images, text)?)
+        self.chat_ids(chat, &chat.user_prompt(images, text)?, &[])
     }
 
     /// Expands image placeholders for the model's image size and tokenizes as the processor does
     /// (special tokens added unless the text already starts with BOS, as apply_chat_template).
-    fn chat_ids(&self, chat: &crate::chat::ChatProcessor, text: &str) -> Result<Vec<u32>> {
-        chat_prompt_ids(chat, &self.tokenizer, self.family.as_ref(), text)
+    fn chat_ids(&self, chat: &crate::chat::ChatProcessor, text: &str, images: &[PixelValues]) -> Result<Vec<u32>> {
+        chat_prompt_ids(chat, &self.tokenizer, self.family.as_ref(), text, images)
     }
 
     pub fn preprocess(&self, image: &Path) -> Result<PixelValues> {
@@ -337,7 +358,7 @@ impl Model {
                 None if images.len() != 1 => Err(one_image_only(images.len())),
                 None => self.run_text(images, Some(&self.question_prompt(question)), opts, on_token),
                 Some(chat) => {
-                    let ids = self.chat_ids(chat, &chat.user_prompt(images.len(), question)?)?;
+                    let ids = self.chat_ids(chat, &chat.user_prompt(images.len(), question)?, images.pixels)?;
                     self.outputs(self.run_image_ids(images, &ids, opts, on_token)?)
                 }
             },
@@ -446,8 +467,12 @@ impl Model {
             let mut out = Vec::with_capacity(pixels.len());
             let mut start = 0;
             while start < questions.len() {
-                let end = start + questions[start..].iter().take_while(|q| **q == questions[start]).count();
-                let ids = self.chat_ids(chat, &chat.user_prompt(1, questions[start])?)?;
+                // Equal questions share one prompt, unless each image expands to its own.
+                let split = pixels.pixels.iter().any(|p| p.tiles.is_some());
+                let same = questions[start..].iter().take_while(|q| **q == questions[start]).count();
+                let end = start + if split { 1 } else { same };
+                let first = &pixels.pixels[start..start + 1];
+                let ids = self.chat_ids(chat, &chat.user_prompt(1, questions[start])?, first)?;
                 out.extend(self.outputs(self.run_image_ids(pixels.range(start..end), &ids, opts, on_token)?)?);
                 start = end;
             }
@@ -475,8 +500,8 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
-        let input_ids = self.input_ids(prompt)?;
-        let sequences = self.family.sequences_for(images.len(), &input_ids)?;
+        let input_ids = self.prompt_ids(prompt, images.pixels)?;
+        let sequences = self.family.sequences_for(images.frames(), &input_ids)?;
         let texts = vec![prompt.unwrap_or(""); sequences];
         let prompts = Prompts::shared(&input_ids, sequences);
         self.outputs(self.run_request(images, &prompts, &texts, opts, on_token)?)
@@ -533,7 +558,7 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<(Vec<Sequence>, Timings, String)> {
-        let sequences = self.family.sequences_for(images.len(), input_ids)?;
+        let sequences = self.family.sequences_for(images.frames(), input_ids)?;
         self.run_request(images, &Prompts::shared(input_ids, sequences), &[], opts, on_token)
     }
 
@@ -561,7 +586,7 @@ impl Model {
         // The pixels, or the image stage's features in their place.
         let (image_input, image_data) = match images.features {
             None => ("pixels", stack_pixels(images.pixels, self.family.image_size())?),
-            Some(features) => (crate::generate::IMAGE_FEATURES, stack_features(features)?),
+            Some(features) => (crate::generate::IMAGE_FEATURES, stack_features(features, images.pixels)?),
         };
         opts.check_available()?;
         let new_tokens = opts.new_tokens(prompts.len(), self.family.max_positions())?;
@@ -586,7 +611,7 @@ impl Model {
         };
         let mut hooks = crate::generate::Hooks { on_token, on_phase: None };
         let key = PlanShape {
-            images: beam_rows(images.len(), opts),
+            images: beam_rows(images.frames(), opts),
             sequences: beam_rows(sequences, opts),
             prompt_len: prompts.len(),
             max_new_tokens: new_tokens,
@@ -623,9 +648,10 @@ impl Model {
             return Ok(Vec::new());
         }
         let pixels = stack_pixels(images, self.family.image_size())?;
+        let frames: usize = images.iter().map(PixelValues::frames).sum();
         let plan = self
             .family
-            .image_plan(images.len())?
+            .image_plan(frames)?
             .ok_or_else(|| Error::Unsupported("this model has no image stage to compute image features with".into()))?;
         let run = |exec: &mut dyn Executor| -> Result<Vec<f32>> {
             exec.write(plan.pixels, &pixels)?;
@@ -634,7 +660,7 @@ impl Model {
             for phase in &plan.phases {
                 exec.run(phase)?;
             }
-            exec.read(plan.features, images.len() * plan.rows_per_image)
+            exec.read(plan.features, frames * plan.rows_per_image)
         };
         let data = if self.backend.is_cuda() {
             // One request at a time on the device, as generate.
@@ -643,8 +669,17 @@ impl Model {
         } else {
             run(self.backend.executor(self.family.weights(), &plan.graph)?.as_mut())?
         };
-        let per = data.len() / images.len();
-        Ok(data.chunks(per.max(1)).map(|c| ImageFeatures(c.into())).collect())
+        // Each image's block: its frames' rows.
+        let per_frame = data.len() / frames.max(1);
+        let mut rest = data.as_slice();
+        Ok(images
+            .iter()
+            .map(|img| {
+                let (mine, tail) = rest.split_at(per_frame * img.frames());
+                rest = tail;
+                ImageFeatures(mine.into())
+            })
+            .collect())
     }
 
     /// An executor for `graph` on this model's backend (for stage-by-stage use and tests).

@@ -380,7 +380,13 @@ fn preset_chat_prompts(name: &str, cfg: &ModelConfig, seed: u64, family: &dyn Fa
     with_preset_folder(name, cfg, seed, |dir| {
         let chat = crate::chat::ChatProcessor::load_from_dir(dir)?;
         let tok = crate::tokenizer::Tokenizer::from_dir(dir)?;
-        let ids = |q: &str| crate::api::chat_prompt_ids(&chat, &tok, family, &chat.user_prompt(1, q)?);
+        // The bench's image is one frame (an image-splitting family sees it unsplit: grid 0x0).
+        let side = family.image_size();
+        let image = [crate::image::PixelValues {
+            tiles: Some((0, 0)),
+            ..crate::image::PixelValues::frame(side, side, Vec::new())
+        }];
+        let ids = |q: &str| crate::api::chat_prompt_ids(&chat, &tok, family, &chat.user_prompt(1, q)?, &image);
         Ok((ids(crate::chat::CAPTION_INSTRUCTION)?, ids(VQA_QUESTION)?))
     })
 }

@@ -183,13 +183,15 @@ pub enum RowSelect {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    /// `out[b*P + 0] = cls + pos[0]`, `out[b*P + 1 + p] = conv(pixels[b], patch p) + bias + pos[1+p]`:
-    /// a `patch x patch` stride-`patch` Conv2d on `[B, 3*H*W]` pixels, flattened row-major.
+    /// `out[b*T + 0] = cls + pos[0]`, `out[b*T + 1 + p] = conv(pixels[b], patch p) + bias + pos[1+p]`:
+    /// a `patch x patch` stride-`patch` Conv2d on `[B, 3*H*W]` pixels, flattened row-major, with
+    /// `T = P + 1` rows per image. Without a class token (SigLIP) `T = P` and
+    /// `out[b*P + p] = conv(pixels[b], patch p) + bias + pos[p]`.
     PatchEmbed {
         pixels: Buf,
         weight: W,
         bias: W,
-        class: W,
+        class: Option<W>,
         positions: W,
         out: Buf,
         batch: usize,
@@ -253,6 +255,11 @@ pub enum Op {
     /// `out[r] = x[r]` for `rows` rows of equal width, converted to `out`'s [`DType`] (e.g. an
     /// fp16 embedding into an fp32 residual stream, or an fp32 stream back to fp16).
     Convert { x: Buf, out: Buf, rows: usize },
+    /// Idefics3's pixel shuffle: each of `batch` images' `side x side` grid of `x` rows
+    /// (row-major) becomes `(side / scale)²` rows of `scale² * cols(x)` columns in `out`: out row
+    /// `(Y, X)` is the `scale x scale` block of rows `(Y*scale + a, X*scale + c)` laid side by
+    /// side, `a` major. Every value moves, none changes: `out` holds `x` with its rows permuted.
+    PixelShuffle { x: Buf, out: Buf, batch: usize, side: usize, scale: usize },
     /// `out[r] = x[r] / ||x[r]||₂` for `rows` rows (CLIPModel's unit embeddings: transformers'
     /// `_get_vector_norm` division, no epsilon, so a zero row is NaN as there). Sums of squares
     /// in f64 on the CPU, fp32 on the GPU; `out` may be [`DType::F32`] so the unit vectors keep
@@ -276,6 +283,7 @@ impl Op {
             | Op::Broadcast { out, .. }
             | Op::CopyRows { out, .. }
             | Op::Convert { out, .. }
+            | Op::PixelShuffle { out, .. }
             | Op::L2Normalize { out, .. } => vec![out],
             Op::Attention(ref a) => vec![a.out],
             Op::Rope { x, .. } => vec![x.buf],
@@ -301,6 +309,7 @@ impl Op {
             | Op::LastRows { x, .. }
             | Op::Convert { x, .. }
             | Op::CopyRows { x, .. }
+            | Op::PixelShuffle { x, .. }
             | Op::L2Normalize { x, .. } => {
                 vec![x]
             }
@@ -314,7 +323,9 @@ impl Op {
     /// The weights the op reads.
     pub fn weights(&self) -> Vec<W> {
         match *self {
-            Op::PatchEmbed { weight, bias, class, positions, .. } => vec![weight, bias, class, positions],
+            Op::PatchEmbed { weight, bias, class, positions, .. } => {
+                [Some(weight), Some(bias), class, Some(positions)].into_iter().flatten().collect()
+            }
             Op::Linear { weight, bias, .. } => [Some(weight), bias].into_iter().flatten().collect(),
             Op::LayerNorm { weight, bias, .. } => [Some(weight), bias].into_iter().flatten().collect(),
             Op::RmsNorm { weight, .. } => vec![weight],
@@ -328,6 +339,7 @@ impl Op {
             | Op::LastRows { .. }
             | Op::CopyRows { .. }
             | Op::Convert { .. }
+            | Op::PixelShuffle { .. }
             | Op::L2Normalize { .. } => vec![],
         }
     }
@@ -351,6 +363,7 @@ impl Op {
             Op::CopyRows { .. } => "copy_rows",
             Op::Broadcast { .. } => "broadcast",
             Op::Convert { .. } => "convert",
+            Op::PixelShuffle { .. } => "pixel_shuffle",
             Op::L2Normalize { .. } => "l2_normalize",
         }
     }

@@ -302,6 +302,50 @@ fn select_rows_match_cpu() {
     assert_eq!(gpu.read(pooled, batch).unwrap(), cpu.read(pooled, batch).unwrap());
 }
 
+/// Idefics3's connector input: PixelShuffle of two 6x6 grids by 3 and one 8x8 grid by 2 (odd
+/// widths), and a SigLIP patch embedding (no class row) feeding it. The shuffle only moves fp16
+/// values, so it must match bit for bit; the embedding within the file's tolerance.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn pixel_shuffle_and_classless_patch_embed_match_cpu() {
+    let mut rng = Rng::new("pixel_shuffle");
+    let (batch, side, scale, dim) = (2, 6, 3, 20);
+    let (size, patch) = (16, 2);
+    let tokens = (size / patch) * (size / patch);
+    let weights = table(&mut rng, &[("w", vec![dim, 3, patch, patch]), ("b", vec![dim]), ("pos", vec![tokens, dim])]);
+    let mut g = Graph::new();
+    let x = g.buffer("x", batch * side * side, dim);
+    let shuffled = g.buffer("shuffled", batch * (side / scale) * (side / scale), dim * scale * scale);
+    g.push(Op::PixelShuffle { x, out: shuffled, batch, side, scale });
+    let pixels = g.buffer("pixels", 1, 3 * size * size);
+    let embeds = g.buffer("embeds", tokens, dim);
+    g.push(Op::PatchEmbed {
+        pixels,
+        weight: W(0),
+        bias: W(1),
+        class: None,
+        positions: W(2),
+        out: embeds,
+        batch: 1,
+        image_size: size,
+        patch,
+    });
+    let grid = size / patch;
+    let merged = g.buffer("merged", (grid / 2) * (grid / 2), dim * 4);
+    g.push(Op::PixelShuffle { x: embeds, out: merged, batch: 1, side: grid, scale: 2 });
+    let p = g.take_phase("connector");
+    let Some((mut gpu, mut cpu)) = executors("pixel_shuffle_and_classless_patch_embed_match_cpu", weights, &g) else {
+        return;
+    };
+    write_both(gpu.as_mut(), &mut cpu, x, &rng.f32s(batch * side * side * dim));
+    write_both(gpu.as_mut(), &mut cpu, pixels, &rng.f32s(3 * size * size));
+    run_both(gpu.as_mut(), &mut cpu, &p);
+    let rows = batch * (side / scale) * (side / scale);
+    assert_eq!(gpu.read(shuffled, rows).unwrap(), cpu.read(shuffled, rows).unwrap());
+    compare("embeds", gpu.as_mut(), &mut cpu, embeds, tokens);
+    compare("merged", gpu.as_mut(), &mut cpu, merged, (grid / 2) * (grid / 2));
+}
+
 /// An fp32 residual stream (`DType::F32`): Convert in, Linear epilogues adding into it on the
 /// GEMV path (3 rows) and the GEMM path (40 rows), in place and from a second fp32 buffer,
 /// LayerNorm and RMSNorm reading it with an fp32 residual, Convert out, argmax over fp32 logits.

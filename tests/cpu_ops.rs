@@ -774,3 +774,33 @@ fn norm_ops_run_on_the_executor() {
     assert_eq!(ex.read(ln, rows).unwrap(), want_ln);
     assert_eq!(ex.read(rms, rows).unwrap(), want_rms);
 }
+
+/// `x.permute(0, 2, 1, 3)` of a contiguous 4-d tensor, made contiguous again.
+fn swap_middle(x: &[f32], [n0, n1, n2, n3]: [usize; 4]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for a in 0..n0 {
+        for c in 0..n2 {
+            for b in 0..n1 {
+                out.extend_from_slice(&x[((a * n1 + b) * n2 + c) * n3..][..n3]);
+            }
+        }
+    }
+    out
+}
+
+/// Idefics3Connector.pixel_shuffle written as transformers writes it (view, permute, reshape,
+/// permute, reshape) against the executor's row permutation, for several grids and scales.
+#[test]
+fn pixel_shuffle_follows_transformers() {
+    let mut rng = Rng::new("pixel_shuffle");
+    for (batch, side, scale, dim) in [(1, 4, 2, 3), (3, 6, 3, 5), (2, 8, 4, 2), (2, 6, 2, 7), (1, 5, 1, 4)] {
+        let x: Vec<f32> = rng.f32s(batch * side * side * dim);
+        // x.view(b, h, w/s, d*s).permute(0, 2, 1, 3) -> [b, w/s, h, d*s]
+        let t = swap_middle(&x, [batch, side, side / scale, dim * scale]);
+        // .reshape(b, w/s, h/s, d*s²).permute(0, 2, 1, 3) -> [b, h/s, w/s, d*s²]
+        let want = swap_middle(&t, [batch, side / scale, side / scale, dim * scale * scale]);
+        let mut got = vec![f32::NAN; x.len()];
+        ops::pixel_shuffle(&x, &mut got, dim, batch, side, scale);
+        assert_eq!(got, want, "batch {batch}, side {side}, scale {scale}, dim {dim}");
+    }
+}

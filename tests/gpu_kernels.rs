@@ -755,30 +755,40 @@ fn elementwise_matches_reference() {
     dev.patch_im2col(&dev.upload(&pxh).unwrap(), &out, image, p).unwrap();
     check("patch_im2col_f16", &dev.download(&out).unwrap(), &want, None);
 
-    // ViT embeddings: class + position
+    // ViT embeddings: class + position (CLIP, BLIP), and position only (SigLIP: no class row)
     let (bsz, np, d) = (2usize, 256usize, 88usize);
     let patches = rng.halves(bsz * np * d, 1.0);
     let cls = rng.halves(d, 1.0);
     let pe = rng.halves((np + 1) * d, 1.0);
-    let out = poisoned(&dev, bsz * (np + 1) * d);
-    dev.vit_embed(
-        &dev.upload(&patches).unwrap(),
-        &dev.upload(&cls).unwrap(),
-        &dev.upload(&pe).unwrap(),
-        &out,
-        SeqDims { batch: bsz, seq: np, dim: d },
-    )
-    .unwrap();
-    let mut want = vec![0.0; bsz * (np + 1) * d];
-    for bb in 0..bsz {
-        for tt in 0..=np {
-            for j in 0..d {
-                let a = if tt == 0 { cls[j].to_f64() } else { patches[(bb * np + tt - 1) * d + j].to_f64() };
-                want[(bb * (np + 1) + tt) * d + j] = f16::from_f64(a + pe[tt * d + j].to_f64()).to_f64();
+    for with_class in [true, false] {
+        let lead = usize::from(with_class);
+        let tokens = np + lead;
+        let out = poisoned(&dev, bsz * tokens * d);
+        let dcls = dev.upload(&cls).unwrap();
+        dev.vit_embed(
+            &dev.upload(&patches).unwrap(),
+            with_class.then_some(&dcls),
+            &dev.upload(&pe[..tokens * d]).unwrap(),
+            &out,
+            SeqDims { batch: bsz, seq: np, dim: d },
+        )
+        .unwrap();
+        let mut want = vec![0.0; bsz * tokens * d];
+        for bb in 0..bsz {
+            for tt in 0..tokens {
+                for j in 0..d {
+                    let a = if tt < lead { cls[j].to_f64() } else { patches[(bb * np + tt - lead) * d + j].to_f64() };
+                    want[(bb * tokens + tt) * d + j] = f16::from_f64(a + pe[tt * d + j].to_f64()).to_f64();
+                }
             }
         }
+        check(
+            if with_class { "vit_embed" } else { "vit_embed without class" },
+            &dev.download(&out).unwrap(),
+            &want,
+            None,
+        );
     }
-    check("vit_embed", &dev.download(&out).unwrap(), &want, None);
 
     // add (in place) and casts
     let n = 100_003usize;

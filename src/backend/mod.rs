@@ -374,6 +374,21 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
                 )));
             }
         }
+        Op::PixelShuffle { x, out, batch, side, scale } => {
+            let grid = if *scale > 0 && side % scale == 0 { side / scale } else { 0 };
+            if grid == 0
+                || cols(*out) != cols(*x) * scale * scale
+                || rows_of(*x) < batch * side * side
+                || rows_of(*out) < batch * grid * grid
+            {
+                return Err(invalid(format!(
+                    "pixel_shuffle: {batch} grids of {side}x{side} rows of {} by scale {scale} cannot map to {} (the side must be a positive multiple of the scale, and the output {} columns wide)",
+                    shown(*x),
+                    shown(*out),
+                    cols(*x) * scale * scale
+                )));
+            }
+        }
         Op::Convert { x, out, rows } | Op::L2Normalize { x, out, rows }
             if cols(*x) != cols(*out) || rows_of(*x) < *rows || rows_of(*out) < *rows =>
         {

@@ -27,12 +27,36 @@ pub const PILLOW_MAX_IMAGE_PIXELS: u64 = 89_478_485;
 /// Images with more pixels than this are refused before decoding, as Pillow refuses them.
 pub const MAX_PIXELS: u64 = 2 * PILLOW_MAX_IMAGE_PIXELS;
 
-/// Preprocessed image: float32, channels first, `[3, height, width]`.
+/// Preprocessed image: float32, channels first, `[frames, 3, height, width]`. One frame for
+/// most families; an image splitter ([`ImageSplitter`], SmolVLM) gives its tiles in row-major
+/// order, then the global image, and records the grid in `tiles`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PixelValues {
     pub height: usize,
     pub width: usize,
     pub data: Vec<f32>,
+    /// The (rows, cols) tile grid of a split image ((0, 0): one frame, not split); None for the
+    /// processors that do not split.
+    pub tiles: Option<(usize, usize)>,
+}
+
+impl PixelValues {
+    /// One `[3, height, width]` frame.
+    pub fn frame(height: usize, width: usize, data: Vec<f32>) -> Self {
+        Self { height, width, data, tiles: None }
+    }
+
+    /// Frames held (`data` over one frame's values).
+    pub fn frames(&self) -> usize {
+        self.data.len() / (3 * self.height * self.width).max(1)
+    }
+}
+
+/// A processor that cuts each image into frames of one size (SmolVLM's tiles plus the global
+/// image): what a family supplies when a single resize does not describe its preprocessing.
+pub trait ImageSplitter: std::fmt::Debug + Send + Sync {
+    /// The frames of one decoded image (`name` stands for it in errors), with `tiles` set.
+    fn split(&self, rgb: &RgbImage, name: &str) -> Result<PixelValues>;
 }
 
 /// An image as the library takes it: a file, its encoded bytes, or pixels decoded elsewhere
@@ -87,15 +111,23 @@ fn rgb_image(width: usize, height: usize, data: &[u8], name: &str) -> Result<Rgb
     Ok(RgbImage::from_raw(w, h, data.to_vec()).expect("length checked above"))
 }
 
-/// An image processor configured from a checkpoint's preprocessor config.
+/// An image processor configured from a checkpoint's preprocessor config, or a family's
+/// [`ImageSplitter`].
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
     cfg: PreprocessorConfig,
+    splitter: Option<std::sync::Arc<dyn ImageSplitter>>,
 }
 
 impl ImageProcessor {
     pub fn new(cfg: PreprocessorConfig) -> Self {
-        Self { cfg }
+        Self { cfg, splitter: None }
+    }
+
+    /// A processor whose images go through `splitter` (decoding and its limits as for every
+    /// other processor).
+    pub fn splitting(splitter: std::sync::Arc<dyn ImageSplitter>) -> Self {
+        Self { cfg: PreprocessorConfig::default(), splitter: Some(splitter) }
     }
 
     pub fn config(&self) -> &PreprocessorConfig {
@@ -113,6 +145,9 @@ impl ImageProcessor {
     /// [`Self::preprocess`], refusing an image the resize would make larger than the decoder's
     /// pixel limit (a `shortest_edge` resize of a very elongated image), before allocating it.
     pub fn preprocess_checked(&self, rgb: &RgbImage, name: &str) -> Result<PixelValues> {
+        if let Some(splitter) = &self.splitter {
+            return splitter.split(rgb, name);
+        }
         if self.cfg.do_resize {
             let (h, w) = self.resize_target(rgb.height() as usize, rgb.width() as usize);
             let max = DecodeLimits::from_env()?.max_pixels;
@@ -159,7 +194,7 @@ impl ImageProcessor {
             _ => (h, w),
         };
         let data = center_crop_values(img, out_h, out_w, &self.value_table());
-        PixelValues { height: out_h, width: out_w, data }
+        PixelValues::frame(out_h, out_w, data)
     }
 
     fn value_table(&self) -> [[f32; 256]; 3] {
@@ -210,7 +245,7 @@ pub fn value_table(rescale: Option<f64>, normalize: Option<(&[f32], &[f32])>) ->
 /// The whole image, channels first, each byte through `table` ([`value_table`]).
 pub fn channels_first(img: &RgbImage, table: &[[f32; 256]; 3]) -> PixelValues {
     let (height, width) = (img.height() as usize, img.width() as usize);
-    PixelValues { height, width, data: center_crop_values(img, height, width, table) }
+    PixelValues::frame(height, width, center_crop_values(img, height, width, table))
 }
 
 /// transformers' `center_crop` to `ch x cw` (the whole image when that is its size), channels

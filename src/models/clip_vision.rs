@@ -330,7 +330,7 @@ impl ClipVision {
             pixels,
             weight: self.patch_weight,
             bias: self.patch_bias,
-            class: self.class_embedding,
+            class: Some(self.class_embedding),
             positions: self.position_embedding,
             out: embeds,
             batch,

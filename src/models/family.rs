@@ -132,7 +132,21 @@ pub trait Family: Send + Sync {
     fn check_preprocessor(&self, pre: &PreprocessorConfig, path: &Path) -> Result<()> {
         check_square_input(pre, path, self.image_size())
     }
-    /// Side of the square pixel input of the plan's `pixels` input.
+    /// The image processor of checkpoint folder `dir`: by default preprocessor_config.json (or
+    /// processor_config.json's `image_processor`) as the resize-and-crop processors read it,
+    /// checked by [`Family::check_preprocessor`]; a family that splits images supplies its own.
+    fn image_processor(&self, dir: &Path) -> Result<crate::image::ImageProcessor> {
+        let (pre, pre_path) = PreprocessorConfig::load_from_dir(dir)?;
+        self.check_preprocessor(&pre, &pre_path)?;
+        Ok(crate::image::ImageProcessor::new(pre))
+    }
+    /// The prompt text with each image placeholder replaced by what its image expands to, for
+    /// families whose expansion depends on the image (SmolVLM's tile grid); None (the default)
+    /// for a fixed count per image (the chat processor's `expand`).
+    fn expand_image_prompt(&self, _text: &str, _images: &[crate::image::PixelValues]) -> Result<Option<String>> {
+        Ok(None)
+    }
+    /// Side of the square pixel input of the plan's `pixels` input (one frame).
     fn image_size(&self) -> usize;
     /// Decoder positions (`text_config.max_position_embeddings`): bounds prompt + new tokens.
     fn max_positions(&self) -> usize;

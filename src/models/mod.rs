@@ -60,7 +60,8 @@ pub struct FamilyEntry {
 }
 
 /// Every family glimpse runs.
-pub const FAMILIES: &[FamilyEntry] = &[blip2::FAMILY, clip::FAMILY, llava::FAMILY, instructblip::FAMILY];
+pub const FAMILIES: &[FamilyEntry] =
+    &[blip2::FAMILY, clip::FAMILY, llava::FAMILY, instructblip::FAMILY, idefics3::FAMILY];
 
 /// Every `model_type` of every family, in registry order.
 pub fn model_types() -> impl Iterator<Item = &'static ModelType> {

@@ -160,7 +160,7 @@ impl VisionModel {
             pixels,
             weight: self.patch_weight,
             bias: self.patch_bias,
-            class: self.class_embedding,
+            class: Some(self.class_embedding),
             positions: self.position_embedding,
             out: x,
             batch,

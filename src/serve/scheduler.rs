@@ -474,7 +474,7 @@ mod tests {
     }
 
     fn job_padded(prompt: PromptSpec, images: usize, options: GenerateOptions, pad_questions: bool) -> Work {
-        let px = PixelValues { height: 1, width: 1, data: vec![0.0; 3] };
+        let px = PixelValues::frame(1, 1, vec![0.0; 3]);
         Work::Generate(Box::new(GenJob {
             images: vec![px; images],
             image_keys: vec![ImageKey::of(b""); images],

@@ -79,16 +79,19 @@ impl CpuExecutor {
             Op::PatchEmbed { pixels, weight, bias, class, positions, out, batch, image_size, patch } => {
                 let dim = self.cols(out);
                 let per_image = 3 * image_size * image_size;
-                let tokens = (image_size / patch).pow(2) + 1;
+                let lead = usize::from(class.is_some());
+                let tokens = (image_size / patch).pow(2) + lead;
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
-                let (cls, pos) = (wt(class), wt(positions));
+                let pos = wt(positions);
                 let embed = |o: &mut [f32]| -> Result<()> {
                     for b in 0..batch {
                         let img = &self.bufs[pixels.0][b * per_image..(b + 1) * per_image];
                         let dst = &mut o[b * tokens * dim..(b + 1) * tokens * dim];
-                        ops::patch_embed(img, image_size, patch, wt(weight), wt(bias), dim, &mut dst[dim..])?;
-                        for (i, v) in dst[..dim].iter_mut().enumerate() {
-                            *v = cls[i].to_f32();
+                        ops::patch_embed(img, image_size, patch, wt(weight), wt(bias), dim, &mut dst[lead * dim..])?;
+                        if let Some(cls) = class.map(wt) {
+                            for (v, c) in dst[..dim].iter_mut().zip(cls) {
+                                *v = c.to_f32();
+                            }
                         }
                         for (v, p) in dst.iter_mut().zip(pos) {
                             *v += p.to_f32();
@@ -164,6 +167,11 @@ impl CpuExecutor {
                 for (dst, src) in picks {
                     o[dst * dim..(dst + 1) * dim].copy_from_slice(&self.bufs[x.0][src * dim..(src + 1) * dim]);
                 }
+                self.bufs[out.0] = o;
+            }
+            Op::PixelShuffle { x, out, batch, side, scale } => {
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                ops::pixel_shuffle(&self.bufs[x.0], &mut o, self.cols(x), batch, side, scale);
                 self.bufs[out.0] = o;
             }
             Op::KvAppend { k, v, cache_k, cache_v, batch, rows_per_batch, capacity } => {

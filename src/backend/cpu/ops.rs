@@ -360,6 +360,23 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
     }
 }
 
+/// Idefics3's pixel shuffle ([`crate::graph::Op::PixelShuffle`]) of `batch` images of
+/// `side x side` rows of `dim` values: `x` `[batch * side², dim]` -> `out`
+/// `[batch * (side/scale)², scale² * dim]`, where out row `(Y, X)` holds rows
+/// `(Y*scale + a, X*scale + c)` of `x` in `(a, c)` order (transformers' view/permute/reshape).
+pub fn pixel_shuffle(x: &[f32], out: &mut [f32], dim: usize, batch: usize, side: usize, scale: usize) {
+    let grid = side / scale;
+    let mut dst = out.chunks_exact_mut(dim);
+    for b in 0..batch {
+        for (y, xx) in (0..grid).flat_map(|y| (0..grid).map(move |xx| (y, xx))) {
+            for (a, c) in (0..scale).flat_map(|a| (0..scale).map(move |c| (a, c))) {
+                let src = b * side * side + (y * scale + a) * side + xx * scale + c;
+                dst.next().expect("out holds batch * side² rows").copy_from_slice(&x[src * dim..(src + 1) * dim]);
+            }
+        }
+    }
+}
+
 /// A `patch x patch`, stride-`patch` Conv2d with bias over one `[3, size, size]` image, as the
 /// GEMM `[P, 3*patch*patch] x [D, 3*patch*patch]ᵀ` (im2col order = PyTorch weight order c, kh, kw).
 pub fn patch_embed(

@@ -441,7 +441,28 @@ impl CudaExecutor {
                 let dims = GemmDims { m: batch * p, n: dim, k: kdim };
                 dev.gemm(LinearArgs { x: &cols, w: self.w(weight), epilogue, y: &patches, dims })?;
                 let dims = SeqDims { batch, seq: p, dim };
-                dev.vit_embed(&patches, self.w(class), self.w(positions), &self.bufs[out.0], dims)?;
+                let cls = class.map(|c| self.w(c));
+                dev.vit_embed(&patches, cls, self.w(positions), &self.bufs[out.0], dims)?;
+            }
+            Op::PixelShuffle { x, out, batch, side, scale } => {
+                // For each image and grid row y = Y*scale + a: its `side / scale` blocks of
+                // `scale` rows land `scale²` rows apart, at row `a * scale` of out row (Y, 0..):
+                // one strided 2-D copy per grid row.
+                let (dim, grid) = (self.cols(x), side / scale);
+                let width = scale * dim;
+                for b in 0..batch {
+                    for y in 0..side {
+                        let (big, a) = (y / scale, y % scale);
+                        let src_row = b * side * side + y * side;
+                        let dst_row = (b * grid * grid + big * grid) * scale * scale + a * scale;
+                        dev.copy_rows(
+                            RowsView { buf: &self.bufs[x.0], offset: src_row * dim, row_stride: width },
+                            RowsView { buf: &self.bufs[out.0], offset: dst_row * dim, row_stride: scale * width },
+                            grid,
+                            width,
+                        )?;
+                    }
+                }
             }
             Op::Linear { x, weight, bias, act, residual, out, rows } => {
                 let shape = &self.host.get(weight).shape;

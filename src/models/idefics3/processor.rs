@@ -156,6 +156,21 @@ pub struct ImageTiles {
     pub frames: Vec<PixelValues>,
 }
 
+impl ImageTiles {
+    /// The frames as one multi-frame [`PixelValues`] with its grid.
+    pub fn into_pixel_values(self) -> PixelValues {
+        let (height, width) = self.frames.first().map_or((0, 0), |f| (f.height, f.width));
+        let data = self.frames.into_iter().flat_map(|f| f.data).collect();
+        PixelValues { height, width, data, tiles: Some((self.rows, self.cols)) }
+    }
+}
+
+impl crate::image::ImageSplitter for Idefics3ImageProcessor {
+    fn split(&self, rgb: &RgbImage, name: &str) -> Result<PixelValues> {
+        Ok(self.preprocess(rgb, name)?.into_pixel_values())
+    }
+}
+
 /// The Idefics3 image processor of one checkpoint.
 #[derive(Debug, Clone)]
 pub struct Idefics3ImageProcessor {

@@ -171,10 +171,11 @@ impl CudaDevice {
 
     /// ViT embeddings: out[b,0] = cls + pos[0]; out[b,1+p] = patches[b,p] + pos[1+p], with
     /// patches `[batch, seq, dim]` (`seq` = patches per image) and out `[batch, seq + 1, dim]`.
+    /// Without `cls` (SigLIP): out[b,p] = patches[b,p] + pos[p], out `[batch, seq, dim]`.
     pub fn vit_embed(
         &self,
         patches: &DevSlice<f16>,
-        cls: &DevSlice<f16>,
+        cls: Option<&DevSlice<f16>>,
         pos: &DevSlice<f16>,
         out: &DevSlice<f16>,
         dims: SeqDims,
@@ -184,20 +185,25 @@ impl CudaDevice {
         if batch == 0 || dim == 0 {
             return Err(bad(K, "empty shape"));
         }
+        let lead = usize::from(cls.is_some());
         need(K, "patches", patches, batch * num_patches * dim)?;
-        need(K, "cls", cls, dim)?;
-        need(K, "pos", pos, (num_patches + 1) * dim)?;
-        let total = batch * (num_patches + 1) * dim;
+        need(K, "pos", pos, (num_patches + lead) * dim)?;
+        let total = batch * (num_patches + lead) * dim;
         need(K, "out", out, total)?;
         disjoint(K, "out", out, "patches", patches)?;
-        disjoint(K, "out", out, "cls", cls)?;
         disjoint(K, "out", out, "pos", pos)?;
+        if let Some(cls) = cls {
+            need(K, "cls", cls, dim)?;
+            disjoint(K, "out", out, "cls", cls)?;
+        }
         let cfg = elementwise_cfg(total, self.num_sms());
         let (b, np, d) = (to_i32(K, "batch", batch)?, to_i32(K, "num_patches", num_patches)?, to_i32(K, "dim", dim)?);
-        let (pp, cp, ep, op) = (patches.ptr(), cls.ptr(), pos.ptr(), out.ptr());
-        // SAFETY: all lengths checked against B*(P+1)*D / B*P*D / (P+1)*D / D; out disjoint from
-        // the inputs; grid-stride loop bounded by the total.
-        unsafe { self.launch("elementwise", "vit_embed", cfg, &[&pp, &cp, &ep, &op, &b, &np, &d]) }
+        let c = lead as i32;
+        // No class token: a null pointer the kernel never reads (C = 0).
+        let (pp, cp, ep, op) = (patches.ptr(), cls.map_or(0, |c| c.ptr()), pos.ptr(), out.ptr());
+        // SAFETY: all lengths checked against B*(P+C)*D / B*P*D / (P+C)*D / D; out disjoint from
+        // the inputs; grid-stride loop bounded by the total; cls is read only when C = 1.
+        unsafe { self.launch("elementwise", "vit_embed", cfg, &[&pp, &cp, &ep, &op, &b, &np, &d, &c]) }
     }
 
     /// y = a + b (n elements); y may be exactly a or b.

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""A tiny SmolVLM (`Idefics3ForConditionalGeneration`, transformers 5.17.0) and its goldens.
+
+Writes only tests/fixtures/smolvlm-tiny/ and tests/fixtures/goldens/smolvlm_*:
+
+  smolvlm-tiny/   the model as 5.17 save_pretrained writes it (fp16): Idefics3 vision transformer
+                  (2 layers, hidden 32, 32 px frames, patch 4: an 8x8 grid), pixel shuffle by 2 and
+                  the bias-free modality projection (16 image tokens per frame), a LLaMA decoder
+                  (GQA 4q/2kv, tied embeddings like SmolVLM-256M/500M), the byte-level BPE tokenizer
+                  with Idefics3's special tokens, SmolVLM's chat template, and the processor
+                  (longest edge 128, tiles of 32: up to 4x4 tiles plus the global image)
+  goldens/smolvlm_tiny.json + .safetensors: per case the rendered prompt, input ids, tile grids,
+                  pixel values, the vision tower's last hidden state, the connector output, the
+                  last 6 prefill logit rows, and 8 greedy tokens with their log-probs and text
+
+Reference: float32, eager attention, CPU, one thread. Run standalone or from make_fixtures.py.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.numpy import save_file as np_save_file
+
+import fixtures_common as fc
+import fixtures_idefics3 as fi
+from transformers import (
+    GPT2TokenizerFast,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    LlamaConfig,
+)
+
+NAME = "smolvlm-tiny"
+SEED = 4321
+MAX_NEW_TOKENS = 8
+LOGIT_ROWS = 6
+FRAME, PATCH, SCALE = 32, 4, 2
+IMAGE_SEQ_LEN = (FRAME // PATCH) ** 2 // SCALE ** 2
+# HuggingFaceTB/SmolVLM-*-Instruct's chat template.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+CASES = [
+    ("single", ["wide_301x97.png"], "What is shown here?"),
+    ("small", ["tiny_13x9.png"], "Describe the image in one sentence."),
+    ("two", ["tall_83x311.png", "odd_257x181.png"], "Compare the two pictures."),
+]
+
+
+def make_processor() -> Idefics3Processor:
+    tok = fc.opt_bpe_tokenizer(400)
+    fast = GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                             pad_token="<pad>", unk_token="<unk>", add_prefix_space=False)
+    fast.add_special_tokens({"additional_special_tokens": fi.EXTRA_TOKENS + ["<|im_start|>"]})
+    return Idefics3Processor(image_processor=fi.processor(128, FRAME, True, 1), tokenizer=fast,
+                             image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE)
+
+
+def build_config(tok) -> Idefics3Config:
+    vocab = (len(tok) + 15) // 16 * 16 + 16  # ids past the tokenizer exist, as in real checkpoints
+    eou, pad = tok.convert_tokens_to_ids("<end_of_utterance>"), tok.convert_tokens_to_ids("<pad>")
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=FRAME, patch_size=PATCH, hidden_act="gelu_pytorch_tanh",
+                                  layer_norm_eps=1e-6)
+    text = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                       rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=eou,
+                       pad_token_id=pad)
+    return Idefics3Config(vision_config=vision, text_config=text, scale_factor=SCALE,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+                          pad_token_id=pad)
+
+
+def goldens(model, proc) -> tuple[dict, list]:
+    tensors, cases = {}, []
+    img_dir = fc.FIX / "images"
+    for cname, pngs, text in CASES:
+        msgs = [{"role": "user", "content": [{"type": "image"} for _ in pngs] + [{"type": "text", "text": text}]}]
+        prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+        images = [Image.open(img_dir / p) for p in pngs]
+        inputs = proc(text=[prompt], images=[images], return_tensors="pt")
+        tiles = proc.image_processor([images], return_row_col_info=True)
+        ids, px = inputs["input_ids"], inputs["pixel_values"]
+        assert inputs["pixel_attention_mask"].all(), "one prompt's frames are never padded"
+        frames = px[0]
+        with torch.no_grad():
+            hidden = model.model.vision_model(pixel_values=frames).last_hidden_state
+            connector = model.model.connector(hidden)
+            ref = model.model.get_image_features(pixel_values=px,
+                                                 pixel_attention_mask=inputs["pixel_attention_mask"]).pooler_output
+            assert torch.equal(ref, connector), "connector replica"
+            logits = model(input_ids=ids, pixel_values=px, attention_mask=inputs["attention_mask"],
+                           pixel_attention_mask=inputs["pixel_attention_mask"]).logits[0]
+            gen = model.generate(input_ids=ids, pixel_values=px, attention_mask=inputs["attention_mask"],
+                                 pixel_attention_mask=inputs["pixel_attention_mask"], do_sample=False, num_beams=1,
+                                 max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+                                 output_logits=True, return_dict_in_generate=True)
+        new = gen.sequences[0, ids.shape[1]:].tolist()
+        lps = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(gen.logits, new)]
+        margins = [float((lambda s: s[0] - s[1])(torch.topk(l[0], 2).values)) for l in gen.logits]
+        tensors[f"{cname}.pixels"] = fc.f32(frames)
+        tensors[f"{cname}.vision"] = fc.f32(hidden)
+        tensors[f"{cname}.connector"] = fc.f32(connector)
+        tensors[f"{cname}.logits"] = fc.f32(logits[-LOGIT_ROWS:])
+        grids = [[int(r), int(c)] for r, c in zip(tiles["rows"][0], tiles["cols"][0])]
+        cases.append({"name": cname, "images": pngs, "text": text, "prompt": prompt, "grids": grids,
+                      "frames": int(frames.shape[0]), "input_ids": ids[0].tolist(), "generated_ids": new,
+                      "logprobs": lps, "decoded": proc.decode(new, skip_special_tokens=True),
+                      "min_top2_margin": min(margins), "logit_rows": LOGIT_ROWS})
+        fc.log(f"  {NAME} {cname}: {frames.shape[0]} frames, {len(ids[0])} ids, generated {new}, "
+               f"min margin {min(margins):.4f}")
+    return tensors, cases
+
+
+def main() -> None:
+    torch.manual_seed(SEED)
+    out = fc.FIX / NAME
+    for p in [out] + list(fc.GOLD.glob("smolvlm_*")):
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    proc = make_processor()
+    cfg = build_config(proc.tokenizer)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    fc.reinit_randn_(model, SEED)
+    model.to(torch.float16).save_pretrained(out)
+    proc.save_pretrained(out)  # (reloading it needs torchvision for Idefics3: the one in memory is used)
+    model = Idefics3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    tensors, cases = goldens(model, proc)
+    np_save_file(tensors, str(fc.GOLD / "smolvlm_tiny.safetensors"))
+    fc.write_json(fc.GOLD / "smolvlm_tiny.json", {
+        "model": NAME,
+        "reference": "Idefics3ForConditionalGeneration.from_pretrained(dir, dtype=float32, attn_implementation="
+                     "'eager'), CPU; processor.apply_chat_template(one user message: images then text, "
+                     f"add_generation_prompt=True); generate(do_sample=False, max_new_tokens={MAX_NEW_TOKENS}, "
+                     f"min_new_tokens={MAX_NEW_TOKENS})",
+        "image_seq_len": IMAGE_SEQ_LEN,
+        "cases": cases,
+    })
+    total = sum(p.stat().st_size for p in list(out.glob("*")) + list(fc.GOLD.glob("smolvlm_*")))
+    fc.log(f"smolvlm fixtures: {total / 1e3:.0f} KB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+//! SmolVLM (Idefics3) on the CPU executor against transformers 5.17 (fp32 math on the same fp16
+//! weights; goldens from scripts/fixtures_smolvlm.py): frames and prompt ids from glimpse's own
+//! processor, the vision tower's last hidden state, the connector output, prefill logits, greedy
+//! tokens and log-probs, for one image (two tile grids) and two images of different grids.
+
+mod common;
+
+use std::sync::Arc;
+
+use glimpse::api::{Device, Model};
+use glimpse::backend::cpu::CpuExecutor;
+use glimpse::backend::Executor;
+use glimpse::image::{load_rgb, PixelValues};
+use glimpse::models::idefics3::processor::{expand_image_tokens, Idefics3ImageProcessor};
+
+const NAME: &str = "smolvlm-tiny";
+/// BLIP-2's and LLaVA's bars: f32 on both sides, different summation orders.
+const STAGE_REL: f64 = 1e-5;
+const STAGE_ABS: f64 = 1e-4;
+const LOGPROB_ABS: f64 = 1e-4;
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let (max, rel) = common::errors(got, want);
+    assert!(rel <= STAGE_REL && max <= STAGE_ABS, "{what}: rel {rel:e} max abs {max:e}");
+}
+
+fn cases() -> Vec<serde_json::Value> {
+    common::golden_json("smolvlm_tiny.json")["cases"].as_array().unwrap().clone()
+}
+
+fn load() -> Model {
+    Model::load(common::model_dir(NAME), Device::Cpu).expect("fixture model loads")
+}
+
+/// Every frame of the case's images, in order (each image split by the model's processor, and
+/// again by the processor alone to check both agree), and each image's tile grid.
+fn frames(model: &Model, case: &serde_json::Value) -> (Vec<PixelValues>, Vec<(usize, usize)>) {
+    let (proc, _) = Idefics3ImageProcessor::load_from_dir(&common::model_dir(NAME)).unwrap();
+    let (mut frames, mut grids) = (Vec::new(), Vec::new());
+    for png in case["images"].as_array().unwrap() {
+        let png = png.as_str().unwrap();
+        let split = model.preprocess(&common::image(png)).unwrap();
+        let tiles = proc.preprocess(&load_rgb(&common::image(png)).unwrap(), png).unwrap();
+        assert_eq!(split.tiles, Some((tiles.rows, tiles.cols)), "{png}: the model's processor splits");
+        assert_eq!(split.frames(), tiles.frames.len(), "{png}: frames");
+        assert_eq!(split.data, tiles.frames.iter().flat_map(|f| f.data.clone()).collect::<Vec<_>>(), "{png}");
+        grids.push((tiles.rows, tiles.cols));
+        frames.extend(tiles.frames);
+    }
+    (frames, grids)
+}
+
+/// The processor's frames are transformers' pixel values bit for bit, and the chat prompt,
+/// expanded for the tile grids and tokenized, is transformers' input_ids.
+#[test]
+fn frames_and_prompt_ids_match_the_processor() {
+    let model = load();
+    let goldens = common::goldens("smolvlm_tiny.safetensors");
+    let chat = model.chat.as_ref().expect("a chat template");
+    for case in cases() {
+        let cname = case["name"].as_str().unwrap();
+        let (frames, grids) = frames(&model, &case);
+        let want_grids: Vec<(usize, usize)> = case["grids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g[0].as_u64().unwrap() as usize, g[1].as_u64().unwrap() as usize))
+            .collect();
+        assert_eq!(grids, want_grids, "{cname}: tile grids");
+        let (want, shape) = goldens.f32(&format!("{cname}.pixels")).unwrap();
+        assert_eq!(shape[0], frames.len(), "{cname}: frame count");
+        let got: Vec<f32> = frames.iter().flat_map(|f| f.data.iter().copied()).collect();
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{cname}: pixel values");
+
+        let n = grids.len();
+        let prompt = chat.user_prompt(n, case["text"].as_str().unwrap()).unwrap();
+        assert_eq!(prompt, case["prompt"].as_str().unwrap(), "{cname}: rendered chat prompt");
+        let seq_len = common::golden_json("smolvlm_tiny.json")["image_seq_len"].as_u64().unwrap() as usize;
+        let expanded = expand_image_tokens(&prompt, &grids, seq_len).unwrap();
+        let ids = model.tokenizer.encode_plain(&expanded).unwrap();
+        assert_eq!(ids, common::ids(&case["input_ids"]), "{cname}: input ids");
+    }
+}
+
+/// The vision tower's last hidden state, the connector output and the last prefill logit rows.
+#[test]
+fn stages_match_transformers() {
+    let model = load();
+    let goldens = common::goldens("smolvlm_tiny.safetensors");
+    for case in cases() {
+        let cname = case["name"].as_str().unwrap();
+        let (pixels, shape) = goldens.f32(&format!("{cname}.pixels")).unwrap();
+        let ids = common::ids(&case["input_ids"]);
+        let plan = model
+            .family
+            .plan_for(&glimpse::generate::PlanShape {
+                images: shape[0],
+                sequences: 1,
+                prompt_len: ids.len(),
+                max_new_tokens: 1,
+                text_rows: 0,
+                all_prefill_logits: true,
+            })
+            .unwrap();
+        let mut exec = CpuExecutor::new(Arc::clone(model.family.weights()), &plan.graph.buffers);
+        exec.write(plan.input("pixels").unwrap(), &pixels).unwrap();
+        for phase in &plan.encoders {
+            exec.run(phase).unwrap();
+        }
+        for (key, output) in [("vision", "vision"), ("connector", "image_features")] {
+            let (want, shape) = goldens.f32(&format!("{cname}.{key}")).unwrap();
+            let rows = shape[0] * shape[1];
+            let got = exec.read(plan.output(output).unwrap(), rows).unwrap();
+            assert_close(&format!("{cname} {key}"), &got, &want);
+        }
+        exec.write(plan.key_mask.unwrap(), &vec![0.0; plan.capacity]).unwrap();
+        exec.set_left_padding(&[0]);
+        exec.set_tokens(&ids);
+        exec.set_position(0);
+        exec.run(&plan.prefill.phase).unwrap();
+        let (want, shape) = goldens.f32(&format!("{cname}.logits")).unwrap();
+        let all = exec.read(plan.prefill.logits, ids.len()).unwrap();
+        let tail = &all[(ids.len() - shape[0]) * shape[1]..];
+        assert_close(&format!("{cname} logits"), tail, &want);
+    }
+}
+
+/// Greedy generation from the frames and ids: transformers' 8 tokens and their log-probs.
+#[test]
+fn generation_matches_transformers() {
+    let model = load();
+    for case in cases() {
+        let cname = case["name"].as_str().unwrap();
+        let (frames, _) = frames(&model, &case);
+        let ids = common::ids(&case["input_ids"]);
+        let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), min_new_tokens: 8, ..model.default_options() };
+        let (seqs, _, _) = model.run_ids(&frames, &ids, &opts, &mut |_| {}).unwrap();
+        assert_eq!(seqs.len(), 1, "{cname}: one sequence for one prompt");
+        assert_eq!(seqs[0].tokens, common::ids(&case["generated_ids"]), "{cname}: greedy tokens");
+        for (i, (got, want)) in seqs[0].logprobs.iter().zip(common::floats(&case["logprobs"])).enumerate() {
+            assert!((got - want).abs() <= LOGPROB_ABS, "{cname} step {i}: logprob {got} vs {want}");
+        }
+    }
+}
+
+/// `ask_images` from the image files: the chat template, each image's tiles and prompt, one
+/// generation: transformers' tokens, log-probs and text.
+#[test]
+fn ask_images_matches_transformers() {
+    let model = load();
+    for case in cases() {
+        let cname = case["name"].as_str().unwrap();
+        let paths: Vec<std::path::PathBuf> =
+            case["images"].as_array().unwrap().iter().map(|i| common::image(i.as_str().unwrap())).collect();
+        let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+        let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), min_new_tokens: 8, ..model.default_options() };
+        let out = model.ask_images(&refs, case["text"].as_str().unwrap(), &opts).unwrap();
+        assert_eq!(out.tokens, common::ids(&case["generated_ids"]), "{cname}: greedy tokens");
+        for (i, (got, want)) in out.logprobs.iter().zip(common::floats(&case["logprobs"])).enumerate() {
+            assert!((got - want).abs() <= LOGPROB_ABS, "{cname} step {i}: logprob {got} vs {want}");
+        }
+        assert_eq!(out.text, case["decoded"].as_str().unwrap(), "{cname}: text");
+    }
+}
+
+/// Frames and image tokens must agree, as transformers checks.
+#[test]
+fn frame_count_must_match_the_image_tokens() {
+    let model = load();
+    let case = &cases()[0];
+    let (mut frames, _) = frames(&model, case);
+    frames.pop();
+    let ids = common::ids(&case["input_ids"]);
+    let err = model.run_ids(&frames, &ids, &model.default_options(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("image tokens") && err.contains("frames"), "{err}");
+}
+
+/// `info` names the family, the tower, the connector and the decoder.
+#[test]
+fn describes_the_model() {
+    let model = load();
+    let family = model.family.as_ref();
+    let lines = family.describe().join("\n");
+    for want in ["Idefics3ForConditionalGeneration", "SigLIP", "pixel shuffle x2", "16 rows per frame", "LLaMA"] {
+        assert!(lines.contains(want), "{want} missing from:\n{lines}");
+    }
+}
