@@ -25,11 +25,13 @@ rewriting only its own files. Every generator but fixtures_blip2 also runs alone
   fixtures_instructblip_t5  instructblip-flan-t5-tiny/, goldens/instructblip-flan-t5_*
   fixtures_t5_tokenizer     t5-tokenizer-legacy/, goldens/t5-tokenizer-legacy_*
   fixtures_idefics3         idefics3-processor/, goldens/idefics3_* (SmolVLM's processor)
+  fixtures_smolvlm          smolvlm-tiny/, goldens/smolvlm_* (the model; fixtures_idefics3's processor)
 
 Imports run one way: fixtures_images (torch-free) <- fixtures_common (environment checks, corpus,
 helpers, builders shared by families) <- the family modules <- this driver. A family module imports
 fixtures_common, and another family module only where its fixture is built from that one's parts
-(fixtures_instructblip_t5: InstructBLIP's image side, the T5 of fixtures_t5).
+(fixtures_instructblip_t5: InstructBLIP's image side, the T5 of fixtures_t5; fixtures_smolvlm:
+fixtures_idefics3's processor and special tokens).
 
 Everything is deterministic (fixed seeds, one CPU thread, deterministic torch algorithms):
 running the script twice gives byte-identical files.
@@ -63,6 +65,7 @@ def main() -> None:
     import fixtures_llava
     import fixtures_padbatch
     import fixtures_processors
+    import fixtures_smolvlm
     import fixtures_t5
     import fixtures_t5_tokenizer
 
@@ -80,6 +83,7 @@ def main() -> None:
     fixtures_instructblip_t5.main()
     fixtures_t5_tokenizer.main()
     fixtures_idefics3.main()
+    fixtures_smolvlm.main()
     total = sum(p.stat().st_size for p in fc.FIX.rglob("*") if p.is_file())
     fc.log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 

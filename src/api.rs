@@ -296,13 +296,17 @@ impl Model {
         self.prompt_ids(prompt, &[])
     }
 
-    /// [`Model::input_ids`] for a request's `images` (which a family that expands each image by
-    /// its own size needs).
+    /// [`Model::input_ids`] for a request's `images`, which a family that expands each image
+    /// by its own size (SmolVLM's tile grids) needs; the others ignore them.
+    pub fn input_ids_for(&self, prompt: Option<&str>, images: &[PixelValues]) -> Result<Vec<u32>> {
+        self.prompt_ids(prompt, images)
+    }
+
     fn prompt_ids(&self, prompt: Option<&str>, images: &[PixelValues]) -> Result<Vec<u32>> {
         if let Some(chat) = &self.chat {
             let text = match prompt {
                 Some(p) => p.to_string(),
-                None => chat.user_prompt(images.len().max(1), crate::chat::CAPTION_INSTRUCTION)?,
+                None => chat.user_prompt(1, crate::chat::CAPTION_INSTRUCTION)?,
             };
             return self.chat_ids(chat, &text, images);
         }
@@ -500,6 +504,20 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
+        // Images that expand to prompts of their own (SmolVLM's tile grids) under a one-image
+        // prompt: one sequence each, as transformers' processor gives each its own text.
+        let per_image = self.chat.as_ref().is_some_and(|chat| {
+            images.len() > 1
+                && images.pixels.iter().any(|p| p.tiles.is_some())
+                && prompt.is_none_or(|p| p.matches(chat.image_token.as_str()).count() == 1)
+        });
+        if per_image {
+            let mut out = Vec::with_capacity(images.len());
+            for i in 0..images.len() {
+                out.extend(self.run_text(images.range(i..i + 1), prompt, opts, on_token)?);
+            }
+            return Ok(out);
+        }
         let input_ids = self.prompt_ids(prompt, images.pixels)?;
         let sequences = self.family.sequences_for(images.frames(), &input_ids)?;
         let texts = vec![prompt.unwrap_or(""); sequences];

@@ -186,3 +186,51 @@ fn describes_the_model() {
         assert!(lines.contains(want), "{want} missing from:\n{lines}");
     }
 }
+
+/// `glimpse ask` with one and several images, and `glimpse caption` (the chat-family caption
+/// instruction, which is the `small` case's text), from the command line.
+#[test]
+fn cli_ask_and_caption() {
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let dir = common::model_dir(NAME);
+    let flags = ["--device", "cpu", "--json", "--max-new-tokens", "8", "--min-new-tokens", "8", "--model"];
+    for case in cases() {
+        let imgs: Vec<std::path::PathBuf> =
+            case["images"].as_array().unwrap().iter().map(|i| common::image(i.as_str().unwrap())).collect();
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("ask").args(flags).arg(&dir);
+        imgs.iter().for_each(|p| {
+            cmd.arg("--image").arg(p);
+        });
+        let out = cmd.arg(case["text"].as_str().unwrap()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(common::ids(&rec["tokens"]), common::ids(&case["generated_ids"]), "{}", case["name"]);
+        assert_eq!(rec["text"], case["decoded"]);
+    }
+    let small = cases().into_iter().find(|c| c["name"] == "small").unwrap();
+    assert_eq!(small["text"].as_str().unwrap(), glimpse::chat::CAPTION_INSTRUCTION);
+    let img = common::image(small["images"][0].as_str().unwrap());
+    let out = std::process::Command::new(bin).arg("caption").args(flags).arg(&dir).arg(&img).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(common::ids(&rec["tokens"]), common::ids(&small["generated_ids"]), "caption");
+}
+
+/// Captioning several images of different tile grids in one call gives each its own prompt
+/// and sequence: the same answer as each image alone (here: the `small` golden for its image).
+#[test]
+fn caption_batch_runs_each_image_with_its_own_grid() {
+    let model = load();
+    let cases = cases();
+    let small = cases.iter().find(|c| c["name"] == "small").unwrap();
+    let wide = model.preprocess(&common::image("wide_301x97.png")).unwrap();
+    let tiny = model.preprocess(&common::image(small["images"][0].as_str().unwrap())).unwrap();
+    assert_ne!(wide.tiles, tiny.tiles, "two different grids");
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), min_new_tokens: 8, ..model.default_options() };
+    let outs = model.run(&[wide.clone(), tiny.clone()], None, &opts, &mut |_| {}).unwrap();
+    assert_eq!(outs.len(), 2, "one record per image");
+    assert_eq!(outs[1].tokens, common::ids(&small["generated_ids"]), "second image as alone");
+    let alone = model.run(std::slice::from_ref(&wide), None, &opts, &mut |_| {}).unwrap();
+    assert_eq!(outs[0].tokens, alone[0].tokens, "first image as alone");
+}

@@ -466,6 +466,38 @@ fn llava_chats_through_its_template_and_batches_the_same_prompt() {
     assert_error(status, &v, 400, Some("messages"), "no image");
 }
 
+/// SmolVLM: each image splits into its own tile grid, so requests about different images hold
+/// different prompts; batched or cached, every answer equals the model's alone.
+#[test]
+fn smolvlm_answers_each_image_with_its_own_tiles() {
+    let server = Server::start("smolvlm-tiny", &["--debug-token-delay-ms", "20"]);
+    let model = Model::load(common::model_dir("smolvlm-tiny"), Device::Cpu).unwrap();
+    let opts = GenerateOptions { max_new_tokens: Some(8), ..model.default_options() };
+    let images = ["wide_301x97.png", "tall_83x311.png", "tiny_13x9.png", "wide_301x97.png"];
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = images
+            .iter()
+            .map(|image| {
+                let server = &server;
+                s.spawn(move || {
+                    server
+                        .post("/v1/chat/completions", &chat(&data_uri(image), "what is it?", json!({"max_tokens": 8})))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (image, (status, v)) in images.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(content(v), alone(&model, image, "what is it?", &opts).text, "{image}");
+        let bytes = image_bytes(image);
+        let px = model.preprocess_input(&ImageInput::Bytes { bytes: &bytes, name: image }).unwrap();
+        let rendered = model.chat.as_ref().unwrap().user_prompt(1, "what is it?").unwrap();
+        assert_eq!(v["usage"]["prompt_tokens"], model.input_ids_for(Some(&rendered), &[px]).unwrap().len());
+    }
+    assert!(server.metric("glimpse_image_cache_hits_total") + server.metric("glimpse_image_cache_misses_total") >= 3.0);
+}
+
 #[test]
 fn n_sampled_choices_follow_the_seed() {
     let server = Server::start("blip2-opt-tiny", &[]);

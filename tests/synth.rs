@@ -89,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(glimpse::synth::presets().len(), 14);
+    assert_eq!(glimpse::synth::presets().len(), 17);
 }
 
 #[test]
@@ -510,4 +510,64 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn smolvlm_presets_have_the_real_shapes() {
+    use glimpse::models::idefics3::Idefics3Config;
+    for (name, (h, i, l, n, kv)) in [("smolvlm-256m", (576, 1536, 30, 9, 3)), ("smolvlm-500m", (960, 2560, 32, 15, 5))]
+    {
+        let Some(c) = preset(name).unwrap().get::<Idefics3Config>().cloned() else { panic!("{name} is not SmolVLM") };
+        let (v, t) = (&c.vision_config, &c.text_config);
+        assert_eq!(
+            (
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_hidden_layers,
+                v.num_attention_heads,
+                v.image_size,
+                v.patch_size
+            ),
+            (768, 3072, 12, 12, 512, 16),
+            "{name}"
+        );
+        assert_eq!(
+            (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.kv_heads()),
+            (h, i, l, n, kv)
+        );
+        assert_eq!((t.vocab_size, t.max_position_embeddings, t.rope().unwrap().0), (49280, 8192, 100000.0));
+        assert_eq!((c.scale_factor, c.image_token_id, c.image_seq_len()), (4, 49190, 64));
+        assert!(!c.tie_word_embeddings, "{name}: the hub checkpoints store lm_head");
+        let tok = tokenizer(&preset(name).unwrap()).unwrap();
+        assert_eq!(tok.token_to_id("<image>"), Some(49190));
+        assert!(tok.token_to_id("<row_6_col_6>").is_some_and(|id| (id as usize) < t.vocab_size));
+    }
+    // Idefics3ForConditionalGeneration(config) at these shapes in transformers 5.17 (meta
+    // device, 2026-12-07): sum of parameter numels. The untied head is what makes them 256M/507M.
+    assert_eq!(parameter_count(&preset("smolvlm-256m").unwrap()).unwrap(), 256_484_928);
+    assert_eq!(parameter_count(&preset("smolvlm-500m").unwrap()).unwrap(), 507_482_304);
+    assert_eq!(parameter_count(&preset("smolvlm-tiny").unwrap()).unwrap(), 76_192);
+}
+
+/// A smolvlm-tiny folder loads, splits an image into tiles and answers through the chat
+/// template; its image stage gives one block of rows per frame.
+#[test]
+fn smolvlm_tiny_folder_generates() {
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("smolvlm");
+    write_folder("smolvlm-tiny", &dir, 11).expect("write smolvlm-tiny");
+    assert!(dir.join("chat_template.jinja").is_file());
+    let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts a SmolVLM synth folder");
+    let px = model.preprocess(&common::image("wide_301x97.png")).unwrap();
+    assert!(px.tiles.is_some_and(|(r, c)| r * c > 0), "{:?}", px.tiles);
+    let ids = model
+        .input_ids_for(Some("<|im_start|>User:<image>what?<end_of_utterance>\nAssistant:"), &[px.clone()])
+        .unwrap();
+    assert_eq!(ids.iter().filter(|&&t| t == 1000).count(), 16 * px.frames(), "16 image tokens per frame");
+    let mut opts = model.default_options();
+    opts.max_new_tokens = Some(4);
+    let out = model.ask(&common::image("wide_301x97.png"), "what is this?", &opts).expect("ask");
+    assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
+    let features = model.encode_images(&[px.clone()]).unwrap();
+    assert_eq!(features[0].values().len(), px.frames() * 16 * 32, "frames x image_seq_len x hidden");
 }

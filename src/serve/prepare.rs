@@ -47,8 +47,8 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
             }
             let rendered =
                 chat.render(&hf_messages(req), true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-            let ids = model.input_ids(Some(&rendered)).map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?;
-            (PromptSpec::Chat(rendered), ids)
+            // The ids come once the images are read: a family may expand each image by its size.
+            (PromptSpec::Chat(rendered), None)
         }
         None => {
             if image_parts.len() != 1 {
@@ -79,12 +79,12 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
                 .unwrap_or_default();
             if question.trim().is_empty() {
                 let ids = model.input_ids(None).map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?;
-                (PromptSpec::Caption, ids)
+                (PromptSpec::Caption, Some(ids))
             } else {
                 let ids = model
                     .input_ids(Some(&model.question_prompt(&question)))
                     .map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?;
-                (PromptSpec::Question(question), ids)
+                (PromptSpec::Question(question), Some(ids))
             }
         }
     };
@@ -95,6 +95,22 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
             format!("`n` is {} but `temperature` is 0 (greedy decoding gives one answer): set temperature > 0 to draw {0} samples", req.n),
         ));
     }
+    let (images, image_keys): (Vec<PixelValues>, Vec<ImageKey>) = image_parts
+        .iter()
+        .map(|(url, param)| image(|i| model.preprocess_input(i), media, url, param))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    let ids = match ids {
+        Some(ids) => ids,
+        None => {
+            let rendered = match &prompt {
+                PromptSpec::Chat(rendered) => Some(rendered.as_str()),
+                _ => None,
+            };
+            model.input_ids_for(rendered, &images).map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?
+        }
+    };
     let mut options = model.options(&overrides(req)).map_err(|e| ApiError::from_glimpse(&e, None))?;
     // The length it gets alone, fixed now: batched with longer prompts it must stay the same.
     let new_tokens = options
@@ -105,16 +121,11 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
         StopStrings::new(&options.stop_strings, &model.tokenizer)
             .map_err(|e| ApiError::from_glimpse(&e, Some("stop")))?;
     }
-    let (images, image_keys): (Vec<PixelValues>, Vec<ImageKey>) = image_parts
-        .iter()
-        .map(|(url, param)| image(|i| model.preprocess_input(i), media, url, param))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .unzip();
     if model.chat.is_some() {
         // One sequence: every image placeholder of the prompt gets one of the request's images.
+        let frames = images.iter().map(PixelValues::frames).sum();
         let sequences =
-            model.family.sequences_for(images.len(), &ids).map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?;
+            model.family.sequences_for(frames, &ids).map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?;
         if sequences != 1 {
             return Err(ApiError::invalid(
                 "messages",

@@ -28,15 +28,18 @@ fn added_after_image(image: u32) -> Vec<(u32, String)> {
     SPECIALS.iter().map(|s| s.to_string()).chain(rows).enumerate().map(|(i, s)| (image + 1 + i as u32, s)).collect()
 }
 
-/// `config.json` of a SmolVLM preset.
+/// `config.json` of a SmolVLM preset. The 256M and 500M checkpoints store their own `lm_head`
+/// (config.json's `tie_word_embeddings` is false, text_config's SmolLM2 value true, which the
+/// composite model ignores): that head is what makes them 256M and 507M parameters. The tiny
+/// preset ties it.
 pub(super) fn smolvlm_json(name: &str) -> Result<Value> {
     // vision (hidden, intermediate, layers, heads, image, patch), scale factor, text (hidden,
     // intermediate, layers, heads, kv heads, vocab, image token, max positions)
-    let ((vh, vi, vl, vn, vs, vp), scale, (th, ti, tl, tn, tkv, vocab, image, positions)) = match name {
-        "smolvlm-256m" => ((768, 3072, 12, 12, 512, 16), 4, (576, 1536, 30, 9, 3, 49280, 49190, 8192)),
-        "smolvlm-500m" => ((768, 3072, 12, 12, 512, 16), 4, (960, 2560, 32, 15, 5, 49280, 49190, 8192)),
+    let ((vh, vi, vl, vn, vs, vp), scale, (th, ti, tl, tn, tkv, vocab, image, positions), tie) = match name {
+        "smolvlm-256m" => ((768, 3072, 12, 12, 512, 16), 4, (576, 1536, 30, 9, 3, 49280, 49190, 8192), false),
+        "smolvlm-500m" => ((768, 3072, 12, 12, 512, 16), 4, (960, 2560, 32, 15, 5, 49280, 49190, 8192), false),
         // tests/fixtures/smolvlm-tiny's towers; room for the synthetic tokenizer's base entries.
-        "smolvlm-tiny" => ((32, 48, 2, 4, 32, 4), 2, (32, 64, 2, 4, 2, 1088, 1000, 2048)),
+        "smolvlm-tiny" => ((32, 48, 2, 4, 32, 4), 2, (32, 64, 2, 4, 2, 1088, 1000, 2048), true),
         _ => return Err(not_a_preset(name)),
     };
     let pad = 1;
@@ -61,7 +64,7 @@ pub(super) fn smolvlm_json(name: &str) -> Result<Value> {
         "pad_token_id": pad,
         "scale_factor": scale,
         "text_config": text,
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": tie,
         "transformers_version": "5.17.0",
         "use_cache": true,
         "vision_config": {

@@ -4,10 +4,13 @@
 //! biased q/k/v/out projections, `gelu_pytorch_tanh` MLP) and `post_layernorm` over every row.
 //!
 //! glimpse runs whole frames only (the processor's tiles and global image are all
-//! `image_size` square), whose patch attention mask is all ones: attention is unmasked and the
-//! position ids are transformers' bucketized grid coordinates for a full grid ([`position_ids`]).
+//! `image_size` square), whose patch attention mask is all ones: attention is unmasked and patch
+//! p takes position p. transformers derives the ids from the mask by bucketizing fractional
+//! coordinates against a float32 `arange`; for the grids of the released checkpoints (26, 27 and
+//! 32 patches per side) that gives exactly 0..P. For some other grids (19, 25, 29, ... per side)
+//! the float32 rounding of torch's `arange` (which differs between CPU vector widths and CUDA)
+//! makes it skip and repeat ids; glimpse keeps 0..P there (docs/models/idefics3.md).
 
-use half::f16;
 use serde::Deserialize;
 
 use super::super::clip_vision::{load_layers, ClipLayer, ClipLayerDims, LayerBufs};
@@ -16,7 +19,6 @@ use super::super::layers::{AttnCall, Keys, NormLayer};
 use crate::config::{check_activation, check_eps, check_heads, check_patches, check_positive};
 use crate::error::Result;
 use crate::graph::{Activation, Buf, Graph, Op, W};
-use crate::weights::Weight;
 
 /// `vision_config` (`Idefics3VisionConfig` / `SmolVLMVisionConfig`, 5.17 defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -96,33 +98,12 @@ impl Idefics3VisionConfig {
     }
 }
 
-/// The position-embedding row of each patch of a full `n x n` grid, as
-/// `Idefics3VisionEmbeddings.forward` computes it in float32: fractional coordinates
-/// `i * (1/n)` bucketized against `arange(1/n, 1, 1/n)` (a float64 range cast to float32). For
-/// every grid size checked (2..=64) this is the identity; computing it keeps the rule in one place
-/// should a size round differently.
-pub fn position_ids(n: usize) -> Vec<usize> {
-    let step = 1.0f32 / n as f32;
-    let step64 = 1.0f64 / n as f64;
-    // torch.arange(start, end, step): ceil((end - start) / step) values start + k * step, in
-    // double, then stored as float32.
-    let count = ((1.0 - step64) / step64).ceil().max(0.0) as usize;
-    let boundaries: Vec<f32> = (0..count).map(|k| (step64 + k as f64 * step64) as f32).collect();
-    let bucket = |i: usize| {
-        let x = (i as f32 * step).min(1.0 - 1e-6);
-        // bucketize(right=True): the number of boundaries <= x.
-        boundaries.partition_point(|&b| b <= x)
-    };
-    let coords: Vec<usize> = (0..n).map(bucket).collect();
-    coords.iter().flat_map(|&h| coords.iter().map(move |&w| h * n + w)).collect()
-}
-
 /// A loaded Idefics3 vision transformer.
 pub struct Idefics3Vision {
     pub cfg: Idefics3VisionConfig,
     patch_weight: W,
     patch_bias: W,
-    /// `[patches, hidden]`: row p is the embedding of patch p's position id.
+    /// `[patches, hidden]`: row p for patch p.
     positions: W,
     layers: Vec<ClipLayer>,
     post_layernorm: NormLayer,
@@ -135,14 +116,7 @@ impl Idefics3Vision {
         let e = format!("{prefix}embeddings");
         let patch_weight = ld.tensor(&format!("{e}.patch_embedding.weight"), &[d, cfg.num_channels, p, p])?;
         let patch_bias = ld.tensor(&format!("{e}.patch_embedding.bias"), &[d])?;
-        let table_name = format!("{e}.position_embedding.weight");
-        let mut positions = ld.tensor(&table_name, &[n, d])?;
-        let ids = position_ids(cfg.patches_per_side());
-        if ids.iter().enumerate().any(|(i, &id)| i != id) {
-            let table = ld.table.get(positions).as_slice();
-            let rows: Vec<f16> = ids.iter().flat_map(|&id| table[id * d..(id + 1) * d].iter().copied()).collect();
-            positions = ld.table.add(format!("{table_name} (by patch)"), Weight::from_vec(vec![n, d], rows));
-        }
+        let positions = ld.tensor(&format!("{e}.position_embedding.weight"), &[n, d])?;
         let dims = ClipLayerDims {
             hidden: d,
             heads: cfg.num_attention_heads,
@@ -193,17 +167,5 @@ impl Idefics3Vision {
         let out = g.buffer("vision.out", rows, d);
         self.post_layernorm.emit(g, x, None, out, rows);
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::position_ids;
-
-    #[test]
-    fn full_grids_use_every_position_in_order() {
-        for n in 1..=64 {
-            assert_eq!(position_ids(n), (0..n * n).collect::<Vec<_>>(), "grid {n}");
-        }
     }
 }
