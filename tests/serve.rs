@@ -301,12 +301,12 @@ fn concurrent_greedy_requests_each_equal_the_request_alone() {
 /// them), each answer compared with the same request sent alone afterwards, one at a time, to a
 /// server without the image cache.
 ///
-/// With calls of at most 4 requests (`--max-batch 4`) every answer is byte-identical: text,
-/// finish reason, usage, every log-probability. Above 4 sequences the CPU executor's decode step
-/// leaves its matrix-vector path (src/backend/cpu/ops.rs `GEMV_MAX_ROWS`) for the GEMM, whose
-/// summation order differs, and the fp16 rounding of activations can turn a last-bit difference
-/// into one fp16 step: with `--max-batch 16` the text and tokens are still those of the request
-/// alone here, the log-probabilities within about 3e-5 of them (measured), not equal.
+/// Every answer is byte-identical to the request alone (text, finish reason, usage, every
+/// log-probability) with the default `--max-batch` (8) and with calls of up to 16: the CPU
+/// executor's decode step runs each sequence's row as a matrix-vector product however many
+/// share the step, and its GEMM sums a prefill row without reference to the other rows
+/// (src/backend/cpu/ops.rs `LinearPath`, tests/batch_exact.rs). Before that, calls above 4
+/// sequences left the GEMV for the GEMM and moved log-probabilities by up to about 3e-5.
 #[test]
 fn load_64_concurrent_greedy_requests_each_equal_the_request_sent_alone() {
     let images = [
@@ -334,8 +334,10 @@ fn load_64_concurrent_greedy_requests_each_equal_the_request_sent_alone() {
     let bodies: Vec<Value> = (0..64)
         .map(|i| chat(&uris[i % 8], questions[(i / 8 + i) % 8], json!({"temperature": 0, "logprobs": true})))
         .collect();
-    let loaded = |max_batch: &str| {
-        let server = Server::start("blip2-opt-tiny", &["--max-batch", max_batch, "--max-queue", "128"]);
+    let loaded = |max_batch: Option<&str>| {
+        let mut args = vec!["--max-queue", "128"];
+        args.extend(max_batch.map(|m| ["--max-batch", m]).into_iter().flatten());
+        let server = Server::start("blip2-opt-tiny", &args);
         let start = Instant::now();
         let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
             let handles: Vec<_> = bodies
@@ -348,33 +350,27 @@ fn load_64_concurrent_greedy_requests_each_equal_the_request_sent_alone() {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let calls = server.metric("glimpse_batch_size_count");
-        eprintln!("--max-batch {max_batch}: 64 concurrent requests in {:?}, {calls} model calls", start.elapsed());
+        let largest = max_batch.unwrap_or("8 (the default)");
+        eprintln!("--max-batch {largest}: 64 concurrent requests in {:?}, {calls} model calls", start.elapsed());
         assert!(calls < 64.0, "{calls} model calls for 64 requests: nothing was batched");
         assert!(server.metric("glimpse_image_cache_hits_total") > 0.0);
+        // Some call really held more than 4 requests (what used to leave the GEMV).
+        let up_to_4 = server.metric("glimpse_batch_size_bucket{le=\"4\"}");
+        assert!(up_to_4 < calls, "all {calls} model calls held 4 requests or fewer");
         answers
     };
-    let (exact, wide) = (loaded("4"), loaded("16"));
+    let (default, wide) = (loaded(None), loaded(Some("16")));
 
     let alone = Server::start("blip2-opt-tiny", &["--max-batch", "1", "--image-cache-bytes", "0"]);
-    let logprobs = |v: &Value| -> Vec<f64> {
-        let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
-        content.iter().map(|t| t["logprob"].as_f64().unwrap()).collect()
-    };
-    let mut widest = 0f64;
-    for (i, (body, ((s4, v4), (s16, v16)))) in bodies.iter().zip(exact.iter().zip(&wide)).enumerate() {
-        assert_eq!((*s4, *s16), (200, 200), "request {i}: {v4} {v16}");
+    for (i, (body, ((s8, v8), (s16, v16)))) in bodies.iter().zip(default.iter().zip(&wide)).enumerate() {
+        assert_eq!((*s8, *s16), (200, 200), "request {i}: {v8} {v16}");
         let (status, want) = alone.post("/v1/chat/completions", body);
         assert_eq!(status, 200, "{want}");
-        assert_eq!(v4["choices"], want["choices"], "request {i}: the answer under load differs from the request alone");
-        assert_eq!(v4["usage"], want["usage"], "request {i}");
-        assert_eq!(content(v16), content(&want), "request {i} in calls of up to 16");
+        assert_eq!(v8["choices"], want["choices"], "request {i}: the answer under load differs from the request alone");
+        assert_eq!(v8["usage"], want["usage"], "request {i}");
+        assert_eq!(v16["choices"], want["choices"], "request {i} in calls of up to 16");
         assert_eq!(v16["usage"], want["usage"], "request {i} in calls of up to 16");
-        for (a, b) in logprobs(v16).iter().zip(logprobs(&want)) {
-            widest = widest.max((a - b).abs());
-        }
     }
-    eprintln!("calls of up to 16: largest log-probability difference from the request alone {widest:e}");
-    assert!(widest < 1e-3, "{widest}");
 }
 
 #[test]

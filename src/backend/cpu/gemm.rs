@@ -5,21 +5,28 @@
 //! `GLIMPSE_CPU_ISA` (so CI can test each on one machine):
 //! - `avx512`: a register-blocked AVX-512 microkernel (MR x NR = 14 x 32 f32 tile, 28 zmm
 //!   accumulators, one broadcast of x and two loads of w per k step) over packed panels;
-//! - `avx2`: the `gemm` crate on f32-widened weight blocks (its AVX2/FMA kernels on stable Rust);
-//!   the path every CPU took before the AVX-512 kernel, kept as is for AVX2 machines;
-//! - `portable`: the same blocking and packing as `avx512` with a plain-Rust microkernel, for
-//!   CPUs with neither (and as a second implementation of the packing the tests check).
+//! - `avx2`: the same tiles with an AVX2/FMA microkernel (3 rows x 32 columns at a time, 12 ymm
+//!   accumulators), for CPUs without AVX-512;
+//! - `portable`: the same blocking and packing with a plain-Rust microkernel, for CPUs with
+//!   neither (and as a second implementation of the packing the tests check).
 //!
 //! The blocking (BLIS order): x is packed once per call into MR-row tiles `[k][MR]`; each task
 //! owns a block of rows x a block of output features; per KC slice of k it widens and transposes
 //! its weight rows into NR-column panels `[KC][NR]` (L2-sized), then runs every row tile (packed
 //! x, L1) against every panel. Products land in per-task blocks the caller's epilogue consumes.
+//!
+//! **A row's result does not depend on the other rows of the call** (their number, its place
+//! among them, the tiles and blocks it falls in): every output is summed in one accumulator in k
+//! order within each KC slice (an FMA per step on `avx512` and `avx2`, which therefore agree to
+//! the bit; a product then a sum on `portable`), and the slices are added in k order. So a
+//! prompt's rows come out of a batched, left-padded prefill exactly as they do alone
+//! (tests/batch_exact.rs). The `avx2` path used to be the `gemm` crate, whose blocking and
+//! kernels change with the row count (a row of a 4-row call differed from the row alone).
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use gemm::Parallelism;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -36,8 +43,6 @@ pub(super) const KC: usize = 256;
 const TILES_PER_ROW_BLOCK: usize = 24;
 /// Most weight panels per task: KC * NR * 4 * 16 = 512 KiB of packed weights, in a core's L2.
 const MAX_PANELS_PER_BLOCK: usize = 16;
-/// The `avx2` path's f32 weight block (about a core's L2), as before the AVX-512 kernel.
-const L2_BLOCK_BYTES: usize = 1 << 20;
 
 /// Environment variable that forces a GEMM path (`avx512`, `avx2`, `portable`).
 pub const ISA_ENV: &str = "GLIMPSE_CPU_ISA";
@@ -61,8 +66,8 @@ impl Isa {
         }
     }
 
-    /// Whether this CPU can run the path (`avx2` runs anywhere: the `gemm` crate falls back to
-    /// scalar code itself, but is only picked by detection when AVX2 + FMA are present).
+    /// Whether this CPU can run the path (`avx2` runs anywhere: without AVX2 + FMA its tiles
+    /// take the portable microkernel, but detection only picks it when they are present).
     pub fn available(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -130,8 +135,6 @@ pub trait WeightRows: Sync {
     /// (`kc = panel.len() / NR`), as the panel `[kc][NR]`:
     /// `panel[kk * NR + j] = f32(w[rows.start + j, k0 + kk])`.
     fn pack_panel(&self, isa: Isa, k: usize, rows: Range<usize>, k0: usize, panel: &mut [f32]);
-    /// Widens rows `rows` (all k) into `dst` (`[rows.len()][k]`).
-    fn widen_rows(&self, k: usize, rows: Range<usize>, dst: &mut [f32]);
 }
 
 impl WeightRows for [f16] {
@@ -140,9 +143,6 @@ impl WeightRows for [f16] {
     }
     fn pack_panel(&self, isa: Isa, k: usize, rows: Range<usize>, k0: usize, panel: &mut [f32]) {
         pack_w_panel(isa, self, k, rows, k0, panel)
-    }
-    fn widen_rows(&self, k: usize, rows: Range<usize>, dst: &mut [f32]) {
-        self[rows.start * k..rows.end * k].convert_to_f32_slice(dst);
     }
 }
 
@@ -156,72 +156,7 @@ where
     assert!(m > 0 && n > 0 && k > 0, "matmul: empty shape");
     assert!(isa.available(), "matmul: the {} path needs instructions this CPU lacks", isa.name());
     assert!(x.len() >= m * k && w.elements() == n * k && out.len() >= m * n, "matmul: buffer sizes");
-    match isa {
-        Isa::Avx2 => gemm_crate_matmul(x, w, dims, &mut out[..m * n], &epilogue),
-        Isa::Avx512 | Isa::Portable => packed_matmul(isa, x, w, dims, &mut out[..m * n], &epilogue),
-    }
-}
-
-/// The `avx2` path, as before the AVX-512 kernel: blocks of output features, one per task; each
-/// task widens its slice of W to f32 into a buffer that stays in its core's L2 and multiplies it
-/// with the `gemm` crate; then one parallel pass over the rows applies the epilogue.
-fn gemm_crate_matmul<W, E>(x: &[f32], w: &W, dims: GemmDims, out: &mut [f32], epilogue: &E)
-where
-    W: WeightRows + ?Sized,
-    E: Fn(&mut [f32], &[f32], Range<usize>) + Sync,
-{
-    let GemmDims { m: rows, n, k } = dims;
-    let block = (L2_BLOCK_BYTES / (k * 4)).clamp(16, 512);
-    let starts: Vec<usize> = (0..n).step_by(block).collect();
-    let inner = if starts.len() < rayon::current_num_threads() { Parallelism::Rayon(0) } else { Parallelism::None };
-    let products: Vec<Vec<f32>> = starts
-        .par_iter()
-        .map_init(
-            || vec![0f32; block * k],
-            |wb, &j0| {
-                let nb = block.min(n - j0);
-                w.widen_rows(k, j0..j0 + nb, &mut wb[..nb * k]);
-                let mut t = vec![0f32; rows * nb];
-                // gemm::gemm's arguments, in order: m, n, k; dst, dst column stride, dst row
-                // stride, read_dst; lhs, lhs column stride, lhs row stride; rhs, rhs column
-                // stride, rhs row stride; alpha, beta (dst = alpha * dst + beta * lhs * rhs);
-                // conj_dst, conj_lhs, conj_rhs; parallelism.
-                // SAFETY: dst is rows x nb (row stride nb), lhs is rows x k (row stride k), rhs
-                // is the k x nb transpose of the nb x k block (element (kk, j) at j * k + kk);
-                // the slices hold exactly those extents and dst aliases neither input.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        nb,
-                        k,
-                        t.as_mut_ptr(),
-                        1,
-                        nb as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        wb.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        inner,
-                    );
-                }
-                t
-            },
-        )
-        .collect();
-    out.par_chunks_mut(n).enumerate().for_each(|(r, out_row)| {
-        for (&j0, t) in starts.iter().zip(&products) {
-            let nb = t.len() / rows;
-            epilogue(&mut out_row[j0..j0 + nb], &t[r * nb..(r + 1) * nb], j0..j0 + nb);
-        }
-    });
+    packed_matmul(isa, x, w, dims, &mut out[..m * n], &epilogue)
 }
 
 thread_local! {
@@ -273,7 +208,7 @@ impl SharedOut {
     }
 }
 
-/// The `avx512` and `portable` paths: see the module comment for the blocking. Each task applies
+/// Every path: see the module comment for the blocking. Each task applies
 /// the epilogue to its block of `out` straight from its product, while it is in cache.
 fn packed_matmul<W, E>(isa: Isa, x: &[f32], w: &W, dims: GemmDims, out: &mut [f32], epilogue: &E)
 where
@@ -396,6 +331,11 @@ fn run_tile(isa: Isa, rows: usize, args: TileArgs<'_>) {
             // above.
             unsafe { by_rows!(tile_avx512, 1 2 3 4 5 6 7 8 9 10 11 12 13 14) }
         }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if avx2_fma() => {
+            // SAFETY: AVX2 and FMA were detected just above; operand extents asserted above.
+            unsafe { by_rows!(tile_avx2, 1 2 3 4 5 6 7 8 9 10 11 12 13 14) }
+        }
         _ => by_rows!(tile_portable, 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
     }
 }
@@ -453,6 +393,62 @@ unsafe fn tile_avx512<const ROWS: usize>(args: TileArgs<'_>) {
     }
 }
 
+/// Whether the CPU has what [`tile_avx2`] is compiled for (cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// The AVX2 microkernel: a ROWS x 32 tile, 3 rows at a time in 12 ymm accumulators (16
+/// registers in all, with the 4 loads of the panel per k step); each output is one FMA chain in
+/// k order, as in [`tile_avx512`], so the two paths give the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const ROWS: usize>(mut args: TileArgs<'_>) {
+    let mut r0 = 0;
+    while r0 < ROWS {
+        // SAFETY (each call): the features are this function's; extents as asserted in run_tile.
+        match ROWS - r0 {
+            1 => unsafe { tile_avx2_rows::<1>(&mut args, r0) },
+            2 => unsafe { tile_avx2_rows::<2>(&mut args, r0) },
+            _ => unsafe { tile_avx2_rows::<3>(&mut args, r0) },
+        }
+        r0 += 3;
+    }
+}
+
+/// Rows `r0..r0 + G` of [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_avx2_rows<const G: usize>(args: &mut TileArgs<'_>, r0: usize) {
+    use std::arch::x86_64::*;
+    let (ap, bp) = (args.a.as_ptr(), args.b.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 4]; G];
+    for kk in 0..args.kc {
+        // SAFETY: kk < kc, and a holds kc * MR, b kc * NR floats (asserted in run_tile).
+        let b = unsafe { [0, 8, 16, 24].map(|o| _mm256_loadu_ps(bp.add(kk * NR + o))) };
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: as above, r0 + r < ROWS <= MR.
+            let a = _mm256_set1_ps(unsafe { *ap.add(kk * MR + r0 + r) });
+            for (s, &bv) in acc_row.iter_mut().zip(&b) {
+                *s = _mm256_fmadd_ps(a, bv, *s);
+            }
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        let mut lanes = [0f32; NR];
+        for (q, v) in acc_row.iter().enumerate() {
+            // SAFETY: lanes holds 32 floats, q * 8 + 8 <= 32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(q * 8), *v) };
+        }
+        let c = &mut args.c[(r0 + r) * args.ldc..][..args.cols];
+        for (o, &v) in c.iter_mut().zip(&lanes) {
+            *o = if args.accumulate { *o + v } else { v };
+        }
+    }
+}
+
 /// Packs weight rows `rows` (at most NR; columns past them zero), k slice `k0..k0 + kc`, as the
 /// panel `[kc][NR]`: `panel[kk * NR + j] = f32(w[(rows.start + j) * k + k0 + kk])`.
 fn pack_w_panel(isa: Isa, w: &[f16], k: usize, rows: Range<usize>, k0: usize, panel: &mut [f32]) {
@@ -467,12 +463,21 @@ fn pack_w_panel(isa: Isa, w: &[f16], k: usize, rows: Range<usize>, k0: usize, pa
     pack_w_scalar(w, k, rows, k0, 0..kc, panel);
 }
 
-/// The scalar packing of panel rows `kks` (k offsets within the slice) for all NR columns.
+/// The scalar packing of panel rows `kks` (k offsets within the slice) for all NR columns: each
+/// weight row's stretch widened at once (the `half` crate's slice conversion, F16C where the CPU
+/// has it), then scattered into its column.
 fn pack_w_scalar(w: &[f16], k: usize, rows: Range<usize>, k0: usize, kks: Range<usize>, panel: &mut [f32]) {
-    for kk in kks {
-        let dst = &mut panel[kk * NR..][..NR];
-        for (j, v) in dst.iter_mut().enumerate() {
-            *v = if j < rows.len() { w[(rows.start + j) * k + k0 + kk].to_f32() } else { 0.0 };
+    let mut row = [0f32; KC];
+    let row = &mut row[..kks.len()];
+    for j in 0..NR {
+        if j < rows.len() {
+            let start = (rows.start + j) * k + k0;
+            w[start + kks.start..start + kks.end].convert_to_f32_slice(row);
+        } else {
+            row.fill(0.0);
+        }
+        for (kk, &v) in kks.clone().zip(row.iter()) {
+            panel[kk * NR + j] = v;
         }
     }
 }

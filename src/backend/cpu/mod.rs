@@ -118,7 +118,10 @@ impl CpuExecutor {
                     Some(q) => ops::LinearWeight::Quant(q),
                     None => ops::LinearWeight::F16(w.as_slice()),
                 };
-                ops::linear_on(isa, &xs, wl, bias.map(wt), act, &mut o, residual.is_some(), dims);
+                // Decided per sequence (the left padding holds one value per sequence of a
+                // decoder step), so a batched row takes the path it takes alone.
+                let path = ops::LinearPath::for_step(rows, self.pads.len(), self.position);
+                ops::linear_path(isa, path, &xs, wl, bias.map(wt), act, &mut o, residual.is_some(), dims);
                 self.bufs[out.0] = o;
             }
             Op::LayerNorm { x, residual, weight, bias, eps, out, rows } => {

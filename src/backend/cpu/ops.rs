@@ -12,8 +12,54 @@ use crate::backend::{GemmDims, NormShape};
 use crate::error::{Error, Result};
 use crate::graph::{Activation, ATTN_MASK_FLOOR};
 
-/// Up to this many rows a Linear runs as matrix-vector products (decode), above it as a GEMM.
-const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
+/// Up to this many rows a Linear that knows nothing of sequences ([`LinearPath::for_rows`]) runs
+/// as matrix-vector products, above it as a GEMM; also the rows of x one GEMV pass streams a
+/// weight row for.
+pub const GEMV_MAX_ROWS: usize = super::simd::MAX_ROWS;
+
+/// The product a Linear call runs. On either path a row's result depends only on that row of x,
+/// the weight and the path (with the `GLIMPSE_CPU_ISA` path), never on the other rows of the
+/// call, their number or its own place among them: the GEMV sums each row in its own
+/// accumulators (`simd::dot_rows`, `qgemm::dot_rows`), whatever chunk of rows it is in; the
+/// GEMM (`gemm.rs`) sums each output in k order in one accumulator whatever the row tile and
+/// block, on every path (the `avx2` path included: see `gemm.rs`). So a batch gives each
+/// sequence what it gets alone as long as its rows take the same path in both calls, which
+/// [`LinearPath::for_step`] decides from the sequence, not from the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearPath {
+    /// Matrix-vector products: each weight row is streamed once for every [`GEMV_MAX_ROWS`]
+    /// rows of x (decode).
+    Gemv,
+    /// The blocked GEMM of `gemm.rs` / `qgemm.rs` (prefill, encoders).
+    Gemm,
+}
+
+impl LinearPath {
+    /// A call of `rows` rows that carries no sequence structure (encoders, direct callers):
+    /// the GEMV up to [`GEMV_MAX_ROWS`] rows, else the GEMM.
+    pub fn for_rows(rows: usize) -> Self {
+        if rows <= GEMV_MAX_ROWS {
+            LinearPath::Gemv
+        } else {
+            LinearPath::Gemm
+        }
+    }
+
+    /// A call of `rows` rows inside a decoder step of `seqs` sequences at `position` (the
+    /// executor's left padding gives `seqs`; 0 means the call is no decoder step, and
+    /// [`LinearPath::for_rows`] decides). The GEMV for a decode step, one row per sequence after
+    /// the prompt (`position > 0`), however many sequences share it; the GEMM for everything
+    /// else in a decoder step: prefill of any length (a prompt alone and the same prompt
+    /// left-padded in a batch then take the GEMM both, whatever their row counts) and rows that
+    /// are not one per sequence (cross-attention keys of an encoder output).
+    pub fn for_step(rows: usize, seqs: usize, position: usize) -> Self {
+        match seqs {
+            0 => LinearPath::for_rows(rows),
+            _ if rows == seqs && position > 0 => LinearPath::Gemv,
+            _ => LinearPath::Gemm,
+        }
+    }
+}
 
 /// `out[r, j] (+)= act(sum_k x[r, k] * w[j, k] + bias[j])` for `dims.m` rows; `x` is contiguous
 /// `[m, k]`, `w` is `[n, k]` (PyTorch Linear layout), `out` is `[m, n]`. With `accumulate` the
@@ -40,12 +86,29 @@ pub enum LinearWeight<'a> {
     Quant(&'a crate::quant::QuantTensor),
 }
 
-/// [`linear`] on the CPU path `isa` (`GLIMPSE_CPU_ISA`), for either kind of weight. fp16
-/// weights take the fused fp16 GEMV (its own feature detection) and [`super::gemm::matmul`];
-/// quantized ones take `super::qgemm`'s GEMV and the same GEMM over dequantized panels.
+/// [`linear_path`] on the path [`LinearPath::for_rows`] picks for `dims.m` rows.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_on(
     isa: super::gemm::Isa,
+    x: &[f32],
+    w: LinearWeight<'_>,
+    bias: Option<&[f16]>,
+    act: Activation,
+    out: &mut [f32],
+    accumulate: bool,
+    dims: GemmDims,
+) {
+    linear_path(isa, LinearPath::for_rows(dims.m), x, w, bias, act, out, accumulate, dims)
+}
+
+/// [`linear`] on the CPU path `isa` (`GLIMPSE_CPU_ISA`), for either kind of weight, as the
+/// product `path`. fp16 weights take the fused fp16 GEMV (its own feature detection) and
+/// [`super::gemm::matmul`]; quantized ones take `super::qgemm`'s GEMV and the same GEMM over
+/// dequantized panels. The GEMV takes any number of rows, [`GEMV_MAX_ROWS`] at a time.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_path(
+    isa: super::gemm::Isa,
+    path: LinearPath,
     x: &[f32],
     w: LinearWeight<'_>,
     bias: Option<&[f16]>,
@@ -71,16 +134,18 @@ pub fn linear_on(
             *o = if accumulate { *o + v } else { v };
         }
     };
-    if rows <= GEMV_MAX_ROWS {
-        // One output column per task: stream each weight row once for all rows of x.
-        let cols: Vec<[f32; GEMV_MAX_ROWS]> = match w {
+    if path == LinearPath::Gemv {
+        if rows == 0 {
+            return;
+        }
+        // One output column per task, `cols[j * rows + r]`: each weight row is streamed once
+        // per GEMV_MAX_ROWS rows of x (from L1 after the first chunk); each row's sum is its
+        // own, so it does not depend on the chunk it falls in.
+        let mut cols = vec![0f32; n * rows];
+        match w {
             LinearWeight::F16(w) => {
                 let xs: Vec<&[f32]> = (0..rows).map(|r| &x[r * k..(r + 1) * k]).collect();
-                (0..n)
-                    .into_par_iter()
-                    .with_min_len(16)
-                    .map(|j| super::simd::dot_rows(&xs, &w[j * k..(j + 1) * k]))
-                    .collect()
+                gemv_columns(&xs, &mut cols, |chunk, j| super::simd::dot_rows(chunk, &w[j * k..(j + 1) * k]));
             }
             LinearWeight::Quant(q) => {
                 let isa = super::qgemm::gemv_isa(isa);
@@ -94,11 +159,18 @@ pub fn linear_on(
                     })
                     .collect();
                 let xs: Vec<&[f32]> = permuted.iter().map(Vec::as_slice).collect();
-                (0..n).into_par_iter().with_min_len(16).map(|j| super::qgemm::dot_rows(isa, &xs, q, j)).collect()
+                gemv_columns(&xs, &mut cols, |chunk, j| super::qgemm::dot_rows(isa, chunk, q, j));
             }
-        };
+        }
+        if rows == 1 {
+            epilogue(&mut out[..n], &cols, 0..n);
+            return;
+        }
+        let mut acc = vec![0f32; n];
         for (r, out_row) in out.chunks_mut(n).take(rows).enumerate() {
-            let acc: Vec<f32> = cols.iter().map(|c| c[r]).collect();
+            for (a, col) in acc.iter_mut().zip(cols.chunks_exact(rows)) {
+                *a = col[r];
+            }
             epilogue(out_row, &acc, 0..n);
         }
         return;
@@ -107,6 +179,24 @@ pub fn linear_on(
         LinearWeight::F16(w) => super::gemm::matmul(isa, x, w, dims, out, epilogue),
         LinearWeight::Quant(q) => super::gemm::matmul_rows(isa, x, q, dims, out, epilogue),
     }
+}
+
+/// `cols[j * rows + r] = dot(rows r of xs, j)` for every output column j (one task per column),
+/// `dot` taking at most [`GEMV_MAX_ROWS`] rows at a time.
+fn gemv_columns<D>(xs: &[&[f32]], cols: &mut [f32], dot: D)
+where
+    D: Fn(&[&[f32]], usize) -> [f32; GEMV_MAX_ROWS] + Sync,
+{
+    let rows = xs.len();
+    cols.par_chunks_mut(rows).with_min_len(16).enumerate().for_each(|(j, col)| {
+        if rows <= GEMV_MAX_ROWS {
+            col.copy_from_slice(&dot(xs, j)[..rows]);
+        } else {
+            for (c, chunk) in col.chunks_mut(GEMV_MAX_ROWS).zip(xs.chunks(GEMV_MAX_ROWS)) {
+                c.copy_from_slice(&dot(chunk, j)[..chunk.len()]);
+            }
+        }
+    });
 }
 
 /// `out[r] = (s - mean(s)) / sqrt(var(s) + eps) * w (+ b)` with `s = x[r] (+ residual[r])`;

@@ -9,7 +9,7 @@
 //!   odds within each 32 (AVX-512) or 16 (AVX2) inputs), so the inner loop is loads, masks,
 //!   shifts, converts and FMAs.
 //! - **GEMM** (prefill): [`super::gemm::matmul_rows`] with the weights dequantized into its
-//!   L2-sized panels (`[KC][NR]` f32, or an L2 block on the `avx2` path) as it packs them.
+//!   L2-sized panels (`[KC][NR]` f32) as it packs them.
 //!
 //! Paths as in `gemm.rs` (`GLIMPSE_CPU_ISA`: avx512, avx2, portable). Every path computes
 //! `sum_k x[r, k] * deq(w[j, k])` with exact products and f32 sums, differing only in the
@@ -30,8 +30,8 @@ fn int4_chunk(isa: Isa) -> usize {
     }
 }
 
-/// The GEMV path `isa` asks for on this CPU (the `avx2` GEMV needs AVX2 and FMA, which the
-/// `avx2` GEMM path does not).
+/// The GEMV path `isa` asks for on this CPU (the `avx2` GEMV needs AVX2 and FMA; without them
+/// it is the portable one, as the `avx2` GEMM's tiles then are).
 pub fn gemv_isa(isa: Isa) -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
@@ -381,15 +381,6 @@ impl WeightRows for QuantTensor {
         }
         let _ = isa;
         pack_scalar(self, rows, k0, 0..kc, panel);
-    }
-
-    fn widen_rows(&self, k: usize, rows: Range<usize>, dst: &mut [f32]) {
-        assert!(k == self.cols && dst.len() == rows.len() * k, "widen_rows: shapes");
-        for (row, d) in rows.zip(dst.chunks_exact_mut(k)) {
-            for (kk, v) in d.iter_mut().enumerate() {
-                *v = self.dequant(row, kk);
-            }
-        }
     }
 }
 
