@@ -561,13 +561,13 @@ fn smolvlm_tiny_folder_generates() {
     let px = model.preprocess(&common::image("wide_301x97.png")).unwrap();
     assert!(px.tiles.is_some_and(|(r, c)| r * c > 0), "{:?}", px.tiles);
     let ids = model
-        .input_ids_for(Some("<|im_start|>User:<image>what?<end_of_utterance>\nAssistant:"), &[px.clone()])
+        .input_ids_for(Some("<|im_start|>User:<image>what?<end_of_utterance>\nAssistant:"), std::slice::from_ref(&px))
         .unwrap();
     assert_eq!(ids.iter().filter(|&&t| t == 1000).count(), 16 * px.frames(), "16 image tokens per frame");
     let mut opts = model.default_options();
     opts.max_new_tokens = Some(4);
     let out = model.ask(&common::image("wide_301x97.png"), "what is this?", &opts).expect("ask");
     assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
-    let features = model.encode_images(&[px.clone()]).unwrap();
+    let features = model.encode_images(std::slice::from_ref(&px)).unwrap();
     assert_eq!(features[0].values().len(), px.frames() * 16 * 32, "frames x image_seq_len x hidden");
 }

@@ -248,6 +248,28 @@ pub struct EmbedPlan {
     pub normalized: crate::graph::Buf,
 }
 
+/// The decoder sequences a prompt `input_ids` makes of `images` images (or frames: `unit`),
+/// when each fills `per` tokens holding `token` and every sequence holds the prompt's images
+/// (transformers' "Image features and image tokens do not match" check); `fix` says what to
+/// check when they do not divide.
+pub fn image_token_sequences(
+    input_ids: &[u32],
+    token: u32,
+    per: usize,
+    images: usize,
+    unit: &str,
+    fix: &str,
+) -> Result<usize> {
+    let held = input_ids.iter().filter(|&&t| t == token).count();
+    let per_seq = held / per.max(1);
+    if per == 0 || held % per != 0 || per_seq == 0 || images % per_seq != 0 {
+        return Err(Error::InvalidInput(format!(
+            "Image features and image tokens do not match: the prompt holds {held} image tokens (id {token}), each {unit} fills {per}, and {images} {unit}s were given; {fix}"
+        )));
+    }
+    Ok(images / per_seq)
+}
+
 /// What a loaded checkpoint does.
 pub enum Loaded {
     /// Generates text from images and prompts (BLIP-2, InstructBLIP, LLaVA): `caption`, `ask`.

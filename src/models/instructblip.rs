@@ -30,7 +30,7 @@ use super::llama::LlamaConfig;
 use super::preset_tokenizers::{added_token, bert_tokenizer_json, llama_tokenizer_json, t5_tokenizer_json};
 use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_language_files, t5_text_json, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_text_tokens, field_error, TokenIds};
+use crate::config::{check_positive, check_text_tokens, field_error};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
@@ -445,13 +445,7 @@ impl Family for InstructBlip {
     /// `text_config.min_new_tokens` and `min_p` when set, greedy.
     fn default_options(&self) -> GenerateOptions {
         match &self.lm {
-            LanguageModel::Llama(d) => GenerateOptions {
-                max_new_tokens: d.cfg.max_new_tokens,
-                min_new_tokens: d.cfg.min_new_tokens.unwrap_or(0),
-                min_p: d.cfg.min_p,
-                eos_token_ids: d.cfg.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
-                ..GenerateOptions::default()
-            },
+            LanguageModel::Llama(d) => d.cfg.generate_options(),
             LanguageModel::T5(t5) => t5.default_options(),
         }
     }

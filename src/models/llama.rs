@@ -83,6 +83,19 @@ impl Default for LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The generation settings transformers builds from this config when the checkpoint has no
+    /// generation_config.json (`GenerationConfig.from_model_config`): EOS and the generation
+    /// fields the config keeps, else transformers' defaults.
+    pub fn generate_options(&self) -> crate::generate::GenerateOptions {
+        crate::generate::GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            min_new_tokens: self.min_new_tokens.unwrap_or(0),
+            min_p: self.min_p,
+            eos_token_ids: self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+            ..crate::generate::GenerateOptions::default()
+        }
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

@@ -9,7 +9,7 @@ use half::f16;
 
 use super::clip_vision::{find_prefix, ClipVision, VisionRequest};
 use super::decoder::{CausalDecoder, PrefillSpec};
-use super::family::{Family, Loader};
+use super::family::{image_token_sequences, Family, Loader};
 use super::llama::LlamaDecoder;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -21,7 +21,7 @@ use super::llama::LlamaConfig;
 use super::preset_tokenizers::llama_tokenizer_json;
 use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, not_a_preset, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_activation, check_text_tokens, field_error, GenerationConfig, TokenIds};
+use crate::config::{check_activation, check_text_tokens, field_error, GenerationConfig};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Activation, Buf, Fused, Graph, Linear, Phase, WeightTable, W};
@@ -445,14 +445,7 @@ impl Family for Llava {
     /// (`GenerationConfig.from_model_config`): EOS and the generation fields `text_config`
     /// keeps, else transformers' defaults. With the file, the api generates with it instead.
     fn default_options(&self) -> GenerateOptions {
-        let t = &self.cfg.text_config;
-        GenerateOptions {
-            max_new_tokens: t.max_new_tokens,
-            min_new_tokens: t.min_new_tokens.unwrap_or(0),
-            min_p: t.min_p,
-            eos_token_ids: t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
-            ..GenerateOptions::default()
-        }
+        self.cfg.text_config.generate_options()
     }
 
     fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
@@ -481,16 +474,8 @@ impl Family for Llava {
     /// transformers' check: every image fills `image_rows` tokens, so the images per sequence are
     /// the prompt's image tokens over that, and must divide the images given.
     fn sequences_for(&self, images: usize, input_ids: &[u32]) -> Result<usize> {
-        let token = self.cfg.image_token_index;
-        let held = input_ids.iter().filter(|&&t| t == token).count();
-        let per = self.cfg.image_rows();
-        let per_seq = held / per;
-        if held % per != 0 || per_seq == 0 || images % per_seq != 0 {
-            return Err(Error::InvalidInput(format!(
-                "Image features and image tokens do not match: the prompt holds {held} image tokens (id {token}), each image fills {per}, and {images} images were given; check num_additional_image_tokens and patch_size in processor_config.json"
-            )));
-        }
-        Ok(images / per_seq)
+        let fix = "check num_additional_image_tokens and patch_size in processor_config.json";
+        image_token_sequences(input_ids, self.cfg.image_token_index, self.cfg.image_rows(), images, "image", fix)
     }
 
     fn describe(&self) -> Vec<String> {

@@ -32,7 +32,8 @@ use std::path::Path;
 use serde_json::Value;
 
 pub use family::{
-    check_square_input, EmbedPlan, Embedder, Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore, TextInputs,
+    check_square_input, image_token_sequences, EmbedPlan, Embedder, Family, FamilyConfig, Loaded, Loader, ModelConfig,
+    ModelCore, TextInputs,
 };
 
 use crate::error::{Error, Result};

@@ -16,11 +16,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::decoder::{CausalDecoder, PrefillSpec};
-use super::family::{Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore};
+use super::family::{image_token_sequences, Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore};
 use super::language_model::TextConfig;
 use super::llama::{LlamaConfig, LlamaDecoder};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_text_tokens, field_error, GenerationConfig, TokenIds};
+use crate::config::{check_positive, check_text_tokens, field_error, GenerationConfig};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Buf, Fused, Graph, Linear, Op, Phase, WeightTable};
@@ -334,14 +334,7 @@ impl Family for Idefics3 {
     /// What transformers builds from config.json without generation_config.json; with the file
     /// the api generates with it instead (a chat family).
     fn default_options(&self) -> GenerateOptions {
-        let t = &self.cfg.text_config;
-        GenerateOptions {
-            max_new_tokens: t.max_new_tokens,
-            min_new_tokens: t.min_new_tokens.unwrap_or(0),
-            min_p: t.min_p,
-            eos_token_ids: t.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
-            ..GenerateOptions::default()
-        }
+        self.cfg.text_config.generate_options()
     }
 
     fn image_plan(&self, frames: usize) -> Result<Option<ImagePlan>> {
@@ -401,16 +394,8 @@ impl Family for Idefics3 {
     /// Every frame fills `image_seq_len` tokens: the frames per sequence are the prompt's image
     /// tokens over that, and must divide the frames given.
     fn sequences_for(&self, frames: usize, input_ids: &[u32]) -> Result<usize> {
-        let token = self.cfg.image_token_id;
-        let held = input_ids.iter().filter(|&&t| t == token).count();
-        let per = self.cfg.image_seq_len();
-        let per_seq = held / per;
-        if held % per != 0 || per_seq == 0 || frames % per_seq != 0 {
-            return Err(Error::InvalidInput(format!(
-                "Image features and image tokens do not match: the prompt holds {held} image tokens (id {token}), each frame fills {per}, and {frames} frames were given; check image_seq_len in processor_config.json"
-            )));
-        }
-        Ok(frames / per_seq)
+        let fix = "check image_seq_len in processor_config.json";
+        image_token_sequences(input_ids, self.cfg.image_token_id, self.cfg.image_seq_len(), frames, "frame", fix)
     }
 
     fn describe(&self) -> Vec<String> {
