@@ -33,6 +33,12 @@ MUTANTS = {
         "    for (int e = 0; e < E; ++e) wo[warp][lane + 32 * e] = o[e];",
         "decode_attention_matches_reference", "sim",
         "split-KV decode merges the warps' partials without a barrier"),
+    "vit-embed-classless-offset": (
+        "elementwise.cu",
+        "patches[((size_t)b * P + t - C) * D + i]",
+        "patches[((size_t)b * P + t - 1) * D + i]",
+        "elementwise_matches_reference", "sim",
+        "SigLIP's class-free embedding reads the patch one row back (the class-token offset hard-coded)"),
     "block-sum-missing-barrier": (
         "common.cuh",
         "    __syncthreads();  // protect scratch from a previous call still being read",

@@ -285,7 +285,14 @@ fn lockstep_request(
                 ..glimpse::generate::PlanShape::new(1, ids.len(), new_tokens)
             })
             .unwrap(),
-        None => model.family.plan(1, ids.len(), new_tokens, false).unwrap(),
+        // Every frame of the image (one, except for image-splitting families).
+        None => model
+            .family
+            .plan_for(&glimpse::generate::PlanShape {
+                images: px.frames(),
+                ..glimpse::generate::PlanShape::new(1, ids.len(), new_tokens)
+            })
+            .unwrap(),
     };
     let cand = make_candidate(&plan.graph);
     let setup = |cpu: &mut glimpse::backend::cpu::CpuExecutor| {
@@ -349,6 +356,32 @@ fn cuda_llava_matches_cpu_in_lockstep() {
         let ids = model.chat_input_ids(1, "What is in the picture?").unwrap();
         let checked = lockstep_ids(&model, &ids, |g| model.executor(g).unwrap());
         println!("{name} lockstep: {checked} op outputs agree");
+    }
+}
+
+/// SmolVLM (SigLIP tower without a class row, pixel shuffle, LLaMA with a tied head) on the GPU
+/// against the CPU, op by op, over every frame of a split image; then greedy tokens.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn cuda_smolvlm_matches_cpu() {
+    let Some(model) = gpu_model("cuda_smolvlm_matches_cpu", "smolvlm-tiny") else { return };
+    let image = common::image("rgba_150x120.png");
+    let px = model.preprocess(&image).unwrap();
+    assert!(px.frames() > 1, "a split image");
+    let rendered = model.chat.as_ref().unwrap().user_prompt(1, "What is in the picture?").unwrap();
+    let ids = model.input_ids_for(Some(&rendered), std::slice::from_ref(&px)).unwrap();
+    let checked = lockstep_ids(&model, &ids, |g| model.executor(g).unwrap());
+    println!("smolvlm-tiny lockstep: {checked} op outputs agree");
+    let cpu = Model::load(common::model_dir("smolvlm-tiny"), Device::Cpu).unwrap();
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(6), ..model.default_options() };
+    let (gpu_out, cpu_out) = (
+        model.ask_images(&[&image], "What is it?", &opts).unwrap(),
+        cpu.ask_images(&[&image], "What is it?", &opts).unwrap(),
+    );
+    assert!(gpu_out.device.starts_with("cuda"), "ran on {}", gpu_out.device);
+    for (step, (g, c)) in gpu_out.tokens.iter().zip(&cpu_out.tokens).enumerate() {
+        assert!((gpu_out.logprobs[step] - cpu_out.logprobs[step]).abs() <= LOGPROB_ABS, "logprob step {step}");
+        assert_eq!(g, c, "step {step}");
     }
 }
 
