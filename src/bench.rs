@@ -318,10 +318,11 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         let dir = crate::hub::resolve_model(arg)?;
         // The prompts as `caption` and `ask` build them (chat families: through the template).
         let model = crate::api::Model::load(&dir, Device::Cpu)?;
-        let caption_ids = model.input_ids(None)?;
+        let image = [bench_image(model.family.as_ref())];
+        let caption_ids = model.input_ids_for(None, &image)?;
         let vqa_text = model.question_prompt(VQA_QUESTION);
-        let vqa_ids = match model.chat {
-            Some(_) => model.chat_input_ids(1, VQA_QUESTION)?,
+        let vqa_ids = match &model.chat {
+            Some(chat) => model.input_ids_for(Some(&chat.user_prompt(1, VQA_QUESTION)?), &image)?,
             None => model.input_ids(Some(&vqa_text))?,
         };
         let family = model.family;
@@ -373,6 +374,13 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     })
 }
 
+/// The image the prompts are built for: one frame of the vision tower's size (an
+/// image-splitting family sees it unsplit, a 0x0 tile grid), the pixels the bench times.
+fn bench_image(family: &dyn Family) -> crate::image::PixelValues {
+    let side = family.image_size();
+    crate::image::PixelValues { tiles: Some((0, 0)), ..crate::image::PixelValues::frame(side, side, Vec::new()) }
+}
+
 /// A chat preset's caption and VQA prompts as `caption` and `ask` build them: its tokenizer and
 /// chat template (the preset's folder files, without weights, in a temporary folder) render one
 /// user message with one image.
@@ -380,12 +388,7 @@ fn preset_chat_prompts(name: &str, cfg: &ModelConfig, seed: u64, family: &dyn Fa
     with_preset_folder(name, cfg, seed, |dir| {
         let chat = crate::chat::ChatProcessor::load_from_dir(dir)?;
         let tok = crate::tokenizer::Tokenizer::from_dir(dir)?;
-        // The bench's image is one frame (an image-splitting family sees it unsplit: grid 0x0).
-        let side = family.image_size();
-        let image = [crate::image::PixelValues {
-            tiles: Some((0, 0)),
-            ..crate::image::PixelValues::frame(side, side, Vec::new())
-        }];
+        let image = [bench_image(family)];
         let ids = |q: &str| crate::api::chat_prompt_ids(&chat, &tok, family, &chat.user_prompt(1, q)?, &image);
         Ok((ids(crate::chat::CAPTION_INSTRUCTION)?, ids(VQA_QUESTION)?))
     })
