@@ -150,10 +150,17 @@ pub trait Family: Send + Sync {
     fn image_size(&self) -> usize;
     /// Decoder positions (`text_config.max_position_embeddings`): bounds prompt + new tokens.
     fn max_positions(&self) -> usize;
-    /// The decoder input for tokenized prompt `prompt_ids` (image placeholders, then the prompt).
-    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32>;
-    /// The family's question-answering prompt template applied to `question`.
-    fn question_prompt(&self, question: &str) -> String;
+    /// The decoder input for tokenized prompt `prompt_ids` (image placeholders, then the
+    /// prompt); by default the prompt as it is (chat families: the template and the processor
+    /// already placed the image tokens).
+    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
+        prompt_ids.to_vec()
+    }
+    /// The family's question-answering prompt template applied to `question`; by default the
+    /// question itself (chat families ask through their chat template instead).
+    fn question_prompt(&self, question: &str) -> String {
+        question.to_string()
+    }
     /// Generation settings as transformers' `generate()` resolves them for this family.
     fn default_options(&self) -> GenerateOptions;
     /// The phases for a request of `shape`, which [`Family::plan_for`] has checked.

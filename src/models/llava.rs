@@ -431,16 +431,6 @@ impl Family for Llava {
         self.decoder.max_positions()
     }
 
-    /// The prompt already holds the expanded image tokens and BOS (see [`crate::chat`]).
-    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
-        prompt_ids.to_vec()
-    }
-
-    /// Not used for LLaVA: questions go through the chat template ([`Family::chat`]).
-    fn question_prompt(&self, question: &str) -> String {
-        question.to_string()
-    }
-
     /// What transformers builds from config.json when there is no generation_config.json
     /// (`GenerationConfig.from_model_config`): EOS and the generation fields `text_config`
     /// keeps, else transformers' defaults. With the file, the api generates with it instead.

@@ -321,16 +321,6 @@ impl Family for Idefics3 {
         self.decoder.max_positions()
     }
 
-    /// The prompt already holds the expanded image tokens (see [`processor::expand_image_tokens`]).
-    fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
-        prompt_ids.to_vec()
-    }
-
-    /// Not used: questions go through the chat template ([`Family::chat`]).
-    fn question_prompt(&self, question: &str) -> String {
-        question.to_string()
-    }
-
     /// What transformers builds from config.json without generation_config.json; with the file
     /// the api generates with it instead (a chat family).
     fn default_options(&self) -> GenerateOptions {
