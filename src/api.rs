@@ -477,7 +477,8 @@ impl Model {
                 let end = start + if split { 1 } else { same };
                 let first = &pixels.pixels[start..start + 1];
                 let ids = self.chat_ids(chat, &chat.user_prompt(1, questions[start])?, first)?;
-                out.extend(self.outputs(self.run_image_ids(pixels.range(start..end), &ids, opts, on_token)?)?);
+                let mut shifted = offset_events(on_token, start);
+                out.extend(self.outputs(self.run_image_ids(pixels.range(start..end), &ids, opts, &mut shifted)?)?);
                 start = end;
             }
             return Ok(out);
@@ -514,7 +515,7 @@ impl Model {
         if per_image {
             let mut out = Vec::with_capacity(images.len());
             for i in 0..images.len() {
-                out.extend(self.run_text(images.range(i..i + 1), prompt, opts, on_token)?);
+                out.extend(self.run_text(images.range(i..i + 1), prompt, opts, &mut offset_events(on_token, i))?);
             }
             return Ok(out);
         }
@@ -709,6 +710,12 @@ impl Model {
     pub fn backend_name(&self) -> String {
         self.backend.name()
     }
+}
+
+/// `on_token` for a run over inputs `first..` of a larger request: each event's sequence
+/// counted from the request's first input (a request split into several runs streams as one).
+fn offset_events<'a>(on_token: &'a mut dyn FnMut(&TokenEvent), first: usize) -> impl FnMut(&TokenEvent) + 'a {
+    move |ev: &TokenEvent| on_token(&TokenEvent { sequence: ev.sequence + first, ..*ev })
 }
 
 /// The error of a question about several images on a family that takes one.

@@ -228,8 +228,12 @@ fn caption_batch_runs_each_image_with_its_own_grid() {
     let tiny = model.preprocess(&common::image(small["images"][0].as_str().unwrap())).unwrap();
     assert_ne!(wide.tiles, tiny.tiles, "two different grids");
     let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), min_new_tokens: 8, ..model.default_options() };
-    let outs = model.run(&[wide.clone(), tiny.clone()], None, &opts, &mut |_| {}).unwrap();
+    // Streamed events name the request's image, not the run's: each image's tokens in order.
+    let mut streamed = vec![Vec::new(); 2];
+    let outs =
+        model.run(&[wide.clone(), tiny.clone()], None, &opts, &mut |ev| streamed[ev.sequence].push(ev.token)).unwrap();
     assert_eq!(outs.len(), 2, "one record per image");
+    assert_eq!(streamed, vec![outs[0].tokens.clone(), outs[1].tokens.clone()], "streamed per image");
     assert_eq!(outs[1].tokens, common::ids(&small["generated_ids"]), "second image as alone");
     let alone = model.run(std::slice::from_ref(&wide), None, &opts, &mut |_| {}).unwrap();
     assert_eq!(outs[0].tokens, alone[0].tokens, "first image as alone");
