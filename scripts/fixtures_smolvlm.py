@@ -12,6 +12,11 @@ Writes only tests/fixtures/smolvlm-tiny/ and tests/fixtures/goldens/smolvlm_*:
   goldens/smolvlm_tiny.json + .safetensors: per case the rendered prompt, input ids, tile grids,
                   pixel values, the vision tower's last hidden state, the connector output, the
                   last 6 prefill logit rows, and 8 greedy tokens with their log-probs and text
+  smolvlm2-tiny/  the same shapes as SmolVLM2 (`SmolVLMForConditionalGeneration`, model_type
+                  `smolvlm`, vision `smolvlm_vision`) with other random weights, and SmolVLM's
+                  processor_config.json (written here: SmolVLMProcessor needs a video processor,
+                  which needs torchvision)
+  goldens/smolvlm2_tiny.json: its greedy tokens, log-probs and text for one question
 
 Reference: float32, eager attention, CPU, one thread. Run standalone or from make_fixtures.py.
 """
@@ -28,6 +33,8 @@ import fixtures_common as fc
 import fixtures_idefics3 as fi
 from transformers import (
     GPT2TokenizerFast,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
@@ -122,10 +129,60 @@ def goldens(model, proc) -> tuple[dict, list]:
     return tensors, cases
 
 
+def smolvlm2(proc) -> None:
+    """SmolVLM2's classes at smolvlm-tiny's shapes; pixels and prompt as Idefics3's processor
+    makes them (checked equal to SmolVLMImageProcessorPil's pixels)."""
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    out = fc.FIX / "smolvlm2-tiny"
+    base = build_config(proc.tokenizer)
+    vision = SmolVLMVisionConfig(**{k: v for k, v in base.vision_config.to_dict().items()
+                                    if k in Idefics3VisionConfig().to_dict() and k != "model_type"})
+    cfg = SmolVLMConfig(vision_config=vision, text_config=base.text_config, scale_factor=SCALE,
+                        image_token_id=base.image_token_id, tie_word_embeddings=True, pad_token_id=base.pad_token_id)
+    torch.manual_seed(SEED + 2)
+    model = SmolVLMForConditionalGeneration(cfg).eval()
+    fc.reinit_randn_(model, SEED + 2)
+    model.to(torch.float16).save_pretrained(out)
+    proc.tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    ip = {"do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True, "do_rescale": True,
+          "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "SmolVLMImageProcessor",
+          "image_std": [0.5, 0.5, 0.5], "max_image_size": {"longest_edge": FRAME}, "resample": 1,
+          "rescale_factor": 1 / 255, "size": {"longest_edge": 128}}
+    fc.write_json(out / "processor_config.json", {"image_processor": ip, "image_seq_len": IMAGE_SEQ_LEN,
+                                                  "processor_class": "SmolVLMProcessor"})
+    model = SmolVLMForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    png, text = "odd_257x181.png", "What is shown here?"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    image = Image.open(fc.FIX / "images" / png)
+    inputs = proc(text=[prompt], images=[[image]], return_tensors="pt")
+    smol = SmolVLMImageProcessorPil(**{k: v for k, v in ip.items() if k != "image_processor_type"})
+    assert torch.equal(smol([[image]], return_tensors="pt")["pixel_values"], inputs["pixel_values"]), "pixels"
+    with torch.no_grad():
+        gen = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
+                             min_new_tokens=MAX_NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
+    new = gen.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    lps = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(gen.logits, new)]
+    margins = [float((lambda s: s[0] - s[1])(torch.topk(l[0], 2).values)) for l in gen.logits]
+    fc.write_json(fc.GOLD / "smolvlm2_tiny.json", {
+        "model": "smolvlm2-tiny",
+        "reference": "SmolVLMForConditionalGeneration.from_pretrained(dir, dtype=float32, attn_implementation="
+                     "'eager'), CPU; Idefics3Processor inputs (pixels equal to SmolVLMImageProcessorPil's); "
+                     f"generate(do_sample=False, max_new_tokens={MAX_NEW_TOKENS}, min_new_tokens={MAX_NEW_TOKENS})",
+        "image": png, "text": text, "input_ids": inputs["input_ids"][0].tolist(), "generated_ids": new,
+        "logprobs": lps, "decoded": proc.decode(new, skip_special_tokens=True), "min_top2_margin": min(margins),
+    })
+    fc.log(f"  smolvlm2-tiny: {inputs['pixel_values'].shape[1]} frames, generated {new}, min margin {min(margins):.4f}")
+
+
 def main() -> None:
     torch.manual_seed(SEED)
     out = fc.FIX / NAME
-    for p in [out] + list(fc.GOLD.glob("smolvlm_*")):
+    for p in [out, fc.FIX / "smolvlm2-tiny"] + list(fc.GOLD.glob("smolvlm_*")) + list(fc.GOLD.glob("smolvlm2_*")):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     proc = make_processor()
     cfg = build_config(proc.tokenizer)
@@ -146,7 +203,9 @@ def main() -> None:
         "image_seq_len": IMAGE_SEQ_LEN,
         "cases": cases,
     })
-    total = sum(p.stat().st_size for p in list(out.glob("*")) + list(fc.GOLD.glob("smolvlm_*")))
+    smolvlm2(proc)
+    files = list(out.glob("*")) + list((fc.FIX / "smolvlm2-tiny").glob("*")) + list(fc.GOLD.glob("smolvlm*"))
+    total = sum(p.stat().st_size for p in files)
     fc.log(f"smolvlm fixtures: {total / 1e3:.0f} KB")
 
 

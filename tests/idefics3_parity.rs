@@ -238,3 +238,23 @@ fn caption_batch_runs_each_image_with_its_own_grid() {
     let alone = model.run(std::slice::from_ref(&wide), None, &opts, &mut |_| {}).unwrap();
     assert_eq!(outs[0].tokens, alone[0].tokens, "first image as alone");
 }
+
+/// SmolVLM2's classes (`SmolVLMForConditionalGeneration`, model_type `smolvlm`, the SmolVLM image
+/// processor) at the same shapes: `ask_images` gives transformers' tokens and log-probs.
+#[test]
+fn smolvlm2_matches_transformers() {
+    let model = Model::load(common::model_dir("smolvlm2-tiny"), Device::Cpu).expect("the SmolVLM2 fixture loads");
+    assert!(model.family.describe()[0].contains("SmolVLMForConditionalGeneration"));
+    let g = common::golden_json("smolvlm2_tiny.json");
+    let image = common::image(g["image"].as_str().unwrap());
+    let px = model.preprocess(&image).unwrap();
+    let prompt = model.chat.as_ref().unwrap().user_prompt(1, g["text"].as_str().unwrap()).unwrap();
+    assert_eq!(model.input_ids_for(Some(&prompt), &[px]).unwrap(), common::ids(&g["input_ids"]), "input ids");
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), min_new_tokens: 8, ..model.default_options() };
+    let out = model.ask_images(&[&image], g["text"].as_str().unwrap(), &opts).unwrap();
+    assert_eq!(out.tokens, common::ids(&g["generated_ids"]), "greedy tokens");
+    for (i, (got, want)) in out.logprobs.iter().zip(common::floats(&g["logprobs"])).enumerate() {
+        assert!((got - want).abs() <= LOGPROB_ABS, "step {i}: logprob {got} vs {want}");
+    }
+    assert_eq!(out.text, g["decoded"].as_str().unwrap());
+}

@@ -138,3 +138,20 @@ def test_options_follow_the_cli_defaults_rule(blip2, llava):
     assert blip2.options(max_new_tokens=4, num_beams=2)["num_beams"] == 2
     assert llava.options()["eos_token_id"] == [2], "generation_config.json of a chat family"
     assert blip2.options(early_stopping="never")["early_stopping"] == "never"
+
+
+SMOLVLM = golden("smolvlm_tiny.json")
+
+
+def test_smolvlm_matches_transformers():
+    """SmolVLM splits each image into its tile grid behind the same calls as LLaVA's."""
+    model = glimpse.Model(FIXTURES / "smolvlm-tiny", device="cpu")
+    for case in SMOLVLM["cases"]:
+        imgs = [image(i) for i in case["images"]]
+        if len(imgs) == 1:
+            rec = model.ask(imgs[0], case["text"], max_new_tokens=8, min_new_tokens=8)
+        else:
+            rec = model.ask_images(imgs, case["text"], max_new_tokens=8, min_new_tokens=8)
+        assert rec["tokens"] == case["generated_ids"], case["name"]
+        assert rec["text"] == case["decoded"], case["name"]
+        assert all(abs(g - w) <= 1e-4 for g, w in zip(rec["logprobs"], case["logprobs"])), case["name"]
