@@ -53,10 +53,15 @@ impl Activation {
             Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
             Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
             Activation::Silu => x / (1.0 + (-x).exp()),
-            // torch's CPU kernel: kBeta = sqrt(2) * (2/sqrt(pi)) * 0.5, all in f32.
+            // torch's CPU kernel's inner value u = kBeta * (x + 0.044715 x³), kBeta =
+            // sqrt(2) * (2/sqrt(pi)) * 0.5, all in f32; then 0.5 x (1 + tanh u) written as the
+            // identical x / (1 + exp(-2u)): one f32 exp instead of libm's tanhf (a fifth of SigLIP's
+            // time on the CPU), within a few ulps of the exact value everywhere and with no
+            // cancellation where tanh u is near -1.
             Activation::GeluTanh => {
                 const BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
-                0.5 * x * (1.0 + libm::tanhf(BETA * (x + 0.044715 * x * x * x)))
+                let u = BETA * (x + 0.044715 * x * x * x);
+                x / (1.0 + (-2.0 * u).exp())
             }
         }
     }

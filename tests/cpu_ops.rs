@@ -804,3 +804,30 @@ fn pixel_shuffle_follows_transformers() {
         assert_eq!(got, want, "batch {batch}, side {side}, scale {scale}, dim {dim}");
     }
 }
+
+/// `gelu_pytorch_tanh` in f32: torch's f32 inner value u = kBeta (x + 0.044715 x³), then
+/// 0.5 x (1 + tanh u) computed as the identical x / (1 + exp(-2u)), within 4 ulps of that value
+/// taken exactly (f64) over [-20, 20], including the far negative side where 1 + tanh u cancels
+/// in torch's own form. (u's own f32 rounding is torch's too: it moves both results alike, by up
+/// to ~100 ulps where |u| is large.)
+#[test]
+fn gelu_tanh_is_within_a_few_ulps() {
+    const BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
+    let exact = |x: f32| {
+        let u = BETA * (x + 0.044715 * x * x * x);
+        x as f64 / (1.0 + (-2.0 * u as f64).exp())
+    };
+    let mut worst = 0.0f64;
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 1e-4; // [-20, 20] in steps of 1e-4
+        let (got, want) = (Activation::GeluTanh.apply(x) as f64, exact(x));
+        // Relative to the value; below f32's normal range (1.2e-38, far under fp16's smallest
+        // subnormal) an absolute floor.
+        let ulp = (want.abs() * f32::EPSILON as f64).max(f32::MIN_POSITIVE as f64);
+        worst = worst.max((got - want).abs() / ulp);
+    }
+    assert!(worst <= 4.0, "worst error {worst} ulps");
+    assert!(Activation::GeluTanh.apply(f32::NAN).is_nan());
+    assert_eq!(Activation::GeluTanh.apply(f32::INFINITY), f32::INFINITY);
+    assert_eq!(Activation::GeluTanh.apply(-100.0), 0.0);
+}
