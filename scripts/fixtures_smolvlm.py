@@ -17,6 +17,12 @@ Writes only tests/fixtures/smolvlm-tiny/ and tests/fixtures/goldens/smolvlm_*:
                   processor_config.json (written here: SmolVLMProcessor needs a video processor,
                   which needs torchvision)
   goldens/smolvlm2_tiny.json: its greedy tokens, log-probs and text for one question
+  smolvlm-grid19/ a model whose frames are 19 x 19 patches (76 px, patch 4, scale factor 1), where
+                  transformers' float32 position ids skip and repeat (config and weights only)
+  goldens/smolvlm_grid19.safetensors: one seeded frame's pixel values and the connector output
+  goldens/idefics3_positions.json: for 1..64 patches per side, the bucket each row (and column)
+                  of a full patch grid gets in Idefics3VisionEmbeddings (float32, CPU): the
+                  position id of patch (r, c) is bucket[r] * n + bucket[c]
 
 Reference: float32, eager attention, CPU, one thread. Run standalone or from make_fixtures.py.
 """
@@ -179,10 +185,42 @@ def smolvlm2(proc) -> None:
     fc.log(f"  smolvlm2-tiny: {inputs['pixel_values'].shape[1]} frames, generated {new}, min margin {min(margins):.4f}")
 
 
+def position_buckets() -> dict:
+    """Idefics3VisionEmbeddings' fractional-coordinate buckets of a full n x n grid in float32,
+    as its forward computes them (not the identity for n = 19, 25, 29, 31, 38, ...)."""
+    out = {}
+    for n in range(1, 65):
+        boundaries = torch.arange(1 / n, 1.0, 1 / n)
+        step = 1.0 / torch.tensor([n])
+        coords = (torch.arange(n, dtype=torch.float32)[None, :] * step[:, None]).clamp(max=(1.0 - 1e-6))
+        out[str(n)] = torch.bucketize(coords.to(torch.float32), boundaries, right=True)[0].tolist()
+    return out
+
+
+def grid19(proc) -> None:
+    out = fc.FIX / "smolvlm-grid19"
+    base = build_config(proc.tokenizer)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                  image_size=76, patch_size=4, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    cfg = Idefics3Config(vision_config=vision, text_config=base.text_config, scale_factor=1,
+                         image_token_id=base.image_token_id, tie_word_embeddings=True, pad_token_id=base.pad_token_id)
+    torch.manual_seed(SEED + 3)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    fc.reinit_randn_(model, SEED + 3)
+    model.to(torch.float16).save_pretrained(out)
+    model = Idefics3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(SEED + 3)
+    pixels = torch.rand((1, 1, 3, 76, 76), generator=g) * 2 - 1
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels).pooler_output
+    np_save_file({"pixels": fc.f32(pixels[0]), "connector": fc.f32(feats)}, str(fc.GOLD / "smolvlm_grid19.safetensors"))
+
+
 def main() -> None:
     torch.manual_seed(SEED)
     out = fc.FIX / NAME
-    for p in [out, fc.FIX / "smolvlm2-tiny"] + list(fc.GOLD.glob("smolvlm_*")) + list(fc.GOLD.glob("smolvlm2_*")):
+    for p in [out, fc.FIX / "smolvlm2-tiny", fc.FIX / "smolvlm-grid19"] + list(fc.GOLD.glob("smolvlm_*")) + list(fc.GOLD.glob("smolvlm2_*")):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     proc = make_processor()
     cfg = build_config(proc.tokenizer)
@@ -204,6 +242,10 @@ def main() -> None:
         "cases": cases,
     })
     smolvlm2(proc)
+    grid19(proc)
+    fc.write_json(fc.GOLD / "idefics3_positions.json", {
+        "reference": "Idefics3VisionEmbeddings.forward's bucketize of a full grid, float32, torch "
+                     f"{torch.__version__} CPU", "buckets": position_buckets()})
     files = list(out.glob("*")) + list((fc.FIX / "smolvlm2-tiny").glob("*")) + list(fc.GOLD.glob("smolvlm*"))
     total = sum(p.stat().st_size for p in files)
     fc.log(f"smolvlm fixtures: {total / 1e3:.0f} KB")

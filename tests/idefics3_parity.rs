@@ -258,3 +258,41 @@ fn smolvlm2_matches_transformers() {
     }
     assert_eq!(out.text, g["decoded"].as_str().unwrap());
 }
+
+/// The position ids of a full patch grid follow transformers' float32 rule for every grid from
+/// 1 to 64 patches per side (not the identity for 19, 25, 29, ...).
+#[test]
+fn grid_positions_follow_transformers() {
+    let g = common::golden_json("idefics3_positions.json");
+    let mut skipped = 0;
+    for n in 1..=64usize {
+        let want: Vec<usize> = common::ids(&g["buckets"][n.to_string()]).into_iter().map(|v| v as usize).collect();
+        assert_eq!(glimpse::models::idefics3::vision::grid_buckets(n), want, "{n} patches per side");
+        skipped += usize::from(want.iter().enumerate().any(|(i, &b)| i != b));
+    }
+    assert!(skipped >= 10, "the goldens hold grids whose ids are not the identity ({skipped})");
+}
+
+/// A 19 x 19 patch grid, where transformers' position ids skip and repeat: the connector output
+/// of one frame equals transformers' (so the ids are applied as transformers applies them).
+#[test]
+fn a_grid_with_skipped_position_ids_matches_transformers() {
+    let dir = common::model_dir("smolvlm-grid19");
+    let cfg = glimpse::models::ModelConfig::load(&dir.join("config.json")).unwrap();
+    let ckpt = glimpse::weights::Checkpoint::open_dir(&dir).unwrap();
+    let family = glimpse::models::load(&cfg, &ckpt).unwrap();
+    let goldens = common::goldens("smolvlm_grid19.safetensors");
+    let (pixels, _) = goldens.f32("pixels").unwrap();
+    let (want, shape) = goldens.f32("connector").unwrap();
+    let plan = family.image_plan(1).unwrap().expect("an image stage");
+    let mut exec = CpuExecutor::new(Arc::clone(family.weights()), &plan.graph.buffers);
+    exec.write(plan.pixels, &pixels).unwrap();
+    exec.set_left_padding(&[]);
+    exec.set_position(0);
+    for phase in &plan.phases {
+        exec.run(phase).unwrap();
+    }
+    assert_eq!(shape[1] * shape[0], plan.rows_per_image, "361 rows per frame at scale factor 1");
+    let got = exec.read(plan.features, plan.rows_per_image).unwrap();
+    assert_close("grid 19 connector", &got, &want);
+}

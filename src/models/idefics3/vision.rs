@@ -4,13 +4,12 @@
 //! biased q/k/v/out projections, `gelu_pytorch_tanh` MLP) and `post_layernorm` over every row.
 //!
 //! glimpse runs whole frames only (the processor's tiles and global image are all
-//! `image_size` square), whose patch attention mask is all ones: attention is unmasked and patch
-//! p takes position p. transformers derives the ids from the mask by bucketizing fractional
-//! coordinates against a float32 `arange`; for the grids of the released checkpoints (26, 27 and
-//! 32 patches per side) that gives exactly 0..P. For some other grids (19, 25, 29, ... per side)
-//! the float32 rounding of torch's `arange` (which differs between CPU vector widths and CUDA)
-//! makes it skip and repeat ids; glimpse keeps 0..P there (docs/models/idefics3.md).
+//! `image_size` square), whose patch attention mask is all ones: attention is unmasked, and the
+//! position ids are transformers' float32 bucketized grid coordinates of a full grid
+//! ([`grid_buckets`]): 0..P for the released checkpoints' grids (26, 27, 32 patches per side),
+//! skipping and repeating ids for others (19, 25, 29, 31, 38, ...).
 
+use half::f16;
 use serde::Deserialize;
 
 use super::super::clip_vision::{load_layers, ClipLayer, ClipLayerDims, LayerBufs};
@@ -19,6 +18,7 @@ use super::super::layers::{AttnCall, Keys, NormLayer};
 use crate::config::{check_activation, check_eps, check_heads, check_patches, check_positive};
 use crate::error::Result;
 use crate::graph::{Activation, Buf, Graph, Op, W};
+use crate::weights::Weight;
 
 /// `vision_config` (`Idefics3VisionConfig` / `SmolVLMVisionConfig`, 5.17 defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -98,12 +98,41 @@ impl Idefics3VisionConfig {
     }
 }
 
+/// The bucket `Idefics3VisionEmbeddings.forward` gives each row (and column) of a full `n x n`
+/// patch grid in float32 on the CPU; patch (r, c) takes position id `b[r] * n + b[c]`.
+///
+/// transformers bucketizes the coordinates `i * f32(1/n)` (clamped below 1 - 1e-6) against
+/// `torch.arange(1/n, 1, 1/n)`, whose float32 values are not `f32(k/n)`: torch's CPU kernel
+/// writes two vectors of 8 floats per iteration, value j of a vector as
+/// `f32(f32(start + step * first) + j * step)` (double arithmetic, `first` the vector's first
+/// index), and the tail past the last pair of vectors as `f32(start + step * i)`; the count is
+/// `ceil((1 - 1/n) / (1/n))`. Checked against torch for 1..=64 (goldens/idefics3_positions.json).
+pub fn grid_buckets(n: usize) -> Vec<usize> {
+    const LANES: usize = 8;
+    let step64 = 1.0f64 / n as f64;
+    let count = ((1.0 - step64) / step64).ceil().max(0.0) as usize;
+    let mut boundaries = Vec::with_capacity(count);
+    let mut i = 0;
+    while i + 2 * LANES <= count {
+        for first in [i, i + LANES] {
+            let base = (step64 + step64 * first as f64) as f32;
+            boundaries.extend((0..LANES).map(|j| (base as f64 + j as f64 * step64) as f32));
+        }
+        i += 2 * LANES;
+    }
+    boundaries.extend((i..count).map(|k| (step64 + step64 * k as f64) as f32));
+    let step = 1.0f32 / n as f32;
+    let max = (1.0f64 - 1e-6) as f32;
+    // bucketize(right=True): how many boundaries are <= the coordinate.
+    (0..n).map(|r| boundaries.partition_point(|&b| b <= (r as f32 * step).min(max))).collect()
+}
+
 /// A loaded Idefics3 vision transformer.
 pub struct Idefics3Vision {
     pub cfg: Idefics3VisionConfig,
     patch_weight: W,
     patch_bias: W,
-    /// `[patches, hidden]`: row p for patch p.
+    /// `[patches, hidden]`: row p is the embedding of patch p's position id.
     positions: W,
     layers: Vec<ClipLayer>,
     post_layernorm: NormLayer,
@@ -116,7 +145,17 @@ impl Idefics3Vision {
         let e = format!("{prefix}embeddings");
         let patch_weight = ld.tensor(&format!("{e}.patch_embedding.weight"), &[d, cfg.num_channels, p, p])?;
         let patch_bias = ld.tensor(&format!("{e}.patch_embedding.bias"), &[d])?;
-        let positions = ld.tensor(&format!("{e}.position_embedding.weight"), &[n, d])?;
+        let table_name = format!("{e}.position_embedding.weight");
+        let mut positions = ld.tensor(&table_name, &[n, d])?;
+        let side = cfg.patches_per_side();
+        let buckets = grid_buckets(side);
+        let ids: Vec<usize> = buckets.iter().flat_map(|&r| buckets.iter().map(move |&c| r * side + c)).collect();
+        if ids.iter().enumerate().any(|(p, &id)| p != id) {
+            // Row p of the table the graph adds is the row of patch p's id.
+            let table = ld.table.get(positions).as_slice();
+            let rows: Vec<f16> = ids.iter().flat_map(|&id| table[id * d..(id + 1) * d].iter().copied()).collect();
+            positions = ld.table.add(format!("{table_name} (by patch)"), Weight::from_vec(vec![n, d], rows));
+        }
         let dims = ClipLayerDims {
             hidden: d,
             heads: cfg.num_attention_heads,
