@@ -814,7 +814,7 @@ fn dataset_report(
         batch,
         new_tokens: args.new_tokens,
         repeats: 1,
-        caption_prompt_tokens: model.input_ids(None)?.len(),
+        caption_prompt_tokens: model.input_ids_for(None, &[bench_image(model.family.as_ref())])?.len(),
         vqa_prompt_tokens: 0,
         setup_s,
         rates: Rates {
