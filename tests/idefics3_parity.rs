@@ -296,3 +296,29 @@ fn a_grid_with_skipped_position_ids_matches_transformers() {
     let got = exec.read(plan.features, plan.rows_per_image).unwrap();
     assert_close("grid 19 connector", &got, &want);
 }
+
+/// A folder whose processor does not fit the model is refused at load, naming the file, the
+/// field, the value and the fix; a scale factor that does not divide the patch grid too.
+#[test]
+fn mismatched_processor_and_config_are_clear_errors() {
+    let edit = |file: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let tmp = common::tempdir();
+        common::copy_dir(&common::model_dir(NAME), tmp.path());
+        let path = tmp.path().join(file);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+        let err = Model::load(tmp.path(), Device::Cpu).map(drop).unwrap_err().to_string();
+        (tmp, err)
+    };
+    let (_t, err) = edit("processor_config.json", &|v| v["image_seq_len"] = 9.into());
+    assert!(
+        err.contains("processor_config.json") && err.contains("image_seq_len") && err.contains("set it to 16"),
+        "{err}"
+    );
+    let (_t, err) =
+        edit("processor_config.json", &|v| v["image_processor"]["max_image_size"]["longest_edge"] = 64.into());
+    assert!(err.contains("max_image_size") && err.contains("32x32"), "{err}");
+    let (_t, err) = edit("config.json", &|v| v["scale_factor"] = 3.into());
+    assert!(err.contains("scale_factor") && err.contains("divide"), "{err}");
+}
