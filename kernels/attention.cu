@@ -5,7 +5,8 @@
 //      O[b, i, h, :] = softmax_j(scale * Q[b,i,h,:]·K[b,j,h,:] + mask) · V[b, j, h, :]
 //    Mask modes (combinable): causal with offset (query i sees keys j <= i + kv_offset), a
 //    per-batch valid key count kv_valid[b] (keys j >= kv_valid[b] are masked) and an additive
-//    fp32 per-key mask[b, j] (HF-style padding mask: 0 or a large negative number).
+//    fp32 per-key mask[b, j] (HF-style padding mask: 0 or a large negative number), or one mask
+//    row per query row, mask[b, i, j] (mask_qstride = its row stride; IDEFICS' image mask).
 //    Additive mask values are clamped to MASK_FLOOR first (graph::ATTN_MASK_FLOOR on the Rust
 //    side): HF fills masked keys with finfo(float32).min, which times log2(e) would overflow to
 //    -inf; clamped, a score plus the floor rounds to the floor, so a row whose keys are all
@@ -45,8 +46,8 @@
 //   - k/v rows hold kv_heads = heads / kv_group heads (kv_group >= 1 divides heads);
 //   - bias (nullable) has >= (H*Sq - 1)*bias_stride + Skv halves, bias_stride >= Skv (decode:
 //     H rows, stride >= max_len);
-//   - o must not overlap q, k, v; mask (nullable) has >= B*mask_stride floats with
-//     mask_stride >= Skv (decode: >= max_len); kv_valid / kv_len have >= B ints, values are
+//   - o must not overlap q, k, v; mask (nullable) has >= (B-1)*mask_stride +
+//     (Sq-1)*mask_qstride + Skv floats, rows of >= Skv keys (decode: B rows of >= max_len); kv_valid / kv_len have >= B ints, values are
 //     clamped to [0, Skv] / [0, max_len] on device, so bad values cannot read out of bounds;
 //   - decode workspace has >= B*H*nsplit*(DP+2) floats, nsplit*chunk >= max_len;
 //   - grids: prefill (ceil(Sq/16), H, B) x 128 threads; decode split (nsplit, H, B) x 128;
@@ -76,12 +77,13 @@ struct AttnParams {
     long long v_bs, v_rs;
     long long o_bs, o_rs;
     long long mask_stride, bias_stride;
+    long long mask_qstride;  // mask elements between query rows (0: one row per batch item)
     int heads, sq, skv, d;
     int causal, kv_offset;
     float scale;
     int kv_group;  // query heads per K/V head (1 = multi-head attention)
 };
-static_assert(sizeof(AttnParams) == 168, "AttnParams layout is mirrored in Rust");
+static_assert(sizeof(AttnParams) == 176, "AttnParams layout is mirrored in Rust");
 
 constexpr int ATT_WARPS = 4;
 constexpr int ATT_QPW = 4;                     // queries per warp
@@ -163,14 +165,15 @@ __device__ __forceinline__ void attn_fwd_body(const AttnParams& p) {
         __syncthreads();
 
         const int j = kv0 + lane;
-        float madd = 0.f;
-        if (p.mask && j < kv_end) madd = mask_log2(p.mask, b * p.mask_stride + j);
+        const bool masked = p.mask && j < kv_end;
 #pragma unroll
         for (int qi = 0; qi < ATT_QPW; ++qi) {
             const int qr = warp * ATT_QPW + qi;
             const int i = q0 + qr;
             if (i >= p.sq) break;  // warp-uniform
-            float s = dot_qk<DP>(qs[qr], ks[lane]) + madd;
+            float s = dot_qk<DP>(qs[qr], ks[lane]);
+            // Key j of query row i's mask row (mask_qstride 0: one row per batch item).
+            if (masked) s += mask_log2(p.mask, b * p.mask_stride + i * p.mask_qstride + j);
             if (bias_w && j < kv_end) s += __half2float(bias_w[qi * p.bias_stride + j]) * LOG2E;
             const bool valid = j < kv_end && (!p.causal || j <= i + p.kv_offset);
             s = valid ? s : -CUDART_INF_F;

@@ -24,11 +24,21 @@
 //    Each thread owns one (row, head, j) pair and reads and writes only x_j and x_{j+nfreq}, so
 //    the in-place update has no races.
 //
+// 3. gated_add_f16: IDEFICS' gated residual. For each row r < rows (with a mask: each row whose
+//    mask row, mask_cols halves at r*mask_stride of an additive attention mask, holds a 0):
+//      out[r, c] = half(out[r, c] + half(half(tanhf(alpha[c or 0])) * x[r, c]))
+//    which is `residual + tanh(alpha) * hidden` evaluated op by op in fp16 like PyTorch; rows
+//    with no visible key are left unchanged (transformers zeroes their cross-attention output).
+//    One warp per row: the mask scan is reduced with __any_sync, so the skip is warp-uniform.
+//
 // SAFETY preconditions (checked by the Rust launchers in src/backend/cuda/ops/pointwise.rs):
 //   - gated: gate/up/out rows r < rows hold cols elements at r*stride (gate_rs, up_rs >= cols;
 //     out contiguous [rows, cols]); out does not overlap gate or up;
 //   - rope: rows b*seq + i < batch*seq of x hold heads*head_dim elements at row*row_stride;
 //     2*nfreq <= head_dim; inv_freq has nfreq floats; start has batch ints;
+//   - gated_add: x and out contiguous [rows, cols], out does not overlap x or mask; mask
+//     (nullable) rows r < rows hold mask_cols halves at r*mask_stride; alpha holds nalpha (1 or cols) halves;
+//     blockDim.x a multiple of 32;
 //   - grid-stride loops: any grid size.
 #include "common.cuh"
 
@@ -81,5 +91,33 @@ extern "C" __global__ void rope_f16(RopeParams p) {
         const float bc = __half2float(__float2half_rn(bb * c)), as = __half2float(__float2half_rn(a * s));
         head[j] = __float2half_rn(ac - bs);
         head[j + p.nfreq] = __float2half_rn(bc + as);
+    }
+}
+
+struct GatedAddParams {
+    const __half* x;
+    const __half* alpha;
+    const __half* mask;
+    __half* out;
+    long long mask_stride;
+    int rows, cols, nalpha, mask_cols;
+};
+static_assert(sizeof(GatedAddParams) == 56, "GatedAddParams layout is mirrored in Rust");
+
+extern "C" __global__ void gated_add_f16(GatedAddParams p) {
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (long long r = (long long)blockIdx.x * warps + (threadIdx.x >> 5); r < p.rows;
+         r += (long long)gridDim.x * warps) {
+        if (p.mask) {
+            int visible = 0;
+            for (int j = lane; j < p.mask_cols; j += 32) visible |= __half2float(p.mask[r * p.mask_stride + j]) == 0.f;
+            if (!__any_sync(0xffffffffu, visible)) continue;  // warp-uniform: no image for this row
+        }
+        for (int c = lane; c < p.cols; c += 32) {
+            const float gate = __half2float(__float2half_rn(tanhf(__half2float(p.alpha[p.nalpha == 1 ? 0 : c]))));
+            const float add = __half2float(__float2half_rn(gate * __half2float(p.x[r * p.cols + c])));
+            __half* o = p.out + r * p.cols + c;
+            *o = __float2half_rn(__half2float(*o) + add);
+        }
     }
 }

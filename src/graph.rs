@@ -112,6 +112,10 @@ pub struct Attention {
     /// An fp16 buffer holds 0 / finfo.min (as -inf) / -inf masks exactly after the clamp; make it
     /// [`DType::F32`] for arbitrary float masks.
     pub key_mask: Option<Buf>,
+    /// `key_mask` holds one row per query row, `[batch * q_len, >= kv_len]` at row
+    /// `b * q_len + i`, instead of one per batch item (IDEFICS' `image_attention_mask`: each
+    /// text token sees the keys of its own image only).
+    pub mask_per_query: bool,
     /// Additive per-head bias `[heads * q_len, >= kv_len]`: element (h, i, j) at row
     /// `h * q_len + i`, column j, shared by every batch item (T5 relative positions; written
     /// by the host for the current position).
@@ -258,13 +262,23 @@ pub enum Op {
         batch: usize,
     },
     /// `out[r] = x[r]` for `rows` rows of equal width, converted to `out`'s [`DType`] (e.g. an
-    /// fp16 embedding into an fp32 residual stream, or an fp32 stream back to fp16).
+    /// fp16 embedding into an fp32 residual stream, or an fp32 stream back to fp16). The copy is
+    /// flat: `out` may be as wide as a whole number of rows of `x` or a divisor of its width, so
+    /// the first `rows * cols(x)` values are the same rows read another way (a reshape, as
+    /// `[rows, heads * d]` <-> `[rows * heads, d]` around per-head norms).
     Convert { x: Buf, out: Buf, rows: usize },
     /// Idefics3's pixel shuffle: each of `batch` images' `side x side` grid of `x` rows
     /// (row-major) becomes `(side / scale)²` rows of `scale² * cols(x)` columns in `out`: out row
     /// `(Y, X)` is the `scale x scale` block of rows `(Y*scale + a, X*scale + c)` laid side by
     /// side, `a` major. Every value moves, none changes: `out` holds `x` with its rows permuted.
     PixelShuffle { x: Buf, out: Buf, batch: usize, side: usize, scale: usize },
+    /// IDEFICS' gated residual: `out[r, c] += tanh(alpha[c]) * x[r, c]` (`alpha` one value for
+    /// every column, or one per column) for each row `r < rows`, or with a `mask` only for the
+    /// rows whose additive attention mask row `mask[r]` holds a 0 (a key it may see:
+    /// transformers' `cross_attention_gate`); other rows are left as they are (their
+    /// cross-attention output is zeroed). fp16 devices round as PyTorch does in fp16:
+    /// `half(out + half(half(tanh(alpha)) * x))`.
+    GatedAdd { x: Buf, alpha: W, mask: Option<Buf>, out: Buf, rows: usize },
     /// `out[r] = x[r] / ||x[r]||₂` for `rows` rows (CLIPModel's unit embeddings: transformers'
     /// `_get_vector_norm` division, no epsilon, so a zero row is NaN as there). Sums of squares
     /// in f64 on the CPU, fp32 on the GPU; `out` may be [`DType::F32`] so the unit vectors keep
@@ -290,6 +304,7 @@ impl Op {
             | Op::Convert { out, .. }
             | Op::PixelShuffle { out, .. }
             | Op::L2Normalize { out, .. } => vec![out],
+            Op::GatedAdd { out, .. } => vec![out],
             Op::Attention(ref a) => vec![a.out],
             Op::Rope { x, .. } => vec![x.buf],
             Op::AddPositions { x, .. } => vec![x],
@@ -322,6 +337,7 @@ impl Op {
             Op::Embed { .. } | Op::Broadcast { .. } => vec![],
             Op::ScatterTokens { src, out, .. } => vec![src, out],
             Op::AddPositions { x, .. } => vec![x],
+            Op::GatedAdd { x, mask, out, .. } => [Some(x), mask, Some(out)].into_iter().flatten().collect(),
         }
     }
 
@@ -334,6 +350,7 @@ impl Op {
             Op::Linear { weight, bias, .. } => [Some(weight), bias].into_iter().flatten().collect(),
             Op::LayerNorm { weight, bias, .. } => [Some(weight), bias].into_iter().flatten().collect(),
             Op::RmsNorm { weight, .. } => vec![weight],
+            Op::GatedAdd { alpha, .. } => vec![alpha],
             Op::Embed { table, .. } | Op::AddPositions { table, .. } | Op::Broadcast { table, .. } => vec![table],
             Op::GatedAct { .. }
             | Op::Rope { .. }
@@ -370,6 +387,7 @@ impl Op {
             Op::Convert { .. } => "convert",
             Op::PixelShuffle { .. } => "pixel_shuffle",
             Op::L2Normalize { .. } => "l2_normalize",
+            Op::GatedAdd { .. } => "gated_add",
         }
     }
 }

@@ -190,6 +190,7 @@ fn rope_gqa_masked_attention_match_cpu() {
             causal: true,
             scale: 0.125,
             key_mask: Some(mask),
+            mask_per_query: false,
             head_bias: Some(bias),
         };
         g.push(Op::Attention(a));
@@ -442,6 +443,7 @@ fn fp32_key_mask_matches_cpu() {
             causal: false,
             scale: 0.125,
             key_mask: Some(mask),
+            mask_per_query: false,
             head_bias: None,
         }));
     }

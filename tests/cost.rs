@@ -32,6 +32,7 @@ fn attention(g: &mut Graph, kv_len: KvLen, causal: bool, q_len: usize) -> Attent
         causal,
         scale: 1.0,
         key_mask: None,
+        mask_per_query: false,
         head_bias: None,
     }
 }

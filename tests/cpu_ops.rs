@@ -18,7 +18,7 @@ use glimpse::backend::cpu::ops::{self, AttnExtras, AttnShape, HeadBias, KeyMask}
 use glimpse::backend::cpu::CpuExecutor;
 use glimpse::backend::{Executor, GemmDims, NormShape};
 use glimpse::graph::{
-    rope_inv_freq, Activation, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable,
+    rope_inv_freq, Activation, Attention, Graph, KvLen, Op, Phase, RopeScaling, RowSelect, View, WeightTable, W,
 };
 use glimpse::weights::Weight;
 use half::f16;
@@ -100,6 +100,7 @@ fn attn<'a>(s: &AttnShape, ex: &AttnExtras<'a>) -> Attn<'a> {
         causal: s.causal_from.map(|p| p as i64),
         kv_valid: None,
         key_mask: ex.mask.map(|m| (m.values, m.stride)),
+        mask_per_query: ex.mask.is_some_and(|m| m.per_query),
         head_bias: ex.bias.map(|b| (b.values, b.stride)),
     }
 }
@@ -207,7 +208,7 @@ fn attention_key_mask_follows_transformers() {
             _ => 2.0 * rng.uni(), // additive bias only
         };
     }
-    let km = KeyMask { values: &mask, stride };
+    let km = KeyMask { values: &mask, stride, per_query: false };
     let mut out = vec![f32::NAN; batch * len * width];
     ops::attention(&q, &k, &v, &shape, Some(km), &mut out);
     close(
@@ -247,13 +248,97 @@ fn attention_key_mask_follows_transformers() {
         &k[..len * width],
         &v[..len * width],
         &shape,
-        Some(KeyMask { values: &all_min, stride: len }),
+        Some(KeyMask { values: &all_min, stride: len, per_query: false }),
         &mut out,
     );
     for i in 0..len {
         let mean = (0..=i).map(|j| f64::from(v[j * width])).sum::<f64>() / (i + 1) as f64;
         assert!((f64::from(out[i * width]) - mean).abs() <= 1e-5, "causal row {i}: {} vs {mean}", out[i * width]);
     }
+}
+
+/// One mask row per query row (IDEFICS' image mask): each row of each batch item sees one block
+/// of keys, every key, or none (all finfo.min: transformers' mean of V).
+#[test]
+fn attention_per_query_mask_follows_transformers() {
+    let mut rng = Rng::new("attention_per_query_mask");
+    let (batch, heads, d, len) = (2, 3, 8, 11);
+    let width = heads * d;
+    let (q, k, v) = (rng.f32s(batch * len * width), rng.f32s(batch * len * width), rng.f32s(batch * len * width));
+    let shape = plain_shape(batch, heads, d, len, None);
+    let mask: Vec<f32> = (0..batch * len)
+        .flat_map(|row| {
+            let block = (row * 7 + 2) % 5; // 0..2: keys 4*block.., 3: none, 4: every key
+            (0..len).map(move |j| if block == 4 || j / 4 == block { 0.0 } else { f32::MIN })
+        })
+        .collect();
+    let km = KeyMask { values: &mask, stride: len, per_query: true };
+    let mut out = vec![f32::NAN; batch * len * width];
+    ops::attention(&q, &k, &v, &shape, Some(km), &mut out);
+    close("attention with per-query masks", &out, &attention_ref(&q, &k, &v, &shape, Some(km)), &vec![1.0; out.len()]);
+    // A row's own mask decides: the keys another row sees do not move it.
+    let row = (0..batch * len).find(|&r| (r * 7 + 2) % 5 == 0).expect("a row seeing block 0");
+    let (b, i) = (row / len, row % len);
+    let mut v2 = v.clone();
+    v2[(b * len + 8) * width..][..width].iter_mut().for_each(|x| *x += 100.0);
+    let mut out2 = vec![f32::NAN; out.len()];
+    ops::attention(&q, &k, &v2, &shape, Some(km), &mut out2);
+    assert_eq!(out[row * width..][..width], out2[row * width..][..width], "row {i} of item {b} must not see key 8");
+}
+
+/// IDEFICS' gated residual through the executor: `out += tanh(alpha) * x` on the rows whose mask
+/// row holds a 0, one alpha or one per column; other rows unchanged; shapes validated.
+#[test]
+fn gated_add_follows_transformers() {
+    let mut rng = Rng::new("gated_add");
+    let (rows, cols, keys) = (9, 12, 5);
+    for nalpha in [1, cols] {
+        let alpha = rng.f16s(nalpha);
+        let mut g = Graph::new();
+        let (x, mask, out) = (g.buffer("x", rows, cols), g.buffer("mask", rows, keys), g.buffer("out", rows, cols));
+        g.push(Op::GatedAdd { x, alpha: W(0), mask: Some(mask), out, rows });
+        let p = phase(&mut g);
+        let mut ex = CpuExecutor::new(weight_table(vec![("alpha", vec![nalpha], alpha.clone())]), &g.buffers);
+        let (xv, ov) = (rng.f32s(rows * cols), rng.f32s(rows * cols));
+        let mv: Vec<f32> =
+            (0..rows * keys).map(|i| if i / keys % 3 != 0 && i % keys == 2 { 0.0 } else { f32::MIN }).collect();
+        ex.write(x, &xv).unwrap();
+        ex.write(out, &ov).unwrap();
+        ex.write(mask, &mv).unwrap();
+        ex.run(&p).unwrap();
+        let got = ex.read(out, rows).unwrap();
+        let want: Vec<f64> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                let a = f64::from(alpha[if nalpha == 1 { 0 } else { c }].to_f32());
+                f64::from(ov[i]) + if r % 3 != 0 { a.tanh() * f64::from(xv[i]) } else { 0.0 }
+            })
+            .collect();
+        close(&format!("gated_add alpha x{nalpha}"), &got, &want, &vec![1.0; want.len()]);
+        assert!((0..rows).step_by(3).all(|r| got[r * cols..][..cols] == ov[r * cols..][..cols]), "ungated rows kept");
+    }
+    // Without a mask every row is added (the gated MLP of IDEFICS' cross-attention layers).
+    let mut g = Graph::new();
+    let (x, out) = (g.buffer("x", rows, cols), g.buffer("out", rows, cols));
+    g.push(Op::GatedAdd { x, alpha: W(0), mask: None, out, rows });
+    let p = phase(&mut g);
+    let alpha = rng.f16s(1);
+    let mut ex = CpuExecutor::new(weight_table(vec![("alpha", vec![1], alpha.clone())]), &g.buffers);
+    let (xv, ov) = (rng.f32s(rows * cols), rng.f32s(rows * cols));
+    ex.write(x, &xv).unwrap();
+    ex.write(out, &ov).unwrap();
+    ex.run(&p).unwrap();
+    let t = f64::from(alpha[0].to_f32()).tanh();
+    let want: Vec<f64> = ov.iter().zip(&xv).map(|(&o, &x)| f64::from(o) + t * f64::from(x)).collect();
+    close("gated_add without a mask", &ex.read(out, rows).unwrap(), &want, &vec![1.0; want.len()]);
+    // An alpha of neither 1 nor `cols` values is refused before anything runs.
+    let mut g = Graph::new();
+    let (x, mask, out) = (g.buffer("x", rows, cols), g.buffer("mask", rows, keys), g.buffer("out", rows, cols));
+    g.push(Op::GatedAdd { x, alpha: W(0), mask: Some(mask), out, rows });
+    let p = phase(&mut g);
+    let mut ex = CpuExecutor::new(weight_table(vec![("alpha", vec![3], rng.f16s(3))]), &g.buffers);
+    let err = ex.run(&p).unwrap_err().to_string();
+    assert!(err.contains("gated_add") && err.contains("alpha of 3"), "{err}");
 }
 
 #[test]
@@ -499,7 +584,7 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
         };
         let extras = AttnExtras {
             kv_heads,
-            mask: Some(KeyMask { values: &mask, stride: kv_len + 1 }),
+            mask: Some(KeyMask { values: &mask, stride: kv_len + 1, per_query: false }),
             bias: Some(HeadBias { values: &bias, stride: bias_stride }),
         };
         let mut out = vec![f32::NAN; batch * q_len * width];
@@ -548,6 +633,7 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
             causal: true,
             scale: 0.25,
             key_mask: Some(mask),
+            mask_per_query: false,
             head_bias: Some(bias),
         };
         g.push(Op::Attention(a));
@@ -581,7 +667,7 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     };
     let extras = AttnExtras {
         kv_heads,
-        mask: Some(KeyMask { values: &m, stride: cap }),
+        mask: Some(KeyMask { values: &m, stride: cap, per_query: false }),
         bias: Some(HeadBias { values: &bias_vals, stride: cap }),
     };
     close("gqa executor prefill", &got, &refs::attention(&x, &x, &x, &attn(&shape, &extras)), &vec![1.0; got.len()]);
@@ -618,7 +704,7 @@ fn grouped_query_attention_with_mask_and_bias_matches_definition() {
     };
     let extras = AttnExtras {
         kv_heads,
-        mask: Some(KeyMask { values: &m, stride: cap }),
+        mask: Some(KeyMask { values: &m, stride: cap, per_query: false }),
         bias: Some(HeadBias { values: &bias_vals, stride: cap }),
     };
     let want = refs::attention(&x1, &kc, &vc, &attn(&shape, &extras));
@@ -736,6 +822,7 @@ fn select_rows_and_run_time_validation() {
         causal: false,
         scale: 1.0,
         key_mask: None,
+        mask_per_query: false,
         head_bias: None,
     };
     g.push(Op::Attention(a));

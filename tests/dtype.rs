@@ -132,6 +132,7 @@ fn attention(q: Buf, out: Buf) -> Op {
         causal: false,
         scale: 1.0,
         key_mask: None,
+        mask_per_query: false,
         head_bias: None,
     })
 }

@@ -21,7 +21,8 @@ mod common;
 use common::reference::{self as refs, f64s, Attn, Rows, NONE};
 use glimpse::backend::cuda::{
     decode_workspace_len, Activation, AttnDims, AttnMask, AttnViews, CudaDevice, DevSlice, Epilogue, GemmDims,
-    GemmTile, HeadsView, ImageDims, KvRows, LinearArgs, NormInput, NormShape, Residual, SeqDims, SeqIndices, SumOut,
+    GemmTile, HeadsView, ImageDims, KvRows, LinearArgs, NormInput, NormShape, Residual, RowsView, SeqDims, SeqIndices,
+    SumOut,
 };
 use half::f16;
 
@@ -596,6 +597,25 @@ fn attention_matches_reference() {
         })
         .collect();
     check("attention fully finfo.min-masked rows = mean of V", &got[..sq * h * d], &mean_v, Some(1.0));
+
+    // One mask row per query row (IDEFICS' image mask): each query of each batch item sees one
+    // block of 9 keys, none (all finfo.min: the mean of V), or all of them; 2 x 19 rows cross
+    // the 16-row query blocks.
+    let (b, h, sq, skv, d) = (2usize, 3usize, 19usize, 27usize, 64usize);
+    let q = rng.halves(b * sq * h * d, 1.0);
+    let k = rng.halves(b * skv * h * d, 1.0);
+    let v = rng.halves(b * skv * h * d, 1.0);
+    let madd: Vec<f32> = (0..b * sq)
+        .flat_map(|row| {
+            let block = (row * 7 + 3) % 5; // 0..2: an image block, 3: none, 4: every key
+            (0..skv).map(move |j| if block == 4 || j / 9 == block { 0.0 } else { f32::MIN })
+        })
+        .collect();
+    let dmask = dev.upload(&madd).unwrap();
+    let mask = AttnMask { additive: Some((&dmask, skv)), per_query: true, ..AttnMask::default() };
+    let got = run_attention(&dev, (&q, &k, &v), (b, h, sq, skv, d), 0.125, mask);
+    let attn = Attn { key_mask: Some((&madd, skv)), mask_per_query: true, ..Attn::contiguous(b, h, sq, skv, d, 0.125) };
+    check("attention per-query masks", &got, &refs::attention(&q, &k, &v, &attn), Some(1.0));
 }
 
 #[test]
@@ -665,6 +685,65 @@ fn check_decode(
     dev.decode_attention(views, &dl, &ws, dims, additive).unwrap();
     let attn = Attn { kv_valid: Some(lens), key_mask: mask, ..Attn::contiguous(b, h, 1, max_len, d, scale) };
     check(what, &dev.download(&o).unwrap(), &refs::attention(q, kc, vc, &attn), Some(1.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// gated residual (IDEFICS)
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --include-ignored (prints SKIP without one)"]
+fn gated_add_matches_reference() {
+    let Some(dev) = device("gated_add_matches_reference") else { return };
+    let mut rng = Rng::new("gated_add");
+    // Rows of 70 columns (not a multiple of 32) over masks of 13 keys with a row stride of 16:
+    // a row is added when its mask holds a 0, kept when it holds none (finfo.min as fp16 -inf).
+    let (rows, cols, keys, stride) = (37usize, 70usize, 13usize, 16usize);
+    for nalpha in [1, cols] {
+        let x = rng.halves(rows * cols, 1.0);
+        let out0 = rng.halves(rows * cols, 1.0);
+        let alpha = rng.halves(nalpha, 1.5);
+        let mask: Vec<f16> = (0..rows * stride)
+            .map(|i| match (i / stride, i % stride) {
+                (r, j) if j == (r * 5) % keys && r % 3 != 0 => f16::ZERO,
+                _ => f16::NEG_INFINITY,
+            })
+            .collect();
+        let (dx, da, dm, dout) = (
+            dev.upload(&x).unwrap(),
+            dev.upload(&alpha).unwrap(),
+            dev.upload(&mask).unwrap(),
+            dev.upload(&out0).unwrap(),
+        );
+        let view = RowsView { buf: &dm, offset: 0, row_stride: stride };
+        dev.gated_add(&dx, &da, Some((view, keys)), &dout, rows, cols).unwrap();
+        // PyTorch in fp16: half(out + half(half(tanh(alpha)) * x)); rows with no visible key unchanged.
+        let want: Vec<f64> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                if r % 3 == 0 {
+                    return out0[i].to_f64();
+                }
+                let gate = f16::from_f64(alpha[if nalpha == 1 { 0 } else { c }].to_f64().tanh());
+                let add = f16::from_f64(gate.to_f64() * x[i].to_f64());
+                f16::from_f64(out0[i].to_f64() + add.to_f64()).to_f64()
+            })
+            .collect();
+        let got = dev.download(&dout).unwrap();
+        check(&format!("gated_add alpha x{nalpha}"), &got, &want, Some(1.0));
+        let kept = (0..rows).step_by(3).all(|r| got[r * cols..(r + 1) * cols] == out0[r * cols..(r + 1) * cols]);
+        assert!(kept, "gated_add: a row with no visible key changed");
+        // Without a mask every row is added.
+        let dout = dev.upload(&out0).unwrap();
+        dev.gated_add(&dx, &da, None, &dout, rows, cols).unwrap();
+        let want: Vec<f64> = (0..rows * cols)
+            .map(|i| {
+                let gate = f16::from_f64(alpha[if nalpha == 1 { 0 } else { i % cols }].to_f64().tanh());
+                let add = f16::from_f64(gate.to_f64() * x[i].to_f64());
+                f16::from_f64(out0[i].to_f64() + add.to_f64()).to_f64()
+            })
+            .collect();
+        check(&format!("gated_add alpha x{nalpha} unmasked"), &dev.download(&dout).unwrap(), &want, Some(1.0));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -389,10 +389,37 @@ pub fn validate_op(op: &Op, st: &RunState<'_>, weights: &WeightTable, descs: &[B
                 )));
             }
         }
-        Op::Convert { x, out, rows } | Op::L2Normalize { x, out, rows }
-            if cols(*x) != cols(*out) || rows_of(*x) < *rows || rows_of(*out) < *rows =>
-        {
+        Op::L2Normalize { x, out, rows } if cols(*x) != cols(*out) || rows_of(*x) < *rows || rows_of(*out) < *rows => {
             return Err(invalid(format!("{}: {} -> {} cannot map {rows} rows", op.kind(), shown(*x), shown(*out))));
+        }
+        Op::Convert { x, out, rows } => {
+            let (n, (wx, wo)) = (rows * cols(*x), (cols(*x), cols(*out)));
+            let reshapes = wx == wo || (wo > 0 && (wx % wo == 0 || wo % wx == 0));
+            if !reshapes || rows_of(*x) < *rows || rows_of(*out) * wo < n {
+                return Err(invalid(format!(
+                    "convert: {} -> {} cannot map {rows} rows (the widths must be equal or one divide the other, and both buffers hold {n} values)",
+                    shown(*x),
+                    shown(*out)
+                )));
+            }
+        }
+        Op::GatedAdd { x, alpha, mask, out, rows } => {
+            let width = cols(*out);
+            let alphas = weights.get(*alpha).numel();
+            let short_mask = mask.is_some_and(|m| rows_of(m) < *rows);
+            if cols(*x) != width
+                || rows_of(*x) < *rows
+                || rows_of(*out) < *rows
+                || short_mask
+                || (alphas != 1 && alphas != width)
+            {
+                return Err(invalid(format!(
+                    "gated_add: {} += tanh(alpha of {alphas}) * {} over {rows} rows{} does not fit (equal widths, alpha 1 or {width} values, mask rows >= {rows})",
+                    shown(*out),
+                    shown(*x),
+                    mask.map(|m| format!(" masked by {}", shown(m))).unwrap_or_default()
+                )));
+            }
         }
         _ => {}
     }
@@ -474,7 +501,7 @@ fn validate_attention(a: &Attention, st: &RunState<'_>, descs: &[BufferDesc]) ->
         Ok(())
     };
     if let Some(m) = a.key_mask {
-        check("key mask", m, a.batch)?;
+        check("key mask", m, if a.mask_per_query { a.batch * a.q_len } else { a.batch })?;
     }
     if let Some(b) = a.head_bias {
         check("head bias", b, a.heads * a.q_len)?;

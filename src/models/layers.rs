@@ -150,6 +150,30 @@ pub struct AttentionLayer {
     /// RoPE `inv_freq` applied to q and k after the projections (LLaMA); None for learned or
     /// absolute positions.
     pub rope: Option<Arc<[f32]>>,
+    /// Norms over each head of the queries and keys after their projections (and RoPE).
+    pub qk_norm: Option<HeadNorms>,
+}
+
+/// IDEFICS' `qk_layer_norms`: one norm over each `head_dim` slice of the queries and one of the
+/// keys (RMSNorm in the decoder's cross-attention, LayerNorm in the Perceiver Resampler). Each
+/// slice is one row of the `[rows * heads, head_dim]` reshape of the projection, normed there and
+/// reshaped back (`Op::Convert` copies flat).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadNorms {
+    pub q: NormLayer,
+    pub k: NormLayer,
+}
+
+/// Norms each `head_dim` slice of `rows` rows of `heads` heads in `x` (a whole buffer), in place.
+fn norm_heads(g: &mut Graph, norm: &NormLayer, x: Buf, rows: usize, heads: usize, head_dim: usize) {
+    let name = g.desc(x).name.clone();
+    let (split, normed) = (
+        g.buffer(format!("{name}.heads"), rows * heads, head_dim),
+        g.buffer(format!("{name}.heads_normed"), rows * heads, head_dim),
+    );
+    g.push(Op::Convert { x, out: split, rows });
+    norm.emit(g, split, None, normed, rows * heads);
+    g.push(Op::Convert { x: normed, out: x, rows: rows * heads });
 }
 
 /// Buffers one attention layer writes. With [`Qkv::Fused`], `q`, `k` and `v` are the same
@@ -187,13 +211,15 @@ pub struct AttnCall {
     pub causal: bool,
     /// Additive per-key padding mask `[batch, >= keys]` (see `graph::Attention::key_mask`).
     pub key_mask: Option<Buf>,
+    /// `key_mask` holds one row per query row (`[batch * q_len, >= keys]`, IDEFICS' image mask).
+    pub mask_per_query: bool,
     /// Additive per-head bias `[heads * q_len, >= keys]` (T5 relative positions).
     pub head_bias: Option<Buf>,
 }
 
 impl AttnCall {
     pub fn new(batch: usize, q_len: usize, keys: Keys) -> Self {
-        Self { batch, q_len, keys, causal: false, key_mask: None, head_bias: None }
+        Self { batch, q_len, keys, causal: false, key_mask: None, mask_per_query: false, head_bias: None }
     }
 
     pub fn causal(self) -> Self {
@@ -238,11 +264,21 @@ impl AttentionLayer {
         };
         linear(g, kp, src, Activation::None, None, k, rows);
         linear(g, vp, src, Activation::None, None, v, rows);
+        if let Some(n) = &self.qk_norm {
+            norm_heads(g, &n.k, k, rows, self.kv_heads, self.head_dim);
+        }
     }
 
     /// Emits `r.out = out_proj(attention(q(x), k(kv), v(kv))) + r.add`: projections, RoPE, KV
     /// cache append, attention, output projection.
     pub fn emit(&self, g: &mut Graph, s: &AttnScratch, x: Buf, call: &AttnCall, r: Residual) {
+        self.attend(g, s, x, call);
+        linear(g, &self.out, s.ctx, Activation::None, Some(r.add), r.out, call.batch * call.q_len);
+    }
+
+    /// Emits everything of [`AttentionLayer::emit`] but the output projection: the attention
+    /// output is left in `s.ctx` (`[rows, heads * head_dim]`).
+    pub fn attend(&self, g: &mut Graph, s: &AttnScratch, x: Buf, call: &AttnCall) {
         let rows = call.batch * call.q_len;
         let (kv_src, kv_len) = match call.keys {
             Keys::Same | Keys::Cache { .. } => (x, call.q_len),
@@ -282,6 +318,13 @@ impl AttentionLayer {
                 inv_freq: inv_freq.clone(),
             });
         }
+        if let Some(n) = &self.qk_norm {
+            assert!(q.col == 0 && k.col == 0, "per-head norms need separate q/k projections");
+            norm_heads(g, &n.q, q.buf, rows, self.heads, self.head_dim);
+            if !matches!(call.keys, Keys::Projected { .. }) {
+                norm_heads(g, &n.k, k.buf, kv_rows, self.kv_heads, self.head_dim);
+            }
+        }
         let (k, v, kv_len, kv_batch_stride) = match call.keys {
             Keys::Same | Keys::Cross { .. } | Keys::Projected { .. } => (k, v, KvLen::Fixed(kv_len), kv_len),
             Keys::Cache { k: cache_k, v: cache_v, capacity } => {
@@ -312,9 +355,9 @@ impl AttentionLayer {
             causal: call.causal,
             scale: self.scale,
             key_mask: call.key_mask,
+            mask_per_query: call.mask_per_query,
             head_bias: call.head_bias,
         }));
-        linear(g, &self.out, s.ctx, Activation::None, Some(r.add), r.out, rows);
     }
 }
 
@@ -383,6 +426,7 @@ pub fn load_attention(ld: &mut Loader, s: &AttnSpec) -> Result<AttentionLayer> {
         head_dim: s.head_dim,
         scale: s.scale,
         rope: None,
+        qk_norm: None,
     })
 }
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::config::{check_activation, check_heads, check_positive, check_text_tokens, field_error, TokenIds};
 use crate::error::{Error, Result};
-use crate::graph::{rope_inv_freq, Activation, Fused, Graph, Op, W};
+use crate::graph::{rope_inv_freq, Activation, Buf, Fused, Graph, Op, W};
 
 /// `text_config` of a LLaMA decoder (`LlamaConfig`, transformers 5.17 defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +224,23 @@ pub struct LlamaDecoder {
     layers: Vec<LlamaLayer>,
     norm: NormLayer,
     lm_head: W,
+    /// Logits per row: the head's rows (`vocab_size`, plus IDEFICS' additional ids).
+    logits_width: usize,
+}
+
+/// What a [`LayerHook`] sees before decoder layer `layer`: the residual stream `x`, a normed
+/// scratch of the same shape, and the pass being emitted.
+pub struct LayerInput<'a> {
+    pub layer: usize,
+    pub x: Buf,
+    pub normed: Buf,
+    pub rows: usize,
+    pub pass: &'a PassSpec<'a>,
+}
+
+/// Blocks a family inserts before LLaMA decoder layers (IDEFICS' gated cross-attention).
+pub trait LayerHook {
+    fn before_layer(&self, g: &mut Graph, at: &LayerInput<'_>);
 }
 
 impl LlamaDecoder {
@@ -231,7 +248,27 @@ impl LlamaDecoder {
     /// `model.` for a bare LlamaForCausalLM) and `lm_head` the head's weight name. With `tie` the
     /// head falls back to `embed_tokens` when the checkpoint has no head (transformers' tying).
     pub fn load(cfg: &LlamaConfig, ld: &mut Loader, model: &str, lm_head: &str, tie: bool) -> Result<Self> {
-        let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens = ld.tensor(&format!("{model}embed_tokens.weight"), &[v, h])?;
+        Self::load_with(cfg, ld, model, embed_tokens, |ld| {
+            if ld.ckpt.contains(lm_head) || !tie {
+                ld.tensor(lm_head, &[v, h])
+            } else {
+                Ok(embed_tokens)
+            }
+        })
+    }
+
+    /// [`LlamaDecoder::load`] with the embedding table given (`[ids, hidden]`) and the head
+    /// loaded by `head` after the layers (`[logits, hidden]`; IDEFICS joins extra rows to both).
+    pub fn load_with(
+        cfg: &LlamaConfig,
+        ld: &mut Loader,
+        model: &str,
+        embed_tokens: W,
+        head: impl FnOnce(&mut Loader) -> Result<W>,
+    ) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let (theta, scaling) = cfg.rope().map_err(|m| Error::config(ld.ckpt.origin(), m))?;
         let inv_freq: Arc<[f32]> = rope_inv_freq(head_dim, theta, scaling).into();
@@ -239,7 +276,6 @@ impl LlamaDecoder {
         let rms = |ld: &mut Loader, name: String| -> Result<NormLayer> {
             Ok(NormLayer::RmsNorm { weight: ld.tensor(&name, &[h])?, eps })
         };
-        let embed_tokens = ld.tensor(&format!("{model}embed_tokens.weight"), &[v, h])?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|n| {
                 let l = format!("{model}layers.{n}");
@@ -276,8 +312,9 @@ impl LlamaDecoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = rms(ld, format!("{model}norm.weight"))?;
-        let lm_head = if ld.ckpt.contains(lm_head) || !tie { ld.tensor(lm_head, &[v, h])? } else { embed_tokens };
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head })
+        let lm_head = head(ld)?;
+        let logits_width = ld.table.get(lm_head).numel() / h.max(1);
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, logits_width })
     }
 
     /// The `describe` line of the decoder.
@@ -305,6 +342,23 @@ impl CausalDecoder for LlamaDecoder {
     }
 
     fn build(&self, g: &mut Graph, cache: &KvCache, pass: &PassSpec<'_>) -> DecoderPass {
+        self.build_with(g, cache, pass, None)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
+
+impl LlamaDecoder {
+    /// [`CausalDecoder::build`] with `hook`'s blocks emitted before each layer.
+    pub fn build_with(
+        &self,
+        g: &mut Graph,
+        cache: &KvCache,
+        pass: &PassSpec<'_>,
+        hook: Option<&dyn LayerHook>,
+    ) -> DecoderPass {
         let PassSpec { seq, image, key_mask, all_logits, tag } = *pass;
         let c = &self.cfg;
         let (h, batch) = (c.hidden_size, cache.batch);
@@ -324,6 +378,9 @@ impl CausalDecoder for LlamaDecoder {
             g.push(Op::ScatterTokens { src, token, out: x, batch, rows_per_batch: seq });
         }
         for (i, l) in self.layers.iter().enumerate() {
+            if let Some(hook) = hook {
+                hook.before_layer(g, &LayerInput { layer: i, x, normed, rows, pass });
+            }
             let s = *scratch.get_or_insert_with(|| l.self_attn.scratch(g, tag, rows, rows));
             // x += o_proj(CausalGQA(RoPE(q), RoPE(k), v of RMS(x)) over the cache)
             let call = AttnCall { key_mask, ..AttnCall::new(batch, seq, cache.keys(i)).causal() };
@@ -338,12 +395,8 @@ impl CausalDecoder for LlamaDecoder {
             head_in = g.buffer(format!("{tag}.last"), batch, h);
             g.push(Op::LastRows { x: normed, out: head_in, batch, rows_per_batch: seq });
         }
-        let logits = g.buffer(format!("{tag}.logits"), logit_rows, c.vocab_size);
+        let logits = g.buffer(format!("{tag}.logits"), logit_rows, self.logits_width);
         g.linear(head_in, self.lm_head, None, Fused::NONE, logits, logit_rows);
         DecoderPass { embeds: x, logits, logit_rows }
-    }
-
-    fn max_positions(&self) -> usize {
-        self.cfg.max_position_embeddings
     }
 }

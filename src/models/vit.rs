@@ -109,6 +109,7 @@ impl VisionModel {
                 let layer_norm1 = ld.norm(&format!("{l}.layer_norm1"), d, eps)?.into();
                 let heads = cfg.num_attention_heads;
                 let self_attn = AttentionLayer {
+                    qk_norm: None,
                     qkv: Qkv::Fused(qkv),
                     out: ld.linear(&format!("{l}.self_attn.projection"), d, d, true)?,
                     heads,

@@ -207,6 +207,8 @@ pub struct Attn<'a> {
     /// so transformers gives a row whose keys are all masked equal scores (the mean of V) and
     /// masked keys of other rows weight 0; the floor keeps exactly that in f64.
     pub key_mask: Option<(&'a [f32], usize)>,
+    /// `key_mask` has one row per query row (`b * q_len + i`) instead of one per batch item.
+    pub mask_per_query: bool,
     /// Additive bias of head h, query row i: row `h * q_len + i` of a `[heads * q_len, stride]`
     /// buffer (T5-style position bias), the same for every batch item.
     pub head_bias: Option<(&'a [f32], usize)>,
@@ -230,6 +232,7 @@ impl Attn<'_> {
             causal: None,
             kv_valid: None,
             key_mask: None,
+            mask_per_query: false,
             head_bias: None,
         }
     }
@@ -254,8 +257,10 @@ pub fn attention<T: Num>(q: &[T], k: &[T], v: &[T], a: &Attn<'_>) -> Vec<f64> {
                     .map(|j| {
                         let kj = at(k, a.k, b, j, h / group);
                         let dot: f64 = qi.iter().zip(&kj).map(|(x, y)| x * y).sum();
-                        let mask =
-                            a.key_mask.map_or(0.0, |(m, stride)| f64::from(m[b * stride + j].max(ATTN_MASK_FLOOR)));
+                        let mask_row = if a.mask_per_query { b * a.q_len + i } else { b };
+                        let mask = a
+                            .key_mask
+                            .map_or(0.0, |(m, stride)| f64::from(m[mask_row * stride + j].max(ATTN_MASK_FLOOR)));
                         let bias =
                             a.head_bias.map_or(0.0, |(hb, stride)| f64::from(hb[(h * a.q_len + i) * stride + j]));
                         dot * a.scale + mask + bias

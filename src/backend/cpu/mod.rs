@@ -172,6 +172,14 @@ impl CpuExecutor {
                 }
                 self.bufs[out.0] = o;
             }
+            Op::GatedAdd { x, alpha, mask, out, rows } => {
+                let width = self.cols(out);
+                let alpha: Vec<f32> = wt(alpha).iter().map(|a| a.to_f32()).collect();
+                let mut o = std::mem::take(&mut self.bufs[out.0]);
+                let mask = mask.map(|m| (&self.bufs[m.0][..rows * self.cols(m)], self.cols(m)));
+                ops::gated_add(&self.bufs[x.0][..rows * width], &alpha, mask, &mut o[..rows * width], width);
+                self.bufs[out.0] = o;
+            }
             Op::PixelShuffle { x, out, batch, side, scale } => {
                 let mut o = std::mem::take(&mut self.bufs[out.0]);
                 ops::pixel_shuffle(&self.bufs[x.0], &mut o, self.cols(x), batch, side, scale);
@@ -306,7 +314,11 @@ impl CpuExecutor {
         let mut o = std::mem::take(&mut self.bufs[a.out.0]);
         let extras = ops::AttnExtras {
             kv_heads: a.kv_heads,
-            mask: a.key_mask.map(|m| ops::KeyMask { values: &self.bufs[m.0], stride: self.cols(m) }),
+            mask: a.key_mask.map(|m| ops::KeyMask {
+                values: &self.bufs[m.0],
+                stride: self.cols(m),
+                per_query: a.mask_per_query,
+            }),
             bias: a.head_bias.map(|b| ops::HeadBias { values: &self.bufs[b.0], stride: self.cols(b) }),
         };
         ops::attention_ex(&self.bufs[a.q.buf.0], &self.bufs[a.k.buf.0], &self.bufs[a.v.buf.0], &shape, &extras, &mut o);

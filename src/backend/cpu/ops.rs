@@ -320,6 +320,8 @@ pub struct AttnShape {
 pub struct KeyMask<'a> {
     pub values: &'a [f32],
     pub stride: usize,
+    /// One row per query row (`b * q_len + i`) instead of one per batch item.
+    pub per_query: bool,
 }
 
 /// Softmax attention; `out` is `[batch * q_len, heads * head_dim]`. Per (batch, head), on one
@@ -357,7 +359,8 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
         );
     }
     if let Some(m) = mask {
-        assert!(m.stride >= lkv && m.values.len() >= (s.batch - 1) * m.stride + lkv, "attention: mask too short");
+        let rows = if m.per_query { s.batch * lq } else { s.batch };
+        assert!(m.stride >= lkv && m.values.len() >= (rows - 1) * m.stride + lkv, "attention: mask too short");
     }
     let results: Vec<Vec<f32>> = (0..s.batch * s.heads)
         .into_par_iter()
@@ -394,8 +397,11 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
                     Parallelism::None,
                 );
             }
-            let key_mask = mask.map(|m| &m.values[b * m.stride..][..lkv]);
             for (i, row) in scores.chunks_mut(lkv).enumerate() {
+                let key_mask = mask.map(|m| {
+                    let mask_row = if m.per_query { b * lq + i } else { b };
+                    &m.values[mask_row * m.stride..][..lkv]
+                });
                 let visible = s.causal_from.map_or(lkv, |p| (p + i + 1).min(lkv));
                 if let Some(hb) = ex.bias {
                     let brow = &hb.values[(h * lq + i) * hb.stride..][..lkv];
@@ -446,6 +452,22 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
         let (b, h) = (bh / s.heads, bh % s.heads);
         for i in 0..lq {
             out[(b * lq + i) * width + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
+        }
+    }
+}
+
+/// IDEFICS' gated residual ([`crate::graph::Op::GatedAdd`]) over rows of `width` values:
+/// `out[r] += tanh(alpha) * x[r]` (alpha one value or one per column) on every row, or with a
+/// `(mask, mask_width)` only on the rows whose mask row holds a 0; f32 throughout, as
+/// transformers' float32 forward.
+pub fn gated_add(x: &[f32], alpha: &[f32], mask: Option<(&[f32], usize)>, out: &mut [f32], width: usize) {
+    let gates: Vec<f32> = alpha.iter().map(|a| a.tanh()).collect();
+    for (r, (o, xr)) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)).enumerate() {
+        if mask.is_some_and(|(m, w)| !m[r * w..(r + 1) * w].contains(&0.0)) {
+            continue;
+        }
+        for (c, (o, &v)) in o.iter_mut().zip(xr).enumerate() {
+            *o += gates[if gates.len() == 1 { 0 } else { c }] * v;
         }
     }
 }

@@ -544,6 +544,10 @@ impl CudaExecutor {
                     dev.l2_normalize(&self.bufs[x.0], &self.bufs[out.0], rows, dim)?;
                 }
             }
+            Op::GatedAdd { x, alpha, mask, out, rows } => {
+                let mask = mask.map(|m| (self.rows_view(View::from(m)), self.cols(m)));
+                dev.gated_add(&self.bufs[x.0], self.w(alpha), mask, &self.bufs[out.0], rows, self.cols(out))?;
+            }
             Op::GatedAct { gate, up, act, out, rows } => {
                 let (g, u) = (self.rows_view(gate), self.rows_view(up));
                 dev.gated_act(g, u, act, &self.bufs[out.0], rows, self.cols(out))?;
@@ -703,6 +707,7 @@ impl CudaExecutor {
             additive: mask32.as_ref().map(|(m, stride)| (m, *stride)),
             bias: a.head_bias.map(|b| (&self.bufs[b.0], self.cols(b))),
             kv_heads: Some(a.kv_heads),
+            per_query: a.mask_per_query,
             ..AttnMask::default()
         };
         let (q, k, v) =

@@ -53,6 +53,9 @@ pub struct AttnMask<'a> {
     pub kv_valid: Option<&'a DevSlice<i32>>,
     /// Additive fp32 per-key mask `[B, stride]` and its stride.
     pub additive: Option<(&'a DevSlice<f32>, usize)>,
+    /// The additive mask holds one row per query row, `[B * sq, stride]` (prefill kernel only;
+    /// with one query row per batch item the two layouts are the same).
+    pub per_query: bool,
     /// Additive fp16 per-head bias `[H * sq, stride]` (decode: `[H, stride]`) and its stride.
     pub bias: Option<(&'a DevSlice<f16>, usize)>,
     /// Grouped-query attention: K/V hold this many heads (`heads % kv_heads == 0`); None = heads.
@@ -71,7 +74,7 @@ impl AttnMask<'_> {
 }
 
 kernel_params! {
-    struct AttnParams = 168 bytes {
+    struct AttnParams = 176 bytes {
         q: u64,
         k: u64,
         v: u64,
@@ -89,6 +92,7 @@ kernel_params! {
         o_rs: i64,
         mask_stride: i64,
         bias_stride: i64,
+        mask_qstride: i64,
         heads: i32,
         sq: i32,
         skv: i32,
@@ -218,7 +222,10 @@ impl CudaDevice {
         let op = o.check(K, "o", batch, sq, heads, head_dim)?;
         let orange = o.byte_range(batch, sq, heads, head_dim);
         let (bias_ptr, bias_stride) = strided_rows(K, "bias", mask.bias, heads * sq, skv)?;
-        let (mask_ptr, mask_stride) = strided_rows(K, "mask", mask.additive, batch, skv)?;
+        let mask_rows = if mask.per_query { batch * sq } else { batch };
+        let (mask_ptr, mask_stride) = strided_rows(K, "mask", mask.additive, mask_rows, skv)?;
+        // Elements between batch items and between query rows of the mask (0: shared by every row).
+        let (mask_bs, mask_qs) = if mask.per_query { (sq * mask_stride, mask_stride) } else { (mask_stride, 0) };
         let kv_valid = match mask.kv_valid {
             Some(kv) => {
                 need(K, "kv_valid", kv, batch)?;
@@ -252,8 +259,9 @@ impl CudaDevice {
             v_rs: v.row_stride as i64,
             o_bs: o.batch_stride as i64,
             o_rs: o.row_stride as i64,
-            mask_stride: mask_stride as i64,
+            mask_stride: mask_bs as i64,
             bias_stride: bias_stride as i64,
+            mask_qstride: mask_qs as i64,
             heads: to_i32(K, "heads", heads)?,
             sq: to_i32(K, "sq", sq)?,
             skv: to_i32(K, "skv", skv)?,

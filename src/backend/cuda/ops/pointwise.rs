@@ -36,6 +36,20 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    struct GatedAddParams = 56 bytes {
+        x: u64,
+        alpha: u64,
+        mask: u64,
+        out: u64,
+        mask_stride: i64,
+        rows: i32,
+        cols: i32,
+        nalpha: i32,
+        mask_cols: i32,
+    }
+}
+
 /// A column view of rows: row `r` starts at element `offset + r * row_stride` of `buf`.
 #[derive(Clone, Copy, Debug)]
 pub struct RowsView<'a, T: DeviceScalar = f16> {
@@ -103,6 +117,53 @@ impl CudaDevice {
         // SAFETY: gate/up rows r < rows hold cols elements at their strides and out holds
         // rows*cols (checked); out is disjoint from gate and up; grid-stride loop.
         unsafe { self.launch("pointwise", "gated_act_f16", cfg, &[&p]) }
+    }
+
+    /// IDEFICS' gated residual in place: `out[r] = half(out[r] + half(half(tanh(alpha)) * x[r]))`
+    /// for every row `r < rows`, or with a `(mask, mask_cols)` only for the rows whose mask row
+    /// (an additive attention mask) holds a 0; `x` and `out` contiguous `[rows, cols]`, `alpha`
+    /// 1 or `cols` values.
+    pub fn gated_add(
+        &self,
+        x: &DevSlice<f16>,
+        alpha: &DevSlice<f16>,
+        mask: Option<(RowsView<'_>, usize)>,
+        out: &DevSlice<f16>,
+        rows: usize,
+        cols: usize,
+    ) -> GpuResult<()> {
+        const K: &str = "gated_add";
+        let mask_cols = mask.map_or(0, |(_, c)| c);
+        if rows == 0 || cols == 0 || mask.is_some_and(|(_, c)| c == 0) || !(alpha.len() == 1 || alpha.len() == cols) {
+            return Err(bad(K, format!("shape rows={rows} cols={cols} mask_cols={mask_cols} alpha={}", alpha.len())));
+        }
+        need(K, "x", x, rows * cols)?;
+        need(K, "out", out, rows * cols)?;
+        let (mask_ptr, mask_range, mask_stride) = match mask {
+            Some((m, c)) => {
+                let (ptr, range) = m.check(K, "mask", rows, c)?;
+                (ptr, Some(range), m.row_stride)
+            }
+            None => (0, None, 0),
+        };
+        written_apart(K, "out", out.range(), &[("x", Some(x.range())), ("mask", mask_range)])?;
+        let p = GatedAddParams {
+            x: x.ptr(),
+            alpha: alpha.ptr(),
+            mask: mask_ptr,
+            out: out.ptr(),
+            mask_stride: mask_stride as i64,
+            rows: to_i32(K, "rows", rows)?,
+            cols: to_i32(K, "cols", cols)?,
+            nalpha: to_i32(K, "alpha", alpha.len())?,
+            mask_cols: to_i32(K, "mask_cols", mask_cols)?,
+        };
+        // One warp per row, 8 rows per block.
+        let blocks = rows.div_ceil(8).clamp(1, self.num_sms() as usize * 32) as u32;
+        // SAFETY: x/out hold rows*cols halves, mask (if any) rows r < rows hold mask_cols at its
+        // stride, alpha 1 or cols (checked); out is disjoint from x and mask; 256 threads = 8
+        // warps; grid-stride loop over rows.
+        unsafe { self.launch("pointwise", "gated_add_f16", blocks_of((blocks, 1, 1), 256), &[&p]) }
     }
 
     /// HF rotate_half RoPE in place on `heads` heads of `head_dim` in rows `b * seq + i` of
