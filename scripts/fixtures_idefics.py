@@ -5,8 +5,8 @@ Writes only tests/fixtures/idefics-tiny*/ and tests/fixtures/goldens/idefics_*:
 
   idefics-tiny/         the model as 5.17 save_pretrained writes it (fp16): IDEFICS vision transformer
                         (CLIP-like, 2 layers, hidden 32, 30 px images, patch 6: 26 tokens with CLS), the
-                        Perceiver Resampler (6 latents, depth 2, 2 heads of 12, qk layer norms), a LLaMA
-                        decoder (2 layers, hidden 48) with a gated cross-attention layer before every
+                        Perceiver Resampler (6 latents, depth 2, 2 heads of 16, qk layer norms), a LLaMA
+                        decoder (2 layers, hidden 64, 4 heads of 16: head sizes the CUDA kernels take) with a gated cross-attention layer before every
                         layer (cross_layer_interval 1), float alphas, qk layer norms, decoupled
                         embeddings and head (vocab_size + 2 additional ids), the LLaMA-style tokenizer
                         with <fake_token_around_image>, <image> and <end_of_utterance>, and the processor
@@ -69,9 +69,9 @@ def build_config(tok, variant: dict) -> IdeficsConfig:
     vision = dict(embed_dim=32, image_size=IMAGE, patch_size=PATCH, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, hidden_act="gelu", layer_norm_eps=1e-5)
     perceiver = dict(use_resampler=variant["use_resampler"], resampler_n_latents=6, resampler_depth=2,
-                     resampler_n_heads=2, resampler_head_dim=12,
+                     resampler_n_heads=2, resampler_head_dim=16,
                      qk_layer_norms_perceiver=variant["qk_layer_norms_perceiver"])
-    return IdeficsConfig(vocab_size=vocab, additional_vocab_size=total - vocab, hidden_size=48, intermediate_size=96,
+    return IdeficsConfig(vocab_size=vocab, additional_vocab_size=total - vocab, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=variant["num_hidden_layers"], num_attention_heads=4, rms_norm_eps=1e-6,
                          max_position_embeddings=512, cross_layer_interval=variant["cross_layer_interval"],
                          alpha_type=variant["alpha_type"], alpha_initializer="zeros",

@@ -26,6 +26,7 @@ rewriting only its own files. Every generator but fixtures_blip2 also runs alone
   fixtures_t5_tokenizer     t5-tokenizer-legacy/, goldens/t5-tokenizer-legacy_*
   fixtures_idefics3         idefics3-processor/, goldens/idefics3_* (SmolVLM's processor)
   fixtures_smolvlm          smolvlm-tiny/, goldens/smolvlm_* (the model; fixtures_idefics3's processor)
+  fixtures_idefics          idefics-tiny*/, goldens/idefics_tiny* (IDEFICS: resampler on and off)
 
 Imports run one way: fixtures_images (torch-free) <- fixtures_common (environment checks, corpus,
 helpers, builders shared by families) <- the family modules <- this driver. A family module imports
@@ -65,6 +66,7 @@ def main() -> None:
     import fixtures_llava
     import fixtures_padbatch
     import fixtures_processors
+    import fixtures_idefics
     import fixtures_smolvlm
     import fixtures_t5
     import fixtures_t5_tokenizer
@@ -84,6 +86,7 @@ def main() -> None:
     fixtures_t5_tokenizer.main()
     fixtures_idefics3.main()
     fixtures_smolvlm.main()
+    fixtures_idefics.main()
     total = sum(p.stat().st_size for p in fc.FIX.rglob("*") if p.is_file())
     fc.log(f"done: tests/fixtures is {total / 1e6:.2f} MB")
 

@@ -14,8 +14,8 @@ use crate::generate::{
     Sequence, Timings, TokenEvent,
 };
 use crate::image::{ImageInput, ImageProcessor, PixelValues};
-use crate::models::Family;
 use crate::models::ModelConfig;
+use crate::models::{Family, PromptText};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -240,6 +240,7 @@ impl Model {
             crate::models::quantize::quantize_family(family.as_mut(), format)?;
         }
         let tokenizer = Tokenizer::from_dir(dir)?;
+        family.bind_tokenizer(&tokenizer)?;
         let image_processor = family.image_processor(dir)?;
         let generation_path = dir.join("generation_config.json");
         let generation = GenerationConfig::load_or_default(&generation_path)?;
@@ -303,6 +304,11 @@ impl Model {
     }
 
     fn prompt_ids(&self, prompt: Option<&str>, images: &[PixelValues]) -> Result<Vec<u32>> {
+        let text = prompt.map_or(PromptText::Caption, PromptText::Raw);
+        let shown = if prompt.is_none() { 1 } else { images.len().max(1) };
+        if let Some(text) = self.family.processor_prompt(text, shown) {
+            return self.tokenizer.encode_plain(&text?);
+        }
         if let Some(chat) = &self.chat {
             let text = match prompt {
                 Some(p) => p.to_string(),
@@ -351,6 +357,19 @@ impl Model {
             )));
         }
         let images = Images { pixels: request.images, features: request.features };
+        let processor_text = match request.prompt {
+            Prompt::Caption | Prompt::Raw(None) => Some(PromptText::Caption),
+            Prompt::Question(q) => Some(PromptText::Question(q)),
+            Prompt::Raw(Some(p)) => Some(PromptText::Raw(p)),
+            Prompt::PerImage(_) => None,
+        };
+        // Families whose processor builds the whole prompt (IDEFICS): a caption is each image
+        // alone, one sequence per image; a question or raw text holds every image.
+        let shown = if processor_text == Some(PromptText::Caption) { 1 } else { images.len() };
+        if let Some(text) = processor_text.and_then(|p| self.family.processor_prompt(p, shown)) {
+            let ids = self.tokenizer.encode_plain(&text?)?;
+            return self.outputs(self.run_image_ids(images, &ids, opts, on_token)?);
+        }
         match request.prompt {
             // Chat families caption through their chat template with the caption instruction.
             Prompt::Caption if self.chat.is_some() => self.generate(
@@ -467,6 +486,21 @@ impl Model {
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
         check_per_image(pixels.len(), questions.len())?;
+        if self.family.processor_prompt(PromptText::Caption, 1).is_some() {
+            // A processor-built prompt per image: each image with its question, in order.
+            let mut out = Vec::with_capacity(pixels.len());
+            for (i, question) in questions.iter().enumerate() {
+                let one = Images { pixels: &pixels.pixels[i..i + 1], features: pixels.features.map(|f| &f[i..i + 1]) };
+                let request = Request {
+                    images: one.pixels,
+                    prompt: Prompt::Question(question),
+                    options: opts,
+                    features: one.features,
+                };
+                out.extend(self.generate(&request, &mut offset_events(on_token, i))?);
+            }
+            return Ok(out);
+        }
         if let Some(chat) = &self.chat {
             let mut out = Vec::with_capacity(pixels.len());
             let mut start = 0;

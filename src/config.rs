@@ -490,6 +490,19 @@ fn expand_legacy_sizes(config: &mut Value) {
         .map(|name| name.trim_end_matches("Fast").replace("FeatureExtractor", "ImageProcessor"));
     let size_is_shortest_edge = matches!(class.as_deref(), Some("CLIPImageProcessor" | "LlavaImageProcessor"));
     let Some(obj) = config.as_object_mut() else { return };
+    if class.as_deref() == Some("IdeficsImageProcessor") {
+        // IdeficsImageProcessor: `image_size` (idefics-9b's only size field) replaces `size`;
+        // with neither, 224 x 224.
+        match obj.get("image_size").cloned() {
+            Some(side @ Value::Number(_)) => {
+                obj.insert("size".into(), serde_json::json!({ "height": side, "width": side }));
+            }
+            _ if !obj.contains_key("size") => {
+                obj.insert("size".into(), serde_json::json!({ "height": 224, "width": 224 }));
+            }
+            _ => {}
+        }
+    }
     for (field, edge) in [("size", size_is_shortest_edge), ("crop_size", false)] {
         let expanded = match obj.get(field) {
             Some(Value::Number(n)) if n.is_u64() && edge => serde_json::json!({ "shortest_edge": n }),

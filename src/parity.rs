@@ -98,6 +98,7 @@ pub fn run(model_dir: &Path, reference: &Path, device: Device, emulation: Fp16Em
     for phase in &plan.encoders {
         exec.run(phase)?;
     }
+    plan.write_prompt_inputs(exec.as_mut(), &ids)?;
     exec.set_tokens(&ids);
     exec.set_position(0);
     exec.run(&plan.prefill.phase)?;

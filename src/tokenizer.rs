@@ -21,6 +21,10 @@ pub struct Tokenizer {
     clean_up_spaces: bool,
     /// `pad_token` of tokenizer_config.json, when it is in the vocabulary.
     pad_id: Option<u32>,
+    /// `bos_token` of tokenizer_config.json, when it is in the vocabulary.
+    bos: Option<(String, u32)>,
+    /// `eos_token` of tokenizer_config.json, when it is in the vocabulary.
+    eos_id: Option<u32>,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -67,13 +71,28 @@ impl Tokenizer {
                 source.display()
             )));
         }
-        let pad_id = config.get("pad_token").and_then(token_content).and_then(|t| inner.token_to_id(&t));
-        Ok(Self { inner, clean_up_spaces, pad_id })
+        let special = |key: &str| {
+            let content = config.get(key).and_then(token_content)?;
+            inner.token_to_id(&content).map(|id| (content, id))
+        };
+        let (pad_id, bos, eos_id) =
+            (special("pad_token").map(|t| t.1), special("bos_token"), special("eos_token").map(|t| t.1));
+        Ok(Self { inner, clean_up_spaces, pad_id, bos, eos_id })
     }
 
     /// The padding token's id (tokenizer_config.json `pad_token`), if it has one.
     pub fn pad_token_id(&self) -> Option<u32> {
         self.pad_id
+    }
+
+    /// The beginning-of-sequence token's text (tokenizer_config.json `bos_token`), if it has one.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos.as_ref().map(|(t, _)| t.as_str())
+    }
+
+    /// The end-of-sequence token's id (tokenizer_config.json `eos_token`), if it has one.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_id
     }
 
     /// GPT-2 style byte-level BPE from `vocab.json` + `merges.txt`, with the special tokens and

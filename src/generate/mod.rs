@@ -18,7 +18,7 @@ use std::time::Instant;
 
 pub use overrides::GenerationOverrides;
 pub use plan::{
-    kv_capacity, EncoderInput, Encoders, ImagePlan, ImageStage, KvCaches, Plan, PlanShape, Step, StepInput,
+    kv_capacity, EncoderInput, Encoders, ImagePlan, ImageStage, KvCaches, Plan, PlanShape, PromptInput, Step, StepInput,
 };
 pub use stop::StopStrings;
 
@@ -592,6 +592,7 @@ impl<'a, 'h> Session<'a, 'h> {
     pub fn prefill(&mut self, tokens: &[u32], k: usize) -> Result<Option<Vec<Vec<Candidate>>>> {
         let s = Instant::now();
         let plan = self.plan;
+        plan.write_prompt_inputs(self.exec, tokens)?;
         if !self.run_step(&plan.prefill, tokens, 0)? {
             return Ok(None);
         }
@@ -610,6 +611,7 @@ impl<'a, 'h> Session<'a, 'h> {
     pub fn prefill_logits(&mut self, tokens: &[u32]) -> Result<Option<Vec<f32>>> {
         let s = Instant::now();
         let plan = self.plan;
+        plan.write_prompt_inputs(self.exec, tokens)?;
         if !self.run_step(&plan.prefill, tokens, 0)? {
             return Ok(None);
         }

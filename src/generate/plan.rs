@@ -33,6 +33,15 @@ pub struct StepInput {
     pub fill: Box<dyn Fn(usize) -> Vec<f32> + Send + Sync>,
 }
 
+/// Host data a family computes from every sequence's prompt tokens (IDEFICS' image attention
+/// masks), written once per request before the prefill.
+pub struct PromptInput {
+    pub buf: Buf,
+    /// `(tokens, prompt_len)`: every sequence's `prompt_len` decoder input tokens (left-padded,
+    /// sequence-major) -> the buffer's values.
+    pub fill: Box<dyn Fn(&[u32], usize) -> Vec<f32> + Send + Sync>,
+}
+
 /// The encoder side of an encoder-decoder plan (T5): the request's input ids (image
 /// placeholders and prompt) are the encoder's tokens, set before the encoders run; every
 /// sequence's decoder then starts from `decoder_start` alone (the plan's `prompt_len` is 1).
@@ -192,6 +201,8 @@ pub struct Plan {
     pub encoder_input: Option<EncoderInput>,
     /// Host data written before the phases that read it, from their position.
     pub step_inputs: Vec<StepInput>,
+    /// Host data written from the prompt tokens before the prefill.
+    pub prompt_inputs: Vec<PromptInput>,
     /// The encoders that read the pixels alone, and what they leave for the rest (None: the
     /// family cannot take precomputed image features).
     pub image_stage: Option<ImageStage>,
@@ -213,6 +224,16 @@ impl Plan {
     /// decoder's.
     pub fn input_len(&self) -> usize {
         self.encoder_input.map_or(self.prompt_len, |e| e.len)
+    }
+
+    /// Writes every [`PromptInput`] for the sequences' prompt `tokens` (sequence-major,
+    /// `prompt_len` each): before the prefill, by the generation loop and by tests that run
+    /// the phases themselves.
+    pub fn write_prompt_inputs(&self, exec: &mut dyn crate::backend::Executor, tokens: &[u32]) -> Result<()> {
+        for input in &self.prompt_inputs {
+            exec.write(input.buf, &(input.fill)(tokens, self.prompt_len))?;
+        }
+        Ok(())
     }
 
     /// The buffer of host input `name`.

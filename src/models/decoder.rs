@@ -48,8 +48,9 @@ pub struct DecoderPass {
 pub struct PrefillSpec {
     /// Decoder input tokens per sequence, image placeholders included.
     pub prompt_len: usize,
-    /// The image features scattered over the placeholders holding this token id, in order.
-    pub image: (Buf, u32),
+    /// The image features scattered over the placeholders holding this token id, in order
+    /// (None: the images enter elsewhere, IDEFICS' cross-attention).
+    pub image: Option<(Buf, u32)>,
     /// Prompts may be left-padded to one length: a `[batch, capacity]` key mask (`key_mask`)
     /// hides each sequence's pad keys.
     pub padded: bool,
@@ -82,7 +83,7 @@ pub trait CausalDecoder {
     ) -> Plan {
         let cache = self.kv_cache(&mut g, batch, capacity.max(1));
         let key_mask = prompt.padded.then(|| g.buffer("key_mask", batch, cache.capacity));
-        let pass = PassSpec::prefill(prompt.prompt_len, Some(prompt.image), key_mask, prompt.all_logits);
+        let pass = PassSpec::prefill(prompt.prompt_len, prompt.image, key_mask, prompt.all_logits);
         let pre = self.build(&mut g, &cache, &pass);
         let prefill = g.take_phase("prefill");
         let step = self.build(&mut g, &cache, &PassSpec::decode(key_mask));
@@ -102,6 +103,7 @@ pub trait CausalDecoder {
             key_mask,
             encoder_input: None,
             step_inputs: Vec::new(),
+            prompt_inputs: Vec::new(),
             image_stage: encoders.image_stage,
         }
     }

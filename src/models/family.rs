@@ -200,6 +200,29 @@ pub trait Family: Send + Sync {
     fn chat(&self) -> bool {
         false
     }
+    /// The decoder input text the family's own processor builds for `prompt` over `images`
+    /// images, tokenized without added special tokens, for families whose processor interleaves
+    /// images and text itself (IDEFICS); None (the default): the question or chat template.
+    fn processor_prompt(&self, _prompt: PromptText<'_>, _images: usize) -> Option<Result<String>> {
+        None
+    }
+    /// Reads what the family needs of the checkpoint's tokenizer (IDEFICS: the ids of its image
+    /// and end-of-sequence tokens), once at load, before any plan is built.
+    fn bind_tokenizer(&mut self, _tokenizer: &crate::tokenizer::Tokenizer) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a request asks, as a family whose processor builds the whole prompt sees it
+/// ([`Family::processor_prompt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptText<'a> {
+    /// A caption of one image: the prompt of the image alone.
+    Caption,
+    /// One question about every image of the request.
+    Question(&'a str),
+    /// The processor's own text with one image placeholder per image, in order.
+    Raw(&'a str),
 }
 
 /// What [`Family::text_inputs`] gives the encoders: named host data (each `[sequences * ..]`,

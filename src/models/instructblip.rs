@@ -363,7 +363,8 @@ impl InstructBlip {
             LanguageModel::Llama(dec) => {
                 let capacity = self.check_capacity(prompt_len, max_new_tokens)?;
                 // Left-padded batches (instructions of different lengths): pad keys masked out.
-                let prompt = PrefillSpec { prompt_len, image, padded: true, all_logits: all_prefill_logits };
+                let prompt =
+                    PrefillSpec { prompt_len, image: Some(image), padded: true, all_logits: all_prefill_logits };
                 Ok(dec.plan(g, batch, capacity, max_new_tokens, prompt, encoders))
             }
             // The prompt feeds the encoder; the decoder starts from one token.

@@ -118,10 +118,19 @@ pub struct GatedScratch {
 
 impl GatedMlp {
     pub fn emit(&self, g: &mut Graph, x: Buf, s: &GatedScratch, r: Residual, rows: usize) {
+        self.emit_into(g, x, s, Some(r.add), r.out, rows);
+    }
+
+    /// `out = down(act(gate(x)) * up(x))` with no residual (IDEFICS gates it first).
+    pub fn project(&self, g: &mut Graph, x: Buf, s: &GatedScratch, out: Buf, rows: usize) {
+        self.emit_into(g, x, s, None, out, rows);
+    }
+
+    fn emit_into(&self, g: &mut Graph, x: Buf, s: &GatedScratch, add: Option<Buf>, out: Buf, rows: usize) {
         linear(g, &self.gate, x, Activation::None, None, s.gate, rows);
         linear(g, &self.up, x, Activation::None, None, s.up, rows);
         g.push(Op::GatedAct { gate: s.gate.into(), up: s.up.into(), act: self.act, out: s.hidden, rows });
-        linear(g, &self.down, s.hidden, Activation::None, Some(r.add), r.out, rows);
+        linear(g, &self.down, s.hidden, Activation::None, add, out, rows);
     }
 }
 

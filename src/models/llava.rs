@@ -382,7 +382,7 @@ impl Llava {
 
         // Decoder: every sequence's prompt has the same length (no key mask).
         let image = (image_features, self.cfg.image_token_index);
-        let prompt = PrefillSpec { prompt_len, image, padded: false, all_logits: all_prefill_logits };
+        let prompt = PrefillSpec { prompt_len, image: Some(image), padded: false, all_logits: all_prefill_logits };
         let encoders = Encoders {
             inputs: vec![("pixels", img.pixels)],
             phases: img.phases,

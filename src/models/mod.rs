@@ -13,6 +13,7 @@ pub mod clip_text;
 pub mod clip_vision;
 pub mod decoder;
 pub mod family;
+pub mod idefics;
 pub mod idefics3;
 pub mod instructblip;
 pub mod language_model;
@@ -33,7 +34,7 @@ use serde_json::Value;
 
 pub use family::{
     check_square_input, image_token_sequences, EmbedPlan, Embedder, Family, FamilyConfig, Loaded, Loader, ModelConfig,
-    ModelCore, TextInputs,
+    ModelCore, PromptText, TextInputs,
 };
 
 use crate::error::{Error, Result};
@@ -62,7 +63,7 @@ pub struct FamilyEntry {
 
 /// Every family glimpse runs.
 pub const FAMILIES: &[FamilyEntry] =
-    &[blip2::FAMILY, clip::FAMILY, llava::FAMILY, instructblip::FAMILY, idefics3::FAMILY];
+    &[blip2::FAMILY, clip::FAMILY, llava::FAMILY, instructblip::FAMILY, idefics3::FAMILY, idefics::FAMILY];
 
 /// Every `model_type` of every family, in registry order.
 pub fn model_types() -> impl Iterator<Item = &'static ModelType> {

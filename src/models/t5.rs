@@ -342,6 +342,7 @@ impl T5Phases {
             key_mask: None,
             encoder_input: Some(self.encoder_input),
             step_inputs: self.step_inputs,
+            prompt_inputs: Vec::new(),
             image_stage: encoders.image_stage,
         }
     }

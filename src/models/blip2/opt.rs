@@ -61,7 +61,7 @@ impl Blip2 {
         // Decoder: prefill over the whole input, then one-token steps over the shared cache;
         // left-padded batches (prompts of different lengths) mask out the pad keys.
         let image = (img.image_embeds, self.cfg.image_token());
-        let prompt = PrefillSpec { prompt_len, image, padded: true, all_logits: all_prefill_logits };
+        let prompt = PrefillSpec { prompt_len, image: Some(image), padded: true, all_logits: all_prefill_logits };
         Ok(self.decoder.plan(g, batch, capacity, max_new_tokens, prompt, img.encoders()))
     }
 }

@@ -366,8 +366,12 @@ impl Family for Idefics3 {
 
         // Decoder: prompts holding different frame counts are left-padded to one length.
         let image = (img.image_features, self.cfg.image_token_id);
-        let prompt =
-            PrefillSpec { prompt_len: shape.prompt_len, image, padded: true, all_logits: shape.all_prefill_logits };
+        let prompt = PrefillSpec {
+            prompt_len: shape.prompt_len,
+            image: Some(image),
+            padded: true,
+            all_logits: shape.all_prefill_logits,
+        };
         let encoders = Encoders {
             inputs: vec![("pixels", img.pixels)],
             phases: img.phases,
