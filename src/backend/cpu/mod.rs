@@ -1,5 +1,7 @@
 //! The reference executor: every buffer is an f32 `Vec`, allocated once; weights stay fp16.
 
+#[cfg(test)]
+mod accuracy;
 pub mod gemm;
 pub mod ops;
 pub mod qgemm;
