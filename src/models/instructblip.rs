@@ -16,7 +16,7 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use super::decoder::{CausalDecoder, PrefillSpec};
-use super::family::{Family, Loader, TextInputs};
+use super::family::{core_accessors, Family, Loader, TextInputs};
 use super::llama::LlamaDecoder;
 use super::qformer::{InstructInputs, Instruction, QFormer};
 use super::t5::T5;
@@ -411,12 +411,7 @@ fn instruction_padding_left(model_dir: &Path) -> Result<bool> {
 }
 
 impl Family for InstructBlip {
-    fn core(&self) -> &ModelCore {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut ModelCore {
-        &mut self.core
-    }
+    core_accessors!();
 
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
@@ -429,9 +424,7 @@ impl Family for InstructBlip {
     /// `num_query_tokens` `<image>` ids, then the LLM tokenizer's ids of the prompt (BOS first):
     /// the processor puts the placeholders before BOS.
     fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
-        let mut ids = vec![self.cfg.image_token(); self.cfg.num_query_tokens];
-        ids.extend_from_slice(prompt_ids);
-        ids
+        self.cfg.query_placeholders_then(self.cfg.image_token(), prompt_ids)
     }
 
     /// The instruction verbatim: InstructBLIP has no template (the same text feeds the Q-Former).

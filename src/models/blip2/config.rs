@@ -58,6 +58,14 @@ impl BlipConfig {
         cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
         Ok(cfg)
     }
+
+    /// The language model's input as the processors build it: `num_query_tokens` copies of
+    /// `image_token` (the rows the Q-Former's outputs take), then the tokenized prompt.
+    pub fn query_placeholders_then(&self, image_token: u32, prompt_ids: &[u32]) -> Vec<u32> {
+        let mut ids = vec![image_token; self.num_query_tokens];
+        ids.extend_from_slice(prompt_ids);
+        ids
+    }
 }
 
 /// `config.json` of a `Blip2ForConditionalGeneration` checkpoint (the shared layout, read as
