@@ -90,13 +90,10 @@ impl InstructBlipConfig {
                     "without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32100 in Salesforce/instructblip-flan-t5-xl)",
                 )
             }
-            other => {
-                return Err(field_error(
-                    "text_config.model_type",
-                    format!("`{}`", other.model_type()),
-                    "glimpse runs InstructBLIP with a LLaMA (Vicuna) or T5 (Flan-T5) language model; set text_config.model_type to \"llama\" for a Vicuna checkpoint or \"t5\" for a Flan-T5 one",
-                ))
-            }
+            other => return Err(TextConfig::unsupported_by_family(
+                other.model_type(),
+                "glimpse runs InstructBLIP with a LLaMA (Vicuna) or T5 (Flan-T5) language model; set text_config.model_type to \"llama\" for a Vicuna checkpoint or \"t5\" for a Flan-T5 one",
+            )),
         };
         if self.use_decoder_only_language_model == Some(false) {
             return Err(field_error(

@@ -204,17 +204,13 @@ impl Blip2Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        /// The hint of a decoder-only language model other than OPT.
+        const OPT_ONLY: &str = "not supported yet; glimpse runs BLIP-2 with OPT";
         self.check_towers()?;
         let t = match &self.text_config {
             TextConfig::Opt(t) => t,
             TextConfig::T5(t) => return self.check_t5(t),
-            other => {
-                return Err(field_error(
-                    "text_config.model_type",
-                    format!("`{}`", other.model_type()),
-                    "not supported yet; glimpse runs BLIP-2 with OPT",
-                ))
-            }
+            other => return Err(TextConfig::unsupported_by_family(other.model_type(), OPT_ONLY)),
         };
         if self.use_decoder_only_language_model == Some(false) {
             return Err(field_error(
@@ -224,11 +220,7 @@ impl Blip2Config {
             ));
         }
         if t.model_type != "opt" {
-            return Err(field_error(
-                "text_config.model_type",
-                format!("`{}`", t.model_type),
-                "not supported yet; glimpse runs BLIP-2 with OPT",
-            ));
+            return Err(TextConfig::unsupported_by_family(&t.model_type, OPT_ONLY));
         }
 
         // OPT decoder.
