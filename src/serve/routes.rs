@@ -23,8 +23,7 @@ use super::metrics::route_label;
 use super::openai::{ChatRequest, EmbeddingsRequest};
 use super::response::{self, Meta};
 use super::scheduler::{Event, Job, Rejected, Reply, Work};
-use super::{prepare, Served, Shared};
-use crate::api::{EmbedModel, Model};
+use super::{prepare, Shared};
 
 pub fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
     let api = Router::new()
@@ -126,22 +125,6 @@ fn json_body(body: RawBody, limit: usize) -> Result<Value> {
     })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
-}
-
-impl Served {
-    fn generating(&self) -> Option<&Arc<Model>> {
-        match self {
-            Served::Generate(model) => Some(model),
-            Served::Embed(_) => None,
-        }
-    }
-
-    fn embedding(&self) -> Option<&Arc<EmbedModel>> {
-        match self {
-            Served::Embed(model) => Some(model),
-            Served::Generate(_) => None,
-        }
-    }
 }
 
 /// The JSON body of a POST route: parsed as OpenAI's API defines it, naming the model it asks.
