@@ -537,19 +537,26 @@ pub(super) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86
     // v[c] = columns (c, 8+c) of rows 0..8 by lane; v[4+c] columns (4+c, 12+c); v[8..] rows 8..16.
     let mut v = [_mm512_setzero_ps(); 16];
     for c in 0..4 {
-        v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-        v[4 + c] = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
-        v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-        v[12 + c] = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+        (v[c], v[4 + c]) = even_odd_lanes(u[c], u[4 + c]);
+        (v[8 + c], v[12 + c]) = even_odd_lanes(u[8 + c], u[12 + c]);
     }
     let mut out = [_mm512_setzero_ps(); 16];
     for c in 0..4 {
-        out[c] = _mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]);
-        out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v[c], v[8 + c]);
-        out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v[4 + c], v[12 + c]);
-        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v[4 + c], v[12 + c]);
+        (out[c], out[8 + c]) = even_odd_lanes(v[c], v[8 + c]);
+        (out[4 + c], out[12 + c]) = even_odd_lanes(v[4 + c], v[12 + c]);
     }
     out
+}
+
+/// The even 128-bit lanes of `a` then of `b`, and the odd ones likewise: (a0 a2 b0 b2, a1 a3 b1 b3).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn even_odd_lanes(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    (_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
 }
 
 #[cfg(test)]
