@@ -521,13 +521,15 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let caption = subject.request(pixels.clone(), b, false, n)?;
     let plan = &caption.plan;
     let mut exec = backend.executor(weights, &plan.graph)?;
-    let t = time_stages(exec.as_mut(), plan, &caption.inputs(), &subject.caption_ids, &opts, repeats)?;
+    let run = TimedRun { plan, inputs: &caption.inputs(), ids: &subject.caption_ids, opts: &opts, repeats };
+    let t = time_stages(exec.as_mut(), &run)?;
     drop(exec);
     // VQA-prompt prefill (its own plan: buffers are sized by prompt length).
     let vqa = subject.request(pixels.clone(), b, true, n)?;
     let plan_vqa = &vqa.plan;
     let mut exec = backend.executor(weights, &plan_vqa.graph)?;
-    let t_vqa = time_prefill(exec.as_mut(), plan_vqa, &vqa.inputs(), &subject.vqa_ids, &opts, repeats)?;
+    let run = TimedRun { plan: plan_vqa, inputs: &vqa.inputs(), ids: &subject.vqa_ids, opts: &opts, repeats };
+    let t_vqa = time_prefill(exec.as_mut(), &run)?;
     drop(exec);
 
     // Beam search through the same loop: BENCH_BEAMS beams per image, no EOS so every step runs.
@@ -866,16 +868,28 @@ struct StageTimes {
     caption: Vec<f64>,
 }
 
+/// One request a timing function runs `repeats` times (after a warm-up where it says so).
+struct TimedRun<'a> {
+    plan: &'a Plan,
+    inputs: &'a [(&'a str, &'a [f32])],
+    ids: &'a [u32],
+    opts: &'a GenerateOptions,
+    repeats: usize,
+}
+
+impl TimedRun<'_> {
+    /// Runs the request once through the generation loop with `on_phase` timing its phases.
+    fn run_phases(&self, exec: &mut dyn Executor, on_phase: &mut dyn FnMut(&str, f64) -> bool) -> Result<()> {
+        let mut hooks = Hooks { on_token: &mut |_| {}, on_phase: Some(on_phase) };
+        generate_with(self.plan, exec, self.inputs, self.ids, self.opts, &mut hooks)?;
+        Ok(())
+    }
+}
+
 /// Stage timings through the generation loop itself: whole captions by wall clock, then the
 /// same loop with every phase timed by `Executor::run_timed`.
-fn time_stages(
-    exec: &mut dyn Executor,
-    plan: &Plan,
-    inputs: &[(&str, &[f32])],
-    ids: &[u32],
-    opts: &GenerateOptions,
-    repeats: usize,
-) -> Result<StageTimes> {
+fn time_stages(exec: &mut dyn Executor, run: &TimedRun<'_>) -> Result<StageTimes> {
+    let TimedRun { plan, inputs, ids, opts, repeats } = *run;
     let mut t = StageTimes::default();
     // Whole captions: warm-up (also warms every phase for the per-stage timings), then timed.
     for r in 0..=repeats {
@@ -898,23 +912,15 @@ fn time_stages(
             }
             true
         };
-        let mut hooks = Hooks { on_token: &mut |_| {}, on_phase: Some(&mut on_phase) };
-        generate_with(plan, exec, inputs, ids, opts, &mut hooks)?;
+        run.run_phases(exec, &mut on_phase)?;
     }
     Ok(t)
 }
 
 /// Prefill alone: the loop stops after the prefill phase (the encoders run untimed once per repeat).
-fn time_prefill(
-    exec: &mut dyn Executor,
-    plan: &Plan,
-    inputs: &[(&str, &[f32])],
-    ids: &[u32],
-    opts: &GenerateOptions,
-    repeats: usize,
-) -> Result<Vec<f64>> {
+fn time_prefill(exec: &mut dyn Executor, run: &TimedRun<'_>) -> Result<Vec<f64>> {
     let mut out = Vec::new();
-    for r in 0..=repeats {
+    for r in 0..=run.repeats {
         let mut on_phase = |name: &str, ms: f64| {
             if name != "prefill" {
                 return true;
@@ -924,8 +930,7 @@ fn time_prefill(
             }
             false
         };
-        let mut hooks = Hooks { on_token: &mut |_| {}, on_phase: Some(&mut on_phase) };
-        generate_with(plan, exec, inputs, ids, opts, &mut hooks)?;
+        run.run_phases(exec, &mut on_phase)?;
     }
     Ok(out)
 }

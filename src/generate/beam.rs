@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use super::processors::{log_softmax, LogitsProcessorList};
 use super::sample::{draw_distinct, Rng};
-use super::{EarlyStopping, GenerateOptions, Prompts, Sequence, Session, TokenEvent};
+use super::{EarlyStopping, GenerateOptions, Request, Sequence, Session, TokenEvent};
 use crate::backend::Candidate;
 use crate::error::{Error, Result};
 
@@ -72,12 +72,8 @@ fn by_rank(a: &Cand, b: &Cand) -> Ordering {
     b.score.total_cmp(&a.score).then(a.beam.cmp(&b.beam)).then(a.token.cmp(&b.token))
 }
 
-pub(super) fn run(
-    s: &mut Session<'_, '_>,
-    inputs: &[(&str, &[f32])],
-    prompts: &Prompts,
-    opts: &GenerateOptions,
-) -> Result<Vec<Sequence>> {
+pub(super) fn run(s: &mut Session<'_, '_>, req: &Request<'_>) -> Result<Vec<Sequence>> {
+    let Request { inputs, prompts, opts } = *req;
     let plan = s.plan;
     let n = opts.num_beams;
     if n < 2 || plan.batch % n != 0 {

@@ -4,16 +4,12 @@
 
 use std::time::Instant;
 
-use super::{GenerateOptions, Prompts, Sequence, Session, TokenEvent};
+use super::{Request, Sequence, Session, TokenEvent};
 use crate::backend::Candidate;
 use crate::error::Result;
 
-pub(super) fn run(
-    s: &mut Session<'_, '_>,
-    inputs: &[(&str, &[f32])],
-    prompts: &Prompts,
-    opts: &GenerateOptions,
-) -> Result<Vec<Sequence>> {
+pub(super) fn run(s: &mut Session<'_, '_>, req: &Request<'_>) -> Result<Vec<Sequence>> {
+    let Request { inputs, prompts, opts } = *req;
     let plan = s.plan;
     let batch = plan.batch;
     let mut seqs = vec![Sequence::default(); batch];

@@ -483,6 +483,15 @@ pub struct Hooks<'a> {
     pub on_phase: Option<&'a mut PhaseHook<'a>>,
 }
 
+/// What a decoding strategy runs: the host inputs (by name), the decoder's prompts and the
+/// settings, checked by [`generate_prompts`].
+#[derive(Clone, Copy)]
+struct Request<'r> {
+    inputs: &'r [(&'r str, &'r [f32])],
+    prompts: &'r Prompts,
+    opts: &'r GenerateOptions,
+}
+
 /// One request on one executor: the machinery every strategy shares. Strategies call
 /// [`Session::prefill`] and [`Session::decode`] and choose tokens from what they return.
 pub struct Session<'a, 'h> {
@@ -794,13 +803,13 @@ pub fn generate_prompts(
         encoder_tokens,
         cancel: opts.cancel.clone(),
     };
+    let req = Request { inputs, prompts, opts };
     let seqs = if opts.num_beams > 1 {
-        beam::run(&mut session, inputs, prompts, opts)?
+        beam::run(&mut session, &req)?
     } else if opts.uses_processors() {
-        let seqs = sample::run(&mut session, inputs, prompts, opts, &opts.processor_settings(), opts.sampling_seed())?;
-        group_returned(seqs, opts.expansion())
+        group_returned(sample::run(&mut session, &req)?, opts.expansion())
     } else {
-        greedy::run(&mut session, inputs, prompts, opts)?
+        greedy::run(&mut session, &req)?
     };
     session.timings.total_ms = session.elapsed_ms();
     Ok((seqs, session.timings))

@@ -269,6 +269,18 @@ pub struct LogitsProcessorList {
     processors: Vec<Processor>,
 }
 
+/// A factor where 1.0 is off (temperature, repetition penalty): None when off, else the value;
+/// unless it is positive and finite, an error naming `name`, its value, and `hint` after.
+fn positive_factor(name: &str, value: f64, hint: &str) -> Result<Option<f64>> {
+    if value == 1.0 {
+        Ok(None)
+    } else if value > 0.0 && value.is_finite() {
+        Ok(Some(value))
+    } else {
+        Err(Error::InvalidInput(format!("{name} {value} is invalid: it must be a positive number{hint}")))
+    }
+}
+
 impl LogitsProcessorList {
     /// The list `_get_logits_processor` builds from `settings` for a decoder input of
     /// `prompt_len` tokens (`input_ids.shape[1]`: image placeholders included for BLIP-2; the
@@ -277,14 +289,9 @@ impl LogitsProcessorList {
         let s = settings;
         let mut p = Vec::new();
         let bad = |msg: String| Err(Error::InvalidInput(msg));
-        if s.repetition_penalty != 1.0 {
-            if !(s.repetition_penalty > 0.0 && s.repetition_penalty.is_finite()) {
-                return bad(format!(
-                    "repetition_penalty {} is invalid: it must be a positive number (1.0 = no penalty, above 1 discourages repeats)",
-                    s.repetition_penalty
-                ));
-            }
-            p.push(Processor::RepetitionPenalty { penalty: s.repetition_penalty });
+        let no_penalty = " (1.0 = no penalty, above 1 discourages repeats)";
+        if let Some(penalty) = positive_factor("repetition_penalty", s.repetition_penalty, no_penalty)? {
+            p.push(Processor::RepetitionPenalty { penalty });
         }
         if s.no_repeat_ngram_size > 0 {
             p.push(Processor::NoRepeatNGram { size: s.no_repeat_ngram_size });
@@ -306,14 +313,9 @@ impl LogitsProcessorList {
                 return bad("num_beams is 0: it must be at least 1".into());
             }
             let keep = s.min_tokens_to_keep();
-            if s.temperature != 1.0 {
-                if !(s.temperature > 0.0 && s.temperature.is_finite()) {
-                    return bad(format!(
-                        "temperature {} is invalid: it must be a positive number; for greedy decoding turn sampling off instead of setting 0",
-                        s.temperature
-                    ));
-                }
-                p.push(Processor::Temperature { temperature: s.temperature });
+            let greedy = "; for greedy decoding turn sampling off instead of setting 0";
+            if let Some(temperature) = positive_factor("temperature", s.temperature, greedy)? {
+                p.push(Processor::Temperature { temperature });
             }
             if s.top_k != 0 {
                 p.push(Processor::TopK { top_k: s.top_k.max(keep) });

@@ -13,8 +13,8 @@
 
 use std::time::Instant;
 
-use super::processors::{LogitsProcessorList, ProcessorSettings};
-use super::{GenerateOptions, Prompts, Sequence, Session, TokenEvent};
+use super::processors::LogitsProcessorList;
+use super::{Request, Sequence, Session, TokenEvent};
 use crate::backend::cpu::ops::{argmax, log_prob};
 use crate::error::{Error, Result};
 
@@ -139,17 +139,13 @@ pub fn draw_distinct(scores: &[f64], k: usize, rng: &mut Rng) -> Result<Vec<usiz
     Ok(out)
 }
 
-pub(super) fn run(
-    s: &mut Session<'_, '_>,
-    inputs: &[(&str, &[f32])],
-    prompts: &Prompts,
-    opts: &GenerateOptions,
-    settings: &ProcessorSettings,
-    seed: u64,
-) -> Result<Vec<Sequence>> {
+pub(super) fn run(s: &mut Session<'_, '_>, req: &Request<'_>) -> Result<Vec<Sequence>> {
+    let Request { inputs, prompts, opts } = *req;
     let plan = s.plan;
     let batch = plan.batch;
-    let processors = LogitsProcessorList::new(settings, plan.prompt_len)?;
+    let settings = opts.processor_settings();
+    let processors = LogitsProcessorList::new(&settings, plan.prompt_len)?;
+    let seed = opts.sampling_seed();
     let per = opts.expansion();
     let mut seqs = vec![Sequence::default(); batch];
     if !s.encode(inputs)? {

@@ -114,6 +114,20 @@ impl ModelCore {
     }
 }
 
+/// [`Family::core`] and [`Family::core_mut`] for a family that keeps its [`ModelCore`] in a
+/// field named `core`: `impl Family for X { core_accessors!(); ... }`.
+macro_rules! core_accessors {
+    () => {
+        fn core(&self) -> &$crate::models::family::ModelCore {
+            &self.core
+        }
+        fn core_mut(&mut self) -> &mut $crate::models::family::ModelCore {
+            &mut self.core
+        }
+    };
+}
+pub(crate) use core_accessors;
+
 /// A loaded model of one family: everything above the graph that differs between families.
 pub trait Family: Send + Sync {
     fn core(&self) -> &ModelCore;

@@ -16,7 +16,7 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use super::decoder::{CausalDecoder, PrefillSpec};
-use super::family::{Family, Loader, TextInputs};
+use super::family::{core_accessors, Family, Loader, TextInputs};
 use super::llama::LlamaDecoder;
 use super::qformer::{InstructInputs, Instruction, QFormer};
 use super::t5::T5;
@@ -90,13 +90,10 @@ impl InstructBlipConfig {
                     "without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32100 in Salesforce/instructblip-flan-t5-xl)",
                 )
             }
-            other => {
-                return Err(field_error(
-                    "text_config.model_type",
-                    format!("`{}`", other.model_type()),
-                    "glimpse runs InstructBLIP with a LLaMA (Vicuna) or T5 (Flan-T5) language model; set text_config.model_type to \"llama\" for a Vicuna checkpoint or \"t5\" for a Flan-T5 one",
-                ))
-            }
+            other => return Err(TextConfig::unsupported_by_family(
+                other.model_type(),
+                "glimpse runs InstructBLIP with a LLaMA (Vicuna) or T5 (Flan-T5) language model; set text_config.model_type to \"llama\" for a Vicuna checkpoint or \"t5\" for a Flan-T5 one",
+            )),
         };
         if self.use_decoder_only_language_model == Some(false) {
             return Err(field_error(
@@ -412,12 +409,7 @@ fn instruction_padding_left(model_dir: &Path) -> Result<bool> {
 }
 
 impl Family for InstructBlip {
-    fn core(&self) -> &ModelCore {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut ModelCore {
-        &mut self.core
-    }
+    core_accessors!();
 
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
@@ -430,9 +422,7 @@ impl Family for InstructBlip {
     /// `num_query_tokens` `<image>` ids, then the LLM tokenizer's ids of the prompt (BOS first):
     /// the processor puts the placeholders before BOS.
     fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
-        let mut ids = vec![self.cfg.image_token(); self.cfg.num_query_tokens];
-        ids.extend_from_slice(prompt_ids);
-        ids
+        self.cfg.query_placeholders_then(self.cfg.image_token(), prompt_ids)
     }
 
     /// The instruction verbatim: InstructBLIP has no template (the same text feeds the Q-Former).

@@ -77,6 +77,12 @@ impl TextConfig {
         format!("text_config.model_type `{kind}` is not supported yet{known}: glimpse runs OPT, LLaMA and T5 language models so far")
     }
 
+    /// The error for a language model the family does not run: `text_config.model_type`, then
+    /// `hint` (what the family runs, and what to set).
+    pub fn unsupported_by_family(model_type: &str, hint: &str) -> String {
+        field_error("text_config.model_type", format!("`{model_type}`"), hint)
+    }
+
     pub fn model_type(&self) -> &str {
         match self {
             TextConfig::Opt(c) => &c.model_type,

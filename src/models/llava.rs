@@ -9,7 +9,7 @@ use half::f16;
 
 use super::clip_vision::{find_prefix, ClipVision, VisionRequest};
 use super::decoder::{CausalDecoder, PrefillSpec};
-use super::family::{image_token_sequences, Family, Loader};
+use super::family::{core_accessors, image_token_sequences, Family, Loader};
 use super::llama::LlamaDecoder;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -416,12 +416,7 @@ impl LlavaImagePhases {
 }
 
 impl Family for Llava {
-    fn core(&self) -> &ModelCore {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut ModelCore {
-        &mut self.core
-    }
+    core_accessors!();
 
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size

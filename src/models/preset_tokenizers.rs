@@ -139,6 +139,18 @@ pub(crate) fn added_token(id: u32, content: &str) -> Value {
            "normalized": false, "special": true})
 }
 
+/// A `TemplateProcessing` post-processor that puts special token `token` (id `id`) before the
+/// sequence, and before each sequence of a pair (OPT's `</s>`, LLaMA's `<s>`).
+fn leading_token_template(token: &str, id: u32) -> Value {
+    json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": token, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {token: {"id": token, "ids": [id], "tokens": [token]}}
+    })
+}
+
 /// `tokenizer.json`: `image_token` BPE entries (ids 0..image_token), then `<image>` as a special
 /// added token that takes id `image_token`, like the real BLIP-2 OPT tokenizer. `Ċ` ("\n") sits at
 /// `eos`; entries no merge produces fill the vocabulary (pronounceable pseudo-words).
@@ -160,13 +172,7 @@ pub fn tokenizer_json(image_token: u32, eos: u32) -> Result<Value> {
         "added_tokens": [added(0, "<s>"), added(1, "<pad>"), added(2, "</s>"), added(3, "<unk>"), added(image_token, "<image>")],
         "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "</s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "</s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "</s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}
-        },
+        "post_processor": leading_token_template("</s>", 2),
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -203,13 +209,7 @@ pub fn llama_tokenizer_json(image_token: u32) -> Result<Value> {
             {"type": "Prepend", "prepend": "\u{2581}"},
             {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
         "pre_tokenizer": null,
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
-        },
+        "post_processor": leading_token_template("<s>", 1),
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
             {"type": "ByteFallback"}, {"type": "Fuse"},

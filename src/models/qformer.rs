@@ -88,6 +88,14 @@ impl AttentionBlock {
         Ok(Self { attention, layer_norm })
     }
 
+    /// The scratch of a cross-attention block: its own keys and values over the `kv_rows` image
+    /// rows, the query and context buffers of the self-attention's `s`.
+    fn cross_scratch(&self, g: &mut Graph, s: &AttnScratch, kv_rows: usize) -> AttnScratch {
+        let kv_width = self.attention.kv_width();
+        let k = g.buffer("qformer.cross_k", kv_rows, kv_width);
+        AttnScratch { k, v: g.buffer("qformer.cross_v", kv_rows, kv_width), ..*s }
+    }
+
     /// `out = LN(dense(MHA(q(x), k(keys), v(keys))) + x)`, the sum in `sum`.
     fn emit(&self, g: &mut Graph, s: &AttnScratch, x: Buf, call: &AttnCall, sum: Buf, out: Buf) {
         let rows = call.batch * call.q_len;
@@ -204,11 +212,7 @@ impl QFormer {
             // h = LN(dense(SelfAttn(x)) + x)
             l.self_attention.emit(g, &s, x, &self_call, dense, h);
             if let Some(cross) = &l.cross_attention {
-                let cs = *cross_scratch.get_or_insert_with(|| {
-                    let (kv_rows, kv_width) = (batch * image_tokens, cross.attention.kv_width());
-                    let k = g.buffer("qformer.cross_k", kv_rows, kv_width);
-                    AttnScratch { k, v: g.buffer("qformer.cross_v", kv_rows, kv_width), ..s }
-                });
+                let cs = *cross_scratch.get_or_insert_with(|| cross.cross_scratch(g, &s, batch * image_tokens));
                 // h = LN(dense(CrossAttn(h, image)) + h)   (dense writes a scratch, LN back to h)
                 cross.emit(g, &cs, h, &cross_call, dense, h);
             }
@@ -283,11 +287,7 @@ impl QFormer {
             // Query rows: h_q = LN(dense(CrossAttn(h_q, image)) + h_q), then the query FFN.
             copy(g, h, t, 0, hq, nq, 0, nq);
             if let Some(cross) = &l.cross_attention {
-                let cs = *cross_scratch.get_or_insert_with(|| {
-                    let (kv_rows, kv_width) = (batch * image_tokens, cross.attention.kv_width());
-                    let k = g.buffer("qformer.cross_k", kv_rows, kv_width);
-                    AttnScratch { k, v: g.buffer("qformer.cross_v", kv_rows, kv_width), ..s }
-                });
+                let cs = *cross_scratch.get_or_insert_with(|| cross.cross_scratch(g, &s, batch * image_tokens));
                 cross.emit(g, &cs, hq, &cross_call, dense, hq);
             }
             let q_rows = batch * nq;

@@ -116,6 +116,22 @@ impl Served {
             Served::Embed(m) => m.backend_name(),
         }
     }
+
+    /// The model when it generates text (the chat route's), else None.
+    fn generating(&self) -> Option<&Arc<Model>> {
+        match self {
+            Served::Generate(model) => Some(model),
+            Served::Embed(_) => None,
+        }
+    }
+
+    /// The model when it embeds (the embeddings route's), else None.
+    fn embedding(&self) -> Option<&Arc<EmbedModel>> {
+        match self {
+            Served::Embed(model) => Some(model),
+            Served::Generate(_) => None,
+        }
+    }
 }
 
 /// What every handler shares.

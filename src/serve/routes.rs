@@ -23,7 +23,7 @@ use super::metrics::route_label;
 use super::openai::{ChatRequest, EmbeddingsRequest};
 use super::response::{self, Meta};
 use super::scheduler::{Event, Job, Rejected, Reply, Work};
-use super::{prepare, Served, Shared};
+use super::{prepare, Shared};
 
 pub fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
     let api = Router::new()
@@ -108,8 +108,11 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         .into_response()
 }
 
+/// A request body as axum hands it over: the bytes, or why they could not be read.
+type RawBody = std::result::Result<Bytes, BytesRejection>;
+
 /// The body as JSON: over `--max-body-bytes` is a 413, anything but JSON a 400.
-fn json_body(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> Result<Value> {
+fn json_body(body: RawBody, limit: usize) -> Result<Value> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::bad_request(format!(
@@ -124,7 +127,46 @@ fn json_body(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> 
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
 }
 
+/// The JSON body of a POST route: parsed as OpenAI's API defines it, naming the model it asks.
+trait RouteRequest: Sized {
+    fn parse(body: &Value) -> Result<Self>;
+    fn model(&self) -> &str;
+}
+
+impl RouteRequest for ChatRequest {
+    fn parse(body: &Value) -> Result<Self> {
+        ChatRequest::parse(body)
+    }
+    fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+impl RouteRequest for EmbeddingsRequest {
+    fn parse(body: &Value) -> Result<Self> {
+        EmbeddingsRequest::parse(body)
+    }
+    fn model(&self) -> &str {
+        &self.model
+    }
+}
+
 impl Shared {
+    /// A request as it arrives: its body read, parsed and checked to ask for the served model,
+    /// with the instant by which it must be answered (`--request-timeout-s` from now).
+    fn accept<R: RouteRequest>(&self, body: RawBody) -> Result<(R, tokio::time::Instant)> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let req = R::parse(&json_body(body, self.max_body_bytes)?)?;
+        self.check_model(req.model())?;
+        Ok((req, deadline))
+    }
+
+    /// The 400 for a request the served model does not take: `does` says what it does instead
+    /// and which route to use.
+    fn wrong_route(&self, does: &str) -> ApiError {
+        ApiError::bad_request(format!("`{}` {does}", self.name))
+    }
+
     fn check_model(&self, name: &str) -> Result<()> {
         if name == self.name {
             return Ok(());
@@ -207,21 +249,14 @@ async fn outcome(s: &Shared, rx: &mut mpsc::UnboundedReceiver<Event>, deadline: 
     }
 }
 
-async fn chat(State(s): State<Arc<Shared>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
-    chat_inner(s, body).await.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn chat_inner(s: Arc<Shared>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
-    let deadline = tokio::time::Instant::now() + s.timeout;
-    let req = ChatRequest::parse(&json_body(body, s.max_body_bytes)?)?;
-    s.check_model(&req.model)?;
-    let Served::Generate(model) = &s.served else {
-        return Err(ApiError::bad_request(format!(
-            "`{}` embeds images and texts, it does not chat: use POST /v1/embeddings",
-            s.name
-        )));
-    };
-    let (model, media) = (model.clone(), s.media.clone());
+async fn chat(State(s): State<Arc<Shared>>, body: RawBody) -> Result<Response> {
+    let (req, deadline) = s.accept::<ChatRequest>(body)?;
+    let model = s
+        .served
+        .generating()
+        .cloned()
+        .ok_or_else(|| s.wrong_route("embeds images and texts, it does not chat: use POST /v1/embeddings"))?;
+    let media = s.media.clone();
     let (job, req) = s.prepare(req, move |r| prepare::chat_job(&model, r, &media)).await?;
     let mut rx = s.submit(Work::Generate(Box::new(job)))?;
     let meta = Meta::new(&s.name);
@@ -321,21 +356,12 @@ async fn pump(
     let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
 }
 
-async fn embeddings(State(s): State<Arc<Shared>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
-    embeddings_inner(s, body).await.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn embeddings_inner(s: Arc<Shared>, body: std::result::Result<Bytes, BytesRejection>) -> Result<Response> {
-    let deadline = tokio::time::Instant::now() + s.timeout;
-    let req = EmbeddingsRequest::parse(&json_body(body, s.max_body_bytes)?)?;
-    s.check_model(&req.model)?;
-    let Served::Embed(model) = &s.served else {
-        return Err(ApiError::bad_request(format!(
-            "`{}` generates text, it does not embed: use POST /v1/chat/completions (embeddings need a CLIP model)",
-            s.name
-        )));
-    };
-    let (model, media) = (model.clone(), s.media.clone());
+async fn embeddings(State(s): State<Arc<Shared>>, body: RawBody) -> Result<Response> {
+    let (req, deadline) = s.accept::<EmbeddingsRequest>(body)?;
+    let model = s.served.embedding().cloned().ok_or_else(|| {
+        s.wrong_route("generates text, it does not embed: use POST /v1/chat/completions (embeddings need a CLIP model)")
+    })?;
+    let media = s.media.clone();
     let ((items, tokens), req) = s.prepare(req, move |r| prepare::embed_job(&model, r, &media)).await?;
     let mut rx = s.submit(Work::Embed(items))?;
     match outcome(&s, &mut rx, deadline).await? {

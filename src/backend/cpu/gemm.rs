@@ -537,50 +537,37 @@ pub(super) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86
     // v[c] = columns (c, 8+c) of rows 0..8 by lane; v[4+c] columns (4+c, 12+c); v[8..] rows 8..16.
     let mut v = [_mm512_setzero_ps(); 16];
     for c in 0..4 {
-        v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-        v[4 + c] = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
-        v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-        v[12 + c] = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+        (v[c], v[4 + c]) = even_odd_lanes(u[c], u[4 + c]);
+        (v[8 + c], v[12 + c]) = even_odd_lanes(u[8 + c], u[12 + c]);
     }
     let mut out = [_mm512_setzero_ps(); 16];
     for c in 0..4 {
-        out[c] = _mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]);
-        out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v[c], v[8 + c]);
-        out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v[4 + c], v[12 + c]);
-        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v[4 + c], v[12 + c]);
+        (out[c], out[8 + c]) = even_odd_lanes(v[c], v[8 + c]);
+        (out[4 + c], out[12 + c]) = even_odd_lanes(v[4 + c], v[12 + c]);
     }
     out
+}
+
+/// The even 128-bit lanes of `a` then of `b`, and the odd ones likewise: (a0 a2 b0 b2, a1 a3 b1 b3).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn even_odd_lanes(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    (_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::accuracy::{self, full_mantissa_normal};
 
-    /// Max |got - exact| / bound over `[m, n]`, with the exact product in f64 and the bound
-    /// gamma_k * sum_k |x w| (gamma_k = k u / (1 - k u), u = 2^-24): the worst-case error of
-    /// any f32 summation of k products, FMA or not, in any order; x and the widened w are exact.
+    /// See [`accuracy::worst_error_ratio`]: x and the widened w are exact, k products a sum.
     fn worst_error_ratio(x: &[f32], w: &[f16], out: &[f32], dims: GemmDims) -> f64 {
-        let GemmDims { m, n, k } = dims;
-        let u = f64::from(f32::EPSILON) / 2.0;
-        let gamma = k as f64 * u / (1.0 - k as f64 * u);
-        let mut worst = 0f64;
-        for r in 0..m {
-            for j in 0..n {
-                let terms = (0..k).map(|kk| f64::from(x[r * k + kk]) * w[j * k + kk].to_f64());
-                let (exact, mag) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                let got = f64::from(out[r * n + j]);
-                assert!(got.is_finite(), "({r}, {j}) not written");
-                worst = worst.max((got - exact).abs() / (gamma * mag).max(f64::MIN_POSITIVE));
-            }
-        }
-        worst
-    }
-
-    /// ~N(0, 1) values with full f32 mantissas (synth's draws are fp16 values, whose products
-    /// with fp16 weights would be exact in f32 and hide FMA-vs-separate rounding).
-    fn full_mantissa_normal(len: usize, seed: u64) -> Vec<f32> {
-        let (a, b) = (crate::synth::random_normal(len, seed), crate::synth::random_normal(len, seed + 1000));
-        a.iter().zip(&b).map(|(a, b)| a + b * 1e-3).collect()
+        let k = dims.k;
+        accuracy::worst_error_ratio(x, out, dims, k, |j| w[j * k..][..k].iter().map(|v| v.to_f64()).collect())
     }
 
     #[test]

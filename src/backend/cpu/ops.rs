@@ -1,9 +1,6 @@
 //! The reference CPU ops: f32 math on fp16 weights, parallel with rayon. Each function is the
 //! definition its CUDA kernel is tested against, so clarity and exactness come before speed.
 
-// gemm::gemm's arguments, in order: m, n, k; dst, dst column stride, dst row stride, read_dst;
-// lhs, lhs column stride, lhs row stride; rhs, rhs column stride, rhs row stride; alpha, beta
-// (dst = alpha * dst + beta * lhs * rhs); conj_dst, conj_lhs, conj_rhs; parallelism.
 use gemm::Parallelism;
 use half::f16;
 use rayon::prelude::*;
@@ -75,7 +72,7 @@ pub fn linear(
     dims: GemmDims,
 ) -> Result<()> {
     let isa = super::gemm::selected().map_err(Error::InvalidInput)?;
-    linear_on(isa, x, LinearWeight::F16(w), bias, act, out, accumulate, dims);
+    linear_path(isa, LinearPath::for_rows(dims.m), x, LinearWeight::F16(w), bias, act, out, accumulate, dims);
     Ok(())
 }
 
@@ -84,21 +81,6 @@ pub fn linear(
 pub enum LinearWeight<'a> {
     F16(&'a [f16]),
     Quant(&'a crate::quant::QuantTensor),
-}
-
-/// [`linear_path`] on the path [`LinearPath::for_rows`] picks for `dims.m` rows.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_on(
-    isa: super::gemm::Isa,
-    x: &[f32],
-    w: LinearWeight<'_>,
-    bias: Option<&[f16]>,
-    act: Activation,
-    out: &mut [f32],
-    accumulate: bool,
-    dims: GemmDims,
-) {
-    linear_path(isa, LinearPath::for_rows(dims.m), x, w, bias, act, out, accumulate, dims)
 }
 
 /// [`linear`] on the CPU path `isa` (`GLIMPSE_CPU_ISA`), for either kind of weight, as the
@@ -375,27 +357,9 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
             // q0 + i*q_stride, columns c < d; rhs: Kᵀ, element (c, j) at k0 + j*kv_stride + c,
             // j < lkv. The asserts above bound the largest index read in q and k.
             unsafe {
-                gemm::gemm(
-                    lq,
-                    lkv,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    lkv as isize,
-                    false,
-                    q.as_ptr().add(q0),
-                    1,
-                    s.q_stride as isize,
-                    k.as_ptr().add(k0),
-                    s.kv_stride as isize,
-                    1,
-                    0.0,
-                    s.scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                let q = Strided { ptr: q.as_ptr().add(q0), col_stride: 1, row_stride: s.q_stride };
+                let k_t = Strided { ptr: k.as_ptr().add(k0), col_stride: s.kv_stride, row_stride: 1 };
+                matmul_into(&mut scores, GemmDims { m: lq, n: lkv, k: d }, q, k_t, s.scale);
             }
             for (i, row) in scores.chunks_mut(lkv).enumerate() {
                 let key_mask = mask.map(|m| {
@@ -423,27 +387,9 @@ pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExt
             // SAFETY: dst `o` is lq x d (row stride d). lhs: the probabilities, lq x lkv; rhs: V,
             // element (j, c) at v0 + j*kv_stride + c, j < lkv, c < d, bounded by the assert above.
             unsafe {
-                gemm::gemm(
-                    lq,
-                    d,
-                    lkv,
-                    o.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    lkv as isize,
-                    v.as_ptr().add(v0),
-                    1,
-                    s.kv_stride as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                let p = Strided { ptr: scores.as_ptr(), col_stride: 1, row_stride: lkv };
+                let v = Strided { ptr: v.as_ptr().add(v0), col_stride: 1, row_stride: s.kv_stride };
+                matmul_into(&mut o, GemmDims { m: lq, n: d, k: lkv }, p, v, 1.0);
             }
             o
         })
@@ -470,6 +416,48 @@ pub fn gated_add(x: &[f32], alpha: &[f32], mask: Option<(&[f32], usize)>, out: &
             *o += gates[if gates.len() == 1 { 0 } else { c }] * v;
         }
     }
+}
+
+/// A matrix operand read in place: its first element and the distance between neighbouring
+/// columns and rows.
+struct Strided {
+    ptr: *const f32,
+    col_stride: usize,
+    row_stride: usize,
+}
+
+/// `dst [m, n]` (row-major, contiguous) = `scale * lhs [m, k] · rhs [k, n]`, on this thread.
+///
+/// # Safety
+/// `dst` holds at least m x n values, and every element (i, c) of `lhs` (i < m, c < k) and
+/// (c, j) of `rhs` (c < k, j < n) lies inside the allocation its pointer reads.
+unsafe fn matmul_into(dst: &mut [f32], dims: GemmDims, lhs: Strided, rhs: Strided, scale: f32) {
+    let GemmDims { m, n, k } = dims;
+    debug_assert!(dst.len() >= m * n);
+    // gemm::gemm's arguments, in order: m, n, k; dst, dst column stride, dst row stride, read_dst;
+    // lhs, lhs column stride, lhs row stride; rhs, rhs column stride, rhs row stride; alpha, beta
+    // (dst = alpha * dst + beta * lhs * rhs); conj_dst, conj_lhs, conj_rhs; parallelism.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        false,
+        lhs.ptr,
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.ptr,
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
 }
 
 /// Idefics3's pixel shuffle ([`crate::graph::Op::PixelShuffle`]) of `batch` images of

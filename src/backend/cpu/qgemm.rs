@@ -387,36 +387,19 @@ impl WeightRows for QuantTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::accuracy::{self, full_mantissa_normal};
     use crate::backend::GemmDims;
     use half::f16;
 
-    /// Max |got - exact| / bound, the exact product in f64 over the dequantized weights and the
-    /// bound gamma_k * sum_k |x deq(w)| (gamma_k = k u / (1 - k u), u = 2^-24): the worst-case
-    /// error of any f32 summation of k exact products in any order. The products are exact on
-    /// every path (deq(w) = q * s is exact in f32, and FMA or a product of f32 values rounded
-    /// once is within the bound's per-term allowance), so every path must be within it.
+    /// [`accuracy::worst_error_ratio`] over the dequantized weights, with a bound of k + 1
+    /// terms. The products are exact on every path (deq(w) = q * s is exact in f32, and FMA or
+    /// a product of f32 values rounded once is within the bound's per-term allowance), so every
+    /// path must be within it.
     fn worst_error_ratio(x: &[f32], w: &QuantTensor, out: &[f32], m: usize) -> f64 {
-        let (n, k) = (w.rows, w.cols);
-        let u = f64::from(f32::EPSILON) / 2.0;
-        let gamma = (k + 1) as f64 * u / (1.0 - (k + 1) as f64 * u);
-        let mut worst = 0f64;
-        for j in 0..n {
-            let row = w.dequant_row(j);
-            for r in 0..m {
-                let terms = (0..k).map(|kk| f64::from(x[r * k + kk]) * f64::from(row[kk]));
-                let (exact, mag) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                let got = f64::from(out[r * n + j]);
-                assert!(got.is_finite(), "({r}, {j}) not written");
-                worst = worst.max((got - exact).abs() / (gamma * mag).max(f64::MIN_POSITIVE));
-            }
-        }
-        worst
-    }
-
-    /// ~N(0, 1) values with full f32 mantissas.
-    fn full_mantissa_normal(len: usize, seed: u64) -> Vec<f32> {
-        let (a, b) = (crate::synth::random_normal(len, seed), crate::synth::random_normal(len, seed + 1000));
-        a.iter().zip(&b).map(|(a, b)| a + b * 1e-3).collect()
+        let dims = GemmDims { m, n: w.rows, k: w.cols };
+        accuracy::worst_error_ratio(x, out, dims, w.cols + 1, |j| {
+            w.dequant_row(j).iter().map(|&v| f64::from(v)).collect()
+        })
     }
 
     fn random_weight(format: Quantize, n: usize, k: usize, seed: u64) -> QuantTensor {
@@ -458,32 +441,19 @@ mod tests {
                         crate::synth::random_normal(n, 7 * seed as u64 + 3).into_iter().map(f16::from_f32).collect();
                     let mut out = vec![f32::NAN; m * n];
                     let dims = GemmDims { m, n, k };
-                    let weight = super::super::ops::LinearWeight::Quant(&w);
-                    super::super::ops::linear_on(
-                        isa,
-                        &x,
-                        weight,
-                        None,
-                        crate::graph::Activation::None,
-                        &mut out,
-                        false,
-                        dims,
-                    );
+                    // The path the executor picks for m rows.
+                    let linear = |bias: Option<&[f16]>, out: &mut [f32], accumulate: bool| {
+                        use super::super::ops::{linear_path, LinearPath, LinearWeight};
+                        let (weight, act) = (LinearWeight::Quant(&w), crate::graph::Activation::None);
+                        linear_path(isa, LinearPath::for_rows(m), &x, weight, bias, act, out, accumulate, dims)
+                    };
+                    linear(None, &mut out, false);
                     let ratio = worst_error_ratio(&x, &w, &out, m);
                     assert!(ratio <= 1.0, "{format} {} {dims:?}: error {ratio} x the f32 summation bound", isa.name());
                     // With a bias and a residual: out = old + (x·wᵀ + b), checked against the
                     // product just verified (same path, same sums).
                     let mut res = out.clone();
-                    super::super::ops::linear_on(
-                        isa,
-                        &x,
-                        weight,
-                        Some(&bias),
-                        crate::graph::Activation::None,
-                        &mut res,
-                        true,
-                        dims,
-                    );
+                    linear(Some(&bias), &mut res, true);
                     for (i, (&r, &o)) in res.iter().zip(&out).enumerate() {
                         let want = o + (o + bias[i % n].to_f32());
                         assert_eq!(r, want, "{format} {} {dims:?}: bias/residual epilogue at {i}", isa.name());

@@ -58,6 +58,14 @@ impl BlipConfig {
         cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
         Ok(cfg)
     }
+
+    /// The language model's input as the processors build it: `num_query_tokens` copies of
+    /// `image_token` (the rows the Q-Former's outputs take), then the tokenized prompt.
+    pub fn query_placeholders_then(&self, image_token: u32, prompt_ids: &[u32]) -> Vec<u32> {
+        let mut ids = vec![image_token; self.num_query_tokens];
+        ids.extend_from_slice(prompt_ids);
+        ids
+    }
 }
 
 /// `config.json` of a `Blip2ForConditionalGeneration` checkpoint (the shared layout, read as
@@ -196,17 +204,13 @@ impl Blip2Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        /// The hint of a decoder-only language model other than OPT.
+        const OPT_ONLY: &str = "not supported yet; glimpse runs BLIP-2 with OPT";
         self.check_towers()?;
         let t = match &self.text_config {
             TextConfig::Opt(t) => t,
             TextConfig::T5(t) => return self.check_t5(t),
-            other => {
-                return Err(field_error(
-                    "text_config.model_type",
-                    format!("`{}`", other.model_type()),
-                    "not supported yet; glimpse runs BLIP-2 with OPT",
-                ))
-            }
+            other => return Err(TextConfig::unsupported_by_family(other.model_type(), OPT_ONLY)),
         };
         if self.use_decoder_only_language_model == Some(false) {
             return Err(field_error(
@@ -216,11 +220,7 @@ impl Blip2Config {
             ));
         }
         if t.model_type != "opt" {
-            return Err(field_error(
-                "text_config.model_type",
-                format!("`{}`", t.model_type),
-                "not supported yet; glimpse runs BLIP-2 with OPT",
-            ));
+            return Err(TextConfig::unsupported_by_family(&t.model_type, OPT_ONLY));
         }
 
         // OPT decoder.

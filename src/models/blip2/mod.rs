@@ -91,6 +91,12 @@ struct Dims {
     num_query_tokens: usize,
 }
 
+/// BLIP-2's VQA template (OPT and Flan-T5 alike), with the question verbatim: transformers
+/// formats the string it is given, spaces and all, and an empty question is a valid prompt there too.
+fn vqa_prompt(question: &str) -> String {
+    format!("Question: {question} Answer:")
+}
+
 fn dims(name: &str) -> Result<Dims> {
     // EVA ViT-g and the Q-Former of every BLIP-2 OPT checkpoint.
     let vision = (1408, 6144, 39, 16);

@@ -8,7 +8,7 @@ use crate::generate::{kv_capacity, GenerateOptions, ImagePlan, Plan, PlanShape};
 use crate::graph::{Graph, WeightTable};
 use crate::models::decoder::{CausalDecoder, PrefillSpec};
 use crate::models::family::ModelCore;
-use crate::models::family::{Family, Loader};
+use crate::models::family::{core_accessors, Family, Loader};
 use crate::models::language_model::TextConfig;
 use crate::models::opt::OptDecoder;
 use crate::weights::Checkpoint;
@@ -35,9 +35,7 @@ impl Blip2 {
 
     /// Decoder input ids: `num_query_tokens` image tokens, then the tokenized prompt (with BOS).
     pub fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
-        let mut ids = vec![self.cfg.image_token(); self.cfg.num_query_tokens];
-        ids.extend_from_slice(prompt_ids);
-        ids
+        self.cfg.query_placeholders_then(self.cfg.image_token(), prompt_ids)
     }
 
     /// Builds the phases for `batch` images, a decoder input of `prompt_len` tokens (image
@@ -67,12 +65,7 @@ impl Blip2 {
 }
 
 impl Family for Blip2 {
-    fn core(&self) -> &ModelCore {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut ModelCore {
-        &mut self.core
-    }
+    core_accessors!();
 
     fn image_size(&self) -> usize {
         Blip2::image_size(self)
@@ -86,10 +79,9 @@ impl Family for Blip2 {
         Blip2::input_ids(self, prompt_ids)
     }
 
-    /// BLIP-2's VQA template, with the question verbatim: transformers formats the string it is
-    /// given, spaces and all, and an empty question is a valid prompt there too.
+    /// BLIP-2's VQA template ([`super::vqa_prompt`]).
     fn question_prompt(&self, question: &str) -> String {
-        format!("Question: {question} Answer:")
+        super::vqa_prompt(question)
     }
 
     /// transformers 5.17's BLIP-2 `generate()` hands over to the language model, whose

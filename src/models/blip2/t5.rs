@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, ImagePlan, Plan, PlanShape};
 use crate::graph::{Graph, WeightTable};
 use crate::models::family::ModelCore;
-use crate::models::family::{Family, Loader};
+use crate::models::family::{core_accessors, Family, Loader};
 use crate::models::language_model::TextConfig;
 use crate::models::t5::T5Config;
 use crate::models::t5::T5;
@@ -63,12 +63,7 @@ fn t5_config(cfg: &Blip2Config) -> Result<&T5Config> {
 }
 
 impl Family for Blip2T5 {
-    fn core(&self) -> &ModelCore {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut ModelCore {
-        &mut self.core
-    }
+    core_accessors!();
 
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
@@ -83,13 +78,11 @@ impl Family for Blip2T5 {
     /// placeholders, then the tokenized prompt (which ends with `</s>`). Captioning (no prompt)
     /// gives `[image]*32 + [</s>]`, what `generate` builds from `bos_token_id` there too.
     fn input_ids(&self, prompt_ids: &[u32]) -> Vec<u32> {
-        let mut ids = vec![self.cfg.image_token(); self.cfg.num_query_tokens];
-        ids.extend_from_slice(prompt_ids);
-        ids
+        self.cfg.query_placeholders_then(self.cfg.image_token(), prompt_ids)
     }
 
     fn question_prompt(&self, question: &str) -> String {
-        format!("Question: {question} Answer:")
+        super::vqa_prompt(question)
     }
 
     /// As BLIP-2 OPT: the language model's generation config, from `text_config`.

@@ -22,7 +22,9 @@ use serde_json::Value;
 
 use super::clip_vision::{ClipVision, VisionRequest};
 use super::decoder::{CausalDecoder, DecoderPass, PassSpec, PrefillSpec};
-use super::family::{image_token_sequences, Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore, PromptText};
+use super::family::{
+    core_accessors, image_token_sequences, Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore, PromptText,
+};
 use super::layers::{
     linear, load_attention, AttentionLayer, AttnCall, AttnScratch, AttnSpec, GatedMlp, GatedScratch, HeadNorms, Keys,
     KvCache, NormLayer,
@@ -310,12 +312,7 @@ impl CausalDecoder for IdeficsDecoder<'_> {
 }
 
 impl Family for Idefics {
-    fn core(&self) -> &ModelCore {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut ModelCore {
-        &mut self.core
-    }
+    core_accessors!();
 
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size

@@ -16,7 +16,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::decoder::{CausalDecoder, PrefillSpec};
-use super::family::{image_token_sequences, Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore};
+use super::family::{
+    core_accessors, image_token_sequences, Family, FamilyConfig, Loaded, Loader, ModelConfig, ModelCore,
+};
 use super::language_model::TextConfig;
 use super::llama::{LlamaConfig, LlamaDecoder};
 use super::{FamilyEntry, ModelType};
@@ -255,12 +257,7 @@ struct ImagePhases {
 }
 
 impl Family for Idefics3 {
-    fn core(&self) -> &ModelCore {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut ModelCore {
-        &mut self.core
-    }
+    core_accessors!();
 
     /// Idefics3's own processor ([`processor::Idefics3ImageProcessor`]), whose frames must be
     /// the vision tower's `image_size` squares and whose `image_seq_len` (processor_config.json)
