@@ -430,7 +430,8 @@ impl Model {
     /// image, then the question; a single image on other families).
     pub fn ask_images(&self, images: &[&Path], question: &str, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
-        if self.chat.is_none() && images.len() != 1 {
+        let several = self.chat.is_some() || self.family.processor_prompt(PromptText::Caption, 1).is_some();
+        if !several && images.len() != 1 {
             // Refused before any image is read: the count alone decides it.
             return Err(one_image_only(images.len()));
         }

@@ -168,13 +168,17 @@ enum Command {
         /// An image of the question (repeatable); then QUESTION is the only positional argument.
         #[arg(long = "image")]
         images: Vec<PathBuf>,
-        /// IMAGE QUESTION, or QUESTION alone with --image.
-        /// (A path need not be UTF-8, as with caption's images.)
-        #[arg(required_unless_present = "input", conflicts_with = "input", num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
+        /// IMAGE QUESTION, or QUESTION alone with --image (IMAGE alone, or nothing with --image,
+        /// when --prompt gives the text). (A path need not be UTF-8, as with caption's images.)
+        #[arg(required_unless_present_any = ["input", "prompt"], conflicts_with = "input", num_args = 1..=2, value_names = ["IMAGE", "QUESTION"])]
         args: Vec<std::ffi::OsString>,
         /// With --input: the question for rows without a `question` column.
         #[arg(long, requires = "input")]
         question: Option<String>,
+        /// The prompt exactly as the model's processor takes it, with no template: the text with
+        /// one `<image>` placeholder per image, in order (`"User:<image>Describe it.\nAssistant:"`).
+        #[arg(long, conflicts_with = "input")]
+        prompt: Option<String>,
         #[command(flatten)]
         data: DatasetArgs,
     },
@@ -620,15 +624,40 @@ fn run_classify(args: &EmbedArgs, images: &[PathBuf], labels: &[String]) -> Resu
 
 /// One question about several images (chat models): one record, whose `image` field lists every
 /// image in order (plain output: the answer).
+/// What `ask` asks about several images (or one with `--prompt`) in one record.
+enum Ask<'a> {
+    /// The family's question form over every image.
+    Question(&'a str),
+    /// The processor's own text, one `<image>` per image.
+    Prompt(&'a str),
+}
+
 fn run_multi(
     model: &Model,
     opts: &GenerateOptions,
     images: &[PathBuf],
-    question: &str,
+    ask: Ask<'_>,
     json: bool,
 ) -> Result<ExitCode, CliError> {
     let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
-    let out = model.ask_images(&paths, question, opts)?;
+    let out = match ask {
+        Ask::Question(question) => model.ask_images(&paths, question, opts)?,
+        Ask::Prompt(prompt) => {
+            let pixels = paths.iter().map(|p| model.preprocess(p)).collect::<glimpse::Result<Vec<_>>>()?;
+            let request = glimpse::api::Request::new(&pixels, glimpse::api::Prompt::Raw(Some(prompt)), opts);
+            let mut outs = model.generate(&request, &mut |_| {})?;
+            if outs.len() != 1 {
+                return Err(glimpse::Error::InvalidInput(format!(
+                    "the --prompt holds {} <image> placeholders for {} images, which makes {} answers: give one <image> per image",
+                    prompt.matches("<image>").count(),
+                    images.len(),
+                    outs.len()
+                ))
+                .into());
+            }
+            outs.remove(0)
+        }
+    };
     let line = if json {
         // The images' names as text (`\xHH` for a byte that is not UTF-8), in order, and where
         // a name cannot hold its path exactly, `image_bytes`: each path's bytes in base64 (null
@@ -750,7 +779,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             let (model, opts) = load(&run)?;
             run_images(&model, &opts, &images, None, &run)
         }
-        Command::Ask { run, images, args, question, data } => {
+        Command::Ask { run, images, args, question, prompt, data } => {
             if let Some(prepared) = prepare_dataset(&data, run.source.hub.quiet, run.batch_size)? {
                 let (model, opts) = load(&run)?;
                 let task = Task::Ask { model: &model, opts: &opts, question: question.as_deref() };
@@ -761,6 +790,17 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
                     glimpse::Error::InvalidInput(format!("the question {q:?} is not UTF-8 text: pass it as UTF-8"))
                 })
             };
+            if let Some(prompt) = prompt {
+                let images = match (images.is_empty(), &args[..]) {
+                    (true, [image]) => vec![PathBuf::from(image)],
+                    (false, []) => images,
+                    _ => Cli::command()
+                        .error(ErrorKind::WrongNumberOfValues, "ask --prompt takes IMAGE, or --image IMAGE ...")
+                        .exit(),
+                };
+                let (model, opts) = load(&run)?;
+                return run_multi(&model, &opts, &images, Ask::Prompt(&prompt), run.json);
+            }
             let (images, question) = match (images.is_empty(), &args[..]) {
                 (true, [image, question]) => (vec![PathBuf::from(image)], text(question)?),
                 (false, [question]) => (images, text(question)?),
@@ -770,7 +810,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             };
             let (model, opts) = load(&run)?;
             if let [_, _, ..] = &images[..] {
-                return run_multi(&model, &opts, &images, &question, run.json);
+                return run_multi(&model, &opts, &images, Ask::Question(&question), run.json);
             }
             run_images(&model, &opts, &images, Some(&question), &run)
         }

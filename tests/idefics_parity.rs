@@ -162,3 +162,73 @@ fn prompt_text_splits_at_image_placeholders() {
         "<s><fake_token_around_image><image><fake_token_around_image><image><fake_token_around_image>x"
     );
 }
+
+fn cli_tokens(args: &[&std::ffi::OsStr]) -> Vec<u32> {
+    let bin = env!("CARGO_BIN_EXE_glimpse");
+    let flags = ["--device", "cpu", "--json", "--max-new-tokens", "8", "--min-new-tokens", "8"];
+    let out = std::process::Command::new(bin).arg(args[0]).args(flags).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    common::ids(&rec["tokens"])
+}
+
+/// `glimpse ask --prompt` with two images gives transformers' tokens; `ask QUESTION` is the
+/// model card's form (`User:`, the images, the question, `<end_of_utterance>`, `\nAssistant:`)
+/// and `caption` the image alone, each equal to the same text given with `--prompt`.
+#[test]
+fn cli_prompt_question_and_caption() {
+    use std::ffi::OsStr;
+    let name = "idefics-tiny";
+    let dir = common::model_dir(name);
+    let case = cases(name).into_iter().find(|c| c["name"] == "two").unwrap();
+    let mut raw = String::new();
+    let mut args: Vec<std::ffi::OsString> = vec!["ask".into(), "--model".into(), dir.clone().into()];
+    for item in case["items"].as_array().unwrap() {
+        match item {
+            serde_json::Value::String(t) => raw.push_str(t),
+            img => {
+                raw.push_str("<image>");
+                args.extend(["--image".into(), common::image(img[1].as_str().unwrap()).into()]);
+            }
+        }
+    }
+    args.extend(["--prompt".into(), raw.into()]);
+    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    assert_eq!(cli_tokens(&refs), common::ids(&case["generated_ids"]), "ask --prompt");
+
+    let (img, dir) = (common::image("rgba_150x120.png"), dir.as_os_str());
+    let question =
+        cli_tokens(&[OsStr::new("ask"), OsStr::new("--model"), dir, img.as_os_str(), OsStr::new("What is this?")]);
+    let spelled = "User:<image>What is this?<end_of_utterance>\nAssistant:";
+    let prompt =
+        [OsStr::new("ask"), OsStr::new("--model"), dir, img.as_os_str(), OsStr::new("--prompt"), OsStr::new(spelled)];
+    assert_eq!(question, cli_tokens(&prompt), "ask QUESTION is the model card's prompt");
+    let caption = cli_tokens(&[OsStr::new("caption"), OsStr::new("--model"), dir, img.as_os_str()]);
+    let alone =
+        [OsStr::new("ask"), OsStr::new("--model"), dir, img.as_os_str(), OsStr::new("--prompt"), OsStr::new("<image>")];
+    assert_eq!(caption, cli_tokens(&alone), "caption is the image alone");
+}
+
+/// Bad inputs are clear errors: images and `<image>` placeholders that do not match, and a
+/// config whose cross_layer_interval does not divide the layers.
+#[test]
+fn mismatches_are_clear_errors() {
+    let model = load("idefics-tiny");
+    let px = model.preprocess(&common::image("rgba_150x120.png")).unwrap();
+    let images = vec![px.clone(), px];
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(2), ..model.default_options() };
+    let err = model
+        .generate(&Request::new(&images, Prompt::Raw(Some("<image><image><image>three?")), &opts), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("image tokens") && err.contains("2 images"), "{err}");
+
+    let dir = common::tempdir();
+    common::copy_dir(&common::model_dir("idefics-tiny-plain"), dir.path());
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    cfg["cross_layer_interval"] = 3.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err = Model::load(dir.path(), Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("cross_layer_interval") && err.contains("num_hidden_layers (4)"), "{err}");
+}
