@@ -33,6 +33,18 @@ MUTANTS = {
         "    for (int e = 0; e < E; ++e) wo[warp][lane + 32 * e] = o[e];",
         "decode_attention_matches_reference", "sim",
         "split-KV decode merges the warps' partials without a barrier"),
+    "attention-per-query-mask-shared": (
+        "attention.cu",
+        "b * p.mask_stride + i * p.mask_qstride + j",
+        "b * p.mask_stride + j",
+        "attention_matches_reference", "sim",
+        "IDEFICS' per-query image mask read as one row per batch item (every query sees query 0's image)"),
+    "gated-add-ignores-mask": (
+        "pointwise.cu",
+        "            if (!__any_sync(0xffffffffu, visible)) continue;",
+        "            (void)__any_sync(0xffffffffu, visible);",
+        "gated_add_matches_reference", "sim",
+        "the gated residual adds the cross-attention output to rows that see no image"),
     "vit-embed-classless-offset": (
         "elementwise.cu",
         "patches[((size_t)b * P + t - C) * D + i]",

@@ -320,6 +320,22 @@ impl Model {
         Ok(self.family.input_ids(&ids))
     }
 
+    /// Whether the family's processor builds the whole prompt around any number of images
+    /// (IDEFICS), as chat templates do for chat families.
+    pub fn interleaves_images(&self) -> bool {
+        self.family.processor_prompt(PromptText::Caption, 1).is_some()
+    }
+
+    /// Decoder input ids of `question` about `images` images as [`Prompt::Question`] builds
+    /// them for a family without a chat template: its question template, or the prompt its
+    /// processor builds around the images (IDEFICS).
+    pub fn question_ids(&self, question: &str, images: usize) -> Result<Vec<u32>> {
+        match self.family.processor_prompt(PromptText::Question(question), images) {
+            Some(text) => self.tokenizer.encode_plain(&text?),
+            None => self.input_ids(Some(&self.question_prompt(question))),
+        }
+    }
+
     /// Decoder input ids of a chat request: `images` images then `text` in one user message.
     pub fn chat_input_ids(&self, images: usize, text: &str) -> Result<Vec<u32>> {
         let chat = self.chat.as_ref().ok_or_else(|| {
@@ -430,7 +446,7 @@ impl Model {
     /// image, then the question; a single image on other families).
     pub fn ask_images(&self, images: &[&Path], question: &str, opts: &GenerateOptions) -> Result<Output> {
         opts.validate()?;
-        let several = self.chat.is_some() || self.family.processor_prompt(PromptText::Caption, 1).is_some();
+        let several = self.chat.is_some() || self.interleaves_images();
         if !several && images.len() != 1 {
             // Refused before any image is read: the count alone decides it.
             return Err(one_image_only(images.len()));
@@ -487,7 +503,7 @@ impl Model {
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<Output>> {
         check_per_image(pixels.len(), questions.len())?;
-        if self.family.processor_prompt(PromptText::Caption, 1).is_some() {
+        if self.interleaves_images() {
             // A processor-built prompt per image: each image with its question, in order.
             let mut out = Vec::with_capacity(pixels.len());
             for (i, question) in questions.iter().enumerate() {

@@ -30,8 +30,8 @@ use crate::cost::{Cost, GraphCost};
 use crate::error::{Error, Result};
 use crate::generate::{expand_for_beams, generate, generate_with, GenerateOptions, Hooks, Plan};
 use crate::graph::{Phase, WeightTable};
-use crate::models::Family;
 use crate::models::ModelConfig;
+use crate::models::{Family, PromptText};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -323,7 +323,7 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
         let vqa_text = model.question_prompt(VQA_QUESTION);
         let vqa_ids = match &model.chat {
             Some(chat) => model.input_ids_for(Some(&chat.user_prompt(1, VQA_QUESTION)?), &image)?,
-            None => model.input_ids(Some(&vqa_text))?,
+            None => model.question_ids(VQA_QUESTION, 1)?,
         };
         let family = model.family;
         return Ok(Subject {
@@ -350,11 +350,20 @@ fn load_subject(args: &BenchArgs, device: Device) -> Result<Subject> {
     }
     // The family loads next to the preset's folder files (tokenizers; no weights), so files it
     // reads at load time (InstructBLIP's qformer_tokenizer/) are there.
-    let family = with_preset_folder(&name, &cfg, args.seed, |dir| {
+    let (family, tokenizer) = with_preset_folder(&name, &cfg, args.seed, |dir| {
         let ckpt = crate::synth::random_checkpoint(&cfg, args.seed)?.with_origin(dir.join("model.safetensors"));
-        crate::models::load(&cfg, &ckpt)
+        let mut family = crate::models::load(&cfg, &ckpt)?;
+        let tokenizer = crate::tokenizer::Tokenizer::from_dir(dir)?;
+        family.bind_tokenizer(&tokenizer)?;
+        Ok((family, tokenizer))
     })?;
-    let (caption_ids, vqa_ids) = if family.chat() {
+    // A family whose processor builds the prompt (IDEFICS): the image alone, and the question
+    // about it, as `caption` and `ask` build them.
+    let processor_ids = |prompt| family.processor_prompt(prompt, 1).map(|text| tokenizer.encode_plain(&text?));
+    let processor = (processor_ids(PromptText::Caption), processor_ids(PromptText::Question(VQA_QUESTION)));
+    let (caption_ids, vqa_ids) = if let (Some(caption), Some(vqa)) = processor {
+        (caption?, vqa?)
+    } else if family.chat() {
         preset_chat_prompts(&name, &cfg, args.seed, family.as_ref())?
     } else {
         let tok = crate::synth::tokenizer(&cfg)?;

@@ -102,7 +102,10 @@ fn init_for((eos, image_token): (u32, u32), name: &str, shape: &[usize]) -> Resu
         _ if name.ends_with(".relative_attention_bias.weight") => normal(0.5),
         _ if name.ends_with(".embed_positions.weight") => normal(1.0),
         _ if name.ends_with(".position_embedding.weight") => normal(0.5),
-        ("class_embedding" | "query_tokens", _) => normal(1.0),
+        ("class_embedding" | "query_tokens" | "latents", _) => normal(1.0),
+        // IDEFICS' cross-attention gates: nonzero (transformers starts them at 0, which would
+        // make the images irrelevant), tanh well inside its linear range.
+        ("alpha_cross_attn" | "alpha_dense", _) => normal(0.5),
         ("position_embedding", _) => normal(0.5),
         // Every other 1-D weight is a LayerNorm's or RMSNorm's.
         ("weight", [_]) => Init::Normal { mean: 1.0, std: 0.1 },

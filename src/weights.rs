@@ -363,6 +363,11 @@ impl Checkpoint {
         }
     }
 
+    /// Whether this is a [`Checkpoint::recording`] (its tensors hold no data worth reading).
+    pub fn is_recording(&self) -> bool {
+        self.recorded.is_some()
+    }
+
     /// The tensors asked for so far, in first-asked order (empty unless [`Checkpoint::recording`]).
     pub fn requested(&self) -> Vec<Requested> {
         self.recorded.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default()

@@ -89,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(glimpse::synth::presets().len(), 17);
+    assert_eq!(glimpse::synth::presets().len(), 19);
 }
 
 #[test]
@@ -570,4 +570,32 @@ fn smolvlm_tiny_folder_generates() {
     assert!(!out.tokens.is_empty() && out.tokens.len() <= 4, "{:?}", out.tokens);
     let features = model.encode_images(std::slice::from_ref(&px)).unwrap();
     assert_eq!(features[0].values().len(), px.frames() * 16 * 32, "frames x image_seq_len x hidden");
+}
+
+/// IDEFICS presets: transformers' parameter counts, and a tiny folder that loads and answers
+/// about two interleaved images.
+#[test]
+fn idefics_presets_count_and_generate() {
+    // IdeficsForVisionText2Text(config) at these shapes in transformers 5.17 (meta device,
+    // 2026-12-07): sum of parameter numels, the vision tower's unused post_layernorm included.
+    assert_eq!(parameter_count(&preset("idefics-9b").unwrap()).unwrap(), 8_929_675_280);
+    assert_eq!(parameter_count(&preset("idefics-tiny").unwrap()).unwrap(), 329_348);
+
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("idefics");
+    write_folder("idefics-tiny", &dir, 5).expect("write idefics-tiny");
+    let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts an IDEFICS synth folder");
+    assert_eq!(model.tokenizer.token_to_id("<image>"), Some(1001));
+    let images: Vec<_> =
+        ["rgba_150x120.png", "tall_83x311.png"].iter().map(|n| model.preprocess(&common::image(n)).unwrap()).collect();
+    let opts = glimpse::GenerateOptions { max_new_tokens: Some(4), min_new_tokens: 4, ..model.default_options() };
+    let prompt = glimpse::api::Prompt::Raw(Some("A<image>then<image>Which one?"));
+    let out = model.generate(&glimpse::api::Request::new(&images, prompt, &opts), &mut |_| {}).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].tokens.len(), 4);
+    assert!(out[0].logprobs.iter().all(|l| l.is_finite() && *l <= 0.0), "{:?}", out[0].logprobs);
+    // The images matter: the same prompt over other images changes the first token's log-prob.
+    let swapped = [images[1].clone(), images[0].clone()];
+    let other = model.generate(&glimpse::api::Request::new(&swapped, prompt, &opts), &mut |_| {}).unwrap();
+    assert_ne!(out[0].logprobs[0], other[0].logprobs[0], "cross-attention must read the images");
 }

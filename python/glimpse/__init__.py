@@ -213,15 +213,28 @@ class Model:
     def ask(
         self,
         images: Union[Image, Sequence[Image]],
-        question: Union[str, Sequence[str]],
+        question: Union[None, str, Sequence[str]] = None,
         *,
+        prompt: Optional[str] = None,
         stream: bool = False,
         names: Union[None, str, Sequence[str]] = None,
         errors: str = "raise",
         **options: Any,
     ) -> Any:
         """Answers a question about each image alone (one question for all, or one per image),
-        with the family's question template (BLIP-2) or chat template (LLaVA)."""
+        with the family's question template (BLIP-2) or chat template (LLaVA).
+
+        ``prompt=TEXT`` instead of a question: the text exactly as the model's processor takes
+        it, with one ``<image>`` placeholder per image in order (``"User:<image>Describe.\nAssistant:"``
+        for IDEFICS); every image goes into that one prompt, and one record comes back, as
+        ``glimpse ask --image A --image B --prompt TEXT --json``."""
+        if prompt is not None:
+            if question is not None or stream:
+                raise InvalidInputError("ask takes a question or prompt=, not both (and prompt= does not stream)")
+            args, _ = _images(images if isinstance(images, (list, tuple)) else [images], names)
+            return json.loads(self._native.ask_prompt(args, prompt, **options))
+        if question is None:
+            raise InvalidInputError("ask needs a question (or prompt=TEXT with <image> placeholders)")
         if stream:
             if not isinstance(question, str):
                 raise InvalidInputError("stream=True answers one question about one image: pass the question as a str")

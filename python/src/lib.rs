@@ -479,6 +479,40 @@ impl NativeModel {
         run().map_err(|f| f.into_py(py))
     }
 
+    /// The processor's own prompt text (one `<image>` per image) over every image: one JSON
+    /// record, as `glimpse ask --image A --image B --prompt TEXT --json`.
+    #[pyo3(signature = (images, prompt, **kwargs))]
+    fn ask_prompt(
+        &self,
+        py: Python<'_>,
+        images: Vec<Img>,
+        prompt: String,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
+        let run = || -> Res<String> {
+            let model = self.generator("ask")?;
+            let opts = options(model, kwargs)?;
+            py.allow_threads(|| {
+                let pixels =
+                    images.iter().map(|i| model.preprocess_input(&i.input())).collect::<glimpse::Result<Vec<_>>>()?;
+                let request = glimpse::api::Request::new(&pixels, glimpse::api::Prompt::Raw(Some(&prompt)), &opts);
+                let mut outs = model.generate(&request, &mut |_| {})?;
+                if outs.len() != 1 {
+                    return Err(glimpse::Error::InvalidInput(format!(
+                        "the prompt holds {} <image> placeholders for {} images, which makes {} answers: give one <image> per image",
+                        prompt.matches("<image>").count(),
+                        images.len(),
+                        outs.len()
+                    ))
+                    .into());
+                }
+                let names: Vec<String> = images.iter().map(Img::name).collect();
+                Ok(output_record(names.into(), &outs.remove(0), model.load_seconds))
+            })
+        };
+        run().map_err(|f| f.into_py(py))
+    }
+
     /// Streams one image's caption (or answer) as text pieces, generated on a worker thread.
     #[pyo3(signature = (image, question, **kwargs))]
     fn stream(

@@ -155,3 +155,17 @@ def test_smolvlm_matches_transformers():
         assert rec["tokens"] == case["generated_ids"], case["name"]
         assert rec["text"] == case["decoded"], case["name"]
         assert all(abs(g - w) <= 1e-4 for g, w in zip(rec["logprobs"], case["logprobs"])), case["name"]
+
+
+def test_idefics_matches_transformers():
+    """IDEFICS takes the processor's own text (prompt=, one <image> per image) over several images."""
+    for name in ("idefics-tiny", "idefics-tiny-plain"):
+        model = glimpse.Model(FIXTURES / name, device="cpu")
+        golden_cases = golden(f"{name.replace('-', '_')}.json")
+        for case in golden_cases["cases"]:
+            texts = [i if isinstance(i, str) else "<image>" for i in case["items"]]
+            imgs = [image(i[1]) for i in case["items"] if not isinstance(i, str)]
+            rec = model.ask(imgs, prompt="".join(texts), max_new_tokens=8, min_new_tokens=8)
+            assert rec["tokens"] == case["generated_ids"], (name, case["name"])
+            assert rec["text"] == case["decoded"], (name, case["name"])
+            assert all(abs(g - w) <= 1e-4 for g, w in zip(rec["logprobs"], case["logprobs"])), (name, case["name"])

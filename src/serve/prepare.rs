@@ -51,7 +51,8 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
             (PromptSpec::Chat(rendered), None)
         }
         None => {
-            if image_parts.len() != 1 {
+            let several = model.interleaves_images() && !image_parts.is_empty();
+            if image_parts.len() != 1 && !several {
                 return Err(ApiError::invalid(
                     "messages",
                     format!(
@@ -82,7 +83,7 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
                 (PromptSpec::Caption, Some(ids))
             } else {
                 let ids = model
-                    .input_ids(Some(&model.question_prompt(&question)))
+                    .question_ids(&question, image_parts.len())
                     .map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?;
                 (PromptSpec::Question(question), Some(ids))
             }

@@ -14,6 +14,7 @@
 pub mod config;
 mod perceiver;
 pub mod processor;
+mod synth;
 
 use std::path::Path;
 
@@ -47,8 +48,8 @@ pub const FAMILY: FamilyEntry = FamilyEntry {
         label: "idefics (IDEFICS, Flamingo-style)",
         parse: |v, p| Ok(ModelConfig::new(IdeficsConfig::from_value(v, p)?)),
     }],
-    presets: &[],
-    preset_config: |name| Err(Error::InvalidInput(format!("unknown preset `{name}`"))),
+    presets: &["idefics-9b", "idefics-tiny"],
+    preset_config: synth::idefics_json,
 };
 
 impl FamilyConfig for IdeficsConfig {
@@ -61,16 +62,25 @@ impl FamilyConfig for IdeficsConfig {
     fn check_generation_config(&self, generation: &GenerationConfig, path: &Path) -> Result<()> {
         generation.check_tokens(self.total_vocab(), path)
     }
+    /// The model's tensors plus the vision tower's `post_layernorm`, which IDEFICS never runs
+    /// but transformers' model holds.
+    fn record_tensors(&self, recorder: &Checkpoint) -> Result<()> {
+        Idefics::load(self, recorder)?;
+        let d = self.vision_config.embed_dim;
+        let mut table = WeightTable::default();
+        Loader { ckpt: recorder, table: &mut table }.norm("model.vision_model.post_layernorm", d, 1e-5)?;
+        Ok(())
+    }
+    /// EOS and `<image>` (the synthetic tokenizer's second additional id).
+    fn synth_token_ids(&self) -> (u32, u32) {
+        (2, self.text.vocab_size as u32 + 1)
+    }
     fn synth_tokenizer(&self) -> Result<Value> {
-        Err(no_synth())
+        synth::tokenizer(self)
     }
     fn synth_files(&self) -> Result<Vec<(&'static str, Value)>> {
-        Err(no_synth())
+        synth::files(self)
     }
-}
-
-fn no_synth() -> Error {
-    Error::Unsupported("glimpse synth has no IDEFICS preset yet: use a checkpoint folder".into())
 }
 
 /// Key prefixes: `IdeficsForVisionText2Text`'s `model.` and a bare `IdeficsModel`'s none.
@@ -108,9 +118,10 @@ pub struct Idefics {
 
 /// `[a; b]` along the rows of two `[_, width]` weights, as one table entry named `name`
 /// (`IdeficsDecoupledEmbedding` / `IdeficsDecoupledLinear`: ids past `vocab_size` use the
-/// additional rows).
+/// additional rows). The join is a copy (the embedding and head are not zero-copy); a recording
+/// checkpoint (`glimpse synth`) only needs the tensors asked for.
 fn join_rows(ld: &mut Loader, name: String, a: W, b: Option<W>, width: usize) -> W {
-    let Some(b) = b else { return a };
+    let Some(b) = b.filter(|_| !ld.ckpt.is_recording()) else { return a };
     let data: Vec<f16> = [a, b].iter().flat_map(|&w| ld.table.get(w).as_slice().to_vec()).collect();
     let rows = data.len() / width.max(1);
     ld.table.add(name, Weight::from_vec(vec![rows, width], data))
