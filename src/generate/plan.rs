@@ -33,13 +33,15 @@ pub struct StepInput {
     pub fill: Box<dyn Fn(usize) -> Vec<f32> + Send + Sync>,
 }
 
+/// `(tokens, prompt_len)`: every sequence's `prompt_len` decoder input tokens (left-padded,
+/// sequence-major) -> a [`PromptInput`]'s values.
+pub type PromptFill = Box<dyn Fn(&[u32], usize) -> Vec<f32> + Send + Sync>;
+
 /// Host data a family computes from every sequence's prompt tokens (IDEFICS' image attention
 /// masks), written once per request before the prefill.
 pub struct PromptInput {
     pub buf: Buf,
-    /// `(tokens, prompt_len)`: every sequence's `prompt_len` decoder input tokens (left-padded,
-    /// sequence-major) -> the buffer's values.
-    pub fill: Box<dyn Fn(&[u32], usize) -> Vec<f32> + Send + Sync>,
+    pub fill: PromptFill,
 }
 
 /// The encoder side of an encoder-decoder plan (T5): the request's input ids (image

@@ -471,13 +471,13 @@ impl Family for Idefics {
         // The masks, from each sequence's prompt tokens: a row per prompt token, and the last
         // one again for the decode steps.
         let index = move |seq: &[u32]| processor::image_index(seq, tokens.image, tokens.eos, per_seq);
-        let prefill = index.clone();
+        let prefill = index;
         plan.prompt_inputs = vec![
             PromptInput {
                 buf: masks[0],
                 fill: Box::new(move |ids: &[u32], len: usize| {
                     ids.chunks(len.max(1))
-                        .flat_map(|seq| prefill(seq))
+                        .flat_map(prefill)
                         .flat_map(|i| processor::mask_row(i, per_seq, rows))
                         .collect()
                 }),
