@@ -20,6 +20,9 @@ Writes only tests/fixtures/smolvlm-tiny/ and tests/fixtures/goldens/smolvlm_*:
   smolvlm-grid19/ a model whose frames are 19 x 19 patches (76 px, patch 4, scale factor 1), where
                   transformers' float32 position ids skip and repeat (config and weights only)
   goldens/smolvlm_grid19.safetensors: one seeded frame's pixel values and the connector output
+  smolvlm-floor35/ frames of 35 px at patch 4, which the patch conv floors to 8 x 8 patches
+                  (config and weights only); goldens/smolvlm_floor35.safetensors: one seeded frame's
+                  pixel values and the connector output
   goldens/idefics3_positions.json: for 1..64 patches per side, the bucket each row (and column)
                   of a full patch grid gets in Idefics3VisionEmbeddings (float32, CPU): the
                   position id of patch (r, c) is bucket[r] * n + bucket[c]
@@ -217,10 +220,33 @@ def grid19(proc) -> None:
     np_save_file({"pixels": fc.f32(pixels[0]), "connector": fc.f32(feats)}, str(fc.GOLD / "smolvlm_grid19.safetensors"))
 
 
+def floor35(proc) -> None:
+    """Frames of 35 px at patch 4: the conv floors to 8 x 8 patches and never reads the last 3
+    pixels of each row and column (SmolVLM-Instruct's 384 px at patch 14 is 27 x 27 the same way)."""
+    out = fc.FIX / "smolvlm-floor35"
+    base = build_config(proc.tokenizer)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                  image_size=35, patch_size=4, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    cfg = Idefics3Config(vision_config=vision, text_config=base.text_config, scale_factor=2,
+                         image_token_id=base.image_token_id, tie_word_embeddings=True, pad_token_id=base.pad_token_id)
+    torch.manual_seed(SEED + 4)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    fc.reinit_randn_(model, SEED + 4)
+    model.to(torch.float16).save_pretrained(out)
+    model = Idefics3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(SEED + 4)
+    pixels = torch.rand((1, 1, 3, 35, 35), generator=g) * 2 - 1
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels).pooler_output
+    assert feats.shape[-2] == 16, feats.shape
+    np_save_file({"pixels": fc.f32(pixels[0]), "connector": fc.f32(feats)}, str(fc.GOLD / "smolvlm_floor35.safetensors"))
+
+
 def main() -> None:
     torch.manual_seed(SEED)
     out = fc.FIX / NAME
-    for p in [out, fc.FIX / "smolvlm2-tiny", fc.FIX / "smolvlm-grid19"] + list(fc.GOLD.glob("smolvlm_*")) + list(fc.GOLD.glob("smolvlm2_*")):
+    for p in [out, fc.FIX / "smolvlm2-tiny", fc.FIX / "smolvlm-grid19", fc.FIX / "smolvlm-floor35"] + list(fc.GOLD.glob("smolvlm_*")) + list(fc.GOLD.glob("smolvlm2_*")):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     proc = make_processor()
     cfg = build_config(proc.tokenizer)
@@ -243,6 +269,7 @@ def main() -> None:
     })
     smolvlm2(proc)
     grid19(proc)
+    floor35(proc)
     fc.write_json(fc.GOLD / "idefics3_positions.json", {
         "reference": "Idefics3VisionEmbeddings.forward's bucketize of a full grid, float32, torch "
                      f"{torch.__version__} CPU", "buckets": position_buckets()})

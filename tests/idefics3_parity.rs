@@ -277,11 +277,24 @@ fn grid_positions_follow_transformers() {
 /// of one frame equals transformers' (so the ids are applied as transformers applies them).
 #[test]
 fn a_grid_with_skipped_position_ids_matches_transformers() {
-    let dir = common::model_dir("smolvlm-grid19");
+    assert_eq!(one_frame_connector("smolvlm-grid19", "smolvlm_grid19.safetensors"), 361, "scale factor 1");
+}
+
+/// 35 px frames at patch 4: the conv floors to 8 x 8 patches (the last 3 pixel rows and columns
+/// unread), as SmolVLM-Instruct's 384 px frames at patch 14 give 27 x 27.
+#[test]
+fn frames_that_patches_do_not_tile_floor_as_transformers() {
+    assert_eq!(one_frame_connector("smolvlm-floor35", "smolvlm_floor35.safetensors"), 16, "(8 / 2)² rows per frame");
+}
+
+/// The connector output of one seeded frame of model `name` against transformers'
+/// `get_image_features` (golden `file`); returns the rows per frame.
+fn one_frame_connector(name: &str, file: &str) -> usize {
+    let dir = common::model_dir(name);
     let cfg = glimpse::models::ModelConfig::load(&dir.join("config.json")).unwrap();
     let ckpt = glimpse::weights::Checkpoint::open_dir(&dir).unwrap();
     let family = glimpse::models::load(&cfg, &ckpt).unwrap();
-    let goldens = common::goldens("smolvlm_grid19.safetensors");
+    let goldens = common::goldens(file);
     let (pixels, _) = goldens.f32("pixels").unwrap();
     let (want, shape) = goldens.f32("connector").unwrap();
     let plan = family.image_plan(1).unwrap().expect("an image stage");
@@ -292,9 +305,10 @@ fn a_grid_with_skipped_position_ids_matches_transformers() {
     for phase in &plan.phases {
         exec.run(phase).unwrap();
     }
-    assert_eq!(shape[1] * shape[0], plan.rows_per_image, "361 rows per frame at scale factor 1");
+    assert_eq!(shape[1] * shape[0], plan.rows_per_image, "{name}: rows per frame");
     let got = exec.read(plan.features, plan.rows_per_image).unwrap();
-    assert_close("grid 19 connector", &got, &want);
+    assert_close(&format!("{name} connector"), &got, &want);
+    plan.rows_per_image
 }
 
 /// A folder whose processor does not fit the model is refused at load, naming the file, the

@@ -89,7 +89,7 @@ fn presets_have_the_real_shapes() {
         ),
         (88, 64, 80, 257)
     );
-    assert_eq!(glimpse::synth::presets().len(), 19);
+    assert_eq!(glimpse::synth::presets().len(), 20);
 }
 
 #[test]
@@ -547,6 +547,11 @@ fn smolvlm_presets_have_the_real_shapes() {
     assert_eq!(parameter_count(&preset("smolvlm-256m").unwrap()).unwrap(), 256_484_928);
     assert_eq!(parameter_count(&preset("smolvlm-500m").unwrap()).unwrap(), 507_482_304);
     assert_eq!(parameter_count(&preset("smolvlm-tiny").unwrap()).unwrap(), 76_192);
+    // SmolVLM-Instruct's shapes (27 x 27 patches of 14 px in 384 px frames, scale factor 3: 81
+    // rows per frame): 2,246,272,880 in transformers 5.17 (meta device, 2026-12-07).
+    let c = preset("smolvlm-2.2b").unwrap();
+    assert_eq!(c.get::<Idefics3Config>().unwrap().image_seq_len(), 81);
+    assert_eq!(parameter_count(&c).unwrap(), 2_246_272_880);
 }
 
 /// A smolvlm-tiny folder loads, splits an image into tiles and answers through the chat

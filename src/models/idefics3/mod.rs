@@ -157,7 +157,7 @@ pub const FAMILY: FamilyEntry = FamilyEntry {
             parse: |v, p| Ok(ModelConfig::new(Idefics3Config::from_value(v, p)?)),
         },
     ],
-    presets: &["smolvlm-256m", "smolvlm-500m", "smolvlm-tiny"],
+    presets: &["smolvlm-256m", "smolvlm-500m", "smolvlm-2.2b", "smolvlm-tiny"],
     preset_config: smolvlm_json,
 };
 

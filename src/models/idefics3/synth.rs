@@ -38,10 +38,15 @@ pub(super) fn smolvlm_json(name: &str) -> Result<Value> {
     let ((vh, vi, vl, vn, vs, vp), scale, (th, ti, tl, tn, tkv, vocab, image, positions), tie) = match name {
         "smolvlm-256m" => ((768, 3072, 12, 12, 512, 16), 4, (576, 1536, 30, 9, 3, 49280, 49190, 8192), false),
         "smolvlm-500m" => ((768, 3072, 12, 12, 512, 16), 4, (960, 2560, 32, 15, 5, 49280, 49190, 8192), false),
+        // HuggingFaceTB/SmolVLM-Instruct: SigLIP so400m at 384 px / patch 14 (27 x 27 patches, the
+        // conv floors), SmolLM2-1.7B. Its image token is 49153, two below the vocabulary's end;
+        // the synthetic tokenizer's 40 special tokens need room after it, so it sits at 49100.
+        "smolvlm-2.2b" => ((1152, 4304, 27, 16, 384, 14), 3, (2048, 8192, 24, 32, 32, 49155, 49100, 16384), false),
         // tests/fixtures/smolvlm-tiny's towers; room for the synthetic tokenizer's base entries.
         "smolvlm-tiny" => ((32, 48, 2, 4, 32, 4), 2, (32, 64, 2, 4, 2, 1088, 1000, 2048), true),
         _ => return Err(not_a_preset(name)),
     };
+    let rope_theta = if name == "smolvlm-2.2b" { 273768.0 } else { 100000.0 };
     let pad = 1;
     let mut text = llama_text_json(
         Widths { hidden: th, intermediate: ti, layers: tl, heads: tn },
@@ -53,7 +58,7 @@ pub(super) fn smolvlm_json(name: &str) -> Result<Value> {
     );
     text["bos_token_id"] = json!(special_id(image, "<|im_start|>"));
     text["eos_token_id"] = json!(special_id(image, "<end_of_utterance>"));
-    text["rope_parameters"] = json!({"rope_theta": 100000.0, "rope_type": "default"});
+    text["rope_parameters"] = json!({"rope_theta": rope_theta, "rope_type": "default"});
     text["tie_word_embeddings"] = json!(true);
     Ok(json!({
         "architectures": ["Idefics3ForConditionalGeneration"],

@@ -69,7 +69,17 @@ impl Idefics3VisionConfig {
         check_heads(s, self.hidden_size, self.num_attention_heads)?;
         check_positive(&format!("{s}.intermediate_size"), self.intermediate_size)?;
         check_positive(&format!("{s}.num_hidden_layers"), self.num_hidden_layers)?;
-        check_patches(s, self.image_size, self.patch_size, self.num_channels)?;
+        // The patch conv floors: SmolVLM-Instruct's 384 px frames at patch 14 are 27 x 27 patches,
+        // the last 6 pixels of each row and column unread (a tiling ViT's check does not apply).
+        let tiling = self.image_size - self.image_size % self.patch_size.max(1);
+        check_patches(s, tiling.max(self.patch_size), self.patch_size, self.num_channels)?;
+        if self.image_size < self.patch_size {
+            return Err(crate::config::field_error(
+                &format!("{s}.image_size"),
+                self.image_size,
+                format!("it must be at least one patch ({s}.patch_size = {})", self.patch_size),
+            ));
+        }
         check_eps(&format!("{s}.layer_norm_eps"), self.layer_norm_eps)?;
         check_activation(&format!("{s}.hidden_act"), &self.hidden_act, &["gelu_pytorch_tanh", "gelu_new", "gelu"])
     }
