@@ -12,6 +12,8 @@ Writes only tests/fixtures/smolvlm-tiny/ and tests/fixtures/goldens/smolvlm_*:
   goldens/smolvlm_tiny.json + .safetensors: per case the rendered prompt, input ids, tile grids,
                   pixel values, the vision tower's last hidden state, the connector output, the
                   last 6 prefill logit rows, and 8 greedy tokens with their log-probs and text
+  goldens/smolvlm_nosplit.json: with do_image_splitting off, the one- and two-image cases' input
+                  ids, frame counts, greedy tokens, log-probs and text
   smolvlm2-tiny/  the same shapes as SmolVLM2 (`SmolVLMForConditionalGeneration`, model_type
                   `smolvlm`, vision `smolvlm_vision`) with other random weights, and SmolVLM's
                   processor_config.json (written here: SmolVLMProcessor needs a video processor,
@@ -136,6 +138,37 @@ def goldens(model, proc) -> tuple[dict, list]:
         fc.log(f"  {NAME} {cname}: {frames.shape[0]} frames, {len(ids[0])} ids, generated {new}, "
                f"min margin {min(margins):.4f}")
     return tensors, cases
+
+
+def no_split(model, proc) -> None:
+    """The same model with `do_image_splitting` off: each image one frame (resized to the tile),
+    its prompt one global image; greedy tokens for the one- and two-image cases."""
+    flat = Idefics3Processor(image_processor=fi.processor(128, FRAME, False, 1), tokenizer=proc.tokenizer,
+                             image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE)
+    cases = []
+    for cname, pngs, text in [c for c in CASES if c[0] != "small"]:
+        msgs = [{"role": "user", "content": [{"type": "image"} for _ in pngs] + [{"type": "text", "text": text}]}]
+        prompt = flat.apply_chat_template(msgs, add_generation_prompt=True)
+        images = [Image.open(fc.FIX / "images" / p) for p in pngs]
+        inputs = flat(text=[prompt], images=[images], return_tensors="pt")
+        assert inputs["pixel_values"].shape[1] == len(pngs), "one frame per image"
+        with torch.no_grad():
+            gen = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
+                                 min_new_tokens=MAX_NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
+        ids = inputs["input_ids"]
+        new = gen.sequences[0, ids.shape[1]:].tolist()
+        lps = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(gen.logits, new)]
+        margins = [float((lambda s: s[0] - s[1])(torch.topk(l[0], 2).values)) for l in gen.logits]
+        cases.append({"name": cname, "images": pngs, "text": text, "frames": int(inputs["pixel_values"].shape[1]),
+                      "input_ids": ids[0].tolist(), "generated_ids": new, "logprobs": lps,
+                      "decoded": proc.decode(new, skip_special_tokens=True), "min_top2_margin": min(margins)})
+        fc.log(f"  {NAME} no split {cname}: generated {new}, min margin {min(margins):.4f}")
+    fc.write_json(fc.GOLD / "smolvlm_nosplit.json", {
+        "model": NAME,
+        "reference": "smolvlm-tiny with Idefics3ImageProcessorPil(do_image_splitting=False); otherwise as "
+                     "smolvlm_tiny.json",
+        "cases": cases,
+    })
 
 
 def smolvlm2(proc) -> None:
@@ -267,6 +300,7 @@ def main() -> None:
         "image_seq_len": IMAGE_SEQ_LEN,
         "cases": cases,
     })
+    no_split(model, proc)
     smolvlm2(proc)
     grid19(proc)
     floor35(proc)

@@ -336,3 +336,37 @@ fn mismatched_processor_and_config_are_clear_errors() {
     let (_t, err) = edit("config.json", &|v| v["scale_factor"] = 3.into());
     assert!(err.contains("scale_factor") && err.contains("divide"), "{err}");
 }
+
+/// With `do_image_splitting` off (processor_config.json), each image is one frame and its
+/// prompt one global image: transformers' ids, tokens, log-probs and text.
+#[test]
+fn without_image_splitting_matches_transformers() {
+    let tmp = common::tempdir();
+    common::copy_dir(&common::model_dir(NAME), tmp.path());
+    let path = tmp.path().join("processor_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["image_processor"]["do_image_splitting"] = false.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let model = Model::load(tmp.path(), Device::Cpu).unwrap();
+    let golden = common::golden_json("smolvlm_nosplit.json");
+    for case in golden["cases"].as_array().unwrap() {
+        let cname = case["name"].as_str().unwrap();
+        let paths: Vec<std::path::PathBuf> =
+            case["images"].as_array().unwrap().iter().map(|i| common::image(i.as_str().unwrap())).collect();
+        let pixels: Vec<PixelValues> = paths.iter().map(|p| model.preprocess(p).unwrap()).collect();
+        assert_eq!(pixels.iter().map(PixelValues::frames).sum::<usize>(), case["frames"].as_u64().unwrap() as usize);
+        let chat = model.chat.as_ref().unwrap();
+        let prompt = chat.user_prompt(pixels.len(), case["text"].as_str().unwrap()).unwrap();
+        assert_eq!(model.input_ids_for(Some(&prompt), &pixels).unwrap(), common::ids(&case["input_ids"]), "{cname}");
+        let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+        let opts = glimpse::GenerateOptions { max_new_tokens: Some(8), min_new_tokens: 8, ..model.default_options() };
+        let out = model.ask_images(&refs, case["text"].as_str().unwrap(), &opts).unwrap();
+        assert_eq!(out.tokens, common::ids(&case["generated_ids"]), "{cname}: greedy tokens");
+        for (i, (got, want)) in out.logprobs.iter().zip(common::floats(&case["logprobs"])).enumerate() {
+            assert!((got - want).abs() <= LOGPROB_ABS, "{cname} step {i}: logprob {got} vs {want}");
+        }
+        // `Output::text` is the decoded text stripped as Python's `str.strip` (`decode_text`).
+        let decoded = glimpse::tokenizer::py_strip(case["decoded"].as_str().unwrap());
+        assert_eq!(out.text, decoded, "{cname}: text");
+    }
+}
