@@ -867,3 +867,38 @@ fn the_address_is_printed_and_a_taken_port_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("could not listen on 127.0.0.1:{port}")), "{err}");
 }
+
+/// IDEFICS over the server: two images and a question in one user message give the library's
+/// answer to the same question about both (idefics-9b-instruct's form); one image with no text
+/// gives its caption.
+#[test]
+fn idefics_answers_about_interleaved_images() {
+    let server = Server::start("idefics-tiny", &[]);
+    let model = Model::load(common::model_dir("idefics-tiny"), Device::Cpu).unwrap();
+    let opts = GenerateOptions { max_new_tokens: Some(6), ..model.default_options() };
+    let names = ["wide_301x97.png", "tall_83x311.png"];
+    let pixels: Vec<_> = names
+        .iter()
+        .map(|n| model.preprocess_input(&ImageInput::Bytes { bytes: &image_bytes(n), name: n }).unwrap())
+        .collect();
+    let want =
+        model.generate(&Request::new(&pixels, Prompt::Question("which is taller?"), &opts), &mut |_| {}).unwrap();
+    let body = json!({
+        "model": NAME,
+        "max_tokens": 6,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(names[0])}},
+            {"type": "image_url", "image_url": {"url": data_uri(names[1])}},
+            {"type": "text", "text": "which is taller?"}
+        ]}],
+    });
+    let (status, v) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(content(&v), want[0].text);
+    assert_eq!(v["usage"]["prompt_tokens"], model.question_ids("which is taller?", 2).unwrap().len());
+    let body = json!({"model": NAME, "max_tokens": 6, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(names[0])}}]}]});
+    let (status, v) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(content(&v), alone(&model, names[0], "", &opts).text, "caption");
+}

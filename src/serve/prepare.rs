@@ -79,6 +79,12 @@ pub fn chat_job(model: &Model, req: &ChatRequest, media: &MediaPolicy) -> Result
                 })
                 .unwrap_or_default();
             if question.trim().is_empty() {
+                if image_parts.len() != 1 {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("the messages hold {} images and no text: a caption is of one image, ask a question about several", image_parts.len()),
+                    ));
+                }
                 let ids = model.input_ids(None).map_err(|e| ApiError::from_glimpse(&e, Some("messages")))?;
                 (PromptSpec::Caption, Some(ids))
             } else {

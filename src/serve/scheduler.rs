@@ -228,7 +228,10 @@ pub fn can_share(a: &Work, b: &Work) -> bool {
     }
     match (&a.prompt, &b.prompt) {
         (PromptSpec::Caption, PromptSpec::Caption) => true,
-        (PromptSpec::Question(x), PromptSpec::Question(y)) => x == y || (a.pad_questions && b.pad_questions),
+        // One image each (a question about several images, IDEFICS', runs alone).
+        (PromptSpec::Question(x), PromptSpec::Question(y)) if a.images.len() == 1 && b.images.len() == 1 => {
+            x == y || (a.pad_questions && b.pad_questions)
+        }
         (PromptSpec::Chat(x), PromptSpec::Chat(y)) => x == y && a.images.len() == b.images.len(),
         _ => false,
     }
@@ -329,6 +332,7 @@ impl Worker {
             .collect();
         let prompt = match &first.prompt {
             PromptSpec::Caption => Prompt::Caption,
+            PromptSpec::Question(q) if first.images.len() != 1 => Prompt::Question(q),
             PromptSpec::Question(_) => Prompt::PerImage(&questions),
             PromptSpec::Chat(text) => Prompt::Raw(Some(text)),
         };
