@@ -591,6 +591,11 @@ fn idefics_presets_count_and_generate() {
     write_folder("idefics-tiny", &dir, 5).expect("write idefics-tiny");
     let model = Model::load(&dir, Device::Cpu).expect("Model::load accepts an IDEFICS synth folder");
     assert_eq!(model.tokenizer.token_to_id("<image>"), Some(1001));
+    // The weight table: transformers' parameters without the vision tower's post_layernorm
+    // (never run), plus the zero bias glimpse's patch embedding adds (32), plus the additional
+    // embedding and head rows' own entries (2 x 2 x 64), which are also joined in place into
+    // the main embedding and head; the 1000-row tables are held once.
+    assert_eq!(model.family.weights().parameters(), 329_348 - 2 * 32 + 32 + 2 * 2 * 64);
     let images: Vec<_> =
         ["rgba_150x120.png", "tall_83x311.png"].iter().map(|n| model.preprocess(&common::image(n)).unwrap()).collect();
     let opts = glimpse::GenerateOptions { max_new_tokens: Some(4), min_new_tokens: 4, ..model.default_options() };

@@ -116,15 +116,16 @@ pub struct Idefics {
     tokens: Option<Tokens>,
 }
 
-/// `[a; b]` along the rows of two `[_, width]` weights, as one table entry named `name`
-/// (`IdeficsDecoupledEmbedding` / `IdeficsDecoupledLinear`: ids past `vocab_size` use the
-/// additional rows). The join is a copy (the embedding and head are not zero-copy); a recording
-/// checkpoint (`glimpse synth`) only needs the tensors asked for.
-fn join_rows(ld: &mut Loader, name: String, a: W, b: Option<W>, width: usize) -> W {
+/// `a` becomes `[a; b]` along the rows of two `[_, width]` weights (`IdeficsDecoupledEmbedding`
+/// / `IdeficsDecoupledLinear`: ids past `vocab_size` use the additional rows), in place, so the
+/// table holds each parameter once. The join is a copy (the embedding and head are not
+/// zero-copy); a recording checkpoint (`glimpse synth`) only needs the tensors asked for.
+fn join_rows(ld: &mut Loader, a: W, b: Option<W>, width: usize) -> W {
     let Some(b) = b.filter(|_| !ld.ckpt.is_recording()) else { return a };
     let data: Vec<f16> = [a, b].iter().flat_map(|&w| ld.table.get(w).as_slice().to_vec()).collect();
     let rows = data.len() / width.max(1);
-    ld.table.add(name, Weight::from_vec(vec![rows, width], data))
+    ld.table.weights[a.0] = Weight::from_vec(vec![rows, width], data);
+    a
 }
 
 impl Idefics {
@@ -150,21 +151,16 @@ impl Idefics {
         let embed_add = (add > 0)
             .then(|| ld.tensor(&format!("{p}embed_tokens.additional_embedding.weight"), &[add, h]))
             .transpose()?;
-        let embed = join_rows(&mut ld, format!("{p}embed_tokens (decoupled)"), embed_main, embed_add, h);
-        let tie = t.tie_word_embeddings;
+        let embed = join_rows(&mut ld, embed_main, embed_add, h);
+        // Tied (transformers' `_tied_weights_keys`): the head is the whole joined embedding.
+        let tied = t.tie_word_embeddings;
         let decoder = LlamaDecoder::load_with(t, &mut ld, p, embed, |ld| {
-            let main = if ld.ckpt.contains("lm_head.weight") || !tie {
-                ld.tensor("lm_head.weight", &[v, h])?
-            } else {
-                embed_main
-            };
-            let extra = (add > 0)
-                .then(|| match embed_add {
-                    Some(e) if tie && !ld.ckpt.contains("lm_head.additional_fc.weight") => Ok(e),
-                    _ => ld.tensor("lm_head.additional_fc.weight", &[add, h]),
-                })
-                .transpose()?;
-            Ok(join_rows(ld, "lm_head (decoupled)".into(), main, extra, h))
+            if tied && !ld.ckpt.contains("lm_head.weight") {
+                return Ok(embed);
+            }
+            let main = ld.tensor("lm_head.weight", &[v, h])?;
+            let extra = (add > 0).then(|| ld.tensor("lm_head.additional_fc.weight", &[add, h])).transpose()?;
+            Ok(join_rows(ld, main, extra, h))
         })?;
         Ok(Self {
             cfg: cfg.clone(),
