@@ -232,3 +232,21 @@ fn mismatches_are_clear_errors() {
     let err = Model::load(dir.path(), Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("cross_layer_interval") && err.contains("num_hidden_layers (4)"), "{err}");
 }
+
+/// A tokenizer that lacks what IdeficsProcessor writes is refused at load, naming the token.
+#[test]
+fn a_tokenizer_without_the_image_tokens_is_a_clear_error() {
+    let edit = |file: &str, from: &str, to: &str| {
+        let dir = common::tempdir();
+        common::copy_dir(&common::model_dir("idefics-tiny"), dir.path());
+        let path = dir.path().join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} holds {from}");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+        Model::load(dir.path(), Device::Cpu).err().expect("refused").to_string()
+    };
+    let err = edit("tokenizer.json", "\"<fake_token_around_image>\"", "\"<fake>\"");
+    assert!(err.contains("<fake_token_around_image>") && err.contains("own tokenizer"), "{err}");
+    let err = edit("tokenizer_config.json", "\"bos_token\": \"<s>\"", "\"bos_token\": null");
+    assert!(err.contains("bos_token"), "{err}");
+}
