@@ -1,5 +1,6 @@
 //! The reference executor: every buffer is an f32 `Vec`, allocated once; weights stay fp16.
 
+mod attention;
 pub mod gemm;
 pub mod ops;
 pub mod qgemm;

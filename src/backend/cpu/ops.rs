@@ -1,13 +1,14 @@
 //! The reference CPU ops: f32 math on fp16 weights, parallel with rayon. Each function is the
 //! definition its CUDA kernel is tested against, so clarity and exactness come before speed.
 
-use gemm::Parallelism;
 use half::f16;
 use rayon::prelude::*;
 
 use crate::backend::{GemmDims, NormShape};
 use crate::error::{Error, Result};
-use crate::graph::{Activation, ATTN_MASK_FLOOR};
+use crate::graph::Activation;
+
+pub use super::attention::{attention, attention_ex, attention_path, AttnExtras, AttnShape, HeadBias, KeyMask};
 
 /// Up to this many rows a Linear that knows nothing of sequences ([`LinearPath::for_rows`]) runs
 /// as matrix-vector products, above it as a GEMM; also the rows of x one GEMV pass streams a
@@ -257,151 +258,6 @@ pub fn rope_row(x: &mut [f32], position: usize, inv_freq: &[f32]) {
     }
 }
 
-/// An additive per-head bias: head `h`, query row `i` adds `values[(h * q_len + i) * stride + j]`
-/// to the score of key `j` (shared by every batch item; T5 relative positions).
-#[derive(Debug, Clone, Copy)]
-pub struct HeadBias<'a> {
-    pub values: &'a [f32],
-    pub stride: usize,
-}
-
-/// What [`attention_ex`] adds to plain attention: grouped K/V heads and additive masks.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnExtras<'a> {
-    /// Query head h reads K/V head `h / (heads / kv_heads)`.
-    pub kv_heads: usize,
-    pub mask: Option<KeyMask<'a>>,
-    pub bias: Option<HeadBias<'a>>,
-}
-
-/// Shapes and strides of one attention call on row-major buffers (see `graph::Attention`).
-#[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    pub batch: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    pub q_len: usize,
-    /// Keys each batch item sees (for causal attention: before masking).
-    pub kv_len: usize,
-    /// Row strides (buffer widths) and first columns of Q, K, V.
-    pub q_stride: usize,
-    pub q_col: usize,
-    pub kv_stride: usize,
-    pub k_col: usize,
-    pub v_col: usize,
-    /// Rows between batch items in K/V.
-    pub kv_batch_stride: usize,
-    /// `Some(position)`: query row i sees keys `0..=position + i`.
-    pub causal_from: Option<usize>,
-    pub scale: f32,
-}
-
-/// An additive per-key mask: batch item `b` adds `values[b * stride + j]` to every score of key
-/// `j` (HF padding masks: 0 or `finfo.min`), clamped to [`ATTN_MASK_FLOOR`] first.
-#[derive(Debug, Clone, Copy)]
-pub struct KeyMask<'a> {
-    pub values: &'a [f32],
-    pub stride: usize,
-    /// One row per query row (`b * q_len + i`) instead of one per batch item.
-    pub per_query: bool,
-}
-
-/// Softmax attention; `out` is `[batch * q_len, heads * head_dim]`. Per (batch, head), on one
-/// thread each: S = scale * Q Kᵀ (+ the clamped key mask) and O = softmax(S) V as two GEMMs
-/// reading Q, K, V in place through their strides; keys hidden by causality are -inf, softmax in
-/// f32 with the row max subtracted, like torch's eager path.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, mask: Option<KeyMask<'_>>, out: &mut [f32]) {
-    attention_ex(q, k, v, s, &AttnExtras { kv_heads: s.heads, mask, bias: None }, out);
-}
-
-/// [`attention`] with grouped K/V heads (K/V rows hold `kv_heads * head_dim` columns from
-/// `k_col` / `v_col`) and an optional per-head bias added (unclamped, like T5's position bias)
-/// before the clamped key mask.
-pub fn attention_ex(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, ex: &AttnExtras<'_>, out: &mut [f32]) {
-    let mask = ex.mask;
-    let d = s.head_dim;
-    let width = s.heads * d;
-    assert!(ex.kv_heads > 0 && s.heads % ex.kv_heads == 0, "attention: heads % kv_heads != 0");
-    let group = s.heads / ex.kv_heads;
-    let kv_width = ex.kv_heads * d;
-    let (lq, lkv) = (s.q_len, s.kv_len);
-    // Bounds of every element the GEMMs read, checked once here for the unsafe calls below.
-    let last = |batch_rows: usize, rows: usize, stride: usize, col: usize| {
-        ((s.batch - 1) * batch_rows + rows - 1) * stride + col + width
-    };
-    assert!(s.batch > 0 && lq > 0 && lkv > 0, "attention: empty shape");
-    assert!(q.len() >= last(lq, lq, s.q_stride, s.q_col), "attention: q too short");
-    let last_kv = |col: usize| ((s.batch - 1) * s.kv_batch_stride + lkv - 1) * s.kv_stride + col + kv_width;
-    assert!(k.len() >= last_kv(s.k_col), "attention: k too short");
-    assert!(v.len() >= last_kv(s.v_col), "attention: v too short");
-    if let Some(hb) = ex.bias {
-        assert!(
-            hb.stride >= lkv && hb.values.len() >= (s.heads * lq - 1) * hb.stride + lkv,
-            "attention: bias too short"
-        );
-    }
-    if let Some(m) = mask {
-        let rows = if m.per_query { s.batch * lq } else { s.batch };
-        assert!(m.stride >= lkv && m.values.len() >= (rows - 1) * m.stride + lkv, "attention: mask too short");
-    }
-    let results: Vec<Vec<f32>> = (0..s.batch * s.heads)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / s.heads, bh % s.heads);
-            let q0 = (b * lq) * s.q_stride + s.q_col + h * d;
-            let kvh = h / group;
-            let k0 = (b * s.kv_batch_stride) * s.kv_stride + s.k_col + kvh * d;
-            let v0 = (b * s.kv_batch_stride) * s.kv_stride + s.v_col + kvh * d;
-            let mut scores = vec![0f32; lq * lkv];
-            // SAFETY: dst `scores` is lq x lkv (row stride lkv). lhs: Q rows i < lq at
-            // q0 + i*q_stride, columns c < d; rhs: Kᵀ, element (c, j) at k0 + j*kv_stride + c,
-            // j < lkv. The asserts above bound the largest index read in q and k.
-            unsafe {
-                let q = Strided { ptr: q.as_ptr().add(q0), col_stride: 1, row_stride: s.q_stride };
-                let k_t = Strided { ptr: k.as_ptr().add(k0), col_stride: s.kv_stride, row_stride: 1 };
-                matmul_into(&mut scores, GemmDims { m: lq, n: lkv, k: d }, q, k_t, s.scale);
-            }
-            for (i, row) in scores.chunks_mut(lkv).enumerate() {
-                let key_mask = mask.map(|m| {
-                    let mask_row = if m.per_query { b * lq + i } else { b };
-                    &m.values[mask_row * m.stride..][..lkv]
-                });
-                let visible = s.causal_from.map_or(lkv, |p| (p + i + 1).min(lkv));
-                if let Some(hb) = ex.bias {
-                    let brow = &hb.values[(h * lq + i) * hb.stride..][..lkv];
-                    row.iter_mut().zip(brow).for_each(|(sc, &bv)| *sc += bv);
-                }
-                if let Some(km) = key_mask {
-                    row.iter_mut().zip(km).for_each(|(sc, &m)| *sc += m.max(ATTN_MASK_FLOOR));
-                }
-                row[visible..].fill(f32::NEG_INFINITY);
-                let max = row[..visible].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for sc in row.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                row.iter_mut().for_each(|p| *p /= sum);
-            }
-            let mut o = vec![0f32; lq * d];
-            // SAFETY: dst `o` is lq x d (row stride d). lhs: the probabilities, lq x lkv; rhs: V,
-            // element (j, c) at v0 + j*kv_stride + c, j < lkv, c < d, bounded by the assert above.
-            unsafe {
-                let p = Strided { ptr: scores.as_ptr(), col_stride: 1, row_stride: lkv };
-                let v = Strided { ptr: v.as_ptr().add(v0), col_stride: 1, row_stride: s.kv_stride };
-                matmul_into(&mut o, GemmDims { m: lq, n: d, k: lkv }, p, v, 1.0);
-            }
-            o
-        })
-        .collect();
-    for (bh, o) in results.iter().enumerate() {
-        let (b, h) = (bh / s.heads, bh % s.heads);
-        for i in 0..lq {
-            out[(b * lq + i) * width + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
-        }
-    }
-}
-
 /// IDEFICS' gated residual ([`crate::graph::Op::GatedAdd`]) over rows of `width` values:
 /// `out[r] += tanh(alpha) * x[r]` (alpha one value or one per column) on every row, or with a
 /// `(mask, mask_width)` only on the rows whose mask row holds a 0; f32 throughout, as
@@ -416,48 +272,6 @@ pub fn gated_add(x: &[f32], alpha: &[f32], mask: Option<(&[f32], usize)>, out: &
             *o += gates[if gates.len() == 1 { 0 } else { c }] * v;
         }
     }
-}
-
-/// A matrix operand read in place: its first element and the distance between neighbouring
-/// columns and rows.
-struct Strided {
-    ptr: *const f32,
-    col_stride: usize,
-    row_stride: usize,
-}
-
-/// `dst [m, n]` (row-major, contiguous) = `scale * lhs [m, k] · rhs [k, n]`, on this thread.
-///
-/// # Safety
-/// `dst` holds at least m x n values, and every element (i, c) of `lhs` (i < m, c < k) and
-/// (c, j) of `rhs` (c < k, j < n) lies inside the allocation its pointer reads.
-unsafe fn matmul_into(dst: &mut [f32], dims: GemmDims, lhs: Strided, rhs: Strided, scale: f32) {
-    let GemmDims { m, n, k } = dims;
-    debug_assert!(dst.len() >= m * n);
-    // gemm::gemm's arguments, in order: m, n, k; dst, dst column stride, dst row stride, read_dst;
-    // lhs, lhs column stride, lhs row stride; rhs, rhs column stride, rhs row stride; alpha, beta
-    // (dst = alpha * dst + beta * lhs * rhs); conj_dst, conj_lhs, conj_rhs; parallelism.
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        false,
-        lhs.ptr,
-        lhs.col_stride as isize,
-        lhs.row_stride as isize,
-        rhs.ptr,
-        rhs.col_stride as isize,
-        rhs.row_stride as isize,
-        0.0,
-        scale,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    );
 }
 
 /// Idefics3's pixel shuffle ([`crate::graph::Op::PixelShuffle`]) of `batch` images of
