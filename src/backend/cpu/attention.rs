@@ -423,6 +423,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{PvArgs, ScoreArgs, KEYS, PV_COLS, SUM_ONE};
+    use crate::backend::cpu::vmath::x86::exp;
 
     /// The AVX-512 score tile: R rows x 32 keys in 2R zmm accumulators; per channel two loads of
     /// the panel and one broadcast per row.
@@ -610,92 +611,6 @@ mod x86 {
                 let e = _mm512_maskz_loadu_ps(m, chunk.as_ptr());
                 _mm512_mask_storeu_ps(chunk.as_mut_ptr(), m, _mm512_div_ps(e, total));
             }
-        }
-    }
-
-    /// `e^x` per lane, within 2 ulps of the exact value for results in f32's normal range, 1 at
-    /// x = 0, and exactly 0 below -120 (-inf included): Cody-Waite reduction x = n ln2 + r,
-    /// |r| <= ln2/2, Cephes' polynomial for e^r, then e^r * 2^n by `vscalefps`.
-    #[target_feature(enable = "avx512f")]
-    pub(in crate::backend::cpu) fn exp(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-120.0)), _mm512_set1_ps(88.7));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
-        _mm512_scalef_ps(p, n)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use std::arch::x86_64::*;
-
-        /// Units in the last place between `got` and the exact `want`, at want's magnitude.
-        fn ulps(got: f32, want: f64) -> f64 {
-            let w = want as f32;
-            let ulp = f64::from(f32::from_bits(w.to_bits() + 1) - w);
-            (f64::from(got) - want).abs() / ulp
-        }
-
-        #[test]
-        fn exp_is_within_2_ulps_and_exact_at_the_ends() {
-            if !std::is_x86_feature_detected!("avx512f") {
-                println!("skipped: this CPU has no AVX-512F");
-                return;
-            }
-            let mut worst = (0f64, 0f32);
-            // Every 997th f32 from -87.3 (below it e^x is subnormal) to 88.7, plus the
-            // reduction's boundaries (half-integer multiples of ln 2).
-            let mut xs: Vec<f32> = (0..87.3f32.to_bits()).step_by(997).map(|b| -f32::from_bits(b)).collect();
-            xs.extend((0..88.7f32.to_bits()).step_by(997).map(f32::from_bits));
-            xs.extend((-125..128).map(|n| (n as f32 + 0.5) * std::f32::consts::LN_2));
-            for chunk in xs.chunks(16) {
-                let mut lanes = [0f32; 16];
-                lanes[..chunk.len()].copy_from_slice(chunk);
-                let mut got = [0f32; 16];
-                // SAFETY: AVX-512F detected above; 16-float arrays.
-                unsafe { _mm512_storeu_ps(got.as_mut_ptr(), super::exp(_mm512_loadu_ps(lanes.as_ptr()))) };
-                for (&x, &g) in chunk.iter().zip(&got) {
-                    let u = ulps(g, f64::from(x).exp());
-                    if u > worst.0 {
-                        worst = (u, x);
-                    }
-                }
-            }
-            println!("{} values, worst {:.2} ulps at x = {}", xs.len(), worst.0, worst.1);
-            assert!(worst.0 <= 2.0, "e^{} is {} ulps off", worst.1, worst.0);
-            // SAFETY: as above.
-            let ends = unsafe {
-                let mut out = [0f32; 16];
-                let x = [
-                    0.0,
-                    f32::NEG_INFINITY,
-                    f32::MIN,
-                    -120.0,
-                    -1e6,
-                    -104.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                ];
-                _mm512_storeu_ps(out.as_mut_ptr(), super::exp(_mm512_loadu_ps(x.as_ptr())));
-                out
-            };
-            assert_eq!(ends[..6], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], "e^0 is 1, and far below -87 is 0");
         }
     }
 }

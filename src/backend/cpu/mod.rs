@@ -5,6 +5,7 @@ pub mod gemm;
 pub mod ops;
 pub mod qgemm;
 mod simd;
+mod vmath;
 
 use std::sync::Arc;
 

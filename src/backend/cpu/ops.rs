@@ -2,6 +2,7 @@
 //! definition its CUDA kernel is tested against, so clarity and exactness come before speed.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::{GemmDims, NormShape};
@@ -112,10 +113,7 @@ pub fn linear_path(
     let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.iter().map(|v| v.to_f32()).collect());
     // out[j] (+)= act(acc[j] + bias[j]) over the columns `cols` of one output row.
     let epilogue = |out_cols: &mut [f32], acc: &[f32], cols: std::ops::Range<usize>| {
-        for (o, (&a, &b)) in out_cols.iter_mut().zip(acc.iter().zip(&bias[cols])) {
-            let v = act.apply(a + b);
-            *o = if accumulate { *o + v } else { v };
-        }
+        super::vmath::epilogue(isa, act, out_cols, &acc[..out_cols.len()], &bias[cols], accumulate)
     };
     if path == LinearPath::Gemv {
         if rows == 0 {
@@ -193,6 +191,9 @@ pub fn layer_norm(
     shape: NormShape,
 ) {
     let NormShape { rows, dim, eps } = shape;
+    assert!(w.len() >= dim && b.is_none_or(|b| b.len() >= dim), "layer_norm: weight shorter than the row");
+    // The fp16 weights widened once per call (adding a 0 bias is the identity).
+    let (w, b) = (w.to_f32_vec(), b.map_or_else(|| vec![0.0; dim], |b| b.to_f32_vec()));
     out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
         let xr = &x[r * dim..(r + 1) * dim];
         for (i, v) in o.iter_mut().enumerate() {
@@ -201,8 +202,8 @@ pub fn layer_norm(
         let mean = o.iter().map(|&v| f64::from(v)).sum::<f64>() / dim as f64;
         let var = o.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / dim as f64;
         let rstd = 1.0 / (var + f64::from(eps)).sqrt();
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = ((f64::from(*v) - mean) * rstd) as f32 * w[i].to_f32() + b.map_or(0.0, |b| b[i].to_f32());
+        for (v, (&w, &b)) in o.iter_mut().zip(w.iter().zip(&b)) {
+            *v = ((f64::from(*v) - mean) * rstd) as f32 * w + b;
         }
     });
 }
@@ -212,6 +213,8 @@ pub fn layer_norm(
 /// fp16 on the GPU) before the weight multiplies it. Statistics in f64.
 pub fn rms_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], out: &mut [f32], shape: NormShape) {
     let NormShape { rows, dim, eps } = shape;
+    assert!(w.len() >= dim, "rms_norm: weight shorter than the row");
+    let w = w.to_f32_vec();
     out[..rows * dim].par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
         let xr = &x[r * dim..(r + 1) * dim];
         for (i, v) in o.iter_mut().enumerate() {
@@ -219,8 +222,8 @@ pub fn rms_norm(x: &[f32], residual: Option<&[f32]>, w: &[f16], out: &mut [f32],
         }
         let ms = o.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / dim as f64;
         let rstd = 1.0 / (ms + f64::from(eps)).sqrt();
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = (f64::from(*v) * rstd) as f32 * w[i].to_f32();
+        for (v, &w) in o.iter_mut().zip(&w) {
+            *v = (f64::from(*v) * rstd) as f32 * w;
         }
     });
 }
