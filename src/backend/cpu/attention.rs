@@ -166,8 +166,10 @@ const PV_ROWS: usize = 6;
 /// Output columns per P·V pass.
 const PV_COLS: usize = 64;
 /// Query rows per block: a block's scores are `BLOCK_ROWS x keys` floats (192 KiB at 1024 keys,
-/// in L2); a multiple of both tiles' row counts, so their spare rows stay inside the buffers.
+/// in L2); a multiple of 24 (both tiles' row counts divide it), so their spare rows stay inside
+/// the buffers.
 const BLOCK_ROWS: usize = 48;
+const _: () = assert!(BLOCK_ROWS % (SCORE_ROWS * PV_ROWS / 2) == 0 && SCORE_ROWS * PV_ROWS / 2 == 24);
 /// The softmax sums `e * 2^40` truncated to integers: exact in any order, and for up to 2^22
 /// keys (each e <= 1) the sum fits an i64. The truncation loses under `keys * 2^-40` of a sum
 /// that is at least 1 (the row max's own term), far below f32's half ulp.
@@ -227,9 +229,15 @@ impl HeadTask<'_> {
                 panel[c * KEYS + j % KEYS] = x;
             }
         }
-        let mut q_block = vec![0f32; BLOCK_ROWS * d];
-        let mut scores = vec![0f32; BLOCK_ROWS * ld];
-        let mut o_block = vec![0f32; BLOCK_ROWS * d];
+        // Block buffers: one row for a single query row (decode), else whole tiles of both
+        // kinds (a multiple of 24 rows, at most BLOCK_ROWS).
+        let block_rows = match rows.len() {
+            1 => 1,
+            n => n.min(BLOCK_ROWS).next_multiple_of(SCORE_ROWS * PV_ROWS / 2),
+        };
+        let mut q_block = vec![0f32; block_rows * d];
+        let mut scores = vec![0f32; block_rows * ld];
+        let mut o_block = vec![0f32; block_rows * d];
         let mut o = vec![0f32; rows.len() * d];
         for first in rows.clone().step_by(BLOCK_ROWS) {
             let n = (rows.end - first).min(BLOCK_ROWS);
