@@ -135,14 +135,9 @@ pub(crate) fn load_layers(ld: &mut Loader, prefix: &str, count: usize, c: &ClipL
             let l = format!("{prefix}encoder.layers.{i}");
             let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
             let spec = AttnSpec {
-                names: names.each_ref().map(String::as_str),
-                q_in: c.hidden,
-                kv_in: c.hidden,
-                heads: c.heads,
-                kv_heads: c.heads,
-                head_dim: c.head_dim,
                 bias: true,
                 scale: (c.head_dim as f32).powf(-0.5),
+                ..AttnSpec::mha(names.each_ref().map(String::as_str), c.hidden, c.heads, c.head_dim)
             };
             let (fc1, fc2) = (format!("{l}.mlp.fc1"), format!("{l}.mlp.fc2"));
             Ok(ClipLayer {

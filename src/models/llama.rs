@@ -280,20 +280,13 @@ impl LlamaDecoder {
             .map(|n| {
                 let l = format!("{model}layers.{n}");
                 let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|p| format!("{l}.self_attn.{p}"));
-                let mut self_attn = load_attention(
-                    ld,
-                    &AttnSpec {
-                        names: names.each_ref().map(String::as_str),
-                        q_in: h,
-                        kv_in: h,
-                        heads,
-                        kv_heads,
-                        head_dim,
-                        bias: cfg.attention_bias,
-                        // LlamaAttention.scaling = head_dim ** -0.5 (a Python float).
-                        scale: (head_dim as f64).powf(-0.5) as f32,
-                    },
-                )?;
+                // LlamaAttention.scaling = head_dim ** -0.5 (a Python float): `mha`'s.
+                let spec = AttnSpec {
+                    kv_heads,
+                    bias: cfg.attention_bias,
+                    ..AttnSpec::mha(names.each_ref().map(String::as_str), h, heads, head_dim)
+                };
+                let mut self_attn = load_attention(ld, &spec)?;
                 self_attn.rope = Some(inv_freq.clone());
                 let mlp_linear = |ld: &mut Loader, name: &str, din, dout| {
                     ld.linear(&format!("{l}.mlp.{name}"), din, dout, cfg.mlp_bias)

@@ -610,20 +610,10 @@ fn load_stack(
     };
     let attention = |ld: &mut Loader, prefix: String| {
         let names = ["q", "k", "v", "o"].map(|n| format!("{prefix}.{n}"));
-        load_attention(
-            ld,
-            &AttnSpec {
-                names: names.each_ref().map(String::as_str),
-                q_in: d,
-                kv_in: d,
-                heads: cfg.num_heads,
-                kv_heads: cfg.num_heads,
-                head_dim: cfg.d_kv,
-                bias: false,
-                // T5 has no 1/sqrt(d_kv): its initialisation absorbs it.
-                scale: 1.0,
-            },
-        )
+        // T5 has no 1/sqrt(d_kv): its initialisation absorbs it.
+        let spec =
+            AttnSpec { scale: 1.0, ..AttnSpec::mha(names.each_ref().map(String::as_str), d, cfg.num_heads, cfg.d_kv) };
+        load_attention(ld, &spec)
     };
     let (nb, heads) = (cfg.relative_attention_num_buckets, cfg.num_heads);
     let bias_w =
