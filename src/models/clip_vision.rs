@@ -76,17 +76,14 @@ impl ClipVisionConfig {
 
     /// The tower's sizes for `describe` lines (CLIP and LLaVA print the same).
     pub fn describe_sizes(&self) -> String {
-        format!(
-            "{} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
-            self.num_hidden_layers,
-            self.hidden_size,
-            self.num_attention_heads,
-            self.head_dim(),
-            self.intermediate_size,
-            self.image_size,
-            self.patch_size,
-            self.num_positions()
-        )
+        let layers = self.layer_dims().describe(self.num_hidden_layers);
+        format!("{layers}, {}px / patch {} -> {} tokens", self.image_size, self.patch_size, self.num_positions())
+    }
+
+    /// The encoder layers' shapes.
+    pub(crate) fn layer_dims(&self) -> ClipLayerDims {
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        ClipLayerDims::new(h, heads, self.intermediate_size, self.layer_norm_eps, self.activation())
     }
 
     /// Checks every field the tower reads; `section` prefixes field names (`vision_config`).
@@ -126,6 +123,21 @@ pub(crate) struct ClipLayerDims {
     pub intermediate: usize,
     pub eps: f64,
     pub act: crate::graph::Activation,
+}
+
+impl ClipLayerDims {
+    /// Layers `hidden` wide, split into `heads` heads of `hidden / heads`.
+    pub fn new(hidden: usize, heads: usize, intermediate: usize, eps: f64, act: crate::graph::Activation) -> Self {
+        Self { hidden, heads, head_dim: hidden / heads, intermediate, eps, act }
+    }
+
+    /// `{layers} layers, hidden .., .. heads x .., mlp ..`, the start of a tower's `describe` line.
+    pub fn describe(&self, layers: usize) -> String {
+        format!(
+            "{layers} layers, hidden {}, {} heads x {}, mlp {}",
+            self.hidden, self.heads, self.head_dim, self.intermediate
+        )
+    }
 }
 
 /// Loads `{prefix}encoder.layers.{0..count}`.
@@ -247,15 +259,7 @@ impl ClipVision {
         let position_embedding = ld.tensor(&format!("{e}.position_embedding.weight"), &[cfg.num_positions(), d])?;
         let eps = cfg.layer_norm_eps;
         let pre_layrnorm = ld.norm(&format!("{prefix}pre_layrnorm"), d, eps)?.into();
-        let dims = ClipLayerDims {
-            hidden: d,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-            intermediate: cfg.intermediate_size,
-            eps,
-            act: cfg.activation(),
-        };
-        let layers = load_layers(ld, prefix, layers.min(cfg.num_hidden_layers), &dims)?;
+        let layers = load_layers(ld, prefix, layers.min(cfg.num_hidden_layers), &cfg.layer_dims())?;
         let post_layernorm =
             if post_layernorm { Some(ld.norm(&format!("{prefix}post_layernorm"), d, eps)?.into()) } else { None };
         Ok(Self {
