@@ -25,7 +25,7 @@ use crate::config::{check_activation, check_text_tokens, field_error, Generation
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Activation, Buf, Fused, Graph, Linear, Phase, WeightTable, W};
-use crate::json::{from_json_value, from_json_value_at};
+use crate::json::{from_json_value, section_or, split_sections};
 use crate::weights::{Checkpoint, Weight};
 
 /// `vision_feature_layer`: one hidden-state index or a list (concatenated on the feature axis).
@@ -78,28 +78,10 @@ impl LlavaConfig {
                 }
             }
         }
-        let mut rest = value.clone();
-        let (mut vision, mut text) = (None, None);
-        if let Some(obj) = rest.as_object_mut() {
-            vision = obj.remove("vision_config").filter(|v| !v.is_null());
-            text = obj.remove("text_config").filter(|v| !v.is_null());
-        }
+        let (rest, [vision, text]) = split_sections(value, ["vision_config", "text_config"]);
         let top: Top = from_json_value(&rest, path)?;
-        let vision_config = match vision {
-            Some(v) => from_json_value_at(&v, path, "vision_config.")?,
-            None => ClipVisionConfig::llava_default(),
-        };
-        let text_config = match text.map(|t| TextConfig::from_value_or(&t, path, "llama")).transpose()? {
-            None => LlamaConfig::default(),
-            Some(TextConfig::Llama(c)) => c,
-            Some(other) => {
-                return Err(Error::Unsupported(format!(
-                    "{}: text_config.model_type `{}`: glimpse runs LLaVA with a LLaMA decoder",
-                    path.display(),
-                    other.model_type()
-                )))
-            }
-        };
+        let vision_config = section_or(vision, path, "vision_config.", ClipVisionConfig::llava_default)?;
+        let text_config = TextConfig::llama_section(text, path, "LLaVA")?.unwrap_or_default();
         let cfg = Self {
             tie_word_embeddings: top.tie_word_embeddings || text_config.tie_word_embeddings,
             vision_config,
