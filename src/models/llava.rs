@@ -388,12 +388,7 @@ struct LlavaImagePhases {
 
 impl LlavaImagePhases {
     fn stage(&self) -> ImageStage {
-        ImageStage {
-            phases: self.phases.len(),
-            pixels: self.pixels,
-            features: self.image_features,
-            rows_per_image: self.rows_per_image,
-        }
+        ImageStage::new(&self.phases, self.pixels, self.image_features, self.rows_per_image)
     }
 }
 
@@ -418,14 +413,7 @@ impl Family for Llava {
     fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, images)?;
-        Ok(Some(ImagePlan {
-            graph: g,
-            images,
-            pixels: img.pixels,
-            phases: img.phases,
-            features: img.image_features,
-            rows_per_image: img.rows_per_image,
-        }))
+        Ok(Some(img.stage().into_plan(g, images, img.phases)))
     }
 
     fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {

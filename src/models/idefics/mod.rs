@@ -367,14 +367,8 @@ impl Family for Idefics {
     fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, images)?;
-        Ok(Some(ImagePlan {
-            graph: g,
-            images,
-            pixels: img.pixels,
-            phases: img.phases,
-            features: img.features,
-            rows_per_image: self.cfg.image_rows(),
-        }))
+        let stage = ImageStage::new(&img.phases, img.pixels, img.features, self.cfg.image_rows());
+        Ok(Some(stage.into_plan(g, images, img.phases)))
     }
 
     /// `shape.images` counts every sequence's images, the same number per sequence.
@@ -402,8 +396,7 @@ impl Family for Idefics {
         )?;
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, images)?;
-        let stage =
-            ImageStage { phases: img.phases.len(), pixels: img.pixels, features: img.features, rows_per_image: rows };
+        let stage = ImageStage::new(&img.phases, img.pixels, img.features, rows);
 
         // Cross-attention keys and values of every image, once per request    [S*kv_len, H] per block
         let kv: Vec<(Buf, Buf)> = self

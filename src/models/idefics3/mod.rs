@@ -308,14 +308,8 @@ impl Family for Idefics3 {
     fn image_plan(&self, frames: usize) -> Result<Option<ImagePlan>> {
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, frames);
-        Ok(Some(ImagePlan {
-            graph: g,
-            images: frames,
-            pixels: img.pixels,
-            phases: img.phases,
-            features: img.image_features,
-            rows_per_image: self.cfg.image_seq_len(),
-        }))
+        let stage = ImageStage::new(&img.phases, img.pixels, img.image_features, self.cfg.image_seq_len());
+        Ok(Some(stage.into_plan(g, frames, img.phases)))
     }
 
     /// `shape.images` counts frames (all sequences' frames, in order).
@@ -335,12 +329,7 @@ impl Family for Idefics3 {
         )?;
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, frames);
-        let stage = ImageStage {
-            phases: img.phases.len(),
-            pixels: img.pixels,
-            features: img.image_features,
-            rows_per_image: per,
-        };
+        let stage = ImageStage::new(&img.phases, img.pixels, img.image_features, per);
 
         // Decoder: prompts holding different frame counts are left-padded to one length.
         let image = (img.image_features, self.cfg.image_token_id);
