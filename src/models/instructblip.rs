@@ -30,7 +30,7 @@ use super::llama::LlamaConfig;
 use super::preset_tokenizers::{added_token, bert_tokenizer_json, llama_tokenizer_json, t5_tokenizer_json};
 use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_language_files, t5_text_json, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_text_tokens, field_error};
+use crate::config::{check_positive, field_error};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
@@ -107,12 +107,10 @@ impl InstructBlipConfig {
             // transformers would silently drop the image (no placeholder matches).
             return Err("no `image_token_index`: without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32001 in Salesforce/instructblip-vicuna-7b)".into());
         }
-        check_text_tokens(
-            &[("image_token_index", self.image_token_index), ("text_config.bos_token_id", t.bos_token_id)],
-            t.eos_token_id.as_ref(),
-            t.vocab_size,
-            None,
-        )
+        t.check_token_ids(&[
+            ("image_token_index", self.image_token_index),
+            ("text_config.bos_token_id", t.bos_token_id),
+        ])
     }
 }
 

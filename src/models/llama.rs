@@ -96,6 +96,12 @@ impl LlamaConfig {
         }
     }
 
+    /// Checks a multimodal family's token ids `ids` (named by field) and `eos_token_id` against
+    /// the vocabulary.
+    pub fn check_token_ids(&self, ids: &[(&str, Option<u32>)]) -> Result<(), String> {
+        check_text_tokens(ids, self.eos_token_id.as_ref(), self.vocab_size, None)
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

@@ -21,7 +21,7 @@ use super::llama::LlamaConfig;
 use super::preset_tokenizers::llama_tokenizer_json;
 use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, not_a_preset, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_activation, check_text_tokens, field_error, GenerationConfig};
+use crate::config::{check_activation, field_error, GenerationConfig};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Activation, Buf, Fused, Graph, Linear, Phase, WeightTable, W};
@@ -135,13 +135,7 @@ impl LlavaConfig {
         }
         check_activation("projector_hidden_act", &self.projector_hidden_act, &["gelu", "gelu_python"])?;
         self.feature_layers()?;
-        let t = &self.text_config;
-        check_text_tokens(
-            &[("image_token_index", Some(self.image_token_index))],
-            t.eos_token_id.as_ref(),
-            t.vocab_size,
-            None,
-        )
+        self.text_config.check_token_ids(&[("image_token_index", Some(self.image_token_index))])
     }
 }
 

@@ -22,7 +22,7 @@ use super::family::{
 use super::language_model::TextConfig;
 use super::llama::{LlamaConfig, LlamaDecoder};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_text_tokens, field_error, GenerationConfig};
+use crate::config::{check_positive, field_error, GenerationConfig};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Buf, Fused, Graph, Linear, Op, Phase, WeightTable};
@@ -110,8 +110,7 @@ impl Idefics3Config {
                 ),
             ));
         }
-        let t = &self.text_config;
-        check_text_tokens(&[("image_token_id", Some(self.image_token_id))], t.eos_token_id.as_ref(), t.vocab_size, None)
+        self.text_config.check_token_ids(&[("image_token_id", Some(self.image_token_id))])
     }
 }
 
