@@ -18,7 +18,7 @@ use super::clip_vision::ClipVisionConfig;
 use super::family::{FamilyConfig, Loaded, ModelConfig, ModelCore};
 use super::language_model::TextConfig;
 use super::llama::LlamaConfig;
-use super::preset_tokenizers::llama_tokenizer_json;
+use super::preset_tokenizers::{llama_generation_config, llama_special_tokens, llama_tokenizer_json};
 use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, not_a_preset, Widths};
 use super::{FamilyEntry, ModelType};
 use crate::config::{check_activation, field_error, GenerationConfig};
@@ -191,21 +191,10 @@ impl FamilyConfig for LlavaConfig {
             "rstrip": false, "normalized": false, "special": true}),
             )
         };
-        let added: serde_json::Map<String, Value> = [
-            special(0, "<unk>"),
-            special(1, "<s>"),
-            special(2, "</s>"),
-            special(image, "<image>"),
-            special(image + 1, "<pad>"),
-        ]
-        .into_iter()
-        .collect();
+        let added: serde_json::Map<String, Value> =
+            llama_special_tokens(image).into_iter().map(|(id, t)| special(id, t)).collect();
         Ok(vec![
-            (
-                "generation_config.json",
-                json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
-                "transformers_version": "5.17.0"}),
-            ),
+            ("generation_config.json", llama_generation_config(image)),
             ("tokenizer.json", self.synth_tokenizer()?),
             (
                 "tokenizer_config.json",
