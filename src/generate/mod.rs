@@ -167,6 +167,24 @@ pub const MAX_NEW_TOKENS: usize = 16384;
 pub const MAX_SEQUENCES: usize = 256;
 
 impl GenerateOptions {
+    /// What transformers' `GenerationConfig.from_model_config` builds from a language model's
+    /// config without a generation_config.json: its `eos_token_id` and the generation fields the
+    /// config keeps (`max_new_tokens`, `min_new_tokens`, `min_p`), else the global defaults.
+    pub fn from_model_config(
+        eos_token_id: Option<&crate::config::TokenIds>,
+        max_new_tokens: Option<usize>,
+        min_new_tokens: Option<usize>,
+        min_p: Option<f64>,
+    ) -> Self {
+        Self {
+            max_new_tokens,
+            min_new_tokens: min_new_tokens.unwrap_or(0),
+            min_p,
+            eos_token_ids: eos_token_id.map(crate::config::TokenIds::to_vec).unwrap_or_default(),
+            ..Self::default()
+        }
+    }
+
     /// transformers' checks, raised where transformers raises (`GenerationConfig.validate` and
     /// the logits processors' constructors); combinations transformers only warns about
     /// (`early_stopping` or `length_penalty` with one beam, sampling flags without `do_sample`)

@@ -87,13 +87,8 @@ impl LlamaConfig {
     /// generation_config.json (`GenerationConfig.from_model_config`): EOS and the generation
     /// fields the config keeps, else transformers' defaults.
     pub fn generate_options(&self) -> crate::generate::GenerateOptions {
-        crate::generate::GenerateOptions {
-            max_new_tokens: self.max_new_tokens,
-            min_new_tokens: self.min_new_tokens.unwrap_or(0),
-            min_p: self.min_p,
-            eos_token_ids: self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
-            ..crate::generate::GenerateOptions::default()
-        }
+        let eos = self.eos_token_id.as_ref();
+        crate::generate::GenerateOptions::from_model_config(eos, self.max_new_tokens, self.min_new_tokens, self.min_p)
     }
 
     /// Checks a multimodal family's token ids `ids` (named by field) and `eos_token_id` against

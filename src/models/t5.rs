@@ -459,13 +459,12 @@ impl T5 {
     /// comes from `text_config` (EOS `</s>` = 1, 20 new tokens after the decoder start token).
     pub fn default_options(&self) -> crate::generate::GenerateOptions {
         let t = &self.cfg;
-        crate::generate::GenerateOptions {
-            max_new_tokens: t.max_new_tokens,
-            min_new_tokens: t.min_new_tokens.unwrap_or(0),
-            min_p: t.min_p,
-            eos_token_ids: t.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
-            ..Default::default()
-        }
+        crate::generate::GenerateOptions::from_model_config(
+            t.eos_token_id.as_ref(),
+            t.max_new_tokens,
+            t.min_new_tokens,
+            t.min_p,
+        )
     }
 
     /// The decoder's self-attention caches.
