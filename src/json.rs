@@ -22,6 +22,28 @@ pub fn from_json_slice<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result
     from_json_value(&value, path)
 }
 
+/// `value` without its sub-config sections `names`, and each section (None when absent or `null`):
+/// the top-level fields then parse apart from the sections, whose errors name their own fields.
+pub fn split_sections<const N: usize>(value: &Value, names: [&str; N]) -> (Value, [Option<Value>; N]) {
+    let mut rest = value.clone();
+    let sections = names.map(|n| rest.as_object_mut().and_then(|o| o.remove(n)).filter(|v| !v.is_null()));
+    (rest, sections)
+}
+
+/// A sub-config section from [`split_sections`], its field names prefixed with `prefix`
+/// (`vision_config.`) in errors; `default()` when absent.
+pub fn section_or<T: DeserializeOwned>(
+    section: Option<Value>,
+    path: &Path,
+    prefix: &str,
+    default: impl FnOnce() -> T,
+) -> Result<T> {
+    match section {
+        Some(v) => from_json_value_at(&v, path, prefix),
+        None => Ok(default()),
+    }
+}
+
 /// Deserializes an already parsed JSON value, naming the offending field in the error.
 pub fn from_json_value<T: DeserializeOwned>(value: &Value, path: &Path) -> Result<T> {
     from_json_value_at(value, path, "")

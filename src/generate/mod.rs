@@ -167,6 +167,24 @@ pub const MAX_NEW_TOKENS: usize = 16384;
 pub const MAX_SEQUENCES: usize = 256;
 
 impl GenerateOptions {
+    /// What transformers' `GenerationConfig.from_model_config` builds from a language model's
+    /// config without a generation_config.json: its `eos_token_id` and the generation fields the
+    /// config keeps (`max_new_tokens`, `min_new_tokens`, `min_p`), else the global defaults.
+    pub fn from_model_config(
+        eos_token_id: Option<&crate::config::TokenIds>,
+        max_new_tokens: Option<usize>,
+        min_new_tokens: Option<usize>,
+        min_p: Option<f64>,
+    ) -> Self {
+        Self {
+            max_new_tokens,
+            min_new_tokens: min_new_tokens.unwrap_or(0),
+            min_p,
+            eos_token_ids: eos_token_id.map(crate::config::TokenIds::to_vec).unwrap_or_default(),
+            ..Self::default()
+        }
+    }
+
     /// transformers' checks, raised where transformers raises (`GenerationConfig.validate` and
     /// the logits processors' constructors); combinations transformers only warns about
     /// (`early_stopping` or `length_penalty` with one beam, sampling flags without `do_sample`)
@@ -596,16 +614,22 @@ impl<'a, 'h> Session<'a, 'h> {
         Ok(true)
     }
 
+    /// Writes the prompt's host inputs and runs the prefill step over `tokens` from position 0;
+    /// false: a hook stopped the run.
+    fn run_prefill(&mut self, tokens: &[u32]) -> Result<bool> {
+        let plan = self.plan;
+        plan.write_prompt_inputs(self.exec, tokens)?;
+        self.run_step(&plan.prefill, tokens, 0)
+    }
+
     /// Prefills `tokens` (`batch x prompt_len`, sequence-major) from position 0 and ranks the
     /// `k` best next tokens of each sequence's last row. None: a hook stopped the run.
     pub fn prefill(&mut self, tokens: &[u32], k: usize) -> Result<Option<Vec<Vec<Candidate>>>> {
         let s = Instant::now();
-        let plan = self.plan;
-        plan.write_prompt_inputs(self.exec, tokens)?;
-        if !self.run_step(&plan.prefill, tokens, 0)? {
+        if !self.run_prefill(tokens)? {
             return Ok(None);
         }
-        let per = plan.prefill.rows_per_seq;
+        let (plan, per) = (self.plan, self.plan.prefill.rows_per_seq);
         let mut ranked = self.exec.top_k(plan.prefill.logits, plan.batch * per, k)?;
         if per != 1 {
             ranked = ranked.into_iter().skip(per - 1).step_by(per).collect();
@@ -619,12 +643,10 @@ impl<'a, 'h> Session<'a, 'h> {
     /// back to the host) instead of ranked candidates: for strategies that process whole rows.
     pub fn prefill_logits(&mut self, tokens: &[u32]) -> Result<Option<Vec<f32>>> {
         let s = Instant::now();
-        let plan = self.plan;
-        plan.write_prompt_inputs(self.exec, tokens)?;
-        if !self.run_step(&plan.prefill, tokens, 0)? {
+        if !self.run_prefill(tokens)? {
             return Ok(None);
         }
-        let per = plan.prefill.rows_per_seq;
+        let (plan, per) = (self.plan, self.plan.prefill.rows_per_seq);
         let mut rows = self.exec.read(plan.prefill.logits, plan.batch * per)?;
         if per != 1 {
             let vocab = rows.len() / (plan.batch * per).max(1);

@@ -160,6 +160,21 @@ pub struct ImageStage {
     pub rows_per_image: usize,
 }
 
+impl ImageStage {
+    /// The image encoders `phases`, reading `pixels` and leaving `features`, `rows_per_image`
+    /// rows per image.
+    pub fn new(phases: &[Phase], pixels: Buf, features: Buf, rows_per_image: usize) -> Self {
+        Self { phases: phases.len(), pixels, features, rows_per_image }
+    }
+
+    /// The stage alone for `images` images: its `phases` in their graph `graph`.
+    pub fn into_plan(self, graph: Graph, images: usize, phases: Vec<Phase>) -> ImagePlan {
+        debug_assert_eq!(phases.len(), self.phases);
+        let Self { pixels, features, rows_per_image, .. } = self;
+        ImagePlan { graph, images, pixels, phases, features, rows_per_image }
+    }
+}
+
 /// The image stage alone, for `images` images, in a graph of its own: the same ops the family's
 /// full plan runs in its [`ImageStage`] phases (built by the same code), so each image's
 /// features are the rows the full plan computes for it.

@@ -57,6 +57,12 @@ impl ClipTextConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The encoder layers' shapes.
+    pub(crate) fn layer_dims(&self) -> ClipLayerDims {
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        ClipLayerDims::new(h, heads, self.intermediate_size, self.layer_norm_eps, self.activation())
+    }
+
     /// Checks every field the tower reads; `section` prefixes field names (`text_config`).
     pub fn check(&self, section: &str) -> Result<(), String> {
         check_positive(&format!("{section}.vocab_size"), self.vocab_size)?;
@@ -130,15 +136,7 @@ impl ClipText {
         let position_embedding =
             ld.tensor(&format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d])?;
         let eps = cfg.layer_norm_eps;
-        let dims = ClipLayerDims {
-            hidden: d,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-            intermediate: cfg.intermediate_size,
-            eps,
-            act: cfg.activation(),
-        };
-        let layers = load_layers(ld, prefix, cfg.num_hidden_layers, &dims)?;
+        let layers = load_layers(ld, prefix, cfg.num_hidden_layers, &cfg.layer_dims())?;
         let final_layer_norm = ld.norm(&format!("{prefix}final_layer_norm"), d, eps)?.into();
         Ok(Self { cfg: cfg.clone(), token_embedding, position_embedding, layers, final_layer_norm })
     }

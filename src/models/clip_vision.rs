@@ -76,17 +76,14 @@ impl ClipVisionConfig {
 
     /// The tower's sizes for `describe` lines (CLIP and LLaVA print the same).
     pub fn describe_sizes(&self) -> String {
-        format!(
-            "{} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} tokens",
-            self.num_hidden_layers,
-            self.hidden_size,
-            self.num_attention_heads,
-            self.head_dim(),
-            self.intermediate_size,
-            self.image_size,
-            self.patch_size,
-            self.num_positions()
-        )
+        let layers = self.layer_dims().describe(self.num_hidden_layers);
+        format!("{layers}, {}px / patch {} -> {} tokens", self.image_size, self.patch_size, self.num_positions())
+    }
+
+    /// The encoder layers' shapes.
+    pub(crate) fn layer_dims(&self) -> ClipLayerDims {
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        ClipLayerDims::new(h, heads, self.intermediate_size, self.layer_norm_eps, self.activation())
     }
 
     /// Checks every field the tower reads; `section` prefixes field names (`vision_config`).
@@ -128,6 +125,21 @@ pub(crate) struct ClipLayerDims {
     pub act: crate::graph::Activation,
 }
 
+impl ClipLayerDims {
+    /// Layers `hidden` wide, split into `heads` heads of `hidden / heads`.
+    pub fn new(hidden: usize, heads: usize, intermediate: usize, eps: f64, act: crate::graph::Activation) -> Self {
+        Self { hidden, heads, head_dim: hidden / heads, intermediate, eps, act }
+    }
+
+    /// `{layers} layers, hidden .., .. heads x .., mlp ..`, the start of a tower's `describe` line.
+    pub fn describe(&self, layers: usize) -> String {
+        format!(
+            "{layers} layers, hidden {}, {} heads x {}, mlp {}",
+            self.hidden, self.heads, self.head_dim, self.intermediate
+        )
+    }
+}
+
 /// Loads `{prefix}encoder.layers.{0..count}`.
 pub(crate) fn load_layers(ld: &mut Loader, prefix: &str, count: usize, c: &ClipLayerDims) -> Result<Vec<ClipLayer>> {
     (0..count)
@@ -135,14 +147,9 @@ pub(crate) fn load_layers(ld: &mut Loader, prefix: &str, count: usize, c: &ClipL
             let l = format!("{prefix}encoder.layers.{i}");
             let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
             let spec = AttnSpec {
-                names: names.each_ref().map(String::as_str),
-                q_in: c.hidden,
-                kv_in: c.hidden,
-                heads: c.heads,
-                kv_heads: c.heads,
-                head_dim: c.head_dim,
                 bias: true,
                 scale: (c.head_dim as f32).powf(-0.5),
+                ..AttnSpec::mha(names.each_ref().map(String::as_str), c.hidden, c.heads, c.head_dim)
             };
             let (fc1, fc2) = (format!("{l}.mlp.fc1"), format!("{l}.mlp.fc2"));
             Ok(ClipLayer {
@@ -252,15 +259,7 @@ impl ClipVision {
         let position_embedding = ld.tensor(&format!("{e}.position_embedding.weight"), &[cfg.num_positions(), d])?;
         let eps = cfg.layer_norm_eps;
         let pre_layrnorm = ld.norm(&format!("{prefix}pre_layrnorm"), d, eps)?.into();
-        let dims = ClipLayerDims {
-            hidden: d,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-            intermediate: cfg.intermediate_size,
-            eps,
-            act: cfg.activation(),
-        };
-        let layers = load_layers(ld, prefix, layers.min(cfg.num_hidden_layers), &dims)?;
+        let layers = load_layers(ld, prefix, layers.min(cfg.num_hidden_layers), &cfg.layer_dims())?;
         let post_layernorm =
             if post_layernorm { Some(ld.norm(&format!("{prefix}post_layernorm"), d, eps)?.into()) } else { None };
         Ok(Self {

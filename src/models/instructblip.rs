@@ -27,10 +27,13 @@ use super::blip2::config::{check_blip_towers, check_t5_language_model, BlipConfi
 use super::family::{FamilyConfig, Loaded, ModelConfig, ModelCore};
 use super::language_model::TextConfig;
 use super::llama::LlamaConfig;
-use super::preset_tokenizers::{added_token, bert_tokenizer_json, llama_tokenizer_json, t5_tokenizer_json};
+use super::preset_tokenizers::{
+    added_token, bert_tokenizer_json, llama_generation_config, llama_special_tokens, llama_tokenizer_json,
+    t5_tokenizer_json,
+};
 use super::presets::{blip_image_processor, llama_text_json, not_a_preset, t5_language_files, t5_text_json, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_text_tokens, field_error};
+use crate::config::{check_positive, field_error};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{DType, Fused, Graph, Linear, Phase, WeightTable};
@@ -107,12 +110,10 @@ impl InstructBlipConfig {
             // transformers would silently drop the image (no placeholder matches).
             return Err("no `image_token_index`: without it transformers ignores the image; add \"image_token_index\": <id of <image>> to config.json (32001 in Salesforce/instructblip-vicuna-7b)".into());
         }
-        check_text_tokens(
-            &[("image_token_index", self.image_token_index), ("text_config.bos_token_id", t.bos_token_id)],
-            t.eos_token_id.as_ref(),
-            t.vocab_size,
-            None,
-        )
+        t.check_token_ids(&[
+            ("image_token_index", self.image_token_index),
+            ("text_config.bos_token_id", t.bos_token_id),
+        ])
     }
 }
 
@@ -163,16 +164,9 @@ impl FamilyConfig for InstructBlipConfig {
             t5_language_files(image, "InstructBlipProcessor")
         } else {
             let added: serde_json::Map<String, Value> =
-                [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (image, "<image>"), (image + 1, "<pad>")]
-                    .into_iter()
-                    .map(|(id, t)| (id.to_string(), added_token(id, t)))
-                    .collect();
+                llama_special_tokens(image).into_iter().map(|(id, t)| (id.to_string(), added_token(id, t))).collect();
             vec![
-                (
-                    "generation_config.json",
-                    json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
-                    "transformers_version": "5.17.0"}),
-                ),
+                ("generation_config.json", llama_generation_config(image)),
                 ("tokenizer.json", self.synth_tokenizer()?),
                 (
                     "tokenizer_config.json",

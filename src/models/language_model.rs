@@ -64,6 +64,20 @@ impl TextConfig {
         }
     }
 
+    /// The `text_config` section of a family that runs a LLaMA decoder (a missing `model_type`
+    /// means llama): None when absent; another decoder is refused, naming `family`.
+    pub fn llama_section(section: Option<Value>, path: &Path, family: &str) -> Result<Option<LlamaConfig>> {
+        match section.map(|t| Self::from_value_or(&t, path, "llama")).transpose()? {
+            None => Ok(None),
+            Some(TextConfig::Llama(c)) => Ok(Some(c)),
+            Some(other) => Err(Error::Unsupported(format!(
+                "{}: text_config.model_type `{}`: glimpse runs {family} with a LLaMA decoder",
+                path.display(),
+                other.model_type()
+            ))),
+        }
+    }
+
     pub(crate) fn kind(value: &Value) -> Result<String, String> {
         match value.get("model_type") {
             None | Some(Value::Null) => Ok("opt".into()),

@@ -420,6 +420,24 @@ pub struct AttnSpec<'a> {
     pub scale: f32,
 }
 
+impl<'a> AttnSpec<'a> {
+    /// Multi-head self-attention over `width`-wide rows: as many key/value heads as query heads,
+    /// no biases, scores scaled by `head_dim ** -0.5` as transformers computes it (a Python
+    /// float, rounded to f32). Struct-update the fields a model sets otherwise.
+    pub fn mha(names: [&'a str; 4], width: usize, heads: usize, head_dim: usize) -> Self {
+        Self {
+            names,
+            q_in: width,
+            kv_in: width,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            bias: false,
+            scale: (head_dim as f64).powf(-0.5) as f32,
+        }
+    }
+}
+
 /// Loads separate q/k/v/out projections in that order.
 pub fn load_attention(ld: &mut Loader, s: &AttnSpec) -> Result<AttentionLayer> {
     let [qn, kn, vn, on] = s.names;

@@ -87,13 +87,14 @@ impl LlamaConfig {
     /// generation_config.json (`GenerationConfig.from_model_config`): EOS and the generation
     /// fields the config keeps, else transformers' defaults.
     pub fn generate_options(&self) -> crate::generate::GenerateOptions {
-        crate::generate::GenerateOptions {
-            max_new_tokens: self.max_new_tokens,
-            min_new_tokens: self.min_new_tokens.unwrap_or(0),
-            min_p: self.min_p,
-            eos_token_ids: self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
-            ..crate::generate::GenerateOptions::default()
-        }
+        let eos = self.eos_token_id.as_ref();
+        crate::generate::GenerateOptions::from_model_config(eos, self.max_new_tokens, self.min_new_tokens, self.min_p)
+    }
+
+    /// Checks a multimodal family's token ids `ids` (named by field) and `eos_token_id` against
+    /// the vocabulary.
+    pub fn check_token_ids(&self, ids: &[(&str, Option<u32>)]) -> Result<(), String> {
+        check_text_tokens(ids, self.eos_token_id.as_ref(), self.vocab_size, None)
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -280,20 +281,13 @@ impl LlamaDecoder {
             .map(|n| {
                 let l = format!("{model}layers.{n}");
                 let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|p| format!("{l}.self_attn.{p}"));
-                let mut self_attn = load_attention(
-                    ld,
-                    &AttnSpec {
-                        names: names.each_ref().map(String::as_str),
-                        q_in: h,
-                        kv_in: h,
-                        heads,
-                        kv_heads,
-                        head_dim,
-                        bias: cfg.attention_bias,
-                        // LlamaAttention.scaling = head_dim ** -0.5 (a Python float).
-                        scale: (head_dim as f64).powf(-0.5) as f32,
-                    },
-                )?;
+                // LlamaAttention.scaling = head_dim ** -0.5 (a Python float): `mha`'s.
+                let spec = AttnSpec {
+                    kv_heads,
+                    bias: cfg.attention_bias,
+                    ..AttnSpec::mha(names.each_ref().map(String::as_str), h, heads, head_dim)
+                };
+                let mut self_attn = load_attention(ld, &spec)?;
                 self_attn.rope = Some(inv_freq.clone());
                 let mlp_linear = |ld: &mut Loader, name: &str, din, dout| {
                     ld.linear(&format!("{l}.mlp.{name}"), din, dout, cfg.mlp_bias)

@@ -18,14 +18,14 @@ use super::clip_vision::ClipVisionConfig;
 use super::family::{FamilyConfig, Loaded, ModelConfig, ModelCore};
 use super::language_model::TextConfig;
 use super::llama::LlamaConfig;
-use super::preset_tokenizers::llama_tokenizer_json;
+use super::preset_tokenizers::{llama_generation_config, llama_special_tokens, llama_tokenizer_json};
 use super::presets::{clip_image_processor, clip_vision_json, llama_text_json, not_a_preset, Widths};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_activation, check_text_tokens, field_error, GenerationConfig};
+use crate::config::{check_activation, field_error, GenerationConfig};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Activation, Buf, Fused, Graph, Linear, Phase, WeightTable, W};
-use crate::json::{from_json_value, from_json_value_at};
+use crate::json::{from_json_value, section_or, split_sections};
 use crate::weights::{Checkpoint, Weight};
 
 /// `vision_feature_layer`: one hidden-state index or a list (concatenated on the feature axis).
@@ -78,28 +78,10 @@ impl LlavaConfig {
                 }
             }
         }
-        let mut rest = value.clone();
-        let (mut vision, mut text) = (None, None);
-        if let Some(obj) = rest.as_object_mut() {
-            vision = obj.remove("vision_config").filter(|v| !v.is_null());
-            text = obj.remove("text_config").filter(|v| !v.is_null());
-        }
+        let (rest, [vision, text]) = split_sections(value, ["vision_config", "text_config"]);
         let top: Top = from_json_value(&rest, path)?;
-        let vision_config = match vision {
-            Some(v) => from_json_value_at(&v, path, "vision_config.")?,
-            None => ClipVisionConfig::llava_default(),
-        };
-        let text_config = match text.map(|t| TextConfig::from_value_or(&t, path, "llama")).transpose()? {
-            None => LlamaConfig::default(),
-            Some(TextConfig::Llama(c)) => c,
-            Some(other) => {
-                return Err(Error::Unsupported(format!(
-                    "{}: text_config.model_type `{}`: glimpse runs LLaVA with a LLaMA decoder",
-                    path.display(),
-                    other.model_type()
-                )))
-            }
-        };
+        let vision_config = section_or(vision, path, "vision_config.", ClipVisionConfig::llava_default)?;
+        let text_config = TextConfig::llama_section(text, path, "LLaVA")?.unwrap_or_default();
         let cfg = Self {
             tie_word_embeddings: top.tie_word_embeddings || text_config.tie_word_embeddings,
             vision_config,
@@ -153,13 +135,7 @@ impl LlavaConfig {
         }
         check_activation("projector_hidden_act", &self.projector_hidden_act, &["gelu", "gelu_python"])?;
         self.feature_layers()?;
-        let t = &self.text_config;
-        check_text_tokens(
-            &[("image_token_index", Some(self.image_token_index))],
-            t.eos_token_id.as_ref(),
-            t.vocab_size,
-            None,
-        )
+        self.text_config.check_token_ids(&[("image_token_index", Some(self.image_token_index))])
     }
 }
 
@@ -215,21 +191,10 @@ impl FamilyConfig for LlavaConfig {
             "rstrip": false, "normalized": false, "special": true}),
             )
         };
-        let added: serde_json::Map<String, Value> = [
-            special(0, "<unk>"),
-            special(1, "<s>"),
-            special(2, "</s>"),
-            special(image, "<image>"),
-            special(image + 1, "<pad>"),
-        ]
-        .into_iter()
-        .collect();
+        let added: serde_json::Map<String, Value> =
+            llama_special_tokens(image).into_iter().map(|(id, t)| special(id, t)).collect();
         Ok(vec![
-            (
-                "generation_config.json",
-                json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image + 1,
-                "transformers_version": "5.17.0"}),
-            ),
+            ("generation_config.json", llama_generation_config(image)),
             ("tokenizer.json", self.synth_tokenizer()?),
             (
                 "tokenizer_config.json",
@@ -406,12 +371,7 @@ struct LlavaImagePhases {
 
 impl LlavaImagePhases {
     fn stage(&self) -> ImageStage {
-        ImageStage {
-            phases: self.phases.len(),
-            pixels: self.pixels,
-            features: self.image_features,
-            rows_per_image: self.rows_per_image,
-        }
+        ImageStage::new(&self.phases, self.pixels, self.image_features, self.rows_per_image)
     }
 }
 
@@ -436,14 +396,7 @@ impl Family for Llava {
     fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, images)?;
-        Ok(Some(ImagePlan {
-            graph: g,
-            images,
-            pixels: img.pixels,
-            phases: img.phases,
-            features: img.image_features,
-            rows_per_image: img.rows_per_image,
-        }))
+        Ok(Some(img.stage().into_plan(g, images, img.phases)))
     }
 
     fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {

@@ -126,19 +126,12 @@ impl OptDecoder {
                 let l = format!("{dec}.layers.{i}");
                 let self_attn_layer_norm = ld.norm(&format!("{l}.self_attn_layer_norm"), h, LN_EPS)?.into();
                 let names = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| format!("{l}.self_attn.{n}"));
-                let self_attn = load_attention(
-                    ld,
-                    &AttnSpec {
-                        names: names.each_ref().map(String::as_str),
-                        q_in: h,
-                        kv_in: h,
-                        heads: cfg.num_attention_heads,
-                        kv_heads: cfg.num_attention_heads,
-                        head_dim: cfg.head_dim(),
-                        bias: true,
-                        scale: (cfg.head_dim() as f32).powf(-0.5),
-                    },
-                )?;
+                let spec = AttnSpec {
+                    bias: true,
+                    scale: (cfg.head_dim() as f32).powf(-0.5),
+                    ..AttnSpec::mha(names.each_ref().map(String::as_str), h, cfg.num_attention_heads, cfg.head_dim())
+                };
+                let self_attn = load_attention(ld, &spec)?;
                 Ok(OptLayer {
                     self_attn_layer_norm,
                     self_attn,

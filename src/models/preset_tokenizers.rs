@@ -203,8 +203,7 @@ pub fn llama_tokenizer_json(image_token: u32) -> Result<Value> {
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": [added_token(0, "<unk>"), added_token(1, "<s>"), added_token(2, "</s>"),
-                         added_token(image_token, "<image>"), added_token(image_token + 1, "<pad>")],
+        "added_tokens": llama_special_tokens(image_token).map(|(id, t)| added_token(id, t)),
         "normalizer": {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": "\u{2581}"},
             {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
@@ -221,6 +220,18 @@ pub fn llama_tokenizer_json(image_token: u32) -> Result<Value> {
             "merges": merges_array(&merges)
         }
     }))
+}
+
+/// The added tokens of [`llama_tokenizer_json`] by id: `<unk>` `<s>` `</s>`, then `<image>` at
+/// `image_token` and `<pad>` after it.
+pub(crate) fn llama_special_tokens(image_token: u32) -> [(u32, &'static str); 5] {
+    [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (image_token, "<image>"), (image_token + 1, "<pad>")]
+}
+
+/// `generation_config.json` of a synth checkpoint with [`llama_tokenizer_json`]'s ids: BOS `<s>`,
+/// EOS `</s>`, padding `<pad>`.
+pub(crate) fn llama_generation_config(image_token: u32) -> Value {
+    json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": image_token + 1, "transformers_version": "5.17.0"})
 }
 
 /// The Q-Former's BERT WordPiece `tokenizer.json` (bert-base-uncased's pipeline) of `vocab_size`

@@ -71,19 +71,13 @@ impl AttentionBlock {
         let names =
             ["attention.query", "attention.key", "attention.value", "output.dense"].map(|n| format!("{prefix}.{n}"));
         let (d, head_dim) = (cfg.hidden_size, cfg.head_dim());
-        let attention = load_attention(
-            ld,
-            &AttnSpec {
-                names: names.each_ref().map(String::as_str),
-                q_in: d,
-                kv_in,
-                heads: cfg.num_attention_heads,
-                kv_heads: cfg.num_attention_heads,
-                head_dim,
-                bias: true,
-                scale: 1.0 / (head_dim as f32).sqrt(),
-            },
-        )?;
+        let spec = AttnSpec {
+            kv_in,
+            bias: true,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            ..AttnSpec::mha(names.each_ref().map(String::as_str), d, cfg.num_attention_heads, head_dim)
+        };
+        let attention = load_attention(ld, &spec)?;
         let layer_norm = ld.norm(&format!("{prefix}.output.LayerNorm"), d, cfg.layer_norm_eps)?.into();
         Ok(Self { attention, layer_norm })
     }

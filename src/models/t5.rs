@@ -459,13 +459,12 @@ impl T5 {
     /// comes from `text_config` (EOS `</s>` = 1, 20 new tokens after the decoder start token).
     pub fn default_options(&self) -> crate::generate::GenerateOptions {
         let t = &self.cfg;
-        crate::generate::GenerateOptions {
-            max_new_tokens: t.max_new_tokens,
-            min_new_tokens: t.min_new_tokens.unwrap_or(0),
-            min_p: t.min_p,
-            eos_token_ids: t.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
-            ..Default::default()
-        }
+        crate::generate::GenerateOptions::from_model_config(
+            t.eos_token_id.as_ref(),
+            t.max_new_tokens,
+            t.min_new_tokens,
+            t.min_p,
+        )
     }
 
     /// The decoder's self-attention caches.
@@ -610,20 +609,10 @@ fn load_stack(
     };
     let attention = |ld: &mut Loader, prefix: String| {
         let names = ["q", "k", "v", "o"].map(|n| format!("{prefix}.{n}"));
-        load_attention(
-            ld,
-            &AttnSpec {
-                names: names.each_ref().map(String::as_str),
-                q_in: d,
-                kv_in: d,
-                heads: cfg.num_heads,
-                kv_heads: cfg.num_heads,
-                head_dim: cfg.d_kv,
-                bias: false,
-                // T5 has no 1/sqrt(d_kv): its initialisation absorbs it.
-                scale: 1.0,
-            },
-        )
+        // T5 has no 1/sqrt(d_kv): its initialisation absorbs it.
+        let spec =
+            AttnSpec { scale: 1.0, ..AttnSpec::mha(names.each_ref().map(String::as_str), d, cfg.num_heads, cfg.d_kv) };
+        load_attention(ld, &spec)
     };
     let (nb, heads) = (cfg.relative_attention_num_buckets, cfg.num_heads);
     let bias_w =

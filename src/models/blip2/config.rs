@@ -13,7 +13,7 @@ use crate::config::{
     field_error,
 };
 use crate::error::{Error, Result};
-use crate::json::from_json_value;
+use crate::json::{from_json_value, split_sections};
 use crate::models::language_model::TextConfig;
 use crate::models::qformer::QFormerConfig;
 use crate::models::t5::T5Config;
@@ -44,14 +44,11 @@ impl BlipConfig {
     /// Parses the layout, `text_config` by its `model_type` (so its errors name its own fields;
     /// absent, OPT's defaults as in transformers), without validating it.
     pub(crate) fn parse(value: &Value, path: &Path) -> Result<Self> {
-        let text_config = match value.get("text_config").filter(|t| !t.is_null()) {
-            Some(t) => TextConfig::from_value(t, path)?,
+        let (rest, [text]) = split_sections(value, ["text_config"]);
+        let text_config = match text {
+            Some(t) => TextConfig::from_value(&t, path)?,
             None => TextConfig::default(),
         };
-        let mut rest = value.clone();
-        if let Some(obj) = rest.as_object_mut() {
-            obj.remove("text_config");
-        }
         let mut cfg: BlipConfig = from_json_value(&rest, path)?;
         cfg.text_config = text_config;
         // transformers overwrites it: the Q-Former cross-attends to the vision output.

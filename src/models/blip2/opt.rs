@@ -93,13 +93,7 @@ impl Family for Blip2 {
     /// length_penalty, do_sample, ... from it), so the rest are transformers' global defaults.
     fn default_options(&self) -> GenerateOptions {
         let t = &self.cfg.text_config;
-        GenerateOptions {
-            max_new_tokens: t.max_new_tokens(),
-            min_new_tokens: t.min_new_tokens().unwrap_or(0),
-            min_p: t.min_p(),
-            eos_token_ids: t.eos_token_id().map(|e| e.to_vec()).unwrap_or_default(),
-            ..Default::default()
-        }
+        GenerateOptions::from_model_config(t.eos_token_id(), t.max_new_tokens(), t.min_new_tokens(), t.min_p())
     }
 
     fn build_plan(&self, shape: &PlanShape) -> Result<Plan> {

@@ -50,24 +50,12 @@ impl ImagePhases {
 
     /// Both phases read the pixels alone: `image_embeds` is what an image cache keeps.
     pub fn stage(&self) -> ImageStage {
-        ImageStage {
-            phases: self.phases.len(),
-            pixels: self.pixels,
-            features: self.image_embeds,
-            rows_per_image: self.queries,
-        }
+        ImageStage::new(&self.phases, self.pixels, self.image_embeds, self.queries)
     }
 
     /// The phases alone, in their graph `g`.
     pub fn into_image_plan(self, g: Graph, images: usize) -> ImagePlan {
-        ImagePlan {
-            graph: g,
-            images,
-            pixels: self.pixels,
-            phases: self.phases,
-            features: self.image_embeds,
-            rows_per_image: self.queries,
-        }
+        self.stage().into_plan(g, images, self.phases)
     }
 }
 

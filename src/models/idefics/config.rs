@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::config::{check_positive, check_text_tokens, field_error};
 use crate::error::{Error, Result};
-use crate::json::{from_json_value, from_json_value_at};
+use crate::json::{from_json_value, section_or, split_sections};
 use crate::models::clip_vision::ClipVisionConfig;
 use crate::models::llama::LlamaConfig;
 
@@ -136,12 +136,7 @@ impl IdeficsConfig {
                 }
             }
         }
-        let mut rest = value.clone();
-        let (mut vision, mut perceiver) = (None, None);
-        if let Some(obj) = rest.as_object_mut() {
-            vision = obj.remove("vision_config").filter(|v| !v.is_null());
-            perceiver = obj.remove("perceiver_config").filter(|v| !v.is_null());
-        }
+        let (rest, [vision, perceiver]) = split_sections(value, ["vision_config", "perceiver_config"]);
         let top: Top = from_json_value(&rest, path)?;
         let mut text: LlamaConfig = from_json_value(&rest, path)?;
         // IdeficsConfig has no GQA or head_dim fields: its attention is multi-head over hidden / heads.
@@ -166,14 +161,8 @@ impl IdeficsConfig {
             cross_layer_interval: top.cross_layer_interval,
             qk_layer_norms: top.qk_layer_norms,
             use_resampler: top.use_resampler,
-            vision_config: match vision {
-                Some(v) => from_json_value_at(&v, path, "vision_config.")?,
-                None => IdeficsVisionConfig::default(),
-            },
-            perceiver_config: match perceiver {
-                Some(p) => from_json_value_at(&p, path, "perceiver_config.")?,
-                None => IdeficsPerceiverConfig::default(),
-            },
+            vision_config: section_or(vision, path, "vision_config.", IdeficsVisionConfig::default)?,
+            perceiver_config: section_or(perceiver, path, "perceiver_config.", IdeficsPerceiverConfig::default)?,
         };
         cfg.check().map_err(|m| Error::config(path, m))?;
         Ok(cfg)

@@ -206,20 +206,12 @@ fn load_cross_layer(cfg: &IdeficsConfig, ld: &mut Loader, l: &str) -> Result<Gat
         Ok(NormLayer::RmsNorm { weight: ld.tensor(&name, &[dim])?, eps })
     };
     let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|n| format!("{l}.cross_attn.{n}"));
-    let mut cross_attn = load_attention(
-        ld,
-        &AttnSpec {
-            names: names.each_ref().map(String::as_str),
-            q_in: h,
-            kv_in: cfg.vision_config.embed_dim,
-            heads,
-            kv_heads: heads,
-            head_dim,
-            bias: false,
-            // IdeficsAttention.scaling = head_dim ** -0.5 (a Python float).
-            scale: (head_dim as f64).powf(-0.5) as f32,
-        },
-    )?;
+    // IdeficsAttention.scaling = head_dim ** -0.5 (a Python float): `mha`'s.
+    let spec = AttnSpec {
+        kv_in: cfg.vision_config.embed_dim,
+        ..AttnSpec::mha(names.each_ref().map(String::as_str), h, heads, head_dim)
+    };
+    let mut cross_attn = load_attention(ld, &spec)?;
     if cfg.qk_layer_norms {
         cross_attn.qk_norm = Some(HeadNorms {
             q: rms(ld, format!("{l}.cross_attn.q_layer_norm.weight"), head_dim)?,
@@ -375,14 +367,8 @@ impl Family for Idefics {
     fn image_plan(&self, images: usize) -> Result<Option<ImagePlan>> {
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, images)?;
-        Ok(Some(ImagePlan {
-            graph: g,
-            images,
-            pixels: img.pixels,
-            phases: img.phases,
-            features: img.features,
-            rows_per_image: self.cfg.image_rows(),
-        }))
+        let stage = ImageStage::new(&img.phases, img.pixels, img.features, self.cfg.image_rows());
+        Ok(Some(stage.into_plan(g, images, img.phases)))
     }
 
     /// `shape.images` counts every sequence's images, the same number per sequence.
@@ -410,8 +396,7 @@ impl Family for Idefics {
         )?;
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, images)?;
-        let stage =
-            ImageStage { phases: img.phases.len(), pixels: img.pixels, features: img.features, rows_per_image: rows };
+        let stage = ImageStage::new(&img.phases, img.pixels, img.features, rows);
 
         // Cross-attention keys and values of every image, once per request    [S*kv_len, H] per block
         let kv: Vec<(Buf, Buf)> = self

@@ -45,20 +45,9 @@ impl Resampler {
             .map(|i| {
                 let (a, m) = (format!("{p}blocks.{i}.0"), format!("{p}blocks.{i}.1"));
                 let names = ["q_proj", "k_proj", "v_proj", "output_proj"].map(|n| format!("{a}.{n}"));
-                let mut attn = load_attention(
-                    ld,
-                    &AttnSpec {
-                        names: names.each_ref().map(String::as_str),
-                        q_in: d,
-                        kv_in: d,
-                        heads,
-                        kv_heads: heads,
-                        head_dim,
-                        bias: false,
-                        // qk_scale = head_dim ** -0.5 (a Python float, applied to q in fp32).
-                        scale: (head_dim as f64).powf(-0.5) as f32,
-                    },
-                )?;
+                // qk_scale = head_dim ** -0.5 (a Python float, applied to q in fp32): `mha`'s.
+                let spec = AttnSpec::mha(names.each_ref().map(String::as_str), d, heads, head_dim);
+                let mut attn = load_attention(ld, &spec)?;
                 if pc.qk_layer_norms_perceiver {
                     attn.qk_norm = Some(HeadNorms {
                         q: norm(ld, format!("{a}.q_layer_norm"), head_dim)?,

@@ -22,12 +22,12 @@ use super::family::{
 use super::language_model::TextConfig;
 use super::llama::{LlamaConfig, LlamaDecoder};
 use super::{FamilyEntry, ModelType};
-use crate::config::{check_positive, check_text_tokens, field_error, GenerationConfig};
+use crate::config::{check_positive, field_error, GenerationConfig};
 use crate::error::{Error, Result};
 use crate::generate::{kv_capacity, Encoders, GenerateOptions, ImagePlan, ImageStage, Plan, PlanShape};
 use crate::graph::{Buf, Fused, Graph, Linear, Op, Phase, WeightTable};
 use crate::image::{ImageProcessor, PixelValues};
-use crate::json::{from_json_value, from_json_value_at};
+use crate::json::{from_json_value, section_or, split_sections};
 use crate::weights::Checkpoint;
 use vision::{Idefics3Vision, Idefics3VisionConfig};
 
@@ -70,34 +70,15 @@ impl Idefics3Config {
                 }
             }
         }
-        let mut rest = value.clone();
-        let (mut vision, mut text) = (None, None);
-        if let Some(obj) = rest.as_object_mut() {
-            vision = obj.remove("vision_config").filter(|v| !v.is_null());
-            text = obj.remove("text_config").filter(|v| !v.is_null());
-        }
+        let (rest, [vision, text]) = split_sections(value, ["vision_config", "text_config"]);
         let top: Top = from_json_value(&rest, path)?;
-        let vision_config = match vision {
-            Some(v) => from_json_value_at(&v, path, "vision_config.")?,
-            None => Idefics3VisionConfig::default(),
-        };
-        let text_config = match text.map(|t| TextConfig::from_value_or(&t, path, "llama")).transpose()? {
-            None => LlamaConfig {
-                rms_norm_eps: 1e-5,
-                pad_token_id: top.pad_token_id,
-                tie_word_embeddings: top.tie_word_embeddings,
-                ..LlamaConfig::default()
-            },
-            Some(TextConfig::Llama(c)) => c,
-            Some(other) => {
-                return Err(Error::Unsupported(format!(
-                    "{}: text_config.model_type `{}`: glimpse runs {} with a LLaMA decoder",
-                    path.display(),
-                    other.model_type(),
-                    top.model_type
-                )))
-            }
-        };
+        let vision_config = section_or(vision, path, "vision_config.", Idefics3VisionConfig::default)?;
+        let text_config = TextConfig::llama_section(text, path, &top.model_type)?.unwrap_or_else(|| LlamaConfig {
+            rms_norm_eps: 1e-5,
+            pad_token_id: top.pad_token_id,
+            tie_word_embeddings: top.tie_word_embeddings,
+            ..LlamaConfig::default()
+        });
         let cfg = Self {
             model_type: top.model_type,
             vision_config,
@@ -129,8 +110,7 @@ impl Idefics3Config {
                 ),
             ));
         }
-        let t = &self.text_config;
-        check_text_tokens(&[("image_token_id", Some(self.image_token_id))], t.eos_token_id.as_ref(), t.vocab_size, None)
+        self.text_config.check_token_ids(&[("image_token_id", Some(self.image_token_id))])
     }
 }
 
@@ -327,14 +307,8 @@ impl Family for Idefics3 {
     fn image_plan(&self, frames: usize) -> Result<Option<ImagePlan>> {
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, frames);
-        Ok(Some(ImagePlan {
-            graph: g,
-            images: frames,
-            pixels: img.pixels,
-            phases: img.phases,
-            features: img.image_features,
-            rows_per_image: self.cfg.image_seq_len(),
-        }))
+        let stage = ImageStage::new(&img.phases, img.pixels, img.image_features, self.cfg.image_seq_len());
+        Ok(Some(stage.into_plan(g, frames, img.phases)))
     }
 
     /// `shape.images` counts frames (all sequences' frames, in order).
@@ -354,12 +328,7 @@ impl Family for Idefics3 {
         )?;
         let mut g = Graph::new();
         let img = self.image_phases(&mut g, frames);
-        let stage = ImageStage {
-            phases: img.phases.len(),
-            pixels: img.pixels,
-            features: img.image_features,
-            rows_per_image: per,
-        };
+        let stage = ImageStage::new(&img.phases, img.pixels, img.image_features, per);
 
         // Decoder: prompts holding different frame counts are left-padded to one length.
         let image = (img.image_features, self.cfg.image_token_id);

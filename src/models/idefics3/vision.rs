@@ -94,17 +94,19 @@ impl Idefics3VisionConfig {
 
     /// The `describe` line.
     pub fn describe(&self) -> String {
+        let layers = self.layer_dims().describe(self.num_hidden_layers);
         format!(
-            "vision:     SigLIP, {} layers, hidden {}, {} heads x {}, mlp {}, {}px / patch {} -> {} rows per frame",
-            self.num_hidden_layers,
-            self.hidden_size,
-            self.num_attention_heads,
-            self.head_dim(),
-            self.intermediate_size,
+            "vision:     SigLIP, {layers}, {}px / patch {} -> {} rows per frame",
             self.image_size,
             self.patch_size,
             self.num_patches()
         )
+    }
+
+    /// The encoder layers' shapes (SigLIP's are CLIP's).
+    fn layer_dims(&self) -> ClipLayerDims {
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        ClipLayerDims::new(h, heads, self.intermediate_size, self.layer_norm_eps, self.activation())
     }
 }
 
@@ -166,15 +168,7 @@ impl Idefics3Vision {
             let rows: Vec<f16> = ids.iter().flat_map(|&id| table[id * d..(id + 1) * d].iter().copied()).collect();
             positions = ld.table.add(format!("{table_name} (by patch)"), Weight::from_vec(vec![n, d], rows));
         }
-        let dims = ClipLayerDims {
-            hidden: d,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-            intermediate: cfg.intermediate_size,
-            eps: cfg.layer_norm_eps,
-            act: cfg.activation(),
-        };
-        let layers = load_layers(ld, prefix, cfg.num_hidden_layers, &dims)?;
+        let layers = load_layers(ld, prefix, cfg.num_hidden_layers, &cfg.layer_dims())?;
         let post_layernorm = ld.norm(&format!("{prefix}post_layernorm"), d, cfg.layer_norm_eps)?.into();
         Ok(Self { cfg: cfg.clone(), patch_weight, patch_bias, positions, layers, post_layernorm })
     }

@@ -17,11 +17,7 @@ pub enum GemmTile {
 
 kernel_params! {
     struct GemmParams = 64 bytes {
-        x: u64,
-        w: u64,
-        bias: u64,
-        residual: u64,
-        y: u64,
+        ptrs: LinearPtrs,
         m: i32,
         n: i32,
         k: i32,
@@ -51,10 +47,13 @@ impl CudaDevice {
         if m == 0 || n == 0 || k == 0 {
             return Err(bad(K, format!("empty shape m={m} n={n} k={k}")));
         }
-        let res_ptr = check_linear_operands(K, &args)?;
+        let ptrs = check_linear_operands(K, &args)?;
         let vec = k % 8 == 0 && x.is_aligned(16) && w.is_aligned(16);
-        let pair =
-            !O::F32 && n % 2 == 0 && y.is_aligned(4) && bias.is_none_or(|b| b.is_aligned(4)) && (res_ptr % 4 == 0);
+        let pair = !O::F32
+            && n % 2 == 0
+            && y.is_aligned(4)
+            && bias.is_none_or(|b| b.is_aligned(4))
+            && (ptrs.residual % 4 == 0);
         let (bm, bn, threads, smem, cfg) = match tile {
             GemmTile::Large => (128, 128, 256, 65536u32, "l"),
             GemmTile::Small => (64, 64, 128, 32768u32, "s"),
@@ -62,11 +61,7 @@ impl CudaDevice {
         let grid_y = grid_yz(K, "ceil(M/BM)", m.div_ceil(bm))?;
         let grid_x = to_i32(K, "ceil(N/BN)", n.div_ceil(bn))? as u32;
         let p = GemmParams {
-            x: x.ptr(),
-            w: w.ptr(),
-            bias: bias.map_or(0, |b| b.ptr()),
-            residual: res_ptr,
-            y: y.ptr(),
+            ptrs,
             m: to_i32(K, "m", m)?,
             n: to_i32(K, "n", n)?,
             k: to_i32(K, "k", k)?,

@@ -6,11 +6,7 @@ use crate::backend::cuda::CudaDevice;
 
 kernel_params! {
     struct GemvParams = 64 bytes {
-        x: u64,
-        w: u64,
-        bias: u64,
-        residual: u64,
-        y: u64,
+        ptrs: LinearPtrs,
         n: i32,
         k: i32,
         act: i32,
@@ -35,23 +31,19 @@ impl CudaDevice {
     /// Needs k % 8 == 0 and 16-byte aligned x, w ([`linear`](Self::linear) falls back to gemm).
     pub fn gemv<O: ActElem>(&self, args: LinearArgs<'_, O>) -> GpuResult<()> {
         const K: &str = "gemv";
-        let LinearArgs { x, w, epilogue: Epilogue { bias, act, .. }, y, dims: GemmDims { m, n, k } } = args;
+        let LinearArgs { x, w, epilogue: Epilogue { act, .. }, dims: GemmDims { m, n, k }, .. } = args;
         if !(1..=8).contains(&m) || n == 0 || k == 0 {
             return Err(bad(K, format!("shape m={m} n={n} k={k}: needs 1 <= m <= 8, n, k >= 1")));
         }
         if k % 8 != 0 || !x.is_aligned(16) || !w.is_aligned(16) {
             return Err(bad(K, "needs k % 8 == 0 and 16-byte aligned x, w"));
         }
-        let res_ptr = check_linear_operands(K, &args)?;
+        let ptrs = check_linear_operands(K, &args)?;
         let t = gemv_threads_per_row(n, k, self.num_sms());
         let cols_per_block = (256 / t) as usize;
         let grid = to_i32(K, "grid", n.div_ceil(cols_per_block))? as u32;
         let p = GemvParams {
-            x: x.ptr(),
-            w: w.ptr(),
-            bias: bias.map_or(0, |b| b.ptr()),
-            residual: res_ptr,
-            y: y.ptr(),
+            ptrs,
             n: to_i32(K, "n", n)?,
             k: to_i32(K, "k", k)?,
             act: act_code(act),

@@ -212,8 +212,8 @@ pub struct LinearArgs<'a, O: ActElem = f16> {
     pub dims: GemmDims,
 }
 
-/// Checks the operands' sizes, overlaps and alignment; returns the residual's pointer (0: none).
-fn check_linear_operands<O: ActElem>(kernel: &'static str, a: &LinearArgs<'_, O>) -> GpuResult<u64> {
+/// Checks the operands' sizes, overlaps and alignment; returns their device addresses.
+fn check_linear_operands<O: ActElem>(kernel: &'static str, a: &LinearArgs<'_, O>) -> GpuResult<LinearPtrs> {
     let LinearArgs { x, w, epilogue, y, dims } = *a;
     let (GemmDims { m, n, k }, bias) = (dims, epilogue.bias);
     need(kernel, "x", x, m * k)?;
@@ -228,7 +228,7 @@ fn check_linear_operands<O: ActElem>(kernel: &'static str, a: &LinearArgs<'_, O>
     if O::F32 && !y.is_aligned(4) {
         return Err(bad(kernel, "an fp32 y must be 4-byte aligned"));
     }
-    Ok(match epilogue.residual {
+    let residual = match epilogue.residual {
         Residual::None => 0,
         Residual::InPlace => y.ptr(),
         Residual::Add(r) => {
@@ -241,7 +241,20 @@ fn check_linear_operands<O: ActElem>(kernel: &'static str, a: &LinearArgs<'_, O>
             }
             r.ptr()
         }
-    })
+    };
+    Ok(LinearPtrs { x: x.ptr(), w: w.ptr(), bias: bias.map_or(0, |b| b.ptr()), residual, y: y.ptr() })
+}
+
+/// The device addresses a linear kernel (gemm, gemv) takes first in its parameters, in the
+/// CUDA structs' order: x, w, bias (0: none), residual (0: none; y: in place), y.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LinearPtrs {
+    x: u64,
+    w: u64,
+    bias: u64,
+    residual: u64,
+    y: u64,
 }
 
 fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
