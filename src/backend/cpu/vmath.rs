@@ -24,8 +24,22 @@ pub fn epilogue(isa: Isa, act: Activation, out: &mut [f32], acc: &[f32], bias: &
         return unsafe { x86::epilogue_avx512(act, out, acc, bias, accumulate) };
     }
     let _ = isa;
+    // One loop per activation, so each is compiled with its formula inlined (a match per
+    // element was 5% of the tiny preset's bench profile).
+    match act {
+        Activation::None => scalar(out, acc, bias, accumulate, |x| Activation::None.apply(x)),
+        Activation::Relu => scalar(out, acc, bias, accumulate, |x| Activation::Relu.apply(x)),
+        Activation::Gelu => scalar(out, acc, bias, accumulate, |x| Activation::Gelu.apply(x)),
+        Activation::QuickGelu => scalar(out, acc, bias, accumulate, |x| Activation::QuickGelu.apply(x)),
+        Activation::Silu => scalar(out, acc, bias, accumulate, |x| Activation::Silu.apply(x)),
+        Activation::GeluTanh => scalar(out, acc, bias, accumulate, |x| Activation::GeluTanh.apply(x)),
+    }
+}
+
+#[inline(always)]
+fn scalar(out: &mut [f32], acc: &[f32], bias: &[f32], accumulate: bool, act: impl Fn(f32) -> f32) {
     for (o, (&a, &b)) in out.iter_mut().zip(acc.iter().zip(bias)) {
-        let v = act.apply(a + b);
+        let v = act(a + b);
         *o = if accumulate { *o + v } else { v };
     }
 }
